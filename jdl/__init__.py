@@ -1,0 +1,48 @@
+"""jdl: a JAX functional training library.
+
+Pure Flax linen models, Optax optimizers, and one pure train step `(state, batch) -> (state,
+metrics)` that runs under jit, sharded jit and pmap. Everything below is public API.
+"""
+
+import os as _os
+
+# TensorFlow serves only the input pipeline; its C++ info logs (oneDNN notices and the like) are
+# noise for a JAX user. Set before anything imports TensorFlow; a value the user set wins.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+from jdl import data, models  # pylint: disable=wrong-import-position
+from jdl.config import ConfigError, apply_overrides, classification_config, run_experiment
+from jdl.logging import MetricWriter, read_jsonl
+from jdl.loop import evaluate, fit, train_and_evaluate
+from jdl.losses import (
+    binary_cross_entropy,
+    cross_entropy_from_probabilities,
+    kernels_only_mask,
+    l1_penalty,
+    l2_penalty,
+    make_weight_penalty,
+    mean_squared_error,
+    softmax_cross_entropy,
+)
+from jdl.metrics import (
+    classification_metrics,
+    compute_metrics,
+    empty_metrics,
+    loss_metrics,
+    merge_metrics,
+)
+from jdl.optim import make_optimizer, make_schedule
+from jdl.state import TrainState, count_params, create_train_state
+from jdl.step import make_classification_steps, make_eval_step, make_train_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError", "MetricWriter", "TrainState", "apply_overrides", "binary_cross_entropy",
+    "classification_config", "classification_metrics", "compute_metrics", "count_params",
+    "create_train_state", "cross_entropy_from_probabilities", "data", "empty_metrics", "evaluate",
+    "fit", "kernels_only_mask", "l1_penalty", "l2_penalty", "loss_metrics",
+    "make_classification_steps", "make_eval_step", "make_optimizer", "make_schedule",
+    "make_train_step", "make_weight_penalty", "mean_squared_error", "merge_metrics", "models",
+    "read_jsonl", "run_experiment", "softmax_cross_entropy", "train_and_evaluate",
+]

@@ -1,0 +1,224 @@
+"""Experiment configs: the shared classification config, command-line overrides, and the runner
+that every experiment's `main` calls.
+
+An experiment is a `get_config()` plus a short main. Configs are locked ml_collections
+ConfigDicts: overriding a key that does not exist is an error that names the closest valid key,
+never a silent default. Overrides come from the command line as `--config.KEY=VALUE`, with dots for
+nested keys (`--config.optimizer.learning_rate=3e-4`).
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import difflib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+
+class ConfigError(ValueError):
+  """A config override names an unknown key or gives a value of the wrong type."""
+
+
+def classification_config() -> ml_collections.ConfigDict:
+  """Every key `jdl.loop.train_and_evaluate` reads, with defaults; experiments change a few."""
+  config = ml_collections.ConfigDict()
+  # Data.
+  config.dataset = "mnist1d"  # TFDS name; "mnist1d" is generated offline, others are downloaded
+  config.data_dir = config_dict.placeholder(str)  # TFDS data dir; None: TFDS's default
+  config.download = True  # may a missing dataset be downloaded (fails fast when offline)
+  config.train_split = "train"  # TFDS split to train on ("train[:90%]" works too)
+  config.eval_split = "test"  # TFDS split evaluated in full after every epoch
+  config.in_memory = True  # load whole splits as arrays (fast) instead of streaming via tf.data
+  # Model.
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "mlp"  # one of jdl.models.MODELS; its attributes are in config.model.<name>
+  config.model.mlp = ml_collections.ConfigDict()
+  config.model.mlp.hidden = (128,)  # hidden Dense widths
+  config.model.mlp.activation = "relu"  # relu, sigmoid, tanh, leaky_relu, gelu, elu, identity
+  config.model.mlp.dropout_rate = 0.0  # dropout after hidden layers (training only)
+  config.model.mlp.output = "logits"  # "softmax" pairs with loss cross_entropy_from_probabilities
+  # Objective.
+  config.loss = "softmax_cross_entropy"  # or "cross_entropy_from_probabilities"
+  config.l1 = 0.0  # L1 penalty coefficient on weight matrices and kernels
+  config.l2 = 0.0  # L2 penalty coefficient on weight matrices and kernels
+  config.top_k = ()  # extra top-k accuracies to report, e.g. (5,)
+  # Optimisation: see jdl.optim for every key.
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "adam"  # sgd, adam, adamw, rmsprop
+  config.optimizer.learning_rate = 1e-3  # peak learning rate
+  config.optimizer.momentum = 0.0  # SGD/RMSProp momentum (0: plain SGD)
+  config.optimizer.nesterov = False  # Nesterov momentum for SGD
+  config.optimizer.b1 = 0.9  # Adam first-moment decay
+  config.optimizer.b2 = 0.999  # Adam second-moment decay (RMSProp decay)
+  config.optimizer.eps = 1e-7  # Adam epsilon (Keras' default)
+  config.optimizer.weight_decay = 0.0  # decoupled weight decay (adamw only)
+  config.optimizer.schedule = "constant"  # constant, step, warmup_cosine
+  config.optimizer.warmup_steps = 0  # warmup_cosine: linear warm-up steps
+  config.optimizer.decay_every = 0  # step: steps between decays
+  config.optimizer.decay_factor = 0.1  # step: multiplier at each decay
+  config.optimizer.end_fraction = 0.0  # warmup_cosine: final / peak learning rate
+  config.optimizer.clip_norm = config_dict.placeholder(float)  # global-norm clipping; None: off
+  # Training.
+  config.batch_size = 32  # examples per gradient step (1: SGD; the train split size: full batch)
+  config.eval_batch_size = 1000  # examples per eval step (speed only; metrics are exact)
+  config.num_epochs = 10  # passes over the training split...
+  config.num_steps = 0  # ...or, when > 0, this many gradient steps instead
+  config.eval_every_steps = 0  # evaluate every this many steps; 0: after every epoch
+  config.seed = 0  # seeds initialisation, dropout and the shuffle order
+  config.progress = True  # progress bar and one line per evaluation
+  return config
+
+
+def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Locks `config` (and nested configs) so that no key can be added by mistake."""
+  config.lock()
+  return config
+
+
+def _flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  keys = []
+  for key in config.keys():
+    value = config[key]
+    path = f"{prefix}{key}"
+    keys.append(path)
+    if isinstance(value, ml_collections.ConfigDict):
+      keys.extend(_flat_keys(value, path + "."))
+  return keys
+
+
+def _parse_value(text: str, current: Any, key: str) -> Any:
+  if isinstance(current, bool):
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+      return True
+    if lowered in ("false", "0", "no"):
+      return False
+    raise ConfigError(f"config key {key!r} is a bool; got {text!r} (use true or false).")
+  if isinstance(current, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    if current is None:
+      return text  # an unset string-like field
+    raise ConfigError(
+        f"config key {key!r} expects a {type(current).__name__}; {text!r} is not a Python literal."
+    ) from None
+  if isinstance(current, (tuple, list)):
+    value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+  return value
+
+
+def override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
+  """Sets the dotted `key` of `config` from its command-line text `text`, checking the key and
+  the value's type."""
+  valid = _flat_keys(config)
+  if key not in valid:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"unknown config key {key!r}.{hint} Valid keys: {', '.join(valid)}.")
+  *parents, leaf = key.split(".")
+  node = config
+  for parent in parents:
+    node = node[parent]
+  if isinstance(node[leaf], ml_collections.ConfigDict):
+    raise ConfigError(f"config key {key!r} is a group; set one of its keys, e.g. {key}.name.")
+  value = _parse_value(text, node[leaf], key)
+  try:
+    node[leaf] = value
+  except (TypeError, ValueError) as error:
+    raise ConfigError(f"bad value {text!r} for config key {key!r}: {error}") from None
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+  """Applies `KEY=VALUE` overrides in order to a locked copy of `config` and returns the copy."""
+  config = lock(copy.deepcopy(config))
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"config override {item!r} must look like KEY=VALUE.")
+    key, text = item.split("=", 1)
+    override(config, key.strip(), text)
+  return config
+
+
+USAGE = """usage: python -m experiments.{name} [--workdir=DIR] [--config.KEY=VALUE ...]
+
+  --workdir=DIR        where metrics.jsonl, TensorBoard files and config.json go
+                       (default: {workdir})
+  --config.KEY=VALUE   override a config key; nested keys use dots
+  --help               print this and the config with its current values
+"""
+
+
+def parse_command_line(
+    config: ml_collections.ConfigDict, argv: Sequence[str], *, name: str, default_workdir: str
+) -> tuple[ml_collections.ConfigDict, str] | None:
+  """Parses `--workdir=` and `--config.KEY=VALUE` arguments; returns None after `--help`."""
+  overrides, workdir = [], default_workdir
+  for arg in argv:
+    if arg in ("-h", "--help"):
+      print(USAGE.format(name=name, workdir=default_workdir))
+      print(config)
+      return None
+    if arg.startswith("--workdir="):
+      workdir = arg.split("=", 1)[1]
+    elif arg.startswith("--config."):
+      overrides.append(arg[len("--config."):])
+    else:
+      raise ConfigError(
+          f"unexpected argument {arg!r}; expected --workdir=DIR or --config.KEY=VALUE "
+          f"(see --help)."
+      )
+  return apply_overrides(config, overrides), workdir
+
+
+def run_experiment(
+    get_config: Callable[[], ml_collections.ConfigDict],
+    argv: Sequence[str],
+    *,
+    name: str,
+    train: Callable[[ml_collections.ConfigDict, str], Any] | None = None,
+) -> Any:
+  """The body of an experiment's `main`: parse the command line, then train.
+
+  Args:
+    get_config: the experiment's config factory.
+    argv: command-line arguments, without the program name.
+    name: the experiment's name, used in `--help` and the default workdir `runs/<name>`.
+    train: `(config, workdir) -> result`; defaults to `jdl.loop.train_and_evaluate`.
+
+  Returns:
+    What `train` returns, or None after `--help`.
+
+  Raises:
+    ConfigError: an argument names an unknown key or gives a value of the wrong type.
+  """
+  from jdl.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
+
+  parsed = parse_command_line(get_config(), argv, name=name,
+                              default_workdir=os.path.join("runs", name))
+  if parsed is None:
+    return None
+  config, workdir = parsed
+  return (train or train_and_evaluate)(config, workdir)
+
+
+def main(
+    get_config: Callable[[], ml_collections.ConfigDict],
+    *,
+    name: str,
+    train: Callable[[ml_collections.ConfigDict, str], Any] | None = None,
+) -> None:
+  """`run_experiment` on `sys.argv`, for `if __name__ == "__main__"`: a config mistake prints one
+  clear line and exits with status 2 instead of a traceback."""
+  try:
+    run_experiment(get_config, sys.argv[1:], name=name, train=train)
+  except ConfigError as error:
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2) from None

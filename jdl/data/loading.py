@@ -1,0 +1,204 @@
+"""TFDS datasets: find, prepare (offline where possible), and read splits.
+
+The rule for a dataset that is not yet on disk:
+  * builders that generate their data (MNIST-1D) are prepared on the spot, with no network;
+  * builders with a manual directory (`manual_dir`) are prepared from it;
+  * anything else needs a download: its hosts are probed first with a short timeout, and when they
+    cannot be reached the load fails within seconds with `DatasetUnavailableError`, which says how
+    to get the data, instead of minutes of network retries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import threading
+import urllib.parse
+from collections.abc import Iterable
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from jdl.data import mnist1d  # registers the offline "mnist1d" builder with TFDS
+
+# TensorFlow serves only the input pipeline: it must never take accelerator memory from JAX.
+tf.config.set_visible_devices([], "GPU")
+
+_OFFLINE_BUILDERS = (mnist1d.Mnist1d,)
+# Captured at import: inside `tfds.testing.mock_data` this method is replaced by a no-op, and
+# nothing is downloaded, so the network probe must not run.
+_REAL_DOWNLOAD_AND_PREPARE = tfds.core.DatasetBuilder.download_and_prepare
+
+
+class DatasetUnavailableError(RuntimeError):
+  """A dataset is not on disk and cannot be prepared here (no network, no manual files)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetMeta:
+  """What the training loop needs to know about a supervised classification dataset.
+
+  Attributes:
+    name: the TFDS name.
+    input_shape: per-example input shape.
+    num_classes: number of classes of the label feature.
+    class_names: the class names, where TFDS knows them.
+    split_sizes: number of examples of each split.
+  """
+
+  name: str
+  input_shape: tuple[int, ...]
+  num_classes: int
+  class_names: tuple[str, ...] | None
+  split_sizes: dict[str, int]
+
+
+def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+  """The TFDS builder for `name` (e.g. "fashion_mnist", "mnist1d", "cifar10:3.0.2")."""
+  try:
+    return tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as error:
+    raise DatasetUnavailableError(f"TFDS knows no dataset called {name!r}: {error}") from None
+
+
+def prepare(
+    builder: tfds.core.DatasetBuilder,
+    *,
+    download: bool = True,
+    manual_dir: str | None = None,
+    probe_timeout_s: float = 5.0,
+) -> None:
+  """Makes sure `builder`'s data is on disk, preparing it offline where it can.
+
+  Args:
+    builder: the dataset builder.
+    download: whether a download may be attempted when the data is missing.
+    manual_dir: a folder holding the dataset's raw files, for builders that read them from there.
+    probe_timeout_s: how long to wait for the download hosts before giving up.
+
+  Raises:
+    DatasetUnavailableError: the data is missing and can be neither generated nor downloaded.
+  """
+  if builder.is_prepared():
+    return
+  mocked = tfds.core.DatasetBuilder.download_and_prepare is not _REAL_DOWNLOAD_AND_PREPARE
+  if mocked or isinstance(builder, _OFFLINE_BUILDERS):
+    builder.download_and_prepare()
+    return
+  if manual_dir is not None:
+    if not os.path.isdir(manual_dir):
+      raise DatasetUnavailableError(f"manual_dir {manual_dir!r} for {builder.name!r} is not a folder.")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    return
+  how_to = (
+      f"Dataset {builder.name!r} is not prepared in {builder.data_dir!r}. On a machine with "
+      f"internet run `tfds build {builder.name} --data_dir=DIR` (or any jdl experiment on it) and "
+      "copy DIR here, then pass its path as the data dir (`--config.data_dir=DIR`)."
+  )
+  if not download:
+    raise DatasetUnavailableError(how_to + " Downloading is switched off (download=False).")
+  hosts = _download_hosts(builder)
+  unreachable = _unreachable_hosts(hosts, timeout_s=probe_timeout_s)
+  if unreachable:
+    raise DatasetUnavailableError(
+        how_to + f" Downloading is not possible: cannot reach {', '.join(unreachable)} "
+        f"within {probe_timeout_s:g}s."
+    )
+  builder.download_and_prepare()
+
+
+def _download_hosts(builder: tfds.core.DatasetBuilder) -> list[tuple[str, int]]:
+  url_infos = type(builder).url_infos or {}
+  hosts = set()
+  for url in url_infos:
+    parsed = urllib.parse.urlparse(url)
+    if parsed.hostname:
+      hosts.add((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)))
+  return sorted(hosts)
+
+
+def _unreachable_hosts(hosts: Iterable[tuple[str, int]], *, timeout_s: float) -> list[str]:
+  """Hosts that do not accept a TCP connection within `timeout_s` (DNS included)."""
+  hosts = list(hosts)
+  reached: set[tuple[str, int]] = set()
+
+  def probe(host: tuple[str, int]) -> None:
+    try:
+      socket.create_connection(host, timeout=timeout_s).close()
+      reached.add(host)
+    except OSError:
+      pass
+
+  threads = [threading.Thread(target=probe, args=(host,), daemon=True) for host in hosts]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join(timeout_s)
+  return [f"{name}:{port}" for name, port in hosts if (name, port) not in reached]
+
+
+def dataset_meta(builder: tfds.core.DatasetBuilder) -> DatasetMeta:
+  """Input shape, class count and split sizes of a supervised classification dataset.
+
+  Raises:
+    ValueError: the dataset is not supervised classification with a fixed-shape numeric input.
+  """
+  info = builder.info
+  if not info.supervised_keys:
+    raise ValueError(f"dataset {builder.name!r} has no supervised (input, label) keys.")
+  input_key, label_key = info.supervised_keys[:2]
+  input_feature, label_feature = info.features[input_key], info.features[label_key]
+  dtype = np.dtype(input_feature.np_dtype)
+  if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+    raise ValueError(
+        f"dataset {builder.name!r} has non-numeric inputs ({input_key!r} of dtype {dtype}); "
+        "jdl's classification pipeline needs numeric arrays."
+    )
+  shape = tuple(input_feature.shape)
+  if any(dim is None for dim in shape):
+    raise ValueError(
+        f"dataset {builder.name!r} has inputs of varying shape {shape}; resize them to a fixed "
+        "shape first."
+    )
+  if not isinstance(label_feature, tfds.features.ClassLabel):
+    raise ValueError(f"dataset {builder.name!r}'s label {label_key!r} is not a class label.")
+  names = tuple(label_feature.names) if label_feature.names else None
+  splits = {name: split.num_examples for name, split in info.splits.items()}
+  return DatasetMeta(builder.name, shape, label_feature.num_classes, names, splits)
+
+
+def scale_inputs(inputs: np.ndarray | tf.Tensor):
+  """Scales uint8 pixels to float32 in [0, 1]; other numeric inputs just become float32."""
+  if inputs.dtype in (np.uint8, tf.uint8):
+    return tf.cast(inputs, tf.float32) / 255.0 if isinstance(inputs, tf.Tensor) else (
+        inputs.astype(np.float32) / np.float32(255.0))
+  return tf.cast(inputs, tf.float32) if isinstance(inputs, tf.Tensor) else inputs.astype(np.float32)
+
+
+def read_split(
+    builder: tfds.core.DatasetBuilder,
+    split: str,
+    *,
+    shuffle_files: bool = False,
+    seed: int = 0,
+) -> tf.data.Dataset:
+  """A split as an unbatched tf.data pipeline of scaled `(input, label)` pairs."""
+  read_config = tfds.ReadConfig(shuffle_seed=seed) if shuffle_files else None
+  dataset = builder.as_dataset(
+      split=split, as_supervised=True, shuffle_files=shuffle_files, read_config=read_config
+  )
+  return dataset.map(lambda x, y: (scale_inputs(x), tf.cast(y, tf.int32)),
+                     num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def load_split_arrays(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """A whole split in memory as `(inputs float32, labels int32)` numpy arrays, in TFDS order."""
+  inputs, labels = [], []
+  for x, y in read_split(builder, split).batch(4096).as_numpy_iterator():
+    inputs.append(x)
+    labels.append(y)
+  if not inputs:
+    raise ValueError(f"split {split!r} of {builder.name!r} is empty.")
+  return np.concatenate(inputs), np.concatenate(labels)

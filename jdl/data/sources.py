@@ -1,0 +1,175 @@
+"""Batch sources: a split, cut into fixed-shape numpy batches one epoch at a time.
+
+A source yields dict batches `{"input", "label", "mask"}` whose shapes never change: a last partial
+batch is padded with zeros up to the batch size and its padding is marked False in `mask`. The
+step masks padded examples out of the loss, the gradient and the metrics, so every epoch covers
+each example exactly once and the jitted step compiles once.
+
+Epoch `e` of a shuffled source is a pure function of `(seed, e)`, so a run resumed at epoch `e`
+sees exactly the data an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+import numpy as np
+import tensorflow as tf
+
+Batch = dict[str, np.ndarray]
+
+
+class BatchSource(Protocol):
+  """What the training loop reads: fixed-size, padded, masked batches, an epoch at a time."""
+
+  @property
+  def num_examples(self) -> int: ...
+
+  @property
+  def batch_size(self) -> int: ...
+
+  @property
+  def steps_per_epoch(self) -> int: ...
+
+  def epoch(self, index: int) -> Iterator[Batch]:
+    """The batches of epoch `index` (0-based), each example once."""
+    ...
+
+
+def pad_batch(inputs: np.ndarray, labels: np.ndarray, batch_size: int) -> Batch:
+  """A batch dict padded with zeros to `batch_size` examples, with `mask` marking the real ones."""
+  count = inputs.shape[0]
+  if count > batch_size:
+    raise ValueError(f"batch of {count} examples is larger than batch_size={batch_size}.")
+  mask = np.zeros((batch_size,), np.bool_)
+  mask[:count] = True
+  if count < batch_size:
+    inputs = np.concatenate([inputs, np.zeros((batch_size - count, *inputs.shape[1:]), inputs.dtype)])
+    labels = np.concatenate([labels, np.zeros((batch_size - count, *labels.shape[1:]), labels.dtype)])
+  return {"input": inputs, "label": labels, "mask": mask}
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+  """A 63-bit seed for one epoch's shuffle, derived from the run's seed and the epoch index."""
+  return int(np.random.SeedSequence([seed, epoch]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def check_labels(labels: np.ndarray, num_classes: int, *, where: str = "labels") -> None:
+  """Raises a clear error unless `labels` are integers in `[0, num_classes)`."""
+  labels = np.asarray(labels)
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"{where} must be integers; got dtype {labels.dtype}.")
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    raise ValueError(
+        f"{where} out of range: found {sorted(set(bad.tolist()))[:5]} but the model has "
+        f"{num_classes} classes, so labels must lie in [0, {num_classes - 1}]."
+    )
+
+
+def check_inputs(inputs: np.ndarray, *, where: str = "inputs") -> None:
+  """Raises a clear error unless `inputs` is a non-empty numeric array."""
+  inputs = np.asarray(inputs)
+  if not (np.issubdtype(inputs.dtype, np.number) or inputs.dtype == np.bool_):
+    raise ValueError(f"{where} must be numeric; got dtype {inputs.dtype}.")
+  if inputs.ndim < 1 or inputs.shape[0] == 0:
+    raise ValueError(f"{where} are empty (shape {inputs.shape}); need at least one example.")
+
+
+class ArraySource:
+  """Batches of in-memory arrays; shuffled epochs are seeded permutations.
+
+  Batch gradient descent is `batch_size=len(inputs)`, stochastic gradient descent
+  `batch_size=1`, mini-batch gradient descent anything between.
+  """
+
+  def __init__(
+      self,
+      inputs: np.ndarray,
+      labels: np.ndarray,
+      batch_size: int,
+      *,
+      shuffle: bool,
+      seed: int = 0,
+  ) -> None:
+    inputs, labels = np.asarray(inputs), np.asarray(labels)
+    check_inputs(inputs)
+    if labels.shape[:1] != inputs.shape[:1]:
+      raise ValueError(f"inputs have {inputs.shape[0]} examples but labels have {labels.shape[:1]}.")
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+    self.inputs, self.labels = inputs, labels
+    self._batch_size = int(batch_size)
+    self.shuffle, self.seed = shuffle, seed
+
+  @property
+  def num_examples(self) -> int:
+    return int(self.inputs.shape[0])
+
+  @property
+  def batch_size(self) -> int:
+    return self._batch_size
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return -(-self.num_examples // self._batch_size)
+
+  def order(self, index: int) -> np.ndarray:
+    """The example order of epoch `index`."""
+    if not self.shuffle:
+      return np.arange(self.num_examples)
+    return np.random.default_rng(epoch_seed(self.seed, index)).permutation(self.num_examples)
+
+  def epoch(self, index: int) -> Iterator[Batch]:
+    order = self.order(index)
+    for start in range(0, self.num_examples, self._batch_size):
+      chosen = order[start:start + self._batch_size]
+      yield pad_batch(self.inputs[chosen], self.labels[chosen], self._batch_size)
+
+
+class TFDataSource:
+  """Batches streamed from an unbatched tf.data pipeline of `(input, label)` pairs.
+
+  Each epoch shuffles with a buffer of `shuffle_buffer` examples, seeded from `(seed, epoch)`,
+  then batches and prefetches in background threads.
+  """
+
+  def __init__(
+      self,
+      dataset: tf.data.Dataset,
+      num_examples: int,
+      batch_size: int,
+      *,
+      shuffle: bool,
+      seed: int = 0,
+      shuffle_buffer: int = 10_000,
+  ) -> None:
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+    if num_examples < 1:
+      raise ValueError(f"the split is empty (num_examples={num_examples}).")
+    self.dataset = dataset
+    self._num_examples, self._batch_size = int(num_examples), int(batch_size)
+    self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, shuffle_buffer
+
+  @property
+  def num_examples(self) -> int:
+    return self._num_examples
+
+  @property
+  def batch_size(self) -> int:
+    return self._batch_size
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return -(-self._num_examples // self._batch_size)
+
+  def epoch(self, index: int) -> Iterator[Batch]:
+    dataset = self.dataset
+    if self.shuffle:
+      dataset = dataset.shuffle(self.shuffle_buffer, seed=epoch_seed(self.seed, index),
+                                reshuffle_each_iteration=False)
+    dataset = dataset.batch(self._batch_size).prefetch(tf.data.AUTOTUNE)
+    for inputs, labels in dataset.as_numpy_iterator():
+      yield pad_batch(inputs, labels, self._batch_size)

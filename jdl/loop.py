@@ -1,0 +1,228 @@
+"""The training loop: a plain `for` over steps, evaluation on the full eval split, hooks.
+
+`fit` runs any pure train/eval step pair over batch sources; `train_and_evaluate` builds all the
+pieces from an experiment config first. Hooks are plain callables `hook(step, state, record)`,
+called after each evaluation with that evaluation's record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from jdl import data as data_lib
+from jdl import metrics as metrics_lib
+from jdl import models, optim, step as step_lib
+from jdl.logging import MetricWriter
+from jdl.state import TrainState, count_params, create_train_state
+
+Record = dict[str, float]
+Hook = Callable[[int, TrainState, Record], None]
+
+
+def evaluate(
+    state: TrainState,
+    eval_step: Callable[[TrainState, data_lib.Batch], metrics_lib.Metrics],
+    eval_data: data_lib.BatchSource,
+) -> dict[str, float]:
+  """Means of the eval step's metrics over every example of `eval_data` (padding excluded).
+
+  `eval_step` should already be jitted; the sums stay on the device until the end.
+  """
+  total = metrics_lib.empty_metrics()
+  for batch in eval_data.epoch(0):
+    total = metrics_lib.merge_metrics(total, eval_step(state, batch))
+  return metrics_lib.compute_metrics(total)
+
+
+def output_width(state: TrainState) -> int:
+  """The width of the model's output for one example (its number of classes)."""
+  sample = jax.ShapeDtypeStruct((1, *state.input_shape), jnp.float32)
+  shape = jax.eval_shape(lambda v, x: state.apply_fn(v, x, train=False), state.variables(), sample)
+  return int(shape.shape[-1])
+
+
+def fit(
+    state: TrainState,
+    train_step: step_lib.TrainStepFn,
+    eval_step: step_lib.EvalStepFn,
+    train_data: data_lib.BatchSource,
+    eval_data: data_lib.BatchSource | None = None,
+    *,
+    num_epochs: int | None = None,
+    num_steps: int | None = None,
+    eval_every_steps: int | None = None,
+    hooks: Sequence[Hook] = (),
+    writer: MetricWriter | None = None,
+    progress: bool = True,
+    eval_name: str = "test",
+) -> tuple[TrainState, list[Record]]:
+  """Trains `state` with `train_step` and evaluates it on the whole of `eval_data`.
+
+  Args:
+    state: the initial state; training continues from `state.step`.
+    train_step: a pure `(state, batch) -> (state, metric sums)` step (it is jitted here).
+    eval_step: a pure `(state, batch) -> metric sums` step (jitted here).
+    train_data: the training batch source.
+    eval_data: the evaluation batch source, or None to skip evaluation.
+    num_epochs: train for this many passes over `train_data`...
+    num_steps: ...or for this many gradient steps (wins over `num_epochs`).
+    eval_every_steps: evaluate every this many steps; None means at the end of every epoch. The
+      last step is always evaluated.
+    hooks: callables `hook(step, state, record)` run after each evaluation.
+    writer: where records go (JSON lines and TensorBoard), if anywhere.
+    progress: show a progress bar and a summary line per evaluation.
+    eval_name: prefix of the eval metrics in records (`test_accuracy`, ...).
+
+  Returns:
+    `(state, history)`: the final state and one record per evaluation, each with `step`,
+    `epoch`, `train_*` means since the previous record, `{eval_name}_*` means over the eval
+    split, `examples_per_second` and `elapsed_seconds`.
+  """
+  steps_per_epoch = train_data.steps_per_epoch
+  if num_steps is None:
+    if num_epochs is None:
+      raise ValueError("fit needs num_epochs or num_steps.")
+    num_steps = num_epochs * steps_per_epoch
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1; got {num_steps}.")
+  eval_every = eval_every_steps or steps_per_epoch
+  num_classes = output_width(state)
+
+  jit_train_step = jax.jit(train_step, donate_argnums=0)
+  jit_eval_step = jax.jit(eval_step)
+  step = int(state.step)
+  history: list[Record] = []
+  interval_sums = metrics_lib.empty_metrics()
+  start_time = interval_start = time.perf_counter()
+  bar = tqdm.tqdm(total=num_steps, initial=step, unit="step", disable=not progress,
+                  dynamic_ncols=True, leave=True)
+  last_bar_update = 0.0
+
+  epoch = step // steps_per_epoch
+  skip = step % steps_per_epoch  # resuming mid-epoch: the batches already trained on
+  while step < num_steps:
+    for batch_index, batch in enumerate(train_data.epoch(epoch)):
+      if batch_index < skip:
+        continue
+      data_lib.check_labels(batch["label"][batch["mask"]], num_classes, where="training labels")
+      state, batch_sums = jit_train_step(state, batch)
+      interval_sums = metrics_lib.merge_metrics(interval_sums, batch_sums)
+      step += 1
+      bar.update(1)
+      now = time.perf_counter()
+      if progress and now - last_bar_update > 0.5:
+        running = metrics_lib.compute_metrics(interval_sums)
+        bar.set_postfix(loss=f"{running['loss']:.4f}", acc=f"{running.get('accuracy', 0):.4f}",
+                        ex_s=f"{running['count'] / max(now - interval_start, 1e-9):,.0f}")
+        last_bar_update = now
+      if step % eval_every == 0 or step == num_steps:
+        train_means = metrics_lib.compute_metrics(interval_sums)
+        seconds = time.perf_counter() - interval_start
+        record: Record = {"step": step, "epoch": step / steps_per_epoch}
+        record.update({f"train_{k}": v for k, v in train_means.items() if k != "count"})
+        record["examples_per_second"] = train_means["count"] / max(seconds, 1e-9)
+        if eval_data is not None:
+          eval_means = evaluate(state, jit_eval_step, eval_data)
+          record.update({f"{eval_name}_{k}": v for k, v in eval_means.items() if k != "count"})
+        record["elapsed_seconds"] = time.perf_counter() - start_time
+        history.append(record)
+        if writer is not None:
+          writer.write(step, {k: v for k, v in record.items() if k != "step"})
+        if progress:
+          bar.write(format_record(record))
+        for hook in hooks:
+          hook(step, state, record)
+        interval_sums = metrics_lib.empty_metrics()
+        interval_start = time.perf_counter()
+      if step >= num_steps:
+        break
+    epoch += 1
+    skip = 0
+  bar.close()
+  return state, history
+
+
+def format_record(record: Mapping[str, float]) -> str:
+  """One line for a record: `epoch 3.00 step 120 | train loss ... | test loss ... | ex/s`."""
+  parts = [f"epoch {record['epoch']:.2f}  step {int(record['step'])}"]
+  prefixes = sorted({k.rsplit("_", 1)[0] for k in record if k.endswith("_loss")},
+                   key=lambda p: (p != "train", p))
+  for prefix in prefixes:
+    fields = [f"loss {record[f'{prefix}_loss']:.4f}"]
+    if f"{prefix}_accuracy" in record:
+      fields.append(f"accuracy {record[f'{prefix}_accuracy']:.4f}")
+    parts.append(f"{prefix} " + " ".join(fields))
+  parts.append(f"{record['examples_per_second']:,.0f} ex/s")
+  return " | ".join(parts)
+
+
+def train_and_evaluate(config: Any, workdir: str) -> tuple[TrainState, list[Record]]:
+  """Runs a classification experiment described by `config`, writing logs to `workdir`.
+
+  The config keys are those of `jdl.config.classification_config()`. Prints a progress bar, one
+  line per evaluation and a final line with the eval split's accuracy.
+
+  Returns:
+    `(state, history)` as `fit` returns them.
+  """
+  train_data, eval_data, meta = data_lib.load_classification_data(
+      config.dataset,
+      batch_size=config.batch_size,
+      eval_batch_size=config.eval_batch_size,
+      train_split=config.train_split,
+      eval_split=config.eval_split,
+      data_dir=config.data_dir,
+      download=config.download,
+      in_memory=config.in_memory,
+      seed=config.seed,
+  )
+  _check_loss_matches_output(config)
+  model = models.build_model(config.model, num_classes=meta.num_classes)
+  num_steps = config.num_steps or config.num_epochs * train_data.steps_per_epoch
+  tx = optim.make_optimizer(config.optimizer, total_steps=num_steps)
+  sample = np.zeros((1, *meta.input_shape), np.float32)
+  state = create_train_state(model, tx, sample, jax.random.PRNGKey(config.seed))
+  train_step, eval_step = step_lib.make_classification_steps(
+      config.loss, l1=config.l1, l2=config.l2, top_k=tuple(config.top_k)
+  )
+  if config.progress:
+    print(f"{meta.name}: {train_data.num_examples} train / {eval_data.num_examples} "
+          f"{config.eval_split} examples, input {meta.input_shape}, {meta.num_classes} classes; "
+          f"model {config.model.name} with {count_params(state.params):,} parameters; "
+          f"{num_steps} steps of batch {config.batch_size}.")
+  eval_name = config.eval_split.split("[")[0]
+  with MetricWriter(workdir) as writer:
+    writer.write_config(config)
+    state, history = fit(
+        state, train_step, eval_step, train_data, eval_data,
+        num_steps=num_steps,
+        eval_every_steps=config.eval_every_steps or None,
+        writer=writer,
+        progress=config.progress,
+        eval_name=eval_name,
+    )
+  final = history[-1]
+  print(f"final {eval_name} accuracy: {final[f'{eval_name}_accuracy']:.4f} "
+        f"(loss {final[f'{eval_name}_loss']:.4f}) after {int(final['step'])} steps, "
+        f"{final['elapsed_seconds']:.1f}s")
+  return state, history
+
+
+def _check_loss_matches_output(config: Any) -> None:
+  """A softmax output needs the probability loss and logits need the logit loss: mixing them
+  trains on a silently wrong objective."""
+  model_attributes = config.model.get(config.model.name) or {}
+  output = model_attributes.get("output", "logits")
+  expected = {"logits": "softmax_cross_entropy", "softmax": "cross_entropy_from_probabilities"}
+  if output in expected and config.loss != expected[output]:
+    raise ValueError(
+        f"model output {output!r} needs loss {expected[output]!r}, but config.loss is "
+        f"{config.loss!r}."
+    )

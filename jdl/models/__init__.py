@@ -1,0 +1,42 @@
+"""Plain Flax linen models. Every model is called as `model.apply(variables, x, train=...)`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+
+from jdl.models.activations import ACTIVATIONS, get_activation
+from jdl.models.cnn import CNN, CNN1D
+from jdl.models.mlp import MLP
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLP,
+    "cnn": CNN,
+    "cnn1d": CNN1D,
+}
+"""Models an experiment config may name in `config.model.name`."""
+
+
+def build_model(config: Mapping[str, Any], *, num_classes: int) -> nn.Module:
+  """Builds the model a config describes.
+
+  `config.name` picks the class from `MODELS`; the sub-config of the same name holds its
+  attributes, e.g. `{"name": "mlp", "mlp": {"hidden": (128,)}}`. Sub-configs of other models may
+  sit beside it, so a run switches model with one override (`--config.model.name=cnn1d`). An
+  attribute the chosen model does not have is an error that lists the valid ones.
+  """
+  name = config.get("name")
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}.")
+  attributes = dict(config.get(name) or {})
+  cls = MODELS[name]
+  valid = set(cls.__dataclass_fields__) - {"parent", "name", "num_classes"}
+  unknown = sorted(set(attributes) - valid)
+  if unknown:
+    raise ValueError(f"model {name!r} has no attributes {unknown}; valid attributes: {sorted(valid)}.")
+  return cls(num_classes=num_classes, **attributes)
+
+
+__all__ = ["ACTIVATIONS", "CNN", "CNN1D", "MLP", "MODELS", "build_model", "get_activation"]

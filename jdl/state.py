@@ -1,0 +1,106 @@
+"""The training state: one pytree that holds everything a train step changes.
+
+`TrainState` keeps the arrays (step, params, model state such as BatchNorm statistics, optimizer
+state, base random key) as pytree leaves, and the fixed pieces (the model's `apply` function, the
+optimizer, the per-example input shape the model was built for) as static fields. Static fields are
+part of the tree structure, so a jitted step specialises on them once and never retraces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+Params = Any  # a pytree of arrays
+ModelState = Mapping[str, Any]  # non-parameter collections, e.g. {"batch_stats": ...}
+ApplyFn = Callable[..., Any]
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a train step reads and returns.
+
+  Attributes:
+    step: number of optimizer updates applied so far (int32 scalar).
+    params: the model's trainable parameters (the "params" collection).
+    model_state: every other variable collection of the model, e.g. `{"batch_stats": ...}`;
+      empty for models without mutable state.
+    opt_state: the Optax optimizer state.
+    rng: the base PRNG key; a step derives its key as `fold_in(rng, step)`, so the key sequence
+      depends only on the seed and the step number (which makes resumption exact).
+    apply_fn: the model's `apply` (static).
+    tx: the Optax gradient transformation (static).
+    input_shape: per-example input shape the model was initialised with (static). Steps check
+      batches against it while tracing, so a mismatch fails with a clear message, for free.
+  """
+
+  step: jax.Array
+  params: Params
+  model_state: ModelState
+  opt_state: optax.OptState
+  rng: jax.Array
+  apply_fn: ApplyFn = struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = struct.field(pytree_node=False)
+  input_shape: tuple[int, ...] = struct.field(pytree_node=False)
+
+  def apply_gradients(self, grads: Params, **changes: Any) -> TrainState:
+    """Returns the state after one optimizer update with `grads`; `changes` replace other fields."""
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    params = optax.apply_updates(self.params, updates)
+    return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **changes)
+
+  def variables(self) -> dict[str, Any]:
+    """The full variable dict to pass to `apply_fn`: params plus model state."""
+    return {"params": self.params, **self.model_state}
+
+
+def create_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    sample_input: jax.Array | np.ndarray,
+    rng: jax.Array,
+) -> TrainState:
+  """Initialises a model and its optimizer into a fresh `TrainState`.
+
+  Args:
+    model: a Flax linen module whose `__call__(x, *, train: bool)` maps a batch to outputs.
+    tx: the Optax optimizer.
+    sample_input: a batch of inputs (any batch size >= 1) with the shape and dtype the model will
+      be trained on; only its shape and dtype are used.
+    rng: a PRNG key. It is split into the initialisation key and the state's base key, so the same
+      key always gives identical parameters and an identical sequence of dropout keys.
+
+  Returns:
+    A `TrainState` at step 0.
+  """
+  sample_input = jnp.asarray(sample_input)
+  if sample_input.ndim < 1 or sample_input.shape[0] < 1:
+    raise ValueError(
+        "sample_input must be a batch with a leading batch dimension of size >= 1; "
+        f"got shape {sample_input.shape}."
+    )
+  init_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
+  variables = model.init({"params": init_rng, "dropout": dropout_rng}, sample_input, train=False)
+  variables = dict(variables)
+  params = variables.pop("params")
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      model_state=variables,
+      opt_state=tx.init(params),
+      rng=state_rng,
+      apply_fn=model.apply,
+      tx=tx,
+      input_shape=tuple(sample_input.shape[1:]),
+  )
+
+
+def count_params(params: Params) -> int:
+  """The number of scalar parameters in a pytree."""
+  return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))

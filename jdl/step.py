@@ -1,0 +1,162 @@
+"""Pure train and eval steps.
+
+`make_train_step` and `make_eval_step` bind the fixed pieces (loss, penalty, metrics, axis name)
+and return plain functions of `(state, batch)`. Nothing else is captured, so the same function runs
+under `jax.jit`, under jit with sharded inputs, and under `jax.pmap` with `axis_name` set.
+
+A batch is a dict of arrays:
+  `input`: `[batch, *input_shape]` model inputs;
+  `label`: `[batch, ...]` targets (integer class labels for classification);
+  `mask` (optional): `[batch]`, True for real examples and False for padding.
+
+Loss and metrics cover the unmasked examples only, so a padded batch gives exactly the numbers of
+its real examples. With `axis_name` set, the loss is normalised by the example count summed over
+the axis and gradients are summed (`psum`), which equals the gradient of the global batch's mean
+loss even when devices hold different numbers of real examples.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+import jax
+import jax.numpy as jnp
+
+from jdl import losses as losses_lib
+from jdl import metrics as metrics_lib
+from jdl.state import Params, TrainState
+
+Batch = Mapping[str, jax.Array]
+Metrics = metrics_lib.Metrics
+MetricsFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None], Metrics]
+TrainStepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+EvalStepFn = Callable[[TrainState, Batch], Metrics]
+
+_DEFAULT_METRICS: MetricsFn = functools.partial(metrics_lib.classification_metrics, top_k=())
+
+
+def make_train_step(
+    loss_fn: losses_lib.LossFn = losses_lib.softmax_cross_entropy,
+    *,
+    weight_penalty: Callable[[Params], jax.Array] | None = None,
+    metrics_fn: MetricsFn = _DEFAULT_METRICS,
+    axis_name: str | None = None,
+) -> TrainStepFn:
+  """Returns a pure train step `(state, batch) -> (state, metrics)`.
+
+  The step does one gradient update on the batch it is given. Batch gradient descent, stochastic
+  gradient descent and mini-batch gradient descent are the same step fed batches of the whole
+  training set, of one example, or of a few examples: the batch size is the only difference.
+
+  Args:
+    loss_fn: per-example loss `(outputs, labels) -> [batch]`.
+    weight_penalty: optional `params -> scalar` added to the mean loss (e.g.
+      `losses.make_weight_penalty(l2=1e-4)`).
+    metrics_fn: `(outputs, labels, losses, mask) -> sums`; see `jdl.metrics`.
+    axis_name: the mapped axis name when run under `pmap`/`shard_map`; None under (sharded) jit.
+
+  Returns:
+    The train step. Its key for dropout is `fold_in(state.rng, state.step)` (and the device index
+    under `axis_name`), so runs are reproducible and resumable.
+  """
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    inputs, labels, mask = _unpack(batch, state.input_shape)
+    rng = jax.random.fold_in(state.rng, state.step)
+    if axis_name is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    keep = jnp.ones(labels.shape[:1], jnp.float32) if mask is None else mask.astype(jnp.float32)
+    example_count = jnp.sum(keep)
+    num_shards = 1
+    if axis_name is not None:
+      example_count = jax.lax.psum(example_count, axis_name)
+      num_shards = jax.lax.psum(1, axis_name)
+    mutable = list(state.model_state)
+
+    def objective(params: Params):
+      variables = {"params": params, **state.model_state}
+      outputs, new_model_state = state.apply_fn(
+          variables, inputs, train=True, rngs={"dropout": rng}, mutable=mutable
+      )
+      per_example = loss_fn(outputs, labels)
+      loss = jnp.sum(per_example * keep) / jnp.maximum(example_count, 1.0)
+      if weight_penalty is not None:
+        # Each shard adds its share, so the psum of gradients counts the penalty once.
+        loss = loss + weight_penalty(params) / num_shards
+      return loss, (outputs, per_example, new_model_state)
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    (_, (outputs, per_example, new_model_state)), grads = grad_fn(state.params)
+    metrics = metrics_fn(outputs, labels, per_example, mask)
+    if axis_name is not None:
+      grads, metrics = jax.lax.psum((grads, metrics), axis_name)
+    new_state = state.apply_gradients(grads, model_state=dict(new_model_state))
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(
+    loss_fn: losses_lib.LossFn = losses_lib.softmax_cross_entropy,
+    *,
+    metrics_fn: MetricsFn = _DEFAULT_METRICS,
+    axis_name: str | None = None,
+) -> EvalStepFn:
+  """Returns a pure eval step `(state, batch) -> metrics` (model in inference mode: no dropout,
+  BatchNorm on running statistics). Metrics are sums; merge them over a split with
+  `jdl.metrics.merge_metrics` and turn them into means with `compute_metrics`."""
+
+  def eval_step(state: TrainState, batch: Batch) -> Metrics:
+    inputs, labels, mask = _unpack(batch, state.input_shape)
+    outputs = state.apply_fn(state.variables(), inputs, train=False)
+    metrics = metrics_fn(outputs, labels, loss_fn(outputs, labels), mask)
+    if axis_name is not None:
+      metrics = jax.lax.psum(metrics, axis_name)
+    return metrics
+
+  return eval_step
+
+
+def _unpack(batch: Batch, input_shape: tuple[int, ...]):
+  """Checks a batch against the model's input shape while tracing (free at run time)."""
+  if not isinstance(batch, Mapping) or "input" not in batch or "label" not in batch:
+    found = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+    raise ValueError(f"a batch must be a dict with keys 'input' and 'label'; got {found}.")
+  inputs, labels, mask = batch["input"], batch["label"], batch.get("mask")
+  if inputs.ndim < 1 or inputs.shape[0] == 0:
+    raise ValueError(f"empty batch: 'input' has shape {inputs.shape}; need at least one example.")
+  if tuple(inputs.shape[1:]) != tuple(input_shape):
+    raise ValueError(
+        f"input shape {tuple(inputs.shape[1:])} (per example, batch shape {inputs.shape}) does not "
+        f"fit the model, which was initialised for per-example shape {tuple(input_shape)}."
+    )
+  if labels.ndim < 1 or labels.shape[0] != inputs.shape[0]:
+    raise ValueError(
+        f"'label' has shape {labels.shape} but 'input' has {inputs.shape[0]} examples; "
+        "labels need the same leading batch dimension."
+    )
+  if mask is not None and mask.shape != inputs.shape[:1]:
+    raise ValueError(f"'mask' has shape {mask.shape}; expected {inputs.shape[:1]}.")
+  return inputs, labels, mask
+
+
+def make_classification_steps(
+    loss_name: str = "softmax_cross_entropy",
+    *,
+    l1: float = 0.0,
+    l2: float = 0.0,
+    top_k: tuple[int, ...] = (),
+    axis_name: str | None = None,
+) -> tuple[TrainStepFn, EvalStepFn]:
+  """Train and eval steps for classification with a named loss, L1/L2 penalties and top-k."""
+  loss_fn = losses_lib.get_classification_loss(loss_name)
+  metrics_fn = functools.partial(metrics_lib.classification_metrics, top_k=top_k)
+  train_step = make_train_step(
+      loss_fn,
+      weight_penalty=losses_lib.make_weight_penalty(l1=l1, l2=l2),
+      metrics_fn=metrics_fn,
+      axis_name=axis_name,
+  )
+  eval_step = make_eval_step(loss_fn, metrics_fn=metrics_fn, axis_name=axis_name)
+  return train_step, eval_step
+
