@@ -1,0 +1,35 @@
+"""Test-wide settings: strict numerics, and the shared data folder when it is present."""
+
+import pathlib
+
+import jax
+import pytest
+
+# Strict by default: silent rank promotion hides shape bugs.
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> pathlib.Path:
+  """`../shared/data` beside the checkout; tests that need it skip when it is absent."""
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f"real data folder {SHARED_DATA} is absent (it is not part of the project)")
+  return SHARED_DATA
+
+
+@pytest.fixture
+def tfds_dir(tmp_path_factory) -> str:
+  """A TFDS data dir private to the test session's worker."""
+  return str(tmp_path_factory.getbasetemp() / "tfds")
+
+
+@pytest.fixture(scope="session")
+def mnist1d_data_dir(tmp_path_factory) -> str:
+  """A TFDS data dir holding the prepared MNIST-1D (built once per test worker)."""
+  from jdl import data  # pylint: disable=import-outside-toplevel
+
+  path = str(tmp_path_factory.mktemp("tfds_mnist1d"))
+  data.prepare(data.get_builder("mnist1d", path))
+  return path
