@@ -66,7 +66,8 @@ def fit(
   """Trains `state` with `train_step` and evaluates it on the whole of `eval_data`.
 
   Args:
-    state: the initial state; training continues from `state.step`.
+    state: the initial state; training continues from `state.step`. Its buffers are donated to
+      the first step (the memory is reused), so use the returned state afterwards, not this one.
     train_step: a pure `(state, batch) -> (state, metric sums)` step (it is jitted here).
     eval_step: a pure `(state, batch) -> metric sums` step (jitted here).
     train_data: the training batch source.

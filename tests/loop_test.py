@@ -1,0 +1,95 @@
+"""The fit loop: history, exact evaluation, hooks, resumption and bad labels."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import jdl
+from jdl import data as data_lib
+from jdl import models
+
+
+def _problem(n=90, num_classes=3, seed=0):
+  """A learnable toy problem: the label is the argmax of a fixed projection of the input."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, 6)).astype(np.float32)
+  y = (x @ rng.normal(size=(6, num_classes))).argmax(1).astype(np.int32)
+  return x, y
+
+
+def _setup(batch_size=16, seed=0):
+  x, y = _problem()
+  train = data_lib.ArraySource(x[:60], y[:60], batch_size, shuffle=True, seed=seed)
+  test = data_lib.ArraySource(x[60:], y[60:], 7, shuffle=False)  # 30 = 4 * 7 + 2: padded
+  state = jdl.create_train_state(models.MLP(hidden=(16,), num_classes=3), optax.adam(0.05),
+                                 x[:1], jax.random.PRNGKey(seed))
+  train_step, eval_step = jdl.make_classification_steps()
+  return state, train_step, eval_step, train, test, (x[60:], y[60:])
+
+
+def test_fit_learns_and_records_one_entry_per_epoch(tmp_path):
+  """History has one record per epoch with train and test metrics, and they go to metrics.jsonl."""
+  state, train_step, eval_step, train, test, _ = _setup()
+  calls = []
+  with jdl.MetricWriter(str(tmp_path)) as writer:
+    state, history = jdl.fit(state, train_step, eval_step, train, test, num_epochs=8,
+                             hooks=[lambda step, s, record: calls.append((step, int(s.step)))],
+                             writer=writer, progress=False)
+  assert [r["step"] for r in history] == [4 * (i + 1) for i in range(8)]  # 60 / 16 -> 4 steps
+  assert calls == [(r["step"], r["step"]) for r in history]
+  assert history[-1]["test_accuracy"] > 0.8
+  assert history[-1]["train_loss"] < history[0]["train_loss"]
+  assert all(r["examples_per_second"] > 0 for r in history)
+  written = jdl.read_jsonl(str(tmp_path))
+  assert [w["test_accuracy"] for w in written] == pytest.approx([r["test_accuracy"] for r in history])
+
+
+def test_evaluation_is_exact_over_the_whole_split():
+  """The eval metrics equal the metrics computed on the whole test array at once."""
+  state, train_step, eval_step, train, test, (x_test, y_test) = _setup()
+  state, history = jdl.fit(state, train_step, eval_step, train, test, num_epochs=2, progress=False)
+  logits = state.apply_fn(state.variables(), x_test, train=False)
+  accuracy = float((np.asarray(logits).argmax(1) == y_test).mean())
+  loss = float(jdl.softmax_cross_entropy(logits, y_test).mean())
+  assert history[-1]["test_accuracy"] == accuracy
+  assert history[-1]["test_loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_num_steps_and_eval_every_steps():
+  """num_steps wins over epochs; evaluation every k steps and at the last step."""
+  state, train_step, eval_step, train, test, _ = _setup()
+  state, history = jdl.fit(state, train_step, eval_step, train, test, num_steps=10,
+                           eval_every_steps=3, progress=False)
+  assert [r["step"] for r in history] == [3, 6, 9, 10]
+  assert int(state.step) == 10
+
+
+def test_resuming_mid_epoch_equals_an_uninterrupted_run():
+  """fit continues from state.step with the same data order: 4 + 6 steps equal 10 steps."""
+  state, train_step, eval_step, train, test, _ = _setup()
+  straight, _ = jdl.fit(state, train_step, eval_step, train, None, num_steps=10, progress=False)
+  state, train_step, eval_step, train, test, _ = _setup()
+  half, _ = jdl.fit(state, train_step, eval_step, train, None, num_steps=5, progress=False)
+  resumed, _ = jdl.fit(half, train_step, eval_step, train, None, num_steps=10, progress=False)
+  jax.tree.map(np.testing.assert_array_equal, straight.params, resumed.params)
+
+
+def test_label_out_of_range_for_the_model_fails_clearly():
+  """A label >= the model's number of classes is an error naming the label and the range."""
+  x, y = _problem()
+  y = y.copy()
+  y[5] = 7
+  train = data_lib.ArraySource(x, y, 16, shuffle=False)
+  state = jdl.create_train_state(models.MLP(hidden=(4,), num_classes=3), optax.sgd(0.1), x[:1],
+                                 jax.random.PRNGKey(0))
+  train_step, eval_step = jdl.make_classification_steps()
+  with pytest.raises(ValueError, match=r"found \[7\].*3 classes.*\[0, 2\]"):
+    jdl.fit(state, train_step, eval_step, train, None, num_epochs=1, progress=False)
+
+
+def test_fit_needs_a_length():
+  """Neither epochs nor steps is an error."""
+  state, train_step, eval_step, train, test, _ = _setup()
+  with pytest.raises(ValueError, match="num_epochs or num_steps"):
+    jdl.fit(state, train_step, eval_step, train, test)

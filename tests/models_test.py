@@ -1,0 +1,66 @@
+"""Models: parameter counts, output shapes, activations and input checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jdl import count_params, models
+
+
+def _init(model, shape):
+  return model.init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False)
+
+
+def test_seed_mlp_has_the_tutorial_parameter_count():
+  """Flatten -> Dense(128) -> Dense(10) on 28x28x1 has 101,770 parameters."""
+  variables = _init(models.MLP(hidden=(128,), num_classes=10), (1, 28, 28, 1))
+  assert count_params(variables["params"]) == 101_770
+
+
+def test_cnn_and_cnn1d_parameter_counts_match_their_docstrings():
+  """The counts stated in the docstrings are right."""
+  assert count_params(_init(models.CNN(num_classes=10), (1, 28, 28, 1))["params"]) == 824_458
+  assert count_params(_init(models.CNN1D(num_classes=10), (1, 40))["params"]) == 5_210
+
+
+@pytest.mark.parametrize("activation", sorted(models.ACTIVATIONS))
+def test_mlp_activations(activation):
+  """Every named activation builds a working MLP."""
+  model = models.MLP(hidden=(8,), num_classes=4, activation=activation)
+  variables = _init(model, (2, 5))
+  assert model.apply(variables, jnp.ones((2, 5)), train=False).shape == (2, 4)
+
+
+def test_softmax_output_gives_probabilities():
+  """output='softmax' returns rows that sum to one."""
+  model = models.MLP(hidden=(8,), num_classes=4, output="softmax")
+  out = model.apply(_init(model, (3, 5)), jnp.ones((3, 5)), train=False)
+  np.testing.assert_allclose(out.sum(-1), 1.0, rtol=1e-6)
+
+
+def test_cnn1d_shapes_follow_the_paper():
+  """40 samples -> 19 -> 10 -> 5 positions, 25 channels: 125 features into the Dense layer."""
+  variables = _init(models.CNN1D(num_classes=10), (2, 40))
+  assert variables["params"]["Dense_0"]["kernel"].shape == (125, 10)
+
+
+def test_bad_inputs_and_names():
+  """Wrong ranks, unknown activations and unknown models fail with clear messages."""
+  with pytest.raises(ValueError, match="CNN expects images"):
+    _init(models.CNN(num_classes=10), (2, 40))
+  with pytest.raises(ValueError, match="CNN1D expects signals"):
+    _init(models.CNN1D(num_classes=10), (2, 4, 4, 4))
+  with pytest.raises(ValueError, match="unknown activation 'relu6'"):
+    _init(models.MLP(hidden=(4,), num_classes=2, activation="relu6"), (1, 3))
+  with pytest.raises(ValueError, match="unknown model 'vgg'"):
+    models.build_model({"name": "vgg"}, num_classes=10)
+  with pytest.raises(ValueError, match=r"has no attributes \['widths'\]"):
+    models.build_model({"name": "mlp", "mlp": {"widths": (3,)}}, num_classes=10)
+
+
+def test_build_model_uses_the_sub_config_of_the_chosen_name():
+  """Only the chosen model's sub-config is read; others may sit beside it."""
+  model = models.build_model({"name": "mlp", "mlp": {"hidden": (7,)}, "cnn1d": {"features": (1,)}},
+                             num_classes=3)
+  assert isinstance(model, models.MLP) and tuple(model.hidden) == (7,) and model.num_classes == 3

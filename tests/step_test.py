@@ -1,0 +1,173 @@
+"""The pure train and eval steps: gradients, masking, determinism and input checks."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import jdl
+from jdl import models
+
+
+def _state(model, tx, input_shape=(6,), seed=0):
+  return jdl.create_train_state(model, tx, np.zeros((1, *input_shape), np.float32),
+                                jax.random.PRNGKey(seed))
+
+
+def _batch(n, input_shape=(6,), num_classes=3, seed=0, mask=None):
+  rng = np.random.default_rng(seed)
+  batch = {
+      "input": rng.normal(size=(n, *input_shape)).astype(np.float32),
+      "label": rng.integers(0, num_classes, size=n).astype(np.int32),
+  }
+  if mask is not None:
+    batch["mask"] = np.asarray(mask)
+  return batch
+
+
+def _gradient_from_sgd_step(state, train_step, batch):
+  """With plain SGD at learning rate 1, params - new_params is exactly the gradient."""
+  new_state, _ = train_step(state, batch)
+  return jax.tree.map(lambda a, b: a - b, state.params, new_state.params)
+
+
+def test_train_step_gradient_matches_finite_differences():
+  """The gradient the step applies equals central finite differences of the batch loss (float64)."""
+  with jax.enable_x64():
+    model = models.MLP(hidden=(4,), num_classes=3, activation="tanh")
+    state = _state(model, optax.sgd(1.0))
+    state = state.replace(params=jax.tree.map(lambda p: p.astype(jnp.float64), state.params))
+    batch = jax.tree.map(jnp.asarray, _batch(5))
+    batch["input"] = batch["input"].astype(jnp.float64)
+    l2 = 0.01
+    train_step = jdl.make_train_step(weight_penalty=jdl.make_weight_penalty(l2=l2))
+    applied = _gradient_from_sgd_step(state, train_step, batch)
+
+    def loss(params):
+      logits = model.apply({"params": params}, batch["input"], train=True)
+      return jnp.mean(jdl.softmax_cross_entropy(logits, batch["label"])) + l2 * jdl.l2_penalty(params)
+
+    flat, unravel = ravel_pytree(state.params)
+    eps = 1e-6
+    numeric = np.array([
+        (loss(unravel(flat.at[i].add(eps))) - loss(unravel(flat.at[i].add(-eps)))) / (2 * eps)
+        for i in range(flat.size)
+    ])
+    np.testing.assert_allclose(ravel_pytree(applied)[0], numeric, rtol=1e-5, atol=1e-9)
+
+
+def test_padded_batch_gives_the_update_of_its_real_examples():
+  """Padding masked out of a batch changes neither the update nor the metrics."""
+  model = models.MLP(hidden=(8,), num_classes=3)
+  state = _state(model, optax.sgd(0.1))
+  real = _batch(5)
+  padded = jdl.data.pad_batch(real["input"], real["label"], 8)
+  padded["input"][5:] = 100.0  # garbage in the padding must not matter
+  train_step = jax.jit(jdl.make_train_step(metrics_fn=jdl.classification_metrics))
+  state_real, metrics_real = train_step(state, real)
+  state_padded, metrics_padded = train_step(state, padded)
+  chex_close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7)
+  jax.tree.map(chex_close, state_real.params, state_padded.params)
+  jax.tree.map(chex_close, metrics_real, metrics_padded)
+  assert int(metrics_padded["count"]) == 5
+
+
+def test_mini_batch_gradient_is_the_mean_of_stochastic_gradients():
+  """Batch, mini-batch and stochastic gradient descent differ only in batch size: the gradient of
+  a batch is the mean of its one-example gradients."""
+  model = models.MLP(hidden=(8,), num_classes=3)
+  state = _state(model, optax.sgd(1.0))
+  train_step = jax.jit(jdl.make_train_step())
+  batch = _batch(4)
+  full = _gradient_from_sgd_step(state, train_step, batch)
+  singles = [
+      _gradient_from_sgd_step(state, train_step, {k: v[i:i + 1] for k, v in batch.items()})
+      for i in range(4)
+  ]
+  mean_single = jax.tree.map(lambda *g: sum(g) / 4, *singles)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), full, mean_single)
+
+
+def test_same_seed_gives_identical_parameters_and_training():
+  """Two runs from the same seed are bitwise identical; another seed differs."""
+  model = models.MLP(hidden=(16,), num_classes=3, dropout_rate=0.5)
+  train_step = jax.jit(jdl.make_train_step())
+
+  def run(seed):
+    state = _state(model, optax.adam(1e-2), seed=seed)
+    for i in range(3):
+      state, _ = train_step(state, _batch(8, seed=i))
+    return state.params
+
+  first, second, other = run(0), run(0), run(1)
+  jax.tree.map(np.testing.assert_array_equal, first, second)
+  assert not np.array_equal(first["Dense_0"]["kernel"], other["Dense_0"]["kernel"])
+
+
+def test_dropout_is_on_in_training_and_off_in_evaluation():
+  """Eval is deterministic; training draws a fresh dropout mask every step."""
+  model = models.MLP(hidden=(64,), num_classes=3, dropout_rate=0.5)
+  state = _state(model, optax.sgd(0.0))
+  batch = _batch(16)
+  eval_step = jax.jit(jdl.make_eval_step())
+  assert jax.tree.map(float, eval_step(state, batch)) == jax.tree.map(float, eval_step(state, batch))
+  train_step = jax.jit(jdl.make_train_step())
+  state1, metrics1 = train_step(state, batch)
+  _, metrics2 = train_step(state1, batch)  # learning rate 0: same params, next step's key
+  assert float(metrics1["loss_sum"]) != float(metrics2["loss_sum"])
+
+
+def test_model_state_is_updated_by_training_and_used_in_evaluation():
+  """Mutable collections (BatchNorm statistics) come back from the step and change."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  class WithBatchNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train):
+      x = nn.BatchNorm(use_running_average=not train)(nn.Dense(4)(x))
+      return nn.Dense(3)(x)
+
+  state = _state(WithBatchNorm(), optax.sgd(0.1))
+  assert "batch_stats" in state.model_state
+  new_state, _ = jax.jit(jdl.make_train_step())(state, _batch(8))
+  before = state.model_state["batch_stats"]["BatchNorm_0"]["mean"]
+  after = new_state.model_state["batch_stats"]["BatchNorm_0"]["mean"]
+  assert not np.allclose(before, after)
+  assert int(new_state.step) == 1
+
+
+@pytest.mark.parametrize(
+    "batch, message",
+    [
+        ({"input": np.zeros((4, 7), np.float32), "label": np.zeros(4, np.int32)}, r"does not fit the model"),
+        ({"input": np.zeros((0, 6), np.float32), "label": np.zeros(0, np.int32)}, "empty batch"),
+        ({"input": np.zeros((4, 6), np.float32)}, "keys 'input' and 'label'"),
+        ({"input": np.zeros((4, 6), np.float32), "label": np.zeros(3, np.int32)}, "same leading batch"),
+        ({"input": np.zeros((4, 6), np.float32), "label": np.zeros(4, np.int32),
+          "mask": np.ones(3, bool)}, "'mask' has shape"),
+    ],
+)
+def test_bad_batches_fail_while_tracing_with_clear_messages(batch, message):
+  """Shape mistakes are caught at trace time with a message naming the shapes."""
+  state = _state(models.MLP(hidden=(4,), num_classes=3), optax.sgd(0.1))
+  with pytest.raises(ValueError, match=message):
+    jax.jit(jdl.make_train_step())(state, batch)
+  with pytest.raises(ValueError, match=message):
+    jax.jit(jdl.make_eval_step())(state, batch)
+
+
+def test_non_numeric_batch_is_rejected():
+  """A batch of strings cannot reach the device; the host-side check names the problem."""
+  with pytest.raises(ValueError, match="numeric"):
+    jdl.data.check_inputs(np.array([["a", "b"]]))
+
+
+def test_create_train_state_rejects_a_sample_without_batch_dimension():
+  """sample_input must carry a leading batch dimension."""
+  with pytest.raises(ValueError, match="leading batch dimension"):
+    jdl.create_train_state(models.MLP(hidden=(), num_classes=2), optax.sgd(0.1),
+                           np.zeros((0, 3), np.float32), jax.random.PRNGKey(0))
