@@ -103,7 +103,7 @@ def fit(
   interval_sums = metrics_lib.empty_metrics()
   start_time = interval_start = time.perf_counter()
   bar = tqdm.tqdm(total=num_steps, initial=step, unit="step", disable=not progress,
-                  dynamic_ncols=True, leave=True)
+                  dynamic_ncols=True, leave=True, mininterval=0.5)
   last_bar_update = 0.0
 
   epoch = step // steps_per_epoch
