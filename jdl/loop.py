@@ -112,6 +112,7 @@ def fit(
     for batch_index, batch in enumerate(train_data.epoch(epoch)):
       if batch_index < skip:
         continue
+      data_lib.check_inputs(batch["input"], where="training inputs")
       data_lib.check_labels(batch["label"][batch["mask"]], num_classes, where="training labels")
       state, batch_sums = jit_train_step(state, batch)
       interval_sums = metrics_lib.merge_metrics(interval_sums, batch_sums)

@@ -88,6 +88,29 @@ def test_label_out_of_range_for_the_model_fails_clearly():
     jdl.fit(state, train_step, eval_step, train, None, num_epochs=1, progress=False)
 
 
+def test_non_numeric_or_empty_batches_fail_clearly():
+  """A source that yields strings or empty batches is stopped with a message naming the problem."""
+  state, train_step, eval_step, train, test, _ = _setup()
+
+  class BadSource:
+    num_examples, batch_size, steps_per_epoch = 2, 2, 1
+
+    def __init__(self, inputs):
+      self.inputs = inputs
+
+    def epoch(self, index):
+      del index
+      yield {"input": self.inputs, "label": np.zeros(len(self.inputs), np.int32),
+             "mask": np.ones(len(self.inputs), bool)}
+
+  with pytest.raises(ValueError, match="training inputs must be numeric"):
+    jdl.fit(state, train_step, eval_step, BadSource(np.array([["a"] * 6] * 2)), None,
+            num_epochs=1, progress=False)
+  with pytest.raises(ValueError, match="training inputs are empty"):
+    jdl.fit(state, train_step, eval_step, BadSource(np.zeros((0, 6), np.float32)), None,
+            num_epochs=1, progress=False)
+
+
 def test_fit_needs_a_length():
   """Neither epochs nor steps is an error."""
   state, train_step, eval_step, train, test, _ = _setup()
