@@ -160,13 +160,11 @@ def parse_command_line(
     config: ml_collections.ConfigDict, argv: Sequence[str], *, name: str, default_workdir: str
 ) -> tuple[ml_collections.ConfigDict, str] | None:
   """Parses `--workdir=` and `--config.KEY=VALUE` arguments; returns None after `--help`."""
-  overrides, workdir = [], default_workdir
+  overrides, workdir, show_help = [], default_workdir, False
   for arg in argv:
     if arg in ("-h", "--help"):
-      print(USAGE.format(name=name, workdir=default_workdir))
-      print(config)
-      return None
-    if arg.startswith("--workdir="):
+      show_help = True
+    elif arg.startswith("--workdir="):
       workdir = arg.split("=", 1)[1]
     elif arg.startswith("--config."):
       overrides.append(arg[len("--config."):])
@@ -175,7 +173,12 @@ def parse_command_line(
           f"unexpected argument {arg!r}; expected --workdir=DIR or --config.KEY=VALUE "
           f"(see --help)."
       )
-  return apply_overrides(config, overrides), workdir
+  config = apply_overrides(config, overrides)
+  if show_help:
+    print(USAGE.format(name=name, workdir=default_workdir))
+    print(config)
+    return None
+  return config, workdir
 
 
 def run_experiment(

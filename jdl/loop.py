@@ -113,7 +113,8 @@ def fit(
       if batch_index < skip:
         continue
       data_lib.check_inputs(batch["input"], where="training inputs")
-      data_lib.check_labels(batch["label"][batch["mask"]], num_classes, where="training labels")
+      real_labels = batch["label"] if "mask" not in batch else batch["label"][batch["mask"]]
+      data_lib.check_labels(real_labels, num_classes, where="training labels")
       state, batch_sums = jit_train_step(state, batch)
       interval_sums = metrics_lib.merge_metrics(interval_sums, batch_sums)
       step += 1

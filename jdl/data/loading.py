@@ -11,6 +11,8 @@ The rule for a dataset that is not yet on disk:
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 import os
 import socket
 import threading
@@ -28,8 +30,15 @@ tf.config.set_visible_devices([], "GPU")
 
 _OFFLINE_BUILDERS = (mnist1d.Mnist1d,)
 # Captured at import: inside `tfds.testing.mock_data` this method is replaced by a no-op, and
-# nothing is downloaded, so the network probe must not run.
-_REAL_DOWNLOAD_AND_PREPARE = tfds.core.DatasetBuilder.download_and_prepare
+# nothing is downloaded, so the network probe must not run. Read statically: TFDS wraps the method
+# with `wrapt`, and plain attribute access returns a new wrapper object every time.
+_REAL_DOWNLOAD_AND_PREPARE = inspect.getattr_static(tfds.core.DatasetBuilder, "download_and_prepare")
+
+
+def _tfds_is_mocked() -> bool:
+  """True inside `tfds.testing.mock_data`."""
+  current = inspect.getattr_static(tfds.core.DatasetBuilder, "download_and_prepare")
+  return current is not _REAL_DOWNLOAD_AND_PREPARE
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -59,8 +68,13 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
   """The TFDS builder for `name` (e.g. "fashion_mnist", "mnist1d", "cifar10:3.0.2")."""
   try:
     return tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError as error:
-    raise DatasetUnavailableError(f"TFDS knows no dataset called {name!r}: {error}") from None
+  except tfds.core.registered.DatasetNotFoundError:
+    base_name = name.split(":")[0].split("/")[0]
+    close = difflib.get_close_matches(base_name, tfds.list_builders(), n=3)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise DatasetUnavailableError(
+        f"TFDS knows no dataset called {name!r}.{hint} `tfds.list_builders()` lists them all."
+    ) from None
 
 
 def prepare(
@@ -83,8 +97,7 @@ def prepare(
   """
   if builder.is_prepared():
     return
-  mocked = tfds.core.DatasetBuilder.download_and_prepare is not _REAL_DOWNLOAD_AND_PREPARE
-  if mocked or isinstance(builder, _OFFLINE_BUILDERS):
+  if _tfds_is_mocked() or isinstance(builder, _OFFLINE_BUILDERS):
     builder.download_and_prepare()
     return
   if manual_dir is not None:
@@ -184,7 +197,12 @@ def read_split(
     shuffle_files: bool = False,
     seed: int = 0,
 ) -> tf.data.Dataset:
-  """A split as an unbatched tf.data pipeline of scaled `(input, label)` pairs."""
+  """A split as an unbatched tf.data pipeline of scaled `(input, label)` pairs.
+
+  `shuffle_files` is ignored for datasets stored in a fixed order (`disable_shuffling`), which
+  TFDS refuses to read shuffled; shuffle their examples downstream instead.
+  """
+  shuffle_files = shuffle_files and not builder.info.disable_shuffling
   read_config = tfds.ReadConfig(shuffle_seed=seed) if shuffle_files else None
   dataset = builder.as_dataset(
       split=split, as_supervised=True, shuffle_files=shuffle_files, read_config=read_config

@@ -96,7 +96,10 @@ class ArraySource:
     inputs, labels = np.asarray(inputs), np.asarray(labels)
     check_inputs(inputs)
     if labels.shape[:1] != inputs.shape[:1]:
-      raise ValueError(f"inputs have {inputs.shape[0]} examples but labels have {labels.shape[:1]}.")
+      raise ValueError(
+          f"inputs have {inputs.shape[0]} examples but labels have "
+          f"{labels.shape[0] if labels.ndim else 'no batch dimension'}; they must match."
+      )
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
     self.inputs, self.labels = inputs, labels

@@ -1,0 +1,254 @@
+"""Every experiment runs a tiny config end to end; the MNIST-1D one trains to a high accuracy."""
+
+import importlib
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from tensorboard.backend.event_processing import event_accumulator
+
+import jdl
+
+from experiments import fashion_mnist_mlp, mnist1d
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Flatten -> Dense(128) -> Dense(10) on 784 pixels, and the same with Dense(64) in between.
+FASHION_PARAMS = {
+    "fashion_mnist_mlp": 784 * 128 + 128 + 128 * 10 + 10,  # 101,770
+    "fashion_mnist_mlp_deep": 784 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10,  # 109,386
+}
+FASHION_HIDDEN = {"fashion_mnist_mlp": [128], "fashion_mnist_mlp_deep": [128, 64]}
+MOCK_EXAMPLES = 64
+TINY_ARGS = ["--config.num_epochs=1", "--config.batch_size=16", "--config.eval_batch_size=32",
+             "--config.progress=false"]
+
+
+def refuse_download(*args, **kwargs):
+  del args, kwargs
+  raise AssertionError("a real download was attempted")
+
+
+def is_finite_number(value):
+  return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def read_tensorboard_scalars(logdir):
+  """`{tag: {step: value}}` of the scalar summaries in a TensorBoard log folder."""
+  accumulator = event_accumulator.EventAccumulator(
+      str(logdir), size_guidance={event_accumulator.TENSORS: 0, event_accumulator.SCALARS: 0})
+  accumulator.Reload()
+  scalars = {}
+  for tag in accumulator.Tags()["tensors"]:
+    values = {event.step: tf.make_ndarray(event.tensor_proto) for event in accumulator.Tensors(tag)}
+    if all(value.ndim == 0 and value.dtype.kind == "f" for value in values.values()):
+      scalars[tag] = {step: float(value) for step, value in values.items()}
+  for tag in accumulator.Tags()["scalars"]:
+    scalars[tag] = {event.step: event.value for event in accumulator.Scalars(tag)}
+  return scalars
+
+
+# ---------------------------------------------------------------------------------------------
+# The Fashion-MNIST experiments, on mock data.
+
+
+@pytest.fixture(scope="module", params=sorted(FASHION_PARAMS))
+def fashion_run(request, tmp_path_factory):
+  """`(name, state, history, workdir)` of one tiny Fashion-MNIST experiment on mock data."""
+  name = request.param
+  module = importlib.import_module(f"experiments.{name}")
+  workdir = tmp_path_factory.mktemp(name)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(tfds.download.DownloadManager, "download_and_extract", refuse_download)
+    patch.setattr(tfds.download.DownloadManager, "download", refuse_download)
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+      state, history = jdl.config.run_experiment(
+          module.get_config,
+          ["--workdir=" + str(workdir), *TINY_ARGS,
+           "--config.data_dir=" + str(workdir / "tfds")],
+          name=name)
+  return name, state, history, workdir
+
+
+def test_fashion_experiment_history(fashion_run):
+  """One epoch of 64 examples in batches of 16 gives one evaluation with sane, exact metrics."""
+  _, state, history, _ = fashion_run
+  assert len(history) == 1
+  record = history[-1]
+  assert record["step"] == MOCK_EXAMPLES // 16 == int(state.step)
+  assert record["epoch"] == 1.0
+  for key in ("train_loss", "test_loss", "train_accuracy", "test_accuracy"):
+    assert is_finite_number(record[key]), key
+  assert record["train_loss"] > 0 and record["test_loss"] > 0
+  assert 0.0 <= record["test_accuracy"] <= 1.0
+  assert 0.0 <= record["train_accuracy"] <= 1.0
+  # Evaluated over the whole split, padding excluded: a whole number of correct examples.
+  correct = record["test_accuracy"] * MOCK_EXAMPLES
+  assert abs(correct - round(correct)) < 1e-4
+
+
+def test_fashion_experiment_parameter_count(fashion_run):
+  """The seed MLP has 101,770 parameters and the deep variant 109,386."""
+  name, state, _, _ = fashion_run
+  assert jdl.count_params(state.params) == FASHION_PARAMS[name]
+
+
+def test_fashion_experiment_writes_metrics_and_config(fashion_run):
+  """metrics.jsonl holds the history's records and config.json the overridden config."""
+  name, _, history, workdir = fashion_run
+  assert (workdir / "metrics.jsonl").is_file() and (workdir / "config.json").is_file()
+  records = jdl.read_jsonl(str(workdir))
+  assert [r["step"] for r in records] == [r["step"] for r in history]
+  for record, expected in zip(records, history):
+    assert record["test_accuracy"] == pytest.approx(expected["test_accuracy"])
+    assert record["train_loss"] == pytest.approx(expected["train_loss"])
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["dataset"] == "fashion_mnist"
+  assert config["num_epochs"] == 1 and config["batch_size"] == 16
+  assert config["eval_batch_size"] == 32 and config["progress"] is False
+  assert list(config["model"]["mlp"]["hidden"]) == FASHION_HIDDEN[name]
+
+
+def test_fashion_experiment_tensorboard_events_read_back(fashion_run):
+  """The TensorBoard event files hold a test_accuracy scalar equal to the history's."""
+  _, _, history, workdir = fashion_run
+  logdir = workdir / "tensorboard"
+  assert list(logdir.glob("events.out.tfevents.*"))
+  scalars = read_tensorboard_scalars(logdir)
+  assert "test_accuracy" in scalars and "train_loss" in scalars
+  final = history[-1]
+  assert scalars["test_accuracy"] == {final["step"]: pytest.approx(final["test_accuracy"])}
+  assert scalars["train_loss"][final["step"]] == pytest.approx(final["train_loss"], rel=1e-6)
+
+
+def test_seed_tutorial_config():
+  """The seed tutorial's config: MLP (128,) relu, Adam 1e-3, cross-entropy, batch 32, 10 epochs."""
+  config = fashion_mnist_mlp.get_config()
+  assert config.dataset == "fashion_mnist"
+  assert config.model.name == "mlp"
+  assert tuple(config.model.mlp.hidden) == (128,)
+  assert config.model.mlp.activation == "relu"
+  assert config.model.mlp.dropout_rate == 0.0
+  assert config.model.mlp.output == "logits"
+  assert config.optimizer.name == "adam"
+  assert config.optimizer.learning_rate == 1e-3
+  assert config.optimizer.schedule == "constant"
+  assert config.optimizer.weight_decay == 0.0 and config.optimizer.clip_norm is None
+  assert config.loss == "softmax_cross_entropy"
+  assert config.l1 == 0.0 and config.l2 == 0.0
+  assert config.batch_size == 32
+  assert config.num_epochs == 10
+  assert config.num_steps == 0  # epochs decide the length
+  assert config.train_split == "train" and config.eval_split == "test"
+
+
+# ---------------------------------------------------------------------------------------------
+# MNIST-1D: real (generated) data, real training.
+
+
+def run_mnist1d(workdir, data_dir, *extra):
+  return jdl.config.run_experiment(
+      mnist1d.get_config,
+      ["--workdir=" + str(workdir), "--config.data_dir=" + data_dir, "--config.progress=false",
+       *extra],
+      name="mnist1d")
+
+
+@pytest.fixture(scope="module")
+def mnist1d_cnn_run(tmp_path_factory, mnist1d_data_dir):
+  """The MNIST-1D experiment with its default config (the paper's CNN, 6000 steps)."""
+  return run_mnist1d(tmp_path_factory.mktemp("mnist1d_cnn"), mnist1d_data_dir)
+
+
+def test_mnist1d_cnn_reaches_paper_accuracy(mnist1d_cnn_run):
+  """The default MNIST-1D experiment reaches at least 0.90 test accuracy in 6000 steps."""
+  state, history = mnist1d_cnn_run
+  assert [r["step"] for r in history] == [1000, 2000, 3000, 4000, 5000, 6000]
+  assert int(state.step) == 6000
+  final = history[-1]
+  assert final["test_accuracy"] >= 0.90, final
+  assert math.isfinite(final["test_loss"])
+  # Conv 1->25 k5, 25->25 k3 twice, Dense 125->10.
+  assert jdl.count_params(state.params) == (25 * 5 + 25) + 2 * (25 * 25 * 3 + 25) + (125 * 10 + 10)
+
+
+def test_mnist1d_mlp_variant_learns(tmp_path, mnist1d_data_dir):
+  """The MLP variant (40-100-100-10) trains for 300 steps to well above chance."""
+  state, history = run_mnist1d(tmp_path, mnist1d_data_dir, "--config.model.name=mlp",
+                               "--config.num_steps=300")
+  assert history[-1]["step"] == 300 == int(state.step)
+  assert history[-1]["test_accuracy"] > 0.3, history[-1]
+  assert jdl.count_params(state.params) == (40 * 100 + 100) + (100 * 100 + 100) + (100 * 10 + 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad command lines.
+
+
+def test_unknown_config_key_suggests_the_right_one(tmp_path):
+  """A misspelt key raises ConfigError naming the closest valid key, before any training."""
+  workdir = tmp_path / "run"
+  with pytest.raises(jdl.ConfigError, match="num_epochs") as error:
+    jdl.config.run_experiment(mnist1d.get_config,
+                              ["--workdir=" + str(workdir), "--config.num_epoch=3"], name="mnist1d")
+  assert "num_epoch'" in str(error.value)
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("arg", [
+    "--config.batch_size=abc",
+    "--config.batch_size=1.5",
+    "--config.optimizer.learning_rate=fast",
+    "--config.progress=maybe",
+    "--config.model=mlp",
+])
+def test_wrong_value_type_raises_config_error(tmp_path, arg):
+  """A value of the wrong type (or a value for a group) raises ConfigError naming the key."""
+  key = arg.split("=", 1)[0][len("--config."):]
+  with pytest.raises(jdl.ConfigError, match=key.replace(".", r"\.")):
+    jdl.config.run_experiment(mnist1d.get_config, ["--workdir=" + str(tmp_path / "run"), arg],
+                              name="mnist1d")
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("arg", ["--num_epochs=3", "num_epochs=3", "--workdir", "--config"])
+def test_unexpected_argument_raises_config_error(tmp_path, arg):
+  """An argument that is neither --workdir=DIR nor --config.KEY=VALUE raises ConfigError."""
+  with pytest.raises(jdl.ConfigError, match="unexpected argument"):
+    jdl.config.run_experiment(mnist1d.get_config, ["--workdir=" + str(tmp_path / "run"), arg],
+                              name="mnist1d")
+
+
+def test_command_line_config_error_exits_2_without_training(tmp_path):
+  """`python -m experiments.mnist1d` with a misspelt key prints one error line and exits 2."""
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.mnist1d", "--workdir=" + str(workdir),
+       "--config.num_epoch=3"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 2, result.stderr[-2000:]
+  error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(error_lines) == 1, result.stderr[-2000:]
+  assert "num_epoch'" in error_lines[0] and "num_epochs" in error_lines[0]
+  assert "Traceback" not in result.stderr
+  assert "final" not in result.stdout
+  assert not workdir.exists()
+
+
+def test_help_prints_usage_and_config(tmp_path, capsys):
+  """--help returns None, prints the usage and the config, and trains nothing."""
+  workdir = tmp_path / "run"
+  result = jdl.config.run_experiment(mnist1d.get_config, ["--workdir=" + str(workdir), "--help"],
+                                     name="mnist1d")
+  assert result is None
+  out = capsys.readouterr().out
+  assert "usage: python -m experiments.mnist1d" in out
+  assert "--config.KEY=VALUE" in out
+  assert "num_steps: 6000" in out
+  assert "cnn1d" in out and "learning_rate: 0.01" in out
+  assert not workdir.exists()
