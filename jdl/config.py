@@ -72,6 +72,10 @@ def classification_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 0  # evaluate every this many steps; 0: after every epoch
   config.seed = 0  # seeds initialisation, dropout and the shuffle order
   config.progress = True  # progress bar and one line per evaluation
+  # Devices.
+  config.layout = "auto"  # auto (shard if >1 device), none (jit, 1 device), shard (jit + mesh), pmap
+  config.num_devices = 0  # devices to use; 0: all (per process for pmap)
+  config.distributed = "auto"  # join a multi-process run: auto (if JAX_COORDINATOR_ADDRESS), on, off
   return config
 
 

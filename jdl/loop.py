@@ -18,7 +18,7 @@ import tqdm
 
 from jdl import data as data_lib
 from jdl import metrics as metrics_lib
-from jdl import models, optim, step as step_lib
+from jdl import models, optim, parallel, step as step_lib
 from jdl.logging import MetricWriter
 from jdl.state import TrainState, count_params, create_train_state
 
@@ -30,14 +30,24 @@ def evaluate(
     state: TrainState,
     eval_step: Callable[[TrainState, data_lib.Batch], metrics_lib.Metrics],
     eval_data: data_lib.BatchSource,
+    *,
+    runner: parallel.Runner | None = None,
 ) -> dict[str, float]:
   """Means of the eval step's metrics over every example of `eval_data` (padding excluded).
 
-  `eval_step` should already be jitted; the sums stay on the device until the end.
+  Args:
+    state: the state, placed by `runner` when one is given.
+    eval_step: the eval step, already compiled (by `runner.compile` or `jax.jit`).
+    eval_data: the evaluation batch source.
+    runner: the device layout; None feeds host batches straight to `eval_step`.
   """
   total = metrics_lib.empty_metrics()
   for batch in eval_data.epoch(0):
+    if runner is not None:
+      batch = runner.place_batch(batch, pad=True)
     total = metrics_lib.merge_metrics(total, eval_step(state, batch))
+  if runner is not None and total is not None:
+    total = runner.fetch_metrics(total)
   return metrics_lib.compute_metrics(total)
 
 
@@ -62,6 +72,7 @@ def fit(
     writer: MetricWriter | None = None,
     progress: bool = True,
     eval_name: str = "test",
+    runner: parallel.Runner | None = None,
 ) -> tuple[TrainState, list[Record]]:
   """Trains `state` with `train_step` and evaluates it on the whole of `eval_data`.
 
@@ -80,9 +91,12 @@ def fit(
     writer: where records go (JSON lines and TensorBoard), if anywhere.
     progress: show a progress bar and a summary line per evaluation.
     eval_name: prefix of the eval metrics in records (`test_accuracy`, ...).
+    runner: the device layout (`jdl.parallel.make_runner`); None is plain jit on one device.
+      The steps must be built with `runner.axis_name`.
 
   Returns:
-    `(state, history)`: the final state and one record per evaluation, each with `step`,
+    `(state, history)`: the final state (on one device: the first replica under pmap) and one
+    record per evaluation, each with `step`,
     `epoch`, `train_*` means since the previous record, `{eval_name}_*` means over the eval
     split, `examples_per_second` and `elapsed_seconds`.
   """
@@ -96,9 +110,10 @@ def fit(
   eval_every = eval_every_steps or steps_per_epoch
   num_classes = output_width(state)
 
-  jit_train_step = jax.jit(train_step, donate_argnums=0)
-  jit_eval_step = jax.jit(eval_step)
+  runner = runner or parallel.JitRunner()
   step = int(state.step)
+  state = runner.place_state(state)
+  compiled_train_step, compiled_eval_step = runner.compile(train_step, eval_step)
   history: list[Record] = []
   interval_sums = metrics_lib.empty_metrics()
   start_time = interval_start = time.perf_counter()
@@ -115,24 +130,24 @@ def fit(
       data_lib.check_inputs(batch["input"], where="training inputs")
       real_labels = batch["label"] if "mask" not in batch else batch["label"][batch["mask"]]
       data_lib.check_labels(real_labels, num_classes, where="training labels")
-      state, batch_sums = jit_train_step(state, batch)
+      state, batch_sums = compiled_train_step(state, runner.place_batch(batch))
       interval_sums = metrics_lib.merge_metrics(interval_sums, batch_sums)
       step += 1
       bar.update(1)
       now = time.perf_counter()
       if progress and now - last_bar_update > 0.5:
-        running = metrics_lib.compute_metrics(interval_sums)
+        running = metrics_lib.compute_metrics(runner.fetch_metrics(interval_sums))
         bar.set_postfix(loss=f"{running['loss']:.4f}", acc=f"{running.get('accuracy', 0):.4f}",
                         ex_s=f"{running['count'] / max(now - interval_start, 1e-9):,.0f}")
         last_bar_update = now
       if step % eval_every == 0 or step == num_steps:
-        train_means = metrics_lib.compute_metrics(interval_sums)
+        train_means = metrics_lib.compute_metrics(runner.fetch_metrics(interval_sums))
         seconds = time.perf_counter() - interval_start
         record: Record = {"step": step, "epoch": step / steps_per_epoch}
         record.update({f"train_{k}": v for k, v in train_means.items() if k != "count"})
         record["examples_per_second"] = train_means["count"] / max(seconds, 1e-9)
         if eval_data is not None:
-          eval_means = evaluate(state, jit_eval_step, eval_data)
+          eval_means = evaluate(state, compiled_eval_step, eval_data, runner=runner)
           record.update({f"{eval_name}_{k}": v for k, v in eval_means.items() if k != "count"})
         record["elapsed_seconds"] = time.perf_counter() - start_time
         history.append(record)
@@ -141,7 +156,7 @@ def fit(
         if progress:
           bar.write(format_record(record))
         for hook in hooks:
-          hook(step, state, record)
+          hook(step, runner.fetch_state(state), record)
         interval_sums = metrics_lib.empty_metrics()
         interval_start = time.perf_counter()
       if step >= num_steps:
@@ -149,7 +164,7 @@ def fit(
     epoch += 1
     skip = 0
   bar.close()
-  return state, history
+  return runner.fetch_state(state), history
 
 
 def format_record(record: Mapping[str, float]) -> str:
@@ -169,53 +184,73 @@ def format_record(record: Mapping[str, float]) -> str:
 def train_and_evaluate(config: Any, workdir: str) -> tuple[TrainState, list[Record]]:
   """Runs a classification experiment described by `config`, writing logs to `workdir`.
 
-  The config keys are those of `jdl.config.classification_config()`. Prints a progress bar, one
-  line per evaluation and a final line with the eval split's accuracy.
+  The config keys are those of `jdl.config.classification_config()`. Joins a multi-process run
+  when the environment asks for it (`config.distributed`), picks the device layout
+  (`config.layout`), and prints a progress bar, one line per evaluation and a final line with the
+  eval split's accuracy; in a multi-process run only process 0 prints and writes.
 
   Returns:
     `(state, history)` as `fit` returns them.
   """
+  parallel.initialize_distributed(config.distributed)
+  _check_loss_matches_output(config)
+  runner = parallel.make_runner(config.layout, num_devices=config.num_devices or None,
+                                batch_size=config.batch_size)
   train_data, eval_data, meta = data_lib.load_classification_data(
       config.dataset,
       batch_size=config.batch_size,
-      eval_batch_size=config.eval_batch_size,
+      eval_batch_size=_round_up(config.eval_batch_size, jax.process_count()),
       train_split=config.train_split,
       eval_split=config.eval_split,
       data_dir=config.data_dir,
       download=config.download,
       in_memory=config.in_memory,
       seed=config.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
   )
-  _check_loss_matches_output(config)
-  model = models.build_model(config.model, num_classes=meta.num_classes)
+  model = models.build_model(config.model, num_classes=meta.num_classes, axis_name=runner.axis_name)
   num_steps = config.num_steps or config.num_epochs * train_data.steps_per_epoch
   tx = optim.make_optimizer(config.optimizer, total_steps=num_steps)
   sample = np.zeros((1, *meta.input_shape), np.float32)
   state = create_train_state(model, tx, sample, jax.random.PRNGKey(config.seed))
   train_step, eval_step = step_lib.make_classification_steps(
-      config.loss, l1=config.l1, l2=config.l2, top_k=tuple(config.top_k)
+      config.loss, l1=config.l1, l2=config.l2, top_k=tuple(config.top_k), axis_name=runner.axis_name
   )
-  if config.progress:
+  main = parallel.is_main_process()
+  if config.progress and main:
     print(f"{meta.name}: {train_data.num_examples} train / {eval_data.num_examples} "
           f"{config.eval_split} examples, input {meta.input_shape}, {meta.num_classes} classes; "
           f"model {config.model.name} with {count_params(state.params):,} parameters; "
-          f"{num_steps} steps of batch {config.batch_size}.")
+          f"{num_steps} steps of batch {config.batch_size} on {runner.num_devices} "
+          f"{jax.devices()[0].platform} device(s), layout {runner.layout!r}.")
   eval_name = config.eval_split.split("[")[0]
-  with MetricWriter(workdir) as writer:
-    writer.write_config(config)
+  writer = MetricWriter(workdir) if main else None
+  try:
+    if writer is not None:
+      writer.write_config(config)
     state, history = fit(
         state, train_step, eval_step, train_data, eval_data,
         num_steps=num_steps,
         eval_every_steps=config.eval_every_steps or None,
         writer=writer,
-        progress=config.progress,
+        progress=config.progress and main,
         eval_name=eval_name,
+        runner=runner,
     )
+  finally:
+    if writer is not None:
+      writer.close()
   final = history[-1]
-  print(f"final {eval_name} accuracy: {final[f'{eval_name}_accuracy']:.4f} "
-        f"(loss {final[f'{eval_name}_loss']:.4f}) after {int(final['step'])} steps, "
-        f"{final['elapsed_seconds']:.1f}s")
+  if main:
+    print(f"final {eval_name} accuracy: {final[f'{eval_name}_accuracy']:.4f} "
+          f"(loss {final[f'{eval_name}_loss']:.4f}) after {int(final['step'])} steps, "
+          f"{final['elapsed_seconds']:.1f}s")
   return state, history
+
+
+def _round_up(value: int, multiple: int) -> int:
+  return -(-value // multiple) * multiple
 
 
 def _check_loss_matches_output(config: Any) -> None:

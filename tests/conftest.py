@@ -1,9 +1,16 @@
 """Test-wide settings: strict numerics, and the shared data folder when it is present."""
 
+import os
 import pathlib
 
-import jax
-import pytest
+# Eight CPU devices, so sharded jit and pmap are tested on one machine. Set before JAX starts its
+# backends; tests that need one device say so with layout "none".
+_DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
+if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_FLAG}".strip()
+
+import jax  # pylint: disable=wrong-import-position
+import pytest  # pylint: disable=wrong-import-position
 
 # Strict by default: silent rank promotion hides shape bugs.
 jax.config.update("jax_numpy_rank_promotion", "raise")

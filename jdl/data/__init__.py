@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import tensorflow_datasets as tfds
+
 from jdl.data.loading import (
     DatasetMeta,
     DatasetUnavailableError,
@@ -45,14 +47,16 @@ def load_classification_data(
     in_memory: bool = True,
     seed: int = 0,
     shuffle_buffer: int = 10_000,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> tuple[BatchSource, BatchSource, DatasetMeta]:
   """The train and eval batch sources of a TFDS classification dataset, and its metadata.
 
   Args:
     name: TFDS dataset name, e.g. "mnist1d" (offline) or "fashion_mnist".
-    batch_size: training batch size: the number of examples per gradient step. The whole
+    batch_size: global training batch size: the number of examples per gradient step. The whole
       training split gives batch gradient descent, 1 stochastic gradient descent.
-    eval_batch_size: evaluation batch size (affects speed only, never the metrics).
+    eval_batch_size: global evaluation batch size (affects speed only, never the metrics).
     train_split, eval_split: TFDS split names (slicing such as "train[:90%]" works).
     data_dir: TFDS data directory; None means TFDS's default.
     download: whether a missing dataset may be downloaded.
@@ -61,6 +65,8 @@ def load_classification_data(
       of streaming them through tf.data.
     seed: seeds the per-epoch shuffles of the training split.
     shuffle_buffer: shuffle buffer of the streaming path.
+    process_index, process_count: this process and the number of processes of a multi-host run;
+      each process's sources yield its share of every global batch.
 
   Returns:
     `(train_source, eval_source, meta)`; the train source shuffles, the eval source does not.
@@ -68,26 +74,35 @@ def load_classification_data(
   builder = get_builder(name, data_dir)
   prepare(builder, download=download, manual_dir=manual_dir)
   meta = dataset_meta(builder)
-  if in_memory:
-    sources = []
-    for split, size, shuffle in ((train_split, batch_size, True), (eval_split, eval_batch_size, False)):
+  plan = ((train_split, batch_size, True), (eval_split, eval_batch_size, False))
+  sources: list[BatchSource] = []
+  sizes = {}
+  for split, size, shuffle in plan:
+    if in_memory:
       inputs, labels = load_split_arrays(builder, split)
       check_labels(labels, meta.num_classes, where=f"labels of split {split!r}")
-      sources.append(ArraySource(inputs, labels, size, shuffle=shuffle, seed=seed))
-    meta = _with_split_sizes(meta, {train_split: sources[0].num_examples,
-                                    eval_split: sources[1].num_examples})
-    return sources[0], sources[1], meta
-  streams = []
-  for split, size, shuffle in ((train_split, batch_size, True), (eval_split, eval_batch_size, False)):
-    dataset = read_split(builder, split, shuffle_files=shuffle, seed=seed)
-    count = int(dataset.cardinality())
+      sources.append(ArraySource(inputs, labels, size, shuffle=shuffle, seed=seed,
+                                 process_index=process_index, process_count=process_count))
+      sizes[split] = len(labels)
+    else:
+      shares = tfds.even_splits(split, n=process_count, drop_remainder=False)
+      counts = [_split_size(builder, share) for share in shares]
+      dataset = read_split(builder, shares[process_index], shuffle_files=shuffle, seed=seed)
+      sources.append(TFDataSource(dataset, max(counts), size, shuffle=shuffle, seed=seed,
+                                  shuffle_buffer=shuffle_buffer, process_count=process_count))
+      sizes[split] = sum(counts)
+  return sources[0], sources[1], _with_split_sizes(meta, sizes)
+
+
+def _split_size(builder: tfds.core.DatasetBuilder, split: str) -> int:
+  """The number of examples of a (sliced) split, from the dataset's metadata or by counting."""
+  try:
+    return int(builder.info.splits[split].num_examples)
+  except (KeyError, ValueError, TypeError):
+    count = int(read_split(builder, split).cardinality())
     if count < 0:
-      count = int(builder.info.splits[split].num_examples)
-    streams.append(TFDataSource(dataset, count, size, shuffle=shuffle, seed=seed,
-                                shuffle_buffer=shuffle_buffer))
-  meta = _with_split_sizes(meta, {train_split: streams[0].num_examples,
-                                  eval_split: streams[1].num_examples})
-  return streams[0], streams[1], meta
+      count = int(read_split(builder, split).reduce(0, lambda n, _: n + 1))
+    return count
 
 
 def _with_split_sizes(meta: DatasetMeta, sizes: dict[str, int]) -> DatasetMeta:

@@ -77,11 +77,26 @@ def check_inputs(inputs: np.ndarray, *, where: str = "inputs") -> None:
     raise ValueError(f"{where} are empty (shape {inputs.shape}); need at least one example.")
 
 
+def _local_batch_size(batch_size: int, process_count: int) -> int:
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+  if batch_size % process_count:
+    raise ValueError(
+        f"the global batch of {batch_size} examples cannot be split evenly over {process_count} "
+        f"processes; use a batch size that is a multiple of {process_count}."
+    )
+  return batch_size // process_count
+
+
 class ArraySource:
   """Batches of in-memory arrays; shuffled epochs are seeded permutations.
 
   Batch gradient descent is `batch_size=len(inputs)`, stochastic gradient descent
   `batch_size=1`, mini-batch gradient descent anything between.
+
+  In a multi-process run every process holds the same arrays and the same seed, so all agree on
+  each global batch; process `p` of `P` yields rows `[p * B / P, (p + 1) * B / P)` of it (padding
+  included), and the processes' shares put together are exactly the single-process batch.
   """
 
   def __init__(
@@ -92,6 +107,8 @@ class ArraySource:
       *,
       shuffle: bool,
       seed: int = 0,
+      process_index: int = 0,
+      process_count: int = 1,
   ) -> None:
     inputs, labels = np.asarray(inputs), np.asarray(labels)
     check_inputs(inputs)
@@ -100,11 +117,13 @@ class ArraySource:
           f"inputs have {inputs.shape[0]} examples but labels have "
           f"{labels.shape[0] if labels.ndim else 'no batch dimension'}; they must match."
       )
-    if batch_size < 1:
-      raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
     self.inputs, self.labels = inputs, labels
     self._batch_size = int(batch_size)
+    self.local_batch_size = _local_batch_size(self._batch_size, process_count)
     self.shuffle, self.seed = shuffle, seed
+    self.process_index, self.process_count = process_index, process_count
 
   @property
   def num_examples(self) -> int:
@@ -112,6 +131,7 @@ class ArraySource:
 
   @property
   def batch_size(self) -> int:
+    """The global batch size (all processes together)."""
     return self._batch_size
 
   @property
@@ -126,9 +146,10 @@ class ArraySource:
 
   def epoch(self, index: int) -> Iterator[Batch]:
     order = self.order(index)
+    low = self.process_index * self.local_batch_size
     for start in range(0, self.num_examples, self._batch_size):
-      chosen = order[start:start + self._batch_size]
-      yield pad_batch(self.inputs[chosen], self.labels[chosen], self._batch_size)
+      chosen = order[start:start + self._batch_size][low:low + self.local_batch_size]
+      yield pad_batch(self.inputs[chosen], self.labels[chosen], self.local_batch_size)
 
 
 class TFDataSource:
@@ -136,6 +157,11 @@ class TFDataSource:
 
   Each epoch shuffles with a buffer of `shuffle_buffer` examples, seeded from `(seed, epoch)`,
   then batches and prefetches in background threads.
+
+  In a multi-process run `dataset` is this process's share of the split (e.g. from
+  `tfds.even_splits`), `num_examples` the size of the largest share, and every process yields
+  `steps_per_epoch` batches of `batch_size / process_count` examples: a process whose share runs
+  out first pads with fully masked batches, so all processes take the same number of steps.
   """
 
   def __init__(
@@ -147,32 +173,46 @@ class TFDataSource:
       shuffle: bool,
       seed: int = 0,
       shuffle_buffer: int = 10_000,
+      process_count: int = 1,
   ) -> None:
-    if batch_size < 1:
-      raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
     if num_examples < 1:
       raise ValueError(f"the split is empty (num_examples={num_examples}).")
     self.dataset = dataset
     self._num_examples, self._batch_size = int(num_examples), int(batch_size)
+    self.local_batch_size = _local_batch_size(self._batch_size, process_count)
+    self.process_count = process_count
     self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, shuffle_buffer
 
   @property
   def num_examples(self) -> int:
-    return self._num_examples
+    """Examples per epoch over all processes (the largest share times the process count)."""
+    return self._num_examples * self.process_count
 
   @property
   def batch_size(self) -> int:
+    """The global batch size (all processes together)."""
     return self._batch_size
 
   @property
   def steps_per_epoch(self) -> int:
-    return -(-self._num_examples // self._batch_size)
+    return -(-self._num_examples // self.local_batch_size)
 
   def epoch(self, index: int) -> Iterator[Batch]:
     dataset = self.dataset
     if self.shuffle:
       dataset = dataset.shuffle(self.shuffle_buffer, seed=epoch_seed(self.seed, index),
                                 reshuffle_each_iteration=False)
-    dataset = dataset.batch(self._batch_size).prefetch(tf.data.AUTOTUNE)
+    dataset = dataset.batch(self.local_batch_size).prefetch(tf.data.AUTOTUNE)
+    produced = 0
     for inputs, labels in dataset.as_numpy_iterator():
-      yield pad_batch(inputs, labels, self._batch_size)
+      if produced == self.steps_per_epoch:
+        break
+      produced += 1
+      yield pad_batch(inputs, labels, self.local_batch_size)
+    if produced < self.steps_per_epoch:
+      input_spec, label_spec = self.dataset.element_spec
+      empty = pad_batch(np.zeros((0, *input_spec.shape), input_spec.dtype.as_numpy_dtype),
+                        np.zeros((0, *label_spec.shape), label_spec.dtype.as_numpy_dtype),
+                        self.local_batch_size)
+      for _ in range(self.steps_per_epoch - produced):
+        yield empty

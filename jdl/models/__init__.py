@@ -19,7 +19,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 """Models an experiment config may name in `config.model.name`."""
 
 
-def build_model(config: Mapping[str, Any], *, num_classes: int) -> nn.Module:
+def build_model(
+    config: Mapping[str, Any], *, num_classes: int, axis_name: str | None = None
+) -> nn.Module:
   """Builds the model a config describes.
 
   `config.name` picks the class from `MODELS`; the sub-config of the same name holds its
@@ -32,10 +34,12 @@ def build_model(config: Mapping[str, Any], *, num_classes: int) -> nn.Module:
     raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}.")
   attributes = dict(config.get(name) or {})
   cls = MODELS[name]
-  valid = set(cls.__dataclass_fields__) - {"parent", "name", "num_classes"}
+  valid = set(cls.__dataclass_fields__) - {"parent", "name", "num_classes", "axis_name"}
   unknown = sorted(set(attributes) - valid)
   if unknown:
     raise ValueError(f"model {name!r} has no attributes {unknown}; valid attributes: {sorted(valid)}.")
+  if "axis_name" in cls.__dataclass_fields__:
+    attributes["axis_name"] = axis_name
   return cls(num_classes=num_classes, **attributes)
 
 

@@ -1,4 +1,4 @@
-"""Multi-layer perceptron: Flatten -> [Dense -> activation -> Dropout] * n -> Dense."""
+"""Multi-layer perceptron: Flatten -> [Dense -> norm -> activation -> Dropout] * n -> Dense."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 
 from jdl.models.activations import apply_output, get_activation
+
+NORMALIZATIONS = (None, "batch", "layer")
 
 
 class MLP(nn.Module):
@@ -21,21 +23,37 @@ class MLP(nn.Module):
     num_classes: width of the output layer.
     activation: hidden activation: relu, sigmoid, tanh, leaky_relu, gelu, elu or identity.
     dropout_rate: dropout after each hidden activation, active only when `train=True`.
+    normalization: None, "batch" (BatchNorm: batch statistics in training, running averages in
+      evaluation, kept in the "batch_stats" collection) or "layer" (LayerNorm), after each hidden
+      Dense layer and before its activation.
     output: "logits" (for `softmax_cross_entropy`) or "softmax" (probabilities).
+    axis_name: the pmap axis over which BatchNorm averages its batch statistics; None under jit
+      and sharded jit, where the batch is already global.
   """
 
   hidden: Sequence[int]
   num_classes: int
   activation: str = "relu"
   dropout_rate: float = 0.0
+  normalization: str | None = None
   output: str = "logits"
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    if self.normalization not in NORMALIZATIONS:
+      raise ValueError(f"unknown normalization {self.normalization!r}; expected one of {NORMALIZATIONS}.")
     act = get_activation(self.activation)
     x = x.reshape(x.shape[0], -1)
     for width in self.hidden:
-      x = act(nn.Dense(width)(x))
+      # BatchNorm subtracts the batch mean, so a bias before it has a zero gradient and would only
+      # collect rounding noise (which Adam amplifies into full-size steps): leave it out.
+      x = nn.Dense(width, use_bias=self.normalization != "batch")(x)
+      if self.normalization == "batch":
+        x = nn.BatchNorm(use_running_average=not train, axis_name=self.axis_name)(x)
+      elif self.normalization == "layer":
+        x = nn.LayerNorm()(x)
+      x = act(x)
       if self.dropout_rate:
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return apply_output(nn.Dense(self.num_classes)(x), self.output)

@@ -1,0 +1,307 @@
+"""Runners: the same pure step under jit, jit over a device mesh, or pmap; and many hosts.
+
+A runner owns the host/device boundary of one layout. It places the state, turns a host batch into
+device arrays, compiles the steps, and brings metrics and state back:
+
+  "none":  `JitRunner`      jax.jit on one device.
+  "shard": `ShardedRunner`  jax.jit over a `Mesh`: the batch is split along the mesh's data axis,
+                            the state is replicated; the program is the single-device program, so
+                            BatchNorm statistics and dropout keys are those of the global batch.
+  "pmap":  `PmapRunner`     jax.pmap: the state is replicated with a leading device axis, the batch
+                            is reshaped to [devices, batch / devices, ...]; steps and models are built
+                            with `axis_name=runner.axis_name` so gradients, metrics and BatchNorm
+                            statistics are reduced across devices, and dropout keys differ per
+                            device.
+  "auto":  "shard" when more than one device is present, else "none".
+
+Steps and models are built with `runner.axis_name` (None except under pmap): parallelism is a
+parameter, not a fork. Many hosts: `initialize_distributed` joins the processes; each process feeds
+its own share of every global batch (see `jdl.data.ArraySource`'s `process_index`), and
+`ShardedRunner` assembles global arrays from the process-local pieces.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jdl.state import TrainState
+
+DATA_AXIS = "data"  # the mesh axis the batch is split over under sharded jit
+PMAP_AXIS = "batch"  # the axis name steps and models use under pmap
+LAYOUTS = ("auto", "none", "shard", "pmap")
+
+Batch = Mapping[str, Any]
+Metrics = dict[str, jax.Array]
+TrainStep = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+EvalStep = Callable[[TrainState, Batch], Metrics]
+
+
+class Runner(Protocol):
+  """What the loop needs from a device layout."""
+
+  layout: str
+  axis_name: str | None  # build steps and models with this
+  num_devices: int  # devices across all processes
+
+  def place_state(self, state: TrainState) -> TrainState:
+    """The state on the devices, laid out for this runner's compiled steps."""
+    ...
+
+  def fetch_state(self, state: TrainState) -> TrainState:
+    """A state usable on one device (the first replica under pmap)."""
+    ...
+
+  def place_batch(self, batch: Batch, *, pad: bool = False) -> Batch:
+    """A host batch (this process's share) as device arrays. With `pad`, the batch is padded
+    with masked examples to a multiple of the device count; without, an uneven batch is an error."""
+    ...
+
+  def compile(self, train_step: TrainStep, eval_step: EvalStep) -> tuple[TrainStep, EvalStep]:
+    """The steps compiled for this layout (the train step donates the state's buffers)."""
+    ...
+
+  def fetch_metrics(self, sums: Metrics) -> Metrics:
+    """Metric sums as plain scalars (the first replica under pmap)."""
+    ...
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+  """A one-axis mesh (`DATA_AXIS`) over the first `num_devices` devices (default: all)."""
+  devices = jax.devices()
+  count = len(devices) if num_devices is None else int(num_devices)
+  if count < 1:
+    raise ValueError(f"a mesh needs at least one device; got num_devices={num_devices}.")
+  if count > len(devices):
+    raise ValueError(
+        f"a mesh of {count} devices was requested but only {len(devices)} are present "
+        f"({devices[0].platform}); ask for at most {len(devices)}."
+    )
+  return Mesh(np.array(devices[:count]), (DATA_AXIS,))
+
+
+def make_runner(
+    layout: str = "auto", *, num_devices: int | None = None, batch_size: int | None = None
+) -> Runner:
+  """The runner for `layout` ("auto", "none", "shard" or "pmap").
+
+  Args:
+    layout: the device layout; "auto" is "shard" when more than one device is present, else "none".
+    num_devices: devices to use (default: all; per process under pmap). An explicit count is
+      strict: more than are present, or a `batch_size` it does not divide, is an error.
+    batch_size: the global training batch size. Under "auto" without `num_devices`, the mesh takes
+      the largest number of devices that divides it (all of them for the usual power-of-two
+      batches), so a default config runs on any machine.
+  """
+  if layout not in LAYOUTS:
+    raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}.")
+  if layout == "auto":
+    count = num_devices or jax.device_count()
+    if num_devices is None and batch_size:
+      count = max(d for d in range(1, count + 1) if batch_size % d == 0)
+    layout, num_devices = ("shard", count) if count > 1 else ("none", None)
+  if layout == "none":
+    if num_devices not in (None, 1):
+      raise ValueError(f"layout 'none' runs on one device; got num_devices={num_devices}.")
+    runner: Runner = JitRunner()
+  elif layout == "shard":
+    runner = ShardedRunner(make_mesh(num_devices))
+  else:
+    runner = PmapRunner(num_devices)
+  if batch_size is not None and batch_size % runner.num_devices:
+    raise ValueError(
+        f"the global batch size {batch_size} is not divisible by the {runner.num_devices} devices "
+        f"of layout {runner.layout!r}; use a batch size that is a multiple of {runner.num_devices}."
+    )
+  return runner
+
+
+def _check_divisible(batch: Batch, count: int, what: str) -> int:
+  size = int(np.shape(batch["input"])[0])
+  if size % count:
+    raise ValueError(
+        f"the batch of {size} examples cannot be split evenly over {count} {what}; use a batch "
+        f"size that is a multiple of {count}."
+    )
+  return size
+
+
+def pad_to_multiple(batch: Batch, multiple: int) -> dict[str, np.ndarray]:
+  """Pads a host batch with zero examples, marked False in `mask`, to a multiple of `multiple`."""
+  batch = {k: np.asarray(v) for k, v in batch.items()}
+  size = batch["input"].shape[0]
+  if "mask" not in batch:
+    batch["mask"] = np.ones((size,), np.bool_)
+  extra = -size % multiple
+  if extra:
+    batch = {k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+  return batch
+
+
+class JitRunner:
+  """Plain `jax.jit` on the default device."""
+
+  layout = "none"
+  axis_name = None
+  num_devices = 1
+
+  def place_state(self, state: TrainState) -> TrainState:
+    return jax.device_put(state)
+
+  def fetch_state(self, state: TrainState) -> TrainState:
+    return state
+
+  def place_batch(self, batch: Batch, *, pad: bool = False) -> Batch:
+    del pad
+    return jax.device_put(dict(batch))
+
+  def compile(self, train_step: TrainStep, eval_step: EvalStep) -> tuple[TrainStep, EvalStep]:
+    return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
+
+  def fetch_metrics(self, sums: Metrics) -> Metrics:
+    return sums
+
+
+class ShardedRunner:
+  """`jax.jit` over a mesh: batch split along `DATA_AXIS`, state replicated.
+
+  Works across processes: each process passes its own share of the global batch to
+  `place_batch`, and the global array is assembled from the shares in process order.
+  """
+
+  layout = "shard"
+  axis_name = None
+
+  def __init__(self, mesh: Mesh) -> None:
+    if DATA_AXIS not in mesh.axis_names:
+      raise ValueError(f"the mesh needs an axis named {DATA_AXIS!r}; it has {mesh.axis_names}.")
+    self.mesh = mesh
+    self.replicated = NamedSharding(mesh, PartitionSpec())
+    self.batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    self.num_devices = int(mesh.devices.size)
+    self.local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+  def place_state(self, state: TrainState) -> TrainState:
+    return jax.device_put(state, self.replicated)
+
+  def fetch_state(self, state: TrainState) -> TrainState:
+    return state
+
+  def place_batch(self, batch: Batch, *, pad: bool = False) -> Batch:
+    if pad:
+      batch = pad_to_multiple(batch, self.local_devices)
+    else:
+      _check_divisible(batch, self.local_devices, "devices" if jax.process_count() == 1 else
+                       f"local devices of process {jax.process_index()}")
+    return {
+        key: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(value))
+        for key, value in batch.items()
+    }
+
+  def compile(self, train_step: TrainStep, eval_step: EvalStep) -> tuple[TrainStep, EvalStep]:
+    train = jax.jit(train_step, in_shardings=(self.replicated, self.batch_sharding),
+                    out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+    evaluate = jax.jit(eval_step, in_shardings=(self.replicated, self.batch_sharding),
+                       out_shardings=self.replicated)
+    return train, evaluate
+
+  def fetch_metrics(self, sums: Metrics) -> Metrics:
+    # Replicated results: this process's copy (in a multi-process run the global array is not
+    # addressable as a whole).
+    return jax.tree.map(lambda x: x.addressable_data(0), sums)
+
+
+class PmapRunner:
+  """`jax.pmap` over this process's devices, with `axis_name=PMAP_AXIS`.
+
+  Since JAX 0.8 pmap is implemented with jit and shard_map and is in maintenance mode; it stays
+  supported here for code written for it, and `ShardedRunner` is the default.
+  """
+
+  layout = "pmap"
+  axis_name = PMAP_AXIS
+
+  def __init__(self, num_devices: int | None = None) -> None:
+    local = jax.local_devices()
+    count = len(local) if num_devices is None else int(num_devices)
+    if count < 1 or count > len(local):
+      raise ValueError(
+          f"pmap over {count} devices was requested but this process has {len(local)}; ask for "
+          f"between 1 and {len(local)}."
+      )
+    self.devices = local[:count]
+    self.local_devices = count
+    self.num_devices = count * jax.process_count()
+    # Arrays with a leading device axis, one slice per device: what pmap consumes and returns.
+    self.stacked = NamedSharding(Mesh(np.array(self.devices), (PMAP_AXIS,)), PartitionSpec(PMAP_AXIS))
+
+  def place_state(self, state: TrainState) -> TrainState:
+    count = self.local_devices
+    return jax.tree.map(
+        lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (count, *np.shape(x))), self.stacked),
+        state,
+    )
+
+  def fetch_state(self, state: TrainState) -> TrainState:
+    return jax.tree.map(lambda x: x[0], state)
+
+  def place_batch(self, batch: Batch, *, pad: bool = False) -> Batch:
+    if pad:
+      batch = pad_to_multiple(batch, self.local_devices)
+    else:
+      _check_divisible(batch, self.local_devices, "devices")
+    return {
+        key: jax.device_put(
+            np.asarray(value).reshape(self.local_devices, -1, *np.shape(value)[1:]), self.stacked)
+        for key, value in batch.items()
+    }
+
+  def compile(self, train_step: TrainStep, eval_step: EvalStep) -> tuple[TrainStep, EvalStep]:
+    train = jax.pmap(train_step, axis_name=PMAP_AXIS, devices=self.devices, donate_argnums=0)
+    evaluate = jax.pmap(eval_step, axis_name=PMAP_AXIS, devices=self.devices)
+    return train, evaluate
+
+  def fetch_metrics(self, sums: Metrics) -> Metrics:
+    return jax.tree.map(lambda x: x[0], sums)
+
+
+def initialize_distributed(mode: str = "auto") -> bool:
+  """Joins this process to a multi-process JAX run when the environment asks for it.
+
+  Call it before any other JAX work. The environment contract:
+    JAX_COORDINATOR_ADDRESS  host:port of process 0's coordinator (every process);
+    JAX_NUM_PROCESSES        the number of processes;
+    JAX_PROCESS_ID           this process's index, 0 .. JAX_NUM_PROCESSES - 1.
+  With `mode="auto"` the run is joined when JAX_COORDINATOR_ADDRESS is set; `mode="on"` calls
+  `jax.distributed.initialize()` with JAX's own cluster detection (Cloud TPU pods, SLURM, Open
+  MPI, Kubernetes) filling in what the variables leave out; `mode="off"` never joins.
+
+  Returns:
+    Whether a multi-process run was joined.
+  """
+  if mode not in ("auto", "on", "off"):
+    raise ValueError(f"unknown distributed mode {mode!r}; expected 'auto', 'on' or 'off'.")
+  address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if mode == "off" or (mode == "auto" and not address):
+    return False
+  kwargs: dict[str, Any] = {}
+  for variable, name in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+    if os.environ.get(variable):
+      try:
+        kwargs[name] = int(os.environ[variable])
+      except ValueError:
+        raise ValueError(f"{variable} must be an integer; got {os.environ[variable]!r}.") from None
+  if address:
+    kwargs["coordinator_address"] = address
+  jax.distributed.initialize(**kwargs)
+  return True
+
+
+def is_main_process() -> bool:
+  """True on the process that writes logs, checkpoints and the progress bar (process 0)."""
+  return jax.process_index() == 0
