@@ -72,8 +72,13 @@ class Runner(Protocol):
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
-  """A one-axis mesh (`DATA_AXIS`) over the first `num_devices` devices (default: all)."""
+  """A one-axis mesh (`DATA_AXIS`) over `num_devices` devices (default: all).
+
+  In a multi-process run every process contributes the same number of its own devices, in process
+  order, so each process's share of a batch lands on its own devices.
+  """
   devices = jax.devices()
+  processes = jax.process_count()
   count = len(devices) if num_devices is None else int(num_devices)
   if count < 1:
     raise ValueError(f"a mesh needs at least one device; got num_devices={num_devices}.")
@@ -82,7 +87,19 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
         f"a mesh of {count} devices was requested but only {len(devices)} are present "
         f"({devices[0].platform}); ask for at most {len(devices)}."
     )
-  return Mesh(np.array(devices[:count]), (DATA_AXIS,))
+  if count % processes:
+    raise ValueError(
+        f"a mesh of {count} devices cannot be spread evenly over {processes} processes; ask for a "
+        f"multiple of {processes}."
+    )
+  per_process = count // processes
+  chosen = []
+  for process in range(processes):
+    own = [d for d in devices if d.process_index == process]
+    if len(own) < per_process:
+      raise ValueError(f"process {process} has {len(own)} devices; the mesh needs {per_process}.")
+    chosen.extend(own[:per_process])
+  return Mesh(np.array(chosen), (DATA_AXIS,))
 
 
 def make_runner(
@@ -95,15 +112,17 @@ def make_runner(
     num_devices: devices to use (default: all; per process under pmap). An explicit count is
       strict: more than are present, or a `batch_size` it does not divide, is an error.
     batch_size: the global training batch size. Under "auto" without `num_devices`, the mesh takes
-      the largest number of devices that divides it (all of them for the usual power-of-two
-      batches), so a default config runs on any machine.
+      the largest number of devices that divides it (and spreads evenly over the processes): all
+      of them for the usual power-of-two batches, so a default config runs on any machine.
   """
   if layout not in LAYOUTS:
     raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}.")
   if layout == "auto":
     count = num_devices or jax.device_count()
     if num_devices is None and batch_size:
-      count = max(d for d in range(1, count + 1) if batch_size % d == 0)
+      processes = jax.process_count()
+      fitting = [d for d in range(processes, count + 1, processes) if batch_size % d == 0]
+      count = max(fitting) if fitting else count
     layout, num_devices = ("shard", count) if count > 1 else ("none", None)
   if layout == "none":
     if num_devices not in (None, 1):
@@ -217,7 +236,8 @@ class ShardedRunner:
 
 
 class PmapRunner:
-  """`jax.pmap` over this process's devices, with `axis_name=PMAP_AXIS`.
+  """`jax.pmap` over this process's devices, with `axis_name=PMAP_AXIS`; single-process only
+  (multi-process runs use `ShardedRunner`).
 
   Since JAX 0.8 pmap is implemented with jit and shard_map and is in maintenance mode; it stays
   supported here for code written for it, and `ShardedRunner` is the default.
@@ -227,6 +247,11 @@ class PmapRunner:
   axis_name = PMAP_AXIS
 
   def __init__(self, num_devices: int | None = None) -> None:
+    if jax.process_count() > 1:
+      raise ValueError(
+          f"layout 'pmap' runs within one process; this run has {jax.process_count()} processes. "
+          "Use layout 'shard' (the default) for multi-process runs."
+      )
     local = jax.local_devices()
     count = len(local) if num_devices is None else int(num_devices)
     if count < 1 or count > len(local):
@@ -235,8 +260,7 @@ class PmapRunner:
           f"between 1 and {len(local)}."
       )
     self.devices = local[:count]
-    self.local_devices = count
-    self.num_devices = count * jax.process_count()
+    self.local_devices = self.num_devices = count
     # Arrays with a leading device axis, one slice per device: what pmap consumes and returns.
     self.stacked = NamedSharding(Mesh(np.array(self.devices), (PMAP_AXIS,)), PartitionSpec(PMAP_AXIS))
 
@@ -298,6 +322,9 @@ def initialize_distributed(mode: str = "auto") -> bool:
         raise ValueError(f"{variable} must be an integer; got {os.environ[variable]!r}.") from None
   if address:
     kwargs["coordinator_address"] = address
+  if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+    # CPU processes need a collectives backend to talk to each other (GPU and TPU ignore this).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
   return True
 

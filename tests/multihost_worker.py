@@ -1,6 +1,7 @@
 """One process of the multi-process test (run by parallel_test.py, not collected by pytest).
 
-Trains the BatchNorm MLP of the parallel tests for a few steps with the sharded runner and, on
+Trains the BatchNorm MLP of the parallel tests for a few steps with the runner of argv[2] ("shard"
+by default; "pmap" must refuse a multi-process run) and, on
 process 0, saves the final parameters and the loss trajectory to the .npz file named by argv[1].
 The multi-process layout comes from the environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
 JAX_PROCESS_ID; XLA_FLAGS for the number of CPU devices).
@@ -19,7 +20,7 @@ import jdl  # pylint: disable=wrong-import-position
 from jdl import data, models, parallel  # pylint: disable=wrong-import-position
 
 
-def main(out_path: str) -> None:
+def main(out_path: str, layout: str) -> None:
   parallel.initialize_distributed()
   rng = np.random.default_rng(0)
   x = rng.normal(size=(94, 6)).astype(np.float32)
@@ -29,7 +30,7 @@ def main(out_path: str) -> None:
                            process_count=count)
   test = data.ArraySource(x[64:], y[64:], 10, shuffle=False, process_index=index,
                           process_count=count)
-  runner = parallel.make_runner("shard", batch_size=16)
+  runner = parallel.make_runner(layout, batch_size=16)
   model = models.MLP(hidden=(16,), num_classes=3, normalization="batch", axis_name=runner.axis_name)
   state = jdl.create_train_state(model, optax.adam(0.05), x[:1], jax.random.PRNGKey(0))
   train_step, eval_step = jdl.make_classification_steps(axis_name=runner.axis_name)
@@ -46,4 +47,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "shard")

@@ -159,3 +159,23 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(tmp_path):
   assert sorted(one.files) == sorted(two.files)
   for key in set(one.files) - {"devices", "processes"}:
     np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_pmap_refuses_a_multi_process_run(tmp_path):
+  """pmap is single-process here: in a 2-process run it fails with a message pointing to 'shard'."""
+  address = f"127.0.0.1:{_free_port()}"
+  workers = [
+      subprocess.Popen(
+          [sys.executable, str(WORKER), str(tmp_path / "pmap.npz"), "pmap"],
+          env=_worker_env(2, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
+                          JAX_PROCESS_ID=str(rank)),
+          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for rank in range(2)
+  ]
+  for worker in workers:
+    try:
+      output = worker.communicate(timeout=300)[0]
+    finally:
+      worker.kill()
+    assert worker.returncode != 0
+    assert "layout 'pmap' runs within one process" in output and "'shard'" in output
