@@ -162,6 +162,27 @@ def pad_to_multiple(batch: Batch, multiple: int) -> dict[str, np.ndarray]:
   return batch
 
 
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Every array of `tree` copied to every device of `mesh` (a replicated global array)."""
+  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def shard_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
+  """A batch as global arrays split along the mesh's data axis.
+
+  `batch` holds this process's share (the whole batch in a single-process run); the shares of
+  all processes, in process order, make the global batch.
+  """
+  sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+  return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+          for key, value in batch.items()}
+
+
+def unreplicate(tree: Any) -> Any:
+  """The first device's copy of a pmap-replicated tree (arrays with a leading device axis)."""
+  return jax.tree.map(lambda x: x[0], tree)
+
+
 class JitRunner:
   """Plain `jax.jit` on the default device."""
 
@@ -206,7 +227,7 @@ class ShardedRunner:
     self.local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
 
   def place_state(self, state: TrainState) -> TrainState:
-    return jax.device_put(state, self.replicated)
+    return replicate(state, self.mesh)
 
   def fetch_state(self, state: TrainState) -> TrainState:
     return state
@@ -217,10 +238,7 @@ class ShardedRunner:
     else:
       _check_divisible(batch, self.local_devices, "devices" if jax.process_count() == 1 else
                        f"local devices of process {jax.process_index()}")
-    return {
-        key: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(value))
-        for key, value in batch.items()
-    }
+    return shard_batch(batch, self.mesh)
 
   def compile(self, train_step: TrainStep, eval_step: EvalStep) -> tuple[TrainStep, EvalStep]:
     train = jax.jit(train_step, in_shardings=(self.replicated, self.batch_sharding),
@@ -272,7 +290,7 @@ class PmapRunner:
     )
 
   def fetch_state(self, state: TrainState) -> TrainState:
-    return jax.tree.map(lambda x: x[0], state)
+    return unreplicate(state)
 
   def place_batch(self, batch: Batch, *, pad: bool = False) -> Batch:
     if pad:
@@ -291,7 +309,7 @@ class PmapRunner:
     return train, evaluate
 
   def fetch_metrics(self, sums: Metrics) -> Metrics:
-    return jax.tree.map(lambda x: x[0], sums)
+    return unreplicate(sums)
 
 
 def initialize_distributed(mode: str = "auto") -> bool:

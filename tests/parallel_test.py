@@ -179,3 +179,19 @@ def test_pmap_refuses_a_multi_process_run(tmp_path):
       worker.kill()
     assert worker.returncode != 0
     assert "layout 'pmap' runs within one process" in output and "'shard'" in output
+
+
+def test_batch_and_state_helpers_round_trip():
+  """shard_batch splits a batch over the mesh; replicate copies a tree to every device;
+  unreplicate takes the first copy of a pmap-stacked tree."""
+  mesh = parallel.make_mesh()
+  batch = {"input": np.arange(16, dtype=np.float32).reshape(8, 2), "label": np.arange(8)}
+  sharded = parallel.shard_batch(batch, mesh)
+  assert len(sharded["input"].addressable_shards) == 8
+  assert sharded["input"].addressable_shards[3].data.shape == (1, 2)
+  np.testing.assert_array_equal(np.asarray(sharded["input"]), batch["input"])
+  tree = {"w": np.ones((3,), np.float32)}
+  replicated = parallel.replicate(tree, mesh)
+  assert replicated["w"].sharding.is_fully_replicated
+  stacked = {"w": np.stack([np.full(3, i, np.float32) for i in range(8)])}
+  np.testing.assert_array_equal(parallel.unreplicate(stacked)["w"], np.zeros(3))
