@@ -7,9 +7,10 @@ called after each evaluation with that evaluation's record.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ import tqdm
 
 from jdl import data as data_lib
 from jdl import metrics as metrics_lib
-from jdl import models, optim, parallel, step as step_lib
+from jdl import models, optim, parallel, resident, step as step_lib
 from jdl.logging import MetricWriter
 from jdl.state import TrainState, count_params, create_train_state
 
@@ -73,14 +74,24 @@ def fit(
     progress: bool = True,
     eval_name: str = "test",
     runner: parallel.Runner | None = None,
+    device_resident: bool | None = None,
+    steps_per_call: int | None = None,
 ) -> tuple[TrainState, list[Record]]:
   """Trains `state` with `train_step` and evaluates it on the whole of `eval_data`.
+
+  Two engines give the same batches and, for the same seed, the same parameters:
+    * device-resident: in-memory splits (`ArraySource`) are copied to the device once and up to
+      `steps_per_call` steps run per compiled call as one `lax.scan`, with the epoch order drawn
+      on the device; metrics come back once per call. Used by default when the data fit
+      (`jdl.resident.DEFAULT_RESIDENT_LIMIT_BYTES`), in a single-process run, outside pmap.
+    * per-step: one compiled call per batch, batches fed from the host (streaming sources, pmap,
+      multi-process runs).
 
   Args:
     state: the initial state; training continues from `state.step`. Its buffers are donated to
       the first step (the memory is reused), so use the returned state afterwards, not this one.
-    train_step: a pure `(state, batch) -> (state, metric sums)` step (it is jitted here).
-    eval_step: a pure `(state, batch) -> metric sums` step (jitted here).
+    train_step: a pure `(state, batch) -> (state, metric sums)` step (compiled here).
+    eval_step: a pure `(state, batch) -> metric sums` step (compiled here).
     train_data: the training batch source.
     eval_data: the evaluation batch source, or None to skip evaluation.
     num_epochs: train for this many passes over `train_data`...
@@ -93,12 +104,15 @@ def fit(
     eval_name: prefix of the eval metrics in records (`test_accuracy`, ...).
     runner: the device layout (`jdl.parallel.make_runner`); None is plain jit on one device.
       The steps must be built with `runner.axis_name`.
+    device_resident: force (True) or forbid (False) the device-resident engine; None chooses.
+    steps_per_call: most steps per compiled call of the resident engine (None: up to the next
+      evaluation or the end of the epoch, at most 1000). Each distinct chunk length compiles once.
 
   Returns:
     `(state, history)`: the final state (on one device: the first replica under pmap) and one
-    record per evaluation, each with `step`,
-    `epoch`, `train_*` means since the previous record, `{eval_name}_*` means over the eval
-    split, `examples_per_second` and `elapsed_seconds`.
+    record per evaluation, each with `step`, `epoch`, `train_*` means since the previous
+    record, `{eval_name}_*` means over the eval split, `examples_per_second` and
+    `elapsed_seconds`.
   """
   steps_per_epoch = train_data.steps_per_epoch
   if num_steps is None:
@@ -107,64 +121,151 @@ def fit(
     num_steps = num_epochs * steps_per_epoch
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1; got {num_steps}.")
+  if steps_per_call is not None and steps_per_call < 1:
+    raise ValueError(f"steps_per_call must be >= 1; got {steps_per_call}.")
   eval_every = eval_every_steps or steps_per_epoch
   num_classes = output_width(state)
-
   runner = runner or parallel.JitRunner()
+  resident = _use_resident(device_resident, runner, train_data, eval_data)
   step = int(state.step)
   state = runner.place_state(state)
-  compiled_train_step, compiled_eval_step = runner.compile(train_step, eval_step)
+  if resident:
+    engine: _Engine = _ResidentEngine(runner, train_step, eval_step, train_data, eval_data,
+                                      num_classes, steps_per_call or 1000)
+  else:
+    engine = _HostEngine(runner, train_step, eval_step, train_data, eval_data, num_classes)
+
   history: list[Record] = []
   interval_sums = metrics_lib.empty_metrics()
   start_time = interval_start = time.perf_counter()
   bar = tqdm.tqdm(total=num_steps, initial=step, unit="step", disable=not progress,
                   dynamic_ncols=True, leave=True, mininterval=0.5)
   last_bar_update = 0.0
-
-  epoch = step // steps_per_epoch
-  skip = step % steps_per_epoch  # resuming mid-epoch: the batches already trained on
   while step < num_steps:
-    for batch_index, batch in enumerate(train_data.epoch(epoch)):
-      if batch_index < skip:
-        continue
-      data_lib.check_inputs(batch["input"], where="training inputs")
-      real_labels = batch["label"] if "mask" not in batch else batch["label"][batch["mask"]]
-      data_lib.check_labels(real_labels, num_classes, where="training labels")
-      state, batch_sums = compiled_train_step(state, runner.place_batch(batch))
-      interval_sums = metrics_lib.merge_metrics(interval_sums, batch_sums)
-      step += 1
-      bar.update(1)
-      now = time.perf_counter()
-      if progress and now - last_bar_update > 0.5:
-        running = metrics_lib.compute_metrics(runner.fetch_metrics(interval_sums))
-        bar.set_postfix(loss=f"{running['loss']:.4f}", acc=f"{running.get('accuracy', 0):.4f}",
-                        ex_s=f"{running['count'] / max(now - interval_start, 1e-9):,.0f}")
-        last_bar_update = now
-      if step % eval_every == 0 or step == num_steps:
-        train_means = metrics_lib.compute_metrics(runner.fetch_metrics(interval_sums))
-        seconds = time.perf_counter() - interval_start
-        record: Record = {"step": step, "epoch": step / steps_per_epoch}
-        record.update({f"train_{k}": v for k, v in train_means.items() if k != "count"})
-        record["examples_per_second"] = train_means["count"] / max(seconds, 1e-9)
-        if eval_data is not None:
-          eval_means = evaluate(state, compiled_eval_step, eval_data, runner=runner)
-          record.update({f"{eval_name}_{k}": v for k, v in eval_means.items() if k != "count"})
-        record["elapsed_seconds"] = time.perf_counter() - start_time
-        history.append(record)
-        if writer is not None:
-          writer.write(step, {k: v for k, v in record.items() if k != "step"})
-        if progress:
-          bar.write(format_record(record))
-        for hook in hooks:
-          hook(step, runner.fetch_state(state), record)
-        interval_sums = metrics_lib.empty_metrics()
-        interval_start = time.perf_counter()
-      if step >= num_steps:
-        break
-    epoch += 1
-    skip = 0
+    next_eval = min((step // eval_every + 1) * eval_every, num_steps)
+    state, sums, advanced = engine.advance(state, step, next_eval)
+    interval_sums = metrics_lib.merge_metrics(interval_sums, sums)
+    step += advanced
+    bar.update(advanced)
+    now = time.perf_counter()
+    if progress and now - last_bar_update > 0.5:
+      running = metrics_lib.compute_metrics(runner.fetch_metrics(interval_sums))
+      bar.set_postfix(loss=f"{running['loss']:.4f}", acc=f"{running.get('accuracy', 0):.4f}",
+                      ex_s=f"{running['count'] / max(now - interval_start, 1e-9):,.0f}")
+      last_bar_update = now
+    if step != next_eval:
+      continue
+    train_means = metrics_lib.compute_metrics(runner.fetch_metrics(interval_sums))
+    seconds = time.perf_counter() - interval_start
+    record: Record = {"step": step, "epoch": step / steps_per_epoch}
+    record.update({f"train_{k}": v for k, v in train_means.items() if k != "count"})
+    record["examples_per_second"] = train_means["count"] / max(seconds, 1e-9)
+    if eval_data is not None:
+      eval_means = engine.evaluate(state)
+      record.update({f"{eval_name}_{k}": v for k, v in eval_means.items() if k != "count"})
+    record["elapsed_seconds"] = time.perf_counter() - start_time
+    history.append(record)
+    if writer is not None:
+      writer.write(step, {k: v for k, v in record.items() if k != "step"})
+    if progress:
+      bar.write(format_record(record))
+    for hook in hooks:
+      hook(step, runner.fetch_state(state), record)
+    interval_sums = metrics_lib.empty_metrics()
+    interval_start = time.perf_counter()
   bar.close()
   return runner.fetch_state(state), history
+
+
+def _use_resident(requested: bool | None, runner: parallel.Runner, train_data: Any,
+                  eval_data: Any) -> bool:
+  sources = [train_data] + ([eval_data] if eval_data is not None else [])
+  possible = (runner.supports_resident and jax.process_count() == 1
+              and all(isinstance(s, data_lib.ArraySource) for s in sources))
+  if requested and not possible:
+    raise ValueError(
+        "device_resident=True needs in-memory sources (ArraySource), a single process and a "
+        f"layout other than pmap; got {type(train_data).__name__} with layout {runner.layout!r} "
+        f"in {jax.process_count()} process(es)."
+    )
+  if requested is not None:
+    return requested
+  size = sum(resident.nbytes(s.inputs, s.labels) for s in sources) if possible else 0
+  return possible and size <= resident.DEFAULT_RESIDENT_LIMIT_BYTES
+
+
+class _Engine(Protocol):
+  def advance(self, state: TrainState, step: int, limit: int) -> tuple[TrainState, Any, int]:
+    """Trains from `step` towards `limit`; returns the state, metric sums and steps taken."""
+    ...
+
+  def evaluate(self, state: TrainState) -> dict[str, float]:
+    ...
+
+
+class _HostEngine:
+  """One compiled call per batch; batches come from the host, checked there."""
+
+  def __init__(self, runner, train_step, eval_step, train_data, eval_data, num_classes):
+    self.runner, self.train_data, self.eval_data = runner, train_data, eval_data
+    self.num_classes = num_classes
+    self.train_step, self.eval_step = runner.compile(train_step, eval_step)
+    self.batches: Any = None
+    self.position = -1  # the step the next batch of `self.batches` trains
+
+  def advance(self, state, step, limit):
+    del limit  # one step per call
+    if self.position != step:
+      epoch, skip = divmod(step, self.train_data.steps_per_epoch)
+      self.batches = itertools.islice(self.train_data.epoch(epoch), skip, None)
+    batch = next(self.batches, None)
+    if batch is None:  # the epoch ended exactly here
+      self.position = -1
+      return self.advance(state, step, step + 1)
+    data_lib.check_inputs(batch["input"], where="training inputs")
+    real_labels = batch["label"] if "mask" not in batch else batch["label"][batch["mask"]]
+    data_lib.check_labels(real_labels, self.num_classes, where="training labels")
+    state, sums = self.train_step(state, self.runner.place_batch(batch))
+    self.position = step + 1
+    return state, sums, 1
+
+  def evaluate(self, state):
+    return evaluate(state, self.eval_step, self.eval_data, runner=self.runner)
+
+
+class _ResidentEngine:
+  """Whole splits on the device; `lax.scan` over up to `steps_per_call` steps per call."""
+
+  def __init__(self, runner, train_step, eval_step, train_data, eval_data, num_classes,
+               steps_per_call):
+    for source in (train_data, eval_data):
+      if source is not None:
+        data_lib.check_inputs(source.inputs)
+        data_lib.check_labels(source.labels, num_classes)
+    self.runner, self.steps_per_call = runner, steps_per_call
+    self.train = resident.ResidentData(
+        *runner.place_replicated((train_data.inputs, train_data.labels)),
+        batch_size=train_data.batch_size, shuffle=train_data.shuffle, seed=train_data.seed)
+    chunk = resident.make_train_chunk(train_step, train_data.batch_size, runner.constrain_batch)
+    self.chunk = jax.jit(chunk, static_argnames=("length",), donate_argnums=0)
+    self.order_epoch, self.order = -1, None
+    if eval_data is not None:
+      self.eval_arrays = runner.place_replicated((eval_data.inputs, eval_data.labels))
+      self.eval_all = jax.jit(resident.make_eval_all(
+          eval_step, eval_data.batch_size, eval_data.num_examples, runner.constrain_batch))
+
+  def advance(self, state, step, limit):
+    epoch, first = divmod(step, self.train.steps_per_epoch)
+    if epoch != self.order_epoch:
+      self.order_epoch, self.order = epoch, self.runner.place_replicated(self.train.padded_order(epoch))
+    length = min(limit - step, self.train.steps_per_epoch - first, self.steps_per_call)
+    state, sums = self.chunk(state, self.train.inputs, self.train.labels, self.order,
+                             jnp.asarray(first, jnp.int32), length=length)
+    return state, sums, length
+
+  def evaluate(self, state):
+    sums = self.eval_all(state, *self.eval_arrays)
+    return metrics_lib.compute_metrics(self.runner.fetch_metrics(sums))
 
 
 def format_record(record: Mapping[str, float]) -> str:

@@ -70,6 +70,16 @@ class Runner(Protocol):
     """Metric sums as plain scalars (the first replica under pmap)."""
     ...
 
+  supports_resident: bool  # whether whole splits may live on the devices (jdl.resident)
+
+  def place_replicated(self, tree: Any) -> Any:
+    """`tree` copied to every device of the layout (for device-resident data)."""
+    ...
+
+  def constrain_batch(self, batch: Batch) -> Batch:
+    """Inside a compiled function: lays a batch out as this layout's steps expect."""
+    ...
+
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
   """A one-axis mesh (`DATA_AXIS`) over `num_devices` devices (default: all).
@@ -206,6 +216,14 @@ class JitRunner:
   def fetch_metrics(self, sums: Metrics) -> Metrics:
     return sums
 
+  supports_resident = True
+
+  def place_replicated(self, tree: Any) -> Any:
+    return jax.device_put(tree)
+
+  def constrain_batch(self, batch: Batch) -> Batch:
+    return batch
+
 
 class ShardedRunner:
   """`jax.jit` over a mesh: batch split along `DATA_AXIS`, state replicated.
@@ -251,6 +269,14 @@ class ShardedRunner:
     # Replicated results: this process's copy (in a multi-process run the global array is not
     # addressable as a whole).
     return jax.tree.map(lambda x: x.addressable_data(0), sums)
+
+  supports_resident = True
+
+  def place_replicated(self, tree: Any) -> Any:
+    return replicate(tree, self.mesh)
+
+  def constrain_batch(self, batch: Batch) -> Batch:
+    return jax.lax.with_sharding_constraint(dict(batch), self.batch_sharding)
 
 
 class PmapRunner:
@@ -310,6 +336,14 @@ class PmapRunner:
 
   def fetch_metrics(self, sums: Metrics) -> Metrics:
     return unreplicate(sums)
+
+  supports_resident = False  # pmap steps see per-device batches; they stream from the host
+
+  def place_replicated(self, tree: Any) -> Any:
+    raise NotImplementedError("layout 'pmap' streams batches from the host.")
+
+  def constrain_batch(self, batch: Batch) -> Batch:
+    raise NotImplementedError("layout 'pmap' streams batches from the host.")
 
 
 def initialize_distributed(mode: str = "auto") -> bool:

@@ -64,3 +64,18 @@ def test_build_model_uses_the_sub_config_of_the_chosen_name():
   model = models.build_model({"name": "mlp", "mlp": {"hidden": (7,)}, "cnn1d": {"features": (1,)}},
                              num_classes=3)
   assert isinstance(model, models.MLP) and tuple(model.hidden) == (7,) and model.num_classes == 3
+
+
+def test_cnn1d_patch_convolution_equals_xla_convolution():
+  """The patch implementation has the same parameters as nn.Conv and computes the same outputs
+  and gradients, to float32 rounding."""
+  x = jax.random.normal(jax.random.PRNGKey(1), (3, 40))
+  xla_model = models.CNN1D(num_classes=10, conv="xla")
+  patch_model = models.CNN1D(num_classes=10, conv="patches")
+  variables = _init(xla_model, (1, 40))
+  assert jax.tree.structure(variables) == jax.tree.structure(_init(patch_model, (1, 40)))
+  np.testing.assert_allclose(patch_model.apply(variables, x, train=False),
+                             xla_model.apply(variables, x, train=False), rtol=1e-5, atol=1e-5)
+  grad = lambda m: jax.grad(lambda v: m.apply(v, x, train=False).sum())(variables)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               grad(patch_model), grad(xla_model))

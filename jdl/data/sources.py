@@ -11,9 +11,12 @@ sees exactly the data an uninterrupted run would.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Protocol
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
@@ -53,6 +56,19 @@ def pad_batch(inputs: np.ndarray, labels: np.ndarray, batch_size: int) -> Batch:
 def epoch_seed(seed: int, epoch: int) -> int:
   """A 63-bit seed for one epoch's shuffle, derived from the run's seed and the epoch index."""
   return int(np.random.SeedSequence([seed, epoch]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+@functools.partial(jax.jit, static_argnames=("num_examples", "shuffle"))
+def epoch_order(seed: jax.Array, epoch: jax.Array, *, num_examples: int, shuffle: bool) -> jax.Array:
+  """The example order of one epoch: a permutation drawn from `(seed, epoch)`, or 0..n-1.
+
+  One definition for the host path (`ArraySource`) and the device-resident path
+  (`jdl.resident`), so both see the same batches.
+  """
+  if not shuffle:
+    return jnp.arange(num_examples, dtype=jnp.int32)
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), epoch)
+  return jax.random.permutation(key, num_examples).astype(jnp.int32)
 
 
 def check_labels(labels: np.ndarray, num_classes: int, *, where: str = "labels") -> None:
@@ -140,9 +156,8 @@ class ArraySource:
 
   def order(self, index: int) -> np.ndarray:
     """The example order of epoch `index`."""
-    if not self.shuffle:
-      return np.arange(self.num_examples)
-    return np.random.default_rng(epoch_seed(self.seed, index)).permutation(self.num_examples)
+    return np.asarray(epoch_order(np.uint32(self.seed), np.uint32(index),
+                                  num_examples=self.num_examples, shuffle=self.shuffle))
 
   def epoch(self, index: int) -> Iterator[Batch]:
     order = self.order(index)

@@ -1,0 +1,125 @@
+"""Device-resident training: the whole dataset on the device, many steps per call as one scan.
+
+On a CPU, and for small models on a GPU, a step costs mostly Python and dispatch. When a split
+fits in device memory it is copied there once; each epoch's example order is computed on the
+device; and `steps_per_call` steps run as one `lax.scan` inside one compiled call, with the
+metric sums carried through the scan and returned once per call. Nothing crosses the host/device
+boundary per step.
+
+The batches are exactly those of `jdl.data.ArraySource`: the same per-epoch order
+(`epoch_order`), the same padding of a last partial batch (zeros, masked out), so a resident run
+gives the same parameters as the per-step loop for the same seed (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdl import metrics as metrics_lib
+from jdl.data.sources import epoch_order
+from jdl.state import TrainState
+
+Metrics = metrics_lib.Metrics
+Constrain = Callable[[dict[str, jax.Array]], dict[str, jax.Array]]
+
+# Resident data stays under this many bytes unless the caller decides otherwise.
+DEFAULT_RESIDENT_LIMIT_BYTES = 2 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidentData:
+  """A split on the device(s): inputs, labels, and how it is cut into batches."""
+
+  inputs: jax.Array
+  labels: jax.Array
+  batch_size: int
+  shuffle: bool
+  seed: int
+
+  @property
+  def num_examples(self) -> int:
+    return int(self.inputs.shape[0])
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return -(-self.num_examples // self.batch_size)
+
+  def padded_order(self, epoch: int) -> jax.Array:
+    """The epoch's order padded with -1 (masked slots) to `steps_per_epoch * batch_size`."""
+    order = epoch_order(jnp.asarray(self.seed, jnp.uint32), jnp.asarray(epoch, jnp.uint32),
+                        num_examples=self.num_examples, shuffle=self.shuffle)
+    extra = self.steps_per_epoch * self.batch_size - self.num_examples
+    return jnp.pad(order, (0, extra), constant_values=-1) if extra else order
+
+
+def nbytes(*arrays: np.ndarray) -> int:
+  return int(sum(np.asarray(a).nbytes for a in arrays))
+
+
+def gather_batch(inputs: jax.Array, labels: jax.Array, indices: jax.Array) -> dict[str, jax.Array]:
+  """Rows `indices` of the split as a batch; index -1 is padding (zero rows, mask False)."""
+  mask = indices >= 0
+  safe = jnp.maximum(indices, 0)
+  x, y = inputs[safe], labels[safe]
+  x = jnp.where(mask.reshape(-1, *([1] * (x.ndim - 1))), x, jnp.zeros((), x.dtype))
+  y = jnp.where(mask.reshape(-1, *([1] * (y.ndim - 1))), y, jnp.zeros((), y.dtype))
+  return {"input": x, "label": y, "mask": mask}
+
+
+def make_train_chunk(
+    train_step: Callable[[TrainState, Any], tuple[TrainState, Metrics]],
+    batch_size: int,
+    constrain: Constrain,
+) -> Callable[..., tuple[TrainState, Metrics]]:
+  """`chunk(state, inputs, labels, order, first, length=K) -> (state, metric sums)`: K train
+  steps on batches `first .. first + K - 1` of the padded epoch order, as one scan (jit it with
+  `length` static and the state donated)."""
+
+  def chunk(state, inputs, labels, order, first, *, length):
+    def body(carry, batch_index):
+      state, sums = carry
+      indices = jax.lax.dynamic_slice_in_dim(order, batch_index * batch_size, batch_size)
+      state, batch_sums = train_step(state, constrain(gather_batch(inputs, labels, indices)))
+      return (state, jax.tree.map(jnp.add, sums, batch_sums)), None
+
+    zero_sums = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype),
+        jax.eval_shape(lambda st: train_step(st, constrain(
+            gather_batch(inputs, labels, order[:batch_size])))[1], state))
+    (state, sums), _ = jax.lax.scan(body, (state, zero_sums), first + jnp.arange(length))
+    return state, sums
+
+  return chunk
+
+
+def make_eval_all(
+    eval_step: Callable[[TrainState, Any], Metrics],
+    batch_size: int,
+    num_examples: int,
+    constrain: Constrain,
+) -> Callable[[TrainState, jax.Array, jax.Array], Metrics]:
+  """`eval_all(state, inputs, labels) -> metric sums` over the whole split in one call."""
+  steps = -(-num_examples // batch_size)
+  order = jnp.pad(jnp.arange(num_examples, dtype=jnp.int32), (0, steps * batch_size - num_examples),
+                  constant_values=-1)
+
+  def eval_all(state, inputs, labels):
+    def body(sums, batch_index):
+      indices = jax.lax.dynamic_slice_in_dim(order, batch_index * batch_size, batch_size)
+      batch_sums = eval_step(state, constrain(gather_batch(inputs, labels, indices)))
+      return jax.tree.map(jnp.add, sums, batch_sums), None
+
+    zero_sums = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype),
+        jax.eval_shape(lambda: eval_step(state, constrain(
+            gather_batch(inputs, labels, order[:batch_size])))))
+    sums, _ = jax.lax.scan(body, zero_sums, jnp.arange(steps))
+    return sums
+
+  return eval_all
