@@ -105,8 +105,9 @@ def fit(
     runner: the device layout (`jdl.parallel.make_runner`); None is plain jit on one device.
       The steps must be built with `runner.axis_name`.
     device_resident: force (True) or forbid (False) the device-resident engine; None chooses.
-    steps_per_call: most steps per compiled call of the resident engine (None: up to the next
-      evaluation or the end of the epoch, at most 1000). Each distinct chunk length compiles once.
+    steps_per_call: most steps per compiled call of the resident engine. None runs up to the next
+      evaluation or the end of the epoch in one call (fastest; the progress bar then moves once
+      per call). Each distinct call length compiles once.
 
   Returns:
     `(state, history)`: the final state (on one device: the first replica under pmap) and one
@@ -131,7 +132,7 @@ def fit(
   state = runner.place_state(state)
   if resident:
     engine: _Engine = _ResidentEngine(runner, train_step, eval_step, train_data, eval_data,
-                                      num_classes, steps_per_call or 1000)
+                                      num_classes, steps_per_call)
   else:
     engine = _HostEngine(runner, train_step, eval_step, train_data, eval_data, num_classes)
 
@@ -204,29 +205,39 @@ class _Engine(Protocol):
 
 
 class _HostEngine:
-  """One compiled call per batch; batches come from the host, checked there."""
+  """One compiled call per batch; batches come from the host, checked there, and the next batch
+  is put on the device while the current step runs (dispatch is asynchronous)."""
 
   def __init__(self, runner, train_step, eval_step, train_data, eval_data, num_classes):
     self.runner, self.train_data, self.eval_data = runner, train_data, eval_data
     self.num_classes = num_classes
     self.train_step, self.eval_step = runner.compile(train_step, eval_step)
     self.batches: Any = None
-    self.position = -1  # the step the next batch of `self.batches` trains
+    self.position = -1  # the step that `self.ready` trains
+    self.ready: Any = None  # the next batch, already on the device
 
-  def advance(self, state, step, limit):
-    del limit  # one step per call
+  def _next_placed(self, step: int):
+    """The batch of `step`, checked and on the device (None when its epoch has no more)."""
     if self.position != step:
       epoch, skip = divmod(step, self.train_data.steps_per_epoch)
       self.batches = itertools.islice(self.train_data.epoch(epoch), skip, None)
     batch = next(self.batches, None)
-    if batch is None:  # the epoch ended exactly here
-      self.position = -1
-      return self.advance(state, step, step + 1)
+    if batch is None:
+      return None
     data_lib.check_inputs(batch["input"], where="training inputs")
     real_labels = batch["label"] if "mask" not in batch else batch["label"][batch["mask"]]
     data_lib.check_labels(real_labels, self.num_classes, where="training labels")
-    state, sums = self.train_step(state, self.runner.place_batch(batch))
+    return self.runner.place_batch(batch)
+
+  def advance(self, state, step, limit):
+    del limit  # one step per call
+    batch = self.ready if self.position == step else self._next_placed(step)
+    state, sums = self.train_step(state, batch)
+    # While the step runs, fetch and place the next batch of this epoch.
     self.position = step + 1
+    self.ready = self._next_placed(step + 1)
+    if self.ready is None:
+      self.position = -1
     return state, sums, 1
 
   def evaluate(self, state):
@@ -258,7 +269,9 @@ class _ResidentEngine:
     epoch, first = divmod(step, self.train.steps_per_epoch)
     if epoch != self.order_epoch:
       self.order_epoch, self.order = epoch, self.runner.place_replicated(self.train.padded_order(epoch))
-    length = min(limit - step, self.train.steps_per_epoch - first, self.steps_per_call)
+    length = min(limit - step, self.train.steps_per_epoch - first)
+    if self.steps_per_call is not None:
+      length = min(length, self.steps_per_call)
     state, sums = self.chunk(state, self.train.inputs, self.train.labels, self.order,
                              jnp.asarray(first, jnp.int32), length=length)
     return state, sums, length

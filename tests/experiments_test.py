@@ -254,3 +254,12 @@ def test_help_prints_usage_and_config(tmp_path, capsys):
   assert "num_steps: 6000" in out
   assert "cnn1d" in out and "learning_rate: 0.01" in out
   assert not workdir.exists()
+
+
+def test_benchmarks_import_and_name_their_contenders():
+  """The benchmark entrypoints import without their optional contenders and list them."""
+  from experiments import bench_mnist1d_cnn, bench_seed_mlp  # pylint: disable=import-outside-toplevel
+
+  assert {"jdl", "plain", "keras-jax", "keras-tf", "pipeline", "peak"} <= set(bench_seed_mlp.CONTENDERS)
+  assert set(bench_mnist1d_cnn.CONTENDERS) == {"jdl", "plain"}
+  assert bench_seed_mlp.TRAIN_FLOPS_PER_EXAMPLE == 6 * (784 * 128 + 128 * 10)

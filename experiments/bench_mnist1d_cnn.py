@@ -1,0 +1,134 @@
+"""Benchmark: the MNIST-1D paper's CNN, 6000 steps of Adam 1e-2 at batch 100, compilation included.
+
+Contenders, each in its own process, `--repeats` times in turn (medians reported):
+  jdl     `jdl.fit` on the `experiments.mnist1d` model and optimizer (one device)
+  plain   a per-step `jax.jit` loop written directly with flax (`nn.Conv`) and optax
+Both read MNIST-1D through jdl's offline TFDS builder first; the clock starts once the arrays are
+in memory and includes building the model, compiling, 6000 steps and the test evaluation.
+
+  python -m experiments.bench_mnist1d_cnn --repeats=3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+STEPS, BATCH, LEARNING_RATE = 6000, 100, 1e-2
+
+
+def load_mnist1d():
+  import jdl  # pylint: disable=import-outside-toplevel
+
+  builder = jdl.data.get_builder("mnist1d")
+  jdl.data.prepare(builder)
+  return jdl.data.load_split_arrays(builder, "train"), jdl.data.load_split_arrays(builder, "test")
+
+
+def run_jdl() -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  import jdl  # pylint: disable=import-outside-toplevel
+  from experiments import mnist1d  # pylint: disable=import-outside-toplevel
+
+  (x, y), (x_test, y_test) = load_mnist1d()
+  config = mnist1d.get_config()
+  start = time.perf_counter()  # data loaded, as for the plain loop; compilation included
+  train = jdl.data.ArraySource(x, y, BATCH, shuffle=True, seed=0)
+  test = jdl.data.ArraySource(x_test, y_test, 1000, shuffle=False)
+  model = jdl.models.build_model(config.model, num_classes=10)
+  state = jdl.create_train_state(model, jdl.make_optimizer(config.optimizer), np.zeros((1, 40), np.float32),
+                                 jax.random.PRNGKey(0))
+  train_step, eval_step = jdl.make_classification_steps()
+  _, history = jdl.fit(state, train_step, eval_step, train, test, num_steps=STEPS,
+                       eval_every_steps=STEPS, progress=False, runner=jdl.parallel.JitRunner())
+  return {"seconds": time.perf_counter() - start, "accuracy": history[-1]["test_accuracy"]}
+
+
+def run_plain() -> dict:
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+
+  (x, y), (x_test, y_test) = load_mnist1d()
+
+  class ConvNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = x[..., None]
+      for size in (5, 3, 3):
+        x = nn.relu(nn.Conv(25, (size,), strides=(2,), padding=[(1, 1)])(x))
+      return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+  start = time.perf_counter()
+  model = ConvNet()
+  params = model.init(jax.random.PRNGKey(0), x[:1])
+  tx = optax.adam(LEARNING_RATE)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, xb, yb):
+    def loss_fn(p):
+      return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, xb), yb).mean()
+
+    grads = jax.grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  rng = np.random.default_rng(0)
+  order = np.array([], np.int64)
+  for _ in range(STEPS):
+    if len(order) < BATCH:
+      order = rng.permutation(len(x))
+    idx, order = order[:BATCH], order[BATCH:]
+    params, opt_state = step(params, opt_state, x[idx], y[idx])
+  logits = jax.jit(model.apply)(params, x_test)
+  accuracy = float((np.asarray(logits).argmax(1) == y_test).mean())
+  return {"seconds": time.perf_counter() - start, "accuracy": accuracy}
+
+
+CONTENDERS = {"jdl": run_jdl, "plain": run_plain}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--child", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.child:
+    print("RESULT " + json.dumps(CONTENDERS[args.child]()), flush=True)
+    return
+  runs: dict[str, list[dict]] = {name: [] for name in CONTENDERS}
+  for repeat in range(args.repeats):
+    for name in CONTENDERS:
+      done = subprocess.run([sys.executable, "-m", "experiments.bench_mnist1d_cnn",
+                             f"--child={name}"], capture_output=True, text=True, check=False,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+      results = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+      if not results:
+        print(f"{name} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+        continue
+      runs[name].append(json.loads(results[-1][len("RESULT "):]))
+      print(f"repeat {repeat + 1}/{args.repeats} {name}: {runs[name][-1]}", file=sys.stderr,
+            flush=True)
+  print(f"\nMNIST-1D CNN, {STEPS} steps, batch {BATCH}, Adam {LEARNING_RATE}, compilation "
+        f"included; medians of {args.repeats} runs")
+  print(f"{'contender':<9} {'seconds':>8} {'test acc':>9} {'jdl / this':>10}")
+  medians = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items() if rs}
+  for name, rs in runs.items():
+    if rs:
+      accuracy = statistics.median(r["accuracy"] for r in rs)
+      versus = f"{medians['jdl'] / medians[name]:.3f}" if "jdl" in medians else "-"
+      print(f"{name:<9} {medians[name]:8.2f} {accuracy:9.4f} {versus:>10}")
+
+
+if __name__ == "__main__":
+  main()

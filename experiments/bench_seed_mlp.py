@@ -1,0 +1,279 @@
+"""Benchmark: the seed MLP (784-128-10, Adam 1e-3, batch 32, 60,000 examples an epoch).
+
+Contenders, each in its own process, run side by side in one invocation, `--repeats` times in
+turn (medians reported):
+  jdl          `jdl.fit` (device-resident data, steps scanned per call)
+  plain        a per-step `jax.jit` loop written directly with flax and optax
+  jdl-step     `jdl.fit` with its per-step engine, batches from memory
+  jdl-stream   `jdl.fit` with its per-step engine, batches streamed through tf.data
+  keras-jax    Keras 3 `model.fit` on its JAX backend
+  keras-tf     Keras 3 `model.fit` on its TensorFlow backend
+plus the input pipeline alone (tf.data streaming a Fashion-MNIST-sized array, batches/s) and the
+matmul peak of this machine (a 2048x2048 float32 product under jit), which sets the FLOP floor.
+
+The data are random Fashion-MNIST-shaped arrays (uint8 28x28x1 images, labels 0-9): the time of
+an epoch does not depend on the pixel values, and nothing is downloaded. Same model, optimizer
+(Adam 1e-3, epsilon 1e-7 everywhere), loss and batch size for every contender.
+
+  pip install -e ".[bench]"      # Keras 3
+  python -m experiments.bench_seed_mlp --epochs=3 --repeats=3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+NUM_EXAMPLES = 60_000
+BATCH = 32
+HIDDEN = 128
+# Multiply-adds of one forward pass: 784*128 + 128*10. Training costs about three forward passes
+# (forward, gradient with respect to activations, gradient with respect to weights).
+TRAIN_FLOPS_PER_EXAMPLE = 3 * 2 * (784 * HIDDEN + HIDDEN * 10)
+
+
+def make_data(seed: int = 0):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, size=(NUM_EXAMPLES, 28, 28, 1), dtype=np.uint8)
+  labels = rng.integers(0, 10, size=NUM_EXAMPLES).astype(np.int32)
+  return images.astype(np.float32) / 255.0, labels
+
+
+def run_jdl(epochs: int) -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
+  import jdl  # pylint: disable=import-outside-toplevel
+
+  x, y = make_data()
+  train = jdl.data.ArraySource(x, y, BATCH, shuffle=True, seed=0)
+  state = jdl.create_train_state(jdl.models.MLP(hidden=(HIDDEN,), num_classes=10),
+                                 jdl.make_optimizer({"name": "adam", "learning_rate": 1e-3}),
+                                 x[:1], jax.random.PRNGKey(0))
+  train_step, eval_step = jdl.make_classification_steps()
+  times = []
+  start = time.perf_counter()
+  hook = lambda step, s, record: times.append(time.perf_counter())
+  state, history = jdl.fit(state, train_step, eval_step, train, None, num_epochs=epochs,
+                           hooks=[hook], progress=False, runner=jdl.parallel.JitRunner())
+  epoch_times = [b - a for a, b in zip([start] + times[:-1], times)]
+  return {"epoch_seconds": epoch_times, "final_loss": history[-1]["train_loss"]}
+
+
+def run_plain(epochs: int) -> dict:
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+
+  class Mlp(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Dense(HIDDEN)(x.reshape(x.shape[0], -1)))
+      return nn.Dense(10)(x)
+
+  x, y = make_data()
+  model = Mlp()
+  params = model.init(jax.random.PRNGKey(0), x[:1])
+  tx = optax.adam(1e-3, eps=1e-7)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, xb, yb):
+    def loss_fn(p):
+      logits = model.apply(p, xb)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  rng = np.random.default_rng(0)
+  epoch_times, loss = [], None
+  for _ in range(epochs):
+    start = time.perf_counter()
+    order = rng.permutation(NUM_EXAMPLES)
+    for i in range(0, NUM_EXAMPLES, BATCH):
+      idx = order[i:i + BATCH]
+      params, opt_state, loss = step(params, opt_state, x[idx], y[idx])
+    loss = float(loss)
+    epoch_times.append(time.perf_counter() - start)
+  return {"epoch_seconds": epoch_times, "final_loss": loss}
+
+
+def run_jdl_per_step(epochs: int, streaming: bool) -> dict:
+  """jdl's per-step engine, fed from memory or streamed through tf.data: if the two step rates
+  match, the step never waits for its input."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  import jdl  # pylint: disable=import-outside-toplevel
+
+  x, y = make_data()
+  if streaming:
+    train = jdl.data.TFDataSource(tf.data.Dataset.from_tensor_slices((x, y)), NUM_EXAMPLES, BATCH,
+                                  shuffle=True, seed=0)
+  else:
+    train = jdl.data.ArraySource(x, y, BATCH, shuffle=True, seed=0)
+  state = jdl.create_train_state(jdl.models.MLP(hidden=(HIDDEN,), num_classes=10),
+                                 jdl.make_optimizer({"name": "adam", "learning_rate": 1e-3}),
+                                 x[:1], jax.random.PRNGKey(0))
+  train_step, eval_step = jdl.make_classification_steps()
+  times = []
+  start = time.perf_counter()
+  hook = lambda step, s, record: times.append(time.perf_counter())
+  _, history = jdl.fit(state, train_step, eval_step, train, None, num_epochs=epochs, hooks=[hook],
+                       progress=False, device_resident=False)
+  epoch_times = [b - a for a, b in zip([start] + times[:-1], times)]
+  return {"epoch_seconds": epoch_times, "final_loss": history[-1]["train_loss"]}
+
+
+def run_keras(epochs: int) -> dict:
+  import keras  # pylint: disable=import-outside-toplevel
+
+  x, y = make_data()
+  model = keras.Sequential([
+      keras.Input((28, 28, 1)),
+      keras.layers.Flatten(),
+      keras.layers.Dense(HIDDEN, activation="relu"),
+      keras.layers.Dense(10),
+  ])
+  model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  times = []
+
+  class Timer(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+      self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+      times.append(time.perf_counter() - self.start)
+
+  history = model.fit(x, y, batch_size=BATCH, epochs=epochs, verbose=0, callbacks=[Timer()])
+  return {"epoch_seconds": times, "final_loss": float(history.history["loss"][-1])}
+
+
+def run_pipeline(epochs: int) -> dict:
+  import jdl  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  x, y = make_data()
+  source = jdl.data.TFDataSource(tf.data.Dataset.from_tensor_slices((x, y)), NUM_EXAMPLES, BATCH,
+                                 shuffle=True, seed=0)
+  times = []
+  for epoch in range(epochs):
+    start = time.perf_counter()
+    count = sum(1 for _ in source.epoch(epoch))
+    times.append(time.perf_counter() - start)
+  return {"epoch_seconds": times, "batches": count}
+
+
+def run_peak(repeats: int) -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  n = 2048
+  a = jnp.ones((n, n), jnp.float32)
+  matmul = jax.jit(lambda m: m @ m)
+  matmul(a).block_until_ready()
+  best = 0.0
+  for _ in range(max(repeats, 3)):
+    start = time.perf_counter()
+    for _ in range(10):
+      out = matmul(a)
+    out.block_until_ready()
+    best = max(best, 10 * 2 * n**3 / (time.perf_counter() - start) / 1e9)
+  return {"gflops": best}
+
+
+CONTENDERS = {
+    "jdl": (run_jdl, {}),
+    "plain": (run_plain, {}),
+    "jdl-step": (lambda epochs: run_jdl_per_step(epochs, streaming=False), {}),
+    "jdl-stream": (lambda epochs: run_jdl_per_step(epochs, streaming=True), {}),
+    "keras-jax": (run_keras, {"KERAS_BACKEND": "jax"}),
+    "keras-tf": (run_keras, {"KERAS_BACKEND": "tensorflow"}),
+    "pipeline": (run_pipeline, {}),
+    "peak": (run_peak, {}),
+}
+
+
+def _child(name: str, epochs: int) -> None:
+  function, _ = CONTENDERS[name]
+  print("RESULT " + json.dumps(function(epochs)), flush=True)
+
+
+def _spawn(name: str, epochs: int) -> dict | None:
+  env = {**os.environ, **CONTENDERS[name][1], "TF_CPP_MIN_LOG_LEVEL": "2"}
+  done = subprocess.run([sys.executable, "-m", "experiments.bench_seed_mlp", f"--child={name}",
+                         f"--epochs={epochs}"], env=env, capture_output=True, text=True,
+                        check=False)
+  for line in done.stdout.splitlines():
+    if line.startswith("RESULT "):
+      return json.loads(line[len("RESULT "):])
+  print(f"{name} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+  return None
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--epochs", type=int, default=3, help="epochs per run; the first is warm-up")
+  parser.add_argument("--repeats", type=int, default=3, help="runs of each contender, in turn")
+  parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
+  parser.add_argument("--child", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.child:
+    _child(args.child, args.epochs)
+    return
+  if args.epochs < 2:
+    parser.error("--epochs must be >= 2: the first epoch is warm-up (compilation)")
+  names = args.only.split(",")
+  runs: dict[str, list[dict]] = {name: [] for name in names}
+  for repeat in range(args.repeats):
+    for name in names:
+      result = _spawn(name, args.epochs)
+      if result is not None:
+        runs[name].append(result)
+      print(f"repeat {repeat + 1}/{args.repeats} {name}: {result}", file=sys.stderr, flush=True)
+
+  peak = statistics.median(r["gflops"] for r in runs.get("peak", [])) if runs.get("peak") else None
+  floor = NUM_EXAMPLES * TRAIN_FLOPS_PER_EXAMPLE / (peak * 1e9) if peak else None
+  rows = {}
+  for name in names:
+    if name == "peak" or not runs[name]:
+      continue
+    steady = statistics.median(s for r in runs[name] for s in r["epoch_seconds"][1:])
+    first = statistics.median(r["epoch_seconds"][0] for r in runs[name])
+    rows[name] = (steady, max(first - steady, 0.0))
+  print(f"\nseed MLP 784-128-10, Adam 1e-3, batch {BATCH}, {NUM_EXAMPLES} examples an epoch; "
+        f"medians of {args.repeats} runs x {args.epochs - 1} timed epochs")
+  if peak:
+    print(f"matmul peak {peak:.1f} GFLOP/s (2048^2 float32); FLOP floor {floor:.3f} s/epoch "
+          f"({TRAIN_FLOPS_PER_EXAMPLE * NUM_EXAMPLES / 1e9:.2f} GFLOP an epoch)")
+  print(f"{'contender':<11} {'s/epoch':>8} {'examples/s':>11} {'compile s':>9} {'GFLOP/s':>8} "
+        f"{'x floor':>8} {'jdl / this':>10}")
+  for name, (steady, compile_s) in rows.items():
+    if name == "pipeline":
+      continue
+    gflops = NUM_EXAMPLES * TRAIN_FLOPS_PER_EXAMPLE / steady / 1e9
+    versus = f"{rows['jdl'][0] / steady:.3f}" if "jdl" in rows else "-"
+    print(f"{name:<11} {steady:8.3f} {NUM_EXAMPLES / steady:11,.0f} {compile_s:9.2f} "
+          f"{gflops:8.1f} {steady / floor if floor else float('nan'):8.2f} {versus:>10}")
+  if "pipeline" in rows:
+    batches_per_s = (NUM_EXAMPLES / BATCH) / rows["pipeline"][0]
+    print(f"\ninput pipeline (tf.data, shuffle + batch {BATCH} + prefetch): {batches_per_s:,.0f} "
+          f"batches/s")
+    for name in ("jdl-step", "jdl-stream"):
+      if name in rows:
+        steps_per_s = (NUM_EXAMPLES / BATCH) / rows[name][0]
+        print(f"  {name} trains {steps_per_s:,.0f} steps/s ({batches_per_s / steps_per_s:.1f}x "
+              "below the pipeline's rate)")
+
+
+if __name__ == "__main__":
+  main()
