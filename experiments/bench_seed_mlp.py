@@ -46,12 +46,21 @@ def make_data(seed: int = 0):
   return images.astype(np.float32) / 255.0, labels
 
 
-def run_jdl(epochs: int) -> dict:
+def run_jdl(epochs: int, engine: str = "resident") -> dict:
+  """`jdl.fit` with its resident engine, or its per-step engine fed from memory ("step") or
+  streamed through tf.data ("stream"): if "step" and "stream" train at one rate, the step never
+  waits for its input."""
   import jax  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
   import jdl  # pylint: disable=import-outside-toplevel
 
   x, y = make_data()
-  train = jdl.data.ArraySource(x, y, BATCH, shuffle=True, seed=0)
+  if engine == "stream":
+    train = jdl.data.TFDataSource(tf.data.Dataset.from_tensor_slices((x, y)), NUM_EXAMPLES, BATCH,
+                                  shuffle=True, seed=0)
+  else:
+    train = jdl.data.ArraySource(x, y, BATCH, shuffle=True, seed=0)
   state = jdl.create_train_state(jdl.models.MLP(hidden=(HIDDEN,), num_classes=10),
                                  jdl.make_optimizer({"name": "adam", "learning_rate": 1e-3}),
                                  x[:1], jax.random.PRNGKey(0))
@@ -59,8 +68,9 @@ def run_jdl(epochs: int) -> dict:
   times = []
   start = time.perf_counter()
   hook = lambda step, s, record: times.append(time.perf_counter())
-  state, history = jdl.fit(state, train_step, eval_step, train, None, num_epochs=epochs,
-                           hooks=[hook], progress=False, runner=jdl.parallel.JitRunner())
+  _, history = jdl.fit(state, train_step, eval_step, train, None, num_epochs=epochs, hooks=[hook],
+                       progress=False, device_resident=engine == "resident",
+                       runner=jdl.parallel.JitRunner())
   epoch_times = [b - a for a, b in zip([start] + times[:-1], times)]
   return {"epoch_seconds": epoch_times, "final_loss": history[-1]["train_loss"]}
 
@@ -104,33 +114,6 @@ def run_plain(epochs: int) -> dict:
     loss = float(loss)
     epoch_times.append(time.perf_counter() - start)
   return {"epoch_seconds": epoch_times, "final_loss": loss}
-
-
-def run_jdl_per_step(epochs: int, streaming: bool) -> dict:
-  """jdl's per-step engine, fed from memory or streamed through tf.data: if the two step rates
-  match, the step never waits for its input."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
-  import jdl  # pylint: disable=import-outside-toplevel
-
-  x, y = make_data()
-  if streaming:
-    train = jdl.data.TFDataSource(tf.data.Dataset.from_tensor_slices((x, y)), NUM_EXAMPLES, BATCH,
-                                  shuffle=True, seed=0)
-  else:
-    train = jdl.data.ArraySource(x, y, BATCH, shuffle=True, seed=0)
-  state = jdl.create_train_state(jdl.models.MLP(hidden=(HIDDEN,), num_classes=10),
-                                 jdl.make_optimizer({"name": "adam", "learning_rate": 1e-3}),
-                                 x[:1], jax.random.PRNGKey(0))
-  train_step, eval_step = jdl.make_classification_steps()
-  times = []
-  start = time.perf_counter()
-  hook = lambda step, s, record: times.append(time.perf_counter())
-  _, history = jdl.fit(state, train_step, eval_step, train, None, num_epochs=epochs, hooks=[hook],
-                       progress=False, device_resident=False)
-  epoch_times = [b - a for a, b in zip([start] + times[:-1], times)]
-  return {"epoch_seconds": epoch_times, "final_loss": history[-1]["train_loss"]}
 
 
 def run_keras(epochs: int) -> dict:
@@ -194,8 +177,8 @@ def run_peak(repeats: int) -> dict:
 CONTENDERS = {
     "jdl": (run_jdl, {}),
     "plain": (run_plain, {}),
-    "jdl-step": (lambda epochs: run_jdl_per_step(epochs, streaming=False), {}),
-    "jdl-stream": (lambda epochs: run_jdl_per_step(epochs, streaming=True), {}),
+    "jdl-step": (lambda epochs: run_jdl(epochs, engine="step"), {}),
+    "jdl-stream": (lambda epochs: run_jdl(epochs, engine="stream"), {}),
     "keras-jax": (run_keras, {"KERAS_BACKEND": "jax"}),
     "keras-tf": (run_keras, {"KERAS_BACKEND": "tensorflow"}),
     "pipeline": (run_pipeline, {}),
