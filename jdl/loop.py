@@ -148,12 +148,11 @@ def fit(
     interval_sums = metrics_lib.merge_metrics(interval_sums, sums)
     step += advanced
     bar.update(advanced)
-    now = time.perf_counter()
-    if progress and now - last_bar_update > 0.5:
-      running = metrics_lib.compute_metrics(runner.fetch_metrics(interval_sums))
+    if progress and time.perf_counter() - last_bar_update > 0.5:
+      running = metrics_lib.compute_metrics(runner.fetch_metrics(interval_sums))  # waits for it
+      last_bar_update = time.perf_counter()
       bar.set_postfix(loss=f"{running['loss']:.4f}", acc=f"{running.get('accuracy', 0):.4f}",
-                      ex_s=f"{running['count'] / max(now - interval_start, 1e-9):,.0f}")
-      last_bar_update = now
+                      ex_s=f"{running['count'] / max(last_bar_update - interval_start, 1e-9):,.0f}")
     if step != next_eval:
       continue
     train_means = metrics_lib.compute_metrics(runner.fetch_metrics(interval_sums))
