@@ -254,13 +254,14 @@ class _ResidentEngine:
         data_lib.check_labels(source.labels, num_classes)
     self.runner, self.steps_per_call = runner, steps_per_call
     self.train = resident.ResidentData(
-        *runner.place_replicated((train_data.inputs, train_data.labels)),
+        *runner.place_replicated(resident.with_padding_row(train_data.inputs, train_data.labels)),
         batch_size=train_data.batch_size, shuffle=train_data.shuffle, seed=train_data.seed)
     chunk = resident.make_train_chunk(train_step, train_data.batch_size, runner.constrain_batch)
     self.chunk = jax.jit(chunk, static_argnames=("length",), donate_argnums=0)
     self.order_epoch, self.order = -1, None
     if eval_data is not None:
-      self.eval_arrays = runner.place_replicated((eval_data.inputs, eval_data.labels))
+      self.eval_arrays = runner.place_replicated(
+          resident.with_padding_row(eval_data.inputs, eval_data.labels))
       self.eval_all = jax.jit(resident.make_eval_all(
           eval_step, eval_data.batch_size, eval_data.num_examples, runner.constrain_batch))
 

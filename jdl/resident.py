@@ -34,7 +34,7 @@ DEFAULT_RESIDENT_LIMIT_BYTES = 2 << 30
 
 @dataclasses.dataclass(frozen=True)
 class ResidentData:
-  """A split on the device(s): inputs, labels, and how it is cut into batches."""
+  """A split on the device(s), stored `with_padding_row`, and how it is cut into batches."""
 
   inputs: jax.Array
   labels: jax.Array
@@ -44,7 +44,7 @@ class ResidentData:
 
   @property
   def num_examples(self) -> int:
-    return int(self.inputs.shape[0])
+    return int(self.inputs.shape[0]) - 1  # without the padding row
 
   @property
   def steps_per_epoch(self) -> int:
@@ -62,14 +62,20 @@ def nbytes(*arrays: np.ndarray) -> int:
   return int(sum(np.asarray(a).nbytes for a in arrays))
 
 
+def with_padding_row(inputs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The arrays with one zero example appended: the row that padding slots gather."""
+  inputs, labels = np.asarray(inputs), np.asarray(labels)
+  return (np.concatenate([inputs, np.zeros((1, *inputs.shape[1:]), inputs.dtype)]),
+          np.concatenate([labels, np.zeros((1, *labels.shape[1:]), labels.dtype)]))
+
+
 def gather_batch(inputs: jax.Array, labels: jax.Array, indices: jax.Array) -> dict[str, jax.Array]:
-  """Rows `indices` of the split as a batch; index -1 is padding (zero rows, mask False)."""
+  """Rows `indices` of a split stored `with_padding_row`; index -1 is padding: it gathers the zero
+  row (as the host path pads with zeros) and is masked out. Gathering the zero row costs nothing,
+  where zeroing padded rows with `where` cost a fifth of a small model's step."""
   mask = indices >= 0
-  safe = jnp.maximum(indices, 0)
-  x, y = inputs[safe], labels[safe]
-  x = jnp.where(mask.reshape(-1, *([1] * (x.ndim - 1))), x, jnp.zeros((), x.dtype))
-  y = jnp.where(mask.reshape(-1, *([1] * (y.ndim - 1))), y, jnp.zeros((), y.dtype))
-  return {"input": x, "label": y, "mask": mask}
+  rows = jnp.where(mask, indices, inputs.shape[0] - 1)
+  return {"input": inputs[rows], "label": labels[rows], "mask": mask}
 
 
 def make_train_chunk(
@@ -104,7 +110,8 @@ def make_eval_all(
     num_examples: int,
     constrain: Constrain,
 ) -> Callable[[TrainState, jax.Array, jax.Array], Metrics]:
-  """`eval_all(state, inputs, labels) -> metric sums` over the whole split in one call."""
+  """`eval_all(state, inputs, labels) -> metric sums` over the whole split (stored
+  `with_padding_row`) in one call."""
   steps = -(-num_examples // batch_size)
   order = jnp.pad(jnp.arange(num_examples, dtype=jnp.int32), (0, steps * batch_size - num_examples),
                   constant_values=-1)
