@@ -79,3 +79,29 @@ def test_cnn1d_patch_convolution_equals_xla_convolution():
   grad = lambda m: jax.grad(lambda v: m.apply(v, x, train=False).sum())(variables)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                grad(patch_model), grad(xla_model))
+
+
+def test_classic_models_have_their_documented_parameter_counts():
+  """Logistic regression, LeNet-5 and the MNIST-1D residual MLP match their docstrings."""
+  assert count_params(_init(models.LogisticRegression(num_classes=10), (1, 40))["params"]) == 410
+  assert count_params(_init(models.LogisticRegression(num_classes=10), (1, 28, 28, 1))["params"]) == 7_850
+  assert count_params(_init(models.LeNet5(num_classes=10), (1, 28, 28, 1))["params"]) == 61_706
+  assert count_params(_init(models.ResidualMLP(num_classes=10), (1, 40))["params"]) == 15_210
+
+
+def test_residual_mlp_adds_its_block_to_its_input():
+  """With the block's Dense zeroed, the residual MLP is Dense -> ReLU -> Dense."""
+  model = models.ResidualMLP(num_classes=3, width=5)
+  variables = _init(model, (2, 4))
+  params = jax.tree.map(lambda p: p, variables["params"])
+  params["Dense_1"] = jax.tree.map(jnp.zeros_like, params["Dense_1"])
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4))
+  hidden = jax.nn.relu(x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"][None, :])
+  expected = hidden @ params["Dense_2"]["kernel"] + params["Dense_2"]["bias"][None, :]
+  np.testing.assert_allclose(model.apply({"params": params}, x, train=False), expected, rtol=1e-5)
+
+
+def test_lenet5_rejects_signals():
+  """LeNet-5 needs images."""
+  with pytest.raises(ValueError, match="LeNet5 expects images"):
+    _init(models.LeNet5(num_classes=10), (2, 40))

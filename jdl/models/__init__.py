@@ -8,6 +8,7 @@ from typing import Any
 import flax.linen as nn
 
 from jdl.models.activations import ACTIVATIONS, get_activation
+from jdl.models.classic import LeNet5, LogisticRegression, ResidualMLP
 from jdl.models.cnn import CNN, CNN1D
 from jdl.models.mlp import MLP
 
@@ -15,6 +16,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "cnn": CNN,
     "cnn1d": CNN1D,
+    "logistic": LogisticRegression,
+    "lenet5": LeNet5,
+    "residual_mlp": ResidualMLP,
 }
 """Models an experiment config may name in `config.model.name`."""
 
@@ -43,4 +47,7 @@ def build_model(
   return cls(num_classes=num_classes, **attributes)
 
 
-__all__ = ["ACTIVATIONS", "CNN", "CNN1D", "MLP", "MODELS", "build_model", "get_activation"]
+__all__ = [
+    "ACTIVATIONS", "CNN", "CNN1D", "LeNet5", "LogisticRegression", "MLP", "MODELS", "ResidualMLP",
+    "build_model", "get_activation",
+]
