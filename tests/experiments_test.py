@@ -263,3 +263,19 @@ def test_benchmarks_import_and_name_their_contenders():
   assert {"jdl", "plain", "keras-jax", "keras-tf", "pipeline", "peak"} <= set(bench_seed_mlp.CONTENDERS)
   assert set(bench_mnist1d_cnn.CONTENDERS) == {"jdl", "plain"}
   assert bench_seed_mlp.TRAIN_FLOPS_PER_EXAMPLE == 6 * (784 * 128 + 128 * 10)
+
+
+def test_mnist1d_compare_prints_a_table_where_convolution_wins(tmp_path, mnist1d_data_dir, capsys):
+  """The comparison trains each model in turn and the CNN beats the linear model (400 steps)."""
+  from experiments import mnist1d_compare  # pylint: disable=import-outside-toplevel
+
+  rows = jdl.config.run_experiment(
+      mnist1d_compare.get_config,
+      ["--workdir=" + str(tmp_path), "--config.data_dir=" + mnist1d_data_dir,
+       "--config.layout=none", "--config.num_steps=400", "--config.eval_every_steps=400",
+       "--config.models=('logistic', 'cnn1d')"],
+      name="mnist1d_compare", train=mnist1d_compare.compare)
+  assert [r["model"] for r in rows] == ["logistic", "cnn1d"]
+  assert rows[1]["test_accuracy"] > rows[0]["test_accuracy"] + 0.2, rows
+  assert (tmp_path / "logistic" / "metrics.jsonl").is_file()
+  assert "test accuracy" in capsys.readouterr().out

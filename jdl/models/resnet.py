@@ -1,0 +1,264 @@
+"""Residual networks (He et al. 2016): ImageNet ResNet-18/34/50 and CIFAR ResNet-20/56.
+
+One configurable `ResNet` module covers both families; the named constructors (`resnet18`, ...)
+fix the depth and layout of the published models. The ImageNet models have exactly torchvision's
+parameter counts (BatchNorm scale and bias count as parameters, convolutions before a norm have no
+bias), so numbers and checkpoints compare one to one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+BLOCKS = ("basic", "bottleneck")
+LAYOUTS = ("imagenet", "cifar")
+NORMALIZATIONS = ("batch", "group", "layer")
+
+GROUPS = 32
+"""Groups of GroupNorm (Wu & He 2018). A layer with fewer channels, or a channel count 32 does
+not divide, uses gcd(32, channels) groups, so narrow CIFAR widths (16, or 4 in tests) still work."""
+
+BOTTLENECK_EXPANSION = 4
+"""A bottleneck block's output has 4x the channels of its inner 3x3 convolution."""
+
+NormFactory = Callable[..., nn.Module]
+
+
+def _conv(features: int, size: int, stride: int = 1, name: str | None = None) -> nn.Conv:
+  """A bias-free convolution (a norm follows every one) with torchvision's symmetric padding.
+
+  Explicit padding `(size - 1) // 2` on each side, not "SAME": for stride 2 on an even input,
+  "SAME" pads only the bottom/right edge, which shifts the sampling grid against the published
+  models.
+  """
+  pad = (size - 1) // 2
+  return nn.Conv(features, kernel_size=(size, size), strides=(stride, stride),
+                 padding=((pad, pad), (pad, pad)), use_bias=False,
+                 kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"), name=name)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions and a shortcut: relu(norm(conv(relu(norm(conv(x))))) + shortcut(x)).
+
+  Attributes:
+    features: output channels (and channels of both convolutions).
+    stride: stride of the first convolution and of the projection shortcut.
+    norm: makes a normalisation layer; takes `channels` and optional `scale_init` and `name`.
+    zero_init_residual: start the last norm's scale at zero, so the block is the identity (through
+      its shortcut) at initialisation.
+  """
+
+  features: int
+  stride: int
+  norm: NormFactory
+  zero_init_residual: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+    y = _conv(self.features, 3, self.stride, name="conv1")(x_BxHxWxC)
+    y = nn.relu(self.norm(self.features, name="norm1")(y))
+    y = _conv(self.features, 3, name="conv2")(y)
+    y = self.norm(self.features, scale_init=last_scale, name="norm2")(y)
+    return nn.relu(y + _shortcut(x_BxHxWxC, self.features, self.stride, self.norm))
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 reduce, 3x3, 1x1 expand (x4) and a shortcut; the stride sits on the 3x3 convolution, as in
+  torchvision's "ResNet v1.5" (the parameter count is the same wherever the stride sits).
+
+  Attributes:
+    features: channels of the inner convolutions; the block outputs `4 * features`.
+    stride: stride of the 3x3 convolution and of the projection shortcut.
+    norm: makes a normalisation layer; takes `channels` and optional `scale_init` and `name`.
+    zero_init_residual: start the last norm's scale at zero (see `BasicBlock`).
+  """
+
+  features: int
+  stride: int
+  norm: NormFactory
+  zero_init_residual: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    out_features = self.features * BOTTLENECK_EXPANSION
+    last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+    y = _conv(self.features, 1, name="conv1")(x_BxHxWxC)
+    y = nn.relu(self.norm(self.features, name="norm1")(y))
+    y = _conv(self.features, 3, self.stride, name="conv2")(y)
+    y = nn.relu(self.norm(self.features, name="norm2")(y))
+    y = _conv(out_features, 1, name="conv3")(y)
+    y = self.norm(out_features, scale_init=last_scale, name="norm3")(y)
+    return nn.relu(y + _shortcut(x_BxHxWxC, out_features, self.stride, self.norm))
+
+
+def _shortcut(x_BxHxWxC: jax.Array, features: int, stride: int, norm: NormFactory) -> jax.Array:
+  """The identity when the shape is kept, else a projection: strided 1x1 conv + norm (option B of
+  the ResNet paper, the one torchvision uses). Called inside a block's compact `__call__`, so the
+  layers belong to the block."""
+  if stride == 1 and x_BxHxWxC.shape[-1] == features:
+    return x_BxHxWxC
+  x = _conv(features, 1, stride, name="shortcut_conv")(x_BxHxWxC)
+  return norm(features, name="shortcut_norm")(x)
+
+
+BLOCK_CLASSES: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
+
+
+class ResNet(nn.Module):
+  """A residual network: stem -> stages of residual blocks -> global average pool -> Dense logits.
+
+  Layouts:
+    "imagenet": 7x7 stride-2 conv -> norm -> relu -> 3x3 stride-2 max-pool stem (a 224x224 image
+      reaches the first stage at 56x56); the published models have 4 stages.
+    "cifar": 3x3 stride-1 conv -> norm -> relu stem, no pool (32x32 images stay 32x32); the
+      published models have 3 stages and width 16.
+  Stage i (from 0) has `width * 2**i` channels (times 4 at the output of bottleneck blocks); every
+  stage after the first halves the resolution with a stride-2 first block. The number of stages
+  is `len(stage_sizes)`, whatever the layout, so e.g. the popular "ResNet-18 for CIFAR" is
+  `ResNet((2, 2, 2, 2), "basic", 10, layout="cifar")`.
+
+  A block whose output shape differs from its input's (a new stage) has a projection shortcut,
+  a strided 1x1 conv + norm; all others are identity shortcuts. Convolutions that feed a norm have
+  no bias, since the norm's mean subtraction would cancel it.
+
+  Initialisation: He-normal (fan-out) convolution kernels, as torchvision. By default the last
+  norm of every residual block starts with scale zero (`zero_init_residual=True`, Goyal et al.
+  2017, also the Flax ImageNet example's choice): each block starts as the identity, which makes
+  deep networks train stably from the first step. torchvision's default is False (scale one).
+
+  Attributes:
+    stage_sizes: number of residual blocks in each stage.
+    block: "basic" (two 3x3 convolutions) or "bottleneck" (1x1, 3x3, 1x1 with 4x expansion).
+    num_classes: width of the output layer (logits).
+    width: channels of the stem and of the first stage.
+    layout: "imagenet" or "cifar" (see above).
+    normalization: "batch" (BatchNorm: batch statistics in training, running averages in
+      evaluation, kept in the "batch_stats" collection; momentum 0.9, epsilon 1e-5), "group"
+      (GroupNorm, `GROUPS` groups) or "layer" (LayerNorm over height, width and channels with a
+      scale and bias per channel, i.e. GroupNorm with one group). Group and layer norms treat each
+      example on its own and have no state.
+    axis_name: the pmap axis over which BatchNorm averages its batch statistics; None under jit
+      and sharded jit, where the batch is already global.
+    zero_init_residual: start the last norm scale of each block at zero (see above).
+  """
+
+  stage_sizes: Sequence[int]
+  block: str
+  num_classes: int
+  width: int = 64
+  layout: str = "imagenet"
+  normalization: str = "batch"
+  axis_name: str | None = None
+  zero_init_residual: bool = True
+
+  def __post_init__(self) -> None:
+    # Checked on construction, so a bad config fails before any data is loaded.
+    for attribute, valid in (("block", BLOCKS), ("layout", LAYOUTS),
+                             ("normalization", NORMALIZATIONS)):
+      value = getattr(self, attribute)
+      if value not in valid:
+        raise ValueError(f"unknown {attribute} {value!r}; expected one of {valid}.")
+    if not self.stage_sizes or any(int(n) < 1 for n in self.stage_sizes):
+      raise ValueError(
+          f"stage_sizes must be a non-empty sequence of positive block counts; got {self.stage_sizes!r}.")
+    super().__post_init__()
+
+  def _norm(self, train: bool) -> NormFactory:
+    """A factory `(channels, *, scale_init=ones, name=None) -> norm layer` for this config."""
+
+    def make(channels: int, *, scale_init: Callable[..., Any] = nn.initializers.ones,
+             name: str | None = None) -> nn.Module:
+      if self.normalization == "batch":
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                            axis_name=self.axis_name, scale_init=scale_init, name=name)
+      if self.normalization == "group":
+        return nn.GroupNorm(num_groups=math.gcd(GROUPS, channels), epsilon=1e-5,
+                            scale_init=scale_init, name=name)
+      return nn.LayerNorm(epsilon=1e-5, reduction_axes=(-3, -2, -1), feature_axes=-1,
+                          scale_init=scale_init, name=name)
+
+    return make
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    if x.ndim == 3:  # [batch, height, width] grey images
+      x = x[..., None]
+    if x.ndim != 4:
+      raise ValueError(
+          f"ResNet expects images [batch, height, width, channels] (or [batch, height, width]); "
+          f"got shape {x.shape}."
+      )
+    norm = self._norm(train)
+    if self.layout == "imagenet":
+      x = _conv(self.width, 7, 2, name="stem_conv")(x)
+      x = nn.relu(norm(self.width, name="stem_norm")(x))
+      x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    else:
+      x = _conv(self.width, 3, name="stem_conv")(x)
+      x = nn.relu(norm(self.width, name="stem_norm")(x))
+    block_cls = BLOCK_CLASSES[self.block]
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      for index in range(num_blocks):
+        stride = 2 if stage > 0 and index == 0 else 1
+        x = block_cls(self.width * 2**stage, stride, norm, self.zero_init_residual,
+                      name=f"stage{stage + 1}_block{index + 1}")(x)
+    features_BxC = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name="head")(features_BxC)
+
+
+def _named(stage_sizes: tuple[int, ...], block: str, layout: str, width: int,
+           num_classes: int, overrides: dict[str, Any]) -> ResNet:
+  """A `ResNet` with a published model's settings; `overrides` replace any of them."""
+  attributes = {"stage_sizes": stage_sizes, "block": block, "layout": layout, "width": width,
+                **overrides}
+  return ResNet(num_classes=num_classes, **attributes)
+
+
+def resnet18(num_classes: int, **overrides: Any) -> ResNet:
+  """ResNet-18: ImageNet layout, basic blocks, stages (2, 2, 2, 2), width 64.
+
+  11,689,512 parameters with 1000 classes (torchvision's count).
+  """
+  return _named((2, 2, 2, 2), "basic", "imagenet", 64, num_classes, overrides)
+
+
+def resnet34(num_classes: int, **overrides: Any) -> ResNet:
+  """ResNet-34: ImageNet layout, basic blocks, stages (3, 4, 6, 3), width 64.
+
+  21,797,672 parameters with 1000 classes (torchvision's count).
+  """
+  return _named((3, 4, 6, 3), "basic", "imagenet", 64, num_classes, overrides)
+
+
+def resnet50(num_classes: int, **overrides: Any) -> ResNet:
+  """ResNet-50: ImageNet layout, bottleneck blocks (4x expansion), stages (3, 4, 6, 3), width 64.
+
+  25,557,032 parameters with 1000 classes (torchvision's count).
+  """
+  return _named((3, 4, 6, 3), "bottleneck", "imagenet", 64, num_classes, overrides)
+
+
+def resnet20(num_classes: int, **overrides: Any) -> ResNet:
+  """ResNet-20 for CIFAR: CIFAR layout, basic blocks, stages (3, 3, 3), widths 16, 32, 64.
+
+  272,474 parameters with 10 classes. The paper's 0.27M (269,722) uses parameter-free
+  zero-padding shortcuts (option A); here the two stage transitions use 1x1 conv + norm
+  projections, which add 16*32 + 2*32 + 32*64 + 2*64 = 2,752.
+  """
+  return _named((3, 3, 3), "basic", "cifar", 16, num_classes, overrides)
+
+
+def resnet56(num_classes: int, **overrides: Any) -> ResNet:
+  """ResNet-56 for CIFAR: CIFAR layout, basic blocks, stages (9, 9, 9), widths 16, 32, 64.
+
+  855,770 parameters with 10 classes: the paper's 0.85M (853,018, with zero-padding shortcuts)
+  plus the same 2,752 of the two projection shortcuts as `resnet20`.
+  """
+  return _named((9, 9, 9), "basic", "cifar", 16, num_classes, overrides)
