@@ -105,3 +105,14 @@ def test_lenet5_rejects_signals():
   """LeNet-5 needs images."""
   with pytest.raises(ValueError, match="LeNet5 expects images"):
     _init(models.LeNet5(num_classes=10), (2, 40))
+
+
+def test_build_model_names_resnets_and_passes_overrides():
+  """Named ResNets come from build_model with their stage layout; sub-config keys override."""
+  model = models.build_model({"name": "resnet20", "resnet20": {"width": 4}}, num_classes=10,
+                             axis_name="batch")
+  assert isinstance(model, models.ResNet)
+  assert tuple(model.stage_sizes) == (3, 3, 3) and model.layout == "cifar" and model.width == 4
+  assert model.axis_name == "batch"
+  with pytest.raises(ValueError, match="has no attributes"):
+    models.build_model({"name": "resnet50", "resnet50": {"depth": 50}}, num_classes=10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -11,6 +12,7 @@ from jdl.models.activations import ACTIVATIONS, get_activation
 from jdl.models.classic import LeNet5, LogisticRegression, ResidualMLP
 from jdl.models.cnn import CNN, CNN1D
 from jdl.models.mlp import MLP
+from jdl.models.resnet import PUBLISHED, ResNet
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
@@ -19,8 +21,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "logistic": LogisticRegression,
     "lenet5": LeNet5,
     "residual_mlp": ResidualMLP,
+    "resnet": ResNet,  # set stage_sizes, block, layout, width in its sub-config
 }
-"""Models an experiment config may name in `config.model.name`."""
+MODELS.update({name: functools.partial(ResNet, **settings) for name, settings in PUBLISHED.items()})
+"""Models an experiment config may name in `config.model.name` (the published ResNets by name)."""
 
 
 def build_model(
@@ -38,16 +42,18 @@ def build_model(
     raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}.")
   attributes = dict(config.get(name) or {})
   cls = MODELS[name]
-  valid = set(cls.__dataclass_fields__) - {"parent", "name", "num_classes", "axis_name"}
+  module_class = cls.func if isinstance(cls, functools.partial) else cls
+  valid = set(module_class.__dataclass_fields__) - {"parent", "name", "num_classes", "axis_name"}
   unknown = sorted(set(attributes) - valid)
   if unknown:
     raise ValueError(f"model {name!r} has no attributes {unknown}; valid attributes: {sorted(valid)}.")
-  if "axis_name" in cls.__dataclass_fields__:
+  if "axis_name" in module_class.__dataclass_fields__:
     attributes["axis_name"] = axis_name
   return cls(num_classes=num_classes, **attributes)
 
 
 __all__ = [
-    "ACTIVATIONS", "CNN", "CNN1D", "LeNet5", "LogisticRegression", "MLP", "MODELS", "ResidualMLP",
+    "ACTIVATIONS", "CNN", "CNN1D", "LeNet5", "LogisticRegression", "MLP", "MODELS", "ResNet",
+    "ResidualMLP",
     "build_model", "get_activation",
 ]

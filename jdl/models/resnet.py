@@ -167,7 +167,8 @@ class ResNet(nn.Module):
         raise ValueError(f"unknown {attribute} {value!r}; expected one of {valid}.")
     if not self.stage_sizes or any(int(n) < 1 for n in self.stage_sizes):
       raise ValueError(
-          f"stage_sizes must be a non-empty sequence of positive block counts; got {self.stage_sizes!r}.")
+          "stage_sizes must be a non-empty sequence of positive block counts; "
+          f"got {self.stage_sizes!r}.")
     super().__post_init__()
 
   def _norm(self, train: bool) -> NormFactory:
@@ -213,12 +214,20 @@ class ResNet(nn.Module):
     return nn.Dense(self.num_classes, name="head")(features_BxC)
 
 
-def _named(stage_sizes: tuple[int, ...], block: str, layout: str, width: int,
-           num_classes: int, overrides: dict[str, Any]) -> ResNet:
-  """A `ResNet` with a published model's settings; `overrides` replace any of them."""
-  attributes = {"stage_sizes": stage_sizes, "block": block, "layout": layout, "width": width,
-                **overrides}
-  return ResNet(num_classes=num_classes, **attributes)
+PUBLISHED: dict[str, dict[str, Any]] = {
+    "resnet18": {"stage_sizes": (2, 2, 2, 2), "block": "basic", "layout": "imagenet", "width": 64},
+    "resnet34": {"stage_sizes": (3, 4, 6, 3), "block": "basic", "layout": "imagenet", "width": 64},
+    "resnet50": {"stage_sizes": (3, 4, 6, 3), "block": "bottleneck", "layout": "imagenet",
+                 "width": 64},
+    "resnet20": {"stage_sizes": (3, 3, 3), "block": "basic", "layout": "cifar", "width": 16},
+    "resnet56": {"stage_sizes": (9, 9, 9), "block": "basic", "layout": "cifar", "width": 16},
+}
+"""The settings of the published ResNets, by name (`jdl.models.MODELS` registers them too)."""
+
+
+def _named(name: str, num_classes: int, overrides: dict[str, Any]) -> ResNet:
+  """The published model `name`; `overrides` replace any of its settings."""
+  return ResNet(num_classes=num_classes, **{**PUBLISHED[name], **overrides})
 
 
 def resnet18(num_classes: int, **overrides: Any) -> ResNet:
@@ -226,7 +235,7 @@ def resnet18(num_classes: int, **overrides: Any) -> ResNet:
 
   11,689,512 parameters with 1000 classes (torchvision's count).
   """
-  return _named((2, 2, 2, 2), "basic", "imagenet", 64, num_classes, overrides)
+  return _named("resnet18", num_classes, overrides)
 
 
 def resnet34(num_classes: int, **overrides: Any) -> ResNet:
@@ -234,7 +243,7 @@ def resnet34(num_classes: int, **overrides: Any) -> ResNet:
 
   21,797,672 parameters with 1000 classes (torchvision's count).
   """
-  return _named((3, 4, 6, 3), "basic", "imagenet", 64, num_classes, overrides)
+  return _named("resnet34", num_classes, overrides)
 
 
 def resnet50(num_classes: int, **overrides: Any) -> ResNet:
@@ -242,7 +251,7 @@ def resnet50(num_classes: int, **overrides: Any) -> ResNet:
 
   25,557,032 parameters with 1000 classes (torchvision's count).
   """
-  return _named((3, 4, 6, 3), "bottleneck", "imagenet", 64, num_classes, overrides)
+  return _named("resnet50", num_classes, overrides)
 
 
 def resnet20(num_classes: int, **overrides: Any) -> ResNet:
@@ -252,7 +261,7 @@ def resnet20(num_classes: int, **overrides: Any) -> ResNet:
   zero-padding shortcuts (option A); here the two stage transitions use 1x1 conv + norm
   projections, which add 16*32 + 2*32 + 32*64 + 2*64 = 2,752.
   """
-  return _named((3, 3, 3), "basic", "cifar", 16, num_classes, overrides)
+  return _named("resnet20", num_classes, overrides)
 
 
 def resnet56(num_classes: int, **overrides: Any) -> ResNet:
@@ -261,4 +270,4 @@ def resnet56(num_classes: int, **overrides: Any) -> ResNet:
   855,770 parameters with 10 classes: the paper's 0.85M (853,018, with zero-padding shortcuts)
   plus the same 2,752 of the two projection shortcuts as `resnet20`.
   """
-  return _named((9, 9, 9), "basic", "cifar", 16, num_classes, overrides)
+  return _named("resnet56", num_classes, overrides)

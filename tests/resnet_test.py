@@ -1,0 +1,161 @@
+"""ResNets: exact parameter counts, shapes, normalisation behaviour, input checks and training."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jdl
+from jdl.models import resnet
+
+
+def _param_count(model, shape):
+  """Parameters of `model` for inputs of `shape`, from shapes alone (nothing is computed)."""
+  init = functools.partial(model.init, train=False)
+  variables = jax.eval_shape(init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct(shape, jnp.float32))
+  return sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
+
+
+def _images(shape, seed=0):
+  return jax.random.normal(jax.random.PRNGKey(seed), shape)
+
+
+@pytest.mark.parametrize("constructor, expected", [
+    (resnet.resnet18, 11_689_512),
+    (resnet.resnet34, 21_797_672),
+    (resnet.resnet50, 25_557_032),
+])
+def test_imagenet_parameter_counts_equal_torchvision(constructor, expected):
+  """With 1000 classes the counts are torchvision's, and the docstring states them."""
+  assert _param_count(constructor(1000), (1, 64, 64, 3)) == expected
+  assert f"{expected:,}" in constructor.__doc__
+
+
+@pytest.mark.parametrize("constructor, expected", [
+    (resnet.resnet20, 272_474),
+    (resnet.resnet56, 855_770),
+])
+def test_cifar_parameter_counts_equal_the_docstrings(constructor, expected):
+  """With 10 classes: the paper's 0.27M / 0.85M plus 2,752 for the two projection shortcuts."""
+  assert _param_count(constructor(10), (1, 32, 32, 3)) == expected
+  assert f"{expected:,}" in constructor.__doc__
+
+
+@pytest.mark.parametrize("model, shape", [
+    (resnet.resnet18(1000), (2, 224, 224, 3)),
+    (resnet.resnet50(1000), (2, 224, 224, 3)),
+    (resnet.resnet56(10), (2, 32, 32, 3)),
+])
+def test_published_models_map_images_to_logits(model, shape):
+  """The full-size models give [batch, num_classes] on their usual image sizes (shapes only)."""
+  x = jax.ShapeDtypeStruct(shape, jnp.float32)
+  logits, _ = jax.eval_shape(functools.partial(model.init_with_output, train=False),
+                             jax.random.PRNGKey(0), x)
+  assert logits.shape == (shape[0], model.num_classes)
+
+
+@pytest.mark.parametrize("model, shape", [
+    (resnet.resnet18(7, width=4, stage_sizes=(1, 1, 1, 1)), (2, 16, 16, 3)),
+    (resnet.resnet50(7, width=4, stage_sizes=(1, 1, 1, 1)), (2, 16, 16, 3)),
+    (resnet.resnet20(7, width=4), (2, 16, 16, 3)),
+    (resnet.resnet20(7, width=4, stage_sizes=(1, 1, 1)), (2, 16, 16)),  # grey: channel axis added
+])
+def test_output_is_batch_by_classes(model, shape):
+  """Both layouts, both block kinds, colour and grey inputs run to finite [batch, num_classes]
+  logits (shallow and narrow, so the test is quick)."""
+  x = _images(shape)
+  logits, _ = model.init_with_output(jax.random.PRNGKey(0), x, train=False)
+  assert logits.shape == (shape[0], 7)
+  assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_batch_norm_state_and_batch_dependence():
+  """BatchNorm keeps running statistics that training updates; evaluation normalises each
+  example with them alone, training with the statistics of the whole batch."""
+  model = resnet.resnet20(7, width=4, stage_sizes=(1, 1, 1))
+  x = _images((2, 16, 16, 3))
+  variables = model.init(jax.random.PRNGKey(0), x, train=False)
+  assert "batch_stats" in variables
+
+  _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  changed = jax.tree.map(lambda old, new: bool(jnp.any(old != new)),
+                         variables["batch_stats"], updates["batch_stats"])
+  assert all(jax.tree.leaves(changed))
+
+  # A trained-looking state: running statistics no longer at their initial 0 / 1.
+  variables = {**variables, **updates}
+  alone = model.apply(variables, x[:1], train=False)
+  in_batch = model.apply(variables, x, train=False)[:1]
+  np.testing.assert_allclose(alone, in_batch, rtol=1e-5, atol=1e-5)
+
+  alone, _ = model.apply(variables, x[:1], train=True, mutable=["batch_stats"])
+  in_batch, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  assert not np.allclose(alone, in_batch[:1], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("normalization", ["group", "layer"])
+def test_group_and_layer_norm_are_stateless_and_per_example(normalization):
+  """No batch_stats; training runs and, unlike BatchNorm, does not mix examples."""
+  model = resnet.resnet20(7, width=4, stage_sizes=(1, 1, 1), normalization=normalization)
+  x = _images((2, 16, 16, 3))
+  variables = model.init(jax.random.PRNGKey(0), x, train=False)
+  assert set(variables) == {"params"}
+  logits = model.apply(variables, x, train=True)
+  assert logits.shape == (2, 7) and bool(jnp.all(jnp.isfinite(logits)))
+  np.testing.assert_allclose(model.apply(variables, x[:1], train=True), logits[:1],
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_and_names():
+  """Wrong input ranks and unknown names fail with messages that say what is expected."""
+  model = resnet.resnet20(10, width=4)
+  with pytest.raises(ValueError, match=r"ResNet expects images \[batch, height, width, channels\]"):
+    model.init(jax.random.PRNGKey(0), jnp.zeros((2, 48)), train=False)
+  with pytest.raises(ValueError,
+                     match=r"unknown layout 'mnist'; expected one of \('imagenet', 'cifar'\)"):
+    resnet.resnet20(10, layout="mnist")
+  with pytest.raises(ValueError, match="unknown block 'wide'; expected one of"):
+    resnet.ResNet((1,), "wide", 10)
+  with pytest.raises(ValueError, match="unknown normalization 'instance'; expected one of"):
+    resnet.resnet18(10, normalization="instance")
+
+
+def test_batch_norm_axis_name_averages_statistics_across_devices():
+  """Under pmap with `axis_name`, BatchNorm normalises with the global batch's statistics: two
+  shards of one example give what one batch of two gives without pmap."""
+  devices = jax.local_devices()[:2]
+  if len(devices) < 2:
+    pytest.skip("needs two devices")
+  x = _images((2, 16, 16, 3))
+  global_model = resnet.resnet20(7, width=4, stage_sizes=(1, 1, 1))
+  variables = global_model.init(jax.random.PRNGKey(0), x, train=False)
+  expected, expected_state = global_model.apply(variables, x, train=True, mutable=["batch_stats"])
+
+  sharded_model = global_model.clone(axis_name="batch")
+  apply = jax.pmap(lambda v, xs: sharded_model.apply(v, xs, train=True, mutable=["batch_stats"]),
+                   axis_name="batch", in_axes=(None, 0), devices=devices)
+  logits, state = apply(variables, x.reshape(2, 1, 16, 16, 3))
+  np.testing.assert_allclose(logits.reshape(2, 7), expected, rtol=1e-4, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-4, atol=1e-6),
+               state, expected_state)
+
+
+def test_tiny_cifar_resnet_trains_with_jdl():
+  """ResNet-20 at width 4 drives the loss on one fixed batch down with jdl's train step."""
+  model = resnet.resnet20(10, width=4)
+  x = _images((8, 16, 16, 3))
+  y = jax.random.randint(jax.random.PRNGKey(1), (8,), 0, 10)
+  state = jdl.create_train_state(model, optax.sgd(0.1), x, jax.random.PRNGKey(0))
+  assert set(state.model_state) == {"batch_stats"}
+  train_step = jax.jit(jdl.make_train_step())
+  batch = {"input": x, "label": y}
+  losses = []
+  for _ in range(10):
+    state, metrics = train_step(state, batch)
+    losses.append(float(metrics["loss_sum"] / metrics["count"]))
+  assert int(state.step) == 10
+  assert all(np.isfinite(losses))
+  assert losses[-1] < losses[0] - 0.2, losses
