@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 
 from jdl.models.activations import apply_output, get_activation
+from jdl.models.inputs import as_images
 
 
 class LogisticRegression(nn.Module):
@@ -45,10 +46,7 @@ class LeNet5(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     del train
-    if x.ndim == 3:
-      x = x[..., None]
-    if x.ndim != 4:
-      raise ValueError(f"LeNet5 expects images [batch, height, width, channels]; got shape {x.shape}.")
+    x = as_images(x, "LeNet5")
     act = get_activation(self.activation)
     x = nn.avg_pool(act(nn.Conv(6, (5, 5), padding="SAME")(x)), (2, 2), strides=(2, 2))
     x = nn.avg_pool(act(nn.Conv(16, (5, 5), padding="VALID")(x)), (2, 2), strides=(2, 2))

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jdl.models.activations import apply_output, get_activation
+from jdl.models.inputs import as_images
 
 
 class CNN(nn.Module):
@@ -35,13 +36,7 @@ class CNN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    if x.ndim == 3:  # [batch, height, width] grey images
-      x = x[..., None]
-    if x.ndim != 4:
-      raise ValueError(
-          f"CNN expects images [batch, height, width, channels] (or [batch, height, width]); "
-          f"got shape {x.shape}."
-      )
+    x = as_images(x, "CNN")
     act = get_activation(self.activation)
     for channels in self.features:
       x = act(nn.Conv(channels, kernel_size=(3, 3))(x))

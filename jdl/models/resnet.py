@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jdl.models.inputs import as_images
+
 BLOCKS = ("basic", "bottleneck")
 LAYOUTS = ("imagenet", "cifar")
 NORMALIZATIONS = ("batch", "group", "layer")
@@ -189,13 +191,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    if x.ndim == 3:  # [batch, height, width] grey images
-      x = x[..., None]
-    if x.ndim != 4:
-      raise ValueError(
-          f"ResNet expects images [batch, height, width, channels] (or [batch, height, width]); "
-          f"got shape {x.shape}."
-      )
+    x = as_images(x, "ResNet")
     norm = self._norm(train)
     if self.layout == "imagenet":
       x = _conv(self.width, 7, 2, name="stem_conv")(x)
