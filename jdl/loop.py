@@ -210,6 +210,10 @@ class _HostEngine:
   def __init__(self, runner, train_step, eval_step, train_data, eval_data, num_classes):
     self.runner, self.train_data, self.eval_data = runner, train_data, eval_data
     self.num_classes = num_classes
+    # In-memory arrays are checked once, here; other sources batch by batch on the host.
+    self.check_each_batch = not isinstance(train_data, data_lib.ArraySource)
+    if not self.check_each_batch:
+      data_lib.check_labels(train_data.labels, num_classes, where="training labels")
     self.train_step, self.eval_step = runner.compile(train_step, eval_step)
     self.batches: Any = None
     self.position = -1  # the step that `self.ready` trains
@@ -223,9 +227,10 @@ class _HostEngine:
     batch = next(self.batches, None)
     if batch is None:
       return None
-    data_lib.check_inputs(batch["input"], where="training inputs")
-    real_labels = batch["label"] if "mask" not in batch else batch["label"][batch["mask"]]
-    data_lib.check_labels(real_labels, self.num_classes, where="training labels")
+    if self.check_each_batch:
+      data_lib.check_inputs(batch["input"], where="training inputs")
+      real_labels = batch["label"] if "mask" not in batch else batch["label"][batch["mask"]]
+      data_lib.check_labels(real_labels, self.num_classes, where="training labels")
     return self.runner.place_batch(batch)
 
   def advance(self, state, step, limit):
