@@ -10,7 +10,7 @@ import os as _os
 # noise for a JAX user. Set before anything imports TensorFlow; a value the user set wins.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-from jdl import data, models, parallel  # pylint: disable=wrong-import-position
+from jdl import augment, data, models, parallel  # pylint: disable=wrong-import-position
 from jdl.config import ConfigError, apply_overrides, classification_config, run_experiment
 from jdl.logging import MetricWriter, read_jsonl
 from jdl.loop import evaluate, fit, train_and_evaluate
@@ -40,7 +40,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError", "MetricWriter", "TrainState", "apply_overrides", "binary_cross_entropy",
     "classification_config", "classification_metrics", "compute_metrics", "count_params",
-    "create_train_state", "cross_entropy_from_probabilities", "data", "empty_metrics", "evaluate",
+    "augment", "create_train_state", "cross_entropy_from_probabilities", "data", "empty_metrics",
+    "evaluate",
     "fit", "kernels_only_mask", "l1_penalty", "l2_penalty", "loss_metrics",
     "make_classification_steps", "make_eval_step", "make_optimizer", "make_schedule",
     "make_train_step", "make_weight_penalty", "mean_squared_error", "merge_metrics", "models",

@@ -48,6 +48,16 @@ def classification_config() -> ml_collections.ConfigDict:
   config.l1 = 0.0  # L1 penalty coefficient on weight matrices and kernels
   config.l2 = 0.0  # L2 penalty coefficient on weight matrices and kernels
   config.top_k = ()  # extra top-k accuracies to report, e.g. (5,)
+  # Augmentation of training batches (jdl.augment); all off by default.
+  config.augment = ml_collections.ConfigDict()
+  config.augment.crop_padding = 0  # random crop after zero-padding each side by this many pixels
+  config.augment.flip = False  # random horizontal flip
+  config.augment.cutout_size = 0  # side of a random zeroed square (cutout / random erasing)
+  config.augment.brightness = 0.0  # add U[-b, b] per image
+  config.augment.contrast = 0.0  # scale around the image mean by U[1-c, 1+c]
+  config.augment.mixup_alpha = 0.0  # mixup with Beta(alpha, alpha) weights; 0: off
+  config.augment.value_range = (0.0, 1.0)  # inputs' valid range; jittered values are clipped to it
+  config.augment.where = "device"  # device (jax ops in the train step) or pipeline (tf.data ops)
   # Optimisation: see jdl.optim for every key.
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adam"  # sgd, adam, adamw, rmsprop
@@ -97,6 +107,8 @@ def _flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]
 
 
 def _parse_value(text: str, current: Any, key: str) -> Any:
+  if text.strip() == "None" and not isinstance(current, bool):
+    return None  # unsets an optional field, e.g. --config.model.cnn.normalization=None
   if isinstance(current, bool):
     lowered = text.strip().lower()
     if lowered in ("true", "1", "yes"):

@@ -17,9 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from jdl import augment as augment_lib
 from jdl import data as data_lib
 from jdl import metrics as metrics_lib
 from jdl import models, optim, parallel, resident, step as step_lib
+from jdl.data import augment_tf
 from jdl.logging import MetricWriter
 from jdl.state import TrainState, count_params, create_train_state
 
@@ -313,6 +315,7 @@ def train_and_evaluate(config: Any, workdir: str) -> tuple[TrainState, list[Reco
   """
   parallel.initialize_distributed(config.distributed)
   _check_loss_matches_output(config)
+  device_augment, pipeline_augment = make_augmentations(config.augment, in_memory=config.in_memory)
   runner = parallel.make_runner(config.layout, num_devices=config.num_devices or None,
                                 batch_size=config.batch_size)
   train_data, eval_data, meta = data_lib.load_classification_data(
@@ -327,6 +330,7 @@ def train_and_evaluate(config: Any, workdir: str) -> tuple[TrainState, list[Reco
       seed=config.seed,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
+      augment=pipeline_augment,
   )
   model = models.build_model(config.model, num_classes=meta.num_classes, axis_name=runner.axis_name)
   num_steps = config.num_steps or config.num_epochs * train_data.steps_per_epoch
@@ -334,7 +338,8 @@ def train_and_evaluate(config: Any, workdir: str) -> tuple[TrainState, list[Reco
   sample = np.zeros((1, *meta.input_shape), np.float32)
   state = create_train_state(model, tx, sample, jax.random.PRNGKey(config.seed))
   train_step, eval_step = step_lib.make_classification_steps(
-      config.loss, l1=config.l1, l2=config.l2, top_k=tuple(config.top_k), axis_name=runner.axis_name
+      config.loss, l1=config.l1, l2=config.l2, top_k=tuple(config.top_k),
+      axis_name=runner.axis_name, augment=device_augment,
   )
   main = parallel.is_main_process()
   if config.progress and main:
@@ -366,6 +371,33 @@ def train_and_evaluate(config: Any, workdir: str) -> tuple[TrainState, list[Reco
           f"(loss {final[f'{eval_name}_loss']:.4f}) after {int(final['step'])} steps, "
           f"{final['elapsed_seconds']:.1f}s")
   return state, history
+
+
+AUGMENT_PLACES = ("device", "pipeline")
+
+
+def make_augmentations(
+    augment_config: Mapping[str, Any], *, in_memory: bool
+) -> tuple[step_lib.AugmentFn | None, data_lib.PipelineAugmentFn | None]:
+  """The `(device, pipeline)` augmentations `config.augment` asks for; at most one is not None.
+
+  "device" runs jax ops inside the train step (either data path, every layout; the key comes from
+  the step), "pipeline" runs tf.data ops on the host (streaming data only). The spec is checked
+  here, before any data is loaded.
+  """
+  spec = {key: value for key, value in dict(augment_config).items() if key != "where"}
+  where = augment_config.get("where", "device")
+  if where not in AUGMENT_PLACES:
+    raise ValueError(f"unknown config.augment.where {where!r}; expected one of {AUGMENT_PLACES}.")
+  if where == "device":
+    return augment_lib.make_augment(spec), None
+  pipeline = augment_tf.make_tf_augment(spec)
+  if pipeline is not None and in_memory:
+    raise ValueError(
+        "config.augment.where='pipeline' augments in tf.data, which needs in_memory=False; "
+        "set --config.in_memory=false, or augment on the device with where='device'."
+    )
+  return None, pipeline
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -7,7 +7,9 @@ under `jax.jit`, under jit with sharded inputs, and under `jax.pmap` with `axis_
 A batch is a dict of arrays:
   `input`: `[batch, *input_shape]` model inputs;
   `label`: `[batch, ...]` targets (integer class labels for classification);
-  `mask` (optional): `[batch]`, True for real examples and False for padding.
+  `mask` (optional): `[batch]`, True for real examples and False for padding;
+  `mix_label`, `mix_weight` (optional, from mixup): `[batch]` second labels and the weight of
+  `label`; the loss is then `w * loss(label) + (1 - w) * loss(mix_label)`.
 
 Loss and metrics cover the unmasked examples only, so a padded batch gives exactly the numbers of
 its real examples. With `axis_name` set, the loss is normalised by the example count summed over
@@ -31,6 +33,10 @@ Metrics = metrics_lib.Metrics
 MetricsFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None], Metrics]
 TrainStepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 EvalStepFn = Callable[[TrainState, Batch], Metrics]
+AugmentFn = Callable[[jax.Array, Batch], Batch]
+
+AUGMENT_STREAM = 1
+"""The step's key is folded with this to key augmentation, so dropout keeps its own key."""
 
 _DEFAULT_METRICS: MetricsFn = functools.partial(metrics_lib.classification_metrics, top_k=())
 
@@ -41,6 +47,7 @@ def make_train_step(
     weight_penalty: Callable[[Params], jax.Array] | None = None,
     metrics_fn: MetricsFn = _DEFAULT_METRICS,
     axis_name: str | None = None,
+    augment: AugmentFn | None = None,
 ) -> TrainStepFn:
   """Returns a pure train step `(state, batch) -> (state, metrics)`.
 
@@ -54,17 +61,25 @@ def make_train_step(
       `losses.make_weight_penalty(l2=1e-4)`).
     metrics_fn: `(outputs, labels, losses, mask) -> sums`; see `jdl.metrics`.
     axis_name: the mapped axis name when run under `pmap`/`shard_map`; None under (sharded) jit.
+    augment: optional on-device augmentation `(key, batch) -> batch` applied to every training
+      batch (e.g. `jdl.augment.make_augment(spec)`); it may add mixup's `mix_label` and
+      `mix_weight`.
 
   Returns:
     The train step. Its key for dropout is `fold_in(state.rng, state.step)` (and the device index
-    under `axis_name`), so runs are reproducible and resumable.
+    under `axis_name`), and augmentation's is that key folded with `AUGMENT_STREAM`, so runs are
+    reproducible and resumable.
   """
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    inputs, labels, mask = _unpack(batch, state.input_shape)
+    _unpack(batch, state.input_shape)
     rng = jax.random.fold_in(state.rng, state.step)
     if axis_name is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    if augment is not None:
+      batch = augment(jax.random.fold_in(rng, AUGMENT_STREAM), batch)
+    inputs, labels, mask = _unpack(batch, state.input_shape)
+    per_example_loss = _mixed_loss(loss_fn, batch)
     keep = jnp.ones(labels.shape[:1], jnp.float32) if mask is None else mask.astype(jnp.float32)
     example_count = jnp.sum(keep)
     num_shards = 1
@@ -78,7 +93,7 @@ def make_train_step(
       outputs, new_model_state = state.apply_fn(
           variables, inputs, train=True, rngs={"dropout": rng}, mutable=mutable
       )
-      per_example = loss_fn(outputs, labels)
+      per_example = per_example_loss(outputs, labels)
       loss = jnp.sum(per_example * keep) / jnp.maximum(example_count, 1.0)
       if weight_penalty is not None:
         # Each shard adds its share, so the psum of gradients counts the penalty once.
@@ -117,6 +132,20 @@ def make_eval_step(
   return eval_step
 
 
+def _mixed_loss(loss_fn: losses_lib.LossFn, batch: Batch) -> losses_lib.LossFn:
+  """`loss_fn`, or its mixup blend when the batch carries `mix_label` and `mix_weight`."""
+  if "mix_label" not in batch:
+    return loss_fn
+  if "mix_weight" not in batch:
+    raise ValueError("a batch with 'mix_label' needs 'mix_weight' (the weight of 'label') too.")
+  mix_label, weight = batch["mix_label"], batch["mix_weight"].astype(jnp.float32)
+
+  def blended(outputs: jax.Array, labels: jax.Array) -> jax.Array:
+    return weight * loss_fn(outputs, labels) + (1.0 - weight) * loss_fn(outputs, mix_label)
+
+  return blended
+
+
 def _unpack(batch: Batch, input_shape: tuple[int, ...]):
   """Checks a batch against the model's input shape while tracing (free at run time)."""
   if not isinstance(batch, Mapping) or "input" not in batch or "label" not in batch:
@@ -147,8 +176,10 @@ def make_classification_steps(
     l2: float = 0.0,
     top_k: tuple[int, ...] = (),
     axis_name: str | None = None,
+    augment: AugmentFn | None = None,
 ) -> tuple[TrainStepFn, EvalStepFn]:
-  """Train and eval steps for classification with a named loss, L1/L2 penalties and top-k."""
+  """Train and eval steps for classification with a named loss, L1/L2 penalties, top-k and
+  optional on-device augmentation of training batches."""
   loss_fn = losses_lib.get_classification_loss(loss_name)
   metrics_fn = functools.partial(metrics_lib.classification_metrics, top_k=top_k)
   train_step = make_train_step(
@@ -156,6 +187,7 @@ def make_classification_steps(
       weight_penalty=losses_lib.make_weight_penalty(l1=l1, l2=l2),
       metrics_fn=metrics_fn,
       axis_name=axis_name,
+      augment=augment,
   )
   eval_step = make_eval_step(loss_fn, metrics_fn=metrics_fn, axis_name=axis_name)
   return train_step, eval_step

@@ -22,6 +22,28 @@ def test_overrides_are_typed_by_the_existing_value():
   assert config.top_k == (5,)
 
 
+def test_none_unsets_an_optional_field():
+  """`KEY=None` unsets a field (a norm, a clip norm), and the field takes values again after."""
+  config = config_lib.apply_overrides(config_lib.classification_config(), [
+      "optimizer.clip_norm=1.0", "optimizer.clip_norm=None", "data_dir=None"])
+  assert config.optimizer.clip_norm is None and config.data_dir is None
+  assert config_lib.apply_overrides(config, ["data_dir=/d"]).data_dir == "/d"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["augment.where=gpu"], "unknown config.augment.where 'gpu'"),
+    (["augment.flip=true", "augment.where=pipeline"], "needs in_memory=False"),
+    (["augment.cutout_size=-2"], "cutout_size=-2 must be an integer >= 0"),
+])
+def test_augmentation_mistakes_fail_before_any_data_is_read(overrides, message, tmp_path):
+  """A bad augmentation config stops `train_and_evaluate` at once with a message naming it."""
+  config = config_lib.apply_overrides(config_lib.classification_config(), [
+      *overrides, f"data_dir={tmp_path / 'missing'}", "download=false"])
+  with pytest.raises(ValueError, match=message):
+    jdl.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
 def test_overrides_do_not_touch_the_original():
   """apply_overrides works on a copy."""
   base = config_lib.classification_config()

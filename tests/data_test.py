@@ -401,3 +401,32 @@ def test_mock_fashion_mnist_loads_offline_as_scaled_images(tmp_path, monkeypatch
       assert inputs.min() >= 0.0 and inputs.max() <= 1.0
       assert inputs.max() > 1.0 / 255.0  # scaled, not all zeros
       assert labels.min() >= 0 and labels.max() < 10
+
+
+def test_tf_data_source_augments_each_epoch_reproducibly_and_pads_mixup_keys():
+  """A pipeline augmentation is keyed by (seed, epoch, batch): an epoch replays exactly, epochs
+  differ, and mixup's extra keys are padded with the batch, so every batch has one structure."""
+  augment = jdl.data.augment_tf.make_tf_augment({"brightness": 0.2, "mixup_alpha": 0.5})
+  inputs = np.full((10, 3), 0.5, np.float32)
+  dataset = tf.data.Dataset.from_tensor_slices((inputs, np.arange(10, dtype=np.int32)))
+  source = jdl.data.TFDataSource(dataset, 10, 4, shuffle=False, augment=augment)
+  epochs = [list(source.epoch(e)) for e in (0, 1, 0)]
+  for batches in epochs:
+    assert [set(b) for b in batches] == [{"input", "label", "mask", "mix_label", "mix_weight"}] * 3
+    assert all(b["input"].shape == (4, 3) for b in batches)
+  last = epochs[0][-1]
+  np.testing.assert_array_equal(last["mask"], [True, True, False, False])
+  np.testing.assert_array_equal(last["mix_weight"][2:], [0.0, 0.0])
+  for a, b in zip(epochs[0], epochs[2]):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  assert not np.array_equal(epochs[0][0]["input"], epochs[1][0]["input"])
+  assert not np.array_equal(epochs[0][0]["input"], inputs[:4])
+
+
+def test_pipeline_augmentation_needs_the_streaming_path(tmp_path):
+  """Asking for tf.data augmentation of in-memory data is an error that says what to do."""
+  augment = jdl.data.augment_tf.make_tf_augment({"flip": True})
+  with pytest.raises(ValueError, match="in_memory=False"):
+    jdl.data.load_classification_data("mnist1d", batch_size=4, eval_batch_size=4,
+                                      data_dir=str(tmp_path), augment=augment)

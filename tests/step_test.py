@@ -171,3 +171,76 @@ def test_create_train_state_rejects_a_sample_without_batch_dimension():
   with pytest.raises(ValueError, match="leading batch dimension"):
     jdl.create_train_state(models.MLP(hidden=(), num_classes=2), optax.sgd(0.1),
                            np.zeros((0, 3), np.float32), jax.random.PRNGKey(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation inside the step, and mixup's blended loss.
+
+
+def test_augmenting_step_equals_plain_step_on_the_augmented_batch():
+  """The step augments with its own key, `fold_in(fold_in(rng, step), AUGMENT_STREAM)`: the result
+  is exactly a plain step on the batch augmented outside with that key, and dropout's key is
+  unchanged (the state without augmentation keeps its trajectory)."""
+  spec = {"crop_padding": 1, "flip": True, "cutout_size": 2, "brightness": 0.1}
+  augment = jdl.augment.make_augment(spec)
+  model = models.CNN(num_classes=3, features=(2,), dense=4, dropout_rate=0.5)
+  state = _state(model, optax.sgd(0.1), input_shape=(6, 6, 1))
+  state = state.replace(step=jnp.asarray(3, state.step.dtype))
+  batch = jax.tree.map(jnp.asarray, _batch(4, input_shape=(6, 6, 1)))
+  batch["input"] = jnp.abs(batch["input"]) / 4  # inside the value range (0, 1)
+
+  augmenting = jax.jit(jdl.make_train_step(augment=augment))
+  new_state, metrics = augmenting(state, batch)
+  key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jdl.step.AUGMENT_STREAM)
+  expected_state, expected_metrics = jax.jit(jdl.make_train_step())(state, augment(key, batch))
+  jax.tree.map(np.testing.assert_array_equal, new_state.params, expected_state.params)
+  jax.tree.map(np.testing.assert_array_equal, metrics, expected_metrics)
+  unaugmented, _ = jax.jit(jdl.make_train_step())(state, batch)
+  assert not np.array_equal(ravel_pytree(unaugmented.params)[0],
+                            ravel_pytree(new_state.params)[0])
+
+
+def test_mixup_batch_trains_on_the_weighted_sum_of_both_losses():
+  """With `mix_label` and `mix_weight` the gradient is that of
+  mean(w * CE(label) + (1 - w) * CE(mix_label)), padding excluded."""
+  model = models.MLP(hidden=(4,), num_classes=3)
+  state = _state(model, optax.sgd(1.0))
+  batch = jax.tree.map(jnp.asarray, _batch(5, mask=[True, True, True, True, False]))
+  batch["mix_label"] = (batch["label"] + 1) % 3
+  batch["mix_weight"] = jnp.asarray([1.0, 0.7, 0.5, 0.0, 0.3])
+  applied = _gradient_from_sgd_step(state, jax.jit(jdl.make_train_step()), batch)
+
+  def loss(params):
+    logits = model.apply({"params": params}, batch["input"][:4], train=True)
+    w = batch["mix_weight"][:4]
+    per_example = (w * jdl.softmax_cross_entropy(logits, batch["label"][:4])
+                   + (1 - w) * jdl.softmax_cross_entropy(logits, batch["mix_label"][:4]))
+    return jnp.mean(per_example)
+
+  expected = jax.grad(loss)(state.params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               applied, expected)
+  with pytest.raises(ValueError, match="'mix_weight'"):
+    jdl.make_train_step()(state, {k: v for k, v in batch.items() if k != "mix_weight"})
+
+
+def test_augmentation_is_the_same_sharded_over_8_devices_and_on_one():
+  """On-device augmentation draws for the global batch, so the sharded step equals one device."""
+  devices = jax.devices()
+  if len(devices) < 8:
+    pytest.skip("needs 8 devices")
+  augment = jdl.augment.make_augment({"crop_padding": 1, "flip": True, "mixup_alpha": 0.4})
+  model = models.CNN(num_classes=3, features=(2,), dense=4)
+  state = _state(model, optax.sgd(0.1), input_shape=(6, 6, 1))
+  batch = jax.tree.map(jnp.asarray, _batch(16, input_shape=(6, 6, 1)))
+  batch["input"] = jnp.abs(batch["input"]) / 4
+  step = jdl.make_train_step(augment=augment)
+  single, single_metrics = jax.jit(step)(state, batch)
+  runner = jdl.parallel.make_runner("shard", num_devices=8, batch_size=16)
+  compiled, _ = runner.compile(step, jdl.make_eval_step())
+  sharded, sharded_metrics = compiled(runner.place_state(state), runner.place_batch(batch))
+  sharded = runner.fetch_state(sharded)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               single.params, sharded.params)
+  np.testing.assert_allclose(runner.fetch_metrics(sharded_metrics)["loss_sum"],
+                             single_metrics["loss_sum"], rtol=1e-5)

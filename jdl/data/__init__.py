@@ -21,11 +21,13 @@ from jdl.data.loading import (
     read_split,
     scale_inputs,
 )
+from jdl.data import augment_tf
 from jdl.data.mnist1d import Mnist1d, generate_mnist1d
 from jdl.data.sources import (
     ArraySource,
     Batch,
     BatchSource,
+    PipelineAugmentFn,
     TFDataSource,
     check_inputs,
     check_labels,
@@ -49,6 +51,7 @@ def load_classification_data(
     shuffle_buffer: int = 10_000,
     process_index: int = 0,
     process_count: int = 1,
+    augment: PipelineAugmentFn | None = None,
 ) -> tuple[BatchSource, BatchSource, DatasetMeta]:
   """The train and eval batch sources of a TFDS classification dataset, and its metadata.
 
@@ -67,10 +70,18 @@ def load_classification_data(
     shuffle_buffer: shuffle buffer of the streaming path.
     process_index, process_count: this process and the number of processes of a multi-host run;
       each process's sources yield its share of every global batch.
+    augment: a tf.data augmentation of training batches (`jdl.data.augment_tf.make_tf_augment`);
+      it needs the streaming path (`in_memory=False`). On-device augmentation in the train step
+      (`jdl.augment`) works with either path.
 
   Returns:
     `(train_source, eval_source, meta)`; the train source shuffles, the eval source does not.
   """
+  if augment is not None and in_memory:
+    raise ValueError(
+        "pipeline augmentation runs in tf.data, so it needs in_memory=False; for in-memory data "
+        "augment on the device instead (jdl.augment.make_augment, passed to the train step)."
+    )
   builder = get_builder(name, data_dir)
   prepare(builder, download=download, manual_dir=manual_dir)
   meta = dataset_meta(builder)
@@ -89,7 +100,9 @@ def load_classification_data(
       counts = [_split_size(builder, share) for share in shares]
       dataset = read_split(builder, shares[process_index], shuffle_files=shuffle, seed=seed)
       sources.append(TFDataSource(dataset, max(counts), size, shuffle=shuffle, seed=seed,
-                                  shuffle_buffer=shuffle_buffer, process_count=process_count))
+                                  shuffle_buffer=shuffle_buffer, process_index=process_index,
+                                  process_count=process_count,
+                                  augment=augment if shuffle else None))
       sizes[split] = sum(counts)
   return sources[0], sources[1], _with_split_sizes(meta, sizes)
 
@@ -111,6 +124,7 @@ def _with_split_sizes(meta: DatasetMeta, sizes: dict[str, int]) -> DatasetMeta:
 
 __all__ = [
     "ArraySource", "Batch", "BatchSource", "DatasetMeta", "DatasetUnavailableError", "Mnist1d",
+    "PipelineAugmentFn", "augment_tf",
     "TFDataSource", "check_inputs", "check_labels", "dataset_meta", "epoch_seed",
     "generate_mnist1d", "get_builder", "load_classification_data", "load_split_arrays",
     "pad_batch", "prepare", "read_split", "scale_inputs",

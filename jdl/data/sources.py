@@ -12,7 +12,7 @@ sees exactly the data an uninterrupted run would.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
 import jax
@@ -21,6 +21,8 @@ import numpy as np
 import tensorflow as tf
 
 Batch = dict[str, np.ndarray]
+PipelineAugmentFn = Callable[[dict[str, tf.Tensor], tf.Tensor], dict[str, tf.Tensor]]
+"""A tf.data augmentation `(batch, seed) -> batch` (see `jdl.data.augment_tf.make_tf_augment`)."""
 
 
 class BatchSource(Protocol):
@@ -40,22 +42,30 @@ class BatchSource(Protocol):
     ...
 
 
-def pad_batch(inputs: np.ndarray, labels: np.ndarray, batch_size: int) -> Batch:
-  """A batch dict padded with zeros to `batch_size` examples, with `mask` marking the real ones."""
+def pad_batch(inputs: np.ndarray, labels: np.ndarray, batch_size: int,
+              extras: Mapping[str, np.ndarray] | None = None) -> Batch:
+  """A batch dict padded with zeros to `batch_size` examples, with `mask` marking the real ones.
+
+  `extras` are further per-example arrays (e.g. mixup's `mix_label`), padded the same way.
+  """
   count = inputs.shape[0]
   if count > batch_size:
     raise ValueError(f"batch of {count} examples is larger than batch_size={batch_size}.")
   mask = np.zeros((batch_size,), np.bool_)
   mask[:count] = True
+  batch = {"input": inputs, "label": labels, **(extras or {})}
   if count < batch_size:
-    inputs = np.concatenate([inputs, np.zeros((batch_size - count, *inputs.shape[1:]), inputs.dtype)])
-    labels = np.concatenate([labels, np.zeros((batch_size - count, *labels.shape[1:]), labels.dtype)])
-  return {"input": inputs, "label": labels, "mask": mask}
+    batch = {key: np.concatenate([value, np.zeros((batch_size - count, *value.shape[1:]),
+                                                  value.dtype)])
+             for key, value in batch.items()}
+  return {**batch, "mask": mask}
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-  """A 63-bit seed for one epoch's shuffle, derived from the run's seed and the epoch index."""
-  return int(np.random.SeedSequence([seed, epoch]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+def epoch_seed(seed: int, epoch: int, stream: int | None = None) -> int:
+  """A 63-bit seed for one epoch, derived from the run's seed and the epoch index: the shuffle's
+  (`stream=None`), or an independent one for another use (augmentation takes `stream >= 1`)."""
+  entropy = [seed, epoch] if stream is None else [seed, epoch, stream]
+  return int(np.random.SeedSequence(entropy).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 @functools.partial(jax.jit, static_argnames=("num_examples", "shuffle"))
@@ -171,7 +181,9 @@ class TFDataSource:
   """Batches streamed from an unbatched tf.data pipeline of `(input, label)` pairs.
 
   Each epoch shuffles with a buffer of `shuffle_buffer` examples, seeded from `(seed, epoch)`,
-  then batches and prefetches in background threads.
+  then batches, augments (when `augment` is given; batch `i` of epoch `e` gets the stateless seed
+  `(epoch_seed(seed, e, 1 + process_index), i)`, so epochs replay exactly) and prefetches in
+  background threads.
 
   In a multi-process run `dataset` is this process's share of the split (e.g. from
   `tfds.even_splits`), `num_examples` the size of the largest share, and every process yields
@@ -188,15 +200,18 @@ class TFDataSource:
       shuffle: bool,
       seed: int = 0,
       shuffle_buffer: int = 10_000,
+      process_index: int = 0,
       process_count: int = 1,
+      augment: PipelineAugmentFn | None = None,
   ) -> None:
     if num_examples < 1:
       raise ValueError(f"the split is empty (num_examples={num_examples}).")
     self.dataset = dataset
     self._num_examples, self._batch_size = int(num_examples), int(batch_size)
     self.local_batch_size = _local_batch_size(self._batch_size, process_count)
-    self.process_count = process_count
+    self.process_index, self.process_count = process_index, process_count
     self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, shuffle_buffer
+    self.augment = augment
 
   @property
   def num_examples(self) -> int:
@@ -217,17 +232,41 @@ class TFDataSource:
     if self.shuffle:
       dataset = dataset.shuffle(self.shuffle_buffer, seed=epoch_seed(self.seed, index),
                                 reshuffle_each_iteration=False)
-    dataset = dataset.batch(self.local_batch_size).prefetch(tf.data.AUTOTUNE)
+    dataset = dataset.batch(self.local_batch_size).map(
+        lambda x, y: {"input": x, "label": y, "mask": tf.ones_like(y, tf.bool)})
+    if self.augment is not None:
+      augment = self.augment
+      seed = epoch_seed(self.seed, index, 1 + self.process_index)
+      dataset = dataset.enumerate().map(
+          lambda i, batch: augment(batch, tf.stack([tf.constant(seed, tf.int64), i])),
+          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.prefetch(tf.data.AUTOTUNE)
     produced = 0
-    for inputs, labels in dataset.as_numpy_iterator():
+    for batch in dataset.as_numpy_iterator():
       if produced == self.steps_per_epoch:
         break
       produced += 1
-      yield pad_batch(inputs, labels, self.local_batch_size)
+      extras = {k: v for k, v in batch.items() if k not in ("input", "label", "mask")}
+      yield pad_batch(batch["input"], batch["label"], self.local_batch_size, extras)
     if produced < self.steps_per_epoch:
       input_spec, label_spec = self.dataset.element_spec
       empty = pad_batch(np.zeros((0, *input_spec.shape), input_spec.dtype.as_numpy_dtype),
                         np.zeros((0, *label_spec.shape), label_spec.dtype.as_numpy_dtype),
                         self.local_batch_size)
+      if self.augment is not None:
+        self._pad_extras(empty)
       for _ in range(self.steps_per_epoch - produced):
         yield empty
+
+  def _pad_extras(self, empty: Batch) -> None:
+    """Gives a fully masked batch the extra keys augmented batches carry (mixup's), so every
+    batch of the epoch has the same structure and the step compiles once."""
+    input_spec, label_spec = self.dataset.element_spec
+    probe = {"input": tf.zeros((1, *input_spec.shape), input_spec.dtype),
+             "label": tf.zeros((1, *label_spec.shape), label_spec.dtype),
+             "mask": tf.ones((1,), tf.bool)}
+    augmented = self.augment(probe, tf.constant([0, 0], tf.int64))
+    for key, value in augmented.items():
+      if key not in empty:
+        empty[key] = np.zeros((self.local_batch_size, *value.shape[1:]),
+                              value.dtype.as_numpy_dtype)
