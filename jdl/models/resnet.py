@@ -8,7 +8,6 @@ bias), so numbers and checkpoints compare one to one.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,14 +16,11 @@ import jax
 import jax.numpy as jnp
 
 from jdl.models.inputs import as_images
+from jdl.models.normalization import IMAGE_NORMALIZATIONS, image_norm
 
 BLOCKS = ("basic", "bottleneck")
 LAYOUTS = ("imagenet", "cifar")
-NORMALIZATIONS = ("batch", "group", "layer")
-
-GROUPS = 32
-"""Groups of GroupNorm (Wu & He 2018). A layer with fewer channels, or a channel count 32 does
-not divide, uses gcd(32, channels) groups, so narrow CIFAR widths (16, or 4 in tests) still work."""
+NORMALIZATIONS = IMAGE_NORMALIZATIONS
 
 BOTTLENECK_EXPANSION = 4
 """A bottleneck block's output has 4x the channels of its inner 3x3 convolution."""
@@ -141,11 +137,7 @@ class ResNet(nn.Module):
     num_classes: width of the output layer (logits).
     width: channels of the stem and of the first stage.
     layout: "imagenet" or "cifar" (see above).
-    normalization: "batch" (BatchNorm: batch statistics in training, running averages in
-      evaluation, kept in the "batch_stats" collection; momentum 0.9, epsilon 1e-5), "group"
-      (GroupNorm, `GROUPS` groups) or "layer" (LayerNorm over height, width and channels with a
-      scale and bias per channel, i.e. GroupNorm with one group). Group and layer norms treat each
-      example on its own and have no state.
+    normalization: "batch", "group" or "layer" (see `jdl.models.normalization.image_norm`).
     axis_name: the pmap axis over which BatchNorm averages its batch statistics; None under jit
       and sharded jit, where the batch is already global.
     zero_init_residual: start the last norm scale of each block at zero (see above).
@@ -178,14 +170,8 @@ class ResNet(nn.Module):
 
     def make(channels: int, *, scale_init: Callable[..., Any] = nn.initializers.ones,
              name: str | None = None) -> nn.Module:
-      if self.normalization == "batch":
-        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                            axis_name=self.axis_name, scale_init=scale_init, name=name)
-      if self.normalization == "group":
-        return nn.GroupNorm(num_groups=math.gcd(GROUPS, channels), epsilon=1e-5,
-                            scale_init=scale_init, name=name)
-      return nn.LayerNorm(epsilon=1e-5, reduction_axes=(-3, -2, -1), feature_axes=-1,
-                          scale_init=scale_init, name=name)
+      return image_norm(self.normalization, channels, train=train, axis_name=self.axis_name,
+                        scale_init=scale_init, name=name)
 
     return make
 

@@ -1,0 +1,57 @@
+"""Normalisation layers for image models, chosen by name: one definition for the CNN and ResNets."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+
+IMAGE_NORMALIZATIONS = ("batch", "group", "layer")
+
+GROUPS = 32
+"""Groups of GroupNorm (Wu & He 2018). A layer with fewer channels, or a channel count 32 does
+not divide, uses gcd(32, channels) groups, so narrow widths (16, or 4 in tests) still work."""
+
+
+def check_normalization(kind: str | None, *, allow_none: bool) -> None:
+  """Raises a clear error unless `kind` names an image normalisation (or is None, if allowed)."""
+  valid = ((None,) if allow_none else ()) + IMAGE_NORMALIZATIONS
+  if kind not in valid:
+    raise ValueError(f"unknown normalization {kind!r}; expected one of {valid}.")
+
+
+def image_norm(
+    kind: str,
+    channels: int,
+    *,
+    train: bool,
+    axis_name: str | None = None,
+    scale_init: Callable[..., Any] = nn.initializers.ones,
+    name: str | None = None,
+) -> nn.Module:
+  """A normalisation layer for `[batch, height, width, channels]` activations.
+
+  Args:
+    kind: "batch" (BatchNorm: batch statistics in training, running averages in evaluation, kept
+      in the "batch_stats" collection; momentum 0.9, epsilon 1e-5), "group" (GroupNorm with
+      gcd(`GROUPS`, channels) groups) or "layer" (LayerNorm over height, width and channels with a
+      scale and bias per channel, i.e. GroupNorm with one group). Group and layer norms treat each
+      example on its own and have no state.
+    channels: channels of the activations (sets the GroupNorm group count).
+    train: batch statistics (True) or running averages (False); BatchNorm only.
+    axis_name: the pmap axis over which BatchNorm averages batch statistics; None under jit and
+      sharded jit, where the batch is already global.
+    scale_init: initialiser of the scale (zeros makes a residual branch start as nothing).
+    name: the layer's name.
+  """
+  check_normalization(kind, allow_none=False)
+  if kind == "batch":
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        axis_name=axis_name, scale_init=scale_init, name=name)
+  if kind == "group":
+    return nn.GroupNorm(num_groups=math.gcd(GROUPS, channels), epsilon=1e-5,
+                        scale_init=scale_init, name=name)
+  return nn.LayerNorm(epsilon=1e-5, reduction_axes=(-3, -2, -1), feature_axes=-1,
+                      scale_init=scale_init, name=name)
