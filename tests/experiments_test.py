@@ -53,6 +53,21 @@ def read_tensorboard_scalars(logdir):
   return scalars
 
 
+def run_on_mock_data(name, workdir, extra_args=()):
+  """`(state, history)` of experiment `name` run with TINY_ARGS on TFDS mock data; any attempt
+  to download fails the test."""
+  module = importlib.import_module(f"experiments.{name}")
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(tfds.download.DownloadManager, "download_and_extract", refuse_download)
+    patch.setattr(tfds.download.DownloadManager, "download", refuse_download)
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+      return jdl.config.run_experiment(
+          module.get_config,
+          ["--workdir=" + str(workdir), *TINY_ARGS, "--config.data_dir=" + str(workdir / "tfds"),
+           *extra_args],
+          name=name)
+
+
 # ---------------------------------------------------------------------------------------------
 # The Fashion-MNIST experiments, on mock data.
 
@@ -61,17 +76,8 @@ def read_tensorboard_scalars(logdir):
 def fashion_run(request, tmp_path_factory):
   """`(name, state, history, workdir)` of one tiny Fashion-MNIST experiment on mock data."""
   name = request.param
-  module = importlib.import_module(f"experiments.{name}")
   workdir = tmp_path_factory.mktemp(name)
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(tfds.download.DownloadManager, "download_and_extract", refuse_download)
-    patch.setattr(tfds.download.DownloadManager, "download", refuse_download)
-    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
-      state, history = jdl.config.run_experiment(
-          module.get_config,
-          ["--workdir=" + str(workdir), *TINY_ARGS,
-           "--config.data_dir=" + str(workdir / "tfds")],
-          name=name)
+  state, history = run_on_mock_data(name, workdir)
   return name, state, history, workdir
 
 
@@ -273,9 +279,39 @@ def test_mnist1d_compare_prints_a_table_where_convolution_wins(tmp_path, mnist1d
       mnist1d_compare.get_config,
       ["--workdir=" + str(tmp_path), "--config.data_dir=" + mnist1d_data_dir,
        "--config.layout=none", "--config.num_steps=400", "--config.eval_every_steps=400",
-       "--config.models=('logistic', 'cnn1d')"],
+       "--config.models=('logistic', 'cnn1d')", "--config.seeds=(0, 1)"],
       name="mnist1d_compare", train=mnist1d_compare.compare)
   assert [r["model"] for r in rows] == ["logistic", "cnn1d"]
-  assert rows[1]["test_accuracy"] > rows[0]["test_accuracy"] + 0.2, rows
-  assert (tmp_path / "logistic" / "metrics.jsonl").is_file()
+  assert rows[1]["worst"] > rows[0]["best"] + 0.2, rows
+  for row in rows:
+    assert len(row["accuracies"]) == 2
+    assert row["worst"] <= row["test_accuracy"] <= row["best"]
+  assert (tmp_path / "logistic" / "seed1" / "metrics.jsonl").is_file()
   assert "test accuracy" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# The vision experiments, on mock data: tiny widths, a few steps, augmentation switched on.
+
+
+@pytest.mark.parametrize("name, args", [
+    ("fashion_mnist_cnn", ["--config.model.cnn.features=(4, 8)", "--config.model.cnn.dense=16"]),
+    ("fashion_mnist_cnn", ["--config.model.cnn.features=(4,)", "--config.model.cnn.dense=8",
+                           "--config.in_memory=false", "--config.augment.where=pipeline",
+                           "--config.augment.mixup_alpha=0.4", "--config.augment.cutout_size=4"]),
+    ("cifar10_resnet", ["--config.model.resnet20.width=4", "--config.optimizer.warmup_steps=1"]),
+    ("cifar10_resnet", ["--config.model.name=resnet18", "--config.model.resnet18.width=4",
+                        "--config.optimizer.warmup_steps=1"]),
+], ids=["fashion_cnn", "fashion_cnn_pipeline_mixup", "cifar_resnet20", "cifar_resnet18"])
+def test_vision_experiment_runs_on_mock_data(name, args, tmp_path):
+  """One epoch of 64 mock examples, with the experiment's augmentation (on the device, or in
+  tf.data with mixup and cutout), gives finite metrics for every example and no download."""
+  state, history = run_on_mock_data(name, tmp_path, ["--config.layout=none", *args])
+  module = importlib.import_module(f"experiments.{name}")
+  record = history[-1]
+  assert record["step"] == MOCK_EXAMPLES // 16
+  assert all(is_finite_number(record[k]) for k in ("train_loss", "test_loss", "test_accuracy"))
+  assert 0.0 <= record["test_accuracy"] <= 1.0
+  if "resnet" in name:
+    assert "batch_stats" in state.model_state
+  assert json.loads((tmp_path / "config.json").read_text())["dataset"] == module.get_config().dataset
