@@ -10,7 +10,7 @@ import os as _os
 # noise for a JAX user. Set before anything imports TensorFlow; a value the user set wins.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-from jdl import augment, data, models, parallel  # pylint: disable=wrong-import-position
+from jdl import augment, data, models, parallel, resident  # pylint: disable=wrong-import-position
 from jdl.config import ConfigError, apply_overrides, classification_config, run_experiment
 from jdl.logging import MetricWriter, read_jsonl
 from jdl.loop import evaluate, fit, train_and_evaluate
@@ -45,6 +45,6 @@ __all__ = [
     "fit", "kernels_only_mask", "l1_penalty", "l2_penalty", "loss_metrics",
     "make_classification_steps", "make_eval_step", "make_optimizer", "make_schedule",
     "make_train_step", "make_weight_penalty", "mean_squared_error", "merge_metrics", "models",
-    "parallel",
+    "parallel", "resident",
     "read_jsonl", "run_experiment", "softmax_cross_entropy", "train_and_evaluate",
 ]

@@ -263,16 +263,32 @@ class _ResidentEngine:
     self.train = resident.ResidentData(
         *runner.place_replicated(resident.with_padding_row(train_data.inputs, train_data.labels)),
         batch_size=train_data.batch_size, shuffle=train_data.shuffle, seed=train_data.seed)
+    self.train_step, self.eval_step = train_step, eval_step
     chunk = resident.make_train_chunk(train_step, train_data.batch_size, runner.constrain_batch)
     self.chunk = jax.jit(chunk, static_argnames=("length",), donate_argnums=0)
     self.order_epoch, self.order = -1, None
+    self.eval_data, self.eval_all = eval_data, None
     if eval_data is not None:
       self.eval_arrays = runner.place_replicated(
           resident.with_padding_row(eval_data.inputs, eval_data.labels))
-      self.eval_all = jax.jit(resident.make_eval_all(
-          eval_step, eval_data.batch_size, eval_data.num_examples, runner.constrain_batch))
+    self.loop = None  # decided on the first call, from the traced step (`resident.loops_are_slow`)
+
+  def _decide_loop(self, state):
+    """Steps run in a scan unless a loop would slow them down (convolutions on the CPU): then one
+    compiled step per call, still on device-resident data, unless `steps_per_call` says more."""
+    batch = resident.gather_batch(self.train.inputs, self.train.labels,
+                                  jnp.zeros((self.train.batch_size,), jnp.int32))
+    self.loop = not resident.loops_are_slow(self.train_step, state, batch)
+    if self.steps_per_call is None and not self.loop:
+      self.steps_per_call = 1
+    if self.eval_data is not None:
+      self.eval_all = resident.make_eval_all(
+          self.eval_step, self.eval_data.batch_size, self.eval_data.num_examples,
+          self.runner.constrain_batch, loop=self.loop)
 
   def advance(self, state, step, limit):
+    if self.loop is None:
+      self._decide_loop(state)
     epoch, first = divmod(step, self.train.steps_per_epoch)
     if epoch != self.order_epoch:
       self.order_epoch, self.order = epoch, self.runner.place_replicated(self.train.padded_order(epoch))
@@ -284,6 +300,8 @@ class _ResidentEngine:
     return state, sums, length
 
   def evaluate(self, state):
+    if self.loop is None:
+      self._decide_loop(state)
     sums = self.eval_all(state, *self.eval_arrays)
     return metrics_lib.compute_metrics(self.runner.fetch_metrics(sums))
 

@@ -150,3 +150,30 @@ def test_device_resident_needs_in_memory_sources():
   with pytest.raises(ValueError, match="device_resident=True needs in-memory sources"):
     jdl.fit(state, train_step, eval_step, stream, None, num_steps=2, progress=False,
             device_resident=True)
+
+
+def test_convolutions_on_the_cpu_run_one_step_per_call_and_still_match_the_per_step_loop():
+  """On the CPU a convolution inside a compiled loop is many times slower, so the resident engine
+  detects convolutions in the traced step and runs one step per call (no loop), still on
+  device-resident data and with the per-step loop's exact results."""
+  x, y = _problem(n=40)
+  images = np.tile(x[:, :, None, None], (1, 1, 6, 1))  # [40, 6, 6, 1]
+  model = models.CNN(num_classes=3, features=(2,), dense=4)
+  train_step, eval_step = jdl.make_classification_steps()
+  state = jdl.create_train_state(model, optax.adam(0.05), images[:1], jax.random.PRNGKey(0))
+  batch = jdl.resident.gather_batch(images, y, np.zeros((8,), np.int32))
+  assert jdl.resident.loops_are_slow(train_step, state, batch) == (jax.default_backend() == "cpu")
+  mlp_state, _, _, _, _, _ = _setup()
+  mlp_batch = jdl.resident.gather_batch(x[:8, :6], y[:8], np.zeros((8,), np.int32))
+  assert not jdl.resident.loops_are_slow(train_step, mlp_state, mlp_batch)
+
+  results = []
+  for resident in (False, True):
+    start = jdl.create_train_state(model, optax.adam(0.05), images[:1], jax.random.PRNGKey(0))
+    train = data_lib.ArraySource(images[:32], y[:32], 8, shuffle=True)
+    test = data_lib.ArraySource(images[32:], y[32:], 3, shuffle=False)
+    results.append(jdl.fit(start, train_step, eval_step, train, test, num_steps=6,
+                           eval_every_steps=4, progress=False, device_resident=resident))
+  (host_state, host_history), (resident_state, resident_history) = results
+  jax.tree.map(np.testing.assert_array_equal, host_state.params, resident_state.params)
+  assert host_history[-1]["test_loss"] == resident_history[-1]["test_loss"]
