@@ -86,6 +86,8 @@ def fit(
       `steps_per_call` steps run per compiled call as one `lax.scan`, with the epoch order drawn
       on the device; metrics come back once per call. Used by default when the data fit
       (`jdl.resident.DEFAULT_RESIDENT_LIMIT_BYTES`), in a single-process run, outside pmap.
+      A step with convolutions on the CPU runs one step per call instead, without a loop
+      (`jdl.resident.loops_are_slow`), unless `steps_per_call` is given.
     * per-step: one compiled call per batch, batches fed from the host (streaming sources, pmap,
       multi-process runs).
 
