@@ -7,6 +7,7 @@ and are added to the mean loss with their coefficient.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -18,29 +19,72 @@ LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 Params = Any
 
 
-def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def softmax_cross_entropy(
+    logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0
+) -> jax.Array:
   """Cross-entropy of integer class labels under softmax(logits): Keras' sparse categorical
   cross-entropy with `from_logits=True`.
 
   Args:
     logits: `[batch, num_classes]` unnormalised scores.
     labels: `[batch]` integer class indices in `[0, num_classes)`.
+    label_smoothing: `s` in `[0, 1)`. With `s > 0` the target is the smoothed distribution
+      `(1 - s) * one_hot(label) + s / num_classes` instead of the one-hot label (Szegedy et al.,
+      2016), which stops the model from driving logits towards infinity for the training labels
+      and usually calibrates it better. 0 (the default) is the plain loss, computed exactly as
+      before.
 
   Returns:
-    `[batch]` losses, `-log softmax(logits)[label]`.
+    `[batch]` losses, `-log softmax(logits)[label]` (or `-sum(target * log softmax(logits))` with
+    smoothing).
   """
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  smoothing = check_label_smoothing(label_smoothing)
+  if not smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return _smoothed_cross_entropy(jax.nn.log_softmax(logits, axis=-1), labels, smoothing)
 
 
 def cross_entropy_from_probabilities(
-    probabilities: jax.Array, labels: jax.Array, *, epsilon: float = 1e-7
+    probabilities: jax.Array, labels: jax.Array, *, epsilon: float = 1e-7,
+    label_smoothing: float = 0.0,
 ) -> jax.Array:
   """Cross-entropy of integer labels for a model that already ends in softmax (Keras'
   `from_logits=False`). Probabilities are clipped to `[epsilon, 1]` before the log; prefer logits
   with `softmax_cross_entropy`, which is exact and numerically stable.
+
+  `label_smoothing` is as in `softmax_cross_entropy`: with `s > 0` the target is
+  `(1 - s) * one_hot(label) + s / num_classes`, so the model gets the same objective whichever
+  output (logits or probabilities) it ends in.
   """
-  picked = jnp.take_along_axis(probabilities, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
-  return -jnp.log(jnp.clip(picked, epsilon, 1.0))
+  smoothing = check_label_smoothing(label_smoothing)
+  if not smoothing:
+    picked = jnp.take_along_axis(probabilities, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    return -jnp.log(jnp.clip(picked, epsilon, 1.0))
+  return _smoothed_cross_entropy(jnp.log(jnp.clip(probabilities, epsilon, 1.0)), labels, smoothing)
+
+
+def check_label_smoothing(label_smoothing: float) -> float:
+  """Returns `label_smoothing` as a float after checking that it lies in `[0, 1)`.
+
+  At 1 the target would be uniform whatever the label, so nothing would be learnt; a negative
+  value is not a distribution. Both are mistakes, caught here with the value that was given.
+  """
+  try:
+    value = float(label_smoothing)
+  except (TypeError, ValueError):
+    raise ValueError(
+        f"label_smoothing must be a number in [0, 1); got {label_smoothing!r}."
+    ) from None
+  if not 0.0 <= value < 1.0:
+    raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing}.")
+  return value
+
+
+def _smoothed_cross_entropy(log_probs: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
+  """`-sum(target * log_probs)` for `target = (1 - s) one_hot(label) + s / num_classes`, without
+  building the one-hot matrix: `(1 - s) * nll(label) + s * mean over classes of -log_probs`."""
+  picked = jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+  return -(1.0 - smoothing) * picked - smoothing * jnp.mean(log_probs, axis=-1)
 
 
 def binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -121,8 +165,18 @@ LOSSES: dict[str, LossFn] = {
 """Classification losses an experiment config may name (`config.loss`)."""
 
 
-def get_classification_loss(name: str) -> LossFn:
-  """The classification loss called `name`; a clear error lists the valid names."""
+def get_classification_loss(name: str, label_smoothing: float = 0.0) -> LossFn:
+  """The classification loss called `name`, as a `(outputs, labels) -> [batch]` function.
+
+  Args:
+    name: a key of `LOSSES`; a clear error lists the valid names.
+    label_smoothing: `s` in `[0, 1)`; with `s > 0` the loss is bound to it
+      (`functools.partial(loss, label_smoothing=s)`), so a config can ask for label smoothing by
+      value and the train step still sees a two-argument loss. 0 returns the loss itself.
+  """
   if name not in LOSSES:
     raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}.")
-  return LOSSES[name]
+  smoothing = check_label_smoothing(label_smoothing)
+  if not smoothing:
+    return LOSSES[name]
+  return functools.partial(LOSSES[name], label_smoothing=smoothing)

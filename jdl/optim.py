@@ -1,29 +1,62 @@
 """One optimizer factory: an Optax chain built from a config mapping.
 
-The config names the update rule, the learning-rate schedule and optional global-norm clipping:
+The config names the update rule, the learning-rate schedule, optional global-norm clipping, weight
+decay, gradient accumulation and an exponential moving average (EMA) of the parameters:
 
-  name:          "sgd" | "adam" | "adamw" | "rmsprop"
-  learning_rate: peak learning rate (> 0)
-  momentum:      SGD / RMSProp momentum; 0 gives plain SGD
-  nesterov:      Nesterov momentum for SGD
-  b1, b2, eps:   Adam / AdamW moments and epsilon (RMSProp uses `eps` and `decay`=b2)
-  weight_decay:  decoupled weight decay (AdamW only)
-  schedule:      "constant" | "step" | "warmup_cosine"
-  warmup_steps:  linear warm-up from 0 ("warmup_cosine")
-  decay_every:   steps between decays ("step")
-  decay_factor:  learning-rate multiplier at each decay ("step")
-  end_fraction:  final learning rate as a fraction of the peak ("warmup_cosine")
-  clip_norm:     clip gradients to this global norm first; None or 0 disables
+  name:              "sgd" | "adam" | "adamw" | "rmsprop"
+  learning_rate:     peak learning rate (> 0)
+  momentum:          SGD / RMSProp momentum; 0 gives plain SGD
+  nesterov:          Nesterov momentum for SGD
+  b1, b2, eps:       Adam / AdamW moments and epsilon (RMSProp uses `eps` and `decay`=b2)
+  weight_decay:      weight decay (>= 0; "adamw" and "sgd" only). AdamW decays decoupled from the
+                     adaptive step, `w -= lr * weight_decay * w` (Loshchilov & Hutter); SGD adds
+                     `weight_decay * w` to the gradient before momentum (PyTorch's SGD
+                     `weight_decay`, an L2 penalty `weight_decay / 2 * |w|^2` in disguise)
+  weight_decay_mask: which parameters decay: "kernels" (default: weight matrices and convolution
+                     kernels, rank >= 2, via `jdl.losses.kernels_only_mask`; biases and
+                     normalisation scales and offsets are spared) | "all"
+  schedule:          "constant" | "step" | "warmup_cosine"
+  warmup_steps:      linear warm-up from 0 ("warmup_cosine"), in applied updates
+  decay_every:       applied updates between decays ("step")
+  decay_factor:      learning-rate multiplier at each decay ("step")
+  end_fraction:      final learning rate as a fraction of the peak ("warmup_cosine")
+  clip_norm:         clip gradients to this global norm first; None or 0 disables
+  accumulate_steps:  average the gradients of this many train steps (micro-batches) and apply
+                     them as one update (`optax.MultiSteps`); 1 (default) applies every step
+  ema_decay:         keep `ema = d * ema + (1 - d) * params` after every applied update, for
+                     evaluation (`ema_parameters`); in [0, 1), 0 (default) disables
 
-Any key left out takes the default in `OPTIMIZER_DEFAULTS`; an unknown key is an error.
+Any key left out takes the default in `OPTIMIZER_DEFAULTS`; an unknown key or a bad value is an
+error.
+
+Steps and updates. A *train step* is one call of the optimizer's `update` (one micro-batch; what
+`TrainState.step` counts); an *applied update* is one change of the parameters. They are the same
+unless `accumulate_steps = k > 1`, when every k-th train step applies the mean gradient of the last
+k and the other train steps leave the parameters unchanged. The learning-rate schedule, the
+optimizer's moments and the EMA advance once per applied update, so `make_schedule(config)(n)` is
+the learning rate of update n (counting from 0), `warmup_steps` and `decay_every` count applied
+updates, and accumulating k micro-batches of size b trains exactly like batches of size k * b.
+`total_steps`, which "warmup_cosine" decays over, counts train steps, because that is what a
+training loop knows: `make_optimizer` and `make_schedule` divide it by `accumulate_steps`
+(rounding down: a last, incomplete accumulation is never applied).
+
+The optimizer state records what it did: `current_learning_rate(opt_state)` is the learning rate of
+the most recent applied update, and `ema_parameters(opt_state)` the averaged parameters.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
+
+from jdl import losses as losses_lib
+
+Params = Any  # a pytree of arrays
 
 OPTIMIZER_DEFAULTS: dict[str, Any] = {
     "name": "adam",
@@ -40,10 +73,14 @@ OPTIMIZER_DEFAULTS: dict[str, Any] = {
     "decay_factor": 0.1,
     "end_fraction": 0.0,
     "clip_norm": None,
+    "weight_decay_mask": "kernels",
+    "accumulate_steps": 1,
+    "ema_decay": 0.0,
 }
 
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULE_NAMES = ("constant", "step", "warmup_cosine")
+WEIGHT_DECAY_MASKS = ("kernels", "all")
 
 
 def _resolve(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -58,9 +95,14 @@ def make_schedule(config: Mapping[str, Any], *, total_steps: int | None = None) 
 
   Args:
     config: optimizer config mapping.
-    total_steps: length of the run; required by "warmup_cosine", which decays over it.
+    total_steps: length of the run in train steps; required by "warmup_cosine", which decays
+      over `total_steps // accumulate_steps` applied updates.
+
+  Returns:
+    `schedule(n)`, the learning rate of applied update n (counting from 0).
   """
   c = _resolve(config)
+  accumulate = _accumulate_steps(c)
   peak = float(c["learning_rate"])
   if not peak > 0:
     raise ValueError(f"learning_rate must be > 0; got {c['learning_rate']}.")
@@ -77,14 +119,48 @@ def make_schedule(config: Mapping[str, Any], *, total_steps: int | None = None) 
   if kind == "warmup_cosine":
     if not total_steps or total_steps <= 0:
       raise ValueError(f"schedule 'warmup_cosine' needs total_steps > 0; got {total_steps}.")
+    updates = int(total_steps) // accumulate
+    if updates < 1:
+      raise ValueError(
+          f"total_steps={total_steps} train steps with accumulate_steps={accumulate} apply no "
+          "update; schedule 'warmup_cosine' needs total_steps >= accumulate_steps."
+      )
     warmup = int(c["warmup_steps"])
-    if not 0 <= warmup < total_steps:
-      raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}); got {warmup}.")
+    if not 0 <= warmup < updates:
+      bound = (f"total_steps={updates}" if accumulate == 1 else
+               f"total_steps // accumulate_steps = {total_steps} // {accumulate} = {updates}")
+      raise ValueError(f"warmup_steps must be in [0, {bound}); got {warmup}.")
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=total_steps,
+        init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=updates,
         end_value=peak * float(c["end_fraction"]),
     )
   raise ValueError(f"unknown schedule {kind!r}; expected one of {SCHEDULE_NAMES}.")
+
+
+
+
+def _accumulate_steps(c: Mapping[str, Any]) -> int:
+  """`accumulate_steps` of a resolved config, checked: an integer >= 1."""
+  value = c["accumulate_steps"]
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(
+        f"accumulate_steps must be an integer >= 1 (1: no accumulation); got {value!r}."
+    )
+  return int(value)
+
+
+def _ema_decay(c: Mapping[str, Any]) -> float:
+  """`ema_decay` of a resolved config, checked: a number in [0, 1)."""
+  value = c["ema_decay"]
+  if not _in_unit_interval(value):
+    raise ValueError(f"ema_decay must be a number in [0, 1) (0: no EMA); got {value!r}.")
+  return float(value)
+
+
+def _in_unit_interval(value: Any) -> bool:
+  """Whether `value` is a real number (not a bool) in [0, 1)."""
+  real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+  return real and 0 <= value < 1
 
 
 def make_optimizer(
@@ -96,29 +172,196 @@ def make_optimizer(
     `make_optimizer({"name": "adam", "learning_rate": 1e-3})` is Keras' default Adam;
     `make_optimizer({"name": "sgd", "learning_rate": 0.1, "momentum": 0.9})` is SGD with momentum;
     `make_optimizer({"name": "sgd", "learning_rate": 0.1})` is plain (stochastic) gradient descent.
+
+  Args:
+    config: optimizer config mapping; keys left out take `OPTIMIZER_DEFAULTS`.
+    total_steps: length of the run in train steps (micro-batches, as `TrainState.step` counts
+      them); required by "warmup_cosine", which decays over `total_steps // accumulate_steps`
+      applied updates.
+
+  Returns:
+    An `optax.GradientTransformation`, nested as (outermost first) `optax.MultiSteps` (when
+    `accumulate_steps > 1`), `with_parameter_ema` (when `ema_decay > 0`) and
+    `optax.inject_hyperparams` around `chain(clip, weight decay, rule)`. The learning rate is
+    injected, so it is stored in the state (`current_learning_rate`) while every update equals
+    that of the plain Optax rule. The EMA sits inside MultiSteps, so it sees applied updates only.
+    Its `update` needs `params` when weight decay or the EMA is on.
   """
   c = _resolve(config)
+  accumulate = _accumulate_steps(c)
+  ema_decay = _ema_decay(c)
   schedule = make_schedule(c, total_steps=total_steps)
   name = c["name"]
-  momentum = float(c["momentum"]) or None
-  if name == "sgd":
-    rule = optax.sgd(schedule, momentum=momentum, nesterov=bool(c["nesterov"]))
-  elif name == "adam":
-    rule = optax.adam(schedule, b1=c["b1"], b2=c["b2"], eps=c["eps"])
-  elif name == "adamw":
-    rule = optax.adamw(schedule, b1=c["b1"], b2=c["b2"], eps=c["eps"], weight_decay=c["weight_decay"])
-  elif name == "rmsprop":
-    rule = optax.rmsprop(schedule, decay=c["b2"], eps=c["eps"], momentum=momentum)
-  else:
+  if name not in OPTIMIZER_NAMES:
     raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZER_NAMES}.")
-  if name != "adamw" and float(c["weight_decay"]):
+  weight_decay = float(c["weight_decay"])
+  if weight_decay < 0:
+    raise ValueError(f"weight_decay must be >= 0 (0: none); got {c['weight_decay']}.")
+  if weight_decay and name not in ("adamw", "sgd"):
     raise ValueError(
-        f"weight_decay={c['weight_decay']} is only applied by 'adamw'; for optimizer {name!r} use "
-        "an L2 penalty (config.l2) or choose 'adamw'."
+        f"weight_decay={c['weight_decay']} is only applied by 'adamw' and 'sgd'; for optimizer "
+        f"{name!r} use an L2 penalty (config.l2) or choose 'adamw'."
     )
+  if c["weight_decay_mask"] not in WEIGHT_DECAY_MASKS:
+    raise ValueError(
+        f"unknown weight_decay_mask {c['weight_decay_mask']!r}; expected one of "
+        f"{WEIGHT_DECAY_MASKS}."
+    )
+  decay_mask = losses_lib.kernels_only_mask if c["weight_decay_mask"] == "kernels" else None
   clip = c["clip_norm"]
-  if clip:
-    if clip < 0:
-      raise ValueError(f"clip_norm must be > 0 (or None to disable); got {clip}.")
-    return optax.chain(optax.clip_by_global_norm(float(clip)), rule)
-  return rule
+  if clip and clip < 0:
+    raise ValueError(f"clip_norm must be > 0 (or None to disable); got {clip}.")
+  momentum = float(c["momentum"]) or None
+
+  def rule(learning_rate: Any) -> optax.GradientTransformation:
+    """The update rule at one learning rate (a scalar array: `inject_hyperparams` passes the
+    schedule's value for the current applied update)."""
+    if name == "sgd":
+      core = optax.sgd(learning_rate, momentum=momentum, nesterov=bool(c["nesterov"]))
+      if weight_decay:
+        core = optax.chain(optax.add_decayed_weights(weight_decay, mask=decay_mask), core)
+    elif name == "adam":
+      core = optax.adam(learning_rate, b1=c["b1"], b2=c["b2"], eps=c["eps"])
+    elif name == "adamw":
+      core = optax.adamw(learning_rate, b1=c["b1"], b2=c["b2"], eps=c["eps"],
+                         weight_decay=weight_decay, mask=decay_mask)
+    else:
+      core = optax.rmsprop(learning_rate, decay=c["b2"], eps=c["eps"], momentum=momentum)
+    if clip:
+      return optax.chain(optax.clip_by_global_norm(float(clip)), core)
+    return core
+
+  tx = optax.inject_hyperparams(rule)(learning_rate=schedule)
+  if ema_decay:
+    tx = with_parameter_ema(tx, ema_decay)
+  if accumulate > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=accumulate).gradient_transformation()
+  return tx
+
+
+class ParameterEmaState(NamedTuple):
+  """State of `with_parameter_ema`.
+
+  Attributes:
+    count: number of updates averaged so far (int32 scalar).
+    ema: the moving average, a pytree like the params in at least float32.
+    inner_state: the wrapped transformation's state.
+  """
+
+  count: jax.Array
+  ema: Params
+  inner_state: optax.OptState
+
+
+def with_parameter_ema(
+    inner: optax.GradientTransformation, decay: float
+) -> optax.GradientTransformationExtraArgs:
+  """Wraps `inner` so that its state also keeps an exponential moving average of the parameters.
+
+  Averaging the last stretch of the trajectory (Polyak averaging) smooths out the noise of
+  stochastic updates; evaluating the average often beats evaluating the last parameters. After each
+  update the wrapper sets `ema = decay * ema + (1 - decay) * (params + updates)`, where
+  `params + updates` (via `optax.apply_updates`) are the parameters the caller is about to hold.
+  `ema` starts at the initial params and is not debiased: early on it leans towards the
+  initialisation, by the weight `decay ** count`, which fades after a few multiples of
+  `1 / (1 - decay)` updates. The updates themselves are `inner`'s, unchanged.
+
+  Every call of `update` counts as one averaged update, so put gradient accumulation
+  (`optax.MultiSteps`) outside this wrapper: MultiSteps keeps the inner state of its micro-steps
+  only when it applies an update, so the EMA advances once per applied update.
+
+  Args:
+    inner: the transformation whose updates are applied.
+    decay: weight of the old average, in [0, 1); 0.999 averages over roughly the last 1000 updates.
+
+  Returns:
+    A transformation whose state is a `ParameterEmaState`; its `update` requires `params`. Read
+    the average with `ema_parameters(opt_state)`.
+  """
+  if not _in_unit_interval(decay):
+    raise ValueError(f"with_parameter_ema needs decay in [0, 1); got {decay!r}.")
+  decay = float(decay)
+  inner = optax.with_extra_args_support(inner)
+
+  def init(params: Params) -> ParameterEmaState:
+    return ParameterEmaState(
+        count=jnp.zeros((), jnp.int32),
+        # A copy, never the params' own buffer: a state whose leaves alias each other cannot be
+        # donated to a compiled step.
+        ema=jax.tree.map(lambda p: jnp.array(p, _ema_dtype(p), copy=True), params),
+        inner_state=inner.init(params),
+    )
+
+  def update(
+      updates: optax.Updates, state: ParameterEmaState, params: Params | None = None,
+      **extra_args: Any,
+  ) -> tuple[optax.Updates, ParameterEmaState]:
+    if params is None:
+      raise ValueError(
+          "with_parameter_ema averages the parameters, so update needs them: call "
+          "tx.update(grads, opt_state, params), not tx.update(grads, opt_state)."
+      )
+    updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+    new_params = optax.apply_updates(params, updates)
+    ema = jax.tree.map(
+        lambda e, p: decay * e + (1.0 - decay) * p.astype(e.dtype), state.ema, new_params
+    )
+    return updates, ParameterEmaState(
+        count=optax.safe_increment(state.count), ema=ema, inner_state=inner_state
+    )
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _ema_dtype(p: jax.Array) -> jnp.dtype:
+  """At least float32, so that small `(1 - decay)` steps are not lost to bfloat16 rounding."""
+  return jnp.promote_types(jnp.asarray(p).dtype, jnp.float32)
+
+
+def current_learning_rate(opt_state: optax.OptState) -> jax.Array:
+  """The learning rate of the most recent applied update, read from a `make_optimizer` state.
+
+  After applied update n (counting from 0) this is `make_schedule(config, ...)(n)`; after
+  `init`, before any update, it is `schedule(0)`, the rate the first update will use. Under
+  gradient accumulation it changes only when an update is applied. It works under `jax.jit`, on
+  states of any nesting (clipping, MultiSteps, EMA), for logging learning-rate curves.
+
+  Returns:
+    A float32 scalar.
+  """
+  found = _find(opt_state, lambda node: isinstance(node, _INJECT_STATES)
+                and "learning_rate" in node.hyperparams)
+  if len(found) != 1:
+    raise ValueError(
+        f"current_learning_rate needs an optimizer state holding one injected learning rate (from "
+        f"jdl.optim.make_optimizer or optax.inject_hyperparams); found {len(found)} in a state of "
+        f"type {type(opt_state).__name__}."
+    )
+  return jnp.asarray(found[0].hyperparams["learning_rate"], jnp.float32)
+
+
+def ema_parameters(opt_state: optax.OptState) -> Params | None:
+  """The moving average of the parameters kept by `with_parameter_ema` (config key `ema_decay`),
+  found anywhere inside `opt_state`; None when the optimizer keeps no EMA.
+
+  Evaluate with it by swapping it in for the params, e.g.
+  `state.replace(params=jdl.optim.ema_parameters(state.opt_state))` (cast back with
+  `jax.tree.map(lambda e, p: e.astype(p.dtype), ema, params)` if the params are narrower than
+  float32).
+  """
+  found = _find(opt_state, lambda node: isinstance(node, ParameterEmaState))
+  if len(found) > 1:
+    raise ValueError(
+        f"ema_parameters found {len(found)} parameter EMAs in the optimizer state; expected at "
+        "most one with_parameter_ema wrapper."
+    )
+  return found[0].ema if found else None
+
+
+_INJECT_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
+def _find(tree: Any, predicate: Callable[[Any], bool]) -> list[Any]:
+  """The outermost nodes of `tree` (tuples, named tuples, dicts, lists) that satisfy `predicate`."""
+  leaves = jax.tree.leaves(tree, is_leaf=predicate)
+  return [leaf for leaf in leaves if predicate(leaf)]
