@@ -13,7 +13,8 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 from jdl import augment, data, models, parallel, resident  # pylint: disable=wrong-import-position
 from jdl.config import ConfigError, apply_overrides, classification_config, run_experiment
 from jdl.logging import MetricWriter, read_jsonl
-from jdl.loop import evaluate, fit, train_and_evaluate
+from jdl.checkpoint import CheckpointError, Checkpointer
+from jdl.loop import NonFiniteError, Preempted, evaluate, fit, train_and_evaluate
 from jdl.losses import (
     binary_cross_entropy,
     cross_entropy_from_probabilities,
@@ -31,15 +32,19 @@ from jdl.metrics import (
     loss_metrics,
     merge_metrics,
 )
-from jdl.optim import make_optimizer, make_schedule
+from jdl.optim import (
+    current_learning_rate, ema_parameters, make_optimizer, make_schedule, with_parameter_ema,
+)
 from jdl.state import TrainState, count_params, create_train_state
 from jdl.step import make_classification_steps, make_eval_step, make_train_step
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "MetricWriter", "TrainState", "apply_overrides", "binary_cross_entropy",
+    "CheckpointError", "Checkpointer", "ConfigError", "MetricWriter", "NonFiniteError", "Preempted",
+    "TrainState", "apply_overrides", "binary_cross_entropy",
     "classification_config", "classification_metrics", "compute_metrics", "count_params",
+    "current_learning_rate", "ema_parameters", "with_parameter_ema",
     "augment", "create_train_state", "cross_entropy_from_probabilities", "data", "empty_metrics",
     "evaluate",
     "fit", "kernels_only_mask", "l1_penalty", "l2_penalty", "loss_metrics",

@@ -13,6 +13,7 @@ import ast
 import copy
 import difflib
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,6 +48,7 @@ def classification_config() -> ml_collections.ConfigDict:
   config.loss = "softmax_cross_entropy"  # or "cross_entropy_from_probabilities"
   config.l1 = 0.0  # L1 penalty coefficient on weight matrices and kernels
   config.l2 = 0.0  # L2 penalty coefficient on weight matrices and kernels
+  config.label_smoothing = 0.0  # mix this much of the uniform distribution into training targets
   config.top_k = ()  # extra top-k accuracies to report, e.g. (5,)
   # Augmentation of training batches (jdl.augment); all off by default.
   config.augment = ml_collections.ConfigDict()
@@ -67,20 +69,31 @@ def classification_config() -> ml_collections.ConfigDict:
   config.optimizer.b1 = 0.9  # Adam first-moment decay
   config.optimizer.b2 = 0.999  # Adam second-moment decay (RMSProp decay)
   config.optimizer.eps = 1e-7  # Adam epsilon (Keras' default)
-  config.optimizer.weight_decay = 0.0  # decoupled weight decay (adamw only)
+  config.optimizer.weight_decay = 0.0  # adamw: decoupled weight decay; sgd: added to the gradient
+  config.optimizer.weight_decay_mask = "kernels"  # decay weight matrices only, or "all"
   config.optimizer.schedule = "constant"  # constant, step, warmup_cosine
   config.optimizer.warmup_steps = 0  # warmup_cosine: linear warm-up steps
   config.optimizer.decay_every = 0  # step: steps between decays
   config.optimizer.decay_factor = 0.1  # step: multiplier at each decay
   config.optimizer.end_fraction = 0.0  # warmup_cosine: final / peak learning rate
   config.optimizer.clip_norm = config_dict.placeholder(float)  # global-norm clipping; None: off
+  config.optimizer.accumulate_steps = 1  # average this many steps' gradients into one update
+  config.optimizer.ema_decay = 0.0  # evaluate an EMA of the parameters with this decay; 0: off
   # Training.
+  config.compute_dtype = "float32"  # "bfloat16": mixed precision (float32 weights and optimizer)
   config.batch_size = 32  # examples per gradient step (1: SGD; the train split size: full batch)
   config.eval_batch_size = 1000  # examples per eval step (speed only; metrics are exact)
   config.num_epochs = 10  # passes over the training split...
   config.num_steps = 0  # ...or, when > 0, this many gradient steps instead
   config.eval_every_steps = 0  # evaluate every this many steps; 0: after every epoch
   config.seed = 0  # seeds initialisation, dropout and the shuffle order
+  config.shuffle = True  # shuffle the training split every epoch (false: in order)
+  # Checkpoints (orbax), in workdir/checkpoints.
+  config.checkpoint = True  # save checkpoints (at evaluations, epoch ends, and below)
+  config.checkpoint_every_steps = 0  # also save every this many steps; 0: only the above
+  config.keep_checkpoints = 3  # how many recent checkpoints to keep (plus the best)
+  config.best_metric = "accuracy"  # also keep the best by this eval metric ("" for none)
+  config.resume = True  # continue from the latest good checkpoint in the workdir
   config.progress = True  # progress bar and one line per evaluation
   # Devices.
   config.layout = "auto"  # auto (shard if >1 device), none (jit, 1 device), shard (jit + mesh), pmap
@@ -234,10 +247,20 @@ def main(
     name: str,
     train: Callable[[ml_collections.ConfigDict, str], Any] | None = None,
 ) -> None:
-  """`run_experiment` on `sys.argv`, for `if __name__ == "__main__"`: a config mistake prints one
-  clear line and exits with status 2 instead of a traceback."""
+  """`run_experiment` on `sys.argv`, for `if __name__ == "__main__"`. Instead of a traceback: a
+  config mistake prints one clear line and exits with status 2; a run stopped by SIGTERM/SIGINT
+  (after saving a checkpoint) says how to resume and exits with 128 + the signal number, as if
+  killed by it; a loss or gradient that became NaN or infinite exits with status 3."""
+  from jdl.loop import NonFiniteError, Preempted  # pylint: disable=import-outside-toplevel
+
   try:
     run_experiment(get_config, sys.argv[1:], name=name, train=train)
   except ConfigError as error:
     print(f"error: {error}", file=sys.stderr)
     raise SystemExit(2) from None
+  except Preempted as stopped:
+    print(str(stopped), file=sys.stderr)
+    raise SystemExit(128 + int(getattr(signal, stopped.signal_name))) from None
+  except NonFiniteError as error:
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(3) from None

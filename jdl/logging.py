@@ -18,6 +18,29 @@ import tensorflow as tf
 JSONL_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 CONFIG_NAME = "config.json"
+VERSIONS_NAME = "versions.json"
+
+
+def library_versions() -> dict[str, str]:
+  """The versions a run depends on, for `versions.json`: jdl, jax, flax, optax, orbax,
+  TensorFlow, TFDS, Python, and the devices JAX sees."""
+  import importlib.metadata  # pylint: disable=import-outside-toplevel
+  import platform  # pylint: disable=import-outside-toplevel
+
+  import jax  # pylint: disable=import-outside-toplevel
+
+  import jdl  # pylint: disable=import-outside-toplevel
+
+  versions = {"jdl": jdl.__version__, "python": platform.python_version()}
+  for package in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-cpu",
+                  "tensorflow", "tensorflow-datasets"):
+    try:
+      versions[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  devices = jax.devices()
+  versions["devices"] = f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})"
+  return versions
 
 
 class MetricWriter:
@@ -51,10 +74,13 @@ class MetricWriter:
       self._summary.flush()
 
   def write_config(self, config: Mapping[str, Any]) -> None:
-    """Saves the run's configuration as `config.json` (and as text in TensorBoard)."""
+    """Saves the run's configuration as `config.json` (and as text in TensorBoard), and the
+    versions of jdl and its main libraries, Python and the devices as `versions.json`."""
     as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     with open(os.path.join(self.workdir, CONFIG_NAME), "w", encoding="utf-8") as f:
       json.dump(as_dict, f, indent=2, sort_keys=True, default=str)
+    with open(os.path.join(self.workdir, VERSIONS_NAME), "w", encoding="utf-8") as f:
+      json.dump(library_versions(), f, indent=2, sort_keys=True)
     if self._summary is not None:
       with self._summary.as_default():
         tf.summary.text("config", json.dumps(as_dict, indent=2, sort_keys=True, default=str), step=0)
@@ -70,6 +96,21 @@ class MetricWriter:
 
   def __exit__(self, *exc_info: object) -> None:
     self.close()
+
+
+def truncate_jsonl(workdir: str, last_step: int) -> int:
+  """Drops the records after `last_step` from `workdir/metrics.jsonl` (a resumed run writes them
+  again); returns how many were dropped. The file is replaced atomically."""
+  path = os.path.join(workdir, JSONL_NAME)
+  if not os.path.exists(path):
+    return 0
+  records = read_jsonl(workdir)
+  kept = [record for record in records if int(record["step"]) <= last_step]
+  if len(kept) != len(records):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(record) + "\n" for record in kept)
+    os.replace(path + ".tmp", path)
+  return len(records) - len(kept)
 
 
 def read_jsonl(workdir: str) -> list[dict[str, Any]]:

@@ -8,6 +8,9 @@ called after each evaluation with that evaluation's record.
 from __future__ import annotations
 
 import itertools
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -22,7 +25,8 @@ from jdl import data as data_lib
 from jdl import metrics as metrics_lib
 from jdl import models, optim, parallel, resident, step as step_lib
 from jdl.data import augment_tf
-from jdl.logging import MetricWriter
+from jdl.checkpoint import Checkpointer
+from jdl.logging import MetricWriter, truncate_jsonl
 from jdl.state import TrainState, count_params, create_train_state
 
 Record = dict[str, float]
@@ -78,6 +82,9 @@ def fit(
     runner: parallel.Runner | None = None,
     device_resident: bool | None = None,
     steps_per_call: int | None = None,
+    checkpointer: Checkpointer | None = None,
+    checkpoint_every_steps: int | None = None,
+    handle_signals: bool = True,
 ) -> tuple[TrainState, list[Record]]:
   """Trains `state` with `train_step` and evaluates it on the whole of `eval_data`.
 
@@ -112,6 +119,18 @@ def fit(
     steps_per_call: most steps per compiled call of the resident engine. None runs up to the next
       evaluation or the end of the epoch in one call (fastest; the progress bar then moves once
       per call). Each distinct call length compiles once.
+    checkpointer: saves the state at every evaluation, at the end of every epoch, every
+      `checkpoint_every_steps` steps and at the end (`jdl.checkpoint.Checkpointer`); evaluation
+      records rank checkpoints for its `best_metric`.
+    checkpoint_every_steps: save this often too (None or 0: evaluations and epoch ends only).
+    handle_signals: with a checkpointer, SIGTERM or SIGINT ends the current step (or scan chunk),
+      saves and raises `Preempted`, whose message says how to resume.
+
+  Raises:
+    NonFiniteError: the loss or a gradient became NaN or infinite; the message names the step and
+      the parameter, and no checkpoint is saved after it. The run stops at the next point where
+      metrics reach the host (a progress update, an evaluation or a checkpoint).
+    Preempted: a signal stopped the run after saving (see `handle_signals`).
 
   Returns:
     `(state, history)`: the final state (on one device: the first replica under pmap) and one
@@ -146,39 +165,155 @@ def fit(
   bar = tqdm.tqdm(total=num_steps, initial=step, unit="step", disable=not progress,
                   dynamic_ncols=True, leave=True, mininterval=0.5)
   last_bar_update = 0.0
-  while step < num_steps:
-    next_eval = min((step // eval_every + 1) * eval_every, num_steps)
-    state, sums, advanced = engine.advance(state, step, next_eval)
-    interval_sums = metrics_lib.merge_metrics(interval_sums, sums)
-    step += advanced
-    bar.update(advanced)
-    if progress and time.perf_counter() - last_bar_update > 0.5:
-      running = metrics_lib.compute_metrics(runner.fetch_metrics(interval_sums))  # waits for it
-      last_bar_update = time.perf_counter()
-      bar.set_postfix(loss=f"{running['loss']:.4f}", acc=f"{running.get('accuracy', 0):.4f}",
-                      ex_s=f"{running['count'] / max(last_bar_update - interval_start, 1e-9):,.0f}")
-    if step != next_eval:
-      continue
-    train_means = metrics_lib.compute_metrics(runner.fetch_metrics(interval_sums))
-    seconds = time.perf_counter() - interval_start
-    record: Record = {"step": step, "epoch": step / steps_per_epoch}
-    record.update({f"train_{k}": v for k, v in train_means.items() if k != "count"})
-    record["examples_per_second"] = train_means["count"] / max(seconds, 1e-9)
-    if eval_data is not None:
-      eval_means = engine.evaluate(state)
-      record.update({f"{eval_name}_{k}": v for k, v in eval_means.items() if k != "count"})
-    record["elapsed_seconds"] = time.perf_counter() - start_time
-    history.append(record)
-    if writer is not None:
-      writer.write(step, {k: v for k, v in record.items() if k != "step"})
-    if progress:
-      bar.write(format_record(record))
-    for hook in hooks:
-      hook(step, runner.fetch_state(state), record)
-    interval_sums = metrics_lib.empty_metrics()
-    interval_start = time.perf_counter()
-  bar.close()
+  save_every = checkpoint_every_steps or 0
+  watch = _NonFiniteWatch(state, checkpointer)
+  stop = _StopSignals() if handle_signals and checkpointer is not None else None
+  try:
+    while step < num_steps:
+      next_eval = min((step // eval_every + 1) * eval_every, num_steps)
+      target = next_eval
+      if checkpointer is not None:  # also stop at epoch ends and every `save_every` steps
+        target = min(target, (step // steps_per_epoch + 1) * steps_per_epoch)
+        if save_every:
+          target = min(target, (step // save_every + 1) * save_every)
+      state, sums, advanced = engine.advance(state, step, target)
+      interval_sums = metrics_lib.merge_metrics(interval_sums, sums)
+      step += advanced
+      bar.update(advanced)
+      interrupted = stop is not None and stop.received is not None
+      if progress and time.perf_counter() - last_bar_update > 0.5:
+        running = runner.fetch_metrics(interval_sums)  # waits for the steps so far
+        watch.check(running)
+        running = metrics_lib.compute_metrics(running)
+        last_bar_update = time.perf_counter()
+        bar.set_postfix(loss=f"{running['loss']:.4f}", acc=f"{running.get('accuracy', 0):.4f}",
+                        ex_s=f"{running['count'] / max(last_bar_update - interval_start, 1e-9):,.0f}")
+      record: Record | None = None
+      if step == next_eval:
+        fetched = runner.fetch_metrics(interval_sums)
+        watch.check(fetched)
+        train_means = metrics_lib.compute_metrics(fetched)
+        seconds = time.perf_counter() - interval_start
+        record = {"step": step, "epoch": step / steps_per_epoch}
+        record.update({f"train_{k}": v for k, v in train_means.items() if k != "count"})
+        record["examples_per_second"] = train_means["count"] / max(seconds, 1e-9)
+        learning_rate = _learning_rate(state)
+        if learning_rate is not None:
+          record["learning_rate"] = learning_rate
+        if eval_data is not None:
+          eval_means = engine.evaluate(evaluation_state(state))
+          record.update({f"{eval_name}_{k}": v for k, v in eval_means.items() if k != "count"})
+        record["elapsed_seconds"] = time.perf_counter() - start_time
+        history.append(record)
+        if writer is not None:
+          writer.write(step, {k: v for k, v in record.items() if k != "step"})
+        if progress:
+          bar.write(format_record(record))
+        for hook in hooks:
+          hook(step, runner.fetch_state(state), record)
+        interval_sums = metrics_lib.empty_metrics()
+        interval_start = time.perf_counter()
+        interrupted = interrupted or (stop is not None and stop.received is not None)
+      if checkpointer is not None and (
+          step == target or interrupted or step == num_steps):
+        if interval_sums is not None:
+          watch.check(runner.fetch_metrics(interval_sums))
+        checkpointer.save(runner.fetch_state(state), metrics=record)
+        watch.saved_step = step
+      if interrupted:
+        checkpointer.wait()
+        raise Preempted(step, stop.received, checkpointer.directory)
+  finally:
+    bar.close()
+    if stop is not None:
+      stop.restore()
   return runner.fetch_state(state), history
+
+
+def evaluation_state(state: TrainState) -> TrainState:
+  """The state to evaluate: `state` itself, or, when its optimizer keeps a moving average of the
+  parameters (`optimizer.ema_decay`), `state` with the averaged parameters in their dtypes."""
+  ema = optim.ema_parameters(state.opt_state)
+  if ema is None:
+    return state
+  return state.replace(params=jax.tree.map(lambda e, p: e.astype(p.dtype), ema, state.params))
+
+
+def _learning_rate(state: TrainState) -> float | None:
+  """The learning rate of the latest update, when the optimizer records it (`jdl.optim`)."""
+  try:
+    rate = optim.current_learning_rate(state.opt_state)
+  except ValueError:  # an optimizer built without an injected learning rate
+    return None
+  return float(np.asarray(jax.device_get(rate)).reshape(-1)[0])  # pmap: one per device
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM or SIGINT after saving a checkpoint; running the same command
+  again (same workdir) resumes from it."""
+
+  def __init__(self, step: int, signal_name: str, directory: str) -> None:
+    super().__init__(
+        f"stopped by {signal_name} after step {step}; the checkpoint of step {step} is in "
+        f"{directory}. Run the same command with the same workdir to resume from it.")
+    self.step, self.signal_name, self.directory = step, signal_name, directory
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss or a gradient became NaN or infinite; the message names the step and what."""
+
+
+class _NonFiniteWatch:
+  """Turns the train step's `nonfinite_step` / `nonfinite_what` metrics into a clear error."""
+
+  def __init__(self, state: TrainState, checkpointer: Checkpointer | None) -> None:
+    self.names = ["/".join(str(getattr(e, "key", getattr(e, "idx", e))) for e in path)
+                  for path, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
+    self.checkpointer = checkpointer
+    self.saved_step: int | None = None
+
+  def check(self, fetched: Mapping[str, Any] | None) -> None:
+    if not fetched or "nonfinite_step" not in fetched:
+      return
+    bad_step = int(fetched["nonfinite_step"])
+    if bad_step == metrics_lib.NO_NONFINITE_STEP:
+      return
+    what = int(fetched["nonfinite_what"])
+    culprit = "the loss" if what == 0 else f"the gradient of parameter {self.names[what - 1]}"
+    kept = ""
+    if self.checkpointer is not None:
+      steps = self.checkpointer.steps()
+      kept = (f" The last good checkpoint (step {steps[-1]}) is kept in "
+              f"{self.checkpointer.directory}." if steps else " No checkpoint had been saved yet.")
+    raise NonFiniteError(
+        f"{culprit} became NaN or infinite at step {bad_step}; training stopped.{kept} "
+        "Try a lower learning rate, gradient clipping (optimizer.clip_norm) or checking the "
+        "inputs of that step.")
+
+
+class _StopSignals:
+  """Records the first SIGTERM or SIGINT instead of dying, so the loop can save and stop; a
+  second SIGINT interrupts at once. Installed only in the main thread."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self) -> None:
+    self.received: str | None = None
+    self.previous: dict[int, Any] = {}
+    if threading.current_thread() is not threading.main_thread():
+      return
+    for number in self.SIGNALS:
+      self.previous[number] = signal.signal(number, self._handle)
+
+  def _handle(self, number: int, frame: Any) -> None:
+    del frame
+    if self.received is not None and number == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.received = signal.Signals(number).name
+
+  def restore(self) -> None:
+    for number, handler in self.previous.items():
+      signal.signal(number, handler)
 
 
 def _use_resident(requested: bool | None, runner: parallel.Runner, train_data: Any,
@@ -322,7 +457,8 @@ def format_record(record: Mapping[str, float]) -> str:
   return " | ".join(parts)
 
 
-def train_and_evaluate(config: Any, workdir: str) -> tuple[TrainState, list[Record]]:
+def train_and_evaluate(config: Any, workdir: str,
+                       hooks: Sequence[Hook] = ()) -> tuple[TrainState, list[Record]]:
   """Runs a classification experiment described by `config`, writing logs to `workdir`.
 
   The config keys are those of `jdl.config.classification_config()`. Joins a multi-process run
@@ -330,14 +466,37 @@ def train_and_evaluate(config: Any, workdir: str) -> tuple[TrainState, list[Reco
   (`config.layout`), and prints a progress bar, one line per evaluation and a final line with the
   eval split's accuracy; in a multi-process run only process 0 prints and writes.
 
+  With `config.checkpoint`, checkpoints go to `workdir/checkpoints`, and a workdir that holds
+  some resumes from the latest good one (`config.resume`): the data order, dropout and
+  augmentation are functions of the step, so the resumed run ends exactly where an uninterrupted
+  one would. `metrics.jsonl` keeps only the records up to the resumed step, so no step appears
+  twice.
+
+  Args:
+    config: the experiment config.
+    workdir: where logs and checkpoints go.
+    hooks: callables `hook(step, state, record)` run after each evaluation (see `fit`).
+
   Returns:
-    `(state, history)` as `fit` returns them.
+    `(state, history)` as `fit` returns them (history: this invocation's records).
   """
   parallel.initialize_distributed(config.distributed)
   _check_loss_matches_output(config)
   device_augment, pipeline_augment = make_augmentations(config.augment, in_memory=config.in_memory)
   runner = parallel.make_runner(config.layout, num_devices=config.num_devices or None,
                                 batch_size=config.batch_size)
+  main = parallel.is_main_process()
+  log = print if main else (lambda message: None)
+  eval_name = config.eval_split.split("[")[0]
+  checkpointer = None
+  if config.checkpoint:
+    best = f"{eval_name}_{config.best_metric}" if config.best_metric else None
+    checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), keep=config.keep_checkpoints,
+                                best_metric=best)
+    if checkpointer.steps() and not config.resume:
+      raise ValueError(
+          f"{checkpointer.directory} already holds checkpoints (steps {checkpointer.steps()}) and "
+          "config.resume is false; use a new workdir, or resume=true to continue that run.")
   train_data, eval_data, meta = data_lib.load_classification_data(
       config.dataset,
       batch_size=config.batch_size,
@@ -348,6 +507,7 @@ def train_and_evaluate(config: Any, workdir: str) -> tuple[TrainState, list[Reco
       download=config.download,
       in_memory=config.in_memory,
       seed=config.seed,
+      shuffle=config.shuffle,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
       augment=pipeline_augment,
@@ -357,40 +517,57 @@ def train_and_evaluate(config: Any, workdir: str) -> tuple[TrainState, list[Reco
   tx = optim.make_optimizer(config.optimizer, total_steps=num_steps)
   sample = np.zeros((1, *meta.input_shape), np.float32)
   state = create_train_state(model, tx, sample, jax.random.PRNGKey(config.seed))
+  if checkpointer is not None and config.resume:
+    restored = checkpointer.restore_latest(state, log=log)
+    if restored is not None:
+      state = restored
+      log(f"resuming from the checkpoint of step {int(state.step)} in {checkpointer.directory}.")
+      if main:
+        truncate_jsonl(workdir, int(state.step))
   train_step, eval_step = step_lib.make_classification_steps(
       config.loss, l1=config.l1, l2=config.l2, top_k=tuple(config.top_k),
       axis_name=runner.axis_name, augment=device_augment,
+      label_smoothing=config.label_smoothing, compute_dtype=config.compute_dtype,
   )
-  main = parallel.is_main_process()
-  if config.progress and main:
-    print(f"{meta.name}: {train_data.num_examples} train / {eval_data.num_examples} "
-          f"{config.eval_split} examples, input {meta.input_shape}, {meta.num_classes} classes; "
-          f"model {config.model.name} with {count_params(state.params):,} parameters; "
-          f"{num_steps} steps of batch {config.batch_size} on {runner.num_devices} "
-          f"{jax.devices()[0].platform} device(s), layout {runner.layout!r}.")
-  eval_name = config.eval_split.split("[")[0]
+  if config.progress:
+    log(f"{meta.name}: {train_data.num_examples} train / {eval_data.num_examples} "
+        f"{config.eval_split} examples, input {meta.input_shape}, {meta.num_classes} classes; "
+        f"model {config.model.name} with {count_params(state.params):,} parameters; "
+        f"{num_steps} steps of batch {config.batch_size} on {runner.num_devices} "
+        f"{jax.devices()[0].platform} device(s), layout {runner.layout!r}.")
   writer = MetricWriter(workdir) if main else None
   try:
     if writer is not None:
       writer.write_config(config)
+    if int(state.step) >= num_steps:
+      log(f"the checkpoint is already at step {int(state.step)} of {num_steps}: nothing to train.")
+      return state, []
     state, history = fit(
         state, train_step, eval_step, train_data, eval_data,
         num_steps=num_steps,
         eval_every_steps=config.eval_every_steps or None,
+        hooks=hooks,
         writer=writer,
         progress=config.progress and main,
         eval_name=eval_name,
         runner=runner,
+        checkpointer=checkpointer,
+        checkpoint_every_steps=config.checkpoint_every_steps or None,
     )
   finally:
     if writer is not None:
       writer.close()
+    if checkpointer is not None:
+      checkpointer.close()
   final = history[-1]
-  if main:
-    print(f"final {eval_name} accuracy: {final[f'{eval_name}_accuracy']:.4f} "
-          f"(loss {final[f'{eval_name}_loss']:.4f}) after {int(final['step'])} steps, "
-          f"{final['elapsed_seconds']:.1f}s")
+  log(f"final {eval_name} accuracy: {final[f'{eval_name}_accuracy']:.4f} "
+      f"(loss {final[f'{eval_name}_loss']:.4f}) after {int(final['step'])} steps, "
+      f"{final['elapsed_seconds']:.1f}s")
   return state, history
+
+
+CHECKPOINT_DIR = "checkpoints"
+"""The folder of a workdir that `train_and_evaluate` keeps its checkpoints in."""
 
 
 AUGMENT_PLACES = ("device", "pipeline")

@@ -1,9 +1,10 @@
 """Masked metric accumulation: per-batch sums that merge exactly into full-split numbers.
 
 A step returns metrics as a flat dict of *sums* (example count, summed loss, number correct), never
-as means. Sums merge by addition, across batches and across devices (`psum`), so the metric over a
-whole split, a last partial batch and padded examples included, is exactly the metric over the
-array. `compute_metrics` turns the sums into means once, on the host.
+as means (the train step adds a non-finite watch, `nonfinite_step` and `nonfinite_what`, which
+merges by keeping the earliest bad step). Sums merge by addition, across batches and across devices
+(`psum`), so the metric over a whole split, a last partial batch and padded examples included, is
+exactly the metric over the array. `compute_metrics` turns the sums into means once, on the host.
 
 The three functions form the usual (empty, merge, compute) triple of pure functions.
 """
@@ -11,6 +12,7 @@ The three functions form the usual (empty, merge, compute) triple of pure functi
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -62,9 +64,36 @@ def loss_metrics(losses: jax.Array, mask: jax.Array | None = None) -> Metrics:
   return {"count": jnp.sum(keep), "loss_sum": jnp.sum(losses.astype(jnp.float32) * keep)}
 
 
+NO_NONFINITE_STEP = np.iinfo(np.int32).max
+"""`nonfinite_step` of a step whose loss and gradients were all finite."""
+
+
+def nonfinite_metrics(step: jax.Array, loss_sum: jax.Array, grads: Any) -> Metrics:
+  """The train step's non-finite watch: `nonfinite_step` is the 1-based number of this step if its
+  loss or any gradient is NaN or infinite (else `NO_NONFINITE_STEP`), and `nonfinite_what` says
+  which went bad first: 0 for the loss, `i + 1` for the i-th gradient leaf (in `jax.tree.leaves`
+  order). Merged over steps, the pair keeps the earliest bad step."""
+  leaves = jax.tree.leaves(grads)
+  bad = jnp.stack([~jnp.all(jnp.isfinite(loss_sum))] + [~jnp.all(jnp.isfinite(g)) for g in leaves])
+  return {
+      "nonfinite_step": jnp.where(jnp.any(bad), step.astype(jnp.int32) + 1, NO_NONFINITE_STEP),
+      "nonfinite_what": jnp.argmax(bad).astype(jnp.int32),
+  }
+
+
 def empty_metrics() -> None:
   """The identity of `merge_metrics`: nothing accumulated yet."""
   return None
+
+
+def zero_metrics(like: Mapping[str, Any]) -> Metrics:
+  """Metrics shaped like `like` (arrays or `jax.ShapeDtypeStruct`s) that merge as a no-op: zero
+  sums, and no non-finite step. The start of a running total inside a compiled loop, where
+  `empty_metrics()` (None) cannot be carried."""
+  zeros = {key: jnp.zeros(value.shape, value.dtype) for key, value in like.items()}
+  if "nonfinite_step" in zeros:
+    zeros["nonfinite_step"] = jnp.full_like(zeros["nonfinite_step"], NO_NONFINITE_STEP)
+  return zeros
 
 
 def merge_metrics(total: Metrics | None, batch: Metrics) -> Metrics:
@@ -73,7 +102,12 @@ def merge_metrics(total: Metrics | None, batch: Metrics) -> Metrics:
     return batch
   if total.keys() != batch.keys():
     raise ValueError(f"cannot merge metrics with keys {sorted(total)} and {sorted(batch)}.")
-  return jax.tree.map(jnp.add, total, batch)
+  merged = {key: total[key] + batch[key] for key in total if not key.startswith("nonfinite_")}
+  if "nonfinite_step" in total:  # keep the earliest bad step and what went bad there
+    earlier = batch["nonfinite_step"] < total["nonfinite_step"]
+    merged["nonfinite_step"] = jnp.minimum(total["nonfinite_step"], batch["nonfinite_step"])
+    merged["nonfinite_what"] = jnp.where(earlier, batch["nonfinite_what"], total["nonfinite_what"])
+  return merged
 
 
 def compute_metrics(total: Mapping[str, jax.Array | np.ndarray] | None) -> dict[str, float]:

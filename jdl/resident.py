@@ -118,10 +118,9 @@ def make_train_chunk(
       state, sums = carry
       indices = jax.lax.dynamic_slice_in_dim(order, batch_index * batch_size, batch_size)
       state, batch_sums = train_step(state, constrain(gather_batch(inputs, labels, indices)))
-      return (state, jax.tree.map(jnp.add, sums, batch_sums)), None
+      return (state, metrics_lib.merge_metrics(sums, batch_sums)), None
 
-    zero_sums = jax.tree.map(
-        lambda s: jnp.zeros(s.shape, s.dtype),
+    zero_sums = metrics_lib.zero_metrics(
         jax.eval_shape(lambda st: train_step(st, constrain(
             gather_batch(inputs, labels, order[:batch_size])))[1], state))
     if length == 1:  # no loop at all: see `loops_are_slow`
@@ -159,17 +158,16 @@ def make_eval_all(
       sums = None
       for batch_index in range(steps):
         batch_sums = compiled(state, inputs, labels, jnp.asarray(batch_index, jnp.int32))
-        sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
+        sums = metrics_lib.merge_metrics(sums, batch_sums)
       return sums
 
     return eval_all_unlooped
 
   def eval_all(state, inputs, labels):
     def body(sums, batch_index):
-      return jax.tree.map(jnp.add, sums, eval_batch(state, inputs, labels, batch_index)), None
+      return metrics_lib.merge_metrics(sums, eval_batch(state, inputs, labels, batch_index)), None
 
-    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                             jax.eval_shape(eval_batch, state, inputs, labels, 0))
+    zero_sums = metrics_lib.zero_metrics(jax.eval_shape(eval_batch, state, inputs, labels, 0))
     sums, _ = jax.lax.scan(body, zero_sums, jnp.arange(steps))
     return sums
 

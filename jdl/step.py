@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -38,6 +40,53 @@ AugmentFn = Callable[[jax.Array, Batch], Batch]
 AUGMENT_STREAM = 1
 """The step's key is folded with this to key augmentation, so dropout keeps its own key."""
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_compute_dtype(compute_dtype: Any) -> jnp.dtype | None:
+  """`compute_dtype` as a floating dtype (None stays None: compute in the parameters' dtype); a
+  non-floating or unknown dtype is an error listing the usual ones."""
+  if compute_dtype is None:
+    return None
+  try:
+    dtype = jnp.dtype(compute_dtype)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(
+        f"compute_dtype must be a floating dtype such as {COMPUTE_DTYPES}; got {compute_dtype!r}.")
+  return dtype
+
+
+def cast_floating(tree: Any, dtype: jnp.dtype | None) -> Any:
+  """`tree` with every floating array cast to `dtype` (integer arrays untouched); None: as is."""
+  if dtype is None:
+    return tree
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)
+
+
+def _apply_in(compute_dtype: jnp.dtype | None, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
+  """`apply_fn(variables, inputs, ...)` computing in `compute_dtype`: parameters and floating
+  inputs are cast down, outputs cast back to float32 and the model state (BatchNorm statistics)
+  back to the dtypes it came in, so a scan carrying the state keeps its types."""
+  if compute_dtype is None:
+    return apply_fn
+
+  def apply_in_compute_dtype(variables, inputs, **kwargs):
+    params = cast_floating(variables["params"], compute_dtype)
+    result = apply_fn({**variables, "params": params}, cast_floating(inputs, compute_dtype),
+                      **kwargs)
+    if "mutable" not in kwargs:
+      return cast_floating(result, jnp.float32)
+    outputs, new_state = result
+    old_state = {k: v for k, v in variables.items() if k != "params"}
+    new_state = jax.tree.map(lambda new, old: new.astype(old.dtype), dict(new_state),
+                             {k: old_state[k] for k in new_state})
+    return cast_floating(outputs, jnp.float32), new_state
+
+  return apply_in_compute_dtype
+
 _DEFAULT_METRICS: MetricsFn = functools.partial(metrics_lib.classification_metrics, top_k=())
 
 
@@ -48,6 +97,8 @@ def make_train_step(
     metrics_fn: MetricsFn = _DEFAULT_METRICS,
     axis_name: str | None = None,
     augment: AugmentFn | None = None,
+    check_finite: bool = True,
+    compute_dtype: Any = None,
 ) -> TrainStepFn:
   """Returns a pure train step `(state, batch) -> (state, metrics)`.
 
@@ -64,6 +115,12 @@ def make_train_step(
     augment: optional on-device augmentation `(key, batch) -> batch` applied to every training
       batch (e.g. `jdl.augment.make_augment(spec)`); it may add mixup's `mix_label` and
       `mix_weight`.
+    check_finite: add `nonfinite_step` / `nonfinite_what` to the metrics, which say whether and
+      where the loss or a gradient became NaN or infinite (see `jdl.metrics.nonfinite_metrics`;
+      `fit` stops the run with an error naming the step and the parameter).
+    compute_dtype: None computes in the parameters' dtype; `jnp.bfloat16` is mixed precision (see
+      the module docstring): bfloat16 forward and backward passes, float32 parameters, gradients,
+      optimizer state and loss.
 
   Returns:
     The train step. Its key for dropout is `fold_in(state.rng, state.step)` (and the device index
@@ -71,8 +128,11 @@ def make_train_step(
     reproducible and resumable.
   """
 
+  compute_dtype = check_compute_dtype(compute_dtype)
+
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     _unpack(batch, state.input_shape)
+    apply_fn = _apply_in(compute_dtype, state.apply_fn)
     rng = jax.random.fold_in(state.rng, state.step)
     if axis_name is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
@@ -90,7 +150,7 @@ def make_train_step(
 
     def objective(params: Params):
       variables = {"params": params, **state.model_state}
-      outputs, new_model_state = state.apply_fn(
+      outputs, new_model_state = apply_fn(
           variables, inputs, train=True, rngs={"dropout": rng}, mutable=mutable
       )
       per_example = per_example_loss(outputs, labels)
@@ -101,10 +161,13 @@ def make_train_step(
       return loss, (outputs, per_example, new_model_state)
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
-    (_, (outputs, per_example, new_model_state)), grads = grad_fn(state.params)
+    (loss_value, (outputs, per_example, new_model_state)), grads = grad_fn(state.params)
     metrics = metrics_fn(outputs, labels, per_example, mask)
     if axis_name is not None:
       grads, metrics = jax.lax.psum((grads, metrics), axis_name)
+    if check_finite:  # after the psum, so every device agrees
+      metrics = {**metrics, **metrics_lib.nonfinite_metrics(
+          state.step, metrics.get("loss_sum", loss_value), grads)}
     new_state = state.apply_gradients(grads, model_state=dict(new_model_state))
     return new_state, metrics
 
@@ -116,14 +179,17 @@ def make_eval_step(
     *,
     metrics_fn: MetricsFn = _DEFAULT_METRICS,
     axis_name: str | None = None,
+    compute_dtype: Any = None,
 ) -> EvalStepFn:
   """Returns a pure eval step `(state, batch) -> metrics` (model in inference mode: no dropout,
   BatchNorm on running statistics). Metrics are sums; merge them over a split with
-  `jdl.metrics.merge_metrics` and turn them into means with `compute_metrics`."""
+  `jdl.metrics.merge_metrics` and turn them into means with `compute_metrics`. `compute_dtype` is
+  that of `make_train_step`."""
+  compute_dtype = check_compute_dtype(compute_dtype)
 
   def eval_step(state: TrainState, batch: Batch) -> Metrics:
     inputs, labels, mask = _unpack(batch, state.input_shape)
-    outputs = state.apply_fn(state.variables(), inputs, train=False)
+    outputs = _apply_in(compute_dtype, state.apply_fn)(state.variables(), inputs, train=False)
     metrics = metrics_fn(outputs, labels, loss_fn(outputs, labels), mask)
     if axis_name is not None:
       metrics = jax.lax.psum(metrics, axis_name)
@@ -177,18 +243,24 @@ def make_classification_steps(
     top_k: tuple[int, ...] = (),
     axis_name: str | None = None,
     augment: AugmentFn | None = None,
+    label_smoothing: float = 0.0,
+    compute_dtype: Any = None,
 ) -> tuple[TrainStepFn, EvalStepFn]:
-  """Train and eval steps for classification with a named loss, L1/L2 penalties, top-k and
-  optional on-device augmentation of training batches."""
-  loss_fn = losses_lib.get_classification_loss(loss_name)
+  """Train and eval steps for classification with a named loss, L1/L2 penalties, top-k, optional
+  on-device augmentation of training batches, label smoothing and mixed precision.
+
+  Label smoothing applies to the training loss only: the eval step reports the plain loss, so
+  evaluation numbers compare across smoothing settings."""
   metrics_fn = functools.partial(metrics_lib.classification_metrics, top_k=top_k)
   train_step = make_train_step(
-      loss_fn,
+      losses_lib.get_classification_loss(loss_name, label_smoothing),
       weight_penalty=losses_lib.make_weight_penalty(l1=l1, l2=l2),
       metrics_fn=metrics_fn,
       axis_name=axis_name,
       augment=augment,
+      compute_dtype=compute_dtype,
   )
-  eval_step = make_eval_step(loss_fn, metrics_fn=metrics_fn, axis_name=axis_name)
+  eval_step = make_eval_step(losses_lib.get_classification_loss(loss_name), metrics_fn=metrics_fn,
+                             axis_name=axis_name, compute_dtype=compute_dtype)
   return train_step, eval_step
 

@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -244,3 +245,63 @@ def test_augmentation_is_the_same_sharded_over_8_devices_and_on_one():
                single.params, sharded.params)
   np.testing.assert_allclose(runner.fetch_metrics(sharded_metrics)["loss_sum"],
                              single_metrics["loss_sum"], rtol=1e-5)
+
+
+def _dot_operand_dtypes(fn, *args):
+  """The operand dtypes of every matrix product in `fn`'s jaxpr (forward and backward)."""
+  found = set()
+
+  def visit(jaxpr):
+    for equation in jaxpr.eqns:
+      if equation.primitive.name == "dot_general":
+        found.add(tuple(str(v.aval.dtype) for v in equation.invars))
+      for sub in jax.extend.core.jaxprs_in_params(equation.params):
+        visit(sub)
+
+  visit(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def test_bfloat16_compute_trains_and_keeps_float32_master_weights():
+  """compute_dtype=bfloat16: every matrix product runs in bfloat16, the loss falls, and the
+  parameters, optimizer state and BatchNorm statistics stay float32."""
+  model = models.MLP(hidden=(16,), num_classes=3, normalization="batch")
+  state = _state(model, optax.adam(1e-2))
+  batch = jax.tree.map(jnp.asarray, _batch(64))
+  batch["label"] = jnp.argmax(batch["input"][:, :3], axis=1)  # learnable
+  train_step = jdl.make_train_step(compute_dtype="bfloat16")
+  assert _dot_operand_dtypes(train_step, state, batch) == {("bfloat16", "bfloat16")}
+  step = jax.jit(train_step)
+  losses = []
+  for _ in range(40):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss_sum"] / metrics["count"]))
+  assert losses[-1] < 0.3 * losses[0]
+  for leaf in jax.tree.leaves((state.params, state.opt_state, state.model_state)):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert leaf.dtype == jnp.float32
+  eval_step = jdl.make_eval_step(compute_dtype=jnp.bfloat16)
+  metrics = jax.jit(eval_step)(state, batch)
+  assert metrics["loss_sum"].dtype == jnp.float32
+  np.testing.assert_allclose(metrics["loss_sum"] / 64, losses[-1], rtol=0.3)
+
+
+def test_bfloat16_and_float32_steps_agree_to_bfloat16_precision():
+  """One step in bfloat16 moves the parameters almost as the float32 step does."""
+  model = models.MLP(hidden=(16,), num_classes=3)
+  state = _state(model, optax.sgd(0.1))
+  batch = jax.tree.map(jnp.asarray, _batch(32))
+  full, _ = jax.jit(jdl.make_train_step())(state, batch)
+  half, _ = jax.jit(jdl.make_train_step(compute_dtype=jnp.bfloat16))(state, batch)
+  delta_full, _ = ravel_pytree(jax.tree.map(jnp.subtract, full.params, state.params))
+  delta_half, _ = ravel_pytree(jax.tree.map(jnp.subtract, half.params, state.params))
+  assert not np.array_equal(delta_full, delta_half)  # it did compute in bfloat16
+  np.testing.assert_allclose(delta_half, delta_full, atol=0.05 * float(jnp.abs(delta_full).max()))
+
+
+def test_compute_dtype_must_be_floating():
+  """An integer or unknown compute dtype is refused with the usual choices."""
+  with pytest.raises(ValueError, match="compute_dtype must be a floating dtype"):
+    jdl.make_train_step(compute_dtype="int8")
+  with pytest.raises(ValueError, match="compute_dtype must be a floating dtype"):
+    jdl.make_eval_step(compute_dtype="bf16")

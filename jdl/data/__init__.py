@@ -48,6 +48,7 @@ def load_classification_data(
     manual_dir: str | None = None,
     in_memory: bool = True,
     seed: int = 0,
+    shuffle: bool = True,
     shuffle_buffer: int = 10_000,
     process_index: int = 0,
     process_count: int = 1,
@@ -67,6 +68,7 @@ def load_classification_data(
     in_memory: load whole splits as numpy arrays (fast; for datasets that fit in memory) instead
       of streaming them through tf.data.
     seed: seeds the per-epoch shuffles of the training split.
+    shuffle: shuffle the training split every epoch (False: in order, e.g. for debugging).
     shuffle_buffer: shuffle buffer of the streaming path.
     process_index, process_count: this process and the number of processes of a multi-host run;
       each process's sources yield its share of every global batch.
@@ -85,24 +87,24 @@ def load_classification_data(
   builder = get_builder(name, data_dir)
   prepare(builder, download=download, manual_dir=manual_dir)
   meta = dataset_meta(builder)
-  plan = ((train_split, batch_size, True), (eval_split, eval_batch_size, False))
+  plan = ((train_split, batch_size, shuffle, True), (eval_split, eval_batch_size, False, False))
   sources: list[BatchSource] = []
   sizes = {}
-  for split, size, shuffle in plan:
+  for split, size, shuffle_split, is_train in plan:
     if in_memory:
       inputs, labels = load_split_arrays(builder, split)
       check_labels(labels, meta.num_classes, where=f"labels of split {split!r}")
-      sources.append(ArraySource(inputs, labels, size, shuffle=shuffle, seed=seed,
+      sources.append(ArraySource(inputs, labels, size, shuffle=shuffle_split, seed=seed,
                                  process_index=process_index, process_count=process_count))
       sizes[split] = len(labels)
     else:
       shares = tfds.even_splits(split, n=process_count, drop_remainder=False)
       counts = [_split_size(builder, share) for share in shares]
-      dataset = read_split(builder, shares[process_index], shuffle_files=shuffle, seed=seed)
-      sources.append(TFDataSource(dataset, max(counts), size, shuffle=shuffle, seed=seed,
+      dataset = read_split(builder, shares[process_index], shuffle_files=shuffle_split, seed=seed)
+      sources.append(TFDataSource(dataset, max(counts), size, shuffle=shuffle_split, seed=seed,
                                   shuffle_buffer=shuffle_buffer, process_index=process_index,
                                   process_count=process_count,
-                                  augment=augment if shuffle else None))
+                                  augment=augment if is_train else None))
       sizes[split] = sum(counts)
   return sources[0], sources[1], _with_split_sizes(meta, sizes)
 
