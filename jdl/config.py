@@ -91,6 +91,7 @@ def classification_config() -> ml_collections.ConfigDict:
   # Checkpoints (orbax), in workdir/checkpoints.
   config.checkpoint = True  # save checkpoints (at evaluations, epoch ends, and below)
   config.checkpoint_every_steps = 0  # also save every this many steps; 0: only the above
+  config.checkpoint_min_seconds = 60.0  # but skip epoch-end / every-N saves closer than this
   config.keep_checkpoints = 3  # how many recent checkpoints to keep (plus the best)
   config.best_metric = "accuracy"  # also keep the best by this eval metric ("" for none)
   config.resume = True  # continue from the latest good checkpoint in the workdir

@@ -84,6 +84,7 @@ def fit(
     steps_per_call: int | None = None,
     checkpointer: Checkpointer | None = None,
     checkpoint_every_steps: int | None = None,
+    checkpoint_min_seconds: float = 0.0,
     handle_signals: bool = True,
 ) -> tuple[TrainState, list[Record]]:
   """Trains `state` with `train_step` and evaluates it on the whole of `eval_data`.
@@ -123,6 +124,10 @@ def fit(
       `checkpoint_every_steps` steps and at the end (`jdl.checkpoint.Checkpointer`); evaluation
       records rank checkpoints for its `best_metric`.
     checkpoint_every_steps: save this often too (None or 0: evaluations and epoch ends only).
+    checkpoint_min_seconds: skip an epoch-end or every-N-steps save that would come less than
+      this many seconds after the previous save (saves at evaluations, at the end and on a
+      signal always happen). Bounds the cost of checkpointing when epochs take milliseconds
+      while a crash still loses at most about this much work.
     handle_signals: with a checkpointer, SIGTERM or SIGINT ends the current step (or scan chunk),
       saves and raises `Preempted`, whose message says how to resume.
 
@@ -166,6 +171,7 @@ def fit(
                   dynamic_ncols=True, leave=True, mininterval=0.5)
   last_bar_update = 0.0
   save_every = checkpoint_every_steps or 0
+  last_save = time.perf_counter()
   watch = _NonFiniteWatch(state, checkpointer)
   stop = _StopSignals() if handle_signals and checkpointer is not None else None
   try:
@@ -214,12 +220,14 @@ def fit(
         interval_sums = metrics_lib.empty_metrics()
         interval_start = time.perf_counter()
         interrupted = interrupted or (stop is not None and stop.received is not None)
-      if checkpointer is not None and (
-          step == target or interrupted or step == num_steps):
+      due = step == num_steps or record is not None or (
+          step == target and time.perf_counter() - last_save >= checkpoint_min_seconds)
+      if checkpointer is not None and (due or interrupted):
         if interval_sums is not None:
           watch.check(runner.fetch_metrics(interval_sums))
         checkpointer.save(runner.fetch_state(state), metrics=record)
         watch.saved_step = step
+        last_save = time.perf_counter()
       if interrupted:
         checkpointer.wait()
         raise Preempted(step, stop.received, checkpointer.directory)
@@ -553,6 +561,7 @@ def train_and_evaluate(config: Any, workdir: str,
         runner=runner,
         checkpointer=checkpointer,
         checkpoint_every_steps=config.checkpoint_every_steps or None,
+        checkpoint_min_seconds=config.checkpoint_min_seconds,
     )
   finally:
     if writer is not None:
