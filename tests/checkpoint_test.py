@@ -111,16 +111,19 @@ def _tiny_config(data_dir, overrides=()):
       "optimizer.schedule=warmup_cosine", "optimizer.warmup_steps=5", *overrides])
 
 
-@pytest.mark.parametrize("layout", ["none", "shard"])
-@pytest.mark.parametrize("shuffle", [True, False], ids=["shuffled", "in_order"])
+@pytest.mark.parametrize("layout,shuffle", [
+    ("none", True), ("none", False), ("shard", True), ("shard", False), ("pmap", True)],
+    ids=["one-device-shuffled", "one-device-in-order", "sharded-shuffled", "sharded-in-order",
+         "pmap-shuffled"])
 def test_crash_and_resume_equals_an_uninterrupted_run(tmp_path, mnist1d_data_dir, layout, shuffle):
   """Checkpoint at step 20, crash at 40, resume: the final parameters, optimizer state and the
-  records of steps 40 and 60 are bitwise those of a run that was never interrupted, on one device
-  and sharded over 8, for shuffled and in-order data; metrics.jsonl has each step once."""
-  if layout == "shard" and len(jax.devices()) < 8:
+  records of steps 40 and 60 are bitwise those of a run that was never interrupted, on one device,
+  sharded over 8 and replicated by pmap over 8, for shuffled and in-order data; metrics.jsonl has
+  each step once."""
+  if layout != "none" and len(jax.devices()) < 8:
     pytest.skip("needs 8 devices")
   config = _tiny_config(mnist1d_data_dir, [f"layout={layout}", f"shuffle={shuffle}",
-                                           "num_devices=8" if layout == "shard" else "num_devices=0"])
+                                           "num_devices=0" if layout == "none" else "num_devices=8"])
   whole, whole_history = jdl.train_and_evaluate(config, str(tmp_path / "whole"))
 
   workdir = str(tmp_path / "interrupted")
