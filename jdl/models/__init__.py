@@ -12,7 +12,9 @@ from jdl.models.activations import ACTIVATIONS, get_activation
 from jdl.models.classic import LeNet5, LogisticRegression, ResidualMLP
 from jdl.models.cnn import CNN, CNN1D
 from jdl.models.mlp import MLP
+from jdl.models.recurrent import Mnist1dGRU, Recurrent, RNNClassifier
 from jdl.models.resnet import PUBLISHED, ResNet
+from jdl.models.transformer import VIT_PRESETS, TransformerEncoderClassifier, TransformerLM, ViT
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
@@ -22,9 +24,16 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet5": LeNet5,
     "residual_mlp": ResidualMLP,
     "resnet": ResNet,  # set stage_sizes, block, layout, width in its sub-config
+    "rnn": RNNClassifier,  # LSTM/GRU over token ids [B, T] (set vocab_size; 0 = padding) or signals
+    "mnist1d_gru": Mnist1dGRU,  # the MNIST-1D paper's bidirectional GRU (hidden 6, flatten)
+    "transformer_classifier": TransformerEncoderClassifier,  # token ids [B, T], 0 = padding
+    "transformer_lm": TransformerLM,  # num_classes is the vocabulary size
+    "vit": ViT,
 }
 MODELS.update({name: functools.partial(ResNet, **settings) for name, settings in PUBLISHED.items()})
-"""Models an experiment config may name in `config.model.name` (the published ResNets by name)."""
+MODELS.update({name: functools.partial(ViT, **settings) for name, settings in VIT_PRESETS.items()})
+"""Models an experiment config may name in `config.model.name` (the published ResNets and the ViT
+presets by name)."""
 
 
 def build_model(
@@ -54,6 +63,7 @@ def build_model(
 
 __all__ = [
     "ACTIVATIONS", "CNN", "CNN1D", "LeNet5", "LogisticRegression", "MLP", "MODELS", "ResNet",
-    "ResidualMLP",
+    "ResidualMLP", "TransformerEncoderClassifier", "TransformerLM", "ViT",
+    "Mnist1dGRU", "RNNClassifier", "Recurrent",
     "build_model", "get_activation",
 ]

@@ -1,0 +1,192 @@
+"""Autoregressive sampling from a causal language model.
+
+`generate` runs the whole loop as one jitted `lax.fori_loop` over a fixed-size token buffer, so a
+call compiles once, whatever the number of new tokens. Each step recomputes the model on a window
+of the last `block_size` tokens (no KV cache) and samples the next token with `sample_next`:
+temperature scaling, optional top-k filtering (`top_k_logits`), or greedy argmax.
+
+Shapes: B batch, T0 prompt length, N new tokens, V vocabulary size, W the model's window.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ApplyFn = Callable[..., jax.Array]
+"""`apply_fn(variables, tokens [B, T], train=False) -> logits [B, T, V]`, e.g. `model.apply`."""
+
+
+def _is_int(value: Any) -> bool:
+  """A Python or numpy integer, not a bool (so it can be a static argument)."""
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_top_k(top_k: int | None, vocab_size: int) -> None:
+  if top_k is None:
+    return
+  if not _is_int(top_k):
+    raise ValueError(f"top_k must be an integer in [1, {vocab_size}] or None; got {top_k!r}.")
+  if not 1 <= top_k <= vocab_size:
+    raise ValueError(f"top_k must be in [1, vocabulary size {vocab_size}]; got {top_k}.")
+
+
+def _check_temperature(temperature: float) -> float:
+  try:
+    value = float(temperature)
+  except (TypeError, ValueError):
+    raise ValueError(f"temperature must be a number >= 0; got {temperature!r}.") from None
+  if not value >= 0.0 or value == float("inf"):  # also rejects NaN
+    raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy); got {temperature}.")
+  return value
+
+
+def top_k_logits(logits: jax.Array, k: int) -> jax.Array:
+  """Keeps the `k` largest logits along the last axis and sets every other one to -inf.
+
+  Exactly k entries survive per row: among equal logits the lower index wins (`lax.top_k`'s order).
+
+  Args:
+    logits: `[..., V]` scores.
+    k: how many to keep, in [1, V]; k = V returns `logits` unchanged.
+
+  Returns:
+    An array like `logits` with all but the k largest entries of each row at -inf.
+  """
+  vocab_size = logits.shape[-1]
+  _check_top_k(k, vocab_size)
+  if k == vocab_size:
+    return logits
+  _, indices = jax.lax.top_k(logits, k)
+  keep = jnp.put_along_axis(jnp.zeros(logits.shape, bool), indices, True, axis=-1, inplace=False)
+  return jnp.where(keep, logits, -jnp.inf)
+
+
+def sample_next(
+    logits: jax.Array, key: jax.Array, temperature: float = 1.0, top_k: int | None = None
+) -> jax.Array:
+  """Samples one token per row from `softmax(top_k_logits(logits, top_k) / temperature)`.
+
+  Args:
+    logits: `[B, V]` next-token scores.
+    key: a PRNG key (unused when greedy).
+    temperature: > 0 scales the logits (below 1 sharpens, above 1 flattens); 0 is greedy argmax.
+    top_k: sample among the k most likely tokens only; None samples from all V.
+
+  Returns:
+    `[B]` int32 token ids in [0, V).
+  """
+  if logits.ndim != 2:
+    raise ValueError(f"sample_next expects logits [batch, vocab]; got shape {logits.shape}.")
+  temperature = _check_temperature(temperature)
+  if top_k is not None:
+    logits = top_k_logits(logits, top_k)
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  scaled = logits.astype(jnp.float32) / temperature
+  return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+
+def generate(
+    model: nn.Module | ApplyFn,
+    variables: Any,
+    prompt_tokens: jax.Array | np.ndarray,
+    *,
+    num_new_tokens: int,
+    key: jax.Array,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    block_size: int | None = None,
+    greedy: bool = False,
+) -> jax.Array:
+  """Extends each prompt by `num_new_tokens` sampled tokens.
+
+  The model must be causal (the logits at position t depend on tokens 0..t only): each step feeds
+  a fixed window of W = min(block_size, T0 + N) tokens, which early on still holds unfilled slots
+  after the current position, and reads the logits of the last filled one. Once the sequence is
+  longer than `block_size` the window holds its last `block_size` tokens, which the model sees at
+  positions 0..block_size-1.
+
+  Args:
+    model: a linen Module (its `apply` is used, and its `block_size` attribute is the default
+      window) or an apply function `(variables, tokens [B, T], train=False) -> [B, T, V]`. Pass
+      the same object on every call: it is a static argument of the jitted loop.
+    variables: the model's variables, e.g. `{"params": params}`.
+    prompt_tokens: `[B, T0]` integer token ids, T0 >= 1.
+    num_new_tokens: N >= 0, tokens to add.
+    key: a PRNG key; step i uses `fold_in(key, i)`, so a key gives the same tokens every time.
+    temperature: >= 0; 0 (or `greedy=True`) takes the argmax at every step.
+    top_k: sample among the k most likely tokens of each step; None samples from all V.
+    block_size: the model's longest context; defaults to `model.block_size`.
+    greedy: argmax decoding, whatever the temperature.
+
+  Returns:
+    `[B, T0 + N]` int32 tokens: the prompt followed by the new tokens.
+  """
+  if isinstance(model, nn.Module):
+    apply_fn = model.apply
+    if block_size is None:
+      block_size = getattr(model, "block_size", None)
+  elif callable(model):
+    apply_fn = model
+  else:
+    raise ValueError(
+        f"model must be a linen Module or an apply function; got {type(model).__name__}.")
+  if block_size is None:
+    raise ValueError("generate needs block_size (the model's longest context); this model has no "
+                     "block_size attribute.")
+  if not _is_int(block_size) or block_size < 1:
+    raise ValueError(f"block_size must be an integer >= 1; got {block_size!r}.")
+  if not _is_int(num_new_tokens) or num_new_tokens < 0:
+    raise ValueError(f"num_new_tokens must be an integer >= 0; got {num_new_tokens!r}.")
+  temperature = 0.0 if greedy else _check_temperature(temperature)
+  prompt = jnp.asarray(prompt_tokens)
+  if prompt.ndim != 2:
+    raise ValueError(f"prompt_tokens must be token ids [batch, length]; got shape {prompt.shape}.")
+  if prompt.shape[0] < 1 or prompt.shape[1] < 1:
+    raise ValueError(
+        f"prompt_tokens is empty (shape {prompt.shape}); generation needs at least one token per "
+        "row to condition on.")
+  if not jnp.issubdtype(prompt.dtype, jnp.integer):
+    raise ValueError(f"prompt_tokens must be integer token ids; got dtype {prompt.dtype}.")
+  if top_k is not None:
+    _check_top_k(top_k, np.iinfo(np.int32).max)  # type and >= 1 now; <= V once V is known
+  if num_new_tokens == 0:
+    return prompt.astype(jnp.int32)
+  return _generate(apply_fn, variables, prompt.astype(jnp.int32), key,
+                   num_new_tokens=int(num_new_tokens), temperature=temperature, top_k=top_k,
+                   block_size=int(block_size))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("apply_fn", "num_new_tokens", "temperature", "top_k", "block_size"))
+def _generate(apply_fn: ApplyFn, variables: Any, prompt_BxT0: jax.Array, key: jax.Array, *,
+              num_new_tokens: int, temperature: float, top_k: int | None,
+              block_size: int) -> jax.Array:
+  batch, prompt_length = prompt_BxT0.shape
+  total = prompt_length + num_new_tokens
+  window = min(block_size, total)
+  tokens_BxL = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_length].set(prompt_BxT0)
+
+  def step(index: jax.Array, tokens_BxL: jax.Array) -> jax.Array:
+    filled = prompt_length + index  # tokens 0..filled-1 are known; this step writes `filled`
+    start = jnp.maximum(filled - window, 0)
+    context_BxW = jax.lax.dynamic_slice(tokens_BxL, (0, start), (batch, window))
+    logits_BxWxV = apply_fn(variables, context_BxW, train=False)
+    if logits_BxWxV.ndim != 3 or logits_BxWxV.shape[:2] != (batch, window):
+      raise ValueError(
+          f"the model must return logits [batch, length, vocab] = [{batch}, {window}, V]; got "
+          f"shape {logits_BxWxV.shape}.")
+    _check_top_k(top_k, logits_BxWxV.shape[-1])
+    last = filled - 1 - start
+    logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxWxV, last, axis=1, keepdims=False)
+    next_B = sample_next(logits_BxV, jax.random.fold_in(key, index), temperature, top_k)
+    return jax.lax.dynamic_update_slice(tokens_BxL, next_B[:, None], (0, filled))
+
+  return jax.lax.fori_loop(0, num_new_tokens, step, tokens_BxL)

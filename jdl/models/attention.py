@@ -1,0 +1,175 @@
+"""Multi-head self-attention with explicit einsums, its masks, and a NaN-free masked softmax.
+
+Shapes use these letters: B batch, T query positions, S key positions (S = T in self-attention),
+H heads, K the width of one head, D the model width (D = H * K).
+
+Masks are booleans, True where attention is allowed:
+  `causal_mask(T)`: `[T, T]`, query t may attend to key s when s <= t.
+  `padding_mask(tokens)` or `padding_mask(lengths, length=T)`: `[B, T]`, True for real tokens.
+  `attention_mask(padding_mask, causal=..., length=T)`: both combined as `[B or 1, 1, T, T]`, the
+    shape the scores `[B, H, T, T]` broadcast against (same rank, so no rank promotion).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def causal_mask(length: int) -> jax.Array:
+  """The `[length, length]` lower-triangular mask: entry (t, s) is True when s <= t, i.e. a query
+  sees its own position and the past, never the future."""
+  if length < 1:
+    raise ValueError(f"causal_mask needs a length >= 1; got {length}.")
+  positions = jnp.arange(length)
+  return positions[:, None] >= positions[None, :]
+
+
+def padding_mask(
+    lengths_or_tokens: jax.Array | np.ndarray, *, length: int | None = None, pad_id: int = 0
+) -> jax.Array:
+  """The `[B, T]` mask of real tokens (True) and padding (False).
+
+  Args:
+    lengths_or_tokens: either `[B]` integer lengths (the first `lengths[b]` positions of row b are
+      real; `length` gives T), or `[B, T]` integer token ids (a token equal to `pad_id` is padding,
+      wherever it sits).
+    length: T, for lengths only.
+    pad_id: the padding token id, for tokens only.
+
+  Returns:
+    `[B, T]` booleans, True for real tokens.
+  """
+  values = jnp.asarray(lengths_or_tokens)
+  if not jnp.issubdtype(values.dtype, jnp.integer):
+    raise ValueError(
+        f"padding_mask expects integer lengths [B] or token ids [B, T]; got dtype {values.dtype}.")
+  if values.ndim == 1:
+    if length is None:
+      raise ValueError("padding_mask from lengths [B] needs `length` (T, the padded length).")
+    return jnp.arange(length)[None, :] < values[:, None]
+  if values.ndim == 2:
+    if length is not None:
+      raise ValueError(
+          f"padding_mask from tokens [B, T] takes T from their shape {values.shape}; do not pass "
+          f"length={length}.")
+    return values != pad_id
+  raise ValueError(
+      f"padding_mask expects lengths [B] or token ids [B, T]; got shape {values.shape}.")
+
+
+def attention_mask(
+    padding_mask_BxT: jax.Array | None, *, causal: bool, length: int
+) -> jax.Array | None:
+  """Combines a padding mask over keys with the causal mask.
+
+  Args:
+    padding_mask_BxT: `[B, T]` True for real tokens, or None (every token is real).
+    causal: whether query t may see only keys s <= t.
+    length: T.
+
+  Returns:
+    `[B, 1, T, T]` (or `[1, 1, T, T]` without a padding mask) booleans, True where query t may
+    attend to key s; None when nothing is masked. Padding is masked as a key only: a padded query
+    still attends to the real tokens, and its output is ignored downstream (pooling, loss masks).
+  """
+  mask = None
+  if causal:
+    mask = causal_mask(length)[None, None, :, :]
+  if padding_mask_BxT is not None:
+    if padding_mask_BxT.ndim != 2 or padding_mask_BxT.shape[1] != length:
+      raise ValueError(
+          f"padding mask must have shape [batch, {length}] (True for real tokens); "
+          f"got {padding_mask_BxT.shape}.")
+    keys_Bx1x1xS = padding_mask_BxT.astype(bool)[:, None, None, :]
+    mask = keys_Bx1x1xS if mask is None else jnp.logical_and(mask, keys_Bx1x1xS)
+  return mask
+
+
+def masked_softmax(scores: jax.Array, mask: jax.Array | None, axis: int = -1) -> jax.Array:
+  """Softmax over `axis` restricted to the entries where `mask` is True.
+
+  Masked entries get exactly zero weight (and exactly zero gradient), and a row with no allowed
+  entry is all zeros rather than NaN (the 0/0 of a naive softmax over -inf). `mask` must have the
+  rank of `scores` and broadcast against it.
+  """
+  if mask is None:
+    return jax.nn.softmax(scores, axis=axis)
+  if mask.ndim != scores.ndim:
+    raise ValueError(
+        f"mask of shape {mask.shape} must have the rank of the scores {scores.shape}.")
+  lowest = jnp.finfo(scores.dtype).min
+  scores = jnp.where(mask, scores, lowest)
+  # The max only shifts the exponent for stability; the softmax does not depend on it.
+  shift = jax.lax.stop_gradient(jnp.max(scores, axis=axis, keepdims=True))
+  weights = jnp.exp(scores - shift) * mask  # masked entries are exactly 0, even in a full-mask row
+  total = jnp.sum(weights, axis=axis, keepdims=True)
+  return weights / jnp.where(total > 0, total, 1.0)
+
+
+class MultiHeadSelfAttention(nn.Module):
+  """Multi-head scaled dot-product self-attention (Vaswani et al. 2017).
+
+  Query, key and value projections D -> H x K, scores `q . k / sqrt(K)` per head, a masked softmax
+  over keys (causal and/or padding mask), dropout on the attention weights, and an output
+  projection H x K -> D. For width D it has 4 * (D * D + D) parameters (four projections, each
+  with a bias): 16,640 for D = 64.
+
+  The attention weights are also sown in the "intermediates" collection as `attention_weights`
+  `[B, H, T, T]` (read them with `mutable=["intermediates"]`).
+
+  Attributes:
+    num_heads: H; must divide the input width D.
+    causal: query t attends only to keys s <= t (decoder); False attends to every real token.
+    dropout_rate: dropout on the attention weights, active only when `train=True`.
+    use_bias: biases in the four projections.
+  """
+
+  num_heads: int
+  causal: bool = False
+  dropout_rate: float = 0.0
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(
+      self, x_BxTxD: jax.Array, *, train: bool, padding_mask: jax.Array | None = None
+  ) -> jax.Array:
+    """Attends over the sequence.
+
+    Args:
+      x_BxTxD: `[B, T, D]` inputs.
+      train: dropout on (True) or off.
+      padding_mask: optional `[B, T]`, True for real tokens; padded keys get zero weight.
+
+    Returns:
+      `[B, T, D]` outputs.
+    """
+    if x_BxTxD.ndim != 3:
+      raise ValueError("MultiHeadSelfAttention expects inputs [batch, length, width]; got shape "
+                       f"{x_BxTxD.shape}.")
+    _, length, width = x_BxTxD.shape
+    if self.num_heads < 1 or width % self.num_heads:
+      raise ValueError(
+          f"width {width} must be divisible by num_heads {self.num_heads} (each head gets "
+          "width // num_heads features).")
+    head_width = width // self.num_heads
+
+    def project(name: str) -> jax.Array:
+      return nn.DenseGeneral((self.num_heads, head_width), use_bias=self.use_bias,
+                             name=name)(x_BxTxD)
+
+    q_BxTxHxK = project("query") * (1.0 / math.sqrt(head_width))
+    k_BxSxHxK = project("key")
+    v_BxSxHxK = project("value")
+    scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK)
+    mask = attention_mask(padding_mask, causal=self.causal, length=length)
+    weights_BxHxTxS = masked_softmax(scores_BxHxTxS, mask)
+    self.sow("intermediates", "attention_weights", weights_BxHxTxS)
+    if self.dropout_rate:
+      weights_BxHxTxS = nn.Dropout(self.dropout_rate, deterministic=not train)(weights_BxHxTxS)
+    out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", weights_BxHxTxS, v_BxSxHxK)
+    return nn.DenseGeneral(width, axis=(-2, -1), use_bias=self.use_bias, name="out")(out_BxTxHxK)

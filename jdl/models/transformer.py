@@ -1,0 +1,342 @@
+"""Transformers from one pre-LayerNorm block: a text classifier, a GPT-style language model, a ViT.
+
+Shapes use B batch, T sequence length (tokens or patches), D width, V vocabulary size.
+
+Every block is `x + Dropout(MHSA(LN(x)))` then `x + Dropout(MLP(LN(x)))` with a GELU MLP of width
+`mlp_ratio * D`, so one block of width D has 12 D^2 + 13 D parameters (attention 4 D^2 + 4 D, MLP
+8 D^2 + 5 D, two LayerNorms 4 D). Token and position embeddings start as N(0, 0.02^2), as GPT-2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jdl.models.activations import apply_output
+from jdl.models.attention import MultiHeadSelfAttention, padding_mask as make_padding_mask
+from jdl.models.inputs import as_images
+
+EMBEDDING_INIT = nn.initializers.normal(stddev=0.02)
+POOLS = ("cls", "mean")
+
+
+def _check_architecture(model: str, *, width: int, num_heads: int, num_layers: int,
+                        dropout_rate: float, mlp_ratio: int) -> None:
+  """Raises a clear error for a transformer shape that cannot be built."""
+  if num_heads < 1 or width < 1 or width % num_heads:
+    raise ValueError(
+        f"{model}: width {width} must be a positive multiple of num_heads {num_heads} (each head "
+        "gets width // num_heads features).")
+  if num_layers < 1:
+    raise ValueError(f"{model}: num_layers must be >= 1; got {num_layers}.")
+  if mlp_ratio < 1:
+    raise ValueError(f"{model}: mlp_ratio must be >= 1; got {mlp_ratio}.")
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"{model}: dropout_rate must be in [0, 1); got {dropout_rate}.")
+
+
+def _check_tokens(tokens: jax.Array, model: str, max_length: int, limit_name: str) -> None:
+  """Tokens must be integer ids `[B, T]` with 1 <= T <= the model's maximum length."""
+  if tokens.ndim != 2:
+    raise ValueError(f"{model} expects token ids [batch, length]; got shape {tokens.shape}.")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"{model} expects integer token ids; got dtype {tokens.dtype}.")
+  if not 1 <= tokens.shape[1] <= max_length:
+    raise ValueError(
+        f"{model}: sequence length {tokens.shape[1]} must be in [1, {limit_name}={max_length}].")
+
+
+class TransformerBlock(nn.Module):
+  """One pre-LayerNorm transformer block: LN -> MHSA -> Dropout -> +x, LN -> MLP -> Dropout -> +x.
+
+  The MLP is Dense(mlp_ratio * D) -> GELU (tanh approximation) -> Dense(D). Parameters for width
+  D and `mlp_ratio=4`: 12 D^2 + 13 D (49,984 for D = 64).
+
+  Attributes:
+    num_heads: attention heads; must divide the width.
+    causal: causal (decoder) or bidirectional (encoder) attention.
+    mlp_ratio: hidden width of the MLP over the model width.
+    dropout_rate: dropout on the attention weights and on both residual branches (train only).
+  """
+
+  num_heads: int
+  causal: bool = False
+  mlp_ratio: int = 4
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(
+      self, x_BxTxD: jax.Array, *, train: bool, padding_mask: jax.Array | None = None
+  ) -> jax.Array:
+    width = x_BxTxD.shape[-1]
+    y = nn.LayerNorm(name="ln_attention")(x_BxTxD)
+    y = MultiHeadSelfAttention(self.num_heads, causal=self.causal, dropout_rate=self.dropout_rate,
+                               name="attention")(y, train=train, padding_mask=padding_mask)
+    x_BxTxD = x_BxTxD + self._dropout(y, train)
+    y = nn.LayerNorm(name="ln_mlp")(x_BxTxD)
+    y = nn.gelu(nn.Dense(self.mlp_ratio * width, name="mlp_in")(y))
+    y = nn.Dense(width, name="mlp_out")(y)
+    return x_BxTxD + self._dropout(y, train)
+
+  def _dropout(self, y: jax.Array, train: bool) -> jax.Array:
+    if not self.dropout_rate:
+      return y
+    return nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+
+
+class TransformerEncoderClassifier(nn.Module):
+  """A bidirectional transformer over token ids for sequence classification (e.g. IMDB sentiment).
+
+  Token embedding + learned position embedding -> Dropout -> `num_layers` bidirectional blocks
+  -> final LayerNorm -> mean over the real tokens -> Dense(num_classes). Token id `pad_id` (0) is
+  padding: padded keys get no attention weight and padded positions are left out of the mean, so
+  appending padding to a sequence does not change its logits. Mean pooling (rather than a CLS
+  token) keeps every real token's output in the prediction; a sequence of padding only pools to
+  zeros.
+
+  Parameters: V D + max_length D + num_layers (12 D^2 + 13 D) + 2 D + D num_classes + num_classes.
+  The defaults with `num_classes=2` (V 8192, max_length 256, 2 layers of width 64, 4 heads) have
+  524,288 + 16,384 + 99,968 + 128 + 130 = 640,898.
+
+  Attributes:
+    num_classes: width of the output layer.
+    vocab_size: V, the number of token ids (including the padding id).
+    max_length: the longest sequence (number of learned positions).
+    num_layers: transformer blocks.
+    num_heads: attention heads; must divide `width`.
+    width: D, the model width.
+    mlp_ratio: MLP width over D.
+    dropout_rate: dropout on the embeddings, attention weights and residual branches (train only).
+    pad_id: the token id that marks padding.
+    output: "logits" or "softmax".
+  """
+
+  num_classes: int
+  vocab_size: int = 8192
+  max_length: int = 256
+  num_layers: int = 2
+  num_heads: int = 4
+  width: int = 64
+  mlp_ratio: int = 4
+  dropout_rate: float = 0.0
+  pad_id: int = 0
+  output: str = "logits"
+
+  def __post_init__(self) -> None:
+    _check_architecture("TransformerEncoderClassifier", width=self.width,
+                        num_heads=self.num_heads, num_layers=self.num_layers,
+                        dropout_rate=self.dropout_rate, mlp_ratio=self.mlp_ratio)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, *, train: bool) -> jax.Array:
+    """Maps `[B, T]` token ids to `[B, num_classes]` logits (or probabilities)."""
+    _check_tokens(tokens, "TransformerEncoderClassifier", self.max_length, "max_length")
+    length = tokens.shape[1]
+    real_BxT = make_padding_mask(tokens, pad_id=self.pad_id)
+    x_BxTxD = nn.Embed(self.vocab_size, self.width, embedding_init=EMBEDDING_INIT,
+                       name="token_embedding")(tokens)
+    positions_LxD = self.param("position_embedding", EMBEDDING_INIT, (self.max_length, self.width))
+    x_BxTxD = x_BxTxD + positions_LxD[None, :length, :]
+    if self.dropout_rate:
+      x_BxTxD = nn.Dropout(self.dropout_rate, deterministic=not train)(x_BxTxD)
+    for index in range(self.num_layers):
+      x_BxTxD = TransformerBlock(self.num_heads, causal=False, mlp_ratio=self.mlp_ratio,
+                                 dropout_rate=self.dropout_rate, name=f"block{index}")(
+                                     x_BxTxD, train=train, padding_mask=real_BxT)
+    x_BxTxD = nn.LayerNorm(name="ln_final")(x_BxTxD)
+    weights_BxTx1 = real_BxT.astype(x_BxTxD.dtype)[:, :, None]
+    count_Bx1 = jnp.maximum(jnp.sum(weights_BxTx1, axis=1), 1.0)
+    pooled_BxD = jnp.sum(x_BxTxD * weights_BxTx1, axis=1) / count_Bx1
+    return apply_output(nn.Dense(self.num_classes, name="head")(pooled_BxD), self.output)
+
+
+class TransformerLM(nn.Module):
+  """A decoder-only (GPT-style) language model.
+
+  Token embedding + learned position embedding -> Dropout -> `num_layers` causal blocks -> final
+  LayerNorm -> output projection to V logits per position. Position t sees tokens 0..t only.
+
+  `num_classes` is the vocabulary size V (the classes of next-token prediction), so the model fits
+  `jdl.models.build_model(config, num_classes=V)`; `vocab_size` reads it back. With
+  `tie_weights=True` the output projection is the token embedding's transpose
+  (`nn.Embed.attend`), which saves V D parameters; otherwise it is a bias-free Dense(V).
+
+  Parameters: V D + block_size D + num_layers (12 D^2 + 13 D) + 2 D (+ V D untied). The defaults
+  on character-level Shakespeare, `TransformerLM(num_classes=65)` (block_size 128, 4 layers of
+  width 128, 4 heads, tied), have 8,320 + 16,384 + 793,088 + 256 = 818,048; untied 826,368.
+
+  Attributes:
+    num_classes: V, the vocabulary size.
+    block_size: the longest context (number of learned positions); longer inputs are an error.
+    num_layers: transformer blocks.
+    num_heads: attention heads; must divide `width`.
+    width: D, the model width.
+    dropout_rate: dropout on the embeddings, attention weights and residual branches (train only).
+    tie_weights: share the token embedding with the output projection.
+    mlp_ratio: MLP width over D.
+    output: "logits" or "softmax" (over the vocabulary, per position).
+  """
+
+  num_classes: int
+  block_size: int = 128
+  num_layers: int = 4
+  num_heads: int = 4
+  width: int = 128
+  dropout_rate: float = 0.0
+  tie_weights: bool = True
+  mlp_ratio: int = 4
+  output: str = "logits"
+
+  def __post_init__(self) -> None:
+    _check_architecture("TransformerLM", width=self.width, num_heads=self.num_heads,
+                        num_layers=self.num_layers, dropout_rate=self.dropout_rate,
+                        mlp_ratio=self.mlp_ratio)
+    if self.block_size < 1:
+      raise ValueError(f"TransformerLM: block_size must be >= 1; got {self.block_size}.")
+    super().__post_init__()
+
+  @property
+  def vocab_size(self) -> int:
+    """V, the vocabulary size (the same as `num_classes`)."""
+    return self.num_classes
+
+  def setup(self) -> None:
+    self.token_embedding = nn.Embed(self.num_classes, self.width, embedding_init=EMBEDDING_INIT)
+    self.position_embedding = self.param("position_embedding", EMBEDDING_INIT,
+                                         (self.block_size, self.width))
+    self.embedding_dropout = nn.Dropout(self.dropout_rate)
+    self.blocks = [
+        TransformerBlock(self.num_heads, causal=True, mlp_ratio=self.mlp_ratio,
+                         dropout_rate=self.dropout_rate)
+        for _ in range(self.num_layers)
+    ]
+    self.ln_final = nn.LayerNorm()
+    if not self.tie_weights:
+      self.head = nn.Dense(self.num_classes, use_bias=False)
+
+  def __call__(self, tokens: jax.Array, *, train: bool) -> jax.Array:
+    """Maps `[B, T]` token ids (T <= block_size) to `[B, T, V]` next-token logits."""
+    _check_tokens(tokens, "TransformerLM", self.block_size, "block_size")
+    return self.logits_from_embeddings(self.token_embedding(tokens), train=train)
+
+  def logits_from_embeddings(self, x_BxTxD: jax.Array, *, train: bool) -> jax.Array:
+    """The model after the token lookup: `[B, T, D]` token embedding vectors -> `[B, T, V]`.
+
+    `__call__` is this applied to `token_embedding(tokens)`; called on its own (with
+    `method=TransformerLM.logits_from_embeddings`) it lets one differentiate the logits with
+    respect to the input vectors, e.g. to check causality.
+    """
+    if x_BxTxD.ndim != 3 or x_BxTxD.shape[-1] != self.width:
+      raise ValueError(
+          f"TransformerLM expects embeddings [batch, length, {self.width}]; got {x_BxTxD.shape}.")
+    length = x_BxTxD.shape[1]
+    if length > self.block_size:
+      raise ValueError(
+          f"TransformerLM: sequence length {length} must be in [1, block_size={self.block_size}].")
+    x_BxTxD = x_BxTxD + self.position_embedding[None, :length, :]
+    x_BxTxD = self.embedding_dropout(x_BxTxD, deterministic=not train)
+    for block in self.blocks:
+      x_BxTxD = block(x_BxTxD, train=train)
+    x_BxTxD = self.ln_final(x_BxTxD)
+    if self.tie_weights:
+      logits_BxTxV = self.token_embedding.attend(x_BxTxD)
+    else:
+      logits_BxTxV = self.head(x_BxTxD)
+    return apply_output(logits_BxTxV, self.output)
+
+
+class ViT(nn.Module):
+  """A Vision Transformer (Dosovitskiy et al. 2021) image classifier.
+
+  Patch embedding by a `patch_size` x `patch_size` convolution of stride `patch_size` -> a CLS
+  token in front (`pool="cls"`) -> learned position embeddings -> Dropout -> `num_layers`
+  bidirectional blocks -> final LayerNorm -> the CLS token's output (or the mean over patches,
+  `pool="mean"`) -> Dense(num_classes). Image height and width must be multiples of the patch size.
+
+  Parameters, for N = (H / p)(W / p) patches of C channels: (p^2 C D + D) + D (CLS) + (N + 1) D
+  + num_layers (12 D^2 + 13 D) + 2 D + D num_classes + num_classes (no CLS: one D and one
+  position fewer). On 32x32x3 images with 10 classes:
+    the defaults (patch 4, width 64, 4 layers, 4 heads; small enough to train on a CPU):
+      3,136 + 64 + 4,160 + 199,936 + 128 + 650 = 208,074;
+    `vit_tiny` (patch 4, width 192, 12 layers, 3 heads, the ViT-Ti shape):
+      9,408 + 192 + 12,480 + 5,338,368 + 384 + 1,930 = 5,362,762.
+
+  Attributes:
+    num_classes: width of the output layer.
+    patch_size: p, the side of a square patch.
+    width: D, the model width.
+    num_layers: transformer blocks.
+    num_heads: attention heads; must divide `width`.
+    mlp_ratio: MLP width over D.
+    dropout_rate: dropout on the embeddings, attention weights and residual branches (train only).
+    pool: "cls" (a learned CLS token) or "mean" (mean of the patch outputs).
+    output: "logits" or "softmax".
+  """
+
+  num_classes: int
+  patch_size: int = 4
+  width: int = 64
+  num_layers: int = 4
+  num_heads: int = 4
+  mlp_ratio: int = 4
+  dropout_rate: float = 0.0
+  pool: str = "cls"
+  output: str = "logits"
+
+  def __post_init__(self) -> None:
+    _check_architecture("ViT", width=self.width, num_heads=self.num_heads,
+                        num_layers=self.num_layers, dropout_rate=self.dropout_rate,
+                        mlp_ratio=self.mlp_ratio)
+    if self.patch_size < 1:
+      raise ValueError(f"ViT: patch_size must be >= 1; got {self.patch_size}.")
+    if self.pool not in POOLS:
+      raise ValueError(f"ViT: unknown pool {self.pool!r}; expected one of {POOLS}.")
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """Maps `[B, H, W, C]` (or `[B, H, W]`) images to `[B, num_classes]` logits."""
+    x_BxHxWxC = as_images(x, "ViT")
+    height, width = x_BxHxWxC.shape[1:3]
+    p = self.patch_size
+    if height % p or width % p:
+      raise ValueError(
+          f"ViT: image size {height}x{width} must be divisible by patch_size {p}.")
+    x = nn.Conv(self.width, kernel_size=(p, p), strides=(p, p), padding="VALID",
+                name="patch_embedding")(x_BxHxWxC)
+    batch = x.shape[0]
+    x_BxNxD = x.reshape(batch, -1, self.width)
+    if self.pool == "cls":
+      cls_1x1xD = self.param("cls_token", nn.initializers.zeros, (1, 1, self.width))
+      x_BxNxD = jnp.concatenate(
+          [jnp.broadcast_to(cls_1x1xD, (batch, 1, self.width)), x_BxNxD], axis=1)
+    positions_NxD = self.param("position_embedding", EMBEDDING_INIT, x_BxNxD.shape[1:])
+    x_BxNxD = x_BxNxD + positions_NxD[None, :, :]
+    if self.dropout_rate:
+      x_BxNxD = nn.Dropout(self.dropout_rate, deterministic=not train)(x_BxNxD)
+    for index in range(self.num_layers):
+      x_BxNxD = TransformerBlock(self.num_heads, causal=False, mlp_ratio=self.mlp_ratio,
+                                 dropout_rate=self.dropout_rate, name=f"block{index}")(
+                                     x_BxNxD, train=train)
+    x_BxNxD = nn.LayerNorm(name="ln_final")(x_BxNxD)
+    pooled_BxD = x_BxNxD[:, 0, :] if self.pool == "cls" else jnp.mean(x_BxNxD, axis=1)
+    return apply_output(nn.Dense(self.num_classes, name="head")(pooled_BxD), self.output)
+
+
+VIT_PRESETS: dict[str, dict[str, Any]] = {
+    "vit_tiny": {"patch_size": 4, "width": 192, "num_layers": 12, "num_heads": 3},
+}
+"""Named ViT shapes (`jdl.models.MODELS` registers them too). ViT-tiny on 32x32 images: the ViT-Ti
+width, depth and heads with 4x4 patches (64 patches)."""
+
+
+def vit_tiny(num_classes: int, **overrides: Any) -> ViT:
+  """ViT-tiny for 32x32 images: patch 4, width 192, 12 layers, 3 heads, CLS pooling.
+
+  5,362,762 parameters on 32x32x3 images with 10 classes.
+  """
+  return ViT(num_classes=num_classes, **{**VIT_PRESETS["vit_tiny"], **overrides})

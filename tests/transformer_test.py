@@ -1,0 +1,403 @@
+"""Attention, transformers and sampling: causality, padding, weight tying, counts, generation."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jdl
+from jdl import count_params, models
+from jdl.generate import generate, sample_next, top_k_logits
+from jdl.models import attention, transformer
+
+
+def _param_count(model, x):
+  """Parameters of `model` on inputs like `x`, from shapes alone (nothing is computed)."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+  return count_params(shapes["params"])
+
+
+def _random_variables(model, x, seed=0, scale=0.3):
+  """Variables of `model` on inputs like `x`, drawn N(0, scale^2) with numpy. The properties
+  tested here hold for any parameter values, and this skips compiling the random initialisers
+  (seconds per model on a small CPU)."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, scale, s.shape), s.dtype), shapes)
+
+
+def _tiny_lm(**overrides):
+  settings = {"num_classes": 11, "block_size": 8, "num_layers": 2, "num_heads": 2, "width": 8}
+  return models.TransformerLM(**{**settings, **overrides})
+
+
+def _tokens(shape, vocab_size, seed=0, low=0):
+  return np.random.default_rng(seed).integers(low, vocab_size, shape).astype(np.int32)
+
+
+def _normal(shape, seed=0, scale=1.0):
+  return (scale * np.random.default_rng(seed).normal(size=shape)).astype(np.float32)
+
+
+# Every computation below runs under one jax.jit per test (or a few): on a small CPU, compiling
+# op by op in eager mode costs more than the computation itself.
+
+
+def test_masks_have_the_documented_shapes_and_values():
+  np.testing.assert_array_equal(attention.causal_mask(3), np.tril(np.ones((3, 3), bool)))
+  np.testing.assert_array_equal(attention.padding_mask(np.array([2, 0, 3]), length=3),
+                                [[1, 1, 0], [0, 0, 0], [1, 1, 1]])
+  np.testing.assert_array_equal(attention.padding_mask(np.array([[5, 0, 2], [0, 0, 0]])),
+                                [[1, 0, 1], [0, 0, 0]])
+  combined = attention.attention_mask(jnp.array([[True, True, False]]), causal=True, length=3)
+  assert combined.shape == (1, 1, 3, 3)
+  np.testing.assert_array_equal(combined[0, 0], [[1, 0, 0], [1, 1, 0], [1, 1, 0]])
+  assert attention.attention_mask(None, causal=False, length=3) is None
+  with pytest.raises(ValueError, match="needs `length`"):
+    attention.padding_mask(np.array([1, 2]))
+  with pytest.raises(ValueError, match="integer lengths"):
+    attention.padding_mask(np.ones((2, 3)))
+  with pytest.raises(ValueError, match=r"padding mask must have shape \[batch, 4\]"):
+    attention.attention_mask(jnp.ones((2, 3), bool), causal=False, length=4)
+
+
+def test_masked_softmax_gives_zero_weight_and_no_nan_to_fully_masked_rows():
+  """A row with nothing to attend to is all zeros (not NaN), with finite gradients; other rows
+  are the softmax over their allowed entries."""
+  scores = _normal((2, 3), scale=50.0)
+  mask = np.array([[True, False, True], [False, False, False]])
+
+  @jax.jit
+  def weights_and_grads(s):
+    loss = lambda s: jnp.sum(attention.masked_softmax(s, mask) * jnp.arange(3.0)[None, :])
+    return attention.masked_softmax(s, mask), jax.grad(loss)(s)
+
+  weights, grads = map(np.asarray, weights_and_grads(scores))
+  np.testing.assert_array_equal(weights[1], 0.0)
+  assert weights[0, 1] == 0.0
+  expected = np.exp(scores[0, ::2] - scores[0, ::2].max())
+  np.testing.assert_allclose(weights[0, ::2], expected / expected.sum(), rtol=1e-5)
+  assert np.all(np.isfinite(grads)) and np.all(grads[1] == 0.0) and grads[0, 1] == 0.0
+
+
+# Causality: gradients never reach the future.
+
+
+def _sensitivity(fn, x_TxD):
+  """|d out[t] / d x[s]| summed over features: a [T, T] matrix (one jit of the Jacobian)."""
+  jac = jax.jit(jax.jacrev(fn))(x_TxD)  # [T, out, T, D]
+  return np.abs(np.asarray(jac)).sum(axis=(1, 3))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_self_attention_is_exactly_causal_when_asked(causal):
+  """Causal: d out[t] / d x[s] is exactly zero for every s > t and non-zero for s <= t.
+  Bidirectional: every position depends on every other."""
+  layer = attention.MultiHeadSelfAttention(num_heads=2, causal=causal)
+  x = _normal((5, 8))
+  variables = _random_variables(layer, x[None])
+  sensitivity = _sensitivity(lambda v: layer.apply(variables, v[None], train=False)[0], x)
+  future = np.triu(np.ones((5, 5), bool), k=1)
+  if causal:
+    assert np.all(sensitivity[future] == 0.0)  # exactly, not approximately
+    assert np.all(sensitivity[~future] > 0.0)
+  else:
+    assert np.all(sensitivity > 0.0)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_language_model_logits_do_not_depend_on_future_tokens(train):
+  """The logits at t have an exactly zero Jacobian with respect to the token embedding vectors at
+  every t' > t, through the whole TransformerLM (with dropout active in training too)."""
+  model = _tiny_lm(dropout_rate=0.1 if train else 0.0, num_classes=7)
+  length = 6
+  variables = _random_variables(model, np.zeros((1, length), np.int32))
+  x = _normal((length, model.width), seed=1)
+  rngs = {"dropout": jax.random.PRNGKey(2)}
+
+  def logits(v):
+    return model.apply(variables, v[None], train=train, rngs=rngs,
+                       method=models.TransformerLM.logits_from_embeddings)[0]
+
+  sensitivity = _sensitivity(logits, x)
+  future = np.triu(np.ones((length, length), bool), k=1)
+  assert np.all(sensitivity[future] == 0.0)
+  assert np.all(np.diag(sensitivity) > 0.0) and sensitivity[-1, 0] > 0.0
+  if not train:  # the method is the model after its token lookup
+    tokens = _tokens((2, length), 7)
+    embedding = variables["params"]["token_embedding"]["embedding"]
+    from_tokens, from_vectors = jax.jit(lambda t: (
+        model.apply(variables, t, train=False),
+        model.apply(variables, embedding[t], train=False,
+                    method=models.TransformerLM.logits_from_embeddings)))(tokens)
+    np.testing.assert_allclose(from_tokens, from_vectors, rtol=1e-6)
+
+
+# Padding changes nothing for the real tokens.
+
+
+def test_bidirectional_attention_ignores_padded_keys():
+  """Appending padded positions (holding garbage) leaves the outputs at the real positions as
+  they were without them."""
+  layer = attention.MultiHeadSelfAttention(num_heads=2)
+  x = _normal((2, 4, 8))
+  variables = _random_variables(layer, x)
+  padded = np.concatenate([x, _normal((2, 3, 8), seed=2, scale=100.0)], axis=1)
+
+  @jax.jit
+  def outputs(x, padded):
+    mask = attention.padding_mask(jnp.array([4, 4]), length=7)
+    return (layer.apply(variables, x, train=False),
+            layer.apply(variables, padded, train=False, padding_mask=mask),
+            layer.apply(variables, padded, train=False))
+
+  short, masked, unmasked = outputs(x, padded)
+  np.testing.assert_allclose(masked[:, :4], short, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(unmasked[:, :4], short, atol=1e-3)
+
+
+def test_encoder_classifier_logits_do_not_change_when_padding_is_appended():
+  model = models.TransformerEncoderClassifier(num_classes=3, vocab_size=20, max_length=12,
+                                              num_layers=2, num_heads=2, width=8)
+  tokens = _tokens((3, 6), 20, low=1)
+  tokens[1, 4:] = 0  # row 1 is already padded
+  variables = _random_variables(model, tokens)
+  padded = np.concatenate([tokens, np.zeros((3, 5), np.int32)], axis=1)
+
+  @jax.jit
+  def logits(tokens, padded):
+    apply = lambda t: model.apply(variables, t, train=False)
+    return apply(tokens), apply(padded), apply(tokens[1:2, :4]), apply(jnp.zeros_like(tokens))
+
+  short, long, alone, empty = logits(tokens, padded)
+  assert short.shape == (3, 3)
+  np.testing.assert_allclose(long, short, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(alone, short[1:2], rtol=1e-5, atol=1e-6)
+  assert np.all(np.isfinite(empty))  # all padding pools to zeros, not NaN
+
+
+# Weight tying, shapes and parameter counts.
+
+
+def test_weight_tying_shares_the_embedding_with_the_output_projection():
+  tokens = np.zeros((1, 4), np.int32)
+  tied, untied = _tiny_lm(tie_weights=True), _tiny_lm(tie_weights=False)
+  tied_params = _random_variables(tied, tokens)["params"]
+  untied_params = _random_variables(untied, tokens)["params"]
+  assert "head" not in tied_params and untied_params["head"]["kernel"].shape == (8, 11)
+  assert "bias" not in untied_params["head"]
+  assert count_params(untied_params) - count_params(tied_params) == 11 * 8
+  # Zero the embedding matrix: the tied logits are all zero, the untied ones are not.
+  zero = lambda params: {**params, "token_embedding": {"embedding": jnp.zeros((11, 8))}}
+  tied_logits, untied_logits = jax.jit(lambda: (
+      tied.apply({"params": zero(tied_params)}, tokens, train=False),
+      untied.apply({"params": zero(untied_params)}, tokens, train=False)))()
+  np.testing.assert_array_equal(tied_logits, 0.0)
+  assert np.all(untied_logits != 0.0)
+
+
+def test_output_shapes():
+  shape = lambda model, x: jax.eval_shape(
+      lambda: model.apply(_random_variables(model, x), x, train=False)).shape
+  assert shape(_tiny_lm(), np.zeros((3, 5), np.int32)) == (3, 5, 11)
+  vit = models.ViT(num_classes=4, patch_size=4, width=8, num_layers=1, num_heads=2, pool="mean")
+  assert shape(vit, np.zeros((2, 8, 12, 3), np.float32)) == (2, 4)
+  assert shape(vit, np.zeros((2, 8, 12), np.float32)) == (2, 4)  # grey images gain a channel
+  classifier = models.TransformerEncoderClassifier(num_classes=2, vocab_size=9, max_length=6,
+                                                   num_layers=1, num_heads=2, width=8)
+  assert shape(classifier, np.zeros((4, 6), np.int32)) == (4, 2)
+
+
+def test_documented_parameter_counts():
+  tokens, images = np.zeros((1, 8), np.int32), np.zeros((1, 32, 32, 3))
+  assert _param_count(attention.MultiHeadSelfAttention(4), np.zeros((1, 3, 64))) == 16_640
+  assert _param_count(transformer.TransformerBlock(4), np.zeros((1, 3, 64))) == 49_984
+  assert _param_count(models.TransformerLM(num_classes=65), tokens) == 818_048
+  assert _param_count(models.TransformerLM(num_classes=65, tie_weights=False), tokens) == 826_368
+  assert _param_count(models.TransformerEncoderClassifier(num_classes=2), tokens) == 640_898
+  assert _param_count(models.ViT(num_classes=10), images) == 208_074
+  assert _param_count(models.ViT(num_classes=10, pool="mean"), images) == 208_074 - 2 * 64
+  assert _param_count(transformer.vit_tiny(10), images) == 5_362_762
+
+
+def test_build_model_knows_the_transformers():
+  lm = models.build_model({"name": "transformer_lm", "transformer_lm": {"width": 32}},
+                          num_classes=65)
+  assert isinstance(lm, models.TransformerLM) and lm.vocab_size == 65 and lm.width == 32
+  assert isinstance(models.build_model({"name": "transformer_classifier"}, num_classes=2),
+                    models.TransformerEncoderClassifier)
+  tiny = models.build_model({"name": "vit_tiny", "vit_tiny": {"num_layers": 2}}, num_classes=10)
+  assert (tiny.width, tiny.num_layers, tiny.num_heads, tiny.patch_size) == (192, 2, 3, 4)
+  assert isinstance(models.build_model({"name": "vit"}, num_classes=10), models.ViT)
+
+
+def test_bad_shapes_and_configs_fail_loudly():
+  lm = _tiny_lm()
+  variables = _random_variables(lm, np.zeros((1, 8), np.int32))
+  with pytest.raises(ValueError, match=r"sequence length 9 must be in \[1, block_size=8\]"):
+    lm.apply(variables, np.zeros((1, 9), np.int32), train=False)
+  with pytest.raises(ValueError, match="integer token ids; got dtype float"):
+    lm.apply(variables, np.zeros((1, 4)), train=False)
+  with pytest.raises(ValueError, match="expects token ids"):
+    lm.apply(variables, np.zeros((4,), np.int32), train=False)
+  with pytest.raises(ValueError, match="width 10 must be a positive multiple of num_heads 4"):
+    models.TransformerLM(num_classes=5, width=10, num_heads=4)
+  with pytest.raises(ValueError, match="num_layers must be >= 1"):
+    models.TransformerEncoderClassifier(num_classes=2, num_layers=0)
+  with pytest.raises(ValueError, match="unknown pool 'max'"):
+    models.ViT(num_classes=10, pool="max")
+  vit = models.ViT(num_classes=10, patch_size=4, width=8, num_layers=1, num_heads=2)
+  with pytest.raises(ValueError, match="image size 30x32 must be divisible by patch_size 4"):
+    _random_variables(vit, np.zeros((1, 30, 32, 3)))
+  with pytest.raises(ValueError, match="width 6 must be divisible by num_heads 4"):
+    _random_variables(attention.MultiHeadSelfAttention(4), np.zeros((1, 2, 6)))
+
+
+# Sampling.
+
+
+def test_top_k_logits_keeps_exactly_the_k_largest():
+  logits = _normal((4, 10))
+  kept = top_k_logits(logits, 3)
+  finite = np.isfinite(kept)
+  assert np.all(finite.sum(-1) == 3)
+  largest = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
+  assert np.all(np.take_along_axis(finite, largest, axis=-1))
+  np.testing.assert_array_equal(kept[finite], np.asarray(logits)[finite])
+  np.testing.assert_array_equal(top_k_logits(logits, 10), logits)
+  for bad in (0, 11):
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, vocabulary size 10\]"):
+      top_k_logits(logits, bad)
+  with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+    sample_next(logits, jax.random.PRNGKey(0), temperature=-1.0)
+  np.testing.assert_array_equal(sample_next(logits, jax.random.PRNGKey(0), temperature=0.0),
+                                np.argmax(logits, -1))
+
+
+def _bigram_apply(variables, tokens, *, train):
+  """A causal "model" whose next-token logits are a fixed row of a table, chosen by the token."""
+  del train
+  return variables["table"][tokens]
+
+
+def _bigram_table(vocab_size=9):
+  return {"table": jnp.asarray(_normal((vocab_size, vocab_size), seed=5, scale=3.0))}
+
+
+def test_generation_is_deterministic_per_key_keeps_the_prompt_and_stays_in_the_vocabulary():
+  variables = _bigram_table()
+  prompt = _tokens((4, 3), 9)
+  run = functools.partial(generate, _bigram_apply, variables, prompt, num_new_tokens=20,
+                          block_size=8)
+  first, again, other = run(key=jax.random.PRNGKey(0)), run(key=jax.random.PRNGKey(0)), run(
+      key=jax.random.PRNGKey(1))
+  assert first.shape == (4, 23) and first.dtype == jnp.int32
+  np.testing.assert_array_equal(first, again)
+  assert not np.array_equal(first, other)
+  np.testing.assert_array_equal(first[:, :3], prompt)
+  assert np.all((first >= 0) & (first < 9))
+
+
+def test_top_k_sampling_draws_only_from_the_k_most_likely_tokens():
+  variables = _bigram_table()
+  table = np.asarray(variables["table"])
+  prompt = _tokens((16, 1), 9)
+  out = np.asarray(generate(_bigram_apply, variables, prompt, num_new_tokens=30, block_size=4,
+                            key=jax.random.PRNGKey(3), top_k=3, temperature=2.0))
+  top3 = np.argsort(-table, axis=-1)[:, :3]
+  previous, sampled = out[:, :-1], out[:, 1:]
+  assert np.all(np.any(top3[previous] == sampled[..., None], axis=-1))
+  assert len(np.unique(sampled[previous == previous[0, 0]])) > 1  # it samples, not argmax
+
+  greedy = generate(_bigram_apply, variables, prompt, num_new_tokens=10, block_size=4,
+                    key=jax.random.PRNGKey(0), greedy=True)
+  for key in range(3):
+    np.testing.assert_array_equal(
+        generate(_bigram_apply, variables, prompt, num_new_tokens=10, block_size=4,
+                 key=jax.random.PRNGKey(key), top_k=1), greedy)
+  np.testing.assert_array_equal(
+      generate(_bigram_apply, variables, prompt, num_new_tokens=10, block_size=4,
+               key=jax.random.PRNGKey(0), temperature=0.0), greedy)
+
+
+def test_generation_crops_the_context_and_compiles_once():
+  """Greedy generation past block_size equals a plain Python loop that feeds the model the last
+  block_size tokens each step; the jitted loop traces the model once for all the new tokens."""
+  model = _tiny_lm(block_size=4)
+  variables = _random_variables(model, np.zeros((1, 4), np.int32))
+  prompt = _tokens((2, 3), 11, seed=1)
+  traces = []
+
+  def apply_fn(v, tokens, *, train):
+    traces.append(tokens.shape)
+    return model.apply(v, tokens, train=train)
+
+  out = generate(apply_fn, variables, prompt, num_new_tokens=7, block_size=4,
+                 key=jax.random.PRNGKey(0), greedy=True)
+  last_logits = jax.jit(lambda tokens: model.apply(variables, tokens, train=False)[:, -1])
+  expected = prompt
+  for _ in range(7):
+    next_token = np.argmax(last_logits(expected[:, -4:]), axis=-1).astype(np.int32)
+    expected = np.concatenate([expected, next_token[:, None]], axis=1)
+  np.testing.assert_array_equal(out, expected)
+  assert traces == [(2, 4)]
+  generate(apply_fn, variables, prompt, num_new_tokens=7, block_size=4,
+           key=jax.random.PRNGKey(1), greedy=True)
+  assert traces == [(2, 4)]  # same static arguments: no new trace
+
+
+def test_generate_rejects_bad_arguments():
+  variables = _bigram_table()
+  prompt = _tokens((2, 3), 9)
+  run = functools.partial(generate, _bigram_apply, variables, key=jax.random.PRNGKey(0),
+                          block_size=8)
+  with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+    run(prompt, num_new_tokens=2, temperature=-0.5)
+  with pytest.raises(ValueError, match=r"top_k must be in \[1, vocabulary size 9\]"):
+    run(prompt, num_new_tokens=2, top_k=10)
+  with pytest.raises(ValueError, match="top_k must be in"):
+    run(prompt, num_new_tokens=2, top_k=0)
+  with pytest.raises(ValueError, match="prompt_tokens is empty"):
+    run(np.zeros((2, 0), np.int32), num_new_tokens=2)
+  with pytest.raises(ValueError, match="integer token ids"):
+    run(np.zeros((2, 3)), num_new_tokens=2)
+  with pytest.raises(ValueError, match="num_new_tokens must be an integer >= 0"):
+    run(prompt, num_new_tokens=-1)
+  with pytest.raises(ValueError, match="needs block_size"):
+    generate(_bigram_apply, variables, prompt, num_new_tokens=2, key=jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(run(prompt, num_new_tokens=0), prompt)
+
+
+# Training.
+
+
+def test_tiny_language_model_learns_a_repeated_pattern_with_the_library_step():
+  """Next-token prediction on "0 1 2 3 0 1 2 3 ..." (random phase): the loss falls from ~log V to
+  near zero in a few dozen Adam steps. The library step takes [B, T] labels once the loss reduces
+  over T (a per-sequence loss) and the metrics are loss-only."""
+  vocab_size, length = 6, 8
+  model = models.TransformerLM(num_classes=vocab_size, block_size=length, num_layers=1,
+                               num_heads=2, width=16)
+  phase = np.random.default_rng(0).integers(0, 4, size=(32, 1))
+  sequences = ((phase + np.arange(length + 1)[None, :]) % 4).astype(np.int32)
+  batch = {"input": sequences[:, :-1], "label": sequences[:, 1:]}
+
+  def sequence_loss(logits_BxTxV, labels_BxT):
+    return jnp.mean(jdl.softmax_cross_entropy(logits_BxTxV, labels_BxT), axis=-1)
+
+  create = jax.jit(jdl.create_train_state, static_argnums=(0, 1))  # one compile, not op by op
+  state = create(model, optax.adam(3e-2), batch["input"][:1], jax.random.PRNGKey(0))
+  loss_only = lambda outputs, labels, losses, mask: jdl.loss_metrics(losses, mask)
+  train_step = jax.jit(jdl.make_train_step(sequence_loss, metrics_fn=loss_only))
+  losses = []
+  for _ in range(40):
+    state, metrics = train_step(state, batch)
+    losses.append(float(metrics["loss_sum"] / metrics["count"]))
+  assert losses[0] > 1.0 and losses[-1] < 0.1, losses
+  # A Module gives generate its own block_size.
+  continuation = generate(model, {"params": state.params}, np.array([[0, 1]], np.int32),
+                          num_new_tokens=6, key=jax.random.PRNGKey(0), greedy=True)
+  np.testing.assert_array_equal(continuation, [[0, 1, 2, 3, 0, 1, 2, 3]])
