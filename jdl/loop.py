@@ -60,7 +60,7 @@ def evaluate(
 
 def output_width(state: TrainState) -> int:
   """The width of the model's output for one example (its number of classes)."""
-  sample = jax.ShapeDtypeStruct((1, *state.input_shape), jnp.float32)
+  sample = jax.ShapeDtypeStruct((1, *state.input_shape), state.input_dtype)
   shape = jax.eval_shape(lambda v, x: state.apply_fn(v, x, train=False), state.variables(), sample)
   return int(shape.shape[-1])
 
@@ -523,7 +523,7 @@ def train_and_evaluate(config: Any, workdir: str,
   model = models.build_model(config.model, num_classes=meta.num_classes, axis_name=runner.axis_name)
   num_steps = config.num_steps or config.num_epochs * train_data.steps_per_epoch
   tx = optim.make_optimizer(config.optimizer, total_steps=num_steps)
-  sample = np.zeros((1, *meta.input_shape), np.float32)
+  sample = np.zeros((1, *meta.input_shape), meta.input_dtype)
   state = create_train_state(model, tx, sample, jax.random.PRNGKey(config.seed))
   if checkpointer is not None and config.resume:
     restored = checkpointer.restore_latest(state, log=log)

@@ -31,17 +31,22 @@ def classification_metrics(
 ) -> Metrics:
   """Sums for loss, accuracy and top-k accuracy over the unmasked examples of one batch.
 
+  Labels may have positions: a language model's `[batch, time]` labels with `[batch, time,
+  vocab]` outputs are classified position by position, and `count` then counts positions (tokens),
+  so the mean loss is in nats per token.
+
   Args:
-    outputs: `[batch, num_classes]` logits or probabilities.
-    labels: `[batch]` integer labels.
-    losses: `[batch]` per-example losses.
-    mask: `[batch]` booleans (or 0/1), True for real examples; None means all are real.
+    outputs: `[batch, ..., num_classes]` logits or probabilities.
+    labels: `[batch, ...]` integer labels.
+    losses: per-example (per-position) losses, shaped like `labels`.
+    mask: `[batch]` (per example) or shaped like `labels` (per position) booleans (or 0/1), True
+      for what counts; None means everything is real.
     top_k: the k of the top-k accuracies to track; a k >= num_classes is skipped (it is always 1).
 
   Returns:
     A dict with `count`, `loss_sum`, `correct` and one `top{k}_correct` per k.
   """
-  keep = jnp.ones(labels.shape, jnp.int32) if mask is None else mask.astype(jnp.int32)
+  keep = broadcast_mask(mask, labels.shape).astype(jnp.int32)
   labels = labels.astype(jnp.int32)
   correct = (jnp.argmax(outputs, axis=-1) == labels).astype(jnp.int32)
   sums = {
@@ -53,14 +58,28 @@ def classification_metrics(
   for k in top_k:
     if k < num_classes:
       _, top_indices = jax.lax.top_k(outputs, k)
-      hit = jnp.any(top_indices == labels[:, None], axis=-1).astype(jnp.int32)
+      hit = jnp.any(top_indices == labels[..., None], axis=-1).astype(jnp.int32)
       sums[f"top{k}_correct"] = jnp.sum(hit * keep)
   return sums
 
 
+def broadcast_mask(mask: jax.Array | None, shape: Sequence[int]) -> jax.Array:
+  """`mask` as an array of `shape`: all True when None, a per-example `[batch]` mask repeated over
+  the trailing axes of `shape`, or a mask that already has `shape`."""
+  shape = tuple(shape)
+  if mask is None:
+    return jnp.ones(shape, jnp.bool_)
+  if tuple(mask.shape) == shape:
+    return mask
+  if mask.ndim == 1 and len(shape) >= 1 and mask.shape[0] == shape[0]:
+    return jnp.broadcast_to(mask.reshape((shape[0],) + (1,) * (len(shape) - 1)), shape)
+  raise ValueError(f"mask of shape {tuple(mask.shape)} fits neither the batch {shape[:1]} nor the "
+                   f"per-position shape {shape}.")
+
+
 def loss_metrics(losses: jax.Array, mask: jax.Array | None = None) -> Metrics:
   """Sums for the loss alone, for tasks without class labels (e.g. regression)."""
-  keep = jnp.ones(losses.shape[:1], jnp.int32) if mask is None else mask.astype(jnp.int32)
+  keep = broadcast_mask(mask, losses.shape).astype(jnp.int32)
   return {"count": jnp.sum(keep), "loss_sum": jnp.sum(losses.astype(jnp.float32) * keep)}
 
 

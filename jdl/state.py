@@ -38,6 +38,8 @@ class TrainState(struct.PyTreeNode):
     tx: the Optax gradient transformation (static).
     input_shape: per-example input shape the model was initialised with (static). Steps check
       batches against it while tracing, so a mismatch fails with a clear message, for free.
+    input_dtype: dtype of the sample input the model was initialised with (static), e.g.
+      "float32" for pixels or "int32" for token ids.
   """
 
   step: jax.Array
@@ -48,6 +50,7 @@ class TrainState(struct.PyTreeNode):
   apply_fn: ApplyFn = struct.field(pytree_node=False)
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
   input_shape: tuple[int, ...] = struct.field(pytree_node=False)
+  input_dtype: str = struct.field(pytree_node=False, default="float32")
 
   def apply_gradients(self, grads: Params, **changes: Any) -> TrainState:
     """Returns the state after one optimizer update with `grads`; `changes` replace other fields."""
@@ -98,6 +101,7 @@ def create_train_state(
       apply_fn=model.apply,
       tx=tx,
       input_shape=tuple(sample_input.shape[1:]),
+      input_dtype=str(sample_input.dtype),
   )
 
 

@@ -6,8 +6,10 @@ under `jax.jit`, under jit with sharded inputs, and under `jax.pmap` with `axis_
 
 A batch is a dict of arrays:
   `input`: `[batch, *input_shape]` model inputs;
-  `label`: `[batch, ...]` targets (integer class labels for classification);
-  `mask` (optional): `[batch]`, True for real examples and False for padding;
+  `label`: `[batch, ...]` targets (integer class labels for classification; `[batch, time]` next
+  tokens for a language model, whose loss and metrics are then per token);
+  `mask` (optional): `[batch]`, True for real examples and False for padding, or shaped like
+  `label` to mask single positions;
   `mix_label`, `mix_weight` (optional, from mixup): `[batch]` second labels and the weight of
   `label`; the loss is then `w * loss(label) + (1 - w) * loss(mix_label)`.
 
@@ -131,21 +133,16 @@ def make_train_step(
   compute_dtype = check_compute_dtype(compute_dtype)
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    _unpack(batch, state.input_shape)
+    _unpack(batch, state.input_shape, state.input_dtype)
     apply_fn = _apply_in(compute_dtype, state.apply_fn)
     rng = jax.random.fold_in(state.rng, state.step)
     if axis_name is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     if augment is not None:
       batch = augment(jax.random.fold_in(rng, AUGMENT_STREAM), batch)
-    inputs, labels, mask = _unpack(batch, state.input_shape)
+    inputs, labels, mask = _unpack(batch, state.input_shape, state.input_dtype)
     per_example_loss = _mixed_loss(loss_fn, batch)
-    keep = jnp.ones(labels.shape[:1], jnp.float32) if mask is None else mask.astype(jnp.float32)
-    example_count = jnp.sum(keep)
-    num_shards = 1
-    if axis_name is not None:
-      example_count = jax.lax.psum(example_count, axis_name)
-      num_shards = jax.lax.psum(1, axis_name)
+    num_shards = 1 if axis_name is None else jax.lax.psum(1, axis_name)
     mutable = list(state.model_state)
 
     def objective(params: Params):
@@ -154,6 +151,10 @@ def make_train_step(
           variables, inputs, train=True, rngs={"dropout": rng}, mutable=mutable
       )
       per_example = per_example_loss(outputs, labels)
+      keep = metrics_lib.broadcast_mask(mask, per_example.shape).astype(jnp.float32)
+      example_count = jnp.sum(keep)  # examples, or positions for per-position losses
+      if axis_name is not None:
+        example_count = jax.lax.psum(example_count, axis_name)
       loss = jnp.sum(per_example * keep) / jnp.maximum(example_count, 1.0)
       if weight_penalty is not None:
         # Each shard adds its share, so the psum of gradients counts the penalty once.
@@ -188,7 +189,7 @@ def make_eval_step(
   compute_dtype = check_compute_dtype(compute_dtype)
 
   def eval_step(state: TrainState, batch: Batch) -> Metrics:
-    inputs, labels, mask = _unpack(batch, state.input_shape)
+    inputs, labels, mask = _unpack(batch, state.input_shape, state.input_dtype)
     outputs = _apply_in(compute_dtype, state.apply_fn)(state.variables(), inputs, train=False)
     metrics = metrics_fn(outputs, labels, loss_fn(outputs, labels), mask)
     if axis_name is not None:
@@ -212,7 +213,7 @@ def _mixed_loss(loss_fn: losses_lib.LossFn, batch: Batch) -> losses_lib.LossFn:
   return blended
 
 
-def _unpack(batch: Batch, input_shape: tuple[int, ...]):
+def _unpack(batch: Batch, input_shape: tuple[int, ...], input_dtype: str = "float32"):
   """Checks a batch against the model's input shape while tracing (free at run time)."""
   if not isinstance(batch, Mapping) or "input" not in batch or "label" not in batch:
     found = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
@@ -225,13 +226,19 @@ def _unpack(batch: Batch, input_shape: tuple[int, ...]):
         f"input shape {tuple(inputs.shape[1:])} (per example, batch shape {inputs.shape}) does not "
         f"fit the model, which was initialised for per-example shape {tuple(input_shape)}."
     )
+  wants_integers = jnp.issubdtype(input_dtype, jnp.integer)
+  if wants_integers != jnp.issubdtype(inputs.dtype, jnp.integer):
+    raise ValueError(
+        f"'input' has dtype {inputs.dtype}, but the model was initialised with {input_dtype} "
+        f"inputs; {'token ids must be integers' if wants_integers else 'it expects real values'}.")
   if labels.ndim < 1 or labels.shape[0] != inputs.shape[0]:
     raise ValueError(
         f"'label' has shape {labels.shape} but 'input' has {inputs.shape[0]} examples; "
         "labels need the same leading batch dimension."
     )
-  if mask is not None and mask.shape != inputs.shape[:1]:
-    raise ValueError(f"'mask' has shape {mask.shape}; expected {inputs.shape[:1]}.")
+  if mask is not None and mask.shape not in (inputs.shape[:1], labels.shape):
+    raise ValueError(f"'mask' has shape {mask.shape}; expected {inputs.shape[:1]} (per example) "
+                     f"or the labels' shape {labels.shape} (per position).")
   return inputs, labels, mask
 
 

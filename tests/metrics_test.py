@@ -7,6 +7,7 @@ import pytest
 
 import jdl
 from jdl import data as data_lib
+from jdl import metrics
 
 
 def _whole_array_metrics(logits, labels):
@@ -60,3 +61,20 @@ def test_metrics_sums_merge_under_jit():
   fn = jax.jit(lambda o, l: jdl.classification_metrics(o, l, jnp.zeros(l.shape)))
   sums = fn(jnp.eye(3), jnp.array([0, 1, 1]))
   assert int(sums["correct"]) == 2 and int(sums["count"]) == 3
+
+
+def test_per_position_labels_count_positions_and_broadcast_an_example_mask():
+  """`[batch, time]` labels: every position is one classification; a `[batch]` mask drops whole
+  rows and a `[batch, time]` mask single positions."""
+  outputs = jnp.asarray(np.eye(3)[[[0, 1, 2], [2, 2, 2]]], jnp.float32)  # [2, 3, 3]
+  labels = jnp.asarray([[0, 1, 0], [2, 0, 2]])
+  losses = jnp.ones((2, 3))
+  sums = metrics.classification_metrics(outputs, labels, losses, top_k=(2,))
+  assert int(sums["count"]) == 6 and int(sums["correct"]) == 4
+  row_mask = metrics.classification_metrics(outputs, labels, losses, jnp.asarray([True, False]))
+  assert int(row_mask["count"]) == 3 and int(row_mask["correct"]) == 2
+  position_mask = jnp.asarray([[True, True, False], [True, False, False]])
+  sums = metrics.classification_metrics(outputs, labels, losses, position_mask)
+  assert int(sums["count"]) == 3 and int(sums["correct"]) == 3
+  with pytest.raises(ValueError, match="fits neither the batch"):
+    metrics.classification_metrics(outputs, labels, losses, jnp.ones((3,), bool))

@@ -305,3 +305,41 @@ def test_compute_dtype_must_be_floating():
     jdl.make_train_step(compute_dtype="int8")
   with pytest.raises(ValueError, match="compute_dtype must be a floating dtype"):
     jdl.make_eval_step(compute_dtype="bf16")
+
+
+def test_per_token_labels_train_on_the_mean_loss_over_real_tokens():
+  """A language model's `[batch, time]` labels: the step's gradient is that of the mean per-token
+  cross-entropy over the real rows, metrics count tokens, and a padding row changes nothing."""
+  model = models.TransformerLM(num_classes=7, block_size=5, num_layers=1, num_heads=2, width=8)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 7, size=(4, 6)).astype(np.int32)
+  batch = {"input": tokens[:, :-1], "label": tokens[:, 1:]}
+  state = _state_for(model, tokens[:1, :-1])
+  train_step = jax.jit(jdl.make_train_step())
+  applied = _gradient_from_sgd_step(state, train_step, batch)
+
+  def mean_token_loss(params):
+    logits = model.apply({"params": params}, batch["input"], train=False)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]))
+
+  expected = jax.grad(mean_token_loss)(state.params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), applied, expected)
+  _, metrics = train_step(state, batch)
+  assert int(metrics["count"]) == 4 * 5
+  padded = jax.tree.map(lambda a: np.concatenate([a, np.zeros_like(a[:1])]), batch)
+  padded["mask"] = np.array([True] * 4 + [False])
+  applied_padded = _gradient_from_sgd_step(state, train_step, padded)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), applied_padded, applied)
+
+
+def test_token_model_refuses_float_inputs():
+  """A model initialised on integer token ids fails clearly when fed real values."""
+  model = models.TransformerLM(num_classes=7, block_size=5, num_layers=1, num_heads=2, width=8)
+  state = _state_for(model, np.zeros((1, 5), np.int32))
+  batch = {"input": np.zeros((2, 5), np.float32), "label": np.zeros((2, 5), np.int32)}
+  with pytest.raises(ValueError, match="initialised with int32 inputs; token ids must be integers"):
+    jdl.make_train_step()(state, batch)
+
+
+def _state_for(model, sample):
+  return jdl.create_train_state(model, optax.sgd(1.0), sample, jax.random.PRNGKey(0))

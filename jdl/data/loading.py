@@ -2,7 +2,9 @@
 
 The rule for a dataset that is not yet on disk:
   * builders that generate their data (MNIST-1D) are prepared on the spot, with no network;
-  * builders with a manual directory (`manual_dir`) are prepared from it;
+  * builders with a manual directory (`manual_dir`) are prepared from it, and so are builders
+    whose downloads all lie in `manual_dir` under their registered file names (tiny_shakespeare's
+    `input.txt`): TFDS checks their checksums and fetches nothing;
   * anything else needs a download: its hosts are probed first with a short timeout, and when they
     cannot be reached the load fails within seconds with `DatasetUnavailableError`, which says how
     to get the data, instead of minutes of network retries.
@@ -55,6 +57,7 @@ class DatasetMeta:
     num_classes: number of classes of the label feature.
     class_names: the class names, where TFDS knows them.
     split_sizes: number of examples of each split.
+    input_dtype: dtype of the model inputs: "float32" (pixels, signals) or "int32" (token ids).
   """
 
   name: str
@@ -62,6 +65,7 @@ class DatasetMeta:
   num_classes: int
   class_names: tuple[str, ...] | None
   split_sizes: dict[str, int]
+  input_dtype: str = "float32"
 
 
 def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
@@ -89,7 +93,8 @@ def prepare(
   Args:
     builder: the dataset builder.
     download: whether a download may be attempted when the data is missing.
-    manual_dir: a folder holding the dataset's raw files, for builders that read them from there.
+    manual_dir: a folder holding the dataset's raw files, for builders that read them from there,
+      or the files the builder would download, under their registered names (e.g. `input.txt`).
     probe_timeout_s: how long to wait for the download hosts before giving up.
 
   Raises:
@@ -100,16 +105,30 @@ def prepare(
   if _tfds_is_mocked() or isinstance(builder, _OFFLINE_BUILDERS):
     builder.download_and_prepare()
     return
+  # The files the builder downloads, by the name TFDS looks for in a manual dir (`input.txt`).
+  files = _manual_file_names(builder)
+  download_config = None
   if manual_dir is not None:
     if not os.path.isdir(manual_dir):
       raise DatasetUnavailableError(f"manual_dir {manual_dir!r} for {builder.name!r} is not a folder.")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    return
+    download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+    files = {name: url for name, url in files.items()
+             if not os.path.isfile(os.path.join(manual_dir, name))}
+    if not files:  # everything is at hand: prepare without touching the network
+      builder.download_and_prepare(download_config=download_config)
+      return
   how_to = (
       f"Dataset {builder.name!r} is not prepared in {builder.data_dir!r}. On a machine with "
       f"internet run `tfds build {builder.name} --data_dir=DIR` (or any jdl experiment on it) and "
       "copy DIR here, then pass its path as the data dir (`--config.data_dir=DIR`)."
   )
+  if files:
+    where = f"the manual dir {manual_dir!r}" if manual_dir is not None else "a folder"
+    listed = [f"{url} as {name!r}" for name, url in sorted(files.items())]
+    if len(listed) > 3:
+      listed = listed[:3] + [f"{len(listed) - 3} more files"]
+    how_to += (f" Or fetch {', '.join(listed)} into {where} and pass that folder as manual_dir "
+               "(TFDS then prepares from it offline).")
   if not download:
     raise DatasetUnavailableError(how_to + " Downloading is switched off (download=False).")
   hosts = _download_hosts(builder)
@@ -119,7 +138,14 @@ def prepare(
         how_to + f" Downloading is not possible: cannot reach {', '.join(unreachable)} "
         f"within {probe_timeout_s:g}s."
     )
-  builder.download_and_prepare()
+  builder.download_and_prepare(download_config=download_config)
+
+
+def _manual_file_names(builder: tfds.core.DatasetBuilder) -> dict[str, str]:
+  """`{file name: url}` of the downloads whose registered checksum names a file: TFDS uses
+  `manual_dir/<file name>` instead of downloading it (after checking the checksum)."""
+  url_infos = type(builder).url_infos or {}
+  return {info.filename: url for url, info in url_infos.items() if info.filename}
 
 
 def _download_hosts(builder: tfds.core.DatasetBuilder) -> list[tuple[str, int]]:
