@@ -3,6 +3,11 @@
 `load_classification_data` is the one call the training loop makes; the pieces it is made of
 (`get_builder`, `prepare`, `read_split`, `load_split_arrays`, `ArraySource`, `TFDataSource`) are
 public for pipelines of your own.
+
+Text (`jdl.data.text`): `load_char_lm_data` (character language model, e.g. tiny_shakespeare:
+random `TokenWindowSource` windows, `sequential_windows` for evaluation, a `CharVocabulary`) and
+`load_text_classification_data` (e.g. imdb_reviews as `WordVocabulary` ids); `read_text` reads a
+split's text.
 """
 
 from __future__ import annotations
@@ -33,6 +38,15 @@ from jdl.data.sources import (
     check_labels,
     epoch_seed,
     pad_batch,
+)
+from jdl.data.text import (
+    CharVocabulary,
+    TokenWindowSource,
+    WordVocabulary,
+    load_char_lm_data,
+    load_text_classification_data,
+    read_text,
+    sequential_windows,
 )
 
 

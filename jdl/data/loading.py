@@ -123,12 +123,12 @@ def prepare(
       "copy DIR here, then pass its path as the data dir (`--config.data_dir=DIR`)."
   )
   if files:
-    where = f"the manual dir {manual_dir!r}" if manual_dir is not None else "a folder"
     listed = [f"{url} as {name!r}" for name, url in sorted(files.items())]
     if len(listed) > 3:
-      listed = listed[:3] + [f"{len(listed) - 3} more files"]
-    how_to += (f" Or fetch {', '.join(listed)} into {where} and pass that folder as manual_dir "
-               "(TFDS then prepares from it offline).")
+      listed = listed[:3] + [f"{len(listed) - 3} more file(s)"]
+    where = (f"into manual_dir {manual_dir!r}" if manual_dir is not None else
+             "into a folder and pass that folder as manual_dir")
+    how_to += f" Or put {', '.join(listed)} {where} (TFDS then prepares from it offline)."
   if not download:
     raise DatasetUnavailableError(how_to + " Downloading is switched off (download=False).")
   hosts = _download_hosts(builder)

@@ -1,0 +1,558 @@
+"""Text data: vocabularies, and batch sources for language modelling and text classification.
+
+Two pipelines, both in memory (the texts are small):
+
+  * character language modelling (`load_char_lm_data`, TFDS `tiny_shakespeare`): the split's
+    text becomes one stream of character ids. Training draws random windows of `block_size + 1`
+    ids (`TokenWindowSource`), the model reads the first `block_size` and predicts the last
+    `block_size`; evaluation runs over fixed, non-overlapping windows (`sequential_windows`), so
+    the validation loss is an exact average over the same positions every time.
+  * text classification (`load_text_classification_data`, TFDS `imdb_reviews`): each review
+    becomes `max_length` word ids (`WordVocabulary`), truncated or padded with 0 at the end.
+
+Vocabularies are built from the training split only and serialise to JSON, so a trained workdir
+can keep `vocab.json` beside its checkpoints and a sampling script can rebuild the exact mapping.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from jdl.data.loading import DatasetMeta, get_builder, prepare
+from jdl.data.sources import ArraySource, Batch, _local_batch_size, epoch_seed
+
+# ---------------------------------------------------------------------------------------------
+# Vocabularies.
+
+
+class CharVocabulary:
+  """A bijection between the distinct characters of a text and the ids `0 .. size - 1`.
+
+  Ids follow the characters' sorted (code point) order, so the same text always gives the same
+  vocabulary.
+  """
+
+  def __init__(self, chars: str) -> None:
+    """Args: chars: the vocabulary's characters, distinct, in id order."""
+    if not isinstance(chars, str) or not chars:
+      raise ValueError(f"a character vocabulary needs a non-empty string of characters; got "
+                       f"{chars!r}.")
+    if len(set(chars)) != len(chars):
+      repeated = sorted(c for c, n in collections.Counter(chars).items() if n > 1)
+      raise ValueError(f"the vocabulary's characters must be distinct; repeated: {repeated!r}.")
+    self.chars = chars
+    self._codes = _code_points(chars)
+    # Sorted code points and their ids: encoding is one searchsorted over the whole text.
+    self._order = np.argsort(self._codes, kind="stable").astype(np.int32)
+    self._sorted_codes = self._codes[self._order]
+
+  @classmethod
+  def from_text(cls, text: str) -> CharVocabulary:
+    """The vocabulary of the distinct characters of `text`, sorted."""
+    if not isinstance(text, str) or not text:
+      raise ValueError(f"cannot build a character vocabulary from {_preview(text)}: need a "
+                       "non-empty string.")
+    return cls("".join(sorted(set(text))))
+
+  @property
+  def size(self) -> int:
+    """The number of characters (the width of the model's embedding and output)."""
+    return len(self.chars)
+
+  def encode(self, text: str) -> np.ndarray:
+    """The ids of the characters of `text`, int32 of shape `[len(text)]`.
+
+    Raises:
+      ValueError: `text` holds a character that is not in the vocabulary (named in the message).
+    """
+    if not isinstance(text, str):
+      raise ValueError(f"encode takes a string; got {type(text).__name__}.")
+    codes = _code_points(text)
+    slots = np.searchsorted(self._sorted_codes, codes)
+    known = self._sorted_codes[np.minimum(slots, self.size - 1)] == codes
+    if not known.all():
+      unknown = sorted({chr(c) for c in codes[~known].tolist()})
+      first = int(np.argmin(known))
+      raise ValueError(
+          f"character {chr(codes[first])!r} (at position {first}) is not in the vocabulary of "
+          f"{self.size} characters; unknown characters: {unknown[:10]!r}"
+          f"{' ...' if len(unknown) > 10 else ''}.")
+    return self._order[slots]
+
+  def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+    """The text of a sequence of ids (the inverse of `encode`).
+
+    Raises:
+      ValueError: an id is not an integer in `[0, size)`.
+    """
+    ids = np.asarray(ids)
+    if ids.size == 0:
+      return ""
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f"decode takes a 1-D sequence of integer ids; got shape {ids.shape} and "
+                       f"dtype {ids.dtype}.")
+    if ids.min() < 0 or ids.max() >= self.size:
+      bad = ids[(ids < 0) | (ids >= self.size)]
+      raise ValueError(f"ids {sorted(set(bad.tolist()))[:5]} are out of range: the vocabulary "
+                       f"has {self.size} characters, ids [0, {self.size - 1}].")
+    return self._codes[ids].astype("<u4").tobytes().decode("utf-32-le")
+
+  def to_json(self) -> str:
+    """The vocabulary as a JSON document (for `vocab.json`); `from_json` reads it back."""
+    return json.dumps({"kind": "char", "chars": self.chars})
+
+  @classmethod
+  def from_json(cls, text: str) -> CharVocabulary:
+    """The vocabulary that `to_json` wrote."""
+    data = _load_json(text, "char", ("chars",))
+    return cls(data["chars"])
+
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, CharVocabulary) and other.chars == self.chars
+
+  def __hash__(self) -> int:
+    return hash(self.chars)
+
+  def __repr__(self) -> str:
+    return f"CharVocabulary(size={self.size}, chars={_preview(self.chars)})"
+
+
+# Words (letters, digits, inner apostrophes: "don't") or single punctuation marks.
+_WORD_PATTERN = re.compile(r"\w+(?:'\w+)*|[^\w\s]")
+_LINE_BREAK_TAG = re.compile(r"<br\s*/?>", re.IGNORECASE)
+
+
+def split_words(text: str) -> list[str]:
+  """The lowercase words and punctuation marks of `text`, HTML line breaks (`<br />`) dropped."""
+  return _WORD_PATTERN.findall(_LINE_BREAK_TAG.sub(" ", text).lower())
+
+
+class WordVocabulary:
+  """Ids of the most frequent words: 0 is padding, 1 an unknown word, then words `2 .. size - 1`.
+
+  Text is lowercased and split into words and punctuation marks by `split_words`.
+  """
+
+  PAD_ID = 0
+  UNKNOWN_ID = 1
+
+  def __init__(self, words: Sequence[str]) -> None:
+    """Args: words: the known words, distinct, in id order (the first gets id 2)."""
+    words = list(words)
+    if not all(isinstance(word, str) and word for word in words):
+      raise ValueError("a word vocabulary's words must be non-empty strings.")
+    if len(set(words)) != len(words):
+      repeated = sorted(w for w, n in collections.Counter(words).items() if n > 1)
+      raise ValueError(f"the vocabulary's words must be distinct; repeated: {repeated[:10]!r}.")
+    self.words = tuple(words)
+    self._ids = {word: index + 2 for index, word in enumerate(self.words)}
+
+  @classmethod
+  def from_texts(cls, texts: Iterable[str], max_words: int) -> WordVocabulary:
+    """The `max_words - 2` most frequent words of `texts` (ties in alphabetical order), so the
+    vocabulary, padding and unknown included, has at most `max_words` ids."""
+    if max_words < 3:
+      raise ValueError(f"max_words must be >= 3 (padding, unknown and at least one word); got "
+                       f"{max_words}.")
+    counts = collections.Counter()
+    for text in _check_texts(texts):
+      counts.update(split_words(text))
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return cls([word for word, _ in ranked[:max_words - 2]])
+
+  @property
+  def size(self) -> int:
+    """The number of ids, padding and unknown included (the embedding's row count)."""
+    return len(self.words) + 2
+
+  def encode(self, texts: Sequence[str], max_length: int) -> np.ndarray:
+    """Word ids of each text, int32 `[len(texts), max_length]`: the first `max_length` words,
+    padded at the end with 0; words outside the vocabulary get id 1."""
+    if max_length < 1:
+      raise ValueError(f"max_length must be >= 1; got {max_length}.")
+    texts = _check_texts(texts)
+    ids = np.zeros((len(texts), max_length), np.int32)
+    for row, text in enumerate(texts):
+      words = split_words(text)[:max_length]
+      ids[row, :len(words)] = [self._ids.get(word, self.UNKNOWN_ID) for word in words]
+    return ids
+
+  def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+    """The words of one row of ids, joined by spaces, padding left out and unknown words shown
+    as `<unk>` (for reading examples, not an exact inverse of `encode`)."""
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+      raise ValueError(f"decode takes a 1-D sequence of integer ids; got shape {ids.shape} and "
+                       f"dtype {ids.dtype}.")
+    if ids.size and (ids.min() < 0 or ids.max() >= self.size):
+      raise ValueError(f"ids must lie in [0, {self.size - 1}]; got {ids.min()} .. {ids.max()}.")
+    return " ".join("<unk>" if i == self.UNKNOWN_ID else self.words[i - 2]
+                    for i in ids.tolist() if i != self.PAD_ID)
+
+  def to_json(self) -> str:
+    """The vocabulary as a JSON document (for `vocab.json`); `from_json` reads it back."""
+    return json.dumps({"kind": "word", "words": list(self.words)})
+
+  @classmethod
+  def from_json(cls, text: str) -> WordVocabulary:
+    """The vocabulary that `to_json` wrote."""
+    return cls(_load_json(text, "word", ("words",))["words"])
+
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, WordVocabulary) and other.words == self.words
+
+  def __hash__(self) -> int:
+    return hash(self.words)
+
+  def __repr__(self) -> str:
+    return f"WordVocabulary(size={self.size}, first words={list(self.words[:5])!r})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Token windows.
+
+
+class TokenWindowSource:
+  """Random windows of a token stream for next-token prediction: a `BatchSource`.
+
+  Each example is a window of `block_size + 1` consecutive tokens at a random start;
+  `input = window[:-1]` and `label = window[1:]`. Epoch `e` draws its starts from
+  `np.random.default_rng(epoch_seed(seed, e))`, so it replays exactly (a resumed run, which
+  skips the first batches of an epoch, sees the same batches as an uninterrupted one). An
+  "epoch" is `steps_per_epoch` batches, by default about one pass over the tokens.
+
+  In a multi-process run every process draws the same global starts and yields rows
+  `[p * B / P, (p + 1) * B / P)` of each global batch, so the shares put together are the
+  single-process batch. Every row is real: `mask` is all True.
+  """
+
+  def __init__(
+      self,
+      tokens: np.ndarray,
+      block_size: int,
+      batch_size: int,
+      *,
+      seed: int = 0,
+      steps_per_epoch: int | None = None,
+      process_index: int = 0,
+      process_count: int = 1,
+  ) -> None:
+    """Args:
+      tokens: the token stream, 1-D integers (e.g. `CharVocabulary.encode(text)`).
+      block_size: tokens per example (the context length).
+      batch_size: the global batch size (all processes together).
+      seed: seeds the starts of every epoch.
+      steps_per_epoch: batches per epoch; None: `(len(tokens) - 1) // (block_size * batch_size)`
+        (at least 1), about one pass over the tokens.
+      process_index, process_count: this process and the number of processes.
+    """
+    # More than block_size + 1 tokens, so there are at least two distinct windows.
+    self.tokens = _check_tokens(tokens, block_size, extra=2)
+    self.block_size = int(block_size)
+    self._batch_size = int(batch_size)
+    self.local_batch_size = _local_batch_size(self._batch_size, process_count)
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
+    if steps_per_epoch is None:
+      steps_per_epoch = max(1, (len(self.tokens) - 1) // (self.block_size * self._batch_size))
+    elif steps_per_epoch < 1:
+      raise ValueError(f"steps_per_epoch must be >= 1 (or None for about one pass over the "
+                       f"tokens); got {steps_per_epoch}.")
+    self._steps_per_epoch = int(steps_per_epoch)
+    self._seed = seed
+    self.process_index, self.process_count = process_index, process_count
+    self._offsets = np.arange(self.block_size + 1)
+
+  @property
+  def num_examples(self) -> int:
+    """Windows per epoch over all processes (`steps_per_epoch * batch_size`)."""
+    return self._steps_per_epoch * self._batch_size
+
+  @property
+  def batch_size(self) -> int:
+    """The global batch size (all processes together)."""
+    return self._batch_size
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self._steps_per_epoch
+
+  @property
+  def seed(self) -> int:
+    return self._seed
+
+  @property
+  def num_starts(self) -> int:
+    """The number of distinct windows: every start in `[0, len(tokens) - block_size)`."""
+    return len(self.tokens) - self.block_size
+
+  def starts(self, index: int) -> np.ndarray:
+    """The global window starts of epoch `index`, int64 `[steps_per_epoch, batch_size]`."""
+    rng = np.random.default_rng(epoch_seed(self._seed, index))
+    return np.stack([rng.integers(0, self.num_starts, size=self._batch_size)
+                     for _ in range(self._steps_per_epoch)])
+
+  def epoch(self, index: int) -> Iterator[Batch]:
+    """The batches of epoch `index`: `input`, `label` int32 `[local_batch, block_size]` and an
+    all-True `mask` `[local_batch]`. The starts are drawn one batch at a time, so skipping the
+    first batches (as a resumed run does) is cheap and gives the same later batches."""
+    rng = np.random.default_rng(epoch_seed(self._seed, index))
+    low = self.process_index * self.local_batch_size
+    mask = np.ones((self.local_batch_size,), np.bool_)
+    for _ in range(self._steps_per_epoch):
+      starts = rng.integers(0, self.num_starts, size=self._batch_size)
+      windows = self.tokens[starts[low:low + self.local_batch_size, None] + self._offsets]
+      yield {"input": np.ascontiguousarray(windows[:, :-1]),
+             "label": np.ascontiguousarray(windows[:, 1:]), "mask": mask.copy()}
+
+
+def sequential_windows(tokens: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Non-overlapping windows of a token stream, in order: `(inputs, labels)`, int32
+  `[N, block_size]` each, `N = (len(tokens) - 1) // block_size`.
+
+  Window `i` reads `tokens[i * block_size : (i + 1) * block_size]` and predicts the same span
+  shifted by one, so together the windows predict tokens `1 .. N * block_size` (0-based) exactly
+  once each; the few after them are dropped. This is the evaluation set: its
+  mean loss is over fixed positions, the same at every evaluation.
+  """
+  tokens = _check_tokens(tokens, block_size, extra=1)
+  count = (len(tokens) - 1) // block_size
+  span = count * block_size
+  inputs = tokens[:span].reshape(count, block_size)
+  labels = tokens[1:span + 1].reshape(count, block_size)
+  return inputs, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS text datasets.
+
+
+def read_text(builder: tfds.core.DatasetBuilder, split: str) -> str:
+  """The text of a split of a prepared TFDS dataset with a "text" feature; several examples are
+  joined with newlines, in the order TFDS stores them.
+
+  Raises:
+    ValueError: the dataset has no "text" feature, or the split is empty.
+  """
+  if "text" not in builder.info.features:
+    raise ValueError(f"dataset {builder.name!r} has no 'text' feature; its features are "
+                     f"{sorted(builder.info.features)}.")
+  texts = [example["text"].decode("utf-8")
+           for example in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))]
+  if not texts:
+    raise ValueError(f"split {split!r} of {builder.name!r} has no examples.")
+  return "\n".join(texts)
+
+
+def load_char_lm_data(
+    name: str = "tiny_shakespeare",
+    *,
+    block_size: int,
+    batch_size: int,
+    eval_batch_size: int,
+    train_split: str = "train",
+    eval_split: str = "validation",
+    data_dir: str | None = None,
+    download: bool = True,
+    manual_dir: str | None = None,
+    seed: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> tuple[TokenWindowSource, ArraySource, DatasetMeta, CharVocabulary]:
+  """The batch sources of a character language model on a TFDS text dataset.
+
+  The vocabulary is built from the training split. Offline, tiny_shakespeare prepares from a
+  `manual_dir` holding the char-rnn `input.txt` (TFDS checks its checksum).
+
+  Args:
+    name: TFDS dataset with a "text" feature.
+    block_size: characters per example (the model's context length).
+    batch_size: global training batch size (windows per step).
+    eval_batch_size: global evaluation batch size (speed only, never the metrics).
+    train_split, eval_split: TFDS split names.
+    data_dir: TFDS data directory; None means TFDS's default.
+    download: whether a missing dataset may be downloaded.
+    manual_dir: a folder holding the raw download (`input.txt` for tiny_shakespeare).
+    seed: seeds the training windows of every epoch.
+    process_index, process_count: this process and the number of processes.
+
+  Returns:
+    `(train_source, eval_source, meta, vocab)`: random windows of the training split, the
+    non-overlapping windows of the eval split in order, metadata (`input_shape=(block_size,)`,
+    `num_classes=vocab.size`, `split_sizes` counts the non-overlapping windows of each split,
+    `input_dtype="int32"`), and the vocabulary.
+
+  Raises:
+    ValueError: the eval split holds a character that the training split does not.
+  """
+  builder = get_builder(name, data_dir)
+  prepare(builder, download=download, manual_dir=manual_dir)
+  train_text = read_text(builder, train_split)
+  vocab = CharVocabulary.from_text(train_text)
+  eval_text = read_text(builder, eval_split)
+  unseen = sorted(set(eval_text) - set(vocab.chars))
+  if unseen:
+    raise ValueError(
+        f"split {eval_split!r} of {name!r} has characters that split {train_split!r} lacks, so "
+        f"the vocabulary built from {train_split!r} cannot encode them: {unseen[:10]!r}.")
+  train_tokens, eval_tokens = vocab.encode(train_text), vocab.encode(eval_text)
+  train_source = TokenWindowSource(train_tokens, block_size, batch_size, seed=seed,
+                                   process_index=process_index, process_count=process_count)
+  eval_inputs, eval_labels = sequential_windows(eval_tokens, block_size)
+  eval_source = ArraySource(eval_inputs, eval_labels, eval_batch_size, shuffle=False, seed=seed,
+                            process_index=process_index, process_count=process_count)
+  sizes = {train_split: (len(train_tokens) - 1) // block_size, eval_split: len(eval_inputs)}
+  meta = DatasetMeta(name, (int(block_size),), vocab.size, None, sizes, input_dtype="int32")
+  return train_source, eval_source, meta, vocab
+
+
+def load_text_classification_data(
+    name: str = "imdb_reviews",
+    *,
+    max_length: int = 256,
+    max_words: int = 20_000,
+    batch_size: int,
+    eval_batch_size: int,
+    train_split: str = "train",
+    eval_split: str = "test",
+    data_dir: str | None = None,
+    download: bool = True,
+    manual_dir: str | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> tuple[ArraySource, ArraySource, DatasetMeta, WordVocabulary]:
+  """The batch sources of a TFDS text classification dataset (text and class label), as word ids.
+
+  Args:
+    name: TFDS dataset whose supervised keys are a text and a class label.
+    max_length: words per example: longer texts are cut, shorter ones padded with 0 at the end.
+    max_words: vocabulary size, padding (0) and unknown (1) included; the rest are the most
+      frequent words of the training split.
+    batch_size: global training batch size.
+    eval_batch_size: global evaluation batch size (speed only, never the metrics).
+    train_split, eval_split: TFDS split names.
+    data_dir: TFDS data directory; None means TFDS's default.
+    download: whether a missing dataset may be downloaded.
+    manual_dir: a folder holding the raw download, to prepare offline.
+    seed: seeds the per-epoch shuffles of the training split.
+    shuffle: shuffle the training split every epoch.
+    process_index, process_count: this process and the number of processes.
+
+  Returns:
+    `(train_source, eval_source, meta, vocab)`; inputs are int32 `[max_length]` word ids, labels
+    int32 class indices, and `meta.input_dtype` is "int32".
+  """
+  if max_length < 1:
+    raise ValueError(f"max_length must be >= 1; got {max_length}.")
+  builder = get_builder(name, data_dir)
+  prepare(builder, download=download, manual_dir=manual_dir)
+  text_key, label_key = _text_and_label_keys(builder)
+  label_feature = builder.info.features[label_key]
+  train_texts, train_labels = _read_texts_and_labels(builder, train_split, text_key, label_key)
+  eval_texts, eval_labels = _read_texts_and_labels(builder, eval_split, text_key, label_key)
+  vocab = WordVocabulary.from_texts(train_texts, max_words)
+  train_source = ArraySource(vocab.encode(train_texts, max_length), train_labels, batch_size,
+                             shuffle=shuffle, seed=seed, process_index=process_index,
+                             process_count=process_count)
+  eval_source = ArraySource(vocab.encode(eval_texts, max_length), eval_labels, eval_batch_size,
+                            shuffle=False, seed=seed, process_index=process_index,
+                            process_count=process_count)
+  names = tuple(label_feature.names) if label_feature.names else None
+  sizes = {train_split: len(train_labels), eval_split: len(eval_labels)}
+  meta = DatasetMeta(name, (int(max_length),), label_feature.num_classes, names, sizes,
+                     input_dtype="int32")
+  return train_source, eval_source, meta, vocab
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers.
+
+
+def _text_and_label_keys(builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
+  """The names of the text and the class label features (from the supervised keys)."""
+  info = builder.info
+  keys = tuple(info.supervised_keys or ())[:2] or ("text", "label")
+  if len(keys) != 2 or not all(isinstance(key, str) for key in keys):
+    raise ValueError(f"dataset {builder.name!r} does not have a (text, label) pair of features; "
+                     f"its supervised keys are {info.supervised_keys!r}.")
+  text_key, label_key = keys
+  features = info.features
+  if text_key not in features or not isinstance(features[text_key], tfds.features.Text):
+    raise ValueError(f"dataset {builder.name!r}'s input {text_key!r} is not a text feature.")
+  if label_key not in features or not isinstance(features[label_key], tfds.features.ClassLabel):
+    raise ValueError(f"dataset {builder.name!r}'s label {label_key!r} is not a class label.")
+  return text_key, label_key
+
+
+def _read_texts_and_labels(builder: tfds.core.DatasetBuilder, split: str, text_key: str,
+                           label_key: str) -> tuple[list[str], np.ndarray]:
+  """A split's texts (decoded from UTF-8) and labels (int32), in the order TFDS stores them."""
+  texts, labels = [], []
+  dataset = builder.as_dataset(split=split, shuffle_files=False).batch(1024)
+  for batch in tfds.as_numpy(dataset):
+    texts.extend(text.decode("utf-8") for text in batch[text_key])
+    labels.append(batch[label_key].astype(np.int32))
+  if not texts:
+    raise ValueError(f"split {split!r} of {builder.name!r} has no examples.")
+  return texts, np.concatenate(labels)
+
+
+def _check_tokens(tokens: np.ndarray, block_size: int, *, extra: int) -> np.ndarray:
+  """`tokens` as int32, after checking they are a 1-D integer stream of at least
+  `block_size + extra` tokens."""
+  if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+    raise ValueError(f"block_size must be an integer >= 1; got {block_size!r}.")
+  min_tokens = block_size + extra
+  tokens = np.asarray(tokens)
+  if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+    raise ValueError(f"tokens must be a 1-D array of integer ids; got shape {tokens.shape} and "
+                     f"dtype {tokens.dtype}.")
+  if len(tokens) < min_tokens:
+    raise ValueError(f"{len(tokens)} tokens are too few for windows of block_size={block_size}: "
+                     f"need at least {min_tokens}.")
+  limits = np.iinfo(np.int32)
+  if tokens.min() < limits.min or tokens.max() > limits.max:
+    raise ValueError(f"token ids must fit in int32; got {tokens.min()} .. {tokens.max()}.")
+  return tokens.astype(np.int32, copy=False)
+
+
+def _check_texts(texts: Iterable[str]) -> list[str]:
+  """`texts` as a list, after checking it is a collection of strings (not one string)."""
+  if isinstance(texts, (str, bytes)):
+    raise ValueError("expected a sequence of texts, got a single string; wrap it in a list.")
+  texts = list(texts)
+  for index, text in enumerate(texts):
+    if not isinstance(text, str):
+      raise ValueError(f"text {index} is a {type(text).__name__}, not a str (decode bytes as "
+                       "UTF-8 first).")
+  return texts
+
+
+def _code_points(text: str) -> np.ndarray:
+  """The Unicode code points of `text`, uint32."""
+  return np.frombuffer(text.encode("utf-32-le"), np.uint32)
+
+
+def _load_json(text: str, kind: str, keys: tuple[str, ...]) -> dict:
+  """A vocabulary's JSON document, checked for its kind and keys."""
+  try:
+    data = json.loads(text)
+  except (TypeError, json.JSONDecodeError) as error:
+    raise ValueError(f"not a vocabulary JSON document: {error}") from None
+  if not isinstance(data, dict) or data.get("kind") != kind or any(k not in data for k in keys):
+    found = data.get("kind") if isinstance(data, dict) else type(data).__name__
+    raise ValueError(f"expected a {kind!r} vocabulary with keys {list(keys)}; got kind {found!r}.")
+  return data
+
+
+def _preview(text: object, limit: int = 40) -> str:
+  shown = repr(text)
+  return shown if len(shown) <= limit else shown[:limit] + "...'"
