@@ -30,12 +30,18 @@ def classification_config() -> ml_collections.ConfigDict:
   """Every key `jdl.loop.train_and_evaluate` reads, with defaults; experiments change a few."""
   config = ml_collections.ConfigDict()
   # Data.
+  config.task = "classification"  # classification, language_model, text_classification
   config.dataset = "mnist1d"  # TFDS name; "mnist1d" is generated offline, others are downloaded
   config.data_dir = config_dict.placeholder(str)  # TFDS data dir; None: TFDS's default
+  config.manual_dir = config_dict.placeholder(str)  # raw files for builders that read them
   config.download = True  # may a missing dataset be downloaded (fails fast when offline)
   config.train_split = "train"  # TFDS split to train on ("train[:90%]" works too)
   config.eval_split = "test"  # TFDS split evaluated in full after every epoch
   config.in_memory = True  # load whole splits as arrays (fast) instead of streaming via tf.data
+  config.text = ml_collections.ConfigDict()  # text tasks (jdl.data.text)
+  config.text.block_size = 64  # language_model: characters of context per example
+  config.text.max_length = 256  # text_classification: words kept per text (padded with 0)
+  config.text.max_words = 20000  # text_classification: vocabulary size (with padding and unknown)
   # Model.
   config.model = ml_collections.ConfigDict()
   config.model.name = "mlp"  # one of jdl.models.MODELS; its attributes are in config.model.<name>

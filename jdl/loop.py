@@ -23,7 +23,7 @@ import tqdm
 from jdl import augment as augment_lib
 from jdl import data as data_lib
 from jdl import metrics as metrics_lib
-from jdl import models, optim, parallel, resident, step as step_lib
+from jdl import models, optim, parallel, resident, runs, step as step_lib
 from jdl.data import augment_tf
 from jdl.checkpoint import Checkpointer
 from jdl.logging import MetricWriter, truncate_jsonl
@@ -505,21 +505,8 @@ def train_and_evaluate(config: Any, workdir: str,
       raise ValueError(
           f"{checkpointer.directory} already holds checkpoints (steps {checkpointer.steps()}) and "
           "config.resume is false; use a new workdir, or resume=true to continue that run.")
-  train_data, eval_data, meta = data_lib.load_classification_data(
-      config.dataset,
-      batch_size=config.batch_size,
-      eval_batch_size=_round_up(config.eval_batch_size, jax.process_count()),
-      train_split=config.train_split,
-      eval_split=config.eval_split,
-      data_dir=config.data_dir,
-      download=config.download,
-      in_memory=config.in_memory,
-      seed=config.seed,
-      shuffle=config.shuffle,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      augment=pipeline_augment,
-  )
+  train_data, eval_data, meta, vocabulary = runs.load_task_data(
+      config, pipeline_augment=pipeline_augment)
   model = models.build_model(config.model, num_classes=meta.num_classes, axis_name=runner.axis_name)
   num_steps = config.num_steps or config.num_epochs * train_data.steps_per_epoch
   tx = optim.make_optimizer(config.optimizer, total_steps=num_steps)
@@ -547,6 +534,7 @@ def train_and_evaluate(config: Any, workdir: str,
   try:
     if writer is not None:
       writer.write_config(config)
+      runs.write_run_metadata(workdir, meta, vocabulary)
     if int(state.step) >= num_steps:
       log(f"the checkpoint is already at step {int(state.step)} of {num_steps}: nothing to train.")
       return state, []
@@ -569,14 +557,19 @@ def train_and_evaluate(config: Any, workdir: str,
     if checkpointer is not None:
       checkpointer.close()
   final = history[-1]
-  log(f"final {eval_name} accuracy: {final[f'{eval_name}_accuracy']:.4f} "
-      f"(loss {final[f'{eval_name}_loss']:.4f}) after {int(final['step'])} steps, "
-      f"{final['elapsed_seconds']:.1f}s")
+  if config.task == "language_model":
+    log(f"final {eval_name} loss: {final[f'{eval_name}_loss']:.4f} nats per character "
+        f"(next-character accuracy {final[f'{eval_name}_accuracy']:.4f}) after "
+        f"{int(final['step'])} steps, {final['elapsed_seconds']:.1f}s, "
+        f"{history[-1]['examples_per_second']:,.0f} tokens/s")
+  else:
+    log(f"final {eval_name} accuracy: {final[f'{eval_name}_accuracy']:.4f} "
+        f"(loss {final[f'{eval_name}_loss']:.4f}) after {int(final['step'])} steps, "
+        f"{final['elapsed_seconds']:.1f}s")
   return state, history
 
 
-CHECKPOINT_DIR = "checkpoints"
-"""The folder of a workdir that `train_and_evaluate` keeps its checkpoints in."""
+CHECKPOINT_DIR = runs.CHECKPOINT_DIR
 
 
 AUGMENT_PLACES = ("device", "pipeline")
@@ -604,10 +597,6 @@ def make_augmentations(
         "set --config.in_memory=false, or augment on the device with where='device'."
     )
   return None, pipeline
-
-
-def _round_up(value: int, multiple: int) -> int:
-  return -(-value // multiple) * multiple
 
 
 def _check_loss_matches_output(config: Any) -> None:

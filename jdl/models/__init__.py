@@ -12,7 +12,7 @@ from jdl.models.activations import ACTIVATIONS, get_activation
 from jdl.models.classic import LeNet5, LogisticRegression, ResidualMLP
 from jdl.models.cnn import CNN, CNN1D
 from jdl.models.mlp import MLP
-from jdl.models.recurrent import Mnist1dGRU, Recurrent, RNNClassifier
+from jdl.models.recurrent import Mnist1dGRU, Recurrent, RecurrentLM, RNNClassifier
 from jdl.models.resnet import PUBLISHED, ResNet
 from jdl.models.transformer import VIT_PRESETS, TransformerEncoderClassifier, TransformerLM, ViT
 
@@ -25,7 +25,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "residual_mlp": ResidualMLP,
     "resnet": ResNet,  # set stage_sizes, block, layout, width in its sub-config
     "rnn": RNNClassifier,  # LSTM/GRU over token ids [B, T] (set vocab_size; 0 = padding) or signals
-    "mnist1d_gru": Mnist1dGRU,  # the MNIST-1D paper's bidirectional GRU (hidden 6, flatten)
+    "mnist1d_gru": Mnist1dGRU,
+    "rnn_lm": RecurrentLM,  # LSTM/GRU language model; num_classes is the vocabulary size  # the MNIST-1D paper's bidirectional GRU (hidden 6, flatten)
     "transformer_classifier": TransformerEncoderClassifier,  # token ids [B, T], 0 = padding
     "transformer_lm": TransformerLM,  # num_classes is the vocabulary size
     "vit": ViT,
@@ -64,6 +65,6 @@ def build_model(
 __all__ = [
     "ACTIVATIONS", "CNN", "CNN1D", "LeNet5", "LogisticRegression", "MLP", "MODELS", "ResNet",
     "ResidualMLP", "TransformerEncoderClassifier", "TransformerLM", "ViT",
-    "Mnist1dGRU", "RNNClassifier", "Recurrent",
+    "Mnist1dGRU", "RNNClassifier", "Recurrent", "RecurrentLM",
     "build_model", "get_activation",
 ]

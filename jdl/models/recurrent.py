@@ -366,3 +366,53 @@ class Mnist1dGRU(RNNClassifier):
   bidirectional: bool = True
   pooling: str = "flatten"
   initializer: str = "uniform"
+
+
+class RecurrentLM(nn.Module):
+  """A character (or token) language model: Embed -> `num_layers` unidirectional LSTM/GRU layers
+  (dropout between them) -> Dense over the vocabulary at every position.
+
+  Position t's logits depend on tokens 0..t only, so it trains on next-token labels
+  `[B, T]` like `jdl.models.TransformerLM` and samples with `jdl.generate.generate`. Parameters,
+  with V = `num_classes` (the vocabulary size), E = `embed_dim`, H = `hidden` and an LSTM:
+  V*E + 4H(E + H + 1) + (num_layers - 1) * 4H(2H + 1) + H*V + V; for V = 65, E = 128, H = 256 and
+  two layers: 944,577 (a GRU layer has 3H(F + H + 1) + H instead).
+
+  Attributes:
+    num_classes: V, the vocabulary size (named so `build_model` passes the dataset's size).
+    cell: "lstm" or "gru".
+    hidden: H, the state width of every layer.
+    num_layers: stacked recurrent layers.
+    embed_dim: E, the token embedding width.
+    dropout_rate: dropout on the embeddings and between layers (training only).
+    block_size: the longest context it is trained on; generation crops to it.
+    output: "logits" or "softmax".
+  """
+
+  num_classes: int
+  cell: str = "lstm"
+  hidden: int = 256
+  num_layers: int = 2
+  embed_dim: int = 128
+  dropout_rate: float = 0.0
+  block_size: int = 256
+  output: str = "logits"
+
+  def __post_init__(self) -> None:
+    check_cell(self.cell)
+    if self.num_layers < 1:
+      raise ValueError(f"num_layers must be >= 1; got {self.num_layers}.")
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, tokens_BxT: jax.Array, *, train: bool) -> jax.Array:
+    """`[B, T]` integer token ids -> `[B, T, V]` next-token logits."""
+    if tokens_BxT.ndim != 2 or not jnp.issubdtype(tokens_BxT.dtype, jnp.integer):
+      raise ValueError(f"RecurrentLM expects integer token ids [batch, time]; got shape "
+                       f"{tokens_BxT.shape} and dtype {tokens_BxT.dtype}.")
+    h = nn.Embed(self.num_classes, self.embed_dim)(tokens_BxT)
+    for _ in range(self.num_layers):
+      h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
+      h = Recurrent(self.hidden, cell=self.cell)(h)
+    h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
+    return apply_output(nn.Dense(self.num_classes)(h), self.output)

@@ -1,0 +1,214 @@
+"""A run's workdir: what a task's data look like, what a later script needs to rebuild the model,
+and loading a trained state back.
+
+`train_and_evaluate` writes, beside `config.json`, `metrics.jsonl` and `checkpoints/`:
+  `data.json`: the dataset's metadata (`jdl.data.DatasetMeta`: input shape and dtype, classes);
+  `vocab.json`: the vocabulary of a text task (characters or words), to decode what a model says.
+With them `load_run(workdir)` rebuilds the model, its optimizer state and the trained parameters
+without touching the dataset, for sampling, evaluation, analysis or fine-tuning.
+
+Tasks (`config.task`):
+  "classification": a TFDS dataset of (image or signal, label) pairs (`load_classification_data`);
+  "language_model": a TFDS text (`tiny_shakespeare`) as characters; random windows of
+    `config.text.block_size + 1` characters train a model to predict every next character, and
+    the loss is in nats per character (`jdl.data.text.load_char_lm_data`);
+  "text_classification": a TFDS dataset of (text, label) pairs (`imdb_reviews`) as word ids
+    (`jdl.data.text.load_text_classification_data`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from jdl import data as data_lib
+from jdl import models, optim
+from jdl.checkpoint import Checkpointer
+from jdl.data import text as text_lib
+from jdl.state import TrainState, create_train_state
+
+TASKS = ("classification", "language_model", "text_classification")
+DATA_NAME = "data.json"
+VOCAB_NAME = "vocab.json"
+CONFIG_NAME = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+"""The folder of a workdir that `train_and_evaluate` keeps its checkpoints in."""
+
+Vocabulary = Any  # text_lib.CharVocabulary | text_lib.WordVocabulary
+
+
+def load_task_data(
+    config: Any, *, pipeline_augment: data_lib.PipelineAugmentFn | None = None,
+) -> tuple[data_lib.BatchSource, data_lib.BatchSource, data_lib.DatasetMeta, Vocabulary | None]:
+  """`(train_source, eval_source, meta, vocabulary)` for `config.task` (see the module docstring);
+  the vocabulary is None for non-text tasks."""
+  task = config.task
+  if task not in TASKS:
+    raise ValueError(f"unknown config.task {task!r}; expected one of {TASKS}.")
+  common = dict(
+      batch_size=config.batch_size,
+      eval_batch_size=_round_up(config.eval_batch_size, jax.process_count()),
+      train_split=config.train_split, eval_split=config.eval_split, data_dir=config.data_dir,
+      download=config.download, seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  if task != "classification" and (pipeline_augment is not None or not config.in_memory):
+    raise ValueError(f"task {task!r} keeps its data in memory and takes no image augmentation; "
+                     "set in_memory=true and leave config.augment off.")
+  if task == "language_model":
+    return text_lib.load_char_lm_data(config.dataset, block_size=config.text.block_size,
+                                      manual_dir=config.manual_dir, **common)
+  if task == "text_classification":
+    return text_lib.load_text_classification_data(
+        config.dataset, max_length=config.text.max_length, max_words=config.text.max_words,
+        shuffle=config.shuffle, **common)
+  train, evaluation, meta = data_lib.load_classification_data(
+      config.dataset, in_memory=config.in_memory, shuffle=config.shuffle,
+      manual_dir=config.manual_dir, augment=pipeline_augment, **common)
+  return train, evaluation, meta, None
+
+
+def write_run_metadata(workdir: str, meta: data_lib.DatasetMeta,
+                       vocabulary: Vocabulary | None) -> None:
+  """Writes `data.json` (and `vocab.json` for text tasks) into `workdir`."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, DATA_NAME), "w", encoding="utf-8") as f:
+    json.dump(dataclasses.asdict(meta), f, indent=2, sort_keys=True)
+  if vocabulary is not None:
+    with open(os.path.join(workdir, VOCAB_NAME), "w", encoding="utf-8") as f:
+      f.write(vocabulary.to_json())
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A trained run loaded from its workdir.
+
+  Attributes:
+    state: the restored `TrainState` (on the default device).
+    config: the run's config (`config.json`), as a ConfigDict with tuples where it had tuples.
+    meta: the dataset's metadata.
+    vocabulary: the text vocabulary (`jdl.data.text`), or None.
+    step: the step of the restored checkpoint.
+  """
+
+  state: TrainState
+  config: ml_collections.ConfigDict
+  meta: data_lib.DatasetMeta
+  vocabulary: Vocabulary | None
+  step: int
+
+
+def load_run(workdir: str, *, checkpoint: str | int = "latest",
+             log: Callable[[str], None] = print) -> Run:
+  """Rebuilds a run's model and optimizer from its workdir and restores a checkpoint.
+
+  Args:
+    workdir: a workdir written by `train_and_evaluate`.
+    checkpoint: "latest", "best" (by the run's `best_metric`) or a step number.
+    log: where messages about unusable checkpoints go.
+
+  Raises:
+    FileNotFoundError: the workdir lacks `config.json`, `data.json` or checkpoints; the message
+      says which and what writes it.
+  """
+  config = read_config(workdir)
+  meta = read_meta(workdir)
+  vocabulary = read_vocabulary(workdir)
+  model = models.build_model(config.model, num_classes=meta.num_classes)
+  # The schedule's length changes no array of the optimizer state, so any positive length does.
+  tx = optim.make_optimizer(config.optimizer, total_steps=max(int(config.num_steps), 1))
+  template = create_train_state(model, tx, np.zeros((1, *meta.input_shape), meta.input_dtype),
+                                jax.random.PRNGKey(config.seed))
+  checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR))
+  try:
+    steps = checkpointer.steps()
+    if not steps:
+      raise FileNotFoundError(f"{checkpointer.directory} holds no checkpoint; train with "
+                              "config.checkpoint=true first.")
+    if checkpoint == "latest":
+      state = checkpointer.restore_latest(template, log=log)
+      if state is None:
+        raise FileNotFoundError(f"no usable checkpoint in {checkpointer.directory}.")
+    else:
+      step = best_step(workdir, config) if checkpoint == "best" else int(checkpoint)
+      if step not in steps:
+        raise FileNotFoundError(f"no checkpoint of step {step} in {checkpointer.directory}; it "
+                                f"holds steps {steps}.")
+      state = checkpointer.restore(template, step)
+  finally:
+    checkpointer.close()
+  return Run(state, config, meta, vocabulary, int(state.step))
+
+
+def best_step(workdir: str, config: ml_collections.ConfigDict) -> int:
+  """The step of the checkpoint with the best evaluation `config.best_metric`, from the
+  checkpoints on disk and the run's `metrics.jsonl`."""
+  from jdl.checkpoint import best_mode  # pylint: disable=import-outside-toplevel
+  from jdl.logging import read_jsonl  # pylint: disable=import-outside-toplevel
+
+  if not config.best_metric:
+    raise ValueError("the run kept no best checkpoint (config.best_metric is empty).")
+  key = f"{config.eval_split.split('[')[0]}_{config.best_metric}"
+  with Checkpointer(os.path.join(workdir, CHECKPOINT_DIR)) as checkpointer:
+    saved = set(checkpointer.steps())
+  scored = [(record[key], record["step"]) for record in read_jsonl(workdir)
+            if record["step"] in saved and record.get(key) is not None]
+  if not scored:
+    raise FileNotFoundError(f"no checkpoint of {workdir} has an evaluation record with {key!r}.")
+  pick = min if best_mode(key) == "min" else max
+  return pick(scored)[1]
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run's `config.json` as a ConfigDict (JSON lists become tuples, as configs write them)."""
+  return ml_collections.ConfigDict(_tuples(_read_json(workdir, CONFIG_NAME)))
+
+
+def read_meta(workdir: str) -> data_lib.DatasetMeta:
+  """The run's dataset metadata (`data.json`)."""
+  fields = _read_json(workdir, DATA_NAME)
+  fields["input_shape"] = tuple(fields["input_shape"])
+  if fields.get("class_names") is not None:
+    fields["class_names"] = tuple(fields["class_names"])
+  return data_lib.DatasetMeta(**fields)
+
+
+def read_vocabulary(workdir: str) -> Vocabulary | None:
+  """The run's vocabulary (`vocab.json`), or None for a task without one."""
+  path = os.path.join(workdir, VOCAB_NAME)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    document = f.read()
+  kinds = {"char": text_lib.CharVocabulary, "word": text_lib.WordVocabulary}
+  kind = json.loads(document).get("kind")
+  if kind not in kinds:
+    raise ValueError(f"{path} holds a vocabulary of unknown kind {kind!r}; expected {sorted(kinds)}.")
+  return kinds[kind].from_json(document)
+
+
+def _read_json(workdir: str, name: str) -> dict[str, Any]:
+  path = os.path.join(workdir, name)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: is {workdir} a workdir written by "
+                            "jdl.train_and_evaluate (an experiment run)?")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _tuples(value: Any) -> Any:
+  if isinstance(value, dict):
+    return {key: _tuples(item) for key, item in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(item) for item in value)
+  return value
+
+
+def _round_up(value: int, multiple: int) -> int:
+  return -(-value // multiple) * multiple
