@@ -67,7 +67,7 @@ def load_task_data(
   if task == "text_classification":
     return text_lib.load_text_classification_data(
         config.dataset, max_length=config.text.max_length, max_words=config.text.max_words,
-        shuffle=config.shuffle, **common)
+        shuffle=config.shuffle, manual_dir=config.manual_dir, **common)
   train, evaluation, meta = data_lib.load_classification_data(
       config.dataset, in_memory=config.in_memory, shuffle=config.shuffle,
       manual_dir=config.manual_dir, augment=pipeline_augment, **common)
