@@ -1,0 +1,419 @@
+"""Evaluating a trained classifier beyond one accuracy number.
+
+`evaluate_classifier(state, inputs, labels)` runs the model over a whole split (`predict`) and
+bundles what a report shows: accuracy, per-class accuracy, the confusion matrix, top-k accuracies,
+calibration (expected calibration error and the reliability diagram's bins) and the indices of the
+misclassified examples. Each piece is also a plain function of arrays, so it works on the outputs
+of any model, jdl's or not.
+
+Logits or probabilities: models end either in logits (`output="logits"`, the default) or in a
+softmax (`output="softmax"`). `outputs_are_probabilities` decides from the numbers: outputs that
+are all non-negative with every row summing to 1 (within `PROBABILITY_TOLERANCE`) are taken as
+probabilities, anything else as logits. Logits that happen to look like probabilities are
+practically impossible for a trained model, and the decision changes nothing that depends on the
+ranking (accuracy, top-k, confusion); only calibration and the log loss need real probabilities,
+which `softmax_probabilities` gives either way.
+
+The metrics are computed on the host in numpy (float64): they are cheap next to the forward pass
+and exact, so the confusion matrix of a split sums to its size and its diagonal to the number of
+correct predictions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from jdl.state import TrainState
+
+PROBABILITY_TOLERANCE = 1e-3
+"""How far from 1 a row of outputs may sum and still count as probabilities (float32 softmax
+rows of thousands of classes are off by about 1e-6)."""
+
+ApplyFn = Callable[..., Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# The forward pass.
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(apply_fn: ApplyFn, variables: Any, inputs: jax.Array) -> jax.Array:
+  return apply_fn(variables, inputs, train=False)
+
+
+def apply_in_batches(apply_fn: ApplyFn, variables: Any, inputs: np.ndarray | jax.Array, *,
+                     batch_size: int = 1000) -> np.ndarray:
+  """The model's outputs for every example of `inputs`, computed batch by batch in eval mode.
+
+  The model runs as `apply_fn(variables, batch, train=False)` (no dropout, BatchNorm on its running
+  statistics) under `jax.jit`. Every batch has the same shape, the last one padded with zeros and
+  the padding dropped afterwards, so the model compiles once per input shape whatever the number
+  of examples.
+
+  Args:
+    apply_fn: the model's `apply` (hashable: it is a static argument of the compiled call).
+    variables: the model's variables, e.g. `state.variables()`.
+    inputs: `[num_examples, *input_shape]` images, signals or token ids, any dtype the model takes.
+    batch_size: examples per compiled call (memory and speed only; the outputs do not change).
+
+  Returns:
+    `[num_examples, ...]` outputs as float32 numpy, as the model gives them (logits or
+    probabilities).
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+  inputs = np.asarray(inputs)
+  if inputs.ndim < 1 or inputs.shape[0] == 0:
+    raise ValueError(
+        f"inputs must be a non-empty batch [num_examples, ...]; got shape {inputs.shape}.")
+  count = inputs.shape[0]
+  size = min(batch_size, count)
+  outputs = []
+  for start in range(0, count, size):
+    batch = inputs[start:start + size]
+    real = batch.shape[0]
+    if real < size:
+      padding = np.zeros((size - real, *batch.shape[1:]), batch.dtype)
+      batch = np.concatenate([batch, padding])
+    outputs.append(np.asarray(_forward(apply_fn, variables, batch), np.float32)[:real])
+  return np.concatenate(outputs)
+
+
+def predict(state: TrainState, inputs: np.ndarray | jax.Array, *,
+            batch_size: int = 1000) -> np.ndarray:
+  """The outputs of `state`'s model for every example of `inputs` (see `apply_in_batches`).
+
+  Args:
+    state: a trained state (e.g. `jdl.runs.load_run(workdir).state`).
+    inputs: `[num_examples, *state.input_shape]` images, signals or token ids.
+    batch_size: examples per compiled call.
+
+  Returns:
+    `[num_examples, num_classes]` (or `[num_examples, time, vocabulary]` for a language model)
+    float32 logits or probabilities, whichever the model outputs.
+
+  Raises:
+    ValueError: the inputs' per-example shape is not the one the model was built for.
+  """
+  inputs = np.asarray(inputs)
+  if tuple(inputs.shape[1:]) != tuple(state.input_shape):
+    raise ValueError(f"inputs have per-example shape {tuple(inputs.shape[1:])} (batch shape "
+                     f"{inputs.shape}), but the model was built for {tuple(state.input_shape)}.")
+  return apply_in_batches(state.apply_fn, state.variables(), inputs, batch_size=batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs to predictions and probabilities.
+
+
+def outputs_are_probabilities(outputs: np.ndarray, *,
+                              tolerance: float = PROBABILITY_TOLERANCE) -> bool:
+  """True when `outputs` ([..., num_classes]) are probabilities: all non-negative and every row
+  summing to 1 within `tolerance`; False means logits (see the module docstring)."""
+  outputs = np.asarray(outputs, np.float64)
+  if outputs.ndim < 1 or outputs.shape[-1] == 0:
+    raise ValueError(f"outputs must end in a class axis; got shape {outputs.shape}.")
+  if not np.all(np.isfinite(outputs)):
+    raise ValueError("outputs hold NaN or infinite values; they are neither logits nor "
+                     "probabilities a classifier can be evaluated on.")
+  return bool(np.all(outputs >= 0.0) and
+              np.all(np.abs(outputs.sum(axis=-1) - 1.0) <= tolerance))
+
+
+def softmax_probabilities(outputs: np.ndarray) -> np.ndarray:
+  """Class probabilities from a model's outputs: the softmax of logits, or probabilities as they
+  are (renormalised in float64 to sum to exactly 1). Shape `[..., num_classes]`, float64."""
+  outputs = np.asarray(outputs, np.float64)
+  if outputs_are_probabilities(outputs):
+    return outputs / outputs.sum(axis=-1, keepdims=True)
+  shifted = outputs - outputs.max(axis=-1, keepdims=True)
+  exponentials = np.exp(shifted)
+  return exponentials / exponentials.sum(axis=-1, keepdims=True)
+
+
+def _check_classification(outputs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  outputs, labels = np.asarray(outputs), np.asarray(labels)
+  if outputs.ndim != 2:
+    raise ValueError(f"outputs must be [num_examples, num_classes]; got shape {outputs.shape}.")
+  if labels.shape != outputs.shape[:1]:
+    raise ValueError(f"labels must be [num_examples] = {outputs.shape[:1]} to match outputs of "
+                     f"shape {outputs.shape}; got shape {labels.shape}.")
+  _check_labels(labels, outputs.shape[1], "labels")
+  return outputs, labels.astype(np.int64)
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, name: str) -> None:
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"{name} must be integer class indices; got dtype {labels.dtype}.")
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(f"{name} must lie in [0, {num_classes}); got values from {labels.min()} to "
+                     f"{labels.max()}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy, confusion and top-k.
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+  """`[num_classes, num_classes]` counts: entry `[t, p]` is the number of examples of true class
+  `t` predicted as `p` (rows are true classes, columns predicted ones).
+
+  The matrix sums to the number of examples, its rows to the class counts, and its trace to the
+  number of correct predictions.
+  """
+  labels, predictions = np.asarray(labels), np.asarray(predictions)
+  if num_classes < 1:
+    raise ValueError(f"num_classes must be >= 1; got {num_classes}.")
+  if labels.ndim != 1 or labels.shape != predictions.shape:
+    raise ValueError(f"labels and predictions must be 1-D arrays of one length; got shapes "
+                     f"{labels.shape} and {predictions.shape}.")
+  _check_labels(labels, num_classes, "labels")
+  _check_labels(predictions, num_classes, "predictions")
+  flat = labels.astype(np.int64) * num_classes + predictions.astype(np.int64)
+  return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
+  """Accuracy of each true class (recall): the diagonal of a confusion matrix over its row sums.
+  A class without examples gets NaN, not 0, so it cannot pass for a class the model always
+  misses."""
+  confusion = np.asarray(confusion)
+  if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
+    raise ValueError(f"confusion must be a square [num_classes, num_classes] matrix; got shape "
+                     f"{confusion.shape}.")
+  totals = confusion.sum(axis=1).astype(np.float64)
+  correct = np.diag(confusion).astype(np.float64)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(totals > 0, correct / np.maximum(totals, 1.0), np.nan)
+
+
+def label_ranks(outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """The rank of each example's true class among its outputs: 0 when it is the prediction.
+
+  Ties go to the lower class index, as `argmax` breaks them, so rank 0 is exactly "the argmax is
+  the label" and top-1 accuracy equals accuracy even for tied outputs.
+  """
+  outputs, labels = _check_classification(outputs, labels)
+  true_scores = np.take_along_axis(outputs, labels[:, None], axis=1)
+  classes = np.arange(outputs.shape[1])[None, :]
+  ahead = (outputs > true_scores) | ((outputs == true_scores) & (classes < labels[:, None]))
+  return ahead.sum(axis=1)
+
+
+def top_k_accuracy(outputs: np.ndarray, labels: np.ndarray, k: int) -> float:
+  """The fraction of examples whose true class is among the `k` highest outputs (logits or
+  probabilities alike; ties broken as `argmax` breaks them). Non-decreasing in `k`; 1 for
+  `k >= num_classes`."""
+  if k < 1:
+    raise ValueError(f"k must be >= 1; got {k}.")
+  return float(np.mean(label_ranks(outputs, labels) < k))
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration.
+
+
+@dataclasses.dataclass(frozen=True)
+class ReliabilityBins:
+  """Equal-width confidence bins over [0, 1], the data of a reliability diagram.
+
+  An example's confidence is its highest class probability; bin `b` holds the confidences in
+  `(lower[b], upper[b]]` (the first bin also holds 0).
+
+  Attributes:
+    lower, upper: `[num_bins]` edges of each bin.
+    confidence: `[num_bins]` mean confidence of the bin's examples (NaN for an empty bin).
+    accuracy: `[num_bins]` fraction of the bin's examples predicted correctly (NaN when empty).
+    count: `[num_bins]` number of examples in each bin.
+  """
+
+  lower: np.ndarray
+  upper: np.ndarray
+  confidence: np.ndarray
+  accuracy: np.ndarray
+  count: np.ndarray
+
+  @property
+  def num_bins(self) -> int:
+    return int(self.count.shape[0])
+
+  def expected_calibration_error(self) -> float:
+    """`sum_b (count_b / total) * |accuracy_b - confidence_b|` over the non-empty bins."""
+    total = int(self.count.sum())
+    if total == 0:
+      raise ValueError("the bins hold no examples; the calibration error is undefined.")
+    filled = self.count > 0
+    gaps = np.abs(self.accuracy[filled] - self.confidence[filled])
+    return float(np.sum(self.count[filled] / total * gaps))
+
+
+def _check_probabilities(probabilities: np.ndarray,
+                         labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  probabilities, labels = _check_classification(probabilities, labels)
+  if not outputs_are_probabilities(probabilities):
+    raise ValueError("probabilities must be non-negative with rows summing to 1; these look like "
+                     "logits: convert them with softmax_probabilities(outputs) first.")
+  return probabilities.astype(np.float64), labels
+
+
+def reliability_diagram_data(probabilities: np.ndarray, labels: np.ndarray, *,
+                             num_bins: int = 15) -> ReliabilityBins:
+  """Bins the examples by confidence (highest probability) and measures each bin's accuracy.
+
+  A calibrated model is right on a fraction `c` of the examples it gives confidence `c`, so
+  every bin's accuracy equals its mean confidence.
+
+  Args:
+    probabilities: `[num_examples, num_classes]` class probabilities (`softmax_probabilities`).
+    labels: `[num_examples]` integer labels.
+    num_bins: number of equal-width bins over [0, 1] (15, as in Guo et al. 2017).
+  """
+  if num_bins < 1:
+    raise ValueError(f"num_bins must be >= 1; got {num_bins}.")
+  probabilities, labels = _check_probabilities(probabilities, labels)
+  confidences = probabilities.max(axis=1)
+  correct = (probabilities.argmax(axis=1) == labels).astype(np.float64)
+  # Bin b holds (b / num_bins, (b + 1) / num_bins]; ceil puts an edge value in the bin below it.
+  which = np.clip(np.ceil(confidences * num_bins).astype(np.int64) - 1, 0, num_bins - 1)
+  count = np.bincount(which, minlength=num_bins)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    confidence = np.bincount(which, weights=confidences, minlength=num_bins) / count
+    accuracy = np.bincount(which, weights=correct, minlength=num_bins) / count
+  edges = np.linspace(0.0, 1.0, num_bins + 1)
+  return ReliabilityBins(lower=edges[:-1], upper=edges[1:],
+                         confidence=np.where(count > 0, confidence, np.nan),
+                         accuracy=np.where(count > 0, accuracy, np.nan), count=count)
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, *,
+                               num_bins: int = 15) -> float:
+  """Expected calibration error (Guo et al. 2017): the count-weighted mean gap between accuracy
+  and confidence over `num_bins` equal-width confidence bins (see `reliability_diagram_data`).
+  0 for a perfectly calibrated model; at most 1."""
+  return reliability_diagram_data(probabilities, labels,
+                                  num_bins=num_bins).expected_calibration_error()
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything at once.
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationReport:
+  """A classifier's evaluation on one split.
+
+  Attributes:
+    num_examples: examples evaluated.
+    num_classes: width of the model's output.
+    class_names: the class names (indices as strings when none were given).
+    accuracy: fraction of examples whose argmax output is the label.
+    per_class_accuracy: `[num_classes]` accuracy of each true class (NaN without examples).
+    confusion: `[num_classes, num_classes]` counts, rows true classes, columns predictions.
+    top_k_accuracy: `{k: accuracy}` for each requested k below the number of classes (k = 1
+      always).
+    log_loss: mean negative log-probability of the true class (nats).
+    expected_calibration_error: see `expected_calibration_error`.
+    reliability: the reliability diagram's bins.
+    misclassified: indices of the wrongly predicted examples, in order.
+    labels: `[num_examples]` true classes.
+    predictions: `[num_examples]` argmax classes.
+    confidences: `[num_examples]` highest class probability of each example.
+    outputs_were_probabilities: whether the model output probabilities (else logits).
+  """
+
+  num_examples: int
+  num_classes: int
+  class_names: tuple[str, ...]
+  accuracy: float
+  per_class_accuracy: np.ndarray
+  confusion: np.ndarray
+  top_k_accuracy: dict[int, float]
+  log_loss: float
+  expected_calibration_error: float
+  reliability: ReliabilityBins
+  misclassified: np.ndarray
+  labels: np.ndarray
+  predictions: np.ndarray
+  confidences: np.ndarray
+  outputs_were_probabilities: bool
+
+
+def evaluate_outputs(outputs: np.ndarray, labels: np.ndarray, *,
+                     class_names: Sequence[str] | None = None, top_k: Sequence[int] = (1, 5),
+                     num_bins: int = 15) -> EvaluationReport:
+  """The `EvaluationReport` of a model's outputs (logits or probabilities) on labelled examples.
+
+  Args:
+    outputs: `[num_examples, num_classes]` logits or probabilities (see the module docstring).
+    labels: `[num_examples]` integer labels.
+    class_names: a name per class; None names them by index.
+    top_k: the k of the top-k accuracies; a k >= num_classes (always 1) is left out, except 1.
+    num_bins: confidence bins of the calibration error and the reliability diagram.
+  """
+  outputs, labels = _check_classification(outputs, labels)
+  num_examples, num_classes = outputs.shape
+  if num_examples == 0:
+    raise ValueError("there are no examples to evaluate (outputs have 0 rows).")
+  if class_names is None:
+    class_names = tuple(str(index) for index in range(num_classes))
+  class_names = tuple(str(name) for name in class_names)
+  if len(class_names) != num_classes:
+    raise ValueError(f"class_names has {len(class_names)} names, but the model has {num_classes} "
+                     "outputs; give one name per class.")
+  if any(k < 1 for k in top_k):
+    raise ValueError(f"every top_k must be >= 1; got {tuple(top_k)}.")
+  was_probabilities = outputs_are_probabilities(outputs)
+  probabilities = softmax_probabilities(outputs)
+  predictions = outputs.argmax(axis=1)
+  confusion = confusion_matrix(labels, predictions, num_classes)
+  ranks = label_ranks(outputs, labels)
+  reliability = reliability_diagram_data(probabilities, labels, num_bins=num_bins)
+  true_probabilities = probabilities[np.arange(num_examples), labels]
+  # The smallest positive float64 keeps the log finite for a probability output of exactly 0.
+  log_loss = float(-np.mean(np.log(np.maximum(true_probabilities, np.finfo(np.float64).tiny))))
+  return EvaluationReport(
+      num_examples=num_examples,
+      num_classes=num_classes,
+      class_names=class_names,
+      accuracy=float(np.trace(confusion)) / num_examples,
+      per_class_accuracy=per_class_accuracy(confusion),
+      confusion=confusion,
+      top_k_accuracy={int(k): float(np.mean(ranks < k)) for k in sorted(set(top_k))
+                      if k == 1 or k < num_classes},
+      log_loss=log_loss,
+      expected_calibration_error=reliability.expected_calibration_error(),
+      reliability=reliability,
+      misclassified=np.flatnonzero(predictions != labels),
+      labels=labels,
+      predictions=predictions,
+      confidences=probabilities.max(axis=1),
+      outputs_were_probabilities=was_probabilities,
+  )
+
+
+def evaluate_classifier(state: TrainState, inputs: np.ndarray, labels: np.ndarray, *,
+                        class_names: Sequence[str] | None = None, top_k: Sequence[int] = (1, 5),
+                        num_bins: int = 15, batch_size: int = 1000) -> EvaluationReport:
+  """Runs `state`'s model over `inputs` in eval mode and evaluates its outputs against `labels`.
+
+  Args:
+    state: a trained classifier's state.
+    inputs: `[num_examples, *state.input_shape]` images, signals or token ids.
+    labels: `[num_examples]` integer labels.
+    class_names: a name per class (e.g. `run.meta.class_names`); None names them by index.
+    top_k: the k of the top-k accuracies (see `evaluate_outputs`).
+    num_bins: confidence bins of the calibration measures.
+    batch_size: examples per compiled forward pass.
+
+  Returns:
+    The `EvaluationReport`.
+  """
+  outputs = predict(state, inputs, batch_size=batch_size)
+  return evaluate_outputs(outputs, labels, class_names=class_names, top_k=top_k,
+                          num_bins=num_bins)

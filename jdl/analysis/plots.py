@@ -1,0 +1,390 @@
+"""PNG figures of a run and its evaluation, drawn headless.
+
+Every function draws one figure, writes it to `path` (folders are created) and returns `path`.
+Figures are plain `matplotlib.figure.Figure` objects rendered by the Agg canvas: pyplot never sees
+them, so no display is needed, the caller's pyplot backend (a notebook's, say) is left alone, and
+nothing keeps a figure alive after its function returns; a loop drawing thousands leaks nothing.
+
+Inputs are drawn by their per-example shape (`input_kind`): `[H, W]`, `[H, W, 1]` and `[H, W, 3]`
+(or 4) as images, `[length]` and `[length, channels]` with at most `MAX_SIGNAL_CHANNELS`
+channels as 1-D signals (one line per channel). Token ids have no picture; show them as text.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
+
+from jdl.analysis.evaluation import ReliabilityBins
+
+MAX_SIGNAL_CHANNELS = 4
+"""A `[length, channels]` input with at most this many channels is a signal, wider is an image."""
+
+MAX_ANNOTATED_CLASSES = 30
+"""Confusion matrices up to this many classes get a count written in every cell."""
+
+DPI = 100
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces.
+
+
+def input_kind(example_shape: Sequence[int]) -> str:
+  """"image" or "signal" for one example of this shape (see the module docstring).
+
+  Raises:
+    ValueError: the shape is neither, e.g. a scalar or a 4-D volume.
+  """
+  shape = tuple(int(size) for size in example_shape)
+  if len(shape) == 1:
+    return "signal"
+  if len(shape) == 2:
+    return "signal" if shape[1] <= MAX_SIGNAL_CHANNELS else "image"
+  if len(shape) == 3:
+    return "image"
+  raise ValueError(f"cannot draw an input of per-example shape {shape}: expected an image "
+                   "[H, W] or [H, W, C], or a signal [length] or [length, channels].")
+
+
+def _check_drawable(inputs: np.ndarray) -> str:
+  inputs = np.asarray(inputs)
+  if not np.issubdtype(inputs.dtype, np.floating):
+    raise ValueError(f"inputs of dtype {inputs.dtype} look like token ids or raw pixels; only "
+                     "floating images and signals can be drawn (decode tokens to text instead).")
+  return input_kind(inputs.shape[1:])
+
+
+def _displayable_image(image: np.ndarray) -> tuple[np.ndarray, str | None]:
+  """An `[H, W]` or `[H, W, 3|4]` array in [0, 1] for `imshow`, and its colour map."""
+  image = np.asarray(image, np.float64)
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = image[..., 0]
+  elif image.ndim == 3 and image.shape[-1] not in (3, 4):
+    image = image.mean(axis=-1)  # no colour mapping for other channel counts: show their mean
+  low, high = float(np.min(image)), float(np.max(image))
+  if low < 0.0 or high > 1.0:  # normalised or standardised inputs: stretch to the display range
+    image = (image - low) / (high - low) if high > low else np.zeros_like(image)
+  return image, ("gray" if image.ndim == 2 else None)
+
+
+def _draw_signal(axis: Any, signal: np.ndarray, **line_options: Any) -> None:
+  signal = np.asarray(signal, np.float64)
+  signal = signal[:, None] if signal.ndim == 1 else signal
+  positions = np.arange(signal.shape[0])
+  for channel in range(signal.shape[1]):
+    axis.plot(positions, signal[:, channel], **line_options)
+
+
+def _bare(axis: Any) -> None:
+  """No ticks: in a grid of small panels they are unreadable, and laying them out is most of the
+  drawing time."""
+  axis.set_xticks([])
+  axis.set_yticks([])
+
+
+def _grid(count: int, *, panel_size: float = 2.0, max_columns: int = 8) -> tuple[Any, np.ndarray]:
+  columns = max(1, min(max_columns, math.ceil(math.sqrt(count))))
+  rows = max(1, math.ceil(count / columns))
+  figure = _figure((panel_size * columns, panel_size * rows + 0.4))
+  return figure, figure.subplots(rows, columns, squeeze=False).reshape(-1)
+
+
+def _figure(size: tuple[float, float]) -> Figure:
+  """A new figure on its own Agg canvas, outside pyplot (see the module docstring)."""
+  figure = Figure(figsize=size)
+  FigureCanvasAgg(figure)
+  return figure
+
+
+def _save(figure: Any, path: str) -> str:
+  """Writes `figure` as a PNG to `path` and returns `path`."""
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  try:
+    figure.savefig(path, format="png", dpi=DPI, bbox_inches="tight")
+  finally:
+    figure.clear()  # drops the artists at once rather than at the next garbage collection
+  return path
+
+
+def _class_name(class_names: Sequence[str] | None, index: int) -> str:
+  return str(class_names[index]) if class_names is not None else str(index)
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's history.
+
+
+def metric_prefixes(records: Sequence[Mapping[str, Any]]) -> list[str]:
+  """The prefixes of the losses in `records` (`train`, then evaluation splits such as `test` or
+  `validation`, sorted): every `P` with a `P_loss` key."""
+  prefixes = {key[:-len("_loss")] for record in records for key in record
+              if key.endswith("_loss") and len(key) > len("_loss")}
+  return sorted(prefixes, key=lambda prefix: (prefix != "train", prefix))
+
+
+def plot_learning_curves(records: Sequence[Mapping[str, Any]], path: str) -> str:
+  """Loss and accuracy against the step, for training and every evaluation split.
+
+  Args:
+    records: the run's `metrics.jsonl` records (`jdl.logging.read_jsonl(workdir)`), each with
+      `step` and `<prefix>_loss` / `<prefix>_accuracy` keys (`train_`, `test_`, `validation_`...).
+      Missing or null values leave a gap.
+    path: where the PNG goes.
+
+  Returns:
+    `path`.
+  """
+  records = [record for record in records if "step" in record]
+  prefixes = metric_prefixes(records)
+  if not prefixes:
+    raise ValueError("records hold no `<prefix>_loss` values with a `step`: expected "
+                     "metrics.jsonl records such as {'step': 100, 'train_loss': 0.5, ...}.")
+  panels = ["loss"] + (["accuracy"] if any(f"{prefix}_accuracy" in record for record in records
+                                          for prefix in prefixes) else [])
+  figure = _figure((6 * len(panels), 4))
+  axes = figure.subplots(1, len(panels), squeeze=False)
+  for axis, metric in zip(axes[0], panels):
+    for prefix in prefixes:
+      points = [(record["step"], record.get(f"{prefix}_{metric}")) for record in records]
+      points = [(step, value) for step, value in points
+                if value is not None and math.isfinite(float(value))]
+      if points:
+        steps, values = zip(*points)
+        axis.plot(steps, values, marker="o", markersize=3, label=prefix)
+    axis.set_xlabel("step")
+    axis.set_ylabel(metric)
+    axis.set_title(metric)
+    axis.grid(True, alpha=0.3)
+    if axis.get_lines():
+      axis.legend()
+  return _save(figure, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# An evaluation.
+
+
+def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str] | None, path: str) -> str:
+  """A heatmap of a confusion matrix (rows true classes, columns predictions) with its counts.
+
+  Cells are coloured by their share of the row (the true class), so rare classes are as visible
+  as common ones; the count is written in each cell up to `MAX_ANNOTATED_CLASSES` classes.
+  """
+  matrix = np.asarray(matrix)
+  if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+    raise ValueError(f"matrix must be square [num_classes, num_classes]; got shape {matrix.shape}.")
+  num_classes = matrix.shape[0]
+  if class_names is not None and len(class_names) != num_classes:
+    raise ValueError(f"class_names has {len(class_names)} names for a {num_classes}-class matrix.")
+  names = [_class_name(class_names, index) for index in range(num_classes)]
+  rows = matrix.sum(axis=1, keepdims=True).astype(np.float64)
+  shares = matrix / np.maximum(rows, 1.0)
+  side = min(4.0 + 0.45 * num_classes, 20.0)
+  figure = _figure((side + 1.5, side))
+  axis = figure.subplots()
+  image = axis.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+  figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04, label="share of the true class")
+  if num_classes <= MAX_ANNOTATED_CLASSES:
+    for row in range(num_classes):
+      for column in range(num_classes):
+        axis.text(column, row, str(int(matrix[row, column])), ha="center", va="center", fontsize=8,
+                  color="white" if shares[row, column] > 0.5 else "black")
+  ticks = np.arange(num_classes)
+  show = num_classes <= 2 * MAX_ANNOTATED_CLASSES
+  axis.set_xticks(ticks if show else [])
+  axis.set_yticks(ticks if show else [])
+  if show:
+    axis.set_xticklabels(names, rotation=45, ha="right")
+    axis.set_yticklabels(names)
+  axis.set_xlabel("predicted class")
+  axis.set_ylabel("true class")
+  axis.set_title(f"confusion matrix ({int(matrix.sum())} examples)")
+  return _save(figure, path)
+
+
+def plot_misclassified(inputs: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
+                       indices: Sequence[int], class_names: Sequence[str] | None, path: str,
+                       max_examples: int = 25) -> str:
+  """A grid of misclassified examples, each titled with its index, true and predicted class.
+
+  Args:
+    inputs: `[num_examples, ...]` floating images or signals (the whole split).
+    labels, predictions: `[num_examples]` true and predicted classes.
+    indices: which examples to show (e.g. `EvaluationReport.misclassified`); the first
+      `max_examples` are drawn. With none, the figure says so.
+    class_names: a name per class, or None for indices.
+    path: where the PNG goes.
+    max_examples: the most examples drawn.
+
+  Returns:
+    `path`.
+  """
+  inputs, labels, predictions = np.asarray(inputs), np.asarray(labels), np.asarray(predictions)
+  kind = _check_drawable(inputs)
+  if labels.shape != inputs.shape[:1] or predictions.shape != inputs.shape[:1]:
+    raise ValueError(f"labels {labels.shape} and predictions {predictions.shape} must be "
+                     f"[num_examples] = {inputs.shape[:1]}, one per input.")
+  if max_examples < 1:
+    raise ValueError(f"max_examples must be >= 1; got {max_examples}.")
+  chosen = [int(index) for index in np.asarray(indices, np.int64).reshape(-1)[:max_examples]]
+  for index in chosen:
+    if not 0 <= index < inputs.shape[0]:
+      raise ValueError(f"index {index} is outside the {inputs.shape[0]} inputs.")
+  if not chosen:
+    figure = _figure((4, 1.5))
+    axis = figure.subplots()
+    axis.text(0.5, 0.5, "no misclassified examples", ha="center", va="center")
+    axis.axis("off")
+    return _save(figure, path)
+  figure, axes = _grid(len(chosen))
+  for axis, index in zip(axes, chosen):
+    if kind == "image":
+      image, colour_map = _displayable_image(inputs[index])
+      axis.imshow(image, cmap=colour_map)
+    else:
+      _draw_signal(axis, inputs[index], linewidth=1.0)
+    _bare(axis)
+    axis.set_title(f"#{index} true {_class_name(class_names, int(labels[index]))}\n"
+                   f"pred {_class_name(class_names, int(predictions[index]))}", fontsize=8)
+  for axis in axes[len(chosen):]:
+    axis.axis("off")
+  figure.suptitle(f"misclassified examples ({len(chosen)} of {len(indices)} shown)")
+  figure.subplots_adjust(hspace=0.55, wspace=0.1)
+  return _save(figure, path)
+
+
+def plot_reliability_diagram(bins: ReliabilityBins, path: str) -> str:
+  """The reliability diagram: each confidence bin's accuracy against the diagonal of perfect
+  calibration (gaps shaded), with the expected calibration error in the title and the number of
+  examples per bin below."""
+  if int(np.sum(bins.count)) == 0:
+    raise ValueError("the bins hold no examples; nothing to draw.")
+  width = bins.upper - bins.lower
+  filled = bins.count > 0
+  figure = _figure((5.5, 6.5))
+  top, bottom = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": (3, 1)})
+  top.bar(bins.lower[filled], bins.accuracy[filled], width=width[filled], align="edge",
+          edgecolor="black", color="tab:blue", label="accuracy")
+  gap_low = np.minimum(bins.accuracy[filled], bins.confidence[filled])
+  gap_height = np.abs(bins.accuracy[filled] - bins.confidence[filled])
+  top.bar(bins.lower[filled], gap_height, bottom=gap_low, width=width[filled], align="edge",
+          color="tab:red", alpha=0.35, label="gap to confidence")
+  top.plot([0.0, 1.0], [0.0, 1.0], linestyle="--", color="gray", label="perfect calibration")
+  top.set_xlim(0.0, 1.0)
+  top.set_ylim(0.0, 1.0)
+  top.set_ylabel("accuracy")
+  top.set_title(f"reliability diagram (ECE {bins.expected_calibration_error():.4f})")
+  top.legend(loc="upper left")
+  bottom.bar(bins.lower, bins.count, width=width, align="edge", edgecolor="black", color="gray")
+  bottom.set_xlabel("confidence (highest class probability)")
+  bottom.set_ylabel("examples")
+  return _save(figure, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic figures for the other analyses (attribution, robustness).
+
+
+def plot_attribution_overlays(inputs: np.ndarray, attributions: np.ndarray, path: str,
+                              titles: Sequence[str] | None = None) -> str:
+  """Each input with where its attribution (saliency, integrated gradients) lies.
+
+  Images are drawn in grey with the attribution's magnitude (summed over channels) as a heat
+  overlay; signals as a line coloured by the signed attribution of each point (red pushes the
+  output up, blue down), on a scale symmetric around 0.
+
+  Args:
+    inputs: `[num_examples, ...]` floating images or signals.
+    attributions: the same shape as `inputs`.
+    path: where the PNG goes.
+    titles: one title per example, or None.
+
+  Returns:
+    `path`.
+  """
+  inputs, attributions = np.asarray(inputs), np.asarray(attributions, np.float64)
+  kind = _check_drawable(inputs)
+  if attributions.shape != inputs.shape:
+    raise ValueError(f"attributions of shape {attributions.shape} must have the inputs' shape "
+                     f"{inputs.shape}.")
+  if inputs.shape[0] == 0:
+    raise ValueError("inputs hold no examples; nothing to draw.")
+  if titles is not None and len(titles) != inputs.shape[0]:
+    raise ValueError(f"titles has {len(titles)} entries for {inputs.shape[0]} examples.")
+  figure, axes = _grid(inputs.shape[0], panel_size=2.6, max_columns=5)
+  for index, axis in enumerate(axes[:inputs.shape[0]]):
+    if kind == "image":
+      image, _ = _displayable_image(inputs[index])
+      grey = image if image.ndim == 2 else image[..., :3].mean(axis=-1)
+      heat = np.abs(attributions[index])
+      heat = heat.sum(axis=-1) if heat.ndim == 3 else heat
+      axis.imshow(grey, cmap="gray")
+      axis.imshow(heat / max(float(heat.max()), 1e-12), cmap="inferno", alpha=0.55, vmin=0.0,
+                  vmax=1.0)
+    else:
+      signal = np.asarray(inputs[index], np.float64)
+      signal = signal[:, None] if signal.ndim == 1 else signal
+      weight = attributions[index]
+      weight = weight[:, None] if weight.ndim == 1 else weight
+      scale = max(float(np.abs(weight).max()), 1e-12)
+      positions = np.arange(signal.shape[0], dtype=np.float64)
+      for channel in range(signal.shape[1]):
+        points = np.stack([positions, signal[:, channel]], axis=1)
+        segments = np.stack([points[:-1], points[1:]], axis=1)
+        # Each segment takes the mean attribution of its two end points.
+        colours = 0.5 * (weight[:-1, channel] + weight[1:, channel])
+        lines = LineCollection(segments, cmap="coolwarm", linewidths=2.0)
+        lines.set_array(colours)
+        lines.set_clim(-scale, scale)
+        axis.add_collection(lines)
+        axis.scatter(positions, signal[:, channel], c=weight[:, channel], cmap="coolwarm",
+                     vmin=-scale, vmax=scale, s=8, zorder=3)
+      axis.autoscale_view()
+    _bare(axis)
+    if titles is not None:
+      axis.set_title(str(titles[index]), fontsize=8)
+  for axis in axes[inputs.shape[0]:]:
+    axis.axis("off")
+  figure.subplots_adjust(hspace=0.35, wspace=0.1)
+  return _save(figure, path)
+
+
+def plot_curve(xs: Sequence[float], ys_by_name: Mapping[str, Sequence[float]], path: str,
+               xlabel: str, ylabel: str, title: str) -> str:
+  """One line per named series over shared x values, e.g. robust accuracy against epsilon for
+  each attack.
+
+  Args:
+    xs: the x values.
+    ys_by_name: `{series name: y values}`, each as long as `xs`.
+    path: where the PNG goes.
+    xlabel, ylabel, title: the labels.
+
+  Returns:
+    `path`.
+  """
+  xs = np.asarray(xs, np.float64).reshape(-1)
+  if not ys_by_name:
+    raise ValueError("ys_by_name is empty; give at least one series {name: values}.")
+  figure = _figure((6, 4))
+  axis = figure.subplots()
+  for name, ys in ys_by_name.items():
+    ys = np.asarray(ys, np.float64).reshape(-1)
+    if ys.shape != xs.shape:
+      raise ValueError(f"series {name!r} has {ys.shape[0]} values for {xs.shape[0]} x values.")
+    axis.plot(xs, ys, marker="o", label=str(name))
+  axis.set_xlabel(xlabel)
+  axis.set_ylabel(ylabel)
+  axis.set_title(title)
+  axis.grid(True, alpha=0.3)
+  axis.legend()
+  return _save(figure, path)
