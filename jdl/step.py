@@ -38,9 +38,12 @@ MetricsFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None], Metric
 TrainStepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 EvalStepFn = Callable[[TrainState, Batch], Metrics]
 AugmentFn = Callable[[jax.Array, Batch], Batch]
+AdversaryFn = Callable[[Callable[..., Any], Mapping[str, Any], jax.Array, Batch], Batch]
 
 AUGMENT_STREAM = 1
 """The step's key is folded with this to key augmentation, so dropout keeps its own key."""
+ADVERSARY_STREAM = 2
+"""The step's key is folded with this to key the adversary (e.g. PGD's random start)."""
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -101,6 +104,7 @@ def make_train_step(
     augment: AugmentFn | None = None,
     check_finite: bool = True,
     compute_dtype: Any = None,
+    adversary: AdversaryFn | None = None,
 ) -> TrainStepFn:
   """Returns a pure train step `(state, batch) -> (state, metrics)`.
 
@@ -123,6 +127,12 @@ def make_train_step(
     compute_dtype: None computes in the parameters' dtype; `jnp.bfloat16` is mixed precision (see
       the module docstring): bfloat16 forward and backward passes, float32 parameters, gradients,
       optimizer state and loss.
+    adversary: optional adversarial training, `(apply_fn, variables, key, batch) -> batch` (e.g.
+      `jdl.analysis.adversarial.make_adversary(epsilon)`): applied after `augment`, with the
+      current parameters (`apply_fn` computes in `compute_dtype`; call it with `train=False`), it
+      returns the batch with adversarial inputs, and the loss and gradient are taken there. The
+      attack is not differentiated through (Madry et al.). Its key is the step's key folded with
+      `ADVERSARY_STREAM`.
 
   Returns:
     The train step. Its key for dropout is `fold_in(state.rng, state.step)` (and the device index
@@ -140,6 +150,9 @@ def make_train_step(
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     if augment is not None:
       batch = augment(jax.random.fold_in(rng, AUGMENT_STREAM), batch)
+    if adversary is not None:
+      batch = jax.lax.stop_gradient(adversary(
+          apply_fn, state.variables(), jax.random.fold_in(rng, ADVERSARY_STREAM), batch))
     inputs, labels, mask = _unpack(batch, state.input_shape, state.input_dtype)
     per_example_loss = _mixed_loss(loss_fn, batch)
     num_shards = 1 if axis_name is None else jax.lax.psum(1, axis_name)

@@ -1,0 +1,503 @@
+"""Adversarial examples, robust accuracy and adversarial training.
+
+An adversarial example is an input moved a little, within an epsilon ball around the clean input
+and inside the valid input range, in the direction that most increases the model's loss.
+
+  `fgsm`: the fast gradient sign method (Goodfellow et al., 2015): one step of size epsilon along
+    the sign of the loss gradient (L-inf) or along the normalised gradient (L2).
+  `pgd`: projected gradient descent on the negative loss (Madry et al., 2018): `num_steps` steps
+    of size `step_size`, each followed by a projection back into the epsilon ball and the input
+    range, from a random start inside the ball. It is a `lax.fori_loop` under `jax.jit`.
+  `robust_accuracy` / `robust_accuracy_curve`: accuracy on attacked inputs, over a dataset in
+    batches, for one epsilon or several.
+  `make_adversary`: adversarial training. Its result is the `adversary=` of
+    `jdl.make_train_step`, which replaces every training batch's inputs by adversarial ones made
+    from the current parameters before the loss (Madry et al.'s min-max training).
+
+Balls: "linf" bounds every element's change by epsilon; "l2" bounds each example's Euclidean norm
+over all its elements (all axes but the batch axis). A zero gradient gives a zero L2 step (no
+division by zero). `value_range=(lo, hi)` is the valid input range (pixels in [0, 1] by default;
+for standardised data such as MNIST-1D use the data's own minimum and maximum); None leaves the
+inputs unbounded. Clean inputs must lie inside the range: clipping an example that starts outside
+could take it out of its epsilon ball.
+
+The model is called as `apply_fn(variables, inputs, train=False)` and must return
+`[batch, num_classes]` logits; the attacked loss is the softmax cross-entropy of the labels
+(untargeted attacks), or any per-example `loss(outputs, labels) -> [batch]`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdl import losses as losses_lib
+
+ApplyFn = Callable[..., jax.Array]
+Variables = Any
+Batch = Mapping[str, jax.Array]
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+AdversaryFn = Callable[[ApplyFn, Variables, jax.Array, Batch], Batch]
+
+NORMS = ("linf", "l2")
+ATTACKS = ("fgsm", "pgd")
+LOSSES: dict[str, LossFn] = {"cross_entropy": losses_lib.softmax_cross_entropy}
+
+
+# ---------------------------------------------------------------------------------------------
+# Attacks.
+
+
+def fgsm(
+    apply_fn: ApplyFn,
+    variables: Variables,
+    inputs: jax.Array,
+    labels: jax.Array,
+    *,
+    epsilon: float,
+    norm: str = "linf",
+    value_range: tuple[float, float] | None = (0.0, 1.0),
+    loss: str | LossFn = "cross_entropy",
+) -> jax.Array:
+  """The fast gradient method: one step of length `epsilon` up the loss gradient.
+
+  L-inf: `x + epsilon * sign(grad)`; L2: `x + epsilon * grad / ||grad||` per example. The result
+  is clipped to `value_range`.
+
+  Args:
+    apply_fn: the model, called as `apply_fn(variables, inputs, train=False)`.
+    variables: the model's variables, e.g. `state.variables()`.
+    inputs: `[B, ...]` floating clean inputs inside `value_range`.
+    labels: `[B]` integer true labels (the attack raises their loss).
+    epsilon: the radius of the ball (>= 0); 0 returns the inputs unchanged.
+    norm: "linf" or "l2".
+    value_range: `(lo, hi)` with lo < hi, the valid input range; None for unbounded inputs.
+    loss: "cross_entropy", or a per-example `loss(outputs, labels) -> [B]`.
+
+  Returns:
+    `[B, ...]` adversarial inputs with the dtype of `inputs`.
+  """
+  loss_fn, value_range = _check_attack(inputs, labels, epsilon=epsilon, norm=norm,
+                                       value_range=value_range, loss=loss)
+  return _fgsm_jit(apply_fn, variables, jnp.asarray(inputs), jnp.asarray(labels),
+                   jnp.float32(epsilon), norm, value_range, loss_fn)
+
+
+def pgd(
+    apply_fn: ApplyFn,
+    variables: Variables,
+    inputs: jax.Array,
+    labels: jax.Array,
+    *,
+    epsilon: float,
+    step_size: float | None = None,
+    num_steps: int = 10,
+    norm: str = "linf",
+    value_range: tuple[float, float] | None = (0.0, 1.0),
+    random_start: bool = True,
+    key: jax.Array | None = None,
+    loss: str | LossFn = "cross_entropy",
+) -> jax.Array:
+  """Projected gradient ascent on the loss inside the epsilon ball and the input range.
+
+  From a uniformly random point of the ball (or the clean input), `num_steps` times: step
+  `step_size` along the gradient's sign (L-inf) or normalised gradient (L2), then project onto the
+  ball around the clean input and clip to `value_range`. Clipping after the ball projection keeps
+  the point in the ball, because the clean input is inside the range.
+
+  Args:
+    apply_fn, variables, inputs, labels, epsilon, norm, value_range, loss: as in `fgsm`.
+    step_size: length of each step (> 0); None is `2.5 * epsilon / num_steps` (Madry et al.),
+      which lets the iterate cross the ball from any start.
+    num_steps: gradient steps (>= 1).
+    random_start: start at a uniformly random point of the ball instead of the clean input.
+    key: PRNG key for the random start; required when `random_start` is True.
+
+  Returns:
+    `[B, ...]` adversarial inputs with the dtype of `inputs`.
+  """
+  loss_fn, value_range = _check_attack(inputs, labels, epsilon=epsilon, norm=norm,
+                                       value_range=value_range, loss=loss)
+  step_size = _check_pgd(epsilon, step_size, num_steps, random_start, key)
+  if key is None:
+    key = jax.random.PRNGKey(0)  # unused without a random start
+  return _pgd_jit(apply_fn, variables, jnp.asarray(inputs), jnp.asarray(labels),
+                  jnp.float32(epsilon), jnp.float32(step_size), key, num_steps, norm,
+                  value_range, random_start, loss_fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Robust accuracy.
+
+
+def robust_accuracy(
+    apply_fn: ApplyFn,
+    variables: Variables,
+    inputs: np.ndarray | jax.Array,
+    labels: np.ndarray | jax.Array,
+    *,
+    attack: str = "pgd",
+    epsilon: float,
+    norm: str = "linf",
+    value_range: tuple[float, float] | None = (0.0, 1.0),
+    batch_size: int = 500,
+    key: jax.Array | None = None,
+    **attack_kwargs: Any,
+) -> float:
+  """The fraction of examples the model classifies correctly after the attack.
+
+  Examples the model gets wrong when clean count as failures too, so epsilon 0 gives the clean
+  accuracy. The data go through the attack `batch_size` examples at a time; the last batch is
+  padded and the padding left out, so every batch has one shape and compiles once.
+
+  Args:
+    apply_fn, variables, epsilon, norm, value_range: as in `fgsm`.
+    inputs: `[N, ...]` clean inputs; labels: `[N]` integer labels.
+    attack: "fgsm" or "pgd".
+    batch_size: examples per attacked batch (>= 1).
+    key: PRNG key for PGD's random start (batch i uses `fold_in(key, i)`).
+    **attack_kwargs: further options of the attack (`step_size`, `num_steps`, `random_start`,
+      `loss` for PGD; `loss` for FGSM).
+
+  Returns:
+    The robust accuracy, a Python float in [0, 1].
+  """
+  if attack not in ATTACKS:
+    raise ValueError(f"unknown attack {attack!r}; expected one of {ATTACKS}.")
+  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or \
+      batch_size < 1:
+    raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}.")
+  allowed = {"fgsm": {"loss"}, "pgd": {"step_size", "num_steps", "random_start", "loss"}}[attack]
+  unknown = sorted(set(attack_kwargs) - allowed)
+  if unknown:
+    raise ValueError(f"{attack} takes no options {unknown}; its options are {sorted(allowed)}.")
+  inputs, labels = np.asarray(inputs), np.asarray(labels)
+  num_examples = inputs.shape[0] if inputs.ndim else 0
+  if num_examples == 0 or labels.shape != (num_examples,):
+    raise ValueError(f"inputs [N, ...] and labels [N] must hold the same N >= 1 examples; got "
+                     f"shapes {inputs.shape} and {labels.shape}.")
+  loss_fn, value_range = _check_attack(inputs, labels, epsilon=epsilon, norm=norm,
+                                       value_range=value_range,
+                                       loss=attack_kwargs.get("loss", "cross_entropy"))
+  num_steps = attack_kwargs.get("num_steps", 10)
+  random_start = attack_kwargs.get("random_start", True)
+  step_size = 0.0
+  if attack == "pgd":
+    step_size = _check_pgd(epsilon, attack_kwargs.get("step_size"), num_steps, random_start, key)
+  options = dict(attack=attack, num_steps=num_steps if attack == "pgd" else 0, norm=norm,
+                 value_range=value_range, random_start=random_start and attack == "pgd",
+                 loss_fn=loss_fn)
+  key = jax.random.PRNGKey(0) if key is None else key
+  batch_size = min(int(batch_size), num_examples)
+  correct = 0
+  for index, begin in enumerate(range(0, num_examples, batch_size)):
+    x, y = inputs[begin:begin + batch_size], labels[begin:begin + batch_size]
+    real = x.shape[0]
+    if real < batch_size:  # pad with copies of the last example; they are not counted
+      x = np.concatenate([x, np.repeat(x[-1:], batch_size - real, axis=0)])
+      y = np.concatenate([y, np.repeat(y[-1:], batch_size - real, axis=0)])
+    correct += int(_count_correct_under_attack(
+        apply_fn, variables, jnp.asarray(x), jnp.asarray(y), jnp.float32(epsilon),
+        jnp.float32(step_size), jax.random.fold_in(key, index), real, **options))
+  return correct / num_examples
+
+
+def robust_accuracy_curve(
+    apply_fn: ApplyFn,
+    variables: Variables,
+    inputs: np.ndarray | jax.Array,
+    labels: np.ndarray | jax.Array,
+    epsilons: Sequence[float],
+    *,
+    attack: str = "fgsm",
+    norm: str = "linf",
+    value_range: tuple[float, float] | None = (0.0, 1.0),
+    **attack_kwargs: Any,
+) -> list[float]:
+  """`robust_accuracy` at each epsilon of `epsilons`, in order (one compilation for all: epsilon
+  is a traced argument). `attack_kwargs` go to `robust_accuracy` (`batch_size`, `key`, and the
+  attack's options); PGD uses the same key at every epsilon, so the curve compares like with
+  like."""
+  epsilons = list(epsilons)
+  if not epsilons:
+    raise ValueError("epsilons must hold at least one value.")
+  return [robust_accuracy(apply_fn, variables, inputs, labels, attack=attack, epsilon=epsilon,
+                          norm=norm, value_range=value_range, **attack_kwargs)
+          for epsilon in epsilons]
+
+
+# ---------------------------------------------------------------------------------------------
+# Adversarial training.
+
+
+def make_adversary(
+    epsilon: float,
+    *,
+    attack: str = "pgd",
+    norm: str = "linf",
+    value_range: tuple[float, float] | None = (0.0, 1.0),
+    num_steps: int = 7,
+    step_size: float | None = None,
+    random_start: bool = True,
+    fraction: float = 1.0,
+    loss: str | LossFn = "cross_entropy",
+) -> AdversaryFn:
+  """Returns `adversary(apply_fn, variables, key, batch) -> batch` for adversarial training.
+
+  Pass it as `jdl.make_train_step(..., adversary=...)`. The step calls it on every training batch
+  (after `augment`) with the current parameters, and takes the loss and its gradient at the
+  returned inputs; the attack itself is not differentiated through (Madry et al.: the gradient of
+  the max over perturbations is the gradient at the maximiser). The attack runs the model in
+  inference mode (`train=False`: no dropout, BatchNorm on running statistics).
+
+  Args:
+    epsilon, norm, value_range, loss: as in `fgsm` and `pgd`.
+    attack: "pgd" (Madry et al.) or "fgsm" (one gradient per step; `attack="pgd", num_steps=1,
+      step_size=1.25 * epsilon` is FGSM from a random start, the "fast" adversarial training of
+      Wong et al., 2020).
+    num_steps, step_size, random_start: PGD's options (ignored by FGSM).
+    fraction: the share of each batch that is replaced by adversarial examples, in [0, 1]; the
+      others stay clean (Goodfellow et al. trained on a half-and-half mix). The examples are
+      chosen at random each step, `round(fraction * batch)` of them.
+
+  Returns:
+    The adversary; it replaces `batch["input"]` and leaves every other entry as it was.
+  """
+  if attack not in ATTACKS:
+    raise ValueError(f"unknown attack {attack!r}; expected one of {ATTACKS}.")
+  _check_epsilon(epsilon)
+  _check_norm(norm)
+  value_range = _check_value_range(value_range)
+  loss_fn = _check_loss(loss)
+  if attack == "pgd":
+    step_size = _check_pgd(epsilon, step_size, num_steps, random_start, jax.random.PRNGKey(0))
+  if isinstance(fraction, bool) or not 0.0 <= float(fraction) <= 1.0:
+    raise ValueError(f"fraction must be in [0, 1] (the share of each batch that is attacked); "
+                     f"got {fraction!r}.")
+
+  def adversary(apply_fn: ApplyFn, variables: Variables, key: jax.Array, batch: Batch) -> Batch:
+    inputs, labels = batch["input"], batch["label"]
+    if not jnp.issubdtype(inputs.dtype, jnp.floating):
+      raise ValueError(f"adversarial training needs floating inputs; the batch's 'input' has "
+                       f"dtype {inputs.dtype}.")
+    attack_key, choice_key = jax.random.split(key)
+    if attack == "pgd":
+      adversarial = _pgd_jit(apply_fn, variables, inputs, labels, jnp.float32(epsilon),
+                             jnp.float32(step_size), attack_key, num_steps, norm, value_range,
+                             random_start, loss_fn)
+    else:
+      adversarial = _fgsm_jit(apply_fn, variables, inputs, labels, jnp.float32(epsilon), norm,
+                              value_range, loss_fn)
+    batch_size = inputs.shape[0]
+    num_attacked = int(round(float(fraction) * batch_size))
+    if num_attacked < batch_size:
+      chosen = jnp.zeros((batch_size,), bool).at[
+          jax.random.permutation(choice_key, batch_size)[:num_attacked]].set(True)
+      chosen = chosen.reshape((batch_size,) + (1,) * (inputs.ndim - 1))
+      adversarial = jnp.where(chosen, adversarial, inputs)
+    return {**batch, "input": adversarial}
+
+  return adversary
+
+
+# ---------------------------------------------------------------------------------------------
+# Jitted implementations.
+
+
+def _loss_gradient(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
+                   labels: jax.Array, loss_fn: LossFn) -> jax.Array:
+  """`[B, ...]` gradient of each example's loss with respect to its input (examples are
+  independent in inference mode, so the gradient of the summed loss is the per-example one)."""
+
+  def total_loss(x: jax.Array) -> jax.Array:
+    return jnp.sum(loss_fn(apply_fn(variables, x, train=False), labels))
+
+  return jax.grad(total_loss)(inputs)
+
+
+def _per_example_l2(x: jax.Array) -> jax.Array:
+  """`[B, 1, ...]` Euclidean norm of each example over all its non-batch axes."""
+  return jnp.sqrt(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)), keepdims=True))
+
+
+def _ascent_direction(gradient: jax.Array, norm: str) -> jax.Array:
+  """The unit step (in `norm`) that raises the loss most to first order; zero for a zero
+  gradient."""
+  gradient = gradient.astype(jnp.float32)
+  if norm == "linf":
+    return jnp.sign(gradient)
+  length = _per_example_l2(gradient)
+  return jnp.where(length > 0, gradient / jnp.where(length > 0, length, 1.0), 0.0)
+
+
+def _project(candidate: jax.Array, clean: jax.Array, epsilon: jax.Array, norm: str,
+             value_range: tuple[float, float] | None) -> jax.Array:
+  """`candidate` moved into the epsilon ball around `clean`, then clipped to the input range."""
+  delta = candidate - clean
+  if norm == "linf":
+    delta = jnp.clip(delta, -epsilon, epsilon)
+  else:
+    length = _per_example_l2(delta)
+    delta = delta * jnp.where(length > epsilon, epsilon / jnp.where(length > 0, length, 1.0), 1.0)
+  projected = clean + delta
+  if value_range is not None:
+    projected = jnp.clip(projected, value_range[0], value_range[1])
+  return projected
+
+
+def _random_start(key: jax.Array, clean: jax.Array, epsilon: jax.Array, norm: str) -> jax.Array:
+  """A uniformly random point of the epsilon ball around each example."""
+  if norm == "linf":
+    return clean + jax.random.uniform(key, clean.shape, jnp.float32, -1.0, 1.0) * epsilon
+  direction_key, radius_key = jax.random.split(key)
+  direction = _ascent_direction(jax.random.normal(direction_key, clean.shape, jnp.float32), "l2")
+  dimension = int(np.prod(clean.shape[1:]))
+  radius = jax.random.uniform(radius_key, (clean.shape[0],) + (1,) * (clean.ndim - 1),
+                              jnp.float32) ** (1.0 / dimension)
+  return clean + direction * radius * epsilon
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
+def _fgsm_jit(apply_fn, variables, inputs, labels, epsilon, norm, value_range, loss_fn):
+  clean = inputs.astype(jnp.float32)
+  gradient = _loss_gradient(apply_fn, variables, inputs, labels, loss_fn)
+  adversarial = _project(clean + epsilon * _ascent_direction(gradient, norm), clean, epsilon,
+                         norm, value_range)
+  return adversarial.astype(inputs.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "num_steps", "norm", "value_range",
+                                             "random_start", "loss_fn"))
+def _pgd_jit(apply_fn, variables, inputs, labels, epsilon, step_size, key, num_steps, norm,
+             value_range, random_start, loss_fn):
+  clean = inputs.astype(jnp.float32)
+  start = clean
+  if random_start:
+    start = _project(_random_start(key, clean, epsilon, norm), clean, epsilon, norm, value_range)
+
+  def ascend(_, current: jax.Array) -> jax.Array:
+    gradient = _loss_gradient(apply_fn, variables, current.astype(inputs.dtype), labels, loss_fn)
+    stepped = current + step_size * _ascent_direction(gradient, norm)
+    return _project(stepped, clean, epsilon, norm, value_range)
+
+  return jax.lax.fori_loop(0, num_steps, ascend, start).astype(inputs.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "attack", "num_steps", "norm",
+                                             "value_range", "random_start", "loss_fn"))
+def _count_correct_under_attack(apply_fn, variables, inputs, labels, epsilon, step_size, key,
+                                num_real, *, attack, num_steps, norm, value_range, random_start,
+                                loss_fn):
+  """How many of the first `num_real` examples the model still classifies correctly after the
+  attack (every option static, epsilon and the step size traced: one compilation per setting)."""
+  if attack == "pgd":
+    adversarial = _pgd_jit(apply_fn, variables, inputs, labels, epsilon, step_size, key,
+                           num_steps, norm, value_range, random_start, loss_fn)
+  else:
+    adversarial = _fgsm_jit(apply_fn, variables, inputs, labels, epsilon, norm, value_range,
+                            loss_fn)
+  predictions = jnp.argmax(apply_fn(variables, adversarial, train=False), axis=-1)
+  real = jnp.arange(inputs.shape[0]) < num_real
+  return jnp.sum((predictions == labels) & real)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks (outside jit, on concrete values).
+
+
+def _as_number(value: Any) -> float | None:
+  """`value` as a Python float if it is a real scalar (Python, numpy or jax), else None."""
+  if isinstance(value, bool) or np.ndim(value) != 0:
+    return None
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return None
+
+
+def _check_epsilon(epsilon: Any) -> None:
+  value = _as_number(epsilon)
+  if value is None or not np.isfinite(value) or value < 0:
+    raise ValueError(f"epsilon must be a finite number >= 0 (the radius of the perturbation "
+                     f"ball); got {epsilon!r}.")
+
+
+def _check_norm(norm: Any) -> None:
+  if norm not in NORMS:
+    raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}.")
+
+
+def _check_value_range(value_range: Any) -> tuple[float, float] | None:
+  if value_range is None:
+    return None
+  try:
+    lo, hi = (float(v) for v in value_range)
+  except (TypeError, ValueError):
+    raise ValueError(f"value_range must be (lo, hi) numbers or None; got {value_range!r}.") \
+        from None
+  if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+    raise ValueError(f"value_range must be finite (lo, hi) with lo < hi; got {value_range!r}.")
+  return lo, hi
+
+
+def _check_loss(loss: Any) -> LossFn:
+  if callable(loss):
+    return loss
+  if loss not in LOSSES:
+    raise ValueError(f"unknown loss {loss!r}; expected one of {sorted(LOSSES)} or a per-example "
+                     "callable loss(outputs, labels) -> [batch].")
+  return LOSSES[loss]
+
+
+def _check_attack(inputs: Any, labels: Any, *, epsilon: Any, norm: Any, value_range: Any,
+                  loss: Any) -> tuple[LossFn, tuple[float, float] | None]:
+  """Checks what every attack shares; returns the loss function and the range as floats."""
+  _check_epsilon(epsilon)
+  _check_norm(norm)
+  value_range = _check_value_range(value_range)
+  loss_fn = _check_loss(loss)
+  if not hasattr(inputs, "dtype") or not jnp.issubdtype(inputs.dtype, jnp.floating) or \
+      inputs.ndim < 2:
+    raise ValueError(f"inputs must be a floating batch [batch, ...] (token ids cannot be "
+                     f"perturbed by gradients); got {getattr(inputs, 'dtype', type(inputs))} "
+                     f"with shape {getattr(inputs, 'shape', None)}.")
+  labels_shape = getattr(labels, "shape", None)
+  if labels_shape != inputs.shape[:1] or not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"labels must be [batch] = {inputs.shape[:1]} integer class indices; got "
+                     f"shape {labels_shape} and dtype {getattr(labels, 'dtype', None)}.")
+  if value_range is not None:
+    try:
+      low, high = float(np.min(inputs)), float(np.max(inputs))
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+      low, high = value_range  # traced: the caller vouches for the range
+    if low < value_range[0] or high > value_range[1]:
+      raise ValueError(
+          f"inputs range over [{low}, {high}], outside value_range {value_range}; an attack "
+          "clips to value_range, which would move such inputs out of their epsilon ball. Pass the "
+          "data's own range (value_range=(inputs.min(), inputs.max())) or None for unbounded "
+          "inputs.")
+  return loss_fn, value_range
+
+
+def _check_pgd(epsilon: float, step_size: Any, num_steps: Any, random_start: Any,
+               key: Any) -> float:
+  """Checks PGD's options; returns the step size (its default filled in)."""
+  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+    raise ValueError(f"num_steps must be an integer >= 1; got {num_steps!r}.")
+  if not isinstance(random_start, bool):
+    raise ValueError(f"random_start must be True or False; got {random_start!r}.")
+  if random_start and key is None:
+    raise ValueError("pgd with random_start=True needs a PRNG key (key=jax.random.PRNGKey(...)); "
+                     "or pass random_start=False.")
+  if step_size is None:
+    return 2.5 * float(epsilon) / int(num_steps)
+  value = _as_number(step_size)
+  if value is None or not np.isfinite(value) or value <= 0:
+    raise ValueError(f"step_size must be a finite number > 0 (or None for 2.5 * epsilon / "
+                     f"num_steps); got {step_size!r}.")
+  return value

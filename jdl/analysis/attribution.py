@@ -1,0 +1,506 @@
+"""Attribution: which parts of an input a classifier's score for one class depends on.
+
+Four methods, each a pure function of `(apply_fn, variables, inputs, target_classes)` that returns
+one attribution per input element, shaped like `inputs`:
+
+  `saliency`: the gradient of the target score with respect to the input (Simonyan et al., 2014).
+  `smoothgrad`: the saliency averaged over noisy copies of the input (Smilkov et al., 2017), which
+    removes much of the gradient's high-frequency noise.
+  `integrated_gradients`: the gradient averaged along the straight path from a baseline to the
+    input, times `input - baseline` (Sundararajan et al., 2017). Its attributions add up to
+    `score(input) - score(baseline)` ("completeness"), so they are in the units of the score.
+  `occlusion`: how much the target score drops when a window of the input is replaced by a fill
+    value (Zeiler and Fergus, 2014). It needs no gradient, so it also works on token ids.
+
+The model is called as `apply_fn(variables, inputs, train=False)` (inference mode: no dropout,
+BatchNorm on running statistics, so examples are independent of each other) and must return
+`[batch, num_classes]`. The target score is the *logit* of the target class, or its softmax
+probability with `use_probabilities=True`: logits are the usual choice, since a saturated
+softmax has gradients near zero even where the input matters.
+
+Inputs:
+  images `[B, H, W, C]` (and grey `[B, H, W]`), signals `[B, T]`, float sequences `[B, T, F]` and
+  flat features `[B, F]` work with every method: the model is differentiated with respect to
+  whatever floating array it takes.
+  Token ids (integers, e.g. `TransformerEncoderClassifier`) have no gradient. `occlusion` works on
+  them (fill with the padding id). For the gradient methods, attribute to the token *embeddings*
+  instead: pass the embedding vectors `[B, T, D]` as `inputs` and an `apply_fn` that runs the model
+  from its embeddings, then sum the attributions over D (`reduce_channels=True`) to get one number
+  per token. `TransformerLM.logits_from_embeddings` is such an entry point (wrap it to return one
+  position's logits, `[B, V]`); `TransformerEncoderClassifier` and `RNNClassifier` do not have one,
+  so for them only occlusion is available here.
+
+Every method runs under `jax.jit` (specialised on `apply_fn` and the static options, so repeated
+calls with the same model do not retrace), and evaluates its many model calls (path points, noise
+samples, occluded copies) `points_per_call` at a time with `vmap` inside a `lax.scan`, not one
+Python call per point.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ApplyFn = Callable[..., jax.Array]
+Variables = Any  # {"params": ..., "batch_stats": ...}
+
+IG_METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid",
+              "gauss_legendre")
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API.
+
+
+def saliency(
+    apply_fn: ApplyFn,
+    variables: Variables,
+    inputs: jax.Array,
+    target_classes: jax.Array | int,
+    *,
+    absolute: bool = False,
+    reduce_channels: bool = False,
+    use_probabilities: bool = False,
+) -> jax.Array:
+  """The gradient of each example's target score with respect to its input.
+
+  Args:
+    apply_fn: the model, called as `apply_fn(variables, inputs, train=False)` -> `[B, classes]`.
+    variables: the model's variables, e.g. `state.variables()`.
+    inputs: `[B, ...]` floating inputs (see the module docstring for token ids).
+    target_classes: `[B]` class indices, or one int for every example.
+    absolute: return the gradient's magnitude (the usual saliency map) instead of its sign.
+    reduce_channels: sum over the last axis (the channels of `[B, H, W, C]` images, the features
+      of `[B, T, F]` sequences or embeddings), giving one number per pixel or time step; inputs of
+      rank < 3 have no such axis and are an error. With `absolute`, magnitudes are summed.
+    use_probabilities: differentiate the target's softmax probability instead of its logit.
+
+  Returns:
+    `[B, ...]` float32, shaped like `inputs` (without the last axis with `reduce_channels`).
+  """
+  inputs, targets = _check_call(apply_fn, variables, inputs, target_classes, "saliency",
+                                needs_gradient=True, reduce_channels=reduce_channels)
+  gradients = _saliency_jit(apply_fn, variables, inputs, targets, use_probabilities)
+  return _finish(gradients, absolute=absolute, reduce_channels=reduce_channels)
+
+
+def smoothgrad(
+    apply_fn: ApplyFn,
+    variables: Variables,
+    inputs: jax.Array,
+    target_classes: jax.Array | int,
+    *,
+    key: jax.Array,
+    num_samples: int = 25,
+    noise_scale: float = 0.15,
+    absolute: bool = False,
+    reduce_channels: bool = False,
+    use_probabilities: bool = False,
+    points_per_call: int = 32,
+) -> jax.Array:
+  """SmoothGrad: the saliency averaged over `num_samples` copies of each input with Gaussian noise.
+
+  The noise's standard deviation is `noise_scale` times the example's own value range
+  (`max - min` over its elements), as in Smilkov et al. (who found 10-20% works best), so one
+  setting suits pixels in [0, 1] and standardised signals alike. The same key gives the same
+  result; `noise_scale=0` gives exactly `saliency`.
+
+  Args:
+    apply_fn, variables, inputs, target_classes, absolute, reduce_channels, use_probabilities:
+      as in `saliency`; `absolute` and `reduce_channels` apply to the averaged gradient.
+    key: PRNG key for the noise.
+    num_samples: noisy copies per example (>= 1).
+    noise_scale: noise standard deviation relative to each example's value range (>= 0).
+    points_per_call: at most this many noisy copies of the batch go through the model at once
+      (memory: `points_per_call x batch` inputs and activations).
+
+  Returns:
+    `[B, ...]` float32 as in `saliency`.
+  """
+  _check_positive_int(num_samples, "num_samples")
+  _check_positive_int(points_per_call, "points_per_call")
+  if not np.isfinite(noise_scale) or noise_scale < 0:
+    raise ValueError(f"noise_scale must be a finite number >= 0 (a fraction of each input's value "
+                     f"range); got {noise_scale!r}.")
+  inputs, targets = _check_call(apply_fn, variables, inputs, target_classes, "smoothgrad",
+                                needs_gradient=True, reduce_channels=reduce_channels)
+  _check_key(key)
+  gradients = _smoothgrad_jit(apply_fn, variables, inputs, targets, key,
+                              jnp.float32(noise_scale), num_samples, use_probabilities,
+                              points_per_call)
+  return _finish(gradients, absolute=absolute, reduce_channels=reduce_channels)
+
+
+def integrated_gradients(
+    apply_fn: ApplyFn,
+    variables: Variables,
+    inputs: jax.Array,
+    target_classes: jax.Array | int,
+    *,
+    baseline: jax.Array | float | None = None,
+    steps: int = 64,
+    method: str = "riemann_trapezoid",
+    reduce_channels: bool = False,
+    use_probabilities: bool = False,
+    points_per_call: int = 32,
+    return_convergence_delta: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """Integrated gradients: `(x - baseline) * mean gradient on the path baseline -> x`.
+
+  The path integral is a quadrature over `steps` intervals of the straight line. Its attributions
+  satisfy completeness, `sum(attributions) = score(x) - score(baseline)`, up to the quadrature
+  error, which `return_convergence_delta` reports: a delta that is large next to the score
+  difference means more `steps` are needed (Sundararajan et al. suggest 20-300). The baseline
+  should mean "no signal" for the model: zeros (black images, a flat signal) by default.
+
+  Args:
+    apply_fn, variables, inputs, target_classes, reduce_channels, use_probabilities: as in
+      `saliency`. `reduce_channels` keeps completeness (it sums attributions).
+    baseline: None (zeros), a number, or an array shaped like one example (`inputs.shape[1:]`)
+      or like the whole batch.
+    steps: intervals of the quadrature (>= 1).
+    method: "riemann_trapezoid" (default: `steps + 1` gradients, second-order accurate),
+      "riemann_left", "riemann_right", "riemann_middle" (`steps` gradients each) or
+      "gauss_legendre" (`steps` gradients, the most accurate for smooth models).
+    points_per_call: at most this many path points (each a full batch) go through the model at
+      once; they are evaluated with `vmap` in a `lax.scan`.
+    return_convergence_delta: also return `[B]`: `sum(attributions) - (score(x) -
+      score(baseline))` per example.
+
+  Returns:
+    `[B, ...]` float32 attributions shaped like `inputs` (without the last axis with
+    `reduce_channels`), and the convergence delta if asked for.
+  """
+  _check_positive_int(steps, "steps")
+  _check_positive_int(points_per_call, "points_per_call")
+  if method not in IG_METHODS:
+    raise ValueError(f"unknown integrated gradients method {method!r}; expected one of "
+                     f"{IG_METHODS}.")
+  inputs, targets = _check_call(apply_fn, variables, inputs, target_classes,
+                                "integrated_gradients", needs_gradient=True,
+                                reduce_channels=reduce_channels)
+  baseline = _baseline_like(baseline, inputs)
+  alphas, weights = _quadrature(method, steps)
+  attributions, delta = _integrated_gradients_jit(
+      apply_fn, variables, inputs, baseline, targets, jnp.asarray(alphas), jnp.asarray(weights),
+      use_probabilities, points_per_call)
+  attributions = _finish(attributions, absolute=False, reduce_channels=reduce_channels)
+  return (attributions, delta) if return_convergence_delta else attributions
+
+
+def occlusion(
+    apply_fn: ApplyFn,
+    variables: Variables,
+    inputs: jax.Array,
+    target_classes: jax.Array | int,
+    *,
+    window: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    fill: float | int = 0.0,
+    use_probabilities: bool = False,
+    points_per_call: int = 32,
+) -> jax.Array:
+  """Occlusion: the drop in the target score when a window of the input is set to `fill`.
+
+  The window slides over the leading axes after the batch axis and covers the remaining axes
+  whole: an int window is 2-D (square) on `[B, H, W, C]` images and 1-D on `[B, T]` signals,
+  `[B, T, F]` sequences and `[B, T]` token ids; a tuple of k sizes slides over the first k axes
+  (so `(h, w)` on grey `[B, H, W]` images). Windows start every `stride` positions and one more
+  window is placed flush with the end when the stride does not reach it, so every element is
+  covered. Each element's attribution is the mean drop, `score(x) - score(occluded x)`, over the
+  windows that cover it: positive where the region supports the target, zero where replacing it
+  does not change the score.
+
+  Args:
+    apply_fn, variables, inputs, target_classes, use_probabilities: as in `saliency`, except that
+      integer inputs (token ids) are allowed here.
+    window: window size: an int, or one size per occluded axis.
+    stride: step between windows, like `window`; None (default) is `window` (no overlap).
+    fill: the replacement value (for token ids an integer, usually the padding id).
+    points_per_call: at most this many occluded copies of the batch go through the model at once.
+
+  Returns:
+    `[B, ...]` float32 attributions shaped like `inputs`.
+  """
+  _check_positive_int(points_per_call, "points_per_call")
+  inputs, targets = _check_call(apply_fn, variables, inputs, target_classes, "occlusion",
+                                needs_gradient=False, reduce_channels=False)
+  window, stride = _check_window(window, stride, inputs.shape)
+  if jnp.issubdtype(inputs.dtype, jnp.integer) and float(fill) != int(fill):
+    raise ValueError(f"fill must be an integer (e.g. the padding id) for integer inputs of dtype "
+                     f"{inputs.dtype}; got {fill!r}.")
+  starts = _window_starts(inputs.shape[1:1 + len(window)], window, stride)
+  coverage = _coverage(inputs.shape[1:1 + len(window)], window, starts)
+  return _occlusion_jit(apply_fn, variables, inputs, targets, jnp.asarray(starts),
+                        jnp.asarray(coverage), window, fill, use_probabilities, points_per_call)
+
+
+# ---------------------------------------------------------------------------------------------
+# Jitted implementations.
+
+
+def _target_scores(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
+                   targets: jax.Array, use_probabilities: bool) -> jax.Array:
+  """`[B]` target logits (or probabilities) of the model on `inputs`."""
+  outputs = apply_fn(variables, inputs, train=False).astype(jnp.float32)
+  if use_probabilities:
+    outputs = jax.nn.softmax(outputs, axis=-1)
+  return jnp.take_along_axis(outputs, targets[:, None], axis=1)[:, 0]
+
+
+def _score_gradients(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
+                     targets: jax.Array, use_probabilities: bool) -> jax.Array:
+  """`[B, ...]`: each example's target-score gradient. In inference mode example b's score
+  depends on example b only, so the gradient of the batch sum is every example's own gradient."""
+
+  def total_score(x: jax.Array) -> jax.Array:
+    return jnp.sum(_target_scores(apply_fn, variables, x, targets, use_probabilities))
+
+  return jax.grad(total_score)(inputs).astype(jnp.float32)
+
+
+def _sum_over_points(point_fn: Callable[[jax.Array], jax.Array], num_points: int,
+                     points_per_call: int, like: jax.ShapeDtypeStruct) -> jax.Array:
+  """`sum(point_fn(i) for i in range(num_points))`, evaluating up to `points_per_call` points at
+  once with `vmap`, chunk after chunk in a `lax.scan` (so memory stays at one chunk).
+
+  The chunks are as even as possible; the few padding points of the last chunk are computed on
+  index `num_points - 1` and dropped from the sum."""
+  num_chunks = -(-num_points // points_per_call)
+  chunk = -(-num_points // num_chunks)
+
+  def add_chunk(total: jax.Array, chunk_index: jax.Array) -> tuple[jax.Array, None]:
+    indices = chunk_index * chunk + jnp.arange(chunk)
+    values = jax.vmap(point_fn)(jnp.minimum(indices, num_points - 1))
+    keep = (indices < num_points).astype(values.dtype).reshape((chunk,) + (1,) * len(like.shape))
+    return total + jnp.sum(values * keep, axis=0), None
+
+  total, _ = jax.lax.scan(add_chunk, jnp.zeros(like.shape, like.dtype), jnp.arange(num_chunks))
+  return total
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _saliency_jit(apply_fn, variables, inputs, targets, use_probabilities):
+  return _score_gradients(apply_fn, variables, inputs, targets, use_probabilities)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8))
+def _smoothgrad_jit(apply_fn, variables, inputs, targets, key, noise_scale, num_samples,
+                    use_probabilities, points_per_call):
+  x = inputs.astype(jnp.float32)
+  axes = tuple(range(1, x.ndim))
+  value_range = jnp.max(x, axis=axes, keepdims=True) - jnp.min(x, axis=axes, keepdims=True)
+  sigma = noise_scale * value_range  # [B, 1, ...]: per example
+
+  def gradient_at_sample(index: jax.Array) -> jax.Array:
+    noise = jax.random.normal(jax.random.fold_in(key, index), x.shape, jnp.float32)
+    noisy = (x + sigma * noise).astype(inputs.dtype)
+    return _score_gradients(apply_fn, variables, noisy, targets, use_probabilities)
+
+  total = _sum_over_points(gradient_at_sample, num_samples, points_per_call,
+                           jax.ShapeDtypeStruct(x.shape, jnp.float32))
+  return total / num_samples
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7, 8))
+def _integrated_gradients_jit(apply_fn, variables, inputs, baseline, targets, alphas, weights,
+                              use_probabilities, points_per_call):
+  difference = inputs.astype(jnp.float32) - baseline.astype(jnp.float32)
+
+  def weighted_gradient(index: jax.Array) -> jax.Array:
+    point = (baseline.astype(jnp.float32) + alphas[index] * difference).astype(inputs.dtype)
+    return weights[index] * _score_gradients(apply_fn, variables, point, targets,
+                                             use_probabilities)
+
+  mean_gradient = _sum_over_points(weighted_gradient, alphas.shape[0], points_per_call,
+                                   jax.ShapeDtypeStruct(inputs.shape, jnp.float32))
+  attributions = difference * mean_gradient
+  gap = (_target_scores(apply_fn, variables, inputs, targets, use_probabilities)
+         - _target_scores(apply_fn, variables, baseline, targets, use_probabilities))
+  delta = jnp.sum(attributions.reshape(inputs.shape[0], -1), axis=1) - gap
+  return attributions, delta
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
+def _occlusion_jit(apply_fn, variables, inputs, targets, starts, coverage, window, fill,
+                   use_probabilities, points_per_call):
+  occluded_shape = inputs.shape[1:1 + len(window)]
+  trailing = (1,) * (inputs.ndim - 1 - len(window))
+  clean_scores = _target_scores(apply_fn, variables, inputs, targets, use_probabilities)
+
+  def window_mask(start: jax.Array) -> jax.Array:
+    """`[*occluded_shape, 1, ...]` True inside the window that starts at `start`."""
+    inside = jnp.ones(occluded_shape, bool)
+    for axis, size in enumerate(window):
+      position = jax.lax.broadcasted_iota(jnp.int32, occluded_shape, axis)
+      inside = inside & (position >= start[axis]) & (position < start[axis] + size)
+    return inside.reshape(occluded_shape + trailing)
+
+  def spread_drop(index: jax.Array) -> jax.Array:
+    mask = window_mask(starts[index])[None]
+    occluded = jnp.where(mask, jnp.asarray(fill, inputs.dtype), inputs)
+    drop = clean_scores - _target_scores(apply_fn, variables, occluded, targets,
+                                         use_probabilities)
+    return drop.reshape((-1,) + (1,) * (inputs.ndim - 1)) * mask.astype(jnp.float32)
+
+  total = _sum_over_points(spread_drop, starts.shape[0], points_per_call,
+                           jax.ShapeDtypeStruct(inputs.shape, jnp.float32))
+  return total / coverage.reshape((1,) + occluded_shape + trailing)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks and helpers (outside jit: they see concrete shapes and values).
+
+
+def _check_call(apply_fn: ApplyFn, variables: Variables, inputs: Any, target_classes: Any,
+                what: str, *, needs_gradient: bool,
+                reduce_channels: bool) -> tuple[jax.Array, jax.Array]:
+  """Checks inputs, model output and targets; returns `(inputs, [B] int32 targets)`."""
+  inputs = jnp.asarray(inputs)
+  if inputs.ndim < 2 or inputs.shape[0] == 0:
+    raise ValueError(f"{what}: inputs must be a batch [batch, ...] with at least one example and "
+                     f"one feature; got shape {inputs.shape}.")
+  if needs_gradient and not jnp.issubdtype(inputs.dtype, jnp.floating):
+    raise ValueError(
+        f"{what}: inputs have dtype {inputs.dtype}, but gradients exist only for floating "
+        "inputs. For token ids, attribute to the embeddings (pass embeddings [B, T, D] and an "
+        "apply_fn that starts from them, e.g. TransformerLM.logits_from_embeddings), or use "
+        "occlusion, which works on token ids.")
+  if reduce_channels and inputs.ndim < 3:
+    raise ValueError(f"{what}: reduce_channels sums the last axis of [B, H, W, C] images or "
+                     f"[B, T, F] sequences; inputs of shape {inputs.shape} have no channel axis.")
+  try:
+    outputs = jax.eval_shape(functools.partial(apply_fn, train=False), variables, inputs)
+  except TypeError as error:
+    raise ValueError(f"{what}: apply_fn must be callable as apply_fn(variables, inputs, "
+                     f"train=False); calling it failed with: {error}") from error
+  if not hasattr(outputs, "shape") or len(outputs.shape) != 2 or outputs.shape[0] != \
+      inputs.shape[0]:
+    found = getattr(outputs, "shape", type(outputs).__name__)
+    raise ValueError(f"{what}: the model must return [batch, num_classes] scores for "
+                     f"{inputs.shape[0]} examples; got {found}. For per-position outputs (a "
+                     "language model), wrap apply_fn to pick one position.")
+  num_classes = outputs.shape[1]
+  targets = target_classes
+  if isinstance(targets, (int, np.integer)):
+    targets = np.full((inputs.shape[0],), targets, np.int32)
+  if not hasattr(targets, "dtype"):
+    targets = np.asarray(targets)
+  if targets.shape != (inputs.shape[0],) or not jnp.issubdtype(targets.dtype, jnp.integer):
+    raise ValueError(f"{what}: target_classes must be one int or [batch] = [{inputs.shape[0]}] "
+                     f"integer class indices; got shape {targets.shape} and dtype {targets.dtype}.")
+  try:
+    values = np.asarray(targets)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    values = None  # traced (called under jit): checked by shape only
+  if values is not None:
+    if values.min() < 0 or values.max() >= num_classes:
+      raise ValueError(f"{what}: target_classes must lie in [0, {num_classes}) for a model with "
+                       f"{num_classes} outputs; got values from {values.min()} to {values.max()}.")
+  return inputs, jnp.asarray(targets, jnp.int32)
+
+
+def _check_positive_int(value: Any, name: str) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be an integer >= 1; got {value!r}.")
+
+
+def _check_key(key: Any) -> None:
+  if not isinstance(key, jax.Array) or not (
+      jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.shape == (2,) and
+                                                        key.dtype == jnp.uint32)):
+    raise ValueError(f"key must be a PRNG key (jax.random.key or jax.random.PRNGKey); got "
+                     f"{key!r}.")
+
+
+def _finish(attributions: jax.Array, *, absolute: bool, reduce_channels: bool) -> jax.Array:
+  if absolute:
+    attributions = jnp.abs(attributions)
+  if reduce_channels:
+    attributions = jnp.sum(attributions, axis=-1)
+  return attributions
+
+
+def _baseline_like(baseline: Any, inputs: jax.Array) -> jax.Array:
+  """The baseline as an array shaped like `inputs`."""
+  if baseline is None:
+    return jnp.zeros_like(inputs)
+  baseline = jnp.asarray(baseline, inputs.dtype)
+  if baseline.shape not in ((), inputs.shape[1:], inputs.shape):
+    raise ValueError(f"baseline must be a number, one example {inputs.shape[1:]} or the whole "
+                     f"batch {inputs.shape}; got shape {baseline.shape}.")
+  if baseline.shape == inputs.shape[1:]:
+    baseline = baseline[None]
+  return jnp.broadcast_to(baseline, inputs.shape)
+
+
+def _quadrature(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
+  """Points in [0, 1] and weights summing to 1 of the quadrature of the path integral."""
+  if method == "riemann_trapezoid":
+    alphas = np.linspace(0.0, 1.0, steps + 1)
+    weights = np.full(steps + 1, 1.0 / steps)
+    weights[[0, -1]] = 0.5 / steps
+  elif method == "gauss_legendre":
+    nodes, node_weights = np.polynomial.legendre.leggauss(steps)
+    alphas, weights = (nodes + 1.0) / 2.0, node_weights / 2.0
+  else:
+    offset = {"riemann_left": 0.0, "riemann_right": 1.0, "riemann_middle": 0.5}[method]
+    alphas = (np.arange(steps) + offset) / steps
+    weights = np.full(steps, 1.0 / steps)
+  return alphas.astype(np.float32), weights.astype(np.float32)
+
+
+def _as_sizes(value: int | Sequence[int], count: int | None, name: str) -> tuple[int, ...]:
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    return (int(value),) * (count or 1)
+  sizes = tuple(value)
+  if not sizes or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) for s in sizes):
+    raise ValueError(f"{name} must be a positive int or a tuple of them; got {value!r}.")
+  return tuple(int(s) for s in sizes)
+
+
+def _check_window(window: Any, stride: Any,
+                  shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """Window and stride as one size per occluded axis, checked against the input shape."""
+  default_axes = 2 if len(shape) == 4 else 1
+  window = _as_sizes(window, default_axes if isinstance(window, (int, np.integer)) else None,
+                     "window")
+  if len(window) > len(shape) - 1:
+    raise ValueError(f"window {window} has {len(window)} axes, but inputs of shape {shape} have "
+                     f"only {len(shape) - 1} after the batch axis.")
+  stride = window if stride is None else _as_sizes(stride, len(window), "stride")
+  if len(stride) != len(window):
+    raise ValueError(f"stride {stride} must have one entry per window axis, like window {window}.")
+  for axis, (size, step, extent) in enumerate(zip(window, stride, shape[1:])):
+    if not 1 <= size <= extent:
+      raise ValueError(f"window {window}: size {size} on input axis {axis + 1} must be in "
+                       f"[1, {extent}] for inputs of shape {shape}.")
+    if step < 1:
+      raise ValueError(f"stride {stride} must be >= 1 on every axis.")
+  return window, stride
+
+
+def _window_starts(extents: tuple[int, ...], window: tuple[int, ...],
+                   stride: tuple[int, ...]) -> np.ndarray:
+  """`[num_windows, axes]` start positions; a last window flush with the end covers any tail."""
+  per_axis = []
+  for extent, size, step in zip(extents, window, stride):
+    starts = list(range(0, extent - size + 1, step))
+    if starts[-1] + size < extent:
+      starts.append(extent - size)
+    per_axis.append(starts)
+  return np.asarray(list(itertools.product(*per_axis)), np.int32)
+
+
+def _coverage(extents: tuple[int, ...], window: tuple[int, ...], starts: np.ndarray) -> np.ndarray:
+  """How many windows cover each position of the occluded axes (>= 1 everywhere)."""
+  counts = np.zeros(extents, np.float32)
+  for start in starts:
+    counts[tuple(slice(s, s + size) for s, size in zip(start, window))] += 1.0
+  return counts
