@@ -128,14 +128,16 @@ class Checkpointer:
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     return self._manager.restore(step, args=ocp.args.StandardRestore(target))
 
-  def restore_latest(self, template: TrainState,
-                     log: Callable[[str], None] = print) -> TrainState | None:
+  def restore_latest(self, template: TrainState, log: Callable[[str], None] = print, *,
+                     move_unusable: bool = True) -> TrainState | None:
     """The most recent checkpoint that restores into `template`, or None when there is none.
 
-    A checkpoint that fails to restore is reported with `log`, moved aside (never deleted) and
-    the one before it is tried. When every checkpoint failed and at least one was written by a
-    model of another shape, raises CheckpointError instead of starting over silently next to
-    another run's checkpoints.
+    A checkpoint that fails to restore is reported with `log` and the one before it is tried.
+    With `move_unusable` (a run that will save again) the failed one is moved aside, never
+    deleted, so that neither the retention policy nor "latest" sees it again; a read-only load
+    (`move_unusable=False`, e.g. `jdl.runs.load_run`) leaves the directory as it is. When every
+    checkpoint failed and at least one was written by a model of another shape, raises
+    CheckpointError instead of starting over silently next to another run's checkpoints.
     """
     mismatched = []
     for step in reversed(self.steps()):
@@ -146,13 +148,14 @@ class Checkpointer:
         reason = str(error)
       except Exception as error:  # pylint: disable=broad-except  # truncated or corrupt files
         reason = f"it cannot be read ({type(error).__name__}: {str(error)[:300]})"
-      moved = self._set_aside(step)
-      log(f"checkpoint at step {step} is unusable: {reason.rstrip('.')}. Moved it to {moved}; "
+      where = f"Moved it to {self._set_aside(step)}" if move_unusable else "Left it in place"
+      log(f"checkpoint at step {step} is unusable: {reason.rstrip('.')}. {where}; "
           "trying the previous checkpoint.")
     if mismatched:
+      moved = "they were moved aside, not deleted" if move_unusable else "they were left in place"
       raise CheckpointError(
           f"no checkpoint in {self.directory} fits this run (steps {mismatched} are from another "
-          "model); they were moved aside, not deleted. Use a new workdir for a different model.")
+          f"model); {moved}. Use a new workdir for a different model.")
     return None
 
   def _set_aside(self, step: int) -> str:

@@ -21,6 +21,8 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from jdl.transfer import transfer_config
+
 
 class ConfigError(ValueError):
   """A config override names an unknown key or gives a value of the wrong type."""
@@ -94,6 +96,7 @@ def classification_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 0  # evaluate every this many steps; 0: after every epoch
   config.seed = 0  # seeds initialisation, dropout and the shuffle order
   config.shuffle = True  # shuffle the training split every epoch (false: in order)
+  config.transfer = transfer_config()  # start from a trained run: init_from, skip, freeze, ...
   # Checkpoints (orbax), in workdir/checkpoints.
   config.checkpoint = True  # save checkpoints (at evaluations, epoch ends, and below)
   config.checkpoint_every_steps = 0  # also save every this many steps; 0: only the above

@@ -23,7 +23,7 @@ import tqdm
 from jdl import augment as augment_lib
 from jdl import data as data_lib
 from jdl import metrics as metrics_lib
-from jdl import models, optim, parallel, resident, runs, step as step_lib
+from jdl import models, optim, parallel, resident, runs, step as step_lib, transfer
 from jdl.data import augment_tf
 from jdl.checkpoint import Checkpointer
 from jdl.logging import MetricWriter, truncate_jsonl
@@ -203,9 +203,7 @@ def fit(
         record = {"step": step, "epoch": step / steps_per_epoch}
         record.update({f"train_{k}": v for k, v in train_means.items() if k != "count"})
         record["examples_per_second"] = train_means["count"] / max(seconds, 1e-9)
-        learning_rate = _learning_rate(state)
-        if learning_rate is not None:
-          record["learning_rate"] = learning_rate
+        record.update(_learning_rates(state))
         if eval_data is not None:
           eval_means = engine.evaluate(evaluation_state(state))
           record.update({f"{eval_name}_{k}": v for k, v in eval_means.items() if k != "count"})
@@ -247,13 +245,11 @@ def evaluation_state(state: TrainState) -> TrainState:
   return state.replace(params=jax.tree.map(lambda e, p: e.astype(p.dtype), ema, state.params))
 
 
-def _learning_rate(state: TrainState) -> float | None:
-  """The learning rate of the latest update, when the optimizer records it (`jdl.optim`)."""
-  try:
-    rate = optim.current_learning_rate(state.opt_state)
-  except ValueError:  # an optimizer built without an injected learning rate
-    return None
-  return float(np.asarray(jax.device_get(rate)).reshape(-1)[0])  # pmap: one per device
+def _learning_rates(state: TrainState) -> dict[str, float]:
+  """The learning rates of the latest update, as the optimizer records them (`jdl.optim`)."""
+  # Under pmap the state holds one copy per device: read the first.
+  return {name: float(np.asarray(jax.device_get(rate)).reshape(-1)[0])
+          for name, rate in optim.learning_rates(state.opt_state).items()}
 
 
 class Preempted(Exception):
@@ -512,6 +508,7 @@ def train_and_evaluate(config: Any, workdir: str,
   tx = optim.make_optimizer(config.optimizer, total_steps=num_steps)
   sample = np.zeros((1, *meta.input_shape), meta.input_dtype)
   state = create_train_state(model, tx, sample, jax.random.PRNGKey(config.seed))
+  state = transfer.apply_transfer_config(state, config.get("transfer"), log=log)
   if checkpointer is not None and config.resume:
     restored = checkpointer.restore_latest(state, log=log)
     if restored is not None:

@@ -340,6 +340,30 @@ def current_learning_rate(opt_state: optax.OptState) -> jax.Array:
   return jnp.asarray(found[0].hyperparams["learning_rate"], jnp.float32)
 
 
+def learning_rates(opt_state: optax.OptState) -> dict[str, jax.Array]:
+  """Every learning rate an optimizer state records, for logging: `{"learning_rate": r}` for a
+  `make_optimizer` state; `{"learning_rate/<group>": r}` for each group of an
+  `optax.multi_transform` that has one (`jdl.transfer.per_group_optimizer`; a single such group is
+  reported as plain "learning_rate"); `{}` when the state records none."""
+
+  def has_rate(node: Any) -> bool:
+    return isinstance(node, _INJECT_STATES) and "learning_rate" in node.hyperparams
+
+  def rate(node: Any) -> jax.Array:
+    return jnp.asarray(node.hyperparams["learning_rate"], jnp.float32)
+
+  groups = _find(opt_state, lambda node: isinstance(node, optax.MultiTransformState))
+  if len(groups) == 1:
+    rates = {}
+    for name, inner in groups[0].inner_states.items():
+      found = _find(inner, has_rate)
+      if len(found) == 1:
+        rates[f"learning_rate/{name}"] = rate(found[0])
+    return {"learning_rate": next(iter(rates.values()))} if len(rates) == 1 else rates
+  found = _find(opt_state, has_rate)
+  return {"learning_rate": rate(found[0])} if len(found) == 1 else {}
+
+
 def ema_parameters(opt_state: optax.OptState) -> Params | None:
   """The moving average of the parameters kept by `with_parameter_ema` (config key `ema_decay`),
   found anywhere inside `opt_state`; None when the optimizer keeps no EMA.

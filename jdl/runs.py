@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from jdl import data as data_lib
-from jdl import models, optim
+from jdl import models, optim, transfer
 from jdl.checkpoint import Checkpointer
 from jdl.data import text as text_lib
 from jdl.state import TrainState, create_train_state
@@ -125,6 +125,8 @@ def load_run(workdir: str, *, checkpoint: str | int = "latest",
   tx = optim.make_optimizer(config.optimizer, total_steps=max(int(config.num_steps), 1))
   template = create_train_state(model, tx, np.zeros((1, *meta.input_shape), meta.input_dtype),
                                 jax.random.PRNGKey(config.seed))
+  # A fine-tuned run's optimizer has the structure its `config.transfer` gave it (frozen groups).
+  template = transfer.apply_transfer_config(template, config.get("transfer"), load=False)
   checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR))
   try:
     steps = checkpointer.steps()
@@ -132,7 +134,7 @@ def load_run(workdir: str, *, checkpoint: str | int = "latest",
       raise FileNotFoundError(f"{checkpointer.directory} holds no checkpoint; train with "
                               "config.checkpoint=true first.")
     if checkpoint == "latest":
-      state = checkpointer.restore_latest(template, log=log)
+      state = checkpointer.restore_latest(template, log=log, move_unusable=False)
       if state is None:
         raise FileNotFoundError(f"no usable checkpoint in {checkpointer.directory}.")
     else:

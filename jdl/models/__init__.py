@@ -25,8 +25,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "residual_mlp": ResidualMLP,
     "resnet": ResNet,  # set stage_sizes, block, layout, width in its sub-config
     "rnn": RNNClassifier,  # LSTM/GRU over token ids [B, T] (set vocab_size; 0 = padding) or signals
-    "mnist1d_gru": Mnist1dGRU,
-    "rnn_lm": RecurrentLM,  # LSTM/GRU language model; num_classes is the vocabulary size  # the MNIST-1D paper's bidirectional GRU (hidden 6, flatten)
+    "mnist1d_gru": Mnist1dGRU,  # the MNIST-1D paper's bidirectional GRU (hidden 6, flatten)
+    "rnn_lm": RecurrentLM,  # LSTM/GRU language model; num_classes is the vocabulary size
     "transformer_classifier": TransformerEncoderClassifier,  # token ids [B, T], 0 = padding
     "transformer_lm": TransformerLM,  # num_classes is the vocabulary size
     "vit": ViT,

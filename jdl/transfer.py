@@ -1,0 +1,703 @@
+"""Transfer learning: start a model from another model's parameters, freeze parts of it, and give
+parts of it their own optimizer settings.
+
+Parameters are named by their path in the params tree, the module names joined with "/" as Flax
+nests them: "Conv_0/kernel", "Dense_1/bias", "ResNetBlock_3/BatchNorm_0/scale". Patterns (for
+`skip`, `freeze` and optimizer groups) are shell-style globs over these paths (`fnmatch`, case
+sensitive): `*` matches any run of characters, "/" included, and a pattern also covers everything
+below the module it names, so "Dense_0" means "Dense_0" and "Dense_0/*" (but not "Dense_01/...").
+A pattern that matches no parameter is an error that lists the paths there are: a misspelt module
+name must not silently train, freeze or skip nothing.
+
+  * `load_pretrained(target_params, source_params)`: a partial restore. Every source parameter
+    whose path (after `rename`) exists in the target with the same shape and dtype is copied; the
+    rest of the target keeps its initialisation, and a `TransferReport` says what happened to each.
+  * `load_pretrained_state` / `load_pretrained_from_workdir`: the same for a whole `TrainState`
+    (params and model state such as BatchNorm statistics) from a state or a trained run's workdir.
+    The optimizer state is never copied: fine-tuning starts a fresh optimizer.
+  * `trainable_mask` and `freeze(tx, params, patterns)`: frozen parameters get zero updates from
+    `optax.set_to_zero()` under `optax.multi_transform`, so they never change, not by weight decay
+    and not by momentum either, and the optimizer keeps no state for them. (BatchNorm's running
+    statistics are model state, not parameters: they still follow the data in training mode.)
+  * `per_group_optimizer`: one `jdl.optim.make_optimizer` config per group of parameters (e.g. a
+    small learning rate for the backbone, a large one for the new head), `group_learning_rates`
+    to log each group's rate.
+  * `transfer_config` and `apply_transfer_config`: the same from an experiment config
+    (`config.transfer`).
+
+Typical fine-tuning of a new head on a pretrained backbone:
+
+  state = jdl.create_train_state(model, tx, sample, key)        # the new model, new head
+  state, report = load_pretrained_from_workdir(state, "runs/pretrain", skip=("Dense_0",))
+  print(report)                                                  # what was loaded, what not
+  tx = freeze(state.tx, state.params, ("Conv_*",))               # train the head only
+  state = state.replace(tx=tx, opt_state=tx.init(state.params))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from ml_collections import config_dict
+
+from jdl import optim
+from jdl.state import TrainState
+
+Params = Any  # a pytree of arrays
+Patterns = str | Sequence[str]
+Renames = Mapping[str, str] | Sequence[tuple[str, str]]
+OptimizerConfig = Mapping[str, Any] | None
+
+FROZEN = "frozen"
+TRAINABLE = "trainable"
+DEFAULT_GROUP = "default"
+# Keys that describe the whole optimizer rather than one group: `per_group_optimizer` applies them
+# once, around all the groups, so every group accumulates and averages in step.
+WHOLE_OPTIMIZER_KEYS = ("accumulate_steps", "ema_decay")
+_LISTED_PATHS = 40  # how many available paths an error message lists
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths and patterns.
+
+
+def parameter_paths(params: Params) -> list[str]:
+  """The "/"-joined paths of the leaves of `params`, in tree order ("Dense_0/kernel", ...)."""
+  return [path for path, _ in _flatten(params)[0]]
+
+
+def named_leaves(tree: Any) -> dict[str, Any]:
+  """`{path: leaf}` of a pytree, paths as `parameter_paths` writes them, in tree order."""
+  return dict(_flatten(tree)[0])
+
+
+def _path_name(key_path: Sequence[Any]) -> str:
+  return jax.tree_util.keystr(tuple(key_path), simple=True, separator="/")
+
+
+def _flatten(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
+  """`([(path, leaf), ...], treedef)` of a pytree."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  return [(_path_name(key_path), leaf) for key_path, leaf in leaves], treedef
+
+
+def _as_patterns(patterns: Patterns | None, what: str) -> tuple[str, ...]:
+  """`patterns` as a tuple of non-empty strings; a lone string is one pattern, not its letters."""
+  if patterns is None:
+    return ()
+  if isinstance(patterns, str):
+    patterns = (patterns,)
+  patterns = tuple(patterns)
+  for pattern in patterns:
+    if not isinstance(pattern, str) or not pattern:
+      raise ValueError(f"{what} must be glob patterns of parameter paths (non-empty strings such "
+                       f"as 'Dense_0/*'); got {pattern!r} in {patterns!r}.")
+  return patterns
+
+
+def path_matches(path: str, pattern: str) -> bool:
+  """Whether parameter `path` matches glob `pattern`, or lies below the module it names."""
+  return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, pattern + "/*")
+
+
+def _listing(paths: Sequence[str]) -> str:
+  shown = ", ".join(paths[:_LISTED_PATHS])
+  more = len(paths) - _LISTED_PATHS
+  return shown + (f", ... and {more} more" if more > 0 else "") if paths else "(none)"
+
+
+def _check_all_match(patterns: Iterable[str], paths: Sequence[str], what: str) -> None:
+  """Raises when a pattern of `what` matches none of `paths` (typo safety)."""
+  unmatched = [p for p in patterns if not any(path_matches(path, p) for path in paths)]
+  if unmatched:
+    raise ValueError(f"{what} pattern(s) {unmatched} match no parameter; the parameter paths are: "
+                     f"{_listing(list(paths))}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Partial restore.
+
+
+class LeafSpec(NamedTuple):
+  """The shape and dtype of one parameter."""
+
+  shape: tuple[int, ...]
+  dtype: str
+
+  def __str__(self) -> str:
+    return f"{self.dtype}{list(self.shape)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeMismatch:
+  """A parameter present in both models whose shape or dtype differs, so it was not copied."""
+
+  path: str  # the target's path
+  source: LeafSpec
+  target: LeafSpec
+  source_path: str  # the source's own path (differs from `path` under `rename`)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferReport:
+  """What a partial restore did with each parameter.
+
+  Paths are the target's, except in `unused_in_source` (the source's own paths). A model-state
+  leaf appears with its collection in front: "batch_stats/BatchNorm_0/mean".
+
+  Attributes:
+    loaded: target paths whose values were copied from the source.
+    skipped_shape_mismatch: paths in both models with different shapes or dtypes; the target's
+      initial values are kept (a new head with another number of classes lands here).
+    skipped_by_pattern: target paths matched by `skip`; their initial values are kept.
+    missing_in_source: target paths the source lacks; their initial values are kept.
+    unused_in_source: source paths (before renaming) no target parameter has.
+    target_leaves: every target path with its shape and dtype.
+    source_leaves: every source path (before renaming) with its shape and dtype.
+  """
+
+  loaded: tuple[str, ...]
+  skipped_shape_mismatch: tuple[ShapeMismatch, ...]
+  skipped_by_pattern: tuple[str, ...]
+  missing_in_source: tuple[str, ...]
+  unused_in_source: tuple[str, ...]
+  target_leaves: Mapping[str, LeafSpec] = dataclasses.field(repr=False)
+  source_leaves: Mapping[str, LeafSpec] = dataclasses.field(repr=False)
+
+  @property
+  def kept_initialised(self) -> tuple[str, ...]:
+    """Every target path that keeps its initial value (mismatched, skipped or missing)."""
+    return (tuple(m.path for m in self.skipped_shape_mismatch) + self.skipped_by_pattern
+            + self.missing_in_source)
+
+  def summary(self) -> str:
+    """One line: how many parameters (and scalar values) were loaded, and the other counts."""
+    def size(path: str) -> int:
+      return int(np.prod(self.target_leaves[path].shape, dtype=np.int64))
+    loaded_values = sum(size(path) for path in self.loaded)
+    all_values = sum(size(path) for path in self.target_leaves)
+    return (f"loaded {len(self.loaded)} of {len(self.target_leaves)} parameters "
+            f"({loaded_values:,} of {all_values:,} values); kept initialised: "
+            f"{len(self.skipped_shape_mismatch)} shape mismatch, {len(self.skipped_by_pattern)} "
+            f"skipped by pattern, {len(self.missing_in_source)} missing in the source; "
+            f"{len(self.unused_in_source)} source parameters unused")
+
+  def __str__(self) -> str:
+    """The summary line, a table of every parameter not loaded, and the loaded ones by module."""
+    rows = [("status", "parameter", "target", "source")]
+    for mismatch in self.skipped_shape_mismatch:
+      rows.append(("shape mismatch", mismatch.path, str(mismatch.target), str(mismatch.source)))
+    rows += [("skipped (pattern)", path, str(self.target_leaves[path]), "")
+             for path in self.skipped_by_pattern]
+    rows += [("missing in source", path, str(self.target_leaves[path]), "-")
+             for path in self.missing_in_source]
+    rows += [("unused in source", path, "-", str(self.source_leaves[path]))
+             for path in self.unused_in_source]
+    lines = [self.summary()]
+    if len(rows) > 1:
+      widths = [max(len(row[column]) for row in rows) for column in range(4)]
+      lines += ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                for row in rows]
+    if self.loaded:
+      modules: dict[str, int] = {}
+      for path in self.loaded:
+        module = path.rsplit("/", 1)[0] if "/" in path else path
+        modules[module] = modules.get(module, 0) + 1
+      lines.append("  loaded: " + ", ".join(f"{m} ({n})" for m, n in modules.items()))
+    return "\n".join(lines)
+
+
+def _spec(leaf: Any, path: str, side: str) -> LeafSpec:
+  if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+    raise TypeError(f"{side} parameter {path!r} is a {type(leaf).__name__}; expected an array.")
+  return LeafSpec(tuple(int(d) for d in leaf.shape), str(np.dtype(leaf.dtype)))
+
+
+def _as_renames(rename: Renames | None) -> list[tuple[str, str]]:
+  if rename is None:
+    return []
+  pairs = list(rename.items()) if isinstance(rename, Mapping) else [tuple(p) for p in rename]
+  for pair in pairs:
+    if len(pair) != 2 or not all(isinstance(part, str) for part in pair):
+      raise ValueError(f"rename must map source path prefixes to target path prefixes, e.g. "
+                       f"{{'backbone/': ''}}; got the entry {pair!r}.")
+  return pairs
+
+
+def _renamed(path: str, renames: Sequence[tuple[str, str]]) -> tuple[str, str | None]:
+  """`(new_path, prefix used)`: the longest matching source prefix is rewritten, once."""
+  best = max((pair for pair in renames if path.startswith(pair[0])), key=lambda p: len(p[0]),
+             default=None)
+  if best is None:
+    return path, None
+  return best[1] + path[len(best[0]):], best[0]
+
+
+@dataclasses.dataclass
+class _Usage:
+  """Which renames and skip patterns matched something, over several `_transfer` calls."""
+
+  renames: set[str] = dataclasses.field(default_factory=set)
+  skips: set[str] = dataclasses.field(default_factory=set)
+  source_paths: list[str] = dataclasses.field(default_factory=list)
+  target_paths: list[str] = dataclasses.field(default_factory=list)
+
+
+def _transfer(target: Any, source: Any, *, renames: Sequence[tuple[str, str]],
+              skip: Sequence[str], usage: _Usage, prefix: str = "") -> tuple[Any, TransferReport]:
+  """The partial restore of one tree; report paths get `prefix`, patterns see the bare paths."""
+  target_items, treedef = _flatten(target)
+  source_items, _ = _flatten(source)
+  usage.source_paths += [path for path, _ in source_items]
+  usage.target_paths += [path for path, _ in target_items]
+  by_target_path: dict[str, tuple[str, Any]] = {}
+  for path, leaf in source_items:
+    new_path, used = _renamed(path, renames)
+    if used is not None:
+      usage.renames.add(used)
+    if new_path in by_target_path:
+      raise ValueError(f"source parameters {prefix}{by_target_path[new_path][0]!r} and "
+                       f"{prefix}{path!r} are both renamed to {prefix}{new_path!r}; rename must "
+                       "give every source parameter its own path.")
+    by_target_path[new_path] = (path, leaf)
+  leaves, loaded, mismatched, skipped, missing = [], [], [], [], []
+  used_sources = set()
+  for path, leaf in target_items:
+    target_spec = _spec(leaf, prefix + path, "target")
+    matched_skips = [pattern for pattern in skip if path_matches(path, pattern)]
+    usage.skips.update(matched_skips)
+    found = by_target_path.get(path)
+    if found is not None:
+      used_sources.add(found[0])
+    if matched_skips:
+      skipped.append(prefix + path)
+    elif found is None:
+      missing.append(prefix + path)
+    else:
+      source_path, source_leaf = found
+      source_spec = _spec(source_leaf, prefix + source_path, "source")
+      if source_spec != target_spec:
+        mismatched.append(ShapeMismatch(prefix + path, source_spec, target_spec,
+                                        prefix + source_path))
+      else:
+        # A copy: the new state's buffers may be donated to a compiled step, and that must not
+        # delete the source's arrays.
+        leaf = jnp.array(source_leaf, copy=True)
+        loaded.append(prefix + path)
+    leaves.append(leaf)
+  report = TransferReport(
+      loaded=tuple(loaded), skipped_shape_mismatch=tuple(mismatched),
+      skipped_by_pattern=tuple(skipped), missing_in_source=tuple(missing),
+      unused_in_source=tuple(prefix + path for path, _ in source_items if path not in used_sources),
+      target_leaves={prefix + path: _spec(leaf, path, "target") for path, leaf in target_items},
+      source_leaves={prefix + path: _spec(leaf, path, "source") for path, leaf in source_items})
+  return jax.tree_util.tree_unflatten(treedef, leaves), report
+
+
+def _combine(reports: Sequence[TransferReport]) -> TransferReport:
+  fields = ("loaded", "skipped_shape_mismatch", "skipped_by_pattern", "missing_in_source",
+            "unused_in_source")
+  joined = {name: tuple(item for r in reports for item in getattr(r, name)) for name in fields}
+  return TransferReport(**joined,
+                        target_leaves={k: v for r in reports for k, v in r.target_leaves.items()},
+                        source_leaves={k: v for r in reports for k, v in r.source_leaves.items()})
+
+
+def _check_usage(usage: _Usage, renames: Sequence[tuple[str, str]], skip: Sequence[str],
+                 report: TransferReport) -> None:
+  unused_renames = [old for old, _ in renames if old not in usage.renames]
+  if unused_renames:
+    raise ValueError(f"rename prefix(es) {unused_renames} start no source parameter path; the "
+                     f"source paths are: {_listing(usage.source_paths)}.")
+  unused_skips = [pattern for pattern in skip if pattern not in usage.skips]
+  if unused_skips:
+    raise ValueError(f"skip pattern(s) {unused_skips} match no parameter; the target paths are: "
+                     f"{_listing(usage.target_paths)}.")
+  if not report.loaded:
+    raise ValueError(
+        "no source parameter matches a target parameter by path, shape and dtype, so nothing "
+        f"would be loaded. Source paths: {_listing(usage.source_paths)}. Target paths: "
+        f"{_listing(usage.target_paths)}. Use rename to map source prefixes onto target ones.")
+
+
+def load_pretrained(
+    target_params: Params,
+    source_params: Params,
+    *,
+    rename: Renames | None = None,
+    skip: Patterns = (),
+) -> tuple[Params, TransferReport]:
+  """Copies the source parameters that fit into the target model's parameters (partial restore).
+
+  A source leaf is copied when its path, after `rename`, is a target path and shape and dtype
+  agree. Every other target leaf keeps its value from `target_params` (its initialisation), and
+  the report says why: a different shape (a new head), a `skip` pattern, or absence from the
+  source. Use it to start a model from a pretrained one whose head, or a few layers, differ.
+
+  Args:
+    target_params: the new model's (initialised) parameters; the result has their structure.
+    source_params: the pretrained parameters.
+    rename: rewrites of source path prefixes into target ones, applied before matching, e.g.
+      `{"backbone/": ""}` loads "backbone/Dense_0/kernel" into "Dense_0/kernel", and
+      `{"": "encoder/"}` the other way round. The longest matching prefix wins; include the
+      trailing "/" to rename whole modules. Also a sequence of `(old, new)` pairs.
+    skip: glob patterns of target paths to leave initialised even where the source fits, e.g.
+      `("Dense_0",)` to re-initialise a head of the same shape whose classes mean something else.
+
+  Returns:
+    `(params, report)`: the target structure with the copied leaves (fresh arrays, never the
+    source's buffers), and the `TransferReport`; `print(report)` shows a table.
+
+  Raises:
+    ValueError: a rename prefix or skip pattern matches nothing, two source paths are renamed to
+      one, or nothing at all would be loaded (the message lists both models' paths).
+  """
+  renames = _as_renames(rename)
+  skip = _as_patterns(skip, "skip")
+  usage = _Usage()
+  params, report = _transfer(target_params, source_params, renames=renames, skip=skip, usage=usage)
+  _check_usage(usage, renames, skip, report)
+  return params, report
+
+
+def load_pretrained_state(
+    target_state: TrainState,
+    source_state: TrainState,
+    *,
+    rename: Renames | None = None,
+    skip: Patterns = (),
+) -> tuple[TrainState, TransferReport]:
+  """`load_pretrained` for a whole state: the params and every model-state collection
+  (BatchNorm's "batch_stats"), with the same `rename` and `skip` applied inside each collection.
+
+  The optimizer state is not copied: the result's `opt_state` is `target_state.tx.init` of the
+  new params, a fresh optimizer for fine-tuning (its moments, schedule and any parameter EMA start
+  from the loaded values). `step` and `rng` stay the target's.
+
+  Returns:
+    `(state, report)`; model-state leaves appear in the report as "<collection>/<path>".
+  """
+  renames = _as_renames(rename)
+  skip = _as_patterns(skip, "skip")
+  usage = _Usage()
+  params, params_report = _transfer(target_state.params, source_state.params, renames=renames,
+                                    skip=skip, usage=usage)
+  reports = [params_report]
+  target_collections = dict(target_state.model_state)
+  source_collections = dict(source_state.model_state)
+  model_state = {}  # the target's collections, in its order
+  for name in sorted(set(target_collections) | set(source_collections)):
+    # A collection on one side only: all of it is missing in, or unused from, the source.
+    collection, report = _transfer(target_collections.get(name, {}),
+                                   source_collections.get(name, {}), renames=renames, skip=skip,
+                                   usage=usage, prefix=f"{name}/")
+    if name in target_collections:
+      model_state[name] = collection
+    reports.append(report)
+  report = _combine(reports)
+  _check_usage(usage, renames, skip, report)
+  model_state = {name: model_state[name] for name in target_collections}
+  return target_state.replace(params=params, model_state=model_state,
+                              opt_state=target_state.tx.init(params)), report
+
+
+def load_pretrained_from_workdir(
+    target_state: TrainState,
+    workdir: str,
+    *,
+    checkpoint: str | int = "latest",
+    rename: Renames | None = None,
+    skip: Patterns = (),
+    log: Callable[[str], None] = print,
+) -> tuple[TrainState, TransferReport]:
+  """`load_pretrained_state` from a run trained by `jdl.train_and_evaluate`.
+
+  The source model and its checkpoint are rebuilt from the workdir by `jdl.runs.load_run` (no
+  dataset needed); its optimizer state is discarded.
+
+  Args:
+    target_state: the new model's fresh state (`jdl.create_train_state`).
+    workdir: the trained run's workdir.
+    checkpoint: "latest", "best" or a step number.
+    rename, skip: as in `load_pretrained`.
+    log: where messages about unusable checkpoints go.
+  """
+  from jdl import runs  # pylint: disable=import-outside-toplevel  (runs loads the data stack)
+
+  run = runs.load_run(workdir, checkpoint=checkpoint, log=log)
+  return load_pretrained_state(target_state, run.state, rename=rename, skip=skip)
+
+
+# ---------------------------------------------------------------------------------------------
+# Freezing and per-group optimizers.
+
+
+def trainable_mask(params: Params, freeze: Patterns) -> Params:
+  """A pytree of bools like `params`: False for the parameters `freeze`'s patterns match.
+
+  Raises:
+    ValueError: a pattern matches no parameter (the message lists the paths there are).
+  """
+  patterns = _as_patterns(freeze, "freeze")
+  items, treedef = _flatten(params)
+  paths = [path for path, _ in items]
+  _check_all_match(patterns, paths, "freeze")
+  return jax.tree_util.tree_unflatten(
+      treedef, [not any(path_matches(path, p) for p in patterns) for path in paths])
+
+
+def freeze(tx: optax.GradientTransformation, params: Params,
+           patterns: Patterns) -> optax.GradientTransformation:
+  """`tx` for the parameters `patterns` do not match; the matched ones never change.
+
+  Built with `optax.multi_transform`: frozen parameters get `optax.set_to_zero()` updates, so no
+  weight decay, momentum or clipping of `tx` ever reaches them, and `tx` keeps state (moments)
+  only for the trainable ones. `jdl.current_learning_rate` still works on the result. The
+  running statistics of a frozen BatchNorm are model state, not parameters: they still update in
+  training mode.
+
+  Args:
+    tx: the optimizer of the trainable parameters, e.g. from `jdl.make_optimizer`.
+    params: the parameters (only their tree structure and paths are used).
+    patterns: glob patterns of the paths to freeze, e.g. `("Conv_*",)`.
+
+  Raises:
+    ValueError: a pattern matches nothing; or `tx` keeps a parameter EMA (`ema_decay`), which
+      inside the mask would average only the trainable parameters; use
+      `per_group_optimizer([(patterns, None)], params, default=config)`, which averages all.
+  """
+  labels = jax.tree.map(lambda trainable: TRAINABLE if trainable else FROZEN,
+                        trainable_mask(params, patterns))
+  if optim.ema_parameters(jax.eval_shape(tx.init, params)) is not None:
+    raise ValueError(
+        "freeze() cannot wrap an optimizer that keeps a parameter EMA (ema_decay): the EMA would "
+        "cover only the trainable parameters. Build it with per_group_optimizer([(patterns, "
+        "None)], params, default=<optimizer config with ema_decay>), which averages them all.")
+  return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
+
+
+def _is_frozen(config: OptimizerConfig) -> bool:
+  if config is None:
+    return True
+  frozen = config.get("frozen", False)
+  if frozen and set(config) != {"frozen"}:
+    raise ValueError(f"a frozen group takes no optimizer settings; got {dict(config)}.")
+  learning_rate = config.get("learning_rate")
+  return bool(frozen) or (learning_rate is not None and float(learning_rate) == 0.0)
+
+
+def _parse_group(index: int, group: Sequence[Any]) -> tuple[str, tuple[str, ...], OptimizerConfig]:
+  if not isinstance(group, (tuple, list)) or len(group) not in (2, 3):
+    raise ValueError(f"group {index} must be (patterns, optimizer config) or (name, patterns, "
+                     f"optimizer config); got {group!r}.")
+  name, patterns, config = group if len(group) == 3 else (f"group_{index}", *group)
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"group {index}'s name must be a non-empty string; got {name!r}.")
+  if config is not None and not isinstance(config, Mapping):
+    raise ValueError(f"group {name!r}'s optimizer config must be a mapping or None (frozen); got "
+                     f"{type(config).__name__}.")
+  return name, _as_patterns(patterns, f"group {name!r}"), config
+
+
+def per_group_optimizer(
+    groups: Sequence[tuple[Any, ...]],
+    params: Params,
+    *,
+    default: OptimizerConfig,
+    total_steps: int | None = None,
+) -> optax.GradientTransformation:
+  """An optimizer with its own settings per group of parameters, e.g. discriminative learning
+  rates for fine-tuning: a small one for the pretrained backbone, a larger one for the new head.
+
+  Each parameter belongs to the first group with a pattern that matches its path (order
+  matters: put specific patterns before general ones); the rest belong to `default`. A group's
+  config is laid over `default`'s (over `jdl.optim.OPTIMIZER_DEFAULTS` when `default` is frozen
+  by None or `{"frozen": True}`), so it needs only the keys that differ, e.g.
+  `[("Conv_*", {"learning_rate": 1e-4})]` with `default={"name": "adam", "learning_rate": 1e-3}`.
+  A group whose config is None, `{"frozen": True}` or has `learning_rate` 0 is frozen: its
+  parameters get `optax.set_to_zero()` updates and never change (`default=None` freezes all the
+  parameters no group claims, i.e. "train only these groups").
+
+  `accumulate_steps` and `ema_decay` belong to the whole optimizer: they are taken from `default`
+  and applied once around all groups (as `jdl.make_optimizer` nests them), so that every group
+  applies its updates on the same steps and the EMA covers every parameter (frozen ones stay
+  constant in it); a group may not set them to another value.
+
+  Args:
+    groups: `(patterns, optimizer config)` or `(name, patterns, optimizer config)` tuples; the
+      name labels the group in `group_learning_rates` (default "group_<index>").
+    params: the parameters (only their tree structure and paths are used).
+    default: the optimizer config of the parameters no group claims, or None (frozen).
+    total_steps: the run's length in train steps, for "warmup_cosine" schedules.
+
+  Returns:
+    An `optax.GradientTransformation`: `optax.multi_transform` over one `jdl.make_optimizer`
+    per trainable group (with `optax.MultiSteps` and `jdl.with_parameter_ema` outside it when
+    `default` asks for them). `group_learning_rates(opt_state)` reads each group's rate.
+
+  Raises:
+    ValueError: a pattern matches no parameter, a group claims no parameter (every path it
+      matches belongs to an earlier group), names repeat, or a group sets a whole-optimizer key.
+  """
+  # Groups are laid over `default`'s keys, even where `default` itself is frozen by learning
+  # rate 0; over jdl's OPTIMIZER_DEFAULTS where it is None or {"frozen": True}.
+  default_frozen = _is_frozen(default)
+  base = {} if default is None or default.get("frozen") else dict(default)
+  base.pop("frozen", None)
+  whole = {"accumulate_steps": base.pop("accumulate_steps", 1),
+           "ema_decay": base.pop("ema_decay", 0.0)}
+  accumulate = whole["accumulate_steps"]
+  if (isinstance(accumulate, bool) or not isinstance(accumulate, (int, np.integer))
+      or accumulate < 1):
+    raise ValueError(f"accumulate_steps must be an integer >= 1 (1: no accumulation); got "
+                     f"{accumulate!r}.")
+  parsed = [_parse_group(index, group) for index, group in enumerate(groups)]
+  names = [name for name, _, _ in parsed]
+  if len(set(names)) != len(names) or DEFAULT_GROUP in names:
+    raise ValueError(f"group names must be unique and not {DEFAULT_GROUP!r}; got {names}.")
+  items, treedef = _flatten(params)
+  paths = [path for path, _ in items]
+  for name, patterns, _ in parsed:
+    _check_all_match(patterns, paths, f"group {name!r}")
+  labels = [next((name for name, patterns, _ in parsed
+                  if any(path_matches(path, p) for p in patterns)), DEFAULT_GROUP)
+            for path in paths]
+  empty = [name for name in names if name not in labels]
+  if empty:
+    raise ValueError(f"group(s) {empty} claim no parameter: every path their patterns match "
+                     "belongs to an earlier group (a parameter belongs to the first group that "
+                     "matches it).")
+
+  inner_steps = total_steps
+  if total_steps is not None and accumulate > 1:
+    if total_steps < accumulate:
+      raise ValueError(f"total_steps={total_steps} train steps apply no update with "
+                       f"accumulate_steps={accumulate}; need total_steps >= accumulate_steps.")
+    inner_steps = total_steps // accumulate  # the groups' schedules count applied updates
+  configs = {name: config for name, _, config in parsed}
+  transforms: dict[str, optax.GradientTransformation] = {}
+  for name in dict.fromkeys(labels):  # the groups that own parameters, in order
+    if name == DEFAULT_GROUP:
+      merged = None if default_frozen else base
+    elif _is_frozen(configs[name]):
+      merged = None
+    else:
+      config = dict(configs[name])
+      config.pop("frozen", None)
+      for key in WHOLE_OPTIMIZER_KEYS:
+        if key in config and config.pop(key) != whole[key]:
+          raise ValueError(f"group {name!r} sets {key}, which applies to the whole optimizer; "
+                           f"set it in default (now {whole[key]!r}) instead.")
+      merged = {**base, **config}
+    if _is_frozen(merged):  # also learning_rate 0 inherited from default
+      transforms[name] = optax.set_to_zero()
+    else:
+      transforms[name] = optim.make_optimizer(merged, total_steps=inner_steps)
+  tx: optax.GradientTransformation = optax.multi_transform(
+      transforms, jax.tree_util.tree_unflatten(treedef, labels))
+  # The same nesting as jdl.make_optimizer: the EMA inside MultiSteps sees applied updates only.
+  if whole["ema_decay"]:
+    tx = optim.with_parameter_ema(tx, whole["ema_decay"])
+  if accumulate > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=int(accumulate)).gradient_transformation()
+  return tx
+
+
+def group_learning_rates(opt_state: optax.OptState) -> dict[str, jax.Array]:
+  """The learning rate of the latest applied update of each group with one, by group name, from
+  the state of `per_group_optimizer` or `freeze` (frozen groups have none and are left out).
+
+  `jdl.current_learning_rate` needs exactly one injected learning rate, so it refuses the state
+  of a `per_group_optimizer` with several trainable groups; this is the per-group reading, for
+  logging, e.g. `{"backbone": 1e-4, "default": 1e-3}`. Works under `jax.jit`.
+
+  Raises:
+    ValueError: the state holds no `optax.multi_transform` state, or several side by side.
+  """
+  def is_multi(node: Any) -> bool:
+    return isinstance(node, optax.MultiTransformState)
+
+  found = [leaf for leaf in jax.tree.leaves(opt_state, is_leaf=is_multi) if is_multi(leaf)]
+  if len(found) != 1:
+    raise ValueError(
+        "group_learning_rates needs the state of one per_group_optimizer or freeze optimizer "
+        f"(one optax.multi_transform); found {len(found)} in a state of type "
+        f"{type(opt_state).__name__}. For a plain jdl.make_optimizer state use "
+        "jdl.current_learning_rate.")
+  rates = {}
+  for name, inner in found[0].inner_states.items():
+    try:
+      rates[str(name)] = optim.current_learning_rate(inner)
+    except ValueError:  # a frozen group (set_to_zero) records no learning rate
+      continue
+  return rates
+
+
+# ---------------------------------------------------------------------------------------------
+# The config-driven path.
+
+
+def transfer_config() -> ml_collections.ConfigDict:
+  """The `config.transfer` block `apply_transfer_config` reads; all off by default."""
+  config = ml_collections.ConfigDict()
+  config.init_from = config_dict.placeholder(str)  # workdir of a trained run to start from
+  config.checkpoint = "latest"  # its checkpoint: "latest", "best" or a step number
+  config.rename = ()  # (source prefix, target prefix) pairs, e.g. (("backbone/", ""),)
+  config.skip = ()  # glob patterns of parameters to leave initialised, e.g. ("Dense_0",)
+  config.freeze = ()  # glob patterns of parameters never to train, e.g. ("Conv_*",)
+  return config
+
+
+def apply_transfer_config(state: TrainState, config: Mapping[str, Any] | None, *,
+                          load: bool = True,
+                          log: Callable[[str], None] = print) -> TrainState:
+  """A fresh state changed as `config` (a `transfer_config()` block) asks: its optimizer wrapped
+  by `freeze` for `config.freeze`, then (with `load`) the parameters and model state of the run in
+  `config.init_from` loaded by `load_pretrained_from_workdir`, whose report goes to `log`.
+
+  Call it right after `create_train_state` and before restoring a checkpoint of this run: the
+  frozen optimizer changes the optimizer state's structure, so the template of a restore needs it,
+  and a resumed run's checkpoint then replaces the pretrained values. `load=False` applies only
+  the structural part, for rebuilding a fine-tuned run's template (`jdl.runs.load_run`).
+
+  None, or a block with nothing set, returns `state` unchanged.
+  """
+  if config is None:
+    return state
+  known = set(transfer_config())
+  unknown = sorted(set(config) - known)
+  if unknown:
+    raise ValueError(f"unknown config.transfer keys {unknown}; valid keys: {sorted(known)}.")
+  patterns = _as_patterns(config.get("freeze", ()), "config.transfer.freeze")
+  if patterns:
+    tx = freeze(state.tx, state.params, patterns)
+    state = state.replace(tx=tx, opt_state=tx.init(state.params))
+  workdir = config.get("init_from")
+  if load and workdir:
+    checkpoint = config.get("checkpoint", "latest")
+    if isinstance(checkpoint, str) and checkpoint.isdigit():
+      checkpoint = int(checkpoint)
+    state, report = load_pretrained_from_workdir(
+        state, workdir, checkpoint=checkpoint, rename=tuple(config.get("rename", ())) or None,
+        skip=config.get("skip", ()), log=log)
+    log(f"initialised from {workdir} ({checkpoint} checkpoint): {report}")
+  elif not workdir and (config.get("skip") or config.get("rename")):
+    raise ValueError("config.transfer.skip and rename apply to loading; set "
+                     "config.transfer.init_from to the workdir to load from.")
+  return state
+
+
+__all__ = [
+    "LeafSpec", "ShapeMismatch", "TransferReport", "apply_transfer_config", "freeze",
+    "group_learning_rates", "load_pretrained", "load_pretrained_from_workdir",
+    "load_pretrained_state", "named_leaves", "parameter_paths", "path_matches",
+    "per_group_optimizer", "trainable_mask", "transfer_config",
+]
