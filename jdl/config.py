@@ -68,6 +68,14 @@ def classification_config() -> ml_collections.ConfigDict:
   config.augment.mixup_alpha = 0.0  # mixup with Beta(alpha, alpha) weights; 0: off
   config.augment.value_range = (0.0, 1.0)  # inputs' valid range; jittered values are clipped to it
   config.augment.where = "device"  # device (jax ops in the train step) or pipeline (tf.data ops)
+  # Adversarial training (jdl.analysis.adversarial.make_adversary); off while epsilon is 0.
+  config.adversarial = ml_collections.ConfigDict()
+  config.adversarial.epsilon = 0.0  # radius of the attack's ball; 0: plain training
+  config.adversarial.attack = "pgd"  # pgd or fgsm
+  config.adversarial.norm = "linf"  # linf or l2
+  config.adversarial.num_steps = 7  # PGD steps
+  config.adversarial.value_range = (0.0, 1.0)  # valid input range the attack stays in
+  config.adversarial.fraction = 1.0  # share of each batch replaced by adversarial examples
   # Optimisation: see jdl.optim for every key.
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adam"  # sgd, adam, adamw, rmsprop

@@ -520,6 +520,7 @@ def train_and_evaluate(config: Any, workdir: str,
       config.loss, l1=config.l1, l2=config.l2, top_k=tuple(config.top_k),
       axis_name=runner.axis_name, augment=device_augment,
       label_smoothing=config.label_smoothing, compute_dtype=config.compute_dtype,
+      adversary=make_adversary(config.adversarial),
   )
   if config.progress:
     log(f"{meta.name}: {train_data.num_examples} train / {eval_data.num_examples} "
@@ -567,6 +568,19 @@ def train_and_evaluate(config: Any, workdir: str,
 
 
 CHECKPOINT_DIR = runs.CHECKPOINT_DIR
+
+
+def make_adversary(adversarial_config: Mapping[str, Any]) -> step_lib.AdversaryFn | None:
+  """The train step's adversary `config.adversarial` asks for (None while its epsilon is 0)."""
+  settings = dict(adversarial_config)
+  epsilon = settings.pop("epsilon")
+  if not epsilon:
+    return None
+  from jdl.analysis import adversarial  # pylint: disable=import-outside-toplevel
+
+  value_range = settings.pop("value_range")
+  return adversarial.make_adversary(
+      epsilon, value_range=None if value_range is None else tuple(value_range), **settings)
 
 
 AUGMENT_PLACES = ("device", "pipeline")

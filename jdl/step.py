@@ -265,9 +265,11 @@ def make_classification_steps(
     augment: AugmentFn | None = None,
     label_smoothing: float = 0.0,
     compute_dtype: Any = None,
+    adversary: AdversaryFn | None = None,
 ) -> tuple[TrainStepFn, EvalStepFn]:
   """Train and eval steps for classification with a named loss, L1/L2 penalties, top-k, optional
-  on-device augmentation of training batches, label smoothing and mixed precision.
+  on-device augmentation of training batches, label smoothing, mixed precision and adversarial
+  training (`adversary`, e.g. `jdl.analysis.adversarial.make_adversary(0.03)`).
 
   Label smoothing applies to the training loss only: the eval step reports the plain loss, so
   evaluation numbers compare across smoothing settings."""
@@ -279,6 +281,7 @@ def make_classification_steps(
       axis_name=axis_name,
       augment=augment,
       compute_dtype=compute_dtype,
+      adversary=adversary,
   )
   eval_step = make_eval_step(losses_lib.get_classification_loss(loss_name), metrics_fn=metrics_fn,
                              axis_name=axis_name, compute_dtype=compute_dtype)

@@ -257,3 +257,19 @@ def test_bad_arguments_are_clear_errors(random_mlp):
     adversarial.make_adversary(0.1, fraction=1.5)
   with pytest.raises(ValueError, match="epsilon must be"):
     adversarial.make_adversary(float("nan"))
+
+
+def test_config_adversarial_trains_on_attacked_batches(tmp_path, mnist1d_data_dir):
+  """`config.adversarial.epsilon > 0` makes `train_and_evaluate` train on attacked batches: the
+  same seed without it gives other parameters, and evaluation stays on clean data."""
+  base = [f"data_dir={mnist1d_data_dir}", "model.name=mlp", "model.mlp.hidden=(16,)",
+          "num_steps=8", "eval_every_steps=8", "progress=false", "layout=none", "checkpoint=false"]
+  attacked = jdl.apply_overrides(mnist1d.get_config(), base + [
+      "adversarial.epsilon=0.1", "adversarial.attack=fgsm", "adversarial.value_range=(-10.0, 10.0)"])
+  plain = jdl.apply_overrides(mnist1d.get_config(), base)
+  with_attack, history = jdl.train_and_evaluate(attacked, str(tmp_path / "attacked"))
+  without, _ = jdl.train_and_evaluate(plain, str(tmp_path / "plain"))
+  assert np.isfinite(history[-1]["test_loss"])
+  differences = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), with_attack.params,
+                             without.params)
+  assert max(jax.tree.leaves(differences)) > 0
