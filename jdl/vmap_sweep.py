@@ -1,0 +1,436 @@
+"""All at once: N small models trained together on one device with `jax.vmap`.
+
+The vectorised sweep. Small models leave a device mostly idle, so N of them can train in the time
+of about one: `train_vmapped` stacks N `TrainState`s (leading axis N on every leaf) and runs the
+usual jdl train step under `jax.vmap`, feeding every member the same batches, each epoch as one
+`lax.scan` over device-resident data (`jdl.resident`). Members differ in their seed
+(initialisation and dropout keys) and their learning rate. The learning rate cannot be changed by
+overwriting the `learning_rate` that `make_optimizer` injects into the optimizer state: optax
+recomputes it from the schedule at every update. So the members' optimizer is
+`make_member_optimizer`: `make_optimizer`'s chain at learning rate 1, followed by a scale whose
+factor is optimizer state (`MemberLearningRateState`). Every update rule here is linear in its
+learning rate, so member i follows the trajectory of a separate run built with `make_optimizer`
+at learning rate i, up to float rounding (`(-g) * lr` against `g * (-lr)`, which XLA may compute
+in another order; tests check the parameters agree to 1e-5 after training).
+
+  run = vmap_sweep(config, grid({"optimizer.learning_rate": [1e-3, 3e-3, 1e-2]}))
+  run.history[-1]["test_accuracy"]  # one value per member; run.member_state(i) is a TrainState
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jdl import data as data_lib
+from jdl import loop as loop_lib
+from jdl import metrics as metrics_lib
+from jdl import models, optim, resident, runs, step as step_lib
+from jdl.config import ConfigError
+from jdl.state import TrainState, create_train_state
+from jdl.sweep import Row
+
+class MemberLearningRateState(NamedTuple):
+  """State of `scale_by_member_learning_rate`: the member's learning rate (float32 scalar; a
+  vector under `vmap`)."""
+
+  learning_rate: jax.Array
+
+
+def scale_by_member_learning_rate(learning_rate: float) -> optax.GradientTransformation:
+  """Multiplies updates by a learning rate kept in the optimizer state, so that members of a
+  vmapped sweep, which share one (static) optimizer, can each have their own. Set it with
+  `set_member_learning_rate`."""
+
+  def init(params: Any) -> MemberLearningRateState:
+    del params
+    return MemberLearningRateState(jnp.asarray(learning_rate, jnp.float32))
+
+  def update(updates: Any, state: MemberLearningRateState,
+             params: Any = None) -> tuple[Any, MemberLearningRateState]:
+    del params
+    return jax.tree.map(lambda u: u * state.learning_rate.astype(u.dtype), updates), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def make_member_optimizer(optimizer_config: Mapping[str, Any], *,
+                          total_steps: int | None = None) -> optax.GradientTransformation:
+  """`jdl.optim.make_optimizer(optimizer_config)` with its peak learning rate moved into the
+  optimizer state (`MemberLearningRateState`), where each member of a vmapped sweep sets its own.
+
+  The chain is `make_optimizer`'s at learning rate 1 (same rule, schedule shape, clipping, weight
+  decay), then `scale_by_member_learning_rate`, wrapped like `make_optimizer` in the parameter EMA
+  and gradient accumulation. Every rule's update is proportional to its learning rate, so this
+  gives `make_optimizer`'s updates up to float rounding (the rate multiplies last instead of
+  inside the rule; a schedule's peak multiplies after the schedule instead of inside it). The
+  config is checked by building `make_optimizer(optimizer_config)` first.
+  """
+  config = {**optim.OPTIMIZER_DEFAULTS, **dict(optimizer_config)}
+  optim.make_optimizer(config, total_steps=total_steps)  # the same checks and error messages
+  accumulate, ema_decay = int(config["accumulate_steps"]), float(config["ema_decay"])
+  unit = {**config, "learning_rate": 1.0, "accumulate_steps": 1, "ema_decay": 0.0}
+  unit_steps = None if total_steps is None else int(total_steps) // accumulate
+  tx: optax.GradientTransformation = optax.chain(
+      optim.make_optimizer(unit, total_steps=unit_steps),
+      scale_by_member_learning_rate(float(config["learning_rate"])))
+  if ema_decay:
+    tx = optim.with_parameter_ema(tx, ema_decay)
+  if accumulate > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=accumulate).gradient_transformation()
+  return tx
+
+
+def set_member_learning_rate(opt_state: optax.OptState, learning_rate: Any) -> optax.OptState:
+  """`opt_state` (of a `make_member_optimizer`) with its member learning rate replaced."""
+  found = []
+
+  def replace(node: Any) -> Any:
+    if isinstance(node, MemberLearningRateState):
+      found.append(node)
+      return MemberLearningRateState(jnp.asarray(learning_rate, jnp.float32))
+    return node
+
+  opt_state = jax.tree.map(replace, opt_state,
+                           is_leaf=lambda n: isinstance(n, MemberLearningRateState))
+  if len(found) != 1:
+    raise ValueError(
+        f"set_member_learning_rate needs an optimizer state with one member learning rate (from "
+        f"jdl.sweep.make_member_optimizer); found {len(found)}.")
+  return opt_state
+
+
+def stack_states(states: Sequence[TrainState]) -> TrainState:
+  """One `TrainState` whose every leaf has a leading member axis, from states that share their
+  model and optimizer (the static fields)."""
+  if not states:
+    raise ValueError("stack_states needs at least one state.")
+  structures = {jax.tree.structure(s) for s in states}
+  if len(structures) != 1:
+    raise ValueError("stack_states needs states of one structure: the same model, optimizer and "
+                     "input shape (build them with the same objects).")
+  # Stacked on the host and copied over once: jnp.stack would compile one program per leaf shape.
+  stacked = jax.tree.map(lambda *leaves: np.stack([np.asarray(leaf) for leaf in leaves]), *states)
+  return jax.device_put(stacked)
+
+
+def unstack_state(state: TrainState, index: int) -> TrainState:
+  """Member `index` of a stacked state, as an ordinary `TrainState` (sliced on the host)."""
+  return jax.device_put(jax.tree.map(lambda leaf: np.asarray(leaf)[index], state))
+
+
+@dataclasses.dataclass
+class VmappedRun:
+  """The outcome of `train_vmapped`: N members trained together.
+
+  Attributes:
+    learning_rates: `[N]` each member's peak learning rate.
+    seeds: `[N]` each member's seed (initialisation and dropout keys).
+    state: the final states, stacked: every leaf has a leading axis of N (`member_state(i)`).
+    history: one record per evaluation, like `jdl.fit`'s, with per-member `[N]` arrays:
+      `train_loss`, `train_accuracy` (means since the previous record), `{eval}_loss`,
+      `{eval}_accuracy`, and scalars `step`, `epoch`.
+    nonfinite_step: `[N]` the first step (1-based) whose loss or gradient was NaN or infinite,
+      0 for members that stayed finite. A member that diverges never disturbs the others.
+    compile_seconds: time spent compiling the vmapped train and eval calls.
+    train_seconds: time spent training and evaluating, compilation excluded.
+    eval_name: prefix of the eval metrics.
+  """
+
+  learning_rates: np.ndarray
+  seeds: np.ndarray
+  state: TrainState
+  history: list[dict[str, Any]]
+  nonfinite_step: np.ndarray
+  compile_seconds: float
+  train_seconds: float
+  eval_name: str = "test"
+
+  @property
+  def num_members(self) -> int:
+    return int(self.learning_rates.shape[0])
+
+  @property
+  def params(self) -> Any:
+    """The final parameters, stacked (leading axis N)."""
+    return self.state.params
+
+  def member_state(self, index: int) -> TrainState:
+    return unstack_state(self.state, index)
+
+  def rows(self) -> list[Row]:
+    """One row per member in `run_sweep`'s format (params `optimizer.learning_rate` and `seed`), so
+    `write_results`, `markdown_table` and `plot_sweep` report a vmapped sweep too."""
+    final = self.history[-1] if self.history else {}
+    rows = []
+    for i in range(self.num_members):
+      row: Row = {"trial": i, "params": {"optimizer.learning_rate": float(self.learning_rates[i]),
+                                         "seed": int(self.seeds[i])},
+                  "status": "ok", "error": ""}
+      if self.nonfinite_step[i]:
+        row.update(status="failed", error=f"the loss or a gradient became NaN or infinite at "
+                                          f"step {int(self.nonfinite_step[i])}")
+      for key, value in final.items():
+        row[key] = float(value[i]) if np.ndim(value) else value
+      rows.append(row)
+    return rows
+
+
+def _member_values(values: Sequence[Any] | None, default: Any, name: str) -> list[Any]:
+  if values is None:
+    return [default]
+  values = list(values)
+  if not values:
+    raise ValueError(f"{name} is empty; give at least one value.")
+  return values
+
+
+def train_vmapped(
+    model: Any,
+    optimizer_config: Mapping[str, Any],
+    train_data: data_lib.ArraySource,
+    eval_data: data_lib.ArraySource | None = None,
+    *,
+    num_steps: int,
+    learning_rates: Sequence[float] | None = None,
+    seeds: Sequence[int] | None = None,
+    train_step: step_lib.TrainStepFn | None = None,
+    eval_step: step_lib.EvalStepFn | None = None,
+    eval_every_steps: int | None = None,
+    eval_name: str = "test",
+    log: Callable[[str], None] | None = None,
+) -> VmappedRun:
+  """Trains N copies of `model` at once on one device: `jax.vmap` over a stacked `TrainState`.
+
+  Member i has learning rate `learning_rates[i]` and seed `seeds[i]` (a sequence of one value
+  applies to every member; None: the config's learning rate, seed 0). Every member sees the same
+  batches, in the order of `train_data` (its `seed` and `shuffle`), and each epoch runs as one
+  `lax.scan` over the device-resident split (`jdl.resident`), or one step per call where a loop
+  would be slow (convolutions on the CPU, `jdl.resident.loops_are_slow`). Member i ends with the
+  parameters of `jdl.fit` on a state built by `create_train_state(model,
+  make_optimizer({**optimizer_config, "learning_rate": learning_rates[i]}), ...,
+  PRNGKey(seeds[i]))` and the same data, up to float rounding.
+
+  Args:
+    model: a Flax module.
+    optimizer_config: the optimizer config (`jdl.optim`); its `learning_rate` is the default.
+    train_data: the training split, in memory.
+    eval_data: the split evaluated at every evaluation, or None.
+    num_steps: train steps per member.
+    learning_rates: per-member peak learning rates (> 0).
+    seeds: per-member seeds: `PRNGKey(seed)` initialises the member and keys its dropout.
+    train_step: the pure train step (default `jdl.make_train_step()`).
+    eval_step: the pure eval step (default `jdl.make_eval_step()`).
+    eval_every_steps: evaluate every this many steps; None: at the end of every epoch. The last
+      step is always evaluated.
+    eval_name: prefix of the eval metrics in records.
+    log: where a line per evaluation goes (None: nowhere).
+
+  Returns:
+    A `VmappedRun`.
+  """
+  for name, source in (("train_data", train_data), ("eval_data", eval_data)):
+    if source is not None and not isinstance(source, data_lib.ArraySource):
+      raise ValueError(f"train_vmapped keeps the data on the device, so {name} must be an "
+                       f"in-memory jdl.data.ArraySource; got {type(source).__name__}.")
+    if source is not None and source.process_count != 1:
+      raise ValueError(f"train_vmapped runs in one process; {name} is split over "
+                       f"{source.process_count} processes.")
+  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+    raise ValueError(f"num_steps must be an integer >= 1; got {num_steps!r}.")
+  config = {**optim.OPTIMIZER_DEFAULTS, **dict(optimizer_config)}
+  rates = [float(r) for r in _member_values(learning_rates, config["learning_rate"],
+                                            "learning_rates")]
+  member_seeds = [int(s) for s in _member_values(seeds, 0, "seeds")]
+  for rate in rates:
+    if not (math.isfinite(rate) and rate > 0):
+      raise ValueError(f"learning rates must be finite and > 0; got {rate!r} in {rates}.")
+  num_members = max(len(rates), len(member_seeds))
+  for name, values in (("learning_rates", rates), ("seeds", member_seeds)):
+    if len(values) not in (1, num_members):
+      raise ValueError(
+          f"{name} has {len(values)} values but the sweep has {num_members} members; give one "
+          f"value per member, or a single value for all.")
+  rates = rates * num_members if len(rates) == 1 else rates
+  member_seeds = member_seeds * num_members if len(member_seeds) == 1 else member_seeds
+
+  tx = make_member_optimizer(config, total_steps=num_steps)
+  sample = np.asarray(train_data.inputs[:1])
+  states = []
+  for rate, seed in zip(rates, member_seeds):
+    state = create_train_state(model, tx, sample, jax.random.PRNGKey(seed))
+    states.append(state.replace(opt_state=set_member_learning_rate(state.opt_state, rate)))
+  num_classes = loop_lib.output_width(states[0])
+  states = stack_states(states)
+  history, nonfinite, states, compile_seconds, train_seconds = _train_members(
+      states, train_step or step_lib.make_train_step(), eval_step or step_lib.make_eval_step(),
+      train_data, eval_data, num_classes=num_classes, num_steps=int(num_steps),
+      eval_every=eval_every_steps or train_data.steps_per_epoch, eval_name=eval_name, log=log)
+  return VmappedRun(learning_rates=np.asarray(rates, np.float64),
+                    seeds=np.asarray(member_seeds, np.int64), state=states, history=history,
+                    nonfinite_step=nonfinite, compile_seconds=compile_seconds,
+                    train_seconds=train_seconds, eval_name=eval_name)
+
+
+def _unchanged(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """The batch as it is: on one device there is no sharding to constrain it to."""
+  return batch
+
+
+def _train_members(states, train_step, eval_step, train_data, eval_data, *, num_classes,
+                   num_steps, eval_every, eval_name, log):
+  """The vmapped loop: chunks of steps up to the next epoch end or evaluation, as `jdl.fit`'s
+  resident engine runs them; compiled ahead of time so that compilation is timed apart."""
+  data_lib.check_inputs(train_data.inputs, where="training inputs")
+  data_lib.check_labels(train_data.labels, num_classes, where="training labels")
+  vmapped_train = jax.vmap(train_step, in_axes=(0, None))
+  vmapped_eval = jax.vmap(eval_step, in_axes=(0, None))
+  train = resident.ResidentData(
+      *map(jnp.asarray, resident.with_padding_row(train_data.inputs, train_data.labels)),
+      batch_size=train_data.batch_size, shuffle=train_data.shuffle, seed=train_data.seed)
+  probe = resident.gather_batch(train.inputs, train.labels,
+                                jnp.zeros((train.batch_size,), jnp.int32))
+  use_loop = not resident.loops_are_slow(vmapped_train, states, probe)
+  chunk = jax.jit(resident.make_train_chunk(vmapped_train, train.batch_size, _unchanged),
+                  static_argnames=("length",), donate_argnums=0)
+  compile_seconds = 0.0
+  compiled: dict[int, Any] = {}
+  merge = None  # metric sums stay on the device between evaluations, merged by one program
+  eval_all = eval_arrays = None
+  if eval_data is not None:
+    data_lib.check_inputs(eval_data.inputs, where="eval inputs")
+    data_lib.check_labels(eval_data.labels, num_classes, where="eval labels")
+    eval_arrays = tuple(map(jnp.asarray, resident.with_padding_row(eval_data.inputs,
+                                                                   eval_data.labels)))
+    eval_all = resident.make_eval_all(vmapped_eval, eval_data.batch_size, eval_data.num_examples,
+                                      _unchanged, loop=use_loop)
+    if hasattr(eval_all, "lower"):
+      start = time.perf_counter()
+      eval_all = eval_all.lower(loop_lib.evaluation_state(states), *eval_arrays).compile()
+      compile_seconds += time.perf_counter() - start
+
+  history: list[dict[str, Any]] = []
+  nonfinite = np.zeros(states.step.shape, np.int64)
+  step, order_epoch, order = 0, -1, None
+  sums = None
+  train_seconds = 0.0
+  interval_start = time.perf_counter()
+  while step < num_steps:
+    epoch, first = divmod(step, train.steps_per_epoch)
+    next_eval = min((step // eval_every + 1) * eval_every, num_steps)
+    length = min(next_eval - step, train.steps_per_epoch - first)
+    if not use_loop:
+      length = 1
+    if length not in compiled:
+      if order is None:
+        order = train.padded_order(0)
+      start = time.perf_counter()
+      arguments = (states, train.inputs, train.labels, order, jnp.asarray(0, jnp.int32))
+      compiled[length] = chunk.lower(*arguments, length=length).compile()
+      if merge is None:
+        _, sums_shape = jax.eval_shape(functools.partial(chunk, length=length), *arguments)
+        merge = jax.jit(metrics_lib.merge_metrics).lower(sums_shape, sums_shape).compile()
+      spent = time.perf_counter() - start
+      compile_seconds += spent
+      interval_start += spent
+    if epoch != order_epoch:
+      order_epoch, order = epoch, train.padded_order(epoch)
+    states, chunk_sums = compiled[length](states, train.inputs, train.labels, order,
+                                          jnp.asarray(first, jnp.int32))
+    sums = chunk_sums if sums is None else merge(sums, chunk_sums)
+    step += length
+    if step == next_eval:
+      fetched = jax.device_get(sums)
+      record: dict[str, Any] = {"step": step, "epoch": step / train.steps_per_epoch}
+      record.update({f"train_{k}": v for k, v in _member_means(fetched).items()})
+      bad = fetched.get("nonfinite_step")
+      if bad is not None:
+        newly = (nonfinite == 0) & (bad != metrics_lib.NO_NONFINITE_STEP)
+        nonfinite = np.where(newly, bad, nonfinite)
+      if eval_all is not None:
+        eval_sums = jax.device_get(eval_all(loop_lib.evaluation_state(states), *eval_arrays))
+        record.update({f"{eval_name}_{k}": v for k, v in _member_means(eval_sums).items()})
+      history.append(record)
+      train_seconds += time.perf_counter() - interval_start
+      if log is not None:
+        log(_format_member_record(record, eval_name))
+      sums = None
+      interval_start = time.perf_counter()
+  jax.block_until_ready(states)
+  return history, nonfinite, states, compile_seconds, train_seconds
+
+
+def _member_means(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Per-member means from per-member metric sums: `loss`, `accuracy`, `top{k}_accuracy`."""
+  count = np.maximum(np.asarray(sums["count"], np.float64), 1.0)
+  means = {"loss": np.asarray(sums["loss_sum"], np.float64) / count}
+  for key, value in sums.items():
+    if key == "correct":
+      means["accuracy"] = np.asarray(value, np.float64) / count
+    elif key.endswith("_correct"):
+      means[key.removesuffix("_correct") + "_accuracy"] = np.asarray(value, np.float64) / count
+  return means
+
+
+def _format_member_record(record: Mapping[str, Any], eval_name: str) -> str:
+  parts = [f"step {record['step']}"]
+  for key in ("train_loss", f"{eval_name}_accuracy"):
+    if key in record:
+      values = record[key]
+      parts.append(f"{key} min {np.nanmin(values):.4f} median {np.nanmedian(values):.4f} "
+                   f"max {np.nanmax(values):.4f}")
+  return " | ".join(parts)
+
+
+VMAP_KEYS = ("optimizer.learning_rate", "seed")
+"""The keys a vmapped sweep can vary: the rest of the config is shared by every member."""
+
+
+def vmap_sweep(config: ml_collections.ConfigDict, trials: Sequence[Mapping[str, Any]], *,
+               log: Callable[[str], None] | None = None) -> VmappedRun:
+  """Trains all `trials` of an experiment config at once (`train_vmapped`), one member each.
+
+  Trials may set `optimizer.learning_rate` and `seed` only (`VMAP_KEYS`); everything else comes
+  from `config`, which must be an in-memory classification config. A trial's seed sets its
+  initialisation and dropout keys; the data order is `config.seed`'s for every member, so a member
+  with seed `config.seed` (the default) ends where `jdl.train_and_evaluate` on `config` with its
+  learning rate ends (one device, up to float rounding).
+
+  Raises:
+    ConfigError: a trial sets a key outside `VMAP_KEYS`.
+    ValueError: the config is not an in-memory classification task.
+  """
+  trials = [dict(t) for t in trials]
+  if not trials:
+    raise ValueError("vmap_sweep needs at least one trial.")
+  others = sorted({k for t in trials for k in t} - set(VMAP_KEYS))
+  if others:
+    raise ConfigError(f"a vmapped sweep varies only {list(VMAP_KEYS)} (one model and optimizer "
+                      f"for every member); the trials also set {others}. Run them with run_sweep.")
+  if config.task != "classification" or not config.in_memory:
+    raise ValueError(f"vmap_sweep needs an in-memory classification config; got task "
+                     f"{config.task!r} with in_memory={config.in_memory}.")
+  device_augment, _ = loop_lib.make_augmentations(config.augment, in_memory=True)
+  train_data, eval_data, meta, _ = runs.load_task_data(config)
+  model = models.build_model(config.model, num_classes=meta.num_classes)
+  train_step, eval_step = step_lib.make_classification_steps(
+      config.loss, l1=config.l1, l2=config.l2, top_k=tuple(config.top_k), augment=device_augment,
+      label_smoothing=config.label_smoothing, compute_dtype=config.compute_dtype)
+  num_steps = config.num_steps or config.num_epochs * train_data.steps_per_epoch
+  return train_vmapped(
+      model, config.optimizer, train_data, eval_data, num_steps=num_steps,
+      learning_rates=[float(t.get("optimizer.learning_rate", config.optimizer.learning_rate))
+                      for t in trials],
+      seeds=[int(t.get("seed", config.seed)) for t in trials],
+      train_step=train_step, eval_step=eval_step, eval_every_steps=config.eval_every_steps or None,
+      eval_name=config.eval_split.split("[")[0], log=log)
