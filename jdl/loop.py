@@ -271,8 +271,7 @@ class _NonFiniteWatch:
   """Turns the train step's `nonfinite_step` / `nonfinite_what` metrics into a clear error."""
 
   def __init__(self, state: TrainState, checkpointer: Checkpointer | None) -> None:
-    self.names = ["/".join(str(getattr(e, "key", getattr(e, "idx", e))) for e in path)
-                  for path, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
+    self.names = transfer.parameter_paths(state.params)  # in `jax.tree.leaves` order
     self.checkpointer = checkpointer
     self.saved_step: int | None = None
 

@@ -30,14 +30,14 @@ import numpy as np
 
 from jdl import data as data_lib
 from jdl import models, optim, transfer
-from jdl.checkpoint import Checkpointer
+from jdl.checkpoint import Checkpointer, best_mode
 from jdl.data import text as text_lib
+from jdl.logging import CONFIG_NAME, read_jsonl
 from jdl.state import TrainState, create_train_state
 
 TASKS = ("classification", "language_model", "text_classification")
 DATA_NAME = "data.json"
 VOCAB_NAME = "vocab.json"
-CONFIG_NAME = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 """The folder of a workdir that `train_and_evaluate` keeps its checkpoints in."""
 
@@ -151,9 +151,6 @@ def load_run(workdir: str, *, checkpoint: str | int = "latest",
 def best_step(workdir: str, config: ml_collections.ConfigDict) -> int:
   """The step of the checkpoint with the best evaluation `config.best_metric`, from the
   checkpoints on disk and the run's `metrics.jsonl`."""
-  from jdl.checkpoint import best_mode  # pylint: disable=import-outside-toplevel
-  from jdl.logging import read_jsonl  # pylint: disable=import-outside-toplevel
-
   if not config.best_metric:
     raise ValueError("the run kept no best checkpoint (config.best_metric is empty).")
   key = f"{config.eval_split.split('[')[0]}_{config.best_metric}"
