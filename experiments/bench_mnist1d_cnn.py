@@ -17,7 +17,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 STEPS, BATCH, LEARNING_RATE = 6000, 100, 1e-2

@@ -416,8 +416,8 @@ class _ResidentEngine:
   def _decide_loop(self, state):
     """Steps run in a scan unless a loop would slow them down (convolutions on the CPU): then one
     compiled step per call, still on device-resident data, unless `steps_per_call` says more."""
-    batch = resident.gather_batch(self.train.inputs, self.train.labels,
-                                  jnp.zeros((self.train.batch_size,), jnp.int32))
+    batch = jax.eval_shape(resident.gather_batch, self.train.inputs, self.train.labels,
+                           jax.ShapeDtypeStruct((self.train.batch_size,), jnp.int32))
     self.loop = not resident.loops_are_slow(self.train_step, state, batch)
     if self.steps_per_call is None and not self.loop:
       self.steps_per_call = 1
@@ -436,7 +436,7 @@ class _ResidentEngine:
     if self.steps_per_call is not None:
       length = min(length, self.steps_per_call)
     state, sums = self.chunk(state, self.train.inputs, self.train.labels, self.order,
-                             jnp.asarray(first, jnp.int32), length=length)
+                             np.int32(first), length=length)
     return state, sums, length
 
   def evaluate(self, state):

@@ -177,3 +177,15 @@ def test_convolutions_on_the_cpu_run_one_step_per_call_and_still_match_the_per_s
   (host_state, host_history), (resident_state, resident_history) = results
   jax.tree.map(np.testing.assert_array_equal, host_state.params, resident_state.params)
   assert host_history[-1]["test_loss"] == resident_history[-1]["test_loss"]
+
+
+def test_create_train_state_gives_flax_and_optax_initial_values_bitwise():
+  """The state is initialised in one compiled call, and holds exactly what `model.init` and
+  `tx.init` give when called directly (with the documented split of the key)."""
+  model, tx = models.CNN1D(num_classes=10, features=(4, 4), kernel_sizes=(5, 3)), optax.adam(1e-3)
+  sample = np.zeros((1, 40), np.float32)
+  state = jdl.create_train_state(model, tx, sample, jax.random.PRNGKey(5))
+  init_key, dropout_key, _ = jax.random.split(jax.random.PRNGKey(5), 3)
+  params = model.init({"params": init_key, "dropout": dropout_key}, sample, train=False)["params"]
+  jax.tree.map(np.testing.assert_array_equal, state.params, params)
+  jax.tree.map(np.testing.assert_array_equal, state.opt_state, tx.init(params))

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from jdl import count_params, models
 
@@ -79,6 +80,23 @@ def test_cnn1d_patch_convolution_equals_xla_convolution():
   grad = lambda m: jax.grad(lambda v: m.apply(v, x, train=False).sum())(variables)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                grad(patch_model), grad(xla_model))
+
+
+def test_patch_conv1d_in_both_layouts_equals_nn_conv():
+  """PatchConv1D computes nn.Conv's output with nn.Conv's parameters, in [batch, length,
+  channels] and in [channels, length, batch] (the layout CNN1D runs it in), strided and padded."""
+  x = jax.random.normal(jax.random.PRNGKey(2), (4, 23, 3))
+  conv = nn.Conv(6, kernel_size=(3,), strides=(2,), padding=[(1, 1)])
+  variables = conv.init(jax.random.PRNGKey(0), x)
+  expected = conv.apply(variables, x)
+  nlc = models.PatchConv1D(6, 3, stride=2, padding=1)
+  cln = models.PatchConv1D(6, 3, stride=2, padding=1, layout="CLN")
+  assert jax.tree.structure(nlc.init(jax.random.PRNGKey(0), x)) == jax.tree.structure(variables)
+  np.testing.assert_allclose(nlc.apply(variables, x), expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(cln.apply(variables, x.transpose(2, 1, 0)).transpose(2, 1, 0),
+                             expected, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="unknown layout 'NCL'"):
+    models.PatchConv1D(6, 3, layout="NCL").init(jax.random.PRNGKey(0), x)
 
 
 def test_classic_models_have_their_documented_parameter_counts():

@@ -10,7 +10,7 @@ import flax.linen as nn
 
 from jdl.models.activations import ACTIVATIONS, get_activation
 from jdl.models.classic import LeNet5, LogisticRegression, ResidualMLP
-from jdl.models.cnn import CNN, CNN1D
+from jdl.models.cnn import CNN, CNN1D, PatchConv1D
 from jdl.models.mlp import MLP
 from jdl.models.recurrent import Mnist1dGRU, Recurrent, RecurrentLM, RNNClassifier
 from jdl.models.resnet import PUBLISHED, ResNet
@@ -64,7 +64,7 @@ def build_model(
 
 __all__ = [
     "ACTIVATIONS", "CNN", "CNN1D", "LeNet5", "LogisticRegression", "MLP", "MODELS", "ResNet",
-    "ResidualMLP", "TransformerEncoderClassifier", "TransformerLM", "ViT",
+    "PatchConv1D", "ResidualMLP", "TransformerEncoderClassifier", "TransformerLM", "ViT",
     "Mnist1dGRU", "RNNClassifier", "Recurrent", "RecurrentLM",
     "build_model", "get_activation",
 ]
