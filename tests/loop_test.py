@@ -179,13 +179,28 @@ def test_convolutions_on_the_cpu_run_one_step_per_call_and_still_match_the_per_s
   assert host_history[-1]["test_loss"] == resident_history[-1]["test_loss"]
 
 
-def test_create_train_state_gives_flax_and_optax_initial_values_bitwise():
-  """The state is initialised in one compiled call, and holds exactly what `model.init` and
-  `tx.init` give when called directly (with the documented split of the key)."""
-  model, tx = models.CNN1D(num_classes=10, features=(4, 4), kernel_sizes=(5, 3)), optax.adam(1e-3)
-  sample = np.zeros((1, 40), np.float32)
+@pytest.mark.parametrize("model, sample", [
+    (models.CNN1D(num_classes=10, features=(4, 4), kernel_sizes=(5, 3)), np.zeros((1, 40), np.float32)),
+    (models.ResNet(stage_sizes=(1,), block="basic", num_classes=3, width=4, layout="cifar"),
+     np.zeros((1, 8, 8, 3), np.float32)),
+    (models.TransformerEncoderClassifier(num_classes=2, vocab_size=11, max_length=6, num_layers=1,
+                                         num_heads=2, width=8),
+     np.zeros((1, 6), np.int32)),
+])
+def test_create_train_state_gives_the_compiled_flax_and_optax_initial_values(model, sample):
+  """The state holds what `jax.jit(model.init)` and `tx.init` give with the documented split of
+  the key, bitwise (the init is compiled at -O1 on the CPU, which changes no value), and what the
+  eager `model.init` gives up to float rounding: parameters, model state (BatchNorm statistics)
+  and optimizer state."""
+  tx = optax.adam(1e-3)
   state = jdl.create_train_state(model, tx, sample, jax.random.PRNGKey(5))
   init_key, dropout_key, _ = jax.random.split(jax.random.PRNGKey(5), 3)
-  params = model.init({"params": init_key, "dropout": dropout_key}, sample, train=False)["params"]
+  init = lambda rngs: model.init(rngs, sample, train=False)
+  rngs = {"params": init_key, "dropout": dropout_key}
+  compiled, eager = dict(jax.jit(init)(rngs)), dict(init(rngs))
+  params = compiled.pop("params")
   jax.tree.map(np.testing.assert_array_equal, state.params, params)
+  jax.tree.map(np.testing.assert_array_equal, state.model_state, compiled)
   jax.tree.map(np.testing.assert_array_equal, state.opt_state, tx.init(params))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               state.params, eager["params"])
