@@ -116,8 +116,11 @@ def initial_variables(model: nn.Module, rngs: dict[str, jax.Array], sample_input
   initializer's scaling into the random draw: one ulp, in some kernels). On the CPU the program
   is compiled with LLVM at `-O1` (`INIT_COMPILER_OPTIONS`): it runs once, no value changes
   (tested), and compiling the CNN's init drops from about 1.5 s to 0.5 s. A model with
-  unhashable attributes (a list, say) cannot key the cache and is initialised eagerly.
+  unhashable attributes (a list, say) cannot key the cache and is initialised eagerly; inside a
+  traced function (`jit`, `vmap`: `jdl.vmap_sweep`) the init is traced into it.
   """
+  if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((rngs, sample_input))):
+    return model.init(rngs, sample_input, train=False)  # inside jit or vmap: compiled with it
   try:
     hash(model)
   except TypeError:

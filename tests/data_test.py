@@ -3,6 +3,7 @@
 import pickle
 import time
 
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -232,6 +233,37 @@ def test_array_source_shuffle_is_a_function_of_seed_and_epoch():
     np.testing.assert_array_equal(real_examples(epoch_batches(twin, e))[1], orders[e])
     np.testing.assert_array_equal(real_examples(epoch_batches(source, e))[1], orders[e])
   assert not np.array_equal(real_examples(epoch_batches(other_seed, 0))[1], orders[0])
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 1023, 1024, 1025, 4000, 4097, 5000])
+def test_index_permutation_is_a_permutation_on_either_side_of_the_sort_free_threshold(n):
+  """Small n (a sort) and large n (a Feistel network with cycle walking) both give each index
+  exactly once, as int32, the same for the same key and different for another key."""
+  key = jax.random.PRNGKey(11)
+  order = np.asarray(jdl.data.sources.index_permutation(key, n))
+  assert order.dtype == np.int32
+  np.testing.assert_array_equal(np.sort(order), np.arange(n))
+  np.testing.assert_array_equal(order, jdl.data.sources.index_permutation(key, n))
+  if n > 2:
+    assert not np.array_equal(order, jdl.data.sources.index_permutation(jax.random.PRNGKey(12), n))
+
+
+def test_sort_free_permutation_is_uniform_within_sampling_error():
+  """Over 2,000 keys, where each of 1,100 indices lands is uniform (chi-square), and the first
+  index comes before the second half of the time: no position or pair is favoured."""
+  n, trials = 1100, 2000
+  assert n >= jdl.data.sources.SORT_FREE_MIN_EXAMPLES
+  keys = jax.random.split(jax.random.PRNGKey(0), trials)
+  orders = np.asarray(jax.jit(jax.vmap(
+      lambda key: jdl.data.sources.index_permutation(key, n)))(keys))
+  counts = np.zeros((n, n))
+  np.add.at(counts, (np.tile(np.arange(n), trials), orders.ravel()), 1)
+  expected = trials / n
+  chi_square = ((counts - expected) ** 2 / expected).sum()
+  degrees = n * n - 1
+  assert abs(chi_square - degrees) < 5 * np.sqrt(2 * degrees)  # about 5 standard deviations
+  first_before_second = (orders[:, 0] < orders[:, 1]).mean()
+  assert abs(first_before_second - 0.5) < 4 * np.sqrt(0.25 / trials)
 
 
 def test_array_source_sgd_and_full_batch():

@@ -204,3 +204,15 @@ def test_create_train_state_gives_the_compiled_flax_and_optax_initial_values(mod
   jax.tree.map(np.testing.assert_array_equal, state.opt_state, tx.init(params))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                state.params, eager["params"])
+
+
+def test_create_train_state_can_be_traced_inside_jit_and_vmap():
+  """Inside a traced function (as vmapped sweeps build their states) the init is traced into
+  it; each vmapped state is the one built alone with its key."""
+  model = models.MLP(hidden=(4,), num_classes=3)
+  sample = np.zeros((1, 6), np.float32)
+  make = lambda key: jdl.create_train_state(model, optax.sgd(0.1), sample, key).params
+  keys = jax.random.split(jax.random.PRNGKey(0), 2)
+  stacked = jax.jit(jax.vmap(make))(keys)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a[1], b, rtol=1e-6, atol=1e-7),
+               stacked, make(keys[1]))

@@ -73,12 +73,68 @@ def epoch_order(seed: jax.Array, epoch: jax.Array, *, num_examples: int, shuffle
   """The example order of one epoch: a permutation drawn from `(seed, epoch)`, or 0..n-1.
 
   One definition for the host path (`ArraySource`) and the device-resident path
-  (`jdl.resident`), so both see the same batches.
+  (`jdl.resident`), so both see the same batches. The permutation is `index_permutation`'s,
+  not `jax.random.permutation`'s: the latter sorts twice, which on a CPU took 35 ms of a 0.45 s
+  epoch of 60,000 examples.
   """
   if not shuffle:
     return jnp.arange(num_examples, dtype=jnp.int32)
   key = jax.random.fold_in(jax.random.PRNGKey(seed), epoch)
-  return jax.random.permutation(key, num_examples).astype(jnp.int32)
+  return index_permutation(key, num_examples)
+
+
+SHUFFLE_ROUNDS = 6
+SORT_FREE_MIN_EXAMPLES = 1024
+
+
+def index_permutation(key: jax.Array, n: int, *, rounds: int = SHUFFLE_ROUNDS) -> jax.Array:
+  """A pseudo-random permutation of `0 .. n-1` (int32) drawn from `key`; without sorting when
+  `n >= SORT_FREE_MIN_EXAMPLES`.
+
+  A balanced Feistel network on `2 * half` bits (the smallest even width that holds n - 1) is
+  a bijection of `[0, 4**half)` for any round function; `rounds` rounds of a keyed 32-bit hash
+  make it look random (Luby and Rackoff: four already do for a random round function). Values
+  that land at n or above are encrypted again until they fall below n ("cycle walking"), which
+  restricts the bijection to `[0, n)`. The domain is under 4n, so a walk takes a few steps and
+  the longest about log(n) of them. Every step is elementwise: the whole permutation costs a few
+  vector passes over n integers, where a sort-based shuffle costs a few sorts. (Grain and
+  `tf.random.experimental.index_shuffle` shuffle indices the same way.)
+
+  Below `SORT_FREE_MIN_EXAMPLES` the domain is too small for that: a Feistel network on a few
+  bits reaches its permutations with visibly unequal frequencies (measured: of the 120 orders
+  of 5 elements, some came 20% more often than others), so small n use
+  `jax.random.permutation`, whose sorts cost little there. At and above it, each element's position and the order of any two elements are
+  uniform within sampling error (tests/data_test.py).
+  """
+  if n < 1:
+    raise ValueError(f"a permutation needs n >= 1; got {n}.")
+  if n < SORT_FREE_MIN_EXAMPLES:
+    return jax.random.permutation(key, n).astype(jnp.int32)
+  half = (max(n - 1, 1).bit_length() + 1) // 2
+  mask = jnp.uint32((1 << half) - 1)
+  round_keys = jax.random.bits(key, (rounds,), jnp.uint32)
+
+  def encrypt(x: jax.Array) -> jax.Array:
+    left, right = x >> half, x & mask
+    for r in range(rounds):
+      left, right = right, left ^ (_mix32(right ^ round_keys[r]) & mask)
+    return (left << half) | right
+
+  def walk(values: jax.Array) -> jax.Array:
+    return jnp.where(values >= n, encrypt(values), values)
+
+  first = encrypt(jnp.arange(n, dtype=jnp.uint32))
+  return jax.lax.while_loop(lambda values: jnp.any(values >= n), walk, first).astype(jnp.int32)
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+  """A 32-bit integer hash in which every input bit flips about half the output bits (the
+  "lowbias32" xor-shift-multiply constants found by C. Wellons' hash prospector)."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
 
 
 def check_labels(labels: np.ndarray, num_classes: int, *, where: str = "labels") -> None:
