@@ -92,12 +92,11 @@ def create_train_state(
   variables = dict(initial_variables(model, {"params": init_rng, "dropout": dropout_rng},
                                      sample_input))
   params = variables.pop("params")
-  model_state, opt_state = variables, tx.init(params)
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
-      model_state=model_state,
-      opt_state=opt_state,
+      model_state=variables,
+      opt_state=tx.init(params),
       rng=state_rng,
       apply_fn=model.apply,
       tx=tx,
@@ -120,11 +119,11 @@ def initial_variables(model: nn.Module, rngs: dict[str, jax.Array], sample_input
   traced function (`jit`, `vmap`: `jdl.vmap_sweep`) the init is traced into it.
   """
   if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((rngs, sample_input))):
-    return model.init(rngs, sample_input, train=False)  # inside jit or vmap: compiled with it
+    return _init(model, rngs, sample_input)  # inside jit or vmap: compiled with it
   try:
     hash(model)
   except TypeError:
-    return model.init(rngs, sample_input, train=False)
+    return _init(model, rngs, sample_input)
   compiled = _compiled_init_cpu if jax.default_backend() == "cpu" else _compiled_init
   return compiled(model, rngs, sample_input)
 
