@@ -73,16 +73,14 @@ def run_one(model, rate, train, test, steps) -> tuple[float, float, float, objec
   eval_arrays = tuple(map(jnp.asarray, resident.with_padding_row(test.inputs, test.labels)))
   probe = resident.gather_batch(data.inputs, data.labels, jnp.zeros((BATCH,), jnp.int32))
   loop = not resident.loops_are_slow(train_step, state, probe)
-  length = data.steps_per_epoch if loop else 1
-  if steps % length:
-    raise ValueError(f"--steps must be a multiple of {length} (steps per epoch).")
-  chunk = jax.jit(resident.make_train_chunk(train_step, BATCH, _unchanged),
-                  static_argnames=("length",), donate_argnums=0)
+  length = steps if loop else 1
+  chunk = jax.jit(resident.make_train_chunk(train_step, data, _unchanged),
+                  static_argnames=("length",), donate_argnums=(0, 3))
   eval_all = resident.make_eval_all(eval_step, test.batch_size, test.num_examples, _unchanged,
                                     loop=loop)
   start = time.perf_counter()
-  order = data.padded_order(0)
-  compiled = chunk.lower(state, data.inputs, data.labels, order, jnp.asarray(0, jnp.int32),
+  order = jax.device_put(data.initial_order())
+  compiled = chunk.lower(state, data.inputs, data.labels, order, np.int32(0),
                          length=length).compile()
   if hasattr(eval_all, "lower"):
     eval_all = eval_all.lower(state, *eval_arrays).compile()
@@ -90,11 +88,7 @@ def run_one(model, rate, train, test, steps) -> tuple[float, float, float, objec
   start = time.perf_counter()
   sums = None
   for step in range(0, steps, length):
-    epoch, first = divmod(step, data.steps_per_epoch)
-    if first == 0:
-      order = data.padded_order(epoch)
-    state, chunk_sums = compiled(state, data.inputs, data.labels, order,
-                                 jnp.asarray(first, jnp.int32))
+    state, chunk_sums, order = compiled(state, data.inputs, data.labels, order, np.int32(step))
     sums = jdl.merge_metrics(sums, chunk_sums)
   jdl.compute_metrics(sums)  # the train metrics reach the host, as in a real run
   accuracy = jdl.compute_metrics(eval_all(state, *eval_arrays))["accuracy"]

@@ -96,16 +96,17 @@ def main() -> None:
   train = resident.ResidentData(*jax.device_put(resident.with_padding_row(inputs, labels)),
                                 batch_size=batch_size, shuffle=True, seed=0)
   steps = min(args.steps, train.steps_per_epoch)
-  chunk = jax.jit(resident.make_train_chunk(train_step, batch_size, lambda batch: batch),
-                  static_argnames=("length",), donate_argnums=0)
-  order = train.padded_order(0)
-  call_args = (train.inputs, train.labels, order, np.int32(0))
-  hlo = chunk.lower(state, *call_args, length=steps).compile().as_text()
-  state, _ = chunk(state, *call_args, length=steps)
+  chunk = jax.jit(resident.make_train_chunk(train_step, train, lambda batch: batch),
+                  static_argnames=("length",), donate_argnums=(0, 3))
+  order = jax.device_put(train.initial_order())
+  hlo = chunk.lower(state, train.inputs, train.labels, order, np.int32(0),
+                    length=steps).compile().as_text()
+  state, _, order = chunk(state, train.inputs, train.labels, order, np.int32(0), length=steps)
   seconds = []
   for _ in range(args.repeats):
     start = time.perf_counter()
-    state, sums = chunk(state, *call_args, length=steps)
+    state, sums, order = chunk(state, train.inputs, train.labels, order, np.int32(0),
+                               length=steps)
     jax.block_until_ready(sums)
     seconds.append(time.perf_counter() - start)
   step_us = statistics.median(seconds) / steps * 1e6
@@ -113,7 +114,8 @@ def main() -> None:
   sources = operation_sources(hlo)
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):
-      state, sums = chunk(state, *call_args, length=steps)
+      state, sums, order = chunk(state, train.inputs, train.labels, order, np.int32(0),
+                                 length=steps)
       jax.block_until_ready(sums)
     totals = per_operation_microseconds(trace_dir, set(sources))
   per_step = {name: total / steps for name, total in totals.items()}

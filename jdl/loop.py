@@ -91,9 +91,10 @@ def fit(
 
   Two engines give the same batches and, for the same seed, the same parameters:
     * device-resident: in-memory splits (`ArraySource`) are copied to the device once and up to
-      `steps_per_call` steps run per compiled call as one `lax.scan`, with the epoch order drawn
-      on the device; metrics come back once per call. Used by default when the data fit
-      (`jdl.resident.DEFAULT_RESIDENT_LIMIT_BYTES`), in a single-process run, outside pmap.
+      `steps_per_call` steps run per compiled call as one `lax.scan`, with each epoch's order
+      drawn on the device inside it; metrics come back once per call. Used by default when the
+      data fit (`jdl.resident.DEFAULT_RESIDENT_LIMIT_BYTES`), in a single-process run, outside
+      pmap.
       A step with convolutions on the CPU runs one step per call instead, without a loop
       (`jdl.resident.loops_are_slow`), unless `steps_per_call` is given.
     * per-step: one compiled call per batch, batches fed from the host (streaming sources, pmap,
@@ -118,8 +119,9 @@ def fit(
       The steps must be built with `runner.axis_name`.
     device_resident: force (True) or forbid (False) the device-resident engine; None chooses.
     steps_per_call: most steps per compiled call of the resident engine. None runs up to the next
-      evaluation or the end of the epoch in one call (fastest; the progress bar then moves once
-      per call). Each distinct call length compiles once.
+      evaluation in one call, across epoch boundaries (fastest), or, when a progress bar or a
+      checkpointer is on, at most to the end of the epoch (the bar moves, and a save happens,
+      between calls). Each distinct call length compiles once.
     checkpointer: saves the state at every evaluation, at the end of every epoch, every
       `checkpoint_every_steps` steps and at the end (`jdl.checkpoint.Checkpointer`); evaluation
       records rank checkpoints for its `best_metric`.
@@ -178,8 +180,9 @@ def fit(
     while step < num_steps:
       next_eval = min((step // eval_every + 1) * eval_every, num_steps)
       target = next_eval
-      if checkpointer is not None:  # also stop at epoch ends and every `save_every` steps
+      if checkpointer is not None or progress:  # epoch ends: a save, a moving progress bar
         target = min(target, (step // steps_per_epoch + 1) * steps_per_epoch)
+      if checkpointer is not None:  # and every `save_every` steps
         if save_every:
           target = min(target, (step // save_every + 1) * save_every)
       state, sums, advanced = engine.advance(state, step, target)
@@ -404,9 +407,9 @@ class _ResidentEngine:
         *runner.place_replicated(resident.with_padding_row(train_data.inputs, train_data.labels)),
         batch_size=train_data.batch_size, shuffle=train_data.shuffle, seed=train_data.seed)
     self.train_step, self.eval_step = train_step, eval_step
-    chunk = resident.make_train_chunk(train_step, train_data.batch_size, runner.constrain_batch)
-    self.chunk = jax.jit(chunk, static_argnames=("length",), donate_argnums=0)
-    self.order_epoch, self.order = -1, None
+    chunk = resident.make_train_chunk(train_step, self.train, runner.constrain_batch)
+    self.chunk = jax.jit(chunk, static_argnames=("length",), donate_argnums=(0, 3))
+    self.order = runner.place_replicated(self.train.initial_order())
     self.eval_data, self.eval_all = eval_data, None
     if eval_data is not None:
       self.eval_arrays = runner.place_replicated(
@@ -429,14 +432,11 @@ class _ResidentEngine:
   def advance(self, state, step, limit):
     if self.loop is None:
       self._decide_loop(state)
-    epoch, first = divmod(step, self.train.steps_per_epoch)
-    if epoch != self.order_epoch:
-      self.order_epoch, self.order = epoch, self.runner.place_replicated(self.train.padded_order(epoch))
-    length = min(limit - step, self.train.steps_per_epoch - first)
+    length = limit - step
     if self.steps_per_call is not None:
       length = min(length, self.steps_per_call)
-    state, sums = self.chunk(state, self.train.inputs, self.train.labels, self.order,
-                             np.int32(first), length=length)
+    state, sums, self.order = self.chunk(state, self.train.inputs, self.train.labels, self.order,
+                                         np.int32(step), length=length)
     return state, sums, length
 
   def evaluate(self, state):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,12 +50,26 @@ class ResidentData:
   def steps_per_epoch(self) -> int:
     return -(-self.num_examples // self.batch_size)
 
-  def padded_order(self, epoch: int) -> jax.Array:
-    """The epoch's order padded with -1 (masked slots) to `steps_per_epoch * batch_size`."""
+  def padded_order(self, epoch: int | jax.Array) -> jax.Array:
+    """The epoch's order padded with -1 (masked slots) to `steps_per_epoch * batch_size`.
+    Traceable: `epoch` may be a traced scalar, as inside `make_train_chunk`'s scan."""
     order = epoch_order(jnp.asarray(self.seed, jnp.uint32), jnp.asarray(epoch, jnp.uint32),
                         num_examples=self.num_examples, shuffle=self.shuffle)
     extra = self.steps_per_epoch * self.batch_size - self.num_examples
     return jnp.pad(order, (0, extra), constant_values=-1) if extra else order
+
+  def initial_order(self) -> EpochOrder:
+    """The order carry before any epoch is drawn: `(epoch -1, zeros)`; the first chunk draws
+    the order of the epoch it starts in."""
+    return EpochOrder(np.int32(-1), np.zeros(self.steps_per_epoch * self.batch_size, np.int32))
+
+
+class EpochOrder(NamedTuple):
+  """The example order of the epoch the last chunk ended in, carried from one chunk to the next
+  so that an epoch's order is drawn once, on the device, whichever chunk reaches it first."""
+
+  epoch: jax.Array  # int32 scalar; -1 before the first epoch is drawn
+  order: jax.Array  # int32 [steps_per_epoch * batch_size], padded with -1
 
 
 def loops_are_slow(fn: Callable[..., Any], *args: Any) -> bool:
@@ -106,28 +120,49 @@ def gather_batch(inputs: jax.Array, labels: jax.Array, indices: jax.Array) -> di
 
 def make_train_chunk(
     train_step: Callable[[TrainState, Any], tuple[TrainState, Metrics]],
-    batch_size: int,
+    data: ResidentData,
     constrain: Constrain,
-) -> Callable[..., tuple[TrainState, Metrics]]:
-  """`chunk(state, inputs, labels, order, first, length=K) -> (state, metric sums)`: K train
-  steps on batches `first .. first + K - 1` of the padded epoch order, as one scan (jit it with
-  `length` static and the state donated). `length=1` is the step alone, with no loop around it."""
+) -> Callable[..., tuple[TrainState, Metrics, EpochOrder]]:
+  """`chunk(state, inputs, labels, order, first_step, length=K) -> (state, metric sums, order)`:
+  the K train steps `first_step .. first_step + K - 1` (global step numbers) on `data`'s batches,
+  as one scan; jit it with `length` static and the state and order donated.
 
-  def chunk(state, inputs, labels, order, first, *, length):
-    def body(carry, batch_index):
-      state, sums = carry
-      indices = jax.lax.dynamic_slice_in_dim(order, batch_index * batch_size, batch_size)
+  A chunk may cross epoch boundaries: the order of each epoch it enters is drawn inside the
+  program (`ResidentData.padded_order`, under a `lax.cond` taken once per epoch), and the order
+  it ends with is returned for the next chunk (start from `data.initial_order()`). So a run
+  of many short epochs costs one call per evaluation, not one per epoch plus a shuffle call.
+  `length=1` is the step alone, with no loop around it (see `loops_are_slow`). Only the layout of
+  `data` (batch size, number of examples, shuffle and seed) is used; its arrays are arguments.
+  """
+  batch_size, steps_per_epoch = data.batch_size, data.steps_per_epoch
+
+  def order_for(carried: EpochOrder, epoch: jax.Array) -> EpochOrder:
+    if not data.shuffle:  # a constant order: nothing to draw or carry
+      return EpochOrder(epoch, data.padded_order(0))
+    return jax.lax.cond(carried.epoch == epoch, lambda: carried,
+                        lambda: EpochOrder(epoch, data.padded_order(epoch)))
+
+  def chunk(state, inputs, labels, order, first_step, *, length):
+    order = EpochOrder(*order)
+
+    def body(carry, step):
+      state, sums, order = carry
+      order = order_for(order, step // steps_per_epoch)
+      start = (step % steps_per_epoch) * batch_size
+      indices = jax.lax.dynamic_slice_in_dim(order.order, start, batch_size)
       state, batch_sums = train_step(state, constrain(gather_batch(inputs, labels, indices)))
-      return (state, metrics_lib.merge_metrics(sums, batch_sums)), None
+      return (state, metrics_lib.merge_metrics(sums, batch_sums), order), None
 
     zero_sums = metrics_lib.zero_metrics(
         jax.eval_shape(lambda st: train_step(st, constrain(
-            gather_batch(inputs, labels, order[:batch_size])))[1], state))
+            gather_batch(inputs, labels, order.order[:batch_size])))[1], state))
+    carry = (state, zero_sums, EpochOrder(jnp.asarray(order.epoch, jnp.int32), order.order))
+    first_step = jnp.asarray(first_step, jnp.int32)
     if length == 1:  # no loop at all: see `loops_are_slow`
-      (state, sums), _ = body((state, zero_sums), first)
-      return state, sums
-    (state, sums), _ = jax.lax.scan(body, (state, zero_sums), first + jnp.arange(length))
-    return state, sums
+      (state, sums, order), _ = body(carry, first_step)
+    else:
+      (state, sums, order), _ = jax.lax.scan(body, carry, first_step + jnp.arange(length))
+    return state, sums, order
 
   return chunk
 
@@ -144,8 +179,8 @@ def make_eval_all(
   `with_padding_row`), compiled: one call with a scan over the batches, or with `loop=False` one
   call per batch (see `loops_are_slow`); the data stays on the device either way."""
   steps = -(-num_examples // batch_size)
-  order = jnp.pad(jnp.arange(num_examples, dtype=jnp.int32), (0, steps * batch_size - num_examples),
-                  constant_values=-1)
+  order = np.pad(np.arange(num_examples, dtype=np.int32), (0, steps * batch_size - num_examples),
+                 constant_values=-1)  # NumPy: a constant of the program, no eager dispatch
 
   def eval_batch(state, inputs, labels, batch_index):
     indices = jax.lax.dynamic_slice_in_dim(order, batch_index * batch_size, batch_size)
@@ -157,7 +192,7 @@ def make_eval_all(
     def eval_all_unlooped(state, inputs, labels):
       sums = None
       for batch_index in range(steps):
-        batch_sums = compiled(state, inputs, labels, jnp.asarray(batch_index, jnp.int32))
+        batch_sums = compiled(state, inputs, labels, np.int32(batch_index))
         sums = metrics_lib.merge_metrics(sums, batch_sums)
       return sums
 

@@ -289,8 +289,8 @@ def _unchanged(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 def _train_members(states, train_step, eval_step, train_data, eval_data, *, num_classes,
                    num_steps, eval_every, eval_name, log):
-  """The vmapped loop: chunks of steps up to the next epoch end or evaluation, as `jdl.fit`'s
-  resident engine runs them; compiled ahead of time so that compilation is timed apart."""
+  """The vmapped loop: chunks of steps up to the next evaluation, as `jdl.fit`'s resident engine
+  runs them without a progress bar; compiled ahead of time so that compilation is timed apart."""
   data_lib.check_inputs(train_data.inputs, where="training inputs")
   data_lib.check_labels(train_data.labels, num_classes, where="training labels")
   vmapped_train = jax.vmap(train_step, in_axes=(0, None))
@@ -301,8 +301,8 @@ def _train_members(states, train_step, eval_step, train_data, eval_data, *, num_
   probe = resident.gather_batch(train.inputs, train.labels,
                                 jnp.zeros((train.batch_size,), jnp.int32))
   use_loop = not resident.loops_are_slow(vmapped_train, states, probe)
-  chunk = jax.jit(resident.make_train_chunk(vmapped_train, train.batch_size, _unchanged),
-                  static_argnames=("length",), donate_argnums=0)
+  chunk = jax.jit(resident.make_train_chunk(vmapped_train, train, _unchanged),
+                  static_argnames=("length",), donate_argnums=(0, 3))
   compile_seconds = 0.0
   compiled: dict[int, Any] = {}
   merge = None  # metric sums stay on the device between evaluations, merged by one program
@@ -321,32 +321,25 @@ def _train_members(states, train_step, eval_step, train_data, eval_data, *, num_
 
   history: list[dict[str, Any]] = []
   nonfinite = np.zeros(states.step.shape, np.int64)
-  step, order_epoch, order = 0, -1, None
+  step, order = 0, jax.device_put(train.initial_order())
   sums = None
   train_seconds = 0.0
   interval_start = time.perf_counter()
   while step < num_steps:
-    epoch, first = divmod(step, train.steps_per_epoch)
     next_eval = min((step // eval_every + 1) * eval_every, num_steps)
-    length = min(next_eval - step, train.steps_per_epoch - first)
-    if not use_loop:
-      length = 1
+    length = next_eval - step if use_loop else 1
     if length not in compiled:
-      if order is None:
-        order = train.padded_order(0)
       start = time.perf_counter()
-      arguments = (states, train.inputs, train.labels, order, jnp.asarray(0, jnp.int32))
+      arguments = (states, train.inputs, train.labels, order, np.int32(0))
       compiled[length] = chunk.lower(*arguments, length=length).compile()
       if merge is None:
-        _, sums_shape = jax.eval_shape(functools.partial(chunk, length=length), *arguments)
+        _, sums_shape, _ = jax.eval_shape(functools.partial(chunk, length=length), *arguments)
         merge = jax.jit(metrics_lib.merge_metrics).lower(sums_shape, sums_shape).compile()
       spent = time.perf_counter() - start
       compile_seconds += spent
       interval_start += spent
-    if epoch != order_epoch:
-      order_epoch, order = epoch, train.padded_order(epoch)
-    states, chunk_sums = compiled[length](states, train.inputs, train.labels, order,
-                                          jnp.asarray(first, jnp.int32))
+    states, chunk_sums, order = compiled[length](states, train.inputs, train.labels, order,
+                                                 np.int32(step))
     sums = chunk_sums if sums is None else merge(sums, chunk_sums)
     step += length
     if step == next_eval:

@@ -118,19 +118,20 @@ def test_fit_needs_a_length():
     jdl.fit(state, train_step, eval_step, train, test)
 
 
-@pytest.mark.parametrize("steps_per_call", [None, 3])
-def test_device_resident_scan_equals_the_per_step_loop(steps_per_call):
+@pytest.mark.parametrize("steps_per_call,progress", [(None, False), (3, False), (None, True)])
+def test_device_resident_scan_equals_the_per_step_loop(steps_per_call, progress):
   """The resident engine (whole splits on the device, lax.scan over steps) gives bitwise the
   parameters, losses and eval metrics of the per-step host loop for the same seed, including a
-  padded last batch (60 = 3 * 16 + 12) and a resume in the middle of an epoch."""
+  padded last batch (60 = 3 * 16 + 12), a resume in the middle of an epoch, and calls that cross
+  epoch ends (4 steps an epoch; without a progress bar a call runs to the next evaluation)."""
   runs = []
   for resident in (False, True):
     state, train_step, eval_step, train, test, _ = _setup()
     state, first = jdl.fit(state, train_step, eval_step, train, test, num_steps=6,
-                           eval_every_steps=5, progress=False, device_resident=resident,
+                           eval_every_steps=5, progress=progress, device_resident=resident,
                            steps_per_call=steps_per_call)
     state, second = jdl.fit(state, train_step, eval_step, train, test, num_steps=14,
-                            eval_every_steps=5, progress=False, device_resident=resident,
+                            eval_every_steps=5, progress=progress, device_resident=resident,
                             steps_per_call=steps_per_call)
     runs.append((state, first + second))
   (host_state, host_history), (scan_state, scan_history) = runs

@@ -79,7 +79,10 @@ def epoch_order(seed: jax.Array, epoch: jax.Array, *, num_examples: int, shuffle
   """
   if not shuffle:
     return jnp.arange(num_examples, dtype=jnp.int32)
-  key = jax.random.fold_in(jax.random.PRNGKey(seed), epoch)
+  if num_examples < SORT_FREE_MIN_EXAMPLES:
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), epoch)
+  else:  # the Feistel network hashes its key words itself: no threefry to compile
+    key = jnp.stack([jnp.asarray(seed, jnp.uint32), jnp.asarray(epoch, jnp.uint32)])
   return index_permutation(key, num_examples)
 
 
@@ -95,7 +98,8 @@ def index_permutation(key: jax.Array, n: int, *, rounds: int = SHUFFLE_ROUNDS) -
   a bijection of `[0, 4**half)` for any round function; `rounds` rounds of a keyed 32-bit hash
   make it look random (Luby and Rackoff: four already do for a random round function). Values
   that land at n or above are encrypted again until they fall below n ("cycle walking"), which
-  restricts the bijection to `[0, n)`. The domain is under 4n, so a walk takes a few steps and
+  restricts the bijection to `[0, n)`. The round keys are hashed from the words of `key` (a
+  PRNG key, or any uint32 words such as `[seed, epoch]`). The domain is under 4n, so a walk takes a few steps and
   the longest about log(n) of them. Every step is elementwise: the whole permutation costs a few
   vector passes over n integers, where a sort-based shuffle costs a few sorts. (Grain and
   `tf.random.experimental.index_shuffle` shuffle indices the same way.)
@@ -113,7 +117,7 @@ def index_permutation(key: jax.Array, n: int, *, rounds: int = SHUFFLE_ROUNDS) -
     return jax.random.permutation(key, n).astype(jnp.int32)
   half = (max(n - 1, 1).bit_length() + 1) // 2
   mask = jnp.uint32((1 << half) - 1)
-  round_keys = jax.random.bits(key, (rounds,), jnp.uint32)
+  round_keys = _round_keys(key, rounds)
 
   def encrypt(x: jax.Array) -> jax.Array:
     left, right = x >> half, x & mask
@@ -121,11 +125,26 @@ def index_permutation(key: jax.Array, n: int, *, rounds: int = SHUFFLE_ROUNDS) -
       left, right = right, left ^ (_mix32(right ^ round_keys[r]) & mask)
     return (left << half) | right
 
-  def walk(values: jax.Array) -> jax.Array:
-    return jnp.where(values >= n, encrypt(values), values)
+  def walk(carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    values, started = carry  # the first pass encrypts every value, later ones those >= n
+    return jnp.where(~started | (values >= n), encrypt(values), values), jnp.bool_(True)
 
-  first = encrypt(jnp.arange(n, dtype=jnp.uint32))
-  return jax.lax.while_loop(lambda values: jnp.any(values >= n), walk, first).astype(jnp.int32)
+  values, _ = jax.lax.while_loop(lambda carry: ~carry[1] | jnp.any(carry[0] >= n), walk,
+                                 (jnp.arange(n, dtype=jnp.uint32), jnp.bool_(False)))
+  return values.astype(jnp.int32)
+
+
+def _round_keys(key: jax.Array, rounds: int) -> jax.Array:
+  """`rounds` 32-bit round keys hashed from the words of `key` (a PRNG key or any uint32
+  words). A few integer hashes compile in a fraction of the time of threefry, and the Feistel
+  rounds need keys that look independent, not a cryptographic stream."""
+  words = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+  words = jnp.asarray(words, jnp.uint32).reshape(-1)
+  state = jnp.uint32(0x243F6A88)  # pi's first fraction bits: any odd constant would do
+  for index in range(words.shape[0]):
+    state = _mix32(state ^ words[index])
+  counter = jnp.arange(1, rounds + 1, dtype=jnp.uint32) * jnp.uint32(0x9E3779B9)
+  return _mix32(_mix32(state + counter) ^ state)
 
 
 def _mix32(x: jax.Array) -> jax.Array:
