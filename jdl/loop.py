@@ -407,8 +407,7 @@ class _ResidentEngine:
         *runner.place_replicated(resident.with_padding_row(train_data.inputs, train_data.labels)),
         batch_size=train_data.batch_size, shuffle=train_data.shuffle, seed=train_data.seed)
     self.train_step, self.eval_step = train_step, eval_step
-    chunk = resident.make_train_chunk(train_step, self.train, runner.constrain_batch)
-    self.chunk = jax.jit(chunk, static_argnames=("length",), donate_argnums=(0, 3))
+    self.chunk = None  # built with the loop decision, from the traced step
     self.order = runner.place_replicated(self.train.initial_order())
     self.eval_data, self.eval_all = eval_data, None
     if eval_data is not None:
@@ -421,12 +420,18 @@ class _ResidentEngine:
     compiled step per call, still on device-resident data, unless `steps_per_call` says more."""
     batch = jax.eval_shape(resident.gather_batch, self.train.inputs, self.train.labels,
                            jax.ShapeDtypeStruct((self.train.batch_size,), jnp.int32))
-    self.loop = not resident.loops_are_slow(self.train_step, state, batch)
+    train_step = resident.TracedStep(self.train_step, state, batch)  # traced once, used thrice
+    self.loop = not resident.loops_are_slow(train_step)
+    chunk = resident.make_train_chunk(train_step, self.train, self.runner.constrain_batch)
+    self.chunk = jax.jit(chunk, static_argnames=("length",), donate_argnums=(0, 3))
     if self.steps_per_call is None and not self.loop:
       self.steps_per_call = 1
     if self.eval_data is not None:
+      eval_batch = jax.eval_shape(resident.gather_batch, *self.eval_arrays,
+                                  jax.ShapeDtypeStruct((self.eval_data.batch_size,), jnp.int32))
+      eval_step = resident.TracedStep(self.eval_step, evaluation_state(state), eval_batch)
       self.eval_all = resident.make_eval_all(
-          self.eval_step, self.eval_data.batch_size, self.eval_data.num_examples,
+          eval_step, self.eval_data.batch_size, self.eval_data.num_examples,
           self.runner.constrain_batch, loop=self.loop)
 
   def advance(self, state, step, limit):
