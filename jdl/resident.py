@@ -114,7 +114,8 @@ class TracedStep:
     for leaf, aval in zip(leaves, self.jaxpr.in_avals):
       if (jnp.shape(leaf), jnp.result_type(leaf)) != (aval.shape, aval.dtype):
         raise ValueError(f"a traced step was called with a {jnp.result_type(leaf)}"
-                         f"{list(jnp.shape(leaf))} where it was traced for {aval.str_short()}.")
+                         f"{list(jnp.shape(leaf))} where it was traced for a {aval.dtype}"
+                         f"{list(aval.shape)}.")
     return jax.tree.unflatten(self.out_tree, self._replay(*leaves))
 
 

@@ -180,6 +180,27 @@ def test_convolutions_on_the_cpu_run_one_step_per_call_and_still_match_the_per_s
   assert host_history[-1]["test_loss"] == resident_history[-1]["test_loss"]
 
 
+def test_a_traced_step_replays_the_step_and_rejects_other_shapes():
+  """`TracedStep` (the step traced once, its jaxpr replayed) computes what the step computes:
+  bitwise under jit, up to rounding when replayed eagerly (operation by operation, unfused); and
+  it says what it was traced for when called with another batch shape."""
+  state, train_step, _, _, _, _ = _setup()
+  x, y = _problem(n=16)
+  batch = jdl.resident.gather_batch(x, y, np.arange(8, dtype=np.int32))
+  traced = jdl.resident.TracedStep(train_step, state, batch)
+  assert not jdl.resident.loops_are_slow(traced)
+  want_state, want_sums = jax.jit(train_step)(state, batch)
+  new_state, sums = jax.jit(traced)(state, batch)
+  jax.tree.map(np.testing.assert_array_equal, new_state.params, want_state.params)
+  jax.tree.map(np.testing.assert_array_equal, sums, want_sums)
+  eager_state, _ = traced(state, batch)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               eager_state.params, want_state.params)
+  short = jdl.resident.gather_batch(x, y, np.arange(4, dtype=np.int32))
+  with pytest.raises(ValueError, match=r"float32\[4, 6\] where it was traced for a float32\[8, 6\]"):
+    traced(state, short)
+
+
 @pytest.mark.parametrize("model, sample", [
     (models.CNN1D(num_classes=10, features=(4, 4), kernel_sizes=(5, 3)), np.zeros((1, 40), np.float32)),
     (models.ResNet(stage_sizes=(1,), block="basic", num_classes=3, width=4, layout="cifar"),
