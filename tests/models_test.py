@@ -74,7 +74,7 @@ def test_cnn1d_patch_convolution_equals_xla_convolution():
   xla_model = models.CNN1D(num_classes=10, conv="xla")
   patch_model = models.CNN1D(num_classes=10, conv="patches")
   variables = _init(xla_model, (1, 40))
-  assert jax.tree.structure(variables) == jax.tree.structure(_init(patch_model, (1, 40)))
+  jax.tree.map(np.testing.assert_array_equal, _init(patch_model, (1, 40)), variables)
   np.testing.assert_allclose(patch_model.apply(variables, x, train=False),
                              xla_model.apply(variables, x, train=False), rtol=1e-5, atol=1e-5)
   grad = lambda m: jax.grad(lambda v: m.apply(v, x, train=False).sum())(variables)
@@ -82,15 +82,18 @@ def test_cnn1d_patch_convolution_equals_xla_convolution():
                grad(patch_model), grad(xla_model))
 
 
-def test_patch_conv1d_in_both_layouts_equals_nn_conv():
+@pytest.mark.parametrize("size, stride, padding, length", [
+    (3, 2, 1, 23), (5, 2, 1, 40), (3, 1, 0, 9), (4, 3, 2, 17), (2, 3, 0, 11)])
+def test_patch_conv1d_in_both_layouts_equals_nn_conv(size, stride, padding, length):
   """PatchConv1D computes nn.Conv's output with nn.Conv's parameters, in [batch, length,
-  channels] and in [channels, length, batch] (the layout CNN1D runs it in), strided and padded."""
-  x = jax.random.normal(jax.random.PRNGKey(2), (4, 23, 3))
-  conv = nn.Conv(6, kernel_size=(3,), strides=(2,), padding=[(1, 1)])
+  channels] and in [channels, length, batch] (the layout CNN1D runs it in, where taps come from
+  stride phases), for strides that do and do not divide the padded length."""
+  x = jax.random.normal(jax.random.PRNGKey(2), (4, length, 3))
+  conv = nn.Conv(6, kernel_size=(size,), strides=(stride,), padding=[(padding, padding)])
   variables = conv.init(jax.random.PRNGKey(0), x)
   expected = conv.apply(variables, x)
-  nlc = models.PatchConv1D(6, 3, stride=2, padding=1)
-  cln = models.PatchConv1D(6, 3, stride=2, padding=1, layout="CLN")
+  nlc = models.PatchConv1D(6, size, stride=stride, padding=padding)
+  cln = models.PatchConv1D(6, size, stride=stride, padding=padding, layout="CLN")
   assert jax.tree.structure(nlc.init(jax.random.PRNGKey(0), x)) == jax.tree.structure(variables)
   np.testing.assert_allclose(nlc.apply(variables, x), expected, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(cln.apply(variables, x.transpose(2, 1, 0)).transpose(2, 1, 0),
