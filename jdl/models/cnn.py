@@ -82,7 +82,7 @@ class PatchConv1D(nn.Module):
   slices of whole `[length, batch]` rows, and the product `[out, size*in] @ [size*in,
   length*batch]` has the long axis where the CPU's vector units want it. A small CNN's training
   step runs about twice as fast that way, so `CNN1D` transposes once to "CLN", stacks its
-  convolutions there, and transposes back before its dense layer.
+  convolutions there, and reads the last one's output with its dense layer (`DenseFromCLN`).
   """
 
   features: int
