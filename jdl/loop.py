@@ -91,7 +91,7 @@ def fit(
 
   Two engines give the same batches and, for the same seed, the same parameters:
     * device-resident: in-memory splits (`ArraySource`) are copied to the device once and up to
-      `steps_per_call` steps run per compiled call as one `lax.scan`, with each epoch's order
+      `steps_per_call` steps run per compiled call as one compiled loop, with each epoch's order
       drawn on the device inside it; metrics come back once per call. Used by default when the
       data fit (`jdl.resident.DEFAULT_RESIDENT_LIMIT_BYTES`), in a single-process run, outside
       pmap.

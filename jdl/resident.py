@@ -54,7 +54,7 @@ class ResidentData:
 
   def padded_order(self, epoch: int | jax.Array) -> jax.Array:
     """The epoch's order padded with -1 (masked slots) to `steps_per_epoch * batch_size`.
-    Traceable: `epoch` may be a traced scalar, as inside `make_train_chunk`'s scan."""
+    Traceable: `epoch` may be a traced scalar, as inside `make_train_chunk`'s loop."""
     order = epoch_order(jnp.asarray(self.seed, jnp.uint32), jnp.asarray(epoch, jnp.uint32),
                         num_examples=self.num_examples, shuffle=self.shuffle)
     extra = self.steps_per_epoch * self.batch_size - self.num_examples

@@ -2,8 +2,8 @@
 
 The vectorised sweep. Small models leave a device mostly idle, so N of them can train in the time
 of about one: `train_vmapped` stacks N `TrainState`s (leading axis N on every leaf) and runs the
-usual jdl train step under `jax.vmap`, feeding every member the same batches, each epoch as one
-`lax.scan` over device-resident data (`jdl.resident`). Members differ in their seed
+usual jdl train step under `jax.vmap`, feeding every member the same batches, each evaluation
+interval as one compiled loop over device-resident data (`jdl.resident`). Members differ in their seed
 (initialisation and dropout keys) and their learning rate. The learning rate cannot be changed by
 overwriting the `learning_rate` that `make_optimizer` injects into the optimizer state: optax
 recomputes it from the schedule at every update. So the members' optimizer is
@@ -214,10 +214,10 @@ def train_vmapped(
 
   Member i has learning rate `learning_rates[i]` and seed `seeds[i]` (a sequence of one value
   applies to every member; None: the config's learning rate, seed 0). Every member sees the same
-  batches, in the order of `train_data` (its `seed` and `shuffle`), and each epoch runs as one
-  `lax.scan` over the device-resident split (`jdl.resident`), or one step per call where a loop
-  would be slow (convolutions on the CPU, `jdl.resident.loops_are_slow`). Member i ends with the
-  parameters of `jdl.fit` on a state built by `create_train_state(model,
+  batches, in the order of `train_data` (its `seed` and `shuffle`), and each evaluation interval
+  runs as one compiled loop over the device-resident split (`jdl.resident`), or one step per call
+  where a loop would be slow (convolutions on the CPU, `jdl.resident.loops_are_slow`). Member i
+  ends with the parameters of `jdl.fit` on a state built by `create_train_state(model,
   make_optimizer({**optimizer_config, "learning_rate": learning_rates[i]}), ...,
   PRNGKey(seeds[i]))` and the same data, up to float rounding.
 

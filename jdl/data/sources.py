@@ -99,8 +99,8 @@ def index_permutation(key: jax.Array, n: int, *, rounds: int = SHUFFLE_ROUNDS) -
   make it look random (Luby and Rackoff: four already do for a random round function). Values
   that land at n or above are encrypted again until they fall below n ("cycle walking"), which
   restricts the bijection to `[0, n)`. The round keys are hashed from the words of `key` (a
-  PRNG key, or any uint32 words such as `[seed, epoch]`). The domain is under 4n, so a walk takes a few steps and
-  the longest about log(n) of them. Every step is elementwise: the whole permutation costs a few
+  PRNG key, or any uint32 words such as `[seed, epoch]`). The domain is under 4n, so a walk
+  takes a few steps and the longest about log(n) of them. Every step is elementwise: the whole permutation costs a few
   vector passes over n integers, where a sort-based shuffle costs a few sorts. (Grain and
   `tf.random.experimental.index_shuffle` shuffle indices the same way.)
 

@@ -118,7 +118,7 @@ class PatchConv1D(nn.Module):
     # are put in the same (in, size) order. Tap i reads positions i, i + stride, ...: with the
     # padded length cut into `stride` phases ([in, length / stride, stride, batch], a free
     # reshape), that is phase i % stride from row i // stride on, a contiguous run of rows
-    # where a strided slice gathered every other row (6% of the MNIST-1D CNN's step).
+    # where a strided slice gathered every other row (see `DenseFromCLN` for what both gained).
     batch, stride = x.shape[2], self.stride
     x = jnp.pad(x, [(0, 0), (0, -x.shape[1] % stride), (0, 0)])
     phases = x.reshape(channels, x.shape[1] // stride, stride, batch)
@@ -200,7 +200,8 @@ class DenseFromCLN(nn.Module):
   `[batch, length, channels]` holds them) are reordered to `(channels, length)` and contracted
   with `x` seen as `[channels * length, batch]`. The parameters (names, shapes, initial values)
   are `nn.Dense`'s; the result is its own up to float rounding. Moving the kernel's 1,250 numbers
-  costs less than moving the activations' 12,500: the MNIST-1D CNN's step is 8% faster.
+  costs less than moving the activations' 12,500 (with `PatchConv1D`'s stride phases, the
+  MNIST-1D CNN's step took 0.88-0.89x the time it did before).
   """
 
   features: int
