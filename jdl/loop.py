@@ -524,7 +524,7 @@ def train_and_evaluate(config: Any, workdir: str,
       config.loss, l1=config.l1, l2=config.l2, top_k=tuple(config.top_k),
       axis_name=runner.axis_name, augment=device_augment,
       label_smoothing=config.label_smoothing, compute_dtype=config.compute_dtype,
-      adversary=make_adversary(config.adversarial),
+      adversary=make_adversary(config.adversarial), check_finite=config.check_finite,
   )
   if config.progress:
     log(f"{meta.name}: {train_data.num_examples} train / {eval_data.num_examples} "

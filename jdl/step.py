@@ -266,13 +266,17 @@ def make_classification_steps(
     label_smoothing: float = 0.0,
     compute_dtype: Any = None,
     adversary: AdversaryFn | None = None,
+    check_finite: bool = True,
 ) -> tuple[TrainStepFn, EvalStepFn]:
   """Train and eval steps for classification with a named loss, L1/L2 penalties, top-k, optional
   on-device augmentation of training batches, label smoothing, mixed precision and adversarial
   training (`adversary`, e.g. `jdl.analysis.adversarial.make_adversary(0.03)`).
 
   Label smoothing applies to the training loss only: the eval step reports the plain loss, so
-  evaluation numbers compare across smoothing settings."""
+  evaluation numbers compare across smoothing settings. `check_finite=False` drops the per-step
+  NaN/inf check of the loss and gradients (see `make_train_step`): a pass over every gradient,
+  12-16% of a 784-128-10 MLP's step on a 2-core CPU, nothing measurable for a small CNN; `fit`
+  then cannot stop a diverging run at its first bad step."""
   metrics_fn = functools.partial(metrics_lib.classification_metrics, top_k=top_k)
   train_step = make_train_step(
       losses_lib.get_classification_loss(loss_name, label_smoothing),
@@ -282,6 +286,7 @@ def make_classification_steps(
       augment=augment,
       compute_dtype=compute_dtype,
       adversary=adversary,
+      check_finite=check_finite,
   )
   eval_step = make_eval_step(losses_lib.get_classification_loss(loss_name), metrics_fn=metrics_fn,
                              axis_name=axis_name, compute_dtype=compute_dtype)

@@ -228,8 +228,42 @@ def test_non_finite_gradient_names_the_parameter():
             None, num_steps=2, progress=False)
 
 
+def test_classification_steps_without_the_finite_check_train_the_same():
+  """`check_finite=False` drops the watch's metrics and nothing else: same parameters and loss,
+  and `fit` runs without the watch."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(40, 6)).astype(np.float32)
+  y = rng.integers(0, 3, 40).astype(np.int32)
+  states = []
+  for check in (True, False):
+    train_step, eval_step = jdl.make_classification_steps(check_finite=check)
+    _, metrics = jax.jit(train_step)(_mlp_state(), {"input": x[:10], "label": y[:10]})
+    assert ("nonfinite_step" in metrics) == check
+    state, history = jdl.fit(_mlp_state(), train_step, eval_step,
+                             data_lib.ArraySource(x, y, 10, shuffle=True), None, num_steps=6,
+                             progress=False)
+    states.append((state, history[-1]["train_loss"]))
+  jax.tree.map(np.testing.assert_array_equal, states[0][0].params, states[1][0].params)
+  assert states[0][1] == states[1][1]
+
+
 # ---------------------------------------------------------------------------------------------
 # Optimisation and regularisation keys of the config reach the run.
+
+
+def test_config_check_finite_reaches_the_steps(tmp_path, mnist1d_data_dir, monkeypatch):
+  """`check_finite=false` in the config builds the steps without the NaN/inf watch."""
+  seen = []
+  original = jdl.step.make_classification_steps
+
+  def recording(*args, **kwargs):
+    seen.append(kwargs["check_finite"])
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(jdl.step, "make_classification_steps", recording)
+  config = _tiny_config(mnist1d_data_dir, ["layout=none", "num_steps=20", "check_finite=false"])
+  jdl.train_and_evaluate(config, str(tmp_path))
+  assert seen == [False]
 
 
 def test_config_regularisation_and_precision_reach_the_run(tmp_path, mnist1d_data_dir):
