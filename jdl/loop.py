@@ -8,6 +8,7 @@ called after each evaluation with that evaluation's record.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import threading
@@ -505,6 +506,8 @@ def train_and_evaluate(config: Any, workdir: str,
       raise ValueError(
           f"{checkpointer.directory} already holds checkpoints (steps {checkpointer.steps()}) and "
           "config.resume is false; use a new workdir, or resume=true to continue that run.")
+    if checkpointer.steps():
+      check_resumable(workdir, config)
   train_data, eval_data, meta, vocabulary = runs.load_task_data(
       config, pipeline_augment=pipeline_augment)
   model = models.build_model(config.model, num_classes=meta.num_classes, axis_name=runner.axis_name)
@@ -572,6 +575,47 @@ def train_and_evaluate(config: Any, workdir: str,
 
 
 CHECKPOINT_DIR = runs.CHECKPOINT_DIR
+
+
+RESUMABLE_CHANGES = frozenset({
+    "num_steps", "num_epochs", "eval_every_steps", "eval_batch_size", "progress", "resume",
+    "checkpoint", "checkpoint_every_steps", "checkpoint_min_seconds", "keep_checkpoints",
+    "best_metric", "check_finite", "data_dir", "manual_dir", "download", "distributed",
+    "num_devices", "layout"})
+"""Config keys a resumed run may change: how long, how often to evaluate or save, where the data
+is, on which devices. Every other key shapes the trajectory (seed, model, optimizer, data...)."""
+
+
+def check_resumable(workdir: str, config: Any) -> None:
+  """Raises ValueError if `workdir` holds a run whose saved config differs from `config` in a
+  key outside `RESUMABLE_CHANGES`: resuming would silently continue that run with other
+  settings (another seed, say). A workdir without `config.json` is not checked."""
+  try:
+    saved = runs.read_config(workdir).to_dict()
+  except FileNotFoundError:
+    return
+  saved = _flat(saved)
+  now = _flat(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+  # Keys only one side has (a config written before a key existed) are not compared.
+  differing = [key for key in sorted(set(saved) & set(now))
+               if key.split(".")[0] not in RESUMABLE_CHANGES and saved[key] != now[key]]
+  if differing:
+    changes = "; ".join(f"{key}: {saved[key]!r} there, {now[key]!r} now" for key in differing[:5])
+    raise ValueError(
+        f"{workdir} holds checkpoints of a run with another config ({changes}"
+        f"{'; ...' if len(differing) > 5 else ''}). Resuming would continue that run with these "
+        "settings; use a new workdir for the new run, or the saved config to resume the old one.")
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Dotted keys -> values, normalised as `config.json` stores them (lists, strings)."""
+  flat: dict[str, Any] = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flat(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = json.loads(json.dumps(value, default=str))
+  return flat
 
 
 def make_adversary(adversarial_config: Mapping[str, Any]) -> step_lib.AdversaryFn | None:

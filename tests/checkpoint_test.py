@@ -251,6 +251,26 @@ def test_classification_steps_without_the_finite_check_train_the_same():
 # Optimisation and regularisation keys of the config reach the run.
 
 
+def test_resuming_with_another_seed_fails_and_keeps_the_saved_run(tmp_path, mnist1d_data_dir):
+  """A workdir's checkpoints resume only under the config that wrote them, up to the keys a
+  resume may change (`RESUMABLE_CHANGES`: the length of the run, say); another seed or learning
+  rate is an error naming the keys, and the saved config and checkpoints are left as they were."""
+  jdl.train_and_evaluate(_tiny_config(mnist1d_data_dir, ["layout=none", "num_steps=20"]),
+                         str(tmp_path))
+  saved_config = (tmp_path / "config.json").read_text()
+  checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+  with pytest.raises(ValueError, match=r"another config \(optimizer.learning_rate: 0.01 there, "
+                                       r"0.002 now; seed: 0 there, 1 now\)"):
+    jdl.train_and_evaluate(_tiny_config(mnist1d_data_dir, [
+        "layout=none", "num_steps=20", "seed=1", "optimizer.learning_rate=0.002"]), str(tmp_path))
+  assert (tmp_path / "config.json").read_text() == saved_config
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == checkpoints
+  _, history = jdl.train_and_evaluate(
+      _tiny_config(mnist1d_data_dir, ["layout=none", "num_steps=40", "check_finite=false"]),
+      str(tmp_path))
+  assert [record["step"] for record in history] == [40]
+
+
 def test_config_check_finite_reaches_the_steps(tmp_path, mnist1d_data_dir, monkeypatch):
   """`check_finite=false` in the config builds the steps without the NaN/inf watch."""
   seen = []
