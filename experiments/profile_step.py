@@ -3,9 +3,9 @@
   python -m experiments.profile_step --model=seed_mlp      # 784-128-10 MLP, Adam 1e-3, batch 32
   python -m experiments.profile_step --model=mnist1d_cnn   # the MNIST-1D paper's CNN, batch 100
 
-Runs `--steps` training steps (at most one epoch: 1,875 for the MLP, 40 for the CNN, as `fit`
-runs them) as one device-resident scan, exactly the program `jdl.fit` runs
-(`jdl.resident.make_train_chunk`), on random data of the benchmark's shape: first timed without a
+Runs `--steps` training steps (at most one epoch: 1,875 for the MLP, 40 for the CNN, so that
+every timed call repeats the same steps of epoch 0) as one device-resident loop, the program
+`jdl.fit` runs (`jdl.resident.make_train_chunk`), on random data of the benchmark's shape: first timed without a
 profiler (median of `--repeats` calls), then once under `jax.profiler` with XLA:CPU's
 per-operation trace events (`--xla_cpu_enable_xprof_traceme`, set here before JAX starts). It
 prints the operations that took most time per step, what each computes (the JAX operation XLA
