@@ -96,7 +96,8 @@ class TracedStep:
   Tracing a Flax train step runs all of its Python (module construction, scopes, autodiff):
   0.15 s for the MNIST-1D CNN, and the resident engine needs the step's jaxpr three times (the
   loop decision, the metric shapes, the loop body). Replaying the recorded jaxpr binds the same
-  operations without running that Python again. Calls must have the example's structure,
+  operations without running that Python again, so callers trace a `TracedStep` as they would
+  the step itself (`jax.eval_shape`, `jit`) at a fraction of the cost. Calls must have the example's structure,
   shapes and dtypes.
   """
 
@@ -191,12 +192,8 @@ def make_train_chunk(
   def chunk(state, inputs, labels, order, first_step, *, length):
     order = EpochOrder(jnp.asarray(order[0], jnp.int32), order[1])
     first_step = jnp.asarray(first_step, jnp.int32)
-    if isinstance(train_step, TracedStep):
-      sums_shape = train_step.out_shape[1]
-    else:
-      sums_shape = jax.eval_shape(lambda st: train_step(st, constrain(
-          gather_batch(inputs, labels, order.order[:batch_size])))[1], state)
-    zero_sums = metrics_lib.zero_metrics(sums_shape)
+    zero_sums = metrics_lib.zero_metrics(jax.eval_shape(lambda st: train_step(st, constrain(
+        gather_batch(inputs, labels, order.order[:batch_size])))[1], state))
     if length == 1:  # no loop at all: see `loops_are_slow`
       order = order_for(order, first_step // steps_per_epoch)
       state, sums = train_one(state, zero_sums, order.order, inputs, labels, first_step)
@@ -254,11 +251,8 @@ def make_eval_all(
     def body(sums, batch_index):
       return metrics_lib.merge_metrics(sums, eval_batch(state, inputs, labels, batch_index)), None
 
-    if isinstance(eval_step, TracedStep):
-      sums_shape = eval_step.out_shape
-    else:
-      sums_shape = jax.eval_shape(eval_batch, state, inputs, labels, 0)
-    sums, _ = jax.lax.scan(body, metrics_lib.zero_metrics(sums_shape), jnp.arange(steps))
+    zero_sums = metrics_lib.zero_metrics(jax.eval_shape(eval_batch, state, inputs, labels, 0))
+    sums, _ = jax.lax.scan(body, zero_sums, jnp.arange(steps))
     return sums
 
   return jax.jit(eval_all)
