@@ -120,14 +120,7 @@ def initial_variables(model: nn.Module, rng: jax.Array, sample_input: jax.Array
   unhashable attributes (a list, say) cannot key the cache and is initialised eagerly; inside a
   traced function (`jit`, `vmap`: `jdl.vmap_sweep`) the init is traced into it.
   """
-  if _tracing(rng, sample_input):
-    return _init(model, rng, sample_input)  # inside jit or vmap: compiled with it
-  try:
-    hash(model)
-  except TypeError:
-    return _init(model, rng, sample_input)
-  compiled = _compiled_init_cpu if jax.default_backend() == "cpu" else _compiled_init
-  return compiled(model, rng, sample_input)
+  return _compiled_per_object(_init, model, rng, sample_input)
 
 
 def initial_optimizer_state(tx: optax.GradientTransformation, params: Params) -> optax.OptState:
@@ -139,18 +132,21 @@ def initial_optimizer_state(tx: optax.GradientTransformation, params: Params) ->
   themselves (so donating the state never donates one buffer twice). An optimizer that cannot
   be hashed, or a call inside a traced function, runs `tx.init` as it is.
   """
-  if _tracing(params):
-    return tx.init(params)
+  return _compiled_per_object(_tx_init, tx, params)
+
+
+def _compiled_per_object(fn: Callable[..., Any], static: Any, *args: Any) -> Any:
+  """`fn(static, *args)`, compiled once per hashable `static` (at `INIT_COMPILER_OPTIONS` on the
+  CPU); run as it is inside a traced function (it is compiled with that) or when `static` cannot
+  key a cache."""
+  if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args)):
+    return fn(static, *args)
   try:
-    hash(tx)
+    hash(static)
   except TypeError:
-    return tx.init(params)
-  compiled = _compiled_tx_init_cpu if jax.default_backend() == "cpu" else _compiled_tx_init
-  return compiled(tx, params)
-
-
-def _tracing(*trees: Any) -> bool:
-  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
+    return fn(static, *args)
+  options = INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+  return _COMPILED[(fn, options is not None)](static, *args)
 
 
 def _init(model: nn.Module, rng: jax.Array, sample_input: jax.Array) -> tuple[Any, jax.Array]:
@@ -164,11 +160,9 @@ def _tx_init(tx: optax.GradientTransformation, params: Params) -> optax.OptState
 
 
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
-_compiled_init = jax.jit(_init, static_argnums=0)
-_compiled_init_cpu = jax.jit(_init, static_argnums=0, compiler_options=INIT_COMPILER_OPTIONS)
-_compiled_tx_init = jax.jit(_tx_init, static_argnums=0)
-_compiled_tx_init_cpu = jax.jit(_tx_init, static_argnums=0,
-                                compiler_options=INIT_COMPILER_OPTIONS)
+_COMPILED = {(fn, on_cpu): jax.jit(fn, static_argnums=0,
+                                   compiler_options=INIT_COMPILER_OPTIONS if on_cpu else None)
+             for fn in (_init, _tx_init) for on_cpu in (False, True)}
 
 
 def count_params(params: Params) -> int:
