@@ -21,6 +21,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from jdl import runtime
 from jdl.transfer import transfer_config
 
 
@@ -118,6 +119,7 @@ def classification_config() -> ml_collections.ConfigDict:
   config.layout = "auto"  # auto (shard if >1 device), none (jit, 1 device), shard (jit + mesh), pmap
   config.num_devices = 0  # devices to use; 0: all (per process for pmap)
   config.distributed = "auto"  # join a multi-process run: auto (if JAX_COORDINATOR_ADDRESS), on, off
+  config.cpu_threads = 0  # threads for XLA's CPU backend (jdl.set_cpu_threads); 0: one per core
   return config
 
 
@@ -257,6 +259,10 @@ def run_experiment(
   if parsed is None:
     return None
   config, workdir = parsed
+  try:
+    runtime.apply_cpu_threads(config.get("cpu_threads", 0))  # before JAX's first computation
+  except ValueError as error:
+    raise ConfigError(f"config.cpu_threads: {error}") from None
   return (train or train_and_evaluate)(config, workdir)
 
 

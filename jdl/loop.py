@@ -581,7 +581,7 @@ RESUMABLE_CHANGES = frozenset({
     "num_steps", "num_epochs", "eval_every_steps", "eval_batch_size", "progress", "resume",
     "checkpoint", "checkpoint_every_steps", "checkpoint_min_seconds", "keep_checkpoints",
     "best_metric", "check_finite", "data_dir", "manual_dir", "download", "distributed",
-    "num_devices", "layout"})
+    "num_devices", "layout", "cpu_threads"})
 """Config keys a resumed run may change: how long, how often to evaluate or save, where the data
 is, on which devices. Every other key shapes the trajectory (seed, model, optimizer, data...)."""
 

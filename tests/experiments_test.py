@@ -267,7 +267,7 @@ def test_benchmarks_import_and_name_their_contenders():
   from experiments import bench_mnist1d_cnn, bench_seed_mlp  # pylint: disable=import-outside-toplevel
 
   assert {"jdl", "plain", "keras-jax", "keras-tf", "pipeline", "peak"} <= set(bench_seed_mlp.CONTENDERS)
-  assert set(bench_mnist1d_cnn.CONTENDERS) == {"jdl", "plain"}
+  assert set(bench_mnist1d_cnn.CONTENDERS) == {"jdl", "plain", "plain_1thread"}
   assert bench_seed_mlp.TRAIN_FLOPS_PER_EXAMPLE == 6 * (784 * 128 + 128 * 10)
 
 

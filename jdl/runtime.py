@@ -1,0 +1,78 @@
+"""Process-wide settings of the XLA runtime: they must be made before JAX's first computation.
+
+XLA's CPU backend runs a program's operations on a pool of threads, one per core the process may
+use: each operation that becomes ready starts on whichever thread is free. For a small model
+that parallelism costs more than it gives, because its operations take microseconds and a hand-off
+between threads costs about as much. On a 2-core machine the MNIST-1D CNN's training step took
+0.28-0.39 ms on one thread against 0.43-0.47 ms on two; the seed MLP, whose 784x128 products the
+pool splits usefully, is faster on two (0.31-0.36 against 0.39 ms). See BUILD_NOTES.md, "Speed".
+The thread count changes no result: each operation computes the same values on any thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+# XLA sizes its PJRT clients' thread pools from this variable, read once when a client starts.
+THREADS_VARIABLE = "PJRT_NPROC"
+
+_log = logging.getLogger(__name__)
+
+
+def backend_started() -> bool:
+  """Whether JAX has started its backends (after which their thread pools are fixed)."""
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+
+  # Private, but read-only; without it, assume not started and let the setting take its chance.
+  started = getattr(xla_bridge, "backends_are_initialized", None)
+  return bool(started and started())
+
+
+def set_cpu_threads(count: int) -> None:
+  """Runs XLA's CPU programs on `count` threads instead of one per core.
+
+  Call it before JAX's first computation (creating an array counts): XLA sizes its thread pool
+  once, when the backend starts, from the `PJRT_NPROC` environment variable, which this sets.
+  `PJRT_NPROC=1 python ...` does the same from the shell. The experiments' `cpu_threads` config
+  key calls it when it can (see `apply_cpu_threads`). XLA gives the pool at least one thread per
+  CPU device, so with `--xla_force_host_platform_device_count=8` it keeps eight.
+
+  Raises:
+    ValueError: `count` is not a positive integer.
+    RuntimeError: JAX's backends have already started, with a thread count not set to `count`.
+  """
+  _check_count(count, minimum=1)
+  if os.environ.get(THREADS_VARIABLE) == str(count):
+    return  # already so, set here or in the environment
+  if backend_started():
+    raise RuntimeError(
+        f"cannot run XLA's CPU backend on {count} thread(s): JAX has already started its "
+        f"backends ({THREADS_VARIABLE}={os.environ.get(THREADS_VARIABLE, 'unset')}). Call "
+        f"jdl.set_cpu_threads({count}) before JAX's first computation, or start the process "
+        f"with {THREADS_VARIABLE}={count}.")
+  os.environ[THREADS_VARIABLE] = str(count)
+
+
+def apply_cpu_threads(count: int) -> bool:
+  """`set_cpu_threads(count)` where it can still take effect; `count` 0 leaves XLA's default.
+
+  For an experiment's `cpu_threads` key: a script's process has not started JAX yet, so the
+  setting applies; called in a process where JAX is already running (a notebook, a test), it
+  cannot, and a logged warning says so instead of failing a run over a speed setting. Returns
+  whether the setting is in effect."""
+  _check_count(count, minimum=0)
+  if count == 0:
+    return True
+  try:
+    set_cpu_threads(count)
+  except RuntimeError as error:
+    _log.warning("cpu_threads=%d not applied: %s", count, error)
+    return False
+  return True
+
+
+def _check_count(count: int, *, minimum: int) -> None:
+  if isinstance(count, bool) or not isinstance(count, int) or count < minimum:
+    meaning = "a positive integer" if minimum else "a non-negative integer (0: one per core)"
+    raise ValueError(f"the CPU thread count must be {meaning}; got {count!r}.")

@@ -1,0 +1,92 @@
+"""`jdl.set_cpu_threads`: it takes effect before JAX starts, refuses loudly after, changes no value."""
+
+import json
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import jdl
+from jdl import runtime
+
+from experiments import mnist1d
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# A tiny CNN1D trained a few steps: its parameters, then how many threads XLA's CPU pool has.
+TRAIN_AND_REPORT = """
+import glob, json, sys
+import jax, numpy as np
+import jdl
+threads = int(sys.argv[1])
+if threads:
+  jdl.set_cpu_threads(threads)
+rng = np.random.default_rng(0)
+x, y = rng.normal(size=(64, 40)).astype(np.float32), rng.integers(0, 10, 64).astype(np.int32)
+model = jdl.models.CNN1D(features=(4, 4), kernel_sizes=(5, 3), num_classes=10)
+state = jdl.create_train_state(model, jdl.make_optimizer({"name": "adam", "learning_rate": 1e-2}),
+                               x[:1], jax.random.PRNGKey(0))
+step, _ = jdl.make_classification_steps()
+state, _ = jdl.fit(state, step, None, jdl.data.ArraySource(x, y, 16, shuffle=True, seed=0), None,
+                   num_steps=12, progress=False)
+names = []
+for path in glob.glob("/proc/self/task/*/comm"):
+  names.append(open(path).read().strip())
+print(json.dumps({"params": [np.asarray(l).tolist() for l in jax.tree.leaves(state.params)],
+                  "pool_threads": sum("XLAEigen" in n for n in names)}))
+"""
+
+
+def _train_in_fresh_process(threads: int) -> dict:
+  # One CPU device: XLA gives its pool at least a thread per device, whatever PJRT_NPROC says.
+  env = {k: v for k, v in os.environ.items() if k not in (runtime.THREADS_VARIABLE, "XLA_FLAGS")}
+  done = subprocess.run([sys.executable, "-c", TRAIN_AND_REPORT, str(threads)], cwd=REPO_ROOT,
+                        env=env, capture_output=True, text=True, timeout=300, check=True)
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_one_thread_takes_effect_and_changes_no_value():
+  one, default = _train_in_fresh_process(1), _train_in_fresh_process(0)
+  for a, b in zip(one["params"], default["params"]):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  if pathlib.Path("/proc/self/task").is_dir() and default["pool_threads"]:
+    # XLA names its CPU pool's threads "...XLAEigen"; where it does, one thread is what ran.
+    assert one["pool_threads"] == 1
+
+
+@pytest.mark.parametrize("count", [0, -1, True, 1.5, "1"])
+def test_a_count_that_is_not_a_positive_integer_is_refused(count):
+  with pytest.raises(ValueError, match="positive integer"):
+    jdl.set_cpu_threads(count)
+
+
+def test_after_jax_started_a_new_count_is_refused_and_nothing_changes(monkeypatch):
+  jax.devices()  # JAX's backends have started
+  monkeypatch.delenv(runtime.THREADS_VARIABLE, raising=False)
+  with pytest.raises(RuntimeError, match="before JAX's first computation.*PJRT_NPROC=3"):
+    jdl.set_cpu_threads(3)
+  assert runtime.THREADS_VARIABLE not in os.environ
+  # The count the process was started with is accepted: nothing to change.
+  monkeypatch.setenv(runtime.THREADS_VARIABLE, "3")
+  jdl.set_cpu_threads(3)
+
+
+def test_the_config_key_warns_instead_of_failing_a_run_once_jax_runs(monkeypatch, caplog):
+  jax.devices()
+  monkeypatch.delenv(runtime.THREADS_VARIABLE, raising=False)
+  with caplog.at_level(logging.WARNING, logger="jdl.runtime"):
+    assert not runtime.apply_cpu_threads(3)
+  assert "cpu_threads=3 not applied" in caplog.text
+  assert runtime.apply_cpu_threads(0)  # 0: XLA's default, nothing to do
+
+
+def test_a_negative_config_count_is_a_config_error(tmp_path):
+  with pytest.raises(jdl.ConfigError, match="cpu_threads.*non-negative"):
+    jdl.run_experiment(mnist1d.get_config,
+                       [f"--workdir={tmp_path / 'run'}", "--config.cpu_threads=-1"], name="mnist1d")
+  assert not (tmp_path / "run").exists()
