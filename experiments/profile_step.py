@@ -90,7 +90,14 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=1000, help="capped at one epoch")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--top", type=int, default=15)
+  parser.add_argument("--cpu_threads", type=int, default=None,
+                      help="XLA CPU threads (jdl.set_cpu_threads); default: the experiment's "
+                           "(1 for mnist1d_cnn, one per core for seed_mlp)")
   args = parser.parse_args()
+  threads = args.cpu_threads if args.cpu_threads is not None else (
+      1 if args.model == "mnist1d_cnn" else 0)
+  if threads:
+    jdl.set_cpu_threads(threads)  # before JAX's first computation
 
   state, train_step, inputs, labels, batch_size = build(args.model)
   train = resident.ResidentData(*jax.device_put(resident.with_padding_row(inputs, labels)),
