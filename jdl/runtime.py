@@ -6,7 +6,10 @@ that parallelism costs more than it gives, because its operations take microseco
 between threads costs about as much. On a 2-core machine the MNIST-1D CNN's training step took
 0.28-0.39 ms on one thread against 0.43-0.47 ms on two; the seed MLP, whose 784x128 products the
 pool splits usefully, is faster on two (0.31-0.36 against 0.39 ms). See BUILD_NOTES.md, "Speed".
-The thread count changes no result: each operation computes the same values on any thread.
+The jdl models measured here give bitwise the same parameters on one thread and two (tested);
+an operation that XLA splits across threads by its reduction axis (Eigen's convolutions, say)
+may round differently, so other models can differ in the last bits (the MNIST-1D benchmark's
+plain loop, which uses `nn.Conv`, does).
 """
 
 from __future__ import annotations
