@@ -42,7 +42,8 @@ def run_jdl(seed: int) -> dict:
   from experiments import mnist1d  # pylint: disable=import-outside-toplevel
 
   config = mnist1d.get_config()
-  jdl.set_cpu_threads(config.cpu_threads)  # before JAX's first computation, as the experiment does
+  if config.cpu_threads:  # before JAX's first computation, as the experiment does
+    jdl.set_cpu_threads(config.cpu_threads)
   (x, y), (x_test, y_test) = load_mnist1d()
   start = time.perf_counter()  # data loaded, as for the plain loop; compilation included
   train = jdl.data.ArraySource(x, y, BATCH, shuffle=True, seed=seed)

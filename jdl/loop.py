@@ -24,7 +24,7 @@ import tqdm
 from jdl import augment as augment_lib
 from jdl import data as data_lib
 from jdl import metrics as metrics_lib
-from jdl import models, optim, parallel, resident, runs, step as step_lib, transfer
+from jdl import models, optim, parallel, resident, runs, runtime, step as step_lib, transfer
 from jdl.data import augment_tf
 from jdl.checkpoint import Checkpointer
 from jdl.logging import MetricWriter, truncate_jsonl
@@ -489,6 +489,7 @@ def train_and_evaluate(config: Any, workdir: str,
   Returns:
     `(state, history)` as `fit` returns them (history: this invocation's records).
   """
+  runtime.apply_cpu_threads(config.get("cpu_threads", 0))  # like the next: before JAX starts
   parallel.initialize_distributed(config.distributed)
   _check_loss_matches_output(config)
   device_augment, pipeline_augment = make_augmentations(config.augment, in_memory=config.in_memory)

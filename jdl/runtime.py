@@ -60,10 +60,10 @@ def set_cpu_threads(count: int) -> None:
 def apply_cpu_threads(count: int) -> bool:
   """`set_cpu_threads(count)` where it can still take effect; `count` 0 leaves XLA's default.
 
-  For an experiment's `cpu_threads` key: a script's process has not started JAX yet, so the
-  setting applies; called in a process where JAX is already running (a notebook, a test), it
-  cannot, and a logged warning says so instead of failing a run over a speed setting. Returns
-  whether the setting is in effect."""
+  For the `cpu_threads` config key (`train_and_evaluate` and `run_experiment` call it first
+  thing): a script's process has not started JAX yet, so the setting applies; called in a
+  process where JAX is already running (a notebook, a test), it cannot, and a logged warning says
+  so instead of failing a run over a speed setting. Returns whether the setting is in effect."""
   _check_count(count, minimum=0)
   if count == 0:
     return True

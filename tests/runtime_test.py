@@ -91,3 +91,20 @@ def test_a_negative_config_count_is_a_config_error(tmp_path):
     jdl.run_experiment(mnist1d.get_config,
                        [f"--workdir={tmp_path / 'run'}", "--config.cpu_threads=-1"], name="mnist1d")
   assert not (tmp_path / "run").exists()
+
+
+class _Stopped(Exception):
+  pass
+
+
+def test_training_from_a_config_applies_its_thread_count_before_anything_else(monkeypatch, tmp_path):
+  seen = []
+
+  def record(count):
+    seen.append(count)
+    raise _Stopped
+
+  monkeypatch.setattr(runtime, "apply_cpu_threads", record)
+  with pytest.raises(_Stopped):
+    jdl.train_and_evaluate(mnist1d.get_config(), str(tmp_path / "run"))
+  assert seen == [1] and not (tmp_path / "run").exists()
