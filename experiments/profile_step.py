@@ -94,8 +94,11 @@ def main() -> None:
                       help="XLA CPU threads (jdl.set_cpu_threads); default: the experiment's "
                            "(1 for mnist1d_cnn, one per core for seed_mlp)")
   args = parser.parse_args()
-  threads = args.cpu_threads if args.cpu_threads is not None else (
-      1 if args.model == "mnist1d_cnn" else 0)
+  threads = args.cpu_threads
+  if threads is None:  # the experiment's own setting; the seed MLP keeps XLA's default
+    from experiments import mnist1d  # pylint: disable=import-outside-toplevel
+
+    threads = mnist1d.get_config().cpu_threads if args.model == "mnist1d_cnn" else 0
   if threads:
     jdl.set_cpu_threads(threads)  # before JAX's first computation
 

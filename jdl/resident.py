@@ -97,8 +97,8 @@ class TracedStep:
   0.15 s for the MNIST-1D CNN, and the resident engine needs the step's jaxpr three times (the
   loop decision, the metric shapes, the loop body). Replaying the recorded jaxpr binds the same
   operations without running that Python again, so callers trace a `TracedStep` as they would
-  the step itself (`jax.eval_shape`, `jit`) at a fraction of the cost. Calls must have the example's structure,
-  shapes and dtypes.
+  the step itself (`jax.eval_shape`, `jit`) at a fraction of the cost. Calls must have the
+  example's structure, shapes and dtypes.
   """
 
   def __init__(self, fn: Callable[..., Any], *example_args: Any) -> None:

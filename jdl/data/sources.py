@@ -100,9 +100,9 @@ def index_permutation(key: jax.Array, n: int, *, rounds: int = SHUFFLE_ROUNDS) -
   that land at n or above are encrypted again until they fall below n ("cycle walking"), which
   restricts the bijection to `[0, n)`. The round keys are hashed from the words of `key` (a
   PRNG key, or any uint32 words such as `[seed, epoch]`). The domain is under 4n, so a walk
-  takes a few steps and the longest about log(n) of them. Every step is elementwise: the whole permutation costs a few
-  vector passes over n integers, where a sort-based shuffle costs a few sorts. (Grain and
-  `tf.random.experimental.index_shuffle` shuffle indices the same way.)
+  takes a few steps and the longest about log(n) of them. Every step is elementwise: the whole
+  permutation costs a few vector passes over n integers, where a sort-based shuffle costs a few
+  sorts. (Grain and `tf.random.experimental.index_shuffle` shuffle indices the same way.)
 
   Below `SORT_FREE_MIN_EXAMPLES` the domain is too small for that: a Feistel network on a few
   bits reaches its permutations with visibly unequal frequencies (measured: of the 120 orders
