@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import tensorflow as tf
+from jdl.lazy_import import tensorflow as tf
 
 JSONL_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"

@@ -13,8 +13,7 @@ split's text.
 from __future__ import annotations
 
 import dataclasses
-
-import tensorflow_datasets as tfds
+from typing import Any
 
 from jdl.data.loading import (
     DatasetMeta,
@@ -27,7 +26,6 @@ from jdl.data.loading import (
     scale_inputs,
 )
 from jdl.data import augment_tf
-from jdl.data.mnist1d import Mnist1d, generate_mnist1d
 from jdl.data.sources import (
     ArraySource,
     Batch,
@@ -48,6 +46,7 @@ from jdl.data.text import (
     read_text,
     sequential_windows,
 )
+from jdl.lazy_import import tensorflow_datasets as tfds
 
 
 def load_classification_data(
@@ -121,6 +120,16 @@ def load_classification_data(
                                   augment=augment if is_train else None))
       sizes[split] = sum(counts)
   return sources[0], sources[1], _with_split_sizes(meta, sizes)
+
+
+def __getattr__(name: str) -> Any:
+  """`Mnist1d` and `generate_mnist1d`, imported on first use: the builder's module subclasses a
+  TFDS class, so importing it imports TFDS (and TensorFlow), which `import jdl` does not."""
+  if name in ("Mnist1d", "generate_mnist1d"):
+    from jdl.data import mnist1d  # pylint: disable=import-outside-toplevel
+
+    return getattr(mnist1d, name)
+  raise AttributeError(f"module 'jdl.data' has no attribute {name!r}")
 
 
 def _split_size(builder: tfds.core.DatasetBuilder, split: str) -> int:

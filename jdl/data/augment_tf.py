@@ -19,12 +19,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import tensorflow as tf
-
 from jdl import augment as augment_lib
+from jdl.lazy_import import tensorflow as tf
 
-TfBatch = Mapping[str, tf.Tensor]
-TfAugmentFn = Callable[[dict[str, tf.Tensor], tf.Tensor], dict[str, tf.Tensor]]
+TfBatch = Mapping[str, "tf.Tensor"]
+TfAugmentFn = Callable[[dict[str, "tf.Tensor"], "tf.Tensor"], dict[str, "tf.Tensor"]]
 
 
 def _per_example(values_B: tf.Tensor, rank: int) -> tf.Tensor:

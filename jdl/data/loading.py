@@ -22,25 +22,28 @@ import urllib.parse
 from collections.abc import Iterable
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
-from jdl.data import mnist1d  # registers the offline "mnist1d" builder with TFDS
+from jdl.lazy_import import tensorflow as tf
+from jdl.lazy_import import tensorflow_datasets as tfds
 
-# TensorFlow serves only the input pipeline: it must never take accelerator memory from JAX.
-tf.config.set_visible_devices([], "GPU")
+# TFDS and TensorFlow load on first use (`jdl.lazy_import`), which also hides accelerators from
+# TensorFlow. The "mnist1d" builder registers with TFDS when `jdl.data.mnist1d` is imported, which
+# `get_builder` does first.
 
-_OFFLINE_BUILDERS = (mnist1d.Mnist1d,)
-# Captured at import: inside `tfds.testing.mock_data` this method is replaced by a no-op, and
-# nothing is downloaded, so the network probe must not run. Read statically: TFDS wraps the method
-# with `wrapt`, and plain attribute access returns a new wrapper object every time.
-_REAL_DOWNLOAD_AND_PREPARE = inspect.getattr_static(tfds.core.DatasetBuilder, "download_and_prepare")
+
+def _offline_builder_types() -> tuple[type, ...]:
+  """The builders that generate their data, so preparing them needs no network."""
+  from jdl.data import mnist1d  # pylint: disable=import-outside-toplevel
+
+  return (mnist1d.Mnist1d,)
 
 
 def _tfds_is_mocked() -> bool:
-  """True inside `tfds.testing.mock_data`."""
+  """True inside `tfds.testing.mock_data`, which replaces `download_and_prepare` with a no-op (so
+  nothing is downloaded, and the network probe must not run). Read statically: TFDS wraps the real
+  method with `wrapt`, and plain attribute access returns a new wrapper object every time."""
   current = inspect.getattr_static(tfds.core.DatasetBuilder, "download_and_prepare")
-  return current is not _REAL_DOWNLOAD_AND_PREPARE
+  return getattr(current, "__module__", "").startswith("tensorflow_datasets.testing")
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -70,6 +73,7 @@ class DatasetMeta:
 
 def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   """The TFDS builder for `name` (e.g. "fashion_mnist", "mnist1d", "cifar10:3.0.2")."""
+  _offline_builder_types()  # registers jdl's own builders with TFDS
   try:
     return tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
@@ -102,7 +106,7 @@ def prepare(
   """
   if builder.is_prepared():
     return
-  if _tfds_is_mocked() or isinstance(builder, _OFFLINE_BUILDERS):
+  if _tfds_is_mocked() or isinstance(builder, _offline_builder_types()):
     builder.download_and_prepare()
     return
   # The files the builder downloads, by the name TFDS looks for in a manual dir (`input.txt`).

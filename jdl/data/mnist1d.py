@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-import tensorflow_datasets as tfds
+
+from jdl.lazy_import import tensorflow_datasets as tfds  # the builder class below imports it
 
 SIGNAL_LENGTH = 40
 NUM_CLASSES = 10

@@ -18,10 +18,11 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow as tf
+
+from jdl.lazy_import import tensorflow as tf
 
 Batch = dict[str, np.ndarray]
-PipelineAugmentFn = Callable[[dict[str, tf.Tensor], tf.Tensor], dict[str, tf.Tensor]]
+PipelineAugmentFn = Callable[[dict[str, "tf.Tensor"], "tf.Tensor"], dict[str, "tf.Tensor"]]
 """A tf.data augmentation `(batch, seed) -> batch` (see `jdl.data.augment_tf.make_tf_augment`)."""
 
 

@@ -22,10 +22,10 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from jdl.data.loading import DatasetMeta, get_builder, prepare
 from jdl.data.sources import ArraySource, Batch, _local_batch_size, epoch_seed
+from jdl.lazy_import import tensorflow_datasets as tfds
 
 # ---------------------------------------------------------------------------------------------
 # Vocabularies.
