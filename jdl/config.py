@@ -119,7 +119,7 @@ def classification_config() -> ml_collections.ConfigDict:
   config.layout = "auto"  # auto (shard if >1 device), none (jit, 1 device), shard (jit + mesh), pmap
   config.num_devices = 0  # devices to use; 0: all (per process for pmap)
   config.distributed = "auto"  # join a multi-process run: auto (if JAX_COORDINATOR_ADDRESS), on, off
-  config.cpu_threads = 0  # threads for XLA's CPU backend (jdl.set_cpu_threads); 0: one per core
+  config.cpu_threads = 0  # XLA CPU threads (jdl.set_cpu_threads), CPU runs only; 0: one per core
   return config
 
 

@@ -14,6 +14,8 @@ plain loop, which uses `nn.Conv`, does).
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import logging
 import os
 
@@ -57,16 +59,41 @@ def set_cpu_threads(count: int) -> None:
   os.environ[THREADS_VARIABLE] = str(count)
 
 
+def runs_on_cpu() -> bool:
+  """Whether JAX's default backend is (or, not started yet, will be) the CPU.
+
+  Before the backends start this is read from what JAX will use: `JAX_PLATFORMS` (the
+  `jax_platforms` option) where set, else whether an accelerator plugin (CUDA, ROCm: the
+  `jax_plugins` entry points) or TPU runtime (`libtpu`) is installed. An installed plugin
+  without its device counts as an accelerator: the guess errs towards leaving XLA's defaults.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+
+  if backend_started():
+    return jax.default_backend() == "cpu"
+  platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+  if platforms:
+    return platforms.split(",")[0].strip().lower() == "cpu"
+  plugins = list(importlib.metadata.entry_points(group="jax_plugins"))
+  return not plugins and importlib.util.find_spec("libtpu") is None
+
+
 def apply_cpu_threads(count: int) -> bool:
-  """`set_cpu_threads(count)` where it can still take effect; `count` 0 leaves XLA's default.
+  """`set_cpu_threads(count)` where it can still take effect and the run is on the CPU; `count`
+  0 leaves XLA's default.
 
   For the `cpu_threads` config key (`train_and_evaluate` and `run_experiment` call it first
   thing): a script's process has not started JAX yet, so the setting applies; called in a
   process where JAX is already running (a notebook, a test), it cannot, and a logged warning says
-  so instead of failing a run over a speed setting. Returns whether the setting is in effect."""
+  so instead of failing a run over a speed setting. On an accelerator it is left alone (logged):
+  the thread count is tuned for the CPU's own kernels, and XLA's other thread pools (such as the
+  GPU compiler's) read the same variable. Returns whether the setting is in effect."""
   _check_count(count, minimum=0)
   if count == 0:
     return True
+  if not runs_on_cpu():
+    _log.info("cpu_threads=%d not applied: JAX runs on an accelerator here.", count)
+    return False
   try:
     set_cpu_threads(count)
   except RuntimeError as error:

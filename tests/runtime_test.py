@@ -108,3 +108,25 @@ def test_training_from_a_config_applies_its_thread_count_before_anything_else(mo
   with pytest.raises(_Stopped):
     jdl.train_and_evaluate(mnist1d.get_config(), str(tmp_path / "run"))
   assert seen == [1] and not (tmp_path / "run").exists()
+
+
+# What `runs_on_cpu` and `apply_cpu_threads` decide before JAX starts, in a fresh process.
+DECIDE = """
+import json, os
+from jdl import runtime
+decided = {"cpu": runtime.runs_on_cpu(), "applied": runtime.apply_cpu_threads(1),
+           "variable": os.environ.get(runtime.THREADS_VARIABLE), "started": runtime.backend_started()}
+print(json.dumps(decided))
+"""
+
+
+@pytest.mark.parametrize("platforms, on_cpu", [("cpu", True), ("cuda", False), ("tpu,cpu", False)])
+def test_cpu_threads_apply_only_where_jax_runs_on_the_cpu(platforms, on_cpu):
+  env = {k: v for k, v in os.environ.items() if k not in (runtime.THREADS_VARIABLE, "XLA_FLAGS")}
+  done = subprocess.run([sys.executable, "-c", DECIDE], cwd=REPO_ROOT,
+                        env={**env, "JAX_PLATFORMS": platforms}, capture_output=True, text=True, timeout=300, check=True)
+  decided = json.loads(done.stdout.strip().splitlines()[-1])
+  # On an accelerator the CPU thread count is left alone: XLA's GPU compiler reads the same
+  # variable (one thread made the MNIST-1D CNN's compilation 5x slower on an H200).
+  assert decided == {"cpu": on_cpu, "applied": on_cpu, "variable": "1" if on_cpu else None,
+                     "started": False}
