@@ -8,9 +8,13 @@ over seeds, not one seed's luck (seeds move MNIST-1D's test accuracy by a few po
   plain          a per-step `jax.jit` loop written directly with flax (`nn.Conv`) and optax
   plain_1thread  the same loop on one CPU thread too, so that the thread count is not the gain
 All read MNIST-1D through jdl's offline TFDS builder first; the clock starts once the arrays are
-in memory and includes building the model, compiling, 6000 steps and the test evaluation.
+in memory and includes building the model, compiling, 6000 steps and the test evaluation. On a
+machine without TensorFlow (an accelerator host), read the same arrays from a file written
+elsewhere with `--save_arrays` (jdl itself trains without TensorFlow; see `jdl.lazy_import`).
 
   python -m experiments.bench_mnist1d_cnn --repeats=3
+  python -m experiments.bench_mnist1d_cnn --save_arrays=mnist1d.npz        # where TFDS is
+  python -m experiments.bench_mnist1d_cnn --arrays=mnist1d.npz --only=jdl,plain
 """
 
 from __future__ import annotations
@@ -26,7 +30,16 @@ import time
 STEPS, BATCH, LEARNING_RATE = 6000, 100, 1e-2
 
 
+ARRAYS_PATH = os.environ.get("JDL_BENCH_MNIST1D_ARRAYS", "")  # set from --arrays for the children
+
+
 def load_mnist1d():
+  """((x, y), (x_test, y_test)): from jdl's TFDS builder, or the `--arrays` file."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  if ARRAYS_PATH:
+    with np.load(ARRAYS_PATH) as arrays:
+      return (arrays["x"], arrays["y"]), (arrays["x_test"], arrays["y_test"])
   import jdl  # pylint: disable=import-outside-toplevel
 
   builder = jdl.data.get_builder("mnist1d")
@@ -42,8 +55,7 @@ def run_jdl(seed: int) -> dict:
   from experiments import mnist1d  # pylint: disable=import-outside-toplevel
 
   config = mnist1d.get_config()
-  if config.cpu_threads:  # before JAX's first computation, as the experiment does
-    jdl.set_cpu_threads(config.cpu_threads)
+  jdl.runtime.apply_cpu_threads(config.cpu_threads)  # before JAX starts, as the experiment does
   (x, y), (x_test, y_test) = load_mnist1d()
   start = time.perf_counter()  # data loaded, as for the plain loop; compilation included
   train = jdl.data.ArraySource(x, y, BATCH, shuffle=True, seed=seed)
@@ -54,7 +66,8 @@ def run_jdl(seed: int) -> dict:
   train_step, eval_step = jdl.make_classification_steps()
   _, history = jdl.fit(state, train_step, eval_step, train, test, num_steps=STEPS,
                        eval_every_steps=STEPS, progress=False, runner=jdl.parallel.JitRunner())
-  return {"seconds": time.perf_counter() - start, "accuracy": history[-1]["test_accuracy"]}
+  return {"seconds": time.perf_counter() - start, "accuracy": history[-1]["test_accuracy"],
+          "device": jax.devices()[0].device_kind}
 
 
 def run_plain(seed: int) -> dict:
@@ -113,18 +126,38 @@ CONTENDERS = {"jdl": run_jdl, "plain": run_plain, "plain_1thread": run_plain_1th
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
+  parser.add_argument("--arrays", default="",
+                      help="read MNIST-1D from this .npz (x, y, x_test, y_test) instead of TFDS")
+  parser.add_argument("--save_arrays", default="",
+                      help="write MNIST-1D, as read through TFDS, to this .npz and stop")
   parser.add_argument("--child", help=argparse.SUPPRESS)
   parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
     print("RESULT " + json.dumps(CONTENDERS[args.child](args.seed)), flush=True)
     return
-  runs: dict[str, list[dict]] = {name: [] for name in CONTENDERS}
+  if args.save_arrays:
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    (x, y), (x_test, y_test) = load_mnist1d()
+    np.savez(args.save_arrays, x=x, y=y, x_test=x_test, y_test=y_test)
+    print(f"wrote {args.save_arrays}: train {x.shape}, test {x_test.shape}")
+    return
+  names = args.only.split(",")
+  unknown = sorted(set(names) - set(CONTENDERS))
+  if unknown:
+    parser.error(f"unknown contenders {unknown}; expected some of {sorted(CONTENDERS)}")
+  if args.arrays and not os.path.isfile(args.arrays):
+    parser.error(f"--arrays {args.arrays!r} is not a file (write one with --save_arrays)")
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+         "JDL_BENCH_MNIST1D_ARRAYS": os.path.abspath(args.arrays) if args.arrays else ""}
+  runs: dict[str, list[dict]] = {name: [] for name in names}
   for repeat in range(args.repeats):
-    for name in CONTENDERS:
+    for name in names:
       done = subprocess.run([sys.executable, "-m", "experiments.bench_mnist1d_cnn",
                              f"--child={name}", f"--seed={repeat}"], capture_output=True,
-                            text=True, check=False, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+                            text=True, check=False, env=env)
       results = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
       if not results:
         print(f"{name} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
@@ -132,8 +165,10 @@ def main() -> None:
       runs[name].append(json.loads(results[-1][len("RESULT "):]))
       print(f"repeat {repeat + 1}/{args.repeats} {name}: {runs[name][-1]}", file=sys.stderr,
             flush=True)
+  device = next((r["device"] for rs in runs.values() for r in rs if "device" in r), "?")
   print(f"\nMNIST-1D CNN, {STEPS} steps, batch {BATCH}, Adam {LEARNING_RATE}, compilation "
-        f"included; medians of {args.repeats} runs (seeds 0..{args.repeats - 1})")
+        f"included; medians of {args.repeats} runs (seeds 0..{args.repeats - 1}); JAX device "
+        f"{device}")
   print(f"{'contender':<14} {'seconds':>8} {'test acc':>9} {'min acc':>8} {'jdl / this':>10}")
   medians = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items() if rs}
   for name, rs in runs.items():

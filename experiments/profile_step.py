@@ -5,14 +5,15 @@
 
 Runs `--steps` training steps (at most one epoch: 1,875 for the MLP, 40 for the CNN, so that
 every timed call repeats the same steps of epoch 0) as one device-resident loop, the program
-`jdl.fit` runs (`jdl.resident.make_train_chunk`), on random data of the benchmark's shape: first timed without a
-profiler (median of `--repeats` calls), then once under `jax.profiler` with XLA:CPU's
-per-operation trace events (`--xla_cpu_enable_xprof_traceme`, set here before JAX starts). It
-prints the operations that took most time per step, what each computes (the JAX operation XLA
-names in its metadata), and how much of the step the operations together account for; the rest
-is the executor's own work between operations. Reading the trace needs `xprof` (the bench
-extra: `pip install -e ".[bench]"`). The profiler slows every operation a little, so shares
-matter more than the absolute numbers.
+`jdl.fit` runs (`jdl.resident.make_train_chunk`), on random data of the benchmark's shape: first
+timed without a profiler (median of `--repeats` calls), then once under `jax.profiler`, read back
+with JAX's own reader (`jax.profiler.ProfileData`). On the CPU the trace holds XLA:CPU's
+per-operation events (`--xla_cpu_enable_xprof_traceme`, set here before JAX starts); on a GPU, its
+kernels. It prints the operations that took most time per step, what each computes (the JAX
+operation XLA names in its metadata, where the name matches one), and the device-only time of a
+step: how long something ran on the device, against the step's time without the profiler; the
+rest is the executor's own work between operations (on a GPU: launches and the loop's control).
+The profiler slows every operation a little, so shares matter more than the absolute numbers.
 """
 
 from __future__ import annotations
@@ -70,18 +71,30 @@ def operation_sources(hlo_text: str) -> dict[str, str]:
   return sources
 
 
-def per_operation_microseconds(trace_dir: str, names: set[str]) -> dict[str, float]:
-  """Total microseconds of each HLO operation in the trace written to `trace_dir`."""
-  from xprof.convert import raw_to_tool_data  # pylint: disable=import-outside-toplevel
-
+def trace_events(trace_dir: str) -> list[tuple[str, str, int, int]]:
+  """`(plane, name, start_ns, duration_ns)` of every event in the trace written to `trace_dir`,
+  read with JAX's own reader (`jax.profiler.ProfileData`)."""
   path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
-  data, _ = raw_to_tool_data.xspace_to_tool_data([path], "trace_viewer", {})
-  events = json.loads(data if isinstance(data, str) else data.decode())["traceEvents"]
-  totals: dict[str, float] = collections.defaultdict(float)
-  for event in events:
-    if event.get("ph") == "X" and event.get("name") in names:
-      totals[event["name"]] += event.get("dur", 0.0)
-  return totals
+  events = []
+  for plane in jax.profiler.ProfileData.from_file(path).planes:
+    for line in plane.lines:
+      events.extend((plane.name, event.name, int(event.start_ns), int(event.duration_ns))
+                    for event in line.events)
+  return events
+
+
+def busy_nanoseconds(intervals: list[tuple[int, int]]) -> int:
+  """Length of the union of `(start, duration)` intervals: time during which something ran."""
+  total, end = 0, None
+  for start, duration in sorted(intervals):
+    stop = start + duration
+    if end is None or start > end:
+      total += duration
+      end = stop
+    elif stop > end:
+      total += stop - end
+      end = stop
+  return total
 
 
 def main() -> None:
@@ -99,8 +112,10 @@ def main() -> None:
     from experiments import mnist1d  # pylint: disable=import-outside-toplevel
 
     threads = mnist1d.get_config().cpu_threads if args.model == "mnist1d_cnn" else 0
-  if threads:
+  if args.cpu_threads:
     jdl.set_cpu_threads(threads)  # before JAX's first computation
+  else:
+    jdl.runtime.apply_cpu_threads(threads)  # as the experiment: on the CPU only
 
   state, train_step, inputs, labels, batch_size = build(args.model)
   train = resident.ResidentData(*jax.device_put(resident.with_padding_row(inputs, labels)),
@@ -127,15 +142,26 @@ def main() -> None:
       state, sums, order = chunk(state, train.inputs, train.labels, order, np.int32(0),
                                  length=steps)
       jax.block_until_ready(sums)
-    totals = per_operation_microseconds(trace_dir, set(sources))
+    events = trace_events(trace_dir)
+  # On an accelerator its kernels (and copies) lie on the device's planes; on the CPU the HLO
+  # operations are events of the host's threads, named as in the compiled program.
+  device_events = [e for e in events if e[0].startswith("/device:") and "CPU" not in e[0]]
+  if not device_events:
+    device_events = [e for e in events if e[1] in sources]
+  totals: dict[str, float] = collections.defaultdict(float)
+  for _, name, _, duration in device_events:
+    totals[name] += duration / 1e3
   per_step = {name: total / steps for name, total in totals.items()}
   profiled = sum(per_step.values())
-  print(f"{args.model}: {steps} steps in one scan on {jax.devices()[0].device_kind}; "
-        f"{step_us:.0f} us a step without the profiler, operations {profiled:.0f} us a step "
-        "under it")
-  print(f"{'us/step':>8} {'share':>6}  {'operation':<28} computes")
+  busy_us = busy_nanoseconds([(e[2], e[3]) for e in device_events]) / 1e3 / steps
+  device = jax.devices()[0]
+  print(f"{args.model}: {steps} steps in one scan on {device.device_kind} ({device.platform}); "
+        f"{step_us:.1f} us a step without the profiler; under it the operations take "
+        f"{profiled:.1f} us a step, and something runs {busy_us:.1f} us of each step "
+        f"({busy_us / step_us:.0%} of the unprofiled step)")
+  print(f"{'us/step':>8} {'share':>6}  {'operation':<40} computes")
   for name, micros in sorted(per_step.items(), key=lambda item: -item[1])[:args.top]:
-    print(f"{micros:8.1f} {micros / profiled:6.1%}  {name:<28} {sources[name]}")
+    print(f"{micros:8.1f} {micros / profiled:6.1%}  {name[:40]:<40} {sources.get(name, '')}")
 
 
 if __name__ == "__main__":
