@@ -351,7 +351,8 @@ class _Engine(Protocol):
 
 class _HostEngine:
   """One compiled call per batch; batches come from the host, checked there, and the next batch
-  is put on the device while the current step runs (dispatch is asynchronous)."""
+  is made (and, on several devices, laid out on them) while the current step runs (dispatch is
+  asynchronous)."""
 
   def __init__(self, runner, train_step, eval_step, train_data, eval_data, num_classes):
     self.runner, self.train_data, self.eval_data = runner, train_data, eval_data

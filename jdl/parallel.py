@@ -58,7 +58,8 @@ class Runner(Protocol):
     ...
 
   def place_batch(self, batch: Batch, *, pad: bool = False) -> Batch:
-    """A host batch (this process's share) as device arrays. With `pad`, the batch is padded
+    """A host batch (this process's share) ready for the compiled steps: laid out on the devices
+    (or, for one device, left to the step's dispatch to copy). With `pad`, the batch is padded
     with masked examples to a multiple of the device count; without, an uneven batch is an error."""
     ...
 
@@ -207,8 +208,11 @@ class JitRunner:
     return state
 
   def place_batch(self, batch: Batch, *, pad: bool = False) -> Batch:
+    """The host arrays themselves: calling the compiled step with them copies them to its device
+    in JAX's C++ dispatch, where `jax.device_put` spends 150-300 us of Python per batch (about a
+    fifth of a per-step seed-MLP step on a 2-core CPU; BUILD_NOTES.md, "Speed")."""
     del pad
-    return jax.device_put(dict(batch))
+    return dict(batch)
 
   def compile(self, train_step: TrainStep, eval_step: EvalStep) -> tuple[TrainStep, EvalStep]:
     return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
