@@ -3,7 +3,7 @@
 jdl uses TensorFlow for two things only: tf.data input pipelines (with TFDS, its datasets) and
 TensorBoard event files. Importing the two costs about 4 seconds on a 2-core machine, most of
 `import jdl`, and on an accelerator host they are often not installed at all. So jdl's modules
-name them through `lazy_module`: `import jdl`, the train steps, the models and `fit` over
+name them through the stand-ins below (`LazyModule`): `import jdl`, the train steps, the models and `fit` over
 in-memory arrays (`jdl.data.ArraySource`) run without TensorFlow; the first pipeline, TFDS
 dataset or TensorBoard writer imports it, and where it is missing says which package to install.
 """
@@ -35,7 +35,7 @@ class LazyModule(types.ModuleType):
     self._lazy_purpose = purpose
     self._lazy_on_load = on_load
     self._lazy_module: types.ModuleType | None = None
-    self._lazy_lock = threading.Lock()
+    self._lazy_lock = threading.RLock()
 
   def _load(self) -> types.ModuleType:
     with self._lazy_lock:
@@ -79,8 +79,12 @@ def _hide_accelerators(tf: types.ModuleType) -> None:
 tensorflow = LazyModule("tensorflow", install="tensorflow-cpu",
                         purpose="tf.data input pipelines and TensorBoard event files",
                         on_load=_hide_accelerators)
-# TFDS reads and writes through TensorFlow: load (and configure) it first.
-tensorflow_datasets = LazyModule("tensorflow_datasets", install="tensorflow-datasets",
-                                 purpose="TFDS datasets",
-                                 on_load=lambda _: tensorflow._load())  # pylint: disable=protected-access
 
+
+def _load_tensorflow(_: types.ModuleType) -> None:
+  """TFDS reads and writes through TensorFlow: load it (and hide its GPUs) through jdl first."""
+  tensorflow._load()  # pylint: disable=protected-access
+
+
+tensorflow_datasets = LazyModule("tensorflow_datasets", install="tensorflow-datasets",
+                                 purpose="TFDS datasets", on_load=_load_tensorflow)
