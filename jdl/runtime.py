@@ -18,6 +18,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import pkgutil
 
 # XLA sizes its PJRT clients' thread pools from this variable, read once when a client starts.
 THREADS_VARIABLE = "PJRT_NPROC"
@@ -64,7 +65,7 @@ def runs_on_cpu() -> bool:
 
   Before the backends start this is read from what JAX will use: `JAX_PLATFORMS` (the
   `jax_platforms` option) where set, else whether an accelerator plugin (CUDA, ROCm: the
-  `jax_plugins` entry points) or TPU runtime (`libtpu`) is installed. An installed plugin
+  `jax_plugins` package or entry points) or TPU runtime (`libtpu`) is installed. An installed plugin
   without its device counts as an accelerator: the guess errs towards leaving XLA's defaults.
   """
   import jax  # pylint: disable=import-outside-toplevel
@@ -74,8 +75,17 @@ def runs_on_cpu() -> bool:
   platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
   if platforms:
     return platforms.split(",")[0].strip().lower() == "cpu"
-  plugins = list(importlib.metadata.entry_points(group="jax_plugins"))
-  return not plugins and importlib.util.find_spec("libtpu") is None
+  return not _accelerator_plugins() and importlib.util.find_spec("libtpu") is None
+
+
+def _accelerator_plugins() -> list[str]:
+  """The PJRT plugins JAX would load, found as JAX finds them (without loading any): modules of
+  the `jax_plugins` namespace package and the `jax_plugins` entry points."""
+  names = [entry.value for entry in importlib.metadata.entry_points(group="jax_plugins")]
+  namespace = importlib.util.find_spec("jax_plugins")
+  if namespace is not None and namespace.submodule_search_locations:
+    names += [module.name for module in pkgutil.iter_modules(namespace.submodule_search_locations)]
+  return names
 
 
 def apply_cpu_threads(count: int) -> bool:

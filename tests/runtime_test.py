@@ -130,3 +130,18 @@ def test_cpu_threads_apply_only_where_jax_runs_on_the_cpu(platforms, on_cpu):
   # variable (one thread made the MNIST-1D CNN's compilation 5x slower on an H200).
   assert decided == {"cpu": on_cpu, "applied": on_cpu, "variable": "1" if on_cpu else None,
                      "started": False}
+
+
+def test_an_installed_accelerator_plugin_counts_as_an_accelerator(tmp_path):
+  """With no JAX_PLATFORMS, a module in the `jax_plugins` namespace (how JAX finds CUDA and ROCm
+  plugins) means JAX would start on that accelerator: the CPU thread count is left alone."""
+  (tmp_path / "jax_plugins").mkdir()
+  (tmp_path / "jax_plugins" / "jdl_test_accelerator.py").write_text("# a stand-in plugin\n")
+  env = {k: v for k, v in os.environ.items()
+         if k not in (runtime.THREADS_VARIABLE, "XLA_FLAGS", "JAX_PLATFORMS")}
+  pythonpath = os.pathsep.join([str(tmp_path), str(REPO_ROOT), env.get("PYTHONPATH", "")])
+  done = subprocess.run([sys.executable, "-c", DECIDE], cwd=REPO_ROOT,
+                        env={**env, "PYTHONPATH": pythonpath}, capture_output=True, text=True,
+                        timeout=300, check=True)
+  decided = json.loads(done.stdout.strip().splitlines()[-1])
+  assert decided == {"cpu": False, "applied": False, "variable": None, "started": False}
