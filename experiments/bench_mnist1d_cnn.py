@@ -7,6 +7,7 @@ over seeds, not one seed's luck (seeds move MNIST-1D's test accuracy by a few po
                  (`cpu_threads`: one; see `jdl.runtime`), one device
   plain          a per-step `jax.jit` loop written directly with flax (`nn.Conv`) and optax
   plain_1thread  the same loop on one CPU thread too, so that the thread count is not the gain
+                 (a CPU contender: on a GPU host leave it out with `--only=jdl,plain`)
 All read MNIST-1D through jdl's offline TFDS builder first; the clock starts once the arrays are
 in memory and includes building the model, compiling, 6000 steps and the test evaluation. On a
 machine without TensorFlow (an accelerator host), read the same arrays from a file written
