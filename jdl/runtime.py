@@ -42,7 +42,10 @@ def set_cpu_threads(count: int) -> None:
   once, when the backend starts, from the `PJRT_NPROC` environment variable, which this sets.
   `PJRT_NPROC=1 python ...` does the same from the shell. The experiments' `cpu_threads` config
   key calls it when it can (see `apply_cpu_threads`). XLA gives the pool at least one thread per
-  CPU device, so with `--xla_force_host_platform_device_count=8` it keeps eight.
+  CPU device, so with `--xla_force_host_platform_device_count=8` it keeps eight. Where JAX runs
+  on a GPU, XLA's GPU compiler reads the same variable (one thread made the MNIST-1D CNN compile
+  five times slower on an H200): call it for CPU runs only, or use `apply_cpu_threads`, which
+  skips accelerators.
 
   Raises:
     ValueError: `count` is not a positive integer.
