@@ -395,6 +395,12 @@ class _HostEngine:
     return evaluate(state, self.eval_step, self.eval_data, runner=self.runner)
 
 
+MIN_PROBED_STEPS = 16
+"""Device-resident calls of at least this many steps check finiteness the fast way (see
+`resident.with_nonfinite_probe`): its one read of a scalar per call costs a shorter call more
+than the gradient checks it saves."""
+
+
 class _ResidentEngine:
   """Whole splits on the device; `lax.scan` over up to `steps_per_call` steps per call."""
 
@@ -410,6 +416,7 @@ class _ResidentEngine:
         batch_size=train_data.batch_size, shuffle=train_data.shuffle, seed=train_data.seed)
     self.train_step, self.eval_step = train_step, eval_step
     self.chunk = None  # built with the loop decision, from the traced step
+    self.probed_chunk = None  # the fast first try of a long chunk, when the step checks finiteness
     self.order = runner.place_replicated(self.train.initial_order())
     self.eval_data, self.eval_all = eval_data, None
     if eval_data is not None:
@@ -426,6 +433,14 @@ class _ResidentEngine:
     self.loop = not resident.loops_are_slow(train_step)
     chunk = resident.make_train_chunk(train_step, self.train, self.runner.constrain_batch)
     self.chunk = jax.jit(chunk, static_argnames=("length",), donate_argnums=(0, 3))
+    if self.loop and "nonfinite_step" in train_step.out_shape[1]:
+      with metrics_lib.loss_only_nonfinite_checks():  # a new function: JAX caches traces
+        fast_step = resident.TracedStep(lambda *args: self.train_step(*args), state, batch)
+      # Fewer operations: the step checks its gradients through `nonfinite_metrics`.
+      if len(fast_step.jaxpr.eqns) < len(train_step.jaxpr.eqns):
+        # Not donated: the state it starts from is kept until its probe says it is not needed.
+        self.probed_chunk = jax.jit(resident.with_nonfinite_probe(resident.make_train_chunk(
+            fast_step, self.train, self.runner.constrain_batch)), static_argnames=("length",))
     if self.steps_per_call is None and not self.loop:
       self.steps_per_call = 1
     if self.eval_data is not None:
@@ -442,8 +457,19 @@ class _ResidentEngine:
     length = limit - step
     if self.steps_per_call is not None:
       length = min(length, self.steps_per_call)
-    state, sums, self.order = self.chunk(state, self.train.inputs, self.train.labels, self.order,
-                                         np.int32(step), length=length)
+    args = (self.train.inputs, self.train.labels)
+    if self.probed_chunk is not None and length >= MIN_PROBED_STEPS:
+      # Steps that check only their loss, then the parameters once; where that finds something
+      # NaN or infinite (one scalar read per call), the same steps again from the same start with
+      # every gradient checked, so the watch names the step and parameter as it always would.
+      start, start_order = state, self.order
+      state, sums, order, suspect = self.probed_chunk(state, *args, start_order, np.int32(step),
+                                                      length=length)
+      if bool(suspect):
+        state, sums, order = self.chunk(start, *args, start_order, np.int32(step), length=length)
+      self.order = order
+      return state, sums, length
+    state, sums, self.order = self.chunk(state, *args, self.order, np.int32(step), length=length)
     return state, sums, length
 
   def evaluate(self, state):

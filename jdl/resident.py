@@ -216,6 +216,39 @@ def make_train_chunk(
   return chunk
 
 
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every floating-point value in `tree` is finite: one boolean scalar (integer leaves
+  and PRNG keys are skipped)."""
+  leaves = [leaf for leaf in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves] or [jnp.bool_(True)]))
+
+
+def with_nonfinite_probe(
+    chunk: Callable[..., tuple[TrainState, Metrics, EpochOrder]],
+) -> Callable[..., tuple[TrainState, Metrics, EpochOrder, jax.Array]]:
+  """`chunk` (from `make_train_chunk`) that also returns `suspect`: whether a step in it flagged
+  something non-finite (`nonfinite_step`) or a parameter it ends with is NaN or infinite.
+
+  Built on a step traced inside `metrics.loss_only_nonfinite_checks`, this is the fast first try
+  of a chunk: each step checks its loss, the parameters are read once at the end. A non-finite
+  gradient makes the parameters non-finite in the update it feeds (NaN and infinity go through
+  Adam, SGD, momentum, clipping by the global norm and weight decay into the update, and a
+  parameter once NaN or infinite stays so), so a chunk with one is suspect;
+  the caller then runs the chunk again from its start with the full per-step check, which names
+  the step and the parameter exactly as it would have. Only an optimizer that discards
+  non-finite updates (`optax.apply_if_finite`) can hide a bad gradient from the probe, and then
+  training goes on as that optimizer intends.
+  """
+
+  def probed(state, inputs, labels, order, first_step, *, length):
+    state, sums, order = chunk(state, inputs, labels, order, first_step, length=length)
+    flagged = sums["nonfinite_step"] != metrics_lib.NO_NONFINITE_STEP
+    return state, sums, order, flagged | ~all_finite(state.params)
+
+  return probed
+
+
 def make_eval_all(
     eval_step: Callable[[TrainState, Any], Metrics],
     batch_size: int,

@@ -228,6 +228,75 @@ def test_non_finite_gradient_names_the_parameter():
             None, num_steps=2, progress=False)
 
 
+def _label_trap_loss(logits, labels):
+  """Cross-entropy with a finite value and a NaN gradient for the examples labelled 2: their
+  `log(0)` sits in the branch of a `where` that is never taken, and still sends 0 * inf back."""
+  safe = (labels[:, None] != 2).astype(logits.dtype)
+  masked_log = jnp.where(logits > 1e30, jnp.log(logits * 0.0 + safe), 0.0)
+  return jdl.softmax_cross_entropy(logits, labels) + jnp.sum(masked_log, axis=-1)
+
+
+def _trap_run(step_lib_loss, bad_row, *, resident, num_steps=50):
+  """`fit` on 100 examples in batches of 2 (no shuffling, one 50-step call when resident), with a
+  NaN input or a label-2 trap at `bad_row`; returns (state, history) or the NonFiniteError."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(100, 6)).astype(np.float32)
+  y = rng.integers(0, 2, 100).astype(np.int32)
+  if bad_row is not None:
+    if step_lib_loss is _label_trap_loss:
+      y[bad_row] = 2
+    else:
+      x[bad_row] = np.nan
+  train_step = jdl.make_train_step(step_lib_loss)
+  _, eval_step = jdl.make_classification_steps()
+  try:
+    return jdl.fit(_mlp_state(), train_step, eval_step,
+                   data_lib.ArraySource(x, y, 2, shuffle=False), None, num_steps=num_steps,
+                   eval_every_steps=50, progress=False, device_resident=resident)
+  except jdl.NonFiniteError as error:
+    return error
+
+
+@pytest.mark.parametrize("loss, culprit", [
+    (_label_trap_loss, "the gradient of parameter Dense_0/bias"),
+    (jdl.softmax_cross_entropy, "the loss"),
+])
+def test_long_resident_calls_name_the_same_step_and_parameter(monkeypatch, loss, culprit):
+  """Device-resident calls of many steps check only each loss and, once, the parameters they end
+  with (`resident.with_nonfinite_probe`); a bad gradient or loss at step 23 of a 50-step call still
+  stops the run with the message of the per-step check, and a clean run trains bitwise as with
+  every gradient checked."""
+  probed = []
+  original = jdl.resident.with_nonfinite_probe
+  monkeypatch.setattr(jdl.resident, "with_nonfinite_probe",
+                      lambda chunk: probed.append(chunk) or original(chunk))
+  message = f"{culprit} became NaN or infinite at step 23; training stopped."
+  for resident in (True, False):
+    error = _trap_run(loss, 2 * 22 + 1, resident=resident)
+    assert isinstance(error, jdl.NonFiniteError) and message in str(error), (resident, error)
+  assert len(probed) == 1  # the resident run took the probed path
+  fast_state, fast_history = _trap_run(loss, None, resident=True)
+  monkeypatch.setattr(jdl.loop, "MIN_PROBED_STEPS", 10**9)  # every call checks every gradient
+  exact_state, exact_history = _trap_run(loss, None, resident=True)
+  jax.tree.map(np.testing.assert_array_equal, fast_state.params, exact_state.params)
+  jax.tree.map(np.testing.assert_array_equal, fast_state.opt_state, exact_state.opt_state)
+  assert fast_history[-1]["train_loss"] == exact_history[-1]["train_loss"]
+
+
+def test_nonfinite_check_of_the_loss_alone_reads_no_gradient():
+  """Inside `loss_only_nonfinite_checks` the watch checks the loss: a NaN gradient goes
+  unflagged, a NaN loss is flagged as the loss; outside, the gradient is named."""
+  grads = {"a": jnp.array([1.0, jnp.nan]), "b": jnp.ones(3)}
+  step = jnp.asarray(4, jnp.int32)
+  assert int(jdl.metrics.nonfinite_metrics(step, jnp.float32(1.0), grads)["nonfinite_what"]) == 1
+  with jdl.metrics.loss_only_nonfinite_checks():
+    clean = jdl.metrics.nonfinite_metrics(step, jnp.float32(1.0), grads)
+    bad_loss = jdl.metrics.nonfinite_metrics(step, jnp.float32(np.inf), grads)
+  assert int(clean["nonfinite_step"]) == jdl.metrics.NO_NONFINITE_STEP
+  assert (int(bad_loss["nonfinite_step"]), int(bad_loss["nonfinite_what"])) == (5, 0)
+  assert int(jdl.metrics.nonfinite_metrics(step, jnp.float32(1.0), grads)["nonfinite_step"]) == 5
+
+
 def test_classification_steps_without_the_finite_check_train_the_same():
   """`check_finite=False` drops the watch's metrics and nothing else: same parameters and loss,
   and `fit` runs without the watch."""
