@@ -433,14 +433,12 @@ class _ResidentEngine:
     self.loop = not resident.loops_are_slow(train_step)
     chunk = resident.make_train_chunk(train_step, self.train, self.runner.constrain_batch)
     self.chunk = jax.jit(chunk, static_argnames=("length",), donate_argnums=(0, 3))
-    if self.loop and "nonfinite_step" in train_step.out_shape[1]:
-      with metrics_lib.loss_only_nonfinite_checks():  # a new function: JAX caches traces
-        fast_step = resident.TracedStep(lambda *args: self.train_step(*args), state, batch)
-      # Fewer operations: the step checks its gradients through `nonfinite_metrics`.
-      if len(fast_step.jaxpr.eqns) < len(train_step.jaxpr.eqns):
-        # Not donated: the state it starts from is kept until its probe says it is not needed.
-        self.probed_chunk = jax.jit(resident.with_nonfinite_probe(resident.make_train_chunk(
-            fast_step, self.train, self.runner.constrain_batch)), static_argnames=("length",))
+    watched = {"nonfinite_step", "nonfinite_what", "loss_sum"} <= train_step.out_shape[1].keys()
+    if self.loop and watched:
+      # Not donated: the state it starts from is kept until its probe says it is not needed.
+      self.probed_chunk = jax.jit(resident.with_nonfinite_probe(resident.make_train_chunk(
+          resident.checking_loss_only(train_step), self.train, self.runner.constrain_batch)),
+          static_argnames=("length",))
     if self.steps_per_call is None and not self.loop:
       self.steps_per_call = 1
     if self.eval_data is not None:

@@ -11,9 +11,7 @@ The three functions form the usual (empty, merge, compute) triple of pure functi
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -89,35 +87,12 @@ NO_NONFINITE_STEP = np.iinfo(np.int32).max
 """`nonfinite_step` of a step whose loss and gradients were all finite."""
 
 
-_CHECK_GRADIENTS = contextvars.ContextVar("jdl_check_gradients", default=True)
-
-
-@contextlib.contextmanager
-def loss_only_nonfinite_checks() -> Iterator[None]:
-  """While active, `nonfinite_metrics` traces a check of the loss alone, not of the gradients.
-
-  For an engine that checks the whole training state after many steps and, only when something
-  there is not finite, runs those steps again from their start with every gradient checked
-  (`jdl.loop.fit` on device-resident data does). The per-step pass over every gradient, about a
-  seventh of a small MLP's step on a CPU, is then skipped wherever nothing went wrong. Applies
-  to what is traced inside the block; JAX reuses a trace it made before of the same function
-  with the same argument shapes, so trace a function of your own here (a `lambda` around the
-  step).
-  """
-  token = _CHECK_GRADIENTS.set(False)
-  try:
-    yield
-  finally:
-    _CHECK_GRADIENTS.reset(token)
-
-
 def nonfinite_metrics(step: jax.Array, loss_sum: jax.Array, grads: Any) -> Metrics:
   """The train step's non-finite watch: `nonfinite_step` is the 1-based number of this step if its
   loss or any gradient is NaN or infinite (else `NO_NONFINITE_STEP`), and `nonfinite_what` says
   which went bad first: 0 for the loss, `i + 1` for the i-th gradient leaf (in `jax.tree.leaves`
-  order). Merged over steps, the pair keeps the earliest bad step. Inside
-  `loss_only_nonfinite_checks` only the loss is checked (the gradients are not read)."""
-  leaves = jax.tree.leaves(grads) if _CHECK_GRADIENTS.get() else []
+  order). Merged over steps, the pair keeps the earliest bad step."""
+  leaves = jax.tree.leaves(grads)
   bad = jnp.stack([~jnp.all(jnp.isfinite(loss_sum))] + [~jnp.all(jnp.isfinite(g)) for g in leaves])
   return {
       "nonfinite_step": jnp.where(jnp.any(bad), step.astype(jnp.int32) + 1, NO_NONFINITE_STEP),

@@ -283,18 +283,24 @@ def test_long_resident_calls_name_the_same_step_and_parameter(monkeypatch, loss,
   assert fast_history[-1]["train_loss"] == exact_history[-1]["train_loss"]
 
 
-def test_nonfinite_check_of_the_loss_alone_reads_no_gradient():
-  """Inside `loss_only_nonfinite_checks` the watch checks the loss: a NaN gradient goes
-  unflagged, a NaN loss is flagged as the loss; outside, the gradient is named."""
-  grads = {"a": jnp.array([1.0, jnp.nan]), "b": jnp.ones(3)}
-  step = jnp.asarray(4, jnp.int32)
-  assert int(jdl.metrics.nonfinite_metrics(step, jnp.float32(1.0), grads)["nonfinite_what"]) == 1
-  with jdl.metrics.loss_only_nonfinite_checks():
-    clean = jdl.metrics.nonfinite_metrics(step, jnp.float32(1.0), grads)
-    bad_loss = jdl.metrics.nonfinite_metrics(step, jnp.float32(np.inf), grads)
-  assert int(clean["nonfinite_step"]) == jdl.metrics.NO_NONFINITE_STEP
-  assert (int(bad_loss["nonfinite_step"]), int(bad_loss["nonfinite_what"])) == (5, 0)
-  assert int(jdl.metrics.nonfinite_metrics(step, jnp.float32(1.0), grads)["nonfinite_step"]) == 5
+def test_checking_loss_only_flags_the_loss_and_not_the_gradients():
+  """`resident.checking_loss_only` keeps the step's update and metrics and re-derives the watch
+  from `loss_sum`: a NaN gradient under a finite loss goes unflagged (the parameter probe finds
+  it), a NaN loss is flagged as the loss at the step's 1-based number."""
+  x = np.ones((10, 6), np.float32)
+  trap = {"input": x, "label": np.full((10,), 2, np.int32)}  # label 2: NaN gradient, finite loss
+  full = jdl.make_train_step(_label_trap_loss)
+  fast = jdl.resident.checking_loss_only(full)
+  state = _mlp_state().replace(step=jnp.asarray(4, jnp.int32))
+  full_state, full_metrics = jax.jit(full)(state, trap)
+  fast_state, fast_metrics = jax.jit(fast)(state, trap)
+  assert (int(full_metrics["nonfinite_step"]), int(full_metrics["nonfinite_what"])) == (5, 1)
+  assert int(fast_metrics["nonfinite_step"]) == jdl.metrics.NO_NONFINITE_STEP
+  assert not bool(jdl.resident.all_finite(fast_state.params))
+  jax.tree.map(np.testing.assert_array_equal, fast_state.params, full_state.params)
+  nan_loss = {"input": np.full_like(x, np.nan), "label": np.zeros((10,), np.int32)}
+  _, metrics = jax.jit(fast)(state, nan_loss)
+  assert (int(metrics["nonfinite_step"]), int(metrics["nonfinite_what"])) == (5, 0)
 
 
 def test_classification_steps_without_the_finite_check_train_the_same():
