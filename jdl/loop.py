@@ -7,6 +7,7 @@ called after each evaluation with that evaluation's record.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import json
 import os
@@ -395,6 +396,8 @@ class _HostEngine:
     return evaluate(state, self.eval_step, self.eval_data, runner=self.runner)
 
 
+_BACKGROUND = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jdl-compile")
+
 MIN_PROBED_STEPS = 16
 """Device-resident calls of at least this many steps check finiteness the fast way (see
 `resident.with_nonfinite_probe`): its one read of a scalar per call costs a shorter call more
@@ -419,6 +422,7 @@ class _ResidentEngine:
     self.probed_chunk = None  # the fast first try of a long chunk, when the step checks finiteness
     self.order = runner.place_replicated(self.train.initial_order())
     self.eval_data, self.eval_all = eval_data, None
+    self.eval_compiled: concurrent.futures.Future | None = None  # see `_compile_eval_while_training`
     if eval_data is not None:
       self.eval_arrays = runner.place_replicated(
           resident.with_padding_row(eval_data.inputs, eval_data.labels))
@@ -463,6 +467,7 @@ class _ResidentEngine:
       start, start_order = state, self.order
       state, sums, order, suspect = self.probed_chunk(state, *args, start_order, np.int32(step),
                                                       length=length)
+      self._compile_eval_while_training(state)
       if bool(suspect):
         state, sums, order = self.chunk(start, *args, start_order, np.int32(step), length=length)
       self.order = order
@@ -470,10 +475,26 @@ class _ResidentEngine:
     state, sums, self.order = self.chunk(state, *args, self.order, np.int32(step), length=length)
     return state, sums, length
 
+  def _compile_eval_while_training(self, state):
+    """Once, on one device: starts compiling the evaluation program in a thread of its own while
+    the steps just dispatched run. XLA compiles with Python's lock released, and on a CPU with
+    `cpu_threads=1` the steps leave a core free (the MNIST-1D CNN's evaluation program took 0.3 s
+    of compiling in a 4 s run)."""
+    if (self.eval_all is None or self.eval_compiled is not None or not self.loop
+        or self.runner.layout != "none"):
+      return
+    specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                         jax.eval_shape(evaluation_state, state))
+    eval_all, arrays = self.eval_all, self.eval_arrays
+    self.eval_compiled = _BACKGROUND.submit(lambda: eval_all.lower(specs, *arrays).compile())
+
   def evaluate(self, state):
     if self.loop is None:
       self._decide_loop(state)
-    sums = self.eval_all(state, *self.eval_arrays)
+    eval_all = self.eval_all
+    if self.eval_compiled is not None and self.eval_compiled.exception() is None:
+      eval_all = self.eval_compiled.result()  # for the same shapes, on the same device
+    sums = eval_all(state, *self.eval_arrays)
     return metrics_lib.compute_metrics(self.runner.fetch_metrics(sums))
 
 

@@ -142,6 +142,29 @@ def test_device_resident_scan_equals_the_per_step_loop(steps_per_call, progress)
     assert [r[key] for r in host_history] == [r[key] for r in scan_history], key
 
 
+def test_long_resident_calls_equal_the_per_step_loop(monkeypatch):
+  """Calls of 16 steps or more take the resident engine's fast path: each step checks only its
+  loss, the parameters are probed once a call, and the evaluation program compiles in a thread
+  while the first call runs. Parameters, losses and eval metrics are still bitwise those of the
+  per-step loop."""
+  submitted = []
+  submit = jdl.loop._BACKGROUND.submit
+  monkeypatch.setattr(jdl.loop._BACKGROUND, "submit",
+                      lambda fn: submitted.append(fn) or submit(fn))
+  runs = []
+  for resident in (False, True):
+    state, train_step, eval_step, train, test, _ = _setup()
+    runs.append(jdl.fit(state, train_step, eval_step, train, test, num_steps=40,
+                        eval_every_steps=20, progress=False, device_resident=resident))
+  (host_state, host_history), (scan_state, scan_history) = runs
+  assert len(submitted) == 1  # the resident run compiled its evaluation alongside, once
+  jax.tree.map(np.testing.assert_array_equal, host_state.params, scan_state.params)
+  jax.tree.map(np.testing.assert_array_equal, host_state.opt_state, scan_state.opt_state)
+  assert [r["step"] for r in host_history] == [r["step"] for r in scan_history] == [20, 40]
+  for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+    assert [r[key] for r in host_history] == [r[key] for r in scan_history], key
+
+
 def test_device_resident_needs_in_memory_sources():
   """Forcing the resident engine on a streaming source is a clear error."""
   state, train_step, eval_step, train, test, (x, y) = _setup()
