@@ -483,8 +483,7 @@ class _ResidentEngine:
     if (self.eval_all is None or self.eval_compiled is not None or not self.loop
         or self.runner.layout != "none"):
       return
-    specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                         jax.eval_shape(evaluation_state, state))
+    specs = jax.eval_shape(evaluation_state, state)  # shapes, dtypes and weak types
     eval_all, arrays = self.eval_all, self.eval_arrays
     self.eval_compiled = _BACKGROUND.submit(lambda: eval_all.lower(specs, *arrays).compile())
 

@@ -255,14 +255,13 @@ def with_nonfinite_probe(
   something non-finite (`nonfinite_step`) or a parameter it ends with is NaN or infinite.
 
   Built on a step `checking_loss_only`, this is the fast first try of a chunk: each step checks
-  its loss, the parameters are read once at the end. A non-finite
-  gradient makes the parameters non-finite in the update it feeds (NaN and infinity go through
-  Adam, SGD, momentum, clipping by the global norm and weight decay into the update, and a
-  parameter once NaN or infinite stays so), so a chunk with one is suspect;
-  the caller then runs the chunk again from its start with the full per-step check, which names
-  the step and the parameter exactly as it would have. Only an optimizer that discards
-  non-finite updates (`optax.apply_if_finite`) can hide a bad gradient from the probe, and then
-  training goes on as that optimizer intends.
+  its loss, the parameters are read once at the end. A non-finite gradient makes the parameters
+  non-finite in the update it feeds (NaN and infinity go through Adam, SGD, momentum, clipping by
+  the global norm and weight decay into the update, and a parameter once NaN or infinite stays
+  so), so a chunk with one is suspect; the caller then runs the chunk again from its start with
+  the full per-step check, which names the step and the parameter exactly as it would have.
+  Only an optimizer that discards non-finite updates (`optax.apply_if_finite`) can hide a bad
+  gradient from the probe, and then training goes on as that optimizer intends.
   """
 
   def probed(state, inputs, labels, order, first_step, *, length):
