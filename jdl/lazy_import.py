@@ -3,9 +3,10 @@
 jdl uses TensorFlow for two things only: tf.data input pipelines (with TFDS, its datasets) and
 TensorBoard event files. Importing the two costs about 4 seconds on a 2-core machine, most of
 `import jdl`, and on an accelerator host they are often not installed at all. So jdl's modules
-name them through the stand-ins below (`LazyModule`): `import jdl`, the train steps, the models and `fit` over
-in-memory arrays (`jdl.data.ArraySource`) run without TensorFlow; the first pipeline, TFDS
-dataset or TensorBoard writer imports it, and where it is missing says which package to install.
+name them through the stand-ins below (`LazyModule`): `import jdl`, the train steps, the models
+and `fit` over in-memory arrays (`jdl.data.ArraySource`) run without TensorFlow; the first
+pipeline, TFDS dataset or TensorBoard writer imports it, and where it is missing says which
+package to install.
 """
 
 from __future__ import annotations

@@ -480,8 +480,7 @@ class _ResidentEngine:
     the steps just dispatched run. XLA compiles with Python's lock released, and on a CPU with
     `cpu_threads=1` the steps leave a core free (the MNIST-1D CNN's evaluation program took 0.3 s
     of compiling in a 4 s run)."""
-    if (self.eval_all is None or self.eval_compiled is not None or not self.loop
-        or self.runner.layout != "none"):
+    if self.eval_all is None or self.eval_compiled is not None or self.runner.layout != "none":
       return
     specs = jax.eval_shape(evaluation_state, state)  # shapes, dtypes and weak types
     eval_all, arrays = self.eval_all, self.eval_arrays

@@ -237,13 +237,9 @@ def checking_loss_only(
 
   def step(state, batch):
     new_state, metrics = train_step(state, batch)
-    bad = ~jnp.isfinite(metrics["loss_sum"])
-    return new_state, {
-        **metrics,
-        "nonfinite_step": jnp.where(bad, jnp.asarray(state.step, jnp.int32) + 1,
-                                    metrics_lib.NO_NONFINITE_STEP),
-        "nonfinite_what": jnp.zeros_like(metrics["nonfinite_what"]),
-    }
+    # The watch of a step without gradients: the loss alone.
+    return new_state, {**metrics, **metrics_lib.nonfinite_metrics(
+        jnp.asarray(state.step), metrics["loss_sum"], grads=())}
 
   return step
 
