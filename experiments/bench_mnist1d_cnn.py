@@ -57,6 +57,7 @@ def run_jdl(seed: int) -> dict:
 
   config = mnist1d.get_config()
   jdl.runtime.apply_cpu_threads(config.cpu_threads)  # before JAX starts, as the experiment does
+  jdl.set_cpu_dot_library(config.cpu_dot_library)
   (x, y), (x_test, y_test) = load_mnist1d()
   start = time.perf_counter()  # data loaded, as for the plain loop; compilation included
   train = jdl.data.ArraySource(x, y, BATCH, shuffle=True, seed=seed)

@@ -2,7 +2,8 @@
 
 Contenders, each in its own process, run side by side in one invocation, `--repeats` times in
 turn (medians reported):
-  jdl          `jdl.fit` (device-resident data, steps scanned per call)
+  jdl          `jdl.fit` (device-resident data, steps scanned per call), with the seed
+               experiment's settings (`cpu_dot_library`: XLA's own products on a CPU)
   plain        a per-step `jax.jit` loop written directly with flax and optax
   jdl-step     `jdl.fit` with its per-step engine, batches from memory
   jdl-stream   `jdl.fit` with its per-step engine, batches streamed through tf.data
@@ -54,7 +55,9 @@ def run_jdl(epochs: int, engine: str = "resident") -> dict:
   import jax  # pylint: disable=import-outside-toplevel
 
   import jdl  # pylint: disable=import-outside-toplevel
+  from experiments import fashion_mnist_mlp  # pylint: disable=import-outside-toplevel
 
+  jdl.set_cpu_dot_library(fashion_mnist_mlp.get_config().cpu_dot_library)  # as the tutorial does
   x, y = make_data()
   if engine == "stream":
     import tensorflow as tf  # pylint: disable=import-outside-toplevel

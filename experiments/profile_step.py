@@ -3,7 +3,8 @@
   python -m experiments.profile_step --model=seed_mlp      # 784-128-10 MLP, Adam 1e-3, batch 32
   python -m experiments.profile_step --model=mnist1d_cnn   # the MNIST-1D paper's CNN, batch 100
 
-Runs `--steps` training steps (at most one epoch: 1,875 for the MLP, 40 for the CNN, so that
+With the experiment's CPU settings (`cpu_threads`, `cpu_dot_library`; flags override them),
+runs `--steps` training steps (at most one epoch: 1,875 for the MLP, 40 for the CNN, so that
 every timed call repeats the same steps of epoch 0) as one device-resident loop, the program
 `jdl.fit` runs (`jdl.resident.make_train_chunk`), on random data of the benchmark's shape: first
 timed without a profiler (median of `--repeats` calls), then once under `jax.profiler`, read back
@@ -61,6 +62,14 @@ def build(model_name: str):
   return state, train_step, inputs, labels, batch_size
 
 
+def experiment_config(model_name: str):
+  """The config of the experiment that trains `model_name`: its CPU settings are profiled."""
+  # pylint: disable=import-outside-toplevel
+  from experiments import fashion_mnist_mlp, mnist1d
+
+  return (fashion_mnist_mlp if model_name == "seed_mlp" else mnist1d).get_config()
+
+
 def operation_sources(hlo_text: str) -> dict[str, str]:
   """HLO instruction name -> the JAX operation in its metadata (shortened)."""
   sources = {}
@@ -105,12 +114,13 @@ def main() -> None:
   parser.add_argument("--cpu_threads", type=int, default=None,
                       help="XLA CPU threads (jdl.set_cpu_threads); default: the experiment's "
                            "(1 for mnist1d_cnn, one per core for seed_mlp)")
+  parser.add_argument("--cpu_dot_library", choices=jdl.runtime.CPU_DOT_LIBRARIES, default=None,
+                      help="jdl.set_cpu_dot_library; default: the experiment's")
   args = parser.parse_args()
+  jdl.set_cpu_dot_library(args.cpu_dot_library or experiment_config(args.model).cpu_dot_library)
   threads = args.cpu_threads
-  if threads is None:  # the experiment's own setting; the seed MLP keeps XLA's default
-    from experiments import mnist1d  # pylint: disable=import-outside-toplevel
-
-    threads = mnist1d.get_config().cpu_threads if args.model == "mnist1d_cnn" else 0
+  if threads is None:  # the experiment's own setting (the seed MLP's: XLA's default)
+    threads = experiment_config(args.model).cpu_threads
   if args.cpu_threads:
     jdl.set_cpu_threads(threads)  # before JAX's first computation
   else:
@@ -121,7 +131,8 @@ def main() -> None:
                                 batch_size=batch_size, shuffle=True, seed=0)
   steps = min(args.steps, train.steps_per_epoch)
   chunk = jax.jit(resident.make_train_chunk(train_step, train, lambda batch: batch),
-                  static_argnames=("length",), donate_argnums=(0, 3))
+                  static_argnames=("length",), donate_argnums=(0, 3),
+                  compiler_options=jdl.runtime.program_compiler_options())
   order = jax.device_put(train.initial_order())
   hlo = chunk.lower(state, train.inputs, train.labels, order, np.int32(0),
                     length=steps).compile().as_text()

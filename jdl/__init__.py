@@ -32,7 +32,7 @@ from jdl.metrics import (
     loss_metrics,
     merge_metrics,
 )
-from jdl.runtime import set_cpu_threads
+from jdl.runtime import set_cpu_dot_library, set_cpu_threads
 from jdl.optim import (
     current_learning_rate, ema_parameters, make_optimizer, make_schedule, with_parameter_ema,
 )
@@ -52,6 +52,6 @@ __all__ = [
     "make_classification_steps", "make_eval_step", "make_optimizer", "make_schedule",
     "make_train_step", "make_weight_penalty", "mean_squared_error", "merge_metrics", "models",
     "parallel", "resident",
-    "read_jsonl", "run_experiment", "set_cpu_threads", "softmax_cross_entropy",
+    "read_jsonl", "run_experiment", "set_cpu_dot_library", "set_cpu_threads", "softmax_cross_entropy",
     "train_and_evaluate",
 ]

@@ -120,6 +120,7 @@ def classification_config() -> ml_collections.ConfigDict:
   config.num_devices = 0  # devices to use; 0: all (per process for pmap)
   config.distributed = "auto"  # join a multi-process run: auto (if JAX_COORDINATOR_ADDRESS), on, off
   config.cpu_threads = 0  # XLA CPU threads (jdl.set_cpu_threads), CPU runs only; 0: one per core
+  config.cpu_dot_library = "default"  # CPU matrix products: default (XLA's pick) or xla (its own)
   return config
 
 
@@ -263,6 +264,10 @@ def run_experiment(
     runtime.apply_cpu_threads(config.get("cpu_threads", 0))  # before JAX's first computation
   except ValueError as error:
     raise ConfigError(f"config.cpu_threads: {error}") from None
+  try:
+    runtime.check_cpu_dot_library(config.get("cpu_dot_library", "default"))
+  except ValueError as error:
+    raise ConfigError(f"config.cpu_dot_library: {error}") from None
   return (train or train_and_evaluate)(config, workdir)
 
 

@@ -436,13 +436,15 @@ class _ResidentEngine:
     train_step = resident.TracedStep(self.train_step, state, batch)  # traced once, used thrice
     self.loop = not resident.loops_are_slow(train_step)
     chunk = resident.make_train_chunk(train_step, self.train, self.runner.constrain_batch)
-    self.chunk = jax.jit(chunk, static_argnames=("length",), donate_argnums=(0, 3))
+    options = runtime.program_compiler_options()  # `jdl.runtime.set_cpu_dot_library`
+    self.chunk = jax.jit(chunk, static_argnames=("length",), donate_argnums=(0, 3),
+                         compiler_options=options)
     watched = {"nonfinite_step", "nonfinite_what", "loss_sum"} <= train_step.out_shape[1].keys()
     if self.loop and watched:
       # Not donated: the state it starts from is kept until its probe says it is not needed.
       self.probed_chunk = jax.jit(resident.with_nonfinite_probe(resident.make_train_chunk(
           resident.checking_loss_only(train_step), self.train, self.runner.constrain_batch)),
-          static_argnames=("length",))
+          static_argnames=("length",), compiler_options=options)
     if self.steps_per_call is None and not self.loop:
       self.steps_per_call = 1
     if self.eval_data is not None:
@@ -534,6 +536,13 @@ def train_and_evaluate(config: Any, workdir: str,
     `(state, history)` as `fit` returns them (history: this invocation's records).
   """
   runtime.apply_cpu_threads(config.get("cpu_threads", 0))  # like the next: before JAX starts
+  with runtime.using_cpu_dot_library(config.get("cpu_dot_library", "default")):
+    return _train_and_evaluate(config, workdir, hooks)
+
+
+def _train_and_evaluate(config: Any, workdir: str,
+                        hooks: Sequence[Hook]) -> tuple[TrainState, list[Record]]:
+  """The run `train_and_evaluate` describes, once its process-wide settings are made."""
   parallel.initialize_distributed(config.distributed)
   _check_loss_matches_output(config)
   device_augment, pipeline_augment = make_augmentations(config.augment, in_memory=config.in_memory)
@@ -626,7 +635,7 @@ RESUMABLE_CHANGES = frozenset({
     "num_steps", "num_epochs", "eval_every_steps", "eval_batch_size", "progress", "resume",
     "checkpoint", "checkpoint_every_steps", "checkpoint_min_seconds", "keep_checkpoints",
     "best_metric", "check_finite", "data_dir", "manual_dir", "download", "distributed",
-    "num_devices", "layout", "cpu_threads"})
+    "num_devices", "layout", "cpu_threads", "cpu_dot_library"})
 """Config keys a resumed run may change: how long, how often to evaluate or save, where the data
 is, on which devices. Every other key shapes the trajectory (seed, model, optimizer, data...)."""
 

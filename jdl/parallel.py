@@ -30,6 +30,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jdl import runtime
 from jdl.state import TrainState
 
 DATA_AXIS = "data"  # the mesh axis the batch is split over under sharded jit
@@ -63,8 +64,10 @@ class Runner(Protocol):
     with masked examples to a multiple of the device count; without, an uneven batch is an error."""
     ...
 
-  def compile(self, train_step: TrainStep, eval_step: EvalStep) -> tuple[TrainStep, EvalStep]:
-    """The steps compiled for this layout (the train step donates the state's buffers)."""
+  def compile(self, train_step: TrainStep, eval_step: EvalStep | None
+              ) -> tuple[TrainStep, EvalStep | None]:
+    """The steps compiled for this layout (the train step donates the state's buffers); no eval
+    step stays None."""
     ...
 
   def fetch_metrics(self, sums: Metrics) -> Metrics:
@@ -194,6 +197,12 @@ def unreplicate(tree: Any) -> Any:
   return jax.tree.map(lambda x: x[0], tree)
 
 
+def _unless_none(step: EvalStep | None, compile_step: Callable[[EvalStep], EvalStep]
+                 ) -> EvalStep | None:
+  """`compile_step(step)`, or None for no step (`fit` without evaluation)."""
+  return None if step is None else compile_step(step)
+
+
 class JitRunner:
   """Plain `jax.jit` on the default device."""
 
@@ -214,8 +223,11 @@ class JitRunner:
     del pad
     return dict(batch)
 
-  def compile(self, train_step: TrainStep, eval_step: EvalStep) -> tuple[TrainStep, EvalStep]:
-    return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
+  def compile(self, train_step: TrainStep, eval_step: EvalStep | None
+              ) -> tuple[TrainStep, EvalStep | None]:
+    options = runtime.program_compiler_options()
+    return (jax.jit(train_step, donate_argnums=0, compiler_options=options),
+            _unless_none(eval_step, lambda step: jax.jit(step, compiler_options=options)))
 
   def fetch_metrics(self, sums: Metrics) -> Metrics:
     return sums
@@ -262,11 +274,15 @@ class ShardedRunner:
                        f"local devices of process {jax.process_index()}")
     return shard_batch(batch, self.mesh)
 
-  def compile(self, train_step: TrainStep, eval_step: EvalStep) -> tuple[TrainStep, EvalStep]:
+  def compile(self, train_step: TrainStep, eval_step: EvalStep | None
+              ) -> tuple[TrainStep, EvalStep | None]:
+    options = runtime.program_compiler_options()
     train = jax.jit(train_step, in_shardings=(self.replicated, self.batch_sharding),
-                    out_shardings=(self.replicated, self.replicated), donate_argnums=0)
-    evaluate = jax.jit(eval_step, in_shardings=(self.replicated, self.batch_sharding),
-                       out_shardings=self.replicated)
+                    out_shardings=(self.replicated, self.replicated), donate_argnums=0,
+                    compiler_options=options)
+    evaluate = _unless_none(eval_step, lambda step: jax.jit(
+        step, in_shardings=(self.replicated, self.batch_sharding), out_shardings=self.replicated,
+        compiler_options=options))
     return train, evaluate
 
   def fetch_metrics(self, sums: Metrics) -> Metrics:
@@ -333,9 +349,11 @@ class PmapRunner:
         for key, value in batch.items()
     }
 
-  def compile(self, train_step: TrainStep, eval_step: EvalStep) -> tuple[TrainStep, EvalStep]:
+  def compile(self, train_step: TrainStep, eval_step: EvalStep | None
+              ) -> tuple[TrainStep, EvalStep | None]:
     train = jax.pmap(train_step, axis_name=PMAP_AXIS, devices=self.devices, donate_argnums=0)
-    evaluate = jax.pmap(eval_step, axis_name=PMAP_AXIS, devices=self.devices)
+    evaluate = _unless_none(eval_step, lambda step: jax.pmap(step, axis_name=PMAP_AXIS,
+                                                             devices=self.devices))
     return train, evaluate
 
   def fetch_metrics(self, sums: Metrics) -> Metrics:

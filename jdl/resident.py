@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdl import metrics as metrics_lib
+from jdl import runtime
 from jdl.data.sources import epoch_order
 from jdl.state import TrainState
 
@@ -288,7 +289,7 @@ def make_eval_all(
     return eval_step(state, constrain(gather_batch(inputs, labels, indices)))
 
   if not loop:
-    compiled = jax.jit(eval_batch)
+    compiled = jax.jit(eval_batch, compiler_options=runtime.program_compiler_options())
 
     def eval_all_unlooped(state, inputs, labels):
       sums = None
@@ -307,4 +308,4 @@ def make_eval_all(
     sums, _ = jax.lax.scan(body, zero_sums, jnp.arange(steps))
     return sums
 
-  return jax.jit(eval_all)
+  return jax.jit(eval_all, compiler_options=runtime.program_compiler_options())

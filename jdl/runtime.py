@@ -1,4 +1,5 @@
-"""Process-wide settings of the XLA runtime: they must be made before JAX's first computation.
+"""Process-wide settings of the XLA runtime: the CPU thread count (made before JAX's first
+computation) and the library behind the CPU's matrix products in jdl's programs.
 
 XLA's CPU backend runs a program's operations on a pool of threads, one per core the process may
 use: each operation that becomes ready starts on whichever thread is free. For a small model
@@ -14,11 +15,14 @@ plain loop, which uses `nn.Conv`, does).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import logging
 import os
 import pkgutil
+from collections.abc import Iterator
+from typing import Any
 
 # XLA sizes its PJRT clients' thread pools from this variable, read once when a client starts.
 THREADS_VARIABLE = "PJRT_NPROC"
@@ -119,3 +123,83 @@ def _check_count(count: int, *, minimum: int) -> None:
   if isinstance(count, bool) or not isinstance(count, int) or count < minimum:
     meaning = "a positive integer" if minimum else "a non-negative integer (0: one per core)"
     raise ValueError(f"the CPU thread count must be {meaning}; got {count!r}.")
+
+
+CPU_DOT_LIBRARIES = ("default", "xla")
+"""`set_cpu_dot_library` choices: "default" leaves XLA's choice (YNNPACK, where this XLA hands
+products to it); "xla" keeps the products in XLA's own code (YNNPACK still does reductions)."""
+
+# The XLA option behind "xla": only reductions are handed to YNNPACK, so products stay XLA's.
+_XLA_DOTS_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+_dot_library = "default"
+_xla_dots_supported: bool | None = None  # checked once, on first use of the option
+
+
+def set_cpu_dot_library(name: str) -> None:
+  """Which library computes the matrix products of the programs jdl compiles on the CPU, from
+  now on in this process (`using_cpu_dot_library` for a block of code).
+
+  XLA's CPU backend hands a product to YNNPACK where it can. Which is faster depends on the
+  shapes: under the profiler the seed MLP's `[32, 784] @ [784, 128]` took 52 us a step in
+  YNNPACK and 39 us in XLA's own code, and its scanned step ran 0.95x as long with "xla" (0.89x
+  with every gradient checked for NaN), while the MNIST-1D CNN's long, thin products
+  (`[25, 75] @ [75, 1000]`) ran 1.11x slower. So it is a per-experiment choice, measured (the
+  experiments' `cpu_dot_library` config key; BUILD_NOTES.md, "Speed"), not a default.
+
+  It applies to the train and evaluation programs jdl builds after the call: `fit`'s engines,
+  the runners' steps (`JitRunner`, `ShardedRunner`; `jax.pmap` takes no compiler options) and
+  `vmap_sweep`; not to what a user jits directly. Results differ from the default in the last
+  bits (about 1e-7 after hundreds of steps), as any change of summation order does. On an
+  accelerator, or with an XLA that has no YNNPACK (where its own products are used anyway), it
+  changes nothing.
+
+  Raises:
+    ValueError: `name` is not one of `CPU_DOT_LIBRARIES`.
+  """
+  global _dot_library
+  check_cpu_dot_library(name)
+  _dot_library = name
+
+
+def check_cpu_dot_library(name: str) -> None:
+  """Raises ValueError unless `name` is one of `CPU_DOT_LIBRARIES`."""
+  if name not in CPU_DOT_LIBRARIES:
+    raise ValueError(f"unknown CPU dot library {name!r}; expected one of {CPU_DOT_LIBRARIES}.")
+
+
+@contextlib.contextmanager
+def using_cpu_dot_library(name: str) -> Iterator[None]:
+  """`set_cpu_dot_library(name)` for the programs built inside the block; the previous choice
+  is back after it (`train_and_evaluate` runs an experiment so)."""
+  global _dot_library
+  previous = _dot_library
+  set_cpu_dot_library(name)
+  try:
+    yield
+  finally:
+    _dot_library = previous
+
+
+def cpu_dot_library() -> str:
+  """The current `set_cpu_dot_library` choice."""
+  return _dot_library
+
+
+def program_compiler_options() -> dict[str, Any] | None:
+  """The XLA compiler options for a train or evaluation program jdl compiles now (`jax.jit`'s
+  `compiler_options`), from `set_cpu_dot_library`; None for XLA's defaults."""
+  global _xla_dots_supported
+  if _dot_library == "default":
+    return None
+  import jax  # pylint: disable=import-outside-toplevel
+
+  if jax.default_backend() != "cpu":
+    return None
+  if _xla_dots_supported is None:
+    try:  # an XLA without YNNPACK has no such option: its own products are all it has
+      jax.jit(lambda x: x + 1, compiler_options=_XLA_DOTS_OPTIONS).lower(0.0).compile()
+      _xla_dots_supported = True
+    except jax.errors.JaxRuntimeError as error:
+      _log.info("cpu_dot_library=%r needs no option with this XLA (%s).", _dot_library, error)
+      _xla_dots_supported = False
+  return dict(_XLA_DOTS_OPTIONS) if _xla_dots_supported else None

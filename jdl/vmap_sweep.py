@@ -35,7 +35,7 @@ import optax
 from jdl import data as data_lib
 from jdl import loop as loop_lib
 from jdl import metrics as metrics_lib
-from jdl import models, optim, resident, runs, step as step_lib
+from jdl import models, optim, resident, runs, runtime, step as step_lib
 from jdl.config import ConfigError
 from jdl.state import TrainState, create_train_state
 from jdl.sweep import Row
@@ -302,7 +302,8 @@ def _train_members(states, train_step, eval_step, train_data, eval_data, *, num_
                                 jnp.zeros((train.batch_size,), jnp.int32))
   use_loop = not resident.loops_are_slow(vmapped_train, states, probe)
   chunk = jax.jit(resident.make_train_chunk(vmapped_train, train, _unchanged),
-                  static_argnames=("length",), donate_argnums=(0, 3))
+                  static_argnames=("length",), donate_argnums=(0, 3),
+                  compiler_options=runtime.program_compiler_options())
   compile_seconds = 0.0
   compiled: dict[int, Any] = {}
   merge = None  # metric sums stay on the device between evaluations, merged by one program

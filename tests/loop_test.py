@@ -111,6 +111,19 @@ def test_non_numeric_or_empty_batches_fail_clearly():
             num_epochs=1, progress=False)
 
 
+@pytest.mark.parametrize("device_resident", [True, False])
+def test_fit_without_evaluation_trains_with_either_engine(device_resident):
+  """No eval data and no eval step: both engines train, and agree."""
+  state, train_step, _, train, _, _ = _setup()
+  trained, history = jdl.fit(state, train_step, None, train, None, num_steps=8, progress=False,
+                             device_resident=device_resident)
+  state, _, _, train, _, _ = _setup()  # fit donated the first state
+  reference, _ = jdl.fit(state, train_step, None, train, None, num_steps=8, progress=False)
+  assert [r["step"] for r in history] == [4, 8] and "test_accuracy" not in history[-1]
+  for a, b in zip(jax.tree.leaves(trained.params), jax.tree.leaves(reference.params)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_fit_needs_a_length():
   """Neither epochs nor steps is an error."""
   state, train_step, eval_step, train, test, _ = _setup()

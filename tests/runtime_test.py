@@ -145,3 +145,75 @@ def test_an_installed_accelerator_plugin_counts_as_an_accelerator(tmp_path):
                         timeout=300, check=True)
   decided = json.loads(done.stdout.strip().splitlines()[-1])
   assert decided == {"cpu": False, "applied": False, "variable": None, "started": False}
+
+
+# `jdl.set_cpu_dot_library`: which library computes the CPU's matrix products in jdl's programs.
+
+
+@pytest.fixture
+def restore_dot_library():
+  previous = runtime.cpu_dot_library()
+  yield
+  runtime.set_cpu_dot_library(previous)
+
+
+def test_an_unknown_dot_library_is_refused_and_nothing_changes(restore_dot_library):
+  runtime.set_cpu_dot_library("default")
+  with pytest.raises(ValueError, match=r"unknown CPU dot library 'eigen'.*\('default', 'xla'\)"):
+    jdl.set_cpu_dot_library("eigen")
+  assert runtime.cpu_dot_library() == "default"
+
+
+def test_an_unknown_config_dot_library_is_a_config_error(tmp_path):
+  with pytest.raises(jdl.ConfigError, match="cpu_dot_library.*'eigen'"):
+    jdl.run_experiment(mnist1d.get_config, [f"--workdir={tmp_path / 'run'}",
+                                            "--config.cpu_dot_library=eigen"], name="mnist1d")
+  assert not (tmp_path / "run").exists()
+
+
+def _fit_mlp(device_resident: bool) -> list[np.ndarray]:
+  rng = np.random.default_rng(0)
+  x, y = rng.random((96, 8, 8, 1), dtype=np.float32), rng.integers(0, 10, 96).astype(np.int32)
+  state = jdl.create_train_state(jdl.models.MLP(hidden=(32,), num_classes=10),
+                                 jdl.make_optimizer({"name": "adam", "learning_rate": 1e-3}),
+                                 x[:1], jax.random.PRNGKey(0))
+  step, _ = jdl.make_classification_steps()
+  state, _ = jdl.fit(state, step, None, jdl.data.ArraySource(x, y, 16, shuffle=True, seed=0), None,
+                     num_steps=30, progress=False, device_resident=device_resident,
+                     steps_per_call=None if device_resident else 1)
+  return [np.asarray(leaf) for leaf in jax.tree.leaves(state.params)]
+
+
+def test_xla_dots_reach_both_engines_and_change_only_the_rounding(restore_dot_library):
+  with runtime.using_cpu_dot_library("xla"):
+    if runtime.program_compiler_options() is None:
+      pytest.skip("this XLA hands no products to YNNPACK, so 'xla' changes nothing here")
+    resident_xla, per_step_xla = _fit_mlp(True), _fit_mlp(False)
+  assert runtime.cpu_dot_library() == "default"  # the block's choice ends with it
+  resident, per_step = _fit_mlp(True), _fit_mlp(False)
+  # The option reached both engines' programs (the products round differently)...
+  assert not all(np.array_equal(a, b) for a, b in zip(resident, resident_xla))
+  assert not all(np.array_equal(a, b) for a, b in zip(per_step, per_step_xla))
+  # ...and changed nothing else: the engines agree with each other, and with the default.
+  for a, b, c in zip(resident_xla, per_step_xla, resident):
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, c, atol=1e-5)
+
+
+def test_an_experiment_chooses_its_dot_library_for_its_run_only(monkeypatch, tmp_path,
+                                                                restore_dot_library):
+  from experiments import fashion_mnist_mlp  # pylint: disable=import-outside-toplevel
+
+  from jdl import loop  # pylint: disable=import-outside-toplevel
+
+  seen = []
+
+  def record(config, workdir, hooks):
+    seen.append(runtime.cpu_dot_library())
+    raise _Stopped
+
+  monkeypatch.setattr(loop, "_train_and_evaluate", record)
+  runtime.set_cpu_dot_library("default")
+  with pytest.raises(_Stopped):
+    jdl.train_and_evaluate(fashion_mnist_mlp.get_config(), str(tmp_path / "run"))
+  assert seen == ["xla"] and runtime.cpu_dot_library() == "default"
