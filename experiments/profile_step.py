@@ -6,7 +6,9 @@
 With the experiment's CPU settings (`cpu_threads`, `cpu_dot_library`; flags override them),
 runs `--steps` training steps (at most one epoch: 1,875 for the MLP, 40 for the CNN, so that
 every timed call repeats the same steps of epoch 0) as one device-resident loop, the program
-`jdl.fit` runs (`jdl.resident.make_train_chunk`), on random data of the benchmark's shape: first
+`jdl.fit` runs for such a call (`jdl.resident.make_train_chunk`, its NaN/inf watch reading the
+loss each step and the parameters at the end; `--check=every_gradient` for the program of
+shorter calls), on random data of the benchmark's shape: first
 timed without a profiler (median of `--repeats` calls), then once under `jax.profiler`, read back
 with JAX's own reader (`jax.profiler.ProfileData`). On the CPU the trace holds XLA:CPU's
 per-operation events (`--xla_cpu_enable_xprof_traceme`, set here before JAX starts); on a GPU, its
@@ -70,6 +72,21 @@ def experiment_config(model_name: str):
   return (fashion_mnist_mlp if model_name == "seed_mlp" else mnist1d).get_config()
 
 
+def train_program(train_step, train: resident.ResidentData, *, every_gradient: bool):
+  """`chunk(state, inputs, labels, order, first_step, length=K) -> (state, sums, order)`: the
+  program `fit`'s resident engine runs for a call of K steps (see `jdl.loop.MIN_PROBED_STEPS`)."""
+  if every_gradient:
+    return resident.make_train_chunk(train_step, train, lambda batch: batch)
+  probed = resident.with_nonfinite_probe(resident.make_train_chunk(
+      resident.checking_loss_only(train_step), train, lambda batch: batch))
+
+  def chunk(state, inputs, labels, order, first_step, *, length):
+    state, sums, order, _ = probed(state, inputs, labels, order, first_step, length=length)
+    return state, sums, order
+
+  return chunk
+
+
 def operation_sources(hlo_text: str) -> dict[str, str]:
   """HLO instruction name -> the JAX operation in its metadata (shortened)."""
   sources = {}
@@ -114,6 +131,10 @@ def main() -> None:
   parser.add_argument("--cpu_threads", type=int, default=None,
                       help="XLA CPU threads (jdl.set_cpu_threads); default: the experiment's "
                            "(1 for mnist1d_cnn, one per core for seed_mlp)")
+  parser.add_argument("--check", choices=("probe", "every_gradient"), default="probe",
+                      help="the NaN/inf watch of the profiled program: the loss each step and the "
+                           "parameters at the end, as fit's calls of 16 steps or more; or every "
+                           "gradient each step, as its shorter calls and reruns")
   parser.add_argument("--cpu_dot_library", choices=jdl.runtime.CPU_DOT_LIBRARIES, default=None,
                       help="jdl.set_cpu_dot_library; default: the experiment's")
   args = parser.parse_args()
@@ -130,7 +151,7 @@ def main() -> None:
   train = resident.ResidentData(*jax.device_put(resident.with_padding_row(inputs, labels)),
                                 batch_size=batch_size, shuffle=True, seed=0)
   steps = min(args.steps, train.steps_per_epoch)
-  chunk = jax.jit(resident.make_train_chunk(train_step, train, lambda batch: batch),
+  chunk = jax.jit(train_program(train_step, train, every_gradient=args.check == "every_gradient"),
                   static_argnames=("length",), donate_argnums=(0, 3),
                   compiler_options=jdl.runtime.program_compiler_options())
   order = jax.device_put(train.initial_order())

@@ -3,6 +3,7 @@
 import importlib
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -269,6 +270,23 @@ def test_benchmarks_import_and_name_their_contenders():
   assert {"jdl", "plain", "keras-jax", "keras-tf", "pipeline", "peak"} <= set(bench_seed_mlp.CONTENDERS)
   assert set(bench_mnist1d_cnn.CONTENDERS) == {"jdl", "plain", "plain_1thread"}
   assert bench_seed_mlp.TRAIN_FLOPS_PER_EXAMPLE == 6 * (784 * 128 + 128 * 10)
+
+
+@pytest.mark.parametrize("check", ["probe", "every_gradient"])
+def test_profile_step_times_the_program_fit_runs_and_names_its_operations(check):
+  """A short profile of the seed MLP (its own process: the profiler needs an XLA flag set before
+  JAX starts): a step time, and the first layer's products among the operations it lists."""
+  env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+  done = subprocess.run(
+      [sys.executable, "-m", "experiments.profile_step", "--model=seed_mlp", "--steps=20",
+       "--repeats=1", "--top=40", f"--check={check}"],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
+  lines = done.stdout.strip().splitlines()
+  assert lines[0].startswith("seed_mlp: 20 steps in one scan") and "us a step" in lines[0]
+  operations = "\n".join(lines[2:])
+  assert "Dense_0/dot_general" in operations and "Dense_0/transpose" in operations
+  # The probed program checks the loss each step, not every gradient.
+  assert ("is_finite" in operations) == (check == "every_gradient")
 
 
 def test_mnist1d_compare_prints_a_table_where_convolution_wins(tmp_path, mnist1d_data_dir, capsys):
