@@ -244,10 +244,17 @@ def test_a_traced_step_replays_the_step_and_rejects_other_shapes():
     (models.TransformerEncoderClassifier(num_classes=2, vocab_size=11, max_length=6, num_layers=1,
                                          num_heads=2, width=8),
      np.zeros((1, 6), np.int32)),
+    (models.MLP(hidden=(8,), num_classes=3, normalization="batch"), np.zeros((1, 6), np.float32)),
+    (models.CNN(num_classes=3, features=(4,), dense=8), np.zeros((1, 8, 8, 1), np.float32)),
+    (models.RNNClassifier(num_classes=3, cell="gru", hidden=8, vocab_size=11, embed_dim=4),
+     np.zeros((1, 5), np.int32)),
+    (models.RNNClassifier(num_classes=3, cell="lstm", hidden=8), np.zeros((1, 5, 2), np.float32)),
+    (models.TransformerLM(num_classes=11, block_size=6, num_layers=1, num_heads=2, width=8),
+     np.zeros((1, 6), np.int32)),
 ])
 def test_create_train_state_gives_the_compiled_flax_and_optax_initial_values(model, sample):
   """The state holds what `jax.jit(model.init)` and `tx.init` give with the documented split of
-  the key, bitwise (the init is compiled at -O1 on the CPU, which changes no value), and what the
+  the key, bitwise (the init is compiled for compile time on the CPU, which changes no value), and what the
   eager `model.init` gives up to float rounding: parameters, model state (BatchNorm statistics)
   and optimizer state."""
   tx = optax.adam(1e-3)
@@ -262,6 +269,25 @@ def test_create_train_state_gives_the_compiled_flax_and_optax_initial_values(mod
   jax.tree.map(np.testing.assert_array_equal, state.opt_state, tx.init(params))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                state.params, eager["params"])
+
+
+def test_an_xla_without_the_init_options_compiles_the_init_at_o1_alone(monkeypatch):
+  """An XLA that does not know one of `INIT_COMPILER_OPTIONS` (a later one may drop its loop
+  emitters) still initialises, with the same values."""
+  from jdl import state as state_lib  # pylint: disable=import-outside-toplevel
+
+  if jax.default_backend() != "cpu":
+    pytest.skip("the init's compiler options are for the CPU")
+  model, sample = models.MLP(hidden=(4,), num_classes=3), np.zeros((1, 6), np.float32)
+  want = jdl.create_train_state(model, optax.sgd(0.1), sample, jax.random.PRNGKey(1)).params
+  compiled = dict(state_lib._COMPILED)  # pylint: disable=protected-access
+  for fn in (state_lib._init, state_lib._tx_init):  # pylint: disable=protected-access
+    compiled[(fn, True)] = jax.jit(fn, static_argnums=0,
+                                   compiler_options={"xla_no_such_option_here": True})
+  monkeypatch.setattr(state_lib, "_COMPILED", compiled)
+  got = jdl.create_train_state(models.MLP(hidden=(4,), num_classes=3), optax.sgd(0.1), sample,
+                               jax.random.PRNGKey(1)).params
+  jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
 def test_create_train_state_can_be_traced_inside_jit_and_vmap():
