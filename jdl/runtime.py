@@ -141,8 +141,8 @@ def set_cpu_dot_library(name: str) -> None:
 
   XLA's CPU backend hands a product to YNNPACK where it can. Which is faster depends on the
   shapes: under the profiler the seed MLP's `[32, 784] @ [784, 128]` took 52 us a step in
-  YNNPACK and 39 us in XLA's own code, and its scanned step ran 0.95x as long with "xla" (0.89x
-  with every gradient checked for NaN), while the MNIST-1D CNN's long, thin products
+  YNNPACK and 39 us in XLA's own code, and its scanned step ran 0.95x as long with "xla"
+  (0.89-0.91x with every gradient checked for NaN), while the MNIST-1D CNN's long, thin products
   (`[25, 75] @ [75, 1000]`) ran 1.11x slower. So it is a per-experiment choice, measured (the
   experiments' `cpu_dot_library` config key; BUILD_NOTES.md, "Speed"), not a default.
 
