@@ -113,12 +113,13 @@ def test_non_numeric_or_empty_batches_fail_clearly():
 
 @pytest.mark.parametrize("device_resident", [True, False])
 def test_fit_without_evaluation_trains_with_either_engine(device_resident):
-  """No eval data and no eval step: both engines train, and agree."""
+  """No eval data and no eval step: each engine trains, and agrees with the other."""
   state, train_step, _, train, _, _ = _setup()
   trained, history = jdl.fit(state, train_step, None, train, None, num_steps=8, progress=False,
                              device_resident=device_resident)
   state, _, _, train, _, _ = _setup()  # fit donated the first state
-  reference, _ = jdl.fit(state, train_step, None, train, None, num_steps=8, progress=False)
+  reference, _ = jdl.fit(state, train_step, None, train, None, num_steps=8, progress=False,
+                         device_resident=not device_resident)
   assert [r["step"] for r in history] == [4, 8] and "test_accuracy" not in history[-1]
   for a, b in zip(jax.tree.leaves(trained.params), jax.tree.leaves(reference.params)):
     np.testing.assert_array_equal(a, b)
@@ -254,9 +255,9 @@ def test_a_traced_step_replays_the_step_and_rejects_other_shapes():
 ])
 def test_create_train_state_gives_the_compiled_flax_and_optax_initial_values(model, sample):
   """The state holds what `jax.jit(model.init)` and `tx.init` give with the documented split of
-  the key, bitwise (the init is compiled for compile time on the CPU, which changes no value), and what the
-  eager `model.init` gives up to float rounding: parameters, model state (BatchNorm statistics)
-  and optimizer state."""
+  the key, bitwise (the init is compiled for compile time on the CPU, which changes no value),
+  and what the eager `model.init` gives up to float rounding: parameters, model state (BatchNorm
+  statistics) and optimizer state."""
   tx = optax.adam(1e-3)
   state = jdl.create_train_state(model, tx, sample, jax.random.PRNGKey(5))
   init_key, dropout_key, _ = jax.random.split(jax.random.PRNGKey(5), 3)
