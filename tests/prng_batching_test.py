@@ -47,6 +47,26 @@ def test_independent_hashes_share_one_call_per_level():
     assert _hash_loops(_draws, key) == 8  # one per distinct call; more calls than that
 
 
+def test_big_draws_get_calls_of_their_own(monkeypatch):
+  """Merged calls hash at most `MAX_BATCHED_SIZE` counters: with a limit of 16, the levels are
+  cut into more calls, hashing the same counters, and only a single hash larger than the limit
+  (the vmapped Bernoulli draw: 4 keys x 6) exceeds it; the bits stay the same."""
+  key = jax.random.PRNGKey(0)
+
+  def call_sizes():
+    expanded = jax.make_jaxpr(prng_batching.batch_random_hashes(_draws))(key)
+    return [int(np.prod(e.outvars[0].aval.shape)) for e in expanded.jaxpr.eqns
+            if e.primitive.name == "threefry2x32"]
+
+  unlimited = call_sizes()
+  monkeypatch.setattr(prng_batching, "MAX_BATCHED_SIZE", 16)
+  limited = call_sizes()
+  assert len(limited) > len(unlimited) and sum(limited) == sum(unlimited)
+  assert [size for size in limited if size > 16] == [24]
+  got = jax.jit(prng_batching.batch_random_hashes(_draws))(key)
+  jax.tree.map(np.testing.assert_array_equal, got, jax.jit(_draws)(key))
+
+
 def test_typed_keys_and_pytrees_pass_through():
   def init(keys, scale):
     return {"w": jax.random.normal(keys["w"], (3,)) * scale["s"],
