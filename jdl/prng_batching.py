@@ -177,7 +177,8 @@ def _evaluate_by_levels(jaxpr: Any, consts: list[Any], args: list[Any]) -> list[
       raise ValueError("a jaxpr whose equations wait on each other")  # cannot happen for a DAG
     for group in _groups_up_to(level, MAX_BATCHED_SIZE):
       _hash_together(group, read, env)
-    pending = [eqn for eqn in waiting if eqn not in level]
+    done = {id(eqn) for eqn in level}
+    pending = [eqn for eqn in waiting if id(eqn) not in done]
   return [read(var) for var in jaxpr.outvars]
 
 
