@@ -1,6 +1,7 @@
 """Benchmark: the MNIST-1D paper's CNN, 6000 steps of Adam 1e-2 at batch 100, compilation included.
 
-Contenders, each in its own process, `--repeats` times in turn (medians reported). Repeat r
+Contenders, each in its own process, `--repeats` times in turn (medians reported, and the
+median of each repeat's jdl / contender ratio). Repeat r
 uses seed r for all (initialisation key and data order), so the accuracy column is a median
 over seeds, not one seed's luck (seeds move MNIST-1D's test accuracy by a few points):
   jdl            `jdl.fit` on the `experiments.mnist1d` model, optimizer and CPU thread count
@@ -164,21 +165,35 @@ def main() -> None:
       if not results:
         print(f"{name} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
         continue
-      runs[name].append(json.loads(results[-1][len("RESULT "):]))
+      runs[name].append({**json.loads(results[-1][len("RESULT "):]), "repeat": repeat})
       print(f"repeat {repeat + 1}/{args.repeats} {name}: {runs[name][-1]}", file=sys.stderr,
             flush=True)
   device = next((r["device"] for rs in runs.values() for r in rs if "device" in r), "?")
   print(f"\nMNIST-1D CNN, {STEPS} steps, batch {BATCH}, Adam {LEARNING_RATE}, compilation "
         f"included; medians of {args.repeats} runs (seeds 0..{args.repeats - 1}); JAX device "
         f"{device}")
-  print(f"{'contender':<14} {'seconds':>8} {'test acc':>9} {'min acc':>8} {'jdl / this':>10}")
+  print(f"{'contender':<14} {'seconds':>8} {'test acc':>9} {'min acc':>8} {'jdl / this':>10} "
+        f"{'paired':>7}")
   medians = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items() if rs}
   for name, rs in runs.items():
     if rs:
       accuracy = statistics.median(r["accuracy"] for r in rs)
       lowest = min(r["accuracy"] for r in rs)
       versus = f"{medians['jdl'] / medians[name]:.3f}" if "jdl" in medians else "-"
-      print(f"{name:<14} {medians[name]:8.2f} {accuracy:9.4f} {lowest:8.4f} {versus:>10}")
+      paired = paired_ratio(runs.get("jdl", []), rs)
+      paired_text = "-" if paired is None else f"{paired:.3f}"
+      print(f"{name:<14} {medians[name]:8.2f} {accuracy:9.4f} {lowest:8.4f} {versus:>10} "
+            f"{paired_text:>7}")
+  print("jdl / this: the ratio of the medians; paired: the median of each repeat's own ratio (the "
+        "two ran back to back, so a load that drifts between repeats cancels)")
+
+
+def paired_ratio(first: list[dict], second: list[dict]) -> float | None:
+  """The median over repeats of `first`'s seconds over `second`'s in the same repeat (both
+  ran back to back), or None where no repeat has both."""
+  seconds = {run["repeat"]: run["seconds"] for run in second}
+  ratios = [run["seconds"] / seconds[run["repeat"]] for run in first if run["repeat"] in seconds]
+  return statistics.median(ratios) if ratios else None
 
 
 if __name__ == "__main__":

@@ -269,6 +269,11 @@ def test_benchmarks_import_and_name_their_contenders():
 
   assert {"jdl", "plain", "keras-jax", "keras-tf", "pipeline", "peak"} <= set(bench_seed_mlp.CONTENDERS)
   assert set(bench_mnist1d_cnn.CONTENDERS) == {"jdl", "plain", "plain_1thread"}
+  # Paired ratios: each repeat's own, where both contenders ran in it (repeat 1's plain failed).
+  jdl_runs = [{"repeat": r, "seconds": s} for r, s in ((0, 4.0), (1, 3.0), (2, 5.0))]
+  plain_runs = [{"repeat": r, "seconds": s} for r, s in ((0, 8.0), (2, 8.0))]
+  assert bench_mnist1d_cnn.paired_ratio(jdl_runs, plain_runs) == pytest.approx((0.5 + 0.625) / 2)
+  assert bench_mnist1d_cnn.paired_ratio(jdl_runs, []) is None
   assert bench_seed_mlp.TRAIN_FLOPS_PER_EXAMPLE == 6 * (784 * 128 + 128 * 10)
 
 
