@@ -19,7 +19,7 @@ def _hash_loops(fn, *args) -> int:
 
 def _draws(key):
   """Independent draws of several shapes and kinds, keys split and folded, a nested jit and a
-  batch of keys: the hashes sit at three dependency levels."""
+  batch of keys: the hashes sit at five dependency levels."""
   k1, k2, k3 = jax.random.split(key, 3)
   a = jax.random.normal(jax.random.fold_in(k1, 7), (5, 3))
   b = jax.random.uniform(jax.random.fold_in(k2, 11), (4,))
