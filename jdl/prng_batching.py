@@ -200,17 +200,14 @@ def _groups_up_to(level: list[Any], limit: int) -> list[list[Any]]:
 def _hash_together(level: list[Any], read: Callable[[Any], Any], env: dict[Any, Any]) -> None:
   """Runs the Threefry equations of `level` as one call over their concatenated inputs (each
   broadcast to its output shape, as the primitive broadcasts) and hands each its slices."""
-  shapes = [eqn.outvars[0].aval.shape for eqn in level]
-  if len(level) == 1:
-    operands = [read(var) for var in level[0].invars]
-  else:
-    operands = [jnp.concatenate([jnp.broadcast_to(read(eqn.invars[i]), shape).reshape(-1)
-                                 for eqn, shape in zip(level, shapes)])
-                for i in range(4)]
-  hashed = _threefry2x32_p.bind(*operands)
-  if len(level) == 1:
-    env.update(zip(level[0].outvars, hashed))
+  if len(level) == 1:  # as it was: its operands stay unbroadcast
+    env.update(zip(level[0].outvars, _threefry2x32_p.bind(*map(read, level[0].invars))))
     return
+  shapes = [eqn.outvars[0].aval.shape for eqn in level]
+  hashed = _threefry2x32_p.bind(*[
+      jnp.concatenate([jnp.broadcast_to(read(eqn.invars[i]), shape).reshape(-1)
+                       for eqn, shape in zip(level, shapes)])
+      for i in range(4)])
   start = 0
   for eqn, shape in zip(level, shapes):
     size = int(np.prod(shape, dtype=np.int64))
