@@ -1,9 +1,9 @@
 """Benchmark: the MNIST-1D paper's CNN, 6000 steps of Adam 1e-2 at batch 100, compilation included.
 
 Contenders, each in its own process, `--repeats` times in turn (medians reported, and the
-median of each repeat's jdl / contender ratio). Repeat r
-uses seed r for all (initialisation key and data order), so the accuracy column is a median
-over seeds, not one seed's luck (seeds move MNIST-1D's test accuracy by a few points):
+median of each repeat's jdl / contender ratio). Repeat r uses seed r for all (initialisation key
+and data order), so the accuracy column is a median over seeds, not one seed's luck (seeds move
+MNIST-1D's test accuracy by a few points):
   jdl            `jdl.fit` on the `experiments.mnist1d` model, optimizer and CPU thread count
                  (`cpu_threads`: one; see `jdl.runtime`), one device
   plain          a per-step `jax.jit` loop written directly with flax (`nn.Conv`) and optax
