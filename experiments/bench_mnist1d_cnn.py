@@ -64,8 +64,9 @@ def run_jdl(seed: int) -> dict:
   train = jdl.data.ArraySource(x, y, BATCH, shuffle=True, seed=seed)
   test = jdl.data.ArraySource(x_test, y_test, 1000, shuffle=False)
   model = jdl.models.build_model(config.model, num_classes=10)
-  state = jdl.create_train_state(model, jdl.make_optimizer(config.optimizer), np.zeros((1, 40), np.float32),
-                                 jax.random.PRNGKey(seed))
+  # Initialised on a thread of its own while `fit` compiles its training program from the shapes.
+  state = jdl.start_train_state(model, jdl.make_optimizer(config.optimizer),
+                                np.zeros((1, 40), np.float32), jax.random.PRNGKey(seed))
   train_step, eval_step = jdl.make_classification_steps()
   _, history = jdl.fit(state, train_step, eval_step, train, test, num_steps=STEPS,
                        eval_every_steps=STEPS, progress=False, runner=jdl.parallel.JitRunner())

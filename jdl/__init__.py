@@ -36,14 +36,16 @@ from jdl.runtime import set_cpu_dot_library, set_cpu_threads
 from jdl.optim import (
     current_learning_rate, ema_parameters, make_optimizer, make_schedule, with_parameter_ema,
 )
-from jdl.state import TrainState, count_params, create_train_state
+from jdl.state import (
+    PendingTrainState, TrainState, count_params, create_train_state, start_train_state,
+)
 from jdl.step import make_classification_steps, make_eval_step, make_train_step
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "Checkpointer", "ConfigError", "MetricWriter", "NonFiniteError", "Preempted",
-    "TrainState", "apply_overrides", "binary_cross_entropy",
+    "CheckpointError", "Checkpointer", "ConfigError", "MetricWriter", "NonFiniteError",
+    "PendingTrainState", "Preempted", "TrainState", "apply_overrides", "binary_cross_entropy",
     "classification_config", "classification_metrics", "compute_metrics", "count_params",
     "current_learning_rate", "ema_parameters", "with_parameter_ema",
     "augment", "create_train_state", "cross_entropy_from_probabilities", "data", "empty_metrics",
@@ -53,5 +55,6 @@ __all__ = [
     "make_train_step", "make_weight_penalty", "mean_squared_error", "merge_metrics", "models",
     "parallel", "resident",
     "read_jsonl", "run_experiment", "set_cpu_dot_library", "set_cpu_threads", "softmax_cross_entropy",
+    "start_train_state",
     "train_and_evaluate",
 ]

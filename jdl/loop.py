@@ -29,7 +29,7 @@ from jdl import models, optim, parallel, resident, runs, runtime, step as step_l
 from jdl.data import augment_tf
 from jdl.checkpoint import Checkpointer
 from jdl.logging import MetricWriter, truncate_jsonl
-from jdl.state import TrainState, count_params, create_train_state
+from jdl.state import PendingTrainState, TrainState, count_params, create_train_state
 
 Record = dict[str, float]
 Hook = Callable[[int, TrainState, Record], None]
@@ -68,7 +68,7 @@ def output_width(state: TrainState) -> int:
 
 
 def fit(
-    state: TrainState,
+    state: TrainState | PendingTrainState,
     train_step: step_lib.TrainStepFn,
     eval_step: step_lib.EvalStepFn,
     train_data: data_lib.BatchSource,
@@ -105,6 +105,9 @@ def fit(
   Args:
     state: the initial state; training continues from `state.step`. Its buffers are donated to
       the first step (the memory is reused), so use the returned state afterwards, not this one.
+      A `PendingTrainState` (`jdl.start_train_state`) starts at step 0; the device-resident
+      engine on one device compiles its first call from the state's shapes while the state is
+      still being initialised.
     train_step: a pure `(state, batch) -> (state, metric sums)` step (compiled here).
     eval_step: a pure `(state, batch) -> metric sums` step (compiled here).
     train_data: the training batch source.
@@ -157,16 +160,32 @@ def fit(
   if steps_per_call is not None and steps_per_call < 1:
     raise ValueError(f"steps_per_call must be >= 1; got {steps_per_call}.")
   eval_every = eval_every_steps or steps_per_epoch
-  num_classes = output_width(state)
+  pending = state if isinstance(state, PendingTrainState) else None
+  known = state.abstract if pending is not None else state  # shapes and static fields
+  num_classes = output_width(known)
   runner = runner or parallel.JitRunner()
   resident = _use_resident(device_resident, runner, train_data, eval_data)
-  step = int(state.step)
-  state = runner.place_state(state)
+  step = 0 if pending is not None else int(state.step)  # a pending state is a fresh one
+
+  def call_bounds(step: int) -> tuple[int, int]:
+    """`(next evaluation, where the next call stops)`."""
+    next_eval = min((step // eval_every + 1) * eval_every, num_steps)
+    target = next_eval
+    if checkpointer is not None or progress:  # epoch ends: a save, a moving progress bar
+      target = min(target, (step // steps_per_epoch + 1) * steps_per_epoch)
+    if checkpointer is not None and checkpoint_every_steps:  # and every N steps
+      target = min(target, (step // checkpoint_every_steps + 1) * checkpoint_every_steps)
+    return next_eval, target
+
   if resident:
     engine: _Engine = _ResidentEngine(runner, train_step, eval_step, train_data, eval_data,
                                       num_classes, steps_per_call)
   else:
     engine = _HostEngine(runner, train_step, eval_step, train_data, eval_data, num_classes)
+  if pending is not None:
+    engine.prepare(known, step, call_bounds(step)[1])  # compiles while the state initialises
+    state = pending.result()
+  state = runner.place_state(state)
 
   history: list[Record] = []
   interval_sums = metrics_lib.empty_metrics()
@@ -174,19 +193,12 @@ def fit(
   bar = tqdm.tqdm(total=num_steps, initial=step, unit="step", disable=not progress,
                   dynamic_ncols=True, leave=True, mininterval=0.5)
   last_bar_update = 0.0
-  save_every = checkpoint_every_steps or 0
   last_save = time.perf_counter()
   watch = _NonFiniteWatch(state, checkpointer)
   stop = _StopSignals() if handle_signals and checkpointer is not None else None
   try:
     while step < num_steps:
-      next_eval = min((step // eval_every + 1) * eval_every, num_steps)
-      target = next_eval
-      if checkpointer is not None or progress:  # epoch ends: a save, a moving progress bar
-        target = min(target, (step // steps_per_epoch + 1) * steps_per_epoch)
-      if checkpointer is not None:  # and every `save_every` steps
-        if save_every:
-          target = min(target, (step // save_every + 1) * save_every)
+      next_eval, target = call_bounds(step)
       state, sums, advanced = engine.advance(state, step, target)
       interval_sums = metrics_lib.merge_metrics(interval_sums, sums)
       step += advanced
@@ -342,6 +354,10 @@ def _use_resident(requested: bool | None, runner: parallel.Runner, train_data: A
 
 
 class _Engine(Protocol):
+  def prepare(self, abstract_state: TrainState, step: int, limit: int) -> None:
+    """Gets `advance(state, step, limit)` ready from the state's shapes alone, where it can."""
+    ...
+
   def advance(self, state: TrainState, step: int, limit: int) -> tuple[TrainState, Any, int]:
     """Trains from `step` towards `limit`; returns the state, metric sums and steps taken."""
     ...
@@ -380,6 +396,9 @@ class _HostEngine:
       real_labels = batch["label"] if "mask" not in batch else batch["label"][batch["mask"]]
       data_lib.check_labels(real_labels, self.num_classes, where="training labels")
     return self.runner.place_batch(batch)
+
+  def prepare(self, abstract_state, step, limit):
+    del abstract_state, step, limit  # the step compiles on its first call
 
   def advance(self, state, step, limit):
     del limit  # one step per call
@@ -455,14 +474,32 @@ class _ResidentEngine:
           eval_step, self.eval_data.batch_size, self.eval_data.num_examples,
           self.runner.constrain_batch, loop=self.loop)
 
-  def advance(self, state, step, limit):
-    if self.loop is None:
-      self._decide_loop(state)
+  def prepare(self, abstract_state, step, limit):
+    """Traces the steps and compiles the program of the first call from the state's shapes (on
+    one device; elsewhere the placed state's layout is part of the program), so that it compiles
+    while a pending state initialises; the call then finds it in jit's cache."""
+    self._decide_loop(abstract_state)
+    if self.runner.layout != "none":
+      return
+    program, length = self._program(step, limit)
+    program.lower(abstract_state, self.train.inputs, self.train.labels, self.order,
+                  np.int32(step), length=length).compile()
+
+  def _program(self, step, limit):
+    """`(compiled loop, number of steps)` of the call from `step` towards `limit`: the probed
+    loop for a long enough call of a step that checks finiteness, else the plain one."""
     length = limit - step
     if self.steps_per_call is not None:
       length = min(length, self.steps_per_call)
+    probed = self.probed_chunk is not None and length >= MIN_PROBED_STEPS
+    return (self.probed_chunk if probed else self.chunk), length
+
+  def advance(self, state, step, limit):
+    if self.loop is None:
+      self._decide_loop(state)
+    program, length = self._program(step, limit)
     args = (self.train.inputs, self.train.labels)
-    if self.probed_chunk is not None and length >= MIN_PROBED_STEPS:
+    if program is self.probed_chunk:
       # Steps that check only their loss, then the parameters once; where that finds something
       # NaN or infinite (one scalar read per call), the same steps again from the same start with
       # every gradient checked, so the watch names the step and parameter as it always would.

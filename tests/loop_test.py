@@ -238,7 +238,7 @@ def test_a_traced_step_replays_the_step_and_rejects_other_shapes():
     traced(state, short)
 
 
-@pytest.mark.parametrize("model, sample", [
+INIT_MODELS = [
     (models.CNN1D(num_classes=10, features=(4, 4), kernel_sizes=(5, 3)), np.zeros((1, 40), np.float32)),
     (models.ResNet(stage_sizes=(1,), block="basic", num_classes=3, width=4, layout="cifar"),
      np.zeros((1, 8, 8, 3), np.float32)),
@@ -252,7 +252,10 @@ def test_a_traced_step_replays_the_step_and_rejects_other_shapes():
     (models.RNNClassifier(num_classes=3, cell="lstm", hidden=8), np.zeros((1, 5, 2), np.float32)),
     (models.TransformerLM(num_classes=11, block_size=6, num_layers=1, num_heads=2, width=8),
      np.zeros((1, 6), np.int32)),
-])
+]
+
+
+@pytest.mark.parametrize("model, sample", INIT_MODELS)
 def test_create_train_state_gives_the_compiled_flax_and_optax_initial_values(model, sample):
   """The state holds what `jax.jit(model.init)` and `tx.init` give with the documented split of
   the key, bitwise (the init is compiled for compile time on the CPU, which changes no value),
@@ -301,3 +304,76 @@ def test_create_train_state_can_be_traced_inside_jit_and_vmap():
   stacked = jax.jit(jax.vmap(make))(keys)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a[1], b, rtol=1e-6, atol=1e-7),
                stacked, make(keys[1]))
+
+
+@pytest.mark.parametrize("model, sample", INIT_MODELS)
+def test_start_train_state_gives_create_train_states_values_and_shapes(model, sample):
+  """`start_train_state` computes on its thread what `create_train_state` computes, bitwise, and
+  its `abstract` has the result's structure, static fields, shapes, dtypes and weak types."""
+  tx = optax.adam(1e-3)
+  pending = jdl.start_train_state(model, tx, sample, jax.random.PRNGKey(5))
+  got = pending.result()
+  assert pending.done()
+  want = jdl.create_train_state(model, tx, sample, jax.random.PRNGKey(5))
+  jax.tree.map(np.testing.assert_array_equal, got, want)  # also asserts the same static fields
+  assert jax.tree.structure(pending.abstract) == jax.tree.structure(got)
+  assert jax.tree.leaves(pending.abstract) == jax.tree.leaves(jax.eval_shape(lambda: got))
+
+
+def test_start_train_state_checks_its_input_before_returning():
+  """A bad sample, or a model that rejects it, raises at the call, as `create_train_state` does,
+  not later from the background thread."""
+  model = models.CNN(num_classes=3, features=(4,), dense=8)
+  with pytest.raises(ValueError, match="leading batch dimension"):
+    jdl.start_train_state(model, optax.sgd(0.1), np.zeros((0, 8, 8, 1), np.float32),
+                          jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match=r"CNN expects images .* got shape \(1, 8\)"):
+    jdl.start_train_state(model, optax.sgd(0.1), np.zeros((1, 8), np.float32),
+                          jax.random.PRNGKey(0))
+
+
+def test_start_train_state_of_an_unhashable_model_or_inside_jit_is_computed_at_once():
+  """A model that cannot key the compiled init's cache is initialised eagerly, and inside a
+  traced function the init is traced into it, both on the calling thread: the pending state is
+  then already done, with the same values."""
+  model = models.MLP(hidden=[4], num_classes=3)  # a list: unhashable
+  sample = np.zeros((1, 6), np.float32)
+  pending = jdl.start_train_state(model, optax.sgd(0.1), sample, jax.random.PRNGKey(2))
+  assert pending.done()
+  want = jdl.create_train_state(model, optax.sgd(0.1), sample, jax.random.PRNGKey(2))
+  jax.tree.map(np.testing.assert_array_equal, pending.result().params, want.params)
+  assert jax.tree.leaves(pending.abstract) == jax.tree.leaves(jax.eval_shape(lambda: want))
+  hashable = models.MLP(hidden=(4,), num_classes=3)
+  traced = jax.jit(lambda key: jdl.start_train_state(hashable, optax.sgd(0.1), sample, key)
+                   .result().params)(jax.random.PRNGKey(2))
+  alone = jdl.create_train_state(hashable, optax.sgd(0.1), sample, jax.random.PRNGKey(2)).params
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), traced, alone)
+
+
+@pytest.mark.parametrize("engine", ["resident", "host", "sharded"])
+def test_fit_from_a_pending_state_equals_fit_from_the_state(engine, caplog):
+  """`fit` trains a `PendingTrainState` to bitwise the parameters and metrics it reaches from the
+  finished state. On one device the resident engine compiles its first call from the shapes while
+  the state initialises, and the call then finds that program: it compiles once."""
+  runner = jdl.parallel.make_runner("shard" if engine == "sharded" else "none", batch_size=16)
+  x, _ = _problem()
+  runs = []
+  for pending in (False, True):
+    _, train_step, eval_step, train, test, _ = _setup()
+    start = jdl.start_train_state if pending else jdl.create_train_state
+    state = start(models.MLP(hidden=(16,), num_classes=3), optax.adam(0.05), x[:1],
+                  jax.random.PRNGKey(0))
+    caplog.clear()
+    with jax.log_compiles():
+      runs.append(jdl.fit(state, train_step, eval_step, train, test, num_steps=40,
+                          eval_every_steps=20, progress=False, runner=runner,
+                          device_resident=engine != "host"))
+    if engine == "resident":
+      compiled = [r.getMessage() for r in caplog.records if "Finished XLA compilation of jit(probed)"
+                  in r.getMessage()]
+      assert len(compiled) == 1, compiled
+  (plain_state, plain_history), (pending_state, pending_history) = runs
+  jax.tree.map(np.testing.assert_array_equal, plain_state.params, pending_state.params)
+  jax.tree.map(np.testing.assert_array_equal, plain_state.opt_state, pending_state.opt_state)
+  for key in ("step", "train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+    assert [r[key] for r in plain_history] == [r[key] for r in pending_history], key
