@@ -98,8 +98,9 @@ class PendingTrainState:
 
   `abstract` is the state's structure now: the same static fields, and `jax.ShapeDtypeStruct`
   leaves with the shapes, dtypes and weak types the values will have. `result()` waits for the
-  values. `jdl.fit` accepts one in place of a state: it traces and compiles its training program
-  from `abstract` while the initialisation compiles and runs, then trains the result.
+  values. `jdl.fit` accepts one in place of a state: on one device it traces and compiles its
+  training program from `abstract` while the initialisation compiles and runs, then trains the
+  result (elsewhere it waits for the result first).
   """
 
   def __init__(self, abstract: TrainState, values: concurrent.futures.Future) -> None:
