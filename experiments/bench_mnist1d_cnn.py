@@ -67,7 +67,7 @@ def run_jdl(seed: int) -> dict:
   # Initialised on a thread of its own while `fit` compiles its training program from the shapes.
   state = jdl.start_train_state(model, jdl.make_optimizer(config.optimizer),
                                 np.zeros((1, 40), np.float32), jax.random.PRNGKey(seed))
-  train_step, eval_step = jdl.make_classification_steps()
+  train_step, eval_step = jdl.make_steps()
   _, history = jdl.fit(state, train_step, eval_step, train, test, num_steps=STEPS,
                        eval_every_steps=STEPS, progress=False, runner=jdl.parallel.JitRunner())
   return {"seconds": time.perf_counter() - start, "accuracy": history[-1]["test_accuracy"],

@@ -69,7 +69,7 @@ def run_jdl(epochs: int, engine: str = "resident") -> dict:
   state = jdl.create_train_state(jdl.models.MLP(hidden=(HIDDEN,), num_classes=10),
                                  jdl.make_optimizer({"name": "adam", "learning_rate": 1e-3}),
                                  x[:1], jax.random.PRNGKey(0))
-  train_step, eval_step = jdl.make_classification_steps()
+  train_step, eval_step = jdl.make_steps()
   times = []
   start = time.perf_counter()
   hook = lambda step, s, record: times.append(time.perf_counter())

@@ -16,10 +16,11 @@ a cosine decay of the learning rate instead of the paper's two divisions by 10. 
 import ml_collections
 
 from jdl import config as config_lib
+from jdl import experiment
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = config_lib.classification_config()
+  config = config_lib.base_config()
   config.dataset = "cifar10"
   config.model.name = "resnet20"  # resnet20, resnet56 or resnet18
   for name in ("resnet20", "resnet56"):
@@ -48,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def main() -> None:
-  config_lib.main(get_config, name="cifar10_resnet")
+  experiment.main(get_config, name="cifar10_resnet")
 
 
 if __name__ == "__main__":

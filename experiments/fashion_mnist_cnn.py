@@ -13,10 +13,11 @@ Dense 256 -> ReLU -> Dropout 0.3 -> Dense 10 (824,554 parameters); Adam 1e-3, ba
 import ml_collections
 
 from jdl import config as config_lib
+from jdl import experiment
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = config_lib.classification_config()
+  config = config_lib.base_config()
   config.dataset = "fashion_mnist"
   config.model.name = "cnn"
   config.model.cnn = ml_collections.ConfigDict()
@@ -34,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def main() -> None:
-  config_lib.main(get_config, name="fashion_mnist_cnn")
+  experiment.main(get_config, name="fashion_mnist_cnn")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ printed at the end. Expect about 0.88-0.89 test accuracy.
 import ml_collections
 
 from jdl import config as config_lib
+from jdl import experiment
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = config_lib.classification_config()
+  config = config_lib.base_config()
   config.dataset = "fashion_mnist"
   config.model.name = "mlp"
   config.model.mlp.hidden = (128,)
@@ -24,13 +25,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.learning_rate = 1e-3
   config.batch_size = 32
   config.num_epochs = 10
-  # On a CPU its 784x128 products run faster in XLA's own code than in YNNPACK (jdl.runtime).
-  config.cpu_dot_library = "xla"
   return config
 
 
 def main() -> None:
-  config_lib.main(get_config, name="fashion_mnist_mlp")
+  experiment.main(get_config, name="fashion_mnist_mlp")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 import ml_collections
 
 from experiments import fashion_mnist_mlp
-from jdl import config as config_lib
+from jdl import experiment
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def main() -> None:
-  config_lib.main(get_config, name="fashion_mnist_mlp_deep")
+  experiment.main(get_config, name="fashion_mnist_mlp_deep")
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ test accuracy (a one-layer LSTM or a small transformer trained from scratch for 
 import ml_collections
 
 from jdl import config as config_lib
+from jdl import experiment
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = config_lib.classification_config()
+  config = config_lib.base_config()
   config.task = "text_classification"
   config.dataset = "imdb_reviews"
   config.text.max_length = 256  # words per review
@@ -47,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def main() -> None:
-  config_lib.main(get_config, name="imdb_sentiment")
+  experiment.main(get_config, name="imdb_sentiment")
 
 
 if __name__ == "__main__":

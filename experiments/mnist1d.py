@@ -11,10 +11,11 @@ with its settings (Adam 1e-2, batch 100, 6000 steps); the paper reports 0.92-0.9
 import ml_collections
 
 from jdl import config as config_lib
+from jdl import experiment
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = config_lib.classification_config()
+  config = config_lib.base_config()
   config.dataset = "mnist1d"
   config.model.name = "cnn1d"
   config.model.cnn1d = ml_collections.ConfigDict()
@@ -26,13 +27,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 100
   config.num_steps = 6000  # 150 epochs of 40 steps
   config.eval_every_steps = 1000  # six evaluations on the full test split
-  config.cpu_threads = 1  # a model this small trains faster on one CPU thread (jdl.runtime)
-  config.cpu_dot_library = "default"  # its products run slower in XLA's own code (jdl.runtime)
+  config.cpu_threads = 1  # a model this small trains faster on one CPU thread
   return config
 
 
 def main() -> None:
-  config_lib.main(get_config, name="mnist1d")
+  experiment.main(get_config, name="mnist1d")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ import ml_collections
 
 from experiments import mnist1d
 from jdl import config as config_lib
-from jdl.loop import train_and_evaluate
+from jdl import experiment
+from jdl.experiment import train_and_evaluate
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -64,7 +65,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 
 
 def main() -> None:
-  config_lib.main(get_config, name="mnist1d_compare", train=compare)
+  experiment.main(get_config, name="mnist1d_compare", train=compare)
 
 
 if __name__ == "__main__":

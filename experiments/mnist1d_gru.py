@@ -14,7 +14,7 @@ accuracy after 6000 steps, about 10 ms a step on a busy 2-core CPU (62 s of trai
 import ml_collections
 
 from experiments import mnist1d
-from jdl import config as config_lib
+from jdl import experiment
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def main() -> None:
-  config_lib.main(get_config, name="mnist1d_gru")
+  experiment.main(get_config, name="mnist1d_gru")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from ml_collections import config_dict
 
 import jdl
 from jdl import config as config_lib
+from jdl import experiment
 from jdl import data as data_lib
 from jdl import models, transfer
 
@@ -88,7 +89,7 @@ def _fit(state: jdl.TrainState, train: tuple[np.ndarray, np.ndarray],
          test: tuple[np.ndarray, np.ndarray], *, batch_size: int, num_steps: int,
          seed: int) -> tuple[jdl.TrainState, float, float]:
   """`(state, test accuracy, seconds)` after `num_steps` steps, evaluated once at the end."""
-  train_step, eval_step = jdl.make_classification_steps("softmax_cross_entropy")
+  train_step, eval_step = jdl.make_steps("softmax_cross_entropy")
   start = time.perf_counter()
   state, history = jdl.fit(
       state, train_step, eval_step,
@@ -204,7 +205,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 
 
 def main() -> None:
-  config_lib.main(get_config, name="mnist1d_transfer", train=run)
+  experiment.main(get_config, name="mnist1d_transfer", train=run)
 
 
 if __name__ == "__main__":

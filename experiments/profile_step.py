@@ -60,7 +60,7 @@ def build(model_name: str):
   labels = rng.integers(0, 10, len(inputs)).astype(np.int32)
   state = jdl.create_train_state(model, jdl.make_optimizer(optimizer), inputs[:1],
                                  jax.random.PRNGKey(0))
-  train_step, _ = jdl.make_classification_steps()
+  train_step, _ = jdl.make_steps()
   return state, train_step, inputs, labels, batch_size
 
 

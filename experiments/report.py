@@ -43,7 +43,7 @@ from jdl import losses as losses_lib
 from jdl import runs
 from jdl.analysis import evaluation as evaluation_lib
 from jdl.analysis import plots
-from jdl.logging import JSONL_NAME, read_jsonl
+from jdl.writers import JSONL_NAME, read_jsonl
 
 SectionContent = str | Sequence[str]
 Section = tuple[str, SectionContent]

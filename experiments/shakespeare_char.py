@@ -18,10 +18,11 @@ same `input.txt` (`--config.manual_dir`).
 import ml_collections
 
 from jdl import config as config_lib
+from jdl import experiment
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = config_lib.classification_config()
+  config = config_lib.base_config()
   config.task = "language_model"
   config.dataset = "tiny_shakespeare"
   config.eval_split = "validation"  # evaluated on all of it, window by window
@@ -58,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def main() -> None:
-  config_lib.main(get_config, name="shakespeare_char")
+  experiment.main(get_config, name="shakespeare_char")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """jdl: a JAX functional training library.
 
 Pure Flax linen models, Optax optimizers, and one pure train step `(state, batch) -> (state,
-metrics)` that runs under jit, sharded jit and pmap. Everything below is public API.
+metrics)` that runs under jit, sharded jit and pmap. The names below are the public API; the
+modules (`jdl.transfer`, `jdl.analysis`, `jdl.parallel`, ...) hold the rest.
 """
 
 import os as _os
@@ -10,51 +11,30 @@ import os as _os
 # noise for a JAX user. Set before anything imports TensorFlow; a value the user set wins.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-from jdl import augment, data, models, parallel, resident  # pylint: disable=wrong-import-position
-from jdl.config import ConfigError, apply_overrides, classification_config, run_experiment
-from jdl.logging import MetricWriter, read_jsonl
+# pylint: disable=wrong-import-position
+from jdl import data, models
 from jdl.checkpoint import CheckpointError, Checkpointer
-from jdl.loop import NonFiniteError, Preempted, evaluate, fit, train_and_evaluate
+from jdl.config import ConfigError, apply_overrides, base_config
+from jdl.experiment import train_and_evaluate
+from jdl.loop import NonFiniteError, Preempted, evaluate, fit
 from jdl.losses import (
-    binary_cross_entropy,
-    cross_entropy_from_probabilities,
-    kernels_only_mask,
-    l1_penalty,
-    l2_penalty,
-    make_weight_penalty,
-    mean_squared_error,
-    softmax_cross_entropy,
+    binary_cross_entropy, cross_entropy_from_probabilities, make_weight_penalty,
+    mean_squared_error, softmax_cross_entropy,
 )
-from jdl.metrics import (
-    classification_metrics,
-    compute_metrics,
-    empty_metrics,
-    loss_metrics,
-    merge_metrics,
-)
-from jdl.runtime import set_cpu_dot_library, set_cpu_threads
-from jdl.optim import (
-    current_learning_rate, ema_parameters, make_optimizer, make_schedule, with_parameter_ema,
-)
-from jdl.state import (
-    PendingTrainState, TrainState, count_params, create_train_state, start_train_state,
-)
-from jdl.step import make_classification_steps, make_eval_step, make_train_step
+from jdl.metrics import compute_metrics, empty_metrics, merge_metrics
+from jdl.optim import current_learning_rate, make_optimizer, make_schedule
+from jdl.state import TrainState, count_params, create_train_state
+from jdl.step import make_eval_step, make_steps, make_train_step
+from jdl.writers import MetricWriter, read_jsonl
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "Checkpointer", "ConfigError", "MetricWriter", "NonFiniteError",
-    "PendingTrainState", "Preempted", "TrainState", "apply_overrides", "binary_cross_entropy",
-    "classification_config", "classification_metrics", "compute_metrics", "count_params",
-    "current_learning_rate", "ema_parameters", "with_parameter_ema",
-    "augment", "create_train_state", "cross_entropy_from_probabilities", "data", "empty_metrics",
-    "evaluate",
-    "fit", "kernels_only_mask", "l1_penalty", "l2_penalty", "loss_metrics",
-    "make_classification_steps", "make_eval_step", "make_optimizer", "make_schedule",
-    "make_train_step", "make_weight_penalty", "mean_squared_error", "merge_metrics", "models",
-    "parallel", "resident",
-    "read_jsonl", "run_experiment", "set_cpu_dot_library", "set_cpu_threads", "softmax_cross_entropy",
-    "start_train_state",
+    "Preempted", "TrainState", "apply_overrides", "base_config", "binary_cross_entropy",
+    "compute_metrics", "count_params", "create_train_state", "cross_entropy_from_probabilities",
+    "current_learning_rate", "data", "empty_metrics", "evaluate", "fit", "make_eval_step",
+    "make_optimizer", "make_schedule", "make_steps", "make_train_step", "make_weight_penalty",
+    "mean_squared_error", "merge_metrics", "models", "read_jsonl", "softmax_cross_entropy",
     "train_and_evaluate",
 ]

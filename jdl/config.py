@@ -1,5 +1,4 @@
-"""Experiment configs: the shared classification config, command-line overrides, and the runner
-that every experiment's `main` calls.
+"""Experiment configs: the base config every experiment starts from, and command-line overrides.
 
 An experiment is a `get_config()` plus a short main. Configs are locked ml_collections
 ConfigDicts: overriding a key that does not exist is an error that names the closest valid key,
@@ -12,16 +11,12 @@ from __future__ import annotations
 import ast
 import copy
 import difflib
-import os
-import signal
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
-from jdl import runtime
 from jdl.transfer import transfer_config
 
 
@@ -29,8 +24,11 @@ class ConfigError(ValueError):
   """A config override names an unknown key or gives a value of the wrong type."""
 
 
-def classification_config() -> ml_collections.ConfigDict:
-  """Every key `jdl.loop.train_and_evaluate` reads, with defaults; experiments change a few."""
+def base_config() -> ml_collections.ConfigDict:
+  """Every key `jdl.experiment.train_and_evaluate` reads, with defaults; experiments change a few.
+
+  One config drives every task (`config.task`): image and signal classification, language
+  modelling and text classification."""
   config = ml_collections.ConfigDict()
   # Data.
   config.task = "classification"  # classification, language_model, text_classification
@@ -119,8 +117,7 @@ def classification_config() -> ml_collections.ConfigDict:
   config.layout = "auto"  # auto (shard if >1 device), none (jit, 1 device), shard (jit + mesh), pmap
   config.num_devices = 0  # devices to use; 0: all (per process for pmap)
   config.distributed = "auto"  # join a multi-process run: auto (if JAX_COORDINATOR_ADDRESS), on, off
-  config.cpu_threads = 0  # XLA CPU threads (jdl.set_cpu_threads), CPU runs only; 0: one per core
-  config.cpu_dot_library = "default"  # CPU matrix products: default (XLA's pick) or xla (its own)
+  config.cpu_threads = 0  # XLA CPU threads for command-line runs on a CPU; 0: one per core
   return config
 
 
@@ -230,67 +227,3 @@ def parse_command_line(
     print(config)
     return None
   return config, workdir
-
-
-def run_experiment(
-    get_config: Callable[[], ml_collections.ConfigDict],
-    argv: Sequence[str],
-    *,
-    name: str,
-    train: Callable[[ml_collections.ConfigDict, str], Any] | None = None,
-) -> Any:
-  """The body of an experiment's `main`: parse the command line, then train.
-
-  Args:
-    get_config: the experiment's config factory.
-    argv: command-line arguments, without the program name.
-    name: the experiment's name, used in `--help` and the default workdir `runs/<name>`.
-    train: `(config, workdir) -> result`; defaults to `jdl.loop.train_and_evaluate`.
-
-  Returns:
-    What `train` returns, or None after `--help`.
-
-  Raises:
-    ConfigError: an argument names an unknown key or gives a value of the wrong type.
-  """
-  from jdl.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
-
-  parsed = parse_command_line(get_config(), argv, name=name,
-                              default_workdir=os.path.join("runs", name))
-  if parsed is None:
-    return None
-  config, workdir = parsed
-  try:
-    runtime.apply_cpu_threads(config.get("cpu_threads", 0))  # before JAX's first computation
-  except ValueError as error:
-    raise ConfigError(f"config.cpu_threads: {error}") from None
-  try:
-    runtime.check_cpu_dot_library(config.get("cpu_dot_library", "default"))
-  except ValueError as error:
-    raise ConfigError(f"config.cpu_dot_library: {error}") from None
-  return (train or train_and_evaluate)(config, workdir)
-
-
-def main(
-    get_config: Callable[[], ml_collections.ConfigDict],
-    *,
-    name: str,
-    train: Callable[[ml_collections.ConfigDict, str], Any] | None = None,
-) -> None:
-  """`run_experiment` on `sys.argv`, for `if __name__ == "__main__"`. Instead of a traceback: a
-  config mistake prints one clear line and exits with status 2; a run stopped by SIGTERM/SIGINT
-  (after saving a checkpoint) says how to resume and exits with 128 + the signal number, as if
-  killed by it; a loss or gradient that became NaN or infinite exits with status 3."""
-  from jdl.loop import NonFiniteError, Preempted  # pylint: disable=import-outside-toplevel
-
-  try:
-    run_experiment(get_config, sys.argv[1:], name=name, train=train)
-  except ConfigError as error:
-    print(f"error: {error}", file=sys.stderr)
-    raise SystemExit(2) from None
-  except Preempted as stopped:
-    print(str(stopped), file=sys.stderr)
-    raise SystemExit(128 + int(getattr(signal, stopped.signal_name))) from None
-  except NonFiniteError as error:
-    print(f"error: {error}", file=sys.stderr)
-    raise SystemExit(3) from None

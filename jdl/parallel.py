@@ -30,7 +30,6 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jdl import runtime
 from jdl.state import TrainState
 
 DATA_AXIS = "data"  # the mesh axis the batch is split over under sharded jit
@@ -225,9 +224,7 @@ class JitRunner:
 
   def compile(self, train_step: TrainStep, eval_step: EvalStep | None
               ) -> tuple[TrainStep, EvalStep | None]:
-    options = runtime.program_compiler_options()
-    return (jax.jit(train_step, donate_argnums=0, compiler_options=options),
-            _unless_none(eval_step, lambda step: jax.jit(step, compiler_options=options)))
+    return jax.jit(train_step, donate_argnums=0), _unless_none(eval_step, jax.jit)
 
   def fetch_metrics(self, sums: Metrics) -> Metrics:
     return sums
@@ -276,13 +273,10 @@ class ShardedRunner:
 
   def compile(self, train_step: TrainStep, eval_step: EvalStep | None
               ) -> tuple[TrainStep, EvalStep | None]:
-    options = runtime.program_compiler_options()
     train = jax.jit(train_step, in_shardings=(self.replicated, self.batch_sharding),
-                    out_shardings=(self.replicated, self.replicated), donate_argnums=0,
-                    compiler_options=options)
+                    out_shardings=(self.replicated, self.replicated), donate_argnums=0)
     evaluate = _unless_none(eval_step, lambda step: jax.jit(
-        step, in_shardings=(self.replicated, self.batch_sharding), out_shardings=self.replicated,
-        compiler_options=options))
+        step, in_shardings=(self.replicated, self.batch_sharding), out_shardings=self.replicated))
     return train, evaluate
 
   def fetch_metrics(self, sums: Metrics) -> Metrics:

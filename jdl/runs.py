@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -32,7 +32,7 @@ from jdl import data as data_lib
 from jdl import models, optim, transfer
 from jdl.checkpoint import Checkpointer, best_mode
 from jdl.data import text as text_lib
-from jdl.logging import CONFIG_NAME, read_jsonl
+from jdl.writers import CONFIG_NAME, read_jsonl
 from jdl.state import TrainState, create_train_state
 
 TASKS = ("classification", "language_model", "text_classification")
@@ -126,7 +126,7 @@ def load_run(workdir: str, *, checkpoint: str | int = "latest",
   template = create_train_state(model, tx, np.zeros((1, *meta.input_shape), meta.input_dtype),
                                 jax.random.PRNGKey(config.seed))
   # A fine-tuned run's optimizer has the structure its `config.transfer` gave it (frozen groups).
-  template = transfer.apply_transfer_config(template, config.get("transfer"), load=False)
+  template = apply_transfer_config(template, config.get("transfer"), load=False)
   checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR))
   try:
     steps = checkpointer.steps()
@@ -211,3 +211,67 @@ def _tuples(value: Any) -> Any:
 
 def _round_up(value: int, multiple: int) -> int:
   return -(-value // multiple) * multiple
+
+
+def load_pretrained_from_workdir(
+    target_state: TrainState,
+    workdir: str,
+    *,
+    checkpoint: str | int = "latest",
+    rename: transfer.Renames | None = None,
+    skip: transfer.Patterns = (),
+    log: Callable[[str], None] = print,
+) -> tuple[TrainState, transfer.TransferReport]:
+  """`jdl.transfer.load_pretrained_state` from a run trained by `jdl.train_and_evaluate`.
+
+  The source model and its checkpoint are rebuilt from the workdir by `load_run` (no
+  dataset needed); its optimizer state is discarded.
+
+  Args:
+    target_state: the new model's fresh state (`jdl.create_train_state`).
+    workdir: the trained run's workdir.
+    checkpoint: "latest", "best" or a step number.
+    rename, skip: as in `jdl.transfer.load_pretrained`.
+    log: where messages about unusable checkpoints go.
+  """
+  run = load_run(workdir, checkpoint=checkpoint, log=log)
+  return transfer.load_pretrained_state(target_state, run.state, rename=rename, skip=skip)
+
+
+def apply_transfer_config(state: TrainState, config: Mapping[str, Any] | None, *,
+                          load: bool = True,
+                          log: Callable[[str], None] = print) -> TrainState:
+  """A fresh state changed as `config` (a `jdl.transfer.transfer_config()` block) asks: its optimizer wrapped
+  by `jdl.transfer.freeze` for `config.freeze`, then (with `load`) the parameters and model state of the run in
+  `config.init_from` loaded by `load_pretrained_from_workdir`, whose report goes to `log`.
+
+  Call it right after `create_train_state` and before restoring a checkpoint of this run: the
+  frozen optimizer changes the optimizer state's structure, so the template of a restore needs it,
+  and a resumed run's checkpoint then replaces the pretrained values. `load=False` applies only
+  the structural part, for rebuilding a fine-tuned run's template (`load_run`).
+
+  None, or a block with nothing set, returns `state` unchanged.
+  """
+  if config is None:
+    return state
+  known = set(transfer.transfer_config())
+  unknown = sorted(set(config) - known)
+  if unknown:
+    raise ValueError(f"unknown config.transfer keys {unknown}; valid keys: {sorted(known)}.")
+  patterns = transfer.as_patterns(config.get("freeze", ()), "config.transfer.freeze")
+  if patterns:
+    tx = transfer.freeze(state.tx, state.params, patterns)
+    state = state.replace(tx=tx, opt_state=tx.init(state.params))
+  workdir = config.get("init_from")
+  if load and workdir:
+    checkpoint = config.get("checkpoint", "latest")
+    if isinstance(checkpoint, str) and checkpoint.isdigit():
+      checkpoint = int(checkpoint)
+    state, report = load_pretrained_from_workdir(
+        state, workdir, checkpoint=checkpoint, rename=tuple(config.get("rename", ())) or None,
+        skip=config.get("skip", ()), log=log)
+    log(f"initialised from {workdir} ({checkpoint} checkpoint): {report}")
+  elif not workdir and (config.get("skip") or config.get("rename")):
+    raise ValueError("config.transfer.skip and rename apply to loading; set "
+                     "config.transfer.init_from to the workdir to load from.")
+  return state

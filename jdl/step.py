@@ -255,7 +255,7 @@ def _unpack(batch: Batch, input_shape: tuple[int, ...], input_dtype: str = "floa
   return inputs, labels, mask
 
 
-def make_classification_steps(
+def make_steps(
     loss_name: str = "softmax_cross_entropy",
     *,
     l1: float = 0.0,

@@ -35,7 +35,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jdl import loop as loop_lib
+from jdl import experiment, loop as loop_lib
 from jdl.config import ConfigError, apply_overrides
 
 Trial = dict[str, Any]
@@ -306,7 +306,7 @@ def run_sweep(
   trial_dirs = [os.path.join(workdir, f"trial_{index}") for index in range(len(trials))]
   for trial_dir, trial in zip(trial_dirs, trials):
     _check_trial_dir(trial_dir, trial)
-  train = train or loop_lib.train_and_evaluate
+  train = train or experiment.train_and_evaluate
   rows = []
   for index, (trial_dir, trial) in enumerate(zip(trial_dirs, trials)):
     row: Row = {"trial": index, "params": trial, "status": "ok", "error": "",
@@ -367,7 +367,7 @@ def _final_record(history: Sequence[Mapping[str, Any]], trial_dir: str) -> dict[
   if history:
     return {k: _plain(v) for k, v in history[-1].items()}
   if os.path.isfile(os.path.join(trial_dir, "metrics.jsonl")):
-    from jdl.logging import read_jsonl  # pylint: disable=import-outside-toplevel
+    from jdl.writers import read_jsonl  # pylint: disable=import-outside-toplevel
 
     records = read_jsonl(trial_dir)
     if records:

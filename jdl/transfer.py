@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -89,7 +89,7 @@ def _flatten(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
   return [(_path_name(key_path), leaf) for key_path, leaf in leaves], treedef
 
 
-def _as_patterns(patterns: Patterns | None, what: str) -> tuple[str, ...]:
+def as_patterns(patterns: Patterns | None, what: str) -> tuple[str, ...]:
   """`patterns` as a tuple of non-empty strings; a lone string is one pattern, not its letters."""
   if patterns is None:
     return ()
@@ -361,7 +361,7 @@ def load_pretrained(
       one, or nothing at all would be loaded (the message lists both models' paths).
   """
   renames = _as_renames(rename)
-  skip = _as_patterns(skip, "skip")
+  skip = as_patterns(skip, "skip")
   usage = _Usage()
   params, report = _transfer(target_params, source_params, renames=renames, skip=skip, usage=usage)
   _check_usage(usage, renames, skip, report)
@@ -386,7 +386,7 @@ def load_pretrained_state(
     `(state, report)`; model-state leaves appear in the report as "<collection>/<path>".
   """
   renames = _as_renames(rename)
-  skip = _as_patterns(skip, "skip")
+  skip = as_patterns(skip, "skip")
   usage = _Usage()
   params, params_report = _transfer(target_state.params, source_state.params, renames=renames,
                                     skip=skip, usage=usage)
@@ -409,33 +409,6 @@ def load_pretrained_state(
                               opt_state=target_state.tx.init(params)), report
 
 
-def load_pretrained_from_workdir(
-    target_state: TrainState,
-    workdir: str,
-    *,
-    checkpoint: str | int = "latest",
-    rename: Renames | None = None,
-    skip: Patterns = (),
-    log: Callable[[str], None] = print,
-) -> tuple[TrainState, TransferReport]:
-  """`load_pretrained_state` from a run trained by `jdl.train_and_evaluate`.
-
-  The source model and its checkpoint are rebuilt from the workdir by `jdl.runs.load_run` (no
-  dataset needed); its optimizer state is discarded.
-
-  Args:
-    target_state: the new model's fresh state (`jdl.create_train_state`).
-    workdir: the trained run's workdir.
-    checkpoint: "latest", "best" or a step number.
-    rename, skip: as in `load_pretrained`.
-    log: where messages about unusable checkpoints go.
-  """
-  from jdl import runs  # pylint: disable=import-outside-toplevel  (runs loads the data stack)
-
-  run = runs.load_run(workdir, checkpoint=checkpoint, log=log)
-  return load_pretrained_state(target_state, run.state, rename=rename, skip=skip)
-
-
 # ---------------------------------------------------------------------------------------------
 # Freezing and per-group optimizers.
 
@@ -446,7 +419,7 @@ def trainable_mask(params: Params, freeze: Patterns) -> Params:
   Raises:
     ValueError: a pattern matches no parameter (the message lists the paths there are).
   """
-  patterns = _as_patterns(freeze, "freeze")
+  patterns = as_patterns(freeze, "freeze")
   items, treedef = _flatten(params)
   paths = [path for path, _ in items]
   _check_all_match(patterns, paths, "freeze")
@@ -504,7 +477,7 @@ def _parse_group(index: int, group: Sequence[Any]) -> tuple[str, tuple[str, ...]
   if config is not None and not isinstance(config, Mapping):
     raise ValueError(f"group {name!r}'s optimizer config must be a mapping or None (frozen); got "
                      f"{type(config).__name__}.")
-  return name, _as_patterns(patterns, f"group {name!r}"), config
+  return name, as_patterns(patterns, f"group {name!r}"), config
 
 
 def per_group_optimizer(
@@ -656,48 +629,9 @@ def transfer_config() -> ml_collections.ConfigDict:
   return config
 
 
-def apply_transfer_config(state: TrainState, config: Mapping[str, Any] | None, *,
-                          load: bool = True,
-                          log: Callable[[str], None] = print) -> TrainState:
-  """A fresh state changed as `config` (a `transfer_config()` block) asks: its optimizer wrapped
-  by `freeze` for `config.freeze`, then (with `load`) the parameters and model state of the run in
-  `config.init_from` loaded by `load_pretrained_from_workdir`, whose report goes to `log`.
-
-  Call it right after `create_train_state` and before restoring a checkpoint of this run: the
-  frozen optimizer changes the optimizer state's structure, so the template of a restore needs it,
-  and a resumed run's checkpoint then replaces the pretrained values. `load=False` applies only
-  the structural part, for rebuilding a fine-tuned run's template (`jdl.runs.load_run`).
-
-  None, or a block with nothing set, returns `state` unchanged.
-  """
-  if config is None:
-    return state
-  known = set(transfer_config())
-  unknown = sorted(set(config) - known)
-  if unknown:
-    raise ValueError(f"unknown config.transfer keys {unknown}; valid keys: {sorted(known)}.")
-  patterns = _as_patterns(config.get("freeze", ()), "config.transfer.freeze")
-  if patterns:
-    tx = freeze(state.tx, state.params, patterns)
-    state = state.replace(tx=tx, opt_state=tx.init(state.params))
-  workdir = config.get("init_from")
-  if load and workdir:
-    checkpoint = config.get("checkpoint", "latest")
-    if isinstance(checkpoint, str) and checkpoint.isdigit():
-      checkpoint = int(checkpoint)
-    state, report = load_pretrained_from_workdir(
-        state, workdir, checkpoint=checkpoint, rename=tuple(config.get("rename", ())) or None,
-        skip=config.get("skip", ()), log=log)
-    log(f"initialised from {workdir} ({checkpoint} checkpoint): {report}")
-  elif not workdir and (config.get("skip") or config.get("rename")):
-    raise ValueError("config.transfer.skip and rename apply to loading; set "
-                     "config.transfer.init_from to the workdir to load from.")
-  return state
-
-
 __all__ = [
-    "LeafSpec", "ShapeMismatch", "TransferReport", "apply_transfer_config", "freeze",
-    "group_learning_rates", "load_pretrained", "load_pretrained_from_workdir",
+    "LeafSpec", "ShapeMismatch", "TransferReport", "freeze",
+    "group_learning_rates", "load_pretrained",
     "load_pretrained_state", "named_leaves", "parameter_paths", "path_matches",
     "per_group_optimizer", "trainable_mask", "transfer_config",
 ]

@@ -20,7 +20,6 @@ in another order; tests check the parameters agree to 1e-5 after training).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -35,7 +34,7 @@ import optax
 from jdl import data as data_lib
 from jdl import loop as loop_lib
 from jdl import metrics as metrics_lib
-from jdl import models, optim, resident, runs, runtime, step as step_lib
+from jdl import experiment, models, optim, resident, runs, step as step_lib
 from jdl.config import ConfigError
 from jdl.state import TrainState, create_train_state
 from jdl.sweep import Row
@@ -282,86 +281,49 @@ def train_vmapped(
                     train_seconds=train_seconds, eval_name=eval_name)
 
 
-def _unchanged(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """The batch as it is: on one device there is no sharding to constrain it to."""
-  return batch
-
-
 def _train_members(states, train_step, eval_step, train_data, eval_data, *, num_classes,
                    num_steps, eval_every, eval_name, log):
-  """The vmapped loop: chunks of steps up to the next evaluation, as `jdl.fit`'s resident engine
-  runs them without a progress bar; compiled ahead of time so that compilation is timed apart."""
+  """The vmapped loop: `jdl.resident.ResidentEngine` over vmapped steps, one call per evaluation
+  interval, compiled ahead of time so that compilation is timed apart."""
   data_lib.check_inputs(train_data.inputs, where="training inputs")
   data_lib.check_labels(train_data.labels, num_classes, where="training labels")
-  vmapped_train = jax.vmap(train_step, in_axes=(0, None))
-  vmapped_eval = jax.vmap(eval_step, in_axes=(0, None))
-  train = resident.ResidentData(
-      *map(jnp.asarray, resident.with_padding_row(train_data.inputs, train_data.labels)),
-      batch_size=train_data.batch_size, shuffle=train_data.shuffle, seed=train_data.seed)
-  probe = resident.gather_batch(train.inputs, train.labels,
-                                jnp.zeros((train.batch_size,), jnp.int32))
-  use_loop = not resident.loops_are_slow(vmapped_train, states, probe)
-  chunk = jax.jit(resident.make_train_chunk(vmapped_train, train, _unchanged),
-                  static_argnames=("length",), donate_argnums=(0, 3),
-                  compiler_options=runtime.program_compiler_options())
-  compile_seconds = 0.0
-  compiled: dict[int, Any] = {}
-  merge = None  # metric sums stay on the device between evaluations, merged by one program
-  eval_all = eval_arrays = None
   if eval_data is not None:
     data_lib.check_inputs(eval_data.inputs, where="eval inputs")
     data_lib.check_labels(eval_data.labels, num_classes, where="eval labels")
-    eval_arrays = tuple(map(jnp.asarray, resident.with_padding_row(eval_data.inputs,
-                                                                   eval_data.labels)))
-    eval_all = resident.make_eval_all(vmapped_eval, eval_data.batch_size, eval_data.num_examples,
-                                      _unchanged, loop=use_loop)
-    if hasattr(eval_all, "lower"):
-      start = time.perf_counter()
-      eval_all = eval_all.lower(loop_lib.evaluation_state(states), *eval_arrays).compile()
-      compile_seconds += time.perf_counter() - start
+  engine = resident.ResidentEngine(
+      jax.vmap(train_step, in_axes=(0, None)), jax.vmap(eval_step, in_axes=(0, None)),
+      train_data, eval_data, eval_state=loop_lib.evaluation_state)
+  start = time.perf_counter()
+  engine.compile(states)
+  merge = jax.jit(metrics_lib.merge_metrics)  # sums stay on the device between evaluations
+  compile_seconds = time.perf_counter() - start
 
   history: list[dict[str, Any]] = []
   nonfinite = np.zeros(states.step.shape, np.int64)
-  step, order = 0, jax.device_put(train.initial_order())
-  sums = None
-  train_seconds = 0.0
+  step, sums = 0, None
   interval_start = time.perf_counter()
   while step < num_steps:
     next_eval = min((step // eval_every + 1) * eval_every, num_steps)
-    length = next_eval - step if use_loop else 1
-    if length not in compiled:
-      start = time.perf_counter()
-      arguments = (states, train.inputs, train.labels, order, np.int32(0))
-      compiled[length] = chunk.lower(*arguments, length=length).compile()
-      if merge is None:
-        _, sums_shape, _ = jax.eval_shape(functools.partial(chunk, length=length), *arguments)
-        merge = jax.jit(metrics_lib.merge_metrics).lower(sums_shape, sums_shape).compile()
-      spent = time.perf_counter() - start
-      compile_seconds += spent
-      interval_start += spent
-    states, chunk_sums, order = compiled[length](states, train.inputs, train.labels, order,
-                                                 np.int32(step))
+    states, chunk_sums, advanced = engine.advance(states, step, next_eval)
     sums = chunk_sums if sums is None else merge(sums, chunk_sums)
-    step += length
+    step += advanced
     if step == next_eval:
       fetched = jax.device_get(sums)
-      record: dict[str, Any] = {"step": step, "epoch": step / train.steps_per_epoch}
+      record: dict[str, Any] = {"step": step, "epoch": step / train_data.steps_per_epoch}
       record.update({f"train_{k}": v for k, v in _member_means(fetched).items()})
       bad = fetched.get("nonfinite_step")
       if bad is not None:
         newly = (nonfinite == 0) & (bad != metrics_lib.NO_NONFINITE_STEP)
         nonfinite = np.where(newly, bad, nonfinite)
-      if eval_all is not None:
-        eval_sums = jax.device_get(eval_all(loop_lib.evaluation_state(states), *eval_arrays))
+      if eval_data is not None:
+        eval_sums = jax.device_get(engine.evaluate(states))
         record.update({f"{eval_name}_{k}": v for k, v in _member_means(eval_sums).items()})
       history.append(record)
-      train_seconds += time.perf_counter() - interval_start
       if log is not None:
         log(_format_member_record(record, eval_name))
       sums = None
-      interval_start = time.perf_counter()
   jax.block_until_ready(states)
-  return history, nonfinite, states, compile_seconds, train_seconds
+  return history, nonfinite, states, compile_seconds, time.perf_counter() - interval_start
 
 
 def _member_means(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -414,10 +376,10 @@ def vmap_sweep(config: ml_collections.ConfigDict, trials: Sequence[Mapping[str, 
   if config.task != "classification" or not config.in_memory:
     raise ValueError(f"vmap_sweep needs an in-memory classification config; got task "
                      f"{config.task!r} with in_memory={config.in_memory}.")
-  device_augment, _ = loop_lib.make_augmentations(config.augment, in_memory=True)
+  device_augment, _ = experiment.make_augmentations(config.augment, in_memory=True)
   train_data, eval_data, meta, _ = runs.load_task_data(config)
   model = models.build_model(config.model, num_classes=meta.num_classes)
-  train_step, eval_step = step_lib.make_classification_steps(
+  train_step, eval_step = step_lib.make_steps(
       config.loss, l1=config.l1, l2=config.l2, top_k=tuple(config.top_k), augment=device_augment,
       label_smoothing=config.label_smoothing, compute_dtype=config.compute_dtype)
   num_steps = config.num_steps or config.num_epochs * train_data.steps_per_epoch

@@ -135,7 +135,7 @@ def plot_learning_curves(records: Sequence[Mapping[str, Any]], path: str) -> str
   """Loss and accuracy against the step, for training and every evaluation split.
 
   Args:
-    records: the run's `metrics.jsonl` records (`jdl.logging.read_jsonl(workdir)`), each with
+    records: the run's `metrics.jsonl` records (`jdl.writers.read_jsonl(workdir)`), each with
       `step` and `<prefix>_loss` / `<prefix>_accuracy` keys (`train_`, `test_`, `validation_`...).
       Missing or null values leave a gap.
     path: where the PNG goes.

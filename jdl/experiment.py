@@ -1,0 +1,308 @@
+"""An experiment from its config: data, model, optimizer, steps and loop assembled, then run.
+
+`train_and_evaluate(config, workdir)` builds every piece a config names (`jdl.config.base_config`
+lists the keys), resumes from the workdir's checkpoints, and calls `jdl.fit`. `main` is the body
+of every `experiments/<name>.py`: it parses `--config.KEY=VALUE` overrides and turns a config
+mistake into one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from jdl import augment as augment_lib
+from jdl import config as config_lib
+from jdl import data as data_lib
+from jdl import models, optim, parallel, runs, step as step_lib
+from jdl.checkpoint import Checkpointer
+from jdl.data import augment_tf
+from jdl.loop import Hook, NonFiniteError, Preempted, Record, fit
+from jdl.state import TrainState, count_params, create_train_state
+from jdl.writers import MetricWriter, truncate_jsonl
+
+
+def train_and_evaluate(config: Any, workdir: str,
+                       hooks: Sequence[Hook] = ()) -> tuple[TrainState, list[Record]]:
+  """Runs the experiment `config` describes (any `config.task`), writing logs to `workdir`.
+
+  The config keys are those of `jdl.config.base_config()`. Joins a multi-process run
+  when the environment asks for it (`config.distributed`), picks the device layout
+  (`config.layout`), and prints a progress bar, one line per evaluation and a final line with the
+  eval split's accuracy; in a multi-process run only process 0 prints and writes.
+
+  With `config.checkpoint`, checkpoints go to `workdir/checkpoints`, and a workdir that holds
+  some resumes from the latest good one (`config.resume`): the data order, dropout and
+  augmentation are functions of the step, so the resumed run ends exactly where an uninterrupted
+  one would. `metrics.jsonl` keeps only the records up to the resumed step, so no step appears
+  twice.
+
+  Args:
+    config: the experiment config.
+    workdir: where logs and checkpoints go.
+    hooks: callables `hook(step, state, record)` run after each evaluation (see `fit`).
+
+  Returns:
+    `(state, history)` as `fit` returns them (history: this invocation's records).
+  """
+  parallel.initialize_distributed(config.distributed)
+  _check_loss_matches_output(config)
+  device_augment, pipeline_augment = make_augmentations(config.augment, in_memory=config.in_memory)
+  runner = parallel.make_runner(config.layout, num_devices=config.num_devices or None,
+                                batch_size=config.batch_size)
+  main = parallel.is_main_process()
+  log = print if main else (lambda message: None)
+  eval_name = config.eval_split.split("[")[0]
+  checkpointer = None
+  if config.checkpoint:
+    best = f"{eval_name}_{config.best_metric}" if config.best_metric else None
+    checkpointer = Checkpointer(os.path.join(workdir, runs.CHECKPOINT_DIR), keep=config.keep_checkpoints,
+                                best_metric=best)
+    if checkpointer.steps() and not config.resume:
+      raise ValueError(
+          f"{checkpointer.directory} already holds checkpoints (steps {checkpointer.steps()}) and "
+          "config.resume is false; use a new workdir, or resume=true to continue that run.")
+    if checkpointer.steps():
+      check_resumable(workdir, config)
+  train_data, eval_data, meta, vocabulary = runs.load_task_data(
+      config, pipeline_augment=pipeline_augment)
+  model = models.build_model(config.model, num_classes=meta.num_classes, axis_name=runner.axis_name)
+  num_steps = config.num_steps or config.num_epochs * train_data.steps_per_epoch
+  tx = optim.make_optimizer(config.optimizer, total_steps=num_steps)
+  sample = np.zeros((1, *meta.input_shape), meta.input_dtype)
+  state = create_train_state(model, tx, sample, jax.random.PRNGKey(config.seed))
+  state = runs.apply_transfer_config(state, config.get("transfer"), log=log)
+  if checkpointer is not None and config.resume:
+    restored = checkpointer.restore_latest(state, log=log)
+    if restored is not None:
+      state = restored
+      log(f"resuming from the checkpoint of step {int(state.step)} in {checkpointer.directory}.")
+      if main:
+        truncate_jsonl(workdir, int(state.step))
+  train_step, eval_step = step_lib.make_steps(
+      config.loss, l1=config.l1, l2=config.l2, top_k=tuple(config.top_k),
+      axis_name=runner.axis_name, augment=device_augment,
+      label_smoothing=config.label_smoothing, compute_dtype=config.compute_dtype,
+      adversary=make_adversary(config.adversarial), check_finite=config.check_finite,
+  )
+  if config.progress:
+    log(f"{meta.name}: {train_data.num_examples} train / {eval_data.num_examples} "
+        f"{config.eval_split} examples, input {meta.input_shape}, {meta.num_classes} classes; "
+        f"model {config.model.name} with {count_params(state.params):,} parameters; "
+        f"{num_steps} steps of batch {config.batch_size} on {runner.num_devices} "
+        f"{jax.devices()[0].platform} device(s), layout {runner.layout!r}.")
+  writer = MetricWriter(workdir) if main else None
+  try:
+    if writer is not None:
+      writer.write_config(config)
+      runs.write_run_metadata(workdir, meta, vocabulary)
+    if int(state.step) >= num_steps:
+      log(f"the checkpoint is already at step {int(state.step)} of {num_steps}: nothing to train.")
+      return state, []
+    state, history = fit(
+        state, train_step, eval_step, train_data, eval_data,
+        num_steps=num_steps,
+        eval_every_steps=config.eval_every_steps or None,
+        hooks=hooks,
+        writer=writer,
+        progress=config.progress and main,
+        eval_name=eval_name,
+        runner=runner,
+        checkpointer=checkpointer,
+        checkpoint_every_steps=config.checkpoint_every_steps or None,
+        checkpoint_min_seconds=config.checkpoint_min_seconds,
+    )
+  finally:
+    if writer is not None:
+      writer.close()
+    if checkpointer is not None:
+      checkpointer.close()
+  final = history[-1]
+  if config.task == "language_model":
+    log(f"final {eval_name} loss: {final[f'{eval_name}_loss']:.4f} nats per character "
+        f"(next-character accuracy {final[f'{eval_name}_accuracy']:.4f}) after "
+        f"{int(final['step'])} steps, {final['elapsed_seconds']:.1f}s, "
+        f"{history[-1]['examples_per_second']:,.0f} tokens/s")
+  else:
+    log(f"final {eval_name} accuracy: {final[f'{eval_name}_accuracy']:.4f} "
+        f"(loss {final[f'{eval_name}_loss']:.4f}) after {int(final['step'])} steps, "
+        f"{final['elapsed_seconds']:.1f}s")
+  return state, history
+
+
+RESUMABLE_CHANGES = frozenset({
+    "num_steps", "num_epochs", "eval_every_steps", "eval_batch_size", "progress", "resume",
+    "checkpoint", "checkpoint_every_steps", "checkpoint_min_seconds", "keep_checkpoints",
+    "best_metric", "check_finite", "data_dir", "manual_dir", "download", "distributed",
+    "num_devices", "layout", "cpu_threads"})
+"""Config keys a resumed run may change: how long, how often to evaluate or save, where the data
+is, on which devices. Every other key shapes the trajectory (seed, model, optimizer, data...)."""
+
+
+def check_resumable(workdir: str, config: Any) -> None:
+  """Raises ValueError if `workdir` holds a run whose saved config differs from `config` in a
+  key outside `RESUMABLE_CHANGES`: resuming would silently continue that run with other
+  settings (another seed, say). A workdir without `config.json` is not checked."""
+  try:
+    saved = runs.read_config(workdir).to_dict()
+  except FileNotFoundError:
+    return
+  saved = _flat(saved)
+  now = _flat(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+  # Keys only one side has (a config written before a key existed) are not compared.
+  differing = [key for key in sorted(set(saved) & set(now))
+               if key.split(".")[0] not in RESUMABLE_CHANGES and saved[key] != now[key]]
+  if differing:
+    changes = "; ".join(f"{key}: {saved[key]!r} there, {now[key]!r} now" for key in differing[:5])
+    raise ValueError(
+        f"{workdir} holds checkpoints of a run with another config ({changes}"
+        f"{'; ...' if len(differing) > 5 else ''}). Resuming would continue that run with these "
+        "settings; use a new workdir for the new run, or the saved config to resume the old one.")
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Dotted keys -> values, normalised as `config.json` stores them (lists, strings)."""
+  flat: dict[str, Any] = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flat(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = json.loads(json.dumps(value, default=str))
+  return flat
+
+
+def make_adversary(adversarial_config: Mapping[str, Any]) -> step_lib.AdversaryFn | None:
+  """The train step's adversary `config.adversarial` asks for (None while its epsilon is 0)."""
+  settings = dict(adversarial_config)
+  epsilon = settings.pop("epsilon")
+  if not epsilon:
+    return None
+  from jdl.analysis import adversarial  # pylint: disable=import-outside-toplevel
+
+  value_range = settings.pop("value_range")
+  return adversarial.make_adversary(
+      epsilon, value_range=None if value_range is None else tuple(value_range), **settings)
+
+
+AUGMENT_PLACES = ("device", "pipeline")
+
+
+def make_augmentations(
+    augment_config: Mapping[str, Any], *, in_memory: bool
+) -> tuple[step_lib.AugmentFn | None, data_lib.PipelineAugmentFn | None]:
+  """The `(device, pipeline)` augmentations `config.augment` asks for; at most one is not None.
+
+  "device" runs jax ops inside the train step (either data path, every layout; the key comes from
+  the step), "pipeline" runs tf.data ops on the host (streaming data only). The spec is checked
+  here, before any data is loaded.
+  """
+  spec = {key: value for key, value in dict(augment_config).items() if key != "where"}
+  where = augment_config.get("where", "device")
+  if where not in AUGMENT_PLACES:
+    raise ValueError(f"unknown config.augment.where {where!r}; expected one of {AUGMENT_PLACES}.")
+  if where == "device":
+    return augment_lib.make_augment(spec), None
+  pipeline = augment_tf.make_tf_augment(spec)
+  if pipeline is not None and in_memory:
+    raise ValueError(
+        "config.augment.where='pipeline' augments in tf.data, which needs in_memory=False; "
+        "set --config.in_memory=false, or augment on the device with where='device'."
+    )
+  return None, pipeline
+
+
+def _check_loss_matches_output(config: Any) -> None:
+  """A softmax output needs the probability loss and logits need the logit loss: mixing them
+  trains on a silently wrong objective."""
+  model_attributes = config.model.get(config.model.name) or {}
+  output = model_attributes.get("output", "logits")
+  expected = {"logits": "softmax_cross_entropy", "softmax": "cross_entropy_from_probabilities"}
+  if output in expected and config.loss != expected[output]:
+    raise ValueError(
+        f"model output {output!r} needs loss {expected[output]!r}, but config.loss is "
+        f"{config.loss!r}."
+    )
+
+
+def run_experiment(
+    get_config: Callable[[], ml_collections.ConfigDict],
+    argv: Sequence[str],
+    *,
+    name: str,
+    train: Callable[[ml_collections.ConfigDict, str], Any] | None = None,
+) -> Any:
+  """The body of an experiment's `main`: parse the command line, then train.
+
+  Args:
+    get_config: the experiment's config factory.
+    argv: command-line arguments, without the program name.
+    name: the experiment's name, used in `--help` and the default workdir `runs/<name>`.
+    train: `(config, workdir) -> result`; defaults to `train_and_evaluate`.
+
+  Returns:
+    What `train` returns, or None after `--help`.
+
+  Raises:
+    jdl.ConfigError: an argument names an unknown key or gives a value of the wrong type.
+  """
+  parsed = config_lib.parse_command_line(get_config(), argv, name=name,
+                              default_workdir=os.path.join("runs", name))
+  if parsed is None:
+    return None
+  config, workdir = parsed
+  set_cpu_threads(config.get("cpu_threads", 0))
+  return (train or train_and_evaluate)(config, workdir)
+
+
+def main(
+    get_config: Callable[[], ml_collections.ConfigDict],
+    *,
+    name: str,
+    train: Callable[[ml_collections.ConfigDict, str], Any] | None = None,
+) -> None:
+  """`run_experiment` on `sys.argv`, for `if __name__ == "__main__"`. Instead of a traceback: a
+  config mistake prints one clear line and exits with status 2; a run stopped by SIGTERM/SIGINT
+  (after saving a checkpoint) says how to resume and exits with 128 + the signal number, as if
+  killed by it; a loss or gradient that became NaN or infinite exits with status 3."""
+  try:
+    run_experiment(get_config, sys.argv[1:], name=name, train=train)
+  except config_lib.ConfigError as error:
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2) from None
+  except Preempted as stopped:
+    print(str(stopped), file=sys.stderr)
+    raise SystemExit(128 + int(getattr(signal, stopped.signal_name))) from None
+  except NonFiniteError as error:
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(3) from None
+
+
+def set_cpu_threads(count: int) -> None:
+  """Runs XLA's CPU programs on `count` threads instead of one per core (0: leave XLA's default).
+
+  Small models train faster on one thread: their operations take microseconds, about what a
+  hand-off between threads costs. XLA sizes its CPU thread pool once, when JAX starts, from the
+  `PJRT_NPROC` environment variable, which this sets; so it takes effect only before JAX's first
+  computation (`main` calls it first thing; from a shell, `PJRT_NPROC=1 python ...`). A value
+  already in the environment wins. Left alone where an accelerator plugin is installed: XLA's GPU
+  compiler reads the same variable.
+  """
+  if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+    raise config_lib.ConfigError(
+        f"config.cpu_threads must be a non-negative integer (0: one per core); got {count!r}.")
+  accelerators = (importlib.metadata.entry_points(group="jax_plugins")
+                  or importlib.util.find_spec("jax_plugins") or importlib.util.find_spec("libtpu"))
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  on_cpu = platforms.split(",")[0] == "cpu" if platforms else not accelerators
+  if count and on_cpu:
+    os.environ.setdefault("PJRT_NPROC", str(count))
