@@ -217,8 +217,7 @@ class JitRunner:
 
   def place_batch(self, batch: Batch, *, pad: bool = False) -> Batch:
     """The host arrays themselves: calling the compiled step with them copies them to its device
-    in JAX's C++ dispatch, where `jax.device_put` spends 150-300 us of Python per batch (about a
-    fifth of a per-step seed-MLP step on a 2-core CPU; BUILD_NOTES.md, "Speed")."""
+    in JAX's C++ dispatch, which costs less Python per batch than `jax.device_put`."""
     del pad
     return dict(batch)
 

@@ -73,15 +73,15 @@ class PatchConv1D(nn.Module):
   """A 1-D convolution computed as one matrix product over extracted patches.
 
   Same parameters as `nn.Conv` (kernel `[size, in, out]`, bias `[out]`) and the same result up to
-  float rounding. It exists for speed on CPUs: XLA's CPU convolution inside a `lax.scan` (the
-  device-resident training loop) runs about 4x slower than outside it, while slices and one
-  matrix product do not (BUILD_NOTES.md has the numbers).
+  float rounding. It exists for speed on CPUs: XLA's CPU convolution inside a loop (the
+  device-resident training loop) runs several times slower than outside it, while slices and
+  one matrix product do not.
 
   `layout` is that of the input and the output: "NLC" (`[batch, length, channels]`, as `nn.Conv`)
   or "CLN" (`[channels, length, batch]`). In "CLN" the batch is the contiguous axis: patches are
   slices of whole `[length, batch]` rows, and the product `[out, size*in] @ [size*in,
   length*batch]` has the long axis where the CPU's vector units want it. A small CNN's training
-  step runs about twice as fast that way, so `CNN1D` transposes once to "CLN", stacks its
+  step runs faster that way, so `CNN1D` transposes once to "CLN", stacks its
   convolutions there, and reads the last one's output with its dense layer (`DenseFromCLN`).
   """
 
@@ -118,9 +118,8 @@ class PatchConv1D(nn.Module):
     # are put in the same (in, size) order. Tap i reads positions i, i + stride, ...: with the
     # padded length cut into `stride` phases ([in, length / stride, stride, batch], a free
     # reshape), that is phase i % stride from row i // stride on, a contiguous run of rows
-    # where a strided slice gathered every other row (see `DenseFromCLN` for what both gained).
-    # In `lax` operations (`jnp.pad` traces as a nested program): the MNIST-1D CNN's train step
-    # traces in 0.073 s against 0.084-0.100 s, to the same program.
+    # where a strided slice would gather every other row. Written in `lax` operations because
+    # `jnp.pad` traces as a nested program, which makes the train step slower to trace.
     batch, stride = x.shape[2], self.stride
     x = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (0, -x.shape[1] % stride, 0), (0, 0, 0)])
     phases = x.reshape(channels, x.shape[1] // stride, stride, batch)
@@ -204,9 +203,9 @@ class DenseFromCLN(nn.Module):
   transpose: the kernel's rows (in `(length, channels)` order, as `nn.Dense` on the flattened
   `[batch, length, channels]` holds them) are reordered to `(channels, length)` and contracted
   with `x` seen as `[channels * length, batch]`. The parameters (names, shapes, initial values)
-  are `nn.Dense`'s; the result is its own up to float rounding. Moving the kernel's 1,250 numbers
-  costs less than moving the activations' 12,500 (with `PatchConv1D`'s stride phases, the
-  MNIST-1D CNN's step took 0.88-0.89x the time it did before).
+  are `nn.Dense`'s; the result is its own up to float rounding. Reordering the kernel's rows
+  moves fewer numbers than transposing the activations (for the MNIST-1D CNN, 1,250 against
+  12,500 a step).
   """
 
   features: int
