@@ -12,9 +12,9 @@ name must not silently train, freeze or skip nothing.
   * `load_pretrained(target_params, source_params)`: a partial restore. Every source parameter
     whose path (after `rename`) exists in the target with the same shape and dtype is copied; the
     rest of the target keeps its initialisation, and a `TransferReport` says what happened to each.
-  * `load_pretrained_state` / `load_pretrained_from_workdir`: the same for a whole `TrainState`
-    (params and model state such as BatchNorm statistics) from a state or a trained run's workdir.
-    The optimizer state is never copied: fine-tuning starts a fresh optimizer.
+  * `load_pretrained_state`: the same for a whole `TrainState` (params and model state such as
+    BatchNorm statistics); `jdl.runs.load_pretrained_from_workdir` takes the source from a trained
+    run's workdir. The optimizer state is never copied: fine-tuning starts a fresh optimizer.
   * `trainable_mask` and `freeze(tx, params, patterns)`: frozen parameters get zero updates from
     `optax.set_to_zero()` under `optax.multi_transform`, so they never change, not by weight decay
     and not by momentum either, and the optimizer keeps no state for them. (BatchNorm's running
@@ -22,15 +22,15 @@ name must not silently train, freeze or skip nothing.
   * `per_group_optimizer`: one `jdl.optim.make_optimizer` config per group of parameters (e.g. a
     small learning rate for the backbone, a large one for the new head), `group_learning_rates`
     to log each group's rate.
-  * `transfer_config` and `apply_transfer_config`: the same from an experiment config
-    (`config.transfer`).
+  * `transfer_config`: the `config.transfer` block of an experiment config, which
+    `jdl.runs.apply_transfer_config` applies.
 
 Typical fine-tuning of a new head on a pretrained backbone:
 
   state = jdl.create_train_state(model, tx, sample, key)        # the new model, new head
-  state, report = load_pretrained_from_workdir(state, "runs/pretrain", skip=("Dense_0",))
+  state, report = jdl.runs.load_pretrained_from_workdir(state, "runs/pretrain", skip=("Dense_0",))
   print(report)                                                  # what was loaded, what not
-  tx = freeze(state.tx, state.params, ("Conv_*",))               # train the head only
+  tx = jdl.transfer.freeze(state.tx, state.params, ("Conv_*",))  # train the head only
   state = state.replace(tx=tx, opt_state=tx.init(state.params))
 """
 
@@ -619,7 +619,7 @@ def group_learning_rates(opt_state: optax.OptState) -> dict[str, jax.Array]:
 
 
 def transfer_config() -> ml_collections.ConfigDict:
-  """The `config.transfer` block `apply_transfer_config` reads; all off by default."""
+  """The `config.transfer` block `jdl.runs.apply_transfer_config` reads; all off by default."""
   config = ml_collections.ConfigDict()
   config.init_from = config_dict.placeholder(str)  # workdir of a trained run to start from
   config.checkpoint = "latest"  # its checkpoint: "latest", "best" or a step number
