@@ -5,7 +5,7 @@ median of each repeat's jdl / contender ratio). Repeat r uses seed r for all (in
 and data order), so the accuracy column is a median over seeds, not one seed's luck (seeds move
 MNIST-1D's test accuracy by a few points):
   jdl            `jdl.fit` on the `experiments.mnist1d` model, optimizer and CPU thread count
-                 (`cpu_threads`: one; see `jdl.runtime`), one device
+                 (`cpu_threads`: one; see `jdl.experiment.set_cpu_threads`), one device
   plain          a per-step `jax.jit` loop written directly with flax (`nn.Conv`) and optax
   plain_1thread  the same loop on one CPU thread too, so that the thread count is not the gain
                  (a CPU contender: on a GPU host leave it out with `--only=jdl,plain`)
@@ -14,9 +14,9 @@ in memory and includes building the model, compiling, 6000 steps and the test ev
 machine without TensorFlow (an accelerator host), read the same arrays from a file written
 elsewhere with `--save_arrays` (jdl itself trains without TensorFlow; see `jdl.lazy_import`).
 
-  python -m experiments.bench_mnist1d_cnn --repeats=3
-  python -m experiments.bench_mnist1d_cnn --save_arrays=mnist1d.npz        # where TFDS is
-  python -m experiments.bench_mnist1d_cnn --arrays=mnist1d.npz --only=jdl,plain
+  python -m benchmarks.bench_mnist1d_cnn --repeats=3
+  python -m benchmarks.bench_mnist1d_cnn --save_arrays=mnist1d.npz        # where TFDS is
+  python -m benchmarks.bench_mnist1d_cnn --arrays=mnist1d.npz --only=jdl,plain
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ STEPS, BATCH, LEARNING_RATE = 6000, 100, 1e-2
 ARRAYS_PATH = os.environ.get("JDL_BENCH_MNIST1D_ARRAYS", "")  # set from --arrays for the children
 
 
-def load_mnist1d():
+def load_mnist1d() -> tuple[tuple["np.ndarray", "np.ndarray"], tuple["np.ndarray", "np.ndarray"]]:
   """((x, y), (x_test, y_test)): from jdl's TFDS builder, or the `--arrays` file."""
   import numpy as np  # pylint: disable=import-outside-toplevel
 
@@ -50,6 +50,8 @@ def load_mnist1d():
 
 
 def run_jdl(seed: int) -> dict:
+  """`jdl.fit` as `experiments.mnist1d` runs it (its model, optimizer and thread count), timed
+  from the arrays in memory to the test accuracy."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
@@ -57,16 +59,14 @@ def run_jdl(seed: int) -> dict:
   from experiments import mnist1d  # pylint: disable=import-outside-toplevel
 
   config = mnist1d.get_config()
-  jdl.runtime.apply_cpu_threads(config.cpu_threads)  # before JAX starts, as the experiment does
-  jdl.set_cpu_dot_library(config.cpu_dot_library)
+  jdl.experiment.set_cpu_threads(config.cpu_threads)  # before JAX starts, as the experiment does
   (x, y), (x_test, y_test) = load_mnist1d()
   start = time.perf_counter()  # data loaded, as for the plain loop; compilation included
   train = jdl.data.ArraySource(x, y, BATCH, shuffle=True, seed=seed)
   test = jdl.data.ArraySource(x_test, y_test, 1000, shuffle=False)
   model = jdl.models.build_model(config.model, num_classes=10)
-  # Initialised on a thread of its own while `fit` compiles its training program from the shapes.
-  state = jdl.start_train_state(model, jdl.make_optimizer(config.optimizer),
-                                np.zeros((1, 40), np.float32), jax.random.PRNGKey(seed))
+  state = jdl.create_train_state(model, jdl.make_optimizer(config.optimizer),
+                                 np.zeros((1, 40), np.float32), jax.random.PRNGKey(seed))
   train_step, eval_step = jdl.make_steps()
   _, history = jdl.fit(state, train_step, eval_step, train, test, num_steps=STEPS,
                        eval_every_steps=STEPS, progress=False, runner=jdl.parallel.JitRunner())
@@ -75,6 +75,7 @@ def run_jdl(seed: int) -> dict:
 
 
 def run_plain(seed: int) -> dict:
+  """The same training written directly with flax and optax, one jitted call per step."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -118,9 +119,9 @@ def run_plain(seed: int) -> dict:
 
 
 def run_plain_1thread(seed: int) -> dict:
-  import jdl  # pylint: disable=import-outside-toplevel
-
-  jdl.set_cpu_threads(1)
+  """The plain loop on one XLA CPU thread: XLA sizes its CPU thread pool from `PJRT_NPROC` when
+  JAX starts, which is after this (the child has computed nothing yet)."""
+  os.environ.setdefault("PJRT_NPROC", "1")
   return run_plain(seed)
 
 
@@ -159,7 +160,7 @@ def main() -> None:
   runs: dict[str, list[dict]] = {name: [] for name in names}
   for repeat in range(args.repeats):
     for name in names:
-      done = subprocess.run([sys.executable, "-m", "experiments.bench_mnist1d_cnn",
+      done = subprocess.run([sys.executable, "-m", "benchmarks.bench_mnist1d_cnn",
                              f"--child={name}", f"--seed={repeat}"], capture_output=True,
                             text=True, check=False, env=env)
       results = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]

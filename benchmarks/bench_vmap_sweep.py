@@ -16,7 +16,7 @@ matrix product rounds differently from N single ones, and over many steps traini
 those differences (fastest at large learning rates), so expect agreement to float rounding for
 short runs only, and close, not equal, accuracies after thousands of steps.
 
-  python -m experiments.bench_vmap_sweep --members=8 --steps=2000 --repeats=3
+  python -m benchmarks.bench_vmap_sweep --members=8 --steps=2000 --repeats=3
 """
 
 from __future__ import annotations
@@ -35,13 +35,16 @@ from jdl import models, resident, vmap_sweep
 BATCH = 100
 
 
-def load_mnist1d(data_dir: str | None):
+def load_mnist1d(data_dir: str | None) -> tuple[tuple[np.ndarray, np.ndarray],
+                                               tuple[np.ndarray, np.ndarray]]:
+  """MNIST-1D's train and test arrays, generated offline by jdl's TFDS builder."""
   builder = jdl.data.get_builder("mnist1d", data_dir)
   jdl.data.prepare(builder)
   return jdl.data.load_split_arrays(builder, "train"), jdl.data.load_split_arrays(builder, "test")
 
 
-def build_model(name: str):
+def build_model(name: str) -> models.MLP | models.CNN1D:
+  """The MNIST-1D paper's MLP or CNN, as jdl's models."""
   if name == "mlp":
     return models.MLP(hidden=(100, 100), num_classes=10)
   if name == "cnn1d":
@@ -50,6 +53,7 @@ def build_model(name: str):
 
 
 def run_vmapped(model, rates, train, test, steps) -> dict:
+  """All members at once: `jdl.vmap_sweep.train_vmapped`."""
   run = vmap_sweep.train_vmapped(model, {"name": "adam"}, train, test, num_steps=steps,
                             learning_rates=rates, seeds=[0], eval_every_steps=steps)
   return {"compile": run.compile_seconds, "train": run.train_seconds,
@@ -73,22 +77,23 @@ def run_one(model, rate, train, test, steps) -> tuple[float, float, float, objec
   eval_arrays = tuple(map(jnp.asarray, resident.with_padding_row(test.inputs, test.labels)))
   probe = resident.gather_batch(data.inputs, data.labels, jnp.zeros((BATCH,), jnp.int32))
   loop = not resident.loops_are_slow(train_step, state, probe)
-  length = steps if loop else 1
-  chunk = jax.jit(resident.make_train_chunk(train_step, data, _unchanged),
-                  static_argnames=("length",), donate_argnums=(0, 3))
+  length = steps if loop else 1  # as `ResidentEngine`: one step a call where loops are slow
+  chunk = jax.jit(resident.make_train_chunk(train_step, data, _unchanged, loop=loop),
+                  donate_argnums=(0, 3))
   eval_all = resident.make_eval_all(eval_step, test.batch_size, test.num_examples, _unchanged,
                                     loop=loop)
   start = time.perf_counter()
   order = jax.device_put(data.initial_order())
   compiled = chunk.lower(state, data.inputs, data.labels, order, np.int32(0),
-                         length=length).compile()
+                         np.int32(length)).compile()
   if hasattr(eval_all, "lower"):
     eval_all = eval_all.lower(state, *eval_arrays).compile()
   compile_seconds = time.perf_counter() - start
   start = time.perf_counter()
   sums = None
   for step in range(0, steps, length):
-    state, chunk_sums, order = compiled(state, data.inputs, data.labels, order, np.int32(step))
+    state, chunk_sums, order = compiled(state, data.inputs, data.labels, order, np.int32(step),
+                                        np.int32(min(length, steps - step)))
     sums = jdl.merge_metrics(sums, chunk_sums)
   jdl.compute_metrics(sums)  # the train metrics reach the host, as in a real run
   accuracy = jdl.compute_metrics(eval_all(state, *eval_arrays))["accuracy"]
@@ -96,12 +101,14 @@ def run_one(model, rate, train, test, steps) -> tuple[float, float, float, objec
 
 
 def run_sequential(model, rates, train, test, steps) -> dict:
+  """The members one after another, each its own compiled program (`run_one`)."""
   results = [run_one(model, rate, train, test, steps) for rate in rates]
   return {"compile": sum(r[0] for r in results), "train": sum(r[1] for r in results),
           "accuracy": np.asarray([r[2] for r in results]), "params": [r[3] for r in results]}
 
 
 def run_fit(model, rates, train, test, steps) -> dict:
+  """The members one after another through `jdl.fit` (its compilation inside its time)."""
   start = time.perf_counter()
   accuracies = []
   for rate in rates:
@@ -117,6 +124,7 @@ def run_fit(model, rates, train, test, steps) -> dict:
 
 
 def _cell(value: float | None, width: int) -> str:
+  """A right-aligned number with two decimals, or "-" where there is none."""
   return f"{value:{width}.2f}" if value is not None else "-".rjust(width)
 
 
