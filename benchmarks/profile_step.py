@@ -1,22 +1,26 @@
-"""Where a training step's time goes: per-operation times of jdl's scanned train step.
+"""Where a training step's time goes: per-operation times of the program `jdl.fit` runs.
 
-  python -m experiments.profile_step --model=seed_mlp      # 784-128-10 MLP, Adam 1e-3, batch 32
-  python -m experiments.profile_step --model=mnist1d_cnn   # the MNIST-1D paper's CNN, batch 100
+  python -m benchmarks.profile_step --model=seed_mlp      # 784-128-10 MLP, Adam 1e-3, batch 32
+  python -m benchmarks.profile_step --model=mnist1d_cnn   # the MNIST-1D paper's CNN, batch 100
+  python -m benchmarks.profile_step --model=seed_mlp --no_check_finite   # without the NaN watch
 
-With the experiment's CPU settings (`cpu_threads`, `cpu_dot_library`; flags override them),
-runs `--steps` training steps (at most one epoch: 1,875 for the MLP, 40 for the CNN, so that
-every timed call repeats the same steps of epoch 0) as one device-resident loop, the program
-`jdl.fit` runs for such a call (`jdl.resident.make_train_chunk`, its NaN/inf watch reading the
-loss each step and the parameters at the end; `--check=every_gradient` for the program of
-shorter calls), on random data of the benchmark's shape: first
-timed without a profiler (median of `--repeats` calls), then once under `jax.profiler`, read back
-with JAX's own reader (`jax.profiler.ProfileData`). On the CPU the trace holds XLA:CPU's
-per-operation events (`--xla_cpu_enable_xprof_traceme`, set here before JAX starts); on a GPU, its
-kernels. It prints the operations that took most time per step, what each computes (the JAX
-operation XLA names in its metadata, where the name matches one), and the device-only time of a
-step: how long something ran on the device, against the step's time without the profiler; the
-rest is the executor's own work between operations (on a GPU: launches and the loop's control).
-The profiler slows every operation a little, so shares matter more than the absolute numbers.
+With the experiment's CPU thread count (`cpu_threads`; `--cpu_threads` overrides it), runs
+`--steps` training steps (at most one epoch: 1,875 for the MLP, 40 for the CNN, so that every
+timed call repeats the same steps of epoch 0) with the program `jdl.fit` runs on device-resident
+data: `jdl.resident.make_train_chunk` jitted with `donate_argnums=(0, 3)` (state and carried order
+donated), all the steps in one call, or one step a call without a loop where a loop would be slow
+(`jdl.resident.loops_are_slow`: the CNN on a CPU). Its step is `jdl.make_steps()`'s, the NaN/inf
+watch over the loss and every gradient included unless `--no_check_finite`; the data are random,
+of the benchmark's shape. The steps are first timed without a profiler (median of `--repeats`
+runs), then run once under `jax.profiler` and read back with JAX's own reader
+(`jax.profiler.ProfileData`). On the CPU the trace holds XLA:CPU's per-operation events
+(`--xla_cpu_enable_xprof_traceme`, set here before JAX starts); on a GPU, its kernels. It prints
+the operations that took most time per step, what each computes (the JAX operation XLA names in
+its metadata, where the name matches one), and the device-only time of a step: how long something
+ran on the device, against the step's time without the profiler; the rest is the executor's own
+work between operations (on a GPU: launches and the loop's control; with one call a step, the
+dispatch too). The profiler slows every operation a little, so shares matter more than the
+absolute numbers.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from jdl import resident
 MODELS = ("seed_mlp", "mnist1d_cnn")
 
 
-def build(model_name: str):
+def build(model_name: str, *, check_finite: bool = True):
   """(state, train_step, inputs, labels, batch_size) for one of `MODELS`."""
   rng = np.random.default_rng(0)
   if model_name == "seed_mlp":
@@ -51,16 +55,14 @@ def build(model_name: str):
     model = jdl.models.MLP(hidden=(128,), num_classes=10)
     optimizer, batch_size = {"name": "adam", "learning_rate": 1e-3}, 32
   else:
-    from experiments import mnist1d  # pylint: disable=import-outside-toplevel
-
-    config = mnist1d.get_config()
+    config = experiment_config(model_name)
     inputs = rng.normal(size=(4000, 40)).astype(np.float32)
     model = jdl.models.build_model(config.model, num_classes=10)
     optimizer, batch_size = config.optimizer, config.batch_size
   labels = rng.integers(0, 10, len(inputs)).astype(np.int32)
   state = jdl.create_train_state(model, jdl.make_optimizer(optimizer), inputs[:1],
                                  jax.random.PRNGKey(0))
-  train_step, _ = jdl.make_steps()
+  train_step, _ = jdl.make_steps(check_finite=check_finite)
   return state, train_step, inputs, labels, batch_size
 
 
@@ -70,21 +72,6 @@ def experiment_config(model_name: str):
   from experiments import fashion_mnist_mlp, mnist1d
 
   return (fashion_mnist_mlp if model_name == "seed_mlp" else mnist1d).get_config()
-
-
-def train_program(train_step, train: resident.ResidentData, *, every_gradient: bool):
-  """`chunk(state, inputs, labels, order, first_step, length=K) -> (state, sums, order)`: the
-  program `fit`'s resident engine runs for a call of K steps (see `jdl.loop.MIN_PROBED_STEPS`)."""
-  if every_gradient:
-    return resident.make_train_chunk(train_step, train, lambda batch: batch)
-  probed = resident.with_nonfinite_probe(resident.make_train_chunk(
-      resident.checking_loss_only(train_step), train, lambda batch: batch))
-
-  def chunk(state, inputs, labels, order, first_step, *, length):
-    state, sums, order, _ = probed(state, inputs, labels, order, first_step, length=length)
-    return state, sums, order
-
-  return chunk
 
 
 def operation_sources(hlo_text: str) -> dict[str, str]:
@@ -129,50 +116,52 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--top", type=int, default=15)
   parser.add_argument("--cpu_threads", type=int, default=None,
-                      help="XLA CPU threads (jdl.set_cpu_threads); default: the experiment's "
-                           "(1 for mnist1d_cnn, one per core for seed_mlp)")
-  parser.add_argument("--check", choices=("probe", "every_gradient"), default="probe",
-                      help="the NaN/inf watch of the profiled program: the loss each step and the "
-                           "parameters at the end, as fit's calls of 16 steps or more; or every "
-                           "gradient each step, as its shorter calls and reruns")
-  parser.add_argument("--cpu_dot_library", choices=jdl.runtime.CPU_DOT_LIBRARIES, default=None,
-                      help="jdl.set_cpu_dot_library; default: the experiment's")
+                      help="XLA CPU threads (jdl.experiment.set_cpu_threads); default: the "
+                           "experiment's (1 for mnist1d_cnn, one per core for seed_mlp)")
+  parser.add_argument("--no_check_finite", action="store_true",
+                      help="profile the step without its NaN/inf watch (make_steps(check_finite="
+                           "False)), to see what the watch costs")
   args = parser.parse_args()
-  jdl.set_cpu_dot_library(args.cpu_dot_library or experiment_config(args.model).cpu_dot_library)
   threads = args.cpu_threads
   if threads is None:  # the experiment's own setting (the seed MLP's: XLA's default)
     threads = experiment_config(args.model).cpu_threads
-  if args.cpu_threads:
-    jdl.set_cpu_threads(threads)  # before JAX's first computation
-  else:
-    jdl.runtime.apply_cpu_threads(threads)  # as the experiment: on the CPU only
+  jdl.experiment.set_cpu_threads(threads)  # before JAX's first computation, as the experiment
 
-  state, train_step, inputs, labels, batch_size = build(args.model)
+  state, train_step, inputs, labels, batch_size = build(args.model,
+                                                        check_finite=not args.no_check_finite)
   train = resident.ResidentData(*jax.device_put(resident.with_padding_row(inputs, labels)),
                                 batch_size=batch_size, shuffle=True, seed=0)
   steps = min(args.steps, train.steps_per_epoch)
-  chunk = jax.jit(train_program(train_step, train, every_gradient=args.check == "every_gradient"),
-                  static_argnames=("length",), donate_argnums=(0, 3),
-                  compiler_options=jdl.runtime.program_compiler_options())
+  # The program `jdl.resident.ResidentEngine` builds for `fit`: state and order donated; one loop
+  # over the steps, or, where loops are slow (a convolution on the CPU), one step a call.
+  probe = jax.eval_shape(resident.gather_batch, train.inputs, train.labels,
+                         jax.ShapeDtypeStruct((batch_size,), np.int32))
+  loop = not resident.loops_are_slow(train_step, state, probe)
+  chunk = jax.jit(resident.make_train_chunk(train_step, train, loop=loop), donate_argnums=(0, 3))
+  calls = [(np.int32(0), np.int32(steps))] if loop else [
+      (np.int32(step), np.int32(1)) for step in range(steps)]
   order = jax.device_put(train.initial_order())
-  hlo = chunk.lower(state, train.inputs, train.labels, order, np.int32(0),
-                    length=steps).compile().as_text()
-  state, _, order = chunk(state, train.inputs, train.labels, order, np.int32(0), length=steps)
+  hlo = chunk.lower(state, train.inputs, train.labels, order, *calls[0]).compile().as_text()
+
+  def run(state, order):
+    """The `steps` steps of epoch 0, as `fit` calls them; returns when they are done."""
+    for first, length in calls:
+      state, sums, order = chunk(state, train.inputs, train.labels, order, first, length)
+    jax.block_until_ready(sums)
+    return state, order
+
+  state, order = run(state, order)
   seconds = []
   for _ in range(args.repeats):
     start = time.perf_counter()
-    state, sums, order = chunk(state, train.inputs, train.labels, order, np.int32(0),
-                               length=steps)
-    jax.block_until_ready(sums)
+    state, order = run(state, order)
     seconds.append(time.perf_counter() - start)
   step_us = statistics.median(seconds) / steps * 1e6
 
   sources = operation_sources(hlo)
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):
-      state, sums, order = chunk(state, train.inputs, train.labels, order, np.int32(0),
-                                 length=steps)
-      jax.block_until_ready(sums)
+      state, order = run(state, order)
     events = trace_events(trace_dir)
   # On an accelerator its kernels (and copies) lie on the device's planes; on the CPU the HLO
   # operations are events of the host's threads, named as in the compiled program.
@@ -186,10 +175,12 @@ def main() -> None:
   profiled = sum(per_step.values())
   busy_us = busy_nanoseconds([(e[2], e[3]) for e in device_events]) / 1e3 / steps
   device = jax.devices()[0]
-  print(f"{args.model}: {steps} steps in one scan on {device.device_kind} ({device.platform}); "
-        f"{step_us:.1f} us a step without the profiler; under it the operations take "
-        f"{profiled:.1f} us a step, and something runs {busy_us:.1f} us of each step "
-        f"({busy_us / step_us:.0%} of the unprofiled step)")
+  watch = "without" if args.no_check_finite else "with"
+  calls_text = "in one loop" if loop else "one call each (no loop: see loops_are_slow)"
+  print(f"{args.model}: {steps} steps {calls_text} on {device.device_kind} ({device.platform}), "
+        f"{watch} the NaN/inf watch; {step_us:.1f} us a step without the profiler; under it the "
+        f"operations take {profiled:.1f} us a step, and something runs {busy_us:.1f} us of each "
+        f"step ({busy_us / step_us:.0%} of the unprofiled step)")
   print(f"{'us/step':>8} {'share':>6}  {'operation':<40} computes")
   for name, micros in sorted(per_step.items(), key=lambda item: -item[1])[:args.top]:
     print(f"{micros:8.1f} {micros / profiled:6.1%}  {name[:40]:<40} {sources.get(name, '')}")
