@@ -1,24 +1,33 @@
 """Benchmark: the seed MLP (784-128-10, Adam 1e-3, batch 32, 60,000 examples an epoch).
 
 Contenders, each in its own process, run side by side in one invocation, `--repeats` times in
-turn (medians reported):
-  jdl          `jdl.fit` (device-resident data, steps scanned per call), with the seed
-               experiment's settings (`cpu_dot_library`: XLA's own products on a CPU)
-  plain        a per-step `jax.jit` loop written directly with flax and optax
-  jdl-step     `jdl.fit` with its per-step engine, batches from memory
-  jdl-stream   `jdl.fit` with its per-step engine, batches streamed through tf.data
-  keras-jax    Keras 3 `model.fit` on its JAX backend
-  keras-tf     Keras 3 `model.fit` on its TensorFlow backend
+turn (medians reported; "jdl / this" compares the medians, "paired" is the median of each
+repeat's own ratio, the two having run back to back):
+  jdl               `jdl.fit` on an in-memory `jdl.data.ArraySource`: the device-resident engine,
+                    one compiled call (one loop) per epoch, no evaluation, progress off
+  jdl-nocheck       the same with `jdl.make_steps(check_finite=False)`: no NaN/inf watch
+  plain             a hand-written flax+optax program: the arrays on the device, each epoch's
+                    steps one jitted `lax.scan` over batches shuffled on the device before the
+                    epoch's clock starts (`jax.random.permutation`, one gather): the steps alone
+  plain-shuffling   the same, with the shuffle inside the epoch's jitted call (and its clock)
+  plain-step        a per-step `jax.jit` loop written directly with flax and optax, batches
+                    gathered on the host
+  jdl-step          `jdl.fit` with its per-step engine, batches from memory
+  jdl-stream        `jdl.fit` with its per-step engine, batches streamed through tf.data
+  keras-jax         Keras 3 `model.fit` on its JAX backend
+  keras-tf          Keras 3 `model.fit` on its TensorFlow backend
 plus the input pipeline alone (tf.data streaming a Fashion-MNIST-sized array, batches/s) and the
 matmul peak of this machine (a 2048x2048 float32 product under jit; 8192x8192 on an accelerator),
-which sets the FLOP floor.
+which sets the FLOP floor. The first epoch of every run is warm-up (compilation); the epochs
+after it are timed.
 
-The data are random Fashion-MNIST-shaped arrays (uint8 28x28x1 images, labels 0-9): the time of
-an epoch does not depend on the pixel values, and nothing is downloaded. Same model, optimizer
-(Adam 1e-3, epsilon 1e-7 everywhere), loss and batch size for every contender.
+The data are random Fashion-MNIST-shaped arrays (28x28x1 images scaled to [0, 1], labels 0-9):
+the time of an epoch does not depend on the pixel values, and nothing is downloaded. Same model,
+optimizer (Adam 1e-3, epsilon 1e-7 everywhere), loss and batch size for every contender.
 
   pip install -e ".[bench]"      # Keras 3
-  python -m experiments.bench_seed_mlp --epochs=3 --repeats=3
+  python -m benchmarks.bench_seed_mlp --epochs=3 --repeats=3
+  python -m benchmarks.bench_seed_mlp --only=jdl,plain --epochs=4 --repeats=3
 """
 
 from __future__ import annotations
@@ -39,7 +48,9 @@ HIDDEN = 128
 TRAIN_FLOPS_PER_EXAMPLE = 3 * 2 * (784 * HIDDEN + HIDDEN * 10)
 
 
-def make_data(seed: int = 0):
+def make_data(seed: int = 0) -> tuple["np.ndarray", "np.ndarray"]:
+  """Random Fashion-MNIST-shaped training arrays: float32 [60000, 28, 28, 1] in [0, 1], int32
+  labels 0-9."""
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   rng = np.random.default_rng(seed)
@@ -48,16 +59,15 @@ def make_data(seed: int = 0):
   return images.astype(np.float32) / 255.0, labels
 
 
-def run_jdl(epochs: int, engine: str = "resident") -> dict:
+def run_jdl(epochs: int, engine: str = "resident", check_finite: bool = True) -> dict:
   """`jdl.fit` with its resident engine, or its per-step engine fed from memory ("step") or
   streamed through tf.data ("stream"): if "step" and "stream" train at one rate, the step never
-  waits for its input."""
+  waits for its input. The epoch's time is that between two evaluation hooks (no eval split, so
+  an "evaluation" is the train record alone): everything `fit` does in an epoch."""
   import jax  # pylint: disable=import-outside-toplevel
 
   import jdl  # pylint: disable=import-outside-toplevel
-  from experiments import fashion_mnist_mlp  # pylint: disable=import-outside-toplevel
 
-  jdl.set_cpu_dot_library(fashion_mnist_mlp.get_config().cpu_dot_library)  # as the tutorial does
   x, y = make_data()
   if engine == "stream":
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -69,7 +79,7 @@ def run_jdl(epochs: int, engine: str = "resident") -> dict:
   state = jdl.create_train_state(jdl.models.MLP(hidden=(HIDDEN,), num_classes=10),
                                  jdl.make_optimizer({"name": "adam", "learning_rate": 1e-3}),
                                  x[:1], jax.random.PRNGKey(0))
-  train_step, eval_step = jdl.make_steps()
+  train_step, eval_step = jdl.make_steps(check_finite=check_finite)
   times = []
   start = time.perf_counter()
   hook = lambda step, s, record: times.append(time.perf_counter())
@@ -81,22 +91,89 @@ def run_jdl(epochs: int, engine: str = "resident") -> dict:
           "device": jax.devices()[0].device_kind}
 
 
-def run_plain(epochs: int) -> dict:
+def _plain_model_and_optimizer():
+  """The seed MLP written directly in flax, and optax's Adam: the plain contenders' pieces."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
 
-  class Mlp(nn.Module):
+  class SeedMlp(nn.Module):
+    """Flatten -> Dense(128, relu) -> Dense(10) logits."""
+
     @nn.compact
     def __call__(self, x):
       x = nn.relu(nn.Dense(HIDDEN)(x.reshape(x.shape[0], -1)))
       return nn.Dense(10)(x)
 
+  return SeedMlp(), optax.adam(1e-3, eps=1e-7)
+
+
+def run_plain(epochs: int, preshuffled: bool = True) -> dict:
+  """The hand-written reference for jdl's resident engine: the arrays on the device, each epoch
+  one jitted call whose steps are one `lax.scan` over shuffled batches. With `preshuffled`, the
+  epoch's shuffled batches are made on the device before its clock starts, so only the scan is
+  timed; without, the shuffle is part of the epoch's call."""
+  import functools  # pylint: disable=import-outside-toplevel
+
+  import jax  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+
+  model, tx = _plain_model_and_optimizer()
   x, y = make_data()
-  model = Mlp()
+  steps = NUM_EXAMPLES // BATCH  # 60,000 = 1,875 x 32: no partial batch to pad
+  x_device, y_device = jax.device_put(x), jax.device_put(y)
   params = model.init(jax.random.PRNGKey(0), x[:1])
-  tx = optax.adam(1e-3, eps=1e-7)
+  opt_state = tx.init(params)
+
+  def train_step(carry, batch):
+    params, opt_state = carry
+    images, labels = batch
+
+    def loss_fn(p):
+      return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, images), labels).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  def shuffled_batches(key, images, labels):
+    order = jax.random.permutation(key, NUM_EXAMPLES)
+    return (images[order].reshape(steps, BATCH, *images.shape[1:]),
+            labels[order].reshape(steps, BATCH))
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def scan_epoch(params, opt_state, batches):
+    (params, opt_state), losses = jax.lax.scan(train_step, (params, opt_state), batches)
+    return params, opt_state, losses.mean()
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def shuffle_and_scan_epoch(params, opt_state, key, images, labels):
+    return scan_epoch(params, opt_state, shuffled_batches(key, images, labels))
+
+  shuffle = jax.jit(shuffled_batches)
+  epoch_times, loss = [], None
+  for epoch in range(epochs):
+    key = jax.random.fold_in(jax.random.PRNGKey(0), epoch)
+    if preshuffled:
+      batches = jax.block_until_ready(shuffle(key, x_device, y_device))
+      start = time.perf_counter()
+      params, opt_state, loss = scan_epoch(params, opt_state, batches)
+    else:
+      start = time.perf_counter()
+      params, opt_state, loss = shuffle_and_scan_epoch(params, opt_state, key, x_device, y_device)
+    loss = float(loss)  # waits for the epoch
+    epoch_times.append(time.perf_counter() - start)
+  return {"epoch_seconds": epoch_times, "final_loss": loss}
+
+
+def run_plain_step(epochs: int) -> dict:
+  """A per-step `jax.jit` loop, batches gathered on the host: the loop most tutorials write."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+
+  model, tx = _plain_model_and_optimizer()
+  x, y = make_data()
+  params = model.init(jax.random.PRNGKey(0), x[:1])
   opt_state = tx.init(params)
 
   @jax.jit
@@ -185,6 +262,9 @@ def run_peak(repeats: int) -> dict:
 CONTENDERS = {
     "jdl": (run_jdl, {}),
     "plain": (run_plain, {}),
+    "plain-shuffling": (lambda epochs: run_plain(epochs, preshuffled=False), {}),
+    "jdl-nocheck": (lambda epochs: run_jdl(epochs, check_finite=False), {}),
+    "plain-step": (run_plain_step, {}),
     "jdl-step": (lambda epochs: run_jdl(epochs, engine="step"), {}),
     "jdl-stream": (lambda epochs: run_jdl(epochs, engine="stream"), {}),
     "keras-jax": (run_keras, {"KERAS_BACKEND": "jax"}),
@@ -200,8 +280,9 @@ def _child(name: str, epochs: int) -> None:
 
 
 def _spawn(name: str, epochs: int) -> dict | None:
+  """Runs contender `name` in a fresh process (its own JAX, its own compilation caches)."""
   env = {**os.environ, **CONTENDERS[name][1], "TF_CPP_MIN_LOG_LEVEL": "2"}
-  done = subprocess.run([sys.executable, "-m", "experiments.bench_seed_mlp", f"--child={name}",
+  done = subprocess.run([sys.executable, "-m", "benchmarks.bench_seed_mlp", f"--child={name}",
                          f"--epochs={epochs}"], env=env, capture_output=True, text=True,
                         check=False)
   for line in done.stdout.splitlines():
@@ -209,6 +290,21 @@ def _spawn(name: str, epochs: int) -> dict | None:
       return json.loads(line[len("RESULT "):])
   print(f"{name} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
   return None
+
+
+def steady_seconds(run: dict) -> float:
+  """A run's time of an epoch after warm-up: the median of its epochs after the first."""
+  return statistics.median(run["epoch_seconds"][1:])
+
+
+def paired_ratio(first: list[dict], second: list[dict]) -> float | None:
+  """The median over repeats of `first`'s epoch time over `second`'s in the same repeat (the two
+  ran back to back, so a load that drifts between repeats cancels), or None where no repeat has
+  both."""
+  seconds = {run["repeat"]: steady_seconds(run) for run in second}
+  ratios = [steady_seconds(run) / seconds[run["repeat"]] for run in first
+            if run["repeat"] in seconds]
+  return statistics.median(ratios) if ratios else None
 
 
 def main() -> None:
@@ -224,12 +320,15 @@ def main() -> None:
   if args.epochs < 2:
     parser.error("--epochs must be >= 2: the first epoch is warm-up (compilation)")
   names = args.only.split(",")
+  unknown = sorted(set(names) - set(CONTENDERS))
+  if unknown:
+    parser.error(f"unknown contenders {unknown}; expected some of {sorted(CONTENDERS)}")
   runs: dict[str, list[dict]] = {name: [] for name in names}
   for repeat in range(args.repeats):
     for name in names:
       result = _spawn(name, args.epochs)
       if result is not None:
-        runs[name].append(result)
+        runs[name].append({**result, "repeat": repeat})
       print(f"repeat {repeat + 1}/{args.repeats} {name}: {result}", file=sys.stderr, flush=True)
 
   peak = statistics.median(r["gflops"] for r in runs.get("peak", [])) if runs.get("peak") else None
@@ -244,19 +343,25 @@ def main() -> None:
     rows[name] = (steady, max(first - steady, 0.0))
   device = next((r["device"] for rs in runs.values() for r in rs if "device" in r), "?")
   print(f"\nseed MLP 784-128-10, Adam 1e-3, batch {BATCH}, {NUM_EXAMPLES} examples an epoch; "
-        f"medians of {args.repeats} runs x {args.epochs - 1} timed epochs; JAX device {device}")
+        f"medians of {args.repeats} runs x {args.epochs - 1} timed epochs; JAX device {device}; "
+        f"{os.cpu_count()} CPU cores")
   if peak:
     print(f"matmul peak {peak:.1f} GFLOP/s ({size}^2 float32); FLOP floor {floor:.3f} s/epoch "
           f"({TRAIN_FLOPS_PER_EXAMPLE * NUM_EXAMPLES / 1e9:.2f} GFLOP an epoch)")
-  print(f"{'contender':<11} {'s/epoch':>8} {'examples/s':>11} {'compile s':>9} {'GFLOP/s':>8} "
-        f"{'x floor':>8} {'jdl / this':>10}")
+  print(f"{'contender':<17} {'s/epoch':>8} {'examples/s':>11} {'compile s':>9} {'GFLOP/s':>8} "
+        f"{'x floor':>8} {'jdl / this':>10} {'paired':>7}")
   for name, (steady, compile_s) in rows.items():
     if name == "pipeline":
       continue
     gflops = NUM_EXAMPLES * TRAIN_FLOPS_PER_EXAMPLE / steady / 1e9
     versus = f"{rows['jdl'][0] / steady:.3f}" if "jdl" in rows else "-"
-    print(f"{name:<11} {steady:8.3f} {NUM_EXAMPLES / steady:11,.0f} {compile_s:9.2f} "
-          f"{gflops:8.1f} {steady / floor if floor else float('nan'):8.2f} {versus:>10}")
+    paired = paired_ratio(runs.get("jdl", []), runs[name])
+    paired_text = "-" if paired is None else f"{paired:.3f}"
+    print(f"{name:<17} {steady:8.3f} {NUM_EXAMPLES / steady:11,.0f} {compile_s:9.2f} "
+          f"{gflops:8.1f} {steady / floor if floor else float('nan'):8.2f} {versus:>10} "
+          f"{paired_text:>7}")
+  print("compile s: the first epoch's time less a timed epoch's; jdl / this: the ratio of the "
+        "medians; paired: the median of each repeat's own ratio")
   if "pipeline" in rows:
     batches_per_s = (NUM_EXAMPLES / BATCH) / rows["pipeline"][0]
     print(f"\ninput pipeline (tf.data, shuffle + batch {BATCH} + prefetch): {batches_per_s:,.0f} "
