@@ -1,6 +1,10 @@
 """Tests of jdl.data: the offline MNIST-1D builder, offline failures, batch sources, labels."""
 
+import importlib.metadata
+import logging
+import os
 import pickle
+import shutil
 import time
 
 import jax
@@ -462,3 +466,183 @@ def test_pipeline_augmentation_needs_the_streaming_path(tmp_path):
   with pytest.raises(ValueError, match="in_memory=False"):
     jdl.data.load_classification_data("mnist1d", batch_size=4, eval_batch_size=4,
                                       data_dir=str(tmp_path), augment=augment)
+
+
+# ---------------------------------------------------------------------------------------------
+# The array cache of in-memory splits.
+
+
+@pytest.fixture
+def private_mnist1d_dir(mnist1d_data_dir, tmp_path):
+  """A copy of the prepared MNIST-1D data dir with no array cache in it, private to the test."""
+  path = tmp_path / "tfds"
+  shutil.copytree(mnist1d_data_dir, path,
+                  ignore=shutil.ignore_patterns(jdl.data.array_cache.CACHE_DIR))
+  return str(path)
+
+
+def refuse_tfds_reads(monkeypatch):
+  """Makes any read through TFDS fail, so that only the cache can serve a load."""
+
+  def refuse(*args, **kwargs):
+    del args, kwargs
+    raise AssertionError("read through TFDS although the cache holds the split")
+
+  monkeypatch.setattr(jdl.data.loading, "get_builder", refuse)
+
+
+def cache_files(data_dir):
+  folder = os.path.join(data_dir, jdl.data.array_cache.CACHE_DIR)
+  return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def assert_bitwise_equal(a, b):
+  assert a.dtype == b.dtype and a.shape == b.shape
+  assert a.tobytes() == b.tobytes()
+
+
+def test_array_cache_gives_bitwise_what_tfds_gave(private_mnist1d_dir, mnist1d_builder,
+                                                  monkeypatch):
+  """The first load reads through TFDS and writes one file per split; the second reads only the
+  cache and gives the same bits and the same metadata as reading through TFDS."""
+  cache = jdl.data.array_cache
+  meta, arrays = cache.load_splits("mnist1d", ("train", "test"), data_dir=private_mnist1d_dir)
+  assert [name.split("-")[:2] for name in cache_files(private_mnist1d_dir)] == [
+      ["mnist1d", "test"], ["mnist1d", "train"]]
+  refuse_tfds_reads(monkeypatch)
+  cached_meta, cached = cache.load_splits("mnist1d", ("train", "test"),
+                                          data_dir=private_mnist1d_dir)
+  assert cached_meta == meta == jdl.data.dataset_meta(mnist1d_builder)
+  assert isinstance(cached_meta.input_shape, tuple) and isinstance(cached_meta.class_names, tuple)
+  for split in ("train", "test"):
+    expected = jdl.data.load_split_arrays(mnist1d_builder, split)
+    for got, fresh, want in zip(cached[split], arrays[split], expected):
+      assert_bitwise_equal(got, want)
+      assert_bitwise_equal(fresh, want)
+  train, evaluation, loaded_meta = jdl.data.load_classification_data(
+      "mnist1d", batch_size=100, eval_batch_size=300, data_dir=private_mnist1d_dir)
+  assert loaded_meta == meta and train.num_examples == 4000 and evaluation.num_examples == 1000
+
+
+def test_array_cache_misses_for_another_split_version_data_dir_or_preparation(
+    private_mnist1d_dir, tmp_path, monkeypatch):
+  """A cached split serves only the request it was written for: another split string, version,
+  data dir, tensorflow-datasets or builder version, or a re-prepared dataset is a miss."""
+  cache = jdl.data.array_cache
+  cache.load_splits("mnist1d", ("train",), data_dir=private_mnist1d_dir)
+  assert cache.read_cached_split("mnist1d", "train", private_mnist1d_dir) is not None
+  assert cache.read_cached_split("mnist1d", "train[:10]", private_mnist1d_dir) is None
+  assert cache.read_cached_split("mnist1d", "test", private_mnist1d_dir) is None
+  assert cache.read_cached_split("mnist1d:1.1.0", "train", private_mnist1d_dir) is None
+  assert cache.read_cached_split("mnist1d", "train", str(tmp_path / "elsewhere")) is None
+  with monkeypatch.context() as patch:
+    patch.setitem(cache.JDL_BUILDER_VERSIONS, "mnist1d", "9.9.9")
+    assert cache.read_cached_split("mnist1d", "train", private_mnist1d_dir) is None
+  with monkeypatch.context() as patch:
+    patch.setattr(importlib.metadata, "version", lambda name: "0.0.0")
+    assert cache.read_cached_split("mnist1d", "train", private_mnist1d_dir) is None
+  # A sliced split is a split of its own, with the slice's examples.
+  _, arrays = cache.load_splits("mnist1d", ("train[:10]",), data_dir=private_mnist1d_dir)
+  assert len(arrays["train[:10]"][1]) == 10
+  assert len(cache.read_cached_split("mnist1d", "train[:10]", private_mnist1d_dir).labels) == 10
+  # Re-preparing the dataset rewrites its dataset_info.json: the cached arrays may be stale.
+  info = os.path.join(private_mnist1d_dir, "mnist1d", "1.1.0", "dataset_info.json")
+  stat = os.stat(info)
+  os.utime(info, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+  assert cache.read_cached_split("mnist1d", "train", private_mnist1d_dir) is None
+
+
+def test_array_cache_explicit_version_is_cached_under_its_own_key(private_mnist1d_dir,
+                                                                   monkeypatch):
+  """"mnist1d:1.1.0" is written and read under its own key, with the same arrays."""
+  cache = jdl.data.array_cache
+  _, plain = cache.load_splits("mnist1d", ("test",), data_dir=private_mnist1d_dir)
+  cache.load_splits("mnist1d:1.1.0", ("test",), data_dir=private_mnist1d_dir)
+  assert len(cache_files(private_mnist1d_dir)) == 2
+  refuse_tfds_reads(monkeypatch)
+  _, versioned = cache.load_splits("mnist1d:1.1.0", ("test",), data_dir=private_mnist1d_dir)
+  for got, want in zip(versioned["test"], plain["test"]):
+    assert_bitwise_equal(got, want)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_bytes", "garbage", "empty"])
+def test_damaged_array_cache_is_ignored_and_rewritten(private_mnist1d_dir, mnist1d_builder,
+                                                      damage, caplog):
+  """A truncated, corrupted or foreign cache file is not fatal: the split is read through TFDS,
+  correctly, with a warning, and the file is written again."""
+  cache = jdl.data.array_cache
+  cache.load_splits("mnist1d", ("test",), data_dir=private_mnist1d_dir)
+  (name,) = cache_files(private_mnist1d_dir)
+  path = os.path.join(private_mnist1d_dir, cache.CACHE_DIR, name)
+  with open(path, "rb") as f:
+    content = f.read()
+  damaged = {
+      "truncate": content[:len(content) // 2],
+      # Inside the stored arrays: only the zip member's checksum can tell.
+      "flip_bytes": content[:len(content) // 3] + bytes(b ^ 0xFF for b in content[
+          len(content) // 3:len(content) // 3 + 64]) + content[len(content) // 3 + 64:],
+      "garbage": b"not a numpy file at all",
+      "empty": b"",
+  }[damage]
+  with open(path, "wb") as f:
+    f.write(damaged)
+  with caplog.at_level(logging.WARNING, logger=cache.__name__):
+    _, arrays = cache.load_splits("mnist1d", ("test",), data_dir=private_mnist1d_dir)
+  assert any("unreadable array cache" in record.getMessage() for record in caplog.records)
+  for got, want in zip(arrays["test"], jdl.data.load_split_arrays(mnist1d_builder, "test")):
+    assert_bitwise_equal(got, want)
+  assert cache.read_cached_split("mnist1d", "test", private_mnist1d_dir) is not None
+  assert cache_files(private_mnist1d_dir) == [name]  # no temporary file left behind
+
+
+def test_array_cache_write_failure_is_not_fatal(private_mnist1d_dir, monkeypatch, caplog):
+  """A data dir the cache cannot write to (read-only, full) still loads, with a warning."""
+  cache = jdl.data.array_cache
+
+  def refuse(*args, **kwargs):
+    del args, kwargs
+    raise PermissionError("read-only file system")
+
+  monkeypatch.setattr(cache.os, "replace", refuse)
+  with caplog.at_level(logging.WARNING, logger=cache.__name__):
+    _, arrays = cache.load_splits("mnist1d", ("test",), data_dir=private_mnist1d_dir)
+  assert len(arrays["test"][1]) == 1000
+  assert any("could not write" in record.getMessage() for record in caplog.records)
+  assert cache_files(private_mnist1d_dir) == []
+
+
+def test_mock_data_bypasses_the_array_cache(private_mnist1d_dir, monkeypatch):
+  """Inside tfds.testing.mock_data the cache is neither read (real arrays would replace the mock
+  examples) nor written (mock examples would reach later real runs)."""
+  cache = jdl.data.array_cache
+  cache.load_splits("mnist1d", ("train", "test"), data_dir=private_mnist1d_dir)
+  before = cache_files(private_mnist1d_dir)
+
+  def refuse(*args, **kwargs):
+    del args, kwargs
+    raise AssertionError("the array cache was used under mock_data")
+
+  monkeypatch.setattr(cache, "read_cached_split", refuse)
+  monkeypatch.setattr(cache, "write_cached_split", refuse)
+  fail_on_download(monkeypatch)
+  with tfds.testing.mock_data(num_examples=24):
+    train, _, _ = jdl.data.load_classification_data(
+        "mnist1d", batch_size=8, eval_batch_size=8, data_dir=private_mnist1d_dir)
+  assert train.num_examples == 24
+  assert cache_files(private_mnist1d_dir) == before
+
+
+def test_jdl_builder_versions_match_the_builders():
+  """The versions the cache resolves jdl's own builders to are their VERSION."""
+  assert jdl.data.array_cache.JDL_BUILDER_VERSIONS == {"mnist1d": str(jdl.data.Mnist1d.VERSION)}
+
+
+def test_numpy_scaling_gives_the_bits_of_tf_data_scaling():
+  """`scale_inputs` on numpy arrays (the in-memory path) equals it inside tf.data (the streaming
+  path) bit for bit, for every uint8 value and for float inputs."""
+  pixels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+  signals = np.random.default_rng(0).normal(size=(16, 16))
+  for inputs in (pixels, signals):
+    in_tf = next(tf.data.Dataset.from_tensors(inputs).map(jdl.data.scale_inputs)
+                 .as_numpy_iterator())
+    assert_bitwise_equal(jdl.data.scale_inputs(inputs), in_tf)

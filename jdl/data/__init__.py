@@ -2,7 +2,8 @@
 
 `load_classification_data` is the one call the training loop makes; the pieces it is made of
 (`get_builder`, `prepare`, `read_split`, `load_split_arrays`, `ArraySource`, `TFDataSource`) are
-public for pipelines of your own.
+public for pipelines of your own. In-memory splits are kept as numpy files in the data dir after
+the first load (`jdl.data.array_cache`), so later runs read them without TFDS or TensorFlow.
 
 Text (`jdl.data.text`): `load_char_lm_data` (character language model, e.g. tiny_shakespeare:
 random `TokenWindowSource` windows, `sequential_windows` for evaluation, a `CharVocabulary`) and
@@ -20,12 +21,13 @@ from jdl.data.loading import (
     DatasetUnavailableError,
     dataset_meta,
     get_builder,
+    load_raw_split_arrays,
     load_split_arrays,
     prepare,
     read_split,
     scale_inputs,
 )
-from jdl.data import augment_tf
+from jdl.data import array_cache, augment_tf
 from jdl.data.sources import (
     ArraySource,
     Batch,
@@ -66,6 +68,7 @@ def load_classification_data(
     process_index: int = 0,
     process_count: int = 1,
     augment: PipelineAugmentFn | None = None,
+    cache_arrays: bool = True,
 ) -> tuple[BatchSource, BatchSource, DatasetMeta]:
   """The train and eval batch sources of a TFDS classification dataset, and its metadata.
 
@@ -88,6 +91,10 @@ def load_classification_data(
     augment: a tf.data augmentation of training batches (`jdl.data.augment_tf.make_tf_augment`);
       it needs the streaming path (`in_memory=False`). On-device augmentation in the train step
       (`jdl.augment`) works with either path.
+    cache_arrays: with `in_memory`, keep the splits read through TFDS as numpy files in the data
+      dir and read them from there next time, without importing TFDS or TensorFlow
+      (`jdl.data.array_cache`, which says when a cached split is used). False: always read
+      through TFDS.
 
   Returns:
     `(train_source, eval_source, meta)`; the train source shuffles, the eval source does not.
@@ -97,15 +104,20 @@ def load_classification_data(
         "pipeline augmentation runs in tf.data, so it needs in_memory=False; for in-memory data "
         "augment on the device instead (jdl.augment.make_augment, passed to the train step)."
     )
-  builder = get_builder(name, data_dir)
-  prepare(builder, download=download, manual_dir=manual_dir)
-  meta = dataset_meta(builder)
   plan = ((train_split, batch_size, shuffle, True), (eval_split, eval_batch_size, False, False))
   sources: list[BatchSource] = []
   sizes = {}
+  if in_memory:
+    meta, arrays = array_cache.load_splits(name, (train_split, eval_split), data_dir=data_dir,
+                                           download=download, manual_dir=manual_dir,
+                                           cache=cache_arrays)
+  else:
+    builder = get_builder(name, data_dir)
+    prepare(builder, download=download, manual_dir=manual_dir)
+    meta = dataset_meta(builder)
   for split, size, shuffle_split, is_train in plan:
     if in_memory:
-      inputs, labels = load_split_arrays(builder, split)
+      inputs, labels = arrays[split]
       check_labels(labels, meta.num_classes, where=f"labels of split {split!r}")
       sources.append(ArraySource(inputs, labels, size, shuffle=shuffle_split, seed=seed,
                                  process_index=process_index, process_count=process_count))
@@ -149,8 +161,8 @@ def _with_split_sizes(meta: DatasetMeta, sizes: dict[str, int]) -> DatasetMeta:
 
 __all__ = [
     "ArraySource", "Batch", "BatchSource", "DatasetMeta", "DatasetUnavailableError", "Mnist1d",
-    "PipelineAugmentFn", "augment_tf",
+    "PipelineAugmentFn", "array_cache", "augment_tf",
     "TFDataSource", "check_inputs", "check_labels", "dataset_meta", "epoch_seed",
-    "generate_mnist1d", "get_builder", "load_classification_data", "load_split_arrays",
-    "pad_batch", "prepare", "read_split", "scale_inputs",
+    "generate_mnist1d", "get_builder", "load_classification_data", "load_raw_split_arrays",
+    "load_split_arrays", "pad_batch", "prepare", "read_split", "scale_inputs",
 ]

@@ -17,9 +17,11 @@ import difflib
 import inspect
 import os
 import socket
+import sys
 import threading
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +43,10 @@ def _offline_builder_types() -> tuple[type, ...]:
 def _tfds_is_mocked() -> bool:
   """True inside `tfds.testing.mock_data`, which replaces `download_and_prepare` with a no-op (so
   nothing is downloaded, and the network probe must not run). Read statically: TFDS wraps the real
-  method with `wrapt`, and plain attribute access returns a new wrapper object every time."""
+  method with `wrapt`, and plain attribute access returns a new wrapper object every time. Mocking
+  needs TFDS imported, so while it is not, nothing is mocked and TFDS stays unimported."""
+  if "tensorflow_datasets" not in sys.modules:
+    return False
   current = inspect.getattr_static(tfds.core.DatasetBuilder, "download_and_prepare")
   return getattr(current, "__module__", "").startswith("tensorflow_datasets.testing")
 
@@ -69,6 +74,27 @@ class DatasetMeta:
   class_names: tuple[str, ...] | None
   split_sizes: dict[str, int]
   input_dtype: str = "float32"
+
+  @classmethod
+  def from_dict(cls, fields: Mapping[str, Any]) -> DatasetMeta:
+    """The metadata from `dataclasses.asdict(meta)` after a JSON round trip (lists back to
+    tuples).
+
+    Raises:
+      ValueError: `fields` lacks a field or has one that `DatasetMeta` does not know.
+    """
+    names = {field.name for field in dataclasses.fields(cls)}
+    required = {field.name for field in dataclasses.fields(cls)
+                if field.default is dataclasses.MISSING}
+    if not required <= set(fields) <= names:
+      raise ValueError(f"dataset metadata needs the fields {sorted(required)} (and may have "
+                       f"{sorted(names - required)}); got {sorted(fields)}.")
+    values = dict(fields)
+    values["input_shape"] = tuple(int(dim) for dim in values["input_shape"])
+    if values["class_names"] is not None:
+      values["class_names"] = tuple(values["class_names"])
+    values["split_sizes"] = {str(name): int(size) for name, size in values["split_sizes"].items()}
+    return cls(**values)
 
 
 def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
@@ -213,11 +239,18 @@ def dataset_meta(builder: tfds.core.DatasetBuilder) -> DatasetMeta:
 
 
 def scale_inputs(inputs: np.ndarray | tf.Tensor):
-  """Scales uint8 pixels to float32 in [0, 1]; other numeric inputs just become float32."""
-  if inputs.dtype in (np.uint8, tf.uint8):
-    return tf.cast(inputs, tf.float32) / 255.0 if isinstance(inputs, tf.Tensor) else (
-        inputs.astype(np.float32) / np.float32(255.0))
-  return tf.cast(inputs, tf.float32) if isinstance(inputs, tf.Tensor) else inputs.astype(np.float32)
+  """Scales uint8 pixels to float32 in [0, 1]; other numeric inputs just become float32.
+
+  Numpy arrays are scaled with numpy (TensorFlow is not imported for them), tensors with
+  TensorFlow; both divide in float32, so they give the same bits.
+  """
+  if isinstance(inputs, np.ndarray):
+    if inputs.dtype == np.uint8:
+      return inputs.astype(np.float32) / np.float32(255.0)
+    return inputs.astype(np.float32)
+  if inputs.dtype == tf.uint8:
+    return tf.cast(inputs, tf.float32) / 255.0
+  return tf.cast(inputs, tf.float32)
 
 
 def read_split(
@@ -241,12 +274,30 @@ def read_split(
                      num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def load_split_arrays(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """A whole split in memory as `(inputs float32, labels int32)` numpy arrays, in TFDS order."""
+def load_raw_split_arrays(builder: tfds.core.DatasetBuilder,
+                          split: str) -> tuple[np.ndarray, np.ndarray]:
+  """A whole split in memory as `(inputs, labels)` numpy arrays in TFDS order and in the dtypes
+  TFDS stores (uint8 pixels, int64 labels): what `jdl.data.array_cache` keeps on disk.
+
+  Raises:
+    ValueError: the split holds no examples.
+  """
   inputs, labels = [], []
-  for x, y in read_split(builder, split).batch(4096).as_numpy_iterator():
+  dataset = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+  for x, y in dataset.batch(4096).as_numpy_iterator():
     inputs.append(x)
     labels.append(y)
   if not inputs:
     raise ValueError(f"split {split!r} of {builder.name!r} is empty.")
   return np.concatenate(inputs), np.concatenate(labels)
+
+
+def as_model_arrays(inputs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Raw split arrays as the model takes them: `scale_inputs(inputs)` and int32 labels, the same
+  bits as `read_split` gives through tf.data."""
+  return scale_inputs(inputs), labels.astype(np.int32)
+
+
+def load_split_arrays(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """A whole split in memory as `(inputs float32, labels int32)` numpy arrays, in TFDS order."""
+  return as_model_arrays(*load_raw_split_arrays(builder, split))

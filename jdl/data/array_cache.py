@@ -1,0 +1,254 @@
+"""Prepared splits kept as numpy files, so that later in-memory loads need neither TFDS nor TF.
+
+An in-memory split (`load_classification_data(in_memory=True)`) is read through TFDS the first
+time: the builder prepares the dataset (MNIST-1D is generated offline) and tf.data reads the split
+into numpy arrays. Those arrays and the dataset's metadata are then written to one file in
+`<data_dir>/jdl_arrays/`, and later loads of the same split read that file with numpy alone.
+Importing TensorFlow and TFDS takes seconds, most of the start-up of a small experiment, for data
+that is a few arrays.
+
+A cached split is used only when everything it was written for still holds:
+  * the dataset as requested (name, config and version, e.g. "mnist1d" or "cifar10:3.0.2"), the
+    split string ("train[:90%]") and the data dir (the file lives inside it);
+  * the installed tensorflow-datasets version, and for jdl's own builders their version
+    (`JDL_BUILDER_VERSIONS`): together they fix the version that a name without one resolves
+    to. A builder of your own, or one TFDS reads back from files, is cached only when the request
+    names its version;
+  * the prepared dataset the arrays came from: its `dataset_info.json` must be where it was, of the
+    same size and modification time, so a deleted or re-prepared dataset is read through TFDS
+    again.
+A file that cannot be read (truncated, corrupt, written for another key) counts as missing and is
+written again. Files are written under a temporary name and renamed into place, so a reader never
+sees a partial one. Inside `tfds.testing.mock_data` the cache is neither read nor written: mock
+examples must not reach real runs, nor real arrays a mocked test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import re
+import uuid
+import zipfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from jdl.data import loading
+from jdl.lazy_import import tensorflow_datasets as tfds
+
+_log = logging.getLogger(__name__)
+
+CACHE_DIR = "jdl_arrays"
+"""The folder of a TFDS data dir that holds the cached splits."""
+
+FORMAT = 1
+"""The layout of a cache file; a file of another layout is a miss."""
+
+JDL_BUILDER_VERSIONS: Mapping[str, str] = {"mnist1d": "1.1.0"}
+"""The version of each of jdl's own builders (`Mnist1d.VERSION`), which a name without a version
+resolves to. Written out here so that resolving it needs no TFDS; a test checks the two agree."""
+
+_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError,
+                zipfile.BadZipFile)
+
+
+@dataclasses.dataclass(frozen=True)
+class RawSplit:
+  """A whole split as TFDS stores it: `inputs` and `labels` in their dataset dtypes (e.g. uint8
+  pixels, int64 labels), in TFDS order, and the dataset's metadata."""
+
+  inputs: np.ndarray
+  labels: np.ndarray
+  meta: loading.DatasetMeta
+
+
+def load_splits(
+    dataset: str,
+    splits: Sequence[str],
+    *,
+    data_dir: str | None = None,
+    download: bool = True,
+    manual_dir: str | None = None,
+    cache: bool = True,
+) -> tuple[loading.DatasetMeta, dict[str, tuple[np.ndarray, np.ndarray]]]:
+  """Whole splits of a supervised classification dataset in memory, from the cache where it
+  holds them and through TFDS otherwise (then written to the cache).
+
+  Args:
+    dataset: the TFDS name as `jdl.data.get_builder` takes it ("mnist1d", "cifar10:3.0.2").
+    splits: TFDS split strings ("train", "test[:50%]").
+    data_dir: TFDS data directory; None means TFDS's default.
+    download, manual_dir: as `jdl.data.prepare` takes them, for a dataset not yet prepared.
+    cache: read and write the cache (False: always read through TFDS, write nothing).
+
+  Returns:
+    `(meta, {split: (inputs float32, labels int32)})`, the arrays as
+    `jdl.data.load_split_arrays` gives them, bit for bit, and the metadata as
+    `jdl.data.dataset_meta` gives it.
+
+  Raises:
+    ValueError: `splits` is empty, or the dataset is not supervised classification.
+    DatasetUnavailableError: the dataset is not prepared and cannot be prepared here.
+  """
+  if not splits:
+    raise ValueError(f"load_splits needs at least one split of {dataset!r}; got none.")
+  use_cache = cache and not loading._tfds_is_mocked()  # pylint: disable=protected-access
+  found: dict[str, RawSplit] = {}
+  if use_cache:
+    for split in dict.fromkeys(splits):
+      cached = read_cached_split(dataset, split, data_dir)
+      if cached is not None:
+        found[split] = cached
+  missing = [split for split in dict.fromkeys(splits) if split not in found]
+  if missing:
+    builder = loading.get_builder(dataset, data_dir)
+    loading.prepare(builder, download=download, manual_dir=manual_dir)
+    meta = loading.dataset_meta(builder)
+    for split in missing:
+      found[split] = RawSplit(*loading.load_raw_split_arrays(builder, split), meta)
+      if use_cache:
+        write_cached_split(dataset, split, data_dir, builder, found[split])
+  arrays = {split: loading.as_model_arrays(found[split].inputs, found[split].labels)
+            for split in splits}
+  return found[splits[0]].meta, arrays
+
+
+def data_dir_root(data_dir: str | None) -> str:
+  """The absolute TFDS data dir: `data_dir`, or TFDS's default when None (`$TFDS_DATA_DIR`, else
+  `~/tensorflow_datasets`, as TFDS picks it)."""
+  if data_dir is None:
+    data_dir = os.environ.get("TFDS_DATA_DIR",
+                              os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
+  return os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
+
+
+def cache_key(dataset: str, split: str) -> dict[str, Any]:
+  """What a cached split of `dataset` (as requested) must have been written for, beside its data
+  dir: the split, the cache's format, the installed tensorflow-datasets version (None when it is
+  not installed, which no written file has) and, for jdl's own builders, their version."""
+  try:
+    tfds_version = importlib.metadata.version("tensorflow-datasets")
+  except importlib.metadata.PackageNotFoundError:
+    tfds_version = None
+  return {"format": FORMAT, "dataset": dataset, "split": split,
+          "tensorflow_datasets": tfds_version,
+          "jdl_builder_version": JDL_BUILDER_VERSIONS.get(_base_name(dataset))}
+
+
+def cache_path(key: Mapping[str, Any], data_dir: str | None) -> str:
+  """The cache file for `key` (`cache_key`) in `data_dir`: the dataset and split, readable, then
+  a hash of the key, e.g. `<data_dir>/jdl_arrays/mnist1d-train-<hash>.npz`."""
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+  name = f"{_slug(key['dataset'])}-{_slug(key['split'])}-{digest}.npz"
+  return os.path.join(data_dir_root(data_dir), CACHE_DIR, name)
+
+
+def read_cached_split(dataset: str, split: str, data_dir: str | None) -> RawSplit | None:
+  """The cached split, or None when there is none that is valid (see the module docstring); an
+  unreadable file is logged and left for `write_cached_split` to replace."""
+  if _is_remote(data_dir):
+    return None
+  key = cache_key(dataset, split)
+  path = cache_path(key, data_dir)
+  try:
+    with np.load(path, allow_pickle=False) as stored:
+      header = json.loads(str(stored["header"]))
+      if header["key"] != key:
+        return None
+      if not _prepared_stamp_matches(data_dir_root(data_dir), header["prepared"]):
+        return None
+      inputs, labels = stored["inputs"], stored["labels"]
+    meta = loading.DatasetMeta.from_dict(header["meta"])
+    if not (len(inputs) == len(labels) == header["num_examples"]
+            and np.issubdtype(labels.dtype, np.integer)):
+      raise ValueError("its arrays do not match its header")
+  except FileNotFoundError:
+    return None
+  except _READ_ERRORS as error:
+    _log.warning("ignoring the unreadable array cache %s (%s: %s); it will be written again.",
+                 path, type(error).__name__, error)
+    return None
+  return RawSplit(inputs, labels, meta)
+
+
+def write_cached_split(dataset: str, split: str, data_dir: str | None,
+                       builder: tfds.core.DatasetBuilder, raw: RawSplit) -> str | None:
+  """Writes `raw`, read through `builder`, as the cache file of `split` of `dataset`; returns its
+  path, or None when this split is not cached (see the module docstring) or the file cannot be
+  written (a read-only data dir, a full disk: logged, the run goes on without the cache)."""
+  root = data_dir_root(data_dir)
+  prepared = os.path.abspath(os.fspath(builder.data_dir))
+  if _is_remote(data_dir) or not _resolution_is_fixed(dataset, builder):
+    return None
+  if os.path.commonpath([root, prepared]) != root:
+    return None  # TFDS found the dataset in another of its data dirs
+  key = cache_key(dataset, split)
+  path = cache_path(key, data_dir)
+  header = {
+      "key": key,
+      "meta": dataclasses.asdict(raw.meta),
+      "num_examples": len(raw.labels),
+      "prepared": _prepared_stamp(root, prepared),
+  }
+  # A name of this writer's own (two processes may write the same split at once); created with
+  # the permissions of any new file, unlike tempfile's private ones.
+  temporary = f"{path}.{uuid.uuid4().hex}.tmp"
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(temporary, "xb") as f:
+      np.savez(f, inputs=raw.inputs, labels=raw.labels, header=np.array(json.dumps(header)))
+    os.replace(temporary, path)
+  except OSError as error:
+    _log.warning("could not write the array cache %s (%s); later loads read through TFDS again.",
+                 path, error)
+    if os.path.exists(temporary):
+      os.remove(temporary)
+    return None
+  return path
+
+
+def _prepared_stamp(root: str, prepared: str) -> dict[str, Any]:
+  """Where the prepared dataset is (relative to the data dir, so a moved data dir keeps its cache)
+  and its `dataset_info.json`'s size and modification time."""
+  info = os.stat(os.path.join(prepared, "dataset_info.json"))
+  return {"dir": os.path.relpath(prepared, root), "info_size": info.st_size,
+          "info_mtime_ns": info.st_mtime_ns}
+
+
+def _prepared_stamp_matches(root: str, stamp: Mapping[str, Any]) -> bool:
+  try:
+    return _prepared_stamp(root, os.path.join(root, stamp["dir"])) == dict(stamp)
+  except FileNotFoundError:
+    return False
+
+
+def _resolution_is_fixed(dataset: str, builder: tfds.core.DatasetBuilder) -> bool:
+  """Whether the key fixes the version `dataset` resolves to: it names one, or the builder is
+  TFDS's own (fixed by the tensorflow-datasets version) or jdl's (fixed by
+  `JDL_BUILDER_VERSIONS`)."""
+  requested = dataset.partition(":")[2]
+  if requested and "*" not in requested:
+    return True
+  module = type(builder).__module__
+  if builder.name in JDL_BUILDER_VERSIONS:
+    return module.startswith("jdl.") and str(builder.version) == JDL_BUILDER_VERSIONS[builder.name]
+  return module.startswith("tensorflow_datasets.") and not module.startswith(
+      "tensorflow_datasets.core.")
+
+
+def _base_name(dataset: str) -> str:
+  return dataset.split(":")[0].split("/")[0].strip()
+
+
+def _is_remote(data_dir: str | None) -> bool:
+  return data_dir is not None and "://" in os.fspath(data_dir)
+
+
+def _slug(text: str) -> str:
+  return re.sub(r"[^A-Za-z0-9_.]+", "_", text).strip("_")[:60] or "_"
