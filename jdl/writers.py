@@ -2,7 +2,9 @@
 
 `metrics.jsonl` gets one JSON object per record (`{"step": ..., "train_loss": ..., ...}`), easy to
 load with pandas or plain Python; `tensorboard/` gets scalar summaries that TensorBoard reads
-(`tensorboard --logdir WORKDIR/tensorboard`).
+(`tensorboard --logdir WORKDIR/tensorboard`). The event files are written with the `tensorboard`
+package alone, in the records `tf.summary` writes (float32 scalar tensors of the "scalars" plugin,
+the config as a "text" summary), so a run imports no TensorFlow to log.
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
+import time
 from collections.abc import Mapping
 from typing import Any
-
-from jdl.lazy_import import tensorflow as tf
 
 JSONL_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -43,6 +45,56 @@ def library_versions() -> dict[str, str]:
   return versions
 
 
+class EventFileWriter:
+  """Appends TensorBoard summaries to a new event file in `logdir`, without TensorFlow.
+
+  The file is `events.out.tfevents.<seconds>.<host>.<pid>.<n>`, `n` the first number no file of
+  that name has yet; it starts with the file-version record TensorBoard expects, and every
+  `write` is flushed, so a live TensorBoard sees each record as it comes.
+  """
+
+  def __init__(self, logdir: str) -> None:
+    # pylint: disable=import-outside-toplevel
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.plugins.scalar.summary_v2 import scalar_pb
+    from tensorboard.plugins.text.summary_v2 import text_pb
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    self._event_pb2, self._scalar_pb, self._text_pb = event_pb2, scalar_pb, text_pb
+    os.makedirs(logdir, exist_ok=True)
+    stem = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
+    number = 0
+    while True:
+      try:
+        file = open(os.path.join(logdir, f"{stem}.{number}"), "xb")  # pylint: disable=consider-using-with
+        break
+      except FileExistsError:
+        number += 1
+    self.path = file.name
+    self._records = RecordWriter(file)
+    self._add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    """One float32 scalar summary per `{tag: value}` at `step`, as `tf.summary.scalar` writes."""
+    for tag, value in scalars.items():
+      self._add(self._event_pb2.Event(wall_time=time.time(), step=int(step),
+                                      summary=self._scalar_pb(tag, float(value))))
+    self._records.flush()
+
+  def write_text(self, step: int, tag: str, text: str) -> None:
+    """A text summary (shown under TensorBoard's Text tab), as `tf.summary.text` writes."""
+    self._add(self._event_pb2.Event(wall_time=time.time(), step=int(step),
+                                    summary=self._text_pb(tag, text)))
+    self._records.flush()
+
+  def close(self) -> None:
+    if not self._records.closed:
+      self._records.close()
+
+  def _add(self, event: Any) -> None:
+    self._records.write(event.SerializeToString())
+
+
 class MetricWriter:
   """Writes scalar records to `workdir/metrics.jsonl` and TensorBoard event files.
 
@@ -55,7 +107,7 @@ class MetricWriter:
     self.workdir = workdir
     self._jsonl = open(os.path.join(workdir, JSONL_NAME), "a", encoding="utf-8")
     self._summary = (
-        tf.summary.create_file_writer(os.path.join(workdir, TENSORBOARD_DIR)) if tensorboard else None
+        EventFileWriter(os.path.join(workdir, TENSORBOARD_DIR)) if tensorboard else None
     )
 
   def write(self, step: int, scalars: Mapping[str, float | int]) -> None:
@@ -67,11 +119,9 @@ class MetricWriter:
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
     if self._summary is not None:
-      with self._summary.as_default():
-        for key, value in scalars.items():
-          if isinstance(value, (int, float)) and math.isfinite(value):
-            tf.summary.scalar(key, value, step=int(step))
-      self._summary.flush()
+      self._summary.write_scalars(step, {
+          key: value for key, value in scalars.items()
+          if isinstance(value, (int, float)) and math.isfinite(value)})
 
   def write_config(self, config: Mapping[str, Any]) -> None:
     """Saves the run's configuration as `config.json` (and as text in TensorBoard), and the
@@ -82,11 +132,11 @@ class MetricWriter:
     with open(os.path.join(self.workdir, VERSIONS_NAME), "w", encoding="utf-8") as f:
       json.dump(library_versions(), f, indent=2, sort_keys=True)
     if self._summary is not None:
-      with self._summary.as_default():
-        tf.summary.text("config", json.dumps(as_dict, indent=2, sort_keys=True, default=str), step=0)
-      self._summary.flush()
+      self._summary.write_text(0, "config", json.dumps(as_dict, indent=2, sort_keys=True,
+                                                       default=str))
 
   def close(self) -> None:
+    """Closes the JSON lines and the event file."""
     self._jsonl.close()
     if self._summary is not None:
       self._summary.close()
