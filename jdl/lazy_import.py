@@ -1,12 +1,13 @@
 """TensorFlow and TFDS, imported on first use.
 
-jdl uses TensorFlow for two things only: tf.data input pipelines (with TFDS, its datasets) and
-TensorBoard event files. Importing the two costs about 4 seconds on a 2-core machine, most of
-`import jdl`, and on an accelerator host they are often not installed at all. So jdl's modules
-name them through the stand-ins below (`LazyModule`): `import jdl`, the train steps, the models
-and `fit` over in-memory arrays (`jdl.data.ArraySource`) run without TensorFlow; the first
-pipeline, TFDS dataset or TensorBoard writer imports it, and where it is missing says which
-package to install.
+jdl uses TensorFlow for one thing only: tf.data input pipelines, with TFDS for its datasets.
+Importing the two takes seconds, more than `import jdl` and the whole of a small experiment's
+training, and on an accelerator host they are often not installed at all. So jdl's modules name
+them through the stand-ins below (`LazyModule`): `import jdl`, the train steps, the models, `fit`
+over in-memory arrays (`jdl.data.ArraySource`), the metric writers (TensorBoard files are written
+with the `tensorboard` package) and in-memory splits already cached by `jdl.data.array_cache` run
+without TensorFlow; the first pipeline or TFDS dataset read imports it, and where it is missing
+says which package to install.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def _hide_accelerators(tf: types.ModuleType) -> None:
 
 
 tensorflow = LazyModule("tensorflow", install="tensorflow-cpu",
-                        purpose="tf.data input pipelines and TensorBoard event files",
+                        purpose="tf.data input pipelines",
                         on_load=_hide_accelerators)
 
 
