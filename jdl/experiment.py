@@ -61,7 +61,7 @@ def train_and_evaluate(config: Any, workdir: str,
   runner = parallel.make_runner(config.layout, num_devices=config.num_devices or None,
                                 batch_size=config.batch_size)
   main = parallel.is_main_process()
-  log = print if main else (lambda message: None)
+  log = print if main else (lambda _: None)
   eval_name = config.eval_split.split("[")[0]
   checkpointer = None
   if config.checkpoint:

@@ -94,14 +94,13 @@ def fit(
 ) -> tuple[TrainState, list[Record]]:
   """Trains `state` with `train_step` and evaluates it on the whole of `eval_data`.
 
-  Two engines give the same batches and, for the same seed, the same parameters:
-    * device-resident: in-memory splits (`ArraySource`) are copied to the device once and up to
-      `steps_per_call` steps run per compiled call as one compiled loop, with each epoch's order
-      drawn on the device inside it; metrics come back once per call. Used by default when the
-      data fit (`jdl.resident.DEFAULT_RESIDENT_LIMIT_BYTES`), in a single-process run, outside
-      pmap.
-      A step with convolutions on the CPU runs one step per call instead, without a loop
-      (`jdl.resident.loops_are_slow`), unless `steps_per_call` is given.
+  Two engines give the same batches and, for the same seed, the same parameters up to float
+  rounding:
+    * device-resident (`jdl.resident.ResidentEngine`): in-memory splits (`ArraySource`) are
+      copied to the device once and the steps up to the next evaluation (or epoch end, or save)
+      run as one compiled loop, with each epoch's order drawn on the device; metrics come back
+      once per call. Used by default when the data fit (`jdl.resident.DEFAULT_RESIDENT_LIMIT_BYTES`),
+      in a single-process run, outside pmap.
     * per-step: one compiled call per batch, batches fed from the host (streaming sources, pmap,
       multi-process runs).
 
@@ -126,7 +125,7 @@ def fit(
     steps_per_call: most steps per compiled call of the resident engine. None runs up to the next
       evaluation in one call, across epoch boundaries (fastest), or, when a progress bar or a
       checkpointer is on, at most to the end of the epoch (the bar moves, and a save happens,
-      between calls). Each distinct call length compiles once.
+      between calls). Every call length runs the same compiled program.
     checkpointer: saves the state at every evaluation, at the end of every epoch, every
       `checkpoint_every_steps` steps and at the end (`jdl.checkpoint.Checkpointer`); evaluation
       records rank checkpoints for its `best_metric`.
@@ -225,7 +224,6 @@ def fit(
         if interval_sums is not None:
           watch.check(runner.fetch_metrics(interval_sums))
         checkpointer.save(runner.fetch_state(state), metrics=record)
-        watch.saved_step = step
         last_save = time.perf_counter()
       if interrupted:
         checkpointer.wait()
@@ -290,7 +288,6 @@ class _NonFiniteWatch:
   def __init__(self, state: TrainState, checkpointer: Checkpointer | None) -> None:
     self.names = transfer.parameter_paths(state.params)  # in `jax.tree.leaves` order
     self.checkpointer = checkpointer
-    self.saved_step: int | None = None
 
   def check(self, fetched: Mapping[str, Any] | None) -> None:
     if not fetched or "nonfinite_step" not in fetched:
