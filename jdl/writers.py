@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, BinaryIO
 
 JSONL_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -48,12 +48,14 @@ def library_versions() -> dict[str, str]:
 class EventFileWriter:
   """Appends TensorBoard summaries to a new event file in `logdir`, without TensorFlow.
 
-  The file is `events.out.tfevents.<seconds>.<host>.<pid>.<n>`, `n` the first number no file of
-  that name has yet; it starts with the file-version record TensorBoard expects, and every
-  `write` is flushed, so a live TensorBoard sees each record as it comes.
+  The file (`path`) is `events.out.tfevents.<seconds>.<host>.<pid>.<n>`, `n` the first number no
+  file of that name has yet, so writers opened in the same second never share one. It starts with
+  the file-version record TensorBoard expects, and every write is flushed, so a live TensorBoard
+  sees each record as it comes.
   """
 
   def __init__(self, logdir: str) -> None:
+    # Imported here rather than with jdl: only a writer with TensorBoard on needs them.
     # pylint: disable=import-outside-toplevel
     from tensorboard.compat.proto import event_pb2
     from tensorboard.plugins.scalar.summary_v2 import scalar_pb
@@ -61,16 +63,8 @@ class EventFileWriter:
     from tensorboard.summary.writer.record_writer import RecordWriter
 
     self._event_pb2, self._scalar_pb, self._text_pb = event_pb2, scalar_pb, text_pb
-    os.makedirs(logdir, exist_ok=True)
-    stem = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
-    number = 0
-    while True:
-      try:
-        file = open(os.path.join(logdir, f"{stem}.{number}"), "xb")  # pylint: disable=consider-using-with
-        break
-      except FileExistsError:
-        number += 1
-    self.path = file.name
+    file = _new_event_file(logdir)
+    self.path: str = file.name
     self._records = RecordWriter(file)
     self._add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
@@ -88,11 +82,25 @@ class EventFileWriter:
     self._records.flush()
 
   def close(self) -> None:
+    """Closes the file; closing again does nothing."""
     if not self._records.closed:
       self._records.close()
 
   def _add(self, event: Any) -> None:
     self._records.write(event.SerializeToString())
+
+
+def _new_event_file(logdir: str) -> BinaryIO:
+  """A new, empty event file in `logdir`, opened for writing (see `EventFileWriter`)."""
+  os.makedirs(logdir, exist_ok=True)
+  stem = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
+  number = 0
+  while True:
+    try:
+      # pylint: disable-next=consider-using-with
+      return open(os.path.join(logdir, f"{stem}.{number}"), "xb")  # "x": never another's file
+    except FileExistsError:
+      number += 1
 
 
 class MetricWriter:
