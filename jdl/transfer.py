@@ -1,37 +1,11 @@
-"""Transfer learning: start a model from another model's parameters, freeze parts of it, and give
-parts of it their own optimizer settings.
+"""Transfer learning: start from another model's parameters, freeze parts, group optimizers.
 
-Parameters are named by their path in the params tree, the module names joined with "/" as Flax
-nests them: "Conv_0/kernel", "Dense_1/bias", "ResNetBlock_3/BatchNorm_0/scale". Patterns (for
-`skip`, `freeze` and optimizer groups) are shell-style globs over these paths (`fnmatch`, case
-sensitive): `*` matches any run of characters, "/" included, and a pattern also covers everything
-below the module it names, so "Dense_0" means "Dense_0" and "Dense_0/*" (but not "Dense_01/...").
-A pattern that matches no parameter is an error that lists the paths there are: a misspelt module
-name must not silently train, freeze or skip nothing.
-
-  * `load_pretrained(target_params, source_params)`: a partial restore. Every source parameter
-    whose path (after `rename`) exists in the target with the same shape and dtype is copied; the
-    rest of the target keeps its initialisation, and a `TransferReport` says what happened to each.
-  * `load_pretrained_state`: the same for a whole `TrainState` (params and model state such as
-    BatchNorm statistics); `jdl.runs.load_pretrained_from_workdir` takes the source from a trained
-    run's workdir. The optimizer state is never copied: fine-tuning starts a fresh optimizer.
-  * `trainable_mask` and `freeze(tx, params, patterns)`: frozen parameters get zero updates from
-    `optax.set_to_zero()` under `optax.multi_transform`, so they never change, not by weight decay
-    and not by momentum either, and the optimizer keeps no state for them. (BatchNorm's running
-    statistics are model state, not parameters: they still follow the data in training mode.)
-  * `per_group_optimizer`: one `jdl.optim.make_optimizer` config per group of parameters (e.g. a
-    small learning rate for the backbone, a large one for the new head), `group_learning_rates`
-    to log each group's rate.
-  * `transfer_config`: the `config.transfer` block of an experiment config, which
-    `jdl.runs.apply_transfer_config` applies.
-
-Typical fine-tuning of a new head on a pretrained backbone:
-
-  state = jdl.create_train_state(model, tx, sample, key)        # the new model, new head
-  state, report = jdl.runs.load_pretrained_from_workdir(state, "runs/pretrain", skip=("Dense_0",))
-  print(report)                                                  # what was loaded, what not
-  tx = jdl.transfer.freeze(state.tx, state.params, ("Conv_*",))  # train the head only
-  state = state.replace(tx=tx, opt_state=tx.init(state.params))
+Parameters are named by their "/"-joined path in the params tree ("Conv_0/kernel",
+"ResNetBlock_3/BatchNorm_0/scale"). Patterns (`skip`, `freeze`, optimizer groups) are
+case-sensitive `fnmatch` globs over these paths, where `*` also matches "/", and a pattern covers
+everything below the module it names ("Dense_0" means "Dense_0" and "Dense_0/*", not
+"Dense_01/..."). A pattern that matches nothing is an error listing the paths there are, so a
+misspelt module name never silently trains, freezes or skips nothing. See docs/transfer.md.
 """
 
 from __future__ import annotations
@@ -59,8 +33,7 @@ OptimizerConfig = Mapping[str, Any] | None
 FROZEN = "frozen"
 TRAINABLE = "trainable"
 DEFAULT_GROUP = "default"
-# Keys that describe the whole optimizer rather than one group: `per_group_optimizer` applies them
-# once, around all the groups, so every group accumulates and averages in step.
+# Applied once around all of `per_group_optimizer`'s groups, so they accumulate and average in step.
 WHOLE_OPTIMIZER_KEYS = ("accumulate_steps", "ema_decay")
 _LISTED_PATHS = 40  # how many available paths an error message lists
 
@@ -338,17 +311,15 @@ def load_pretrained(
   """Copies the source parameters that fit into the target model's parameters (partial restore).
 
   A source leaf is copied when its path, after `rename`, is a target path and shape and dtype
-  agree. Every other target leaf keeps its value from `target_params` (its initialisation), and
-  the report says why: a different shape (a new head), a `skip` pattern, or absence from the
-  source. Use it to start a model from a pretrained one whose head, or a few layers, differ.
+  agree. Every other target leaf keeps its initialisation, and the report says why.
 
   Args:
     target_params: the new model's (initialised) parameters; the result has their structure.
     source_params: the pretrained parameters.
     rename: rewrites of source path prefixes into target ones, applied before matching, e.g.
       `{"backbone/": ""}` loads "backbone/Dense_0/kernel" into "Dense_0/kernel", and
-      `{"": "encoder/"}` the other way round. The longest matching prefix wins; include the
-      trailing "/" to rename whole modules. Also a sequence of `(old, new)` pairs.
+      `{"": "encoder/"}` the other way round. The longest matching prefix wins. Also a sequence
+      of `(old, new)` pairs.
     skip: glob patterns of target paths to leave initialised even where the source fits, e.g.
       `("Dense_0",)` to re-initialise a head of the same shape whose classes mean something else.
 
@@ -375,12 +346,10 @@ def load_pretrained_state(
     rename: Renames | None = None,
     skip: Patterns = (),
 ) -> tuple[TrainState, TransferReport]:
-  """`load_pretrained` for a whole state: the params and every model-state collection
-  (BatchNorm's "batch_stats"), with the same `rename` and `skip` applied inside each collection.
+  """`load_pretrained` for the params and every model-state collection ("batch_stats").
 
-  The optimizer state is not copied: the result's `opt_state` is `target_state.tx.init` of the
-  new params, a fresh optimizer for fine-tuning (its moments, schedule and any parameter EMA start
-  from the loaded values). `step` and `rng` stay the target's.
+  The optimizer state is not copied: `opt_state` is `target_state.tx.init` of the new params, a
+  fresh optimizer for fine-tuning. `step` and `rng` stay the target's.
 
   Returns:
     `(state, report)`; model-state leaves appear in the report as "<collection>/<path>".
@@ -395,7 +364,6 @@ def load_pretrained_state(
   source_collections = dict(source_state.model_state)
   model_state = {}  # the target's collections, in its order
   for name in sorted(set(target_collections) | set(source_collections)):
-    # A collection on one side only: all of it is missing in, or unused from, the source.
     collection, report = _transfer(target_collections.get(name, {}),
                                    source_collections.get(name, {}), renames=renames, skip=skip,
                                    usage=usage, prefix=f"{name}/")
@@ -431,11 +399,9 @@ def freeze(tx: optax.GradientTransformation, params: Params,
            patterns: Patterns) -> optax.GradientTransformation:
   """`tx` for the parameters `patterns` do not match; the matched ones never change.
 
-  Built with `optax.multi_transform`: frozen parameters get `optax.set_to_zero()` updates, so no
-  weight decay, momentum or clipping of `tx` ever reaches them, and `tx` keeps state (moments)
-  only for the trainable ones. `jdl.current_learning_rate` still works on the result. The
-  running statistics of a frozen BatchNorm are model state, not parameters: they still update in
-  training mode.
+  Frozen parameters get `optax.set_to_zero()` updates under `optax.multi_transform`, so no weight
+  decay or momentum reaches them and `tx` keeps state only for the trainable ones. A frozen
+  BatchNorm's running statistics are model state and still update in training mode.
 
   Args:
     tx: the optimizer of the trainable parameters, e.g. from `jdl.make_optimizer`.
@@ -487,22 +453,17 @@ def per_group_optimizer(
     default: OptimizerConfig,
     total_steps: int | None = None,
 ) -> optax.GradientTransformation:
-  """An optimizer with its own settings per group of parameters, e.g. discriminative learning
-  rates for fine-tuning: a small one for the pretrained backbone, a larger one for the new head.
+  """An optimizer with its own settings per group of parameters (discriminative learning rates).
 
-  Each parameter belongs to the first group with a pattern that matches its path (order
-  matters: put specific patterns before general ones); the rest belong to `default`. A group's
-  config is laid over `default`'s (over `jdl.optim.OPTIMIZER_DEFAULTS` when `default` is frozen
-  by None or `{"frozen": True}`), so it needs only the keys that differ, e.g.
-  `[("Conv_*", {"learning_rate": 1e-4})]` with `default={"name": "adam", "learning_rate": 1e-3}`.
-  A group whose config is None, `{"frozen": True}` or has `learning_rate` 0 is frozen: its
-  parameters get `optax.set_to_zero()` updates and never change (`default=None` freezes all the
-  parameters no group claims, i.e. "train only these groups").
+  Each parameter belongs to the first group with a pattern that matches its path; the rest belong
+  to `default`. A group's config is laid over `default`'s (over `jdl.optim.OPTIMIZER_DEFAULTS`
+  when `default` is None or `{"frozen": True}`), so it needs only the keys that differ. A group
+  whose config is None, `{"frozen": True}` or has `learning_rate` 0 is frozen (`set_to_zero`
+  updates); `default=None` trains only the groups.
 
-  `accumulate_steps` and `ema_decay` belong to the whole optimizer: they are taken from `default`
-  and applied once around all groups (as `jdl.make_optimizer` nests them), so that every group
-  applies its updates on the same steps and the EMA covers every parameter (frozen ones stay
-  constant in it); a group may not set them to another value.
+  `accumulate_steps` and `ema_decay` belong to the whole optimizer: taken from `default` and
+  applied once around all groups (as `jdl.make_optimizer` nests them), so every group updates on
+  the same steps and the EMA covers every parameter; a group may not set another value.
 
   Args:
     groups: `(patterns, optimizer config)` or `(name, patterns, optimizer config)` tuples; the
@@ -520,8 +481,6 @@ def per_group_optimizer(
     ValueError: a pattern matches no parameter, a group claims no parameter (every path it
       matches belongs to an earlier group), names repeat, or a group sets a whole-optimizer key.
   """
-  # Groups are laid over `default`'s keys, even where `default` itself is frozen by learning
-  # rate 0; over jdl's OPTIMIZER_DEFAULTS where it is None or {"frozen": True}.
   default_frozen = _is_frozen(default)
   base = {} if default is None or default.get("frozen") else dict(default)
   base.pop("frozen", None)
@@ -585,12 +544,10 @@ def per_group_optimizer(
 
 
 def group_learning_rates(opt_state: optax.OptState) -> dict[str, jax.Array]:
-  """The learning rate of the latest applied update of each group with one, by group name, from
-  the state of `per_group_optimizer` or `freeze` (frozen groups have none and are left out).
+  """Each trainable group's latest learning rate, by name, from a `per_group_optimizer` state.
 
-  `jdl.current_learning_rate` needs exactly one injected learning rate, so it refuses the state
-  of a `per_group_optimizer` with several trainable groups; this is the per-group reading, for
-  logging, e.g. `{"backbone": 1e-4, "default": 1e-3}`. Works under `jax.jit`.
+  The per-group counterpart of `jdl.current_learning_rate` (which needs exactly one injected
+  rate), for logging; frozen groups are left out. Works under `jax.jit`.
 
   Raises:
     ValueError: the state holds no `optax.multi_transform` state, or several side by side.
