@@ -1,22 +1,10 @@
 """Hyperparameter sweeps: grids and random search over config keys, run one trial after another.
 
-A *space* maps dotted config keys to what a trial may take there: a list of choices (any value an
-override accepts: numbers, strings, bools, tuples), or, for random search, a distribution
-(`Uniform`, `LogUniform`, `IntUniform`). A *trial* is a dict `{key: value}`; `grid` and
-`random_search` make lists of them, `run_sweep` trains each trial in `workdir/trial_<i>` with
-`train_and_evaluate` and returns one row per trial, and `write_results` / `plot_sweep` report them.
-
-  trials = grid({"optimizer.learning_rate": [1e-3, 1e-2], "optimizer.name": ["adam", "sgd"]})
-  rows = run_sweep(config, trials, "runs/sweep")
-  write_results(rows, "runs/sweep")
-  plot_sweep(rows, "runs/sweep/sweep.png", x="optimizer.learning_rate")
-
-A row is `{"trial": i, "params": trial, "status": "ok" | "failed", "error": message, "seconds":
-wall time, "workdir": ..., **the last evaluation record}` (`step`, `train_loss`, `test_accuracy`,
-...). A trial that fails (a bad value, a loss that became NaN) is a failed row; the sweep goes on.
-
-The vectorised sweep of learning rates and seeds (`jax.vmap`, one compiled program for N
-models) is `jdl.vmap_sweep`.
+A *space* maps dotted config keys to a list of choices or, for random search, a distribution
+(`Uniform`, `LogUniform`, `IntUniform`). A *trial* is a dict `{key: value}`. `run_sweep` returns
+one row per trial: `{"trial": i, "params": trial, "status": "ok" | "failed", "error": message,
+"seconds": ..., "workdir": ..., **the last evaluation record}`. See docs/sweeps.md; the vmapped
+sweep is `jdl.vmap_sweep`.
 """
 
 from __future__ import annotations
@@ -65,8 +53,7 @@ class Uniform:
 
 @dataclasses.dataclass(frozen=True)
 class LogUniform:
-  """A positive number whose logarithm is uniform on [log low, log high]: the usual prior for
-  learning rates and weight decays, which matter by their order of magnitude."""
+  """A positive number whose logarithm is uniform on [log low, log high]."""
 
   low: float
   high: float
@@ -152,8 +139,7 @@ def grid(space: Mapping[str, Sequence[Any]]) -> list[Trial]:
 
 def random_search(space: Mapping[str, Sequence[Any] | Distribution], num_trials: int, *,
                   seed: int) -> list[Trial]:
-  """`num_trials` trials drawn independently: a uniform choice from each list, a draw from each
-  distribution. The same space and seed always give the same trials.
+  """`num_trials` independent draws: a uniform choice from each list, a sample of each distribution.
 
   Args:
     space: dotted config keys -> lists of choices or `Uniform` / `LogUniform` / `IntUniform`.
@@ -178,9 +164,8 @@ def random_search(space: Mapping[str, Sequence[Any] | Distribution], num_trials:
 
 
 def space_from_json(space: Mapping[str, Any]) -> dict[str, Any]:
-  """A space parsed from JSON: lists stay choices (inner lists become tuples, as config tuples
-  such as `model.mlp.hidden` need), and `{"log_uniform": [lo, hi]}`, `{"uniform": [lo, hi]}` or
-  `{"int_uniform": [lo, hi]}` become distributions."""
+  """A space parsed from JSON: lists are choices (inner lists become tuples), and
+  `{"log_uniform" | "uniform" | "int_uniform": [lo, hi]}` a distribution."""
   if not isinstance(space, Mapping) or not space:
     raise ValueError(f"the sweep space must be a non-empty JSON object; got {space!r}.")
   parsed: dict[str, Any] = {}
@@ -208,8 +193,7 @@ def _tuples(value: Any) -> Any:
 
 
 def override_text(value: Any) -> str:
-  """The command-line text of a value, as `jdl.config.apply_overrides` parses it: bools as
-  true/false, None as None, strings as they are, numbers and tuples as Python literals."""
+  """The command-line text of a value, as `jdl.config.apply_overrides` parses it."""
   value = _plain(value)
   if isinstance(value, bool):
     return "true" if value else "false"
@@ -236,10 +220,7 @@ def trial_overrides(trial: Mapping[str, Any]) -> list[str]:
 
 
 def check_keys(config: ml_collections.ConfigDict, keys: Sequence[str]) -> None:
-  """Raises `ConfigError` for the first key that `config` lacks, naming the closest valid key.
-
-  A sweep checks its keys before training anything: a misspelt key would fail every trial.
-  """
+  """Raises `ConfigError` for the first key that `config` lacks, naming the closest valid key."""
   valid = _leaf_keys(config)
   for key in keys:
     if key not in valid:
@@ -273,15 +254,11 @@ def run_sweep(
     mode: str = "max",
     log: Callable[[str], None] | None = print,
 ) -> list[Row]:
-  """Trains every trial, one after another, each in `workdir/trial_<i>` (its values in
-  `trial.json` there).
+  """Trains every trial, one after another, each in `workdir/trial_<i>` (its values in trial.json).
 
-  Each trial is `base_config` with the trial's values applied as overrides (checked like
-  `--config.KEY=VALUE`). A trial whose config is rejected or whose training raises (a loss that
-  became NaN: `jdl.NonFiniteError`) becomes a failed row with the error message, and the sweep
-  goes on; a signal that stops training (`jdl.Preempted`) stops the sweep. Run the same sweep
-  again on the same workdir and finished trials are read back from their checkpoints and
-  `metrics.jsonl` instead of being trained again.
+  Each trial is `base_config` with the trial's values applied as overrides. A trial whose config
+  is rejected or whose training raises becomes a failed row and the sweep goes on; `jdl.Preempted`
+  stops the sweep. Rerun on the same workdir, finished trials are read back, not retrained.
 
   Args:
     base_config: the experiment's config (e.g. `experiments.mnist1d.get_config()`).
@@ -322,7 +299,6 @@ def run_sweep(
     except loop_lib.Preempted:
       raise
     except Exception as error:  # pylint: disable=broad-exception-caught
-      # Any failure is this trial's: the sweep records it and goes on to the next trial.
       row.update(status="failed", error=f"{type(error).__name__}: {error}")
     else:
       if metric not in record:
@@ -362,8 +338,7 @@ def _check_trial_dir(trial_dir: str, trial: Mapping[str, Any]) -> None:
 
 
 def _final_record(history: Sequence[Mapping[str, Any]], trial_dir: str) -> dict[str, Any]:
-  """The last evaluation record: from `history`, or, when training had nothing left to do (a
-  finished trial resumed from its checkpoint), from the trial's `metrics.jsonl`."""
+  """The last evaluation record: from `history`, else (a finished trial) from metrics.jsonl."""
   if history:
     return {k: _plain(v) for k, v in history[-1].items()}
   if os.path.isfile(os.path.join(trial_dir, "metrics.jsonl")):
@@ -393,8 +368,7 @@ def _score(row: Mapping[str, Any], metric: str, mode: str) -> float | None:
 
 
 def sort_rows(rows: Sequence[Row], metric: str = "test_accuracy", mode: str = "max") -> list[Row]:
-  """The rows best first by `metric`; failed rows (and rows without a finite metric) last, in
-  trial order."""
+  """The rows best first by `metric`; failed rows (or without a finite metric) last, in order."""
   _check_mode(mode)
 
   def key(item: tuple[int, Row]) -> tuple[bool, float, int]:
@@ -472,8 +446,7 @@ def _markdown_escape(text: str) -> str:
 
 
 def _csv_value(value: Any) -> str:
-  """A swept value as the text an override takes (so a CSV cell can be pasted back as
-  `--config.KEY=VALUE`), or its plain text when it is not a config value."""
+  """A swept value as override text (pastable as `--config.KEY=VALUE`), else its plain text."""
   try:
     return override_text(value)
   except TypeError:
@@ -482,8 +455,7 @@ def _csv_value(value: Any) -> str:
 
 def write_results(rows: Sequence[Row], workdir: str, *, metric: str = "test_accuracy",
                   mode: str = "max") -> tuple[str, str]:
-  """Writes the rows, best first, as `workdir/results.csv` (every column; `best` marks the best
-  row) and `workdir/results.md` (the `markdown_table`).
+  """Writes the rows, best first, to `workdir/results.csv` and `workdir/results.md`.
 
   Returns:
     `(csv_path, markdown_path)`.
@@ -518,19 +490,15 @@ def plot_sweep(
     group_by: Sequence[str] | None = None,
     log_x: bool | None = None,
 ) -> str:
-  """Plots `metric` against the swept key `x` as a PNG, one line of markers per setting of the
-  other swept keys (`group_by`; None: all of them, () for one group). Failed trials are left out
-  (the title counts them).
+  """Plots `metric` against the swept key `x` as a PNG, one line per setting of `group_by`.
 
   Args:
     rows: rows of `run_sweep` (or `VmappedRun.rows`).
     path: the PNG file to write.
-    x: the swept key on the horizontal axis; numbers are placed by value, other values
-      (names, tuples) one per tick.
+    x: the swept key on the horizontal axis; non-numbers get one tick each.
     metric: the record key on the vertical axis.
-    group_by: the keys whose settings make separate lines.
-    log_x: a logarithmic x axis; None chooses one for learning rates and for positive values
-      spanning two orders of magnitude or more.
+    group_by: the keys whose settings make separate lines (None: the other swept keys).
+    log_x: a logarithmic x axis; None: for learning rates and positive values spanning >= 100x.
 
   Returns:
     `path`.
