@@ -1,20 +1,10 @@
 """All at once: N small models trained together on one device with `jax.vmap`.
 
-The vectorised sweep. Small models leave a device mostly idle, so N of them can train in the time
-of about one: `train_vmapped` stacks N `TrainState`s (leading axis N on every leaf) and runs the
-usual jdl train step under `jax.vmap`, feeding every member the same batches, each evaluation
-interval as one compiled loop over device-resident data (`jdl.resident`). Members differ in their seed
-(initialisation and dropout keys) and their learning rate. The learning rate cannot be changed by
-overwriting the `learning_rate` that `make_optimizer` injects into the optimizer state: optax
-recomputes it from the schedule at every update. So the members' optimizer is
-`make_member_optimizer`: `make_optimizer`'s chain at learning rate 1, followed by a scale whose
-factor is optimizer state (`MemberLearningRateState`). Every update rule here is linear in its
-learning rate, so member i follows the trajectory of a separate run built with `make_optimizer`
-at learning rate i, up to float rounding (`(-g) * lr` against `g * (-lr)`, which XLA may compute
-in another order; tests check the parameters agree to 1e-5 after training).
-
-  run = vmap_sweep(config, grid({"optimizer.learning_rate": [1e-3, 3e-3, 1e-2]}))
-  run.history[-1]["test_accuracy"]  # one value per member; run.member_state(i) is a TrainState
+`train_vmapped` stacks N `TrainState`s (leading axis N on every leaf) and runs the jdl train step
+under `jax.vmap`, every member fed the same batches. Members differ in seed and learning rate.
+optax recomputes an injected learning rate from the schedule at every update, so the members'
+optimizer is `make_member_optimizer`: `make_optimizer`'s chain at learning rate 1, then a scale
+held in the optimizer state. See docs/sweeps.md.
 """
 
 from __future__ import annotations
@@ -40,16 +30,14 @@ from jdl.state import TrainState, create_train_state
 from jdl.sweep import Row
 
 class MemberLearningRateState(NamedTuple):
-  """State of `scale_by_member_learning_rate`: the member's learning rate (float32 scalar; a
-  vector under `vmap`)."""
+  """State of `scale_by_member_learning_rate`: the member's learning rate (float32 scalar)."""
 
   learning_rate: jax.Array
 
 
 def scale_by_member_learning_rate(learning_rate: float) -> optax.GradientTransformation:
-  """Multiplies updates by a learning rate kept in the optimizer state, so that members of a
-  vmapped sweep, which share one (static) optimizer, can each have their own. Set it with
-  `set_member_learning_rate`."""
+  """Multiplies updates by a learning rate kept in the optimizer state (`set_member_learning_rate`),
+  so members sharing one static optimizer each have their own."""
 
   def init(params: Any) -> MemberLearningRateState:
     del params
@@ -65,15 +53,11 @@ def scale_by_member_learning_rate(learning_rate: float) -> optax.GradientTransfo
 
 def make_member_optimizer(optimizer_config: Mapping[str, Any], *,
                           total_steps: int | None = None) -> optax.GradientTransformation:
-  """`jdl.optim.make_optimizer(optimizer_config)` with its peak learning rate moved into the
-  optimizer state (`MemberLearningRateState`), where each member of a vmapped sweep sets its own.
+  """`jdl.optim.make_optimizer(optimizer_config)` with its peak learning rate in the optimizer state.
 
-  The chain is `make_optimizer`'s at learning rate 1 (same rule, schedule shape, clipping, weight
-  decay), then `scale_by_member_learning_rate`, wrapped like `make_optimizer` in the parameter EMA
-  and gradient accumulation. Every rule's update is proportional to its learning rate, so this
-  gives `make_optimizer`'s updates up to float rounding (the rate multiplies last instead of
-  inside the rule; a schedule's peak multiplies after the schedule instead of inside it). The
-  config is checked by building `make_optimizer(optimizer_config)` first.
+  The chain is `make_optimizer`'s at learning rate 1, then `scale_by_member_learning_rate`, wrapped
+  like `make_optimizer` in the parameter EMA and gradient accumulation. Every rule's update is
+  proportional to its learning rate, so this gives `make_optimizer`'s updates up to float rounding.
   """
   config = {**optim.OPTIMIZER_DEFAULTS, **dict(optimizer_config)}
   optim.make_optimizer(config, total_steps=total_steps)  # the same checks and error messages
@@ -110,8 +94,7 @@ def set_member_learning_rate(opt_state: optax.OptState, learning_rate: Any) -> o
 
 
 def stack_states(states: Sequence[TrainState]) -> TrainState:
-  """One `TrainState` whose every leaf has a leading member axis, from states that share their
-  model and optimizer (the static fields)."""
+  """One `TrainState` with a leading member axis on every leaf, from states of one structure."""
   if not states:
     raise ValueError("stack_states needs at least one state.")
   structures = {jax.tree.structure(s) for s in states}
@@ -136,11 +119,9 @@ class VmappedRun:
     learning_rates: `[N]` each member's peak learning rate.
     seeds: `[N]` each member's seed (initialisation and dropout keys).
     state: the final states, stacked: every leaf has a leading axis of N (`member_state(i)`).
-    history: one record per evaluation, like `jdl.fit`'s, with per-member `[N]` arrays:
-      `train_loss`, `train_accuracy` (means since the previous record), `{eval}_loss`,
-      `{eval}_accuracy`, and scalars `step`, `epoch`.
-    nonfinite_step: `[N]` the first step (1-based) whose loss or gradient was NaN or infinite,
-      0 for members that stayed finite. A member that diverges never disturbs the others.
+    history: one record per evaluation, like `jdl.fit`'s, with `[N]` arrays per metric and
+      scalars `step`, `epoch`.
+    nonfinite_step: `[N]` the first step (1-based) whose loss or gradient was not finite, or 0.
     compile_seconds: time spent compiling the vmapped train and eval calls.
     train_seconds: time spent training and evaluating, compilation excluded.
     eval_name: prefix of the eval metrics.
@@ -168,8 +149,7 @@ class VmappedRun:
     return unstack_state(self.state, index)
 
   def rows(self) -> list[Row]:
-    """One row per member in `run_sweep`'s format (params `optimizer.learning_rate` and `seed`), so
-    `write_results`, `markdown_table` and `plot_sweep` report a vmapped sweep too."""
+    """One row per member in `run_sweep`'s format, for `write_results` and `plot_sweep`."""
     final = self.history[-1] if self.history else {}
     rows = []
     for i in range(self.num_members):
@@ -211,14 +191,9 @@ def train_vmapped(
 ) -> VmappedRun:
   """Trains N copies of `model` at once on one device: `jax.vmap` over a stacked `TrainState`.
 
-  Member i has learning rate `learning_rates[i]` and seed `seeds[i]` (a sequence of one value
-  applies to every member; None: the config's learning rate, seed 0). Every member sees the same
-  batches, in the order of `train_data` (its `seed` and `shuffle`), and each evaluation interval
-  runs as one compiled loop over the device-resident split (`jdl.resident`), or one step per call
-  where a loop would be slow (convolutions on the CPU, `jdl.resident.loops_are_slow`). Member i
-  ends with the parameters of `jdl.fit` on a state built by `create_train_state(model,
-  make_optimizer({**optimizer_config, "learning_rate": learning_rates[i]}), ...,
-  PRNGKey(seeds[i]))` and the same data, up to float rounding.
+  Every member sees the same batches, in `train_data`'s order, on the device-resident engine
+  `jdl.fit` uses; member i ends where `jdl.fit` with learning rate `learning_rates[i]` and
+  `PRNGKey(seeds[i])` ends, up to float rounding.
 
   Args:
     model: a Flax module.
@@ -226,8 +201,9 @@ def train_vmapped(
     train_data: the training split, in memory.
     eval_data: the split evaluated at every evaluation, or None.
     num_steps: train steps per member.
-    learning_rates: per-member peak learning rates (> 0).
-    seeds: per-member seeds: `PRNGKey(seed)` initialises the member and keys its dropout.
+    learning_rates: per-member peak learning rates (> 0); one value applies to every member;
+      None: the config's.
+    seeds: per-member seeds for initialisation and dropout; None: 0.
     train_step: the pure train step (default `jdl.make_train_step()`).
     eval_step: the pure eval step (default `jdl.make_eval_step()`).
     eval_every_steps: evaluate every this many steps; None: at the end of every epoch. The last
@@ -283,8 +259,7 @@ def train_vmapped(
 
 def _train_members(states, train_step, eval_step, train_data, eval_data, *, num_classes,
                    num_steps, eval_every, eval_name, log):
-  """The vmapped loop: `jdl.resident.ResidentEngine` over vmapped steps, one call per evaluation
-  interval, compiled ahead of time so that compilation is timed apart."""
+  """`jdl.resident.ResidentEngine` over vmapped steps, compiled ahead so compilation is timed apart."""
   data_lib.check_inputs(train_data.inputs, where="training inputs")
   data_lib.check_labels(train_data.labels, num_classes, where="training labels")
   if eval_data is not None:
@@ -356,11 +331,8 @@ def vmap_sweep(config: ml_collections.ConfigDict, trials: Sequence[Mapping[str, 
                log: Callable[[str], None] | None = None) -> VmappedRun:
   """Trains all `trials` of an experiment config at once (`train_vmapped`), one member each.
 
-  Trials may set `optimizer.learning_rate` and `seed` only (`VMAP_KEYS`); everything else comes
-  from `config`, which must be an in-memory classification config. A trial's seed sets its
-  initialisation and dropout keys; the data order is `config.seed`'s for every member, so a member
-  with seed `config.seed` (the default) ends where `jdl.train_and_evaluate` on `config` with its
-  learning rate ends (one device, up to float rounding).
+  Trials may set only `VMAP_KEYS`; everything else comes from `config`, an in-memory
+  classification config. The data order is `config.seed`'s for every member.
 
   Raises:
     ConfigError: a trial sets a key outside `VMAP_KEYS`.
