@@ -1,47 +1,31 @@
 """One optimizer factory: an Optax chain built from a config mapping.
 
-The config names the update rule, the learning-rate schedule, optional global-norm clipping, weight
-decay, gradient accumulation and an exponential moving average (EMA) of the parameters:
-
   name:              "sgd" | "adam" | "adamw" | "rmsprop"
   learning_rate:     peak learning rate (> 0)
   momentum:          SGD / RMSProp momentum; 0 gives plain SGD
   nesterov:          Nesterov momentum for SGD
   b1, b2, eps:       Adam / AdamW moments and epsilon (RMSProp uses `eps` and `decay`=b2)
-  weight_decay:      weight decay (>= 0; "adamw" and "sgd" only). AdamW decays decoupled from the
-                     adaptive step, `w -= lr * weight_decay * w` (Loshchilov & Hutter); SGD adds
-                     `weight_decay * w` to the gradient before momentum (PyTorch's SGD
-                     `weight_decay`, an L2 penalty `weight_decay / 2 * |w|^2` in disguise)
-  weight_decay_mask: which parameters decay: "kernels" (default: weight matrices and convolution
-                     kernels, rank >= 2, via `jdl.losses.kernels_only_mask`; biases and
-                     normalisation scales and offsets are spared) | "all"
+  weight_decay:      >= 0, "adamw" and "sgd" only: AdamW's is decoupled (`w -= lr * wd * w`);
+                     SGD's adds `wd * w` to the gradient before momentum (PyTorch's)
+  weight_decay_mask: "kernels" (default: rank >= 2 leaves, `jdl.losses.kernels_only_mask`) | "all"
   schedule:          "constant" | "step" | "warmup_cosine"
   warmup_steps:      linear warm-up from 0 ("warmup_cosine"), in applied updates
   decay_every:       applied updates between decays ("step")
   decay_factor:      learning-rate multiplier at each decay ("step")
   end_fraction:      final learning rate as a fraction of the peak ("warmup_cosine")
   clip_norm:         clip gradients to this global norm first; None or 0 disables
-  accumulate_steps:  average the gradients of this many train steps (micro-batches) and apply
-                     them as one update (`optax.MultiSteps`); 1 (default) applies every step
-  ema_decay:         keep `ema = d * ema + (1 - d) * params` after every applied update, for
-                     evaluation (`ema_parameters`); in [0, 1), 0 (default) disables
+  accumulate_steps:  average the gradients of this many train steps into one update
+                     (`optax.MultiSteps`); 1 (default) applies every step
+  ema_decay:         keep `ema = d * ema + (1 - d) * params` for evaluation (`ema_parameters`);
+                     in [0, 1), 0 (default) disables
 
-Any key left out takes the default in `OPTIMIZER_DEFAULTS`; an unknown key or a bad value is an
-error.
+Keys left out take `OPTIMIZER_DEFAULTS`; an unknown key or a bad value is an error.
 
-Steps and updates. A *train step* is one call of the optimizer's `update` (one micro-batch; what
-`TrainState.step` counts); an *applied update* is one change of the parameters. They are the same
-unless `accumulate_steps = k > 1`, when every k-th train step applies the mean gradient of the last
-k and the other train steps leave the parameters unchanged. The learning-rate schedule, the
-optimizer's moments and the EMA advance once per applied update, so `make_schedule(config)(n)` is
-the learning rate of update n (counting from 0), `warmup_steps` and `decay_every` count applied
-updates, and accumulating k micro-batches of size b trains exactly like batches of size k * b.
-`total_steps`, which "warmup_cosine" decays over, counts train steps, because that is what a
-training loop knows: `make_optimizer` and `make_schedule` divide it by `accumulate_steps`
-(rounding down: a last, incomplete accumulation is never applied).
-
-The optimizer state records what it did: `current_learning_rate(opt_state)` is the learning rate of
-the most recent applied update, and `ema_parameters(opt_state)` the averaged parameters.
+A *train step* is one call of `update` (what `TrainState.step` counts); an *applied update* is one
+change of the parameters, every `accumulate_steps`-th train step. The schedule, the moments and the
+EMA advance once per applied update, so accumulating k micro-batches of size b trains like batches
+of size k * b. `total_steps` counts train steps, because that is what a loop knows; it is divided by
+`accumulate_steps` (rounding down: an incomplete last accumulation is never applied).
 """
 
 from __future__ import annotations
@@ -114,8 +98,7 @@ def make_schedule(config: Mapping[str, Any], *, total_steps: int | None = None) 
       raise ValueError(f"schedule 'step' needs decay_every > 0; got {c['decay_every']}.")
     return optax.exponential_decay(
         peak, transition_steps=int(c["decay_every"]), decay_rate=float(c["decay_factor"]),
-        staircase=True,
-    )
+        staircase=True)
   if kind == "warmup_cosine":
     if not total_steps or total_steps <= 0:
       raise ValueError(f"schedule 'warmup_cosine' needs total_steps > 0; got {total_steps}.")
@@ -123,8 +106,7 @@ def make_schedule(config: Mapping[str, Any], *, total_steps: int | None = None) 
     if updates < 1:
       raise ValueError(
           f"total_steps={total_steps} train steps with accumulate_steps={accumulate} apply no "
-          "update; schedule 'warmup_cosine' needs total_steps >= accumulate_steps."
-      )
+          "update; schedule 'warmup_cosine' needs total_steps >= accumulate_steps.")
     warmup = int(c["warmup_steps"])
     if not 0 <= warmup < updates:
       bound = (f"total_steps={updates}" if accumulate == 1 else
@@ -132,20 +114,16 @@ def make_schedule(config: Mapping[str, Any], *, total_steps: int | None = None) 
       raise ValueError(f"warmup_steps must be in [0, {bound}); got {warmup}.")
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=updates,
-        end_value=peak * float(c["end_fraction"]),
-    )
+        end_value=peak * float(c["end_fraction"]))
   raise ValueError(f"unknown schedule {kind!r}; expected one of {SCHEDULE_NAMES}.")
-
-
 
 
 def _accumulate_steps(c: Mapping[str, Any]) -> int:
   """`accumulate_steps` of a resolved config, checked: an integer >= 1."""
   value = c["accumulate_steps"]
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(
-        f"accumulate_steps must be an integer >= 1 (1: no accumulation); got {value!r}."
-    )
+    raise ValueError(f"accumulate_steps must be an integer >= 1 (1: no accumulation); got "
+                     f"{value!r}.")
   return int(value)
 
 
@@ -168,24 +146,16 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
   """Builds the Optax optimizer an optimizer config describes (see the module docstring).
 
-  Examples:
-    `make_optimizer({"name": "adam", "learning_rate": 1e-3})` is Keras' default Adam;
-    `make_optimizer({"name": "sgd", "learning_rate": 0.1, "momentum": 0.9})` is SGD with momentum;
-    `make_optimizer({"name": "sgd", "learning_rate": 0.1})` is plain (stochastic) gradient descent.
-
   Args:
     config: optimizer config mapping; keys left out take `OPTIMIZER_DEFAULTS`.
-    total_steps: length of the run in train steps (micro-batches, as `TrainState.step` counts
-      them); required by "warmup_cosine", which decays over `total_steps // accumulate_steps`
-      applied updates.
+    total_steps: length of the run in train steps; required by "warmup_cosine".
 
   Returns:
     An `optax.GradientTransformation`, nested as (outermost first) `optax.MultiSteps` (when
     `accumulate_steps > 1`), `with_parameter_ema` (when `ema_decay > 0`) and
-    `optax.inject_hyperparams` around `chain(clip, weight decay, rule)`. The learning rate is
-    injected, so it is stored in the state (`current_learning_rate`) while every update equals
-    that of the plain Optax rule. The EMA sits inside MultiSteps, so it sees applied updates only.
-    Its `update` needs `params` when weight decay or the EMA is on.
+    `optax.inject_hyperparams` around `chain(clip, weight decay, rule)`, so the learning rate is
+    stored in the state (`current_learning_rate`). The EMA sits inside MultiSteps, so it sees
+    applied updates only. Its `update` needs `params` when weight decay or the EMA is on.
   """
   c = _resolve(config)
   accumulate = _accumulate_steps(c)
@@ -200,13 +170,10 @@ def make_optimizer(
   if weight_decay and name not in ("adamw", "sgd"):
     raise ValueError(
         f"weight_decay={c['weight_decay']} is only applied by 'adamw' and 'sgd'; for optimizer "
-        f"{name!r} use an L2 penalty (config.l2) or choose 'adamw'."
-    )
+        f"{name!r} use an L2 penalty (config.l2) or choose 'adamw'.")
   if c["weight_decay_mask"] not in WEIGHT_DECAY_MASKS:
-    raise ValueError(
-        f"unknown weight_decay_mask {c['weight_decay_mask']!r}; expected one of "
-        f"{WEIGHT_DECAY_MASKS}."
-    )
+    raise ValueError(f"unknown weight_decay_mask {c['weight_decay_mask']!r}; expected one of "
+                     f"{WEIGHT_DECAY_MASKS}.")
   decay_mask = losses_lib.kernels_only_mask if c["weight_decay_mask"] == "kernels" else None
   clip = c["clip_norm"]
   if clip and clip < 0:
@@ -214,8 +181,7 @@ def make_optimizer(
   momentum = float(c["momentum"]) or None
 
   def rule(learning_rate: Any) -> optax.GradientTransformation:
-    """The update rule at one learning rate (a scalar array: `inject_hyperparams` passes the
-    schedule's value for the current applied update)."""
+    """The update rule at the schedule's learning rate for the current applied update."""
     if name == "sgd":
       core = optax.sgd(learning_rate, momentum=momentum, nesterov=bool(c["nesterov"]))
       if weight_decay:
@@ -258,21 +224,13 @@ def with_parameter_ema(
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps `inner` so that its state also keeps an exponential moving average of the parameters.
 
-  Averaging the last stretch of the trajectory (Polyak averaging) smooths out the noise of
-  stochastic updates; evaluating the average often beats evaluating the last parameters. After each
-  update the wrapper sets `ema = decay * ema + (1 - decay) * (params + updates)`, where
-  `params + updates` (via `optax.apply_updates`) are the parameters the caller is about to hold.
-  `ema` starts at the initial params and is not debiased: early on it leans towards the
-  initialisation, by the weight `decay ** count`, which fades after a few multiples of
-  `1 / (1 - decay)` updates. The updates themselves are `inner`'s, unchanged.
-
-  Every call of `update` counts as one averaged update, so put gradient accumulation
-  (`optax.MultiSteps`) outside this wrapper: MultiSteps keeps the inner state of its micro-steps
-  only when it applies an update, so the EMA advances once per applied update.
+  After each update, `ema = decay * ema + (1 - decay) * (params + updates)`. `ema` starts at the
+  initial params and is not debiased. The updates are `inner`'s, unchanged. Every `update` call
+  counts, so put `optax.MultiSteps` outside this wrapper to average applied updates only.
 
   Args:
     inner: the transformation whose updates are applied.
-    decay: weight of the old average, in [0, 1); 0.999 averages over roughly the last 1000 updates.
+    decay: weight of the old average, in [0, 1).
 
   Returns:
     A transformation whose state is a `ParameterEmaState`; its `update` requires `params`. Read
@@ -299,16 +257,13 @@ def with_parameter_ema(
     if params is None:
       raise ValueError(
           "with_parameter_ema averages the parameters, so update needs them: call "
-          "tx.update(grads, opt_state, params), not tx.update(grads, opt_state)."
-      )
+          "tx.update(grads, opt_state, params), not tx.update(grads, opt_state).")
     updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     new_params = optax.apply_updates(params, updates)
-    ema = jax.tree.map(
-        lambda e, p: decay * e + (1.0 - decay) * p.astype(e.dtype), state.ema, new_params
-    )
-    return updates, ParameterEmaState(
-        count=optax.safe_increment(state.count), ema=ema, inner_state=inner_state
-    )
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p.astype(e.dtype), state.ema,
+                       new_params)
+    return updates, ParameterEmaState(count=optax.safe_increment(state.count), ema=ema,
+                                      inner_state=inner_state)
 
   return optax.GradientTransformationExtraArgs(init, update)
 
@@ -321,68 +276,59 @@ def _ema_dtype(p: jax.Array) -> jnp.dtype:
 def current_learning_rate(opt_state: optax.OptState) -> jax.Array:
   """The learning rate of the most recent applied update, read from a `make_optimizer` state.
 
-  After applied update n (counting from 0) this is `make_schedule(config, ...)(n)`; after
-  `init`, before any update, it is `schedule(0)`, the rate the first update will use. Under
-  gradient accumulation it changes only when an update is applied. It works under `jax.jit`, on
-  states of any nesting (clipping, MultiSteps, EMA), for logging learning-rate curves.
+  After applied update n this is `make_schedule(config, ...)(n)`; after `init`, `schedule(0)`.
+  Works under `jax.jit`, on states of any nesting (clipping, MultiSteps, EMA).
 
   Returns:
     A float32 scalar.
   """
-  found = _find(opt_state, lambda node: isinstance(node, _INJECT_STATES)
-                and "learning_rate" in node.hyperparams)
+  found = _find(opt_state, _has_learning_rate)
   if len(found) != 1:
     raise ValueError(
         f"current_learning_rate needs an optimizer state holding one injected learning rate (from "
         f"jdl.optim.make_optimizer or optax.inject_hyperparams); found {len(found)} in a state of "
-        f"type {type(opt_state).__name__}."
-    )
-  return jnp.asarray(found[0].hyperparams["learning_rate"], jnp.float32)
+        f"type {type(opt_state).__name__}.")
+  return _learning_rate(found[0])
 
 
 def learning_rates(opt_state: optax.OptState) -> dict[str, jax.Array]:
-  """Every learning rate an optimizer state records, for logging: `{"learning_rate": r}` for a
-  `make_optimizer` state; `{"learning_rate/<group>": r}` for each group of an
-  `optax.multi_transform` that has one (`jdl.transfer.per_group_optimizer`; a single such group is
-  reported as plain "learning_rate"); `{}` when the state records none."""
+  """Every learning rate an optimizer state records, for logging.
 
-  def has_rate(node: Any) -> bool:
-    return isinstance(node, _INJECT_STATES) and "learning_rate" in node.hyperparams
-
-  def rate(node: Any) -> jax.Array:
-    return jnp.asarray(node.hyperparams["learning_rate"], jnp.float32)
-
+  `{"learning_rate": r}` for a `make_optimizer` state (or a `multi_transform` with one group that
+  has a rate); `{"learning_rate/<group>": r}` per group of a `jdl.transfer.per_group_optimizer`;
+  `{}` when the state records none.
+  """
   groups = _find(opt_state, lambda node: isinstance(node, optax.MultiTransformState))
   if len(groups) == 1:
     rates = {}
     for name, inner in groups[0].inner_states.items():
-      found = _find(inner, has_rate)
+      found = _find(inner, _has_learning_rate)
       if len(found) == 1:
-        rates[f"learning_rate/{name}"] = rate(found[0])
+        rates[f"learning_rate/{name}"] = _learning_rate(found[0])
     return {"learning_rate": next(iter(rates.values()))} if len(rates) == 1 else rates
-  found = _find(opt_state, has_rate)
-  return {"learning_rate": rate(found[0])} if len(found) == 1 else {}
+  found = _find(opt_state, _has_learning_rate)
+  return {"learning_rate": _learning_rate(found[0])} if len(found) == 1 else {}
 
 
 def ema_parameters(opt_state: optax.OptState) -> Params | None:
-  """The moving average of the parameters kept by `with_parameter_ema` (config key `ema_decay`),
-  found anywhere inside `opt_state`; None when the optimizer keeps no EMA.
-
-  Evaluate with it by swapping it in for the params, e.g.
-  `state.replace(params=jdl.optim.ema_parameters(state.opt_state))` (cast back with
-  `jax.tree.map(lambda e, p: e.astype(p.dtype), ema, params)` if the params are narrower than
-  float32).
-  """
+  """The parameter average `with_parameter_ema` keeps anywhere in `opt_state` (float32 or wider);
+  None when there is none."""
   found = _find(opt_state, lambda node: isinstance(node, ParameterEmaState))
   if len(found) > 1:
-    raise ValueError(
-        f"ema_parameters found {len(found)} parameter EMAs in the optimizer state; expected at "
-        "most one with_parameter_ema wrapper."
-    )
+    raise ValueError(f"ema_parameters found {len(found)} parameter EMAs in the optimizer state; "
+                     "expected at most one with_parameter_ema wrapper.")
   return found[0].ema if found else None
 
 
 _INJECT_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
+def _has_learning_rate(node: Any) -> bool:
+  return isinstance(node, _INJECT_STATES) and "learning_rate" in node.hyperparams
+
+
+def _learning_rate(node: Any) -> jax.Array:
+  return jnp.asarray(node.hyperparams["learning_rate"], jnp.float32)
 
 
 def _find(tree: Any, predicate: Callable[[Any], bool]) -> list[Any]:
