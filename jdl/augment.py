@@ -1,47 +1,29 @@
 """Data augmentation for batches of images (and signals), as jax ops that run on device.
 
-An augmentation spec is a plain mapping (a dict or an `ml_collections.ConfigDict`); every key is
-optional and off by default:
-  `crop_padding` (int): random crop with padding. Each side is padded with `fill` by `p` pixels
-    and the image is cropped back to `[H, W]` at an offset `(dy, dx)` drawn from `[0, 2p]^2`.
+An augmentation spec is a mapping (dict or ConfigDict); every key is optional and off by default:
+  `crop_padding` (int p): pad each side by p with `fill`, crop back to `[H, W]` at a random offset.
   `flip` (bool): horizontal flip (the W axis) with probability 1/2.
-  `cutout_size` (int): cutout (DeVries & Taylor, 2017). A `size x size` square of `fill` centred at
-    a uniformly drawn pixel `(cy, cx)`, `cy` in `[0, H)`, `cx` in `[0, W)`, clipped at the border.
-    The square covers rows `cy - size // 2 .. cy - size // 2 + size - 1` (and the same for columns),
-    so an even size has one more pixel above/left of the centre than below/right.
+  `cutout_size` (int): a `size x size` square of `fill` centred at a uniformly drawn pixel, clipped
+    at the border; an even size has one more pixel above/left of the centre than below/right.
   `brightness` (float b): adds `delta ~ U[-b, b]` to every value of the example.
-  `contrast` (float c in [0, 1]): scales `x - mean` by `factor ~ U[1 - c, 1 + c]`, where `mean` is
-    the example's mean over all its values (H, W and C).
-  `mixup_alpha` (float): mixup (Zhang et al., 2018). `lam ~ Beta(alpha, alpha)` per example and a
-    partner drawn by a random permutation of the real (mask True) examples of the batch; the input
-    becomes `lam * x + (1 - lam) * x[partner]`, and the batch gains `mix_label` (the partner's
-    label) and `mix_weight` (`lam`, the weight of `label`). Padding rows are their own partner with
-    weight 1, so they stay unchanged. The train step's loss is then
-    `w * loss(out, label) + (1 - w) * loss(out, mix_label)`.
-  `value_range` ((lo, hi), default (0, 1)): the range brightness/contrast results are clipped to.
-    Crop padding and cutout fill with 0.0, or with the nearest bound of the range when 0.0 is
-    outside it (so a range of (0.2, 1) fills with 0.2): the fill is always a legal value.
+  `contrast` (float c in [0, 1]): scales `x - mean` (the example's mean) by `U[1 - c, 1 + c]`.
+  `mixup_alpha` (float): `lam ~ Beta(alpha, alpha)` per example, mixed with a random real (mask
+    True) partner: `lam * x + (1 - lam) * x[partner]`; the batch gains `mix_label` and `mix_weight`
+    (`lam`). Padding rows are their own partner with weight 1.
+  `value_range` ((lo, hi), default (0, 1)): brightness/contrast results are clipped to it; the fill
+    is 0.0 moved to the nearest bound, so it is always a legal value.
 
-Every example gets its own draws. Augmentations run in this fixed order: crop, flip, cutout,
-contrast + brightness, mixup. Contrast and brightness are one step,
-`clip((x - mean) * factor + mean + delta, lo, hi)`, with `mean` taken over the step's input; with no
-clipping in between, contrast-then-brightness and brightness-then-contrast are the same map. Mixup
-comes last and mixes the augmented partner. Its result is clamped elementwise to
-`[min(x, x_partner), max(x, x_partner)]`, which only removes float rounding: a mix of values inside
-`value_range` stays inside it, and inputs outside `value_range` (standardised data) are not cut.
+Every example gets its own draws. The order is crop, flip, cutout, contrast + brightness (one step,
+`clip((x - mean) * factor + mean + delta, lo, hi)`), mixup. Mixup's result is clamped to
+`[min(x, x_partner), max(x, x_partner)]`, which only removes float rounding.
 
-Crop, flip and cutout need images `[batch, height, width, channels]`. Brightness, contrast and
-mixup work on any input of rank >= 2 (per example over all trailing axes), e.g. 1-D signals
-`[batch, length]`. They need a floating dtype; crop, flip and cutout keep any dtype.
+Crop, flip and cutout need images `[B, H, W, C]` and keep any dtype; brightness, contrast and mixup
+take any rank >= 2 input of a floating dtype.
 
-Sampling is split from applying: `sample_params` draws all random numbers of a batch, and
-`apply_params` is a deterministic function of the batch and those draws. `jdl.data.augment_tf`
-implements the same `apply_params` in TensorFlow for tf.data pipelines; given the same draws both
-give the same batch (crop, flip and cutout bit for bit, the rest within float rounding). Each draw
-has its own stream (`PARAM_STREAMS`), so switching one augmentation on or off does not change the
-draws of the others.
-
-This module must not import TensorFlow: the train step uses it on device.
+`sample_params` draws all random numbers of a batch and `apply_params` is deterministic given them;
+`jdl.data.augment_tf` implements the same `apply_params` in TensorFlow, and the same draws give the
+same batch. Each draw has its own stream (`PARAM_STREAMS`), so switching one augmentation on or off
+does not change the others' draws. This module must not import TensorFlow.
 """
 
 from __future__ import annotations
@@ -92,10 +74,8 @@ def _spec_dict(spec: Mapping[str, Any] | None) -> dict[str, Any]:
     return dict(spec.to_dict())
   if isinstance(spec, Mapping):
     return dict(spec)
-  raise TypeError(
-      "augmentation spec must be a mapping (dict or ConfigDict) or None; "
-      f"got {type(spec).__name__}."
-  )
+  raise TypeError("augmentation spec must be a mapping (dict or ConfigDict) or None; "
+                  f"got {type(spec).__name__}.")
 
 
 def _is_int(value: Any) -> bool:
@@ -124,37 +104,28 @@ def _amount(spec: Mapping[str, Any], key: str, upper: float = math.inf) -> float
 def validate_spec(spec: Mapping[str, Any] | None) -> dict[str, Any]:
   """Checks an augmentation spec and returns it as a plain dict with every key filled in.
 
-  Both the jax and the TensorFlow implementations call this, so a bad spec fails the same way in
-  both, and as early as possible (`make_augment` calls it at config time). A key set to None takes
-  its default.
+  The jax and TensorFlow implementations both call this, so a bad spec fails the same way in both.
+  A key set to None takes its default.
 
   Raises:
-    ValueError: for an unknown key (the message lists the valid ones) or a bad value (the message
-      names the key, the value and what is allowed).
+    ValueError: an unknown key or a bad value.
   """
   raw = _spec_dict(spec)
   unknown = sorted(str(key) for key in raw if key not in DEFAULTS)
   if unknown:
-    raise ValueError(
-        f"unknown augmentation key(s) {unknown}; valid keys are {sorted(DEFAULTS)}."
-    )
+    raise ValueError(f"unknown augmentation key(s) {unknown}; valid keys are {sorted(DEFAULTS)}.")
   merged = dict(DEFAULTS)
   merged.update({key: value for key, value in raw.items() if value is not None})
   flip = merged["flip"]
   if not isinstance(flip, (bool, np.bool_)):
     raise ValueError(f"augmentation flip={flip!r} must be a bool.")
   value_range = merged["value_range"]
-  if (
-      isinstance(value_range, (str, bytes))
-      or not isinstance(value_range, Sequence)
+  if (isinstance(value_range, (str, bytes)) or not isinstance(value_range, Sequence)
       or len(value_range) != 2
       or not all(_is_number(v) and math.isfinite(v) for v in value_range)
-      or not value_range[0] < value_range[1]
-  ):
-    raise ValueError(
-        f"augmentation value_range={value_range!r} must be two finite numbers (lo, hi) "
-        "with lo < hi."
-    )
+      or not value_range[0] < value_range[1]):
+    raise ValueError(f"augmentation value_range={value_range!r} must be two finite numbers "
+                     "(lo, hi) with lo < hi.")
   return {
       "crop_padding": _size(merged, "crop_padding"),
       "flip": bool(flip),
@@ -206,24 +177,20 @@ def check_input_shape(shape: Sequence[int | None], spec: Mapping[str, Any] | Non
   shown = "[" + ", ".join("?" if size is None else str(size) for size in shape) + "]"
   image_keys = [key for key in IMAGE_KEYS if spec[key]]
   if image_keys and len(shape) != 4:
-    raise ValueError(
-        f"augmentation {', '.join(image_keys)} needs image batches of shape "
-        f"[batch, height, width, channels]; got input of shape {shown}."
-    )
+    raise ValueError(f"augmentation {', '.join(image_keys)} needs image batches of shape "
+                     f"[batch, height, width, channels]; got input of shape {shown}.")
   other_keys = [key for key in ("brightness", "contrast", "mixup_alpha") if spec[key]]
   if other_keys and len(shape) < 2:
     raise ValueError(
         f"augmentation {', '.join(other_keys)} needs inputs of shape [batch, ...] with at least "
-        f"one axis per example; got input of shape {shown}."
-    )
+        f"one axis per example; got input of shape {shown}.")
   if any(size is None for size in shape[1:]):
     raise ValueError(f"augmentation needs a static per-example input shape; got {shown}.")
   padding = spec["crop_padding"]
   if padding and padding >= min(shape[1], shape[2]):
     raise ValueError(
         f"augmentation crop_padding={padding} must be smaller than the image height and width "
-        f"({shape[1]}, {shape[2]}), so that every crop keeps some of the image."
-    )
+        f"({shape[1]}, {shape[2]}), so that every crop keeps some of the image.")
 
 
 def _per_example(values_B: jax.Array, rank: int) -> jax.Array:
@@ -234,16 +201,14 @@ def _per_example(values_B: jax.Array, rank: int) -> jax.Array:
 def _mix_partners(key: jax.Array, real_B: jax.Array) -> jax.Array:
   """A random permutation of the real rows; each padding row maps to itself.
 
-  Real rows sorted by a random key give the real rows in random order; real rows sorted by index
-  give them in order. Row r, the k-th real row, is paired with the k-th row of the random order.
-  Padding rows sort after every real row, by index, in both orders, so they map to themselves.
+  The k-th real row is paired with the k-th row of the real rows in random order; padding rows
+  sort after every real row, by index, in both orders, so they map to themselves.
   """
   batch_size = real_B.shape[0]
   index_B = jnp.arange(batch_size, dtype=jnp.int32)
   after_real_B = 2.0 + index_B.astype(jnp.float32)
   shuffled_B = jnp.argsort(
-      jnp.where(real_B, jax.random.uniform(key, (batch_size,)), after_real_B), stable=True
-  )
+      jnp.where(real_B, jax.random.uniform(key, (batch_size,)), after_real_B), stable=True)
   in_order_B = jnp.argsort(jnp.where(real_B, 0, 1), stable=True)
   position_B = jnp.argsort(in_order_B, stable=True)  # the inverse permutation of in_order_B
   return shuffled_B[position_B].astype(jnp.int32)
@@ -279,38 +244,31 @@ def sample_params(
   params: Params = {}
   if "crop_offset" in names:
     params["crop_offset"] = jax.random.randint(
-        stream("crop_offset"), (batch_size, 2), 0, 2 * spec["crop_padding"] + 1, jnp.int32
-    )
+        stream("crop_offset"), (batch_size, 2), 0, 2 * spec["crop_padding"] + 1, jnp.int32)
   if "flip" in names:
     params["flip"] = jax.random.bernoulli(stream("flip"), 0.5, (batch_size,))
   if "cutout_center" in names:
     row_key, col_key = jax.random.split(stream("cutout_center"))
     height, width = image_shape[:2]
     params["cutout_center"] = jnp.stack(
-        [
-            jax.random.randint(row_key, (batch_size,), 0, height, jnp.int32),
-            jax.random.randint(col_key, (batch_size,), 0, width, jnp.int32),
-        ],
-        axis=1,
-    )
+        [jax.random.randint(row_key, (batch_size,), 0, height, jnp.int32),
+         jax.random.randint(col_key, (batch_size,), 0, width, jnp.int32)], axis=1)
   if "brightness" in names:
     amount = spec["brightness"]
     params["brightness"] = jax.random.uniform(
-        stream("brightness"), (batch_size,), jnp.float32, -amount, amount
-    )
+        stream("brightness"), (batch_size,), jnp.float32, -amount, amount)
   if "contrast" in names:
     amount = spec["contrast"]
     params["contrast"] = jax.random.uniform(
-        stream("contrast"), (batch_size,), jnp.float32, 1.0 - amount, 1.0 + amount
-    )
+        stream("contrast"), (batch_size,), jnp.float32, 1.0 - amount, 1.0 + amount)
   if "mix_partner" in names:
     real_B = jnp.ones((batch_size,), jnp.bool_) if mask is None else jnp.asarray(mask) != 0
     if real_B.shape != (batch_size,):
       raise ValueError(f"mask must have shape [{batch_size}]; got {real_B.shape}.")
     alpha = spec["mixup_alpha"]
     params["mix_partner"] = _mix_partners(stream("mix_partner"), real_B)
-    # Beta(a, a) = G1 / (G1 + G2) = sigmoid(log G1 - log G2) for G ~ Gamma(a): one Gamma draw of
-    # both, in log space so that small alphas do not underflow (cheaper to compile than `beta`).
+    # Beta(a, a) = sigmoid(log G1 - log G2) for G ~ Gamma(a), in log space so that small alphas
+    # do not underflow.
     log_gamma_2xB = jax.random.loggamma(stream("mix_weight"), alpha, (2, batch_size), jnp.float32)
     lam_B = jax.nn.sigmoid(log_gamma_2xB[0] - log_gamma_2xB[1])
     params["mix_weight"] = jnp.where(real_B, jnp.clip(lam_B, 0.0, 1.0), 1.0)
@@ -321,27 +279,21 @@ def check_params(params: Mapping[str, Any], spec: Mapping[str, Any] | None) -> N
   """Raises a ValueError when `params` lacks a draw that `spec` needs."""
   missing = [name for name in param_names(spec) if name not in params]
   if missing:
-    raise ValueError(
-        f"augmentation params lack {missing}, which the spec needs; got {sorted(params)}. "
-        "Draw them with the sampler and the same spec."
-    )
+    raise ValueError(f"augmentation params lack {missing}, which the spec needs; got "
+                     f"{sorted(params)}. Draw them with the sampler and the same spec.")
 
 
-def _crop(
-    images_BxHxWxC: jax.Array, offset_Bx2: jax.Array, padding: int, fill: float
-) -> jax.Array:
+def _crop(images_BxHxWxC: jax.Array, offset_Bx2: jax.Array, padding: int,
+          fill: float) -> jax.Array:
   """Pads by `padding` with `fill` and crops back at `offset`, as one gather (no padded copy)."""
   _, height, width, _ = images_BxHxWxC.shape
   offset_Bx2 = jnp.asarray(offset_Bx2, jnp.int32)
   rows_BxH = offset_Bx2[:, 0:1] - padding + jnp.arange(height, dtype=jnp.int32)[None, :]
   cols_BxW = offset_Bx2[:, 1:2] - padding + jnp.arange(width, dtype=jnp.int32)[None, :]
-  inside_BxHxWx1 = (
-      ((rows_BxH >= 0) & (rows_BxH < height))[:, :, None, None]
-      & ((cols_BxW >= 0) & (cols_BxW < width))[:, None, :, None]
-  )
+  inside_BxHxWx1 = (((rows_BxH >= 0) & (rows_BxH < height))[:, :, None, None]
+                    & ((cols_BxW >= 0) & (cols_BxW < width))[:, None, :, None])
   cropped = jax.vmap(lambda image, rows, cols: image[rows][:, cols])(
-      images_BxHxWxC, jnp.clip(rows_BxH, 0, height - 1), jnp.clip(cols_BxW, 0, width - 1)
-  )
+      images_BxHxWxC, jnp.clip(rows_BxH, 0, height - 1), jnp.clip(cols_BxW, 0, width - 1))
   return jnp.where(inside_BxHxWx1, cropped, jnp.asarray(fill, images_BxHxWxC.dtype))
 
 
@@ -363,9 +315,8 @@ def _compute_dtype(dtype: Any, what: str) -> Any:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def apply_params(
-    batch: Batch, params: Mapping[str, jax.Array], spec: Mapping[str, Any] | None
-) -> dict[str, jax.Array]:
+def apply_params(batch: Batch, params: Mapping[str, jax.Array],
+                 spec: Mapping[str, Any] | None) -> dict[str, jax.Array]:
   """Augments a batch with the given draws; deterministic, vectorised and jit-able.
 
   Args:
@@ -427,9 +378,8 @@ def apply_params(
 def make_augment(spec: Mapping[str, Any] | None) -> AugmentFn | None:
   """Returns `augment(key, batch) -> batch` for the spec, or None when it turns nothing on.
 
-  The spec is validated here, when the run is configured, not at the first step. The function draws
-  with `sample_params` (mixup pairs only rows with `batch["mask"]` True) and applies with
-  `apply_params`; it is pure and jit-able.
+  The spec is validated here, when the run is configured, not at the first step. The function is
+  pure and jit-able; mixup pairs only rows with `batch["mask"]` True.
   """
   spec = validate_spec(spec)
   if not is_enabled(spec):
