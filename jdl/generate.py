@@ -1,9 +1,8 @@
 """Autoregressive sampling from a causal language model.
 
-`generate` runs the whole loop as one jitted `lax.fori_loop` over a fixed-size token buffer, so a
-call compiles once, whatever the number of new tokens. Each step recomputes the model on a window
-of the last `block_size` tokens (no KV cache) and samples the next token with `sample_next`:
-temperature scaling, optional top-k filtering (`top_k_logits`), or greedy argmax.
+`generate` runs one jitted `lax.fori_loop` over a fixed-size token buffer, so a call compiles once
+whatever the number of new tokens. Each step recomputes the model on a window of the last
+`block_size` tokens (no KV cache) and samples the next token with `sample_next`.
 
 Shapes: B batch, T0 prompt length, N new tokens, V vocabulary size, W the model's window.
 """
@@ -48,16 +47,9 @@ def _check_temperature(temperature: float) -> float:
 
 
 def top_k_logits(logits: jax.Array, k: int) -> jax.Array:
-  """Keeps the `k` largest logits along the last axis and sets every other one to -inf.
+  """Keeps the `k` (in [1, V]) largest logits along the last axis and sets the others to -inf.
 
   Exactly k entries survive per row: among equal logits the lower index wins (`lax.top_k`'s order).
-
-  Args:
-    logits: `[..., V]` scores.
-    k: how many to keep, in [1, V]; k = V returns `logits` unchanged.
-
-  Returns:
-    An array like `logits` with all but the k largest entries of each row at -inf.
   """
   vocab_size = logits.shape[-1]
   _check_top_k(k, vocab_size)
@@ -68,9 +60,8 @@ def top_k_logits(logits: jax.Array, k: int) -> jax.Array:
   return jnp.where(keep, logits, -jnp.inf)
 
 
-def sample_next(
-    logits: jax.Array, key: jax.Array, temperature: float = 1.0, top_k: int | None = None
-) -> jax.Array:
+def sample_next(logits: jax.Array, key: jax.Array, temperature: float = 1.0,
+                top_k: int | None = None) -> jax.Array:
   """Samples one token per row from `softmax(top_k_logits(logits, top_k) / temperature)`.
 
   Args:
@@ -107,11 +98,9 @@ def generate(
 ) -> jax.Array:
   """Extends each prompt by `num_new_tokens` sampled tokens.
 
-  The model must be causal (the logits at position t depend on tokens 0..t only): each step feeds
-  a fixed window of W = min(block_size, T0 + N) tokens, which early on still holds unfilled slots
-  after the current position, and reads the logits of the last filled one. Once the sequence is
-  longer than `block_size` the window holds its last `block_size` tokens, which the model sees at
-  positions 0..block_size-1.
+  The model must be causal: each step feeds a fixed window of W = min(block_size, T0 + N) tokens,
+  which early on still holds unfilled slots after the current position, and reads the logits of
+  the last filled one.
 
   Args:
     model: a linen Module (its `apply` is used, and its `block_size` attribute is the default

@@ -1,12 +1,9 @@
 """Masked metric accumulation: per-batch sums that merge exactly into full-split numbers.
 
-A step returns metrics as a flat dict of *sums* (example count, summed loss, number correct), never
-as means (the train step adds a non-finite watch, `nonfinite_step` and `nonfinite_what`, which
-merges by keeping the earliest bad step). Sums merge by addition, across batches and across devices
-(`psum`), so the metric over a whole split, a last partial batch and padded examples included, is
-exactly the metric over the array. `compute_metrics` turns the sums into means once, on the host.
-
-The three functions form the usual (empty, merge, compute) triple of pure functions.
+A step returns a flat dict of *sums* (example count, summed loss, number correct), never means, so
+they merge exactly by addition across batches and devices (`psum`), padding included;
+`compute_metrics` turns them into means once, on the host. The train step's non-finite watch
+(`nonfinite_step`, `nonfinite_what`) merges by keeping the earliest bad step.
 """
 
 from __future__ import annotations
@@ -21,19 +18,11 @@ import numpy as np
 Metrics = dict[str, jax.Array]
 
 
-def classification_metrics(
-    outputs: jax.Array,
-    labels: jax.Array,
-    losses: jax.Array,
-    mask: jax.Array | None = None,
-    *,
-    top_k: Sequence[int] = (),
-) -> Metrics:
+def classification_metrics(outputs: jax.Array, labels: jax.Array, losses: jax.Array,
+                           mask: jax.Array | None = None, *, top_k: Sequence[int] = ()) -> Metrics:
   """Sums for loss, accuracy and top-k accuracy over the unmasked examples of one batch.
 
-  Labels may have positions: a language model's `[batch, time]` labels with `[batch, time,
-  vocab]` outputs are classified position by position, and `count` then counts positions (tokens),
-  so the mean loss is in nats per token.
+  Labels may have positions (a language model's `[batch, time]`); `count` then counts positions.
 
   Args:
     outputs: `[batch, ..., num_classes]` logits or probabilities.
@@ -88,10 +77,11 @@ NO_NONFINITE_STEP = np.iinfo(np.int32).max
 
 
 def nonfinite_metrics(step: jax.Array, loss_sum: jax.Array, grads: Any) -> Metrics:
-  """The train step's non-finite watch: `nonfinite_step` is the 1-based number of this step if its
-  loss or any gradient is NaN or infinite (else `NO_NONFINITE_STEP`), and `nonfinite_what` says
-  which went bad first: 0 for the loss, `i + 1` for the i-th gradient leaf (in `jax.tree.leaves`
-  order). Merged over steps, the pair keeps the earliest bad step."""
+  """The train step's non-finite watch.
+
+  `nonfinite_step` is the 1-based number of this step if its loss or any gradient is not finite
+  (else `NO_NONFINITE_STEP`); `nonfinite_what` is 0 for the loss, `i + 1` for the i-th gradient leaf.
+  """
   leaves = jax.tree.leaves(grads)
   bad = jnp.stack([~jnp.all(jnp.isfinite(loss_sum))] + [~jnp.all(jnp.isfinite(g)) for g in leaves])
   return {
@@ -106,9 +96,8 @@ def empty_metrics() -> None:
 
 
 def zero_metrics(like: Mapping[str, Any]) -> Metrics:
-  """Metrics shaped like `like` (arrays or `jax.ShapeDtypeStruct`s) that merge as a no-op: zero
-  sums, and no non-finite step. The start of a running total inside a compiled loop, where
-  `empty_metrics()` (None) cannot be carried."""
+  """Metrics shaped like `like` that merge as a no-op: the start of a total in a compiled loop,
+  where `empty_metrics()` (None) cannot be carried."""
   zeros = {key: jnp.zeros(value.shape, value.dtype) for key, value in like.items()}
   if "nonfinite_step" in zeros:
     zeros["nonfinite_step"] = jnp.full_like(zeros["nonfinite_step"], NO_NONFINITE_STEP)
@@ -126,8 +115,7 @@ def merge_metrics(total: Metrics | None, batch: Metrics) -> Metrics:
 
 @jax.jit
 def _merge_sums(total: Metrics, batch: Metrics) -> Metrics:
-  """One compiled program (inlined when traced inside another): eagerly, the adds, the minimum
-  and the select were five small programs to compile and five dispatches per merge."""
+  """The merge as one compiled program, not one per op when called eagerly."""
   merged = {key: total[key] + batch[key] for key in total if not key.startswith("nonfinite_")}
   if "nonfinite_step" in total:  # keep the earliest bad step and what went bad there
     earlier = batch["nonfinite_step"] < total["nonfinite_step"]
