@@ -241,16 +241,16 @@ def dataset_meta(builder: tfds.core.DatasetBuilder) -> DatasetMeta:
 def scale_inputs(inputs: np.ndarray | tf.Tensor):
   """Scales uint8 pixels to float32 in [0, 1]; other numeric inputs just become float32.
 
-  Numpy arrays are scaled with numpy (TensorFlow is not imported for them), tensors with
-  TensorFlow; both divide in float32, so they give the same bits.
+  TensorFlow tensors (in a tf.data map) are scaled with TensorFlow, arrays with their own
+  `astype`, without importing TensorFlow; both divide in float32, so they give the same bits.
   """
-  if isinstance(inputs, np.ndarray):
-    if inputs.dtype == np.uint8:
-      return inputs.astype(np.float32) / np.float32(255.0)
-    return inputs.astype(np.float32)
-  if inputs.dtype == tf.uint8:
-    return tf.cast(inputs, tf.float32) / 255.0
-  return tf.cast(inputs, tf.float32)
+  if "tensorflow" in sys.modules and isinstance(inputs, tf.Tensor):
+    if inputs.dtype == tf.uint8:
+      return tf.cast(inputs, tf.float32) / 255.0
+    return tf.cast(inputs, tf.float32)
+  if inputs.dtype == np.uint8:
+    return inputs.astype(np.float32) / np.float32(255.0)
+  return inputs.astype(np.float32)
 
 
 def read_split(
