@@ -118,6 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.num_devices = 0  # devices to use; 0: all (per process for pmap)
   config.distributed = "auto"  # join a multi-process run: auto (if JAX_COORDINATOR_ADDRESS), on, off
   config.cpu_threads = 0  # XLA CPU threads for command-line runs on a CPU; 0: one per core
+  config.compilation_cache_dir = "~/.cache/jdl/xla"  # compiled programs kept across runs; "": off
   return config
 
 
