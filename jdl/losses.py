@@ -19,24 +19,18 @@ LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 Params = Any
 
 
-def softmax_cross_entropy(
-    logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0
-) -> jax.Array:
-  """Cross-entropy of integer class labels under softmax(logits): Keras' sparse categorical
-  cross-entropy with `from_logits=True`.
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *,
+                          label_smoothing: float = 0.0) -> jax.Array:
+  """Cross-entropy of integer class labels under softmax(logits) (Keras' `from_logits=True`).
 
   Args:
     logits: `[batch, num_classes]` unnormalised scores.
     labels: `[batch]` integer class indices in `[0, num_classes)`.
-    label_smoothing: `s` in `[0, 1)`. With `s > 0` the target is the smoothed distribution
-      `(1 - s) * one_hot(label) + s / num_classes` instead of the one-hot label (Szegedy et al.,
-      2016), which stops the model from driving logits towards infinity for the training labels
-      and usually calibrates it better. 0 (the default) is the plain loss, computed exactly as
-      before.
+    label_smoothing: `s` in `[0, 1)`; with `s > 0` the target is
+      `(1 - s) * one_hot(label) + s / num_classes` (Szegedy et al., 2016).
 
   Returns:
-    `[batch]` losses, `-log softmax(logits)[label]` (or `-sum(target * log softmax(logits))` with
-    smoothing).
+    `[batch]` losses.
   """
   smoothing = check_label_smoothing(label_smoothing)
   if not smoothing:
@@ -48,13 +42,10 @@ def cross_entropy_from_probabilities(
     probabilities: jax.Array, labels: jax.Array, *, epsilon: float = 1e-7,
     label_smoothing: float = 0.0,
 ) -> jax.Array:
-  """Cross-entropy of integer labels for a model that already ends in softmax (Keras'
-  `from_logits=False`). Probabilities are clipped to `[epsilon, 1]` before the log; prefer logits
-  with `softmax_cross_entropy`, which is exact and numerically stable.
+  """Cross-entropy of integer labels for a model that ends in softmax (Keras' `from_logits=False`).
 
-  `label_smoothing` is as in `softmax_cross_entropy`: with `s > 0` the target is
-  `(1 - s) * one_hot(label) + s / num_classes`, so the model gets the same objective whichever
-  output (logits or probabilities) it ends in.
+  Probabilities are clipped to `[epsilon, 1]` before the log; prefer logits with
+  `softmax_cross_entropy`, which is numerically stable. `label_smoothing` as there.
   """
   smoothing = check_label_smoothing(label_smoothing)
   if not smoothing:
@@ -64,25 +55,19 @@ def cross_entropy_from_probabilities(
 
 
 def check_label_smoothing(label_smoothing: float) -> float:
-  """Returns `label_smoothing` as a float after checking that it lies in `[0, 1)`.
-
-  At 1 the target would be uniform whatever the label, so nothing would be learnt; a negative
-  value is not a distribution. Both are mistakes, caught here with the value that was given.
-  """
+  """Returns `label_smoothing` as a float after checking that it lies in `[0, 1)`."""
   try:
     value = float(label_smoothing)
   except (TypeError, ValueError):
     raise ValueError(
-        f"label_smoothing must be a number in [0, 1); got {label_smoothing!r}."
-    ) from None
+        f"label_smoothing must be a number in [0, 1); got {label_smoothing!r}.") from None
   if not 0.0 <= value < 1.0:
     raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing}.")
   return value
 
 
 def _smoothed_cross_entropy(log_probs: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
-  """`-sum(target * log_probs)` for `target = (1 - s) one_hot(label) + s / num_classes`, without
-  building the one-hot matrix: `(1 - s) * nll(label) + s * mean over classes of -log_probs`."""
+  """`-sum(target * log_probs)` for the smoothed target, without building the one-hot matrix."""
   picked = jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
   return -(1.0 - smoothing) * picked - smoothing * jnp.mean(log_probs, axis=-1)
 
@@ -104,10 +89,8 @@ def binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def mean_squared_error(predictions: jax.Array, targets: jax.Array) -> jax.Array:
   """Squared error averaged over every axis but the batch axis; `[batch]` losses."""
   if predictions.shape != targets.shape:
-    raise ValueError(
-        f"mean_squared_error needs predictions and targets of one shape; got {predictions.shape} "
-        f"and {targets.shape}."
-    )
+    raise ValueError(f"mean_squared_error needs predictions and targets of one shape; got "
+                     f"{predictions.shape} and {targets.shape}.")
   return _mean_over_trailing_axes(jnp.square(predictions - targets.astype(predictions.dtype)))
 
 
@@ -116,8 +99,7 @@ def _mean_over_trailing_axes(values: jax.Array) -> jax.Array:
 
 
 def kernels_only_mask(params: Params) -> Params:
-  """A boolean pytree like `params` that is True for weight matrices and convolution kernels
-  (arrays of rank >= 2) and False for biases and normalisation scales, which penalties spare."""
+  """True for weight matrices and convolution kernels (rank >= 2), False for biases and scales."""
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
@@ -127,10 +109,7 @@ def l1_penalty(params: Params, mask: Params | None = None) -> jax.Array:
 
 
 def l2_penalty(params: Params, mask: Params | None = None) -> jax.Array:
-  """Sum of squares of the parameters selected by `mask` (default: kernels only).
-
-  Multiplied by a coefficient `c` this is Keras' `l2(c)` regulariser; its gradient is `2 c w`.
-  """
+  """Sum of squares of the parameters selected by `mask` (default: kernels only); Keras' `l2`."""
   return _masked_sum(jnp.square, params, mask)
 
 
@@ -170,9 +149,7 @@ def get_classification_loss(name: str, label_smoothing: float = 0.0) -> LossFn:
 
   Args:
     name: a key of `LOSSES`; a clear error lists the valid names.
-    label_smoothing: `s` in `[0, 1)`; with `s > 0` the loss is bound to it
-      (`functools.partial(loss, label_smoothing=s)`), so a config can ask for label smoothing by
-      value and the train step still sees a two-argument loss. 0 returns the loss itself.
+    label_smoothing: `s` in `[0, 1)`, bound into the returned two-argument loss.
   """
   if name not in LOSSES:
     raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}.")

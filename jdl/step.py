@@ -1,22 +1,13 @@
 """Pure train and eval steps.
 
 `make_train_step` and `make_eval_step` bind the fixed pieces (loss, penalty, metrics, axis name)
-and return plain functions of `(state, batch)`. Nothing else is captured, so the same function runs
-under `jax.jit`, under jit with sharded inputs, and under `jax.pmap` with `axis_name` set.
+and return plain functions of `(state, batch)`, so the same function runs under `jax.jit`, sharded
+jit, and `jax.pmap` with `axis_name` set. A batch is a dict with `input`, `label` and optionally
+`mask` (per example or per position) and mixup's `mix_label`, `mix_weight` (docs/training.md).
 
-A batch is a dict of arrays:
-  `input`: `[batch, *input_shape]` model inputs;
-  `label`: `[batch, ...]` targets (integer class labels for classification; `[batch, time]` next
-  tokens for a language model, whose loss and metrics are then per token);
-  `mask` (optional): `[batch]`, True for real examples and False for padding, or shaped like
-  `label` to mask single positions;
-  `mix_label`, `mix_weight` (optional, from mixup): `[batch]` second labels and the weight of
-  `label`; the loss is then `w * loss(label) + (1 - w) * loss(mix_label)`.
-
-Loss and metrics cover the unmasked examples only, so a padded batch gives exactly the numbers of
-its real examples. With `axis_name` set, the loss is normalised by the example count summed over
-the axis and gradients are summed (`psum`), which equals the gradient of the global batch's mean
-loss even when devices hold different numbers of real examples.
+Loss and metrics cover the unmasked examples only. With `axis_name` set, the loss is normalised by
+the example count summed over the axis and gradients are summed (`psum`), which equals the gradient
+of the global batch's mean loss even when devices hold different numbers of real examples.
 """
 
 from __future__ import annotations
@@ -49,8 +40,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def check_compute_dtype(compute_dtype: Any) -> jnp.dtype | None:
-  """`compute_dtype` as a floating dtype (None stays None: compute in the parameters' dtype); a
-  non-floating or unknown dtype is an error listing the usual ones."""
+  """`compute_dtype` as a floating dtype; None stays None (compute in the parameters' dtype)."""
   if compute_dtype is None:
     return None
   try:
@@ -72,9 +62,8 @@ def cast_floating(tree: Any, dtype: jnp.dtype | None) -> Any:
 
 
 def _apply_in(compute_dtype: jnp.dtype | None, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
-  """`apply_fn(variables, inputs, ...)` computing in `compute_dtype`: parameters and floating
-  inputs are cast down, outputs cast back to float32 and the model state (BatchNorm statistics)
-  back to the dtypes it came in, so a scan carrying the state keeps its types."""
+  """`apply_fn` computing in `compute_dtype`: outputs come back in float32, and the model state in
+  the dtypes it came in, so a scan carrying the state keeps its types."""
   if compute_dtype is None:
     return apply_fn
 
@@ -92,6 +81,7 @@ def _apply_in(compute_dtype: jnp.dtype | None, apply_fn: Callable[..., Any]) -> 
 
   return apply_in_compute_dtype
 
+
 _DEFAULT_METRICS: MetricsFn = functools.partial(metrics_lib.classification_metrics, top_k=())
 
 
@@ -108,36 +98,27 @@ def make_train_step(
 ) -> TrainStepFn:
   """Returns a pure train step `(state, batch) -> (state, metrics)`.
 
-  The step does one gradient update on the batch it is given. Batch gradient descent, stochastic
-  gradient descent and mini-batch gradient descent are the same step fed batches of the whole
-  training set, of one example, or of a few examples: the batch size is the only difference.
-
   Args:
     loss_fn: per-example loss `(outputs, labels) -> [batch]`.
     weight_penalty: optional `params -> scalar` added to the mean loss (e.g.
       `losses.make_weight_penalty(l2=1e-4)`).
     metrics_fn: `(outputs, labels, losses, mask) -> sums`; see `jdl.metrics`.
     axis_name: the mapped axis name when run under `pmap`/`shard_map`; None under (sharded) jit.
-    augment: optional on-device augmentation `(key, batch) -> batch` applied to every training
-      batch (e.g. `jdl.augment.make_augment(spec)`); it may add mixup's `mix_label` and
-      `mix_weight`.
-    check_finite: add `nonfinite_step` / `nonfinite_what` to the metrics, which say whether and
-      where the loss or a gradient became NaN or infinite (see `jdl.metrics.nonfinite_metrics`;
-      `fit` stops the run with an error naming the step and the parameter).
-    compute_dtype: None computes in the parameters' dtype; `jnp.bfloat16` is mixed precision (see
-      the module docstring): bfloat16 forward and backward passes, float32 parameters, gradients,
-      optimizer state and loss.
+    augment: optional on-device augmentation `(key, batch) -> batch` of every training batch
+      (e.g. `jdl.augment.make_augment(spec)`); it may add mixup's `mix_label` and `mix_weight`.
+    check_finite: add `nonfinite_step` / `nonfinite_what` (`jdl.metrics.nonfinite_metrics`) to
+      the metrics, so `fit` can stop a diverging run at its first bad step.
+    compute_dtype: None computes in the parameters' dtype; `jnp.bfloat16` is mixed precision:
+      bfloat16 forward and backward passes, float32 parameters, gradients, optimizer state, loss.
     adversary: optional adversarial training, `(apply_fn, variables, key, batch) -> batch` (e.g.
-      `jdl.analysis.adversarial.make_adversary(epsilon)`): applied after `augment`, with the
-      current parameters (`apply_fn` computes in `compute_dtype`; call it with `train=False`), it
-      returns the batch with adversarial inputs, and the loss and gradient are taken there. The
-      attack is not differentiated through (Madry et al.). Its key is the step's key folded with
-      `ADVERSARY_STREAM`.
+      `jdl.analysis.adversarial.make_adversary(epsilon)`), applied after `augment` with the
+      current parameters; the loss is taken on its inputs, and the attack is not differentiated
+      through (Madry et al.).
 
   Returns:
-    The train step. Its key for dropout is `fold_in(state.rng, state.step)` (and the device index
-    under `axis_name`), and augmentation's is that key folded with `AUGMENT_STREAM`, so runs are
-    reproducible and resumable.
+    The train step. Its dropout key is `fold_in(state.rng, state.step)` (and the device index
+    under `axis_name`); augmentation and the adversary fold that with `AUGMENT_STREAM` and
+    `ADVERSARY_STREAM`, so runs are reproducible and resumable.
   """
 
   compute_dtype = check_compute_dtype(compute_dtype)
@@ -160,9 +141,8 @@ def make_train_step(
 
     def objective(params: Params):
       variables = {"params": params, **state.model_state}
-      outputs, new_model_state = apply_fn(
-          variables, inputs, train=True, rngs={"dropout": rng}, mutable=mutable
-      )
+      outputs, new_model_state = apply_fn(variables, inputs, train=True, rngs={"dropout": rng},
+                                          mutable=mutable)
       per_example = per_example_loss(outputs, labels)
       keep = metrics_lib.broadcast_mask(mask, per_example.shape).astype(jnp.float32)
       example_count = jnp.sum(keep)  # examples, or positions for per-position losses
@@ -195,10 +175,10 @@ def make_eval_step(
     axis_name: str | None = None,
     compute_dtype: Any = None,
 ) -> EvalStepFn:
-  """Returns a pure eval step `(state, batch) -> metrics` (model in inference mode: no dropout,
-  BatchNorm on running statistics). Metrics are sums; merge them over a split with
-  `jdl.metrics.merge_metrics` and turn them into means with `compute_metrics`. `compute_dtype` is
-  that of `make_train_step`."""
+  """Returns a pure eval step `(state, batch) -> metric sums`, the model in inference mode.
+
+  `compute_dtype` is that of `make_train_step`.
+  """
   compute_dtype = check_compute_dtype(compute_dtype)
 
   def eval_step(state: TrainState, batch: Batch) -> Metrics:
@@ -237,18 +217,15 @@ def _unpack(batch: Batch, input_shape: tuple[int, ...], input_dtype: str = "floa
   if tuple(inputs.shape[1:]) != tuple(input_shape):
     raise ValueError(
         f"input shape {tuple(inputs.shape[1:])} (per example, batch shape {inputs.shape}) does not "
-        f"fit the model, which was initialised for per-example shape {tuple(input_shape)}."
-    )
+        f"fit the model, which was initialised for per-example shape {tuple(input_shape)}.")
   wants_integers = jnp.issubdtype(input_dtype, jnp.integer)
   if wants_integers != jnp.issubdtype(inputs.dtype, jnp.integer):
     raise ValueError(
         f"'input' has dtype {inputs.dtype}, but the model was initialised with {input_dtype} "
         f"inputs; {'token ids must be integers' if wants_integers else 'it expects real values'}.")
   if labels.ndim < 1 or labels.shape[0] != inputs.shape[0]:
-    raise ValueError(
-        f"'label' has shape {labels.shape} but 'input' has {inputs.shape[0]} examples; "
-        "labels need the same leading batch dimension."
-    )
+    raise ValueError(f"'label' has shape {labels.shape} but 'input' has {inputs.shape[0]} "
+                     "examples; labels need the same leading batch dimension.")
   if mask is not None and mask.shape not in (inputs.shape[:1], labels.shape):
     raise ValueError(f"'mask' has shape {mask.shape}; expected {inputs.shape[:1]} (per example) "
                      f"or the labels' shape {labels.shape} (per position).")
@@ -268,26 +245,17 @@ def make_steps(
     adversary: AdversaryFn | None = None,
     check_finite: bool = True,
 ) -> tuple[TrainStepFn, EvalStepFn]:
-  """Train and eval steps for classification with a named loss, L1/L2 penalties, top-k, optional
-  on-device augmentation of training batches, label smoothing, mixed precision and adversarial
-  training (`adversary`, e.g. `jdl.analysis.adversarial.make_adversary(0.03)`).
+  """Train and eval steps for classification with a named loss (arguments as `make_train_step`'s).
 
-  Label smoothing applies to the training loss only: the eval step reports the plain loss, so
-  evaluation numbers compare across smoothing settings. `check_finite=False` drops the per-step
-  NaN/inf check of the loss and gradients (see `make_train_step`): one extra pass over every
-  gradient each step, noticeable only where a step is little more than such passes (a small MLP
-  on a CPU); `fit` then cannot stop a diverging run at its first bad step."""
+  Label smoothing applies to the training loss only, so evaluation numbers compare across
+  smoothing settings.
+  """
   metrics_fn = functools.partial(metrics_lib.classification_metrics, top_k=top_k)
   train_step = make_train_step(
       losses_lib.get_classification_loss(loss_name, label_smoothing),
-      weight_penalty=losses_lib.make_weight_penalty(l1=l1, l2=l2),
-      metrics_fn=metrics_fn,
-      axis_name=axis_name,
-      augment=augment,
-      compute_dtype=compute_dtype,
-      adversary=adversary,
-      check_finite=check_finite,
-  )
+      weight_penalty=losses_lib.make_weight_penalty(l1=l1, l2=l2), metrics_fn=metrics_fn,
+      axis_name=axis_name, augment=augment, compute_dtype=compute_dtype, adversary=adversary,
+      check_finite=check_finite)
   eval_step = make_eval_step(losses_lib.get_classification_loss(loss_name), metrics_fn=metrics_fn,
                              axis_name=axis_name, compute_dtype=compute_dtype)
   return train_step, eval_step
