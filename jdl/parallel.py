@@ -1,23 +1,20 @@
 """Runners: the same pure step under jit, jit over a device mesh, or pmap; and many hosts.
 
-A runner owns the host/device boundary of one layout. It places the state, turns a host batch into
-device arrays, compiles the steps, and brings metrics and state back:
+A runner owns the host/device boundary of one layout: it places the state and batches, compiles
+the steps, and brings metrics and state back.
 
   "none":  `JitRunner`      jax.jit on one device.
-  "shard": `ShardedRunner`  jax.jit over a `Mesh`: the batch is split along the mesh's data axis,
-                            the state is replicated; the program is the single-device program, so
-                            BatchNorm statistics and dropout keys are those of the global batch.
-  "pmap":  `PmapRunner`     jax.pmap: the state is replicated with a leading device axis, the batch
-                            is reshaped to [devices, batch / devices, ...]; steps and models are built
-                            with `axis_name=runner.axis_name` so gradients, metrics and BatchNorm
-                            statistics are reduced across devices, and dropout keys differ per
-                            device.
+  "shard": `ShardedRunner`  jax.jit over a `Mesh`: batch split along the data axis, state
+                            replicated; the single-device program, so BatchNorm statistics and
+                            dropout keys are those of the global batch.
+  "pmap":  `PmapRunner`     jax.pmap: state replicated with a leading device axis, batch reshaped to
+                            [devices, batch / devices, ...]; steps and models built with
+                            `axis_name=runner.axis_name` reduce across devices.
   "auto":  "shard" when more than one device is present, else "none".
 
-Steps and models are built with `runner.axis_name` (None except under pmap): parallelism is a
-parameter, not a fork. Many hosts: `initialize_distributed` joins the processes; each process feeds
-its own share of every global batch (see `jdl.data.ArraySource`'s `process_index`), and
-`ShardedRunner` assembles global arrays from the process-local pieces.
+Many hosts: `initialize_distributed` joins the processes; each feeds its own share of every global
+batch, and `ShardedRunner` assembles global arrays from the process-local pieces. See
+docs/devices.md.
 """
 
 from __future__ import annotations
@@ -58,15 +55,13 @@ class Runner(Protocol):
     ...
 
   def place_batch(self, batch: Batch, *, pad: bool = False) -> Batch:
-    """A host batch (this process's share) ready for the compiled steps: laid out on the devices
-    (or, for one device, left to the step's dispatch to copy). With `pad`, the batch is padded
-    with masked examples to a multiple of the device count; without, an uneven batch is an error."""
+    """A host batch (this process's share) ready for the compiled steps. With `pad`, padded with
+    masked examples to a multiple of the device count; without, an uneven batch is an error."""
     ...
 
   def compile(self, train_step: TrainStep, eval_step: EvalStep | None
               ) -> tuple[TrainStep, EvalStep | None]:
-    """The steps compiled for this layout (the train step donates the state's buffers); no eval
-    step stays None."""
+    """The steps compiled for this layout (the train step donates the state); None stays None."""
     ...
 
   def fetch_metrics(self, sums: Metrics) -> Metrics:
@@ -96,15 +91,11 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
   if count < 1:
     raise ValueError(f"a mesh needs at least one device; got num_devices={num_devices}.")
   if count > len(devices):
-    raise ValueError(
-        f"a mesh of {count} devices was requested but only {len(devices)} are present "
-        f"({devices[0].platform}); ask for at most {len(devices)}."
-    )
+    raise ValueError(f"a mesh of {count} devices was requested but only {len(devices)} are "
+                     f"present ({devices[0].platform}); ask for at most {len(devices)}.")
   if count % processes:
-    raise ValueError(
-        f"a mesh of {count} devices cannot be spread evenly over {processes} processes; ask for a "
-        f"multiple of {processes}."
-    )
+    raise ValueError(f"a mesh of {count} devices cannot be spread evenly over {processes} "
+                     f"processes; ask for a multiple of {processes}.")
   per_process = count // processes
   chosen = []
   for process in range(processes):
@@ -115,9 +106,8 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
   return Mesh(np.array(chosen), (DATA_AXIS,))
 
 
-def make_runner(
-    layout: str = "auto", *, num_devices: int | None = None, batch_size: int | None = None
-) -> Runner:
+def make_runner(layout: str = "auto", *, num_devices: int | None = None,
+                batch_size: int | None = None) -> Runner:
   """The runner for `layout` ("auto", "none", "shard" or "pmap").
 
   Args:
@@ -125,8 +115,7 @@ def make_runner(
     num_devices: devices to use (default: all; per process under pmap). An explicit count is
       strict: more than are present, or a `batch_size` it does not divide, is an error.
     batch_size: the global training batch size. Under "auto" without `num_devices`, the mesh takes
-      the largest number of devices that divides it (and spreads evenly over the processes): all
-      of them for the usual power-of-two batches, so a default config runs on any machine.
+      the largest number of devices that divides it, so a default config runs on any machine.
   """
   if layout not in LAYOUTS:
     raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}.")
@@ -148,18 +137,16 @@ def make_runner(
   if batch_size is not None and batch_size % runner.num_devices:
     raise ValueError(
         f"the global batch size {batch_size} is not divisible by the {runner.num_devices} devices "
-        f"of layout {runner.layout!r}; use a batch size that is a multiple of {runner.num_devices}."
-    )
+        f"of layout {runner.layout!r}; use a batch size that is a multiple of "
+        f"{runner.num_devices}.")
   return runner
 
 
 def _check_divisible(batch: Batch, count: int, what: str) -> int:
   size = int(np.shape(batch["input"])[0])
   if size % count:
-    raise ValueError(
-        f"the batch of {size} examples cannot be split evenly over {count} {what}; use a batch "
-        f"size that is a multiple of {count}."
-    )
+    raise ValueError(f"the batch of {size} examples cannot be split evenly over {count} {what}; "
+                     f"use a batch size that is a multiple of {count}.")
   return size
 
 
@@ -181,11 +168,7 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 
 def shard_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
-  """A batch as global arrays split along the mesh's data axis.
-
-  `batch` holds this process's share (the whole batch in a single-process run); the shares of
-  all processes, in process order, make the global batch.
-  """
+  """A batch as global arrays split along the mesh's data axis; `batch` is this process's share."""
   sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
   return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
           for key, value in batch.items()}
@@ -216,8 +199,7 @@ class JitRunner:
     return state
 
   def place_batch(self, batch: Batch, *, pad: bool = False) -> Batch:
-    """The host arrays themselves: calling the compiled step with them copies them to its device
-    in JAX's C++ dispatch, which costs less Python per batch than `jax.device_put`."""
+    """The host arrays themselves: the compiled step's C++ dispatch copies them for less."""
     del pad
     return dict(batch)
 
@@ -238,11 +220,7 @@ class JitRunner:
 
 
 class ShardedRunner:
-  """`jax.jit` over a mesh: batch split along `DATA_AXIS`, state replicated.
-
-  Works across processes: each process passes its own share of the global batch to
-  `place_batch`, and the global array is assembled from the shares in process order.
-  """
+  """`jax.jit` over a mesh: batch split along `DATA_AXIS`, state replicated; multi-process too."""
 
   layout = "shard"
   axis_name = None
@@ -279,8 +257,7 @@ class ShardedRunner:
     return train, evaluate
 
   def fetch_metrics(self, sums: Metrics) -> Metrics:
-    # Replicated results: this process's copy (in a multi-process run the global array is not
-    # addressable as a whole).
+    # This process's copy: in a multi-process run the global array is not addressable as a whole.
     return jax.tree.map(lambda x: x.addressable_data(0), sums)
 
   supports_resident = True
@@ -293,11 +270,10 @@ class ShardedRunner:
 
 
 class PmapRunner:
-  """`jax.pmap` over this process's devices, with `axis_name=PMAP_AXIS`; single-process only
-  (multi-process runs use `ShardedRunner`).
+  """`jax.pmap` over this process's devices, with `axis_name=PMAP_AXIS`; single-process only.
 
-  Since JAX 0.8 pmap is implemented with jit and shard_map and is in maintenance mode; it stays
-  supported here for code written for it, and `ShardedRunner` is the default.
+  pmap is in maintenance mode in JAX; it stays for code written for it, `ShardedRunner` is the
+  default.
   """
 
   layout = "pmap"
@@ -307,15 +283,12 @@ class PmapRunner:
     if jax.process_count() > 1:
       raise ValueError(
           f"layout 'pmap' runs within one process; this run has {jax.process_count()} processes. "
-          "Use layout 'shard' (the default) for multi-process runs."
-      )
+          "Use layout 'shard' (the default) for multi-process runs.")
     local = jax.local_devices()
     count = len(local) if num_devices is None else int(num_devices)
     if count < 1 or count > len(local):
-      raise ValueError(
-          f"pmap over {count} devices was requested but this process has {len(local)}; ask for "
-          f"between 1 and {len(local)}."
-      )
+      raise ValueError(f"pmap over {count} devices was requested but this process has "
+                       f"{len(local)}; ask for between 1 and {len(local)}.")
     self.devices = local[:count]
     self.local_devices = self.num_devices = count
     # Arrays with a leading device axis, one slice per device: what pmap consumes and returns.
@@ -323,10 +296,8 @@ class PmapRunner:
 
   def place_state(self, state: TrainState) -> TrainState:
     count = self.local_devices
-    return jax.tree.map(
-        lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (count, *np.shape(x))), self.stacked),
-        state,
-    )
+    return jax.tree.map(lambda x: jax.device_put(
+        np.broadcast_to(np.asarray(x), (count, *np.shape(x))), self.stacked), state)
 
   def fetch_state(self, state: TrainState) -> TrainState:
     return unreplicate(state)
@@ -336,11 +307,10 @@ class PmapRunner:
       batch = pad_to_multiple(batch, self.local_devices)
     else:
       _check_divisible(batch, self.local_devices, "devices")
-    return {
-        key: jax.device_put(
-            np.asarray(value).reshape(self.local_devices, -1, *np.shape(value)[1:]), self.stacked)
-        for key, value in batch.items()
-    }
+    count = self.local_devices
+    return {key: jax.device_put(np.asarray(value).reshape(count, -1, *np.shape(value)[1:]),
+                                self.stacked)
+            for key, value in batch.items()}
 
   def compile(self, train_step: TrainStep, eval_step: EvalStep | None
               ) -> tuple[TrainStep, EvalStep | None]:
