@@ -80,15 +80,21 @@ def run_jdl(epochs: int, engine: str = "resident", check_finite: bool = True) ->
                                  jdl.make_optimizer({"name": "adam", "learning_rate": 1e-3}),
                                  x[:1], jax.random.PRNGKey(0))
   train_step, eval_step = jdl.make_steps(check_finite=check_finite)
-  times = []
-  start = time.perf_counter()
-  hook = lambda step, s, record: times.append(time.perf_counter())
+  times, cpu_times = [], []
+  start, cpu_start = time.perf_counter(), time.process_time()
+
+  def hook(step, state, record):
+    del step, state, record
+    times.append(time.perf_counter())
+    cpu_times.append(time.process_time())
+
   _, history = jdl.fit(state, train_step, eval_step, train, None, num_epochs=epochs, hooks=[hook],
                        progress=False, device_resident=engine == "resident",
                        runner=jdl.parallel.JitRunner())
   epoch_times = [b - a for a, b in zip([start] + times[:-1], times)]
-  return {"epoch_seconds": epoch_times, "final_loss": history[-1]["train_loss"],
-          "device": jax.devices()[0].device_kind}
+  epoch_cpu = [b - a for a, b in zip([cpu_start] + cpu_times[:-1], cpu_times)]
+  return {"epoch_seconds": epoch_times, "epoch_cpu_seconds": epoch_cpu,
+          "final_loss": history[-1]["train_loss"], "device": jax.devices()[0].device_kind}
 
 
 def _plain_model_and_optimizer():
@@ -150,19 +156,20 @@ def run_plain(epochs: int, preshuffled: bool = True) -> dict:
     return scan_epoch(params, opt_state, shuffled_batches(key, images, labels))
 
   shuffle = jax.jit(shuffled_batches)
-  epoch_times, loss = [], None
+  epoch_times, epoch_cpu, loss = [], [], None
   for epoch in range(epochs):
     key = jax.random.fold_in(jax.random.PRNGKey(0), epoch)
     if preshuffled:
       batches = jax.block_until_ready(shuffle(key, x_device, y_device))
-      start = time.perf_counter()
+      start, cpu_start = time.perf_counter(), time.process_time()
       params, opt_state, loss = scan_epoch(params, opt_state, batches)
     else:
-      start = time.perf_counter()
+      start, cpu_start = time.perf_counter(), time.process_time()
       params, opt_state, loss = shuffle_and_scan_epoch(params, opt_state, key, x_device, y_device)
     loss = float(loss)  # waits for the epoch
     epoch_times.append(time.perf_counter() - start)
-  return {"epoch_seconds": epoch_times, "final_loss": loss}
+    epoch_cpu.append(time.process_time() - cpu_start)
+  return {"epoch_seconds": epoch_times, "epoch_cpu_seconds": epoch_cpu, "final_loss": loss}
 
 
 def run_plain_step(epochs: int) -> dict:
@@ -340,7 +347,8 @@ def main() -> None:
       continue
     steady = statistics.median(s for r in runs[name] for s in r["epoch_seconds"][1:])
     first = statistics.median(r["epoch_seconds"][0] for r in runs[name])
-    rows[name] = (steady, max(first - steady, 0.0))
+    cpu = [s for r in runs[name] for s in r.get("epoch_cpu_seconds", [])[1:]]
+    rows[name] = (steady, max(first - steady, 0.0), statistics.median(cpu) if cpu else None)
   device = next((r["device"] for rs in runs.values() for r in rs if "device" in r), "?")
   print(f"\nseed MLP 784-128-10, Adam 1e-3, batch {BATCH}, {NUM_EXAMPLES} examples an epoch; "
         f"medians of {args.repeats} runs x {args.epochs - 1} timed epochs; JAX device {device}; "
@@ -349,19 +357,24 @@ def main() -> None:
     print(f"matmul peak {peak:.1f} GFLOP/s ({size}^2 float32); FLOP floor {floor:.3f} s/epoch "
           f"({TRAIN_FLOPS_PER_EXAMPLE * NUM_EXAMPLES / 1e9:.2f} GFLOP an epoch)")
   print(f"{'contender':<17} {'s/epoch':>8} {'examples/s':>11} {'compile s':>9} {'GFLOP/s':>8} "
-        f"{'x floor':>8} {'jdl / this':>10} {'paired':>7}")
-  for name, (steady, compile_s) in rows.items():
+        f"{'x floor':>8} {'jdl / this':>10} {'paired':>7} {'cpu s':>6} {'jdl/this':>8}")
+  for name, (steady, compile_s, cpu) in rows.items():
     if name == "pipeline":
       continue
     gflops = NUM_EXAMPLES * TRAIN_FLOPS_PER_EXAMPLE / steady / 1e9
     versus = f"{rows['jdl'][0] / steady:.3f}" if "jdl" in rows else "-"
     paired = paired_ratio(runs.get("jdl", []), runs[name])
     paired_text = "-" if paired is None else f"{paired:.3f}"
+    cpu_text = "-" if cpu is None else f"{cpu:.3f}"
+    jdl_cpu = rows["jdl"][2] if "jdl" in rows else None
+    cpu_versus = f"{jdl_cpu / cpu:.3f}" if cpu and jdl_cpu else "-"
     print(f"{name:<17} {steady:8.3f} {NUM_EXAMPLES / steady:11,.0f} {compile_s:9.2f} "
           f"{gflops:8.1f} {steady / floor if floor else float('nan'):8.2f} {versus:>10} "
-          f"{paired_text:>7}")
+          f"{paired_text:>7} {cpu_text:>6} {cpu_versus:>8}")
   print("compile s: the first epoch's time less a timed epoch's; jdl / this: the ratio of the "
-        "medians; paired: the median of each repeat's own ratio")
+        "medians; paired: the median of each repeat's own ratio; cpu s: the median CPU seconds "
+        "of a timed epoch (all the process's threads; steadier than wall time on a loaded "
+        "machine)")
   if "pipeline" in rows:
     batches_per_s = (NUM_EXAMPLES / BATCH) / rows["pipeline"][0]
     print(f"\ninput pipeline (tf.data, shuffle + batch {BATCH} + prefetch): {batches_per_s:,.0f} "

@@ -22,7 +22,8 @@ up front and then timed in one process, one epoch each in turn, `--repeats` roun
 plus the epoch's order alone (`jdl.data.sources.epoch_order`, 60,000 examples) and the plain
 program's shuffle alone (`jax.random.permutation` and one gather of the whole split).
 
-  python -m benchmarks.breakdown_seed_mlp --repeats=5
+  python -m benchmarks.breakdown_seed_mlp --repeats=15
+  python -m benchmarks.breakdown_seed_mlp --repeats=30 --only=jdl,jdl-nocheck,plain
 """
 
 from __future__ import annotations
@@ -49,7 +50,19 @@ NUM_EXAMPLES, BATCH, HIDDEN = bench_seed_mlp.NUM_EXAMPLES, bench_seed_mlp.BATCH,
 STEPS = NUM_EXAMPLES // BATCH
 SEED = 0
 
-Timer = Callable[[int], float]  # epoch index -> seconds of that epoch, work finished
+Seconds = tuple[float, float]  # (wall-clock, CPU time of this process: all its threads)
+Timer = Callable[[int], Seconds]  # epoch index -> seconds of that epoch, work finished
+
+
+class Clock:
+  """Wall-clock and process CPU time from `start()` to `stop()`. On a shared, loaded machine the
+  CPU time this process used varies less than the wall time, which waits for other processes."""
+
+  def start(self) -> None:
+    self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+  def stop(self) -> Seconds:
+    return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
 def without_mask(train_step: Callable[..., Any]) -> Callable[..., Any]:
@@ -82,16 +95,18 @@ def jdl_program(x: np.ndarray, y: np.ndarray, *, check_finite: bool = True, mask
   chunk = jax.jit(resident.make_train_chunk(train_step, data), donate_argnums=(0, 3))
   carry = {"state": state, "order": jax.device_put(data.initial_order())}
 
-  def run(epoch: int) -> float:
+  clock = Clock()
+
+  def run(epoch: int) -> Seconds:
     if order_given:  # the carried order is already this epoch's: the call draws none
       carry["order"] = jax.block_until_ready(
           resident.EpochOrder(jnp.int32(epoch), data.padded_order(epoch)))
-    start = time.perf_counter()
+    clock.start()
     state, sums, carry["order"] = chunk(carry["state"], data.inputs, data.labels, carry["order"],
                                         np.int32(epoch * STEPS), np.int32(STEPS))
     jax.block_until_ready(sums)
     carry["state"] = state
-    return time.perf_counter() - start
+    return clock.stop()
 
   return run
 
@@ -137,31 +152,35 @@ def plain_program(x: np.ndarray, y: np.ndarray, *, gather: bool) -> Timer:
     return (images[order].reshape(STEPS, BATCH, *images.shape[1:]),
             labels[order].reshape(STEPS, BATCH))
 
-  def run(epoch: int) -> float:
+  clock = Clock()
+
+  def run(epoch: int) -> Seconds:
     key = jax.random.fold_in(jax.random.PRNGKey(SEED), epoch)
     if gather:
       order = jax.block_until_ready(jax.random.permutation(key, NUM_EXAMPLES).reshape(STEPS, BATCH))
-      start = time.perf_counter()
+      clock.start()
       params, opt_state, loss = scan_gathering(carry["params"], carry["opt_state"], order, images,
                                                labels)
     else:
       batches = jax.block_until_ready(shuffled(key, images, labels))
-      start = time.perf_counter()
+      clock.start()
       params, opt_state, loss = scan_batches(carry["params"], carry["opt_state"], *batches)
     jax.block_until_ready(loss)
     carry.update(params=params, opt_state=opt_state)
-    return time.perf_counter() - start
+    return clock.stop()
 
   return run
 
 
 def order_alone() -> Timer:
   """A timer of drawing one epoch's order on the device, as the resident engine does."""
-  def run(epoch: int) -> float:
-    start = time.perf_counter()
+  clock = Clock()
+
+  def run(epoch: int) -> Seconds:
+    clock.start()
     jax.block_until_ready(epoch_order(np.uint32(SEED), np.uint32(epoch),
                                       num_examples=NUM_EXAMPLES, shuffle=True))
-    return time.perf_counter() - start
+    return clock.stop()
 
   return run
 
@@ -175,72 +194,103 @@ def plain_shuffle_alone(x: np.ndarray, y: np.ndarray) -> Timer:
     order = jax.random.permutation(key, NUM_EXAMPLES)
     return images[order], labels[order]
 
-  def run(epoch: int) -> float:
+  clock = Clock()
+
+  def run(epoch: int) -> Seconds:
     key = jax.random.fold_in(jax.random.PRNGKey(SEED), epoch)
-    start = time.perf_counter()
+    clock.start()
     jax.block_until_ready(shuffled(key, images, labels))
-    return time.perf_counter() - start
+    return clock.stop()
 
   return run
+
+
+VARIANTS: dict[str, Callable[[np.ndarray, np.ndarray], Timer]] = {
+    "jdl": jdl_program,
+    "jdl-order-given": functools.partial(jdl_program, order_given=True),
+    "jdl-nocheck": functools.partial(jdl_program, check_finite=False),
+    "jdl-nomask": functools.partial(jdl_program, mask=False),
+    "jdl-loss-only": functools.partial(jdl_program, full_metrics=False),
+    "jdl-optax-adam": functools.partial(jdl_program, jdl_optimizer=False),
+    "jdl-bare": functools.partial(jdl_program, check_finite=False, mask=False,
+                                  full_metrics=False, jdl_optimizer=False),
+    "plain-gather": functools.partial(plain_program, gather=True),
+    "plain": functools.partial(plain_program, gather=False),
+    "order alone": lambda x, y: order_alone(),
+    "plain shuffle alone": plain_shuffle_alone,
+}
+"""Timer factories of every variant but `fit`, which `main` runs itself."""
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=5, help="timed epochs of each variant")
+  parser.add_argument("--only", default=",".join(["fit", *VARIANTS]),
+                      help="comma-separated variants (jdl and plain are always in)")
   args = parser.parse_args()
+  names = args.only.split(",")
+  unknown = sorted(set(names) - {"fit", *VARIANTS})
+  if unknown:
+    parser.error(f"unknown variants {unknown}; expected some of {['fit', *VARIANTS]}")
   x, y = bench_seed_mlp.make_data()
-  variants: dict[str, Timer] = {
-      "jdl": jdl_program(x, y),
-      "jdl-order-given": jdl_program(x, y, order_given=True),
-      "jdl-nocheck": jdl_program(x, y, check_finite=False),
-      "jdl-nomask": jdl_program(x, y, mask=False),
-      "jdl-loss-only": jdl_program(x, y, full_metrics=False),
-      "jdl-optax-adam": jdl_program(x, y, jdl_optimizer=False),
-      "jdl-bare": jdl_program(x, y, check_finite=False, mask=False, full_metrics=False,
-                              jdl_optimizer=False),
-      "plain-gather": plain_program(x, y, gather=True),
-      "plain": plain_program(x, y, gather=False),
-      "order alone": order_alone(),
-      "plain shuffle alone": plain_shuffle_alone(x, y),
-  }
-  seconds: dict[str, list[float]] = {"fit": [], **{name: [] for name in variants}}
+  variants = {name: make(x, y) for name, make in VARIANTS.items()
+              if name in names or name in ("jdl", "plain")}
+  seconds: dict[str, list[Seconds]] = {**({"fit": []} if "fit" in names else {}),
+                                       **{name: [] for name in variants}}
   for name, run in variants.items():  # warm-up: compilation, first touches of memory
     run(0)
     print(f"compiled {name}", flush=True)
 
-  marks: list[tuple[float, float]] = []  # (hook entered, hook left) per fit epoch
+  def one_round(epoch: int) -> None:
+    for name, run in variants.items():
+      seconds[name].append(run(epoch))
+    print(f"round {epoch - 1}/{args.repeats} done", flush=True)
 
-  def one_round(step: int, state: Any, record: Any) -> None:
-    del state, record
-    entered = time.perf_counter()
-    epoch = step // STEPS
-    if epoch >= 2:  # fit's first epoch compiles; each later one has a round of the others
-      for name, run in variants.items():
-        seconds[name].append(run(epoch))
-    marks.append((entered, time.perf_counter()))
-    print(f"round {epoch}/{args.repeats + 1} done", flush=True)
+  if "fit" not in names:
+    for epoch in range(2, args.repeats + 2):
+      one_round(epoch)
+  else:  # the rounds run inside fit's epoch hook, so fit's epochs alternate with them
+    marks: list[tuple[Seconds, Seconds]] = []  # (hook entered, hook left) per fit epoch
 
-  state = jdl.create_train_state(jdl.models.MLP(hidden=(HIDDEN,), num_classes=10),
-                                 jdl.make_optimizer({"name": "adam", "learning_rate": 1e-3}),
-                                 x[:1], jax.random.PRNGKey(0))
-  train_step, eval_step = jdl.make_steps()
-  jdl.fit(state, train_step, eval_step, jdl.data.ArraySource(x, y, BATCH, shuffle=True, seed=SEED),
-          None, num_epochs=args.repeats + 2, hooks=[one_round], progress=False,
-          runner=jdl.parallel.JitRunner())
-  # fit's epoch e (e >= 2) ran between the hook of epoch e-1 leaving and that of epoch e entering.
-  seconds["fit"] = [marks[i][0] - marks[i - 1][1] for i in range(1, len(marks))][:args.repeats]
+    def now() -> Seconds:
+      return time.perf_counter(), time.process_time()
+
+    def hook(step: int, state: Any, record: Any) -> None:
+      del state, record
+      entered = now()
+      if step // STEPS >= 2:  # fit's first epoch compiles; each later one has a round
+        one_round(step // STEPS)
+      marks.append((entered, now()))
+
+    state = jdl.create_train_state(jdl.models.MLP(hidden=(HIDDEN,), num_classes=10),
+                                   jdl.make_optimizer({"name": "adam", "learning_rate": 1e-3}),
+                                   x[:1], jax.random.PRNGKey(0))
+    train_step, eval_step = jdl.make_steps()
+    jdl.fit(state, train_step, eval_step,
+            jdl.data.ArraySource(x, y, BATCH, shuffle=True, seed=SEED), None,
+            num_epochs=args.repeats + 2, hooks=[hook], progress=False,
+            runner=jdl.parallel.JitRunner())
+    # fit's epoch e (e >= 2) ran between the hook of epoch e-1 leaving and that of e entering.
+    seconds["fit"] = [(marks[i][0][0] - marks[i - 1][1][0], marks[i][0][1] - marks[i - 1][1][1])
+                      for i in range(1, len(marks))]
   seconds = {name: values[:args.repeats] for name, values in seconds.items()}
 
   device = jax.devices()[0]
-  medians = {name: statistics.median(values) for name, values in seconds.items()}
-  print(f"\nseed MLP epoch ({STEPS} steps of batch {BATCH}), medians of {args.repeats} epochs, "
+  wall = {name: statistics.median(w for w, _ in values) for name, values in seconds.items()}
+  fastest = {name: min(w for w, _ in values) for name, values in seconds.items()}
+  cpu = {name: statistics.median(c for _, c in values) for name, values in seconds.items()}
+  print(f"\nseed MLP epoch ({STEPS} steps of batch {BATCH}), {args.repeats} epochs of each, "
         f"variants in turn in one process; {device.platform} ({device.device_kind}), "
-        f"{os.cpu_count()} CPU cores")
-  print(f"{'variant':<20} {'s/epoch':>8} {'us/step':>8} {'/ plain':>8} {'jdl - this':>10}  "
-        "epochs (s)")
-  for name, median in medians.items():
-    print(f"{name:<20} {median:8.3f} {median / STEPS * 1e6:8.1f} {median / medians['plain']:8.3f} "
-          f"{medians['jdl'] - median:10.3f}  " + " ".join(f"{s:.3f}" for s in seconds[name]))
+        f"{os.cpu_count()} CPU cores. wall: median elapsed seconds; min: the fastest epoch (the "
+        "least disturbed by other processes); cpu: median CPU seconds of this process")
+  print(f"{'variant':<20} {'wall s':>7} {'/plain':>6} {'jdl-this':>8} {'min s':>6} {'/plain':>6} "
+        f"{'jdl-this':>8} {'cpu s':>6} {'/plain':>6}  wall of each epoch (s)")
+  for name in seconds:
+    print(f"{name:<20} {wall[name]:7.3f} {wall[name] / wall['plain']:6.3f} "
+          f"{wall['jdl'] - wall[name]:8.3f} {fastest[name]:6.3f} "
+          f"{fastest[name] / fastest['plain']:6.3f} {fastest['jdl'] - fastest[name]:8.3f} "
+          f"{cpu[name]:6.3f} {cpu[name] / cpu['plain']:6.3f}  "
+          + " ".join(f"{w:.3f}" for w, _ in seconds[name]))
 
 
 if __name__ == "__main__":
