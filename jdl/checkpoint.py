@@ -1,16 +1,10 @@
 """Checkpoints of a `TrainState` with orbax: save, keep the last few and the best, restore the
 latest one that is good.
 
-A checkpoint holds the whole state (step, params, model state, optimizer state, base key). The
-data order is a function of the seed and the step (`jdl.data.sources.epoch_order`, the step's
-augmentation and dropout keys), so restoring the state is all a resumed run needs to continue
-exactly where the interrupted one was: an interrupted-and-resumed run ends with the parameters of
-an uninterrupted one, bitwise on the CPU.
-
-Nothing a user saved is deleted by accident: a checkpoint that cannot be restored (truncated,
-corrupt, or written by a model of another shape) is reported, moved aside into
-`<directory>_unusable/<step>` and the previous one is tried. Only the retention policy deletes,
-and only checkpoints that are neither among the last `keep` nor the best.
+The data order, augmentation and dropout keys are functions of the seed and the step, so the state
+is all a resumed run needs to continue exactly where the interrupted one was. A checkpoint that
+cannot be restored is reported and moved aside to `<directory>_unusable/<step>`, never deleted;
+only the retention policy deletes. See docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -31,8 +25,7 @@ ITEM = "default"  # the name orbax gives the single item of a step's folder
 
 
 def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  """`{path: shape}` of a pytree's arrays (or orbax array metadata), with paths written the same
-    way for both (`params/Dense_0/kernel`, `opt_state/0/mu/...`)."""
+  """`{path: shape}` of a pytree's arrays or orbax array metadata, paths written alike for both."""
   def name(entry: Any) -> str:
     for attribute in ("key", "name", "idx"):
       if hasattr(entry, attribute):
@@ -64,9 +57,8 @@ class Checkpointer:
     asynchronous: write in a background thread while training goes on (orbax's async
       checkpointing); `wait` or `close` blocks until everything is on disk.
 
-  Works for a state on one device or replicated over a mesh (sharded jit): pass the state as
-  the loop holds it, or as `runner.fetch_state` returns it (one replica under pmap). Every
-  process of a multi-process run must call `save` and `restore_latest` (orbax coordinates them).
+  Takes a state on one device or replicated over a mesh (under pmap, `runner.fetch_state`'s).
+  Every process of a multi-process run must call `save` and `restore_latest`.
   """
 
   def __init__(self, directory: str, *, keep: int = 3, best_metric: str | None = None,
@@ -86,8 +78,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=asynchronous, create=True)
-    # Registered up front so that a new manager (a resumed run) can read the metadata of
-    # checkpoints it has not written.
+    # Registered up front so that a resumed run can read checkpoints it has not written.
     registry = ocp.DefaultCheckpointHandlerRegistry()
     for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
       registry.add(ITEM, args, ocp.StandardCheckpointHandler)
@@ -99,9 +90,10 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(self, state: TrainState, *, metrics: CheckpointMetrics | None = None) -> bool:
-    """Saves `state` under its step (asynchronously when enabled); returns False when that step
-    is already saved. `metrics` rank it for `best_metric`; a checkpoint saved without them is
-    kept only while it is among the most recent."""
+    """Saves `state` under its step; returns False when that step is already saved.
+
+    `metrics` rank it for `best_metric`; without them it is kept only while among the most recent.
+    """
     step = int(jax.device_get(state.step))
     if step in self._manager.all_steps():
       return False
@@ -113,9 +105,11 @@ class Checkpointer:
     return True
 
   def restore(self, template: TrainState, step: int) -> TrainState:
-    """The state saved at `step`, with the structure, shapes, dtypes and placement of
-    `template` (e.g. a freshly created state). Raises CheckpointError, naming the first
-    differing array, when the checkpoint holds another structure or other shapes."""
+    """The state saved at `step`, with the structure, dtypes and placement of `template`.
+
+    Raises:
+      CheckpointError: the checkpoint holds other arrays or shapes (names the first).
+    """
     saved = _leaf_shapes(self._manager.item_metadata(step).tree)
     wanted = _leaf_shapes(template)
     for path in sorted(wanted.keys() | saved.keys(), key=lambda p: (not p.startswith("params"), p)):
@@ -132,12 +126,10 @@ class Checkpointer:
                      move_unusable: bool = True) -> TrainState | None:
     """The most recent checkpoint that restores into `template`, or None when there is none.
 
-    A checkpoint that fails to restore is reported with `log` and the one before it is tried.
-    With `move_unusable` (a run that will save again) the failed one is moved aside, never
-    deleted, so that neither the retention policy nor "latest" sees it again; a read-only load
-    (`move_unusable=False`, e.g. `jdl.runs.load_run`) leaves the directory as it is. When every
-    checkpoint failed and at least one was written by a model of another shape, raises
-    CheckpointError instead of starting over silently next to another run's checkpoints.
+    A checkpoint that fails to restore is reported with `log` and the one before it is tried;
+    with `move_unusable` it is moved aside so "latest" never sees it again (a read-only load
+    passes False). Raises CheckpointError when every checkpoint failed and one was written by
+    another model, rather than start over next to another run's checkpoints.
     """
     mismatched = []
     for step in reversed(self.steps()):
