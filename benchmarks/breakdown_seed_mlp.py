@@ -19,6 +19,7 @@ up front and then timed in one process, one epoch each in turn, `--repeats` roun
   plain-gather    a hand-written flax+optax `lax.scan` whose step gathers its 32 rows from the
                   device-resident arrays by a precomputed order
   plain           the hand-written `lax.scan` over batches shuffled before the clock starts
+  plain-again     the same, compiled again: how far two executables of one program differ
 plus the epoch's order alone (`jdl.data.sources.epoch_order`, 60,000 examples) and the plain
 program's shuffle alone (`jax.random.permutation` and one gather of the whole split).
 
@@ -216,6 +217,7 @@ VARIANTS: dict[str, Callable[[np.ndarray, np.ndarray], Timer]] = {
                                   full_metrics=False, jdl_optimizer=False),
     "plain-gather": functools.partial(plain_program, gather=True),
     "plain": functools.partial(plain_program, gather=False),
+    "plain-again": functools.partial(plain_program, gather=False),
     "order alone": lambda x, y: order_alone(),
     "plain shuffle alone": plain_shuffle_alone,
 }
@@ -276,21 +278,26 @@ def main() -> None:
   seconds = {name: values[:args.repeats] for name, values in seconds.items()}
 
   device = jax.devices()[0]
-  wall = {name: statistics.median(w for w, _ in values) for name, values in seconds.items()}
   fastest = {name: min(w for w, _ in values) for name, values in seconds.items()}
-  cpu = {name: statistics.median(c for _, c in values) for name, values in seconds.items()}
+
+  def paired(name: str, which: int) -> float:
+    """The median over rounds of this variant's time over plain's in the same round."""
+    return statistics.median(mine[which] / base[which]
+                             for mine, base in zip(seconds[name], seconds["plain"]))
+
   print(f"\nseed MLP epoch ({STEPS} steps of batch {BATCH}), {args.repeats} epochs of each, "
         f"variants in turn in one process; {device.platform} ({device.device_kind}), "
-        f"{os.cpu_count()} CPU cores. wall: median elapsed seconds; min: the fastest epoch (the "
-        "least disturbed by other processes); cpu: median CPU seconds of this process")
-  print(f"{'variant':<20} {'wall s':>7} {'/plain':>6} {'jdl-this':>8} {'min s':>6} {'/plain':>6} "
-        f"{'jdl-this':>8} {'cpu s':>6} {'/plain':>6}  wall of each epoch (s)")
-  for name in seconds:
-    print(f"{name:<20} {wall[name]:7.3f} {wall[name] / wall['plain']:6.3f} "
-          f"{wall['jdl'] - wall[name]:8.3f} {fastest[name]:6.3f} "
-          f"{fastest[name] / fastest['plain']:6.3f} {fastest['jdl'] - fastest[name]:8.3f} "
-          f"{cpu[name]:6.3f} {cpu[name] / cpu['plain']:6.3f}  "
-          + " ".join(f"{w:.3f}" for w, _ in seconds[name]))
+        f"{os.cpu_count()} CPU cores")
+  print("wall: median elapsed seconds; paired: the median over rounds of the variant's time over "
+        "plain's in that round; min: the fastest epoch (the least disturbed by other processes); "
+        "cpu: median CPU seconds of this process, all its threads")
+  print(f"{'variant':<20} {'wall s':>7} {'paired':>6} {'min s':>6} {'/plain':>6} {'cpu s':>6} "
+        f"{'paired':>6}  wall of each epoch (s)")
+  for name, values in seconds.items():
+    print(f"{name:<20} {statistics.median(w for w, _ in values):7.3f} {paired(name, 0):6.3f} "
+          f"{fastest[name]:6.3f} {fastest[name] / fastest['plain']:6.3f} "
+          f"{statistics.median(c for _, c in values):6.3f} {paired(name, 1):6.3f}  "
+          + " ".join(f"{w:.3f}" for w, _ in values))
 
 
 if __name__ == "__main__":
