@@ -1,7 +1,8 @@
 """Benchmark: a whole experiment process, old checkout against new: wall time and final accuracy.
 
 Runs `python -m experiments.mnist1d --workdir=<a fresh temporary dir> --config.progress=false`
-(`--experiment` and `--args` change that) as a subprocess with its working directory in each
+(`--experiment` and `--args` change that; `--old_args` and `--new_args` go to one side only, for
+a config key only one side has) as a subprocess with its working directory in each
 checkout in turn, `--repeats` times (after `--warmup` untimed runs of each, which also generate
 the dataset once and warm the file cache), and prints each run's wall time, the medians, the
 ratio new / old of the medians and the median of each repeat's own ratio (the two ran back to
@@ -19,6 +20,7 @@ first run).
   python -m benchmarks.bench_startup --old=/work/old --repeats=3
   python -m benchmarks.bench_startup --old=adcd75b --repeats=3           # a temporary worktree
   python -m benchmarks.bench_startup --old=adcd75b --new=HEAD --args="--config.num_steps=1000"
+  python -m benchmarks.bench_startup --old=/work/old --new_args="--config.compilation_cache_dir="
 """
 
 from __future__ import annotations
@@ -109,27 +111,31 @@ def main() -> None:
   parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each first")
   parser.add_argument("--experiment", default="experiments.mnist1d", help="the module to run")
   parser.add_argument("--args", default="", help="more arguments for the experiment, quoted")
+  parser.add_argument("--old_args", default="", help="more arguments for the old side only")
+  parser.add_argument("--new_args", default="", help="more arguments for the new side only")
   args = parser.parse_args()
   if args.repeats < 1:
     parser.error("--repeats must be >= 1")
-  extra = shlex.split(args.args)
+  extra = {"old": shlex.split(args.args) + shlex.split(args.old_args),
+           "new": shlex.split(args.args) + shlex.split(args.new_args)}
   with checkout(args.old) as old, checkout(args.new) as new:
     sides = {"old": old, "new": new}
     for directory in sides.values():
       check_imports_from(directory)
-    command = " ".join(["python", "-m", args.experiment, "--workdir=<fresh tmp dir>",
-                        "--config.progress=false", *map(shlex.quote, extra)])
-    print(f"{command}\n  old: {old}\n  new: {new}", flush=True)
+    for name, directory in sides.items():
+      command = " ".join(["python", "-m", args.experiment, "--workdir=<fresh tmp dir>",
+                          "--config.progress=false", *map(shlex.quote, extra[name])])
+      print(f"{name}: {command}\n  in {directory}", flush=True)
     for index in range(args.warmup):
       for name, directory in sides.items():
-        result = run_once(directory, args.experiment, extra)
+        result = run_once(directory, args.experiment, extra[name])
         print(f"warm-up {index + 1}/{args.warmup} {name}: {result['seconds']:.2f} s", flush=True)
     runs: dict[str, list[dict]] = {name: [] for name in sides}
     for repeat in range(args.repeats):
       # Alternate which side goes first, so neither always follows the other's cache footprint.
       order = list(sides) if repeat % 2 == 0 else list(sides)[::-1]
       for name in order:
-        result = run_once(sides[name], args.experiment, extra)
+        result = run_once(sides[name], args.experiment, extra[name])
         runs[name].append(result)
         print(f"repeat {repeat + 1}/{args.repeats} {name}: {result['seconds']:.2f} s wall, "
               f"{result['final']}", flush=True)
