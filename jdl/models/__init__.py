@@ -37,15 +37,13 @@ MODELS.update({name: functools.partial(ViT, **settings) for name, settings in VI
 presets by name)."""
 
 
-def build_model(
-    config: Mapping[str, Any], *, num_classes: int, axis_name: str | None = None
-) -> nn.Module:
+def build_model(config: Mapping[str, Any], *, num_classes: int,
+                axis_name: str | None = None) -> nn.Module:
   """Builds the model a config describes.
 
   `config.name` picks the class from `MODELS`; the sub-config of the same name holds its
-  attributes, e.g. `{"name": "mlp", "mlp": {"hidden": (128,)}}`. Sub-configs of other models may
-  sit beside it, so a run switches model with one override (`--config.model.name=cnn1d`). An
-  attribute the chosen model does not have is an error that lists the valid ones.
+  attributes, e.g. `{"name": "mlp", "mlp": {"hidden": (128,)}}`, and other models' sub-configs may
+  sit beside it. An attribute the chosen model does not have is an error listing the valid ones.
   """
   name = config.get("name")
   if name not in MODELS:

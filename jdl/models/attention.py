@@ -21,17 +21,15 @@ import numpy as np
 
 
 def causal_mask(length: int) -> jax.Array:
-  """The `[length, length]` lower-triangular mask: entry (t, s) is True when s <= t, i.e. a query
-  sees its own position and the past, never the future."""
+  """The `[length, length]` lower-triangular mask: entry (t, s) is True when s <= t."""
   if length < 1:
     raise ValueError(f"causal_mask needs a length >= 1; got {length}.")
   positions = jnp.arange(length)
   return positions[:, None] >= positions[None, :]
 
 
-def padding_mask(
-    lengths_or_tokens: jax.Array | np.ndarray, *, length: int | None = None, pad_id: int = 0
-) -> jax.Array:
+def padding_mask(lengths_or_tokens: jax.Array | np.ndarray, *, length: int | None = None,
+                 pad_id: int = 0) -> jax.Array:
   """The `[B, T]` mask of real tokens (True) and padding (False).
 
   Args:
@@ -62,9 +60,8 @@ def padding_mask(
       f"padding_mask expects lengths [B] or token ids [B, T]; got shape {values.shape}.")
 
 
-def attention_mask(
-    padding_mask_BxT: jax.Array | None, *, causal: bool, length: int
-) -> jax.Array | None:
+def attention_mask(padding_mask_BxT: jax.Array | None, *, causal: bool,
+                   length: int) -> jax.Array | None:
   """Combines a padding mask over keys with the causal mask.
 
   Args:
@@ -93,9 +90,8 @@ def attention_mask(
 def masked_softmax(scores: jax.Array, mask: jax.Array | None, axis: int = -1) -> jax.Array:
   """Softmax over `axis` restricted to the entries where `mask` is True.
 
-  Masked entries get exactly zero weight (and exactly zero gradient), and a row with no allowed
-  entry is all zeros rather than NaN (the 0/0 of a naive softmax over -inf). `mask` must have the
-  rank of `scores` and broadcast against it.
+  Masked entries get exactly zero weight and gradient, and a row with no allowed entry is all
+  zeros rather than NaN. `mask` must have the rank of `scores` and broadcast against it.
   """
   if mask is None:
     return jax.nn.softmax(scores, axis=axis)
@@ -115,12 +111,8 @@ class MultiHeadSelfAttention(nn.Module):
   """Multi-head scaled dot-product self-attention (Vaswani et al. 2017).
 
   Query, key and value projections D -> H x K, scores `q . k / sqrt(K)` per head, a masked softmax
-  over keys (causal and/or padding mask), dropout on the attention weights, and an output
-  projection H x K -> D. For width D it has 4 * (D * D + D) parameters (four projections, each
-  with a bias): 16,640 for D = 64.
-
-  The attention weights are also sown in the "intermediates" collection as `attention_weights`
-  `[B, H, T, T]` (read them with `mutable=["intermediates"]`).
+  over keys, dropout on the attention weights, and an output projection H x K -> D. The weights
+  are sown in "intermediates" as `attention_weights` `[B, H, T, T]`.
 
   Attributes:
     num_heads: H; must divide the input width D.
@@ -135,9 +127,8 @@ class MultiHeadSelfAttention(nn.Module):
   use_bias: bool = True
 
   @nn.compact
-  def __call__(
-      self, x_BxTxD: jax.Array, *, train: bool, padding_mask: jax.Array | None = None
-  ) -> jax.Array:
+  def __call__(self, x_BxTxD: jax.Array, *, train: bool,
+               padding_mask: jax.Array | None = None) -> jax.Array:
     """Attends over the sequence.
 
     Args:

@@ -10,8 +10,7 @@ from jdl.models.inputs import as_images
 
 
 class LogisticRegression(nn.Module):
-  """Flatten -> Dense(num_classes): the linear baseline. On MNIST-1D (40 inputs, 10 classes) it
-  has 410 parameters; on 28x28x1 images 7,850.
+  """Flatten -> Dense(num_classes): the linear baseline (410 parameters on MNIST-1D).
 
   Attributes:
     num_classes: number of classes.
@@ -30,8 +29,7 @@ class LogisticRegression(nn.Module):
 class LeNet5(nn.Module):
   """LeNet-5 (LeCun et al., 1998) as usually built for 28x28 digits: Conv 6@5x5 (same padding) ->
   activation -> 2x2 average pool -> Conv 16@5x5 (valid) -> activation -> 2x2 average pool ->
-  Dense 120 -> Dense 84 -> Dense num_classes. On 28x28x1 inputs with 10 classes: 61,706
-  parameters.
+  Dense 120 -> Dense 84 -> Dense num_classes; 61,706 parameters on 28x28x1 with 10 classes.
 
   Attributes:
     num_classes: number of classes.
@@ -57,8 +55,9 @@ class LeNet5(nn.Module):
 
 
 class ResidualMLP(nn.Module):
-  """The MNIST-1D paper's MLP: Dense(width) -> ReLU, then a residual block h + ReLU(Dense(h)),
-  then Dense(num_classes). With 40 inputs, width 100 and 10 classes: 15,210 parameters.
+  """The MNIST-1D paper's MLP: Dense(width) -> ReLU, h + ReLU(Dense(h)), Dense(num_classes).
+
+  15,210 parameters with 40 inputs, width 100 and 10 classes.
 
   Attributes:
     num_classes: number of classes.

@@ -15,11 +15,9 @@ from jdl.models.normalization import check_normalization, image_norm
 
 class CNN(nn.Module):
   """The classic small image CNN: [Conv 3x3 -> (norm) -> activation -> 2x2 average pool] per entry
-  of `features`, then Dense(`dense`) -> activation -> Dropout -> Dense(num_classes).
-
-  With the defaults on 28x28x1 inputs (Conv 32, Conv 64, Dense 256) it has 824,458 parameters.
-  A norm after each convolution replaces the convolution's bias with its own scale and bias, so
-  `normalization="batch"` (or "layer", "group") adds 32 + 64 = 96 parameters: 824,554.
+  of `features`, then Dense(`dense`) -> activation -> Dropout -> Dense(num_classes). The defaults
+  on 28x28x1 inputs have 824,458 parameters; a norm replaces each convolution's bias with its own
+  scale and bias: 824,554.
 
   Attributes:
     num_classes: width of the output layer.
@@ -28,10 +26,8 @@ class CNN(nn.Module):
     activation: activation name (see `jdl.models.activations`).
     dropout_rate: dropout before the output layer, active only when `train=True`.
     output: "logits" or "softmax".
-    normalization: None, "batch", "group" or "layer" after each convolution (see
-      `jdl.models.normalization.image_norm`).
-    axis_name: the pmap axis over which BatchNorm averages its batch statistics; None under jit
-      and sharded jit.
+    normalization: None, "batch", "group" or "layer" after each convolution (`image_norm`).
+    axis_name: the pmap axis over which BatchNorm averages its batch statistics.
   """
 
   num_classes: int
@@ -72,17 +68,14 @@ PATCH_LAYOUTS = ("NLC", "CLN")
 class PatchConv1D(nn.Module):
   """A 1-D convolution computed as one matrix product over extracted patches.
 
-  Same parameters as `nn.Conv` (kernel `[size, in, out]`, bias `[out]`) and the same result up to
-  float rounding. It exists for speed on CPUs: XLA's CPU convolution inside a loop (the
-  device-resident training loop) runs several times slower than outside it, while slices and
-  one matrix product do not.
+  Same parameters as `nn.Conv` and the same result up to float rounding. It exists because XLA's
+  CPU convolution inside a loop (the device-resident training loop) is much slower than outside
+  it, while slices and one matrix product are not.
 
   `layout` is that of the input and the output: "NLC" (`[batch, length, channels]`, as `nn.Conv`)
-  or "CLN" (`[channels, length, batch]`). In "CLN" the batch is the contiguous axis: patches are
-  slices of whole `[length, batch]` rows, and the product `[out, size*in] @ [size*in,
-  length*batch]` has the long axis where the CPU's vector units want it. A small CNN's training
-  step runs faster that way, so `CNN1D` transposes once to "CLN", stacks its
-  convolutions there, and reads the last one's output with its dense layer (`DenseFromCLN`).
+  or "CLN" (`[channels, length, batch]`), where the batch is the contiguous axis and the product
+  `[out, size*in] @ [size*in, length*batch]` has the long axis where the CPU's vector units want
+  it; `CNN1D` transposes to "CLN" once and reads the result with `DenseFromCLN`.
   """
 
   features: int
@@ -114,12 +107,9 @@ class PatchConv1D(nn.Module):
       patches = jnp.stack(taps, axis=2).reshape(x.shape[0], length, self.kernel_size * channels)
       return (patches @ kernel.reshape(self.kernel_size * channels, self.features)
               + bias[None, None, :])
-    # CLN: patches [in, size, length, batch] -> [(in, size), length * batch]; the kernel's rows
-    # are put in the same (in, size) order. Tap i reads positions i, i + stride, ...: with the
-    # padded length cut into `stride` phases ([in, length / stride, stride, batch], a free
-    # reshape), that is phase i % stride from row i // stride on, a contiguous run of rows
-    # where a strided slice would gather every other row. Written in `lax` operations because
-    # `jnp.pad` traces as a nested program, which makes the train step slower to trace.
+    # CLN: patches [in, size, length, batch] -> [(in, size), length * batch]. Tap i reads
+    # positions i, i + stride, ...: with the padded length cut into `stride` phases (a free
+    # reshape), that is phase i % stride from row i // stride on, a contiguous run of rows.
     batch, stride = x.shape[2], self.stride
     x = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (0, -x.shape[1] % stride, 0), (0, 0, 0)])
     phases = x.reshape(channels, x.shape[1] // stride, stride, batch)
@@ -137,10 +127,8 @@ CONV_IMPLEMENTATIONS = ("auto", "xla", "patches")
 
 
 class CNN1D(nn.Module):
-  """A 1-D CNN for signals, by default the MNIST-1D paper's model:
-  Conv1d 1->25 (k5, s2) -> ReLU -> Conv1d 25->25 (k3, s2) -> ReLU -> Conv1d 25->25 (k3, s2) -> ReLU
-  -> Flatten (5*25 = 125) -> Dense(10), with padding 1 as in the paper. On 40-sample inputs it has
-  5,210 parameters.
+  """A 1-D CNN for signals, by default the MNIST-1D paper's model: three Conv1d 25 (k5, k3, k3;
+  stride 2, padding 1) -> ReLU, then Flatten -> Dense(num_classes); 5,210 parameters on 40 samples.
 
   Attributes:
     num_classes: width of the output layer.
@@ -150,9 +138,8 @@ class CNN1D(nn.Module):
     padding: zero padding on both sides of every convolution.
     activation: activation name.
     output: "logits" or "softmax".
-    conv: "xla" (`nn.Conv`), "patches" (`PatchConv1D`), or "auto": patches on CPU, where they are
-      faster inside the scanned training loop, and XLA's convolution elsewhere. The parameters
-      are the same either way.
+    conv: "xla" (`nn.Conv`), "patches" (`PatchConv1D`), or "auto": patches on CPU, XLA's
+      convolution elsewhere. The parameters are the same either way.
   """
 
   num_classes: int
@@ -170,14 +157,12 @@ class CNN1D(nn.Module):
     if x.ndim == 2:  # [batch, length] single-channel signals
       x = x[..., None]
     if x.ndim != 3:
-      raise ValueError(
-          f"CNN1D expects signals [batch, length, channels] (or [batch, length]); got shape {x.shape}."
-      )
+      raise ValueError(f"CNN1D expects signals [batch, length, channels] (or [batch, length]); "
+                       f"got shape {x.shape}.")
     if len(self.features) != len(self.kernel_sizes):
       raise ValueError(
           f"features {tuple(self.features)} and kernel_sizes {tuple(self.kernel_sizes)} must have "
-          "one entry per convolution."
-      )
+          "one entry per convolution.")
     if self.conv not in CONV_IMPLEMENTATIONS:
       raise ValueError(f"unknown conv {self.conv!r}; expected one of {CONV_IMPLEMENTATIONS}.")
     use_patches = self.conv == "patches" or (self.conv == "auto" and jax.default_backend() == "cpu")
@@ -199,13 +184,10 @@ class CNN1D(nn.Module):
 
 
 class DenseFromCLN(nn.Module):
-  """`nn.Dense(features)` on `x.transpose(2, 1, 0).reshape(batch, -1)`, computed without that
-  transpose: the kernel's rows (in `(length, channels)` order, as `nn.Dense` on the flattened
-  `[batch, length, channels]` holds them) are reordered to `(channels, length)` and contracted
-  with `x` seen as `[channels * length, batch]`. The parameters (names, shapes, initial values)
-  are `nn.Dense`'s; the result is its own up to float rounding. Reordering the kernel's rows
-  moves fewer numbers than transposing the activations (for the MNIST-1D CNN, 1,250 against
-  12,500 a step).
+  """`nn.Dense(features)` on `x.transpose(2, 1, 0).reshape(batch, -1)`, without that transpose.
+
+  The kernel's rows are reordered to `(channels, length)` instead, which moves fewer numbers than
+  transposing the activations. The parameters are `nn.Dense`'s.
   """
 
   features: int

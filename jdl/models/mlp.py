@@ -15,20 +15,15 @@ NORMALIZATIONS = (None, "batch", "layer")
 class MLP(nn.Module):
   """A fully connected classifier.
 
-  `MLP(hidden=(128,), num_classes=10)` on 28x28x1 images is the seed tutorial's model:
-  Flatten -> Dense(128, relu) -> Dense(10), 784*128+128 + 128*10+10 = 101,770 parameters.
-
   Attributes:
     hidden: widths of the hidden Dense layers; () gives logistic regression.
     num_classes: width of the output layer.
     activation: hidden activation: relu, sigmoid, tanh, leaky_relu, gelu, elu or identity.
     dropout_rate: dropout after each hidden activation, active only when `train=True`.
-    normalization: None, "batch" (BatchNorm: batch statistics in training, running averages in
-      evaluation, kept in the "batch_stats" collection) or "layer" (LayerNorm), after each hidden
-      Dense layer and before its activation.
+    normalization: None, "batch" (BatchNorm, statistics in "batch_stats") or "layer", after each
+      hidden Dense layer and before its activation.
     output: "logits" (for `softmax_cross_entropy`) or "softmax" (probabilities).
-    axis_name: the pmap axis over which BatchNorm averages its batch statistics; None under jit
-      and sharded jit, where the batch is already global.
+    axis_name: the pmap axis over which BatchNorm averages its batch statistics.
   """
 
   hidden: Sequence[int]
@@ -42,12 +37,12 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     if self.normalization not in NORMALIZATIONS:
-      raise ValueError(f"unknown normalization {self.normalization!r}; expected one of {NORMALIZATIONS}.")
+      raise ValueError(f"unknown normalization {self.normalization!r}; expected one of "
+                       f"{NORMALIZATIONS}.")
     act = get_activation(self.activation)
     x = x.reshape(x.shape[0], -1)
     for width in self.hidden:
-      # BatchNorm subtracts the batch mean, so a bias before it has a zero gradient and would only
-      # collect rounding noise (which Adam amplifies into full-size steps): leave it out.
+      # A bias before BatchNorm gets a zero gradient plus rounding noise, which Adam amplifies.
       x = nn.Dense(width, use_bias=self.normalization != "batch")(x)
       if self.normalization == "batch":
         x = nn.BatchNorm(use_running_average=not train, axis_name=self.axis_name)(x)

@@ -11,8 +11,7 @@ import flax.linen as nn
 IMAGE_NORMALIZATIONS = ("batch", "group", "layer")
 
 GROUPS = 32
-"""Groups of GroupNorm (Wu & He 2018). A layer with fewer channels, or a channel count 32 does
-not divide, uses gcd(32, channels) groups, so narrow widths (16, or 4 in tests) still work."""
+"""Groups of GroupNorm (Wu & He 2018); a layer uses gcd(32, channels), so narrow widths work."""
 
 
 def check_normalization(kind: str | None, *, allow_none: bool) -> None:
@@ -22,27 +21,18 @@ def check_normalization(kind: str | None, *, allow_none: bool) -> None:
     raise ValueError(f"unknown normalization {kind!r}; expected one of {valid}.")
 
 
-def image_norm(
-    kind: str,
-    channels: int,
-    *,
-    train: bool,
-    axis_name: str | None = None,
-    scale_init: Callable[..., Any] = nn.initializers.ones,
-    name: str | None = None,
-) -> nn.Module:
+def image_norm(kind: str, channels: int, *, train: bool, axis_name: str | None = None,
+               scale_init: Callable[..., Any] = nn.initializers.ones,
+               name: str | None = None) -> nn.Module:
   """A normalisation layer for `[batch, height, width, channels]` activations.
 
   Args:
-    kind: "batch" (BatchNorm: batch statistics in training, running averages in evaluation, kept
-      in the "batch_stats" collection; momentum 0.9, epsilon 1e-5), "group" (GroupNorm with
-      gcd(`GROUPS`, channels) groups) or "layer" (LayerNorm over height, width and channels with a
-      scale and bias per channel, i.e. GroupNorm with one group). Group and layer norms treat each
-      example on its own and have no state.
+    kind: "batch" (BatchNorm, statistics in "batch_stats"; momentum 0.9, epsilon 1e-5), "group"
+      (GroupNorm with gcd(`GROUPS`, channels) groups) or "layer" (LayerNorm over height, width
+      and channels with a scale and bias per channel).
     channels: channels of the activations (sets the GroupNorm group count).
     train: batch statistics (True) or running averages (False); BatchNorm only.
-    axis_name: the pmap axis over which BatchNorm averages batch statistics; None under jit and
-      sharded jit, where the batch is already global.
+    axis_name: the pmap axis over which BatchNorm averages batch statistics; None under jit.
     scale_init: initialiser of the scale (zeros makes a residual branch start as nothing).
     name: the layer's name.
   """

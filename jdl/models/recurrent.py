@@ -13,22 +13,16 @@ over positions. Their equations, with x the input and h, c the previous state:
          n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
          h' = (1 - z) * n + z * h
 
-The GRU is the variant that applies the reset gate after the recurrent matrix product (as cuDNN,
-PyTorch's `nn.GRU` and Keras' `reset_after=True` do), not the original one of Cho et al. (2014),
-which computes `W_hn (r * h)`. PyTorch keeps a second bias for r and z beside the input one; Flax
-does not (a sum of two biases is one bias), so a Flax GRU has 2H fewer parameters per layer and
-direction. The initial state is zero. Two initialisations (`initializer`):
-  "flax": Flax's cells' own: LeCun-normal input kernels (standard deviation 1/sqrt(F)),
-    orthogonal recurrent kernels, zero biases;
-  "uniform": every kernel and bias from U(-1/sqrt(H), 1/sqrt(H)), as PyTorch's `nn.LSTM` and
-    `nn.GRU` do. With few input features it gives much smaller input weights (F = 1, H = 6: a
-    standard deviation of 0.24 instead of 1); the MNIST-1D GRU needs it to reach the paper's
-    accuracy (see `Mnist1dGRU`).
+The GRU applies the reset gate after the recurrent product (cuDNN, PyTorch, Keras'
+`reset_after=True`), and has no second bias for r and z (PyTorch's), so 2H fewer parameters per
+layer and direction. The initial state is zero. Two initialisations (`initializer`):
+  "flax": Flax's cells' own: LeCun-normal input kernels, orthogonal recurrent kernels, zero biases;
+  "uniform": every kernel and bias from U(-1/sqrt(H), 1/sqrt(H)), as PyTorch's; with few input
+    features it gives much smaller input weights (see `Mnist1dGRU`).
 
-Padding: sequences of different lengths are padded at the end to a common T and given as `lengths`
-[B] or as a prefix `mask` [B, T]. For a sequence of length L the forward direction reads positions
-0..L-1 and the backward direction starts at L-1 and ends at 0, so its first L outputs are exactly
-those it gives unpadded; outputs at padded positions are zero.
+Padding: sequences are padded at the end to a common T and given as `lengths` [B] or a prefix
+`mask` [B, T]. For a sequence of length L the backward direction starts at L-1, so its first L
+outputs are exactly those it gives unpadded; outputs at padded positions are zero.
 """
 
 from __future__ import annotations
@@ -66,26 +60,23 @@ def _concrete(value: jax.Array) -> np.ndarray | None:
   return None if isinstance(value, jax.core.Tracer) else np.asarray(value)
 
 
-def sequence_lengths(
-    batch: int, length: int, *, lengths: jax.Array | None = None, mask: jax.Array | None = None
-) -> jax.Array | None:
+def sequence_lengths(batch: int, length: int, *, lengths: jax.Array | None = None,
+                     mask: jax.Array | None = None) -> jax.Array | None:
   """The `[B]` int32 lengths of a padded batch, from `lengths` or from a prefix `mask`.
 
   Args:
     batch: B, the batch size of the sequences.
     length: T, their padded length.
     lengths: `[B]` integers in `[0, T]`: row b is real in positions `0..lengths[b]-1`.
-    mask: `[B, T]` booleans (or 0/1), True for real positions; every row must be a prefix (True
-      then False: padding at the end).
+    mask: `[B, T]` booleans (or 0/1), True for real positions; every row a prefix.
 
   Returns:
     `[B]` int32 lengths, or None when neither is given (every position is real).
 
   Raises:
-    ValueError: both or a wrongly shaped one is given, or (when the values are known, i.e.
-      outside jit) a length lies outside `[0, T]` or a mask row is not a prefix. Under jit the
-      values cannot be checked: lengths are clipped to `[0, T]` and a mask counts its True
-      entries.
+    ValueError: both or a wrongly shaped one is given, or (outside jit, where the values are
+      known) a length lies outside `[0, T]` or a mask row is not a prefix. Under jit lengths are
+      clipped to `[0, T]` and a mask counts its True entries.
   """
   if lengths is not None and mask is not None:
     raise ValueError("give either lengths [B] or mask [B, T], not both.")
@@ -120,9 +111,7 @@ def sequence_lengths(
 
 
 def lengths_from_tokens(tokens_BxT: jax.Array, pad_id: int = 0) -> jax.Array:
-  """`[B]` lengths of padded token ids: 1 + the position of the last token that is not `pad_id`
-  (0 for a row of padding only). Padding is expected at the end; a `pad_id` inside a sequence is
-  read as a token."""
+  """`[B]` lengths of end-padded token ids: 1 + the position of the last token not `pad_id`."""
   positions = jnp.arange(1, tokens_BxT.shape[1] + 1, dtype=jnp.int32)[None, :]
   return jnp.max(jnp.where(tokens_BxT != pad_id, positions, 0), axis=1)
 
@@ -148,17 +137,14 @@ def _cell(cell: str, hidden: int, initializer: str, name: str) -> nn.RNNCellBase
 class Recurrent(nn.Module):
   """One recurrent layer over padded sequences: `[B, T, F]` -> `[B, T, D]`, one output per position.
 
-  Parameters, with F input features and H = `hidden`, per direction: LSTM 4H(F + H + 1), GRU
-  3H(F + H + 1) + H (see the module docstring for the equations). `bidirectional=True` doubles
-  them and concatenates the two directions' outputs, forward first, into D = 2H features: at
-  position t the forward half has read positions 0..t, the backward half positions t..L-1.
+  Parameters per direction: LSTM 4H(F + H + 1), GRU 3H(F + H + 1) + H. `bidirectional=True`
+  concatenates the two directions' outputs, forward first, into D = 2H features.
 
   Attributes:
     hidden: H, the width of the state of each direction.
     cell: "lstm" or "gru".
     bidirectional: also run a second layer from the last real position back to the first.
-    initializer: "flax" (LeCun-normal input kernels, orthogonal recurrent kernels, zero biases) or
-      "uniform" (every parameter from U(-1/sqrt(H), 1/sqrt(H)), PyTorch's choice).
+    initializer: "flax" or "uniform" (see the module docstring).
   """
 
   hidden: int
@@ -172,9 +158,8 @@ class Recurrent(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(
-      self, x_BxTxF: jax.Array, *, lengths: jax.Array | None = None, mask: jax.Array | None = None
-  ) -> jax.Array:
+  def __call__(self, x_BxTxF: jax.Array, *, lengths: jax.Array | None = None,
+               mask: jax.Array | None = None) -> jax.Array:
     """Runs the layer.
 
     Args:
@@ -208,16 +193,14 @@ class Recurrent(nn.Module):
     return jnp.where(real_BxTx1, outputs, jnp.zeros_like(outputs))
 
 
-def pool_sequence(
-    outputs_BxTxD: jax.Array, pooling: str, *, lengths: jax.Array | None, bidirectional: bool
-) -> jax.Array:
+def pool_sequence(outputs_BxTxD: jax.Array, pooling: str, *, lengths: jax.Array | None,
+                  bidirectional: bool) -> jax.Array:
   """One `[B, ...]` summary of each sequence of recurrent outputs (zero at padding).
 
   "last": the state after the whole sequence in each direction: the forward half at position
   L-1 and, when `bidirectional`, the backward half at position 0, `[B, D]` (zeros for L = 0).
   "mean": the mean over the L real positions, `[B, D]`.
-  "flatten": every position's outputs in a row, `[B, T * D]` (padding included, as zeros); the
-  next layer's size then depends on T.
+  "flatten": every position's outputs in a row, `[B, T * D]` (padding included, as zeros).
   """
   batch, length, width = outputs_BxTxD.shape
   if pooling == "flatten":
@@ -240,19 +223,9 @@ def pool_sequence(
 class RNNClassifier(nn.Module):
   """A stack of recurrent layers, a pooling over positions, then Dense(num_classes).
 
-  Inputs are either token ids or real-valued signals:
-    * with `vocab_size` set: `[B, T]` integer token ids, embedded by an `nn.Embed(vocab_size,
-      embed_dim)`. Token id 0 is padding, at the end of a row: unless `lengths` are given, a row's
-      length is 1 + the position of its last non-zero token (IMDB reviews, for example);
-    * without: `[B, T]` float signals (one feature per position, e.g. MNIST-1D) or `[B, T, F]`
-      sequences of F features; every position is real unless `lengths` are given.
-
-  Parameters: the Embed's vocab_size * embed_dim, then per layer and direction LSTM 4H(F + H + 1)
-  or GRU 3H(F + H + 1) + H, where F is the layer's input width (embed_dim or the signal's features
-  for the first layer, D after), and the head's P * num_classes + num_classes, where P is D
-  ("last", "mean") or T * D ("flatten"); D = H, or 2H when bidirectional. For example a
-  one-layer unidirectional LSTM with H = 128 over a 10,000-token vocabulary embedded in 128
-  features, 2 classes: 1,280,000 + 131,584 + 258 = 1,411,842 parameters.
+  Inputs are either `[B, T]` integer token ids (with `vocab_size`; id 0 is end padding, from which
+  lengths are read unless given) or `[B, T]` / `[B, T, F]` float signals. A one-layer LSTM with
+  H = 128 over 10,000 tokens embedded in 128, 2 classes, has 1,411,842 parameters.
 
   Attributes:
     num_classes: width of the output layer.
@@ -291,9 +264,7 @@ class RNNClassifier(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(
-      self, x: jax.Array, *, train: bool, lengths: jax.Array | None = None
-  ) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool, lengths: jax.Array | None = None) -> jax.Array:
     """Classifies a batch of sequences.
 
     Args:
@@ -344,21 +315,11 @@ class RNNClassifier(nn.Module):
 
 
 class Mnist1dGRU(RNNClassifier):
-  """The MNIST-1D paper's recurrent model: a bidirectional GRU with hidden size 6 reads the 40
-  samples (one feature each); the outputs of both directions at all 40 positions, 40 * 12 = 480
-  features, go into Dense(480 -> num_classes).
+  """The MNIST-1D paper's recurrent model: a bidirectional GRU (hidden 6) over the 40 samples,
+  all 40 * 12 = 480 outputs into Dense(num_classes); 5,110 parameters for 10 classes.
 
-  With 10 classes: 2 * (3*6*(1 + 6 + 1) + 6) = 300 GRU parameters + 480*10 + 10 = 4,810 in the
-  head, 5,110 in all. (The paper's PyTorch model has 5,134: `nn.GRU` keeps a second, redundant
-  bias for its reset and update gates, 2 * 12 more.) The paper reports 0.91 test accuracy.
-
-  It is initialised as PyTorch initialises `nn.GRU` (initializer="uniform"). With Flax's default
-  (initializer="flax") the single input feature meets input weights of standard deviation 1
-  instead of 0.24, and with the paper's settings (Adam 1e-2, batch 100, 6000 steps) the final test
-  accuracy over seeds 0, 1, 2 was 0.881, 0.899, 0.892, against 0.907, 0.927, 0.915 with "uniform"
-  (`python -m experiments.mnist1d_gru`, seed 0: 0.907).
-
-  Attributes: those of `RNNClassifier`, with the paper's values as defaults.
+  Initialised as PyTorch initialises `nn.GRU` ("uniform"): Flax's default gives the single input
+  feature weights of standard deviation 1 instead of 0.24, and trains to a lower accuracy.
   """
 
   cell: str = "gru"
@@ -369,14 +330,10 @@ class Mnist1dGRU(RNNClassifier):
 
 
 class RecurrentLM(nn.Module):
-  """A character (or token) language model: Embed -> `num_layers` unidirectional LSTM/GRU layers
-  (dropout between them) -> Dense over the vocabulary at every position.
+  """A causal language model: Embed -> `num_layers` unidirectional LSTM/GRU layers -> Dense.
 
-  Position t's logits depend on tokens 0..t only, so it trains on next-token labels
-  `[B, T]` like `jdl.models.TransformerLM` and samples with `jdl.generate.generate`. Parameters,
-  with V = `num_classes` (the vocabulary size), E = `embed_dim`, H = `hidden` and an LSTM:
-  V*E + 4H(E + H + 1) + (num_layers - 1) * 4H(2H + 1) + H*V + V; for V = 65, E = 128, H = 256 and
-  two layers: 944,577 (a GRU layer has 3H(F + H + 1) + H instead).
+  Trains on next-token labels `[B, T]` like `jdl.models.TransformerLM` and samples with
+  `jdl.generate.generate`.
 
   Attributes:
     num_classes: V, the vocabulary size (named so `build_model` passes the dataset's size).

@@ -2,8 +2,7 @@
 
 One configurable `ResNet` module covers both families; the named constructors (`resnet18`, ...)
 fix the depth and layout of the published models. The ImageNet models have exactly torchvision's
-parameter counts (BatchNorm scale and bias count as parameters, convolutions before a norm have no
-bias), so numbers and checkpoints compare one to one.
+parameter counts (with 1000 classes).
 """
 
 from __future__ import annotations
@@ -31,9 +30,8 @@ NormFactory = Callable[..., nn.Module]
 def _conv(features: int, size: int, stride: int = 1, name: str | None = None) -> nn.Conv:
   """A bias-free convolution (a norm follows every one) with torchvision's symmetric padding.
 
-  Explicit padding `(size - 1) // 2` on each side, not "SAME": for stride 2 on an even input,
-  "SAME" pads only the bottom/right edge, which shifts the sampling grid against the published
-  models.
+  Not "SAME", which for stride 2 on an even input pads only the bottom/right edge and shifts the
+  sampling grid against the published models.
   """
   pad = (size - 1) // 2
   return nn.Conv(features, kernel_size=(size, size), strides=(stride, stride),
@@ -48,8 +46,7 @@ class BasicBlock(nn.Module):
     features: output channels (and channels of both convolutions).
     stride: stride of the first convolution and of the projection shortcut.
     norm: makes a normalisation layer; takes `channels` and optional `scale_init` and `name`.
-    zero_init_residual: start the last norm's scale at zero, so the block is the identity (through
-      its shortcut) at initialisation.
+    zero_init_residual: start the last norm's scale at zero, so the block starts as the identity.
   """
 
   features: int
@@ -68,8 +65,7 @@ class BasicBlock(nn.Module):
 
 
 class BottleneckBlock(nn.Module):
-  """1x1 reduce, 3x3, 1x1 expand (x4) and a shortcut; the stride sits on the 3x3 convolution, as in
-  torchvision's "ResNet v1.5" (the parameter count is the same wherever the stride sits).
+  """1x1 reduce, 3x3, 1x1 expand (x4) and a shortcut; the stride on the 3x3 (torchvision's v1.5).
 
   Attributes:
     features: channels of the inner convolutions; the block outputs `4 * features`.
@@ -97,9 +93,10 @@ class BottleneckBlock(nn.Module):
 
 
 def _shortcut(x_BxHxWxC: jax.Array, features: int, stride: int, norm: NormFactory) -> jax.Array:
-  """The identity when the shape is kept, else a projection: strided 1x1 conv + norm (option B of
-  the ResNet paper, the one torchvision uses). Called inside a block's compact `__call__`, so the
-  layers belong to the block."""
+  """The identity when the shape is kept, else a strided 1x1 conv + norm (the paper's option B).
+
+  Called inside a block's compact `__call__`, so the layers belong to the block.
+  """
   if stride == 1 and x_BxHxWxC.shape[-1] == features:
     return x_BxHxWxC
   x = _conv(features, 1, stride, name="shortcut_conv")(x_BxHxWxC)
@@ -119,17 +116,12 @@ class ResNet(nn.Module):
       published models have 3 stages and width 16.
   Stage i (from 0) has `width * 2**i` channels (times 4 at the output of bottleneck blocks); every
   stage after the first halves the resolution with a stride-2 first block. The number of stages
-  is `len(stage_sizes)`, whatever the layout, so e.g. the popular "ResNet-18 for CIFAR" is
-  `ResNet((2, 2, 2, 2), "basic", 10, layout="cifar")`.
+  is `len(stage_sizes)`, whatever the layout ("ResNet-18 for CIFAR" is
+  `ResNet((2, 2, 2, 2), "basic", 10, layout="cifar")`).
 
-  A block whose output shape differs from its input's (a new stage) has a projection shortcut,
-  a strided 1x1 conv + norm; all others are identity shortcuts. Convolutions that feed a norm have
-  no bias, since the norm's mean subtraction would cancel it.
-
-  Initialisation: He-normal (fan-out) convolution kernels, as torchvision. By default the last
-  norm of every residual block starts with scale zero (`zero_init_residual=True`, Goyal et al.
-  2017, also the Flax ImageNet example's choice): each block starts as the identity, which makes
-  deep networks train stably from the first step. torchvision's default is False (scale one).
+  Initialisation: He-normal (fan-out) convolution kernels, as torchvision; with
+  `zero_init_residual` (Goyal et al. 2017; torchvision's default is False) every block starts as
+  the identity, which makes deep networks train stably from the first step.
 
   Attributes:
     stage_sizes: number of residual blocks in each stage.
@@ -153,7 +145,6 @@ class ResNet(nn.Module):
   zero_init_residual: bool = True
 
   def __post_init__(self) -> None:
-    # Checked on construction, so a bad config fails before any data is loaded.
     for attribute, valid in (("block", BLOCKS), ("layout", LAYOUTS),
                              ("normalization", NORMALIZATIONS)):
       value = getattr(self, attribute)
@@ -213,43 +204,29 @@ def _named(name: str, num_classes: int, overrides: dict[str, Any]) -> ResNet:
 
 
 def resnet18(num_classes: int, **overrides: Any) -> ResNet:
-  """ResNet-18: ImageNet layout, basic blocks, stages (2, 2, 2, 2), width 64.
-
-  11,689,512 parameters with 1000 classes (torchvision's count).
-  """
+  """ResNet-18: ImageNet layout, basic blocks, stages (2, 2, 2, 2); 11,689,512 parameters."""
   return _named("resnet18", num_classes, overrides)
 
 
 def resnet34(num_classes: int, **overrides: Any) -> ResNet:
-  """ResNet-34: ImageNet layout, basic blocks, stages (3, 4, 6, 3), width 64.
-
-  21,797,672 parameters with 1000 classes (torchvision's count).
-  """
+  """ResNet-34: ImageNet layout, basic blocks, stages (3, 4, 6, 3); 21,797,672 parameters."""
   return _named("resnet34", num_classes, overrides)
 
 
 def resnet50(num_classes: int, **overrides: Any) -> ResNet:
-  """ResNet-50: ImageNet layout, bottleneck blocks (4x expansion), stages (3, 4, 6, 3), width 64.
-
-  25,557,032 parameters with 1000 classes (torchvision's count).
-  """
+  """ResNet-50: ImageNet layout, bottleneck blocks, stages (3, 4, 6, 3); 25,557,032 parameters."""
   return _named("resnet50", num_classes, overrides)
 
 
 def resnet20(num_classes: int, **overrides: Any) -> ResNet:
   """ResNet-20 for CIFAR: CIFAR layout, basic blocks, stages (3, 3, 3), widths 16, 32, 64.
 
-  272,474 parameters with 10 classes. The paper's 0.27M (269,722) uses parameter-free
-  zero-padding shortcuts (option A); here the two stage transitions use 1x1 conv + norm
-  projections, which add 16*32 + 2*32 + 32*64 + 2*64 = 2,752.
+  272,474 parameters with 10 classes: the paper's zero-padding shortcuts (option A) plus 2,752 for
+  the two projection shortcuts here.
   """
   return _named("resnet20", num_classes, overrides)
 
 
 def resnet56(num_classes: int, **overrides: Any) -> ResNet:
-  """ResNet-56 for CIFAR: CIFAR layout, basic blocks, stages (9, 9, 9), widths 16, 32, 64.
-
-  855,770 parameters with 10 classes: the paper's 0.85M (853,018, with zero-padding shortcuts)
-  plus the same 2,752 of the two projection shortcuts as `resnet20`.
-  """
+  """ResNet-56 for CIFAR: stages (9, 9, 9), otherwise `resnet20`; 855,770 parameters."""
   return _named("resnet56", num_classes, overrides)

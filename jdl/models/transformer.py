@@ -52,8 +52,8 @@ def _check_tokens(tokens: jax.Array, model: str, max_length: int, limit_name: st
 class TransformerBlock(nn.Module):
   """One pre-LayerNorm transformer block: LN -> MHSA -> Dropout -> +x, LN -> MLP -> Dropout -> +x.
 
-  The MLP is Dense(mlp_ratio * D) -> GELU (tanh approximation) -> Dense(D). Parameters for width
-  D and `mlp_ratio=4`: 12 D^2 + 13 D (49,984 for D = 64).
+  The MLP is Dense(mlp_ratio * D) -> GELU (tanh approximation) -> Dense(D); 12 D^2 + 13 D
+  parameters for `mlp_ratio=4`.
 
   Attributes:
     num_heads: attention heads; must divide the width.
@@ -68,9 +68,8 @@ class TransformerBlock(nn.Module):
   dropout_rate: float = 0.0
 
   @nn.compact
-  def __call__(
-      self, x_BxTxD: jax.Array, *, train: bool, padding_mask: jax.Array | None = None
-  ) -> jax.Array:
+  def __call__(self, x_BxTxD: jax.Array, *, train: bool,
+               padding_mask: jax.Array | None = None) -> jax.Array:
     width = x_BxTxD.shape[-1]
     y = nn.LayerNorm(name="ln_attention")(x_BxTxD)
     y = MultiHeadSelfAttention(self.num_heads, causal=self.causal, dropout_rate=self.dropout_rate,
@@ -91,15 +90,9 @@ class TransformerEncoderClassifier(nn.Module):
   """A bidirectional transformer over token ids for sequence classification (e.g. IMDB sentiment).
 
   Token embedding + learned position embedding -> Dropout -> `num_layers` bidirectional blocks
-  -> final LayerNorm -> mean over the real tokens -> Dense(num_classes). Token id `pad_id` (0) is
+  -> final LayerNorm -> mean over the real tokens -> Dense(num_classes). Token id `pad_id` is
   padding: padded keys get no attention weight and padded positions are left out of the mean, so
-  appending padding to a sequence does not change its logits. Mean pooling (rather than a CLS
-  token) keeps every real token's output in the prediction; a sequence of padding only pools to
-  zeros.
-
-  Parameters: V D + max_length D + num_layers (12 D^2 + 13 D) + 2 D + D num_classes + num_classes.
-  The defaults with `num_classes=2` (V 8192, max_length 256, 2 layers of width 64, 4 heads) have
-  524,288 + 16,384 + 99,968 + 128 + 130 = 640,898.
+  appending padding does not change the logits; a sequence of padding only pools to zeros.
 
   Attributes:
     num_classes: width of the output layer.
@@ -160,14 +153,9 @@ class TransformerLM(nn.Module):
   Token embedding + learned position embedding -> Dropout -> `num_layers` causal blocks -> final
   LayerNorm -> output projection to V logits per position. Position t sees tokens 0..t only.
 
-  `num_classes` is the vocabulary size V (the classes of next-token prediction), so the model fits
-  `jdl.models.build_model(config, num_classes=V)`; `vocab_size` reads it back. With
-  `tie_weights=True` the output projection is the token embedding's transpose
-  (`nn.Embed.attend`), which saves V D parameters; otherwise it is a bias-free Dense(V).
-
-  Parameters: V D + block_size D + num_layers (12 D^2 + 13 D) + 2 D (+ V D untied). The defaults
-  on character-level Shakespeare, `TransformerLM(num_classes=65)` (block_size 128, 4 layers of
-  width 128, 4 heads, tied), have 8,320 + 16,384 + 793,088 + 256 = 818,048; untied 826,368.
+  `num_classes` is the vocabulary size V, so the model fits `jdl.models.build_model(config,
+  num_classes=V)`. With `tie_weights=True` the output projection is the token embedding's
+  transpose (`nn.Embed.attend`); otherwise a bias-free Dense(V).
 
   Attributes:
     num_classes: V, the vocabulary size.
@@ -224,11 +212,10 @@ class TransformerLM(nn.Module):
     return self.logits_from_embeddings(self.token_embedding(tokens), train=train)
 
   def logits_from_embeddings(self, x_BxTxD: jax.Array, *, train: bool) -> jax.Array:
-    """The model after the token lookup: `[B, T, D]` token embedding vectors -> `[B, T, V]`.
+    """The model after the token lookup: `[B, T, D]` embeddings -> `[B, T, V]` logits.
 
-    `__call__` is this applied to `token_embedding(tokens)`; called on its own (with
-    `method=TransformerLM.logits_from_embeddings`) it lets one differentiate the logits with
-    respect to the input vectors, e.g. to check causality.
+    Called with `method=TransformerLM.logits_from_embeddings`, it lets one differentiate the
+    logits with respect to the input vectors, e.g. to check causality.
     """
     if x_BxTxD.ndim != 3 or x_BxTxD.shape[-1] != self.width:
       raise ValueError(
@@ -256,14 +243,6 @@ class ViT(nn.Module):
   token in front (`pool="cls"`) -> learned position embeddings -> Dropout -> `num_layers`
   bidirectional blocks -> final LayerNorm -> the CLS token's output (or the mean over patches,
   `pool="mean"`) -> Dense(num_classes). Image height and width must be multiples of the patch size.
-
-  Parameters, for N = (H / p)(W / p) patches of C channels: (p^2 C D + D) + D (CLS) + (N + 1) D
-  + num_layers (12 D^2 + 13 D) + 2 D + D num_classes + num_classes (no CLS: one D and one
-  position fewer). On 32x32x3 images with 10 classes:
-    the defaults (patch 4, width 64, 4 layers, 4 heads; small enough to train on a CPU):
-      3,136 + 64 + 4,160 + 199,936 + 128 + 650 = 208,074;
-    `vit_tiny` (patch 4, width 192, 12 layers, 3 heads, the ViT-Ti shape):
-      9,408 + 192 + 12,480 + 5,338,368 + 384 + 1,930 = 5,362,762.
 
   Attributes:
     num_classes: width of the output layer.
@@ -330,13 +309,9 @@ class ViT(nn.Module):
 VIT_PRESETS: dict[str, dict[str, Any]] = {
     "vit_tiny": {"patch_size": 4, "width": 192, "num_layers": 12, "num_heads": 3},
 }
-"""Named ViT shapes (`jdl.models.MODELS` registers them too). ViT-tiny on 32x32 images: the ViT-Ti
-width, depth and heads with 4x4 patches (64 patches)."""
+"""Named ViT shapes (`jdl.models.MODELS` registers them too)."""
 
 
 def vit_tiny(num_classes: int, **overrides: Any) -> ViT:
-  """ViT-tiny for 32x32 images: patch 4, width 192, 12 layers, 3 heads, CLS pooling.
-
-  5,362,762 parameters on 32x32x3 images with 10 classes.
-  """
+  """ViT-tiny for 32x32 images: the ViT-Ti width, depth and heads with 4x4 patches."""
   return ViT(num_classes=num_classes, **{**VIT_PRESETS["vit_tiny"], **overrides})
