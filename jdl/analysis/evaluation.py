@@ -1,22 +1,13 @@
 """Evaluating a trained classifier beyond one accuracy number.
 
-`evaluate_classifier(state, inputs, labels)` runs the model over a whole split (`predict`) and
-bundles what a report shows: accuracy, per-class accuracy, the confusion matrix, top-k accuracies,
-calibration (expected calibration error and the reliability diagram's bins) and the indices of the
-misclassified examples. Each piece is also a plain function of arrays, so it works on the outputs
-of any model, jdl's or not.
+`evaluate_classifier(state, inputs, labels)` runs the model over a whole split and bundles
+accuracy, per-class accuracy, the confusion matrix, top-k accuracies, calibration and the
+misclassified examples. Each piece is also a plain function of arrays, for any model's outputs.
 
-Logits or probabilities: models end either in logits (`output="logits"`, the default) or in a
-softmax (`output="softmax"`). `outputs_are_probabilities` decides from the numbers: outputs that
-are all non-negative with every row summing to 1 (within `PROBABILITY_TOLERANCE`) are taken as
-probabilities, anything else as logits. Logits that happen to look like probabilities are
-practically impossible for a trained model, and the decision changes nothing that depends on the
-ranking (accuracy, top-k, confusion); only calibration and the log loss need real probabilities,
-which `softmax_probabilities` gives either way.
-
-The metrics are computed on the host in numpy (float64): they are cheap next to the forward pass
-and exact, so the confusion matrix of a split sums to its size and its diagonal to the number of
-correct predictions.
+Outputs that are all non-negative with every row summing to 1 (within `PROBABILITY_TOLERANCE`)
+are taken as probabilities, anything else as logits (`outputs_are_probabilities`). Only
+calibration and the log loss need real probabilities, which `softmax_probabilities` gives either
+way. The metrics are computed on the host in float64 numpy, exactly.
 """
 
 from __future__ import annotations
@@ -32,8 +23,7 @@ import numpy as np
 from jdl.state import TrainState
 
 PROBABILITY_TOLERANCE = 1e-3
-"""How far from 1 a row of outputs may sum and still count as probabilities (float32 softmax
-rows of thousands of classes are off by about 1e-6)."""
+"""How far from 1 a row of outputs may sum and still count as probabilities."""
 
 ApplyFn = Callable[..., Any]
 
@@ -51,20 +41,17 @@ def apply_in_batches(apply_fn: ApplyFn, variables: Any, inputs: np.ndarray | jax
                      batch_size: int = 1000) -> np.ndarray:
   """The model's outputs for every example of `inputs`, computed batch by batch in eval mode.
 
-  The model runs as `apply_fn(variables, batch, train=False)` (no dropout, BatchNorm on its running
-  statistics) under `jax.jit`. Every batch has the same shape, the last one padded with zeros and
-  the padding dropped afterwards, so the model compiles once per input shape whatever the number
-  of examples.
+  Every batch has the same shape (the last one padded, the padding dropped afterwards), so the
+  model compiles once whatever the number of examples.
 
   Args:
     apply_fn: the model's `apply` (hashable: it is a static argument of the compiled call).
     variables: the model's variables, e.g. `state.variables()`.
     inputs: `[num_examples, *input_shape]` images, signals or token ids, any dtype the model takes.
-    batch_size: examples per compiled call (memory and speed only; the outputs do not change).
+    batch_size: examples per compiled call (memory and speed only).
 
   Returns:
-    `[num_examples, ...]` outputs as float32 numpy, as the model gives them (logits or
-    probabilities).
+    `[num_examples, ...]` outputs as float32 numpy, as the model gives them.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
@@ -114,8 +101,7 @@ def predict(state: TrainState, inputs: np.ndarray | jax.Array, *,
 
 def outputs_are_probabilities(outputs: np.ndarray, *,
                               tolerance: float = PROBABILITY_TOLERANCE) -> bool:
-  """True when `outputs` ([..., num_classes]) are probabilities: all non-negative and every row
-  summing to 1 within `tolerance`; False means logits (see the module docstring)."""
+  """True when `outputs` ([..., num_classes]) are all non-negative with rows summing to 1."""
   outputs = np.asarray(outputs, np.float64)
   if outputs.ndim < 1 or outputs.shape[-1] == 0:
     raise ValueError(f"outputs must end in a class axis; got shape {outputs.shape}.")
@@ -127,8 +113,7 @@ def outputs_are_probabilities(outputs: np.ndarray, *,
 
 
 def softmax_probabilities(outputs: np.ndarray) -> np.ndarray:
-  """Class probabilities from a model's outputs: the softmax of logits, or probabilities as they
-  are (renormalised in float64 to sum to exactly 1). Shape `[..., num_classes]`, float64."""
+  """Float64 class probabilities: the softmax of logits, or probabilities renormalised."""
   outputs = np.asarray(outputs, np.float64)
   if outputs_are_probabilities(outputs):
     return outputs / outputs.sum(axis=-1, keepdims=True)
@@ -161,12 +146,7 @@ def _check_labels(labels: np.ndarray, num_classes: int, name: str) -> None:
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
-  """`[num_classes, num_classes]` counts: entry `[t, p]` is the number of examples of true class
-  `t` predicted as `p` (rows are true classes, columns predicted ones).
-
-  The matrix sums to the number of examples, its rows to the class counts, and its trace to the
-  number of correct predictions.
-  """
+  """`[num_classes, num_classes]` counts: entry `[t, p]` counts class `t` predicted as `p`."""
   labels, predictions = np.asarray(labels), np.asarray(predictions)
   if num_classes < 1:
     raise ValueError(f"num_classes must be >= 1; got {num_classes}.")
@@ -180,9 +160,7 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 
 
 def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
-  """Accuracy of each true class (recall): the diagonal of a confusion matrix over its row sums.
-  A class without examples gets NaN, not 0, so it cannot pass for a class the model always
-  misses."""
+  """Accuracy of each true class (recall); NaN for a class without examples, not 0."""
   confusion = np.asarray(confusion)
   if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
     raise ValueError(f"confusion must be a square [num_classes, num_classes] matrix; got shape "
@@ -196,8 +174,7 @@ def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
 def label_ranks(outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
   """The rank of each example's true class among its outputs: 0 when it is the prediction.
 
-  Ties go to the lower class index, as `argmax` breaks them, so rank 0 is exactly "the argmax is
-  the label" and top-1 accuracy equals accuracy even for tied outputs.
+  Ties go to the lower class index, as `argmax` breaks them, so top-1 accuracy equals accuracy.
   """
   outputs, labels = _check_classification(outputs, labels)
   true_scores = np.take_along_axis(outputs, labels[:, None], axis=1)
@@ -207,9 +184,7 @@ def label_ranks(outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def top_k_accuracy(outputs: np.ndarray, labels: np.ndarray, k: int) -> float:
-  """The fraction of examples whose true class is among the `k` highest outputs (logits or
-  probabilities alike; ties broken as `argmax` breaks them). Non-decreasing in `k`; 1 for
-  `k >= num_classes`."""
+  """The fraction of examples whose true class is among the `k` highest outputs."""
   if k < 1:
     raise ValueError(f"k must be >= 1; got {k}.")
   return float(np.mean(label_ranks(outputs, labels) < k))
@@ -266,9 +241,6 @@ def reliability_diagram_data(probabilities: np.ndarray, labels: np.ndarray, *,
                              num_bins: int = 15) -> ReliabilityBins:
   """Bins the examples by confidence (highest probability) and measures each bin's accuracy.
 
-  A calibrated model is right on a fraction `c` of the examples it gives confidence `c`, so
-  every bin's accuracy equals its mean confidence.
-
   Args:
     probabilities: `[num_examples, num_classes]` class probabilities (`softmax_probabilities`).
     labels: `[num_examples]` integer labels.
@@ -294,8 +266,7 @@ def reliability_diagram_data(probabilities: np.ndarray, labels: np.ndarray, *,
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, *,
                                num_bins: int = 15) -> float:
   """Expected calibration error (Guo et al. 2017): the count-weighted mean gap between accuracy
-  and confidence over `num_bins` equal-width confidence bins (see `reliability_diagram_data`).
-  0 for a perfectly calibrated model; at most 1."""
+  and confidence over `num_bins` equal-width confidence bins."""
   return reliability_diagram_data(probabilities, labels,
                                   num_bins=num_bins).expected_calibration_error()
 
@@ -315,8 +286,7 @@ class EvaluationReport:
     accuracy: fraction of examples whose argmax output is the label.
     per_class_accuracy: `[num_classes]` accuracy of each true class (NaN without examples).
     confusion: `[num_classes, num_classes]` counts, rows true classes, columns predictions.
-    top_k_accuracy: `{k: accuracy}` for each requested k below the number of classes (k = 1
-      always).
+    top_k_accuracy: `{k: accuracy}` for k = 1 and each requested k below the number of classes.
     log_loss: mean negative log-probability of the true class (nats).
     expected_calibration_error: see `expected_calibration_error`.
     reliability: the reliability diagram's bins.
@@ -378,23 +348,15 @@ def evaluate_outputs(outputs: np.ndarray, labels: np.ndarray, *,
   # The smallest positive float64 keeps the log finite for a probability output of exactly 0.
   log_loss = float(-np.mean(np.log(np.maximum(true_probabilities, np.finfo(np.float64).tiny))))
   return EvaluationReport(
-      num_examples=num_examples,
-      num_classes=num_classes,
-      class_names=class_names,
+      num_examples=num_examples, num_classes=num_classes, class_names=class_names,
       accuracy=float(np.trace(confusion)) / num_examples,
-      per_class_accuracy=per_class_accuracy(confusion),
-      confusion=confusion,
+      per_class_accuracy=per_class_accuracy(confusion), confusion=confusion,
       top_k_accuracy={int(k): float(np.mean(ranks < k)) for k in sorted(set(top_k))
                       if k == 1 or k < num_classes},
-      log_loss=log_loss,
-      expected_calibration_error=reliability.expected_calibration_error(),
-      reliability=reliability,
-      misclassified=np.flatnonzero(predictions != labels),
-      labels=labels,
-      predictions=predictions,
-      confidences=probabilities.max(axis=1),
-      outputs_were_probabilities=was_probabilities,
-  )
+      log_loss=log_loss, expected_calibration_error=reliability.expected_calibration_error(),
+      reliability=reliability, misclassified=np.flatnonzero(predictions != labels),
+      labels=labels, predictions=predictions, confidences=probabilities.max(axis=1),
+      outputs_were_probabilities=was_probabilities)
 
 
 def evaluate_classifier(state: TrainState, inputs: np.ndarray, labels: np.ndarray, *,
@@ -406,13 +368,8 @@ def evaluate_classifier(state: TrainState, inputs: np.ndarray, labels: np.ndarra
     state: a trained classifier's state.
     inputs: `[num_examples, *state.input_shape]` images, signals or token ids.
     labels: `[num_examples]` integer labels.
-    class_names: a name per class (e.g. `run.meta.class_names`); None names them by index.
-    top_k: the k of the top-k accuracies (see `evaluate_outputs`).
-    num_bins: confidence bins of the calibration measures.
+    class_names, top_k, num_bins: as `evaluate_outputs`'s.
     batch_size: examples per compiled forward pass.
-
-  Returns:
-    The `EvaluationReport`.
   """
   outputs = predict(state, inputs, batch_size=batch_size)
   return evaluate_outputs(outputs, labels, class_names=class_names, top_k=top_k,
