@@ -4,36 +4,24 @@ Four methods, each a pure function of `(apply_fn, variables, inputs, target_clas
 one attribution per input element, shaped like `inputs`:
 
   `saliency`: the gradient of the target score with respect to the input (Simonyan et al., 2014).
-  `smoothgrad`: the saliency averaged over noisy copies of the input (Smilkov et al., 2017), which
-    removes much of the gradient's high-frequency noise.
+  `smoothgrad`: the saliency averaged over noisy copies of the input (Smilkov et al., 2017).
   `integrated_gradients`: the gradient averaged along the straight path from a baseline to the
-    input, times `input - baseline` (Sundararajan et al., 2017). Its attributions add up to
-    `score(input) - score(baseline)` ("completeness"), so they are in the units of the score.
+    input, times `input - baseline` (Sundararajan et al., 2017); the attributions add up to
+    `score(input) - score(baseline)`.
   `occlusion`: how much the target score drops when a window of the input is replaced by a fill
-    value (Zeiler and Fergus, 2014). It needs no gradient, so it also works on token ids.
+    value (Zeiler and Fergus, 2014); it needs no gradient, so it also works on token ids.
 
-The model is called as `apply_fn(variables, inputs, train=False)` (inference mode: no dropout,
-BatchNorm on running statistics, so examples are independent of each other) and must return
-`[batch, num_classes]`. The target score is the *logit* of the target class, or its softmax
-probability with `use_probabilities=True`: logits are the usual choice, since a saturated
-softmax has gradients near zero even where the input matters.
+The model is called as `apply_fn(variables, inputs, train=False)` and must return
+`[batch, num_classes]`. The target score is the target class's logit, or its softmax probability
+with `use_probabilities=True` (a saturated softmax has gradients near zero even where the input
+matters).
 
-Inputs:
-  images `[B, H, W, C]` (and grey `[B, H, W]`), signals `[B, T]`, float sequences `[B, T, F]` and
-  flat features `[B, F]` work with every method: the model is differentiated with respect to
-  whatever floating array it takes.
-  Token ids (integers, e.g. `TransformerEncoderClassifier`) have no gradient. `occlusion` works on
-  them (fill with the padding id). For the gradient methods, attribute to the token *embeddings*
-  instead: pass the embedding vectors `[B, T, D]` as `inputs` and an `apply_fn` that runs the model
-  from its embeddings, then sum the attributions over D (`reduce_channels=True`) to get one number
-  per token. `TransformerLM.logits_from_embeddings` is such an entry point (wrap it to return one
-  position's logits, `[B, V]`); `TransformerEncoderClassifier` and `RNNClassifier` do not have one,
-  so for them only occlusion is available here.
+Token ids have no gradient: for the gradient methods pass the embeddings `[B, T, D]` and an
+`apply_fn` that starts from them (e.g. a wrapper of `TransformerLM.logits_from_embeddings` that
+returns one position's logits), and sum over D with `reduce_channels=True`.
 
-Every method runs under `jax.jit` (specialised on `apply_fn` and the static options, so repeated
-calls with the same model do not retrace), and evaluates its many model calls (path points, noise
-samples, occluded copies) `points_per_call` at a time with `vmap` inside a `lax.scan`, not one
-Python call per point.
+Every method runs under `jax.jit` and evaluates its many model calls (path points, noise samples,
+occluded copies) `points_per_call` at a time with `vmap` inside a `lax.scan`.
 """
 
 from __future__ import annotations
@@ -58,16 +46,9 @@ IG_METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapez
 # Public API.
 
 
-def saliency(
-    apply_fn: ApplyFn,
-    variables: Variables,
-    inputs: jax.Array,
-    target_classes: jax.Array | int,
-    *,
-    absolute: bool = False,
-    reduce_channels: bool = False,
-    use_probabilities: bool = False,
-) -> jax.Array:
+def saliency(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
+             target_classes: jax.Array | int, *, absolute: bool = False,
+             reduce_channels: bool = False, use_probabilities: bool = False) -> jax.Array:
   """The gradient of each example's target score with respect to its input.
 
   Args:
@@ -76,9 +57,8 @@ def saliency(
     inputs: `[B, ...]` floating inputs (see the module docstring for token ids).
     target_classes: `[B]` class indices, or one int for every example.
     absolute: return the gradient's magnitude (the usual saliency map) instead of its sign.
-    reduce_channels: sum over the last axis (the channels of `[B, H, W, C]` images, the features
-      of `[B, T, F]` sequences or embeddings), giving one number per pixel or time step; inputs of
-      rank < 3 have no such axis and are an error. With `absolute`, magnitudes are summed.
+    reduce_channels: sum over the last axis (channels, features or embedding width) of inputs
+      of rank >= 3, giving one number per pixel or time step.
     use_probabilities: differentiate the target's softmax probability instead of its logit.
 
   Returns:
@@ -90,26 +70,14 @@ def saliency(
   return _finish(gradients, absolute=absolute, reduce_channels=reduce_channels)
 
 
-def smoothgrad(
-    apply_fn: ApplyFn,
-    variables: Variables,
-    inputs: jax.Array,
-    target_classes: jax.Array | int,
-    *,
-    key: jax.Array,
-    num_samples: int = 25,
-    noise_scale: float = 0.15,
-    absolute: bool = False,
-    reduce_channels: bool = False,
-    use_probabilities: bool = False,
-    points_per_call: int = 32,
-) -> jax.Array:
+def smoothgrad(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
+               target_classes: jax.Array | int, *, key: jax.Array, num_samples: int = 25,
+               noise_scale: float = 0.15, absolute: bool = False, reduce_channels: bool = False,
+               use_probabilities: bool = False, points_per_call: int = 32) -> jax.Array:
   """SmoothGrad: the saliency averaged over `num_samples` copies of each input with Gaussian noise.
 
   The noise's standard deviation is `noise_scale` times the example's own value range
-  (`max - min` over its elements), as in Smilkov et al. (who found 10-20% works best), so one
-  setting suits pixels in [0, 1] and standardised signals alike. The same key gives the same
-  result; `noise_scale=0` gives exactly `saliency`.
+  (`max - min`), as in Smilkov et al., so one setting suits pixels and standardised signals alike.
 
   Args:
     apply_fn, variables, inputs, target_classes, absolute, reduce_channels, use_probabilities:
@@ -138,40 +106,27 @@ def smoothgrad(
 
 
 def integrated_gradients(
-    apply_fn: ApplyFn,
-    variables: Variables,
-    inputs: jax.Array,
-    target_classes: jax.Array | int,
-    *,
-    baseline: jax.Array | float | None = None,
-    steps: int = 64,
-    method: str = "riemann_trapezoid",
-    reduce_channels: bool = False,
-    use_probabilities: bool = False,
-    points_per_call: int = 32,
-    return_convergence_delta: bool = False,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+    apply_fn: ApplyFn, variables: Variables, inputs: jax.Array, target_classes: jax.Array | int,
+    *, baseline: jax.Array | float | None = None, steps: int = 64,
+    method: str = "riemann_trapezoid", reduce_channels: bool = False,
+    use_probabilities: bool = False, points_per_call: int = 32,
+    return_convergence_delta: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Integrated gradients: `(x - baseline) * mean gradient on the path baseline -> x`.
 
-  The path integral is a quadrature over `steps` intervals of the straight line. Its attributions
-  satisfy completeness, `sum(attributions) = score(x) - score(baseline)`, up to the quadrature
-  error, which `return_convergence_delta` reports: a delta that is large next to the score
-  difference means more `steps` are needed (Sundararajan et al. suggest 20-300). The baseline
-  should mean "no signal" for the model: zeros (black images, a flat signal) by default.
+  The path integral is a quadrature over `steps` intervals. `sum(attributions) = score(x) -
+  score(baseline)` up to the quadrature error, which `return_convergence_delta` reports: a large
+  delta means more `steps` are needed.
 
   Args:
     apply_fn, variables, inputs, target_classes, reduce_channels, use_probabilities: as in
       `saliency`. `reduce_channels` keeps completeness (it sums attributions).
-    baseline: None (zeros), a number, or an array shaped like one example (`inputs.shape[1:]`)
-      or like the whole batch.
+    baseline: "no signal" for the model: None (zeros), a number, or an array shaped like one
+      example or the whole batch.
     steps: intervals of the quadrature (>= 1).
-    method: "riemann_trapezoid" (default: `steps + 1` gradients, second-order accurate),
-      "riemann_left", "riemann_right", "riemann_middle" (`steps` gradients each) or
-      "gauss_legendre" (`steps` gradients, the most accurate for smooth models).
-    points_per_call: at most this many path points (each a full batch) go through the model at
-      once; they are evaluated with `vmap` in a `lax.scan`.
-    return_convergence_delta: also return `[B]`: `sum(attributions) - (score(x) -
-      score(baseline))` per example.
+    method: one of `IG_METHODS`: "riemann_trapezoid" (`steps + 1` gradients), "riemann_left",
+      "riemann_right", "riemann_middle" or "gauss_legendre" (`steps` gradients each).
+    points_per_call: at most this many path points (each a full batch) go through the model at once.
+    return_convergence_delta: also return `[B]` `sum(attributions) - (score(x) - score(baseline))`.
 
   Returns:
     `[B, ...]` float32 attributions shaped like `inputs` (without the last axis with
@@ -194,28 +149,16 @@ def integrated_gradients(
   return (attributions, delta) if return_convergence_delta else attributions
 
 
-def occlusion(
-    apply_fn: ApplyFn,
-    variables: Variables,
-    inputs: jax.Array,
-    target_classes: jax.Array | int,
-    *,
-    window: int | Sequence[int],
-    stride: int | Sequence[int] | None = None,
-    fill: float | int = 0.0,
-    use_probabilities: bool = False,
-    points_per_call: int = 32,
-) -> jax.Array:
+def occlusion(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
+              target_classes: jax.Array | int, *, window: int | Sequence[int],
+              stride: int | Sequence[int] | None = None, fill: float | int = 0.0,
+              use_probabilities: bool = False, points_per_call: int = 32) -> jax.Array:
   """Occlusion: the drop in the target score when a window of the input is set to `fill`.
 
-  The window slides over the leading axes after the batch axis and covers the remaining axes
-  whole: an int window is 2-D (square) on `[B, H, W, C]` images and 1-D on `[B, T]` signals,
-  `[B, T, F]` sequences and `[B, T]` token ids; a tuple of k sizes slides over the first k axes
-  (so `(h, w)` on grey `[B, H, W]` images). Windows start every `stride` positions and one more
-  window is placed flush with the end when the stride does not reach it, so every element is
-  covered. Each element's attribution is the mean drop, `score(x) - score(occluded x)`, over the
-  windows that cover it: positive where the region supports the target, zero where replacing it
-  does not change the score.
+  The window slides over the leading axes after the batch axis and covers the rest whole: an int
+  window is 2-D on `[B, H, W, C]` images and 1-D otherwise; a tuple of k sizes slides over the
+  first k axes. A last window flush with the end covers any tail. Each element's attribution is
+  the mean drop, `score(x) - score(occluded x)`, over the windows that cover it.
 
   Args:
     apply_fn, variables, inputs, target_classes, use_probabilities: as in `saliency`, except that
@@ -256,8 +199,8 @@ def _target_scores(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
 
 def _score_gradients(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
                      targets: jax.Array, use_probabilities: bool) -> jax.Array:
-  """`[B, ...]`: each example's target-score gradient. In inference mode example b's score
-  depends on example b only, so the gradient of the batch sum is every example's own gradient."""
+  """`[B, ...]`: each example's target-score gradient, as the gradient of the batch sum (in
+  inference mode examples are independent)."""
 
   def total_score(x: jax.Array) -> jax.Array:
     return jnp.sum(_target_scores(apply_fn, variables, x, targets, use_probabilities))
@@ -267,11 +210,8 @@ def _score_gradients(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
 
 def _sum_over_points(point_fn: Callable[[jax.Array], jax.Array], num_points: int,
                      points_per_call: int, like: jax.ShapeDtypeStruct) -> jax.Array:
-  """`sum(point_fn(i) for i in range(num_points))`, evaluating up to `points_per_call` points at
-  once with `vmap`, chunk after chunk in a `lax.scan` (so memory stays at one chunk).
-
-  The chunks are as even as possible; the few padding points of the last chunk are computed on
-  index `num_points - 1` and dropped from the sum."""
+  """`sum(point_fn(i) for i in range(num_points))`, `points_per_call` at a time with `vmap` in a
+  `lax.scan`; the last chunk's padding points repeat index `num_points - 1` and are dropped."""
   num_chunks = -(-num_points // points_per_call)
   chunk = -(-num_points // num_chunks)
 
