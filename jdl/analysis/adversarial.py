@@ -1,29 +1,21 @@
 """Adversarial examples, robust accuracy and adversarial training.
 
-An adversarial example is an input moved a little, within an epsilon ball around the clean input
-and inside the valid input range, in the direction that most increases the model's loss.
+An adversarial example is an input moved within an epsilon ball around the clean input, and
+inside the valid input range, in the direction that most increases the model's loss.
 
-  `fgsm`: the fast gradient sign method (Goodfellow et al., 2015): one step of size epsilon along
-    the sign of the loss gradient (L-inf) or along the normalised gradient (L2).
-  `pgd`: projected gradient descent on the negative loss (Madry et al., 2018): `num_steps` steps
-    of size `step_size`, each followed by a projection back into the epsilon ball and the input
-    range, from a random start inside the ball. It is a `lax.fori_loop` under `jax.jit`.
-  `robust_accuracy` / `robust_accuracy_curve`: accuracy on attacked inputs, over a dataset in
-    batches, for one epsilon or several.
-  `make_adversary`: adversarial training. Its result is the `adversary=` of
-    `jdl.make_train_step`, which replaces every training batch's inputs by adversarial ones made
-    from the current parameters before the loss (Madry et al.'s min-max training).
+  `fgsm`: the fast gradient sign method (Goodfellow et al., 2015): one step of size epsilon.
+  `pgd`: projected gradient ascent on the loss (Madry et al., 2018) from a random start.
+  `robust_accuracy` / `robust_accuracy_curve`: accuracy on attacked inputs, at one or more epsilons.
+  `make_adversary`: the `adversary=` of `jdl.make_train_step`, for adversarial training.
 
 Balls: "linf" bounds every element's change by epsilon; "l2" bounds each example's Euclidean norm
-over all its elements (all axes but the batch axis). A zero gradient gives a zero L2 step (no
-division by zero). `value_range=(lo, hi)` is the valid input range (pixels in [0, 1] by default;
-for standardised data such as MNIST-1D use the data's own minimum and maximum); None leaves the
-inputs unbounded. Clean inputs must lie inside the range: clipping an example that starts outside
-could take it out of its epsilon ball.
+over all its non-batch axes. `value_range=(lo, hi)` is the valid input range (pixels in [0, 1] by
+default; for standardised data use the data's own minimum and maximum); None leaves the inputs
+unbounded. Clean inputs must lie inside the range, or clipping could take them out of their ball.
 
 The model is called as `apply_fn(variables, inputs, train=False)` and must return
-`[batch, num_classes]` logits; the attacked loss is the softmax cross-entropy of the labels
-(untargeted attacks), or any per-example `loss(outputs, labels) -> [batch]`.
+`[batch, num_classes]` logits; the attacked loss is the softmax cross-entropy of the labels, or any
+per-example `loss(outputs, labels) -> [batch]`.
 """
 
 from __future__ import annotations
@@ -53,17 +45,10 @@ LOSSES: dict[str, LossFn] = {"cross_entropy": losses_lib.softmax_cross_entropy}
 # Attacks.
 
 
-def fgsm(
-    apply_fn: ApplyFn,
-    variables: Variables,
-    inputs: jax.Array,
-    labels: jax.Array,
-    *,
-    epsilon: float,
-    norm: str = "linf",
-    value_range: tuple[float, float] | None = (0.0, 1.0),
-    loss: str | LossFn = "cross_entropy",
-) -> jax.Array:
+def fgsm(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array, labels: jax.Array, *,
+         epsilon: float, norm: str = "linf",
+         value_range: tuple[float, float] | None = (0.0, 1.0),
+         loss: str | LossFn = "cross_entropy") -> jax.Array:
   """The fast gradient method: one step of length `epsilon` up the loss gradient.
 
   L-inf: `x + epsilon * sign(grad)`; L2: `x + epsilon * grad / ||grad||` per example. The result
@@ -88,27 +73,15 @@ def fgsm(
                    jnp.float32(epsilon), norm, value_range, loss_fn)
 
 
-def pgd(
-    apply_fn: ApplyFn,
-    variables: Variables,
-    inputs: jax.Array,
-    labels: jax.Array,
-    *,
-    epsilon: float,
-    step_size: float | None = None,
-    num_steps: int = 10,
-    norm: str = "linf",
-    value_range: tuple[float, float] | None = (0.0, 1.0),
-    random_start: bool = True,
-    key: jax.Array | None = None,
-    loss: str | LossFn = "cross_entropy",
-) -> jax.Array:
+def pgd(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array, labels: jax.Array, *,
+        epsilon: float, step_size: float | None = None, num_steps: int = 10, norm: str = "linf",
+        value_range: tuple[float, float] | None = (0.0, 1.0), random_start: bool = True,
+        key: jax.Array | None = None, loss: str | LossFn = "cross_entropy") -> jax.Array:
   """Projected gradient ascent on the loss inside the epsilon ball and the input range.
 
   From a uniformly random point of the ball (or the clean input), `num_steps` times: step
   `step_size` along the gradient's sign (L-inf) or normalised gradient (L2), then project onto the
-  ball around the clean input and clip to `value_range`. Clipping after the ball projection keeps
-  the point in the ball, because the clean input is inside the range.
+  ball around the clean input and clip to `value_range`.
 
   Args:
     apply_fn, variables, inputs, labels, epsilon, norm, value_range, loss: as in `fgsm`.
@@ -135,25 +108,14 @@ def pgd(
 # Robust accuracy.
 
 
-def robust_accuracy(
-    apply_fn: ApplyFn,
-    variables: Variables,
-    inputs: np.ndarray | jax.Array,
-    labels: np.ndarray | jax.Array,
-    *,
-    attack: str = "pgd",
-    epsilon: float,
-    norm: str = "linf",
-    value_range: tuple[float, float] | None = (0.0, 1.0),
-    batch_size: int = 500,
-    key: jax.Array | None = None,
-    **attack_kwargs: Any,
-) -> float:
+def robust_accuracy(apply_fn: ApplyFn, variables: Variables, inputs: np.ndarray | jax.Array,
+                    labels: np.ndarray | jax.Array, *, attack: str = "pgd", epsilon: float,
+                    norm: str = "linf", value_range: tuple[float, float] | None = (0.0, 1.0),
+                    batch_size: int = 500, key: jax.Array | None = None,
+                    **attack_kwargs: Any) -> float:
   """The fraction of examples the model classifies correctly after the attack.
 
-  Examples the model gets wrong when clean count as failures too, so epsilon 0 gives the clean
-  accuracy. The data go through the attack `batch_size` examples at a time; the last batch is
-  padded and the padding left out, so every batch has one shape and compiles once.
+  Epsilon 0 gives the clean accuracy. The last batch is padded, so every batch compiles once.
 
   Args:
     apply_fn, variables, epsilon, norm, value_range: as in `fgsm`.
@@ -207,22 +169,15 @@ def robust_accuracy(
   return correct / num_examples
 
 
-def robust_accuracy_curve(
-    apply_fn: ApplyFn,
-    variables: Variables,
-    inputs: np.ndarray | jax.Array,
-    labels: np.ndarray | jax.Array,
-    epsilons: Sequence[float],
-    *,
-    attack: str = "fgsm",
-    norm: str = "linf",
-    value_range: tuple[float, float] | None = (0.0, 1.0),
-    **attack_kwargs: Any,
-) -> list[float]:
-  """`robust_accuracy` at each epsilon of `epsilons`, in order (one compilation for all: epsilon
-  is a traced argument). `attack_kwargs` go to `robust_accuracy` (`batch_size`, `key`, and the
-  attack's options); PGD uses the same key at every epsilon, so the curve compares like with
-  like."""
+def robust_accuracy_curve(apply_fn: ApplyFn, variables: Variables,
+                          inputs: np.ndarray | jax.Array, labels: np.ndarray | jax.Array,
+                          epsilons: Sequence[float], *, attack: str = "fgsm", norm: str = "linf",
+                          value_range: tuple[float, float] | None = (0.0, 1.0),
+                          **attack_kwargs: Any) -> list[float]:
+  """`robust_accuracy` at each of `epsilons` (one compilation: epsilon is traced).
+
+  `attack_kwargs` go to `robust_accuracy`; PGD uses the same key at every epsilon.
+  """
   epsilons = list(epsilons)
   if not epsilons:
     raise ValueError("epsilons must hold at least one value.")
@@ -235,25 +190,15 @@ def robust_accuracy_curve(
 # Adversarial training.
 
 
-def make_adversary(
-    epsilon: float,
-    *,
-    attack: str = "pgd",
-    norm: str = "linf",
-    value_range: tuple[float, float] | None = (0.0, 1.0),
-    num_steps: int = 7,
-    step_size: float | None = None,
-    random_start: bool = True,
-    fraction: float = 1.0,
-    loss: str | LossFn = "cross_entropy",
-) -> AdversaryFn:
+def make_adversary(epsilon: float, *, attack: str = "pgd", norm: str = "linf",
+                   value_range: tuple[float, float] | None = (0.0, 1.0), num_steps: int = 7,
+                   step_size: float | None = None, random_start: bool = True,
+                   fraction: float = 1.0, loss: str | LossFn = "cross_entropy") -> AdversaryFn:
   """Returns `adversary(apply_fn, variables, key, batch) -> batch` for adversarial training.
 
-  Pass it as `jdl.make_train_step(..., adversary=...)`. The step calls it on every training batch
-  (after `augment`) with the current parameters, and takes the loss and its gradient at the
-  returned inputs; the attack itself is not differentiated through (Madry et al.: the gradient of
-  the max over perturbations is the gradient at the maximiser). The attack runs the model in
-  inference mode (`train=False`: no dropout, BatchNorm on running statistics).
+  Pass it as `jdl.make_train_step(..., adversary=...)`: the step takes the loss at the returned
+  inputs and does not differentiate through the attack (Madry et al.: the gradient of the max is
+  the gradient at the maximiser). The attack runs the model with `train=False`.
 
   Args:
     epsilon, norm, value_range, loss: as in `fgsm` and `pgd`.
@@ -261,19 +206,15 @@ def make_adversary(
       step_size=1.25 * epsilon` is FGSM from a random start, the "fast" adversarial training of
       Wong et al., 2020).
     num_steps, step_size, random_start: PGD's options (ignored by FGSM).
-    fraction: the share of each batch that is replaced by adversarial examples, in [0, 1]; the
-      others stay clean (Goodfellow et al. trained on a half-and-half mix). The examples are
-      chosen at random each step, `round(fraction * batch)` of them.
+    fraction: the share of each batch, in [0, 1], replaced by adversarial examples (chosen at
+      random each step); the others stay clean.
 
   Returns:
     The adversary; it replaces `batch["input"]` and leaves every other entry as it was.
   """
   if attack not in ATTACKS:
     raise ValueError(f"unknown attack {attack!r}; expected one of {ATTACKS}.")
-  _check_epsilon(epsilon)
-  _check_norm(norm)
-  value_range = _check_value_range(value_range)
-  loss_fn = _check_loss(loss)
+  loss_fn, value_range = _check_options(epsilon, norm, value_range, loss)
   if attack == "pgd":
     step_size = _check_pgd(epsilon, step_size, num_steps, random_start, jax.random.PRNGKey(0))
   if isinstance(fraction, bool) or not 0.0 <= float(fraction) <= 1.0:
@@ -311,8 +252,7 @@ def make_adversary(
 
 def _loss_gradient(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
                    labels: jax.Array, loss_fn: LossFn) -> jax.Array:
-  """`[B, ...]` gradient of each example's loss with respect to its input (examples are
-  independent in inference mode, so the gradient of the summed loss is the per-example one)."""
+  """`[B, ...]` gradient of each example's loss with respect to its input."""
 
   def total_loss(x: jax.Array) -> jax.Array:
     return jnp.sum(loss_fn(apply_fn(variables, x, train=False), labels))
@@ -326,8 +266,7 @@ def _per_example_l2(x: jax.Array) -> jax.Array:
 
 
 def _ascent_direction(gradient: jax.Array, norm: str) -> jax.Array:
-  """The unit step (in `norm`) that raises the loss most to first order; zero for a zero
-  gradient."""
+  """The unit step (in `norm`) that raises the loss most to first order; 0 for a zero gradient."""
   gradient = gradient.astype(jnp.float32)
   if norm == "linf":
     return jnp.sign(gradient)
@@ -393,8 +332,7 @@ def _pgd_jit(apply_fn, variables, inputs, labels, epsilon, step_size, key, num_s
 def _count_correct_under_attack(apply_fn, variables, inputs, labels, epsilon, step_size, key,
                                 num_real, *, attack, num_steps, norm, value_range, random_start,
                                 loss_fn):
-  """How many of the first `num_real` examples the model still classifies correctly after the
-  attack (every option static, epsilon and the step size traced: one compilation per setting)."""
+  """How many of the first `num_real` examples the model still classifies correctly after attack."""
   if attack == "pgd":
     adversarial = _pgd_jit(apply_fn, variables, inputs, labels, epsilon, step_size, key,
                            num_steps, norm, value_range, random_start, loss_fn)
@@ -454,13 +392,19 @@ def _check_loss(loss: Any) -> LossFn:
   return LOSSES[loss]
 
 
-def _check_attack(inputs: Any, labels: Any, *, epsilon: Any, norm: Any, value_range: Any,
-                  loss: Any) -> tuple[LossFn, tuple[float, float] | None]:
-  """Checks what every attack shares; returns the loss function and the range as floats."""
+def _check_options(epsilon: Any, norm: Any, value_range: Any,
+                   loss: Any) -> tuple[LossFn, tuple[float, float] | None]:
+  """Checks the options every attack shares; returns the loss function and the range as floats."""
   _check_epsilon(epsilon)
   _check_norm(norm)
   value_range = _check_value_range(value_range)
-  loss_fn = _check_loss(loss)
+  return _check_loss(loss), value_range
+
+
+def _check_attack(inputs: Any, labels: Any, *, epsilon: Any, norm: Any, value_range: Any,
+                  loss: Any) -> tuple[LossFn, tuple[float, float] | None]:
+  """`_check_options`, and the inputs and labels against them."""
+  loss_fn, value_range = _check_options(epsilon, norm, value_range, loss)
   if not hasattr(inputs, "dtype") or not jnp.issubdtype(inputs.dtype, jnp.floating) or \
       inputs.ndim < 2:
     raise ValueError(f"inputs must be a floating batch [batch, ...] (token ids cannot be "
