@@ -1,13 +1,11 @@
 """PNG figures of a run and its evaluation, drawn headless.
 
 Every function draws one figure, writes it to `path` (folders are created) and returns `path`.
-Figures are plain `matplotlib.figure.Figure` objects rendered by the Agg canvas: pyplot never sees
-them, so no display is needed, the caller's pyplot backend (a notebook's, say) is left alone, and
-nothing keeps a figure alive after its function returns; a loop drawing thousands leaks nothing.
+Figures are `matplotlib.figure.Figure` objects on the Agg canvas, outside pyplot: no display is
+needed, the caller's pyplot backend is left alone, and no figure outlives its function.
 
-Inputs are drawn by their per-example shape (`input_kind`): `[H, W]`, `[H, W, 1]` and `[H, W, 3]`
-(or 4) as images, `[length]` and `[length, channels]` with at most `MAX_SIGNAL_CHANNELS`
-channels as 1-D signals (one line per channel). Token ids have no picture; show them as text.
+Inputs are drawn by their per-example shape (`input_kind`): `[H, W]` and `[H, W, C]` as images,
+`[length]` and `[length, channels <= MAX_SIGNAL_CHANNELS]` as 1-D signals.
 """
 
 from __future__ import annotations
@@ -84,8 +82,7 @@ def _draw_signal(axis: Any, signal: np.ndarray, **line_options: Any) -> None:
 
 
 def _bare(axis: Any) -> None:
-  """No ticks: in a grid of small panels they are unreadable, and laying them out is most of the
-  drawing time."""
+  """No ticks: in a grid of small panels they are unreadable and slow to lay out."""
   axis.set_xticks([])
   axis.set_yticks([])
 
@@ -124,8 +121,7 @@ def _class_name(class_names: Sequence[str] | None, index: int) -> str:
 
 
 def metric_prefixes(records: Sequence[Mapping[str, Any]]) -> list[str]:
-  """The prefixes of the losses in `records` (`train`, then evaluation splits such as `test` or
-  `validation`, sorted): every `P` with a `P_loss` key."""
+  """Every `P` with a `P_loss` key in `records`: `train` first, then the others sorted."""
   prefixes = {key[:-len("_loss")] for record in records for key in record
               if key.endswith("_loss") and len(key) > len("_loss")}
   return sorted(prefixes, key=lambda prefix: (prefix != "train", prefix))
@@ -136,12 +132,8 @@ def plot_learning_curves(records: Sequence[Mapping[str, Any]], path: str) -> str
 
   Args:
     records: the run's `metrics.jsonl` records (`jdl.writers.read_jsonl(workdir)`), each with
-      `step` and `<prefix>_loss` / `<prefix>_accuracy` keys (`train_`, `test_`, `validation_`...).
-      Missing or null values leave a gap.
+      `step` and `<prefix>_loss` / `<prefix>_accuracy` keys; missing values leave a gap.
     path: where the PNG goes.
-
-  Returns:
-    `path`.
   """
   records = [record for record in records if "step" in record]
   prefixes = metric_prefixes(records)
@@ -176,8 +168,7 @@ def plot_learning_curves(records: Sequence[Mapping[str, Any]], path: str) -> str
 def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str] | None, path: str) -> str:
   """A heatmap of a confusion matrix (rows true classes, columns predictions) with its counts.
 
-  Cells are coloured by their share of the row (the true class), so rare classes are as visible
-  as common ones; the count is written in each cell up to `MAX_ANNOTATED_CLASSES` classes.
+  Cells are coloured by their share of the row, so rare classes are as visible as common ones.
   """
   matrix = np.asarray(matrix)
   if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
@@ -219,14 +210,10 @@ def plot_misclassified(inputs: np.ndarray, labels: np.ndarray, predictions: np.n
   Args:
     inputs: `[num_examples, ...]` floating images or signals (the whole split).
     labels, predictions: `[num_examples]` true and predicted classes.
-    indices: which examples to show (e.g. `EvaluationReport.misclassified`); the first
-      `max_examples` are drawn. With none, the figure says so.
+    indices: which examples to show (e.g. `EvaluationReport.misclassified`).
     class_names: a name per class, or None for indices.
     path: where the PNG goes.
     max_examples: the most examples drawn.
-
-  Returns:
-    `path`.
   """
   inputs, labels, predictions = np.asarray(inputs), np.asarray(labels), np.asarray(predictions)
   kind = _check_drawable(inputs)
@@ -263,9 +250,8 @@ def plot_misclassified(inputs: np.ndarray, labels: np.ndarray, predictions: np.n
 
 
 def plot_reliability_diagram(bins: ReliabilityBins, path: str) -> str:
-  """The reliability diagram: each confidence bin's accuracy against the diagonal of perfect
-  calibration (gaps shaded), with the expected calibration error in the title and the number of
-  examples per bin below."""
+  """Each confidence bin's accuracy against the diagonal of perfect calibration, with the ECE in
+  the title and the number of examples per bin below."""
   if int(np.sum(bins.count)) == 0:
     raise ValueError("the bins hold no examples; nothing to draw.")
   width = bins.upper - bins.lower
@@ -298,18 +284,14 @@ def plot_attribution_overlays(inputs: np.ndarray, attributions: np.ndarray, path
                               titles: Sequence[str] | None = None) -> str:
   """Each input with where its attribution (saliency, integrated gradients) lies.
 
-  Images are drawn in grey with the attribution's magnitude (summed over channels) as a heat
-  overlay; signals as a line coloured by the signed attribution of each point (red pushes the
-  output up, blue down), on a scale symmetric around 0.
+  Images are drawn in grey with the attribution's magnitude as a heat overlay; signals as a line
+  coloured by the signed attribution of each point (red pushes the output up, blue down).
 
   Args:
     inputs: `[num_examples, ...]` floating images or signals.
     attributions: the same shape as `inputs`.
     path: where the PNG goes.
     titles: one title per example, or None.
-
-  Returns:
-    `path`.
   """
   inputs, attributions = np.asarray(inputs), np.asarray(attributions, np.float64)
   kind = _check_drawable(inputs)
@@ -360,18 +342,7 @@ def plot_attribution_overlays(inputs: np.ndarray, attributions: np.ndarray, path
 
 def plot_curve(xs: Sequence[float], ys_by_name: Mapping[str, Sequence[float]], path: str,
                xlabel: str, ylabel: str, title: str) -> str:
-  """One line per named series over shared x values, e.g. robust accuracy against epsilon for
-  each attack.
-
-  Args:
-    xs: the x values.
-    ys_by_name: `{series name: y values}`, each as long as `xs`.
-    path: where the PNG goes.
-    xlabel, ylabel, title: the labels.
-
-  Returns:
-    `path`.
-  """
+  """One line per named series (`{name: ys}`, each as long as `xs`) over shared x values."""
   xs = np.asarray(xs, np.float64).reshape(-1)
   if not ys_by_name:
     raise ValueError("ys_by_name is empty; give at least one series {name: values}.")
