@@ -173,5 +173,5 @@ class Checkpointer:
   def __enter__(self) -> Checkpointer:
     return self
 
-  def __exit__(self, *exc_info: object) -> None:
+  def __exit__(self, *_: object) -> None:
     self.close()
