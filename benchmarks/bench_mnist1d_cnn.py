@@ -28,6 +28,10 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the children import numpy where they need it
+  import numpy as np
 
 STEPS, BATCH, LEARNING_RATE = 6000, 100, 1e-2
 
@@ -35,7 +39,7 @@ STEPS, BATCH, LEARNING_RATE = 6000, 100, 1e-2
 ARRAYS_PATH = os.environ.get("JDL_BENCH_MNIST1D_ARRAYS", "")  # set from --arrays for the children
 
 
-def load_mnist1d() -> tuple[tuple["np.ndarray", "np.ndarray"], tuple["np.ndarray", "np.ndarray"]]:
+def load_mnist1d() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
   """((x, y), (x_test, y_test)): from jdl's TFDS builder, or the `--arrays` file."""
   import numpy as np  # pylint: disable=import-outside-toplevel
 

@@ -39,6 +39,10 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the children import numpy where they need it
+  import numpy as np
 
 NUM_EXAMPLES = 60_000
 BATCH = 32
@@ -48,7 +52,7 @@ HIDDEN = 128
 TRAIN_FLOPS_PER_EXAMPLE = 3 * 2 * (784 * HIDDEN + HIDDEN * 10)
 
 
-def make_data(seed: int = 0) -> tuple["np.ndarray", "np.ndarray"]:
+def make_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Random Fashion-MNIST-shaped training arrays: float32 [60000, 28, 28, 1] in [0, 1], int32
   labels 0-9."""
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -83,7 +87,7 @@ def run_jdl(epochs: int, engine: str = "resident", check_finite: bool = True) ->
   times, cpu_times = [], []
   start, cpu_start = time.perf_counter(), time.process_time()
 
-  def hook(step, state, record):
+  def hook(step: int, state: Any, record: dict[str, float]) -> None:
     del step, state, record
     times.append(time.perf_counter())
     cpu_times.append(time.process_time())
@@ -97,7 +101,7 @@ def run_jdl(epochs: int, engine: str = "resident", check_finite: bool = True) ->
           "final_loss": history[-1]["train_loss"], "device": jax.devices()[0].device_kind}
 
 
-def _plain_model_and_optimizer():
+def _plain_model_and_optimizer() -> tuple[Any, Any]:
   """The seed MLP written directly in flax, and optax's Adam: the plain contenders' pieces."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel

@@ -3,8 +3,8 @@
 MNIST-1D, the paper's MLP 40-100-100-10 (or `--model=cnn1d`, its CNN), Adam, batch 100, N learning
 rates spaced evenly in log from 1e-4 to 1e-1, every member from seed 0 on the same data order.
 Contenders, in one process, `--repeats` times in turn (medians reported):
-  vmapped     `jdl.vmap_sweep.train_vmapped`: one compiled program trains all N members, each epoch one
-              `lax.scan` over the device-resident split
+  vmapped     `jdl.vmap_sweep.train_vmapped`: one compiled program trains all N members, each
+              evaluation interval one loop over the device-resident split
   sequential  N runs, one after another, of the same device-resident scanned loop `jdl.fit` uses
               (`jdl.resident.make_train_chunk`), each with `jdl.make_optimizer` at its learning
               rate, so each compiles its own program (the learning rate is part of the optimizer)
@@ -25,6 +25,7 @@ import argparse
 import statistics
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,7 +53,8 @@ def build_model(name: str) -> models.MLP | models.CNN1D:
   raise ValueError(f"unknown --model={name!r}; expected mlp or cnn1d.")
 
 
-def run_vmapped(model, rates, train, test, steps) -> dict:
+def run_vmapped(model: nn.Module, rates: list[float], train: jdl.data.ArraySource,
+                test: jdl.data.ArraySource, steps: int) -> dict:
   """All members at once: `jdl.vmap_sweep.train_vmapped`."""
   run = vmap_sweep.train_vmapped(model, {"name": "adam"}, train, test, num_steps=steps,
                             learning_rates=rates, seeds=[0], eval_every_steps=steps)
@@ -66,7 +68,8 @@ def _unchanged(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   return batch
 
 
-def run_one(model, rate, train, test, steps) -> tuple[float, float, float, object]:
+def run_one(model: nn.Module, rate: float, train: jdl.data.ArraySource, test: jdl.data.ArraySource,
+            steps: int) -> tuple[float, float, float, object]:
   """One plain run: `jdl.fit`'s device-resident scanned loop, compiled ahead of time."""
   state = jdl.create_train_state(model, jdl.make_optimizer({"name": "adam", "learning_rate": rate}),
                                  train.inputs[:1], jax.random.PRNGKey(0))
@@ -100,14 +103,16 @@ def run_one(model, rate, train, test, steps) -> tuple[float, float, float, objec
   return compile_seconds, time.perf_counter() - start, accuracy, state.params
 
 
-def run_sequential(model, rates, train, test, steps) -> dict:
+def run_sequential(model: nn.Module, rates: list[float], train: jdl.data.ArraySource,
+                   test: jdl.data.ArraySource, steps: int) -> dict:
   """The members one after another, each its own compiled program (`run_one`)."""
   results = [run_one(model, rate, train, test, steps) for rate in rates]
   return {"compile": sum(r[0] for r in results), "train": sum(r[1] for r in results),
           "accuracy": np.asarray([r[2] for r in results]), "params": [r[3] for r in results]}
 
 
-def run_fit(model, rates, train, test, steps) -> dict:
+def run_fit(model: nn.Module, rates: list[float], train: jdl.data.ArraySource,
+            test: jdl.data.ArraySource, steps: int) -> dict:
   """The members one after another through `jdl.fit` (its compilation inside its time)."""
   start = time.perf_counter()
   accuracies = []
@@ -176,7 +181,8 @@ def main() -> None:
     print(f"{name:<11} " + " ".join(cells))
   vmapped, sequential = runs["vmapped"][-1], runs["sequential"][-1]
   print("\nlast repeat, member by member (the same data order and initialisation):")
-  print(f"{'learning rate':>13} {'vmapped acc':>11} {'sequential acc':>14} {'max |param diff|':>16}")
+  print(f"{'learning rate':>13} {'vmapped acc':>11} {'sequential acc':>14} "
+        f"{'max |param diff|':>16}")
   for rate, member, single, vmapped_accuracy, single_accuracy in zip(
       rates, vmapped["params"], sequential["params"], vmapped["accuracy"], sequential["accuracy"]):
     difference = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))

@@ -1,4 +1,4 @@
-"""What each part of jdl's device-resident epoch costs: the seed MLP's epoch program, piece by piece.
+"""What each part of jdl's device-resident epoch costs: the seed MLP's epoch, piece by piece.
 
 Starts from the program `jdl.fit` runs for one epoch of the seed MLP (784-128-10, Adam 1e-3, batch
 32, 60,000 random Fashion-MNIST-shaped examples): `jdl.resident.make_train_chunk` jitted with
@@ -47,7 +47,8 @@ from benchmarks import bench_seed_mlp
 from jdl import resident
 from jdl.data.sources import epoch_order
 
-NUM_EXAMPLES, BATCH, HIDDEN = bench_seed_mlp.NUM_EXAMPLES, bench_seed_mlp.BATCH, bench_seed_mlp.HIDDEN
+NUM_EXAMPLES, BATCH, HIDDEN = (bench_seed_mlp.NUM_EXAMPLES, bench_seed_mlp.BATCH,
+                               bench_seed_mlp.HIDDEN)
 STEPS = NUM_EXAMPLES // BATCH
 SEED = 0
 
