@@ -16,7 +16,8 @@ import pytest
 
 import jdl
 from jdl import data as data_lib
-from jdl import models
+from jdl import loop, models
+from jdl import step as step_lib
 
 from experiments import mnist1d
 
@@ -197,7 +198,7 @@ def test_nan_at_step_k_stops_with_a_message_naming_step_k(tmp_path, resident):
   y = rng.integers(0, 3, 100).astype(np.int32)
   x[6 * 10 + 3] = np.nan  # step 7 (1-based) trains on rows 60-69, in order
   train = data_lib.ArraySource(x, y, 10, shuffle=False)
-  train_step, eval_step = jdl.make_classification_steps()
+  train_step, eval_step = jdl.make_steps()
   checkpointer = jdl.Checkpointer(str(tmp_path / "ckpt"))
   with pytest.raises(jdl.NonFiniteError, match="the loss became NaN or infinite at step 7") as error:
     jdl.fit(_mlp_state(), train_step, eval_step, train, None, num_steps=30, eval_every_steps=5,
@@ -217,7 +218,7 @@ def test_non_finite_gradient_names_the_parameter():
     return jdl.softmax_cross_entropy(logits, labels) + jnp.sum(masked_log, axis=-1)
 
   train_step = jdl.make_train_step(trap_loss)
-  _, eval_step = jdl.make_classification_steps()
+  _, eval_step = jdl.make_steps()
   x = np.ones((10, 6), np.float32)
   y = np.zeros((10,), np.int32)
   metrics = jax.jit(train_step)(_mlp_state(), {"input": x, "label": y})[1]
@@ -236,19 +237,19 @@ def _label_trap_loss(logits, labels):
   return jdl.softmax_cross_entropy(logits, labels) + jnp.sum(masked_log, axis=-1)
 
 
-def _trap_run(step_lib_loss, bad_row, *, resident, num_steps=50):
+def _trap_run(loss_fn, bad_row, *, resident, num_steps=50):
   """`fit` on 100 examples in batches of 2 (no shuffling, one 50-step call when resident), with a
   NaN input or a label-2 trap at `bad_row`; returns (state, history) or the NonFiniteError."""
   rng = np.random.default_rng(0)
   x = rng.normal(size=(100, 6)).astype(np.float32)
   y = rng.integers(0, 2, 100).astype(np.int32)
   if bad_row is not None:
-    if step_lib_loss is _label_trap_loss:
+    if loss_fn is _label_trap_loss:
       y[bad_row] = 2
     else:
       x[bad_row] = np.nan
-  train_step = jdl.make_train_step(step_lib_loss)
-  _, eval_step = jdl.make_classification_steps()
+  train_step = jdl.make_train_step(loss_fn)
+  _, eval_step = jdl.make_steps()
   try:
     return jdl.fit(_mlp_state(), train_step, eval_step,
                    data_lib.ArraySource(x, y, 2, shuffle=False), None, num_steps=num_steps,
@@ -261,46 +262,13 @@ def _trap_run(step_lib_loss, bad_row, *, resident, num_steps=50):
     (_label_trap_loss, "the gradient of parameter Dense_0/bias"),
     (jdl.softmax_cross_entropy, "the loss"),
 ])
-def test_long_resident_calls_name_the_same_step_and_parameter(monkeypatch, loss, culprit):
-  """Device-resident calls of many steps check only each loss and, once, the parameters they end
-  with (`resident.with_nonfinite_probe`); a bad gradient or loss at step 23 of a 50-step call still
-  stops the run with the message of the per-step check, and a clean run trains bitwise as with
-  every gradient checked."""
-  probed = []
-  original = jdl.resident.with_nonfinite_probe
-  monkeypatch.setattr(jdl.resident, "with_nonfinite_probe",
-                      lambda chunk: probed.append(chunk) or original(chunk))
+def test_a_long_resident_call_names_the_step_and_parameter_of_the_per_step_loop(loss, culprit):
+  """A bad gradient or loss at step 23 inside one 50-step resident call stops the run with the
+  message of the per-step engine: the same step and the same parameter (or the loss)."""
   message = f"{culprit} became NaN or infinite at step 23; training stopped."
   for resident in (True, False):
     error = _trap_run(loss, 2 * 22 + 1, resident=resident)
     assert isinstance(error, jdl.NonFiniteError) and message in str(error), (resident, error)
-  assert len(probed) == 1  # the resident run took the probed path
-  fast_state, fast_history = _trap_run(loss, None, resident=True)
-  monkeypatch.setattr(jdl.loop, "MIN_PROBED_STEPS", 10**9)  # every call checks every gradient
-  exact_state, exact_history = _trap_run(loss, None, resident=True)
-  jax.tree.map(np.testing.assert_array_equal, fast_state.params, exact_state.params)
-  jax.tree.map(np.testing.assert_array_equal, fast_state.opt_state, exact_state.opt_state)
-  assert fast_history[-1]["train_loss"] == exact_history[-1]["train_loss"]
-
-
-def test_checking_loss_only_flags_the_loss_and_not_the_gradients():
-  """`resident.checking_loss_only` keeps the step's update and metrics and re-derives the watch
-  from `loss_sum`: a NaN gradient under a finite loss goes unflagged (the parameter probe finds
-  it), a NaN loss is flagged as the loss at the step's 1-based number."""
-  x = np.ones((10, 6), np.float32)
-  trap = {"input": x, "label": np.full((10,), 2, np.int32)}  # label 2: NaN gradient, finite loss
-  full = jdl.make_train_step(_label_trap_loss)
-  fast = jdl.resident.checking_loss_only(full)
-  state = _mlp_state().replace(step=jnp.asarray(4, jnp.int32))
-  full_state, full_metrics = jax.jit(full)(state, trap)
-  fast_state, fast_metrics = jax.jit(fast)(state, trap)
-  assert (int(full_metrics["nonfinite_step"]), int(full_metrics["nonfinite_what"])) == (5, 1)
-  assert int(fast_metrics["nonfinite_step"]) == jdl.metrics.NO_NONFINITE_STEP
-  assert not bool(jdl.resident.all_finite(fast_state.params))
-  jax.tree.map(np.testing.assert_array_equal, fast_state.params, full_state.params)
-  nan_loss = {"input": np.full_like(x, np.nan), "label": np.zeros((10,), np.int32)}
-  _, metrics = jax.jit(fast)(state, nan_loss)
-  assert (int(metrics["nonfinite_step"]), int(metrics["nonfinite_what"])) == (5, 0)
 
 
 def test_classification_steps_without_the_finite_check_train_the_same():
@@ -311,15 +279,18 @@ def test_classification_steps_without_the_finite_check_train_the_same():
   y = rng.integers(0, 3, 40).astype(np.int32)
   states = []
   for check in (True, False):
-    train_step, eval_step = jdl.make_classification_steps(check_finite=check)
+    train_step, eval_step = jdl.make_steps(check_finite=check)
     _, metrics = jax.jit(train_step)(_mlp_state(), {"input": x[:10], "label": y[:10]})
     assert ("nonfinite_step" in metrics) == check
     state, history = jdl.fit(_mlp_state(), train_step, eval_step,
                              data_lib.ArraySource(x, y, 10, shuffle=True), None, num_steps=6,
                              progress=False)
     states.append((state, history[-1]["train_loss"]))
-  jax.tree.map(np.testing.assert_array_equal, states[0][0].params, states[1][0].params)
-  assert states[0][1] == states[1][1]
+  # With and without the watch the step compiles to two programs, which XLA may fuse differently:
+  # six Adam steps a few float32 ulps apart.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               states[0][0].params, states[1][0].params)
+  assert states[0][1] == pytest.approx(states[1][1], rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,13 +320,13 @@ def test_resuming_with_another_seed_fails_and_keeps_the_saved_run(tmp_path, mnis
 def test_config_check_finite_reaches_the_steps(tmp_path, mnist1d_data_dir, monkeypatch):
   """`check_finite=false` in the config builds the steps without the NaN/inf watch."""
   seen = []
-  original = jdl.step.make_classification_steps
+  original = step_lib.make_steps
 
   def recording(*args, **kwargs):
     seen.append(kwargs["check_finite"])
     return original(*args, **kwargs)
 
-  monkeypatch.setattr(jdl.step, "make_classification_steps", recording)
+  monkeypatch.setattr(step_lib, "make_steps", recording)
   config = _tiny_config(mnist1d_data_dir, ["layout=none", "num_steps=20", "check_finite=false"])
   jdl.train_and_evaluate(config, str(tmp_path))
   assert seen == [False]
@@ -377,9 +348,9 @@ def test_config_regularisation_and_precision_reach_the_run(tmp_path, mnist1d_dat
 
   builder = data_lib.get_builder("mnist1d", mnist1d_data_dir)
   x, y = data_lib.load_split_arrays(builder, "test")
-  _, eval_step = jdl.make_classification_steps(compute_dtype="bfloat16")
+  _, eval_step = jdl.make_steps(compute_dtype="bfloat16")
   test = data_lib.ArraySource(x, y, 500, shuffle=False)
-  with_ema = jdl.evaluate(jdl.loop.evaluation_state(state), jax.jit(eval_step), test)
+  with_ema = jdl.evaluate(loop.evaluation_state(state), jax.jit(eval_step), test)
   without = jdl.evaluate(state, jax.jit(eval_step), test)
   assert history[-1]["test_accuracy"] == with_ema["accuracy"]
   assert history[-1]["test_loss"] == pytest.approx(with_ema["loss"], rel=1e-6)

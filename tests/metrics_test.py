@@ -30,7 +30,7 @@ def test_accumulation_over_uneven_padded_batches_equals_whole_array(batch_size):
   total = jdl.empty_metrics()
   for batch in source.epoch(0):
     losses = jdl.softmax_cross_entropy(batch["input"], batch["label"])
-    total = jdl.merge_metrics(total, jdl.classification_metrics(
+    total = jdl.merge_metrics(total, metrics.classification_metrics(
         batch["input"], batch["label"], losses, batch["mask"], top_k=(3,)))
   computed = jdl.compute_metrics(total)
   expected = _whole_array_metrics(logits, labels)
@@ -42,23 +42,23 @@ def test_accumulation_over_uneven_padded_batches_equals_whole_array(batch_size):
 
 def test_top_k_at_least_num_classes_is_skipped():
   """top-k for k >= num_classes is always 1, so it is not tracked."""
-  sums = jdl.classification_metrics(jnp.zeros((2, 3)), jnp.array([0, 1]), jnp.zeros(2), top_k=(3, 2))
+  sums = metrics.classification_metrics(jnp.zeros((2, 3)), jnp.array([0, 1]), jnp.zeros(2), top_k=(3, 2))
   assert "top3_correct" not in sums and "top2_correct" in sums
 
 
 def test_loss_metrics_and_errors():
   """Loss-only metrics average over unmasked examples; empty totals and key mismatches fail."""
-  sums = jdl.loss_metrics(jnp.array([1.0, 3.0, 100.0]), jnp.array([True, True, False]))
+  sums = metrics.loss_metrics(jnp.array([1.0, 3.0, 100.0]), jnp.array([True, True, False]))
   assert jdl.compute_metrics(sums) == {"loss": 2.0, "count": 2}
   with pytest.raises(ValueError, match="count is 0"):
-    jdl.compute_metrics(jdl.loss_metrics(jnp.ones(2), jnp.zeros(2, bool)))
+    jdl.compute_metrics(metrics.loss_metrics(jnp.ones(2), jnp.zeros(2, bool)))
   with pytest.raises(ValueError, match="cannot merge"):
     jdl.merge_metrics(sums, {"count": jnp.ones(())})
 
 
 def test_metrics_sums_merge_under_jit():
   """Metric sums are plain pytrees that pass through jit."""
-  fn = jax.jit(lambda o, l: jdl.classification_metrics(o, l, jnp.zeros(l.shape)))
+  fn = jax.jit(lambda o, l: metrics.classification_metrics(o, l, jnp.zeros(l.shape)))
   sums = fn(jnp.eye(3), jnp.array([0, 1, 1]))
   assert int(sums["correct"]) == 2 and int(sums["count"]) == 3
 

@@ -12,7 +12,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 import jdl
-from jdl import models
+from jdl import experiment, models
+from jdl import metrics as metrics_lib
 from jdl.models import recurrent
 
 from experiments import mnist1d_gru
@@ -135,7 +136,8 @@ def test_token_classifier_ignores_trailing_padding(pooling, bidirectional, num_l
   logits, alone, with_lengths = run(variables, tokens, np.array([4, 7]))
   assert logits.shape == (2, 3)
   np.testing.assert_allclose(logits[0], alone[0], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(with_lengths, logits, rtol=1e-6, atol=1e-7)
+  # Lengths given or read from the tokens: two computations, a few float32 ulps apart.
+  np.testing.assert_allclose(with_lengths, logits, rtol=1e-5, atol=1e-6)
 
 
 def test_last_pooling_picks_each_directions_final_state():
@@ -256,8 +258,8 @@ def test_lstm_classifier_learns_a_padded_token_task_through_jdl():
   # Under jit: one compilation instead of one per random draw (the same state, sooner).
   state = jax.jit(functools.partial(jdl.create_train_state, model, optax.adam(2e-2), tokens[:1]))(
       jax.random.PRNGKey(0))
-  train_step = jax.jit(jdl.make_train_step(metrics_fn=jdl.classification_metrics))
-  eval_step = jax.jit(jdl.make_eval_step(metrics_fn=jdl.classification_metrics))
+  train_step = jax.jit(jdl.make_train_step(metrics_fn=metrics_lib.classification_metrics))
+  eval_step = jax.jit(jdl.make_eval_step(metrics_fn=metrics_lib.classification_metrics))
   test_tokens, test_labels = _membership_task(256, seed=1)
   before = jdl.compute_metrics(eval_step(state, {"input": test_tokens, "label": test_labels}))
   for step in range(120):
@@ -279,7 +281,7 @@ def test_mnist1d_gru_experiment_runs_on_mock_data(tmp_path):
     patch.setattr(tfds.download.DownloadManager, "download_and_extract", refuse)
     patch.setattr(tfds.download.DownloadManager, "download", refuse)
     with tfds.testing.mock_data(num_examples=64):
-      state, history = jdl.config.run_experiment(
+      state, history = experiment.run_experiment(
           mnist1d_gru.get_config,
           ["--workdir=" + str(tmp_path), "--config.data_dir=" + str(tmp_path / "tfds"),
            "--config.num_steps=4", "--config.eval_every_steps=4", "--config.batch_size=16",

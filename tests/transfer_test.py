@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import jdl
-from jdl import models, runs, transfer
+from jdl import experiment, models, optim, runs, transfer
 
 from experiments import mnist1d, mnist1d_transfer
 
@@ -224,7 +224,7 @@ def test_per_group_optimizer_checks_and_whole_optimizer_keys():
       [("Dense_0", {"frozen": True})], params,
       default={"name": "sgd", "learning_rate": 0.1, "ema_decay": 0.5, "accumulate_steps": 2})
   state = _train(_state(tx=tx))  # 5 micro-steps: 2 applied updates
-  ema = jdl.ema_parameters(state.opt_state)
+  ema = optim.ema_parameters(state.opt_state)
   assert jax.tree.structure(ema) == jax.tree.structure(params)
   _assert_bitwise_equal(np.asarray(ema["Dense_0"]["kernel"]),
                         np.asarray(params["Dense_0"]["kernel"]), "frozen in the EMA")
@@ -262,7 +262,7 @@ def test_load_pretrained_from_workdir(trained_workdir):
   target = jdl.create_train_state(model, tx, np.zeros((1, 40), np.float32),
                                   jax.random.PRNGKey(3))
   init = _leaves(target.params)
-  state, report = transfer.load_pretrained_from_workdir(target, trained_workdir)
+  state, report = runs.load_pretrained_from_workdir(target, trained_workdir)
   assert set(report.loaded) == {"Dense_0/kernel", "BatchNorm_0/scale", "BatchNorm_0/bias",
                                 "batch_stats/BatchNorm_0/mean", "batch_stats/BatchNorm_0/var"}
   assert {m.path for m in report.skipped_shape_mismatch} == {"Dense_1/kernel", "Dense_1/bias"}
@@ -288,7 +288,7 @@ def test_apply_transfer_config(trained_workdir):
   target = jdl.create_train_state(model, jdl.make_optimizer({"learning_rate": 1e-2}),
                                   np.zeros((1, 40), np.float32), jax.random.PRNGKey(3))
   messages = []
-  state = transfer.apply_transfer_config(target, config, log=messages.append)
+  state = runs.apply_transfer_config(target, config, log=messages.append)
   assert "initialised from" in messages[-1] and "skipped (pattern)  Dense_1/kernel" in messages[-1]
   run = runs.load_run(trained_workdir, log=lambda message: None)
   _assert_bitwise_equal(np.asarray(state.params["Dense_0"]["kernel"]),
@@ -297,17 +297,17 @@ def test_apply_transfer_config(trained_workdir):
   batch = {"input": rng.normal(size=(8, 40)).astype(np.float32),
            "label": rng.integers(0, 10, size=8).astype(np.int32)}
   before = _leaves(state.params)
-  after, _ = jax.jit(jdl.make_classification_steps()[0])(state, batch)
+  after, _ = jax.jit(jdl.make_steps()[0])(state, batch)
   after = _leaves(after.params)
   for path in ("Dense_0/kernel", "BatchNorm_0/scale", "BatchNorm_0/bias"):
     _assert_bitwise_equal(after[path], before[path], path)
   assert not np.array_equal(after["Dense_1/kernel"], before["Dense_1/kernel"])
   # The structural part alone, as a fine-tuned run's checkpoint template needs it.
-  template = transfer.apply_transfer_config(target, config, load=False)
+  template = runs.apply_transfer_config(target, config, load=False)
   assert jax.tree.structure(template.opt_state) == jax.tree.structure(state.opt_state)
-  assert transfer.apply_transfer_config(target, None) is target
+  assert runs.apply_transfer_config(target, None) is target
   with pytest.raises(ValueError, match="unknown config.transfer keys"):
-    transfer.apply_transfer_config(target, {"init_form": trained_workdir})
+    runs.apply_transfer_config(target, {"init_form": trained_workdir})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +316,7 @@ def test_apply_transfer_config(trained_workdir):
 
 def test_mnist1d_transfer_experiment_prints_its_table(tmp_path, mnist1d_data_dir, capsys):
   """A tiny run (an MLP, few steps, one seed, three of the methods) prints the table."""
-  rows = jdl.run_experiment(
+  rows = experiment.run_experiment(
       mnist1d_transfer.get_config,
       ["--workdir=" + str(tmp_path), "--config.data_dir=" + mnist1d_data_dir,
        "--config.model.name=mlp", "--config.model.mlp.hidden=(16,)",

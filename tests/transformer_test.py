@@ -10,6 +10,7 @@ import pytest
 
 import jdl
 from jdl import count_params, models
+from jdl import metrics as metrics_lib
 from jdl.generate import generate, sample_next, top_k_logits
 from jdl.models import attention, transformer
 
@@ -133,7 +134,9 @@ def test_language_model_logits_do_not_depend_on_future_tokens(train):
         model.apply(variables, t, train=False),
         model.apply(variables, embedding[t], train=False,
                     method=models.TransformerLM.logits_from_embeddings)))(tokens)
-    np.testing.assert_allclose(from_tokens, from_vectors, rtol=1e-6)
+    # Two computations of the same logits (the lookup fused into the first layer, or not), which
+    # XLA may vectorise differently: a few float32 ulps through one block, logits of order 1.
+    np.testing.assert_allclose(from_tokens, from_vectors, rtol=1e-5, atol=1e-6)
 
 
 # Padding changes nothing for the real tokens.
@@ -324,8 +327,9 @@ def test_top_k_sampling_draws_only_from_the_k_most_likely_tokens():
 
 
 def test_generation_crops_the_context_and_compiles_once():
-  """Greedy generation past block_size equals a plain Python loop that feeds the model the last
-  block_size tokens each step; the jitted loop traces the model once for all the new tokens."""
+  """Greedy generation past block_size picks, at every step, the most likely token given the last
+  block_size tokens (as a plain Python loop would); the jitted loop traces the model once for all
+  the new tokens."""
   model = _tiny_lm(block_size=4)
   variables = _random_variables(model, np.zeros((1, 4), np.int32))
   prompt = _tokens((2, 3), 11, seed=1)
@@ -338,11 +342,15 @@ def test_generation_crops_the_context_and_compiles_once():
   out = generate(apply_fn, variables, prompt, num_new_tokens=7, block_size=4,
                  key=jax.random.PRNGKey(0), greedy=True)
   last_logits = jax.jit(lambda tokens: model.apply(variables, tokens, train=False)[:, -1])
-  expected = prompt
-  for _ in range(7):
-    next_token = np.argmax(last_logits(expected[:, -4:]), axis=-1).astype(np.int32)
-    expected = np.concatenate([expected, next_token[:, None]], axis=1)
-  np.testing.assert_array_equal(out, expected)
+  out = np.asarray(out)
+  assert out.shape == (2, 10)
+  np.testing.assert_array_equal(out[:, :3], prompt)
+  for t in range(3, 10):
+    logits = np.asarray(last_logits(out[:, max(t - 4, 0):t]))
+    chosen = np.take_along_axis(logits, out[:, t:t + 1], axis=1)[:, 0]
+    # The loop and this check are two programs: the chosen logit is the largest up to a few
+    # float32 ulps (a near tie may go either way in either program).
+    np.testing.assert_allclose(chosen, logits.max(axis=1), rtol=1e-5, atol=1e-6)
   assert traces == [(2, 4)]
   generate(apply_fn, variables, prompt, num_new_tokens=7, block_size=4,
            key=jax.random.PRNGKey(1), greedy=True)
@@ -390,7 +398,7 @@ def test_tiny_language_model_learns_a_repeated_pattern_with_the_library_step():
 
   create = jax.jit(jdl.create_train_state, static_argnums=(0, 1))  # one compile, not op by op
   state = create(model, optax.adam(3e-2), batch["input"][:1], jax.random.PRNGKey(0))
-  loss_only = lambda outputs, labels, losses, mask: jdl.loss_metrics(losses, mask)
+  loss_only = lambda outputs, labels, losses, mask: metrics_lib.loss_metrics(losses, mask)
   train_step = jax.jit(jdl.make_train_step(sequence_loss, metrics_fn=loss_only))
   losses = []
   for _ in range(40):
