@@ -177,7 +177,9 @@ def test_adversary_step_is_the_plain_step_at_the_perturbed_inputs():
   assert attacked["input"].shape == inputs.shape and attacked["label"] is labels
   assert np.abs(np.asarray(attacked["input"]) - inputs).max() == pytest.approx(0.3, rel=1e-5)
   expected_state, expected_metrics = plain_step(state, attacked)
-  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
+  # The attack inside the compiled step and the attack alone are two programs: a few float32
+  # ulps apart in the attacked inputs, and so in the update of this linear model.
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
                (new_state.params, metrics), (expected_state.params, expected_metrics))
   clean_state, clean_metrics = plain_step(state, batch)
   assert float(metrics["loss_sum"]) > float(clean_metrics["loss_sum"])  # the attack hurts

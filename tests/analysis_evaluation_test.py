@@ -14,7 +14,7 @@ import pytest
 import jdl
 from jdl import models, runs
 from jdl.analysis import evaluation, plots
-from jdl.logging import read_jsonl
+from jdl.writers import read_jsonl
 
 from experiments import mnist1d, report
 
@@ -131,10 +131,11 @@ def test_predict_batches_pad_and_match_one_call():
   inputs = np.random.default_rng(0).normal(size=(23, 5)).astype(np.float32)
   state = jdl.create_train_state(model, optax.sgd(0.1), inputs[:1], jax.random.PRNGKey(0))
   whole = evaluation.predict(state, inputs, batch_size=100)
-  np.testing.assert_allclose(evaluation.predict(state, inputs, batch_size=5), whole, rtol=1e-6,
-                             atol=1e-6)
-  np.testing.assert_allclose(whole, model.apply(state.variables(), inputs, train=False), rtol=1e-6,
-                             atol=1e-6)
+  # Other batch sizes (and the eager apply) are other programs: the matmuls may round the logits
+  # (of order 1, sums of a handful of products) a few float32 ulps differently.
+  close = dict(rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(evaluation.predict(state, inputs, batch_size=5), whole, **close)
+  np.testing.assert_allclose(whole, model.apply(state.variables(), inputs, train=False), **close)
   with pytest.raises(ValueError, match=r"per-example shape \(4,\).*built for \(5,\)"):
     evaluation.predict(state, inputs[:, :4])
 

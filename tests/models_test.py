@@ -1,5 +1,7 @@
 """Models: parameter counts, output shapes, activations and input checks."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,19 +12,27 @@ from jdl import count_params, models
 
 
 def _init(model, shape):
-  return model.init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False)
+  """The model's variables for float inputs of `shape` (a compiled init: far quicker than an
+  eager one, operation by operation)."""
+  return jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(0), jnp.zeros(shape))
+
+
+def _shapes(model, shape):
+  """The model's variables as shapes alone (traced, nothing computed): enough for counts."""
+  return jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
+                        jax.ShapeDtypeStruct(shape, jnp.float32))
 
 
 def test_seed_mlp_has_the_tutorial_parameter_count():
   """Flatten -> Dense(128) -> Dense(10) on 28x28x1 has 101,770 parameters."""
-  variables = _init(models.MLP(hidden=(128,), num_classes=10), (1, 28, 28, 1))
+  variables = _shapes(models.MLP(hidden=(128,), num_classes=10), (1, 28, 28, 1))
   assert count_params(variables["params"]) == 101_770
 
 
 def test_cnn_and_cnn1d_parameter_counts_match_their_docstrings():
   """The counts stated in the docstrings are right."""
-  assert count_params(_init(models.CNN(num_classes=10), (1, 28, 28, 1))["params"]) == 824_458
-  assert count_params(_init(models.CNN1D(num_classes=10), (1, 40))["params"]) == 5_210
+  assert count_params(_shapes(models.CNN(num_classes=10), (1, 28, 28, 1))["params"]) == 824_458
+  assert count_params(_shapes(models.CNN1D(num_classes=10), (1, 40))["params"]) == 5_210
 
 
 @pytest.mark.parametrize("activation", sorted(models.ACTIVATIONS))
@@ -42,18 +52,18 @@ def test_softmax_output_gives_probabilities():
 
 def test_cnn1d_shapes_follow_the_paper():
   """40 samples -> 19 -> 10 -> 5 positions, 25 channels: 125 features into the Dense layer."""
-  variables = _init(models.CNN1D(num_classes=10), (2, 40))
+  variables = _shapes(models.CNN1D(num_classes=10), (2, 40))
   assert variables["params"]["Dense_0"]["kernel"].shape == (125, 10)
 
 
 def test_bad_inputs_and_names():
   """Wrong ranks, unknown activations and unknown models fail with clear messages."""
   with pytest.raises(ValueError, match="CNN expects images"):
-    _init(models.CNN(num_classes=10), (2, 40))
+    _shapes(models.CNN(num_classes=10), (2, 40))
   with pytest.raises(ValueError, match="CNN1D expects signals"):
-    _init(models.CNN1D(num_classes=10), (2, 4, 4, 4))
+    _shapes(models.CNN1D(num_classes=10), (2, 4, 4, 4))
   with pytest.raises(ValueError, match="unknown activation 'relu6'"):
-    _init(models.MLP(hidden=(4,), num_classes=2, activation="relu6"), (1, 3))
+    _shapes(models.MLP(hidden=(4,), num_classes=2, activation="relu6"), (1, 3))
   with pytest.raises(ValueError, match="unknown model 'vgg'"):
     models.build_model({"name": "vgg"}, num_classes=10)
   with pytest.raises(ValueError, match=r"has no attributes \['widths'\]"):
@@ -74,10 +84,10 @@ def test_cnn1d_patch_convolution_equals_xla_convolution():
   xla_model = models.CNN1D(num_classes=10, conv="xla")
   patch_model = models.CNN1D(num_classes=10, conv="patches")
   variables = _init(xla_model, (1, 40))
-  jax.tree.map(np.testing.assert_array_equal, _init(patch_model, (1, 40)), variables)
-  np.testing.assert_allclose(patch_model.apply(variables, x, train=False),
-                             xla_model.apply(variables, x, train=False), rtol=1e-5, atol=1e-5)
-  grad = lambda m: jax.grad(lambda v: m.apply(v, x, train=False).sum())(variables)
+  assert _shapes(patch_model, (1, 40)) == _shapes(xla_model, (1, 40))  # names, shapes, dtypes
+  apply = lambda m: jax.jit(lambda v: m.apply(v, x, train=False))(variables)
+  np.testing.assert_allclose(apply(patch_model), apply(xla_model), rtol=1e-5, atol=1e-5)
+  grad = lambda m: jax.jit(jax.grad(lambda v: m.apply(v, x, train=False).sum()))(variables)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                grad(patch_model), grad(xla_model))
 
@@ -88,26 +98,29 @@ def test_patch_conv1d_in_both_layouts_equals_nn_conv(size, stride, padding, leng
   """PatchConv1D computes nn.Conv's output with nn.Conv's parameters, in [batch, length,
   channels] and in [channels, length, batch] (the layout CNN1D runs it in, where taps come from
   stride phases), for strides that do and do not divide the padded length."""
-  x = jax.random.normal(jax.random.PRNGKey(2), (4, length, 3))
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(4, length, 3)), jnp.float32)
   conv = nn.Conv(6, kernel_size=(size,), strides=(stride,), padding=[(padding, padding)])
-  variables = conv.init(jax.random.PRNGKey(0), x)
-  expected = conv.apply(variables, x)
   nlc = models.PatchConv1D(6, size, stride=stride, padding=padding)
   cln = models.PatchConv1D(6, size, stride=stride, padding=padding, layout="CLN")
-  assert jax.tree.structure(nlc.init(jax.random.PRNGKey(0), x)) == jax.tree.structure(variables)
-  np.testing.assert_allclose(nlc.apply(variables, x), expected, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(cln.apply(variables, x.transpose(2, 1, 0)).transpose(2, 1, 0),
-                             expected, rtol=1e-5, atol=1e-6)
+  shapes = jax.eval_shape(conv.init, jax.random.PRNGKey(0), x)
+  assert jax.eval_shape(nlc.init, jax.random.PRNGKey(0), x) == shapes  # nn.Conv's parameters
+  variables = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype), shapes)
+  expected, from_nlc, from_cln = jax.jit(lambda v, x: (
+      conv.apply(v, x), nlc.apply(v, x), cln.apply(v, x.transpose(2, 1, 0)).transpose(2, 1, 0)))(
+          variables, x)
+  np.testing.assert_allclose(from_nlc, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(from_cln, expected, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="unknown layout 'NCL'"):
-    models.PatchConv1D(6, 3, layout="NCL").init(jax.random.PRNGKey(0), x)
+    jax.eval_shape(models.PatchConv1D(6, 3, layout="NCL").init, jax.random.PRNGKey(0), x)
 
 
 def test_classic_models_have_their_documented_parameter_counts():
   """Logistic regression, LeNet-5 and the MNIST-1D residual MLP match their docstrings."""
-  assert count_params(_init(models.LogisticRegression(num_classes=10), (1, 40))["params"]) == 410
-  assert count_params(_init(models.LogisticRegression(num_classes=10), (1, 28, 28, 1))["params"]) == 7_850
-  assert count_params(_init(models.LeNet5(num_classes=10), (1, 28, 28, 1))["params"]) == 61_706
-  assert count_params(_init(models.ResidualMLP(num_classes=10), (1, 40))["params"]) == 15_210
+  assert count_params(_shapes(models.LogisticRegression(num_classes=10), (1, 40))["params"]) == 410
+  assert count_params(_shapes(models.LogisticRegression(num_classes=10), (1, 28, 28, 1))["params"]) == 7_850
+  assert count_params(_shapes(models.LeNet5(num_classes=10), (1, 28, 28, 1))["params"]) == 61_706
+  assert count_params(_shapes(models.ResidualMLP(num_classes=10), (1, 40))["params"]) == 15_210
 
 
 def test_residual_mlp_adds_its_block_to_its_input():
@@ -125,7 +138,7 @@ def test_residual_mlp_adds_its_block_to_its_input():
 def test_lenet5_rejects_signals():
   """LeNet-5 needs images."""
   with pytest.raises(ValueError, match="LeNet5 expects images"):
-    _init(models.LeNet5(num_classes=10), (2, 40))
+    _shapes(models.LeNet5(num_classes=10), (2, 40))
 
 
 def test_build_model_names_resnets_and_passes_overrides():
@@ -143,7 +156,7 @@ def test_build_model_names_resnets_and_passes_overrides():
 def test_cnn_normalization_replaces_the_conv_bias(normalization):
   """A norm after each convolution: the convolutions lose their bias and each norm brings a scale
   and a bias, 824,458 - 96 + 2 * 96 = 824,554 parameters (the docstring's count)."""
-  variables = _init(models.CNN(num_classes=10, normalization=normalization), (1, 28, 28, 1))
+  variables = _shapes(models.CNN(num_classes=10, normalization=normalization), (1, 28, 28, 1))
   assert count_params(variables["params"]) == 824_554
   assert "bias" not in variables["params"]["Conv_0"]
   assert ("batch_stats" in variables) == (normalization == "batch")
