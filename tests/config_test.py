@@ -8,7 +8,7 @@ from jdl import config as config_lib
 
 def test_overrides_are_typed_by_the_existing_value():
   """Ints, floats, bools, tuples, strings and unset fields parse from their text."""
-  config = config_lib.apply_overrides(config_lib.classification_config(), [
+  config = config_lib.apply_overrides(config_lib.base_config(), [
       "num_epochs=3", "optimizer.learning_rate=3e-4", "progress=false", "model.mlp.hidden=(256, 64)",
       "dataset=fashion_mnist", "data_dir=/data/tfds", "optimizer.clip_norm=1.0", "top_k=5",
   ])
@@ -24,7 +24,7 @@ def test_overrides_are_typed_by_the_existing_value():
 
 def test_none_unsets_an_optional_field():
   """`KEY=None` unsets a field (a norm, a clip norm), and the field takes values again after."""
-  config = config_lib.apply_overrides(config_lib.classification_config(), [
+  config = config_lib.apply_overrides(config_lib.base_config(), [
       "optimizer.clip_norm=1.0", "optimizer.clip_norm=None", "data_dir=None"])
   assert config.optimizer.clip_norm is None and config.data_dir is None
   assert config_lib.apply_overrides(config, ["data_dir=/d"]).data_dir == "/d"
@@ -37,7 +37,7 @@ def test_none_unsets_an_optional_field():
 ])
 def test_augmentation_mistakes_fail_before_any_data_is_read(overrides, message, tmp_path):
   """A bad augmentation config stops `train_and_evaluate` at once with a message naming it."""
-  config = config_lib.apply_overrides(config_lib.classification_config(), [
+  config = config_lib.apply_overrides(config_lib.base_config(), [
       *overrides, f"data_dir={tmp_path / 'missing'}", "download=false"])
   with pytest.raises(ValueError, match=message):
     jdl.train_and_evaluate(config, str(tmp_path / "run"))
@@ -46,7 +46,7 @@ def test_augmentation_mistakes_fail_before_any_data_is_read(overrides, message, 
 
 def test_overrides_do_not_touch_the_original():
   """apply_overrides works on a copy."""
-  base = config_lib.classification_config()
+  base = config_lib.base_config()
   config_lib.apply_overrides(base, ["num_epochs=99"])
   assert base.num_epochs == 10
 
@@ -65,17 +65,17 @@ def test_overrides_do_not_touch_the_original():
 def test_mistakes_are_errors_that_name_the_key(override, message):
   """A misspelt key or a wrong type is a ConfigError, never a silent default."""
   with pytest.raises(jdl.ConfigError, match=message):
-    config_lib.apply_overrides(config_lib.classification_config(), [override])
+    config_lib.apply_overrides(config_lib.base_config(), [override])
 
 
 def test_command_line_parsing():
   """--workdir and --config.* are read; anything else is an error."""
   config, workdir = config_lib.parse_command_line(
-      config_lib.classification_config(), ["--workdir=/tmp/x", "--config.seed=4"],
+      config_lib.base_config(), ["--workdir=/tmp/x", "--config.seed=4"],
       name="demo", default_workdir="runs/demo")
   assert workdir == "/tmp/x" and config.seed == 4
   with pytest.raises(jdl.ConfigError, match="unexpected argument"):
-    config_lib.parse_command_line(config_lib.classification_config(), ["--epochs=3"],
+    config_lib.parse_command_line(config_lib.base_config(), ["--epochs=3"],
                                   name="demo", default_workdir="runs/demo")
 
 
@@ -83,7 +83,7 @@ def test_every_key_of_the_base_config_is_commented():
   """The base config declares and comments every key (the source line has a # comment)."""
   import inspect  # pylint: disable=import-outside-toplevel
 
-  source = inspect.getsource(config_lib.classification_config)
+  source = inspect.getsource(config_lib.base_config)
   for line in source.splitlines():
     stripped = line.strip()
     if stripped.startswith("config.") and "=" in stripped and "ConfigDict()" not in stripped:

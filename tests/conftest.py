@@ -5,9 +5,19 @@ import pathlib
 
 # Eight CPU devices, so sharded jit and pmap are tested on one machine. Set before JAX starts its
 # backends; tests that need one device say so with layout "none".
-_DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
-if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_FLAG}".strip()
+# Flags the user gave (`--xla_cpu_max_isa=AVX2`, say) are kept; only a device count is replaced.
+_DEVICE_FLAG_NAME = "--xla_force_host_platform_device_count"
+
+
+def xla_flags(devices: int | None) -> str:
+  """The XLA_FLAGS of this session with its CPU device count set to `devices` (None: no count,
+  XLA's one device); every other flag is kept."""
+  kept = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+          if not flag.startswith(_DEVICE_FLAG_NAME)]
+  return " ".join(kept + ([f"{_DEVICE_FLAG_NAME}={devices}"] if devices else []))
+
+
+os.environ["XLA_FLAGS"] = xla_flags(8)
 
 import jax  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
@@ -24,6 +34,17 @@ def shared_data() -> pathlib.Path:
   if not SHARED_DATA.is_dir():
     pytest.skip(f"real data folder {SHARED_DATA} is absent (it is not part of the project)")
   return SHARED_DATA
+
+
+@pytest.fixture
+def subprocess_env():
+  """`subprocess_env(devices=None, **extra)`: this environment for a child process, with its CPU
+  device count replaced (None: one device) and the user's other XLA flags kept."""
+
+  def make(devices: int | None = None, **extra: str) -> dict[str, str]:
+    return {**os.environ, "XLA_FLAGS": xla_flags(devices), **extra}
+
+  return make
 
 
 @pytest.fixture

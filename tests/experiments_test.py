@@ -3,7 +3,6 @@
 import importlib
 import json
 import math
-import os
 import pathlib
 import subprocess
 import sys
@@ -62,7 +61,7 @@ def run_on_mock_data(name, workdir, extra_args=()):
     patch.setattr(tfds.download.DownloadManager, "download_and_extract", refuse_download)
     patch.setattr(tfds.download.DownloadManager, "download", refuse_download)
     with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
-      return jdl.config.run_experiment(
+      return jdl.experiment.run_experiment(
           module.get_config,
           ["--workdir=" + str(workdir), *TINY_ARGS, "--config.data_dir=" + str(workdir / "tfds"),
            *extra_args],
@@ -161,7 +160,7 @@ def test_seed_tutorial_config():
 def run_mnist1d(workdir, data_dir, *extra):
   # One device, as on a user's CPU: the test process has eight virtual CPU devices sharing two
   # cores, where 6000 sharded steps would be slow and their collectives starved for threads.
-  return jdl.config.run_experiment(
+  return jdl.experiment.run_experiment(
       mnist1d.get_config,
       ["--workdir=" + str(workdir), "--config.data_dir=" + data_dir, "--config.progress=false",
        "--config.layout=none", *extra],
@@ -203,7 +202,7 @@ def test_unknown_config_key_suggests_the_right_one(tmp_path):
   """A misspelt key raises ConfigError naming the closest valid key, before any training."""
   workdir = tmp_path / "run"
   with pytest.raises(jdl.ConfigError, match="num_epochs") as error:
-    jdl.config.run_experiment(mnist1d.get_config,
+    jdl.experiment.run_experiment(mnist1d.get_config,
                               ["--workdir=" + str(workdir), "--config.num_epoch=3"], name="mnist1d")
   assert "num_epoch'" in str(error.value)
   assert not workdir.exists()
@@ -220,7 +219,7 @@ def test_wrong_value_type_raises_config_error(tmp_path, arg):
   """A value of the wrong type (or a value for a group) raises ConfigError naming the key."""
   key = arg.split("=", 1)[0][len("--config."):]
   with pytest.raises(jdl.ConfigError, match=key.replace(".", r"\.")):
-    jdl.config.run_experiment(mnist1d.get_config, ["--workdir=" + str(tmp_path / "run"), arg],
+    jdl.experiment.run_experiment(mnist1d.get_config, ["--workdir=" + str(tmp_path / "run"), arg],
                               name="mnist1d")
   assert not (tmp_path / "run").exists()
 
@@ -229,7 +228,7 @@ def test_wrong_value_type_raises_config_error(tmp_path, arg):
 def test_unexpected_argument_raises_config_error(tmp_path, arg):
   """An argument that is neither --workdir=DIR nor --config.KEY=VALUE raises ConfigError."""
   with pytest.raises(jdl.ConfigError, match="unexpected argument"):
-    jdl.config.run_experiment(mnist1d.get_config, ["--workdir=" + str(tmp_path / "run"), arg],
+    jdl.experiment.run_experiment(mnist1d.get_config, ["--workdir=" + str(tmp_path / "run"), arg],
                               name="mnist1d")
 
 
@@ -252,7 +251,7 @@ def test_command_line_config_error_exits_2_without_training(tmp_path):
 def test_help_prints_usage_and_config(tmp_path, capsys):
   """--help returns None, prints the usage and the config, and trains nothing."""
   workdir = tmp_path / "run"
-  result = jdl.config.run_experiment(mnist1d.get_config, ["--workdir=" + str(workdir), "--help"],
+  result = jdl.experiment.run_experiment(mnist1d.get_config, ["--workdir=" + str(workdir), "--help"],
                                      name="mnist1d")
   assert result is None
   out = capsys.readouterr().out
@@ -265,7 +264,7 @@ def test_help_prints_usage_and_config(tmp_path, capsys):
 
 def test_benchmarks_import_and_name_their_contenders():
   """The benchmark entrypoints import without their optional contenders and list them."""
-  from experiments import bench_mnist1d_cnn, bench_seed_mlp  # pylint: disable=import-outside-toplevel
+  from benchmarks import bench_mnist1d_cnn, bench_seed_mlp  # pylint: disable=import-outside-toplevel
 
   assert {"jdl", "plain", "keras-jax", "keras-tf", "pipeline", "peak"} <= set(bench_seed_mlp.CONTENDERS)
   assert set(bench_mnist1d_cnn.CONTENDERS) == {"jdl", "plain", "plain_1thread"}
@@ -277,28 +276,29 @@ def test_benchmarks_import_and_name_their_contenders():
   assert bench_seed_mlp.TRAIN_FLOPS_PER_EXAMPLE == 6 * (784 * 128 + 128 * 10)
 
 
-@pytest.mark.parametrize("check", ["probe", "every_gradient"])
-def test_profile_step_times_the_program_fit_runs_and_names_its_operations(check):
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_profile_step_times_the_program_fit_runs_and_names_its_operations(check_finite,
+                                                                           subprocess_env):
   """A short profile of the seed MLP (its own process: the profiler needs an XLA flag set before
-  JAX starts): a step time, and the first layer's products among the operations it lists."""
-  env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+  JAX starts): a step time, and the first layer's products among the operations it lists; the
+  NaN/inf watch's checks appear exactly when the step has it."""
   done = subprocess.run(
-      [sys.executable, "-m", "experiments.profile_step", "--model=seed_mlp", "--steps=20",
-       "--repeats=1", "--top=40", f"--check={check}"],
-      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
+      [sys.executable, "-m", "benchmarks.profile_step", "--model=seed_mlp", "--steps=20",
+       "--repeats=1", "--top=40", *([] if check_finite else ["--no_check_finite"])],
+      cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+      check=True)
   lines = done.stdout.strip().splitlines()
-  assert lines[0].startswith("seed_mlp: 20 steps in one scan") and "us a step" in lines[0]
+  assert lines[0].startswith("seed_mlp: 20 steps in one loop") and "us a step" in lines[0]
   operations = "\n".join(lines[2:])
   assert "Dense_0/dot_general" in operations and "Dense_0/transpose" in operations
-  # The probed program checks the loss each step, not every gradient.
-  assert ("is_finite" in operations) == (check == "every_gradient")
+  assert ("is_finite" in operations) == check_finite
 
 
 def test_mnist1d_compare_prints_a_table_where_convolution_wins(tmp_path, mnist1d_data_dir, capsys):
   """The comparison trains each model in turn and the CNN beats the linear model (400 steps)."""
   from experiments import mnist1d_compare  # pylint: disable=import-outside-toplevel
 
-  rows = jdl.config.run_experiment(
+  rows = jdl.experiment.run_experiment(
       mnist1d_compare.get_config,
       ["--workdir=" + str(tmp_path), "--config.data_dir=" + mnist1d_data_dir,
        "--config.layout=none", "--config.num_steps=400", "--config.eval_every_steps=400",

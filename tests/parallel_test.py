@@ -1,7 +1,6 @@
 """One train step, every device layout: jit on one device, sharded jit and pmap on eight CPU
 devices, and two processes of four devices each, all giving the same numbers."""
 
-import os
 import pathlib
 import socket
 import subprocess
@@ -34,7 +33,7 @@ def _train(layout, eval_batch_size, num_devices=None):
   runner = parallel.make_runner(layout, num_devices=num_devices, batch_size=16)
   model = models.MLP(hidden=(16,), num_classes=3, normalization="batch", axis_name=runner.axis_name)
   state = jdl.create_train_state(model, optax.adam(0.05), x[:1], jax.random.PRNGKey(0))
-  train_step, eval_step = jdl.make_classification_steps(top_k=(2,), axis_name=runner.axis_name)
+  train_step, eval_step = jdl.make_steps(top_k=(2,), axis_name=runner.axis_name)
   return jdl.fit(state, train_step, eval_step, train, test, num_steps=12, eval_every_steps=2,
                  progress=False, runner=runner)
 
@@ -121,26 +120,25 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _worker_env(devices, **extra):
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["PYTHONPATH"] = str(ROOT)
-  env.update(extra)
-  return env
+def _worker_env(subprocess_env, devices, **extra):
+  """A worker's environment: `devices` CPU devices (the user's other XLA flags kept), no JAX_*
+  variable of this process, and `extra`."""
+  env = {k: v for k, v in subprocess_env(devices).items() if not k.startswith("JAX_")}
+  return {**env, "PYTHONPATH": str(ROOT), **extra}
 
 
-def test_two_processes_of_four_devices_equal_one_process_of_eight(tmp_path):
+def test_two_processes_of_four_devices_equal_one_process_of_eight(tmp_path, subprocess_env):
   """2 processes x 4 CPU devices (jax.distributed over loopback, gloo collectives) end with the
   parameters, BatchNorm statistics and losses of 1 process x 8 devices."""
   single = tmp_path / "single.npz"
-  subprocess.run([sys.executable, str(WORKER), str(single)], env=_worker_env(8), check=True,
-                 timeout=300, capture_output=True)
+  subprocess.run([sys.executable, str(WORKER), str(single)], env=_worker_env(subprocess_env, 8),
+                 check=True, timeout=300, capture_output=True)
   multi = tmp_path / "multi.npz"
   address = f"127.0.0.1:{_free_port()}"
   workers = [
       subprocess.Popen(
           [sys.executable, str(WORKER), str(multi)],
-          env=_worker_env(4, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
+          env=_worker_env(subprocess_env, 4, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
                           JAX_PROCESS_ID=str(rank)),
           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for rank in range(2)
@@ -161,13 +159,13 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(tmp_path):
     np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
-def test_pmap_refuses_a_multi_process_run(tmp_path):
+def test_pmap_refuses_a_multi_process_run(tmp_path, subprocess_env):
   """pmap is single-process here: in a 2-process run it fails with a message pointing to 'shard'."""
   address = f"127.0.0.1:{_free_port()}"
   workers = [
       subprocess.Popen(
           [sys.executable, str(WORKER), str(tmp_path / "pmap.npz"), "pmap"],
-          env=_worker_env(2, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
+          env=_worker_env(subprocess_env, 2, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
                           JAX_PROCESS_ID=str(rank)),
           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for rank in range(2)

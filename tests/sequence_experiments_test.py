@@ -87,7 +87,7 @@ def test_real_tiny_shakespeare_trains_a_few_steps(tmp_path, shared_data):
   manual.mkdir()
   shutil.copy(shared_data / "tiny_shakespeare.txt", manual / "input.txt")
   from jdl import config as config_lib  # pylint: disable=import-outside-toplevel
-  from jdl.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  from jdl.experiment import train_and_evaluate  # pylint: disable=import-outside-toplevel
 
   config = config_lib.apply_overrides(shakespeare_char.get_config(), [
       f"data_dir={tmp_path / 'tfds'}", f"manual_dir={manual}", "num_steps=60",

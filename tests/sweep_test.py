@@ -78,7 +78,7 @@ def test_override_text_round_trips_through_apply_overrides():
   trial = {"optimizer.learning_rate": np.float32(0.003), "optimizer.name": "sgd",
            "model.mlp.hidden": [128, 64], "optimizer.nesterov": True, "batch_size": np.int64(7),
            "optimizer.clip_norm": None, "top_k": (5,)}
-  config = jdl.apply_overrides(jdl.classification_config(), sweep.trial_overrides(trial))
+  config = jdl.apply_overrides(jdl.base_config(), sweep.trial_overrides(trial))
   assert config.optimizer.learning_rate == pytest.approx(0.003)
   assert config.optimizer.name == "sgd" and config.optimizer.nesterov is True
   assert config.model.mlp.hidden == (128, 64) and config.top_k == (5,)
@@ -119,7 +119,7 @@ def test_run_sweep_records_rows_failures_and_writes_sorted_reports(tmp_path):
   trials = sweep.grid({"optimizer.learning_rate": [1e-3, 1e-2, 1.0],
                        "optimizer.name": ["adam", "sgd"]})
   trials.append({"model.mlp.hidden": "not a tuple"})  # rejected by the config's type check
-  rows = sweep.run_sweep(jdl.classification_config(), trials, str(tmp_path),
+  rows = sweep.run_sweep(jdl.base_config(), trials, str(tmp_path),
                          train=_fake_train(calls), log=None)
 
   assert len(rows) == len(trials) == 7 and [r["trial"] for r in rows] == list(range(7))
@@ -158,11 +158,11 @@ def test_run_sweep_records_rows_failures_and_writes_sorted_reports(tmp_path):
     sweep.plot_sweep(rows, str(tmp_path / "bad.png"), x="optimizer.momentum")
 
   # The same sweep again resumes its own trials; a different one is refused before any training.
-  again = sweep.run_sweep(jdl.classification_config(), trials[:2], str(tmp_path),
+  again = sweep.run_sweep(jdl.base_config(), trials[:2], str(tmp_path),
                           train=_fake_train(calls), log=None)
   assert [r["test_accuracy"] for r in again] == [r["test_accuracy"] for r in rows[:2]]
   with pytest.raises(ValueError, match="trial_0 holds the run of another trial"):
-    sweep.run_sweep(jdl.classification_config(), [{"optimizer.learning_rate": 0.5}],
+    sweep.run_sweep(jdl.base_config(), [{"optimizer.learning_rate": 0.5}],
                     str(tmp_path), train=_fake_train(calls), log=None)
   assert len(calls) == 8
 
@@ -170,11 +170,11 @@ def test_run_sweep_records_rows_failures_and_writes_sorted_reports(tmp_path):
 def test_run_sweep_refuses_an_unknown_key_before_training(tmp_path):
   calls = []
   with pytest.raises(jdl.ConfigError, match="'optimizer.learning_rat'.*'optimizer.learning_rate'"):
-    sweep.run_sweep(jdl.classification_config(), [{"optimizer.learning_rat": 1e-3}],
+    sweep.run_sweep(jdl.base_config(), [{"optimizer.learning_rat": 1e-3}],
                     str(tmp_path), train=_fake_train(calls), log=None)
   assert not calls
   with pytest.raises(ValueError, match="mode must be one of"):
-    sweep.run_sweep(jdl.classification_config(), [], str(tmp_path), mode="maximum")
+    sweep.run_sweep(jdl.base_config(), [], str(tmp_path), mode="maximum")
 
 
 def test_command_line_runs_a_grid_and_rejects_bad_input(tmp_path, capsys):
@@ -233,7 +233,8 @@ def test_member_optimizer_updates_like_make_optimizer(config):
   train = jax.jit(train, static_argnums=1)
   params_a = train(reference.init(params), 0)
   params_b = train(vmap_sweep.set_member_learning_rate(member.init(params), config["learning_rate"]), 1)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+  # Two programs (the rate a constant, or a value in the state): a few float32 ulps per update.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                params_a, params_b)
   assert not np.allclose(params_a["w"], params["w"])
 
@@ -270,9 +271,12 @@ def test_vmapped_members_equal_separate_runs_and_a_diverging_member_is_contained
   for i, (rate, seed) in enumerate(zip(rates, seeds)):
     state, history = _separate_run(model, {"name": "adam", "learning_rate": rate}, x, train, test,
                                    seed, steps, train_step, eval_step)
+    # A vmapped program and a plain one round differently (a few float32 ulps a step); the
+    # accuracies count examples and may differ by one that ties to rounding.
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                  run.member_state(i).params, state.params)
-    assert run.history[-1]["test_accuracy"][i] == history[-1]["test_accuracy"]
+    assert run.history[-1]["test_accuracy"][i] == pytest.approx(history[-1]["test_accuracy"],
+                                                                abs=1 / 16 + 1e-9)
     assert run.history[-1]["train_loss"][i] == pytest.approx(history[-1]["train_loss"], rel=1e-5)
     assert int(run.member_state(i).step) == steps
   kernels = np.asarray(run.params["Dense_0"]["kernel"])
@@ -327,9 +331,10 @@ def test_real_sweep_on_mnist1d_and_its_vmapped_twin(tmp_path, mnist1d_data_dir):
 
   run = vmap_sweep.vmap_sweep(config, trials)
   for i, (row, state) in enumerate(zip(rows, states)):
+    # Vmapped and separate runs are different programs: see the test above.
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                  run.member_state(i).params, state.params)
-    assert run.history[-1]["test_accuracy"][i] == row["test_accuracy"]
+    assert run.history[-1]["test_accuracy"][i] == pytest.approx(row["test_accuracy"], abs=1.01e-3)
   vmapped_rows = run.rows()
   assert [r["params"]["optimizer.learning_rate"] for r in vmapped_rows] == [3e-3, 3e-2]
   with pytest.raises(jdl.ConfigError, match="varies only"):
