@@ -36,21 +36,11 @@ def train_and_evaluate(config: Any, workdir: str,
                        hooks: Sequence[Hook] = ()) -> tuple[TrainState, list[Record]]:
   """Runs the experiment `config` describes (any `config.task`), writing logs to `workdir`.
 
-  The config keys are those of `jdl.config.base_config()`. Joins a multi-process run
-  when the environment asks for it (`config.distributed`), picks the device layout
-  (`config.layout`), and prints a progress bar, one line per evaluation and a final line with the
-  eval split's accuracy; in a multi-process run only process 0 prints and writes.
-
-  With `config.checkpoint`, checkpoints go to `workdir/checkpoints`, and a workdir that holds
-  some resumes from the latest good one (`config.resume`): the data order, dropout and
-  augmentation are functions of the step, so the resumed run ends exactly where an uninterrupted
-  one would. `metrics.jsonl` keeps only the records up to the resumed step, so no step appears
-  twice.
-
-  Args:
-    config: the experiment config.
-    workdir: where logs and checkpoints go.
-    hooks: callables `hook(step, state, record)` run after each evaluation (see `fit`).
+  Joins a multi-process run when asked (`config.distributed`), picks the device layout
+  (`config.layout`), and resumes from the latest good checkpoint in `workdir/checkpoints`
+  (`config.resume`): data order, dropout and augmentation are functions of the seed and the step,
+  so a resumed run ends where an uninterrupted one would, and `metrics.jsonl` keeps only the
+  records up to the resumed step. In a multi-process run only process 0 prints and writes.
 
   Returns:
     `(state, history)` as `fit` returns them (history: this invocation's records).
