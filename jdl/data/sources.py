@@ -1,12 +1,10 @@
 """Batch sources: a split, cut into fixed-shape numpy batches one epoch at a time.
 
-A source yields dict batches `{"input", "label", "mask"}` whose shapes never change: a last partial
-batch is padded with zeros up to the batch size and its padding is marked False in `mask`. The
-step masks padded examples out of the loss, the gradient and the metrics, so every epoch covers
-each example exactly once and the jitted step compiles once.
-
-Epoch `e` of a shuffled source is a pure function of `(seed, e)`, so a run resumed at epoch `e`
-sees exactly the data an uninterrupted run would.
+A source yields dict batches `{"input", "label", "mask"}` whose shapes never change: a last
+partial batch is padded with zeros, its padding marked False in `mask`, which the step masks out
+of the loss, the gradient and the metrics; so every epoch covers each example exactly once and the
+jitted step compiles once. Epoch `e` of a shuffled source is a pure function of `(seed, e)`, so a
+resumed run sees exactly the data an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -45,10 +43,8 @@ class BatchSource(Protocol):
 
 def pad_batch(inputs: np.ndarray, labels: np.ndarray, batch_size: int,
               extras: Mapping[str, np.ndarray] | None = None) -> Batch:
-  """A batch dict padded with zeros to `batch_size` examples, with `mask` marking the real ones.
-
-  `extras` are further per-example arrays (e.g. mixup's `mix_label`), padded the same way.
-  """
+  """A batch dict padded with zeros to `batch_size` examples, with `mask` marking the real ones;
+  `extras` are further per-example arrays (e.g. mixup's `mix_label`), padded the same way."""
   count = inputs.shape[0]
   if count > batch_size:
     raise ValueError(f"batch of {count} examples is larger than batch_size={batch_size}.")
@@ -70,14 +66,11 @@ def epoch_seed(seed: int, epoch: int, stream: int | None = None) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("num_examples", "shuffle"))
-def epoch_order(seed: jax.Array, epoch: jax.Array, *, num_examples: int, shuffle: bool) -> jax.Array:
-  """The example order of one epoch: a permutation drawn from `(seed, epoch)`, or 0..n-1.
-
-  One definition for the host path (`ArraySource`) and the device-resident path
-  (`jdl.resident`), so both see the same batches. The permutation is `index_permutation`'s,
-  which for 1,024 examples or more avoids the two sorts of `jax.random.permutation`: on a CPU
-  they took 35 ms of a 0.45 s epoch of 60,000 examples.
-  """
+def epoch_order(seed: jax.Array, epoch: jax.Array, *, num_examples: int,
+                shuffle: bool) -> jax.Array:
+  """The example order of one epoch: an `index_permutation` drawn from `(seed, epoch)`, or
+  0..n-1. Shared by the host path (`ArraySource`) and the device-resident path (`jdl.resident`),
+  so both see the same batches."""
   if not shuffle:
     return jnp.arange(num_examples, dtype=jnp.int32)
   if num_examples < SORT_FREE_MIN_EXAMPLES:
@@ -95,22 +88,18 @@ def index_permutation(key: jax.Array, n: int, *, rounds: int = SHUFFLE_ROUNDS) -
   """A pseudo-random permutation of `0 .. n-1` (int32) drawn from `key`; without sorting when
   `n >= SORT_FREE_MIN_EXAMPLES`.
 
-  A balanced Feistel network on `2 * half` bits (the smallest even width that holds n - 1) is
-  a bijection of `[0, 4**half)` for any round function; `rounds` rounds of a keyed 32-bit hash
-  make it look random (Luby and Rackoff: four already do for a random round function). Values
-  that land at n or above are encrypted again until they fall below n ("cycle walking"), which
-  restricts the bijection to `[0, n)`. The round keys are hashed from the words of `key` (a
-  PRNG key, or any uint32 words such as `[seed, epoch]`). The domain is under 4n, so a walk
-  takes a few steps and the longest about log(n) of them. Every step is elementwise: the whole
-  permutation costs a few vector passes over n integers, where a sort-based shuffle costs a few
-  sorts. (Grain and `tf.random.experimental.index_shuffle` shuffle indices the same way.)
+  A balanced Feistel network on `2 * half` bits (the smallest even width that holds n - 1) is a
+  bijection of `[0, 4**half)` for any round function; `rounds` rounds of a keyed 32-bit hash make
+  it look random (Luby and Rackoff: four suffice for a random round function). Values at n or
+  above are encrypted again until they fall below n ("cycle walking"), restricting the bijection
+  to `[0, n)`; the domain is under 4n, so walks are short. Every step is elementwise: a few vector
+  passes over n integers instead of sorts. The round keys are hashed from the words of `key` (a
+  PRNG key, or any uint32 words such as `[seed, epoch]`).
 
-  Below `SORT_FREE_MIN_EXAMPLES` the domain is too small for that: a Feistel network on a few
-  bits reaches its permutations with visibly unequal frequencies (measured: of the 120 orders
-  of 5 elements, some came 20% more often than others), so small n use
-  `jax.random.permutation`, whose sorts cost little there. At and above it, each element's
-  position and the order of any two elements are uniform within sampling error
-  (tests/data_test.py).
+  Below `SORT_FREE_MIN_EXAMPLES` a Feistel network on so few bits reaches its permutations with
+  visibly unequal frequencies, so small n use `jax.random.permutation`, whose sorts are cheap
+  there. At and above it, each element's position and the order of any two elements are uniform
+  within sampling error (tests/data_test.py).
   """
   if n < 1:
     raise ValueError(f"a permutation needs n >= 1; got {n}.")
@@ -136,9 +125,8 @@ def index_permutation(key: jax.Array, n: int, *, rounds: int = SHUFFLE_ROUNDS) -
 
 
 def _round_keys(key: jax.Array, rounds: int) -> jax.Array:
-  """`rounds` 32-bit round keys hashed from the words of `key` (a PRNG key or any uint32
-  words). A few integer hashes compile in a fraction of the time of threefry, and the Feistel
-  rounds need keys that look independent, not a cryptographic stream."""
+  """`rounds` 32-bit round keys hashed from the words of `key` (a PRNG key or any uint32 words):
+  cheaper to compile than threefry, and Feistel rounds need independent-looking keys only."""
   words = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
   words = jnp.asarray(words, jnp.uint32).reshape(-1)
   state = jnp.uint32(0x243F6A88)  # pi's first fraction bits: any odd constant would do
@@ -167,8 +155,7 @@ def check_labels(labels: np.ndarray, num_classes: int, *, where: str = "labels")
     bad = labels[(labels < 0) | (labels >= num_classes)]
     raise ValueError(
         f"{where} out of range: found {sorted(set(bad.tolist()))[:5]} but the model has "
-        f"{num_classes} classes, so labels must lie in [0, {num_classes - 1}]."
-    )
+        f"{num_classes} classes, so labels must lie in [0, {num_classes - 1}].")
 
 
 def check_inputs(inputs: np.ndarray, *, where: str = "inputs") -> None:
@@ -186,40 +173,28 @@ def _local_batch_size(batch_size: int, process_count: int) -> int:
   if batch_size % process_count:
     raise ValueError(
         f"the global batch of {batch_size} examples cannot be split evenly over {process_count} "
-        f"processes; use a batch size that is a multiple of {process_count}."
-    )
+        f"processes; use a batch size that is a multiple of {process_count}.")
   return batch_size // process_count
 
 
 class ArraySource:
   """Batches of in-memory arrays; shuffled epochs are seeded permutations.
 
-  Batch gradient descent is `batch_size=len(inputs)`, stochastic gradient descent
-  `batch_size=1`, mini-batch gradient descent anything between.
+  `batch_size=len(inputs)` is batch gradient descent, 1 stochastic, anything between mini-batch.
 
   In a multi-process run every process holds the same arrays and the same seed, so all agree on
   each global batch; process `p` of `P` yields rows `[p * B / P, (p + 1) * B / P)` of it (padding
   included), and the processes' shares put together are exactly the single-process batch.
   """
 
-  def __init__(
-      self,
-      inputs: np.ndarray,
-      labels: np.ndarray,
-      batch_size: int,
-      *,
-      shuffle: bool,
-      seed: int = 0,
-      process_index: int = 0,
-      process_count: int = 1,
-  ) -> None:
+  def __init__(self, inputs: np.ndarray, labels: np.ndarray, batch_size: int, *, shuffle: bool,
+               seed: int = 0, process_index: int = 0, process_count: int = 1) -> None:
     inputs, labels = np.asarray(inputs), np.asarray(labels)
     check_inputs(inputs)
     if labels.shape[:1] != inputs.shape[:1]:
       raise ValueError(
           f"inputs have {inputs.shape[0]} examples but labels have "
-          f"{labels.shape[0] if labels.ndim else 'no batch dimension'}; they must match."
-      )
+          f"{labels.shape[0] if labels.ndim else 'no batch dimension'}; they must match.")
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
     self.inputs, self.labels = inputs, labels
@@ -268,19 +243,9 @@ class TFDataSource:
   out first pads with fully masked batches, so all processes take the same number of steps.
   """
 
-  def __init__(
-      self,
-      dataset: tf.data.Dataset,
-      num_examples: int,
-      batch_size: int,
-      *,
-      shuffle: bool,
-      seed: int = 0,
-      shuffle_buffer: int = 10_000,
-      process_index: int = 0,
-      process_count: int = 1,
-      augment: PipelineAugmentFn | None = None,
-  ) -> None:
+  def __init__(self, dataset: tf.data.Dataset, num_examples: int, batch_size: int, *,
+               shuffle: bool, seed: int = 0, shuffle_buffer: int = 10_000, process_index: int = 0,
+               process_count: int = 1, augment: PipelineAugmentFn | None = None) -> None:
     if num_examples < 1:
       raise ValueError(f"the split is empty (num_examples={num_examples}).")
     self.dataset = dataset
