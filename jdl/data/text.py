@@ -4,9 +4,8 @@ Two pipelines, both in memory (the texts are small):
 
   * character language modelling (`load_char_lm_data`, TFDS `tiny_shakespeare`): the split's
     text becomes one stream of character ids. Training draws random windows of `block_size + 1`
-    ids (`TokenWindowSource`), the model reads the first `block_size` and predicts the last
-    `block_size`; evaluation runs over fixed, non-overlapping windows (`sequential_windows`), so
-    the validation loss is an exact average over the same positions every time.
+    ids (`TokenWindowSource`); evaluation runs over fixed, non-overlapping windows
+    (`sequential_windows`), so the validation loss averages the same positions every time.
   * text classification (`load_text_classification_data`, TFDS `imdb_reviews`): each review
     becomes `max_length` word ids (`WordVocabulary`), truncated or padded with 0 at the end.
 
@@ -32,11 +31,8 @@ from jdl.lazy_import import tensorflow_datasets as tfds
 
 
 class CharVocabulary:
-  """A bijection between the distinct characters of a text and the ids `0 .. size - 1`.
-
-  Ids follow the characters' sorted (code point) order, so the same text always gives the same
-  vocabulary.
-  """
+  """A bijection between the distinct characters of a text and the ids `0 .. size - 1`, in the
+  characters' sorted (code point) order, so the same text always gives the same vocabulary."""
 
   def __init__(self, chars: str) -> None:
     """Args: chars: the vocabulary's characters, distinct, in id order."""
@@ -110,8 +106,7 @@ class CharVocabulary:
   @classmethod
   def from_json(cls, text: str) -> CharVocabulary:
     """The vocabulary that `to_json` wrote."""
-    data = _load_json(text, "char", ("chars",))
-    return cls(data["chars"])
+    return cls(_load_json(text, "char", ("chars",))["chars"])
 
   def __eq__(self, other: object) -> bool:
     return isinstance(other, CharVocabulary) and other.chars == self.chars
@@ -134,10 +129,8 @@ def split_words(text: str) -> list[str]:
 
 
 class WordVocabulary:
-  """Ids of the most frequent words: 0 is padding, 1 an unknown word, then words `2 .. size - 1`.
-
-  Text is lowercased and split into words and punctuation marks by `split_words`.
-  """
+  """Ids of the most frequent words: 0 is padding, 1 an unknown word, then words `2 .. size - 1`;
+  text is lowercased and split into words and punctuation marks by `split_words`."""
 
   PAD_ID = 0
   UNKNOWN_ID = 1
@@ -223,8 +216,7 @@ class TokenWindowSource:
 
   Each example is a window of `block_size + 1` consecutive tokens at a random start;
   `input = window[:-1]` and `label = window[1:]`. Epoch `e` draws its starts from
-  `np.random.default_rng(epoch_seed(seed, e))`, so it replays exactly (a resumed run, which
-  skips the first batches of an epoch, sees the same batches as an uninterrupted one). An
+  `np.random.default_rng(epoch_seed(seed, e))`, so it replays exactly, also in a resumed run. An
   "epoch" is `steps_per_epoch` batches, by default about one pass over the tokens.
 
   In a multi-process run every process draws the same global starts and yields rows
@@ -232,17 +224,9 @@ class TokenWindowSource:
   single-process batch. Every row is real: `mask` is all True.
   """
 
-  def __init__(
-      self,
-      tokens: np.ndarray,
-      block_size: int,
-      batch_size: int,
-      *,
-      seed: int = 0,
-      steps_per_epoch: int | None = None,
-      process_index: int = 0,
-      process_count: int = 1,
-  ) -> None:
+  def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, *, seed: int = 0,
+               steps_per_epoch: int | None = None, process_index: int = 0,
+               process_count: int = 1) -> None:
     """Args:
       tokens: the token stream, 1-D integers (e.g. `CharVocabulary.encode(text)`).
       block_size: tokens per example (the context length).
@@ -318,8 +302,7 @@ def sequential_windows(tokens: np.ndarray, block_size: int) -> tuple[np.ndarray,
 
   Window `i` reads `tokens[i * block_size : (i + 1) * block_size]` and predicts the same span
   shifted by one, so together the windows predict tokens `1 .. N * block_size` (0-based) exactly
-  once each; the few after them are dropped. This is the evaluation set: its
-  mean loss is over fixed positions, the same at every evaluation.
+  once each; the few after them are dropped. The evaluation set: fixed positions every time.
   """
   tokens = _check_tokens(tokens, block_size, extra=1)
   count = (len(tokens) - 1) // block_size
@@ -351,20 +334,10 @@ def read_text(builder: tfds.core.DatasetBuilder, split: str) -> str:
 
 
 def load_char_lm_data(
-    name: str = "tiny_shakespeare",
-    *,
-    block_size: int,
-    batch_size: int,
-    eval_batch_size: int,
-    train_split: str = "train",
-    eval_split: str = "validation",
-    data_dir: str | None = None,
-    download: bool = True,
-    manual_dir: str | None = None,
-    seed: int = 0,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> tuple[TokenWindowSource, ArraySource, DatasetMeta, CharVocabulary]:
+    name: str = "tiny_shakespeare", *, block_size: int, batch_size: int, eval_batch_size: int,
+    train_split: str = "train", eval_split: str = "validation", data_dir: str | None = None,
+    download: bool = True, manual_dir: str | None = None, seed: int = 0, process_index: int = 0,
+    process_count: int = 1) -> tuple[TokenWindowSource, ArraySource, DatasetMeta, CharVocabulary]:
   """The batch sources of a character language model on a TFDS text dataset.
 
   The vocabulary is built from the training split. Offline, tiny_shakespeare prepares from a
@@ -413,22 +386,11 @@ def load_char_lm_data(
 
 
 def load_text_classification_data(
-    name: str = "imdb_reviews",
-    *,
-    max_length: int = 256,
-    max_words: int = 20_000,
-    batch_size: int,
-    eval_batch_size: int,
-    train_split: str = "train",
-    eval_split: str = "test",
-    data_dir: str | None = None,
-    download: bool = True,
-    manual_dir: str | None = None,
-    seed: int = 0,
-    shuffle: bool = True,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> tuple[ArraySource, ArraySource, DatasetMeta, WordVocabulary]:
+    name: str = "imdb_reviews", *, max_length: int = 256, max_words: int = 20_000,
+    batch_size: int, eval_batch_size: int, train_split: str = "train", eval_split: str = "test",
+    data_dir: str | None = None, download: bool = True, manual_dir: str | None = None,
+    seed: int = 0, shuffle: bool = True, process_index: int = 0,
+    process_count: int = 1) -> tuple[ArraySource, ArraySource, DatasetMeta, WordVocabulary]:
   """The batch sources of a TFDS text classification dataset (text and class label), as word ids.
 
   Args:
@@ -483,8 +445,7 @@ def _text_and_label_keys(builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
   if len(keys) != 2 or not all(isinstance(key, str) for key in keys):
     raise ValueError(f"dataset {builder.name!r} does not have a (text, label) pair of features; "
                      f"its supervised keys are {info.supervised_keys!r}.")
-  text_key, label_key = keys
-  features = info.features
+  (text_key, label_key), features = keys, info.features
   if text_key not in features or not isinstance(features[text_key], tfds.features.Text):
     raise ValueError(f"dataset {builder.name!r}'s input {text_key!r} is not a text feature.")
   if label_key not in features or not isinstance(features[label_key], tfds.features.ClassLabel):
