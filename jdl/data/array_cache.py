@@ -1,22 +1,19 @@
 """Prepared splits kept as numpy files, so that later in-memory loads need neither TFDS nor TF.
 
-An in-memory split (`load_classification_data(in_memory=True)`) is read through TFDS the first
-time: the builder prepares the dataset (MNIST-1D is generated offline) and tf.data reads the split
-into numpy arrays. Those arrays and the dataset's metadata are then written to one file in
-`<data_dir>/jdl_arrays/`, and later loads of the same split read that file with numpy alone.
-Importing TensorFlow and TFDS takes seconds, most of the start-up of a small experiment, for data
-that is a few arrays.
+The first in-memory load of a split (`load_classification_data(in_memory=True)`) reads it through
+TFDS and writes its arrays and the dataset's metadata to one file in `<data_dir>/jdl_arrays/`;
+later loads of the split read that file with numpy alone (importing TensorFlow and TFDS takes
+seconds, most of the start-up of a small experiment).
 
 A cached split is used only when everything it was written for still holds:
   * the dataset as requested (name, config and version, e.g. "mnist1d" or "cifar10:3.0.2"), the
     split string ("train[:90%]") and the data dir (the file lives inside it);
   * the installed tensorflow-datasets version, and for jdl's own builders their version
-    (`JDL_BUILDER_VERSIONS`): together they fix the version that a name without one resolves
-    to. A builder of your own, or one TFDS reads back from files, is cached only when the request
-    names its version;
-  * the prepared dataset the arrays came from: its `dataset_info.json` must be where it was, of the
-    same size and modification time, so a deleted or re-prepared dataset is read through TFDS
-    again.
+    (`JDL_BUILDER_VERSIONS`): together they fix the version a name without one resolves to. A
+    builder of your own, or one TFDS reads back from files, is cached only when the request names
+    its version;
+  * the prepared dataset's `dataset_info.json`: where it was, of the same size and modification
+    time, so a deleted or re-prepared dataset is read through TFDS again.
 A file that cannot be read (truncated, corrupt, written for another key) counts as missing and is
 written again. Files are written under a temporary name and renamed into place, so a reader never
 sees a partial one. Inside `tfds.testing.mock_data` the cache is neither read nor written: mock
@@ -69,13 +66,8 @@ class RawSplit:
 
 
 def load_splits(
-    dataset: str,
-    splits: Sequence[str],
-    *,
-    data_dir: str | None = None,
-    download: bool = True,
-    manual_dir: str | None = None,
-    cache: bool = True,
+    dataset: str, splits: Sequence[str], *, data_dir: str | None = None, download: bool = True,
+    manual_dir: str | None = None, cache: bool = True,
 ) -> tuple[loading.DatasetMeta, dict[str, tuple[np.ndarray, np.ndarray]]]:
   """Whole splits of a supervised classification dataset in memory, from the cache where it
   holds them and through TFDS otherwise (then written to the cache).
@@ -159,9 +151,8 @@ def read_cached_split(dataset: str, split: str, data_dir: str | None) -> RawSpli
   try:
     with np.load(path, allow_pickle=False) as stored:
       header = json.loads(str(stored["header"]))
-      if header["key"] != key:
-        return None
-      if not _prepared_stamp_matches(data_dir_root(data_dir), header["prepared"]):
+      if (header["key"] != key
+          or not _prepared_stamp_matches(data_dir_root(data_dir), header["prepared"])):
         return None
       inputs, labels = stored["inputs"], stored["labels"]
     meta = loading.DatasetMeta.from_dict(header["meta"])
@@ -190,13 +181,9 @@ def write_cached_split(dataset: str, split: str, data_dir: str | None,
     return None  # TFDS found the dataset in another of its data dirs
   key = cache_key(dataset, split)
   path = cache_path(key, data_dir)
-  header = {
-      "key": key,
-      "meta": dataclasses.asdict(raw.meta),
-      "num_examples": len(raw.labels),
-      "prepared": _prepared_stamp(root, prepared),
-  }
-  # A name of this writer's own (two processes may write the same split at once); created with
+  header = {"key": key, "meta": dataclasses.asdict(raw.meta), "num_examples": len(raw.labels),
+            "prepared": _prepared_stamp(root, prepared)}
+  # A name of this writer's own (two processes may write the same split at once), created with
   # the permissions of any new file, unlike tempfile's private ones.
   temporary = f"{path}.{uuid.uuid4().hex}.tmp"
   try:
