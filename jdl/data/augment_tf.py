@@ -63,13 +63,9 @@ def _beta(seed: tf.Tensor, alpha: float, batch_size: Any) -> tf.Tensor:
   return tf.clip_by_value(tf.sigmoid(log_gammas[0] - log_gammas[1]), 0.0, 1.0)
 
 
-def sample_params_tf(
-    seed: tf.Tensor,
-    batch_size: int | tf.Tensor,
-    image_shape: Sequence[int],
-    spec: Mapping[str, Any] | None,
-    mask: tf.Tensor | None = None,
-) -> dict[str, tf.Tensor]:
+def sample_params_tf(seed: tf.Tensor, batch_size: int | tf.Tensor, image_shape: Sequence[int],
+                     spec: Mapping[str, Any] | None,
+                     mask: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
   """Draws all the random numbers that augment one batch, with stateless TF ops.
 
   Args:
@@ -96,30 +92,23 @@ def sample_params_tf(
   params: dict[str, tf.Tensor] = {}
   if "crop_offset" in names:
     params["crop_offset"] = tf.random.stateless_uniform(
-        [batch_size, 2], stream("crop_offset"), 0, 2 * spec["crop_padding"] + 1, tf.int32
-    )
+        [batch_size, 2], stream("crop_offset"), 0, 2 * spec["crop_padding"] + 1, tf.int32)
   if "flip" in names:
     params["flip"] = tf.random.stateless_uniform([batch_size], stream("flip")) < 0.5
   if "cutout_center" in names:
     row_seed, col_seed = tf.unstack(tf.random.experimental.stateless_split(stream("cutout_center")))
     height, width = image_shape[:2]
     params["cutout_center"] = tf.stack(
-        [
-            tf.random.stateless_uniform([batch_size], row_seed, 0, height, tf.int32),
-            tf.random.stateless_uniform([batch_size], col_seed, 0, width, tf.int32),
-        ],
-        axis=1,
-    )
+        [tf.random.stateless_uniform([batch_size], row_seed, 0, height, tf.int32),
+         tf.random.stateless_uniform([batch_size], col_seed, 0, width, tf.int32)], axis=1)
   if "brightness" in names:
     amount = spec["brightness"]
     params["brightness"] = tf.random.stateless_uniform(
-        [batch_size], stream("brightness"), -amount, amount, tf.float32
-    )
+        [batch_size], stream("brightness"), -amount, amount, tf.float32)
   if "contrast" in names:
     amount = spec["contrast"]
     params["contrast"] = tf.random.stateless_uniform(
-        [batch_size], stream("contrast"), 1.0 - amount, 1.0 + amount, tf.float32
-    )
+        [batch_size], stream("contrast"), 1.0 - amount, 1.0 + amount, tf.float32)
   if "mix_partner" in names:
     real_B = tf.ones([batch_size], tf.bool) if mask is None else tf.cast(mask, tf.bool)
     params["mix_partner"] = _mix_partners(stream("mix_partner"), real_B)
@@ -128,28 +117,23 @@ def sample_params_tf(
   return params
 
 
-def _crop(
-    images_BxHxWxC: tf.Tensor, offset_Bx2: tf.Tensor, padding: int, fill: tf.Tensor
-) -> tf.Tensor:
+def _crop(images_BxHxWxC: tf.Tensor, offset_Bx2: tf.Tensor, padding: int,
+          fill: tf.Tensor) -> tf.Tensor:
   """Pads by `padding` with `fill` and crops back at `offset`, as two batched gathers."""
   height, width = images_BxHxWxC.shape[1], images_BxHxWxC.shape[2]
   offset_Bx2 = tf.cast(offset_Bx2, tf.int32)
   rows_BxH = offset_Bx2[:, 0:1] - padding + tf.range(height)[None, :]
   cols_BxW = offset_Bx2[:, 1:2] - padding + tf.range(width)[None, :]
-  inside_BxHxWx1 = tf.logical_and(
-      ((rows_BxH >= 0) & (rows_BxH < height))[:, :, None, None],
-      ((cols_BxW >= 0) & (cols_BxW < width))[:, None, :, None],
-  )
-  cropped = tf.gather(
-      images_BxHxWxC, tf.clip_by_value(rows_BxH, 0, height - 1), axis=1, batch_dims=1
-  )
+  inside_BxHxWx1 = tf.logical_and(((rows_BxH >= 0) & (rows_BxH < height))[:, :, None, None],
+                                  ((cols_BxW >= 0) & (cols_BxW < width))[:, None, :, None])
+  cropped = tf.gather(images_BxHxWxC, tf.clip_by_value(rows_BxH, 0, height - 1), axis=1,
+                      batch_dims=1)
   cropped = tf.gather(cropped, tf.clip_by_value(cols_BxW, 0, width - 1), axis=2, batch_dims=1)
   return tf.where(inside_BxHxWx1, cropped, fill)
 
 
-def _cutout(
-    images_BxHxWxC: tf.Tensor, center_Bx2: tf.Tensor, size: int, fill: tf.Tensor
-) -> tf.Tensor:
+def _cutout(images_BxHxWxC: tf.Tensor, center_Bx2: tf.Tensor, size: int,
+            fill: tf.Tensor) -> tf.Tensor:
   """Fills the `size x size` square at each example's centre, clipped at the border."""
   height, width = images_BxHxWxC.shape[1], images_BxHxWxC.shape[2]
   start_Bx2 = tf.cast(center_Bx2, tf.int32) - size // 2
@@ -167,13 +151,12 @@ def _compute_dtype(dtype: tf.DType, what: str) -> tf.DType:
   return tf.float64 if dtype == tf.float64 else tf.float32
 
 
-def apply_params_tf(
-    batch: TfBatch, params: Mapping[str, tf.Tensor], spec: Mapping[str, Any] | None
-) -> dict[str, tf.Tensor]:
+def apply_params_tf(batch: TfBatch, params: Mapping[str, tf.Tensor],
+                    spec: Mapping[str, Any] | None) -> dict[str, tf.Tensor]:
   """Augments a batch with the given draws; `jdl.augment.apply_params` in TensorFlow ops.
 
-  Graph-mode compatible and vectorised. Same arguments and result as the jax version: `input`
-  replaced, `mix_label` and `mix_weight` added when mixup is on, other keys passed through.
+  Same arguments and result as the jax version: `input` replaced, `mix_label` and `mix_weight`
+  added when mixup is on, other keys passed through.
   """
   spec = augment_lib.validate_spec(spec)
   if "input" not in batch:
