@@ -29,8 +29,7 @@ from jdl.lazy_import import tensorflow as tf
 from jdl.lazy_import import tensorflow_datasets as tfds
 
 # TFDS and TensorFlow load on first use (`jdl.lazy_import`), which also hides accelerators from
-# TensorFlow. The "mnist1d" builder registers with TFDS when `jdl.data.mnist1d` is imported, which
-# `get_builder` does first.
+# TensorFlow. `get_builder` first imports `jdl.data.mnist1d`, registering "mnist1d" with TFDS.
 
 
 def _offline_builder_types() -> tuple[type, ...]:
@@ -77,8 +76,7 @@ class DatasetMeta:
 
   @classmethod
   def from_dict(cls, fields: Mapping[str, Any]) -> DatasetMeta:
-    """The metadata from `dataclasses.asdict(meta)` after a JSON round trip (lists back to
-    tuples).
+    """The metadata from `dataclasses.asdict(meta)` after a JSON round trip (lists to tuples).
 
     Raises:
       ValueError: `fields` lacks a field or has one that `DatasetMeta` does not know.
@@ -111,13 +109,8 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
     ) from None
 
 
-def prepare(
-    builder: tfds.core.DatasetBuilder,
-    *,
-    download: bool = True,
-    manual_dir: str | None = None,
-    probe_timeout_s: float = 5.0,
-) -> None:
+def prepare(builder: tfds.core.DatasetBuilder, *, download: bool = True,
+            manual_dir: str | None = None, probe_timeout_s: float = 5.0) -> None:
   """Makes sure `builder`'s data is on disk, preparing it offline where it can.
 
   Args:
@@ -140,7 +133,8 @@ def prepare(
   download_config = None
   if manual_dir is not None:
     if not os.path.isdir(manual_dir):
-      raise DatasetUnavailableError(f"manual_dir {manual_dir!r} for {builder.name!r} is not a folder.")
+      raise DatasetUnavailableError(
+          f"manual_dir {manual_dir!r} for {builder.name!r} is not a folder.")
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
     files = {name: url for name, url in files.items()
              if not os.path.isfile(os.path.join(manual_dir, name))}
@@ -150,8 +144,7 @@ def prepare(
   how_to = (
       f"Dataset {builder.name!r} is not prepared in {builder.data_dir!r}. On a machine with "
       f"internet run `tfds build {builder.name} --data_dir=DIR` (or any jdl experiment on it) and "
-      "copy DIR here, then pass its path as the data dir (`--config.data_dir=DIR`)."
-  )
+      "copy DIR here, then pass its path as the data dir (`--config.data_dir=DIR`).")
   if files:
     listed = [f"{url} as {name!r}" for name, url in sorted(files.items())]
     if len(listed) > 3:
@@ -166,8 +159,7 @@ def prepare(
   if unreachable:
     raise DatasetUnavailableError(
         how_to + f" Downloading is not possible: cannot reach {', '.join(unreachable)} "
-        f"within {probe_timeout_s:g}s."
-    )
+        f"within {probe_timeout_s:g}s.")
   builder.download_and_prepare(download_config=download_config)
 
 
@@ -223,14 +215,12 @@ def dataset_meta(builder: tfds.core.DatasetBuilder) -> DatasetMeta:
   if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
     raise ValueError(
         f"dataset {builder.name!r} has non-numeric inputs ({input_key!r} of dtype {dtype}); "
-        "jdl's classification pipeline needs numeric arrays."
-    )
+        "jdl's classification pipeline needs numeric arrays.")
   shape = tuple(input_feature.shape)
   if any(dim is None for dim in shape):
     raise ValueError(
         f"dataset {builder.name!r} has inputs of varying shape {shape}; resize them to a fixed "
-        "shape first."
-    )
+        "shape first.")
   if not isinstance(label_feature, tfds.features.ClassLabel):
     raise ValueError(f"dataset {builder.name!r}'s label {label_key!r} is not a class label.")
   names = tuple(label_feature.names) if label_feature.names else None
@@ -253,13 +243,8 @@ def scale_inputs(inputs: np.ndarray | tf.Tensor):
   return inputs.astype(np.float32)
 
 
-def read_split(
-    builder: tfds.core.DatasetBuilder,
-    split: str,
-    *,
-    shuffle_files: bool = False,
-    seed: int = 0,
-) -> tf.data.Dataset:
+def read_split(builder: tfds.core.DatasetBuilder, split: str, *, shuffle_files: bool = False,
+               seed: int = 0) -> tf.data.Dataset:
   """A split as an unbatched tf.data pipeline of scaled `(input, label)` pairs.
 
   `shuffle_files` is ignored for datasets stored in a fixed order (`disable_shuffling`), which
@@ -267,9 +252,8 @@ def read_split(
   """
   shuffle_files = shuffle_files and not builder.info.disable_shuffling
   read_config = tfds.ReadConfig(shuffle_seed=seed) if shuffle_files else None
-  dataset = builder.as_dataset(
-      split=split, as_supervised=True, shuffle_files=shuffle_files, read_config=read_config
-  )
+  dataset = builder.as_dataset(split=split, as_supervised=True, shuffle_files=shuffle_files,
+                               read_config=read_config)
   return dataset.map(lambda x, y: (scale_inputs(x), tf.cast(y, tf.int32)),
                      num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -298,6 +282,7 @@ def as_model_arrays(inputs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray,
   return scale_inputs(inputs), labels.astype(np.int32)
 
 
-def load_split_arrays(builder: tfds.core.DatasetBuilder, split: str) -> tuple[np.ndarray, np.ndarray]:
+def load_split_arrays(builder: tfds.core.DatasetBuilder,
+                      split: str) -> tuple[np.ndarray, np.ndarray]:
   """A whole split in memory as `(inputs float32, labels int32)` numpy arrays, in TFDS order."""
   return as_model_arrays(*load_raw_split_arrays(builder, split))
