@@ -16,59 +16,23 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jdl.data.loading import (
-    DatasetMeta,
-    DatasetUnavailableError,
-    dataset_meta,
-    get_builder,
-    load_raw_split_arrays,
-    load_split_arrays,
-    prepare,
-    read_split,
-    scale_inputs,
-)
+from jdl.data.loading import (DatasetMeta, DatasetUnavailableError, dataset_meta, get_builder,
+                              load_raw_split_arrays, load_split_arrays, prepare, read_split,
+                              scale_inputs)
 from jdl.data import array_cache, augment_tf
-from jdl.data.sources import (
-    ArraySource,
-    Batch,
-    BatchSource,
-    PipelineAugmentFn,
-    TFDataSource,
-    check_inputs,
-    check_labels,
-    epoch_seed,
-    pad_batch,
-)
-from jdl.data.text import (
-    CharVocabulary,
-    TokenWindowSource,
-    WordVocabulary,
-    load_char_lm_data,
-    load_text_classification_data,
-    read_text,
-    sequential_windows,
-)
+from jdl.data.sources import (ArraySource, Batch, BatchSource, PipelineAugmentFn, TFDataSource,
+                              check_inputs, check_labels, epoch_seed, pad_batch)
+from jdl.data.text import (CharVocabulary, TokenWindowSource, WordVocabulary, load_char_lm_data,
+                           load_text_classification_data, read_text, sequential_windows)
 from jdl.lazy_import import tensorflow_datasets as tfds
 
 
 def load_classification_data(
-    name: str,
-    *,
-    batch_size: int,
-    eval_batch_size: int,
-    train_split: str = "train",
-    eval_split: str = "test",
-    data_dir: str | None = None,
-    download: bool = True,
-    manual_dir: str | None = None,
-    in_memory: bool = True,
-    seed: int = 0,
-    shuffle: bool = True,
-    shuffle_buffer: int = 10_000,
-    process_index: int = 0,
-    process_count: int = 1,
-    augment: PipelineAugmentFn | None = None,
-    cache_arrays: bool = True,
+    name: str, *, batch_size: int, eval_batch_size: int, train_split: str = "train",
+    eval_split: str = "test", data_dir: str | None = None, download: bool = True,
+    manual_dir: str | None = None, in_memory: bool = True, seed: int = 0, shuffle: bool = True,
+    shuffle_buffer: int = 10_000, process_index: int = 0, process_count: int = 1,
+    augment: PipelineAugmentFn | None = None, cache_arrays: bool = True,
 ) -> tuple[BatchSource, BatchSource, DatasetMeta]:
   """The train and eval batch sources of a TFDS classification dataset, and its metadata.
 
@@ -92,9 +56,8 @@ def load_classification_data(
       it needs the streaming path (`in_memory=False`). On-device augmentation in the train step
       (`jdl.augment`) works with either path.
     cache_arrays: with `in_memory`, keep the splits read through TFDS as numpy files in the data
-      dir and read them from there next time, without importing TFDS or TensorFlow
-      (`jdl.data.array_cache`, which says when a cached split is used). False: always read
-      through TFDS.
+      dir and read them from there next time, without TFDS or TensorFlow (`jdl.data.array_cache`
+      says when a cached split is used). False: always read through TFDS.
 
   Returns:
     `(train_source, eval_source, meta)`; the train source shuffles, the eval source does not.
@@ -102,8 +65,7 @@ def load_classification_data(
   if augment is not None and in_memory:
     raise ValueError(
         "pipeline augmentation runs in tf.data, so it needs in_memory=False; for in-memory data "
-        "augment on the device instead (jdl.augment.make_augment, passed to the train step)."
-    )
+        "augment on the device instead (jdl.augment.make_augment, passed to the train step).")
   plan = ((train_split, batch_size, shuffle, True), (eval_split, eval_batch_size, False, False))
   sources: list[BatchSource] = []
   sizes = {}
