@@ -1,10 +1,9 @@
 """Metric writers: JSON lines and TensorBoard event files in a run's workdir.
 
-`metrics.jsonl` gets one JSON object per record (`{"step": ..., "train_loss": ..., ...}`), easy to
-load with pandas or plain Python; `tensorboard/` gets scalar summaries that TensorBoard reads
-(`tensorboard --logdir WORKDIR/tensorboard`). The event files are written with the `tensorboard`
-package alone, in the records `tf.summary` writes (float32 scalar tensors of the "scalars" plugin,
-the config as a "text" summary), so a run imports no TensorFlow to log.
+`metrics.jsonl` gets one JSON object per record (`{"step": ..., "train_loss": ..., ...}`);
+`tensorboard/` gets scalar summaries (`tensorboard --logdir WORKDIR/tensorboard`), written with
+the `tensorboard` package alone in the records `tf.summary` writes (float32 scalar tensors of the
+"scalars" plugin, the config as a "text" summary), so a run imports no TensorFlow to log.
 """
 
 from __future__ import annotations
@@ -114,9 +113,7 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     self.workdir = workdir
     self._jsonl = open(os.path.join(workdir, JSONL_NAME), "a", encoding="utf-8")
-    self._summary = (
-        EventFileWriter(os.path.join(workdir, TENSORBOARD_DIR)) if tensorboard else None
-    )
+    self._summary = EventFileWriter(os.path.join(workdir, TENSORBOARD_DIR)) if tensorboard else None
 
   def write(self, step: int, scalars: Mapping[str, float | int]) -> None:
     """Writes one record of scalars at `step`."""
