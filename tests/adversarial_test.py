@@ -125,7 +125,8 @@ def test_pgd_is_stronger_than_fgsm_and_accuracy_falls_with_epsilon(mnist1d_model
       state.apply_fn, state.variables(), inputs, labels, epsilons[1:], attack="pgd",
       value_range=value_range, batch_size=200, num_steps=10, key=jax.random.PRNGKey(0))
   predictions = np.argmax(np.asarray(state.apply_fn(state.variables(), inputs, train=False)), -1)
-  assert fgsm_curve[0] == pytest.approx(np.mean(predictions == labels))
+  # Batched under jit and eager: two programs, which may disagree on an example that ties.
+  assert fgsm_curve[0] == pytest.approx(np.mean(predictions == labels), abs=1.01 / 500)
   assert clean_accuracy > 0.3  # it learnt something (10 classes)
   for curve in (fgsm_curve, [fgsm_curve[0], *pgd_curve]):
     assert all(later <= earlier + 0.01 for earlier, later in zip(curve, curve[1:])), curve

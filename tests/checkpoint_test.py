@@ -16,7 +16,7 @@ import pytest
 
 import jdl
 from jdl import data as data_lib
-from jdl import loop, models
+from jdl import experiment, loop, models
 from jdl import step as step_lib
 
 from experiments import mnist1d
@@ -112,15 +112,14 @@ def _tiny_config(data_dir, overrides=()):
       "optimizer.schedule=warmup_cosine", "optimizer.warmup_steps=5", *overrides])
 
 
-@pytest.mark.parametrize("layout,shuffle", [
-    ("none", True), ("none", False), ("shard", True), ("shard", False), ("pmap", True)],
-    ids=["one-device-shuffled", "one-device-in-order", "sharded-shuffled", "sharded-in-order",
-         "pmap-shuffled"])
+@pytest.mark.parametrize("layout,shuffle", [("none", True), ("shard", False), ("pmap", True)],
+                         ids=["one-device-shuffled", "sharded-in-order", "pmap-shuffled"])
 def test_crash_and_resume_equals_an_uninterrupted_run(tmp_path, mnist1d_data_dir, layout, shuffle):
   """Checkpoint at step 20, crash at 40, resume: the final parameters, optimizer state and the
-  records of steps 40 and 60 are bitwise those of a run that was never interrupted, on one device,
-  sharded over 8 and replicated by pmap over 8, for shuffled and in-order data; metrics.jsonl has
-  each step once."""
+  records of steps 40 and 60 are bitwise those of a run that was never interrupted (the same
+  compiled programs run the same steps), on one device and sharded over 8 (the resident engine,
+  drawing each epoch's order on the device or keeping the data in order) and replicated by pmap
+  over 8 (the per-step engine, batches from the host); metrics.jsonl has each step once."""
   if layout != "none" and len(jax.devices()) < 8:
     pytest.skip("needs 8 devices")
   config = _tiny_config(mnist1d_data_dir, [f"layout={layout}", f"shuffle={shuffle}",
@@ -152,17 +151,18 @@ def test_resume_false_refuses_a_workdir_with_checkpoints(tmp_path, mnist1d_data_
   assert (tmp_path / "versions.json").is_file() and (tmp_path / "config.json").is_file()
 
 
-def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, mnist1d_data_dir):
+def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, mnist1d_data_dir,
+                                                                 subprocess_env, capsys):
   """SIGTERM to a training process: it finishes its step, saves, says how to resume and exits
-  with 143; the same command then continues from that checkpoint."""
+  with 143; the same command line (run here in the test's process) then continues from that
+  checkpoint."""
   workdir = tmp_path / "run"
   command = [sys.executable, "-m", "experiments.mnist1d", f"--workdir={workdir}",
              f"--config.data_dir={mnist1d_data_dir}", "--config.model.name=mlp",
              "--config.layout=none", "--config.num_steps=1000000", "--config.progress=false",
              "--config.eval_every_steps=50"]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+  process = subprocess.Popen(command, cwd=REPO_ROOT, env=subprocess_env(JAX_PLATFORMS="cpu"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     deadline = time.time() + 180
     records = workdir / "metrics.jsonl"
@@ -177,12 +177,12 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, mnist
   steps = jdl.Checkpointer(str(workdir / "checkpoints")).steps()
   assert steps and f"stopped by SIGTERM after step {steps[-1]}" in stderr  # saved where it stopped
 
-  resumed = subprocess.run(
-      [*command[:-3], f"--config.num_steps={steps[-1] + 5}", "--config.progress=false"],
-      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-  assert resumed.returncode == 0, resumed.stderr[-2000:]
-  assert f"resuming from the checkpoint of step {steps[-1]}" in resumed.stdout
-  assert f"after {steps[-1] + 5} steps" in resumed.stdout
+  capsys.readouterr()
+  arguments = [*command[3:-3], f"--config.num_steps={steps[-1] + 5}", "--config.progress=false"]
+  experiment.run_experiment(mnist1d.get_config, arguments, name="mnist1d")
+  printed = capsys.readouterr().out
+  assert f"resuming from the checkpoint of step {steps[-1]}" in printed
+  assert f"after {steps[-1] + 5} steps" in printed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,6 +352,8 @@ def test_config_regularisation_and_precision_reach_the_run(tmp_path, mnist1d_dat
   test = data_lib.ArraySource(x, y, 500, shuffle=False)
   with_ema = jdl.evaluate(loop.evaluation_state(state), jax.jit(eval_step), test)
   without = jdl.evaluate(state, jax.jit(eval_step), test)
-  assert history[-1]["test_accuracy"] == with_ema["accuracy"]
-  assert history[-1]["test_loss"] == pytest.approx(with_ema["loss"], rel=1e-6)
+  # fit's evaluation (one compiled loop over the split) and `evaluate` (one call a batch) are two
+  # programs: the loss a few float32 ulps apart, the accuracy within one example of 1000.
+  assert history[-1]["test_accuracy"] == pytest.approx(with_ema["accuracy"], abs=1.01e-3)
+  assert history[-1]["test_loss"] == pytest.approx(with_ema["loss"], rel=1e-5)
   assert with_ema["loss"] != without["loss"]
