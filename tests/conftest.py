@@ -1,11 +1,19 @@
-"""Test-wide settings: eight CPU devices, strict numerics, one compilation cache and one prepared
-MNIST-1D for the whole run, and the shared data folder when it is present."""
+"""Test-wide settings: eight CPU devices, strict numerics, a persistent compilation cache, one
+prepared MNIST-1D for the whole run, and the shared data folder when it is present.
+
+Set JDL_TEST_XLA_CACHE=run to compile everything afresh (as CI on a fresh machine does), or to a
+folder of your choice; by default compiled programs are kept across runs in
+~/.cache/jdl/xla-tests.
+"""
 
 import fcntl
+import hashlib
 import os
 import pathlib
+import platform
 import shutil
 import tempfile
+import time
 import uuid
 
 # Eight CPU devices, so sharded jit and pmap are tested on one machine. Set before JAX starts its
@@ -28,12 +36,36 @@ os.environ["XLA_FLAGS"] = xla_flags(8)
 _RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID") or uuid.uuid4().hex
 RUN_DIR = pathlib.Path(tempfile.gettempdir()) / f"jdl-tests-{_RUN_ID}"
 
-# Many tests compile the same programs (each `fit` jits its steps anew; a resumed run compiles
-# what the interrupted one did): JAX's persistent compilation cache, private to this run, compiles
-# each once. A program read from it is the one compiled, so no result changes. Set in the
-# environment, so child processes share it too, and so `jdl.experiment.set_compilation_cache`
-# (an experiment's default, ~/.cache/jdl/xla) leaves it alone: no test reads or fills the user's.
-os.environ["JAX_COMPILATION_CACHE_DIR"] = str(RUN_DIR / "xla_cache")
+
+def _cpu_fingerprint() -> str:
+  """The host CPU's model and instruction set extensions, hashed: JAX's cache keys name the
+  platform ("cpu") but not the extensions a program was compiled for, so programs compiled with
+  AVX-512 must not be offered to a machine without it (a home folder shared between machines)."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as info:
+      lines = sorted({line for line in info if line.startswith(("flags", "model name"))})
+  except OSError:
+    lines = [platform.processor()]
+  return hashlib.sha256("".join([platform.machine(), *lines]).encode()).hexdigest()[:16]
+
+
+def _compilation_cache_dir() -> str:
+  """Where compiled programs are kept: $JDL_TEST_XLA_CACHE, or "run" for a folder private to this
+  run (a cold run, as on a fresh machine), by default ~/.cache/jdl/xla-tests/<this CPU>."""
+  chosen = os.environ.get("JDL_TEST_XLA_CACHE", "")
+  if chosen == "run":
+    return str(RUN_DIR / "xla_cache")
+  return chosen or str(pathlib.Path.home() / ".cache" / "jdl" / "xla-tests" / _cpu_fingerprint())
+
+
+# Most of the suite's time is XLA compiling small programs, many of them more than once (each
+# `fit` jits its steps anew; a resumed run compiles what the interrupted one did; every run of the
+# suite compiles what the last one did). JAX's persistent compilation cache compiles each once: a
+# program read from it is the program compiled, for the same computation, jaxlib, XLA flags and
+# options, so no result changes (a test that counts compilations sees a cache hit as one). Set in
+# the environment, so child processes use it too, and so `jdl.experiment.set_compilation_cache`
+# (an experiment's default, ~/.cache/jdl/xla) leaves it alone. Tests never read the user's cache.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _compilation_cache_dir()
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import jax  # pylint: disable=wrong-import-position
@@ -50,9 +82,21 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-  if os.environ.get("PYTEST_XDIST_WORKER") is None:  # the controller, or a run without workers
-    run_id = getattr(config.option, "testrunuid", None) or _RUN_ID
-    shutil.rmtree(pathlib.Path(tempfile.gettempdir()) / f"jdl-tests-{run_id}", ignore_errors=True)
+  """The controller (or a run without workers) removes the run's folder, and compiled programs
+  written more than two weeks ago, so the kept cache does not grow without bound."""
+  if os.environ.get("PYTEST_XDIST_WORKER") is not None:
+    return
+  run_id = getattr(config.option, "testrunuid", None) or _RUN_ID
+  shutil.rmtree(pathlib.Path(tempfile.gettempdir()) / f"jdl-tests-{run_id}", ignore_errors=True)
+  cache = pathlib.Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+  if cache.is_dir():
+    old = time.time() - 14 * 24 * 3600
+    for entry in cache.iterdir():
+      try:
+        if entry.stat().st_mtime < old:
+          entry.unlink()
+      except OSError:
+        pass  # another run removed it, or it is not a file
 
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
