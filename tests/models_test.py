@@ -166,16 +166,17 @@ def test_cnn_batch_norm_trains_on_batch_statistics_and_evaluates_on_running_ones
   """In training BatchNorm normalises with the batch's statistics and updates the running ones;
   in evaluation each example is normalised with the running statistics alone."""
   model = models.CNN(num_classes=4, features=(3,), dense=8, normalization="batch")
-  x = jax.random.normal(jax.random.PRNGKey(1), (6, 8, 8, 1)) * 3 + 2
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(6, 8, 8, 1)) * 3 + 2, jnp.float32)
   variables = _init(model, (1, 8, 8, 1))
-  _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  apply = jax.jit(model.apply, static_argnames=("train", "mutable"))
+  _, updates = apply(variables, x, train=True, mutable=("batch_stats",))
   old, new = variables["batch_stats"]["Norm_0"], updates["batch_stats"]["Norm_0"]
   assert not np.allclose(old["mean"], new["mean"]) and not np.allclose(old["var"], new["var"])
   variables = {**variables, **updates}
-  np.testing.assert_allclose(model.apply(variables, x[:1], train=False),
-                             model.apply(variables, x, train=False)[:1], rtol=1e-5, atol=1e-6)
-  alone, _ = model.apply(variables, x[:1], train=True, mutable=["batch_stats"])
-  together, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(apply(variables, x[:1], train=False),
+                             apply(variables, x, train=False)[:1], rtol=1e-5, atol=1e-6)
+  alone, _ = apply(variables, x[:1], train=True, mutable=("batch_stats",))
+  together, _ = apply(variables, x, train=True, mutable=("batch_stats",))
   assert not np.allclose(alone, together[:1], atol=1e-3)
 
 

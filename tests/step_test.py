@@ -190,7 +190,7 @@ def test_augmenting_step_equals_plain_step_on_the_augmented_batch():
   unchanged (the state without augmentation keeps its trajectory)."""
   spec = {"crop_padding": 1, "flip": True, "cutout_size": 2, "brightness": 0.1}
   augment = augment_lib.make_augment(spec)
-  model = models.CNN(num_classes=3, features=(2,), dense=4, dropout_rate=0.5)
+  model = models.MLP(hidden=(8,), num_classes=3, dropout_rate=0.5)  # flattens the images
   state = _state(model, optax.sgd(0.1), input_shape=(6, 6, 1))
   state = state.replace(step=jnp.asarray(3, state.step.dtype))
   batch = jax.tree.map(jnp.asarray, _batch(4, input_shape=(6, 6, 1)))
@@ -241,7 +241,7 @@ def test_augmentation_is_the_same_sharded_over_8_devices_and_on_one():
   if len(devices) < 8:
     pytest.skip("needs 8 devices")
   augment = augment_lib.make_augment({"crop_padding": 1, "flip": True, "mixup_alpha": 0.4})
-  model = models.CNN(num_classes=3, features=(2,), dense=4)
+  model = models.MLP(hidden=(8,), num_classes=3)  # flattens the images
   state = _state(model, optax.sgd(0.1), input_shape=(6, 6, 1))
   batch = jax.tree.map(jnp.asarray, _batch(16, input_shape=(6, 6, 1)))
   batch["input"] = jnp.abs(batch["input"]) / 4
