@@ -10,9 +10,11 @@ up front and then timed in one process, one epoch each in turn, `--repeats` roun
                   the other variants run inside its hook, so it alternates with them too
   jdl             the epoch program, its epoch's order drawn inside the call (as in `fit`)
   jdl-order-given the same, called with the epoch's order already drawn (the carried order)
-  jdl-nocheck     `make_steps(check_finite=False)`: no NaN/inf watch over the gradients
+  jdl-nocheck     `make_steps(check_finite=False)`: no NaN/inf watch over the loss
+  jdl-gradnorms   `gradient_norms=True` as well: gradient and parameter norms, and the watch over
+                  every gradient (one more pass over gradients and parameters each step)
   jdl-nomask      the batches without their `mask` (none is padding: 60,000 = 1,875 x 32)
-  jdl-loss-only   the metric sums cut to `loss_sum` (no `count`, no `correct`)
+  jdl-loss-only   a task without metrics: `count` and `loss_sum` only (no accuracy)
   jdl-optax-adam  the state's optimizer `optax.adam(1e-3, eps=1e-7)` itself, not
                   `jdl.make_optimizer`'s (`inject_hyperparams` around it)
   jdl-bare        all four taken away together
@@ -72,24 +74,18 @@ def without_mask(train_step: Callable[..., Any]) -> Callable[..., Any]:
   return lambda state, batch: train_step(state, {k: v for k, v in batch.items() if k != "mask"})
 
 
-def loss_sum_only(outputs: jax.Array, labels: jax.Array, losses: jax.Array,
-                  mask: jax.Array | None) -> dict[str, jax.Array]:
-  """A metrics function with one sum: what a step must report for its loss to be seen at all."""
-  del outputs, labels, mask
-  return {"loss_sum": jnp.sum(losses.astype(jnp.float32))}
-
-
 def jdl_program(x: np.ndarray, y: np.ndarray, *, check_finite: bool = True, mask: bool = True,
                 full_metrics: bool = True, jdl_optimizer: bool = True,
-                order_given: bool = False) -> Timer:
+                order_given: bool = False, gradient_norms: bool = False) -> Timer:
   """A timer of one epoch of jdl's resident train program, with the parts named by the flags."""
   model = jdl.models.MLP(hidden=(HIDDEN,), num_classes=10)
   tx = (jdl.make_optimizer({"name": "adam", "learning_rate": 1e-3}) if jdl_optimizer
         else optax.adam(1e-3, eps=1e-7))
   state = jdl.create_train_state(model, tx, x[:1], jax.random.PRNGKey(0))
-  train_step = jdl.make_train_step(
-      check_finite=check_finite,
-      **({} if full_metrics else {"metrics_fn": loss_sum_only}))
+  task = jdl.tasks.classification()
+  if not full_metrics:
+    task = jdl.Task(loss=task.loss)
+  train_step = jdl.make_train_step(task, check_finite=check_finite, gradient_norms=gradient_norms)
   if not mask:
     train_step = without_mask(train_step)
   data = resident.ResidentData(*jax.device_put(resident.with_padding_row(x, y)), batch_size=BATCH,
@@ -211,6 +207,7 @@ VARIANTS: dict[str, Callable[[np.ndarray, np.ndarray], Timer]] = {
     "jdl": jdl_program,
     "jdl-order-given": functools.partial(jdl_program, order_given=True),
     "jdl-nocheck": functools.partial(jdl_program, check_finite=False),
+    "jdl-gradnorms": functools.partial(jdl_program, gradient_norms=True),
     "jdl-nomask": functools.partial(jdl_program, mask=False),
     "jdl-loss-only": functools.partial(jdl_program, full_metrics=False),
     "jdl-optax-adam": functools.partial(jdl_program, jdl_optimizer=False),

@@ -10,7 +10,7 @@ timed call repeats the same steps of epoch 0) with the program `jdl.fit` runs on
 data: `jdl.resident.make_train_chunk` jitted with `donate_argnums=(0, 3)` (state and carried order
 donated), all the steps in one call, or one step a call without a loop where a loop would be slow
 (`jdl.resident.loops_are_slow`: the CNN on a CPU). Its step is `jdl.make_steps()`'s, the NaN/inf
-watch over the loss and every gradient included unless `--no_check_finite`; the data are random,
+watch over the loss included unless `--no_check_finite`; the data are random,
 of the benchmark's shape. The steps are first timed without a profiler (median of `--repeats`
 runs), then run once under `jax.profiler` and read back with JAX's own reader
 (`jax.profiler.ProfileData`). On the CPU the trace holds XLA:CPU's per-operation events

@@ -89,7 +89,7 @@ def _fit(state: jdl.TrainState, train: tuple[np.ndarray, np.ndarray],
          test: tuple[np.ndarray, np.ndarray], *, batch_size: int, num_steps: int,
          seed: int) -> tuple[jdl.TrainState, float, float]:
   """`(state, test accuracy, seconds)` after `num_steps` steps, evaluated once at the end."""
-  train_step, eval_step = jdl.make_steps("softmax_cross_entropy")
+  train_step, eval_step = jdl.make_steps(jdl.tasks.classification("softmax_cross_entropy"))
   start = time.perf_counter()
   state, history = jdl.fit(
       state, train_step, eval_step,

@@ -12,7 +12,7 @@ import os as _os
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 # pylint: disable=wrong-import-position
-from jdl import data, models
+from jdl import data, models, tasks
 from jdl.checkpoint import CheckpointError, Checkpointer
 from jdl.config import ConfigError, apply_overrides, base_config
 from jdl.experiment import train_and_evaluate
@@ -25,16 +25,17 @@ from jdl.metrics import compute_metrics, empty_metrics, merge_metrics
 from jdl.optim import current_learning_rate, make_optimizer, make_schedule
 from jdl.state import TrainState, count_params, create_train_state
 from jdl.step import make_eval_step, make_steps, make_train_step
+from jdl.tasks import Task
 from jdl.writers import MetricWriter, read_jsonl
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "Checkpointer", "ConfigError", "MetricWriter", "NonFiniteError",
-    "Preempted", "TrainState", "apply_overrides", "base_config", "binary_cross_entropy",
+    "Preempted", "Task", "TrainState", "apply_overrides", "base_config", "binary_cross_entropy",
     "compute_metrics", "count_params", "create_train_state", "cross_entropy_from_probabilities",
     "current_learning_rate", "data", "empty_metrics", "evaluate", "fit", "make_eval_step",
     "make_optimizer", "make_schedule", "make_steps", "make_train_step", "make_weight_penalty",
     "mean_squared_error", "merge_metrics", "models", "read_jsonl", "softmax_cross_entropy",
-    "train_and_evaluate",
+    "tasks", "train_and_evaluate",
 ]

@@ -101,7 +101,8 @@ class Checkpointer:
       raise ValueError(f"best_metric {self.best_metric!r} is not among the metrics given to "
                        f"save: {sorted(metrics)}.")
     plain = None if metrics is None else {key: float(value) for key, value in metrics.items()}
-    self._manager.save(step, args=ocp.args.StandardSave(state), metrics=plain, force=True)
+    self._manager.save(step, args=ocp.args.StandardSave(_key_data(state)), metrics=plain,
+                       force=True)
     return True
 
   def restore(self, template: TrainState, step: int) -> TrainState:
@@ -111,7 +112,7 @@ class Checkpointer:
       CheckpointError: the checkpoint holds other arrays or shapes (names the first).
     """
     saved = _leaf_shapes(self._manager.item_metadata(step).tree)
-    wanted = _leaf_shapes(template)
+    wanted = _leaf_shapes(_key_data(template))
     for path in sorted(wanted.keys() | saved.keys(), key=lambda p: (not p.startswith("params"), p)):
       if wanted.get(path) != saved.get(path):
         found = "missing" if path not in saved else f"shape {saved[path]}"
@@ -119,8 +120,9 @@ class Checkpointer:
         raise CheckpointError(
             f"the checkpoint at step {step} in {self.directory} was written by a different model "
             f"or optimizer: {path} is {found} there, but this run has {expected}.")
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-    return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _key_data(template))
+    restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
+    return jax.tree.map(_like_template, template, restored)
 
   def restore_latest(self, template: TrainState, log: Callable[[str], None] = print, *,
                      move_unusable: bool = True) -> TrainState | None:
@@ -175,3 +177,19 @@ class Checkpointer:
 
   def __exit__(self, *_: object) -> None:
     self.close()
+
+
+def _is_typed_key(value: Any) -> bool:
+  return isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)
+
+
+def _key_data(tree: Any) -> Any:
+  """`tree` with typed PRNG keys (`jax.random.key`) as their raw data, which orbax can save."""
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, tree)
+
+
+def _like_template(template: Any, restored: Any) -> Any:
+  """A restored leaf, wrapped back into a typed key where the template holds one."""
+  if _is_typed_key(template):
+    return jax.random.wrap_key_data(restored, impl=jax.random.key_impl(template))
+  return restored

@@ -24,7 +24,7 @@ import numpy as np
 from jdl import augment as augment_lib
 from jdl import config as config_lib
 from jdl import data as data_lib
-from jdl import models, optim, parallel, runs, step as step_lib
+from jdl import models, optim, parallel, runs, step as step_lib, tasks
 from jdl.checkpoint import Checkpointer
 from jdl.data import augment_tf
 from jdl.loop import Hook, NonFiniteError, Preempted, Record, fit
@@ -79,11 +79,12 @@ def train_and_evaluate(config: Any, workdir: str,
       log(f"resuming from the checkpoint of step {int(state.step)} in {checkpointer.directory}.")
       if main:
         truncate_jsonl(workdir, int(state.step))
+  task = tasks.classification(config.loss, label_smoothing=config.label_smoothing,
+                              top_k=tuple(config.top_k))
   train_step, eval_step = step_lib.make_steps(
-      config.loss, l1=config.l1, l2=config.l2, top_k=tuple(config.top_k),
-      axis_name=runner.axis_name, augment=device_augment,
-      label_smoothing=config.label_smoothing, compute_dtype=config.compute_dtype,
-      adversary=make_adversary(config.adversarial), check_finite=config.check_finite,
+      task, l1=config.l1, l2=config.l2, axis_name=runner.axis_name, augment=device_augment,
+      compute_dtype=config.compute_dtype, adversary=make_adversary(config.adversarial),
+      check_finite=config.check_finite, gradient_norms=config.gradient_norms,
   )
   if config.progress:
     log(f"{meta.name}: {train_data.num_examples} train / {eval_data.num_examples} "
@@ -133,7 +134,7 @@ def train_and_evaluate(config: Any, workdir: str,
 RESUMABLE_CHANGES = frozenset({
     "num_steps", "num_epochs", "eval_every_steps", "eval_batch_size", "progress", "resume",
     "checkpoint", "checkpoint_every_steps", "checkpoint_min_seconds", "keep_checkpoints",
-    "best_metric", "check_finite", "data_dir", "manual_dir", "download", "distributed",
+    "best_metric", "check_finite", "gradient_norms", "data_dir", "manual_dir", "download", "distributed",
     "num_devices", "layout", "cpu_threads", "compilation_cache_dir"})
 """Config keys a resumed run may change: how long, how often to evaluate or save, where the data
 is, on which devices. Every other key shapes the trajectory (seed, model, optimizer, data...)."""

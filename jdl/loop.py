@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+import flax
 import jax
 import numpy as np
 import tqdm
@@ -24,6 +25,7 @@ from jdl import metrics as metrics_lib
 from jdl import optim, parallel, resident, step as step_lib, transfer
 from jdl.checkpoint import Checkpointer
 from jdl.writers import MetricWriter
+from jdl import state as state_lib
 from jdl.state import TrainState
 
 Record = dict[str, float]
@@ -63,11 +65,16 @@ def evaluation_sums(state: TrainState, eval_step: Callable[..., metrics_lib.Metr
   return total
 
 
-def output_width(state: TrainState) -> int:
-  """The width of the model's output for one example (its number of classes)."""
-  sample = jax.ShapeDtypeStruct((1, *state.input_shape), state.input_dtype)
-  shape = jax.eval_shape(lambda v, x: state.apply_fn(v, x, train=False), state.variables(), sample)
-  return int(shape.shape[-1])
+def output_width(state: TrainState) -> int | None:
+  """The width of the model's output for one example (its number of classes), or None when the
+  output is not one array (a dict of a VAE's parts, say)."""
+  mode = state_lib.model_mode(state.apply_fn, train=False)
+  try:
+    shape = jax.eval_shape(lambda v, x: state.apply_fn(v, x, **mode), state.variables(),
+                           state.input_specs())
+  except flax.errors.InvalidRngError:  # a model that samples in eval mode: not a classifier
+    return None
+  return int(shape.shape[-1]) if isinstance(shape, jax.ShapeDtypeStruct) and shape.ndim else None
 
 
 def fit(
@@ -194,14 +201,14 @@ def fit(
       interrupted = stop is not None and stop.received is not None
       if progress and time.perf_counter() - last_bar_update > 0.5:
         running = runner.fetch_metrics(interval_sums)  # waits for the steps so far
-        watch.check(running)
+        watch.check(running, step, lambda: runner.fetch_state(state))
         last_bar_update = time.perf_counter()
         bar.set_postfix(_progress_fields(metrics_lib.compute_metrics(running),
                                          last_bar_update - interval_start))
       record: Record | None = None
       if step == next_eval:
         fetched = runner.fetch_metrics(interval_sums)
-        watch.check(fetched)
+        watch.check(fetched, step, lambda: runner.fetch_state(state))
         record = _record(step, steps_per_epoch, fetched, time.perf_counter() - interval_start,
                          state)
         if eval_data is not None:
@@ -222,7 +229,8 @@ def fit(
           step == target and time.perf_counter() - last_save >= checkpoint_min_seconds)
       if checkpointer is not None and (due or interrupted):
         if interval_sums is not None:
-          watch.check(runner.fetch_metrics(interval_sums))
+          watch.check(runner.fetch_metrics(interval_sums), step,
+                      lambda: runner.fetch_state(state))
         checkpointer.save(runner.fetch_state(state), metrics=record)
         last_save = time.perf_counter()
       if interrupted:
@@ -247,8 +255,11 @@ def _record(step: int, steps_per_epoch: int, train_sums: metrics_lib.Metrics, se
 
 
 def _progress_fields(running: Mapping[str, float], seconds: float) -> dict[str, str]:
-  return {"loss": f"{running['loss']:.4f}", "acc": f"{running.get('accuracy', 0):.4f}",
-          "ex_s": f"{running['count'] / max(seconds, 1e-9):,.0f}"}
+  fields = {"loss": f"{running['loss']:.4f}"}
+  if "accuracy" in running:
+    fields["acc"] = f"{running['accuracy']:.4f}"
+  fields["ex_s"] = f"{running['count'] / max(seconds, 1e-9):,.0f}"
+  return fields
 
 
 def evaluation_state(state: TrainState) -> TrainState:
@@ -289,23 +300,45 @@ class _NonFiniteWatch:
     self.names = transfer.parameter_paths(state.params)  # in `jax.tree.leaves` order
     self.checkpointer = checkpointer
 
-  def check(self, fetched: Mapping[str, Any] | None) -> None:
-    if not fetched or "nonfinite_step" not in fetched:
+  def check(self, fetched: Mapping[str, Any] | None, step: int,
+            current_state: Callable[[], TrainState]) -> None:
+    """Raises `NonFiniteError` if `fetched` (the sums up to `step`) records a bad step, or, from
+    a step without the watch, a non-finite loss; `current_state()` gives the state to inspect for
+    parameters that are already NaN or infinite."""
+    if not fetched:
+      return
+    if "nonfinite_step" not in fetched:  # a step without the watch: the loss sums still tell
+      if "loss_sum" in fetched and not np.all(np.isfinite(np.asarray(fetched["loss_sum"]))):
+        raise NonFiniteError(
+            f"the training loss became NaN or infinite by step {step}; training stopped."
+            f"{self._kept()} Build the train step with check_finite=True to name the step "
+            "(and with gradient_norms=True the parameter).")
       return
     bad_step = int(fetched["nonfinite_step"])
     if bad_step == metrics_lib.NO_NONFINITE_STEP:
       return
     what = int(fetched["nonfinite_what"])
-    culprit = "the loss" if what == 0 else f"the gradient of parameter {self.names[what - 1]}"
-    kept = ""
-    if self.checkpointer is not None:
-      steps = self.checkpointer.steps()
-      kept = (f" The last good checkpoint (step {steps[-1]}) is kept in "
-              f"{self.checkpointer.directory}." if steps else " No checkpoint had been saved yet.")
+    culprit = (f"the gradient of parameter {self.names[what - 1]}" if what else "the loss")
+    spoilt = ""
+    if not what:  # the loss-only watch: say which parameters a bad gradient already reached
+      leaves = jax.tree.leaves(jax.device_get(current_state().params))
+      broken = [name for name, leaf in zip(self.names, leaves) if not np.all(np.isfinite(leaf))]
+      if broken:
+        spoilt = (f" Parameters {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} are "
+                  f"not finite: a gradient of step {bad_step} or before was (gradient_norms=True "
+                  "names the first).")
     raise NonFiniteError(
-        f"{culprit} became NaN or infinite at step {bad_step}; training stopped.{kept} "
+        f"{culprit} became NaN or infinite at step {bad_step}; training stopped.{spoilt}"
+        f"{self._kept()} "
         "Try a lower learning rate, gradient clipping (optimizer.clip_norm) or checking the "
         "inputs of that step.")
+
+  def _kept(self) -> str:
+    if self.checkpointer is None:
+      return ""
+    steps = self.checkpointer.steps()
+    return (f" The last good checkpoint (step {steps[-1]}) is kept in "
+            f"{self.checkpointer.directory}." if steps else " No checkpoint had been saved yet.")
 
 
 class _StopSignals:
@@ -397,7 +430,9 @@ class _HostEngine:
       return None
     if self.check_each_batch:
       data_lib.check_inputs(batch["input"], where="training inputs")
-      real_labels = batch["label"] if "mask" not in batch else batch["label"][batch["mask"]]
+      real = batch.get("mask")
+      real_labels = batch["label"] if real is None else jax.tree.map(
+          lambda labels: labels[real], batch["label"])
       data_lib.check_labels(real_labels, self.num_classes, where="training labels")
     return self.runner.place_batch(batch)
 
@@ -423,9 +458,11 @@ def format_record(record: Mapping[str, float]) -> str:
   prefixes = sorted({k.rsplit("_", 1)[0] for k in record if k.endswith("_loss")},
                    key=lambda p: (p != "train", p))
   for prefix in prefixes:
-    fields = [f"loss {record[f'{prefix}_loss']:.4f}"]
-    if f"{prefix}_accuracy" in record:
-      fields.append(f"accuracy {record[f'{prefix}_accuracy']:.4f}")
-    parts.append(f"{prefix} " + " ".join(fields))
+    # The loss first, then the task's other means (accuracy, an ELBO's terms); not the extrema.
+    names = [key.removeprefix(f"{prefix}_") for key in record if key.startswith(f"{prefix}_")]
+    names = ["loss"] + [name for name in names if name != "loss" and "/" not in name
+                        and not name.endswith(("_max", "_min", "_norm"))]
+    parts.append(f"{prefix} " + " ".join(f"{name} {record[f'{prefix}_{name}']:.4f}"
+                                         for name in names))
   parts.append(f"{record['examples_per_second']:,.0f} ex/s")
   return " | ".join(parts)

@@ -1,14 +1,24 @@
-"""Masked metric accumulation: per-batch sums that merge exactly into full-split numbers.
+"""Metric states that merge exactly: per-batch sums, counts and extrema, turned into values once.
 
-A step returns a flat dict of *sums* (example count, summed loss, number correct), never means, so
-they merge exactly by addition across batches and devices (`psum`), padding included;
-`compute_metrics` turns them into means once, on the host. The train step's non-finite watch
-(`nonfinite_step`, `nonfinite_what`) merges by keeping the earliest bad step.
+A step returns a flat dict of metric *states*, never means, so they merge exactly across batches
+and devices, padding excluded; `compute_metrics` turns them into values on the host. The suffix of
+a key says how it merges and what it reports:
+
+  `count`          summed: the examples (or positions) the loss counted.
+  `<name>_sum`     summed; reported as `<name>` = sum / `<name>_count`, or / `count` without one.
+  `<name>_count`   summed: the denominator of `<name>_sum` where it is not `count`.
+  `<name>_max`     the maximum; reported as `<name>_max` (`_min` likewise).
+
+Arrays merge the same way (a confusion matrix as `confusion_sum`, say); only scalars are reported.
+The train step's non-finite watch (`nonfinite_step`, `nonfinite_what`) merges by keeping the
+earliest bad step. A metric function, as tasks take them (`jdl.tasks`), maps `(outputs, batch,
+mask)` to such a dict, where `mask` is the batch's `[batch]` (or per-position) mask of real
+examples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -16,11 +26,23 @@ import jax.numpy as jnp
 import numpy as np
 
 Metrics = dict[str, jax.Array]
+MetricFn = Callable[[Any, Mapping[str, Any], jax.Array], Metrics]
+
+
+def _merge_rule(key: str) -> str:
+  """"sum", "max", "min" or "watch": how the state under `key` merges."""
+  if key.startswith("nonfinite_"):
+    return "watch"
+  if key.endswith("_max"):
+    return "max"
+  if key.endswith("_min"):
+    return "min"
+  return "sum"
 
 
 def classification_metrics(outputs: jax.Array, labels: jax.Array, losses: jax.Array,
                            mask: jax.Array | None = None, *, top_k: Sequence[int] = ()) -> Metrics:
-  """Sums for loss, accuracy and top-k accuracy over the unmasked examples of one batch.
+  """States for loss, accuracy and top-k accuracy over the unmasked examples of one batch.
 
   Labels may have positions (a language model's `[batch, time]`); `count` then counts positions.
 
@@ -33,23 +55,53 @@ def classification_metrics(outputs: jax.Array, labels: jax.Array, losses: jax.Ar
     top_k: the k of the top-k accuracies to track; a k >= num_classes is skipped (it is always 1).
 
   Returns:
-    A dict with `count`, `loss_sum`, `correct` and one `top{k}_correct` per k.
+    `loss_metrics(losses, mask)` plus `accuracy_sum` and one `top{k}_accuracy_sum` per k.
   """
+  return {**loss_metrics(losses, mask), **accuracy_metrics(outputs, labels, mask, top_k=top_k)}
+
+
+def accuracy_metrics(outputs: jax.Array, labels: jax.Array, mask: jax.Array | None = None, *,
+                     top_k: Sequence[int] = ()) -> Metrics:
+  """`accuracy_sum` (correct examples) and one `top{k}_accuracy_sum` per k < num_classes.
+
+  Labels must be integers shaped like `outputs` without its class axis: anything else would
+  broadcast into a wrong number, so it is refused while tracing.
+  """
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"accuracy needs integer class labels; got dtype {labels.dtype}. For "
+                     "real-valued targets use a regression task (jdl.tasks.regression).")
+  if tuple(labels.shape) != tuple(outputs.shape[:-1]):
+    raise ValueError(
+        f"labels of shape {tuple(labels.shape)} do not fit outputs of shape "
+        f"{tuple(outputs.shape)}: accuracy needs labels shaped like the outputs without their "
+        f"class axis, {tuple(outputs.shape[:-1])}.")
   keep = broadcast_mask(mask, labels.shape).astype(jnp.int32)
   labels = labels.astype(jnp.int32)
   correct = (jnp.argmax(outputs, axis=-1) == labels).astype(jnp.int32)
-  sums = {
-      "count": jnp.sum(keep),
-      "loss_sum": jnp.sum(losses.astype(jnp.float32) * keep),
-      "correct": jnp.sum(correct * keep),
-  }
+  sums = {"accuracy_sum": jnp.sum(correct * keep)}
   num_classes = outputs.shape[-1]
   for k in top_k:
     if k < num_classes:
       _, top_indices = jax.lax.top_k(outputs, k)
       hit = jnp.any(top_indices == labels[..., None], axis=-1).astype(jnp.int32)
-      sums[f"top{k}_correct"] = jnp.sum(hit * keep)
+      sums[f"top{k}_accuracy_sum"] = jnp.sum(hit * keep)
   return sums
+
+
+def error_metrics(predictions: jax.Array, targets: jax.Array, mask: jax.Array | None = None
+                  ) -> Metrics:
+  """Regression states: `mean_absolute_error_sum` (with its own count: every target element
+  counts) and `absolute_error_max`, over the unmasked examples."""
+  if tuple(predictions.shape) != tuple(targets.shape):
+    raise ValueError(f"predictions of shape {tuple(predictions.shape)} do not fit targets of "
+                     f"shape {tuple(targets.shape)}; they must have one shape.")
+  keep = broadcast_mask(mask, targets.shape).astype(jnp.bool_)
+  error = jnp.abs(predictions.astype(jnp.float32) - targets.astype(jnp.float32))
+  return {
+      "mean_absolute_error_sum": jnp.sum(jnp.where(keep, error, 0.0)),
+      "mean_absolute_error_count": jnp.sum(keep.astype(jnp.int32)),
+      "absolute_error_max": jnp.max(jnp.where(keep, error, -jnp.inf)),
+  }
 
 
 def broadcast_mask(mask: jax.Array | None, shape: Sequence[int]) -> jax.Array:
@@ -67,7 +119,7 @@ def broadcast_mask(mask: jax.Array | None, shape: Sequence[int]) -> jax.Array:
 
 
 def loss_metrics(losses: jax.Array, mask: jax.Array | None = None) -> Metrics:
-  """Sums for the loss alone, for tasks without class labels (e.g. regression)."""
+  """`count` and `loss_sum` over the unmasked examples (positions) of per-example losses."""
   keep = broadcast_mask(mask, losses.shape).astype(jnp.int32)
   return {"count": jnp.sum(keep), "loss_sum": jnp.sum(losses.astype(jnp.float32) * keep)}
 
@@ -76,18 +128,27 @@ NO_NONFINITE_STEP = np.iinfo(np.int32).max
 """`nonfinite_step` of a step whose loss and gradients were all finite."""
 
 
-def nonfinite_metrics(step: jax.Array, loss_sum: jax.Array, grads: Any) -> Metrics:
+def nonfinite_metrics(step: jax.Array, loss_sum: jax.Array,
+                      gradient_squares: Sequence[jax.Array] = ()) -> Metrics:
   """The train step's non-finite watch.
 
-  `nonfinite_step` is the 1-based number of this step if its loss or any gradient is not finite
-  (else `NO_NONFINITE_STEP`); `nonfinite_what` is 0 for the loss, `i + 1` for the i-th gradient leaf.
+  `nonfinite_step` is the 1-based number of this step if its loss, or any of the per-leaf sums of
+  squared gradients it is given, is not finite (else `NO_NONFINITE_STEP`); `nonfinite_what` is 0
+  for the loss, `i + 1` for the i-th gradient leaf.
   """
-  leaves = jax.tree.leaves(grads)
-  bad = jnp.stack([~jnp.all(jnp.isfinite(loss_sum))] + [~jnp.all(jnp.isfinite(g)) for g in leaves])
+  bad = jnp.stack([~jnp.all(jnp.isfinite(loss_sum))]
+                  + [~jnp.isfinite(square) for square in gradient_squares])
   return {
       "nonfinite_step": jnp.where(jnp.any(bad), step.astype(jnp.int32) + 1, NO_NONFINITE_STEP),
       "nonfinite_what": jnp.argmax(bad).astype(jnp.int32),
   }
+
+
+def reduce_over_axis(metrics: Metrics, axis_name: str) -> Metrics:
+  """Merges per-device metric states over a mapped axis (`pmap`, `shard_map`): sums are summed,
+  extrema reduced by their rule."""
+  reduce = {"sum": jax.lax.psum, "max": jax.lax.pmax, "min": jax.lax.pmin}
+  return {key: reduce[_merge_rule(key)](value, axis_name) for key, value in metrics.items()}
 
 
 def empty_metrics() -> None:
@@ -98,25 +159,34 @@ def empty_metrics() -> None:
 def zero_metrics(like: Mapping[str, Any]) -> Metrics:
   """Metrics shaped like `like` that merge as a no-op: the start of a total in a compiled loop,
   where `empty_metrics()` (None) cannot be carried."""
-  zeros = {key: jnp.zeros(value.shape, value.dtype) for key, value in like.items()}
-  if "nonfinite_step" in zeros:
-    zeros["nonfinite_step"] = jnp.full_like(zeros["nonfinite_step"], NO_NONFINITE_STEP)
-  return zeros
+  def identity(key: str, value: Any) -> jax.Array:
+    rule = _merge_rule(key)
+    if key == "nonfinite_step":
+      return jnp.full(value.shape, NO_NONFINITE_STEP, value.dtype)
+    if rule in ("max", "min"):
+      lowest = -jnp.inf if jnp.issubdtype(value.dtype, jnp.floating) else jnp.iinfo(value.dtype).min
+      highest = jnp.inf if jnp.issubdtype(value.dtype, jnp.floating) else jnp.iinfo(value.dtype).max
+      return jnp.full(value.shape, lowest if rule == "max" else highest, value.dtype)
+    return jnp.zeros(value.shape, value.dtype)
+
+  return {key: identity(key, value) for key, value in like.items()}
 
 
 def merge_metrics(total: Metrics | None, batch: Metrics) -> Metrics:
-  """Adds one batch's sums into a running total (`total` may be `empty_metrics()`)."""
+  """Merges one batch's states into a running total (`total` may be `empty_metrics()`)."""
   if total is None:
     return batch
   if total.keys() != batch.keys():
     raise ValueError(f"cannot merge metrics with keys {sorted(total)} and {sorted(batch)}.")
-  return _merge_sums(dict(total), dict(batch))
+  return _merge(dict(total), dict(batch))
 
 
 @jax.jit
-def _merge_sums(total: Metrics, batch: Metrics) -> Metrics:
+def _merge(total: Metrics, batch: Metrics) -> Metrics:
   """The merge as one compiled program, not one per op when called eagerly."""
-  merged = {key: total[key] + batch[key] for key in total if not key.startswith("nonfinite_")}
+  combine = {"sum": jnp.add, "max": jnp.maximum, "min": jnp.minimum}
+  merged = {key: combine[_merge_rule(key)](total[key], batch[key])
+            for key in total if _merge_rule(key) != "watch"}
   if "nonfinite_step" in total:  # keep the earliest bad step and what went bad there
     earlier = batch["nonfinite_step"] < total["nonfinite_step"]
     merged["nonfinite_step"] = jnp.minimum(total["nonfinite_step"], batch["nonfinite_step"])
@@ -124,19 +194,38 @@ def _merge_sums(total: Metrics, batch: Metrics) -> Metrics:
   return merged
 
 
+def metric_values(total: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """The values of merged metric states, on the host, as float64 arrays (elementwise, so a
+  stack of states, one per sweep member, gives one value per member): `<name>` for every
+  `<name>_sum`, the extrema as they are, and `count`. Non-scalar states are left out."""
+  total = {key: np.asarray(value) for key, value in jax.device_get(dict(total)).items()}
+  count = total.get("count")
+  values: dict[str, np.ndarray] = {}
+  for key, value in total.items():
+    rule = _merge_rule(key)
+    if rule in ("max", "min"):
+      values[key] = value.astype(np.float64)
+    elif key.endswith("_sum"):
+      name = key.removesuffix("_sum")
+      denominator = total.get(f"{name}_count", count)
+      if denominator is None:
+        raise ValueError(f"metric state {key!r} has neither {name + '_count'!r} nor 'count' to "
+                         "divide by; a metric function must return one of them.")
+      values[name] = value.astype(np.float64) / np.maximum(denominator, 1)
+  if count is not None:
+    values["count"] = count
+  return values
+
+
 def compute_metrics(total: Mapping[str, jax.Array | np.ndarray] | None) -> dict[str, float]:
-  """Means from sums: `loss`, `accuracy`, `top{k}_accuracy`, plus `count` (examples seen)."""
+  """Values from merged states (`metric_values`) as floats: `loss`, `accuracy`, ... and `count`
+  (examples seen) as an int. Non-scalar states (a confusion matrix, say) are left out."""
   if total is None:
     return {}
-  total = jax.device_get(dict(total))
-  count = int(total["count"])
-  if count == 0:
+  if "count" in total and int(np.asarray(jax.device_get(total["count"]))) == 0:
     raise ValueError("no examples were accumulated (count is 0); cannot compute means.")
-  result: dict[str, float] = {"loss": float(total["loss_sum"]) / count}
-  for key, value in total.items():
-    if key == "correct":
-      result["accuracy"] = float(value) / count
-    elif key.endswith("_correct"):
-      result[key.removesuffix("_correct") + "_accuracy"] = float(value) / count
-  result["count"] = count
+  result: dict[str, float] = {}
+  for key, value in metric_values(total).items():
+    if np.ndim(value) == 0:
+      result[key] = int(value) if key == "count" else float(value)
   return result

@@ -273,22 +273,34 @@ def _ema_dtype(p: jax.Array) -> jnp.dtype:
   return jnp.promote_types(jnp.asarray(p).dtype, jnp.float32)
 
 
-def current_learning_rate(opt_state: optax.OptState) -> jax.Array:
-  """The learning rate of the most recent applied update, read from a `make_optimizer` state.
+def current_learning_rate(opt_state: optax.OptState,
+                          schedule: optax.Schedule | None = None) -> jax.Array:
+  """The learning rate of the most recent applied update.
 
-  After applied update n this is `make_schedule(config, ...)(n)`; after `init`, `schedule(0)`.
-  Works under `jax.jit`, on states of any nesting (clipping, MultiSteps, EMA).
+  Read from the rate a `make_optimizer` (or any `optax.inject_hyperparams`) state records, on
+  states of any nesting (clipping, MultiSteps, EMA). An optax optimizer built on a schedule
+  directly (`optax.adamw(schedule)`) keeps only a step count: pass the same `schedule` and the
+  rate is `schedule(count - 1)` (`schedule(0)` before any update). Works under `jax.jit`.
 
   Returns:
     A float32 scalar.
   """
   found = _find(opt_state, _has_learning_rate)
-  if len(found) != 1:
+  if schedule is None and len(found) == 1:
+    return _learning_rate(found[0])
+  if schedule is not None:
+    counts = _find(opt_state, lambda node: isinstance(node, optax.ScaleByScheduleState))
+    if len(counts) == 1:
+      count = jnp.asarray(counts[0].count)
+      return jnp.asarray(schedule(jnp.maximum(count - 1, 0)), jnp.float32)
     raise ValueError(
-        f"current_learning_rate needs an optimizer state holding one injected learning rate (from "
-        f"jdl.optim.make_optimizer or optax.inject_hyperparams); found {len(found)} in a state of "
-        f"type {type(opt_state).__name__}.")
-  return _learning_rate(found[0])
+        f"current_learning_rate was given a schedule, but the optimizer state holds "
+        f"{len(counts)} schedule step counts (optax.scale_by_schedule), not one.")
+  raise ValueError(
+      f"current_learning_rate needs an optimizer state holding one injected learning rate (from "
+      f"jdl.optim.make_optimizer or optax.inject_hyperparams); found {len(found)} in a state of "
+      f"type {type(opt_state).__name__}. For an optimizer built on a schedule directly "
+      "(optax.adamw(schedule)) pass the schedule: current_learning_rate(opt_state, schedule).")
 
 
 def learning_rates(opt_state: optax.OptState) -> dict[str, jax.Array]:

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jdl.data.sources import num_rows
 from jdl.state import TrainState
 
 DATA_AXIS = "data"  # the mesh axis the batch is split over under sharded jit
@@ -143,22 +144,24 @@ def make_runner(layout: str = "auto", *, num_devices: int | None = None,
 
 
 def _check_divisible(batch: Batch, count: int, what: str) -> int:
-  size = int(np.shape(batch["input"])[0])
+  size = num_rows(batch)
   if size % count:
     raise ValueError(f"the batch of {size} examples cannot be split evenly over {count} {what}; "
                      f"use a batch size that is a multiple of {count}.")
   return size
 
 
-def pad_to_multiple(batch: Batch, multiple: int) -> dict[str, np.ndarray]:
-  """Pads a host batch with zero examples, marked False in `mask`, to a multiple of `multiple`."""
-  batch = {k: np.asarray(v) for k, v in batch.items()}
-  size = batch["input"].shape[0]
+def pad_to_multiple(batch: Batch, multiple: int) -> dict[str, Any]:
+  """Pads a host batch (a dict of arrays or pytrees) with zero examples, marked False in `mask`,
+  to a multiple of `multiple`."""
+  batch = jax.tree.map(np.asarray, dict(batch))
+  size = num_rows(batch)
   if "mask" not in batch:
     batch["mask"] = np.ones((size,), np.bool_)
   extra = -size % multiple
   if extra:
-    batch = {k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+    batch = jax.tree.map(
+        lambda v: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)]), batch)
   return batch
 
 
@@ -170,8 +173,9 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 def shard_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
   """A batch as global arrays split along the mesh's data axis; `batch` is this process's share."""
   sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-  return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-          for key, value in batch.items()}
+  return jax.tree.map(
+      lambda value: jax.make_array_from_process_local_data(sharding, np.asarray(value)),
+      dict(batch))
 
 
 def unreplicate(tree: Any) -> Any:
@@ -296,8 +300,16 @@ class PmapRunner:
 
   def place_state(self, state: TrainState) -> TrainState:
     count = self.local_devices
-    return jax.tree.map(lambda x: jax.device_put(
-        np.broadcast_to(np.asarray(x), (count, *np.shape(x))), self.stacked), state)
+
+    def stack(x: Any) -> jax.Array:
+      if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys: stack their data
+        impl = jax.random.key_impl(x)
+        data = np.asarray(jax.random.key_data(x))
+        return jax.random.wrap_key_data(
+            jax.device_put(np.broadcast_to(data, (count, *data.shape)), self.stacked), impl=impl)
+      return jax.device_put(np.broadcast_to(np.asarray(x), (count, *np.shape(x))), self.stacked)
+
+    return jax.tree.map(stack, state)
 
   def fetch_state(self, state: TrainState) -> TrainState:
     return unreplicate(state)
@@ -308,9 +320,8 @@ class PmapRunner:
     else:
       _check_divisible(batch, self.local_devices, "devices")
     count = self.local_devices
-    return {key: jax.device_put(np.asarray(value).reshape(count, -1, *np.shape(value)[1:]),
-                                self.stacked)
-            for key, value in batch.items()}
+    return jax.tree.map(lambda value: jax.device_put(
+        np.asarray(value).reshape(count, -1, *np.shape(value)[1:]), self.stacked), dict(batch))
 
   def compile(self, train_step: TrainStep, eval_step: EvalStep | None
               ) -> tuple[TrainStep, EvalStep | None]:

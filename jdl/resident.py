@@ -42,15 +42,15 @@ DEFAULT_RESIDENT_LIMIT_BYTES = 2 << 30
 class ResidentData:
   """A split on the device(s), stored `with_padding_row`, and how it is cut into batches."""
 
-  inputs: jax.Array
-  labels: jax.Array
+  inputs: Any  # an array or a pytree of arrays
+  labels: Any
   batch_size: int
   shuffle: bool
   seed: int
 
   @property
   def num_examples(self) -> int:
-    return int(self.inputs.shape[0]) - 1  # without the padding row
+    return num_stored_rows(self.inputs) - 1  # without the padding row
 
   @property
   def steps_per_epoch(self) -> int:
@@ -102,27 +102,38 @@ def _has_primitive(jaxpr: Any, name: str) -> bool:
   return False
 
 
-def nbytes(*arrays: np.ndarray) -> int:
-  return int(sum(np.asarray(a).nbytes for a in arrays))
+def nbytes(*trees: Any) -> int:
+  return int(sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(trees)))
 
 
-def with_padding_row(inputs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """The arrays with one zero example appended: the row that padding slots gather."""
-  inputs, labels = np.asarray(inputs), np.asarray(labels)
-  return (np.concatenate([inputs, np.zeros((1, *inputs.shape[1:]), inputs.dtype)]),
-          np.concatenate([labels, np.zeros((1, *labels.shape[1:]), labels.dtype)]))
+def with_padding_row(inputs: Any, labels: Any) -> tuple[Any, Any]:
+  """The arrays (or pytrees of arrays) with one zero example appended: the row that padding slots
+  gather."""
+  def pad(value: Any) -> np.ndarray:
+    value = np.asarray(value)
+    return np.concatenate([value, np.zeros((1, *value.shape[1:]), value.dtype)])
+
+  return jax.tree.map(pad, inputs), jax.tree.map(pad, labels)
 
 
-def gather_batch(inputs: jax.Array, labels: jax.Array, indices: jax.Array) -> Batch:
+def gather_batch(inputs: Any, labels: Any, indices: jax.Array) -> Batch:
   """Rows `indices` of a split stored `with_padding_row`; index -1 is padding: it gathers the zero
   row (as the host path pads with zeros) and is masked out."""
   mask = indices >= 0
-  rows = jnp.where(mask, indices, inputs.shape[0] - 1)
-  # Rows of the inputs seen as a matrix [examples, features] (a free reshape): one contiguous
-  # copy per row, where gathering from [examples, H, W, C] indexes every dimension.
-  flat = inputs.reshape(inputs.shape[0], math.prod(inputs.shape[1:]))[rows]
-  return {"input": flat.reshape(rows.shape + inputs.shape[1:]), "label": labels[rows],
-          "mask": mask}
+  rows = jnp.where(mask, indices, num_stored_rows(inputs) - 1)
+
+  def take(values: jax.Array) -> jax.Array:
+    # Rows of the values seen as a matrix [examples, features] (a free reshape): one contiguous
+    # copy per row, where gathering from [examples, H, W, C] indexes every dimension.
+    flat = values.reshape(values.shape[0], math.prod(values.shape[1:]))[rows]
+    return flat.reshape(rows.shape + values.shape[1:])
+
+  return {"input": jax.tree.map(take, inputs), "label": jax.tree.map(take, labels), "mask": mask}
+
+
+def num_stored_rows(inputs: Any) -> int:
+  """The leading dimension of a stored split's inputs (padding row included)."""
+  return int(jax.tree.leaves(inputs)[0].shape[0])
 
 
 def _identity(batch: Batch) -> Batch:

@@ -8,6 +8,9 @@ part of the tree structure, so a jitted step specialises on them once and never 
 
 from __future__ import annotations
 
+import functools
+import inspect
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,10 +40,12 @@ class TrainState(struct.PyTreeNode):
       depends only on the seed and the step number (which makes resumption exact).
     apply_fn: the model's `apply` (static).
     tx: the Optax gradient transformation (static).
-    input_shape: per-example input shape the model was initialised with (static). Steps check
-      batches against it while tracing, so a mismatch fails with a clear message, for free.
+    input_shape: per-example input shape the model was initialised with (static); for inputs
+      that are a pytree (a dict of arrays, say), a tuple of per-leaf shapes. Steps check batches
+      against it while tracing, so a mismatch fails with a clear message, for free.
     input_dtype: dtype of the sample input the model was initialised with (static), e.g.
-      "float32" for pixels or "int32" for token ids.
+      "float32" for pixels or "int32" for token ids; a tuple of per-leaf dtypes for a pytree.
+    input_structure: the tree structure of pytree inputs (static); None for one array.
   """
 
   step: jax.Array
@@ -51,7 +56,8 @@ class TrainState(struct.PyTreeNode):
   apply_fn: ApplyFn = struct.field(pytree_node=False)
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
   input_shape: tuple[int, ...] = struct.field(pytree_node=False)
-  input_dtype: str = struct.field(pytree_node=False, default="float32")
+  input_dtype: Any = struct.field(pytree_node=False, default="float32")
+  input_structure: Any = struct.field(pytree_node=False, default=None)
 
   def apply_gradients(self, grads: Params, **changes: Any) -> TrainState:
     """Returns the state after one optimizer update with `grads`; `changes` replace other fields."""
@@ -63,40 +69,94 @@ class TrainState(struct.PyTreeNode):
     """The full variable dict to pass to `apply_fn`: params plus model state."""
     return {"params": self.params, **self.model_state}
 
+  def input_specs(self, batch_size: int = 1) -> Any:
+    """`jax.ShapeDtypeStruct`s of a batch of `batch_size` model inputs (a pytree for pytree
+    inputs), for `jax.eval_shape` and for checking batches."""
+    if self.input_structure is None:
+      return jax.ShapeDtypeStruct((batch_size, *self.input_shape), self.input_dtype)
+    leaves = [jax.ShapeDtypeStruct((batch_size, *shape), dtype)
+              for shape, dtype in zip(self.input_shape, self.input_dtype)]
+    return jax.tree.unflatten(self.input_structure, leaves)
+
+
+def model_mode(apply_fn: ApplyFn, train: bool) -> dict[str, bool]:
+  """The keyword that tells the model train from eval mode, as its `__call__` names it: `train`
+  (jdl's models), `training`, or `deterministic` (Flax's dropout style, the negation); `{}` for a
+  model with none of them. A plain function (not a module's `apply`) gets `train`."""
+  module = getattr(apply_fn, "__self__", None)
+  if not isinstance(module, nn.Module):
+    return {"train": train}
+  keyword = _mode_keyword(type(module))
+  if keyword is None:
+    return {}
+  return {keyword: (not train) if keyword == "deterministic" else train}
+
+
+@functools.lru_cache(maxsize=None)
+def _mode_keyword(module_class: type) -> str | None:
+  parameters = inspect.signature(module_class.__call__).parameters
+  return next((name for name in ("train", "training", "deterministic") if name in parameters),
+              None)
+
+
+def stream_id(name: str) -> int:
+  """A stable number for a random stream's name, at least 2**30 (apart from the step's own small
+  stream numbers such as `jdl.step.AUGMENT_STREAM`)."""
+  return (zlib.crc32(name.encode()) & 0x3FFFFFFF) | 0x40000000
+
+
+def stream_key(key: jax.Array, name: str) -> jax.Array:
+  """The key of stream `name` from a step's key: the key itself for "dropout" (so dropout draws
+  what it always drew), else `fold_in(key, stream_id(name))`."""
+  return key if name == "dropout" else jax.random.fold_in(key, stream_id(name))
+
 
 def create_train_state(
     model: nn.Module,
     tx: optax.GradientTransformation,
     sample_input: jax.Array | np.ndarray,
     rng: jax.Array,
+    *,
+    rng_streams: tuple[str, ...] = ("dropout",),
 ) -> TrainState:
   """Initialises a model and its optimizer into a fresh `TrainState`.
 
   Args:
-    model: a Flax linen module whose `__call__(x, *, train: bool)` maps a batch to outputs.
+    model: a Flax linen module whose `__call__(inputs, ...)` maps a batch to outputs, with its
+      mode keyword (`train`, `training` or `deterministic`, see `model_mode`) if it has one.
     tx: the Optax optimizer.
     sample_input: a batch of inputs (any batch size >= 1) with the shape and dtype the model will
-      be trained on; only its shape and dtype are used.
-    rng: a PRNG key. It is split into the initialisation key and the state's base key, so the same
-      key always gives identical parameters and an identical sequence of dropout keys.
+      be trained on: an array, or a pytree of arrays (a dict of two inputs, say) with one batch
+      size, passed to the model as one argument. Only shapes and dtypes are used.
+    rng: a PRNG key, raw (`jax.random.PRNGKey`) or typed (`jax.random.key`). It is split into the
+      initialisation key and the state's base key, so the same key always gives identical
+      parameters and an identical sequence of step keys.
+    rng_streams: the random streams the model draws from at initialisation (`Task.rng_streams`).
 
   Returns:
     A `TrainState` at step 0.
   """
   sample_input = _checked_sample(sample_input)
-  variables, state_rng = initial_variables(model, rng, sample_input)
+  variables, state_rng = initial_variables(model, rng, sample_input, rng_streams)
   params, model_state = _split_params(variables)
   return _assemble(params, model_state, initial_optimizer_state(tx, params), state_rng, model, tx,
                    sample_input, step=jnp.asarray(np.int32(0)))  # placed: no program to compile
 
 
-def _checked_sample(sample_input: jax.Array | np.ndarray) -> jax.Array:
-  sample_input = jnp.asarray(sample_input)
-  if sample_input.ndim < 1 or sample_input.shape[0] < 1:
+def _checked_sample(sample_input: Any) -> Any:
+  leaves = jax.tree.leaves(sample_input)
+  if not leaves:
+    raise ValueError(f"sample_input holds no arrays; got {type(sample_input).__name__}.")
+  try:
+    sample_input = jax.tree.map(jnp.asarray, sample_input)
+  except TypeError as error:
+    raise ValueError(f"sample_input must be an array or a pytree of arrays: {error}") from None
+  sizes = {leaf.shape[0] if leaf.ndim else None for leaf in jax.tree.leaves(sample_input)}
+  if None in sizes or 0 in sizes or len(sizes) != 1:
+    shapes = [tuple(leaf.shape) for leaf in jax.tree.leaves(sample_input)]
     raise ValueError(
-        "sample_input must be a batch with a leading batch dimension of size >= 1; "
-        f"got shape {sample_input.shape}."
-    )
+        "sample_input must be a batch with a leading batch dimension of size >= 1, the same for "
+        f"every array; got shape(s) {shapes[0] if len(shapes) == 1 else shapes}.")
   return sample_input
 
 
@@ -109,22 +169,29 @@ def _split_params(variables: Mapping[str, Any]) -> tuple[Params, dict[str, Any]]
 def _assemble(params: Params, model_state: ModelState, opt_state: optax.OptState, rng: Any,
               model: nn.Module, tx: optax.GradientTransformation, sample_input: jax.Array,
               *, step: Any) -> TrainState:
+  leaves, structure = jax.tree.flatten(sample_input)
+  if isinstance(sample_input, jax.Array):
+    shapes, dtypes, structure = tuple(sample_input.shape[1:]), str(sample_input.dtype), None
+  else:
+    shapes = tuple(tuple(leaf.shape[1:]) for leaf in leaves)
+    dtypes = tuple(str(leaf.dtype) for leaf in leaves)
   return TrainState(step=step, params=params, model_state=model_state, opt_state=opt_state,
-                    rng=rng, apply_fn=model.apply, tx=tx,
-                    input_shape=tuple(sample_input.shape[1:]), input_dtype=str(sample_input.dtype))
+                    rng=rng, apply_fn=model.apply, tx=tx, input_shape=shapes, input_dtype=dtypes,
+                    input_structure=structure)
 
 
-def initial_variables(model: nn.Module, rng: jax.Array, sample_input: jax.Array
-                      ) -> tuple[Any, jax.Array]:
-  """`(model.init({"params": k1, "dropout": k2}, sample_input, train=False), k3)` where
-  `k1, k2, k3 = jax.random.split(rng, 3)`: the variables and the state's base key.
+def initial_variables(model: nn.Module, rng: jax.Array, sample_input: Any,
+                      rng_streams: tuple[str, ...] = ("dropout",)) -> tuple[Any, jax.Array]:
+  """`(model.init(keys, sample_input, <eval mode>), k3)` where `k1, k2, k3 = split(rng, 3)`:
+  the variables and the state's base key. `keys` holds `k1` for "params", `k2` for "dropout" and
+  `stream_key(k2, name)` for every other stream in `rng_streams`.
 
   Compiled as one program, cached per model (jit keys its cache on the model's class and
   attributes): run eagerly, an init dispatches and compiles each small operation on its own. A
   model with unhashable attributes (a list, say) is initialised eagerly, and inside a traced
   function (`jit`, `vmap`) the init is traced into it.
   """
-  return _compiled_per_object(_init, model, rng, sample_input)
+  return _compiled_per_object(_init, (model, tuple(rng_streams)), rng, sample_input)
 
 
 def initial_optimizer_state(tx: optax.GradientTransformation, params: Params) -> optax.OptState:
@@ -154,9 +221,13 @@ def _hashable(value: Any) -> bool:
   return True
 
 
-def _init(model: nn.Module, rng: jax.Array, sample_input: jax.Array) -> tuple[Any, jax.Array]:
+def _init(static: tuple[nn.Module, tuple[str, ...]], rng: jax.Array, sample_input: Any
+          ) -> tuple[Any, jax.Array]:
+  model, streams = static
   init_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
-  variables = model.init({"params": init_rng, "dropout": dropout_rng}, sample_input, train=False)
+  keys = {name: stream_key(dropout_rng, name) for name in ("dropout", *streams)}
+  variables = model.init({"params": init_rng, **keys}, sample_input,
+                         **model_mode(model.apply, train=False))
   return variables, state_rng
 
 

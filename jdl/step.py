@@ -1,9 +1,11 @@
-"""Pure train and eval steps.
+"""Pure train and eval steps for any task.
 
-`make_train_step` and `make_eval_step` bind the fixed pieces (loss, penalty, metrics, axis name)
-and return plain functions of `(state, batch)`, so the same function runs under `jax.jit`, sharded
-jit, and `jax.pmap` with `axis_name` set. A batch is a dict with `input`, `label` and optionally
-`mask` (per example or per position) and mixup's `mix_label`, `mix_weight` (docs/training.md).
+`make_train_step(task)` and `make_eval_step(task)` bind the fixed pieces (the `jdl.tasks.Task`,
+penalty, axis name, augmentation) and return plain functions of `(state, batch)`, so the same
+function runs under `jax.jit`, sharded jit, and `jax.pmap` with `axis_name` set. A batch is any
+pytree; the task says which part the model takes and how the loss reads the rest; `mask` (per
+example or per position) marks real examples, and mixup's `mix_label`, `mix_weight` blend the loss
+on `label` with the loss on `mix_label` (docs/training.md).
 
 Loss and metrics cover the unmasked examples only. With `axis_name` set, the loss is normalised by
 the example count summed over the axis and gradients are summed (`psum`), which equals the gradient
@@ -12,8 +14,7 @@ of the global batch's mean loss even when devices hold different numbers of real
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -21,11 +22,11 @@ import jax.numpy as jnp
 
 from jdl import losses as losses_lib
 from jdl import metrics as metrics_lib
-from jdl.state import Params, TrainState
+from jdl import tasks as tasks_lib
+from jdl.state import Params, TrainState, model_mode, stream_key
 
-Batch = Mapping[str, jax.Array]
+Batch = Any  # a pytree; see `jdl.tasks`
 Metrics = metrics_lib.Metrics
-MetricsFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None], Metrics]
 TrainStepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 EvalStepFn = Callable[[TrainState, Batch], Metrics]
 AugmentFn = Callable[[jax.Array, Batch], Batch]
@@ -35,6 +36,8 @@ AUGMENT_STREAM = 1
 """The step's key is folded with this to key augmentation, so dropout keeps its own key."""
 ADVERSARY_STREAM = 2
 """The step's key is folded with this to key the adversary (e.g. PGD's random start)."""
+EVAL_STREAM = 3
+"""The state's base key is folded with this to key the random streams of evaluation."""
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -82,32 +85,32 @@ def _apply_in(compute_dtype: jnp.dtype | None, apply_fn: Callable[..., Any]) -> 
   return apply_in_compute_dtype
 
 
-_DEFAULT_METRICS: MetricsFn = functools.partial(metrics_lib.classification_metrics, top_k=())
-
-
 def make_train_step(
-    loss_fn: losses_lib.LossFn = losses_lib.softmax_cross_entropy,
+    task: tasks_lib.Task | None = None,
     *,
     weight_penalty: Callable[[Params], jax.Array] | None = None,
-    metrics_fn: MetricsFn = _DEFAULT_METRICS,
     axis_name: str | None = None,
     augment: AugmentFn | None = None,
-    check_finite: bool = True,
+    check_finite: bool = False,
+    gradient_norms: bool = False,
     compute_dtype: Any = None,
     adversary: AdversaryFn | None = None,
 ) -> TrainStepFn:
-  """Returns a pure train step `(state, batch) -> (state, metrics)`.
+  """Returns a pure train step `(state, batch) -> (state, metric states)`.
 
   Args:
-    loss_fn: per-example loss `(outputs, labels) -> [batch]`.
+    task: what to compute from a batch (`jdl.tasks.Task`); None is `jdl.tasks.classification()`.
     weight_penalty: optional `params -> scalar` added to the mean loss (e.g.
       `losses.make_weight_penalty(l2=1e-4)`).
-    metrics_fn: `(outputs, labels, losses, mask) -> sums`; see `jdl.metrics`.
     axis_name: the mapped axis name when run under `pmap`/`shard_map`; None under (sharded) jit.
     augment: optional on-device augmentation `(key, batch) -> batch` of every training batch
       (e.g. `jdl.augment.make_augment(spec)`); it may add mixup's `mix_label` and `mix_weight`.
-    check_finite: add `nonfinite_step` / `nonfinite_what` (`jdl.metrics.nonfinite_metrics`) to
-      the metrics, so `fit` can stop a diverging run at its first bad step.
+    check_finite: add the non-finite watch (`nonfinite_step`, `nonfinite_what`) that `jdl.fit`
+      acts on: the step whose loss was NaN or infinite (free: one scalar), and with
+      `gradient_norms` the first step whose gradient was, and of which parameter. Off by default:
+      in a loop of your own nothing reads it.
+    gradient_norms: report `grad_norm` (mean over steps), `grad_norm_max` and `param_norm`; one
+      extra pass over the gradients and parameters each step.
     compute_dtype: None computes in the parameters' dtype; `jnp.bfloat16` is mixed precision:
       bfloat16 forward and backward passes, float32 parameters, gradients, optimizer state, loss.
     adversary: optional adversarial training, `(apply_fn, variables, key, batch) -> batch` (e.g.
@@ -116,52 +119,55 @@ def make_train_step(
       through (Madry et al.).
 
   Returns:
-    The train step. Its dropout key is `fold_in(state.rng, state.step)` (and the device index
-    under `axis_name`); augmentation and the adversary fold that with `AUGMENT_STREAM` and
-    `ADVERSARY_STREAM`, so runs are reproducible and resumable.
+    The train step. Its key is `fold_in(state.rng, state.step)` (and the device index under
+    `axis_name`); each of the task's random streams gets `jdl.state.stream_key(key, name)`, and
+    augmentation and the adversary fold the key with `AUGMENT_STREAM` and `ADVERSARY_STREAM`, so
+    runs are reproducible and resumable.
   """
-
+  task = _checked_task(task)
   compute_dtype = check_compute_dtype(compute_dtype)
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    _unpack(batch, state.input_shape, state.input_dtype)
+    _check_inputs(task, batch, state)
+    mode = model_mode(state.apply_fn, train=True)
     apply_fn = _apply_in(compute_dtype, state.apply_fn)
-    rng = jax.random.fold_in(state.rng, state.step)
+    key = jax.random.fold_in(state.rng, state.step)
     if axis_name is not None:
-      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+      key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
     if augment is not None:
-      batch = augment(jax.random.fold_in(rng, AUGMENT_STREAM), batch)
+      batch = augment(jax.random.fold_in(key, AUGMENT_STREAM), batch)
     if adversary is not None:
       batch = jax.lax.stop_gradient(adversary(
-          apply_fn, state.variables(), jax.random.fold_in(rng, ADVERSARY_STREAM), batch))
-    inputs, labels, mask = _unpack(batch, state.input_shape, state.input_dtype)
-    per_example_loss = _mixed_loss(loss_fn, batch)
+          apply_fn, state.variables(), jax.random.fold_in(key, ADVERSARY_STREAM), batch))
+    loss_fn, mask = _mixed_loss(task.loss, batch), tasks_lib.batch_mask(batch)
+    rngs = {name: stream_key(key, name) for name in task.rng_streams}
     num_shards = 1 if axis_name is None else jax.lax.psum(1, axis_name)
     mutable = list(state.model_state)
 
     def objective(params: Params):
       variables = {"params": params, **state.model_state}
-      outputs, new_model_state = apply_fn(variables, inputs, train=True, rngs={"dropout": rng},
-                                          mutable=mutable)
-      per_example = per_example_loss(outputs, labels)
-      keep = metrics_lib.broadcast_mask(mask, per_example.shape).astype(jnp.float32)
-      example_count = jnp.sum(keep)  # examples, or positions for per-position losses
-      if axis_name is not None:
-        example_count = jax.lax.psum(example_count, axis_name)
-      loss = jnp.sum(per_example * keep) / jnp.maximum(example_count, 1.0)
+      outputs, new_model_state = apply_fn(variables, task.model_inputs(batch), rngs=rngs,
+                                          mutable=mutable, **mode)
+      loss, sums = _loss_and_sums(loss_fn(outputs, batch), mask, _batch_size(task, batch),
+                                  axis_name)
       if weight_penalty is not None:
         # Each shard adds its share, so the psum of gradients counts the penalty once.
         loss = loss + weight_penalty(params) / num_shards
-      return loss, (outputs, per_example, new_model_state)
+      return loss, (outputs, sums, new_model_state)
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
-    (loss_value, (outputs, per_example, new_model_state)), grads = grad_fn(state.params)
-    metrics = metrics_fn(outputs, labels, per_example, mask)
+    (_, (outputs, metrics, new_model_state)), grads = grad_fn(state.params)
+    metrics = _with_task_metrics(task, metrics, outputs, batch, mask)
     if axis_name is not None:
-      grads, metrics = jax.lax.psum((grads, metrics), axis_name)
+      grads = jax.lax.psum(grads, axis_name)
+      metrics = metrics_lib.reduce_over_axis(metrics, axis_name)
+    squares: list[jax.Array] = []
+    if gradient_norms:  # after the psum: the norms of the global batch's gradient
+      squares = [jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)]
+      metrics = {**metrics, **_norm_metrics(squares, state.params)}
     if check_finite:  # after the psum, so every device agrees
-      metrics = {**metrics, **metrics_lib.nonfinite_metrics(
-          state.step, metrics.get("loss_sum", loss_value), grads)}
+      metrics = {**metrics, **metrics_lib.nonfinite_metrics(state.step, metrics["loss_sum"],
+                                                            squares)}
     new_state = state.apply_gradients(grads, model_state=dict(new_model_state))
     return new_state, metrics
 
@@ -169,94 +175,191 @@ def make_train_step(
 
 
 def make_eval_step(
-    loss_fn: losses_lib.LossFn = losses_lib.softmax_cross_entropy,
+    task: tasks_lib.Task | None = None,
     *,
-    metrics_fn: MetricsFn = _DEFAULT_METRICS,
     axis_name: str | None = None,
     compute_dtype: Any = None,
 ) -> EvalStepFn:
-  """Returns a pure eval step `(state, batch) -> metric sums`, the model in inference mode.
+  """Returns a pure eval step `(state, batch) -> metric states`, the model in inference mode.
 
-  `compute_dtype` is that of `make_train_step`.
+  The task's `eval_loss` (if it has one) replaces its loss. Random streams get keys from
+  `fold_in(state.rng, EVAL_STREAM)`: a model that samples in evaluation (a VAE) is evaluated the
+  same way every time. `compute_dtype` is that of `make_train_step`.
   """
+  task = _checked_task(task).for_evaluation()
   compute_dtype = check_compute_dtype(compute_dtype)
 
   def eval_step(state: TrainState, batch: Batch) -> Metrics:
-    inputs, labels, mask = _unpack(batch, state.input_shape, state.input_dtype)
-    outputs = _apply_in(compute_dtype, state.apply_fn)(state.variables(), inputs, train=False)
-    metrics = metrics_fn(outputs, labels, loss_fn(outputs, labels), mask)
+    _check_inputs(task, batch, state)
+    key = jax.random.fold_in(state.rng, EVAL_STREAM)
+    rngs = {name: stream_key(key, name) for name in task.rng_streams}
+    outputs = _apply_in(compute_dtype, state.apply_fn)(
+        state.variables(), task.model_inputs(batch), rngs=rngs,
+        **model_mode(state.apply_fn, train=False))
+    mask = tasks_lib.batch_mask(batch)
+    _, metrics = _loss_and_sums(task.loss(outputs, batch), mask, _batch_size(task, batch), None)
+    metrics = _with_task_metrics(task, metrics, outputs, batch, mask)
     if axis_name is not None:
-      metrics = jax.lax.psum(metrics, axis_name)
+      metrics = metrics_lib.reduce_over_axis(metrics, axis_name)
     return metrics
 
   return eval_step
 
 
-def _mixed_loss(loss_fn: losses_lib.LossFn, batch: Batch) -> losses_lib.LossFn:
-  """`loss_fn`, or its mixup blend when the batch carries `mix_label` and `mix_weight`."""
-  if "mix_label" not in batch:
+def _checked_task(task: tasks_lib.Task | None) -> tasks_lib.Task:
+  if task is None:
+    return tasks_lib.classification()
+  if not isinstance(task, tasks_lib.Task):
+    raise TypeError(
+        f"the step takes a jdl.tasks.Task; got {type(task).__name__}. Wrap a loss of (outputs, "
+        "batch) as jdl.Task(loss=...), or a loss of (outputs, labels) as "
+        "jdl.tasks.classification(loss) or jdl.tasks.regression(loss).")
+  return task
+
+
+def _batch_size(task: tasks_lib.Task, batch: Batch) -> int:
+  return int(jax.tree.leaves(task.model_inputs(batch))[0].shape[0])
+
+
+def _loss_and_sums(value: Any, mask: jax.Array | None, batch_size: int, axis_name: str | None
+                   ) -> tuple[jax.Array, Metrics]:
+  """The mean loss to differentiate (over the unmasked examples of the global batch) and the
+  metric states of the loss and of the loss function's auxiliary values."""
+  losses, aux = value if isinstance(value, tuple) else (value, {})
+  losses = jnp.asarray(losses, jnp.float32)
+  if losses.ndim == 0:  # the batch's mean loss already: weigh it by the batch's real examples
+    count = _example_count(mask, batch_size)
+    loss_sum = losses * count
+  else:
+    if losses.shape[0] != batch_size:
+      raise ValueError(
+          f"the loss returned shape {losses.shape}, but the batch has {batch_size} examples: a "
+          "task's loss gives one value per example (or per position), or one scalar.")
+    keep = metrics_lib.broadcast_mask(mask, losses.shape).astype(jnp.float32)
+    count, loss_sum = jnp.sum(keep), jnp.sum(losses * keep)
+  total = count if axis_name is None else jax.lax.psum(count, axis_name)
+  sums = {"count": count.astype(jnp.int32), "loss_sum": loss_sum}
+  if not isinstance(aux, Mapping):
+    raise ValueError(f"a task's loss returns losses or (losses, aux) with aux a dict of named "
+                     f"values; got aux of type {type(aux).__name__}.")
+  for name, term in aux.items():
+    if name in ("loss", "count") or not isinstance(name, str):
+      raise ValueError(f"auxiliary loss term name {name!r} is reserved or not a string.")
+    sums.update(_term_sums(name, jnp.asarray(term, jnp.float32), mask, losses.shape))
+  return loss_sum / jnp.maximum(total, 1.0), sums
+
+
+def _example_count(mask: jax.Array | None, batch_size: int) -> jax.Array:
+  if mask is None:
+    return jnp.asarray(float(batch_size))
+  real = mask.reshape(mask.shape[0], -1).any(axis=1) if mask.ndim > 1 else mask
+  return jnp.sum(real.astype(jnp.float32))
+
+
+def _term_sums(name: str, term: jax.Array, mask: jax.Array | None, loss_shape: tuple[int, ...]
+               ) -> Metrics:
+  """`<name>_sum` (and `<name>_count` where it is not the loss's count) of an auxiliary term."""
+  if term.ndim == 0:  # a per-batch value: averaged over batches
+    return {f"{name}_sum": jax.lax.stop_gradient(term), f"{name}_count": jnp.ones((), jnp.int32)}
+  keep = metrics_lib.broadcast_mask(mask, term.shape).astype(jnp.float32)
+  sums = {f"{name}_sum": jax.lax.stop_gradient(jnp.sum(term * keep))}
+  if term.shape != loss_shape:
+    sums[f"{name}_count"] = jnp.sum(keep).astype(jnp.int32)
+  return sums
+
+
+def _with_task_metrics(task: tasks_lib.Task, metrics: Metrics, outputs: Any, batch: Batch,
+                       mask: jax.Array | None) -> Metrics:
+  for metric in task.metrics:
+    extra = metric(outputs, batch, mask)
+    clash = sorted(set(extra) & set(metrics))
+    if clash:
+      raise ValueError(f"metric {getattr(metric, '__name__', metric)!r} returned {clash}, which "
+                       "another metric (or the loss) already reports; give its states other names.")
+    metrics = {**metrics, **extra}
+  return metrics
+
+
+def _norm_metrics(gradient_squares: Sequence[jax.Array], params: Params) -> Metrics:
+  grad_norm = jnp.sqrt(sum(gradient_squares, jnp.zeros(())))
+  param_norm = jnp.sqrt(sum((jnp.sum(jnp.square(p.astype(jnp.float32)))
+                             for p in jax.tree.leaves(params)), jnp.zeros(())))
+  one = jnp.ones((), jnp.int32)
+  return {"grad_norm_sum": grad_norm, "grad_norm_count": one, "grad_norm_max": grad_norm,
+          "param_norm_sum": param_norm, "param_norm_count": one}
+
+
+def _mixed_loss(loss_fn: tasks_lib.TaskLossFn, batch: Batch) -> tasks_lib.TaskLossFn:
+  """`loss_fn`, or its mixup blend when the batch carries `mix_label` and `mix_weight`: the loss
+  on `label` weighted by `mix_weight` plus the loss with `mix_label` as the label."""
+  if not isinstance(batch, Mapping) or "mix_label" not in batch:
     return loss_fn
   if "mix_weight" not in batch:
     raise ValueError("a batch with 'mix_label' needs 'mix_weight' (the weight of 'label') too.")
-  mix_label, weight = batch["mix_label"], batch["mix_weight"].astype(jnp.float32)
+  weight = batch["mix_weight"].astype(jnp.float32)
+  mixed_batch = {**batch, "label": batch["mix_label"]}
 
-  def blended(outputs: jax.Array, labels: jax.Array) -> jax.Array:
-    return weight * loss_fn(outputs, labels) + (1.0 - weight) * loss_fn(outputs, mix_label)
+  def blended(outputs: Any, batch: Batch) -> jax.Array:
+    losses = loss_fn(outputs, batch)
+    other = loss_fn(outputs, mixed_batch)
+    if isinstance(losses, tuple):  # auxiliary terms of the first label only
+      return weight * losses[0] + (1.0 - weight) * other[0], losses[1]
+    return weight * losses + (1.0 - weight) * other
 
   return blended
 
 
-def _unpack(batch: Batch, input_shape: tuple[int, ...], input_dtype: str = "float32"):
-  """Checks a batch against the model's input shape while tracing (free at run time)."""
-  if not isinstance(batch, Mapping) or "input" not in batch or "label" not in batch:
-    found = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
-    raise ValueError(f"a batch must be a dict with keys 'input' and 'label'; got {found}.")
-  inputs, labels, mask = batch["input"], batch["label"], batch.get("mask")
-  if inputs.ndim < 1 or inputs.shape[0] == 0:
-    raise ValueError(f"empty batch: 'input' has shape {inputs.shape}; need at least one example.")
-  if tuple(inputs.shape[1:]) != tuple(input_shape):
-    raise ValueError(
-        f"input shape {tuple(inputs.shape[1:])} (per example, batch shape {inputs.shape}) does not "
-        f"fit the model, which was initialised for per-example shape {tuple(input_shape)}.")
-  wants_integers = jnp.issubdtype(input_dtype, jnp.integer)
-  if wants_integers != jnp.issubdtype(inputs.dtype, jnp.integer):
-    raise ValueError(
-        f"'input' has dtype {inputs.dtype}, but the model was initialised with {input_dtype} "
-        f"inputs; {'token ids must be integers' if wants_integers else 'it expects real values'}.")
-  if labels.ndim < 1 or labels.shape[0] != inputs.shape[0]:
-    raise ValueError(f"'label' has shape {labels.shape} but 'input' has {inputs.shape[0]} "
-                     "examples; labels need the same leading batch dimension.")
-  if mask is not None and mask.shape not in (inputs.shape[:1], labels.shape):
-    raise ValueError(f"'mask' has shape {mask.shape}; expected {inputs.shape[:1]} (per example) "
-                     f"or the labels' shape {labels.shape} (per position).")
-  return inputs, labels, mask
+def _check_inputs(task: tasks_lib.Task, batch: Batch, state: TrainState) -> None:
+  """Checks the model's inputs in a batch against those the model was initialised with, while
+  tracing (free at run time), so a mismatch is a clear error, not a broadcast."""
+  inputs = task.model_inputs(batch)
+  expected = state.input_specs()
+  got_leaves, got_structure = jax.tree.flatten(inputs)
+  want_leaves, want_structure = jax.tree.flatten(expected)
+  if got_structure != want_structure:
+    raise ValueError(f"the model's inputs have structure {got_structure}, but the model was "
+                     f"initialised with {want_structure}.")
+  sizes = {leaf.shape[0] if leaf.ndim else 0 for leaf in got_leaves}
+  if 0 in sizes:
+    raise ValueError(f"empty batch: model inputs of shapes {[tuple(x.shape) for x in got_leaves]};"
+                     " need at least one example.")
+  if len(sizes) != 1:
+    raise ValueError(f"the model's inputs have shapes {[tuple(x.shape) for x in got_leaves]}; "
+                     "every input needs the same leading batch dimension.")
+  for got, want in zip(got_leaves, want_leaves):
+    if tuple(got.shape[1:]) != tuple(want.shape[1:]):
+      raise ValueError(
+          f"input shape {tuple(got.shape[1:])} (per example, batch shape {tuple(got.shape)}) "
+          f"does not fit the model, which was initialised for per-example shape "
+          f"{tuple(want.shape[1:])}.")
+    wants_integers = jnp.issubdtype(want.dtype, jnp.integer)
+    if wants_integers != jnp.issubdtype(got.dtype, jnp.integer):
+      raise ValueError(
+          f"the input has dtype {got.dtype}, but the model was initialised with {want.dtype} "
+          f"inputs; {'token ids must be integers' if wants_integers else 'it expects real values'}.")
+  mask = tasks_lib.batch_mask(batch)
+  if mask is not None and (mask.ndim < 1 or mask.shape[0] not in sizes):
+    raise ValueError(f"'mask' has shape {mask.shape}; expected a leading batch dimension of "
+                     f"{sizes.pop()} (per example [batch], or per position).")
 
 
 def make_steps(
-    loss_name: str = "softmax_cross_entropy",
+    task: tasks_lib.Task | None = None,
     *,
     l1: float = 0.0,
     l2: float = 0.0,
-    top_k: tuple[int, ...] = (),
     axis_name: str | None = None,
     augment: AugmentFn | None = None,
-    label_smoothing: float = 0.0,
     compute_dtype: Any = None,
     adversary: AdversaryFn | None = None,
-    check_finite: bool = True,
+    check_finite: bool = False,
+    gradient_norms: bool = False,
 ) -> tuple[TrainStepFn, EvalStepFn]:
-  """Train and eval steps for classification with a named loss (arguments as `make_train_step`'s).
-
-  Label smoothing applies to the training loss only, so evaluation numbers compare across
-  smoothing settings.
-  """
-  metrics_fn = functools.partial(metrics_lib.classification_metrics, top_k=top_k)
+  """The train and eval steps of `task` (None: `jdl.tasks.classification()`), with L1/L2 weight
+  penalties on the kernels; the other arguments are `make_train_step`'s."""
   train_step = make_train_step(
-      losses_lib.get_classification_loss(loss_name, label_smoothing),
-      weight_penalty=losses_lib.make_weight_penalty(l1=l1, l2=l2), metrics_fn=metrics_fn,
-      axis_name=axis_name, augment=augment, compute_dtype=compute_dtype, adversary=adversary,
-      check_finite=check_finite)
-  eval_step = make_eval_step(losses_lib.get_classification_loss(loss_name), metrics_fn=metrics_fn,
-                             axis_name=axis_name, compute_dtype=compute_dtype)
+      task, weight_penalty=losses_lib.make_weight_penalty(l1=l1, l2=l2), axis_name=axis_name,
+      augment=augment, compute_dtype=compute_dtype, adversary=adversary,
+      check_finite=check_finite, gradient_norms=gradient_norms)
+  eval_step = make_eval_step(task, axis_name=axis_name, compute_dtype=compute_dtype)
   return train_step, eval_step
-

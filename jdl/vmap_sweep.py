@@ -24,7 +24,7 @@ import optax
 from jdl import data as data_lib
 from jdl import loop as loop_lib
 from jdl import metrics as metrics_lib
-from jdl import experiment, models, optim, resident, runs, step as step_lib
+from jdl import experiment, models, optim, resident, runs, step as step_lib, tasks
 from jdl.config import ConfigError
 from jdl.state import TrainState, create_train_state
 from jdl.sweep import Row
@@ -204,7 +204,7 @@ def train_vmapped(
     learning_rates: per-member peak learning rates (> 0); one value applies to every member;
       None: the config's.
     seeds: per-member seeds for initialisation and dropout; None: 0.
-    train_step: the pure train step (default `jdl.make_train_step()`).
+    train_step: the pure train step (default `jdl.make_train_step(check_finite=True)`).
     eval_step: the pure eval step (default `jdl.make_eval_step()`).
     eval_every_steps: evaluate every this many steps; None: at the end of every epoch. The last
       step is always evaluated.
@@ -240,7 +240,7 @@ def train_vmapped(
   member_seeds = member_seeds * num_members if len(member_seeds) == 1 else member_seeds
 
   tx = make_member_optimizer(config, total_steps=num_steps)
-  sample = np.asarray(train_data.inputs[:1])
+  sample = jax.tree.map(lambda x: np.asarray(x[:1]), train_data.inputs)
   states = []
   for rate, seed in zip(rates, member_seeds):
     state = create_train_state(model, tx, sample, jax.random.PRNGKey(seed))
@@ -248,7 +248,7 @@ def train_vmapped(
   num_classes = loop_lib.output_width(states[0])
   states = stack_states(states)
   history, nonfinite, states, compile_seconds, train_seconds = _train_members(
-      states, train_step or step_lib.make_train_step(), eval_step or step_lib.make_eval_step(),
+      states, train_step or step_lib.make_train_step(check_finite=True), eval_step or step_lib.make_eval_step(),
       train_data, eval_data, num_classes=num_classes, num_steps=int(num_steps),
       eval_every=eval_every_steps or train_data.steps_per_epoch, eval_name=eval_name, log=log)
   return VmappedRun(learning_rates=np.asarray(rates, np.float64),
@@ -302,15 +302,10 @@ def _train_members(states, train_step, eval_step, train_data, eval_data, *, num_
 
 
 def _member_means(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Per-member means from per-member metric sums: `loss`, `accuracy`, `top{k}_accuracy`."""
-  count = np.maximum(np.asarray(sums["count"], np.float64), 1.0)
-  means = {"loss": np.asarray(sums["loss_sum"], np.float64) / count}
-  for key, value in sums.items():
-    if key == "correct":
-      means["accuracy"] = np.asarray(value, np.float64) / count
-    elif key.endswith("_correct"):
-      means[key.removesuffix("_correct") + "_accuracy"] = np.asarray(value, np.float64) / count
-  return means
+  """Per-member values from per-member metric states (`jdl.metrics.metric_values`)."""
+  values = metrics_lib.metric_values(sums)
+  values.pop("count", None)
+  return {key: value for key, value in values.items() if np.ndim(value) == 1}
 
 
 def _format_member_record(record: Mapping[str, Any], eval_name: str) -> str:
@@ -351,9 +346,11 @@ def vmap_sweep(config: ml_collections.ConfigDict, trials: Sequence[Mapping[str, 
   device_augment, _ = experiment.make_augmentations(config.augment, in_memory=True)
   train_data, eval_data, meta, _ = runs.load_task_data(config)
   model = models.build_model(config.model, num_classes=meta.num_classes)
+  task = tasks.classification(config.loss, label_smoothing=config.label_smoothing,
+                              top_k=tuple(config.top_k))
   train_step, eval_step = step_lib.make_steps(
-      config.loss, l1=config.l1, l2=config.l2, top_k=tuple(config.top_k), augment=device_augment,
-      label_smoothing=config.label_smoothing, compute_dtype=config.compute_dtype)
+      task, l1=config.l1, l2=config.l2, augment=device_augment,
+      compute_dtype=config.compute_dtype, check_finite=True)
   num_steps = config.num_steps or config.num_epochs * train_data.steps_per_epoch
   return train_vmapped(
       model, config.optimizer, train_data, eval_data, num_steps=num_steps,

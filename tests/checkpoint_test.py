@@ -198,7 +198,7 @@ def test_nan_at_step_k_stops_with_a_message_naming_step_k(tmp_path, resident):
   y = rng.integers(0, 3, 100).astype(np.int32)
   x[6 * 10 + 3] = np.nan  # step 7 (1-based) trains on rows 60-69, in order
   train = data_lib.ArraySource(x, y, 10, shuffle=False)
-  train_step, eval_step = jdl.make_steps()
+  train_step, eval_step = jdl.make_steps(check_finite=True)
   checkpointer = jdl.Checkpointer(str(tmp_path / "ckpt"))
   with pytest.raises(jdl.NonFiniteError, match="the loss became NaN or infinite at step 7") as error:
     jdl.fit(_mlp_state(), train_step, eval_step, train, None, num_steps=30, eval_every_steps=5,
@@ -207,6 +207,10 @@ def test_nan_at_step_k_stops_with_a_message_naming_step_k(tmp_path, resident):
   assert checkpointer.steps() == [5]
   assert "last good checkpoint (step 5)" in str(error.value)
   checkpointer.close()
+  # A step without the watch (a user's own) still cannot carry a NaN loss past fit.
+  with pytest.raises(jdl.NonFiniteError, match="training loss became NaN or infinite by step 10"):
+    jdl.fit(_mlp_state(), jdl.make_train_step(), eval_step, train, None, num_steps=30,
+            eval_every_steps=5, progress=False, device_resident=resident)
 
 
 def test_non_finite_gradient_names_the_parameter():
@@ -217,7 +221,8 @@ def test_non_finite_gradient_names_the_parameter():
     masked_log = jnp.where(logits > 1e30, jnp.log(logits * 0.0), 0.0)
     return jdl.softmax_cross_entropy(logits, labels) + jnp.sum(masked_log, axis=-1)
 
-  train_step = jdl.make_train_step(trap_loss)
+  train_step = jdl.make_train_step(jdl.tasks.classification(trap_loss), check_finite=True,
+                                   gradient_norms=True)
   _, eval_step = jdl.make_steps()
   x = np.ones((10, 6), np.float32)
   y = np.zeros((10,), np.int32)
@@ -237,7 +242,7 @@ def _label_trap_loss(logits, labels):
   return jdl.softmax_cross_entropy(logits, labels) + jnp.sum(masked_log, axis=-1)
 
 
-def _trap_run(loss_fn, bad_row, *, resident, num_steps=50):
+def _trap_run(loss_fn, bad_row, *, resident, num_steps=50, gradient_norms=True):
   """`fit` on 100 examples in batches of 2 (no shuffling, one 50-step call when resident), with a
   NaN input or a label-2 trap at `bad_row`; returns (state, history) or the NonFiniteError."""
   rng = np.random.default_rng(0)
@@ -248,7 +253,8 @@ def _trap_run(loss_fn, bad_row, *, resident, num_steps=50):
       y[bad_row] = 2
     else:
       x[bad_row] = np.nan
-  train_step = jdl.make_train_step(loss_fn)
+  train_step = jdl.make_train_step(jdl.tasks.classification(loss_fn), check_finite=True,
+                                   gradient_norms=gradient_norms)
   _, eval_step = jdl.make_steps()
   try:
     return jdl.fit(_mlp_state(), train_step, eval_step,
@@ -258,16 +264,23 @@ def _trap_run(loss_fn, bad_row, *, resident, num_steps=50):
     return error
 
 
-@pytest.mark.parametrize("loss, culprit", [
-    (_label_trap_loss, "the gradient of parameter Dense_0/bias"),
-    (jdl.softmax_cross_entropy, "the loss"),
+@pytest.mark.parametrize("loss, gradient_norms, message", [
+    (_label_trap_loss, True, "the gradient of parameter Dense_0/bias became NaN or infinite at "
+     "step 23; training stopped."),
+    (_label_trap_loss, False, "the loss became NaN or infinite at step 24; training stopped. "
+     "Parameters Dense_0/bias, Dense_0/kernel, Dense_1/bias ... are not finite: a gradient of "
+     "step 24 or before was (gradient_norms=True names the first)."),
+    (jdl.softmax_cross_entropy, False, "the loss became NaN or infinite at step 23; training "
+     "stopped."),
 ])
-def test_a_long_resident_call_names_the_step_and_parameter_of_the_per_step_loop(loss, culprit):
+def test_a_long_resident_call_names_the_step_and_parameter_of_the_per_step_loop(
+    loss, gradient_norms, message):
   """A bad gradient or loss at step 23 inside one 50-step resident call stops the run with the
-  message of the per-step engine: the same step and the same parameter (or the loss)."""
-  message = f"{culprit} became NaN or infinite at step 23; training stopped."
+  message of the per-step engine: the same step and the same parameter (or the loss). Without
+  gradient norms, the free loss-only watch names the next step, whose loss the NaN parameters
+  spoil, and the parameters that are no longer finite."""
   for resident in (True, False):
-    error = _trap_run(loss, 2 * 22 + 1, resident=resident)
+    error = _trap_run(loss, 2 * 22 + 1, resident=resident, gradient_norms=gradient_norms)
     assert isinstance(error, jdl.NonFiniteError) and message in str(error), (resident, error)
 
 

@@ -364,12 +364,18 @@ def test_check_labels_out_of_range_names_value_and_range(bad):
   assert "my labels" in message
 
 
-def test_check_labels_accepts_valid_and_rejects_floats():
-  """Integer labels in range pass; float labels raise ValueError even when integral."""
+def test_check_labels_accepts_class_indices_and_finite_targets():
+  """Integer labels are class indices and must be in range; float labels are regression targets
+  and must be finite; anything else is refused."""
   jdl.data.check_labels(np.arange(10), 10)
   jdl.data.check_labels(np.zeros((0,), np.int64), 10)
-  with pytest.raises(ValueError, match="integer"):
-    jdl.data.check_labels(np.array([0.0, 1.0, 2.0]), 10)
+  jdl.data.check_labels({"y": np.array([0.5, -2.0]), "z": np.arange(3)}, 10)
+  with pytest.raises(ValueError, match=r"out of range: found \[10\]"):
+    jdl.data.check_labels(np.arange(11), 10)
+  with pytest.raises(ValueError, match="NaN or infinite"):
+    jdl.data.check_labels(np.array([0.0, np.nan]), 10)
+  with pytest.raises(ValueError, match="integer class indices or real-valued targets"):
+    jdl.data.check_labels(np.array(["a", "b"]), 10)
 
 
 # ---------------------------------------------------------------------------------------------

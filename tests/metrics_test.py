@@ -43,7 +43,7 @@ def test_accumulation_over_uneven_padded_batches_equals_whole_array(batch_size):
 def test_top_k_at_least_num_classes_is_skipped():
   """top-k for k >= num_classes is always 1, so it is not tracked."""
   sums = metrics.classification_metrics(jnp.zeros((2, 3)), jnp.array([0, 1]), jnp.zeros(2), top_k=(3, 2))
-  assert "top3_correct" not in sums and "top2_correct" in sums
+  assert "top3_accuracy_sum" not in sums and "top2_accuracy_sum" in sums
 
 
 def test_loss_metrics_and_errors():
@@ -60,7 +60,7 @@ def test_metrics_sums_merge_under_jit():
   """Metric sums are plain pytrees that pass through jit."""
   fn = jax.jit(lambda o, l: metrics.classification_metrics(o, l, jnp.zeros(l.shape)))
   sums = fn(jnp.eye(3), jnp.array([0, 1, 1]))
-  assert int(sums["correct"]) == 2 and int(sums["count"]) == 3
+  assert int(sums["accuracy_sum"]) == 2 and int(sums["count"]) == 3
 
 
 def test_per_position_labels_count_positions_and_broadcast_an_example_mask():
@@ -70,11 +70,11 @@ def test_per_position_labels_count_positions_and_broadcast_an_example_mask():
   labels = jnp.asarray([[0, 1, 0], [2, 0, 2]])
   losses = jnp.ones((2, 3))
   sums = metrics.classification_metrics(outputs, labels, losses, top_k=(2,))
-  assert int(sums["count"]) == 6 and int(sums["correct"]) == 4
+  assert int(sums["count"]) == 6 and int(sums["accuracy_sum"]) == 4
   row_mask = metrics.classification_metrics(outputs, labels, losses, jnp.asarray([True, False]))
-  assert int(row_mask["count"]) == 3 and int(row_mask["correct"]) == 2
+  assert int(row_mask["count"]) == 3 and int(row_mask["accuracy_sum"]) == 2
   position_mask = jnp.asarray([[True, True, False], [True, False, False]])
   sums = metrics.classification_metrics(outputs, labels, losses, position_mask)
-  assert int(sums["count"]) == 3 and int(sums["correct"]) == 3
+  assert int(sums["count"]) == 3 and int(sums["accuracy_sum"]) == 3
   with pytest.raises(ValueError, match="fits neither the batch"):
     metrics.classification_metrics(outputs, labels, losses, jnp.ones((3,), bool))

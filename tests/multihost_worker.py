@@ -33,7 +33,8 @@ def main(out_path: str, layout: str) -> None:
   runner = parallel.make_runner(layout, batch_size=16)
   model = models.MLP(hidden=(16,), num_classes=3, normalization="batch", axis_name=runner.axis_name)
   state = jdl.create_train_state(model, optax.adam(0.05), x[:1], jax.random.PRNGKey(0))
-  train_step, eval_step = jdl.make_steps(axis_name=runner.axis_name)
+  train_step, eval_step = jdl.make_steps(jdl.tasks.classification(top_k=(2,)),
+                                         axis_name=runner.axis_name)
   state, history = jdl.fit(state, train_step, eval_step, train, test, num_steps=8,
                            eval_every_steps=2, progress=False, runner=runner)
   if index == 0:

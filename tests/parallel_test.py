@@ -34,7 +34,8 @@ def _train(layout, eval_batch_size, num_devices=None, num_steps=12):
   runner = parallel.make_runner(layout, num_devices=num_devices, batch_size=16)
   model = models.MLP(hidden=(16,), num_classes=3, normalization="batch", axis_name=runner.axis_name)
   state = jdl.create_train_state(model, optax.adam(0.05), x[:1], jax.random.PRNGKey(0))
-  train_step, eval_step = jdl.make_steps(top_k=(2,), axis_name=runner.axis_name)
+  train_step, eval_step = jdl.make_steps(jdl.tasks.classification(top_k=(2,)),
+                                         axis_name=runner.axis_name)
   return jdl.fit(state, train_step, eval_step, train, test, num_steps=num_steps,
                  eval_every_steps=2, progress=False, runner=runner)
 
@@ -81,15 +82,18 @@ def test_pmap_gives_each_device_its_own_dropout_key():
   x = np.ones((4, 6), np.float32)
   state = jdl.create_train_state(model, optax.sgd(0.0), x[:1], jax.random.PRNGKey(0))
 
-  def per_device_loss(metrics_outputs, labels, losses, mask):
-    del metrics_outputs, labels, mask
-    return {"loss_sum": jax.lax.all_gather(losses.sum(), runner.axis_name)}
+  def per_device_loss(outputs, batch, mask):
+    del mask
+    losses = jdl.softmax_cross_entropy(outputs, batch["label"])
+    return {"per_device_loss_max": jax.lax.all_gather(losses.sum(), runner.axis_name)}
 
-  step = jdl.make_train_step(metrics_fn=per_device_loss, axis_name=runner.axis_name)
+  task = jdl.Task(loss=lambda outputs, batch: jdl.softmax_cross_entropy(outputs, batch["label"]),
+                  metrics=(per_device_loss,))
+  step = jdl.make_train_step(task, axis_name=runner.axis_name)
   train, _ = runner.compile(step, jdl.make_eval_step())
   _, metrics = train(runner.place_state(state),
                      runner.place_batch({"input": x, "label": np.zeros(4, np.int32)}))
-  per_device = np.asarray(metrics["loss_sum"])[0]
+  per_device = np.asarray(metrics["per_device_loss_max"])[0]
   assert per_device[0] != per_device[1]
 
 

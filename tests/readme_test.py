@@ -12,13 +12,14 @@ def _blocks(language):
 
 
 def test_python_examples_run_and_learn(capsys):
-  """Every Python block of the README executes as written; the one that prints metrics (the
-  'own loop' example) reaches high accuracy on its toy task."""
+  """Every Python block of the README executes as written, each after the ones before it (as a
+  reader runs them, in one session); the one that prints metrics (the 'own loop' example)
+  reaches high accuracy on its toy task."""
   examples = _blocks("python")
   assert examples, "README.md has no ```python example"
-  accuracies = []
+  accuracies, namespace = [], {}
   for index, example in enumerate(examples):
-    exec(compile(example, f"README.md python block {index}", "exec"), {})  # pylint: disable=exec-used
+    exec(compile(example, f"README.md python block {index}", "exec"), namespace)  # pylint: disable=exec-used
     accuracies += [float(a) for a in re.findall(r"'accuracy': ([0-9.]+)", capsys.readouterr().out)]
   assert accuracies and max(accuracies) > 0.9, accuracies
 

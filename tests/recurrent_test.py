@@ -258,8 +258,8 @@ def test_lstm_classifier_learns_a_padded_token_task_through_jdl():
   # Under jit: one compilation instead of one per random draw (the same state, sooner).
   state = jax.jit(functools.partial(jdl.create_train_state, model, optax.adam(2e-2), tokens[:1]))(
       jax.random.PRNGKey(0))
-  train_step = jax.jit(jdl.make_train_step(metrics_fn=metrics_lib.classification_metrics))
-  eval_step = jax.jit(jdl.make_eval_step(metrics_fn=metrics_lib.classification_metrics))
+  train_step = jax.jit(jdl.make_train_step())
+  eval_step = jax.jit(jdl.make_eval_step())
   test_tokens, test_labels = _membership_task(256, seed=1)
   before = jdl.compute_metrics(eval_step(state, {"input": test_tokens, "label": test_labels}))
   for step in range(120):

@@ -62,7 +62,7 @@ def test_every_call_length_runs_one_compiled_program_to_the_same_parameters(capl
   jax.tree.map(np.testing.assert_array_equal, pieces.params, whole.params)
   jax.tree.map(np.testing.assert_array_equal, pieces.opt_state, whole.opt_state)
   assert int(piece_sums["count"]) == int(whole_sums["count"]) == 13 * 8 - 2 * 4  # 2 padded batches
-  assert int(piece_sums["correct"]) == int(whole_sums["correct"])
+  assert int(piece_sums["accuracy_sum"]) == int(whole_sums["accuracy_sum"])
   # The loss sums add the same 13 batch sums in another grouping: float32 rounding of a dozen
   # additions of numbers below 100, a few ulps each.
   np.testing.assert_allclose(piece_sums["loss_sum"], whole_sums["loss_sum"], rtol=1e-6)
@@ -98,7 +98,7 @@ def test_evaluate_sums_the_whole_split_with_the_padding_masked():
   x, y = _problem()
   logits = state.apply_fn(state.variables(), x[44:], train=False)
   assert int(sums["count"]) == 16
-  assert int(sums["correct"]) == int((np.asarray(logits).argmax(1) == y[44:]).sum())
+  assert int(sums["accuracy_sum"]) == int((np.asarray(logits).argmax(1) == y[44:]).sum())
   np.testing.assert_allclose(sums["loss_sum"], float(jdl.softmax_cross_entropy(logits, y[44:]).sum()),
                              rtol=1e-5)
 

@@ -73,7 +73,7 @@ def test_padded_batch_gives_the_update_of_its_real_examples():
   real = _batch(5)
   padded = jdl.data.pad_batch(real["input"], real["label"], 8)
   padded["input"][5:] = 100.0  # garbage in the padding must not matter
-  train_step = jax.jit(jdl.make_train_step(metrics_fn=metrics_lib.classification_metrics))
+  train_step = jax.jit(jdl.make_train_step())
   state_real, metrics_real = train_step(state, real)
   state_padded, metrics_padded = train_step(state, padded)
   # Batches of 5 and 8 rows compile to two programs whose sums over rows may round differently.
@@ -152,8 +152,12 @@ def test_model_state_is_updated_by_training_and_used_in_evaluation():
     [
         ({"input": np.zeros((4, 7), np.float32), "label": np.zeros(4, np.int32)}, r"does not fit the model"),
         ({"input": np.zeros((0, 6), np.float32), "label": np.zeros(0, np.int32)}, "empty batch"),
-        ({"input": np.zeros((4, 6), np.float32)}, "keys 'input' and 'label'"),
-        ({"input": np.zeros((4, 6), np.float32), "label": np.zeros(3, np.int32)}, "same leading batch"),
+        ({"input": np.zeros((4, 6), np.float32)}, r"targets from batch\['label'\]"),
+        ({"input": np.zeros((4, 6), np.float32), "label": np.zeros(3, np.int32)}, "do not fit outputs"),
+        ({"input": np.zeros((4, 6), np.float32), "label": np.zeros((4, 1), np.int32)},
+         "do not fit outputs"),
+        ({"input": np.zeros((4, 6), np.float32), "label": np.zeros(4, np.float32)},
+         "integer class labels"),
         ({"input": np.zeros((4, 6), np.float32), "label": np.zeros(4, np.int32),
           "mask": np.ones(3, bool)}, "'mask' has shape"),
     ],

@@ -263,7 +263,7 @@ def test_vmapped_members_equal_separate_runs_and_a_diverging_member_is_contained
   x, train, test, classes = _tiny_problem()
   model = models.MLP(hidden=(8,), num_classes=classes, dropout_rate=0.3)
   rates, seeds, steps = [1e-3, 1e-2, 1e-1], [0, 1, 2], 12
-  train_step, eval_step = jdl.make_train_step(), jdl.make_eval_step()
+  train_step, eval_step = jdl.make_train_step(check_finite=True), jdl.make_eval_step()
   run = vmap_sweep.train_vmapped(model, {"name": "adam"}, train, test, num_steps=steps,
                             learning_rates=[*rates, 1e30], seeds=[*seeds, 0],
                             eval_every_steps=steps, train_step=train_step, eval_step=eval_step)

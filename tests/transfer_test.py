@@ -40,7 +40,7 @@ def _batches(num_classes=3, seed=0):
 
 def _train(state, num_classes=3):
   """Five steps of a compiled train step that donates the state's buffers, as jdl.fit does."""
-  train_step = jax.jit(jdl.make_train_step(jdl.softmax_cross_entropy), donate_argnums=0)
+  train_step = jax.jit(jdl.make_train_step(jdl.tasks.classification(jdl.softmax_cross_entropy)), donate_argnums=0)
   for batch in _batches(num_classes):
     state, _ = train_step(state, batch)
   return state

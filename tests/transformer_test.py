@@ -398,8 +398,8 @@ def test_tiny_language_model_learns_a_repeated_pattern_with_the_library_step():
 
   create = jax.jit(jdl.create_train_state, static_argnums=(0, 1))  # one compile, not op by op
   state = create(model, optax.adam(3e-2), batch["input"][:1], jax.random.PRNGKey(0))
-  loss_only = lambda outputs, labels, losses, mask: metrics_lib.loss_metrics(losses, mask)
-  train_step = jax.jit(jdl.make_train_step(sequence_loss, metrics_fn=loss_only))
+  task = jdl.Task(loss=lambda outputs, batch: sequence_loss(outputs, batch["label"]))
+  train_step = jax.jit(jdl.make_train_step(task))
   losses = []
   for _ in range(40):
     state, metrics = train_step(state, batch)

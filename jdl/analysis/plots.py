@@ -249,6 +249,39 @@ def plot_misclassified(inputs: np.ndarray, labels: np.ndarray, predictions: np.n
   return _save(figure, path)
 
 
+def plot_examples(examples: np.ndarray, path: str, *, title: str | None = None,
+                  references: np.ndarray | None = None) -> str:
+  """A grid of floating images or signals, e.g. a generative model's samples or reconstructions.
+
+  Args:
+    examples: `[count, ...]` images or signals.
+    path: where the PNG goes.
+    title: the figure's title.
+    references: optional signals shaped like `examples` drawn under them in grey (the inputs of
+      reconstructions, say); signals only.
+  """
+  examples = np.asarray(examples)
+  kind = _check_drawable(examples)
+  if references is not None and (kind != "signal" or np.shape(references) != examples.shape):
+    raise ValueError(f"references must be signals shaped like the examples {examples.shape}; got "
+                     f"{np.shape(references)} with {kind} examples.")
+  figure, axes = _grid(len(examples))
+  for index, axis in enumerate(axes[:len(examples)]):
+    if kind == "image":
+      image, colour_map = _displayable_image(examples[index])
+      axis.imshow(image, cmap=colour_map)
+    else:
+      if references is not None:
+        _draw_signal(axis, references[index], linewidth=1.0, color="0.7")
+      _draw_signal(axis, examples[index], linewidth=1.0)
+    _bare(axis)
+  for axis in axes[len(examples):]:
+    axis.axis("off")
+  if title:
+    figure.suptitle(title)
+  return _save(figure, path)
+
+
 def plot_reliability_diagram(bins: ReliabilityBins, path: str) -> str:
   """Each confidence bin's accuracy against the diagonal of perfect calibration, with the ECE in
   the title and the number of examples per bin below."""

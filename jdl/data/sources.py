@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -41,21 +41,36 @@ class BatchSource(Protocol):
     ...
 
 
-def pad_batch(inputs: np.ndarray, labels: np.ndarray, batch_size: int,
-              extras: Mapping[str, np.ndarray] | None = None) -> Batch:
-  """A batch dict padded with zeros to `batch_size` examples, with `mask` marking the real ones;
-  `extras` are further per-example arrays (e.g. mixup's `mix_label`), padded the same way."""
-  count = inputs.shape[0]
+def pad_batch(inputs: Any, labels: Any, batch_size: int,
+              extras: Mapping[str, Any] | None = None) -> Batch:
+  """A batch dict padded with zero examples to `batch_size`, with `mask` marking the real ones.
+  `inputs` and `labels` are arrays or pytrees of arrays (with one leading example axis); `extras`
+  are further per-example arrays (e.g. mixup's `mix_label`), padded the same way."""
+  count = num_rows(inputs)
   if count > batch_size:
     raise ValueError(f"batch of {count} examples is larger than batch_size={batch_size}.")
   mask = np.zeros((batch_size,), np.bool_)
   mask[:count] = True
   batch = {"input": inputs, "label": labels, **(extras or {})}
   if count < batch_size:
-    batch = {key: np.concatenate([value, np.zeros((batch_size - count, *value.shape[1:]),
-                                                  value.dtype)])
-             for key, value in batch.items()}
+    batch = jax.tree.map(lambda value: np.concatenate(
+        [value, np.zeros((batch_size - count, *value.shape[1:]), value.dtype)]), batch)
   return {**batch, "mask": mask}
+
+
+def num_rows(tree: Any) -> int:
+  """The leading (example) dimension shared by every array of `tree`; a clear error if they
+  differ or if there is none."""
+  sizes = {int(np.shape(leaf)[0]) if np.ndim(leaf) else None for leaf in jax.tree.leaves(tree)}
+  if len(sizes) != 1 or None in sizes:
+    raise ValueError("every array of a batch needs the same leading example dimension; got "
+                     f"shapes {[np.shape(leaf) for leaf in jax.tree.leaves(tree)]}.")
+  return sizes.pop()
+
+
+def take_rows(tree: Any, rows: np.ndarray) -> Any:
+  """Rows `rows` of every array of `tree`."""
+  return jax.tree.map(lambda value: value[rows], tree)
 
 
 def epoch_seed(seed: int, epoch: int, stream: int | None = None) -> int:
@@ -146,25 +161,34 @@ def _mix32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
-def check_labels(labels: np.ndarray, num_classes: int, *, where: str = "labels") -> None:
-  """Raises a clear error unless `labels` are integers in `[0, num_classes)`."""
-  labels = np.asarray(labels)
-  if not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(f"{where} must be integers; got dtype {labels.dtype}.")
-  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    bad = labels[(labels < 0) | (labels >= num_classes)]
-    raise ValueError(
-        f"{where} out of range: found {sorted(set(bad.tolist()))[:5]} but the model has "
-        f"{num_classes} classes, so labels must lie in [0, {num_classes - 1}].")
+def check_labels(labels: Any, num_classes: int | None, *, where: str = "labels") -> None:
+  """Raises a clear error unless every integer array of `labels` holds class indices in
+  `[0, num_classes)` and every floating one is finite. Integer labels are class indices; pass
+  real-valued targets as floats. `num_classes` None checks finiteness only."""
+  for leaf in jax.tree.leaves(labels):
+    leaf = np.asarray(leaf)
+    if np.issubdtype(leaf.dtype, np.floating):
+      if not np.all(np.isfinite(leaf)):
+        raise ValueError(f"{where} hold NaN or infinite values; targets must be finite.")
+      continue
+    if not np.issubdtype(leaf.dtype, np.integer):
+      raise ValueError(f"{where} must be integer class indices or real-valued targets; got "
+                       f"dtype {leaf.dtype}.")
+    if num_classes is not None and leaf.size and (leaf.min() < 0 or leaf.max() >= num_classes):
+      bad = leaf[(leaf < 0) | (leaf >= num_classes)]
+      raise ValueError(
+          f"{where} out of range: found {sorted(set(bad.tolist()))[:5]} but the model has "
+          f"{num_classes} classes, so labels must lie in [0, {num_classes - 1}].")
 
 
-def check_inputs(inputs: np.ndarray, *, where: str = "inputs") -> None:
-  """Raises a clear error unless `inputs` is a non-empty numeric array."""
-  inputs = np.asarray(inputs)
-  if not (np.issubdtype(inputs.dtype, np.number) or inputs.dtype == np.bool_):
-    raise ValueError(f"{where} must be numeric; got dtype {inputs.dtype}.")
-  if inputs.ndim < 1 or inputs.shape[0] == 0:
-    raise ValueError(f"{where} are empty (shape {inputs.shape}); need at least one example.")
+def check_inputs(inputs: Any, *, where: str = "inputs") -> None:
+  """Raises a clear error unless every array of `inputs` is a non-empty numeric array."""
+  for leaf in jax.tree.leaves(inputs):
+    leaf = np.asarray(leaf)
+    if not (np.issubdtype(leaf.dtype, np.number) or leaf.dtype == np.bool_):
+      raise ValueError(f"{where} must be numeric; got dtype {leaf.dtype}.")
+    if leaf.ndim < 1 or leaf.shape[0] == 0:
+      raise ValueError(f"{where} are empty (shape {leaf.shape}); need at least one example.")
 
 
 def _local_batch_size(batch_size: int, process_count: int) -> int:
@@ -181,20 +205,24 @@ class ArraySource:
   """Batches of in-memory arrays; shuffled epochs are seeded permutations.
 
   `batch_size=len(inputs)` is batch gradient descent, 1 stochastic, anything between mini-batch.
+  `inputs` and `labels` are arrays or pytrees of arrays (a dict of two inputs, several targets)
+  with one leading example axis; batches carry them as `input` and `label`.
 
   In a multi-process run every process holds the same arrays and the same seed, so all agree on
   each global batch; process `p` of `P` yields rows `[p * B / P, (p + 1) * B / P)` of it (padding
   included), and the processes' shares put together are exactly the single-process batch.
   """
 
-  def __init__(self, inputs: np.ndarray, labels: np.ndarray, batch_size: int, *, shuffle: bool,
+  def __init__(self, inputs: Any, labels: Any, batch_size: int, *, shuffle: bool,
                seed: int = 0, process_index: int = 0, process_count: int = 1) -> None:
-    inputs, labels = np.asarray(inputs), np.asarray(labels)
+    inputs, labels = jax.tree.map(np.asarray, inputs), jax.tree.map(np.asarray, labels)
     check_inputs(inputs)
-    if labels.shape[:1] != inputs.shape[:1]:
+    num_inputs = num_rows(inputs)
+    label_rows = {int(x.shape[0]) if x.ndim else None for x in jax.tree.leaves(labels)}
+    if label_rows != {num_inputs}:
       raise ValueError(
-          f"inputs have {inputs.shape[0]} examples but labels have "
-          f"{labels.shape[0] if labels.ndim else 'no batch dimension'}; they must match.")
+          f"inputs have {num_inputs} examples but labels have "
+          f"{sorted(label_rows, key=str)} (leading dimensions); they must match.")
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
     self.inputs, self.labels = inputs, labels
@@ -205,7 +233,7 @@ class ArraySource:
 
   @property
   def num_examples(self) -> int:
-    return int(self.inputs.shape[0])
+    return num_rows(self.inputs)
 
   @property
   def batch_size(self) -> int:
@@ -226,7 +254,8 @@ class ArraySource:
     low = self.process_index * self.local_batch_size
     for start in range(0, self.num_examples, self._batch_size):
       chosen = order[start:start + self._batch_size][low:low + self.local_batch_size]
-      yield pad_batch(self.inputs[chosen], self.labels[chosen], self.local_batch_size)
+      yield pad_batch(take_rows(self.inputs, chosen), take_rows(self.labels, chosen),
+                      self.local_batch_size)
 
 
 class TFDataSource:

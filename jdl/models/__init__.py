@@ -15,6 +15,7 @@ from jdl.models.mlp import MLP
 from jdl.models.recurrent import Mnist1dGRU, Recurrent, RecurrentLM, RNNClassifier
 from jdl.models.resnet import PUBLISHED, ResNet
 from jdl.models.transformer import VIT_PRESETS, TransformerEncoderClassifier, TransformerLM, ViT
+from jdl.models.vae import VAE, elbo_loss
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
@@ -63,6 +64,6 @@ def build_model(config: Mapping[str, Any], *, num_classes: int,
 __all__ = [
     "ACTIVATIONS", "CNN", "CNN1D", "LeNet5", "LogisticRegression", "MLP", "MODELS", "ResNet",
     "PatchConv1D", "ResidualMLP", "TransformerEncoderClassifier", "TransformerLM", "ViT",
-    "Mnist1dGRU", "RNNClassifier", "Recurrent", "RecurrentLM",
+    "Mnist1dGRU", "RNNClassifier", "Recurrent", "RecurrentLM", "VAE", "elbo_loss",
     "build_model", "get_activation",
 ]

@@ -1,0 +1,167 @@
+"""Tasks: what a step computes from a batch. The one piece to swap for a new kind of problem.
+
+A `Task` says which part of the batch the model takes, the loss as a function of the model's
+outputs and the whole batch, the metrics, and the named random streams the model draws from.
+`jdl.make_train_step(task)` and `jdl.make_eval_step(task)` turn it into pure steps; classification
+(per example or per position, as a language model), regression and anything else (a VAE's ELBO,
+say) go through the same step, `fit`, checkpoints and logs.
+
+  task = jdl.Task(loss=lambda outputs, batch: jnp.mean((outputs - batch["y"]) ** 2, axis=-1),
+                  inputs="x")
+
+A batch is any pytree; tasks read dicts by key. `mask` (per example, or per position), when
+present, marks the real examples: padding never counts in the loss or the metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+
+from jdl import losses as losses_lib
+from jdl import metrics as metrics_lib
+
+Batch = Any  # a pytree; the presets read a dict
+LossValue = Union[jax.Array, tuple[jax.Array, Mapping[str, jax.Array]]]
+TaskLossFn = Callable[[Any, Batch], LossValue]
+"""`(outputs, batch) -> losses` or `(losses, aux)`: per-example (or per-position) losses, shaped
+`[batch, ...]`, whose masked mean is minimised, or one scalar taken as the batch's mean loss (the
+loss must then leave padding out itself); `aux` maps names to per-example values (or scalars) that
+are reported as means (`train_<name>`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """How a step turns a batch into a loss and metrics.
+
+  Attributes:
+    loss: `(outputs, batch) -> losses` or `(losses, aux)` (`TaskLossFn`).
+    metrics: metric functions `(outputs, batch, mask) -> states` (`jdl.metrics`), e.g.
+      `accuracy_metric(top_k=(5,))`; each key's suffix says how it merges and is reported.
+    inputs: what the model is called with: a batch key ("input"), or `batch -> inputs` for
+      several parts (a dict of arrays is one argument to the model).
+    rng_streams: the random streams the model draws from (`self.make_rng(name)`); each step's
+      key for a stream comes from the seed, the stream's name and the step, so a resumed run
+      draws what an uninterrupted one would.
+    eval_loss: the loss for evaluation where it differs (label smoothing trains only); None: `loss`.
+  """
+
+  loss: TaskLossFn
+  metrics: Sequence[metrics_lib.MetricFn] = ()
+  inputs: str | Callable[[Batch], Any] = "input"
+  rng_streams: tuple[str, ...] = ("dropout",)
+  eval_loss: TaskLossFn | None = None
+
+  def __post_init__(self) -> None:
+    if not callable(self.loss):
+      raise TypeError(f"Task.loss must be a function (outputs, batch) -> losses; got "
+                      f"{type(self.loss).__name__}.")
+    if isinstance(self.rng_streams, str) or not all(
+        isinstance(name, str) and name for name in self.rng_streams):
+      raise ValueError(f"Task.rng_streams must be a tuple of stream names such as ('dropout',); "
+                       f"got {self.rng_streams!r}.")
+    if "params" in self.rng_streams:
+      raise ValueError("'params' is the initialisation stream, not a training stream; leave it "
+                       "out of Task.rng_streams.")
+    object.__setattr__(self, "metrics", tuple(self.metrics))
+    object.__setattr__(self, "rng_streams", tuple(self.rng_streams))
+
+  def model_inputs(self, batch: Batch) -> Any:
+    """The part of `batch` the model is called with."""
+    if callable(self.inputs):
+      return self.inputs(batch)
+    if not isinstance(batch, Mapping) or self.inputs not in batch:
+      found = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+      raise ValueError(f"the task's model inputs are batch[{self.inputs!r}], but the batch has "
+                       f"{found}; set Task(inputs=...) to the key (or a function) that gives them.")
+    return batch[self.inputs]
+
+  def for_evaluation(self) -> Task:
+    """This task with `eval_loss` as its loss."""
+    if self.eval_loss is None:
+      return self
+    return dataclasses.replace(self, loss=self.eval_loss, eval_loss=None)
+
+
+def batch_mask(batch: Batch) -> jax.Array | None:
+  """The batch's `mask` of real examples (per example or per position), or None: all real."""
+  return batch.get("mask") if isinstance(batch, Mapping) else None
+
+
+def _labels(batch: Batch, key: str) -> jax.Array:
+  if not isinstance(batch, Mapping) or key not in batch:
+    found = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+    raise ValueError(f"the task reads its targets from batch[{key!r}], but the batch has {found}.")
+  return batch[key]
+
+
+def _on_labels(loss_fn: losses_lib.LossFn, key: str, *, class_axis: bool = False) -> TaskLossFn:
+  """A `(outputs, labels)` loss as a task loss reading `batch[key]`; with `class_axis`, labels
+  must be shaped like the outputs without their last (class) axis."""
+  def loss(outputs: Any, batch: Batch) -> jax.Array:
+    labels = _labels(batch, key)
+    if class_axis and not jnp.issubdtype(labels.dtype, jnp.integer):
+      raise ValueError(f"classification needs integer class labels; got dtype {labels.dtype}. "
+                       "For real-valued targets use jdl.tasks.regression().")
+    if class_axis and tuple(labels.shape) != tuple(outputs.shape[:-1]):
+      raise ValueError(
+          f"labels of shape {tuple(labels.shape)} do not fit outputs of shape "
+          f"{tuple(outputs.shape)}: class labels are shaped like the outputs without their class "
+          f"axis, {tuple(outputs.shape[:-1])} (one integer per example or per position).")
+    return loss_fn(outputs, labels)
+
+  return loss
+
+
+def accuracy_metric(top_k: Sequence[int] = (), *, labels: str = "label") -> metrics_lib.MetricFn:
+  """A metric function: accuracy (and top-k accuracies) of integer `batch[labels]`."""
+  top_k = tuple(top_k)
+
+  def accuracy(outputs: jax.Array, batch: Batch, mask: jax.Array | None) -> metrics_lib.Metrics:
+    return metrics_lib.accuracy_metrics(outputs, _labels(batch, labels), mask, top_k=top_k)
+
+  return accuracy
+
+
+def error_metric(*, targets: str = "label") -> metrics_lib.MetricFn:
+  """A metric function: mean and maximum absolute error of the outputs against `batch[targets]`."""
+  def errors(outputs: jax.Array, batch: Batch, mask: jax.Array | None) -> metrics_lib.Metrics:
+    return metrics_lib.error_metrics(outputs, _labels(batch, targets), mask)
+
+  return errors
+
+
+def classification(loss: str | losses_lib.LossFn = "softmax_cross_entropy", *,
+                   label_smoothing: float = 0.0, top_k: Sequence[int] = (),
+                   inputs: str = "input", labels: str = "label") -> Task:
+  """Integer labels, one per example or per position (a language model's next tokens).
+
+  Args:
+    loss: a name in `jdl.losses.LOSSES` or a `(outputs, labels) -> [batch]` loss.
+    label_smoothing: smooths the training loss only, so evaluation numbers compare across
+      settings (named losses only).
+    top_k: top-k accuracies to report beside the accuracy.
+    inputs, labels: the batch keys of the model's inputs and of the labels.
+  """
+  if isinstance(loss, str):
+    train_loss = losses_lib.get_classification_loss(loss, label_smoothing)
+    plain_loss = losses_lib.get_classification_loss(loss)
+  else:
+    if label_smoothing:
+      raise ValueError("label_smoothing applies to named losses; bind it into your own loss.")
+    train_loss = plain_loss = loss
+  eval_loss = None if train_loss is plain_loss else _on_labels(plain_loss, labels, class_axis=True)
+  return Task(loss=_on_labels(train_loss, labels, class_axis=True),
+              metrics=(accuracy_metric(top_k, labels=labels),), inputs=inputs, eval_loss=eval_loss)
+
+
+def regression(loss: losses_lib.LossFn = losses_lib.mean_squared_error, *, inputs: str = "input",
+               targets: str = "label") -> Task:
+  """Real-valued targets shaped like the model's outputs; reports the loss (mean squared error by
+  default), the mean absolute error and the largest absolute error."""
+  return Task(loss=_on_labels(loss, targets), metrics=(error_metric(targets=targets),),
+              inputs=inputs)
