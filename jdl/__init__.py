@@ -13,7 +13,9 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 # pylint: disable=wrong-import-position
 from jdl import data, models, tasks
-from jdl.checkpoint import CheckpointError, Checkpointer
+from jdl.checkpoint import (
+    CheckpointError, Checkpointer, CheckpointWriteError, CorruptCheckpointError,
+)
 from jdl.config import ConfigError, apply_overrides, base_config
 from jdl.experiment import train_and_evaluate
 from jdl.loop import NonFiniteError, Preempted, evaluate, fit
@@ -31,7 +33,8 @@ from jdl.writers import MetricWriter, read_jsonl
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "Checkpointer", "ConfigError", "MetricWriter", "NonFiniteError",
+    "CheckpointError", "CheckpointWriteError", "Checkpointer", "ConfigError",
+    "CorruptCheckpointError", "MetricWriter", "NonFiniteError",
     "Preempted", "Task", "TrainState", "apply_overrides", "base_config", "binary_cross_entropy",
     "compute_metrics", "count_params", "create_train_state", "cross_entropy_from_probabilities",
     "current_learning_rate", "data", "empty_metrics", "evaluate", "fit", "make_eval_step",

@@ -2,30 +2,42 @@
 latest one that is good.
 
 The data order, augmentation and dropout keys are functions of the seed and the step, so the state
-is all a resumed run needs to continue exactly where the interrupted one was. A checkpoint that
-cannot be restored is reported and moved aside to `<directory>_unusable/<step>`, never deleted;
-only the retention policy deletes. See docs/checkpoints.md.
+is all a resumed run needs to continue exactly where the interrupted one was. Each step's folder
+holds, beside the state, the metrics that rank it and a CRC-32 of every array (in the step's
+orbax metadata, under `jdl`); orbax commits both at once (a temporary folder renamed when complete), and restoring
+verifies every array against its checksum. A checkpoint that cannot be restored is reported and
+moved aside to `<directory>_unusable/<step>`, never deleted; only the retention policy deletes.
+A save that fails is reported once, at the next call, as `CheckpointWriteError`; the checkpoints
+saved before it are left as they were. See docs/checkpoints.md.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
+import sys
+import threading
 import time
+import zlib
 from collections.abc import Callable, Mapping
+from traceback import walk_tb
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jdl.state import TrainState
 
 CheckpointMetrics = Mapping[str, float]
-ITEM = "default"  # the name orbax gives the single item of a step's folder
+ITEM = "default"  # the name orbax gives the single item of a step's folder: the state
+RECORD_KEY = "jdl"  # the key of the step's custom metadata that holds its metrics and checksums
 
 
-def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  """`{path: shape}` of a pytree's arrays or orbax array metadata, paths written alike for both."""
+def _leaves(tree: Any) -> list[tuple[str, Any]]:
+  """`[(path, leaf)]` of a pytree of arrays or orbax array metadata, paths written alike."""
   def name(entry: Any) -> str:
     for attribute in ("key", "name", "idx"):
       if hasattr(entry, attribute):
@@ -33,16 +45,95 @@ def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return str(entry)
 
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(name(e) for e in path): tuple(leaf.shape) for path, leaf in leaves}
+  return [("/".join(name(e) for e in path), leaf) for path, leaf in leaves]
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  return {path: tuple(leaf.shape) for path, leaf in _leaves(tree)}
+
+
+def array_checksums(tree: Any) -> dict[str, dict[str, str]]:
+  """`{path: {"dtype", "crc32"}}` of every array of `tree`, from its bytes on the host.
+
+  An array split across hosts (not replicated, not all on this process) has no single host copy
+  and is left out; a replicated one is read from this process's copy.
+  """
+  sums = {}
+  for path, leaf in _leaves(tree):
+    if isinstance(leaf, jax.Array) and not (leaf.is_fully_addressable or leaf.is_fully_replicated):
+      continue
+    value = np.ascontiguousarray(np.asarray(leaf)).reshape(-1)
+    sums[path] = {"dtype": str(value.dtype), "crc32": f"{zlib.crc32(value.view(np.uint8)):08x}"}
+  return sums
 
 
 class CheckpointError(RuntimeError):
   """No checkpoint of a directory fits the state it should be restored into."""
 
 
+class CorruptCheckpointError(RuntimeError):
+  """A checkpoint's arrays differ from the checksums saved with them."""
+
+
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written; the checkpoints saved before it are intact."""
+
+
 def best_mode(metric: str) -> str:
   """"min" for losses and errors, "max" for everything else (accuracies)."""
   return "min" if any(word in metric for word in ("loss", "error")) else "max"
+
+
+def _cause(error: BaseException) -> str:
+  """What went wrong, in a few words: the operating system's error behind `error` where there is
+  one (orbax raises OSError; tensorstore, under it, a ValueError that names the errno), else the
+  first line of the innermost exception."""
+  seen, current, chain = set(), error, []
+  while current is not None and id(current) not in seen:
+    seen.add(id(current))
+    chain.append(current)
+    current = current.__cause__ or current.__context__
+  for exception in chain:
+    if isinstance(exception, OSError) and exception.errno:
+      return f"[Errno {exception.errno}] {exception.strerror}"
+    code = re.search(r"os_error_code='(\d+)'", str(exception))
+    if code:
+      return f"[Errno {code.group(1)}] {os.strerror(int(code.group(1)))}"
+  innermost = chain[-1]
+  return f"{type(innermost).__name__}: {(str(innermost).splitlines() or [''])[0][:200]}"
+
+
+class _OrbaxThreadErrors(logging.Filter):
+  """Drops the tracebacks orbax logs from its worker threads when a save fails: the same failure
+  reaches jdl's caller as one CheckpointWriteError line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not ("orbax" in record.pathname and "raised an exception" in record.getMessage())
+
+
+logging.getLogger("absl").addFilter(_OrbaxThreadErrors())
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Once a save has failed, tensorstore still finishes the writes orbax gave it and reports each
+  to orbax's event loop, closed by then; Python prints every such report as an unraisable
+  "Event loop is closed" traceback (`sys.unraisablehook`). The failure itself reaches the caller
+  once, as a CheckpointWriteError, so these are dropped: only those, raised inside asyncio itself
+  with no frame of anyone's code; everything else reaches the previous hook. Installed with a
+  Checkpointer, since the failed save's writes end in threads before its error is raised."""
+  previous = sys.unraisablehook
+  if getattr(previous, "jdl_quiet_closed_loop", False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    frames = [frame.f_code.co_filename for frame, _ in walk_tb(unraisable.exc_traceback)]
+    inside_asyncio = bool(frames) and all(f"{os.sep}asyncio{os.sep}" in name for name in frames)
+    if not (unraisable.exc_type is RuntimeError and inside_asyncio
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.jdl_quiet_closed_loop = True  # type: ignore[attr-defined]
+  sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -54,63 +145,169 @@ class Checkpointer:
     best_metric: also keep the checkpoint with the best value of this metric (a key of the
       `metrics` given to `save`), e.g. "test_accuracy"; None keeps only the most recent.
     mode: "max" or "min" for `best_metric`; None chooses with `best_mode`.
-    asynchronous: write in a background thread while training goes on (orbax's async
-      checkpointing); `wait` or `close` blocks until everything is on disk.
+    asynchronous: in a single process, write in a background thread while training goes on
+      (from a host copy of the state taken at `save`); `wait` or `close` blocks until it is on
+      disk. A multi-process run writes while the processes wait for each other.
+    writable: False opens existing checkpoints for reading only (nothing is created or checked).
+
+  Raises:
+    CheckpointWriteError: `directory` is not a folder that can be written (a file, a read-only
+      filesystem); the message names it.
 
   Takes a state on one device or replicated over a mesh (under pmap, `runner.fetch_state`'s).
-  Every process of a multi-process run must call `save` and `restore_latest`.
+  Every process of a multi-process run must call `save` and `restore_latest`. Metrics and
+  checksums live in each step's folder, so the best checkpoint survives any number of resumes.
   """
 
   def __init__(self, directory: str, *, keep: int = 3, best_metric: str | None = None,
-               mode: str | None = None, asynchronous: bool = True) -> None:
+               mode: str | None = None, asynchronous: bool = True, writable: bool = True) -> None:
     if keep < 1:
       raise ValueError(f"keep must be >= 1 (checkpoints to keep); got {keep}.")
     mode = mode or (best_mode(best_metric) if best_metric else "max")
     if mode not in ("max", "min"):
       raise ValueError(f"mode must be 'max' or 'min'; got {mode!r}.")
     self.directory = os.path.abspath(directory)
-    self.best_metric, self.mode = best_metric, mode
-    policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=keep)]
-    if best_metric:
-      policies.append(ocp.checkpoint_managers.BestN(
-          get_metric_fn=lambda metrics: metrics[best_metric], reverse=mode == "min", n=1,
-          keep_checkpoints_without_metrics=False))
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=asynchronous, create=True)
+    self.keep, self.best_metric, self.mode = keep, best_metric, mode
+    self.asynchronous = asynchronous and jax.process_count() == 1
+    if writable:
+      _check_writable(self.directory)
+    # Retention is applied here (`_apply_retention`), from the metrics saved in each step.
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=writable,
+                                           read_only=not writable)
     # Registered up front so that a resumed run can read checkpoints it has not written.
     registry = ocp.DefaultCheckpointHandlerRegistry()
     for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
       registry.add(ITEM, args, ocp.StandardCheckpointHandler)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           handler_registry=registry)
+    _quiet_closed_loop_callbacks()
+    self._writer: threading.Thread | None = None
+    self._failure: tuple[int, BaseException] | None = None
+    self._failure_reported = False
+    self._records: dict[int, dict[str, Any] | None] = {}
 
   def steps(self) -> list[int]:
-    """The steps with a checkpoint on disk, oldest first."""
+    """The steps with a checkpoint on disk, oldest first (after the save in progress)."""
+    self._join()
     return sorted(self._manager.all_steps())
+
+  def metrics(self, step: int) -> dict[str, float] | None:
+    """The metrics saved with the checkpoint of `step` (None: saved without, or before jdl kept
+    them)."""
+    record = self._record(step)
+    return None if record is None else record.get("metrics")
+
+  def best_step(self) -> int | None:
+    """The step of the saved checkpoint with the best `best_metric`, or None without one."""
+    return self._best_of(self.steps())
 
   def save(self, state: TrainState, *, metrics: CheckpointMetrics | None = None) -> bool:
     """Saves `state` under its step; returns False when that step is already saved.
 
     `metrics` rank it for `best_metric`; without them it is kept only while among the most recent.
+
+    Raises:
+      CheckpointWriteError: this save or an earlier one could not be written.
     """
-    step = int(jax.device_get(state.step))
-    if step in self._manager.all_steps():
+    self.raise_if_failed()
+    step = int(np.asarray(state.step).reshape(-1)[0])
+    if step in self.steps():  # also waits for the previous save: one write at a time
+      self.raise_if_failed()
       return False
+    self.raise_if_failed()
     if metrics is not None and self.best_metric and self.best_metric not in metrics:
       raise ValueError(f"best_metric {self.best_metric!r} is not among the metrics given to "
                        f"save: {sorted(metrics)}.")
     plain = None if metrics is None else {key: float(value) for key, value in metrics.items()}
-    self._manager.save(step, args=ocp.args.StandardSave(_key_data(state)), metrics=plain,
-                       force=True)
+    if not self.asynchronous:
+      self._write(step, _key_data(state), plain)
+      self.raise_if_failed()
+      return True
+    # A host copy: training goes on, and may donate the device buffers, while this is written.
+    host = jax.device_get(_key_data(state))
+    self._writer = threading.Thread(target=self._write, args=(step, host, plain),
+                                    name=f"jdl-checkpoint-{step}", daemon=True)
+    self._writer.start()
     return True
+
+  def _write(self, step: int, state: TrainState, metrics: dict[str, float] | None) -> None:
+    """Writes one checkpoint (atomically: orbax renames a complete temporary folder), then
+    applies retention. A failure is kept for `raise_if_failed`, never raised in a thread."""
+    try:
+      record = {"metrics": metrics, "checksums": array_checksums(state)}
+      self._manager.save(step, args=ocp.args.StandardSave(state), force=True,
+                         custom_metadata={RECORD_KEY: record})
+      self._manager.wait_until_finished()
+      self._records[step] = record
+      self._apply_retention()
+    except BaseException as error:  # pylint: disable=broad-except  # reported by the caller
+      self._failure = (step, error)
+      self._remove_partial(step)
+
+  def _apply_retention(self) -> None:
+    """Deletes every checkpoint but the last `keep` and the best by `best_metric`."""
+    steps = sorted(self._manager.all_steps())
+    kept = set(steps[-self.keep:])
+    best = self._best_of(steps)
+    if best is not None:
+      kept.add(best)
+    for step in steps:
+      if step not in kept:
+        self._manager.delete(step)
+        self._records.pop(step, None)
+
+  def _best_of(self, steps: list[int]) -> int | None:
+    if not self.best_metric:
+      return None
+    scored = [(metrics[self.best_metric], step) for step in steps
+              if (metrics := self.metrics(step)) and metrics.get(self.best_metric) is not None]
+    if not scored:
+      return None
+    return (max(scored) if self.mode == "max" else min(scored, key=lambda s: (s[0], -s[1])))[1]
+
+  def _remove_partial(self, step: int) -> None:
+    """Removes what a failed save left (orbax's temporary folder), if it can."""
+    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return
+    for name in os.listdir(self.directory):
+      if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+  def raise_if_failed(self) -> None:
+    """Raises `CheckpointWriteError` if a save has failed (cheap: call it as often as you like).
+
+    The message names the step, the folder, the cause (the operating system's error where there
+    is one) and the earlier checkpoints, which are intact.
+    """
+    if self._failure is None:
+      return
+    self._failure_reported = True
+    step, error = self._failure
+    try:
+      intact = sorted(self._manager.all_steps())
+    except Exception:  # pylint: disable=broad-except  # the folder itself may be gone
+      intact = []
+    earlier = (f"The checkpoints saved before it are intact (steps {intact})." if intact
+               else "No checkpoint had been saved.")
+    raise CheckpointWriteError(
+        f"could not save the checkpoint of step {step} in {self.directory} "
+        f"({_cause(error)}); training stopped. {earlier}")
+
+  def _record(self, step: int) -> dict[str, Any] | None:
+    """A step's metrics and checksums, None for a checkpoint saved without them."""
+    if step not in self._records:
+      custom = self._manager.metadata(step).custom_metadata or {}
+      self._records[step] = custom.get(RECORD_KEY)
+    return self._records[step]
 
   def restore(self, template: TrainState, step: int) -> TrainState:
     """The state saved at `step`, with the structure, dtypes and placement of `template`.
 
     Raises:
       CheckpointError: the checkpoint holds other arrays or shapes (names the first).
+      CorruptCheckpointError: an array differs from the checksum saved with it (names it).
     """
+    self._join()
     saved = _leaf_shapes(self._manager.item_metadata(step).tree)
     wanted = _leaf_shapes(_key_data(template))
     for path in sorted(wanted.keys() | saved.keys(), key=lambda p: (not p.startswith("params"), p)):
@@ -122,16 +319,20 @@ class Checkpointer:
             f"or optimizer: {path} is {found} there, but this run has {expected}.")
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _key_data(template))
     restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
+    record = self._record(step)
+    if record is not None:
+      _verify(restored, record["checksums"], step, self.directory)
     return jax.tree.map(_like_template, template, restored)
 
   def restore_latest(self, template: TrainState, log: Callable[[str], None] = print, *,
                      move_unusable: bool = True) -> TrainState | None:
     """The most recent checkpoint that restores into `template`, or None when there is none.
 
-    A checkpoint that fails to restore is reported with `log` and the one before it is tried;
-    with `move_unusable` it is moved aside so "latest" never sees it again (a read-only load
-    passes False). Raises CheckpointError when every checkpoint failed and one was written by
-    another model, rather than start over next to another run's checkpoints.
+    A checkpoint that fails to restore (truncated, or an array that fails its checksum) is
+    reported with `log` and the one before it is tried; with `move_unusable` it is moved aside so
+    "latest" never sees it again (a read-only load passes False). Raises CheckpointError when
+    every checkpoint failed and one was written by another model, rather than start over next to
+    another run's checkpoints.
     """
     mismatched = []
     for step in reversed(self.steps()):
@@ -139,6 +340,8 @@ class Checkpointer:
         return self.restore(template, step)
       except CheckpointError as error:
         mismatched.append(step)
+        reason = str(error)
+      except CorruptCheckpointError as error:
         reason = str(error)
       except Exception as error:  # pylint: disable=broad-except  # truncated or corrupt files
         reason = f"it cannot be read ({type(error).__name__}: {str(error)[:300]})"
@@ -152,31 +355,82 @@ class Checkpointer:
           f"model); {moved}. Use a new workdir for a different model.")
     return None
 
+  @property
+  def unusable_directory(self) -> str:
+    """Where unusable checkpoints are moved: `<directory>_unusable`."""
+    return self.directory.rstrip(os.sep) + "_unusable"
+
   def _set_aside(self, step: int) -> str:
     """Moves a step's folder out of the manager's directory, keeping it for inspection."""
-    self._manager.wait_until_finished()
-    unusable = self.directory.rstrip(os.sep) + "_unusable"
-    os.makedirs(unusable, exist_ok=True)
-    destination = os.path.join(unusable, f"{step}.{time.strftime('%Y%m%d-%H%M%S')}")
+    self._join()
+    os.makedirs(self.unusable_directory, exist_ok=True)
+    destination = os.path.join(self.unusable_directory, f"{step}.{time.strftime('%Y%m%d-%H%M%S')}")
     if jax.process_index() == 0:
       shutil.move(os.path.join(self.directory, str(step)), destination)
+    self._records.pop(step, None)
     self._manager.reload()
     return destination
 
+  def _join(self) -> None:
+    """Waits for the save in progress, if any (its failure is kept, not raised)."""
+    if self._writer is not None:
+      self._writer.join()
+      self._writer = None
+
   def wait(self) -> None:
-    """Blocks until every save has been written."""
-    self._manager.wait_until_finished()
+    """Blocks until every save has been written.
+
+    Raises:
+      CheckpointWriteError: a save could not be written.
+    """
+    self._join()
+    self.raise_if_failed()
 
   def close(self) -> None:
-    """Waits for pending saves and releases the manager."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for pending saves and releases the manager; raises `CheckpointWriteError` for a
+    failed save not reported yet."""
+    try:
+      self._join()
+    finally:
+      self._manager.close()
+    if not self._failure_reported:
+      self.raise_if_failed()
 
   def __enter__(self) -> Checkpointer:
     return self
 
   def __exit__(self, *_: object) -> None:
     self.close()
+
+
+def _check_writable(directory: str) -> None:
+  """Fails at once, with one line, where no checkpoint could ever be saved."""
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise CheckpointWriteError(f"cannot save checkpoints in {directory}: it is a file, not a "
+                               "folder. Move it away or choose another workdir.")
+  probe = os.path.join(directory, f".jdl-write-test-{os.getpid()}")
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with open(probe, "w", encoding="utf-8") as f:
+      f.write("probe")
+    os.remove(probe)
+  except OSError as error:
+    raise CheckpointWriteError(
+        f"cannot save checkpoints in {directory} ({type(error).__name__}: {error.strerror or error})"
+        "; choose a workdir on a writable filesystem.") from None
+
+
+def _verify(state: TrainState, checksums: Mapping[str, Mapping[str, str]], step: int,
+            directory: str) -> None:
+  """Raises CorruptCheckpointError naming the first array whose bytes differ from its checksum.
+  Arrays restored in another dtype than they were saved in (a cast by the template) are skipped."""
+  restored = array_checksums(state)
+  for path, saved in sorted(checksums.items()):
+    now = restored.get(path)
+    if now is not None and now["dtype"] == saved["dtype"] and now["crc32"] != saved["crc32"]:
+      raise CorruptCheckpointError(
+          f"the checkpoint at step {step} in {directory} is corrupt: array {path} does not match "
+          "the checksum saved with it (its file changed or was damaged after it was written)")
 
 
 def _is_typed_key(value: Any) -> bool:

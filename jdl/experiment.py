@@ -24,12 +24,12 @@ import numpy as np
 from jdl import augment as augment_lib
 from jdl import config as config_lib
 from jdl import data as data_lib
-from jdl import models, optim, parallel, runs, step as step_lib, tasks
-from jdl.checkpoint import Checkpointer
+from jdl import losses, models, optim, parallel, runs, step as step_lib, tasks
+from jdl.checkpoint import Checkpointer, CheckpointError, CheckpointWriteError
 from jdl.data import augment_tf
-from jdl.loop import Hook, NonFiniteError, Preempted, Record, fit
+from jdl.loop import Hook, NonFiniteError, Preempted, Record, evaluate, fit
 from jdl.state import TrainState, count_params, create_train_state
-from jdl.writers import MetricWriter, truncate_jsonl
+from jdl.writers import MetricWriter, read_jsonl, truncate_records
 
 
 def train_and_evaluate(config: Any, workdir: str,
@@ -41,12 +41,33 @@ def train_and_evaluate(config: Any, workdir: str,
   (`config.resume`): data order, dropout and augmentation are functions of the seed and the step,
   so a resumed run ends where an uninterrupted one would, and `metrics.jsonl` keeps only the
   records up to the resumed step. In a multi-process run only process 0 prints and writes.
+  One run per workdir: process 0 holds `WORKDIR/jdl.lock` while it runs (`runs.WorkdirLock`).
 
   Returns:
-    `(state, history)` as `fit` returns them (history: this invocation's records).
+    `(state, history)` as `fit` returns them (history: this invocation's records; for a run
+    already complete, the record of its last step).
+
+  Raises:
+    jdl.ConfigError: the config cannot train, or the workdir holds a run it may not continue
+      (`config.resume` false, another config); checked before any work.
+    jdl.runs.WorkdirBusyError: another run holds the workdir.
+    jdl.CheckpointError: the workdir's checkpoints are all unusable or another model's.
+    jdl.CheckpointWriteError: a checkpoint could not be saved (earlier ones are intact).
   """
+  check_config(config)
   parallel.initialize_distributed(config.distributed)
-  _check_loss_matches_output(config)
+  log = print if parallel.is_main_process() else (lambda _: None)
+  lock = runs.WorkdirLock(workdir, log=log) if parallel.is_main_process() else None
+  try:
+    return _train_and_evaluate(config, workdir, hooks)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_and_evaluate(config: Any, workdir: str,
+                        hooks: Sequence[Hook]) -> tuple[TrainState, list[Record]]:
+  """`train_and_evaluate` once the config is checked and the workdir is this run's."""
   device_augment, pipeline_augment = make_augmentations(config.augment, in_memory=config.in_memory)
   runner = parallel.make_runner(config.layout, num_devices=config.num_devices or None,
                                 batch_size=config.batch_size)
@@ -59,7 +80,7 @@ def train_and_evaluate(config: Any, workdir: str,
     checkpointer = Checkpointer(os.path.join(workdir, runs.CHECKPOINT_DIR), keep=config.keep_checkpoints,
                                 best_metric=best)
     if checkpointer.steps() and not config.resume:
-      raise ValueError(
+      raise config_lib.ConfigError(
           f"{checkpointer.directory} already holds checkpoints (steps {checkpointer.steps()}) and "
           "config.resume is false; use a new workdir, or resume=true to continue that run.")
     if checkpointer.steps():
@@ -77,8 +98,10 @@ def train_and_evaluate(config: Any, workdir: str,
     if restored is not None:
       state = restored
       log(f"resuming from the checkpoint of step {int(state.step)} in {checkpointer.directory}.")
-      if main:
-        truncate_jsonl(workdir, int(state.step))
+    else:
+      _refuse_to_start_over(workdir, checkpointer)
+  if main:  # what an earlier attempt wrote after this run's starting step is written again
+    truncate_records(workdir, int(state.step))
   task = tasks.classification(config.loss, label_smoothing=config.label_smoothing,
                               top_k=tuple(config.top_k))
   train_step, eval_step = step_lib.make_steps(
@@ -95,11 +118,16 @@ def train_and_evaluate(config: Any, workdir: str,
   writer = MetricWriter(workdir) if main else None
   try:
     if writer is not None:
-      writer.write_config(config)
+      writer.write_config(config, summary=int(state.step) == 0)
       runs.write_run_metadata(workdir, meta, vocabulary)
     if int(state.step) >= num_steps:
-      log(f"the checkpoint is already at step {int(state.step)} of {num_steps}: nothing to train.")
-      return state, []
+      record = _completed_record(workdir, state, (train_step, eval_step), eval_data, runner,
+                                 eval_name)
+      log(_final_line(config, eval_name, record))
+      log(f"the run in {workdir} is complete (step {int(state.step)} of {num_steps}); to train "
+          "longer, raise --config.num_steps (or num_epochs); to train again from step 0, use a "
+          "new --workdir.")
+      return state, [record]
     state, history = fit(
         state, train_step, eval_step, train_data, eval_data,
         num_steps=num_steps,
@@ -118,17 +146,102 @@ def train_and_evaluate(config: Any, workdir: str,
       writer.close()
     if checkpointer is not None:
       checkpointer.close()
-  final = history[-1]
-  if config.task == "language_model":
-    log(f"final {eval_name} loss: {final[f'{eval_name}_loss']:.4f} nats per character "
-        f"(next-character accuracy {final[f'{eval_name}_accuracy']:.4f}) after "
-        f"{int(final['step'])} steps, {final['elapsed_seconds']:.1f}s, "
-        f"{history[-1]['examples_per_second']:,.0f} tokens/s")
-  else:
-    log(f"final {eval_name} accuracy: {final[f'{eval_name}_accuracy']:.4f} "
-        f"(loss {final[f'{eval_name}_loss']:.4f}) after {int(final['step'])} steps, "
-        f"{final['elapsed_seconds']:.1f}s")
+  log(_final_line(config, eval_name, history[-1]))
   return state, history
+
+
+def _final_line(config: Any, eval_name: str, final: Record) -> str:
+  """The line a run ends with: the final evaluation."""
+  if config.task == "language_model":
+    speed = (f", {final['examples_per_second']:,.0f} tokens/s"
+             if "examples_per_second" in final else "")
+    return (f"final {eval_name} loss: {final[f'{eval_name}_loss']:.4f} nats per character "
+            f"(next-character accuracy {final[f'{eval_name}_accuracy']:.4f}) after "
+            f"{int(final['step'])} steps, {final['elapsed_seconds']:.1f}s{speed}")
+  return (f"final {eval_name} accuracy: {final[f'{eval_name}_accuracy']:.4f} "
+          f"(loss {final[f'{eval_name}_loss']:.4f}) after {int(final['step'])} steps, "
+          f"{final['elapsed_seconds']:.1f}s")
+
+
+def _completed_record(workdir: str, state: TrainState, steps: tuple[Any, Any],
+                      eval_data: data_lib.BatchSource, runner: parallel.Runner,
+                      eval_name: str) -> Record:
+  """The final record of a run already complete: its own from `metrics.jsonl`, or, where that is
+  gone, a fresh evaluation of its last checkpoint."""
+  step = int(state.step)
+  key = f"{eval_name}_accuracy"
+  try:
+    saved = [r for r in read_jsonl(workdir) if int(r["step"]) == step and r.get(key) is not None]
+  except FileNotFoundError:
+    saved = []
+  if saved:
+    return saved[-1]
+  _, compiled_eval = runner.compile(*steps)
+  means = evaluate(runner.place_state(state), compiled_eval, eval_data, runner=runner)
+  record = {"step": step, "elapsed_seconds": 0.0}
+  record.update({f"{eval_name}_{k}": v for k, v in means.items() if k != "count"})
+  return record
+
+
+def _refuse_to_start_over(workdir: str, checkpointer: Checkpointer) -> None:
+  """Raises CheckpointError when a workdir holds an earlier run's records but no usable
+  checkpoint: starting over silently would mix two runs in one workdir."""
+  try:
+    steps = sorted(int(record["step"]) for record in read_jsonl(workdir))
+  except FileNotFoundError:
+    return
+  if not steps:
+    return
+  aside = checkpointer.unusable_directory
+  moved = (f"; the unusable ones are in {aside}" if os.path.isdir(aside) and os.listdir(aside)
+           else "")
+  raise CheckpointError(
+      f"{workdir} holds records of a run up to step {steps[-1]} but no usable checkpoint to "
+      f"resume it from{moved}. Nothing was changed. To start it over from step 0 (its records "
+      "are replaced), run again with --config.resume=false; or use a new --workdir.")
+
+
+_COUNTS = {  # config key: (least value, what it counts)
+    "num_steps": (0, "training steps; 0: num_epochs decides"),
+    "num_epochs": (0, "passes over the training split; used when num_steps is 0"),
+    "eval_every_steps": (0, "steps between evaluations; 0: every epoch"),
+    "checkpoint_every_steps": (0, "steps between saves; 0: evaluations and epoch ends"),
+    "keep_checkpoints": (1, "checkpoints kept"),
+    "batch_size": (1, "examples per training batch"),
+    "eval_batch_size": (1, "examples per evaluation batch"),
+    "num_devices": (0, "devices to use; 0: all"),
+}
+
+
+def check_config(config: Any) -> None:
+  """Raises ConfigError for a config that could not train, before any data or device work: a
+  count out of range, an unknown task, layout, model, model attribute, optimizer or optimizer key,
+  an augmentation that cannot run, a loss that does not fit the model's output."""
+  for key, (least, meaning) in _COUNTS.items():
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+      raise config_lib.ConfigError(
+          f"config.{key} must be an integer >= {least} ({meaning}); got {value!r}.")
+  if not config.num_steps and not config.num_epochs:
+    raise config_lib.ConfigError("config.num_steps and config.num_epochs are both 0: set one of "
+                                 "them to how long to train.")
+  if not config.checkpoint_min_seconds >= 0:
+    raise config_lib.ConfigError("config.checkpoint_min_seconds must be >= 0; got "
+                                 f"{config.checkpoint_min_seconds!r}.")
+  if config.task not in runs.TASKS:
+    raise config_lib.ConfigError(f"unknown config.task {config.task!r}; expected one of "
+                                 f"{runs.TASKS}.")
+  if config.layout not in parallel.LAYOUTS:
+    raise config_lib.ConfigError(f"unknown config.layout {config.layout!r}; expected one of "
+                                 f"{parallel.LAYOUTS}.")
+  try:  # building these is cheap and pure, and checks every key they read
+    _check_loss_matches_output(config)
+    make_augmentations(config.augment, in_memory=config.in_memory)
+    models.build_model(config.model, num_classes=2)
+    optim.make_optimizer(config.optimizer, total_steps=config.num_steps or 10**9)
+    losses.get_classification_loss(config.loss, config.label_smoothing)
+  except (ValueError, TypeError, KeyError) as error:
+    raise config_lib.ConfigError(str(error).strip("'\"")) from None
 
 
 RESUMABLE_CHANGES = frozenset({
@@ -141,7 +254,7 @@ is, on which devices. Every other key shapes the trajectory (seed, model, optimi
 
 
 def check_resumable(workdir: str, config: Any) -> None:
-  """Raises ValueError if `workdir` holds a run whose saved config differs from `config` in a
+  """Raises ConfigError (a ValueError) if `workdir` holds a run whose saved config differs from `config` in a
   key outside `RESUMABLE_CHANGES`: resuming would silently continue that run with other
   settings (another seed, say). A workdir without `config.json` is not checked."""
   try:
@@ -155,7 +268,7 @@ def check_resumable(workdir: str, config: Any) -> None:
                if key.split(".")[0] not in RESUMABLE_CHANGES and saved[key] != now[key]]
   if differing:
     changes = "; ".join(f"{key}: {saved[key]!r} there, {now[key]!r} now" for key in differing[:5])
-    raise ValueError(
+    raise config_lib.ConfigError(
         f"{workdir} holds checkpoints of a run with another config ({changes}"
         f"{'; ...' if len(differing) > 5 else ''}). Resuming would continue that run with these "
         "settings; use a new workdir for the new run, or the saved config to resume the old one.")
@@ -263,14 +376,19 @@ def main(
     train: Callable[[ml_collections.ConfigDict, str], Any] | None = None,
 ) -> None:
   """`run_experiment` on `sys.argv`, for `if __name__ == "__main__"`. Instead of a traceback: a
-  config mistake prints one clear line and exits with status 2; a run stopped by SIGTERM/SIGINT
+  config mistake, or a workdir the run may not use (another run holds it, its checkpoints are all
+  unusable or another config's), prints one clear line and exits with status 2; a checkpoint that
+  cannot be written, or a lost peer process, one line and status 1; a run stopped by SIGTERM/SIGINT
   (after saving a checkpoint) says how to resume and exits with 128 + the signal number, as if
   killed by it; a loss or gradient that became NaN or infinite exits with status 3."""
   try:
     run_experiment(get_config, sys.argv[1:], name=name, train=train)
-  except config_lib.ConfigError as error:
-    print(f"error: {error}", file=sys.stderr)
+  except (config_lib.ConfigError, runs.WorkdirBusyError, CheckpointError) as error:
+    print(f"error: {error}", file=sys.stderr)  # refused before any training
     raise SystemExit(2) from None
+  except (CheckpointWriteError, parallel.PeerError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(1) from None
   except Preempted as stopped:
     print(str(stopped), file=sys.stderr)
     raise SystemExit(128 + int(getattr(signal, stopped.signal_name))) from None

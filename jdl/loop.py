@@ -165,6 +165,10 @@ def fit(
     raise ValueError(f"num_steps must be >= 1; got {num_steps}.")
   if steps_per_call is not None and steps_per_call < 1:
     raise ValueError(f"steps_per_call must be >= 1; got {steps_per_call}.")
+  for name, value in (("eval_every_steps", eval_every_steps),
+                      ("checkpoint_every_steps", checkpoint_every_steps)):
+    if value is not None and value < 0:
+      raise ValueError(f"{name} must be >= 1, or None or 0 for the default; got {value}.")
   eval_every = eval_every_steps or steps_per_epoch
   runner = runner or parallel.JitRunner()
   engine = _make_engine(state, train_step, eval_step, train_data, eval_data, runner=runner,
@@ -193,6 +197,8 @@ def fit(
   stop = _StopSignals() if handle_signals and checkpointer is not None else None
   try:
     while step < num_steps:
+      if checkpointer is not None:
+        checkpointer.raise_if_failed()  # a save that failed in the background stops the run now
       next_eval, target = call_bounds(step)
       state, sums, advanced = engine.advance(state, step, target)
       interval_sums = metrics_lib.merge_metrics(interval_sums, sums)

@@ -30,12 +30,14 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *,
       `(1 - s) * one_hot(label) + s / num_classes` (Szegedy et al., 2016).
 
   Returns:
-    `[batch]` losses.
+    `[batch]` losses; NaN for a label outside `[0, num_classes)` (see `nan_outside_classes`).
   """
   smoothing = check_label_smoothing(label_smoothing)
   if not smoothing:
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  return _smoothed_cross_entropy(jax.nn.log_softmax(logits, axis=-1), labels, smoothing)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  else:
+    losses = _smoothed_cross_entropy(jax.nn.log_softmax(logits, axis=-1), labels, smoothing)
+  return nan_outside_classes(losses, labels, logits.shape[-1])
 
 
 def cross_entropy_from_probabilities(
@@ -45,13 +47,29 @@ def cross_entropy_from_probabilities(
   """Cross-entropy of integer labels for a model that ends in softmax (Keras' `from_logits=False`).
 
   Probabilities are clipped to `[epsilon, 1]` before the log; prefer logits with
-  `softmax_cross_entropy`, which is numerically stable. `label_smoothing` as there.
+  `softmax_cross_entropy`, which is numerically stable. `label_smoothing` and out-of-range labels
+  as there.
   """
   smoothing = check_label_smoothing(label_smoothing)
   if not smoothing:
     picked = jnp.take_along_axis(probabilities, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
-    return -jnp.log(jnp.clip(picked, epsilon, 1.0))
-  return _smoothed_cross_entropy(jnp.log(jnp.clip(probabilities, epsilon, 1.0)), labels, smoothing)
+    losses = -jnp.log(jnp.clip(picked, epsilon, 1.0))
+  else:
+    losses = _smoothed_cross_entropy(jnp.log(jnp.clip(probabilities, epsilon, 1.0)), labels,
+                                     smoothing)
+  return nan_outside_classes(losses, labels, probabilities.shape[-1])
+
+
+def nan_outside_classes(losses: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
+  """`losses` with NaN where a label is outside `[0, num_classes)`.
+
+  Indexing by such a label (-1, say) would silently pick another class (jax clamps or wraps
+  out-of-range indices), a finite but wrong loss; NaN makes it visible in a user's own loop and
+  stops `jdl.fit` at that step, named by its non-finite watch. A masked-out example still needs a
+  label in range (padding uses 0): the masked mean multiplies its loss by 0, and NaN * 0 is NaN.
+  """
+  valid = (labels >= 0) & (labels < num_classes)
+  return jnp.where(valid, losses, jnp.nan)
 
 
 def check_label_smoothing(label_smoothing: float) -> float:

@@ -40,6 +40,10 @@ TrainStep = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 EvalStep = Callable[[TrainState, Batch], Metrics]
 
 
+class PeerError(RuntimeError):
+  """The processes of a multi-process run disagree (config, workdir) or one of them was lost."""
+
+
 class Runner(Protocol):
   """What the loop needs from a device layout."""
 

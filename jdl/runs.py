@@ -19,8 +19,13 @@ Tasks (`config.task`):
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import json
 import os
+import socket
+import sys
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,9 +35,9 @@ import numpy as np
 
 from jdl import data as data_lib
 from jdl import models, optim, transfer
-from jdl.checkpoint import Checkpointer, best_mode
+from jdl.checkpoint import Checkpointer
 from jdl.data import text as text_lib
-from jdl.writers import CONFIG_NAME, read_jsonl
+from jdl.writers import CONFIG_NAME
 from jdl.state import TrainState, create_train_state
 
 TASKS = ("classification", "language_model", "text_classification")
@@ -127,7 +132,7 @@ def load_run(workdir: str, *, checkpoint: str | int = "latest",
                                 jax.random.PRNGKey(config.seed))
   # A fine-tuned run's optimizer has the structure its `config.transfer` gave it (frozen groups).
   template = apply_transfer_config(template, config.get("transfer"), load=False)
-  checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR))
+  checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), writable=False)
   try:
     steps = checkpointer.steps()
     if not steps:
@@ -149,19 +154,18 @@ def load_run(workdir: str, *, checkpoint: str | int = "latest",
 
 
 def best_step(workdir: str, config: ml_collections.ConfigDict) -> int:
-  """The step of the checkpoint with the best evaluation `config.best_metric`, from the
-  checkpoints on disk and the run's `metrics.jsonl`."""
+  """The step of the checkpoint with the best evaluation `config.best_metric`, from the metrics
+  saved with each checkpoint (they survive resumes; `metrics.jsonl` is not consulted)."""
   if not config.best_metric:
     raise ValueError("the run kept no best checkpoint (config.best_metric is empty).")
   key = f"{config.eval_split.split('[')[0]}_{config.best_metric}"
-  with Checkpointer(os.path.join(workdir, CHECKPOINT_DIR)) as checkpointer:
-    saved = set(checkpointer.steps())
-  scored = [(record[key], record["step"]) for record in read_jsonl(workdir)
-            if record["step"] in saved and record.get(key) is not None]
-  if not scored:
-    raise FileNotFoundError(f"no checkpoint of {workdir} has an evaluation record with {key!r}.")
-  pick = min if best_mode(key) == "min" else max
-  return pick(scored)[1]
+  with Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), best_metric=key,
+                    writable=False) as checkpointer:
+    step = checkpointer.best_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint of {workdir} was saved with {key!r} (checkpoints "
+                            "saved at evaluations carry it).")
+  return step
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -275,3 +279,115 @@ def apply_transfer_config(state: TrainState, config: Mapping[str, Any] | None, *
     raise ValueError("config.transfer.skip and rename apply to loading; set "
                      "config.transfer.init_from to the workdir to load from.")
   return state
+
+
+LOCK_NAME = "jdl.lock"
+"""The file of a workdir that names the process training in it (`WorkdirLock`)."""
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another process is training in the workdir."""
+
+
+class WorkdirLock:
+  """One run per workdir: an exclusive lock on `WORKDIR/jdl.lock`, a file naming its holder.
+
+  The lock is the operating system's (`fcntl.flock`), so it is dropped when the holder exits
+  however it exits (SIGKILL, a crash, a lost machine's NFS lease): a lock file whose lock nobody
+  holds is stale and is taken over, with a message naming the run that left it. A clean
+  `release` removes the file. Filesystems without locks fall back to the file's contents: a
+  holder on this host that is no longer running is stale; one on another host is trusted.
+
+  Args:
+    workdir: the run's workdir (created when missing).
+    log: where the note about a stale lock goes.
+
+  Raises:
+    WorkdirBusyError: a live process holds the lock; the message names its host, pid and start.
+  """
+
+  def __init__(self, workdir: str, log: Callable[[str], None] = print) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(os.path.abspath(workdir), LOCK_NAME)
+    self._file = self._acquire(log)
+    holder = {"host": socket.gethostname(), "pid": os.getpid(),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)}
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(json.dumps(holder) + "\n")
+    self._file.flush()
+
+  def _acquire(self, log: Callable[[str], None]) -> Any:
+    for _ in range(10):  # a holder may remove the file between our open and our lock: retry
+      file = open(self.path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+      try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        holder = _read_holder(file)
+        file.close()
+        raise WorkdirBusyError(
+            f"{os.path.dirname(self.path)} is in use by another run ({_describe(holder)}); one "
+            "run per workdir. Wait for it to finish, stop it, or use another --workdir.") from None
+      except OSError as error:
+        if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+          raise
+        self._check_holder_alive(_read_holder(file))  # no locks here: trust the file
+      try:
+        same = os.fstat(file.fileno()).st_ino == os.stat(self.path).st_ino
+      except FileNotFoundError:
+        same = False
+      if same:
+        previous = _read_holder(file)
+        if previous:
+          log(f"taking over {self.path}: the run that held it ({_describe(previous)}) ended "
+              "without releasing it.")
+        return file
+      file.close()
+    raise WorkdirBusyError(f"could not lock {self.path}: it keeps being replaced.")
+
+  def _check_holder_alive(self, holder: dict[str, Any]) -> None:
+    if not holder:
+      return
+    if holder.get("host") != socket.gethostname():
+      raise WorkdirBusyError(
+          f"{os.path.dirname(self.path)} is in use by a run on another host ({_describe(holder)}) "
+          f"and this filesystem has no locks to check it; remove {self.path} if that run is over.")
+    try:
+      os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+      return  # stale
+    except PermissionError:
+      pass  # alive, another user's
+    raise WorkdirBusyError(f"{os.path.dirname(self.path)} is in use by another run "
+                           f"({_describe(holder)}); one run per workdir.")
+
+  def release(self) -> None:
+    """Removes the lock file and drops the lock; releasing again does nothing."""
+    if self._file.closed:
+      return
+    try:
+      os.remove(self.path)
+    except FileNotFoundError:
+      pass
+    self._file.close()
+
+  def __enter__(self) -> WorkdirLock:
+    return self
+
+  def __exit__(self, *_: object) -> None:
+    self.release()
+
+
+def _read_holder(file: Any) -> dict[str, Any]:
+  file.seek(0)
+  try:
+    return json.loads(file.read() or "{}")
+  except ValueError:
+    return {}
+
+
+def _describe(holder: Mapping[str, Any]) -> str:
+  if not holder:
+    return "holder unknown"
+  return (f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}: "
+          f"{holder.get('command', '')}".rstrip(": "))

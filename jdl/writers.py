@@ -8,10 +8,12 @@ the `tensorboard` package alone in the records `tf.summary` writes (float32 scal
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
 import socket
+import struct
 import time
 from collections.abc import Mapping
 from typing import Any, BinaryIO
@@ -128,15 +130,16 @@ class MetricWriter:
           key: value for key, value in scalars.items()
           if isinstance(value, (int, float)) and math.isfinite(value)})
 
-  def write_config(self, config: Mapping[str, Any]) -> None:
-    """Saves the run's configuration as `config.json` (and as text in TensorBoard), and the
-    versions of jdl and its main libraries, Python and the devices as `versions.json`."""
+  def write_config(self, config: Mapping[str, Any], *, summary: bool = True) -> None:
+    """Saves the run's configuration as `config.json` (and, with `summary`, as text at step 0 in
+    TensorBoard: a resumed run has it there already), and the versions of jdl and its main
+    libraries, Python and the devices as `versions.json`."""
     as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     with open(os.path.join(self.workdir, CONFIG_NAME), "w", encoding="utf-8") as f:
       json.dump(as_dict, f, indent=2, sort_keys=True, default=str)
     with open(os.path.join(self.workdir, VERSIONS_NAME), "w", encoding="utf-8") as f:
       json.dump(library_versions(), f, indent=2, sort_keys=True)
-    if self._summary is not None:
+    if self._summary is not None and summary:
       self._summary.write_text(0, "config", json.dumps(as_dict, indent=2, sort_keys=True,
                                                        default=str))
 
@@ -166,6 +169,50 @@ def truncate_jsonl(workdir: str, last_step: int) -> int:
       f.writelines(json.dumps(record) + "\n" for record in kept)
     os.replace(path + ".tmp", path)
   return len(records) - len(kept)
+
+
+def truncate_records(workdir: str, start_step: int) -> None:
+  """Drops what earlier attempts of a run wrote after `start_step`, the step it starts from now:
+  the records of `metrics.jsonl` and the TensorBoard events (every one when it starts from 0), so
+  each step is written once whichever reader looks. Files are replaced atomically."""
+  truncate_jsonl(workdir, start_step)
+  for path in sorted(glob.glob(os.path.join(workdir, TENSORBOARD_DIR, "events.out.tfevents.*"))):
+    if start_step <= 0:
+      os.remove(path)
+    else:
+      _truncate_event_file(path, start_step)
+
+
+def _truncate_event_file(path: str, last_step: int) -> None:
+  """Rewrites a TensorBoard event file without its events after `last_step`."""
+  # pylint: disable=import-outside-toplevel
+  from tensorboard.compat.proto import event_pb2
+  from tensorboard.summary.writer.record_writer import RecordWriter
+
+  records = list(_read_records(path))
+  kept = [record for record in records if event_pb2.Event.FromString(record).step <= last_step]
+  if len(kept) == len(records):
+    return
+  with open(path + ".tmp", "wb") as f:
+    writer = RecordWriter(f)
+    for record in kept:
+      writer.write(record)
+    writer.flush()
+  os.replace(path + ".tmp", path)
+
+
+def _read_records(path: str) -> Any:
+  """The records of a TFRecord file (length, its CRC, data, its CRC); a torn last one ends it."""
+  with open(path, "rb") as f:
+    while True:
+      header = f.read(12)
+      if len(header) < 12:
+        return
+      (length,) = struct.unpack("<Q", header[:8])
+      data = f.read(length)
+      if len(data) < length or len(f.read(4)) < 4:
+        return
+      yield data
 
 
 def read_jsonl(workdir: str) -> list[dict[str, Any]]:
