@@ -8,6 +8,7 @@ callables `hook(step, state, record)`, called after each evaluation with that ev
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import signal
 import threading
@@ -82,11 +83,11 @@ def fit(
     train_step: step_lib.TrainStepFn,
     eval_step: step_lib.EvalStepFn,
     train_data: data_lib.BatchSource,
-    eval_data: data_lib.BatchSource | None = None,
+    eval_data: data_lib.BatchSource | Mapping[str, data_lib.BatchSource] | None = None,
     *,
     num_epochs: int | None = None,
     num_steps: int | None = None,
-    eval_every_steps: int | None = None,
+    eval_every_steps: int | Mapping[str, int] | None = None,
     hooks: Sequence[Hook] = (),
     writer: MetricWriter | None = None,
     progress: bool = True,
@@ -117,15 +118,18 @@ def fit(
     train_step: a pure `(state, batch) -> (state, metric sums)` step (compiled here).
     eval_step: a pure `(state, batch) -> metric sums` step (compiled here).
     train_data: the training batch source.
-    eval_data: the evaluation batch source, or None to skip evaluation.
+    eval_data: the evaluation batch source (named `eval_name`), or several as `{name: source}`
+      (a validation and a test split, say), or None to skip evaluation.
     num_epochs: train for this many passes over `train_data`...
     num_steps: ...or for this many gradient steps (wins over `num_epochs`).
-    eval_every_steps: evaluate every this many steps; None means at the end of every epoch. The
-      last step is always evaluated.
+    eval_every_steps: evaluate every this many steps, or `{name: steps}` for each evaluation
+      source its own cadence; None (or a name left out) means at the end of every epoch. A
+      record is written whenever an evaluation is due; the last step evaluates every source.
     hooks: callables `hook(step, state, record)` run after each evaluation.
     writer: where records go (JSON lines and TensorBoard), if anywhere.
     progress: show a progress bar and a summary line per evaluation.
-    eval_name: prefix of the eval metrics in records (`test_accuracy`, ...).
+    eval_name: prefix of a single eval source's metrics in records (`test_accuracy`, ...); a
+      dict of sources prefixes each source's metrics with its name.
     runner: the device layout (`jdl.parallel.make_runner`); None is plain jit on one device.
       The steps must be built with `runner.axis_name`.
     device_resident: force (True) or forbid (False) the device-resident engine; None chooses.
@@ -165,19 +169,19 @@ def fit(
     raise ValueError(f"num_steps must be >= 1; got {num_steps}.")
   if steps_per_call is not None and steps_per_call < 1:
     raise ValueError(f"steps_per_call must be >= 1; got {steps_per_call}.")
-  for name, value in (("eval_every_steps", eval_every_steps),
-                      ("checkpoint_every_steps", checkpoint_every_steps)):
-    if value is not None and value < 0:
-      raise ValueError(f"{name} must be >= 1, or None or 0 for the default; got {value}.")
-  eval_every = eval_every_steps or steps_per_epoch
+  if checkpoint_every_steps is not None and checkpoint_every_steps < 0:
+    raise ValueError(f"checkpoint_every_steps must be >= 1, or None or 0 for the default; got "
+                     f"{checkpoint_every_steps}.")
+  eval_sources = _named_sources(eval_data, eval_name)
+  plan = _EvaluationPlan.make(eval_sources, eval_every_steps, steps_per_epoch, num_steps)
   runner = runner or parallel.JitRunner()
-  engine = _make_engine(state, train_step, eval_step, train_data, eval_data, runner=runner,
+  engine = _make_engine(state, train_step, eval_step, train_data, eval_sources, runner=runner,
                         device_resident=device_resident, steps_per_call=steps_per_call)
   step = int(state.step)
 
   def call_bounds(step: int) -> tuple[int, int]:
     """`(next evaluation, where the next call stops)`."""
-    next_eval = min((step // eval_every + 1) * eval_every, num_steps)
+    next_eval = plan.next_record(step)
     target = next_eval
     if checkpointer is not None or progress:  # epoch ends: a save, a moving progress bar
       target = min(target, (step // steps_per_epoch + 1) * steps_per_epoch)
@@ -217,9 +221,10 @@ def fit(
         watch.check(fetched, step, lambda: runner.fetch_state(state))
         record = _record(step, steps_per_epoch, fetched, time.perf_counter() - interval_start,
                          state)
-        if eval_data is not None:
-          eval_means = metrics_lib.compute_metrics(runner.fetch_metrics(engine.evaluate(state)))
-          record.update({f"{eval_name}_{k}": v for k, v in eval_means.items() if k != "count"})
+        for name in plan.due(step):
+          eval_means = metrics_lib.compute_metrics(
+              runner.fetch_metrics(engine.evaluate(state, name)))
+          record.update({f"{name}_{k}": v for k, v in eval_means.items() if k != "count"})
         record["elapsed_seconds"] = time.perf_counter() - start_time
         history.append(record)
         if writer is not None:
@@ -237,7 +242,8 @@ def fit(
         if interval_sums is not None:
           watch.check(runner.fetch_metrics(interval_sums), step,
                       lambda: runner.fetch_state(state))
-        checkpointer.save(runner.fetch_state(state), metrics=record)
+        ranked = record is not None and checkpointer.best_metric in (None, *record)
+        checkpointer.save(runner.fetch_state(state), metrics=record if ranked else None)
         last_save = time.perf_counter()
       if interrupted:
         checkpointer.wait()
@@ -247,6 +253,57 @@ def fit(
     if stop is not None:
       stop.restore()
   return runner.fetch_state(state), history
+
+
+def _named_sources(eval_data: Any, eval_name: str) -> dict[str, data_lib.BatchSource]:
+  """`{name: source}` from one evaluation source (named `eval_name`), a dict of them, or None."""
+  if eval_data is None:
+    return {}
+  if not isinstance(eval_data, Mapping):
+    return {eval_name: eval_data}
+  for name in eval_data:
+    if not isinstance(name, str) or not name or name == "train":
+      raise ValueError(f"evaluation sources need names other than 'train' and ''; got {name!r}.")
+  return dict(eval_data)
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvaluationPlan:
+  """When records are written and which evaluation sources each one evaluates."""
+
+  every: dict[str, int]  # source name ("" without evaluation) -> cadence in steps
+  num_steps: int
+
+  @classmethod
+  def make(cls, sources: Mapping[str, Any], eval_every_steps: int | Mapping[str, int] | None,
+           steps_per_epoch: int, num_steps: int) -> _EvaluationPlan:
+    names = list(sources) or [""]
+    if isinstance(eval_every_steps, Mapping):
+      unknown = sorted(set(eval_every_steps) - set(sources))
+      if unknown:
+        raise ValueError(f"eval_every_steps names {unknown}, which are not evaluation sources "
+                         f"({sorted(sources)}).")
+      given = dict(eval_every_steps)
+    else:
+      given = dict.fromkeys(names, eval_every_steps)
+    every = {}
+    for name in names:
+      value = given.get(name)
+      if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                or value < 0):
+        raise ValueError(f"eval_every_steps must be >= 1, or None or 0 for every epoch; got "
+                         f"{value!r}{f' for {name!r}' if len(names) > 1 else ''}.")
+      every[name] = value or steps_per_epoch
+    return cls(every, num_steps)
+
+  def next_record(self, step: int) -> int:
+    """The first step after `step` that writes a record."""
+    return min(min((step // every + 1) * every for every in self.every.values()), self.num_steps)
+
+  def due(self, step: int) -> list[str]:
+    """The sources evaluated at `step` (all of them at the last step)."""
+    return [name for name, every in self.every.items()
+            if name and (step % every == 0 or step == self.num_steps)]
 
 
 def _record(step: int, steps_per_epoch: int, train_sums: metrics_lib.Metrics, seconds: float,
@@ -376,9 +433,10 @@ def _make_engine(state: TrainState, train_step, eval_step, train_data, eval_data
                  runner: parallel.Runner, device_resident: bool | None,
                  steps_per_call: int | None) -> _Engine:
   """The device-resident engine where the data allow it (and `device_resident` does not forbid
-  it), else the per-step host engine. In-memory splits are checked here, once."""
+  it), else the per-step host engine, for `eval_data` as `{name: source}`. In-memory splits are
+  checked here, once."""
   num_classes = output_width(state)
-  sources = [train_data] + ([eval_data] if eval_data is not None else [])
+  sources = [train_data, *eval_data.values()]
   for source in sources:
     if isinstance(source, data_lib.ArraySource):
       data_lib.check_inputs(source.inputs)
@@ -406,8 +464,8 @@ class _Engine(Protocol):
     """Trains from `step` towards `limit`; returns the state, metric sums and steps taken."""
     ...
 
-  def evaluate(self, state: TrainState) -> metrics_lib.Metrics:
-    """The metric sums over the whole evaluation split."""
+  def evaluate(self, state: TrainState, name: str) -> metrics_lib.Metrics:
+    """The metric states over the whole of evaluation source `name`."""
     ...
 
 
@@ -453,8 +511,8 @@ class _HostEngine:
       self.position = -1
     return state, sums, 1
 
-  def evaluate(self, state):
-    return evaluation_sums(evaluation_state(state), self.eval_step, self.eval_data,
+  def evaluate(self, state, name):
+    return evaluation_sums(evaluation_state(state), self.eval_step, self.eval_data[name],
                            runner=self.runner)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -254,7 +254,7 @@ class ResidentEngine:
     train_step: a pure train step (vmapped over a stacked state for a sweep).
     eval_step: the matching eval step, or None.
     train_data: the training split, in memory.
-    eval_data: the evaluation split, in memory, or None.
+    eval_data: the evaluation split, in memory, or several as `{name: split}`, or None.
     place: copies a host pytree to the devices (`runner.place_replicated`; default: one device).
     constrain: lays a batch out inside a compiled function (`runner.constrain_batch`).
     steps_per_call: most steps per call; None: up to the `limit` each call is given.
@@ -262,7 +262,7 @@ class ResidentEngine:
   """
 
   def __init__(self, train_step: TrainStep, eval_step: EvalStep | None, train_data: ArraySource,
-               eval_data: ArraySource | None = None, *,
+               eval_data: ArraySource | Mapping[str, ArraySource] | None = None, *,
                place: Callable[[Any], Any] = jax.device_put,
                constrain: Callable[[Batch], Batch] = _identity,
                steps_per_call: int | None = None,
@@ -273,11 +273,16 @@ class ResidentEngine:
                               batch_size=train_data.batch_size, shuffle=train_data.shuffle,
                               seed=train_data.seed)
     self.order = place(self.train.initial_order())
-    self.eval_arrays = (None if eval_data is None else
-                        place(with_padding_row(eval_data.inputs, eval_data.labels)))
+    if eval_data is None:
+      eval_data = {}
+    elif not isinstance(eval_data, Mapping):
+      eval_data = {None: eval_data}  # the only one: `evaluate(state)`
+    self.eval_data = dict(eval_data)
+    self.eval_arrays = {name: place(with_padding_row(split.inputs, split.labels))
+                        for name, split in self.eval_data.items()}
     self.loop: bool | None = None  # decided on the first call, from the traced step
     self._chunk: Any = None
-    self._eval_all: Any = None
+    self._eval_all: dict[Any, Any] = {}
 
   def _build(self, state: State) -> None:
     indices = jax.ShapeDtypeStruct((self.train.batch_size,), jnp.int32)
@@ -288,9 +293,10 @@ class ResidentEngine:
     looped = self.loop or (self.steps_per_call or 1) > 1
     self._chunk = jax.jit(make_train_chunk(self.train_step, self.train, self.constrain,
                                            loop=looped), donate_argnums=(0, 3))
-    if self.eval_data is not None and self.eval_step is not None:
-      self._eval_all = make_eval_all(self.eval_step, self.eval_data.batch_size,
-                                     self.eval_data.num_examples, self.constrain, loop=self.loop)
+    if self.eval_step is not None:
+      self._eval_all = {name: make_eval_all(self.eval_step, split.batch_size, split.num_examples,
+                                            self.constrain, loop=self.loop)
+                        for name, split in self.eval_data.items()}
 
   def compile(self, state: State) -> None:
     """Builds and compiles the train and eval programs for `state`'s shapes (no computation)."""
@@ -298,8 +304,9 @@ class ResidentEngine:
       self._build(state)
     self._chunk.lower(state, self.train.inputs, self.train.labels, self.order, np.int32(0),
                       np.int32(1)).compile()
-    if self._eval_all is not None and hasattr(self._eval_all, "lower"):
-      self._eval_all.lower(jax.eval_shape(self.eval_state, state), *self.eval_arrays).compile()
+    for name, eval_all in self._eval_all.items():
+      if hasattr(eval_all, "lower"):
+        eval_all.lower(jax.eval_shape(self.eval_state, state), *self.eval_arrays[name]).compile()
 
   def advance(self, state: State, step: int, limit: int) -> tuple[State, Metrics, int]:
     """Trains from `step` towards `limit`; returns the state, the metric sums and the steps."""
@@ -312,10 +319,12 @@ class ResidentEngine:
                                           self.order, np.int32(step), np.int32(length))
     return state, sums, length
 
-  def evaluate(self, state: State) -> Metrics:
-    """The eval step's metric sums over the whole evaluation split (on the device)."""
-    if self._eval_all is None:
-      if self.eval_data is None or self.eval_step is None:
-        raise ValueError("this engine has no evaluation split or eval step.")
+  def evaluate(self, state: State, name: str | None = None) -> Metrics:
+    """The eval step's metric states over the whole evaluation split `name` (None: the only
+    one), on the device."""
+    if name not in self.eval_data or self.eval_step is None:
+      raise ValueError(f"this engine has no evaluation split {name!r} (it has "
+                       f"{sorted(map(str, self.eval_data))}) or no eval step.")
+    if self._chunk is None:
       self._build(state)
-    return self._eval_all(self.eval_state(state), *self.eval_arrays)
+    return self._eval_all[name](self.eval_state(state), *self.eval_arrays[name])

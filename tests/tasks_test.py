@@ -227,3 +227,29 @@ def test_the_learning_rate_of_a_plain_optax_schedule():
   assert float(jdl.current_learning_rate(state.opt_state, schedule)) == pytest.approx(0.8)
   with pytest.raises(ValueError, match="pass the schedule"):
     jdl.current_learning_rate(state.opt_state)
+
+
+@pytest.mark.parametrize("resident", [True, False])
+def test_several_evaluation_sources_each_with_its_own_name_and_cadence(resident):
+  """A validation split every 2 steps and a test split every 6: records at 2, 4 and 6, each with
+  the train means since the last one and the sources due then, with the values `evaluate` gives."""
+  x, y = _regression_problem(90)
+  state = jdl.create_train_state(models.MLP(hidden=(4,), num_classes=1), optax.adam(0.02),
+                                 x[:1], jax.random.key(0))
+  train_step, eval_step = jdl.make_steps(jdl.tasks.regression())
+  sources = {"val": ArraySource(x[50:70], y[50:70], 8, shuffle=False),
+             "test": ArraySource(x[70:], y[70:], 6, shuffle=False)}
+  state, history = jdl.fit(state, train_step, eval_step, ArraySource(x[:50], y[:50], 10,
+                                                                     shuffle=True),
+                           sources, num_steps=6, eval_every_steps={"val": 2, "test": 6},
+                           progress=False, device_resident=resident)
+  assert [r["step"] for r in history] == [2, 4, 6]
+  assert ["val_loss" in r for r in history] == [True, True, True]
+  assert ["test_loss" in r for r in history] == [False, False, True]
+  for name, source in sources.items():
+    expected = jdl.evaluate(state, jax.jit(eval_step), source)
+    assert history[-1][f"{name}_mean_absolute_error"] == pytest.approx(
+        expected["mean_absolute_error"], rel=1e-5)
+  with pytest.raises(ValueError, match=r"names \['valid'\], which are not evaluation sources"):
+    jdl.fit(state, train_step, eval_step, ArraySource(x[:50], y[:50], 10, shuffle=True), sources,
+            num_steps=2, eval_every_steps={"valid": 2}, progress=False)
