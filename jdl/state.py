@@ -161,8 +161,10 @@ def _checked_sample(sample_input: Any) -> Any:
 
 
 def _split_params(variables: Mapping[str, Any]) -> tuple[Params, dict[str, Any]]:
-  """`(variables["params"], every other collection)`."""
+  """`(variables["params"], every other collection)`, less "intermediates": values a model sows
+  for inspection are appended to on every call, so they cannot be carried from step to step."""
   model_state = dict(variables)
+  model_state.pop("intermediates", None)
   return model_state.pop("params"), model_state
 
 

@@ -253,3 +253,30 @@ def test_several_evaluation_sources_each_with_its_own_name_and_cadence(resident)
   with pytest.raises(ValueError, match=r"names \['valid'\], which are not evaluation sources"):
     jdl.fit(state, train_step, eval_step, ArraySource(x[:50], y[:50], 10, shuffle=True), sources,
             num_steps=2, eval_every_steps={"valid": 2}, progress=False)
+
+
+class _SowingModel(nn.Module):
+  """BatchNorm statistics (a mutable collection carried from step to step) and a sown value."""
+
+  @nn.compact
+  def __call__(self, x, *, training: bool):
+    hidden = nn.BatchNorm(use_running_average=not training)(nn.Dense(8)(x))
+    self.sow("intermediates", "hidden", hidden)
+    return nn.Dense(3)(nn.relu(hidden))
+
+
+def test_mutable_collections_and_a_training_keyword_of_another_name_go_through_fit():
+  """A model that says `training` instead of `train`, keeps BatchNorm statistics and sows
+  intermediates trains through the resident loop: the statistics move, the sown values are not
+  carried (they would grow every step)."""
+  x, _ = _regression_problem(48)
+  y = (x[:, 0] > 0).astype(np.int32)
+  state = jdl.create_train_state(_SowingModel(), optax.adam(0.05), x[:1], jax.random.key(0))
+  assert set(state.model_state) == {"batch_stats"}
+  before = jax.device_get(state.model_state["batch_stats"])
+  state, history = jdl.fit(state, *jdl.make_steps(), ArraySource(x, y, 16, shuffle=True),
+                           ArraySource(x, y, 16, shuffle=False), num_steps=6, progress=False,
+                           device_resident=True)
+  assert not np.allclose(state.model_state["batch_stats"]["BatchNorm_0"]["mean"],
+                         before["BatchNorm_0"]["mean"])
+  assert history[-1]["test_accuracy"] > 0.6
