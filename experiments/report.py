@@ -6,9 +6,10 @@
 
 The run is loaded from its workdir (`jdl.runs.load_run`), its dataset's eval split is read again
 (from the run's config: dataset, data_dir, eval_split) and the restored model is evaluated on all
-of it (`jdl.analysis.evaluation.evaluate_classifier`). The page shows the config, the last metrics
-record, the learning curves, the confusion matrix, per-class accuracy, a grid of misclassified
-examples and the reliability diagram with the expected calibration error; the command also adds
+of it (`jdl.analysis.evaluation.evaluate_classifier`). The page leads with a summary (accuracy,
+loss, calibration error), the learning curves and the confusion matrix, then per-class accuracy, a
+grid of misclassified examples and the reliability diagram with the expected calibration error;
+the last metrics record, the config and the versions come last, folded. The command also adds
 integrated-gradients overlays (`jdl.analysis.attribution`) and robust accuracy against the attack
 size for FGSM and PGD (`jdl.analysis.adversarial`) when those modules are installed.
 
@@ -43,7 +44,7 @@ from jdl import losses as losses_lib
 from jdl import runs
 from jdl.analysis import evaluation as evaluation_lib
 from jdl.analysis import plots
-from jdl.writers import JSONL_NAME, read_jsonl
+from jdl.writers import JSONL_NAME, VERSIONS_NAME, read_jsonl
 
 SectionContent = str | Sequence[str]
 Section = tuple[str, SectionContent]
@@ -205,6 +206,7 @@ td, th { border: 1px solid #ddd; padding: 3px 8px; }
 th { background: #f3f3f3; text-align: left; }
 td { text-align: right; font-variant-numeric: tabular-nums; }
 pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }
+details { margin: 0.5em 0; } summary { cursor: pointer; color: #345; }
 img { max-width: 100%; display: block; margin: 0.5em 0; }
 .note { color: #865; font-style: italic; }
 </style>"""
@@ -255,7 +257,7 @@ def _misclassified_texts(ctx: ReportContext, max_examples: int) -> str:
   return _table(["example", "true", "predicted", "text"], rows)
 
 
-def _standard_sections(workdir: str, ctx: ReportContext, records: Sequence[Mapping[str, Any]],
+def _standard_sections(ctx: ReportContext, records: Sequence[Mapping[str, Any]],
                        notes: Sequence[str], max_examples: int, page_dir: str,
                        embed: bool) -> list[tuple[str, str]]:
   run, report, figures = ctx.run, ctx.evaluation, ctx.figure_dir
@@ -265,21 +267,12 @@ def _standard_sections(workdir: str, ctx: ReportContext, records: Sequence[Mappi
 
   sections = [("Summary", _table(["", "value"], _summary_rows(run, report), css_class="summary")
                + "".join(_note(note) for note in notes))]
-  with open(os.path.join(workdir, runs.CONFIG_NAME), encoding="utf-8") as f:
-    config_text = json.dumps(json.load(f), indent=2, sort_keys=True)
-  sections.append(("Config", f'<pre class="config">{_escape(config_text)}</pre>'))
   if records:
-    last = records[-1]
-    sections.append(("Final metrics", _note(f"the last of {len(records)} records of "
-                                            f"{JSONL_NAME}, at step {last.get('step')}")
-                     + _table(["metric", "value"], sorted(last.items()), css_class="final")))
     try:
       sections.append(("Learning curves", img(plots.plot_learning_curves(
           records, os.path.join(figures, "learning_curves.png")), "learning curves")))
     except ValueError as error:
       sections.append(("Learning curves", _note(f"no learning curves: {error}")))
-  else:
-    sections.append(("Final metrics", _note(f"{JSONL_NAME} holds no records.")))
   if report is None:
     return sections
   sections.append(("Confusion matrix", img(plots.plot_confusion_matrix(
@@ -302,6 +295,33 @@ def _standard_sections(workdir: str, ctx: ReportContext, records: Sequence[Mappi
       + _note(f"expected calibration error {report.expected_calibration_error:.4f} over "
               f"{report.reliability.num_bins} equal-width confidence bins")))
   return sections
+
+
+def _folded(label: str, body: str) -> str:
+  return f"<details><summary>{_escape(label)}</summary>\n{body}\n</details>"
+
+
+def _appendix_sections(workdir: str, records: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+  """What the run was, folded at the end of the page: the last metrics record, the config and
+  the versions (a reader wants the results first; these are for checking and reproducing)."""
+  if records:
+    last = records[-1]
+    metrics = _folded(f"the last of {len(records)} records of {JSONL_NAME}, at step "
+                      f"{last.get('step')}",
+                      _table(["metric", "value"], sorted(last.items()), css_class="final"))
+  else:
+    metrics = _note(f"{JSONL_NAME} holds no records.")
+  with open(os.path.join(workdir, runs.CONFIG_NAME), encoding="utf-8") as f:
+    config = json.load(f)
+  details = _folded(f"{runs.CONFIG_NAME} ({len(config)} top-level keys)",
+                    f'<pre class="config">{_escape(json.dumps(config, indent=2, sort_keys=True))}'
+                    "</pre>")
+  versions_path = os.path.join(workdir, VERSIONS_NAME)
+  if os.path.isfile(versions_path):
+    with open(versions_path, encoding="utf-8") as f:
+      versions = json.dumps(json.load(f), indent=2, sort_keys=True)
+    details += _folded(VERSIONS_NAME, f'<pre class="versions">{_escape(versions)}</pre>')
+  return [("Final metrics", metrics), ("Config and versions", details)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,7 +387,7 @@ def build_report(
         run.state, inputs, labels, class_names=run.meta.class_names,
         top_k=(1, 5, *tuple(run.config.get("top_k", ()))), batch_size=batch_size)
   ctx = ReportContext(run, inputs, labels, report, figure_dir, log)
-  sections = _standard_sections(workdir, ctx, records, notes, max_examples, page_dir, embed)
+  sections = _standard_sections(ctx, records, notes, max_examples, page_dir, embed)
   for builder in section_builders:
     name = getattr(builder, "__name__", repr(builder))
     try:  # one analysis that fails must not sink the rest of the report
@@ -378,6 +398,7 @@ def build_report(
     extra_sections = [*extra_sections, *built]
   for title, content in extra_sections:
     sections.append((title, _section_body(content, title, page_dir, embed)))
+  sections += _appendix_sections(workdir, records)
   title = f"jdl report: {os.path.basename(os.path.abspath(workdir))} (step {run.step})"
   with open(out, "w", encoding="utf-8") as f:
     f.write(render_page(title, sections))
