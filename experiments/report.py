@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
+import importlib.util
 import inspect
 import json
 import math
@@ -56,6 +57,15 @@ IMAGE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpe
 
 ATTRIBUTION_EXAMPLES = 8
 """Examples of the eval split shown with their integrated-gradients attribution."""
+
+EXPLAINED_EXAMPLES = 4
+"""Examples explained side by side by integrated gradients, SHAP and LIME (the first ones)."""
+
+SHAP_BACKGROUND = 50
+"""Eval-split examples (after the explained ones) that stand for a masked feature in SHAP."""
+
+LIME_TRAINING = 500
+"""Eval-split examples (after the explained ones) that give LIME its feature quartiles."""
 
 ROBUSTNESS_EXAMPLES = 500
 """Examples of the eval split attacked for the robust accuracy curve (the first ones)."""
@@ -451,6 +461,59 @@ def attribution_section(ctx: ReportContext) -> list[Section]:
       "brighter is more attribution; signals: red raises the score, blue lowers it")])]
 
 
+def explanation_section(ctx: ReportContext) -> list[Section]:
+  """Integrated gradients beside SHAP and LIME (`jdl.analysis.explain`, whichever of the `shap`
+  and `lime` packages is installed) for the first `EXPLAINED_EXAMPLES` examples, each explaining
+  the predicted class, with LIME's rules for the first example and SHAP's local-accuracy check."""
+  from jdl.analysis import attribution, explain  # pylint: disable=import-outside-toplevel
+
+  title = "Attribution: integrated gradients, SHAP and LIME"
+  reason = _drawable(ctx)
+  if reason is None and ctx.evaluation.num_examples <= EXPLAINED_EXAMPLES + 4:
+    reason = "the eval split is too small to give SHAP and LIME their reference examples"
+  if reason is not None:
+    return [(title, _note(f"left out: {reason}."))]
+  report, state, variables = ctx.evaluation, ctx.run.state, ctx.run.state.variables()
+  count = EXPLAINED_EXAMPLES
+  inputs, predicted = ctx.inputs[:count], report.predictions[:count]
+  reference = ctx.inputs[count:]
+  methods = {"integrated gradients": np.asarray(attribution.integrated_gradients(
+      state.apply_fn, variables, inputs, predicted, steps=64))}
+  parts: list[str] = []
+  for package in ("shap", "lime"):
+    if importlib.util.find_spec(package) is None:
+      parts.append(_note(f"{package.upper()} is left out: the {package} package is not installed "
+                         '(pip install -e ".[explain]").'))
+  if importlib.util.find_spec("shap") is not None:
+    shap = explain.shap_values(state.apply_fn, variables, inputs, reference[:SHAP_BACKGROUND],
+                               predicted, seed=int(ctx.run.config.seed))
+    methods["SHAP"] = shap.values
+    residual = np.abs(shap.values.reshape(count, -1).sum(axis=1) + shap.expected_values
+                      - shap.outputs).max()
+    parts.append(_note(
+        f"SHAP: permutation explainer, {min(SHAP_BACKGROUND, len(reference))} eval examples as "
+        f"the background; expected output {np.mean(shap.expected_values):.4g}; values plus the "
+        f"expected value equal the output to {residual:.2g} (local accuracy)"))
+  if importlib.util.find_spec("lime") is not None:
+    lime = explain.lime_explanations(state.apply_fn, variables, inputs, reference[:LIME_TRAINING],
+                                     predicted, seed=int(ctx.run.config.seed))
+    methods["LIME"] = lime.weights
+    first = report.class_names[predicted[0]]
+    parts.append(_note(
+        f"LIME: a linear model of the predicted class's probability on quartile bins of "
+        f"{min(LIME_TRAINING, len(reference))} eval examples; example #0 (predicted {first}, "
+        f"local fit R^2 {lime.scores[0]:.2f}), its strongest rules:"))
+    parts.append(_table(["rule", f"weight for P({first})"], lime.rules[0][:8], css_class="lime"))
+  names = list(methods)
+  tiles = np.concatenate([np.stack([inputs[i]] * len(names)) for i in range(count)])
+  weights = np.concatenate([np.stack([methods[name][i] for name in names]) for i in range(count)])
+  titles = [f"#{i} pred {report.class_names[predicted[i]]}: {name}"
+            for i in range(count) for name in names]
+  path = plots.plot_attribution_overlays(tiles, weights, os.path.join(
+      ctx.figure_dir, "explanations.png"), titles=titles, columns=len(names))
+  return [(title, [path, *parts])]
+
+
 def robustness_section(ctx: ReportContext) -> list[Section]:
   """Accuracy under FGSM and PGD L-infinity attacks of growing size, on the first
   `ROBUSTNESS_EXAMPLES` examples (`jdl.analysis.adversarial.robust_accuracy_curve`; PGD with its
@@ -500,7 +563,8 @@ def robustness_section(ctx: ReportContext) -> list[Section]:
 
 def optional_section_builders(log: Callable[[str], None] = print) -> list[SectionBuilder]:
   """The section builders of the analysis modules that can be imported: `attribution_section`
-  with `jdl.analysis.attribution`, `robustness_section` with `jdl.analysis.adversarial`."""
+  with `jdl.analysis.attribution`, then `explanation_section` where the `shap` or `lime` package
+  is installed, and `robustness_section` with `jdl.analysis.adversarial`."""
   builders: list[SectionBuilder] = []
   for module, builder in (("attribution", attribution_section),
                           ("adversarial", robustness_section)):
@@ -510,6 +574,12 @@ def optional_section_builders(log: Callable[[str], None] = print) -> list[Sectio
       log(f"jdl.analysis.{module} is not available ({error}); its section is left out.")
       continue
     builders.append(builder)
+  if attribution_section in builders:
+    if any(importlib.util.find_spec(package) for package in ("shap", "lime")):
+      builders.insert(1, explanation_section)
+    else:
+      log('neither shap nor lime is installed (pip install -e ".[explain]"); the SHAP and LIME '
+          "section is left out.")
   return builders
 
 

@@ -1,6 +1,7 @@
 """Evaluation metrics, plots and the HTML report (jdl.analysis.evaluation, jdl.analysis.plots,
 experiments.report)."""
 
+import importlib.util
 import os
 import re
 import shutil
@@ -296,7 +297,9 @@ def test_optional_sections_draw_attribution_and_robustness(tiny_run, tmp_path):
   ctx = report.ReportContext(run, inputs, labels, evaluation.evaluate_classifier(
       run.state, inputs, labels), str(tmp_path), log=lambda message: None)
   builders = report.optional_section_builders(log=lambda message: None)
-  assert builders == [report.attribution_section, report.robustness_section]
+  explained = any(importlib.util.find_spec(package) for package in ("shap", "lime"))
+  assert builders == [report.attribution_section, *[report.explanation_section] * explained,
+                      report.robustness_section]
   (title, (overlay, _)), = report.attribution_section(ctx)
   assert "integrated gradients" in title and _is_png(overlay)
   (_, (curve, table, *notes)), = report.robustness_section(ctx)
@@ -306,3 +309,30 @@ def test_optional_sections_draw_attribution_and_robustness(tiny_run, tmp_path):
   # The attack at epsilon 0 and the plain predictions are two programs: within one example of 200.
   assert clean and float(clean.group(1)) == float(clean.group(2)) == pytest.approx(
       ctx.evaluation.accuracy, abs=1.01 / 200)
+
+
+def test_report_explains_mnist1d_signals_with_shap_and_lime_beside_integrated_gradients(
+    tiny_run, tmp_path):
+  """With the shap and lime packages, the report explains the first MNIST-1D signals' predicted
+  classes three ways side by side; SHAP's values add up to the output, and LIME's rules for the
+  first signal are on the page."""
+  pytest.importorskip("shap", reason='the shap package is not installed: pip install -e ".[explain]"')
+  pytest.importorskip("lime", reason='the lime package is not installed: pip install -e ".[explain]"')
+  run = runs.load_run(tiny_run, log=lambda message: None)
+  inputs, labels = report.load_eval_split(run)
+  inputs, labels = inputs[:120], labels[:120]
+  ctx = report.ReportContext(run, inputs, labels, evaluation.evaluate_classifier(
+      run.state, inputs, labels), str(tmp_path), log=lambda message: None)
+  sections = report.explanation_section(ctx)
+  (title, (figure, shap_note, lime_note, lime_table)), = sections
+  assert "SHAP and LIME" in title and _is_png(figure)
+  assert figure.endswith("explanations.png")
+  residual = float(re.search(r"equal the output to ([0-9.e+-]+)", shap_note).group(1))
+  assert residual < 1e-4
+  rules = re.findall(r"<tr><td>([^<]*x\[\d+\][^<]*)</td><td>(-?[0-9.e-]+)</td></tr>", lime_table)
+  assert len(rules) == 8, lime_table
+  assert abs(float(rules[0][1])) >= abs(float(rules[-1][1])) > 0
+  page = open(report.build_report(tiny_run, out=str(tmp_path / "page.html"), extra_sections=sections,
+                                  log=lambda message: None), encoding="utf-8").read()
+  assert 'data-figure="explanations"' in page and "LIME: a linear model" in page
+  assert rules[0][0] in page

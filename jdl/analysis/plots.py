@@ -87,8 +87,10 @@ def _bare(axis: Any) -> None:
   axis.set_yticks([])
 
 
-def _grid(count: int, *, panel_size: float = 2.0, max_columns: int = 8) -> tuple[Any, np.ndarray]:
-  columns = max(1, min(max_columns, math.ceil(math.sqrt(count))))
+def _grid(count: int, *, panel_size: float = 2.0, max_columns: int = 8,
+          columns: int | None = None) -> tuple[Any, np.ndarray]:
+  """Panels for `count` plots: `columns` per row, or a near-square grid of at most `max_columns`."""
+  columns = columns or max(1, min(max_columns, math.ceil(math.sqrt(count))))
   rows = max(1, math.ceil(count / columns))
   figure = _figure((panel_size * columns, panel_size * rows + 0.4))
   return figure, figure.subplots(rows, columns, squeeze=False).reshape(-1)
@@ -281,7 +283,8 @@ def plot_reliability_diagram(bins: ReliabilityBins, path: str) -> str:
 
 
 def plot_attribution_overlays(inputs: np.ndarray, attributions: np.ndarray, path: str,
-                              titles: Sequence[str] | None = None) -> str:
+                              titles: Sequence[str] | None = None, *,
+                              columns: int | None = None) -> str:
   """Each input with where its attribution (saliency, integrated gradients) lies.
 
   Images are drawn in grey with the attribution's magnitude as a heat overlay; signals as a line
@@ -292,6 +295,8 @@ def plot_attribution_overlays(inputs: np.ndarray, attributions: np.ndarray, path
     attributions: the same shape as `inputs`.
     path: where the PNG goes.
     titles: one title per example, or None.
+    columns: panels per row, e.g. the number of methods, to put each example's attributions side
+      by side; None: a near-square grid of at most 5 columns.
   """
   inputs, attributions = np.asarray(inputs), np.asarray(attributions, np.float64)
   kind = _check_drawable(inputs)
@@ -302,7 +307,7 @@ def plot_attribution_overlays(inputs: np.ndarray, attributions: np.ndarray, path
     raise ValueError("inputs hold no examples; nothing to draw.")
   if titles is not None and len(titles) != inputs.shape[0]:
     raise ValueError(f"titles has {len(titles)} entries for {inputs.shape[0]} examples.")
-  figure, axes = _grid(inputs.shape[0], panel_size=2.6, max_columns=5)
+  figure, axes = _grid(inputs.shape[0], panel_size=2.6, max_columns=5, columns=columns)
   for index, axis in enumerate(axes[:inputs.shape[0]]):
     if kind == "image":
       image, _ = _displayable_image(inputs[index])
