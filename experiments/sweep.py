@@ -36,6 +36,7 @@ import optuna
 
 from jdl import config as config_lib
 from jdl import experiment, sweep, vmap_sweep
+from jdl.analysis import plots
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -156,10 +157,10 @@ def run(argv: Sequence[str], *, train: sweep.TrainFn | None = None) -> list[dict
   rows = sweep.study_rows(study, args.metric)
   written = list(sweep.write_results(rows, args.workdir, metric=args.metric, mode=args.mode))
   if sweep.best_row(rows, args.metric, args.mode) is not None:
-    written.append(sweep.plot_sweep(rows, os.path.join(args.workdir, "sweep.png"), x=plot_x,
+    written.append(plots.plot_sweep(rows, os.path.join(args.workdir, "sweep.png"), x=plot_x,
                                     metric=args.metric))
-    written.append(sweep.plot_history(study, os.path.join(args.workdir, "history.png"),
-                                      metric=args.metric))
+    written.append(plots.plot_trial_curves(rows, os.path.join(args.workdir, "history.png"),
+                                           metric=args.metric))
   print()
   print(sweep.markdown_table(rows, args.metric, args.mode))
   print("\nwrote " + ", ".join(written))

@@ -6,7 +6,8 @@ resumes where it stopped and several worker processes (on one machine or, with a
 many) share one study. `run_study` trains one trial at a time with `jdl.train_and_evaluate`,
 reporting every evaluation record to Optuna so its pruner can stop a bad trial early; the vmapped
 sweep (`jdl.vmap_sweep.run_vmapped_study`) trains a batch of asked trials as one program.
-`study_rows` turns the study into rows for `markdown_table`, `write_results` and `plot_sweep`.
+`study_rows` turns the study into rows for `markdown_table`, `write_results` and the plots
+(`jdl.analysis.plots.plot_sweep`, `plot_trial_curves`).
 See docs/sweeps.md.
 """
 
@@ -71,7 +72,7 @@ def space_from_json(space: Mapping[str, Any]) -> Space:
     if isinstance(value, list):
       if not value:
         raise ValueError(f"sweep space key {key!r} has an empty list of choices.")
-      parsed[key] = dist.CategoricalDistribution([_choice(_tuples(v)) for v in value])
+      parsed[key] = dist.CategoricalDistribution([_choice(v) for v in value])
     elif isinstance(value, Mapping) and len(value) == 1 and next(iter(value)) in _JSON_DISTRIBUTIONS:
       (name, bounds), = value.items()
       parsed[key] = _distribution(key, name, bounds)
@@ -99,12 +100,9 @@ def _distribution(key: str, name: str, bounds: Any) -> dist.BaseDistribution:
   return dist.FloatDistribution(float(low), float(high), log=name == "log_uniform")
 
 
-def _tuples(value: Any) -> Any:
-  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
 def _choice(value: Any) -> Any:
-  """A categorical choice Optuna can store: None, bool, int, float or str (else override text)."""
+  """A categorical choice Optuna can store: None, bool, int, float or str; else (a list) its
+  override text."""
   return value if value is None or isinstance(value, (bool, int, float, str)) else override_text(value)
 
 
@@ -378,8 +376,9 @@ def run_study(
       os.makedirs(trial_dir, exist_ok=True)
       _, history = train(config, trial_dir, [report])
       record = _final_record(history, trial_dir)
+      trial.set_user_attr("record", record_json(record))
+      return float(record[metric])
     except loop_lib.Preempted:
-      trial.set_user_attr("interrupted", True)
       study.enqueue_trial(params, user_attrs={"workdir": trial_dir})
       raise
     except optuna.TrialPruned:
@@ -387,23 +386,17 @@ def run_study(
     except Exception as error:  # pylint: disable=broad-exception-caught
       trial.set_user_attr("error", f"{type(error).__name__}: {error}")
       raise TrialFailed(trial.user_attrs["error"]) from error
-    if metric not in record:
-      trial.set_user_attr("error", f"metric {metric!r} is not in the final record; it has "
-                                   f"{sorted(record)}")
-      raise TrialFailed(trial.user_attrs["error"])
-    trial.set_user_attr("record", record_json(record))
-    return float(record[metric])
 
   def announce(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     del study
-    if log is None:
-      return
-    outcome = {"COMPLETE": f"{metric} {trial.value:.4f}",
-               "PRUNED": f"pruned at step {trial.last_step}",
-               "FAIL": f"failed: {trial.user_attrs.get('error', 'interrupted')}"}.get(
-                   trial.state.name, trial.state.name.lower())
-    seconds = trial.duration.total_seconds() if trial.duration else 0.0
-    log(f"trial {trial.number} {_describe(trial.params)}: {outcome} ({seconds:.1f}s)")
+    if trial.state == optuna.trial.TrialState.COMPLETE:
+      outcome = f"{metric} {trial.value:.4f}"
+    elif trial.state == optuna.trial.TrialState.PRUNED:
+      outcome = f"pruned at step {trial.last_step}"
+    else:
+      outcome = f"failed: {trial.user_attrs.get('error', 'interrupted')}"
+    if log is not None:
+      log(f"trial {trial.number} {_describe(trial.params)}: {outcome}")
 
   while finished_trials(study) < num_trials and not _grid_done(study):
     # One trial per call, so the budget counts the trials other workers finished meanwhile.
@@ -436,7 +429,7 @@ def _final_record(history: Sequence[Mapping[str, Any]], trial_dir: str) -> dict[
 
 
 def _describe(params: Mapping[str, Any]) -> str:
-  return " ".join(f"{key}={_format_cell(value)}" for key, value in params.items())
+  return " ".join(f"{key}={format_value(value)}" for key, value in params.items())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,24 +438,26 @@ def _describe(params: Mapping[str, Any]) -> str:
 
 _STATUS = {"COMPLETE": "ok", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
            "WAITING": "waiting"}
-_BOOKKEEPING = ("trial", "params", "status", "error", "seconds", "workdir")
+_BOOKKEEPING = ("trial", "params", "curve", "status", "error", "seconds", "workdir")
 
 
 def study_rows(study: optuna.Study, metric: str = "test_accuracy") -> list[Row]:
-  """One row per trial of the study, in trial order: `{"trial", "params", "status" ("ok",
-  "pruned", "failed", "interrupted", "running", "waiting"), "error", "seconds", "workdir", **the
-  last evaluation record}`; `metric` is the trial's value where it has one."""
+  """One row per trial of the study, in trial order: `{"trial", "params", "curve" ({step: the
+  metric reported there}), "status" ("ok", "pruned", "failed", "interrupted", "running",
+  "waiting"), "error", "seconds", "workdir", **the last evaluation record}`; `metric` is the
+  trial's value where it has one. `jdl.analysis.plots.plot_sweep` and `plot_trial_curves` draw
+  them."""
   rows = []
   for trial in study.get_trials(deepcopy=False):
     status = _STATUS[trial.state.name]
     if status == "failed" and "error" not in trial.user_attrs:
       status = "interrupted"  # preempted or killed: its parameters were queued again
-    row: Row = {"trial": trial.number, "params": dict(trial.params), "status": status,
-                "error": trial.user_attrs.get("error", ""),
-                "seconds": trial.duration.total_seconds() if trial.duration else None,
-                "workdir": trial.user_attrs.get("workdir", "")}
-    row.update({k: v for k, v in trial.user_attrs.get("record", {}).items()
-                if k not in _BOOKKEEPING})
+    row: Row = {k: v for k, v in trial.user_attrs.get("record", {}).items()
+                if k not in _BOOKKEEPING}
+    row.update(trial=trial.number, params=dict(trial.params),
+               curve=dict(sorted(trial.intermediate_values.items())), status=status,
+               error=trial.user_attrs.get("error", ""), workdir=trial.user_attrs.get("workdir", ""),
+               seconds=trial.duration.total_seconds() if trial.duration else None)
     if trial.value is not None:
       row[metric] = trial.value
     rows.append(row)
@@ -475,194 +470,82 @@ def _check_mode(mode: str) -> None:
                      f"{mode!r}.")
 
 
-def _score(row: Mapping[str, Any], metric: str, mode: str) -> float | None:
-  """The row's metric (negated for "min"), or None when it has no finite one."""
-  value = row.get(metric)
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-    return None
-  return float(value) if mode == "max" else -float(value)
-
-
 def sort_rows(rows: Sequence[Row], metric: str = "test_accuracy", mode: str = "max") -> list[Row]:
   """The rows best first: finished trials by `metric`, then pruned ones by their last value,
   then the rest in trial order."""
   _check_mode(mode)
 
-  def key(item: tuple[int, Row]) -> tuple[int, float, int]:
-    index, row = item
-    score = _score(row, metric, mode)
-    group = {"ok": 0, "pruned": 1}.get(row.get("status"), 2) if score is not None else 2
-    return (group, -(score or 0.0), index)
+  def key(row: Row) -> tuple[int, float]:
+    value = row.get(metric)
+    if row["status"] not in ("ok", "pruned") or not isinstance(value, (int, float)) \
+        or not math.isfinite(value):
+      return (2, 0.0)
+    return (0 if row["status"] == "ok" else 1, -value if mode == "max" else value)
 
-  return [row for _, row in sorted(enumerate(rows), key=key)]
+  return sorted(rows, key=key)  # stable: ties and the rest keep trial order
 
 
 def best_row(rows: Sequence[Row], metric: str = "test_accuracy", mode: str = "max") -> Row | None:
   """The best finished row by `metric`, or None when no trial finished."""
   ranked = sort_rows(rows, metric, mode)
-  good = ranked[0] if ranked else None
-  return good if good and good.get("status") == "ok" and _score(good, metric, mode) is not None \
-      else None
+  return ranked[0] if ranked and ranked[0]["status"] == "ok" and metric in ranked[0] else None
 
 
-def _param_keys(rows: Sequence[Row]) -> list[str]:
-  keys: dict[str, None] = {}
-  for row in rows:
-    keys.update(dict.fromkeys(row.get("params", {})))
-  return list(keys)
+def param_keys(rows: Sequence[Row]) -> list[str]:
+  """The swept keys of the rows, in the order they first appear."""
+  return list(dict.fromkeys(key for row in rows for key in row["params"]))
 
 
-def _format_cell(value: Any) -> str:
+def format_value(value: Any) -> str:
+  """A swept value, short: floats to 4 significant digits, tuples as Python writes them."""
   value = _plain(value)
   if isinstance(value, float):
     return f"{value:.4g}"
   if isinstance(value, tuple):
-    return "(" + ", ".join(_format_cell(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return "(" + ", ".join(format_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
   return str(value)
 
 
 def markdown_table(rows: Sequence[Row], metric: str = "test_accuracy", mode: str = "max") -> str:
   """A Markdown table of the rows, best first; the best row's status says `best`."""
-  ranked, best, params = sort_rows(rows, metric, mode), best_row(rows, metric, mode), _param_keys(rows)
-  extras = [k for k in ("train_loss", "step") if k != metric and any(k in r for r in rows)]
-  header = ["rank", "trial", *params, metric, *extras, "seconds", "status"]
+  best, params = best_row(rows, metric, mode), param_keys(rows)
+  header = ["rank", "trial", *params, metric, "step", "seconds", "status"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for rank, row in enumerate(ranked, start=1):
-    status = "best" if row is best else row.get("status", "")
-    if row.get("error"):
-      status = f"{status}: {row['error']}"
-    cells = [str(rank), str(row.get("trial", ""))]
-    cells += [_format_cell(row["params"][k]) if k in row.get("params", {}) else "" for k in params]
-    cells.append(f"{row[metric]:.4f}" if _score(row, metric, mode) is not None else "")
-    for key in extras:
-      value = row.get(key)
-      cells.append("" if value is None else
-                   f"{value:.4f}" if key == "train_loss" else _format_cell(value))
-    seconds = row.get("seconds")
-    cells.append(f"{seconds:.1f}" if isinstance(seconds, (int, float)) else "")
-    cells.append(status)
-    lines.append("| " + " | ".join(_markdown_escape(c) for c in cells) + " |")
+  for rank, row in enumerate(sort_rows(rows, metric, mode), start=1):
+    status = "best" if row is best else row["status"]
+    value, seconds = row.get(metric), row.get("seconds")
+    cells = [str(rank), str(row["trial"]),
+             *[format_value(row["params"][k]) if k in row["params"] else "" for k in params],
+             f"{value:.4f}" if isinstance(value, (int, float)) else "", str(row.get("step", "")),
+             f"{seconds:.1f}" if seconds is not None else "",
+             f"{status}: {row['error']}" if row["error"] else status]
+    # Long error messages are cut here; the CSV keeps them whole.
+    lines.append("| " + " | ".join(" ".join(c.split())[:120].replace("|", "\\|") for c in cells)
+                 + " |")
   return "\n".join(lines)
-
-
-def _markdown_escape(text: str) -> str:
-  text = " ".join(text.split())
-  if len(text) > 120:  # long error messages: the CSV keeps them whole
-    text = text[:117] + "..."
-  return text.replace("|", "\\|")
 
 
 def write_results(rows: Sequence[Row], workdir: str, *, metric: str = "test_accuracy",
                   mode: str = "max") -> tuple[str, str]:
-  """Writes the rows, best first, to `workdir/results.csv` and `workdir/results.md`; swept values
-  are written as override text (pastable as `--config.KEY=VALUE`).
+  """Writes the rows, best first, to `workdir/results.csv` (every record key; swept values as
+  override text, pastable as `--config.KEY=VALUE`) and `workdir/results.md`.
 
   Returns:
     `(csv_path, markdown_path)`.
   """
   os.makedirs(workdir, exist_ok=True)
-  ranked, best, params = sort_rows(rows, metric, mode), best_row(rows, metric, mode), _param_keys(rows)
-  results: dict[str, None] = {metric: None}
-  for row in rows:
-    results.update({k: None for k in row if k not in _BOOKKEEPING and k not in params})
-  columns = ["rank", "best", "trial", *params, *results, "seconds", "status", "error", "workdir"]
+  best, params = best_row(rows, metric, mode), param_keys(rows)
+  results = list(dict.fromkeys([metric, *(k for row in rows for k in row
+                                          if k not in _BOOKKEEPING and k not in params)]))
   csv_path = os.path.join(workdir, "results.csv")
   with open(csv_path, "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
+    writer = csv.DictWriter(f, fieldnames=["rank", "best", "trial", *params, *results,
+                                           *_BOOKKEEPING[3:]], extrasaction="ignore")
     writer.writeheader()
-    for rank, row in enumerate(ranked, start=1):
-      line = {"rank": rank, "best": row is best, "trial": row.get("trial")}
-      line.update({k: override_text(v) for k, v in row.get("params", {}).items()})
-      line.update({k: row.get(k, "") for k in (*results, "seconds", "status", "error", "workdir")})
-      writer.writerow(line)
+    for rank, row in enumerate(sort_rows(rows, metric, mode), start=1):
+      writer.writerow({**row, **{k: override_text(v) for k, v in row["params"].items()},
+                       "rank": rank, "best": row is best})
   markdown_path = os.path.join(workdir, "results.md")
   with open(markdown_path, "w", encoding="utf-8") as f:
     f.write(markdown_table(rows, metric, mode) + "\n")
   return csv_path, markdown_path
-
-
-def plot_sweep(rows: Sequence[Row], path: str, *, x: str, metric: str = "test_accuracy",
-               log_x: bool | None = None) -> str:
-  """Plots `metric` against the swept key `x` as a PNG: finished trials as dots, pruned ones
-  (at their last value) as crosses.
-
-  Args:
-    rows: from `study_rows`.
-    path: the PNG file to write.
-    x: the swept key on the horizontal axis; non-numbers get one tick each.
-    metric: the record key on the vertical axis.
-    log_x: a logarithmic x axis; None: for positive values spanning 100x or more.
-
-  Returns:
-    `path`.
-  """
-  params = _param_keys(rows)
-  if x not in params:
-    raise ValueError(f"plot_sweep: x={x!r} is not a swept key; the rows sweep {params}.")
-  shown = [r for r in rows if r.get("status") in ("ok", "pruned")
-           and _score(r, metric, "max") is not None and x in r["params"]]
-  values = [_plain(r["params"][x]) for r in shown]
-  numeric = bool(values) and all(
-      isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-  categories = list(dict.fromkeys(_format_cell(v) for v in values)) if not numeric else []
-  if log_x is None:
-    log_x = numeric and min(values) > 0 and max(values) / min(values) >= 100
-  figure, axes = _figure()
-  for status, marker, label in (("ok", "o", "finished"), ("pruned", "x", "pruned (last value)")):
-    points = [(v if numeric else categories.index(_format_cell(v)), float(r[metric]))
-              for r, v in zip(shown, values) if r["status"] == status]
-    if points:
-      axes.scatter(*zip(*points), marker=marker, label=label)
-  if log_x:
-    axes.set_xscale("log")
-  if not numeric:
-    axes.set_xticks(range(len(categories)), categories)
-  axes.set_xlabel(x)
-  axes.set_ylabel(metric)
-  axes.set_title(f"{metric} vs {x}, {len(shown)} of {len(rows)} trials")
-  axes.grid(True, alpha=0.3)
-  if shown:
-    axes.legend(fontsize="small")
-  return _save(figure, path)
-
-
-def plot_history(study: optuna.Study, path: str, *, metric: str = "test_accuracy") -> str:
-  """Plots every trial's reported `metric` against the step as a PNG (pruned trials dashed): how
-  the pruner cut the sweep.
-
-  Returns:
-    `path`.
-  """
-  figure, axes = _figure()
-  for trial in study.get_trials(deepcopy=False):
-    if trial.intermediate_values:
-      steps = sorted(trial.intermediate_values)
-      pruned = trial.state == optuna.trial.TrialState.PRUNED
-      axes.plot(steps, [trial.intermediate_values[s] for s in steps], marker=".",
-                linestyle="--" if pruned else "-", alpha=0.8, label=f"trial {trial.number}"
-                + (" (pruned)" if pruned else ""))
-  axes.set_xlabel("step")
-  axes.set_ylabel(metric)
-  axes.set_title(f"{metric} at each evaluation")
-  axes.grid(True, alpha=0.3)
-  if axes.lines and len(axes.lines) <= 12:
-    axes.legend(fontsize="small")
-  return _save(figure, path)
-
-
-def _figure() -> tuple[Any, Any]:
-  """A matplotlib Figure (never pyplot: no display, no global state) and its axes."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
-
-  figure = Figure(figsize=(6.4, 4.4))
-  FigureCanvasAgg(figure)
-  return figure, figure.add_subplot()
-
-
-def _save(figure: Any, path: str) -> str:
-  figure.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  figure.savefig(path, dpi=120)
-  return path
-

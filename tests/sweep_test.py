@@ -15,6 +15,7 @@ import pytest
 
 import jdl
 from jdl import models, sweep, vmap_sweep
+from jdl.analysis import plots
 
 from experiments import mnist1d
 from experiments import sweep as sweep_cli
@@ -131,11 +132,17 @@ def test_grid_study_records_failures_and_writes_sorted_results(tmp_path):
                                 "test_accuracy |")
   assert "| 0.01 | adam | 0.9100 |" in markdown[2] and markdown[2].endswith("| best |")
   assert "failed: NonFiniteError" in markdown[-1]
-  png = sweep.plot_sweep(rows, str(tmp_path / "sweep.png"), x="optimizer.learning_rate")
+  png = plots.plot_sweep(rows, str(tmp_path / "sweep.png"), x="optimizer.learning_rate")
   assert open(png, "rb").read(8) == PNG_MAGIC
-  assert os.path.getsize(sweep.plot_history(study, str(tmp_path / "history.png"))) > 1000
+  assert os.path.getsize(plots.plot_sweep(rows, str(tmp_path / "names.png"),
+                                          x="optimizer.name")) > 1000
+  assert os.path.getsize(plots.plot_trial_curves(rows, str(tmp_path / "history.png"))) > 1000
+  for row in rows:  # every evaluation was reported to the study
+    if row["status"] == "ok":
+      assert list(row["curve"]) == [10, 20] and row["curve"][20] == row["test_accuracy"]
+      assert row["curve"][10] == pytest.approx(row["curve"][20] - 0.2)
   with pytest.raises(ValueError, match="not a swept key"):
-    sweep.plot_sweep(rows, str(tmp_path / "bad.png"), x="optimizer.momentum")
+    plots.plot_sweep(rows, str(tmp_path / "bad.png"), x="optimizer.momentum")
 
   # The grid is done: running the study again trains nothing; another space is refused.
   sweep.run_study(study, jdl.base_config(), space, str(tmp_path), 6, train=_fake_train(calls))

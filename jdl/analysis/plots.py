@@ -364,3 +364,59 @@ def plot_curve(xs: Sequence[float], ys_by_name: Mapping[str, Sequence[float]], p
   axis.grid(True, alpha=0.3)
   axis.legend()
   return _save(figure, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps.
+
+
+def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str, *, x: str,
+               metric: str = "test_accuracy") -> str:
+  """`metric` against the swept key `x` for the rows of `jdl.sweep.study_rows`: finished trials
+  as dots, pruned ones (at their last value) as crosses; non-numbers get a tick each, positive
+  numbers spanning 100x or more a logarithmic axis."""
+  from jdl.sweep import format_value, param_keys  # pylint: disable=import-outside-toplevel
+
+  params = param_keys(rows)
+  if x not in params:
+    raise ValueError(f"plot_sweep: x={x!r} is not a swept key; the rows sweep {params}.")
+  shown = [r for r in rows if r["status"] in ("ok", "pruned") and x in r["params"]
+           and isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+  values = [r["params"][x] for r in shown]
+  numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+  categories = [] if numeric else list(dict.fromkeys(map(format_value, values)))
+  figure = _figure((6.4, 4.4))
+  axis = figure.subplots()
+  for status, marker, label in (("ok", "o", "finished"), ("pruned", "x", "pruned (last value)")):
+    points = [(v if numeric else categories.index(format_value(v)), r[metric])
+              for r, v in zip(shown, values) if r["status"] == status]
+    if points:
+      axis.scatter(*zip(*points), marker=marker, label=label)
+  if numeric and values and min(values) > 0 and max(values) / min(values) >= 100:
+    axis.set_xscale("log")
+  if not numeric:
+    axis.set_xticks(range(len(categories)), categories)
+  axis.set(xlabel=x, ylabel=metric, title=f"{metric} vs {x}, {len(shown)} of {len(rows)} trials")
+  axis.grid(True, alpha=0.3)
+  if shown:
+    axis.legend(fontsize="small")
+  return _save(figure, path)
+
+
+def plot_trial_curves(rows: Sequence[Mapping[str, Any]], path: str, *,
+                      metric: str = "test_accuracy") -> str:
+  """Each trial's `metric` at every evaluation (the rows' `curve`), pruned trials dashed: how the
+  pruner cut the sweep."""
+  figure = _figure((6.4, 4.4))
+  axis = figure.subplots()
+  for row in rows:
+    if row["curve"]:
+      pruned = row["status"] == "pruned"
+      axis.plot(list(row["curve"]), list(row["curve"].values()), marker=".", alpha=0.8,
+                linestyle="--" if pruned else "-",
+                label=f"trial {row['trial']}" + (" (pruned)" if pruned else ""))
+  axis.set(xlabel="step", ylabel=metric, title=f"{metric} at each evaluation")
+  axis.grid(True, alpha=0.3)
+  if 0 < len(axis.lines) <= 12:
+    axis.legend(fontsize="small")
+  return _save(figure, path)
