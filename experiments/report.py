@@ -592,7 +592,7 @@ USAGE = """usage: python -m experiments.report --workdir=DIR [--out=FILE] [--che
   --out=FILE           the HTML page (default DIR/report.html; PNGs go to FILE without .html/)
   --checkpoint=WHICH   latest (default), best (by the run's best_metric) or a step number
   --max_examples=N     misclassified examples drawn (default 25)
-  --no_optional        leave out the attribution and robustness sections
+  --no_optional        leave out the attribution (gradients, SHAP, LIME) and robustness sections
 """
 
 

@@ -16,7 +16,7 @@ key, or `--plot_x`) and `history.png` (each trial's metric at every evaluation).
   python -m experiments.sweep --vmap=4 --trials=12 --config.model.name=mlp \\
       --space='{"optimizer.learning_rate": {"log_uniform": [1e-4, 1e-1]}}'
 
-The space is JSON: each key a dotted config key, each value a list of choices (lists inside
+The space is JSON (inline, or a .json file): each key a dotted config key, each value a list of choices (lists inside
 become tuples) or a distribution `{"log_uniform": [lo, hi]}`, `{"uniform": [lo, hi]}` or
 `{"int": [lo, hi]}`. `--vmap=K` asks the study for K trials at a time and trains them as one
 program with `jax.vmap` (`jdl.vmap_sweep`); it sweeps `optimizer.learning_rate` and `seed` only.
@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
       epilog="Any other argument must be --config.KEY=VALUE, an override of the base config.")
   parser.add_argument("--base", default="experiments.mnist1d",
                       help="the experiment module whose get_config() every trial starts from")
-  parser.add_argument("--space", required=True, help="the sweep space as a JSON object")
+  parser.add_argument("--space", required=True,
+                      help="the sweep space as a JSON object, or the path of a .json file holding one")
   parser.add_argument("--trials", type=int, default=0,
                       help="finished trials the sweep runs to (default: the grid's size for "
                            "--sampler=grid, else 20)")
@@ -88,7 +89,14 @@ def load_base_config(module_name: str):
 
 
 def parse_space(text: str) -> sweep.Space:
-  """The `--space` JSON as a sweep space (see `jdl.sweep.space_from_json`)."""
+  """The `--space` JSON (or the .json file it names) as a sweep space (see
+  `jdl.sweep.space_from_json`)."""
+  if text.endswith(".json"):
+    try:
+      with open(text, encoding="utf-8") as f:
+        text = f.read()
+    except OSError as error:
+      raise config_lib.ConfigError(f"--space={text}: cannot read it ({error}).") from None
   try:
     raw = json.loads(text)
   except json.JSONDecodeError as error:

@@ -183,6 +183,12 @@ def test_command_line_runs_a_study_and_rejects_bad_input(tmp_path, capsys):
                  '--space={"optimizer.learning_rate": {"log_uniform": [1e-4, 1e-1]}, '
                  '"model.mlp.hidden": [[8], [16, 8]]}'], train=_fake_train(calls))
   assert len(calls) == 4 and calls[-1][1] == str(workdir / "trial_3")
+  space_file = tmp_path / "space.json"  # the same space from a file: one more trial
+  space_file.write_text('{"optimizer.learning_rate": {"log_uniform": [1e-4, 1e-1]}, '
+                        '"model.mlp.hidden": [[8], [16, 8]]}')
+  sweep_cli.run([f"--workdir={workdir}", "--config.model.name=mlp", "--trials=5",
+                 f"--space={space_file}"], train=_fake_train(calls))
+  assert len(calls) == 5
 
   with pytest.raises(jdl.ConfigError, match="--space is not valid JSON"):
     sweep_cli.run(["--space={'optimizer.learning_rate': [1e-3]}"])
@@ -197,7 +203,9 @@ def test_command_line_runs_a_study_and_rejects_bad_input(tmp_path, capsys):
     sweep_cli.run(['--space={"seed": [0]}', "--lr=3"])
   with pytest.raises(jdl.ConfigError, match="varies only"):
     sweep_cli.run(["--vmap=2", f"--workdir={tmp_path / 'v'}", '--space={"optimizer.name": ["sgd"]}'])
-  assert len(calls) == 4
+  with pytest.raises(jdl.ConfigError, match="cannot read it"):
+    sweep_cli.run([f"--space={tmp_path / 'missing.json'}"])
+  assert len(calls) == 5
 
 
 # ---------------------------------------------------------------------------------------------
