@@ -208,6 +208,27 @@ def test_command_line_runs_a_study_and_rejects_bad_input(tmp_path, capsys):
   assert len(calls) == 5
 
 
+def test_a_preempted_trial_is_queued_again_and_resumes_in_its_folder(tmp_path):
+  """jdl.Preempted (SIGTERM after a checkpoint) stops the sweep; the next run trains the same
+  values in the same folder first, where its checkpoint would resume, then goes on."""
+  calls, preempt = [], [True]
+
+  def train(config, workdir, hooks):
+    if preempt.pop() if preempt else False:
+      calls.append((config, workdir))
+      raise jdl.Preempted(5, "SIGTERM", os.path.join(workdir, "checkpoints"))
+    return _fake_train(calls)(config, workdir, hooks)
+
+  space = sweep.space_from_json({"optimizer.learning_rate": {"log_uniform": [1e-4, 1e-1]}})
+  study = sweep.open_study(str(tmp_path), space)
+  with pytest.raises(jdl.Preempted):
+    sweep.run_study(study, jdl.base_config(), space, str(tmp_path), 2, train=train, log=None)
+  sweep.run_study(study, jdl.base_config(), space, str(tmp_path), 2, train=train, log=None)
+  assert [c[1] for c in calls] == [str(tmp_path / "trial_0")] * 2 + [str(tmp_path / "trial_2")]
+  assert calls[0][0].optimizer.learning_rate == calls[1][0].optimizer.learning_rate
+  assert [r["status"] for r in sweep.study_rows(study)] == ["interrupted", "ok", "ok"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Resuming and sharing a study: worker processes (tests/sweep_worker.py).
 
