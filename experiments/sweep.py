@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--base", default="experiments.mnist1d",
                       help="the experiment module whose get_config() every trial starts from")
   parser.add_argument("--space", required=True,
-                      help="the sweep space as a JSON object, or the path of a .json file holding one")
+                      help="the sweep space as a JSON object, or the path of a .json file")
   parser.add_argument("--trials", type=int, default=0,
                       help="finished trials the sweep runs to (default: the grid's size for "
                            "--sampler=grid, else 20)")
@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--storage", default=None,
                       help="the study's database URL (default sqlite:///WORKDIR/study.db)")
   parser.add_argument("--study_name", default="sweep", help="the study's name in the database")
-  parser.add_argument("--metric", default="test_accuracy", help="the record key the study optimises")
+  parser.add_argument("--metric", default="test_accuracy",
+                      help="the record key the study optimises")
   parser.add_argument("--mode", default="max", choices=tuple(sweep.MODES),
                       help="whether a larger (max) or smaller (min) metric is better")
   parser.add_argument("--plot_x", default=None,
@@ -153,7 +154,8 @@ def run(argv: Sequence[str], *, train: sweep.TrainFn | None = None) -> list[dict
       heartbeat_seconds=None if args.vmap else sweep.HEARTBEAT_SECONDS)
   done = sweep.finished_trials(study)
   print(f"sweeping {args.base} with {args.sampler} to {num_trials} trials"
-        f"{f', {args.vmap} at a time with jax.vmap' if args.vmap else ''}; study {args.study_name!r} "
+        f"{f', {args.vmap} at a time with jax.vmap' if args.vmap else ''}; "
+        f"study {args.study_name!r} "
         f"in {args.storage or sweep.default_storage(args.workdir)} ({done} finished before)",
         flush=True)
   if args.vmap:

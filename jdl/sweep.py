@@ -73,7 +73,8 @@ def space_from_json(space: Mapping[str, Any]) -> Space:
       if not value:
         raise ValueError(f"sweep space key {key!r} has an empty list of choices.")
       parsed[key] = dist.CategoricalDistribution([_choice(v) for v in value])
-    elif isinstance(value, Mapping) and len(value) == 1 and next(iter(value)) in _JSON_DISTRIBUTIONS:
+    elif isinstance(value, Mapping) and len(value) == 1 \
+        and next(iter(value)) in _JSON_DISTRIBUTIONS:
       (name, bounds), = value.items()
       parsed[key] = _distribution(key, name, bounds)
     else:
@@ -95,15 +96,16 @@ def _distribution(key: str, name: str, bounds: Any) -> dist.BaseDistribution:
       raise ValueError(f"sweep space key {key!r}: {name} needs integers low <= high; got {bounds}.")
     return dist.IntDistribution(low, high)
   if not low < high or (name == "log_uniform" and low <= 0):
-    raise ValueError(f"sweep space key {key!r}: {name} needs {'0 < ' if name == 'log_uniform' else ''}"
-                     f"low < high; got {bounds}.")
+    positive = "0 < " if name == "log_uniform" else ""
+    raise ValueError(f"sweep space key {key!r}: {name} needs {positive}low < high; got {bounds}.")
   return dist.FloatDistribution(float(low), float(high), log=name == "log_uniform")
 
 
 def _choice(value: Any) -> Any:
   """A categorical choice Optuna can store: None, bool, int, float or str; else (a list) its
   override text."""
-  return value if value is None or isinstance(value, (bool, int, float, str)) else override_text(value)
+  storable = value is None or isinstance(value, (bool, int, float, str))
+  return value if storable else override_text(value)
 
 
 def grid_of(space: Mapping[str, dist.BaseDistribution]) -> dict[str, list[Any]]:
@@ -263,8 +265,8 @@ def open_study(
     raise ConfigError(f"study {study_name!r} in {url} sweeps another space ({previous}), not "
                       f"{written}; use a new workdir or study name for a different sweep.")
   if study.direction != optuna.study.StudyDirection[MODES[mode].upper()]:
-    raise ConfigError(f"study {study_name!r} in {url} was created to {study.direction.name.lower()} "
-                      f"its metric, not to {MODES[mode]} it.")
+    raise ConfigError(f"study {study_name!r} in {url} was created to "
+                      f"{study.direction.name.lower()} its metric, not to {MODES[mode]} it.")
   return study
 
 

@@ -332,7 +332,8 @@ def vmap_sweep(config: ml_collections.ConfigDict, trials: Sequence[Mapping[str, 
   others = sorted({k for t in trials for k in t} - set(VMAP_KEYS))
   if others:
     raise ConfigError(f"a vmapped sweep varies only {list(VMAP_KEYS)} (one model and optimizer "
-                      f"for every member); the trials also set {others}. Run them with run_sweep.")
+                      f"for every member); the trials also set {others}. Sweep them with "
+                      "jdl.sweep.run_study.")
   if config.task != "classification" or not config.in_memory:
     raise ValueError(f"vmap_sweep needs an in-memory classification config; got task "
                      f"{config.task!r} with in_memory={config.in_memory}.")

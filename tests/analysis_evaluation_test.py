@@ -316,8 +316,9 @@ def test_report_explains_mnist1d_signals_with_shap_and_lime_beside_integrated_gr
   """With the shap and lime packages, the report explains the first MNIST-1D signals' predicted
   classes three ways side by side; SHAP's values add up to the output, and LIME's rules for the
   first signal are on the page."""
-  pytest.importorskip("shap", reason='the shap package is not installed: pip install -e ".[explain]"')
-  pytest.importorskip("lime", reason='the lime package is not installed: pip install -e ".[explain]"')
+  for package in ("shap", "lime"):
+    pytest.importorskip(package, reason=f"the {package} package is not installed: pip install -e "
+                        '".[explain]"')
   run = runs.load_run(tiny_run, log=lambda message: None)
   inputs, labels = report.load_eval_split(run)
   inputs, labels = inputs[:120], labels[:120]
@@ -332,7 +333,8 @@ def test_report_explains_mnist1d_signals_with_shap_and_lime_beside_integrated_gr
   rules = re.findall(r"<tr><td>([^<]*x\[\d+\][^<]*)</td><td>(-?[0-9.e-]+)</td></tr>", lime_table)
   assert len(rules) == 8, lime_table
   assert abs(float(rules[0][1])) >= abs(float(rules[-1][1])) > 0
-  page = open(report.build_report(tiny_run, out=str(tmp_path / "page.html"), extra_sections=sections,
-                                  log=lambda message: None), encoding="utf-8").read()
+  out = report.build_report(tiny_run, out=str(tmp_path / "page.html"), extra_sections=sections,
+                            log=lambda message: None)
+  page = open(out, encoding="utf-8").read()
   assert 'data-figure="explanations"' in page and "LIME: a linear model" in page
   assert rules[0][0] in page
