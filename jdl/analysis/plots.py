@@ -373,7 +373,8 @@ def plot_curve(xs: Sequence[float], ys_by_name: Mapping[str, Sequence[float]], p
 def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str, *, x: str,
                metric: str = "test_accuracy") -> str:
   """`metric` against the swept key `x` for the rows of `jdl.sweep.study_rows`: finished trials
-  as dots, pruned ones (at their last value) as crosses; non-numbers get a tick each, positive
+  as dots, pruned ones (at their last value) as crosses, one colour per setting of the other swept
+  keys (when there are at most 10). Non-numbers get a tick each; learning rates and positive
   numbers spanning 100x or more a logarithmic axis."""
   from jdl.sweep import format_value, param_keys  # pylint: disable=import-outside-toplevel
 
@@ -385,14 +386,23 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str, *, x: str,
   values = [r["params"][x] for r in shown]
   numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
   categories = [] if numeric else list(dict.fromkeys(map(format_value, values)))
+  others = [k for k in params if k != x]
+  groups = [", ".join(f"{k.rsplit('.', 1)[-1]}={format_value(r['params'].get(k))}"
+                      for k in others) for r in shown]
+  if len(set(groups)) > 10:  # a random search rarely repeats the other keys: one colour
+    groups = [""] * len(shown)
   figure = _figure((6.4, 4.4))
   axis = figure.subplots()
-  for status, marker, label in (("ok", "o", "finished"), ("pruned", "x", "pruned (last value)")):
-    points = [(v if numeric else categories.index(format_value(v)), r[metric])
-              for r, v in zip(shown, values) if r["status"] == status]
-    if points:
-      axis.scatter(*zip(*points), marker=marker, label=label)
-  if numeric and values and min(values) > 0 and max(values) / min(values) >= 100:
+  for colour, group in enumerate(dict.fromkeys(groups)):
+    for status, marker in (("ok", "o"), ("pruned", "x")):
+      points = [(v if numeric else categories.index(format_value(v)), r[metric])
+                for r, v, g in zip(shown, values, groups) if r["status"] == status and g == group]
+      if points:
+        label = " ".join(filter(None, [group, "pruned" if status == "pruned" else ""]))
+        axis.scatter(*zip(*points), marker=marker, color=f"C{colour % 10}",
+                     label=label or "finished")
+  if numeric and values and min(values) > 0 and (
+      x.endswith("learning_rate") or max(values) / min(values) >= 100):
     axis.set_xscale("log")
   if not numeric:
     axis.set_xticks(range(len(categories)), categories)
