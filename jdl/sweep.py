@@ -55,8 +55,8 @@ _JSON_DISTRIBUTIONS = ("log_uniform", "uniform", "int", "int_uniform")
 
 def space_from_json(space: Mapping[str, Any]) -> Space:
   """A space parsed from JSON: a list is a categorical choice, `{"log_uniform": [lo, hi]}`,
-  `{"uniform": [lo, hi]}` and `{"int": [lo, hi]}` (both ends included) are Optuna's float, log-float
-  and int distributions.
+  `{"uniform": [lo, hi]}` and `{"int": [lo, hi]}` (both ends included; `int_uniform` is read too)
+  are Optuna's float, log-float and int distributions.
 
   Lists inside a choice become tuples; a choice that is not a number, string, bool or None (a
   tuple such as `[128, 64]`) is kept as its override text, `"(128, 64)"`, which Optuna can store
