@@ -62,7 +62,8 @@ EXPLAINED_EXAMPLES = 4
 """Examples explained side by side by integrated gradients, SHAP and LIME (the first ones)."""
 
 SHAP_BACKGROUND = 50
-"""Eval-split examples (after the explained ones) that stand for a masked feature in SHAP."""
+"""Eval-split examples (after the explained ones) that stand for a masked feature in SHAP (10 for
+inputs of more than 256 values, such as images)."""
 
 LIME_TRAINING = 500
 """Eval-split examples (after the explained ones) that give LIME its feature quartiles."""
@@ -485,13 +486,15 @@ def explanation_section(ctx: ReportContext) -> list[Section]:
       parts.append(_note(f"{package.upper()} is left out: the {package} package is not installed "
                          '(pip install -e ".[explain]").'))
   if importlib.util.find_spec("shap") is not None:
-    shap = explain.shap_values(state.apply_fn, variables, inputs, reference[:SHAP_BACKGROUND],
-                               predicted, seed=int(ctx.run.config.seed))
+    # Each evaluation runs the whole background, and images need 2 * pixels + 1 of them.
+    background = reference[:SHAP_BACKGROUND if inputs[0].size <= 256 else 10]
+    shap = explain.shap_values(state.apply_fn, variables, inputs, background, predicted,
+                               seed=int(ctx.run.config.seed))
     methods["SHAP"] = shap.values
     residual = np.abs(shap.values.reshape(count, -1).sum(axis=1) + shap.expected_values
                       - shap.outputs).max()
     parts.append(_note(
-        f"SHAP: permutation explainer, {min(SHAP_BACKGROUND, len(reference))} eval examples as "
+        f"SHAP: permutation explainer, {len(background)} eval examples as "
         f"the background; expected output {np.mean(shap.expected_values):.4g}; values plus the "
         f"expected value equal the output to {residual:.2g} (local accuracy)"))
   if importlib.util.find_spec("lime") is not None:

@@ -85,7 +85,7 @@ class ShapResult:
 
 
 def shap_values(apply_fn: ApplyFn, variables: Any, inputs: Any, background: Any,
-                target_classes: Any = None, *, max_evals: int = 500,
+                target_classes: Any = None, *, max_evals: int | None = None,
                 seed: int = 0) -> ShapResult:
   """SHAP values of a class's output (logits, or probabilities for a model that outputs them)
   for each example, from `shap`'s permutation explainer with an independent masker.
@@ -102,8 +102,8 @@ def shap_values(apply_fn: ApplyFn, variables: Any, inputs: Any, background: Any,
     background: `[num_background, *input_shape]` examples standing for "feature unknown" (a few
       dozen training examples; the cost grows with their number).
     target_classes: `[num_examples]` the class explained for each; None: the predicted class.
-    max_evals: model evaluations per example (at least 2 * features + 1; each evaluates the
-      whole background).
+    max_evals: model evaluations per example, at least 2 * features + 1 (one permutation
+      forward and back); each evaluates the whole background. None: that, or 500 if larger.
     seed: seeds the permutations.
 
   Returns:
@@ -117,6 +117,7 @@ def shap_values(apply_fn: ApplyFn, variables: Any, inputs: Any, background: Any,
     raise ValueError(f"background must be a non-empty batch of the inputs' shape "
                      f"{inputs.shape[1:]}; got {background.shape}.")
   features = int(np.prod(inputs.shape[1:]))
+  max_evals = max(500, 2 * features + 1) if max_evals is None else max_evals
   if max_evals < 2 * features + 1:
     raise ValueError(f"max_evals must be at least 2 * features + 1 = {2 * features + 1} for "
                      f"{features} features (one permutation forward and back); got {max_evals}.")
