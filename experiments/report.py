@@ -6,9 +6,10 @@
 
 The run is loaded from its workdir (`jdl.runs.load_run`), its dataset's eval split is read again
 (from the run's config: dataset, data_dir, eval_split) and the restored model is evaluated on all
-of it (`jdl.analysis.evaluation.evaluate_classifier`). The page shows the config, the last metrics
-record, the learning curves, the confusion matrix, per-class accuracy, a grid of misclassified
-examples and the reliability diagram with the expected calibration error; the command also adds
+of it (`jdl.analysis.evaluation.evaluate_classifier`). The page leads with a summary (accuracy,
+loss, calibration error), the learning curves and the confusion matrix, then per-class accuracy, a
+grid of misclassified examples and the reliability diagram with the expected calibration error;
+the last metrics record, the config and the versions come last, folded. The command also adds
 integrated-gradients overlays (`jdl.analysis.attribution`) and robust accuracy against the attack
 size for FGSM and PGD (`jdl.analysis.adversarial`) when those modules are installed.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
+import importlib.util
 import inspect
 import json
 import math
@@ -43,7 +45,7 @@ from jdl import losses as losses_lib
 from jdl import runs
 from jdl.analysis import evaluation as evaluation_lib
 from jdl.analysis import plots
-from jdl.writers import JSONL_NAME, read_jsonl
+from jdl.writers import JSONL_NAME, VERSIONS_NAME, read_jsonl
 
 SectionContent = str | Sequence[str]
 Section = tuple[str, SectionContent]
@@ -55,6 +57,16 @@ IMAGE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpe
 
 ATTRIBUTION_EXAMPLES = 8
 """Examples of the eval split shown with their integrated-gradients attribution."""
+
+EXPLAINED_EXAMPLES = 4
+"""Examples explained side by side by integrated gradients, SHAP and LIME (the first ones)."""
+
+SHAP_BACKGROUND = 50
+"""Eval-split examples (after the explained ones) that stand for a masked feature in SHAP (10 for
+inputs of more than 256 values, such as images)."""
+
+LIME_TRAINING = 500
+"""Eval-split examples (after the explained ones) that give LIME its feature quartiles."""
 
 ROBUSTNESS_EXAMPLES = 500
 """Examples of the eval split attacked for the robust accuracy curve (the first ones)."""
@@ -205,6 +217,7 @@ td, th { border: 1px solid #ddd; padding: 3px 8px; }
 th { background: #f3f3f3; text-align: left; }
 td { text-align: right; font-variant-numeric: tabular-nums; }
 pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }
+details { margin: 0.5em 0; } summary { cursor: pointer; color: #345; }
 img { max-width: 100%; display: block; margin: 0.5em 0; }
 .note { color: #865; font-style: italic; }
 </style>"""
@@ -255,7 +268,7 @@ def _misclassified_texts(ctx: ReportContext, max_examples: int) -> str:
   return _table(["example", "true", "predicted", "text"], rows)
 
 
-def _standard_sections(workdir: str, ctx: ReportContext, records: Sequence[Mapping[str, Any]],
+def _standard_sections(ctx: ReportContext, records: Sequence[Mapping[str, Any]],
                        notes: Sequence[str], max_examples: int, page_dir: str,
                        embed: bool) -> list[tuple[str, str]]:
   run, report, figures = ctx.run, ctx.evaluation, ctx.figure_dir
@@ -265,21 +278,12 @@ def _standard_sections(workdir: str, ctx: ReportContext, records: Sequence[Mappi
 
   sections = [("Summary", _table(["", "value"], _summary_rows(run, report), css_class="summary")
                + "".join(_note(note) for note in notes))]
-  with open(os.path.join(workdir, runs.CONFIG_NAME), encoding="utf-8") as f:
-    config_text = json.dumps(json.load(f), indent=2, sort_keys=True)
-  sections.append(("Config", f'<pre class="config">{_escape(config_text)}</pre>'))
   if records:
-    last = records[-1]
-    sections.append(("Final metrics", _note(f"the last of {len(records)} records of "
-                                            f"{JSONL_NAME}, at step {last.get('step')}")
-                     + _table(["metric", "value"], sorted(last.items()), css_class="final")))
     try:
       sections.append(("Learning curves", img(plots.plot_learning_curves(
           records, os.path.join(figures, "learning_curves.png")), "learning curves")))
     except ValueError as error:
       sections.append(("Learning curves", _note(f"no learning curves: {error}")))
-  else:
-    sections.append(("Final metrics", _note(f"{JSONL_NAME} holds no records.")))
   if report is None:
     return sections
   sections.append(("Confusion matrix", img(plots.plot_confusion_matrix(
@@ -302,6 +306,33 @@ def _standard_sections(workdir: str, ctx: ReportContext, records: Sequence[Mappi
       + _note(f"expected calibration error {report.expected_calibration_error:.4f} over "
               f"{report.reliability.num_bins} equal-width confidence bins")))
   return sections
+
+
+def _folded(label: str, body: str) -> str:
+  return f"<details><summary>{_escape(label)}</summary>\n{body}\n</details>"
+
+
+def _appendix_sections(workdir: str, records: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+  """What the run was, folded at the end of the page: the last metrics record, the config and
+  the versions (a reader wants the results first; these are for checking and reproducing)."""
+  if records:
+    last = records[-1]
+    metrics = _folded(f"the last of {len(records)} records of {JSONL_NAME}, at step "
+                      f"{last.get('step')}",
+                      _table(["metric", "value"], sorted(last.items()), css_class="final"))
+  else:
+    metrics = _note(f"{JSONL_NAME} holds no records.")
+  with open(os.path.join(workdir, runs.CONFIG_NAME), encoding="utf-8") as f:
+    config = json.load(f)
+  details = _folded(f"{runs.CONFIG_NAME} ({len(config)} top-level keys)",
+                    f'<pre class="config">{_escape(json.dumps(config, indent=2, sort_keys=True))}'
+                    "</pre>")
+  versions_path = os.path.join(workdir, VERSIONS_NAME)
+  if os.path.isfile(versions_path):
+    with open(versions_path, encoding="utf-8") as f:
+      versions = json.dumps(json.load(f), indent=2, sort_keys=True)
+    details += _folded(VERSIONS_NAME, f'<pre class="versions">{_escape(versions)}</pre>')
+  return [("Final metrics", metrics), ("Config and versions", details)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,7 +398,7 @@ def build_report(
         run.state, inputs, labels, class_names=run.meta.class_names,
         top_k=(1, 5, *tuple(run.config.get("top_k", ()))), batch_size=batch_size)
   ctx = ReportContext(run, inputs, labels, report, figure_dir, log)
-  sections = _standard_sections(workdir, ctx, records, notes, max_examples, page_dir, embed)
+  sections = _standard_sections(ctx, records, notes, max_examples, page_dir, embed)
   for builder in section_builders:
     name = getattr(builder, "__name__", repr(builder))
     try:  # one analysis that fails must not sink the rest of the report
@@ -378,6 +409,7 @@ def build_report(
     extra_sections = [*extra_sections, *built]
   for title, content in extra_sections:
     sections.append((title, _section_body(content, title, page_dir, embed)))
+  sections += _appendix_sections(workdir, records)
   title = f"jdl report: {os.path.basename(os.path.abspath(workdir))} (step {run.step})"
   with open(out, "w", encoding="utf-8") as f:
     f.write(render_page(title, sections))
@@ -430,6 +462,61 @@ def attribution_section(ctx: ReportContext) -> list[Section]:
       "brighter is more attribution; signals: red raises the score, blue lowers it")])]
 
 
+def explanation_section(ctx: ReportContext) -> list[Section]:
+  """Integrated gradients beside SHAP and LIME (`jdl.analysis.explain`, whichever of the `shap`
+  and `lime` packages is installed) for the first `EXPLAINED_EXAMPLES` examples, each explaining
+  the predicted class, with LIME's rules for the first example and SHAP's local-accuracy check."""
+  from jdl.analysis import attribution, explain  # pylint: disable=import-outside-toplevel
+
+  title = "Attribution: integrated gradients, SHAP and LIME"
+  reason = _drawable(ctx)
+  if reason is None and ctx.evaluation.num_examples <= EXPLAINED_EXAMPLES + 4:
+    reason = "the eval split is too small to give SHAP and LIME their reference examples"
+  if reason is not None:
+    return [(title, _note(f"left out: {reason}."))]
+  report, state, variables = ctx.evaluation, ctx.run.state, ctx.run.state.variables()
+  count = EXPLAINED_EXAMPLES
+  inputs, predicted = ctx.inputs[:count], report.predictions[:count]
+  reference = ctx.inputs[count:]
+  methods = {"integrated gradients": np.asarray(attribution.integrated_gradients(
+      state.apply_fn, variables, inputs, predicted, steps=64))}
+  parts: list[str] = []
+  for package in ("shap", "lime"):
+    if importlib.util.find_spec(package) is None:
+      parts.append(_note(f"{package.upper()} is left out: the {package} package is not installed "
+                         '(pip install -e ".[explain]").'))
+  if importlib.util.find_spec("shap") is not None:
+    # Each evaluation runs the whole background, and images need 2 * pixels + 1 of them.
+    background = reference[:SHAP_BACKGROUND if inputs[0].size <= 256 else 10]
+    shap = explain.shap_values(state.apply_fn, variables, inputs, background, predicted,
+                               seed=int(ctx.run.config.seed))
+    methods["SHAP"] = shap.values
+    residual = np.abs(shap.values.reshape(count, -1).sum(axis=1) + shap.expected_values
+                      - shap.outputs).max()
+    parts.append(_note(
+        f"SHAP: permutation explainer, {len(background)} eval examples as "
+        f"the background; expected output {np.mean(shap.expected_values):.4g}; values plus the "
+        f"expected value equal the output to {residual:.2g} (local accuracy)"))
+  if importlib.util.find_spec("lime") is not None:
+    lime = explain.lime_explanations(state.apply_fn, variables, inputs, reference[:LIME_TRAINING],
+                                     predicted, seed=int(ctx.run.config.seed))
+    methods["LIME"] = lime.weights
+    first = report.class_names[predicted[0]]
+    parts.append(_note(
+        f"LIME: a linear model of the predicted class's probability on quartile bins of "
+        f"{min(LIME_TRAINING, len(reference))} eval examples; example #0 (predicted {first}, "
+        f"local fit R^2 {lime.scores[0]:.2f}), its strongest rules:"))
+    parts.append(_table(["rule", f"weight for P({first})"], lime.rules[0][:8], css_class="lime"))
+  names = list(methods)
+  tiles = np.concatenate([np.stack([inputs[i]] * len(names)) for i in range(count)])
+  weights = np.concatenate([np.stack([methods[name][i] for name in names]) for i in range(count)])
+  titles = [f"#{i} pred {report.class_names[predicted[i]]}: {name}"
+            for i in range(count) for name in names]
+  path = plots.plot_attribution_overlays(tiles, weights, os.path.join(
+      ctx.figure_dir, "explanations.png"), titles=titles, columns=len(names))
+  return [(title, [path, *parts])]
+
+
 def robustness_section(ctx: ReportContext) -> list[Section]:
   """Accuracy under FGSM and PGD L-infinity attacks of growing size, on the first
   `ROBUSTNESS_EXAMPLES` examples (`jdl.analysis.adversarial.robust_accuracy_curve`; PGD with its
@@ -479,7 +566,8 @@ def robustness_section(ctx: ReportContext) -> list[Section]:
 
 def optional_section_builders(log: Callable[[str], None] = print) -> list[SectionBuilder]:
   """The section builders of the analysis modules that can be imported: `attribution_section`
-  with `jdl.analysis.attribution`, `robustness_section` with `jdl.analysis.adversarial`."""
+  with `jdl.analysis.attribution`, then `explanation_section` where the `shap` or `lime` package
+  is installed, and `robustness_section` with `jdl.analysis.adversarial`."""
   builders: list[SectionBuilder] = []
   for module, builder in (("attribution", attribution_section),
                           ("adversarial", robustness_section)):
@@ -489,6 +577,12 @@ def optional_section_builders(log: Callable[[str], None] = print) -> list[Sectio
       log(f"jdl.analysis.{module} is not available ({error}); its section is left out.")
       continue
     builders.append(builder)
+  if attribution_section in builders:
+    if any(importlib.util.find_spec(package) for package in ("shap", "lime")):
+      builders.insert(1, explanation_section)
+    else:
+      log('neither shap nor lime is installed (pip install -e ".[explain]"); the SHAP and LIME '
+          "section is left out.")
   return builders
 
 
@@ -501,7 +595,7 @@ USAGE = """usage: python -m experiments.report --workdir=DIR [--out=FILE] [--che
   --out=FILE           the HTML page (default DIR/report.html; PNGs go to FILE without .html/)
   --checkpoint=WHICH   latest (default), best (by the run's best_metric) or a step number
   --max_examples=N     misclassified examples drawn (default 25)
-  --no_optional        leave out the attribution and robustness sections
+  --no_optional        leave out the attribution (gradients, SHAP, LIME) and robustness sections
 """
 
 

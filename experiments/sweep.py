@@ -1,20 +1,25 @@
-"""Sweep an experiment's hyperparameters: a grid or a random search, each trial a full run.
+"""Sweep an experiment's hyperparameters with Optuna: TPE by default, random or grid on request.
 
-Trains the base experiment's `get_config()` (plus `--config.` overrides) once per trial, each in
-`WORKDIR/trial_<i>`, then prints a Markdown table best first and writes `results.csv`,
-`results.md` and `sweep.png` (the metric against the first swept key) into WORKDIR. A trial that
-fails (a rejected value, a loss that became NaN) is reported as failed; the others still run.
+Every trial is the base experiment's `get_config()` (plus `--config.` overrides) with the sampled
+values applied, trained in `WORKDIR/trial_<n>`; each evaluation record is reported to the study,
+whose pruner stops bad trials early. The study lives in `WORKDIR/study.db` (SQLite) or the
+database `--storage` names: the same command again resumes a killed sweep, and the same command
+run in two processes splits the trials between them. At the end it prints a Markdown table best
+first and writes `results.csv`, `results.md`, `sweep.png` (the metric against the first swept
+key, or `--plot_x`) and `history.png` (each trial's metric at every evaluation).
 
-  python -m experiments.sweep --base=experiments.mnist1d --workdir=runs/sweep \\
+  python -m experiments.sweep --base=experiments.mnist1d --workdir=runs/sweep --trials=20 \\
+      --config.model.name=mlp \\
+      --space='{"optimizer.learning_rate": {"log_uniform": [1e-4, 1e-1]}, "model.mlp.hidden": [[64], [128, 64]]}'
+  python -m experiments.sweep --sampler=grid \\
       --space='{"optimizer.learning_rate": [1e-3, 3e-3, 1e-2], "optimizer.name": ["adam", "sgd"]}'
-  python -m experiments.sweep --space='{"optimizer.learning_rate": {"log_uniform": [1e-4, 1e-1]},
-      "model.mlp.hidden": [[64], [128, 64]]}' --random=8 --seed=0 --config.model.name=mlp
-  python -m experiments.sweep --vmap --space='{"optimizer.learning_rate": [1e-3, 3e-3, 1e-2, 3e-2]}'
+  python -m experiments.sweep --vmap=4 --trials=12 --config.model.name=mlp \\
+      --space='{"optimizer.learning_rate": {"log_uniform": [1e-4, 1e-1]}}'
 
-The space is JSON: each key a dotted config key, each value a list of choices (lists inside
-become tuples) or, with `--random=N`, a distribution `{"log_uniform": [lo, hi]}`, `{"uniform":
-[lo, hi]}` or `{"int_uniform": [lo, hi]}`. `--vmap` trains every trial at once on one device
-with `jax.vmap` (`jdl.vmap_sweep.vmap_sweep`); it sweeps `optimizer.learning_rate` and `seed` only.
+The space is JSON (inline, or a .json file): each key a dotted config key, each value a list of choices (lists inside
+become tuples) or a distribution `{"log_uniform": [lo, hi]}`, `{"uniform": [lo, hi]}` or
+`{"int": [lo, hi]}`. `--vmap=K` asks the study for K trials at a time and trains them as one
+program with `jax.vmap` (`jdl.vmap_sweep`); it sweeps `optimizer.learning_rate` and `seed` only.
 """
 
 from __future__ import annotations
@@ -27,8 +32,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import optuna
+
 from jdl import config as config_lib
-from jdl import sweep, vmap_sweep
+from jdl import experiment, sweep, vmap_sweep
+from jdl.analysis import plots
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,19 +46,32 @@ def _parser() -> argparse.ArgumentParser:
       epilog="Any other argument must be --config.KEY=VALUE, an override of the base config.")
   parser.add_argument("--base", default="experiments.mnist1d",
                       help="the experiment module whose get_config() every trial starts from")
-  parser.add_argument("--space", required=True, help="the sweep space as a JSON object")
-  parser.add_argument("--random", type=int, default=0,
-                      help="draw this many random trials instead of the full grid")
-  parser.add_argument("--seed", type=int, default=0, help="seeds the random search's draws")
+  parser.add_argument("--space", required=True,
+                      help="the sweep space as a JSON object, or the path of a .json file")
+  parser.add_argument("--trials", type=int, default=0,
+                      help="finished trials the sweep runs to (default: the grid's size for "
+                           "--sampler=grid, else 20)")
+  parser.add_argument("--sampler", default="tpe", choices=sweep.SAMPLERS,
+                      help="how trials are chosen: Optuna's TPE, random or grid sampler")
+  parser.add_argument("--pruner", default="median", choices=sweep.PRUNERS,
+                      help="what stops bad trials early, from their evaluation records")
+  parser.add_argument("--startup_trials", type=int, default=5,
+                      help="the median pruner stops no trial before this many have finished")
+  parser.add_argument("--seed", type=int, default=None, help="seeds the sampler")
   parser.add_argument("--workdir", default=os.path.join("runs", "sweep"),
-                      help="where the trials' folders and the results go")
-  parser.add_argument("--metric", default="test_accuracy", help="the record key that ranks trials")
-  parser.add_argument("--mode", default="max", choices=sweep.MODES,
+                      help="where the trials' folders, the study's SQLite file and the results go")
+  parser.add_argument("--storage", default=None,
+                      help="the study's database URL (default sqlite:///WORKDIR/study.db)")
+  parser.add_argument("--study_name", default="sweep", help="the study's name in the database")
+  parser.add_argument("--metric", default="test_accuracy",
+                      help="the record key the study optimises")
+  parser.add_argument("--mode", default="max", choices=tuple(sweep.MODES),
                       help="whether a larger (max) or smaller (min) metric is better")
   parser.add_argument("--plot_x", default=None,
                       help="the swept key on the plot's x axis (default: the first key)")
-  parser.add_argument("--vmap", action="store_true",
-                      help="train all trials at once with jax.vmap (learning rates and seeds only)")
+  parser.add_argument("--vmap", type=int, default=0,
+                      help="train this many trials at once with jax.vmap (learning rates and "
+                           "seeds only); 0: one trial at a time")
   return parser
 
 
@@ -68,8 +89,15 @@ def load_base_config(module_name: str):
   return module.get_config()
 
 
-def parse_space(text: str) -> dict[str, Any]:
-  """The `--space` JSON as a sweep space (see `jdl.sweep.space_from_json`)."""
+def parse_space(text: str) -> sweep.Space:
+  """The `--space` JSON (or the .json file it names) as a sweep space (see
+  `jdl.sweep.space_from_json`)."""
+  if text.endswith(".json"):
+    try:
+      with open(text, encoding="utf-8") as f:
+        text = f.read()
+    except OSError as error:
+      raise config_lib.ConfigError(f"--space={text}: cannot read it ({error}).") from None
   try:
     raw = json.loads(text)
   except json.JSONDecodeError as error:
@@ -83,15 +111,15 @@ def parse_space(text: str) -> dict[str, Any]:
 
 
 def run(argv: Sequence[str], *, train: sweep.TrainFn | None = None) -> list[dict[str, Any]]:
-  """Parses the command line, runs the sweep, prints the table and writes the results.
+  """Parses the command line, runs (or resumes) the sweep, prints the table, writes the results.
 
   Args:
     argv: command-line arguments, without the program name.
-    train: `(config, workdir) -> (state, history)` for every trial; defaults to
+    train: `(config, workdir, hooks) -> (state, history)` for every trial; defaults to
       `jdl.train_and_evaluate` (tests pass a fake).
 
   Returns:
-    The rows of `jdl.sweep.run_sweep` (or of the vmapped run), in trial order.
+    The study's rows (`jdl.sweep.study_rows`), in trial order.
 
   Raises:
     ConfigError: a bad argument, space or config key; nothing has trained yet.
@@ -103,36 +131,46 @@ def run(argv: Sequence[str], *, train: sweep.TrainFn | None = None) -> list[dict
         f"unexpected argument {bad[0]!r}; expected the options of --help or --config.KEY=VALUE.")
   config = config_lib.apply_overrides(load_base_config(args.base),
                                       [arg[len("--config."):] for arg in rest])
-  if args.random < 0:
-    raise config_lib.ConfigError(f"--random={args.random}: give a number of trials >= 1, or 0 "
-                                 "(the default) for the full grid.")
   space = parse_space(args.space)
-  try:
-    trials = (sweep.random_search(space, args.random, seed=args.seed) if args.random > 0
-              else sweep.grid(space))
-  except ValueError as error:
-    raise config_lib.ConfigError(f"--space: {error}") from None
   sweep.check_keys(config, list(space))
+  # As an experiment's main does: trials of a small model share compiled programs through the
+  # persistent cache, and run on the experiment's CPU threads.
+  experiment.set_cpu_threads(config.cpu_threads)
+  experiment.set_compilation_cache(config.compilation_cache_dir)
+  for name in ("trials", "vmap"):
+    if getattr(args, name) < 0:
+      raise config_lib.ConfigError(f"--{name}={getattr(args, name)} must be >= 0.")
   plot_x = args.plot_x or next(iter(space))
   if plot_x not in space:
     raise config_lib.ConfigError(f"--plot_x={plot_x} is not a key of the space {list(space)}.")
-  print(f"sweeping {len(trials)} trials of {args.base} ({'random' if args.random else 'grid'}"
-        f"{', vmapped' if args.vmap else ''}) into {args.workdir}", flush=True)
+  try:
+    sampler = sweep.make_sampler(args.sampler, space, seed=args.seed)
+    num_trials = args.trials or (sweep.grid_size(space) if args.sampler == "grid" else 20)
+  except ValueError as error:
+    raise config_lib.ConfigError(f"--space: {error}") from None
+  study = sweep.open_study(
+      args.workdir, space, storage=args.storage, study_name=args.study_name, mode=args.mode,
+      sampler=sampler, pruner=sweep.make_pruner(args.pruner, startup_trials=args.startup_trials),
+      heartbeat_seconds=None if args.vmap else sweep.HEARTBEAT_SECONDS)
+  done = sweep.finished_trials(study)
+  print(f"sweeping {args.base} with {args.sampler} to {num_trials} trials"
+        f"{f', {args.vmap} at a time with jax.vmap' if args.vmap else ''}; "
+        f"study {args.study_name!r} "
+        f"in {args.storage or sweep.default_storage(args.workdir)} ({done} finished before)",
+        flush=True)
   if args.vmap:
-    result = vmap_sweep.vmap_sweep(config, trials, log=print)
-    rows = result.rows()
-    print(f"{result.num_members} members in {result.train_seconds:.1f}s "
-          f"(+{result.compile_seconds:.1f}s compiling)")
+    vmap_sweep.run_vmapped_study(study, config, space, num_trials, members=args.vmap,
+                                 metric=args.metric)
   else:
-    rows = sweep.run_sweep(config, trials, args.workdir, train=train, metric=args.metric,
-                           mode=args.mode)
-  csv_path, markdown_path = sweep.write_results(rows, args.workdir, metric=args.metric,
-                                                mode=args.mode)
-  written = [csv_path, markdown_path]
+    sweep.run_study(study, config, space, args.workdir, num_trials, train=train,
+                    metric=args.metric)
+  rows = sweep.study_rows(study, args.metric)
+  written = list(sweep.write_results(rows, args.workdir, metric=args.metric, mode=args.mode))
   if sweep.best_row(rows, args.metric, args.mode) is not None:
-    # A random search's other keys rarely repeat, so its points are not grouped into lines.
-    written.append(sweep.plot_sweep(rows, os.path.join(args.workdir, "sweep.png"), x=plot_x,
-                                    metric=args.metric, group_by=() if args.random else None))
+    written.append(plots.plot_sweep(rows, os.path.join(args.workdir, "sweep.png"), x=plot_x,
+                                    metric=args.metric))
+    written.append(plots.plot_trial_curves(rows, os.path.join(args.workdir, "history.png"),
+                                           metric=args.metric))
   print()
   print(sweep.markdown_table(rows, args.metric, args.mode))
   print("\nwrote " + ", ".join(written))
@@ -140,15 +178,17 @@ def run(argv: Sequence[str], *, train: sweep.TrainFn | None = None) -> list[dict
 
 
 def main() -> None:
-  """`run` on `sys.argv`: a bad argument prints one line and exits 2; a sweep in which every
-  trial failed exits 1."""
+  """`run` on `sys.argv`: a bad argument prints one line and exits 2; a sweep in which no trial
+  finished exits 1."""
+  # jdl prints a line per trial; Optuna's own per-trial lines would repeat them.
+  optuna.logging.set_verbosity(optuna.logging.WARNING)
   try:
     rows = run(sys.argv[1:])
   except config_lib.ConfigError as error:
     print(f"error: {error}", file=sys.stderr)
     raise SystemExit(2) from None
   if all(row["status"] != "ok" for row in rows):
-    print("error: every trial failed (see the table).", file=sys.stderr)
+    print("error: no trial finished (see the table).", file=sys.stderr)
     raise SystemExit(1)
 
 

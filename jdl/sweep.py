@@ -1,195 +1,127 @@
-"""Hyperparameter sweeps: grids and random search over config keys, run one trial after another.
+"""Hyperparameter sweeps on Optuna: a study over config keys, its trials trained by jdl.
 
-A *space* maps dotted config keys to a list of choices or, for random search, a distribution
-(`Uniform`, `LogUniform`, `IntUniform`). A *trial* is a dict `{key: value}`. `run_sweep` returns
-one row per trial: `{"trial": i, "params": trial, "status": "ok" | "failed", "error": message,
-"seconds": ..., "workdir": ..., **the last evaluation record}`. See docs/sweeps.md; the vmapped
-sweep is `jdl.vmap_sweep`.
+A *space* maps dotted config keys to Optuna distributions (`space_from_json` reads them from
+JSON). A study is kept in a database, by default `sqlite:///WORKDIR/study.db`, so a killed sweep
+resumes where it stopped and several worker processes (on one machine or, with a database URL,
+many) share one study. `run_study` trains one trial at a time with `jdl.train_and_evaluate`,
+reporting every evaluation record to Optuna so its pruner can stop a bad trial early; the vmapped
+sweep (`jdl.vmap_sweep.run_vmapped_study`) trains a batch of asked trials as one program.
+`study_rows` turns the study into rows for `markdown_table`, `write_results` and the plots
+(`jdl.analysis.plots.plot_sweep`, `plot_trial_curves`).
+See docs/sweeps.md.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import difflib
-import itertools
-import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
 import numpy as np
+import optuna
+import sqlalchemy
+from optuna import distributions as dist
 
 from jdl import experiment, loop as loop_lib
 from jdl.config import ConfigError, apply_overrides
 
-Trial = dict[str, Any]
+Space = dict[str, dist.BaseDistribution]
 Row = dict[str, Any]
-TrainFn = Callable[[ml_collections.ConfigDict, str], tuple[Any, list[dict[str, float]]]]
+Hook = Callable[[int, Any, Mapping[str, Any]], None]
+TrainFn = Callable[[ml_collections.ConfigDict, str, Sequence[Hook]],
+                   tuple[Any, list[dict[str, float]]]]
 
-MODES = ("max", "min")
+MODES = {"max": "maximize", "min": "minimize"}
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("median", "hyperband", "none")
+STUDY_FILE = "study.db"
+HEARTBEAT_SECONDS = 60
+"""How often a running trial marks itself alive in the study; a trial silent for twice as long
+(its worker was killed) is failed and its parameters are tried again, in its own workdir."""
 
 
 # ---------------------------------------------------------------------------------------------
-# Spaces and trials.
+# Spaces.
 
 
-@dataclasses.dataclass(frozen=True)
-class Uniform:
-  """A real number drawn uniformly from [low, high]."""
-
-  low: float
-  high: float
-
-  def __post_init__(self) -> None:
-    _check_bounds(self, self.low, self.high)
-
-  def sample(self, rng: np.random.Generator) -> float:
-    return float(np.clip(rng.uniform(self.low, self.high), self.low, self.high))
+_JSON_DISTRIBUTIONS = ("log_uniform", "uniform", "int", "int_uniform")
 
 
-@dataclasses.dataclass(frozen=True)
-class LogUniform:
-  """A positive number whose logarithm is uniform on [log low, log high]."""
+def space_from_json(space: Mapping[str, Any]) -> Space:
+  """A space parsed from JSON: a list is a categorical choice, `{"log_uniform": [lo, hi]}`,
+  `{"uniform": [lo, hi]}` and `{"int": [lo, hi]}` (both ends included; `int_uniform` is read too)
+  are Optuna's float, log-float and int distributions.
 
-  low: float
-  high: float
-
-  def __post_init__(self) -> None:
-    _check_bounds(self, self.low, self.high)
-    if self.low <= 0:
-      raise ValueError(f"LogUniform needs 0 < low; got low={self.low!r}.")
-
-  def sample(self, rng: np.random.Generator) -> float:
-    value = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
-    return float(min(max(value, self.low), self.high))  # exp(log(x)) may round past a bound
-
-
-@dataclasses.dataclass(frozen=True)
-class IntUniform:
-  """An integer drawn uniformly from low..high, both included."""
-
-  low: int
-  high: int
-
-  def __post_init__(self) -> None:
-    for name in ("low", "high"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"IntUniform needs integer bounds; got {name}={value!r}.")
-    if self.low > self.high:
-      raise ValueError(f"IntUniform needs low <= high; got low={self.low}, high={self.high}.")
-
-  def sample(self, rng: np.random.Generator) -> int:
-    return int(rng.integers(self.low, self.high, endpoint=True))
-
-
-Distribution = Uniform | LogUniform | IntUniform
-_DISTRIBUTIONS = (Uniform, LogUniform, IntUniform)
-_JSON_DISTRIBUTIONS = {"uniform": Uniform, "log_uniform": LogUniform, "int_uniform": IntUniform}
-
-
-def _check_bounds(distribution: Any, low: Any, high: Any) -> None:
-  name = type(distribution).__name__
-  for label, value in (("low", low), ("high", high)):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-        or not math.isfinite(value):
-      raise ValueError(f"{name} needs finite numeric bounds; got {label}={value!r}.")
-  if not low < high:
-    raise ValueError(f"{name} needs low < high; got low={low!r}, high={high!r}.")
-
-
-def _check_space(space: Any, *, allow_distributions: bool) -> None:
+  Lists inside a choice become tuples; a choice that is not a number, string, bool or None (a
+  tuple such as `[128, 64]`) is kept as its override text, `"(128, 64)"`, which Optuna can store
+  and `apply_overrides` reads back.
+  """
   if not isinstance(space, Mapping) or not space:
-    raise ValueError(
-        "a sweep space must be a non-empty mapping from config keys to lists of values, e.g. "
-        f"{{'optimizer.learning_rate': [1e-3, 1e-2]}}; got {space!r}.")
-  for key, values in space.items():
+    raise ValueError("the sweep space must be a non-empty JSON object mapping config keys to "
+                     f'choices, e.g. {{"optimizer.learning_rate": [1e-3, 1e-2]}}; got {space!r}.')
+  parsed: Space = {}
+  for key, value in space.items():
     if not isinstance(key, str) or not key:
       raise ValueError(f"sweep space keys must be dotted config keys (strings); got {key!r}.")
-    if isinstance(values, _DISTRIBUTIONS):
-      if not allow_distributions:
-        raise ValueError(
-            f"grid needs a list of values for {key!r}, but it has the distribution {values!r}; "
-            "draw from distributions with random_search (on the command line: --random=N).")
-      continue
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
-      expected = "a non-empty list of values" + (" or a distribution" if allow_distributions else "")
-      raise ValueError(
-          f"sweep space key {key!r} needs {expected} (e.g. [1e-3, 1e-2]); got {values!r}.")
-
-
-def grid(space: Mapping[str, Sequence[Any]]) -> list[Trial]:
-  """Every combination of the space's values (the cartesian product), the last key varying fastest.
-
-  Args:
-    space: dotted config keys -> lists of values, e.g. `{"optimizer.name": ["adam", "sgd"],
-      "model.mlp.hidden": [(64,), (128, 64)]}`.
-
-  Returns:
-    `prod(len(values))` trials, each a dict with every key of `space`.
-  """
-  _check_space(space, allow_distributions=False)
-  keys = list(space)
-  return [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
-
-
-def random_search(space: Mapping[str, Sequence[Any] | Distribution], num_trials: int, *,
-                  seed: int) -> list[Trial]:
-  """`num_trials` independent draws: a uniform choice from each list, a sample of each distribution.
-
-  Args:
-    space: dotted config keys -> lists of choices or `Uniform` / `LogUniform` / `IntUniform`.
-    num_trials: how many trials to draw (>= 1).
-    seed: seeds the draws (numpy's `default_rng`), keys in the order of `space`.
-  """
-  _check_space(space, allow_distributions=True)
-  if isinstance(num_trials, bool) or not isinstance(num_trials, (int, np.integer)) \
-      or num_trials < 1:
-    raise ValueError(f"random_search needs num_trials >= 1; got {num_trials!r}.")
-  rng = np.random.default_rng(seed)
-  trials = []
-  for _ in range(num_trials):
-    trial = {}
-    for key, values in space.items():
-      if isinstance(values, _DISTRIBUTIONS):
-        trial[key] = values.sample(rng)
-      else:
-        trial[key] = values[int(rng.integers(len(values)))]
-    trials.append(trial)
-  return trials
-
-
-def space_from_json(space: Mapping[str, Any]) -> dict[str, Any]:
-  """A space parsed from JSON: lists are choices (inner lists become tuples), and
-  `{"log_uniform" | "uniform" | "int_uniform": [lo, hi]}` a distribution."""
-  if not isinstance(space, Mapping) or not space:
-    raise ValueError(f"the sweep space must be a non-empty JSON object; got {space!r}.")
-  parsed: dict[str, Any] = {}
-  for key, value in space.items():
-    if isinstance(value, Mapping):
-      if len(value) != 1 or next(iter(value)) not in _JSON_DISTRIBUTIONS:
-        raise ValueError(
-            f"sweep space key {key!r}: a distribution is one of "
-            f"{[{name: ['low', 'high']} for name in _JSON_DISTRIBUTIONS]}; got {dict(value)!r}.")
+    if isinstance(value, list):
+      if not value:
+        raise ValueError(f"sweep space key {key!r} has an empty list of choices.")
+      parsed[key] = dist.CategoricalDistribution([_choice(v) for v in value])
+    elif isinstance(value, Mapping) and len(value) == 1 \
+        and next(iter(value)) in _JSON_DISTRIBUTIONS:
       (name, bounds), = value.items()
-      if not isinstance(bounds, list) or len(bounds) != 2:
-        raise ValueError(f"sweep space key {key!r}: {name} needs [low, high]; got {bounds!r}.")
-      parsed[key] = _JSON_DISTRIBUTIONS[name](*bounds)
-    elif isinstance(value, list):
-      parsed[key] = [_tuples(v) for v in value]
+      parsed[key] = _distribution(key, name, bounds)
     else:
       raise ValueError(
-          f"sweep space key {key!r} needs a list of values or a distribution such as "
-          f'{{"log_uniform": [1e-4, 1e-1]}}; got {value!r}.')
+          f"sweep space key {key!r} needs a list of choices or one of "
+          f"{[{name: ['low', 'high']} for name in _JSON_DISTRIBUTIONS[:3]]}; got {value!r}.")
   return parsed
 
 
-def _tuples(value: Any) -> Any:
-  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+def _distribution(key: str, name: str, bounds: Any) -> dist.BaseDistribution:
+  numeric = isinstance(bounds, list) and len(bounds) == 2 and all(
+      isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in bounds)
+  if not numeric:
+    raise ValueError(f"sweep space key {key!r}: {name} needs [low, high] as two finite numbers; "
+                     f"got {bounds!r}.")
+  low, high = bounds
+  if name.startswith("int"):
+    if not all(isinstance(b, int) for b in bounds) or low > high:
+      raise ValueError(f"sweep space key {key!r}: {name} needs integers low <= high; got {bounds}.")
+    return dist.IntDistribution(low, high)
+  if not low < high or (name == "log_uniform" and low <= 0):
+    positive = "0 < " if name == "log_uniform" else ""
+    raise ValueError(f"sweep space key {key!r}: {name} needs {positive}low < high; got {bounds}.")
+  return dist.FloatDistribution(float(low), float(high), log=name == "log_uniform")
+
+
+def _choice(value: Any) -> Any:
+  """A categorical choice Optuna can store: None, bool, int, float or str; else (a list) its
+  override text."""
+  storable = value is None or isinstance(value, (bool, int, float, str))
+  return value if storable else override_text(value)
+
+
+def grid_of(space: Mapping[str, dist.BaseDistribution]) -> dict[str, list[Any]]:
+  """The lists of choices of a space made of categorical choices only (for Optuna's GridSampler)."""
+  grid = {}
+  for key, distribution in space.items():
+    if not isinstance(distribution, dist.CategoricalDistribution):
+      raise ValueError(f"a grid needs a list of values for {key!r}, but it has {distribution!r}; "
+                       "sample distributions with the tpe or random sampler.")
+    grid[key] = list(distribution.choices)
+  return grid
+
+
+def grid_size(space: Mapping[str, dist.BaseDistribution]) -> int:
+  """How many points the grid of `space` has."""
+  return math.prod(len(choices) for choices in grid_of(space).values())
 
 
 def override_text(value: Any) -> str:
@@ -214,9 +146,9 @@ def _plain(value: Any) -> Any:
   return value
 
 
-def trial_overrides(trial: Mapping[str, Any]) -> list[str]:
-  """The `KEY=VALUE` overrides that apply a trial."""
-  return [f"{key}={override_text(value)}" for key, value in trial.items()]
+def trial_overrides(params: Mapping[str, Any]) -> list[str]:
+  """The `KEY=VALUE` overrides that apply a trial's parameters."""
+  return [f"{key}={override_text(value)}" for key, value in params.items()]
 
 
 def check_keys(config: ml_collections.ConfigDict, keys: Sequence[str]) -> None:
@@ -241,106 +173,254 @@ def _leaf_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]
 
 
 # ---------------------------------------------------------------------------------------------
-# Running trials one after another, and reporting them.
+# Studies.
 
 
-def run_sweep(
-    base_config: ml_collections.ConfigDict,
-    trials: Sequence[Mapping[str, Any]],
+def make_sampler(name: str, space: Mapping[str, dist.BaseDistribution], *,
+                 seed: int | None = None) -> optuna.samplers.BaseSampler:
+  """Optuna's TPE (the default: it models which values did well), random or grid sampler."""
+  if name == "tpe":
+    return optuna.samplers.TPESampler(seed=seed)
+  if name == "random":
+    return optuna.samplers.RandomSampler(seed=seed)
+  if name == "grid":
+    return optuna.samplers.GridSampler(grid_of(space), seed=seed)
+  raise ValueError(f"sampler must be one of {SAMPLERS}; got {name!r}.")
+
+
+def make_pruner(name: str, *, startup_trials: int = 5,
+                warmup_steps: int = 0) -> optuna.pruners.BasePruner:
+  """Optuna's median pruner (stop a trial whose metric at an evaluation is worse than the median
+  of earlier trials' at the same step), Hyperband, or none.
+
+  Args:
+    name: "median", "hyperband" or "none".
+    startup_trials: the median pruner prunes nothing until this many trials have finished.
+    warmup_steps: nor before a trial reaches this step.
+  """
+  if name == "median":
+    return optuna.pruners.MedianPruner(n_startup_trials=startup_trials,
+                                       n_warmup_steps=warmup_steps)
+  if name == "hyperband":
+    return optuna.pruners.HyperbandPruner()
+  if name == "none":
+    return optuna.pruners.NopPruner()
+  raise ValueError(f"pruner must be one of {PRUNERS}; got {name!r}.")
+
+
+def default_storage(workdir: str) -> str:
+  """`sqlite:///WORKDIR/study.db`, the study's database when no URL is given."""
+  return "sqlite:///" + os.path.abspath(os.path.join(workdir, STUDY_FILE))
+
+
+def open_study(
     workdir: str,
+    space: Mapping[str, dist.BaseDistribution],
+    *,
+    storage: str | None = None,
+    study_name: str = "sweep",
+    mode: str = "max",
+    sampler: optuna.samplers.BaseSampler | None = None,
+    pruner: optuna.pruners.BasePruner | None = None,
+    heartbeat_seconds: int | None = HEARTBEAT_SECONDS,
+) -> optuna.Study:
+  """Creates the study, or loads it when the database already holds it (a resumed sweep, or
+  another worker's).
+
+  The space is written into the study, and a study of another space or direction is refused:
+  its trials would not be comparable. A trial whose worker stopped sending heartbeats for
+  `2 * heartbeat_seconds` is failed and its parameters are queued again.
+
+  Args:
+    workdir: the sweep's folder (trial folders, results, the default SQLite file).
+    space: dotted config keys -> Optuna distributions.
+    storage: a database URL (`postgresql://...`, `mysql://...`, `sqlite:///...`); None:
+      `default_storage(workdir)`.
+    study_name: the study's name in the database.
+    mode: "max" or "min": whether a larger or smaller metric is better.
+    sampler: default `make_sampler("tpe", space)`.
+    pruner: default `make_pruner("median")`.
+    heartbeat_seconds: how often a running trial records that it is alive; None: no heartbeat
+      (the vmapped sweep asks and tells, which Optuna's heartbeat does not follow).
+  """
+  _check_mode(mode)
+  os.makedirs(workdir, exist_ok=True)
+  url = storage or default_storage(workdir)
+  for attempt in range(3):
+    try:
+      study = _create_study(url, study_name, mode, heartbeat_seconds,
+                            sampler or make_sampler("tpe", space), pruner or make_pruner("median"))
+      break
+    except sqlalchemy.exc.SQLAlchemyError:
+      # Workers started together race to create the database's tables and version row ("table
+      # ... already exists", a unique constraint); the loser finds them made when it tries again.
+      if attempt == 2:
+        raise
+      time.sleep(1.0)
+  written = {key: dist.distribution_to_json(value) for key, value in space.items()}
+  previous = study.user_attrs.get("space")
+  if previous is None:
+    study.set_user_attr("space", written)
+  elif previous != written:
+    raise ConfigError(f"study {study_name!r} in {url} sweeps another space ({previous}), not "
+                      f"{written}; use a new workdir or study name for a different sweep.")
+  if study.direction != optuna.study.StudyDirection[MODES[mode].upper()]:
+    raise ConfigError(f"study {study_name!r} in {url} was created to "
+                      f"{study.direction.name.lower()} its metric, not to {MODES[mode]} it.")
+  return study
+
+
+def _create_study(url: str, study_name: str, mode: str, heartbeat_seconds: int | None,
+                  sampler: optuna.samplers.BaseSampler,
+                  pruner: optuna.pruners.BasePruner) -> optuna.Study:
+  # Workers share one SQLite file; wait for another's write instead of failing on a lock.
+  engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+  with warnings.catch_warnings():
+    # Optuna marks its heartbeat and retry callback experimental; they are what resumes a trial
+    # whose worker was killed, and the warning would be an error in jdl's tests.
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3) \
+        if heartbeat_seconds else None
+    storage = optuna.storages.RDBStorage(
+        url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
+        heartbeat_stale_trial_callback=retry)
+  return optuna.create_study(storage=storage, study_name=study_name, direction=MODES[mode],
+                             sampler=sampler, pruner=pruner, load_if_exists=True)
+
+
+def finished_trials(study: optuna.Study) -> int:
+  """Trials that count against a sweep's budget: complete, pruned, or failed in training (a trial
+  interrupted or killed is run again, so it does not count)."""
+  states = optuna.trial.TrialState
+  return sum(1 for trial in study.get_trials(deepcopy=False)
+             if trial.state in (states.COMPLETE, states.PRUNED)
+             or (trial.state == states.FAIL and "error" in trial.user_attrs))
+
+
+def suggest(trial: optuna.Trial, space: Mapping[str, dist.BaseDistribution]) -> dict[str, Any]:
+  """The trial's value of every key of `space`, sampled (or fixed, for a queued trial)."""
+  params = {}
+  for key, distribution in space.items():
+    if isinstance(distribution, dist.FloatDistribution):
+      params[key] = trial.suggest_float(key, distribution.low, distribution.high,
+                                        log=distribution.log)
+    elif isinstance(distribution, dist.IntDistribution):
+      params[key] = trial.suggest_int(key, distribution.low, distribution.high,
+                                      log=distribution.log)
+    else:
+      params[key] = trial.suggest_categorical(key, distribution.choices)
+  return params
+
+
+class TrialFailed(Exception):
+  """Training a trial raised; the trial is failed and the sweep goes on."""
+
+
+def trial_workdir(trial: optuna.trial.BaseTrial, workdir: str) -> str:
+  """The folder of a trial: `workdir/trial_<number>`, or the folder of the trial it reruns (its
+  checkpoints resume)."""
+  return trial.user_attrs.get("workdir") or os.path.join(workdir, f"trial_{trial.number}")
+
+
+def run_study(
+    study: optuna.Study,
+    base_config: ml_collections.ConfigDict,
+    space: Mapping[str, dist.BaseDistribution],
+    workdir: str,
+    num_trials: int,
     *,
     train: TrainFn | None = None,
     metric: str = "test_accuracy",
-    mode: str = "max",
     log: Callable[[str], None] | None = print,
-) -> list[Row]:
-  """Trains every trial, one after another, each in `workdir/trial_<i>` (its values in trial.json).
+) -> None:
+  """Trains trials of `study` one after another until it has `num_trials` finished ones.
 
-  Each trial is `base_config` with the trial's values applied as overrides. A trial whose config
-  is rejected or whose training raises becomes a failed row and the sweep goes on; `jdl.Preempted`
-  stops the sweep. Rerun on the same workdir, finished trials are read back, not retrained.
+  Each trial is `base_config` with the sampled values applied as overrides, trained in its
+  workdir (`trial_workdir`). Every evaluation record's `metric` is reported to the study, whose
+  pruner may stop the trial there. A trial whose config is rejected or whose training raises is
+  failed and the sweep goes on. On `jdl.Preempted` the trial is queued again with its workdir, so
+  the next run of the sweep resumes it from its checkpoint, and the exception is raised. Several
+  processes may run this on one study: each counts the finished trials of all.
 
   Args:
+    study: from `open_study`.
     base_config: the experiment's config (e.g. `experiments.mnist1d.get_config()`).
-    trials: dicts of dotted config keys -> values (`grid`, `random_search`).
+    space: the study's space.
     workdir: the sweep's folder.
-    train: `(config, workdir) -> (state, history)`; defaults to `jdl.train_and_evaluate`.
-    metric: the record key that ranks trials, e.g. "test_accuracy" or "test_loss".
-    mode: "max" or "min": whether a larger or smaller `metric` is better.
+    num_trials: the sweep's budget of finished trials (`finished_trials`).
+    train: `(config, workdir, hooks) -> (state, history)`; default `jdl.train_and_evaluate`.
+    metric: the record key the study optimises, e.g. "test_accuracy" or "test_loss".
     log: where a line per trial goes (None: nowhere).
 
-  Returns:
-    One row per trial, in trial order (see the module docstring).
-
   Raises:
-    ConfigError: a trial names a config key that `base_config` lacks (before anything trains).
-    ValueError: `mode` is not "max" or "min"; a trial folder holds another trial's run (before
-      anything trains); or a successful trial's record lacks `metric`.
+    ConfigError: the space names a config key that `base_config` lacks (before anything trains).
   """
-  _check_mode(mode)
-  trials = [dict(trial) for trial in trials]
-  check_keys(base_config, sorted({key for trial in trials for key in trial}))
-  trial_dirs = [os.path.join(workdir, f"trial_{index}") for index in range(len(trials))]
-  for trial_dir, trial in zip(trial_dirs, trials):
-    _check_trial_dir(trial_dir, trial)
+  check_keys(base_config, list(space))
   train = train or experiment.train_and_evaluate
-  rows = []
-  for index, (trial_dir, trial) in enumerate(zip(trial_dirs, trials)):
-    row: Row = {"trial": index, "params": trial, "status": "ok", "error": "",
-                "workdir": trial_dir}
-    start = time.perf_counter()
+
+  def objective(trial: optuna.Trial) -> float:
+    trial_dir = trial_workdir(trial, workdir)
+    trial.set_user_attr("workdir", trial_dir)
+    params = suggest(trial, space)
+
+    def report(step: int, state: Any, record: Mapping[str, Any]) -> None:
+      del state
+      if metric not in record:
+        raise ValueError(f"metric {metric!r} is not in the evaluation record; it has "
+                         f"{sorted(record)}. Pass one of those as metric.")
+      trial.report(float(record[metric]), step)
+      trial.set_user_attr("record", record_json(record))
+      if trial.should_prune():
+        raise optuna.TrialPruned(f"{metric} {float(record[metric]):.4g} at step {step}")
+
     try:
+      config = apply_overrides(base_config, trial_overrides(params))
       os.makedirs(trial_dir, exist_ok=True)
-      with open(os.path.join(trial_dir, TRIAL_FILE), "w", encoding="utf-8") as f:
-        json.dump(_trial_json(trial), f, indent=2)
-      config = apply_overrides(base_config, trial_overrides(trial))
-      _, history = train(config, trial_dir)
+      _, history = train(config, trial_dir, [report])
       record = _final_record(history, trial_dir)
+      trial.set_user_attr("record", record_json(record))
+      return float(record[metric])
     except loop_lib.Preempted:
+      study.enqueue_trial(params, user_attrs={"workdir": trial_dir})
+      raise
+    except optuna.TrialPruned:
       raise
     except Exception as error:  # pylint: disable=broad-exception-caught
-      row.update(status="failed", error=f"{type(error).__name__}: {error}")
+      trial.set_user_attr("error", f"{type(error).__name__}: {error}")
+      raise TrialFailed(trial.user_attrs["error"]) from error
+
+  def announce(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    del study
+    if trial.state == optuna.trial.TrialState.COMPLETE:
+      outcome = f"{metric} {trial.value:.4f}"
+    elif trial.state == optuna.trial.TrialState.PRUNED:
+      outcome = f"pruned at step {trial.last_step}"
     else:
-      if metric not in record:
-        raise ValueError(
-            f"metric {metric!r} is not in trial {index}'s final record; it has "
-            f"{sorted(record)}. Pass one of those as metric.")
-      row.update({k: v for k, v in record.items() if k not in _BOOKKEEPING})
-    row["seconds"] = time.perf_counter() - start
-    rows.append(row)
+      outcome = f"failed: {trial.user_attrs.get('error', 'interrupted')}"
     if log is not None:
-      outcome = (f"{metric} {row[metric]:.4f}" if row["status"] == "ok" else
-                 f"failed: {row['error']}")
-      log(f"trial {index + 1}/{len(trials)} {_describe(trial)}: {outcome} "
-          f"({row['seconds']:.1f}s)")
-  return rows
+      log(f"trial {trial.number} {_describe(trial.params)}: {outcome}")
+
+  while finished_trials(study) < num_trials and not _grid_done(study):
+    # One trial per call, so the budget counts the trials other workers finished meanwhile.
+    study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=[announce])
 
 
-TRIAL_FILE = "trial.json"
-"""Each trial's folder records its values here, so a rerun never resumes another trial's run."""
+def _grid_done(study: optuna.Study) -> bool:
+  """Whether a grid study has tried every point (Optuna's grid sampler then repeats points)."""
+  sampler = study.sampler
+  return isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study)
 
 
-def _trial_json(trial: Mapping[str, Any]) -> dict[str, str]:
-  return {key: override_text(value) for key, value in trial.items()}
-
-
-def _check_trial_dir(trial_dir: str, trial: Mapping[str, Any]) -> None:
-  """Refuses a trial folder left by a different trial: resuming its checkpoints would mix runs."""
-  path = os.path.join(trial_dir, TRIAL_FILE)
-  if not os.path.isfile(path):
-    return
-  with open(path, encoding="utf-8") as f:
-    previous = json.load(f)
-  if previous != _trial_json(trial):
-    raise ValueError(
-        f"{trial_dir} holds the run of another trial ({previous}), not {_trial_json(trial)}; "
-        "a sweep resumes its own trials only. Use a new workdir for a different sweep.")
+def record_json(record: Mapping[str, Any]) -> dict[str, Any]:
+  """A record with plain Python values (Optuna stores user attributes as JSON)."""
+  return {key: _plain(value) for key, value in record.items()}
 
 
 def _final_record(history: Sequence[Mapping[str, Any]], trial_dir: str) -> dict[str, Any]:
-  """The last evaluation record: from `history`, else (a finished trial) from metrics.jsonl."""
+  """The last evaluation record: from `history`, else (a trial finished earlier) from
+  metrics.jsonl."""
   if history:
-    return {k: _plain(v) for k, v in history[-1].items()}
+    return record_json(history[-1])
   if os.path.isfile(os.path.join(trial_dir, "metrics.jsonl")):
     from jdl.writers import read_jsonl  # pylint: disable=import-outside-toplevel
 
@@ -350,207 +430,124 @@ def _final_record(history: Sequence[Mapping[str, Any]], trial_dir: str) -> dict[
   raise ValueError(f"training returned no evaluation record and {trial_dir} holds none.")
 
 
-def _describe(trial: Mapping[str, Any]) -> str:
-  return " ".join(f"{key}={_format_cell(value)}" for key, value in trial.items())
+def _describe(params: Mapping[str, Any]) -> str:
+  return " ".join(f"{key}={format_value(value)}" for key, value in params.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Results.
+
+
+_STATUS = {"COMPLETE": "ok", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
+           "WAITING": "waiting"}
+_BOOKKEEPING = ("trial", "params", "curve", "status", "error", "seconds", "workdir")
+
+
+def study_rows(study: optuna.Study, metric: str = "test_accuracy") -> list[Row]:
+  """One row per trial of the study, in trial order: `{"trial", "params", "curve" ({step: the
+  metric reported there}), "status" ("ok", "pruned", "failed", "interrupted", "running",
+  "waiting"), "error", "seconds", "workdir", **the last evaluation record}`; `metric` is the
+  trial's value where it has one. `jdl.analysis.plots.plot_sweep` and `plot_trial_curves` draw
+  them."""
+  rows = []
+  for trial in study.get_trials(deepcopy=False):
+    status = _STATUS[trial.state.name]
+    if status == "failed" and "error" not in trial.user_attrs:
+      status = "interrupted"  # preempted or killed: its parameters were queued again
+    row: Row = {k: v for k, v in trial.user_attrs.get("record", {}).items()
+                if k not in _BOOKKEEPING}
+    row.update(trial=trial.number, params=dict(trial.params),
+               curve=dict(sorted(trial.intermediate_values.items())), status=status,
+               error=trial.user_attrs.get("error", ""), workdir=trial.user_attrs.get("workdir", ""),
+               seconds=trial.duration.total_seconds() if trial.duration else None)
+    if trial.value is not None:
+      row[metric] = trial.value
+    rows.append(row)
+  return rows
 
 
 def _check_mode(mode: str) -> None:
   if mode not in MODES:
-    raise ValueError(f"mode must be one of {MODES} (is a larger metric better?); got {mode!r}.")
-
-
-def _score(row: Mapping[str, Any], metric: str, mode: str) -> float | None:
-  """The row's metric, or None when the row failed or its metric is missing or not finite."""
-  value = row.get(metric)
-  if row.get("status") != "ok" or not isinstance(value, (int, float)) or not math.isfinite(value):
-    return None
-  return float(value) if mode == "max" else -float(value)
+    raise ValueError(f"mode must be one of {tuple(MODES)} (is a larger metric better?); got "
+                     f"{mode!r}.")
 
 
 def sort_rows(rows: Sequence[Row], metric: str = "test_accuracy", mode: str = "max") -> list[Row]:
-  """The rows best first by `metric`; failed rows (or without a finite metric) last, in order."""
+  """The rows best first: finished trials by `metric`, then pruned ones by their last value,
+  then the rest in trial order."""
   _check_mode(mode)
 
-  def key(item: tuple[int, Row]) -> tuple[bool, float, int]:
-    index, row = item
-    score = _score(row, metric, mode)
-    return (score is None, -(score or 0.0), index)
+  def key(row: Row) -> tuple[int, float]:
+    value = row.get(metric)
+    if row["status"] not in ("ok", "pruned") or not isinstance(value, (int, float)) \
+        or not math.isfinite(value):
+      return (2, 0.0)
+    return (0 if row["status"] == "ok" else 1, -value if mode == "max" else value)
 
-  return [row for _, row in sorted(enumerate(rows), key=key)]
+  return sorted(rows, key=key)  # stable: ties and the rest keep trial order
 
 
 def best_row(rows: Sequence[Row], metric: str = "test_accuracy", mode: str = "max") -> Row | None:
-  """The best successful row by `metric`, or None when every trial failed."""
+  """The best finished row by `metric`, or None when no trial finished."""
   ranked = sort_rows(rows, metric, mode)
-  return ranked[0] if ranked and _score(ranked[0], metric, mode) is not None else None
+  return ranked[0] if ranked and ranked[0]["status"] == "ok" and metric in ranked[0] else None
 
 
-def _param_keys(rows: Sequence[Row]) -> list[str]:
-  keys: dict[str, None] = {}
-  for row in rows:
-    keys.update(dict.fromkeys(row.get("params", {})))
-  return list(keys)
+def param_keys(rows: Sequence[Row]) -> list[str]:
+  """The swept keys of the rows, in the order they first appear."""
+  return list(dict.fromkeys(key for row in rows for key in row["params"]))
 
 
-_BOOKKEEPING = ("trial", "params", "status", "error", "seconds", "workdir")
-
-
-def _result_keys(rows: Sequence[Row], metric: str) -> list[str]:
-  keys: dict[str, None] = {metric: None}
-  for row in rows:
-    keys.update({k: None for k in row if k not in _BOOKKEEPING})
-  return list(keys)
-
-
-def _format_cell(value: Any) -> str:
+def format_value(value: Any) -> str:
+  """A swept value, short: floats to 4 significant digits, tuples as Python writes them."""
   value = _plain(value)
   if isinstance(value, float):
     return f"{value:.4g}"
   if isinstance(value, tuple):
-    return "(" + ", ".join(_format_cell(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return "(" + ", ".join(format_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
   return str(value)
 
 
 def markdown_table(rows: Sequence[Row], metric: str = "test_accuracy", mode: str = "max") -> str:
   """A Markdown table of the rows, best first; the best row's status says `best`."""
-  ranked = sort_rows(rows, metric, mode)
-  best = best_row(rows, metric, mode)
-  params = _param_keys(rows)
-  extras = [k for k in ("train_loss", "step") if k != metric and any(k in r for r in rows)]
-  timed = any(isinstance(r.get("seconds"), (int, float)) for r in rows)
-  header = ["rank", "trial", *params, metric, *extras, *(["seconds"] if timed else []), "status"]
+  best, params = best_row(rows, metric, mode), param_keys(rows)
+  header = ["rank", "trial", *params, metric, "step", "seconds", "status"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for rank, row in enumerate(ranked, start=1):
-    status = "best" if row is best else row.get("status", "")
-    if row.get("error"):
-      status = f"{status}: {row['error']}"
-    cells = [str(rank), str(row.get("trial", ""))]
-    cells += [_format_cell(row["params"][k]) if k in row.get("params", {}) else "" for k in params]
-    cells.append(f"{row[metric]:.4f}" if _score(row, metric, mode) is not None else "")
-    for key in extras:
-      value = row.get(key)
-      cells.append("" if value is None else
-                   f"{value:.4f}" if key == "train_loss" else _format_cell(value))
-    if timed:
-      cells.append(f"{row['seconds']:.1f}" if isinstance(row.get("seconds"), (int, float)) else "")
-    cells.append(status)
-    lines.append("| " + " | ".join(_markdown_escape(c) for c in cells) + " |")
+  for rank, row in enumerate(sort_rows(rows, metric, mode), start=1):
+    status = "best" if row is best else row["status"]
+    value, seconds = row.get(metric), row.get("seconds")
+    cells = [str(rank), str(row["trial"]),
+             *[format_value(row["params"][k]) if k in row["params"] else "" for k in params],
+             f"{value:.4f}" if isinstance(value, (int, float)) else "", str(row.get("step", "")),
+             f"{seconds:.1f}" if seconds is not None else "",
+             f"{status}: {row['error']}" if row["error"] else status]
+    # Long error messages are cut here; the CSV keeps them whole.
+    lines.append("| " + " | ".join(" ".join(c.split())[:120].replace("|", "\\|") for c in cells)
+                 + " |")
   return "\n".join(lines)
-
-
-def _markdown_escape(text: str) -> str:
-  text = " ".join(text.split())
-  if len(text) > 120:  # long error messages: the CSV keeps them whole
-    text = text[:117] + "..."
-  return text.replace("|", "\\|")
-
-
-def _csv_value(value: Any) -> str:
-  """A swept value as override text (pastable as `--config.KEY=VALUE`), else its plain text."""
-  try:
-    return override_text(value)
-  except TypeError:
-    return str(value)
 
 
 def write_results(rows: Sequence[Row], workdir: str, *, metric: str = "test_accuracy",
                   mode: str = "max") -> tuple[str, str]:
-  """Writes the rows, best first, to `workdir/results.csv` and `workdir/results.md`.
+  """Writes the rows, best first, to `workdir/results.csv` (every record key; swept values as
+  override text, pastable as `--config.KEY=VALUE`) and `workdir/results.md`.
 
   Returns:
     `(csv_path, markdown_path)`.
   """
   os.makedirs(workdir, exist_ok=True)
-  ranked = sort_rows(rows, metric, mode)
-  best = best_row(rows, metric, mode)
-  params = _param_keys(rows)
-  results = [k for k in _result_keys(rows, metric) if k not in params]
-  columns = ["rank", "best", "trial", *params, *results, "seconds", "status", "error", "workdir"]
+  best, params = best_row(rows, metric, mode), param_keys(rows)
+  results = list(dict.fromkeys([metric, *(k for row in rows for k in row
+                                          if k not in _BOOKKEEPING and k not in params)]))
   csv_path = os.path.join(workdir, "results.csv")
   with open(csv_path, "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
+    writer = csv.DictWriter(f, fieldnames=["rank", "best", "trial", *params, *results,
+                                           *_BOOKKEEPING[3:]], extrasaction="ignore")
     writer.writeheader()
-    for rank, row in enumerate(ranked, start=1):
-      line = {"rank": rank, "best": row is best, "trial": row.get("trial")}
-      line.update({k: _csv_value(v) for k, v in row.get("params", {}).items()})
-      line.update({k: row.get(k, "") for k in (*results, "seconds", "status", "error", "workdir")})
-      writer.writerow(line)
+    for rank, row in enumerate(sort_rows(rows, metric, mode), start=1):
+      writer.writerow({**row, **{k: override_text(v) for k, v in row["params"].items()},
+                       "rank": rank, "best": row is best})
   markdown_path = os.path.join(workdir, "results.md")
   with open(markdown_path, "w", encoding="utf-8") as f:
     f.write(markdown_table(rows, metric, mode) + "\n")
   return csv_path, markdown_path
-
-
-def plot_sweep(
-    rows: Sequence[Row],
-    path: str,
-    *,
-    x: str,
-    metric: str = "test_accuracy",
-    group_by: Sequence[str] | None = None,
-    log_x: bool | None = None,
-) -> str:
-  """Plots `metric` against the swept key `x` as a PNG, one line per setting of `group_by`.
-
-  Args:
-    rows: rows of `run_sweep` (or `VmappedRun.rows`).
-    path: the PNG file to write.
-    x: the swept key on the horizontal axis; non-numbers get one tick each.
-    metric: the record key on the vertical axis.
-    group_by: the keys whose settings make separate lines (None: the other swept keys).
-    log_x: a logarithmic x axis; None: for learning rates and positive values spanning >= 100x.
-
-  Returns:
-    `path`.
-  """
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
-
-  params = _param_keys(rows)
-  if x not in params:
-    raise ValueError(f"plot_sweep: x={x!r} is not a swept key; the rows sweep {params}.")
-  group_by = [k for k in params if k != x] if group_by is None else list(group_by)
-  unknown = [k for k in group_by if k not in params]
-  if unknown:
-    raise ValueError(f"plot_sweep: group_by keys {unknown} are not swept; the rows sweep {params}.")
-  good = [r for r in rows if _score(r, metric, "max") is not None and x in r["params"]]
-  values = [_plain(r["params"][x]) for r in good]
-  numeric = bool(values) and all(
-      isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-  if log_x is None:
-    positive = numeric and min(values) > 0
-    log_x = positive and (x.endswith("learning_rate") or max(values) / min(values) >= 100)
-  categories: list[Any] = []
-  if not numeric:
-    for value in values:
-      if value not in categories:
-        categories.append(value)
-
-  figure = Figure(figsize=(6.4, 4.4))
-  FigureCanvasAgg(figure)
-  axes = figure.add_subplot()
-  groups: dict[tuple[Any, ...], list[tuple[float, float]]] = {}
-  for row, value in zip(good, values):
-    group = tuple(_plain(row["params"].get(k)) for k in group_by)
-    position = value if numeric else categories.index(value)
-    groups.setdefault(group, []).append((float(position), float(row[metric])))
-  for group, points in groups.items():
-    points.sort()
-    label = ", ".join(f"{k.rsplit('.', 1)[-1]}={_format_cell(v)}" for k, v in zip(group_by, group))
-    axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label or None)
-  if log_x:
-    axes.set_xscale("log")
-  if not numeric:
-    axes.set_xticks(range(len(categories)), [_format_cell(c) for c in categories])
-  axes.set_xlabel(x)
-  axes.set_ylabel(metric)
-  failed = len(rows) - len(good)
-  axes.set_title(f"{metric} vs {x}" + (
-      f" ({failed} failed trial{'s' if failed > 1 else ''} not shown)" if failed else ""))
-  axes.grid(True, alpha=0.3)
-  if any(group for group in groups) and len(groups) > 1:
-    axes.legend(fontsize="small")
-  figure.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  figure.savefig(path, dpi=120)
-  return path

@@ -1,5 +1,8 @@
 """All at once: N small models trained together on one device with `jax.vmap`.
 
+`run_vmapped_study` asks an Optuna study for a batch of trials, trains them as one program
+(`vmap_sweep`) and tells the study their results.
+
 `train_vmapped` stacks N `TrainState`s (leading axis N on every leaf) and runs the jdl train step
 under `jax.vmap`, every member fed the same batches. Members differ in seed and learning rate.
 optax recomputes an injected learning rate from the schedule at every update, so the members'
@@ -20,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import optuna
 
 from jdl import data as data_lib
 from jdl import loop as loop_lib
@@ -27,7 +31,7 @@ from jdl import metrics as metrics_lib
 from jdl import experiment, models, optim, resident, runs, step as step_lib, tasks
 from jdl.config import ConfigError
 from jdl.state import TrainState, create_train_state
-from jdl.sweep import Row
+from jdl import sweep as sweep_lib
 
 class MemberLearningRateState(NamedTuple):
   """State of `scale_by_member_learning_rate`: the member's learning rate (float32 scalar)."""
@@ -148,22 +152,6 @@ class VmappedRun:
   def member_state(self, index: int) -> TrainState:
     return unstack_state(self.state, index)
 
-  def rows(self) -> list[Row]:
-    """One row per member in `run_sweep`'s format, for `write_results` and `plot_sweep`."""
-    final = self.history[-1] if self.history else {}
-    rows = []
-    for i in range(self.num_members):
-      row: Row = {"trial": i, "params": {"optimizer.learning_rate": float(self.learning_rates[i]),
-                                         "seed": int(self.seeds[i])},
-                  "status": "ok", "error": ""}
-      if self.nonfinite_step[i]:
-        row.update(status="failed", error=f"the loss or a gradient became NaN or infinite at "
-                                          f"step {int(self.nonfinite_step[i])}")
-      for key, value in final.items():
-        row[key] = float(value[i]) if np.ndim(value) else value
-      rows.append(row)
-    return rows
-
 
 def _member_values(values: Sequence[Any] | None, default: Any, name: str) -> list[Any]:
   if values is None:
@@ -248,7 +236,8 @@ def train_vmapped(
   num_classes = loop_lib.output_width(states[0])
   states = stack_states(states)
   history, nonfinite, states, compile_seconds, train_seconds = _train_members(
-      states, train_step or step_lib.make_train_step(check_finite=True), eval_step or step_lib.make_eval_step(),
+      states, train_step or step_lib.make_train_step(check_finite=True),
+      eval_step or step_lib.make_eval_step(),
       train_data, eval_data, num_classes=num_classes, num_steps=int(num_steps),
       eval_every=eval_every_steps or train_data.steps_per_epoch, eval_name=eval_name, log=log)
   return VmappedRun(learning_rates=np.asarray(rates, np.float64),
@@ -339,7 +328,8 @@ def vmap_sweep(config: ml_collections.ConfigDict, trials: Sequence[Mapping[str, 
   others = sorted({k for t in trials for k in t} - set(VMAP_KEYS))
   if others:
     raise ConfigError(f"a vmapped sweep varies only {list(VMAP_KEYS)} (one model and optimizer "
-                      f"for every member); the trials also set {others}. Run them with run_sweep.")
+                      f"for every member); the trials also set {others}. Sweep them with "
+                      "jdl.sweep.run_study.")
   if config.task != "classification" or not config.in_memory:
     raise ValueError(f"vmap_sweep needs an in-memory classification config; got task "
                      f"{config.task!r} with in_memory={config.in_memory}.")
@@ -359,3 +349,80 @@ def vmap_sweep(config: ml_collections.ConfigDict, trials: Sequence[Mapping[str, 
       seeds=[int(t.get("seed", config.seed)) for t in trials],
       train_step=train_step, eval_step=eval_step, eval_every_steps=config.eval_every_steps or None,
       eval_name=config.eval_split.split("[")[0], log=log)
+
+
+def run_vmapped_study(
+    study: optuna.Study,
+    config: ml_collections.ConfigDict,
+    space: Mapping[str, optuna.distributions.BaseDistribution],
+    num_trials: int,
+    *,
+    members: int,
+    metric: str = "test_accuracy",
+    log: Callable[[str], None] | None = print,
+) -> list[VmappedRun]:
+  """Asks `study` for `members` trials at a time, trains each batch at once (`vmap_sweep`) and
+  tells the study every member's evaluation records, until it has `num_trials` finished trials.
+
+  The members of a batch run in one program to the end, so the pruner stops none of them; their
+  intermediate values are still reported, and inform later batches' samplers. A member whose
+  loss or gradient became NaN or infinite is failed. If training the batch raises, its trials are
+  failed and the exception is raised.
+
+  Args:
+    study: from `jdl.sweep.open_study`.
+    config: the experiment's config, an in-memory classification task.
+    space: the study's space; only `VMAP_KEYS` may vary.
+    num_trials: the sweep's budget of finished trials (`jdl.sweep.finished_trials`).
+    members: trials per batch (>= 1).
+    metric: the record key the study optimises.
+    log: where a line per batch goes (None: nowhere).
+
+  Returns:
+    One `VmappedRun` per batch (the members' trained states, in the order of their trials).
+
+  Raises:
+    ConfigError: the space varies a key outside `VMAP_KEYS` (before anything trains).
+  """
+  others = sorted(set(space) - set(VMAP_KEYS))
+  if others:
+    raise ConfigError(f"a vmapped sweep varies only {list(VMAP_KEYS)} (one model and optimizer "
+                      f"for every member); the space also sets {others}. Sweep it without --vmap.")
+  if isinstance(members, bool) or not isinstance(members, int) or members < 1:
+    raise ValueError(f"members must be an integer >= 1; got {members!r}.")
+  sweep_lib.check_keys(config, list(space))
+  batches = []
+  while (remaining := num_trials - sweep_lib.finished_trials(study)) > 0:
+    trials = [study.ask() for _ in range(min(members, remaining))]
+    params = [sweep_lib.suggest(trial, space) for trial in trials]
+    try:
+      run = vmap_sweep(config, params)
+    except BaseException:
+      for trial in trials:
+        trial.set_user_attr("error", "the vmapped batch raised")
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+      raise
+    batches.append(run)
+    if not run.history or metric not in run.history[-1]:
+      for trial in trials:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+      raise ValueError(f"metric {metric!r} is not in the vmapped run's records; they have "
+                       f"{sorted(run.history[-1]) if run.history else []}.")
+    for index, trial in enumerate(trials):
+      record = {key: (float(np.asarray(value)[index]) if np.ndim(value) else value)
+                for key, value in run.history[-1].items()}
+      for step_record in run.history:
+        trial.report(float(np.asarray(step_record[metric])[index]), int(step_record["step"]))
+      trial.set_user_attr("record", sweep_lib.record_json(record))
+      if run.nonfinite_step[index]:
+        trial.set_user_attr("error", f"the loss or a gradient became NaN or infinite at step "
+                                     f"{int(run.nonfinite_step[index])}")
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+      else:
+        study.tell(trial, record[metric])
+    if log is not None:
+      log(f"{len(trials)} trials in one program: {run.train_seconds:.1f}s "
+          f"(+{run.compile_seconds:.1f}s compiling); {metric} "
+          + ", ".join(f"{float(np.asarray(run.history[-1][metric])[i]):.4f}"
+                      for i in range(len(trials))))
+  return batches

@@ -1,12 +1,14 @@
 """Evaluation metrics, plots and the HTML report (jdl.analysis.evaluation, jdl.analysis.plots,
 experiments.report)."""
 
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
 
 import jax
+import matplotlib.image
 import numpy as np
 import optax
 import pytest
@@ -238,20 +240,50 @@ def test_report_takes_extra_sections_and_builders(tiny_run, tmp_path):
   assert "this section failed: RuntimeError: broken analysis of step 40" in page
 
 
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+
+
 def _chromium():
-  return shutil.which("chromium") or shutil.which("chromium-browser")
+  """The headless browser; under CI (CI=true, where .ci/run installs Debian's chromium) a missing
+  one fails the test instead of skipping it."""
+  for name in CHROMIUM_NAMES:
+    if shutil.which(name):
+      return shutil.which(name)
+  if os.environ.get("CI") == "true":
+    pytest.fail(f"CI=true but none of {CHROMIUM_NAMES} is on PATH; .ci/run installs Debian's "
+                "chromium with apt-get.")
+  pytest.skip(f"none of {CHROMIUM_NAMES} on PATH (Debian: apt-get install chromium)")
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no chromium or chromium-browser on PATH "
-                    "(Debian: apt-get install chromium)")
-def test_report_shows_every_plot_in_a_headless_browser(tiny_report):
-  """Chromium loads the page; its inline check marks <body> once every <img> has decoded."""
-  command = [_chromium(), "--headless", "--disable-gpu", "--no-sandbox",
-             "--virtual-time-budget=10000", "--dump-dom", f"file://{os.path.abspath(tiny_report)}"]
-  dom = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+def _headless(browser, *arguments):
+  command = [browser, "--headless", "--disable-gpu", "--no-sandbox", "--disable-dev-shm-usage",
+             "--hide-scrollbars", "--virtual-time-budget=10000", *arguments]
+  return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+
+
+def test_report_renders_in_a_headless_browser_leading_with_the_results(tiny_report, tmp_path):
+  """Chromium loads the page: its inline check marks <body> once every <img> has decoded; the
+  sections run summary, curves, confusion matrix ... with the config folded at the end; and a
+  screenshot of the first screen is not blank and shows a plot (coloured pixels)."""
+  browser = _chromium()
+  url = f"file://{os.path.abspath(tiny_report)}"
+  dom = _headless(browser, "--dump-dom", url)
   count = dom.count("<img ")
   assert count >= len(REPORT_FIGURES)
   assert f'data-images="loaded {count}/{count}"' in dom, re.findall(r'data-images="[^"]*"', dom)
+  headings = re.findall(r"<h2>([^<]*)</h2>", dom)
+  assert headings[:3] == ["Summary", "Learning curves", "Confusion matrix"], headings
+  assert headings[-2:] == ["Final metrics", "Config and versions"], headings
+  config = dom.index('<pre class="config">')
+  assert dom.rfind("<details>", 0, config) > dom.rfind("</details>", 0, config)  # folded
+
+  shot = tmp_path / "first_screen.png"
+  _headless(browser, "--window-size=1280,1600", f"--screenshot={shot}", url)
+  pixels = matplotlib.image.imread(str(shot))[..., :3]
+  assert pixels.shape[:2] == (1600, 1280)
+  ink = np.mean(pixels.min(axis=-1) < 0.9)  # anything but white and the lightest greys
+  colour = np.sum(pixels.max(axis=-1) - pixels.min(axis=-1) > 0.3)  # the plots' blue and orange
+  assert ink > 0.02 and colour > 2000, (ink, colour)
 
 
 def test_optional_sections_draw_attribution_and_robustness(tiny_run, tmp_path):
@@ -265,7 +297,9 @@ def test_optional_sections_draw_attribution_and_robustness(tiny_run, tmp_path):
   ctx = report.ReportContext(run, inputs, labels, evaluation.evaluate_classifier(
       run.state, inputs, labels), str(tmp_path), log=lambda message: None)
   builders = report.optional_section_builders(log=lambda message: None)
-  assert builders == [report.attribution_section, report.robustness_section]
+  explained = any(importlib.util.find_spec(package) for package in ("shap", "lime"))
+  assert builders == [report.attribution_section, *[report.explanation_section] * explained,
+                      report.robustness_section]
   (title, (overlay, _)), = report.attribution_section(ctx)
   assert "integrated gradients" in title and _is_png(overlay)
   (_, (curve, table, *notes)), = report.robustness_section(ctx)
@@ -275,3 +309,32 @@ def test_optional_sections_draw_attribution_and_robustness(tiny_run, tmp_path):
   # The attack at epsilon 0 and the plain predictions are two programs: within one example of 200.
   assert clean and float(clean.group(1)) == float(clean.group(2)) == pytest.approx(
       ctx.evaluation.accuracy, abs=1.01 / 200)
+
+
+def test_report_explains_mnist1d_signals_with_shap_and_lime_beside_integrated_gradients(
+    tiny_run, tmp_path):
+  """With the shap and lime packages, the report explains the first MNIST-1D signals' predicted
+  classes three ways side by side; SHAP's values add up to the output, and LIME's rules for the
+  first signal are on the page."""
+  for package in ("shap", "lime"):
+    pytest.importorskip(package, reason=f"the {package} package is not installed: pip install -e "
+                        '".[explain]"')
+  run = runs.load_run(tiny_run, log=lambda message: None)
+  inputs, labels = report.load_eval_split(run)
+  inputs, labels = inputs[:120], labels[:120]
+  ctx = report.ReportContext(run, inputs, labels, evaluation.evaluate_classifier(
+      run.state, inputs, labels), str(tmp_path), log=lambda message: None)
+  sections = report.explanation_section(ctx)
+  (title, (figure, shap_note, lime_note, lime_table)), = sections
+  assert "SHAP and LIME" in title and _is_png(figure)
+  assert figure.endswith("explanations.png")
+  residual = float(re.search(r"equal the output to ([0-9.e+-]+)", shap_note).group(1))
+  assert residual < 1e-4
+  rules = re.findall(r"<tr><td>([^<]*x\[\d+\][^<]*)</td><td>(-?[0-9.e-]+)</td></tr>", lime_table)
+  assert len(rules) == 8, lime_table
+  assert abs(float(rules[0][1])) >= abs(float(rules[-1][1])) > 0
+  out = report.build_report(tiny_run, out=str(tmp_path / "page.html"), extra_sections=sections,
+                            log=lambda message: None)
+  page = open(out, encoding="utf-8").read()
+  assert 'data-figure="explanations"' in page and "LIME: a linear model" in page
+  assert rules[0][0] in page

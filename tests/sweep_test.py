@@ -1,77 +1,64 @@
-"""Sweeps: grids and random search, run_sweep and its reports, and the vmapped sweep, which must
-end where separate runs end."""
+"""Sweeps on Optuna: spaces, studies kept in SQLite (resumed after a kill, shared by two workers),
+pruning from evaluation records, the results, and the vmapped sweep, which must end where
+separate runs end."""
 
 import csv
 import os
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
+import optuna
 import pytest
 
 import jdl
 from jdl import models, sweep, vmap_sweep
+from jdl.analysis import plots
 
 from experiments import mnist1d
 from experiments import sweep as sweep_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+WORKER = os.path.join(os.path.dirname(__file__), "sweep_worker.py")
 
 
 # ---------------------------------------------------------------------------------------------
-# Spaces and trials.
+# Spaces.
 
 
-def test_grid_is_the_cartesian_product_with_the_last_key_fastest():
-  space = {"optimizer.learning_rate": [1e-3, 1e-2], "optimizer.name": ["adam", "sgd"],
-           "model.mlp.hidden": [(64,), (128, 64)], "model.mlp.activation": ["relu", "tanh", "gelu"]}
-  trials = sweep.grid(space)
-  assert len(trials) == 2 * 2 * 2 * 3
-  assert trials[0] == {"optimizer.learning_rate": 1e-3, "optimizer.name": "adam",
-                       "model.mlp.hidden": (64,), "model.mlp.activation": "relu"}
-  assert trials[1]["model.mlp.activation"] == "tanh"
-  assert trials[-1] == {"optimizer.learning_rate": 1e-2, "optimizer.name": "sgd",
-                        "model.mlp.hidden": (128, 64), "model.mlp.activation": "gelu"}
-  assert len({tuple(t.values()) for t in trials}) == len(trials)
+def test_space_from_json_gives_optuna_distributions():
+  space = sweep.space_from_json({
+      "optimizer.learning_rate": {"log_uniform": [1e-4, 1e-1]},
+      "optimizer.momentum": {"uniform": [0.5, 0.99]}, "batch_size": {"int": [16, 64]},
+      "model.mlp.hidden": [[64], [128, 64]], "optimizer.name": ["adam", "sgd"]})
+  assert space["optimizer.learning_rate"] == optuna.distributions.FloatDistribution(
+      1e-4, 1e-1, log=True)
+  assert space["optimizer.momentum"] == optuna.distributions.FloatDistribution(0.5, 0.99)
+  assert space["batch_size"] == optuna.distributions.IntDistribution(16, 64)
+  # Tuples are kept as their override text, which Optuna can store and the config reads back.
+  assert space["model.mlp.hidden"].choices == ("(64,)", "(128, 64)")
+  assert space["optimizer.name"].choices == ("adam", "sgd")
+  config = jdl.apply_overrides(jdl.base_config(), sweep.trial_overrides(
+      {"model.mlp.hidden": "(128, 64)", "optimizer.learning_rate": 3e-3}))
+  assert config.model.mlp.hidden == (128, 64) and config.optimizer.learning_rate == 3e-3
+  assert sweep.grid_size({k: space[k] for k in ("model.mlp.hidden", "optimizer.name")}) == 4
+  with pytest.raises(ValueError, match="a grid needs a list of values for 'optimizer.learning_"):
+    sweep.grid_of(space)
 
 
 @pytest.mark.parametrize("space,message", [
-    ({}, "non-empty mapping"),
-    ({"optimizer.name": "adam"}, "'optimizer.name' needs a non-empty list"),
-    ({"optimizer.learning_rate": []}, "'optimizer.learning_rate' needs a non-empty list"),
-    ({"optimizer.learning_rate": sweep.LogUniform(1e-4, 1e-1)}, "random_search"),
+    ({}, "non-empty JSON object"),
+    ({"optimizer.name": "adam"}, "'optimizer.name' needs a list of choices"),
+    ({"optimizer.learning_rate": []}, "empty list of choices"),
+    ({"optimizer.learning_rate": {"normal": [0, 1]}}, "needs a list of choices or one of"),
+    ({"optimizer.learning_rate": {"log_uniform": [0, 1]}}, "0 < low < high"),
+    ({"batch_size": {"int": [1, 2.5]}}, "integers low <= high"),
 ])
-def test_grid_rejects_a_bad_space_naming_the_key(space, message):
+def test_space_from_json_rejects_a_bad_space_naming_the_key(space, message):
   with pytest.raises(ValueError, match=message):
-    sweep.grid(space)
-
-
-def test_random_search_is_deterministic_for_a_seed_and_within_bounds():
-  space = {"optimizer.learning_rate": sweep.LogUniform(1e-4, 1e-1),
-           "optimizer.momentum": sweep.Uniform(0.5, 0.99),
-           "batch_size": sweep.IntUniform(16, 18),
-           "optimizer.name": ["adam", "sgd"]}
-  trials = sweep.random_search(space, 300, seed=7)
-  assert trials == sweep.random_search(space, 300, seed=7)
-  assert trials != sweep.random_search(space, 300, seed=8)
-  rates = np.array([t["optimizer.learning_rate"] for t in trials])
-  assert rates.min() >= 1e-4 and rates.max() <= 1e-1
-  # Log-uniform: about a third of the draws in each decade.
-  assert 70 < np.sum(rates < 1e-3) < 130 and 70 < np.sum(rates > 1e-2) < 130
-  assert all(0.5 <= t["optimizer.momentum"] <= 0.99 for t in trials)
-  assert {t["batch_size"] for t in trials} == {16, 17, 18}
-  assert all(isinstance(t["batch_size"], int) for t in trials)
-  assert {t["optimizer.name"] for t in trials} == {"adam", "sgd"}
-
-
-def test_distributions_reject_bad_bounds():
-  with pytest.raises(ValueError, match="0 < low"):
-    sweep.LogUniform(0.0, 1.0)
-  with pytest.raises(ValueError, match="low < high"):
-    sweep.Uniform(1.0, 1.0)
-  with pytest.raises(ValueError, match="integer bounds"):
-    sweep.IntUniform(1, 2.5)
-  with pytest.raises(ValueError, match="num_trials >= 1"):
-    sweep.random_search({"seed": [0]}, 0, seed=0)
+    sweep.space_from_json(space)
 
 
 def test_override_text_round_trips_through_apply_overrides():
@@ -85,121 +72,221 @@ def test_override_text_round_trips_through_apply_overrides():
   assert config.batch_size == 7 and config.optimizer.clip_norm is None
 
 
-def test_space_from_json_makes_tuples_and_distributions():
-  space = sweep.space_from_json({"model.mlp.hidden": [[64], [128, 64]],
-                                 "optimizer.learning_rate": {"log_uniform": [1e-4, 1e-2]}})
-  assert space["model.mlp.hidden"] == [(64,), (128, 64)]
-  assert space["optimizer.learning_rate"] == sweep.LogUniform(1e-4, 1e-2)
-  with pytest.raises(ValueError, match="a distribution is one of"):
-    sweep.space_from_json({"optimizer.learning_rate": {"normal": [0, 1]}})
-
-
 # ---------------------------------------------------------------------------------------------
-# run_sweep with a fake train function, and its reports.
+# Studies with a stand-in for training.
 
 
 def _fake_train(calls):
-  """A stand-in for train_and_evaluate: accuracy peaks at learning rate 1e-2, a learning rate of 1
-  'diverges'."""
+  """A stand-in for train_and_evaluate: accuracy peaks at learning rate 1e-2 and grows over two
+  evaluations (reported through the hooks); a learning rate of 1 'diverges'."""
 
-  def train(config, workdir):
+  def train(config, workdir, hooks):
     calls.append((config, workdir))
     rate = config.optimizer.learning_rate
     if rate >= 1.0:
       raise jdl.NonFiniteError("the loss became NaN or infinite at step 3; training stopped.")
-    accuracy = 0.9 - 0.1 * abs(np.log10(rate) + 2) + (0.01 if config.optimizer.name == "adam" else 0)
-    return None, [{"step": 10, "train_loss": 0.5, "test_accuracy": 0.1},
-                  {"step": 20, "train_loss": 1.0 - accuracy, "test_accuracy": accuracy}]
+    accuracy = 0.9 - 0.1 * abs(np.log10(rate) + 2) + 0.01 * (config.optimizer.name == "adam")
+    history = []
+    for step, value in ((10, accuracy - 0.2), (20, accuracy)):
+      history.append({"step": step, "train_loss": 1.0 - value, "test_accuracy": value})
+      for hook in hooks:
+        hook(step, None, history[-1])
+    return None, history
 
   return train
 
 
-def test_run_sweep_records_rows_failures_and_writes_sorted_reports(tmp_path):
+def test_grid_study_records_failures_and_writes_sorted_results(tmp_path):
   calls = []
-  trials = sweep.grid({"optimizer.learning_rate": [1e-3, 1e-2, 1.0],
-                       "optimizer.name": ["adam", "sgd"]})
-  trials.append({"model.mlp.hidden": "not a tuple"})  # rejected by the config's type check
-  rows = sweep.run_sweep(jdl.base_config(), trials, str(tmp_path),
-                         train=_fake_train(calls), log=None)
-
-  assert len(rows) == len(trials) == 7 and [r["trial"] for r in rows] == list(range(7))
-  assert [c[1] for c in calls] == [str(tmp_path / f"trial_{i}") for i in range(6)]
-  assert calls[3][0].optimizer.learning_rate == 1e-2 and calls[3][0].optimizer.name == "sgd"
-  ok = [r for r in rows if r["status"] == "ok"]
-  assert len(ok) == 4 and all(r["step"] == 20 and r["seconds"] >= 0 for r in ok)
-  assert rows[2]["params"] == {"optimizer.learning_rate": 1e-2, "optimizer.name": "adam"}
-  assert rows[2]["test_accuracy"] == pytest.approx(0.91)
-  failed = {r["trial"]: r["error"] for r in rows if r["status"] == "failed"}
-  assert set(failed) == {4, 5, 6}
-  assert failed[4].startswith("NonFiniteError: the loss became NaN")
-  assert failed[6].startswith("ConfigError:") and "model.mlp.hidden" in failed[6]
-  assert sweep.best_row(rows) is rows[2]
-  assert sweep.best_row(rows, "train_loss", "min") is rows[2]
+  space = sweep.space_from_json({"optimizer.learning_rate": [1e-3, 1e-2, 1.0],
+                                 "optimizer.name": ["adam", "sgd"]})
+  study = sweep.open_study(str(tmp_path), space, sampler=sweep.make_sampler("grid", space),
+                           pruner=sweep.make_pruner("none"))
+  assert (tmp_path / "study.db").is_file()
+  sweep.run_study(study, jdl.base_config(), space, str(tmp_path), 6, train=_fake_train(calls),
+                  log=None)
+  rows = sweep.study_rows(study)
+  assert len(rows) == len(calls) == 6 and [r["trial"] for r in rows] == list(range(6))
+  points = {(r["params"]["optimizer.learning_rate"], r["params"]["optimizer.name"]) for r in rows}
+  assert len(points) == 6  # every grid point once
+  assert {c[1] for c in calls} == {str(tmp_path / f"trial_{i}") for i in range(6)}
+  failed = [r for r in rows if r["status"] == "failed"]
+  assert len(failed) == 2 and all(r["error"].startswith("NonFiniteError: the loss became NaN")
+                                  for r in failed)
+  best = sweep.best_row(rows)
+  assert best["params"] == {"optimizer.learning_rate": 1e-2, "optimizer.name": "adam"}
+  assert best["test_accuracy"] == pytest.approx(0.91) and best["step"] == 20
+  assert study.best_trial.number == best["trial"]
+  # The study is in the SQLite file: any process can read it back.
+  stored = optuna.load_study(study_name="sweep", storage=sweep.default_storage(str(tmp_path)))
+  assert [t.params for t in stored.trials] == [t.params for t in study.trials]
 
   csv_path, markdown_path = sweep.write_results(rows, str(tmp_path))
   with open(csv_path, encoding="utf-8") as f:
     table = list(csv.DictReader(f))
-  assert [int(r["trial"]) for r in table] == [2, 3, 0, 1, 4, 5, 6]  # best first, failed last
-  assert [r["best"] for r in table] == ["True"] + ["False"] * 6
+  assert [r["best"] for r in table] == ["True"] + ["False"] * 5
+  assert [r["status"] for r in table] == ["ok"] * 4 + ["failed"] * 2  # best first, failed last
   assert table[0]["optimizer.learning_rate"] == "0.01" and table[0]["optimizer.name"] == "adam"
-  assert table[-1]["model.mlp.hidden"] == "not a tuple" and table[-1]["status"] == "failed"
   markdown = open(markdown_path, encoding="utf-8").read().splitlines()
   assert markdown[0].startswith("| rank | trial | optimizer.learning_rate | optimizer.name | "
-                                "model.mlp.hidden | test_accuracy |")
-  assert markdown[2].startswith("| 1 | 2 | 0.01 | adam |") and markdown[2].endswith("| best |")
-  assert "failed: NonFiniteError" in markdown[-3]
-
-  png = sweep.plot_sweep(rows, str(tmp_path / "sweep.png"), x="optimizer.learning_rate",
-                         group_by=["optimizer.name"])
+                                "test_accuracy |")
+  assert "| 0.01 | adam | 0.9100 |" in markdown[2] and markdown[2].endswith("| best |")
+  assert "failed: NonFiniteError" in markdown[-1]
+  png = plots.plot_sweep(rows, str(tmp_path / "sweep.png"), x="optimizer.learning_rate")
   assert open(png, "rb").read(8) == PNG_MAGIC
-  categorical = sweep.plot_sweep(rows, str(tmp_path / "names.png"), x="optimizer.name")
-  assert os.path.getsize(categorical) > 1000
+  assert os.path.getsize(plots.plot_sweep(rows, str(tmp_path / "names.png"),
+                                          x="optimizer.name")) > 1000
+  assert os.path.getsize(plots.plot_trial_curves(rows, str(tmp_path / "history.png"))) > 1000
+  for row in rows:  # every evaluation was reported to the study
+    if row["status"] == "ok":
+      assert list(row["curve"]) == [10, 20] and row["curve"][20] == row["test_accuracy"]
+      assert row["curve"][10] == pytest.approx(row["curve"][20] - 0.2)
   with pytest.raises(ValueError, match="not a swept key"):
-    sweep.plot_sweep(rows, str(tmp_path / "bad.png"), x="optimizer.momentum")
+    plots.plot_sweep(rows, str(tmp_path / "bad.png"), x="optimizer.momentum")
 
-  # The same sweep again resumes its own trials; a different one is refused before any training.
-  again = sweep.run_sweep(jdl.base_config(), trials[:2], str(tmp_path),
-                          train=_fake_train(calls), log=None)
-  assert [r["test_accuracy"] for r in again] == [r["test_accuracy"] for r in rows[:2]]
-  with pytest.raises(ValueError, match="trial_0 holds the run of another trial"):
-    sweep.run_sweep(jdl.base_config(), [{"optimizer.learning_rate": 0.5}],
-                    str(tmp_path), train=_fake_train(calls), log=None)
-  assert len(calls) == 8
+  # The grid is done: running the study again trains nothing; another space is refused.
+  sweep.run_study(study, jdl.base_config(), space, str(tmp_path), 6, train=_fake_train(calls))
+  assert len(calls) == 6
+  with pytest.raises(jdl.ConfigError, match="sweeps another space"):
+    sweep.open_study(str(tmp_path), sweep.space_from_json({"seed": [0, 1]}))
+  with pytest.raises(jdl.ConfigError, match="to maximize its metric, not to minimize"):
+    sweep.open_study(str(tmp_path), space, mode="min")
 
 
-def test_run_sweep_refuses_an_unknown_key_before_training(tmp_path):
+def test_run_study_refuses_an_unknown_key_before_training(tmp_path):
   calls = []
+  space = sweep.space_from_json({"optimizer.learning_rat": [1e-3]})
+  study = sweep.open_study(str(tmp_path), space)
   with pytest.raises(jdl.ConfigError, match="'optimizer.learning_rat'.*'optimizer.learning_rate'"):
-    sweep.run_sweep(jdl.base_config(), [{"optimizer.learning_rat": 1e-3}],
-                    str(tmp_path), train=_fake_train(calls), log=None)
-  assert not calls
+    sweep.run_study(study, jdl.base_config(), space, str(tmp_path), 1, train=_fake_train(calls))
+  assert not calls and not study.trials
   with pytest.raises(ValueError, match="mode must be one of"):
-    sweep.run_sweep(jdl.base_config(), [], str(tmp_path), mode="maximum")
+    sweep.open_study(str(tmp_path / "other"), space, mode="maximum")
 
 
-def test_command_line_runs_a_grid_and_rejects_bad_input(tmp_path, capsys):
+def test_command_line_runs_a_study_and_rejects_bad_input(tmp_path, capsys):
   calls = []
   workdir = tmp_path / "cli"
   rows = sweep_cli.run(
       ["--base=experiments.mnist1d", f"--workdir={workdir}", "--config.model.name=mlp",
-       '--space={"optimizer.learning_rate": [1e-3, 1e-2], "model.mlp.hidden": [[8], [16, 8]]}'],
-      train=_fake_train(calls))
-  assert len(rows) == 4 and calls[0][0].model.name == "mlp"
-  assert calls[1][0].model.mlp.hidden == (16, 8)
-  assert all((workdir / name).is_file() for name in ("results.csv", "results.md", "sweep.png"))
+       "--trials=3", "--seed=0",
+       '--space={"optimizer.learning_rate": {"log_uniform": [1e-4, 1e-1]}, '
+       '"model.mlp.hidden": [[8], [16, 8]]}'], train=_fake_train(calls))
+  assert len(rows) == 3 and all(c[0].model.name == "mlp" for c in calls)
+  assert {c[0].model.mlp.hidden for c in calls} <= {(8,), (16, 8)}
+  assert all(1e-4 <= c[0].optimizer.learning_rate <= 1e-1 for c in calls)
+  for name in ("results.csv", "results.md", "sweep.png", "history.png", "study.db"):
+    assert (workdir / name).is_file(), name
   assert "| rank | trial | optimizer.learning_rate | model.mlp.hidden |" in capsys.readouterr().out
+  # The same command again: the study has its 3 trials, so nothing trains; --trials=4 adds one.
+  sweep_cli.run([f"--workdir={workdir}", "--config.model.name=mlp", "--trials=4",
+                 '--space={"optimizer.learning_rate": {"log_uniform": [1e-4, 1e-1]}, '
+                 '"model.mlp.hidden": [[8], [16, 8]]}'], train=_fake_train(calls))
+  assert len(calls) == 4 and calls[-1][1] == str(workdir / "trial_3")
+  space_file = tmp_path / "space.json"  # the same space from a file: one more trial
+  space_file.write_text('{"optimizer.learning_rate": {"log_uniform": [1e-4, 1e-1]}, '
+                        '"model.mlp.hidden": [[8], [16, 8]]}')
+  sweep_cli.run([f"--workdir={workdir}", "--config.model.name=mlp", "--trials=5",
+                 f"--space={space_file}"], train=_fake_train(calls))
+  assert len(calls) == 5
 
   with pytest.raises(jdl.ConfigError, match="--space is not valid JSON"):
     sweep_cli.run(["--space={'optimizer.learning_rate': [1e-3]}"])
   with pytest.raises(jdl.ConfigError, match="unknown config key 'optimizer.lr'"):
     sweep_cli.run(['--space={"optimizer.lr": [1e-3]}'])
-  with pytest.raises(jdl.ConfigError, match="--random=N"):
-    sweep_cli.run(['--space={"optimizer.learning_rate": {"log_uniform": [1e-4, 1e-2]}}'])
+  with pytest.raises(jdl.ConfigError, match="a grid needs a list of values"):
+    sweep_cli.run(["--sampler=grid", f"--workdir={tmp_path / 'g'}",
+                   '--space={"optimizer.learning_rate": {"log_uniform": [1e-4, 1e-2]}}'])
   with pytest.raises(jdl.ConfigError, match="cannot import"):
     sweep_cli.run(["--base=experiments.nope", '--space={"seed": [0]}'])
   with pytest.raises(jdl.ConfigError, match="unexpected argument '--lr=3'"):
     sweep_cli.run(['--space={"seed": [0]}', "--lr=3"])
-  assert len(calls) == 4
+  with pytest.raises(jdl.ConfigError, match="varies only"):
+    sweep_cli.run(["--vmap=2", f"--workdir={tmp_path / 'v'}",
+                   '--space={"optimizer.name": ["sgd"]}'])
+  with pytest.raises(jdl.ConfigError, match="cannot read it"):
+    sweep_cli.run([f"--space={tmp_path / 'missing.json'}"])
+  assert len(calls) == 5
+
+
+def test_a_preempted_trial_is_queued_again_and_resumes_in_its_folder(tmp_path):
+  """jdl.Preempted (SIGTERM after a checkpoint) stops the sweep; the next run trains the same
+  values in the same folder first, where its checkpoint would resume, then goes on."""
+  calls, preempt = [], [True]
+
+  def train(config, workdir, hooks):
+    if preempt.pop() if preempt else False:
+      calls.append((config, workdir))
+      raise jdl.Preempted(5, "SIGTERM", os.path.join(workdir, "checkpoints"))
+    return _fake_train(calls)(config, workdir, hooks)
+
+  space = sweep.space_from_json({"optimizer.learning_rate": {"log_uniform": [1e-4, 1e-1]}})
+  study = sweep.open_study(str(tmp_path), space)
+  with pytest.raises(jdl.Preempted):
+    sweep.run_study(study, jdl.base_config(), space, str(tmp_path), 2, train=train, log=None)
+  sweep.run_study(study, jdl.base_config(), space, str(tmp_path), 2, train=train, log=None)
+  assert [c[1] for c in calls] == [str(tmp_path / "trial_0")] * 2 + [str(tmp_path / "trial_2")]
+  assert calls[0][0].optimizer.learning_rate == calls[1][0].optimizer.learning_rate
+  assert [r["status"] for r in sweep.study_rows(study)] == ["interrupted", "ok", "ok"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming and sharing a study: worker processes (tests/sweep_worker.py).
+
+
+def _worker(workdir, num_trials, name, *extra):
+  return subprocess.Popen([sys.executable, WORKER, str(workdir), str(num_trials), name, *extra],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _trained(workdir, name):
+  path = os.path.join(workdir, f"{name}.log")
+  return open(path, encoding="utf-8").read().split() if os.path.exists(path) else []
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+  """A worker killed (SIGKILL) while training its third trial leaves two finished trials and one
+  running forever; the next run of the sweep trains neither finished trial again, fails the
+  killed one once its heartbeat is stale, reruns its parameters in its own folder (where its
+  checkpoints would resume), and reaches the budget."""
+  worker = _worker(tmp_path, 4, "killed", "--kill_at=3", "--heartbeat=1")
+  output, _ = worker.communicate(timeout=300)
+  assert worker.returncode == -9, output
+  killed = _trained(tmp_path, "killed")
+  assert [os.path.basename(d) for d in killed] == ["trial_0", "trial_1", "trial_2"]
+  time.sleep(3)  # past the grace period of two heartbeats
+
+  space = sweep.space_from_json({"optimizer.learning_rate": {"log_uniform": [1e-4, 1e-1]}})
+  study = sweep.open_study(str(tmp_path), space, heartbeat_seconds=1)
+  states = [t.state for t in study.trials]
+  assert states.count(optuna.trial.TrialState.COMPLETE) == 2
+  assert states.count(optuna.trial.TrialState.RUNNING) == 1
+  killed_rate = study.trials[2].params["optimizer.learning_rate"]
+  calls = []
+  sweep.run_study(study, jdl.base_config(), space, str(tmp_path), 4, train=_fake_train(calls),
+                  log=None)
+  assert [c[1] for c in calls] == [killed[2], str(tmp_path / "trial_4")]
+  assert calls[0][0].optimizer.learning_rate == killed_rate
+  rows = sweep.study_rows(study)
+  assert [r["status"] for r in rows] == ["ok", "ok", "interrupted", "ok", "ok"]
+  assert sweep.finished_trials(study) == 4
+
+
+def test_two_workers_on_one_sqlite_study_run_disjoint_trials(tmp_path):
+  workers = [_worker(tmp_path, 6, name, "--peers=2") for name in ("a", "b")]
+  for worker in workers:
+    output, _ = worker.communicate(timeout=300)
+    assert worker.returncode == 0, output
+  a, b = _trained(tmp_path, "a"), _trained(tmp_path, "b")
+  assert a and b and not set(a) & set(b), (a, b)
+  assert len(a + b) == len(set(a + b))
+  study = sweep.open_study(str(tmp_path), sweep.space_from_json(
+      {"optimizer.learning_rate": {"log_uniform": [1e-4, 1e-1]}}))
+  states = optuna.trial.TrialState
+  finished = [t for t in study.trials if t.state in (states.COMPLETE, states.PRUNED)]
+  # Each worker checks the budget before a trial: both may start the last one at once.
+  assert len(finished) == len(study.trials) == len(a + b) and 6 <= len(finished) <= 7
+  assert {t.user_attrs["workdir"] for t in finished} == set(a + b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,10 +369,6 @@ def test_vmapped_members_equal_separate_runs_and_a_diverging_member_is_contained
   kernels = np.asarray(run.params["Dense_0"]["kernel"])
   assert not np.allclose(kernels[0], kernels[1])  # the learning rates and seeds made a difference
   assert run.nonfinite_step[3] > 0 and list(run.nonfinite_step[:3]) == [0, 0, 0]
-  rows = run.rows()
-  assert [r["status"] for r in rows] == ["ok", "ok", "ok", "failed"]
-  assert "NaN or infinite at step" in rows[3]["error"]
-  assert rows[1]["params"] == {"optimizer.learning_rate": 1e-2, "seed": 1}
 
 
 def test_train_vmapped_rejects_mismatched_member_lists():
@@ -300,42 +383,61 @@ def test_train_vmapped_rejects_mismatched_member_lists():
 
 
 # ---------------------------------------------------------------------------------------------
-# Real runs on MNIST-1D.
+# Real studies on MNIST-1D.
 
 
-def _tiny_mnist1d_config(data_dir):
+def _tiny_mnist1d_config(data_dir, steps=40, eval_every=40):
   return jdl.apply_overrides(mnist1d.get_config(), [
-      f"data_dir={data_dir}", "model.name=mlp", "model.mlp.hidden=(16,)", "num_steps=40",
-      "eval_every_steps=40", "progress=false", "batch_size=96", "eval_batch_size=500",
+      f"data_dir={data_dir}", "model.name=mlp", "model.mlp.hidden=(16,)", f"num_steps={steps}",
+      f"eval_every_steps={eval_every}", "progress=false", "batch_size=96", "eval_batch_size=500",
       "checkpoint=false", "layout=none"])
 
 
-def test_real_sweep_on_mnist1d_and_its_vmapped_twin(tmp_path, mnist1d_data_dir):
-  """run_sweep trains two learning rates for real; vmap_sweep on the same trials ends with the
-  same parameters and test accuracies, in one vmapped run."""
+def test_optuna_study_of_the_mnist1d_mlp_learning_rate_prunes_a_bad_trial(tmp_path,
+                                                                          mnist1d_data_dir):
+  """Five short trials of the MNIST-1D MLP: two good learning rates, then a hopeless one (1e-5)
+  that the median pruner stops at the first evaluation, then two TPE proposals. The best trial
+  beats the worst, and the pruned trial's run ends at its first evaluation."""
+  config = _tiny_mnist1d_config(mnist1d_data_dir, steps=60, eval_every=20)
+  space = sweep.space_from_json({"optimizer.learning_rate": {"log_uniform": [1e-5, 1e-1]}})
+  study = sweep.open_study(str(tmp_path), space, sampler=sweep.make_sampler("tpe", space, seed=0),
+                           pruner=sweep.make_pruner("median", startup_trials=2))
+  for rate in (3e-2, 1e-2, 1e-5):
+    study.enqueue_trial({"optimizer.learning_rate": rate})
+  sweep.run_study(study, config, space, str(tmp_path), 5, log=None)
+  rows = sweep.study_rows(study)
+  assert [r["status"] for r in rows].count("pruned") >= 1, rows
+  pruned = rows[2]
+  assert pruned["status"] == "pruned" and pruned["params"]["optimizer.learning_rate"] == 1e-5
+  assert pruned["step"] == 20 and [r["step"] for r in jdl.read_jsonl(pruned["workdir"])] == [20]
+  assert all(r["step"] == 60 for r in rows if r["status"] == "ok")
+  values = [t.value for t in study.trials]
+  assert study.best_value > min(values)
+  assert study.best_params["optimizer.learning_rate"] > 1e-4
+  assert sweep.best_row(rows)["trial"] == study.best_trial.number
+
+
+def test_vmapped_batch_of_four_trials_equals_four_separate_runs(tmp_path, mnist1d_data_dir):
+  """The vmapped sweep asks the study for 4 learning rates, trains them as one program and tells
+  the study their results: each member ends with the parameters and metrics of a separate run of
+  its trial's config."""
   config = _tiny_mnist1d_config(mnist1d_data_dir)
-  trials = sweep.grid({"optimizer.learning_rate": [3e-3, 3e-2]})
-  states = []
-
-  def train(trial_config, workdir):
-    state, history = jdl.train_and_evaluate(trial_config, workdir)
-    states.append(state)
-    return state, history
-
-  rows = sweep.run_sweep(config, trials, str(tmp_path), train=train, log=None)
-  assert [r["status"] for r in rows] == ["ok", "ok"], rows
-  for row, trial in zip(rows, trials):
-    assert row["step"] == 40 and 0.1 < row["test_accuracy"] <= 1.0
-    assert row["learning_rate"] == pytest.approx(trial["optimizer.learning_rate"])
-    assert os.path.isfile(os.path.join(row["workdir"], "metrics.jsonl"))
-
-  run = vmap_sweep.vmap_sweep(config, trials)
-  for i, (row, state) in enumerate(zip(rows, states)):
-    # Vmapped and separate runs are different programs: see the test above.
+  space = sweep.space_from_json({"optimizer.learning_rate": {"log_uniform": [1e-3, 1e-1]}})
+  study = sweep.open_study(str(tmp_path), space, heartbeat_seconds=None,
+                           sampler=sweep.make_sampler("random", space, seed=0))
+  (run,) = vmap_sweep.run_vmapped_study(study, config, space, 4, members=4, log=None)
+  assert run.num_members == 4 and len(study.trials) == 4
+  for i, trial in enumerate(study.trials):
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    trial_config = jdl.apply_overrides(config, sweep.trial_overrides(trial.params))
+    state, history = jdl.train_and_evaluate(trial_config, str(tmp_path / f"separate_{i}"))
+    # Vmapped and separate runs are different programs: a few float32 ulps a step.
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                  run.member_state(i).params, state.params)
-    assert run.history[-1]["test_accuracy"][i] == pytest.approx(row["test_accuracy"], abs=1.01e-3)
-  vmapped_rows = run.rows()
-  assert [r["params"]["optimizer.learning_rate"] for r in vmapped_rows] == [3e-3, 3e-2]
-  with pytest.raises(jdl.ConfigError, match="varies only"):
-    vmap_sweep.vmap_sweep(config, [{"optimizer.name": "sgd"}])
+    record = trial.user_attrs["record"]
+    assert record["train_loss"] == pytest.approx(history[-1]["train_loss"], rel=1e-5)
+    assert record["test_loss"] == pytest.approx(history[-1]["test_loss"], rel=1e-5)
+    # Accuracies count examples: one whose logits tie to rounding may flip, one of 1000.
+    assert trial.value == pytest.approx(history[-1]["test_accuracy"], abs=1.01e-3)
+    assert trial.intermediate_values == {40: trial.value}
+  assert len({t.params["optimizer.learning_rate"] for t in study.trials}) == 4

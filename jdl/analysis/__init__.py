@@ -7,7 +7,8 @@ works on a finished run loaded with `jdl.runs.load_run(workdir)`:
   `plots`: learning curves, confusion heatmap, misclassified examples, reliability diagram,
     attribution overlays, curves (PNG, headless);
   `attribution`: saliency, SmoothGrad, integrated gradients, occlusion;
-  `adversarial`: FGSM and PGD attacks, robust accuracy, adversaries for adversarial training.
+  `adversarial`: FGSM and PGD attacks, robust accuracy, adversaries for adversarial training;
+  `explain` (import it yourself; needs the `explain` extra): SHAP and LIME.
 """
 
 from jdl.analysis import adversarial, attribution, evaluation, plots

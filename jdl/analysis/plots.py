@@ -87,8 +87,10 @@ def _bare(axis: Any) -> None:
   axis.set_yticks([])
 
 
-def _grid(count: int, *, panel_size: float = 2.0, max_columns: int = 8) -> tuple[Any, np.ndarray]:
-  columns = max(1, min(max_columns, math.ceil(math.sqrt(count))))
+def _grid(count: int, *, panel_size: float = 2.0, max_columns: int = 8,
+          columns: int | None = None) -> tuple[Any, np.ndarray]:
+  """Panels for `count` plots: `columns` per row, or a near-square grid of at most `max_columns`."""
+  columns = columns or max(1, min(max_columns, math.ceil(math.sqrt(count))))
   rows = max(1, math.ceil(count / columns))
   figure = _figure((panel_size * columns, panel_size * rows + 0.4))
   return figure, figure.subplots(rows, columns, squeeze=False).reshape(-1)
@@ -127,12 +129,17 @@ def metric_prefixes(records: Sequence[Mapping[str, Any]]) -> list[str]:
   return sorted(prefixes, key=lambda prefix: (prefix != "train", prefix))
 
 
+MAX_CURVE_PANELS = 6
+"""`plot_learning_curves` draws at most this many metrics (loss and accuracy first)."""
+
+
 def plot_learning_curves(records: Sequence[Mapping[str, Any]], path: str) -> str:
-  """Loss and accuracy against the step, for training and every evaluation split.
+  """Every metric the task reports (loss, accuracy, a regression's errors, an ELBO's terms, ...)
+  against the step, one panel each, for training and every evaluation split.
 
   Args:
     records: the run's `metrics.jsonl` records (`jdl.writers.read_jsonl(workdir)`), each with
-      `step` and `<prefix>_loss` / `<prefix>_accuracy` keys; missing values leave a gap.
+      `step` and `<prefix>_loss` (and `<prefix>_<metric>`) keys; missing values leave a gap.
     path: where the PNG goes.
   """
   records = [record for record in records if "step" in record]
@@ -140,8 +147,12 @@ def plot_learning_curves(records: Sequence[Mapping[str, Any]], path: str) -> str
   if not prefixes:
     raise ValueError("records hold no `<prefix>_loss` values with a `step`: expected "
                      "metrics.jsonl records such as {'step': 100, 'train_loss': 0.5, ...}.")
-  panels = ["loss"] + (["accuracy"] if any(f"{prefix}_accuracy" in record for record in records
-                                          for prefix in prefixes) else [])
+  names = {key.removeprefix(f"{prefix}_") for record in records for key in record
+           for prefix in prefixes if key.startswith(f"{prefix}_")}
+  names = {name for name in names if not name.endswith(("_max", "_min", "_norm"))
+           and not any(name.startswith(f"{prefix}_") for prefix in prefixes)}
+  panels = sorted(names, key=lambda name: (name != "loss", name != "accuracy", name))
+  panels = panels[:MAX_CURVE_PANELS]
   figure = _figure((6 * len(panels), 4))
   axes = figure.subplots(1, len(panels), squeeze=False)
   for axis, metric in zip(axes[0], panels):
@@ -314,7 +325,8 @@ def plot_reliability_diagram(bins: ReliabilityBins, path: str) -> str:
 
 
 def plot_attribution_overlays(inputs: np.ndarray, attributions: np.ndarray, path: str,
-                              titles: Sequence[str] | None = None) -> str:
+                              titles: Sequence[str] | None = None, *,
+                              columns: int | None = None) -> str:
   """Each input with where its attribution (saliency, integrated gradients) lies.
 
   Images are drawn in grey with the attribution's magnitude as a heat overlay; signals as a line
@@ -325,6 +337,8 @@ def plot_attribution_overlays(inputs: np.ndarray, attributions: np.ndarray, path
     attributions: the same shape as `inputs`.
     path: where the PNG goes.
     titles: one title per example, or None.
+    columns: panels per row, e.g. the number of methods, to put each example's attributions side
+      by side; None: a near-square grid of at most 5 columns.
   """
   inputs, attributions = np.asarray(inputs), np.asarray(attributions, np.float64)
   kind = _check_drawable(inputs)
@@ -335,7 +349,7 @@ def plot_attribution_overlays(inputs: np.ndarray, attributions: np.ndarray, path
     raise ValueError("inputs hold no examples; nothing to draw.")
   if titles is not None and len(titles) != inputs.shape[0]:
     raise ValueError(f"titles has {len(titles)} entries for {inputs.shape[0]} examples.")
-  figure, axes = _grid(inputs.shape[0], panel_size=2.6, max_columns=5)
+  figure, axes = _grid(inputs.shape[0], panel_size=2.6, max_columns=5, columns=columns)
   for index, axis in enumerate(axes[:inputs.shape[0]]):
     if kind == "image":
       image, _ = _displayable_image(inputs[index])
@@ -391,4 +405,70 @@ def plot_curve(xs: Sequence[float], ys_by_name: Mapping[str, Sequence[float]], p
   axis.set_title(title)
   axis.grid(True, alpha=0.3)
   axis.legend()
+  return _save(figure, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps.
+
+
+def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str, *, x: str,
+               metric: str = "test_accuracy") -> str:
+  """`metric` against the swept key `x` for the rows of `jdl.sweep.study_rows`: finished trials
+  as dots, pruned ones (at their last value) as crosses, one colour per setting of the other swept
+  keys (when there are at most 10). Non-numbers get a tick each; learning rates and positive
+  numbers spanning 100x or more a logarithmic axis."""
+  from jdl.sweep import format_value, param_keys  # pylint: disable=import-outside-toplevel
+
+  params = param_keys(rows)
+  if x not in params:
+    raise ValueError(f"plot_sweep: x={x!r} is not a swept key; the rows sweep {params}.")
+  shown = [r for r in rows if r["status"] in ("ok", "pruned") and x in r["params"]
+           and isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+  values = [r["params"][x] for r in shown]
+  numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+  categories = [] if numeric else list(dict.fromkeys(map(format_value, values)))
+  others = [k for k in params if k != x]
+  groups = [", ".join(f"{k.rsplit('.', 1)[-1]}={format_value(r['params'].get(k))}"
+                      for k in others) for r in shown]
+  if len(set(groups)) > 10:  # a random search rarely repeats the other keys: one colour
+    groups = [""] * len(shown)
+  figure = _figure((6.4, 4.4))
+  axis = figure.subplots()
+  for colour, group in enumerate(dict.fromkeys(groups)):
+    for status, marker in (("ok", "o"), ("pruned", "x")):
+      points = [(v if numeric else categories.index(format_value(v)), r[metric])
+                for r, v, g in zip(shown, values, groups) if r["status"] == status and g == group]
+      if points:
+        label = " ".join(filter(None, [group, "pruned" if status == "pruned" else ""]))
+        axis.scatter(*zip(*points), marker=marker, color=f"C{colour % 10}",
+                     label=label or "finished")
+  if numeric and values and min(values) > 0 and (
+      x.endswith("learning_rate") or max(values) / min(values) >= 100):
+    axis.set_xscale("log")
+  if not numeric:
+    axis.set_xticks(range(len(categories)), categories)
+  axis.set(xlabel=x, ylabel=metric, title=f"{metric} vs {x}, {len(shown)} of {len(rows)} trials")
+  axis.grid(True, alpha=0.3)
+  if shown:
+    axis.legend(fontsize="small")
+  return _save(figure, path)
+
+
+def plot_trial_curves(rows: Sequence[Mapping[str, Any]], path: str, *,
+                      metric: str = "test_accuracy") -> str:
+  """Each trial's `metric` at every evaluation (the rows' `curve`), pruned trials dashed: how the
+  pruner cut the sweep."""
+  figure = _figure((6.4, 4.4))
+  axis = figure.subplots()
+  for row in rows:
+    if row["curve"]:
+      pruned = row["status"] == "pruned"
+      axis.plot(list(row["curve"]), list(row["curve"].values()), marker=".", alpha=0.8,
+                linestyle="--" if pruned else "-",
+                label=f"trial {row['trial']}" + (" (pruned)" if pruned else ""))
+  axis.set(xlabel="step", ylabel=metric, title=f"{metric} at each evaluation")
+  axis.grid(True, alpha=0.3)
+  if 0 < len(axis.lines) <= 12:
+    axis.legend(fontsize="small")
   return _save(figure, path)

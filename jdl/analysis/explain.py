@@ -1,0 +1,214 @@
+"""Model-agnostic explanations of any jdl classifier with SHAP and LIME (optional: `pip install
+-e ".[explain]"`).
+
+Both treat the model as a black box: every element of an input (a pixel channel, a signal point)
+is one feature, and the model is queried on perturbed copies. `shap_values` uses the `shap`
+package's permutation explainer, whose values for an example add up, with the expected value over
+the background, to the model's output (SHAP's local accuracy). `lime_explanations` fits the
+`lime` package's local linear model to the class probability around each example. The gradient
+methods are in `jdl.analysis.attribution`; these need no gradient, and cost many forward passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from jdl.analysis import evaluation
+
+ApplyFn = Callable[..., Any]
+
+PREDICT_BATCH = 512
+"""Rows per compiled forward pass of the black-box predictions (padded: the model compiles once)."""
+
+
+def _require(module: str) -> Any:
+  try:
+    return importlib.import_module(module)
+  except ImportError as error:
+    raise ImportError(f"{module} is not installed ({error}); install jdl's optional explanations "
+                      'with pip install -e ".[explain]" (the shap and lime packages).') from None
+
+
+def _black_box(apply_fn: ApplyFn, variables: Any, example_shape: Sequence[int],
+               dtype: np.dtype) -> Callable[[np.ndarray], np.ndarray]:
+  """`[n, features] -> [n, num_outputs]` float64 model outputs, in fixed-size compiled batches."""
+
+  def predict(flat: np.ndarray) -> np.ndarray:
+    flat = np.asarray(flat)
+    count = flat.shape[0]
+    padded = -(-count // PREDICT_BATCH) * PREDICT_BATCH
+    inputs = np.zeros((padded, *example_shape), dtype)
+    inputs[:count] = flat.reshape(count, *example_shape)
+    outputs = evaluation.apply_in_batches(apply_fn, variables, inputs, batch_size=PREDICT_BATCH)
+    return np.asarray(outputs[:count], np.float64)
+
+  return predict
+
+
+def _checked(inputs: Any, target_classes: Any, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+  inputs = np.asarray(inputs)
+  if inputs.ndim < 2 or inputs.shape[0] == 0 or not np.issubdtype(inputs.dtype, np.floating):
+    raise ValueError(f"{name} needs a non-empty float batch [num_examples, ...] (images or "
+                     f"signals; token ids have no meaningful perturbation); got {inputs.dtype} "
+                     f"of shape {inputs.shape}.")
+  if target_classes is None:
+    return inputs, None
+  targets = np.asarray(target_classes).reshape(-1)
+  if targets.shape[0] != inputs.shape[0] or not np.issubdtype(targets.dtype, np.integer):
+    raise ValueError(f"{name} needs one integer target class per example: {inputs.shape[0]}; got "
+                     f"{targets.dtype} of shape {targets.shape}.")
+  return inputs, targets
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapResult:
+  """SHAP values of the target class's output.
+
+  Attributes:
+    values: `[num_examples, *input_shape]` each feature's SHAP value.
+    expected_values: `[num_examples]` the output's mean over the background (every feature
+      masked), the value the attributions start from.
+    outputs: `[num_examples]` the model's output for the target class. `values` of an example
+      sum to `outputs - expected_values` (local accuracy).
+    targets: `[num_examples]` the explained classes.
+  """
+
+  values: np.ndarray
+  expected_values: np.ndarray
+  outputs: np.ndarray
+  targets: np.ndarray
+
+
+def shap_values(apply_fn: ApplyFn, variables: Any, inputs: Any, background: Any,
+                target_classes: Any = None, *, max_evals: int | None = None,
+                seed: int = 0) -> ShapResult:
+  """SHAP values of a class's output (logits, or probabilities for a model that outputs them)
+  for each example, from `shap`'s permutation explainer with an independent masker.
+
+  A masked feature takes its values from the background examples (the output is averaged over
+  them), so the expected value is the mean output over `background`. Every permutation's
+  contributions add up to the output's change, so the values satisfy local accuracy exactly (to
+  float rounding) however few permutations are drawn; more evaluations lower their variance.
+
+  Args:
+    apply_fn: the model's `apply` (e.g. `state.apply_fn`).
+    variables: its variables (`state.variables()`).
+    inputs: `[num_examples, *input_shape]` float inputs to explain.
+    background: `[num_background, *input_shape]` examples standing for "feature unknown" (a few
+      dozen training examples; the cost grows with their number).
+    target_classes: `[num_examples]` the class explained for each; None: the predicted class.
+    max_evals: model evaluations per example, at least 2 * features + 1 (one permutation
+      forward and back); each evaluates the whole background. None: that, or 500 if larger.
+    seed: seeds the permutations.
+
+  Returns:
+    A `ShapResult`.
+  """
+  shap = _require("shap")
+  inputs, targets = _checked(inputs, target_classes, "shap_values")
+  background = np.asarray(background, inputs.dtype)
+  if background.ndim != inputs.ndim or background.shape[1:] != inputs.shape[1:] or \
+      background.shape[0] == 0:
+    raise ValueError(f"background must be a non-empty batch of the inputs' shape "
+                     f"{inputs.shape[1:]}; got {background.shape}.")
+  features = int(np.prod(inputs.shape[1:]))
+  max_evals = max(500, 2 * features + 1) if max_evals is None else max_evals
+  if max_evals < 2 * features + 1:
+    raise ValueError(f"max_evals must be at least 2 * features + 1 = {2 * features + 1} for "
+                     f"{features} features (one permutation forward and back); got {max_evals}.")
+  predict = _black_box(apply_fn, variables, inputs.shape[1:], inputs.dtype)
+  flat = inputs.reshape(inputs.shape[0], features)
+  outputs = predict(flat)
+  targets = outputs.argmax(axis=1) if targets is None else targets
+  masker = shap.maskers.Independent(background.reshape(background.shape[0], features),
+                                    max_samples=background.shape[0])
+  explainer = shap.PermutationExplainer(predict, masker, seed=seed)
+  explanation = explainer(flat, max_evals=max_evals, silent=True)
+  rows = np.arange(inputs.shape[0])
+  values = np.asarray(explanation.values)[rows, :, targets]  # [examples, features]
+  expected = np.asarray(explanation.base_values).reshape(inputs.shape[0], -1)[rows, targets]
+  return ShapResult(values=values.reshape(inputs.shape), expected_values=expected,
+                    outputs=outputs[rows, targets], targets=targets)
+
+
+@dataclasses.dataclass(frozen=True)
+class LimeResult:
+  """LIME's local linear explanations of the target class's probability.
+
+  Attributes:
+    weights: `[num_examples, *input_shape]` each feature's weight in the local linear model (the
+      change in probability when the feature is in the example's quartile bin).
+    intercepts: `[num_examples]` the local model's intercept.
+    scores: `[num_examples]` the local model's R^2 on the perturbed samples (how linear the model
+      is there).
+    targets: `[num_examples]` the explained classes.
+    rules: per example, LIME's `(feature condition, weight)` pairs, largest weight first, e.g.
+      `("x[17] <= -0.52", 0.08)`.
+  """
+
+  weights: np.ndarray
+  intercepts: np.ndarray
+  scores: np.ndarray
+  targets: np.ndarray
+  rules: list[list[tuple[str, float]]]
+
+
+def lime_explanations(apply_fn: ApplyFn, variables: Any, inputs: Any, training_inputs: Any,
+                      target_classes: Any = None, *, num_samples: int = 2000,
+                      seed: int = 0) -> LimeResult:
+  """LIME (the `lime` package's tabular explainer, every input element a feature) for each
+  example: a linear model of the target class's probability fitted to perturbed copies.
+
+  Features are binned into quartiles of `training_inputs`; perturbed samples draw bins from the
+  training distribution, and are weighted by their closeness to the example.
+
+  Args:
+    apply_fn: the model's `apply`.
+    variables: its variables.
+    inputs: `[num_examples, *input_shape]` float inputs to explain.
+    training_inputs: `[num_training, *input_shape]` examples that give each feature's quartiles.
+    target_classes: `[num_examples]` the class explained for each; None: the predicted class.
+    num_samples: perturbed copies per example.
+    seed: seeds the perturbations.
+
+  Returns:
+    A `LimeResult`.
+  """
+  lime_tabular = _require("lime.lime_tabular")
+  inputs, targets = _checked(inputs, target_classes, "lime_explanations")
+  training = np.asarray(training_inputs, inputs.dtype)
+  if training.ndim != inputs.ndim or training.shape[1:] != inputs.shape[1:] or \
+      training.shape[0] < 4:
+    raise ValueError(f"training_inputs must be at least 4 examples of the inputs' shape "
+                     f"{inputs.shape[1:]} (LIME bins features into quartiles); got "
+                     f"{training.shape}.")
+  features = int(np.prod(inputs.shape[1:]))
+  predict = _black_box(apply_fn, variables, inputs.shape[1:], inputs.dtype)
+
+  def probabilities(flat: np.ndarray) -> np.ndarray:
+    return evaluation.softmax_probabilities(predict(flat))
+
+  flat = inputs.reshape(inputs.shape[0], features)
+  targets = probabilities(flat).argmax(axis=1) if targets is None else targets
+  names = [f"x[{', '.join(map(str, np.unravel_index(i, inputs.shape[1:])))}]"
+           for i in range(features)]
+  explainer = lime_tabular.LimeTabularExplainer(
+      training.reshape(training.shape[0], features), mode="classification", feature_names=names,
+      random_state=seed)
+  weights = np.zeros((inputs.shape[0], features))
+  intercepts, scores, rules = [], [], []
+  for index, (row, target) in enumerate(zip(flat, targets)):
+    explanation = explainer.explain_instance(row, probabilities, labels=(int(target),),
+                                             num_features=features, num_samples=num_samples)
+    for feature, weight in explanation.as_map()[int(target)]:
+      weights[index, feature] = weight
+    intercepts.append(float(explanation.intercept[int(target)]))
+    scores.append(float(explanation.score))
+    rules.append([(text, float(weight)) for text, weight in explanation.as_list(int(target))])
+  return LimeResult(weights=weights.reshape(inputs.shape), intercepts=np.asarray(intercepts),
+                    scores=np.asarray(scores), targets=np.asarray(targets), rules=rules)
