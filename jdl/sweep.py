@@ -29,6 +29,7 @@ import sqlalchemy
 from optuna import distributions as dist
 
 from jdl import experiment, loop as loop_lib
+from jdl.analysis.plots import format_value, param_keys
 from jdl.config import ConfigError, apply_overrides
 
 Space = dict[str, dist.BaseDistribution]
@@ -491,21 +492,6 @@ def best_row(rows: Sequence[Row], metric: str = "test_accuracy", mode: str = "ma
   """The best finished row by `metric`, or None when no trial finished."""
   ranked = sort_rows(rows, metric, mode)
   return ranked[0] if ranked and ranked[0]["status"] == "ok" and metric in ranked[0] else None
-
-
-def param_keys(rows: Sequence[Row]) -> list[str]:
-  """The swept keys of the rows, in the order they first appear."""
-  return list(dict.fromkeys(key for row in rows for key in row["params"]))
-
-
-def format_value(value: Any) -> str:
-  """A swept value, short: floats to 4 significant digits, tuples as Python writes them."""
-  value = _plain(value)
-  if isinstance(value, float):
-    return f"{value:.4g}"
-  if isinstance(value, tuple):
-    return "(" + ", ".join(format_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
-  return str(value)
 
 
 def markdown_table(rows: Sequence[Row], metric: str = "test_accuracy", mode: str = "max") -> str:

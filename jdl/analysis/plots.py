@@ -412,14 +412,29 @@ def plot_curve(xs: Sequence[float], ys_by_name: Mapping[str, Sequence[float]], p
 # Sweeps.
 
 
+def param_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+  """The swept keys of sweep rows (`jdl.sweep.study_rows`), in the order they first appear."""
+  return list(dict.fromkeys(key for row in rows for key in row["params"]))
+
+
+def format_value(value: Any) -> str:
+  """A swept value, short: floats to 4 significant digits, tuples (and lists) as Python writes
+  tuples; for plots and `jdl.sweep`'s tables."""
+  if isinstance(value, np.generic):
+    value = value.item()
+  if isinstance(value, float):
+    return f"{value:.4g}"
+  if isinstance(value, (list, tuple)):
+    return "(" + ", ".join(format_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+  return str(value)
+
+
 def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str, *, x: str,
                metric: str = "test_accuracy") -> str:
   """`metric` against the swept key `x` for the rows of `jdl.sweep.study_rows`: finished trials
   as dots, pruned ones (at their last value) as crosses, one colour per setting of the other swept
   keys (when there are at most 10). Non-numbers get a tick each; learning rates and positive
   numbers spanning 100x or more a logarithmic axis."""
-  from jdl.sweep import format_value, param_keys  # pylint: disable=import-outside-toplevel
-
   params = param_keys(rows)
   if x not in params:
     raise ValueError(f"plot_sweep: x={x!r} is not a swept key; the rows sweep {params}.")
