@@ -319,8 +319,11 @@ def _record(step: int, steps_per_epoch: int, train_sums: metrics_lib.Metrics, se
 
 def _progress_fields(running: Mapping[str, float], seconds: float) -> dict[str, str]:
   fields = {"loss": f"{running['loss']:.4f}"}
-  if "accuracy" in running:
-    fields["acc"] = f"{running['accuracy']:.4f}"
+  others = [name for name in running if name not in ("loss", "count")
+            and not name.endswith(("_max", "_min", "_norm"))]
+  if others:  # accuracy, or the task's first other mean (an error, an ELBO term)
+    name = "accuracy" if "accuracy" in others else others[0]
+    fields["acc" if name == "accuracy" else name] = f"{running[name]:.4f}"
   fields["ex_s"] = f"{running['count'] / max(seconds, 1e-9):,.0f}"
   return fields
 
