@@ -409,3 +409,32 @@ def test_tiny_language_model_learns_a_repeated_pattern_with_the_library_step():
   continuation = generate(model, {"params": state.params}, np.array([[0, 1]], np.int32),
                           num_new_tokens=6, key=jax.random.PRNGKey(0), greedy=True)
   np.testing.assert_array_equal(continuation, [[0, 1, 2, 3, 0, 1, 2, 3]])
+
+
+@pytest.mark.parametrize("causal, padded", [(True, False), (False, True), (True, True)])
+def test_fused_attention_equals_the_explicit_path_in_outputs_and_gradients(causal, padded):
+  """`jax.nn.dot_product_attention` (the default) against the einsum path with its masked
+  softmax: outputs and gradients with respect to inputs and parameters within float32 error,
+  with causal and padding masks; asking for the weights takes the explicit path and sows them."""
+  x = _normal((3, 7, 8))
+  mask = attention.padding_mask(jnp.array([7, 4, 2]), length=7) if padded else None
+  fused = attention.MultiHeadSelfAttention(num_heads=2, causal=causal)
+  explicit = attention.MultiHeadSelfAttention(num_heads=2, causal=causal, fused=False)
+  variables = _random_variables(fused, x)
+
+  def loss(layer, variables, x):
+    out = layer.apply(variables, x, train=False, padding_mask=mask)
+    real = np.ones((3, 7, 1), bool) if mask is None else np.asarray(mask)[..., None]
+    return jnp.sum(jnp.where(real, jnp.sin(out), 0.0)), out
+
+  (_, out_f), grads_f = jax.value_and_grad(lambda v, x: loss(fused, v, x), argnums=(0, 1),
+                                           has_aux=True)(variables, x)
+  (_, out_e), grads_e = jax.value_and_grad(lambda v, x: loss(explicit, v, x), argnums=(0, 1),
+                                           has_aux=True)(variables, x)
+  real = np.ones((3, 7), bool) if mask is None else np.asarray(mask)
+  np.testing.assert_allclose(np.asarray(out_f)[real], np.asarray(out_e)[real], rtol=1e-5,
+                             atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads_f,
+               grads_e)
+  _, sown = fused.apply(variables, x, train=False, padding_mask=mask, mutable=["intermediates"])
+  assert sown["intermediates"]["attention_weights"][0].shape == (3, 2, 7, 7)

@@ -1,4 +1,5 @@
-"""Multi-head self-attention with explicit einsums, its masks, and a NaN-free masked softmax.
+"""Multi-head self-attention (fused, or with explicit einsums), its masks, and a NaN-free masked
+softmax.
 
 Shapes use these letters: B batch, T query positions, S key positions (S = T in self-attention),
 H heads, K the width of one head, D the model width (D = H * K).
@@ -111,20 +112,27 @@ class MultiHeadSelfAttention(nn.Module):
   """Multi-head scaled dot-product self-attention (Vaswani et al. 2017).
 
   Query, key and value projections D -> H x K, scores `q . k / sqrt(K)` per head, a masked softmax
-  over keys, dropout on the attention weights, and an output projection H x K -> D. The weights
-  are sown in "intermediates" as `attention_weights` `[B, H, T, T]`.
+  over keys, dropout on the attention weights, and an output projection H x K -> D.
+
+  The attention itself runs as one fused operation, `jax.nn.dot_product_attention` (cuDNN's
+  flash-attention kernel on GPUs, XLA's elsewhere), which never keeps the `[B, H, T, S]` weights
+  for the backward pass. The explicit einsum path runs where the weights themselves are needed:
+  dropout on them while training, or a caller asking for them (`mutable=["intermediates"]`: they
+  are sown as `attention_weights`), or `fused=False`.
 
   Attributes:
     num_heads: H; must divide the input width D.
     causal: query t attends only to keys s <= t (decoder); False attends to every real token.
     dropout_rate: dropout on the attention weights, active only when `train=True`.
     use_bias: biases in the four projections.
+    fused: the fused attention where the weights are not needed (above).
   """
 
   num_heads: int
   causal: bool = False
   dropout_rate: float = 0.0
   use_bias: bool = True
+  fused: bool = True
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, *, train: bool,
@@ -153,14 +161,26 @@ class MultiHeadSelfAttention(nn.Module):
       return nn.DenseGeneral((self.num_heads, head_width), use_bias=self.use_bias,
                              name=name)(x_BxTxD)
 
-    q_BxTxHxK = project("query") * (1.0 / math.sqrt(head_width))
-    k_BxSxHxK = project("key")
-    v_BxSxHxK = project("value")
+    q_BxTxHxK, k_BxSxHxK, v_BxSxHxK = project("query"), project("key"), project("value")
+    scale = 1.0 / math.sqrt(head_width)
+    explicit = (not self.fused or (self.dropout_rate and train)
+                or self.is_mutable_collection("intermediates"))
+    if explicit:
+      out_BxTxHxK = self._explicit(q_BxTxHxK * scale, k_BxSxHxK, v_BxSxHxK, padding_mask,
+                                   length=length, train=train)
+    else:  # the causal part as the kernel's own flag; padded keys as a mask [B, 1, 1, S]
+      keys = attention_mask(padding_mask, causal=False, length=length)
+      out_BxTxHxK = jax.nn.dot_product_attention(
+          q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=keys, scale=scale, is_causal=self.causal)
+    return nn.DenseGeneral(width, axis=(-2, -1), use_bias=self.use_bias, name="out")(out_BxTxHxK)
+
+  def _explicit(self, q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array,
+                padding_mask: jax.Array | None, *, length: int, train: bool) -> jax.Array:
+    """Attention with its weights materialised: sown, and dropped out while training."""
     scores_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK)
     mask = attention_mask(padding_mask, causal=self.causal, length=length)
     weights_BxHxTxS = masked_softmax(scores_BxHxTxS, mask)
     self.sow("intermediates", "attention_weights", weights_BxHxTxS)
     if self.dropout_rate:
       weights_BxHxTxS = nn.Dropout(self.dropout_rate, deterministic=not train)(weights_BxHxTxS)
-    out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", weights_BxHxTxS, v_BxSxHxK)
-    return nn.DenseGeneral(width, axis=(-2, -1), use_bias=self.use_bias, name="out")(out_BxTxHxK)
+    return jnp.einsum("bhts,bshk->bthk", weights_BxHxTxS, v_BxSxHxK)
