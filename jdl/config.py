@@ -98,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.compute_dtype = "float32"  # "bfloat16": mixed precision (float32 weights and optimizer)
   config.check_finite = True  # stop at the first NaN/inf loss (docs/checkpoints.md)
   config.gradient_norms = False  # log grad/param norms; with check_finite, name the NaN gradient
+  config.microbatches = 1  # split each batch into this many, accumulated inside one step
   config.batch_size = 32  # examples per gradient step (1: SGD; the train split size: full batch)
   config.eval_batch_size = 1000  # examples per eval step (speed only; metrics are exact)
   config.num_epochs = 10  # passes over the training split...

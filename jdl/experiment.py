@@ -108,6 +108,7 @@ def _train_and_evaluate(config: Any, workdir: str,
       task, l1=config.l1, l2=config.l2, axis_name=runner.axis_name, augment=device_augment,
       compute_dtype=config.compute_dtype, adversary=make_adversary(config.adversarial),
       check_finite=config.check_finite, gradient_norms=config.gradient_norms,
+      microbatches=config.microbatches,
   )
   if config.progress:
     log(f"{meta.name}: {train_data.num_examples} train / {eval_data.num_examples} "
@@ -247,8 +248,8 @@ def check_config(config: Any) -> None:
 RESUMABLE_CHANGES = frozenset({
     "num_steps", "num_epochs", "eval_every_steps", "eval_batch_size", "progress", "resume",
     "checkpoint", "checkpoint_every_steps", "checkpoint_min_seconds", "keep_checkpoints",
-    "best_metric", "check_finite", "gradient_norms", "data_dir", "manual_dir", "download", "distributed",
-    "num_devices", "layout", "cpu_threads", "compilation_cache_dir"})
+    "best_metric", "check_finite", "gradient_norms", "data_dir", "manual_dir", "download",
+    "distributed", "num_devices", "layout", "cpu_threads", "compilation_cache_dir"})
 """Config keys a resumed run may change: how long, how often to evaluate or save, where the data
 is, on which devices. Every other key shapes the trajectory (seed, model, optimizer, data...)."""
 

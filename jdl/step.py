@@ -95,6 +95,7 @@ def make_train_step(
     gradient_norms: bool = False,
     compute_dtype: Any = None,
     adversary: AdversaryFn | None = None,
+    microbatches: int = 1,
 ) -> TrainStepFn:
   """Returns a pure train step `(state, batch) -> (state, metric states)`.
 
@@ -117,6 +118,12 @@ def make_train_step(
       `jdl.analysis.adversarial.make_adversary(epsilon)`), applied after `augment` with the
       current parameters; the loss is taken on its inputs, and the attack is not differentiated
       through (Madry et al.).
+    microbatches: gradient accumulation inside the step: the batch is split into this many
+      micro-batches, run one after another in one compiled loop (their activations never all in
+      memory), and their gradients are summed into the gradient of the whole batch's mean loss,
+      reduced across devices once. Equal to one step on the whole batch, up to float rounding,
+      for models without batch statistics (BatchNorm sees each micro-batch). Each micro-batch's
+      random streams fold in its index. The batch size must be a multiple of it.
 
   Returns:
     The train step. Its key is `fold_in(state.rng, state.step)` (and the device index under
@@ -126,6 +133,8 @@ def make_train_step(
   """
   task = _checked_task(task)
   compute_dtype = check_compute_dtype(compute_dtype)
+  if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+    raise ValueError(f"microbatches must be an integer >= 1; got {microbatches!r}.")
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     _check_inputs(task, batch, state)
@@ -139,25 +148,62 @@ def make_train_step(
     if adversary is not None:
       batch = jax.lax.stop_gradient(adversary(
           apply_fn, state.variables(), jax.random.fold_in(key, ADVERSARY_STREAM), batch))
-    loss_fn, mask = _mixed_loss(task.loss, batch), tasks_lib.batch_mask(batch)
     rngs = {name: stream_key(key, name) for name in task.rng_streams}
     num_shards = 1 if axis_name is None else jax.lax.psum(1, axis_name)
     mutable = list(state.model_state)
 
-    def objective(params: Params):
-      variables = {"params": params, **state.model_state}
-      outputs, new_model_state = apply_fn(variables, task.model_inputs(batch), rngs=rngs,
-                                          mutable=mutable, **mode)
-      loss, sums = _loss_and_sums(loss_fn(outputs, batch), mask, _batch_size(task, batch),
-                                  axis_name)
-      if weight_penalty is not None:
-        # Each shard adds its share, so the psum of gradients counts the penalty once.
-        loss = loss + weight_penalty(params) / num_shards
-      return loss, (outputs, sums, new_model_state)
+    def gradients(model_state, part, rngs, whole: bool):
+      """Gradients, metric states and model state of one batch (`whole`: of the mean loss and
+      the penalty) or one micro-batch (of its summed loss; `accumulate` scales once)."""
+      loss_fn, mask = _mixed_loss(task.loss, part), tasks_lib.batch_mask(part)
 
-    grad_fn = jax.value_and_grad(objective, has_aux=True)
-    (_, (outputs, metrics, new_model_state)), grads = grad_fn(state.params)
-    metrics = _with_task_metrics(task, metrics, outputs, batch, mask)
+      def objective(params: Params):
+        outputs, new_model_state = apply_fn({"params": params, **model_state},
+                                            task.model_inputs(part), rngs=rngs, mutable=mutable,
+                                            **mode)
+        loss, sums = _loss_and_sums(loss_fn(outputs, part), mask, _batch_size(task, part),
+                                    axis_name)
+        if not whole:
+          loss = sums["loss_sum"]
+        elif weight_penalty is not None:
+          # Each shard adds its share, so the psum of gradients counts the penalty once.
+          loss = loss + weight_penalty(params) / num_shards
+        return loss, (outputs, sums, new_model_state)
+
+      (_, (outputs, sums, new_model_state)), grads = jax.value_and_grad(
+          objective, has_aux=True)(state.params)
+      return grads, _with_task_metrics(task, sums, outputs, part, mask), dict(new_model_state)
+
+    def accumulate():
+      """The batch as `microbatches` parts in one loop: one gradient, as of the whole batch."""
+      parts = _split_batch(batch, microbatches)
+      first = jax.tree.map(lambda x: x[0], parts)
+
+      def body(carry, indexed):
+        total, sums, model_state = carry
+        index, part = indexed
+        part_rngs = {name: jax.random.fold_in(k, index) for name, k in rngs.items()}
+        grads, part_sums, model_state = gradients(model_state, part, part_rngs, whole=False)
+        return (jax.tree.map(jnp.add, total, grads), metrics_lib.merge_metrics(sums, part_sums),
+                model_state), None
+
+      zero_sums = metrics_lib.zero_metrics(jax.eval_shape(
+          lambda: gradients(state.model_state, first, rngs, whole=False)[1]))
+      zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, sums, model_state), _ = jax.lax.scan(
+          body, (zero_grads, zero_sums, dict(state.model_state)),
+          (jnp.arange(microbatches), parts))
+      count = sums["count"] if axis_name is None else jax.lax.psum(sums["count"], axis_name)
+      grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1).astype(g.dtype), grads)
+      if weight_penalty is not None:
+        penalty = jax.grad(weight_penalty)(state.params)
+        grads = jax.tree.map(lambda g, p: g + p / num_shards, grads, penalty)
+      return grads, sums, model_state
+
+    if microbatches == 1:
+      grads, metrics, new_model_state = gradients(state.model_state, batch, rngs, whole=True)
+    else:
+      grads, metrics, new_model_state = accumulate()
     if axis_name is not None:
       grads = jax.lax.psum(grads, axis_name)
       metrics = metrics_lib.reduce_over_axis(metrics, axis_name)
@@ -168,7 +214,7 @@ def make_train_step(
     if check_finite:  # after the psum, so every device agrees
       metrics = {**metrics, **metrics_lib.nonfinite_metrics(state.step, metrics["loss_sum"],
                                                             squares)}
-    new_state = state.apply_gradients(grads, model_state=dict(new_model_state))
+    new_state = state.apply_gradients(grads, model_state=new_model_state)
     return new_state, metrics
 
   return train_step
@@ -204,6 +250,15 @@ def make_eval_step(
     return metrics
 
   return eval_step
+
+
+def _split_batch(batch: Batch, parts: int) -> Batch:
+  """`batch` with every array reshaped to `[parts, batch_size // parts, ...]`."""
+  sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
+  if any(size % parts for size in sizes):
+    raise ValueError(f"a batch of {sorted(sizes)} examples cannot be split into {parts} equal "
+                     "micro-batches; use a batch size that is a multiple of microbatches.")
+  return jax.tree.map(lambda x: x.reshape(parts, x.shape[0] // parts, *x.shape[1:]), batch)
 
 
 def _checked_task(task: tasks_lib.Task | None) -> tasks_lib.Task:
@@ -354,12 +409,13 @@ def make_steps(
     adversary: AdversaryFn | None = None,
     check_finite: bool = False,
     gradient_norms: bool = False,
+    microbatches: int = 1,
 ) -> tuple[TrainStepFn, EvalStepFn]:
   """The train and eval steps of `task` (None: `jdl.tasks.classification()`), with L1/L2 weight
   penalties on the kernels; the other arguments are `make_train_step`'s."""
   train_step = make_train_step(
       task, weight_penalty=losses_lib.make_weight_penalty(l1=l1, l2=l2), axis_name=axis_name,
       augment=augment, compute_dtype=compute_dtype, adversary=adversary,
-      check_finite=check_finite, gradient_norms=gradient_norms)
+      check_finite=check_finite, gradient_norms=gradient_norms, microbatches=microbatches)
   eval_step = make_eval_step(task, axis_name=axis_name, compute_dtype=compute_dtype)
   return train_step, eval_step

@@ -354,3 +354,23 @@ def test_token_model_refuses_float_inputs():
 
 def _state_for(model, sample):
   return jdl.create_train_state(model, optax.sgd(1.0), sample, jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("penalty", [None, 1e-3])
+def test_four_micro_batches_in_one_step_equal_one_step_on_the_whole_batch(penalty):
+  """Gradient accumulation inside the step: 4 micro-batches of 4 (the last one partly padding)
+  give the parameters, optimizer state and metrics of one step on the 16 examples."""
+  model = models.MLP(hidden=(8,), num_classes=3)
+  state = _state(model, optax.adam(0.1))
+  batch = jdl.data.pad_batch(*(lambda b: (b["input"], b["label"]))(_batch(13)), 16)
+  penalty = penalty and jdl.make_weight_penalty(l2=penalty)
+  whole, whole_sums = jax.jit(jdl.make_train_step(weight_penalty=penalty))(state, batch)
+  parts, parts_sums = jax.jit(jdl.make_train_step(weight_penalty=penalty, microbatches=4))(
+      state, batch)
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
+  jax.tree.map(close, (whole.params, whole.opt_state), (parts.params, parts.opt_state))
+  assert int(parts_sums["count"]) == int(whole_sums["count"]) == 13
+  close(parts_sums["loss_sum"], whole_sums["loss_sum"])
+  assert int(parts_sums["accuracy_sum"]) == int(whole_sums["accuracy_sum"])
+  with pytest.raises(ValueError, match="cannot be split into 3 equal micro-batches"):
+    jax.jit(jdl.make_train_step(microbatches=3))(state, batch)
