@@ -95,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.accumulate_steps = 1  # average this many steps' gradients into one update
   config.optimizer.ema_decay = 0.0  # evaluate an EMA of the parameters with this decay; 0: off
   # Training.
-  config.compute_dtype = "float32"  # "bfloat16": mixed precision (float32 weights and optimizer)
+  config.compute_dtype = "auto"  # bfloat16 on GPUs/TPUs (float32 weights), float32 on CPUs
   config.check_finite = True  # stop at the first NaN/inf loss (docs/checkpoints.md)
   config.gradient_norms = False  # log grad/param norms; with check_finite, name the NaN gradient
   config.microbatches = 1  # split each batch into this many, accumulated inside one step

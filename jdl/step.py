@@ -39,13 +39,20 @@ ADVERSARY_STREAM = 2
 EVAL_STREAM = 3
 """The state's base key is folded with this to key the random streams of evaluation."""
 
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
 
 
 def check_compute_dtype(compute_dtype: Any) -> jnp.dtype | None:
-  """`compute_dtype` as a floating dtype; None stays None (compute in the parameters' dtype)."""
+  """`compute_dtype` as a floating dtype; None stays None (compute in the parameters' dtype).
+
+  "auto" is bfloat16 on GPUs and TPUs (float32 parameters and optimizer state) and float32 on
+  CPUs, whose bfloat16 arithmetic is slower. float16 is refused: its narrow range needs loss
+  scaling, which bfloat16 (float32's range) does not.
+  """
   if compute_dtype is None:
     return None
+  if compute_dtype == "auto":
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
   try:
     dtype = jnp.dtype(compute_dtype)
   except TypeError:
@@ -53,6 +60,9 @@ def check_compute_dtype(compute_dtype: Any) -> jnp.dtype | None:
   if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(
         f"compute_dtype must be a floating dtype such as {COMPUTE_DTYPES}; got {compute_dtype!r}.")
+  if dtype == jnp.float16:
+    raise ValueError("compute_dtype float16 needs loss scaling to keep small gradients from "
+                     "underflowing; use bfloat16 (float32's range, no scaling) or \"auto\".")
   return dtype
 
 

@@ -319,6 +319,10 @@ def test_compute_dtype_must_be_floating():
     jdl.make_train_step(compute_dtype="int8")
   with pytest.raises(ValueError, match="compute_dtype must be a floating dtype"):
     jdl.make_eval_step(compute_dtype="bf16")
+  with pytest.raises(ValueError, match="float16 needs loss scaling"):
+    jdl.make_train_step(compute_dtype="float16")
+  assert jdl.step.check_compute_dtype("auto") == (
+      jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
 
 
 def test_per_token_labels_train_on_the_mean_loss_over_real_tokens():
