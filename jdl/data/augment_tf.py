@@ -224,7 +224,6 @@ def make_tf_augment(spec: Mapping[str, Any] | None) -> TfAugmentFn | None:
     if inputs.shape.rank is None:
       raise ValueError("augmentation needs inputs of known rank; got a tensor of unknown shape.")
     shape = inputs.shape.as_list()
-    augment_lib.check_input_shape(shape, spec)
     batch_size = shape[0] if shape[0] is not None else tf.shape(inputs)[0]
     params = sample_params_tf(seed, batch_size, shape[1:], spec, batch.get("mask"))
     return apply_params_tf(batch, params, spec)
