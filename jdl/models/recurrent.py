@@ -335,15 +335,10 @@ class RecurrentLM(nn.Module):
   Trains on next-token labels `[B, T]` like `jdl.models.TransformerLM` and samples with
   `jdl.generate.generate`.
 
-  Attributes:
+  Attributes (`cell`, `hidden`, `num_layers`, `embed_dim` and `output` as in `RNNClassifier`):
     num_classes: V, the vocabulary size (named so `build_model` passes the dataset's size).
-    cell: "lstm" or "gru".
-    hidden: H, the state width of every layer.
-    num_layers: stacked recurrent layers.
-    embed_dim: E, the token embedding width.
     dropout_rate: dropout on the embeddings and between layers (training only).
     block_size: the longest context it is trained on; generation crops to it.
-    output: "logits" or "softmax".
   """
 
   num_classes: int
