@@ -84,18 +84,10 @@ def sample_next(logits: jax.Array, key: jax.Array, temperature: float = 1.0,
   return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
 
-def generate(
-    model: nn.Module | ApplyFn,
-    variables: Any,
-    prompt_tokens: jax.Array | np.ndarray,
-    *,
-    num_new_tokens: int,
-    key: jax.Array,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    block_size: int | None = None,
-    greedy: bool = False,
-) -> jax.Array:
+def generate(model: nn.Module | ApplyFn, variables: Any, prompt_tokens: jax.Array | np.ndarray, *,
+             num_new_tokens: int, key: jax.Array, temperature: float = 1.0,
+             top_k: int | None = None, block_size: int | None = None,
+             greedy: bool = False) -> jax.Array:
   """Extends each prompt by `num_new_tokens` sampled tokens.
 
   The model must be causal: each step feeds a fixed window of W = min(block_size, T0 + N) tokens,
