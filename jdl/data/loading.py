@@ -114,7 +114,6 @@ def prepare(builder: tfds.core.DatasetBuilder, *, download: bool = True,
   """Makes sure `builder`'s data is on disk, preparing it offline where it can.
 
   Args:
-    builder: the dataset builder.
     download: whether a download may be attempted when the data is missing.
     manual_dir: a folder holding the dataset's raw files, for builders that read them from there,
       or the files the builder would download, under their registered names (e.g. `input.txt`).
@@ -266,13 +265,11 @@ def load_raw_split_arrays(builder: tfds.core.DatasetBuilder,
   Raises:
     ValueError: the split holds no examples.
   """
-  inputs, labels = [], []
   dataset = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
-  for x, y in dataset.batch(4096).as_numpy_iterator():
-    inputs.append(x)
-    labels.append(y)
-  if not inputs:
+  batches = list(dataset.batch(4096).as_numpy_iterator())  # (inputs, labels) pairs
+  if not batches:
     raise ValueError(f"split {split!r} of {builder.name!r} is empty.")
+  inputs, labels = zip(*batches)
   return np.concatenate(inputs), np.concatenate(labels)
 
 
