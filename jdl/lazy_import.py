@@ -78,8 +78,7 @@ def _hide_accelerators(tf: types.ModuleType) -> None:
                  "TensorFlow may take accelerator memory that JAX needs.", error)
 
 
-tensorflow = LazyModule("tensorflow", install="tensorflow-cpu",
-                        purpose="tf.data input pipelines",
+tensorflow = LazyModule("tensorflow", install="tensorflow-cpu", purpose="tf.data input pipelines",
                         on_load=_hide_accelerators)
 
 
