@@ -65,10 +65,9 @@ class RawSplit:
   meta: loading.DatasetMeta
 
 
-def load_splits(
-    dataset: str, splits: Sequence[str], *, data_dir: str | None = None, download: bool = True,
-    manual_dir: str | None = None, cache: bool = True,
-) -> tuple[loading.DatasetMeta, dict[str, tuple[np.ndarray, np.ndarray]]]:
+def load_splits(dataset: str, splits: Sequence[str], *, data_dir: str | None = None,
+                download: bool = True, manual_dir: str | None = None, cache: bool = True
+                ) -> tuple[loading.DatasetMeta, dict[str, tuple[np.ndarray, np.ndarray]]]:
   """Whole splits of a supervised classification dataset in memory, from the cache where it
   holds them and through TFDS otherwise (then written to the cache).
 
@@ -92,11 +91,9 @@ def load_splits(
     raise ValueError(f"load_splits needs at least one split of {dataset!r}; got none.")
   use_cache = cache and not loading._tfds_is_mocked()  # pylint: disable=protected-access
   found: dict[str, RawSplit] = {}
-  if use_cache:
-    for split in dict.fromkeys(splits):
-      cached = read_cached_split(dataset, split, data_dir)
-      if cached is not None:
-        found[split] = cached
+  for split in dict.fromkeys(splits) if use_cache else ():
+    if (cached := read_cached_split(dataset, split, data_dir)) is not None:
+      found[split] = cached
   missing = [split for split in dict.fromkeys(splits) if split not in found]
   if missing:
     builder = loading.get_builder(dataset, data_dir)
