@@ -233,28 +233,19 @@ class TokenWindowSource:
     elif steps_per_epoch < 1:
       raise ValueError(f"steps_per_epoch must be >= 1 (or None for about one pass over the "
                        f"tokens); got {steps_per_epoch}.")
-    self._steps_per_epoch = int(steps_per_epoch)
-    self._seed = seed
+    self.steps_per_epoch, self.seed = int(steps_per_epoch), seed
     self.process_index, self.process_count = process_index, process_count
     self._offsets = np.arange(self.block_size + 1)
 
   @property
   def num_examples(self) -> int:
     """Windows per epoch over all processes (`steps_per_epoch * batch_size`)."""
-    return self._steps_per_epoch * self._batch_size
+    return self.steps_per_epoch * self._batch_size
 
   @property
   def batch_size(self) -> int:
     """The global batch size (all processes together)."""
     return self._batch_size
-
-  @property
-  def steps_per_epoch(self) -> int:
-    return self._steps_per_epoch
-
-  @property
-  def seed(self) -> int:
-    return self._seed
 
   @property
   def num_starts(self) -> int:
@@ -263,18 +254,18 @@ class TokenWindowSource:
 
   def starts(self, index: int) -> np.ndarray:
     """The global window starts of epoch `index`, int64 `[steps_per_epoch, batch_size]`."""
-    rng = np.random.default_rng(epoch_seed(self._seed, index))
+    rng = np.random.default_rng(epoch_seed(self.seed, index))
     return np.stack([rng.integers(0, self.num_starts, size=self._batch_size)
-                     for _ in range(self._steps_per_epoch)])
+                     for _ in range(self.steps_per_epoch)])
 
   def epoch(self, index: int) -> Iterator[Batch]:
     """The batches of epoch `index`: `input`, `label` int32 `[local_batch, block_size]` and an
     all-True `mask` `[local_batch]`. The starts are drawn one batch at a time, so skipping the
     first batches (as a resumed run does) is cheap and gives the same later batches."""
-    rng = np.random.default_rng(epoch_seed(self._seed, index))
+    rng = np.random.default_rng(epoch_seed(self.seed, index))
     low = self.process_index * self.local_batch_size
     mask = np.ones((self.local_batch_size,), np.bool_)
-    for _ in range(self._steps_per_epoch):
+    for _ in range(self.steps_per_epoch):
       starts = rng.integers(0, self.num_starts, size=self._batch_size)
       windows = self.tokens[starts[low:low + self.local_batch_size, None] + self._offsets]
       yield {"input": np.ascontiguousarray(windows[:, :-1]),
