@@ -229,12 +229,9 @@ def make_adversary(epsilon: float, *, attack: str = "pgd", norm: str = "linf",
 
 def _loss_gradient(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
                    labels: jax.Array, loss_fn: LossFn) -> jax.Array:
-  """`[B, ...]` gradient of each example's loss with respect to its input."""
-
-  def total_loss(x: jax.Array) -> jax.Array:
-    return jnp.sum(loss_fn(apply_fn(variables, x, train=False), labels))
-
-  return jax.grad(total_loss)(inputs)
+  """`[B, ...]` gradient of each example's loss with respect to its input (the examples do not
+  interact, so that is the gradient of their sum)."""
+  return jax.grad(lambda x: jnp.sum(loss_fn(apply_fn(variables, x, train=False), labels)))(inputs)
 
 
 def _per_example_l2(x: jax.Array) -> jax.Array:
