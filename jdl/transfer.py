@@ -196,9 +196,7 @@ def _renamed(path: str, renames: Sequence[tuple[str, str]]) -> tuple[str, str | 
   """`(new_path, prefix used)`: the longest matching source prefix is rewritten, once."""
   best = max((pair for pair in renames if path.startswith(pair[0])), key=lambda p: len(p[0]),
              default=None)
-  if best is None:
-    return path, None
-  return best[1] + path[len(best[0]):], best[0]
+  return (path, None) if best is None else (best[1] + path[len(best[0]):], best[0])
 
 
 @dataclasses.dataclass
@@ -488,10 +486,8 @@ def per_group_optimizer(groups: Sequence[tuple[Any, ...]], params: Params, *,
           raise ValueError(f"group {name!r} sets {key}, which applies to the whole optimizer; "
                            f"set it in default (now {whole[key]!r}) instead.")
       merged = {**base, **config}
-    if _is_frozen(merged):  # also learning_rate 0 inherited from default
-      transforms[name] = optax.set_to_zero()
-    else:
-      transforms[name] = optim.make_optimizer(merged, total_steps=inner_steps)
+    transforms[name] = (optax.set_to_zero() if _is_frozen(merged)  # also lr 0 from default
+                        else optim.make_optimizer(merged, total_steps=inner_steps))
   tx: optax.GradientTransformation = optax.multi_transform(
       transforms, jax.tree_util.tree_unflatten(treedef, labels))
   # The same nesting as jdl.make_optimizer: the EMA inside MultiSteps sees applied updates only.
