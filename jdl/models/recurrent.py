@@ -27,6 +27,7 @@ outputs are exactly those it gives unpadded; outputs at padded positions are zer
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -117,12 +118,8 @@ def lengths_from_tokens(tokens_BxT: jax.Array, pad_id: int = 0) -> jax.Array:
 
 
 def symmetric_uniform(bound: float) -> nn.initializers.Initializer:
-  """An initializer drawing from U(-bound, bound)."""
-
-  def init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> jax.Array:
-    return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
-
-  return init
+  """An initializer `(key, shape, dtype=float32)` drawing from U(-bound, bound)."""
+  return functools.partial(jax.random.uniform, minval=-bound, maxval=bound)
 
 
 def _cell(cell: str, hidden: int, initializer: str, name: str) -> nn.RNNCellBase:
