@@ -381,11 +381,10 @@ def _check_attack(inputs: Any, labels: Any, *, epsilon: Any, norm: Any, value_ra
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
       low, high = value_range  # traced: the caller vouches for the range
     if low < value_range[0] or high > value_range[1]:
-      raise ValueError(
-          f"inputs range over [{low}, {high}], outside value_range {value_range}; an attack "
-          "clips to value_range, which would move such inputs out of their epsilon ball. Pass the "
-          "data's own range (value_range=(inputs.min(), inputs.max())) or None for unbounded "
-          "inputs.")
+      raise ValueError(f"inputs range over [{low}, {high}], outside value_range {value_range}; an "
+                       "attack clips to value_range, which would move such inputs out of their "
+                       "epsilon ball. Pass the data's own range (value_range=(inputs.min(), "
+                       "inputs.max())) or None for unbounded inputs.")
   return loss_fn, value_range
 
 
