@@ -181,9 +181,8 @@ def check_input_shape(shape: Sequence[int | None], spec: Mapping[str, Any] | Non
                      f"[batch, height, width, channels]; got input of shape {shown}.")
   other_keys = [key for key in ("brightness", "contrast", "mixup_alpha") if spec[key]]
   if other_keys and len(shape) < 2:
-    raise ValueError(
-        f"augmentation {', '.join(other_keys)} needs inputs of shape [batch, ...] with at least "
-        f"one axis per example; got input of shape {shown}.")
+    raise ValueError(f"augmentation {', '.join(other_keys)} needs inputs of shape [batch, ...] "
+                     f"with at least one axis per example; got input of shape {shown}.")
   if any(size is None for size in shape[1:]):
     raise ValueError(f"augmentation needs a static per-example input shape; got {shown}.")
   padding = spec["crop_padding"]
