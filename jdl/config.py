@@ -155,9 +155,8 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
   except (ValueError, SyntaxError):
     if current is None:
       return text  # an unset string-like field
-    raise ConfigError(
-        f"config key {key!r} expects a {type(current).__name__}; {text!r} is not a Python literal."
-    ) from None
+    raise ConfigError(f"config key {key!r} expects a {type(current).__name__}; {text!r} is not a "
+                      "Python literal.") from None
   if isinstance(current, (tuple, list)):
     value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
   return value
