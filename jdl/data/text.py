@@ -106,10 +106,9 @@ class CharVocabulary(_Vocabulary):
     if not known.all():
       unknown = sorted({chr(c) for c in codes[~known].tolist()})
       first = int(np.argmin(known))
-      raise ValueError(
-          f"character {chr(codes[first])!r} (at position {first}) is not in the vocabulary of "
-          f"{self.size} characters; unknown characters: {unknown[:10]!r}"
-          f"{' ...' if len(unknown) > 10 else ''}.")
+      raise ValueError(f"character {chr(codes[first])!r} (at position {first}) is not in the "
+                       f"vocabulary of {self.size} characters; unknown characters: "
+                       f"{unknown[:10]!r}{' ...' if len(unknown) > 10 else ''}.")
     return self._order[slots]
 
   def decode(self, ids: Iterable[int] | np.ndarray) -> str:
@@ -471,8 +470,7 @@ def _check_ids(ids: Iterable[int] | np.ndarray, size: int) -> np.ndarray:
                      f"dtype {ids.dtype}.")
   if ids.size and (ids.min() < 0 or ids.max() >= size):
     bad = sorted(set(ids[(ids < 0) | (ids >= size)].tolist()))[:5]
-    raise ValueError(f"ids {bad} are out of range: the vocabulary has {size} ids, "
-                     f"[0, {size - 1}].")
+    raise ValueError(f"ids {bad} are out of range: the vocabulary has {size} ids, [0, {size - 1}].")
   return ids
 
 
