@@ -131,9 +131,8 @@ def generate(model: nn.Module | ApplyFn, variables: Any, prompt_tokens: jax.Arra
   if prompt.ndim != 2:
     raise ValueError(f"prompt_tokens must be token ids [batch, length]; got shape {prompt.shape}.")
   if prompt.shape[0] < 1 or prompt.shape[1] < 1:
-    raise ValueError(
-        f"prompt_tokens is empty (shape {prompt.shape}); generation needs at least one token per "
-        "row to condition on.")
+    raise ValueError(f"prompt_tokens is empty (shape {prompt.shape}); generation needs at least "
+                     "one token per row to condition on.")
   if not jnp.issubdtype(prompt.dtype, jnp.integer):
     raise ValueError(f"prompt_tokens must be integer token ids; got dtype {prompt.dtype}.")
   if top_k is not None:
@@ -161,9 +160,8 @@ def _generate(apply_fn: ApplyFn, variables: Any, prompt_BxT0: jax.Array, key: ja
     context_BxW = jax.lax.dynamic_slice(tokens_BxL, (0, start), (batch, window))
     logits_BxWxV = apply_fn(variables, context_BxW, train=False)
     if logits_BxWxV.ndim != 3 or logits_BxWxV.shape[:2] != (batch, window):
-      raise ValueError(
-          f"the model must return logits [batch, length, vocab] = [{batch}, {window}, V]; got "
-          f"shape {logits_BxWxV.shape}.")
+      raise ValueError(f"the model must return logits [batch, length, vocab] = [{batch}, {window}, "
+                       f"V]; got shape {logits_BxWxV.shape}.")
     _check_top_k(top_k, logits_BxWxV.shape[-1])
     last = filled - 1 - start
     logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxWxV, last, axis=1, keepdims=False)
