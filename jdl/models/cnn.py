@@ -155,9 +155,8 @@ class CNN1D(nn.Module):
       raise ValueError(f"CNN1D expects signals [batch, length, channels] (or [batch, length]); "
                        f"got shape {x.shape}.")
     if len(self.features) != len(self.kernel_sizes):
-      raise ValueError(
-          f"features {tuple(self.features)} and kernel_sizes {tuple(self.kernel_sizes)} must have "
-          "one entry per convolution.")
+      raise ValueError(f"features {tuple(self.features)} and kernel_sizes "
+                       f"{tuple(self.kernel_sizes)} must have one entry per convolution.")
     if self.conv not in CONV_IMPLEMENTATIONS:
       raise ValueError(f"unknown conv {self.conv!r}; expected one of {CONV_IMPLEMENTATIONS}.")
     use_patches = self.conv == "patches" or (self.conv == "auto" and jax.default_backend() == "cpu")
