@@ -92,22 +92,19 @@ def sequence_lengths(batch: int, length: int, *, lengths: jax.Array | None = Non
       prefix = np.arange(length)[None, :] < known.sum(axis=1)[:, None]
       if not np.array_equal(known, prefix):
         rows = np.flatnonzero((known != prefix).any(axis=1)).tolist()
-        raise ValueError(
-            f"mask rows {rows} are not prefixes: a recurrent layer needs the padding at the end "
-            "of each row (True for the first L positions, then False).")
+        raise ValueError(f"mask rows {rows} are not prefixes: a recurrent layer needs the padding "
+                         "at the end of each row (True for the first L positions, then False).")
     return lengths
   if lengths is None:
     return None
   lengths = jnp.asarray(lengths)
   if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-    raise ValueError(
-        f"lengths must be integers of shape [batch] = ({batch},); got shape {lengths.shape} and "
-        f"dtype {lengths.dtype}.")
+    raise ValueError(f"lengths must be integers of shape [batch] = ({batch},); got shape "
+                     f"{lengths.shape} and dtype {lengths.dtype}.")
   known = _concrete(lengths)
   if known is not None and known.size and (known.min() < 0 or known.max() > length):
-    raise ValueError(
-        f"lengths must lie in [0, {length}] (the padded length T); got values from {known.min()} "
-        f"to {known.max()}.")
+    raise ValueError(f"lengths must lie in [0, {length}] (the padded length T); got values from "
+                     f"{known.min()} to {known.max()}.")
   return jnp.clip(lengths, 0, length).astype(jnp.int32)
 
 
@@ -168,9 +165,8 @@ class Recurrent(nn.Module):
       `[B, T, D]` outputs; zero at padded positions.
     """
     if x_BxTxF.ndim != 3 or x_BxTxF.shape[1] < 1:
-      raise ValueError(
-          f"Recurrent expects sequences [batch, time, features] with time >= 1; got shape "
-          f"{x_BxTxF.shape}.")
+      raise ValueError("Recurrent expects sequences [batch, time, features] with time >= 1; got "
+                       f"shape {x_BxTxF.shape}.")
     batch, length = x_BxTxF.shape[:2]
     lengths_B = sequence_lengths(batch, length, lengths=lengths, mask=mask)
     # The cells hold the parameters, under "forward" and "backward"; nn.RNN only scans them.
@@ -277,9 +273,8 @@ class RNNClassifier(nn.Module):
     integer = jnp.issubdtype(x.dtype, jnp.integer)
     if self.vocab_size is not None:
       if x.ndim != 2 or not integer:
-        raise ValueError(
-            f"{name} with vocab_size={self.vocab_size} expects integer token ids [batch, time]; "
-            f"got shape {x.shape} and dtype {x.dtype}.")
+        raise ValueError(f"{name} with vocab_size={self.vocab_size} expects integer token ids "
+                         f"[batch, time]; got shape {x.shape} and dtype {x.dtype}.")
       known = _concrete(x)
       if known is not None and known.size and (known.min() < 0 or known.max() >= self.vocab_size):
         raise ValueError(
@@ -290,15 +285,13 @@ class RNNClassifier(nn.Module):
       h = nn.Embed(self.vocab_size, self.embed_dim)(x)
     else:
       if integer:
-        raise ValueError(
-            f"{name} got integer inputs of shape {x.shape} but vocab_size is None: set vocab_size "
-            "for token ids, or give float signals.")
+        raise ValueError(f"{name} got integer inputs of shape {x.shape} but vocab_size is None: "
+                         "set vocab_size for token ids, or give float signals.")
       if x.ndim == 2:
         x = x[..., None]
       if x.ndim != 3:
-        raise ValueError(
-            f"{name} expects signals [batch, time] or [batch, time, features]; got shape "
-            f"{x.shape}.")
+        raise ValueError(f"{name} expects signals [batch, time] or [batch, time, features]; got "
+                         f"shape {x.shape}.")
       h = x
     if lengths is not None:
       lengths = sequence_lengths(h.shape[0], h.shape[1], lengths=lengths)
