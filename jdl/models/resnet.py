@@ -145,9 +145,8 @@ class ResNet(nn.Module):
       if value not in valid:
         raise ValueError(f"unknown {attribute} {value!r}; expected one of {valid}.")
     if not self.stage_sizes or any(int(n) < 1 for n in self.stage_sizes):
-      raise ValueError(
-          "stage_sizes must be a non-empty sequence of positive block counts; "
-          f"got {self.stage_sizes!r}.")
+      raise ValueError("stage_sizes must be a non-empty sequence of positive block counts; got "
+                       f"{self.stage_sizes!r}.")
     super().__post_init__()
 
   @nn.compact
