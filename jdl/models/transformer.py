@@ -32,9 +32,8 @@ def _check_architecture(module: nn.Module) -> None:
   model, width, num_heads = type(module).__name__, module.width, module.num_heads
   num_layers, mlp_ratio, dropout_rate = module.num_layers, module.mlp_ratio, module.dropout_rate
   if num_heads < 1 or width < 1 or width % num_heads:
-    raise ValueError(
-        f"{model}: width {width} must be a positive multiple of num_heads {num_heads} (each head "
-        "gets width // num_heads features).")
+    raise ValueError(f"{model}: width {width} must be a positive multiple of num_heads {num_heads} "
+                     "(each head gets width // num_heads features).")
   if num_layers < 1:
     raise ValueError(f"{model}: num_layers must be >= 1; got {num_layers}.")
   if mlp_ratio < 1:
