@@ -512,11 +512,10 @@ def group_learning_rates(opt_state: optax.OptState) -> dict[str, jax.Array]:
 
   found = [leaf for leaf in jax.tree.leaves(opt_state, is_leaf=is_multi) if is_multi(leaf)]
   if len(found) != 1:
-    raise ValueError(
-        "group_learning_rates needs the state of one per_group_optimizer or freeze optimizer "
-        f"(one optax.multi_transform); found {len(found)} in a state of type "
-        f"{type(opt_state).__name__}. For a plain jdl.make_optimizer state use "
-        "jdl.current_learning_rate.")
+    raise ValueError("group_learning_rates needs the state of one per_group_optimizer or freeze "
+                     f"optimizer (one optax.multi_transform); found {len(found)} in a state of "
+                     f"type {type(opt_state).__name__}. For a plain jdl.make_optimizer state use "
+                     "jdl.current_learning_rate.")
   rates = {}
   for name, inner in found[0].inner_states.items():
     try:
