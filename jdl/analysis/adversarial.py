@@ -42,8 +42,7 @@ LOSSES: dict[str, LossFn] = {"cross_entropy": losses_lib.softmax_cross_entropy}
 
 
 def fgsm(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array, labels: jax.Array, *,
-         epsilon: float, norm: str = "linf",
-         value_range: tuple[float, float] | None = (0.0, 1.0),
+         epsilon: float, norm: str = "linf", value_range: tuple[float, float] | None = (0.0, 1.0),
          loss: str | LossFn = "cross_entropy") -> jax.Array:
   """The fast gradient method: one step of length `epsilon` up the loss gradient.
 
