@@ -277,8 +277,7 @@ def check_params(params: Mapping[str, Any], spec: Mapping[str, Any] | None) -> N
                      f"{sorted(params)}. Draw them with the sampler and the same spec.")
 
 
-def _crop(images_BxHxWxC: jax.Array, offset_Bx2: jax.Array, padding: int,
-          fill: float) -> jax.Array:
+def _crop(images_BxHxWxC: jax.Array, offset_Bx2: jax.Array, padding: int, fill: float) -> jax.Array:
   """Pads by `padding` with `fill` and crops back at `offset`, as one gather (no padded copy)."""
   _, height, width, _ = images_BxHxWxC.shape
   offset_Bx2 = jnp.asarray(offset_Bx2, jnp.int32)
