@@ -204,9 +204,8 @@ USAGE = """usage: python -m experiments.{name} [--workdir=DIR] [--config.KEY=VAL
 """
 
 
-def parse_command_line(
-    config: ml_collections.ConfigDict, argv: Sequence[str], *, name: str, default_workdir: str
-) -> tuple[ml_collections.ConfigDict, str] | None:
+def parse_command_line(config: ml_collections.ConfigDict, argv: Sequence[str], *, name: str,
+                       default_workdir: str) -> tuple[ml_collections.ConfigDict, str] | None:
   """Parses `--workdir=` and `--config.KEY=VALUE` arguments; returns None after `--help`."""
   overrides, workdir, show_help = [], default_workdir, False
   for arg in argv:
