@@ -247,14 +247,11 @@ def sample_params(key: jax.Array, batch_size: int, image_shape: Sequence[int],
     params["cutout_center"] = jnp.stack(
         [jax.random.randint(row_key, (batch_size,), 0, height, jnp.int32),
          jax.random.randint(col_key, (batch_size,), 0, width, jnp.int32)], axis=1)
-  if "brightness" in names:
-    amount = spec["brightness"]
-    params["brightness"] = jax.random.uniform(
-        stream("brightness"), (batch_size,), jnp.float32, -amount, amount)
-  if "contrast" in names:
-    amount = spec["contrast"]
-    params["contrast"] = jax.random.uniform(
-        stream("contrast"), (batch_size,), jnp.float32, 1.0 - amount, 1.0 + amount)
+  brightness, contrast = spec["brightness"], spec["contrast"]
+  for name, low, high in (("brightness", -brightness, brightness),
+                          ("contrast", 1.0 - contrast, 1.0 + contrast)):
+    if name in names:
+      params[name] = jax.random.uniform(stream(name), (batch_size,), jnp.float32, low, high)
   if "mix_partner" in names:
     real_B = jnp.ones((batch_size,), jnp.bool_) if mask is None else jnp.asarray(mask) != 0
     if real_B.shape != (batch_size,):
