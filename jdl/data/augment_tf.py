@@ -101,14 +101,11 @@ def sample_params_tf(seed: tf.Tensor, batch_size: int | tf.Tensor, image_shape: 
     params["cutout_center"] = tf.stack(
         [tf.random.stateless_uniform([batch_size], row_seed, 0, height, tf.int32),
          tf.random.stateless_uniform([batch_size], col_seed, 0, width, tf.int32)], axis=1)
-  if "brightness" in names:
-    amount = spec["brightness"]
-    params["brightness"] = tf.random.stateless_uniform(
-        [batch_size], stream("brightness"), -amount, amount, tf.float32)
-  if "contrast" in names:
-    amount = spec["contrast"]
-    params["contrast"] = tf.random.stateless_uniform(
-        [batch_size], stream("contrast"), 1.0 - amount, 1.0 + amount, tf.float32)
+  brightness, contrast = spec["brightness"], spec["contrast"]
+  for name, low, high in (("brightness", -brightness, brightness),
+                          ("contrast", 1.0 - contrast, 1.0 + contrast)):
+    if name in names:
+      params[name] = tf.random.stateless_uniform([batch_size], stream(name), low, high, tf.float32)
   if "mix_partner" in names:
     real_B = tf.ones([batch_size], tf.bool) if mask is None else tf.cast(mask, tf.bool)
     params["mix_partner"] = _mix_partners(stream("mix_partner"), real_B)
