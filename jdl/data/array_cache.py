@@ -112,8 +112,7 @@ def data_dir_root(data_dir: str | None) -> str:
   """The absolute TFDS data dir: `data_dir`, or TFDS's default when None (`$TFDS_DATA_DIR`, else
   `~/tensorflow_datasets`, as TFDS picks it)."""
   if data_dir is None:
-    data_dir = os.environ.get("TFDS_DATA_DIR",
-                              os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
+    data_dir = os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")  # expanded below
   return os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
 
 
