@@ -68,15 +68,9 @@ def sample_params_tf(seed: tf.Tensor, batch_size: int | tf.Tensor, image_shape: 
                      mask: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
   """Draws all the random numbers that augment one batch, with stateless TF ops.
 
-  Args:
-    seed: int32/int64 `[2]`, as for `tf.random.stateless_uniform`.
-    batch_size: the batch's leading size B (a python int or a scalar tensor).
-    image_shape: the static per-example input shape, `input.shape[1:]`.
-    spec: the augmentation spec (see `jdl.augment`).
-    mask: optional bool `[B]`, True for real examples; mixup pairs real examples only.
-
-  Returns:
-    The same keys, dtypes and shapes as `jdl.augment.sample_params`.
+  The arguments and the result are those of `jdl.augment.sample_params` (the same keys, dtypes and
+  shapes), but for `seed`, int32/int64 `[2]` as for `tf.random.stateless_uniform`, in place of the
+  key, and `batch_size`, which may be a scalar tensor; `image_shape` must be static.
   """
   spec = augment_lib.validate_spec(spec)
   image_shape = tuple(image_shape)
