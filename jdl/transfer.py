@@ -201,10 +201,9 @@ def _renamed(path: str, renames: Sequence[tuple[str, str]]) -> tuple[str, str | 
 
 @dataclasses.dataclass
 class _Usage:
-  """Which renames and skip patterns matched something, over several `_transfer` calls."""
+  """Which renames matched something, and the paths seen, over several `_transfer` calls."""
 
   renames: set[str] = dataclasses.field(default_factory=set)
-  skips: set[str] = dataclasses.field(default_factory=set)
   source_paths: list[str] = dataclasses.field(default_factory=list)
   target_paths: list[str] = dataclasses.field(default_factory=list)
 
@@ -230,12 +229,10 @@ def _transfer(target: Any, source: Any, *, renames: Sequence[tuple[str, str]],
   used_sources = set()
   for path, leaf in target_items:
     target_spec = _spec(leaf, prefix + path, "target")
-    matched_skips = [pattern for pattern in skip if path_matches(path, pattern)]
-    usage.skips.update(matched_skips)
     found = by_target_path.get(path)
     if found is not None:
       used_sources.add(found[0])
-    if matched_skips:
+    if any(path_matches(path, pattern) for pattern in skip):
       skipped.append(prefix + path)
     elif found is None:
       missing.append(prefix + path)
@@ -279,10 +276,7 @@ def _restore(trees: Sequence[tuple[Any, Any, str]], rename: Renames | None,
   if unused_renames:
     raise ValueError(f"rename prefix(es) {unused_renames} start no source parameter path; the "
                      f"source paths are: {_listing(usage.source_paths)}.")
-  unused_skips = [pattern for pattern in skip if pattern not in usage.skips]
-  if unused_skips:
-    raise ValueError(f"skip pattern(s) {unused_skips} match no parameter; the target paths are: "
-                     f"{_listing(usage.target_paths)}.")
+  _check_all_match(skip, usage.target_paths, "skip")
   if not report.loaded:
     raise ValueError(
         "no source parameter matches a target parameter by path, shape and dtype, so nothing "
