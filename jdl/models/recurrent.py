@@ -154,15 +154,8 @@ class Recurrent(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxF: jax.Array, *, lengths: jax.Array | None = None,
                mask: jax.Array | None = None) -> jax.Array:
-    """Runs the layer.
-
-    Args:
-      x_BxTxF: `[B, T, F]` sequences, padded at the end to T positions.
-      lengths: optional `[B]` integer lengths in `[0, T]`.
-      mask: optional `[B, T]` prefix mask, True for real positions (instead of `lengths`).
-
-    Returns:
-      `[B, T, D]` outputs; zero at padded positions.
+    """`[B, T, D]` outputs of sequences padded at the end, zero at padded positions; optional
+    `lengths` (`[B]` in `[0, T]`) or a prefix `mask` (`[B, T]`, True where real) mark the padding.
     """
     if x_BxTxF.ndim != 3 or x_BxTxF.shape[1] < 1:
       raise ValueError("Recurrent expects sequences [batch, time, features] with time >= 1; got "
@@ -258,17 +251,8 @@ class RNNClassifier(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, lengths: jax.Array | None = None) -> jax.Array:
-    """Classifies a batch of sequences.
-
-    Args:
-      x: `[B, T]` integer token ids (with `vocab_size`), or `[B, T]` / `[B, T, F]` float signals.
-      train: enables dropout.
-      lengths: optional `[B]` integer lengths in `[0, T]`; for tokens they replace the lengths
-        read from the padding.
-
-    Returns:
-      `[B, num_classes]` logits (or probabilities for `output="softmax"`).
-    """
+    """`[B, num_classes]` logits (or probabilities) of the inputs `x` the class docstring names;
+    optional `lengths` (`[B]` in `[0, T]`) replace those read from token padding."""
     name = type(self).__name__
     integer = jnp.issubdtype(x.dtype, jnp.integer)
     if self.vocab_size is not None:
