@@ -56,14 +56,9 @@ def _check_tokens(tokens: jax.Array, model: str, max_length: int, limit_name: st
 class TransformerBlock(nn.Module):
   """One pre-LayerNorm transformer block: LN -> MHSA -> Dropout -> +x, LN -> MLP -> Dropout -> +x.
 
-  The MLP is Dense(mlp_ratio * D) -> GELU (tanh approximation) -> Dense(D); 12 D^2 + 13 D
-  parameters for `mlp_ratio=4`.
-
-  Attributes:
-    num_heads: attention heads; must divide the width.
-    causal: causal (decoder) or bidirectional (encoder) attention.
-    mlp_ratio: hidden width of the MLP over the model width.
-    dropout_rate: dropout on the attention weights and on both residual branches (train only).
+  The MLP is Dense(mlp_ratio * D) -> GELU (tanh approximation) -> Dense(D). `causal` chooses
+  causal (decoder) or bidirectional (encoder) attention; `num_heads`, `mlp_ratio` and
+  `dropout_rate` (on the attention weights and both residual branches) are the models' own.
   """
 
   num_heads: int
