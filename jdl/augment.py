@@ -66,18 +66,6 @@ PARAM_STREAMS: Mapping[str, int] = {
 }
 
 
-def _spec_dict(spec: Mapping[str, Any] | None) -> dict[str, Any]:
-  """A plain dict from a dict, a ConfigDict, or None."""
-  if spec is None:
-    return {}
-  if hasattr(spec, "to_dict"):  # ml_collections.ConfigDict / FrozenConfigDict
-    return dict(spec.to_dict())
-  if isinstance(spec, Mapping):
-    return dict(spec)
-  raise TypeError("augmentation spec must be a mapping (dict or ConfigDict) or None; "
-                  f"got {type(spec).__name__}.")
-
-
 def _is_int(value: Any) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
@@ -110,7 +98,12 @@ def validate_spec(spec: Mapping[str, Any] | None) -> dict[str, Any]:
   Raises:
     ValueError: an unknown key or a bad value.
   """
-  raw = _spec_dict(spec)
+  if hasattr(spec, "to_dict"):  # ml_collections.ConfigDict / FrozenConfigDict
+    spec = spec.to_dict()
+  if spec is not None and not isinstance(spec, Mapping):
+    raise TypeError("augmentation spec must be a mapping (dict or ConfigDict) or None; "
+                    f"got {type(spec).__name__}.")
+  raw = dict(spec or {})
   unknown = sorted(str(key) for key in raw if key not in DEFAULTS)
   if unknown:
     raise ValueError(f"unknown augmentation key(s) {unknown}; valid keys are {sorted(DEFAULTS)}.")
