@@ -124,9 +124,9 @@ def cache_key(dataset: str, split: str) -> dict[str, Any]:
     tfds_version = importlib.metadata.version("tensorflow-datasets")
   except importlib.metadata.PackageNotFoundError:
     tfds_version = None
-  return {"format": FORMAT, "dataset": dataset, "split": split,
-          "tensorflow_datasets": tfds_version,
-          "jdl_builder_version": JDL_BUILDER_VERSIONS.get(_base_name(dataset))}
+  base_name = dataset.split(":")[0].split("/")[0].strip()  # without config and version
+  return {"format": FORMAT, "dataset": dataset, "split": split, "tensorflow_datasets": tfds_version,
+          "jdl_builder_version": JDL_BUILDER_VERSIONS.get(base_name)}
 
 
 def cache_path(key: Mapping[str, Any], data_dir: str | None) -> str:
@@ -223,10 +223,6 @@ def _resolution_is_fixed(dataset: str, builder: tfds.core.DatasetBuilder) -> boo
     return module.startswith("jdl.") and str(builder.version) == JDL_BUILDER_VERSIONS[builder.name]
   return module.startswith("tensorflow_datasets.") and not module.startswith(
       "tensorflow_datasets.core.")
-
-
-def _base_name(dataset: str) -> str:
-  return dataset.split(":")[0].split("/")[0].strip()
 
 
 def _is_remote(data_dir: str | None) -> bool:
