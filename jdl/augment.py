@@ -158,12 +158,9 @@ def fill_value(spec: Mapping[str, Any] | None) -> float:
 
 
 def check_input_shape(shape: Sequence[int | None], spec: Mapping[str, Any] | None) -> None:
-  """Raises a ValueError unless a batch of inputs with this shape can take the augmentations.
+  """Raises a ValueError unless a batch of inputs of `shape` can take the augmentations of `spec`.
 
-  Args:
-    shape: the batch's input shape, batch axis first; unknown sizes (tf.data's dynamic batch axis)
-      may be None.
-    spec: the augmentation spec.
+  `shape` has the batch axis first; unknown sizes (tf.data's dynamic batch axis) may be None.
   """
   spec = validate_spec(spec)
   shape = tuple(shape)
