@@ -102,8 +102,7 @@ def generate(model: nn.Module | ApplyFn, variables: Any, prompt_tokens: jax.Arra
     prompt_tokens: `[B, T0]` integer token ids, T0 >= 1.
     num_new_tokens: N >= 0, tokens to add.
     key: a PRNG key; step i uses `fold_in(key, i)`, so a key gives the same tokens every time.
-    temperature: >= 0; 0 (or `greedy=True`) takes the argmax at every step.
-    top_k: sample among the k most likely tokens of each step; None samples from all V.
+    temperature, top_k: as in `sample_next`, at every step.
     block_size: the model's longest context; defaults to `model.block_size`.
     greedy: argmax decoding, whatever the temperature.
 
