@@ -58,6 +58,11 @@ class _Vocabulary:
   def __hash__(self) -> int:
     return hash(getattr(self, self._FIELD))
 
+  def _check_distinct(self, items: Sequence[str], what: str) -> None:
+    repeated = sorted(item for item, n in collections.Counter(items).items() if n > 1)
+    if repeated:
+      raise ValueError(f"the vocabulary's {what} must be distinct; repeated: {repeated[:10]!r}.")
+
 
 class CharVocabulary(_Vocabulary):
   """A bijection between the distinct characters of a text and the ids `0 .. size - 1`, in the
@@ -70,9 +75,7 @@ class CharVocabulary(_Vocabulary):
     if not isinstance(chars, str) or not chars:
       raise ValueError(f"a character vocabulary needs a non-empty string of characters; got "
                        f"{chars!r}.")
-    if len(set(chars)) != len(chars):
-      repeated = sorted(c for c, n in collections.Counter(chars).items() if n > 1)
-      raise ValueError(f"the vocabulary's characters must be distinct; repeated: {repeated!r}.")
+    self._check_distinct(chars, "characters")
     self.chars = chars
     self._codes = _code_points(chars)
     # Sorted code points and their ids: encoding is one searchsorted over the whole text.
@@ -149,9 +152,7 @@ class WordVocabulary(_Vocabulary):
     words = list(words)
     if not all(isinstance(word, str) and word for word in words):
       raise ValueError("a word vocabulary's words must be non-empty strings.")
-    if len(set(words)) != len(words):
-      repeated = sorted(w for w, n in collections.Counter(words).items() if n > 1)
-      raise ValueError(f"the vocabulary's words must be distinct; repeated: {repeated[:10]!r}.")
+    self._check_distinct(words, "words")
     self.words = tuple(words)
     self._ids = {word: index + 2 for index, word in enumerate(self.words)}
 
