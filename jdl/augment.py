@@ -66,18 +66,6 @@ PARAM_STREAMS: Mapping[str, int] = {
 }
 
 
-def _spec_dict(spec: Mapping[str, Any] | None) -> dict[str, Any]:
-  """A plain dict from a dict, a ConfigDict, or None."""
-  if spec is None:
-    return {}
-  if hasattr(spec, "to_dict"):  # ml_collections.ConfigDict / FrozenConfigDict
-    return dict(spec.to_dict())
-  if isinstance(spec, Mapping):
-    return dict(spec)
-  raise TypeError("augmentation spec must be a mapping (dict or ConfigDict) or None; "
-                  f"got {type(spec).__name__}.")
-
-
 def _is_int(value: Any) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
@@ -110,7 +98,12 @@ def validate_spec(spec: Mapping[str, Any] | None) -> dict[str, Any]:
   Raises:
     ValueError: an unknown key or a bad value.
   """
-  raw = _spec_dict(spec)
+  if hasattr(spec, "to_dict"):  # ml_collections.ConfigDict / FrozenConfigDict
+    spec = spec.to_dict()
+  if spec is not None and not isinstance(spec, Mapping):
+    raise TypeError("augmentation spec must be a mapping (dict or ConfigDict) or None; "
+                    f"got {type(spec).__name__}.")
+  raw = dict(spec or {})
   unknown = sorted(str(key) for key in raw if key not in DEFAULTS)
   if unknown:
     raise ValueError(f"unknown augmentation key(s) {unknown}; valid keys are {sorted(DEFAULTS)}.")
@@ -165,12 +158,9 @@ def fill_value(spec: Mapping[str, Any] | None) -> float:
 
 
 def check_input_shape(shape: Sequence[int | None], spec: Mapping[str, Any] | None) -> None:
-  """Raises a ValueError unless a batch of inputs with this shape can take the augmentations.
+  """Raises a ValueError unless a batch of inputs of `shape` can take the augmentations of `spec`.
 
-  Args:
-    shape: the batch's input shape, batch axis first; unknown sizes (tf.data's dynamic batch axis)
-      may be None.
-    spec: the augmentation spec.
+  `shape` has the batch axis first; unknown sizes (tf.data's dynamic batch axis) may be None.
   """
   spec = validate_spec(spec)
   shape = tuple(shape)
@@ -181,9 +171,8 @@ def check_input_shape(shape: Sequence[int | None], spec: Mapping[str, Any] | Non
                      f"[batch, height, width, channels]; got input of shape {shown}.")
   other_keys = [key for key in ("brightness", "contrast", "mixup_alpha") if spec[key]]
   if other_keys and len(shape) < 2:
-    raise ValueError(
-        f"augmentation {', '.join(other_keys)} needs inputs of shape [batch, ...] with at least "
-        f"one axis per example; got input of shape {shown}.")
+    raise ValueError(f"augmentation {', '.join(other_keys)} needs inputs of shape [batch, ...] "
+                     f"with at least one axis per example; got input of shape {shown}.")
   if any(size is None for size in shape[1:]):
     raise ValueError(f"augmentation needs a static per-example input shape; got {shown}.")
   padding = spec["crop_padding"]
@@ -214,13 +203,8 @@ def _mix_partners(key: jax.Array, real_B: jax.Array) -> jax.Array:
   return shuffled_B[position_B].astype(jnp.int32)
 
 
-def sample_params(
-    key: jax.Array,
-    batch_size: int,
-    image_shape: Sequence[int],
-    spec: Mapping[str, Any] | None,
-    mask: jax.Array | None = None,
-) -> Params:
+def sample_params(key: jax.Array, batch_size: int, image_shape: Sequence[int],
+                  spec: Mapping[str, Any] | None, mask: jax.Array | None = None) -> Params:
   """Draws all the random numbers that augment one batch.
 
   Args:
@@ -253,14 +237,11 @@ def sample_params(
     params["cutout_center"] = jnp.stack(
         [jax.random.randint(row_key, (batch_size,), 0, height, jnp.int32),
          jax.random.randint(col_key, (batch_size,), 0, width, jnp.int32)], axis=1)
-  if "brightness" in names:
-    amount = spec["brightness"]
-    params["brightness"] = jax.random.uniform(
-        stream("brightness"), (batch_size,), jnp.float32, -amount, amount)
-  if "contrast" in names:
-    amount = spec["contrast"]
-    params["contrast"] = jax.random.uniform(
-        stream("contrast"), (batch_size,), jnp.float32, 1.0 - amount, 1.0 + amount)
+  brightness, contrast = spec["brightness"], spec["contrast"]
+  for name, low, high in (("brightness", -brightness, brightness),
+                          ("contrast", 1.0 - contrast, 1.0 + contrast)):
+    if name in names:
+      params[name] = jax.random.uniform(stream(name), (batch_size,), jnp.float32, low, high)
   if "mix_partner" in names:
     real_B = jnp.ones((batch_size,), jnp.bool_) if mask is None else jnp.asarray(mask) != 0
     if real_B.shape != (batch_size,):
@@ -283,8 +264,7 @@ def check_params(params: Mapping[str, Any], spec: Mapping[str, Any] | None) -> N
                      f"{sorted(params)}. Draw them with the sampler and the same spec.")
 
 
-def _crop(images_BxHxWxC: jax.Array, offset_Bx2: jax.Array, padding: int,
-          fill: float) -> jax.Array:
+def _crop(images_BxHxWxC: jax.Array, offset_Bx2: jax.Array, padding: int, fill: float) -> jax.Array:
   """Pads by `padding` with `fill` and crops back at `offset`, as one gather (no padded copy)."""
   _, height, width, _ = images_BxHxWxC.shape
   offset_Bx2 = jnp.asarray(offset_Bx2, jnp.int32)
@@ -389,7 +369,6 @@ def make_augment(spec: Mapping[str, Any] | None) -> AugmentFn | None:
     if "input" not in batch:
       raise ValueError(f"augmentation needs the batch key 'input'; got keys {sorted(batch)}.")
     shape = tuple(jnp.shape(batch["input"]))
-    check_input_shape(shape, spec)
     params = sample_params(key, shape[0], shape[1:], spec, batch.get("mask"))
     return apply_params(batch, params, spec)
 

@@ -116,9 +116,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.resume = True  # continue from the latest good checkpoint in the workdir
   config.progress = True  # progress bar and one line per evaluation
   # Devices.
-  config.layout = "auto"  # auto (shard if >1 device), none (jit, 1 device), shard (jit + mesh), pmap
+  config.layout = "auto"  # auto (shard if >1 device), none (jit, 1 device), shard (jit+mesh), pmap
   config.num_devices = 0  # devices to use; 0: all (per process for pmap)
-  config.distributed = "auto"  # join a multi-process run: auto (if JAX_COORDINATOR_ADDRESS), on, off
+  config.distributed = "auto"  # join a multi-process run: auto (JAX_COORDINATOR_ADDRESS), on, off
   config.cpu_threads = 0  # XLA CPU threads for command-line runs on a CPU; 0: one per core
   config.compilation_cache_dir = "~/.cache/jdl/xla"  # compiled programs kept across runs; "": off
   return config
@@ -133,11 +133,9 @@ def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def _flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
   keys = []
   for key in config.keys():
-    value = config[key]
-    path = f"{prefix}{key}"
-    keys.append(path)
-    if isinstance(value, ml_collections.ConfigDict):
-      keys.extend(_flat_keys(value, path + "."))
+    keys.append(f"{prefix}{key}")
+    if isinstance(config[key], ml_collections.ConfigDict):
+      keys.extend(_flat_keys(config[key], f"{prefix}{key}."))
   return keys
 
 
@@ -158,9 +156,8 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
   except (ValueError, SyntaxError):
     if current is None:
       return text  # an unset string-like field
-    raise ConfigError(
-        f"config key {key!r} expects a {type(current).__name__}; {text!r} is not a Python literal."
-    ) from None
+    raise ConfigError(f"config key {key!r} expects a {type(current).__name__}; {text!r} is not a "
+                      "Python literal.") from None
   if isinstance(current, (tuple, list)):
     value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
   return value
@@ -187,7 +184,8 @@ def override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
     raise ConfigError(f"bad value {text!r} for config key {key!r}: {error}") from None
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Sequence[str]) -> ml_collections.ConfigDict:
   """Applies `KEY=VALUE` overrides in order to a locked copy of `config` and returns the copy."""
   config = lock(copy.deepcopy(config))
   for item in overrides:
@@ -207,9 +205,8 @@ USAGE = """usage: python -m experiments.{name} [--workdir=DIR] [--config.KEY=VAL
 """
 
 
-def parse_command_line(
-    config: ml_collections.ConfigDict, argv: Sequence[str], *, name: str, default_workdir: str
-) -> tuple[ml_collections.ConfigDict, str] | None:
+def parse_command_line(config: ml_collections.ConfigDict, argv: Sequence[str], *, name: str,
+                       default_workdir: str) -> tuple[ml_collections.ConfigDict, str] | None:
   """Parses `--workdir=` and `--config.KEY=VALUE` arguments; returns None after `--help`."""
   overrides, workdir, show_help = [], default_workdir, False
   for arg in argv:
@@ -220,10 +217,8 @@ def parse_command_line(
     elif arg.startswith("--config."):
       overrides.append(arg[len("--config."):])
     else:
-      raise ConfigError(
-          f"unexpected argument {arg!r}; expected --workdir=DIR or --config.KEY=VALUE "
-          f"(see --help)."
-      )
+      raise ConfigError(f"unexpected argument {arg!r}; expected --workdir=DIR or "
+                        "--config.KEY=VALUE (see --help).")
   config = apply_overrides(config, overrides)
   if show_help:
     print(USAGE.format(name=name, workdir=default_workdir))

@@ -84,18 +84,10 @@ def sample_next(logits: jax.Array, key: jax.Array, temperature: float = 1.0,
   return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
 
-def generate(
-    model: nn.Module | ApplyFn,
-    variables: Any,
-    prompt_tokens: jax.Array | np.ndarray,
-    *,
-    num_new_tokens: int,
-    key: jax.Array,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    block_size: int | None = None,
-    greedy: bool = False,
-) -> jax.Array:
+def generate(model: nn.Module | ApplyFn, variables: Any, prompt_tokens: jax.Array | np.ndarray, *,
+             num_new_tokens: int, key: jax.Array, temperature: float = 1.0,
+             top_k: int | None = None, block_size: int | None = None,
+             greedy: bool = False) -> jax.Array:
   """Extends each prompt by `num_new_tokens` sampled tokens.
 
   The model must be causal: each step feeds a fixed window of W = min(block_size, T0 + N) tokens,
@@ -110,8 +102,7 @@ def generate(
     prompt_tokens: `[B, T0]` integer token ids, T0 >= 1.
     num_new_tokens: N >= 0, tokens to add.
     key: a PRNG key; step i uses `fold_in(key, i)`, so a key gives the same tokens every time.
-    temperature: >= 0; 0 (or `greedy=True`) takes the argmax at every step.
-    top_k: sample among the k most likely tokens of each step; None samples from all V.
+    temperature, top_k: as in `sample_next`, at every step.
     block_size: the model's longest context; defaults to `model.block_size`.
     greedy: argmax decoding, whatever the temperature.
 
@@ -139,9 +130,8 @@ def generate(
   if prompt.ndim != 2:
     raise ValueError(f"prompt_tokens must be token ids [batch, length]; got shape {prompt.shape}.")
   if prompt.shape[0] < 1 or prompt.shape[1] < 1:
-    raise ValueError(
-        f"prompt_tokens is empty (shape {prompt.shape}); generation needs at least one token per "
-        "row to condition on.")
+    raise ValueError(f"prompt_tokens is empty (shape {prompt.shape}); generation needs at least "
+                     "one token per row to condition on.")
   if not jnp.issubdtype(prompt.dtype, jnp.integer):
     raise ValueError(f"prompt_tokens must be integer token ids; got dtype {prompt.dtype}.")
   if top_k is not None:
@@ -169,9 +159,8 @@ def _generate(apply_fn: ApplyFn, variables: Any, prompt_BxT0: jax.Array, key: ja
     context_BxW = jax.lax.dynamic_slice(tokens_BxL, (0, start), (batch, window))
     logits_BxWxV = apply_fn(variables, context_BxW, train=False)
     if logits_BxWxV.ndim != 3 or logits_BxWxV.shape[:2] != (batch, window):
-      raise ValueError(
-          f"the model must return logits [batch, length, vocab] = [{batch}, {window}, V]; got "
-          f"shape {logits_BxWxV.shape}.")
+      raise ValueError(f"the model must return logits [batch, length, vocab] = [{batch}, {window}, "
+                       f"V]; got shape {logits_BxWxV.shape}.")
     _check_top_k(top_k, logits_BxWxV.shape[-1])
     last = filled - 1 - start
     logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxWxV, last, axis=1, keepdims=False)

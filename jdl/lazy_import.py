@@ -33,9 +33,7 @@ class LazyModule(types.ModuleType):
   def __init__(self, name: str, *, install: str, purpose: str,
                on_load: Callable[[types.ModuleType], None] | None = None):
     super().__init__(name)
-    self._lazy_install = install
-    self._lazy_purpose = purpose
-    self._lazy_on_load = on_load
+    self._lazy_install, self._lazy_purpose, self._lazy_on_load = install, purpose, on_load
     self._lazy_module: types.ModuleType | None = None
     self._lazy_lock = threading.RLock()
 
@@ -78,8 +76,7 @@ def _hide_accelerators(tf: types.ModuleType) -> None:
                  "TensorFlow may take accelerator memory that JAX needs.", error)
 
 
-tensorflow = LazyModule("tensorflow", install="tensorflow-cpu",
-                        purpose="tf.data input pipelines",
+tensorflow = LazyModule("tensorflow", install="tensorflow-cpu", purpose="tf.data input pipelines",
                         on_load=_hide_accelerators)
 
 

@@ -10,6 +10,7 @@ misspelt module name never silently trains, freezes or skips nothing. See docs/t
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
@@ -38,10 +39,6 @@ WHOLE_OPTIMIZER_KEYS = ("accumulate_steps", "ema_decay")
 _LISTED_PATHS = 40  # how many available paths an error message lists
 
 
-# ---------------------------------------------------------------------------------------------
-# Paths and patterns.
-
-
 def parameter_paths(params: Params) -> list[str]:
   """The "/"-joined paths of the leaves of `params`, in tree order ("Dense_0/kernel", ...)."""
   return [path for path, _ in _flatten(params)[0]]
@@ -52,14 +49,11 @@ def named_leaves(tree: Any) -> dict[str, Any]:
   return dict(_flatten(tree)[0])
 
 
-def _path_name(key_path: Sequence[Any]) -> str:
-  return jax.tree_util.keystr(tuple(key_path), simple=True, separator="/")
-
-
 def _flatten(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
   """`([(path, leaf), ...], treedef)` of a pytree."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  return [(_path_name(key_path), leaf) for key_path, leaf in leaves], treedef
+  return [(jax.tree_util.keystr(tuple(key_path), simple=True, separator="/"), leaf)
+          for key_path, leaf in leaves], treedef
 
 
 def as_patterns(patterns: Patterns | None, what: str) -> tuple[str, ...]:
@@ -93,10 +87,6 @@ def _check_all_match(patterns: Iterable[str], paths: Sequence[str], what: str) -
   if unmatched:
     raise ValueError(f"{what} pattern(s) {unmatched} match no parameter; the parameter paths are: "
                      f"{_listing(list(paths))}.")
-
-
-# ---------------------------------------------------------------------------------------------
-# Partial restore.
 
 
 class LeafSpec(NamedTuple):
@@ -180,10 +170,7 @@ class TransferReport:
       lines += ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
                 for row in rows]
     if self.loaded:
-      modules: dict[str, int] = {}
-      for path in self.loaded:
-        module = path.rsplit("/", 1)[0] if "/" in path else path
-        modules[module] = modules.get(module, 0) + 1
+      modules = collections.Counter(path.rsplit("/", 1)[0] for path in self.loaded)
       lines.append("  loaded: " + ", ".join(f"{m} ({n})" for m, n in modules.items()))
     return "\n".join(lines)
 
@@ -209,17 +196,14 @@ def _renamed(path: str, renames: Sequence[tuple[str, str]]) -> tuple[str, str | 
   """`(new_path, prefix used)`: the longest matching source prefix is rewritten, once."""
   best = max((pair for pair in renames if path.startswith(pair[0])), key=lambda p: len(p[0]),
              default=None)
-  if best is None:
-    return path, None
-  return best[1] + path[len(best[0]):], best[0]
+  return (path, None) if best is None else (best[1] + path[len(best[0]):], best[0])
 
 
 @dataclasses.dataclass
 class _Usage:
-  """Which renames and skip patterns matched something, over several `_transfer` calls."""
+  """Which renames matched something, and the paths seen, over several `_transfer` calls."""
 
   renames: set[str] = dataclasses.field(default_factory=set)
-  skips: set[str] = dataclasses.field(default_factory=set)
   source_paths: list[str] = dataclasses.field(default_factory=list)
   target_paths: list[str] = dataclasses.field(default_factory=list)
 
@@ -245,12 +229,10 @@ def _transfer(target: Any, source: Any, *, renames: Sequence[tuple[str, str]],
   used_sources = set()
   for path, leaf in target_items:
     target_spec = _spec(leaf, prefix + path, "target")
-    matched_skips = [pattern for pattern in skip if path_matches(path, pattern)]
-    usage.skips.update(matched_skips)
     found = by_target_path.get(path)
     if found is not None:
       used_sources.add(found[0])
-    if matched_skips:
+    if any(path_matches(path, pattern) for pattern in skip):
       skipped.append(prefix + path)
     elif found is None:
       missing.append(prefix + path)
@@ -275,39 +257,36 @@ def _transfer(target: Any, source: Any, *, renames: Sequence[tuple[str, str]],
   return jax.tree_util.tree_unflatten(treedef, leaves), report
 
 
-def _combine(reports: Sequence[TransferReport]) -> TransferReport:
+def _restore(trees: Sequence[tuple[Any, Any, str]], rename: Renames | None,
+             skip: Patterns) -> tuple[list[Any], TransferReport]:
+  """The partial restore of `(target, source, report prefix)` trees, with one combined report,
+  checked as a whole: a rename or skip pattern need match in only one of the trees."""
+  renames, skip = _as_renames(rename), as_patterns(skip, "skip")
+  usage = _Usage()
+  results = [_transfer(target, source, renames=renames, skip=skip, usage=usage, prefix=prefix)
+             for target, source, prefix in trees]
+  reports = [report for _, report in results]
   fields = ("loaded", "skipped_shape_mismatch", "skipped_by_pattern", "missing_in_source",
             "unused_in_source")
-  joined = {name: tuple(item for r in reports for item in getattr(r, name)) for name in fields}
-  return TransferReport(**joined,
-                        target_leaves={k: v for r in reports for k, v in r.target_leaves.items()},
-                        source_leaves={k: v for r in reports for k, v in r.source_leaves.items()})
-
-
-def _check_usage(usage: _Usage, renames: Sequence[tuple[str, str]], skip: Sequence[str],
-                 report: TransferReport) -> None:
+  report = TransferReport(
+      **{name: tuple(item for r in reports for item in getattr(r, name)) for name in fields},
+      target_leaves={k: v for r in reports for k, v in r.target_leaves.items()},
+      source_leaves={k: v for r in reports for k, v in r.source_leaves.items()})
   unused_renames = [old for old, _ in renames if old not in usage.renames]
   if unused_renames:
     raise ValueError(f"rename prefix(es) {unused_renames} start no source parameter path; the "
                      f"source paths are: {_listing(usage.source_paths)}.")
-  unused_skips = [pattern for pattern in skip if pattern not in usage.skips]
-  if unused_skips:
-    raise ValueError(f"skip pattern(s) {unused_skips} match no parameter; the target paths are: "
-                     f"{_listing(usage.target_paths)}.")
+  _check_all_match(skip, usage.target_paths, "skip")
   if not report.loaded:
     raise ValueError(
         "no source parameter matches a target parameter by path, shape and dtype, so nothing "
         f"would be loaded. Source paths: {_listing(usage.source_paths)}. Target paths: "
         f"{_listing(usage.target_paths)}. Use rename to map source prefixes onto target ones.")
+  return [tree for tree, _ in results], report
 
 
-def load_pretrained(
-    target_params: Params,
-    source_params: Params,
-    *,
-    rename: Renames | None = None,
-    skip: Patterns = (),
-) -> tuple[Params, TransferReport]:
+def load_pretrained(target_params: Params, source_params: Params, *, rename: Renames | None = None,
+                    skip: Patterns = ()) -> tuple[Params, TransferReport]:
   """Copies the source parameters that fit into the target model's parameters (partial restore).
 
   A source leaf is copied when its path, after `rename`, is a target path and shape and dtype
@@ -331,21 +310,13 @@ def load_pretrained(
     ValueError: a rename prefix or skip pattern matches nothing, two source paths are renamed to
       one, or nothing at all would be loaded (the message lists both models' paths).
   """
-  renames = _as_renames(rename)
-  skip = as_patterns(skip, "skip")
-  usage = _Usage()
-  params, report = _transfer(target_params, source_params, renames=renames, skip=skip, usage=usage)
-  _check_usage(usage, renames, skip, report)
+  (params,), report = _restore([(target_params, source_params, "")], rename, skip)
   return params, report
 
 
-def load_pretrained_state(
-    target_state: TrainState,
-    source_state: TrainState,
-    *,
-    rename: Renames | None = None,
-    skip: Patterns = (),
-) -> tuple[TrainState, TransferReport]:
+def load_pretrained_state(target_state: TrainState, source_state: TrainState, *,
+                          rename: Renames | None = None,
+                          skip: Patterns = ()) -> tuple[TrainState, TransferReport]:
   """`load_pretrained` for the params and every model-state collection ("batch_stats").
 
   The optimizer state is not copied: `opt_state` is `target_state.tx.init` of the new params, a
@@ -354,31 +325,15 @@ def load_pretrained_state(
   Returns:
     `(state, report)`; model-state leaves appear in the report as "<collection>/<path>".
   """
-  renames = _as_renames(rename)
-  skip = as_patterns(skip, "skip")
-  usage = _Usage()
-  params, params_report = _transfer(target_state.params, source_state.params, renames=renames,
-                                    skip=skip, usage=usage)
-  reports = [params_report]
-  target_collections = dict(target_state.model_state)
-  source_collections = dict(source_state.model_state)
-  model_state = {}  # the target's collections, in its order
-  for name in sorted(set(target_collections) | set(source_collections)):
-    collection, report = _transfer(target_collections.get(name, {}),
-                                   source_collections.get(name, {}), renames=renames, skip=skip,
-                                   usage=usage, prefix=f"{name}/")
-    if name in target_collections:
-      model_state[name] = collection
-    reports.append(report)
-  report = _combine(reports)
-  _check_usage(usage, renames, skip, report)
-  model_state = {name: model_state[name] for name in target_collections}
+  targets, sources = dict(target_state.model_state), dict(source_state.model_state)
+  names = sorted(set(targets) | set(sources))
+  trees = [(targets.get(name, {}), sources.get(name, {}), f"{name}/") for name in names]
+  (params, *collections), report = _restore(
+      [(target_state.params, source_state.params, "")] + trees, rename, skip)
+  collections = dict(zip(names, collections))
+  model_state = {name: collections[name] for name in targets}  # the target's, in its order
   return target_state.replace(params=params, model_state=model_state,
                               opt_state=target_state.tx.init(params)), report
-
-
-# ---------------------------------------------------------------------------------------------
-# Freezing and per-group optimizers.
 
 
 def trainable_mask(params: Params, freeze: Patterns) -> Params:
@@ -446,13 +401,9 @@ def _parse_group(index: int, group: Sequence[Any]) -> tuple[str, tuple[str, ...]
   return name, as_patterns(patterns, f"group {name!r}"), config
 
 
-def per_group_optimizer(
-    groups: Sequence[tuple[Any, ...]],
-    params: Params,
-    *,
-    default: OptimizerConfig,
-    total_steps: int | None = None,
-) -> optax.GradientTransformation:
+def per_group_optimizer(groups: Sequence[tuple[Any, ...]], params: Params, *,
+                        default: OptimizerConfig,
+                        total_steps: int | None = None) -> optax.GradientTransformation:
   """An optimizer with its own settings per group of parameters (discriminative learning rates).
 
   Each parameter belongs to the first group with a pattern that matches its path; the rest belong
@@ -529,10 +480,8 @@ def per_group_optimizer(
           raise ValueError(f"group {name!r} sets {key}, which applies to the whole optimizer; "
                            f"set it in default (now {whole[key]!r}) instead.")
       merged = {**base, **config}
-    if _is_frozen(merged):  # also learning_rate 0 inherited from default
-      transforms[name] = optax.set_to_zero()
-    else:
-      transforms[name] = optim.make_optimizer(merged, total_steps=inner_steps)
+    transforms[name] = (optax.set_to_zero() if _is_frozen(merged)  # also lr 0 from default
+                        else optim.make_optimizer(merged, total_steps=inner_steps))
   tx: optax.GradientTransformation = optax.multi_transform(
       transforms, jax.tree_util.tree_unflatten(treedef, labels))
   # The same nesting as jdl.make_optimizer: the EMA inside MultiSteps sees applied updates only.
@@ -557,11 +506,10 @@ def group_learning_rates(opt_state: optax.OptState) -> dict[str, jax.Array]:
 
   found = [leaf for leaf in jax.tree.leaves(opt_state, is_leaf=is_multi) if is_multi(leaf)]
   if len(found) != 1:
-    raise ValueError(
-        "group_learning_rates needs the state of one per_group_optimizer or freeze optimizer "
-        f"(one optax.multi_transform); found {len(found)} in a state of type "
-        f"{type(opt_state).__name__}. For a plain jdl.make_optimizer state use "
-        "jdl.current_learning_rate.")
+    raise ValueError("group_learning_rates needs the state of one per_group_optimizer or freeze "
+                     f"optimizer (one optax.multi_transform); found {len(found)} in a state of "
+                     f"type {type(opt_state).__name__}. For a plain jdl.make_optimizer state use "
+                     "jdl.current_learning_rate.")
   rates = {}
   for name, inner in found[0].inner_states.items():
     try:
@@ -569,10 +517,6 @@ def group_learning_rates(opt_state: optax.OptState) -> dict[str, jax.Array]:
     except ValueError:  # a frozen group (set_to_zero) records no learning rate
       continue
   return rates
-
-
-# ---------------------------------------------------------------------------------------------
-# The config-driven path.
 
 
 def transfer_config() -> ml_collections.ConfigDict:

@@ -41,13 +41,8 @@ ATTACKS = ("fgsm", "pgd")
 LOSSES: dict[str, LossFn] = {"cross_entropy": losses_lib.softmax_cross_entropy}
 
 
-# ---------------------------------------------------------------------------------------------
-# Attacks.
-
-
 def fgsm(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array, labels: jax.Array, *,
-         epsilon: float, norm: str = "linf",
-         value_range: tuple[float, float] | None = (0.0, 1.0),
+         epsilon: float, norm: str = "linf", value_range: tuple[float, float] | None = (0.0, 1.0),
          loss: str | LossFn = "cross_entropy") -> jax.Array:
   """The fast gradient method: one step of length `epsilon` up the loss gradient.
 
@@ -104,10 +99,6 @@ def pgd(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array, labels: jax.
                   value_range, random_start, loss_fn)
 
 
-# ---------------------------------------------------------------------------------------------
-# Robust accuracy.
-
-
 def robust_accuracy(apply_fn: ApplyFn, variables: Variables, inputs: np.ndarray | jax.Array,
                     labels: np.ndarray | jax.Array, *, attack: str = "pgd", epsilon: float,
                     norm: str = "linf", value_range: tuple[float, float] | None = (0.0, 1.0),
@@ -131,9 +122,7 @@ def robust_accuracy(apply_fn: ApplyFn, variables: Variables, inputs: np.ndarray 
   """
   if attack not in ATTACKS:
     raise ValueError(f"unknown attack {attack!r}; expected one of {ATTACKS}.")
-  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or \
-      batch_size < 1:
-    raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}.")
+  _check_count(batch_size, "batch_size")
   allowed = {"fgsm": {"loss"}, "pgd": {"step_size", "num_steps", "random_start", "loss"}}[attack]
   unknown = sorted(set(attack_kwargs) - allowed)
   if unknown:
@@ -148,9 +137,8 @@ def robust_accuracy(apply_fn: ApplyFn, variables: Variables, inputs: np.ndarray 
                                        loss=attack_kwargs.get("loss", "cross_entropy"))
   num_steps = attack_kwargs.get("num_steps", 10)
   random_start = attack_kwargs.get("random_start", True)
-  step_size = 0.0
-  if attack == "pgd":
-    step_size = _check_pgd(epsilon, attack_kwargs.get("step_size"), num_steps, random_start, key)
+  step_size = (_check_pgd(epsilon, attack_kwargs.get("step_size"), num_steps, random_start, key)
+               if attack == "pgd" else 0.0)
   options = dict(attack=attack, num_steps=num_steps if attack == "pgd" else 0, norm=norm,
                  value_range=value_range, random_start=random_start and attack == "pgd",
                  loss_fn=loss_fn)
@@ -186,10 +174,6 @@ def robust_accuracy_curve(apply_fn: ApplyFn, variables: Variables,
           for epsilon in epsilons]
 
 
-# ---------------------------------------------------------------------------------------------
-# Adversarial training.
-
-
 def make_adversary(epsilon: float, *, attack: str = "pgd", norm: str = "linf",
                    value_range: tuple[float, float] | None = (0.0, 1.0), num_steps: int = 7,
                    step_size: float | None = None, random_start: bool = True,
@@ -215,8 +199,8 @@ def make_adversary(epsilon: float, *, attack: str = "pgd", norm: str = "linf",
   if attack not in ATTACKS:
     raise ValueError(f"unknown attack {attack!r}; expected one of {ATTACKS}.")
   loss_fn, value_range = _check_options(epsilon, norm, value_range, loss)
-  if attack == "pgd":
-    step_size = _check_pgd(epsilon, step_size, num_steps, random_start, jax.random.PRNGKey(0))
+  step_size = (_check_pgd(epsilon, step_size, num_steps, random_start, jax.random.PRNGKey(0))
+               if attack == "pgd" else 0.0)  # FGSM takes no step size
   if isinstance(fraction, bool) or not 0.0 <= float(fraction) <= 1.0:
     raise ValueError(f"fraction must be in [0, 1] (the share of each batch that is attacked); "
                      f"got {fraction!r}.")
@@ -227,13 +211,9 @@ def make_adversary(epsilon: float, *, attack: str = "pgd", norm: str = "linf",
       raise ValueError(f"adversarial training needs floating inputs; the batch's 'input' has "
                        f"dtype {inputs.dtype}.")
     attack_key, choice_key = jax.random.split(key)
-    if attack == "pgd":
-      adversarial = _pgd_jit(apply_fn, variables, inputs, labels, jnp.float32(epsilon),
-                             jnp.float32(step_size), attack_key, num_steps, norm, value_range,
-                             random_start, loss_fn)
-    else:
-      adversarial = _fgsm_jit(apply_fn, variables, inputs, labels, jnp.float32(epsilon), norm,
-                              value_range, loss_fn)
+    adversarial = _attack(attack, apply_fn, variables, inputs, labels, jnp.float32(epsilon),
+                          jnp.float32(step_size), attack_key, num_steps, norm, value_range,
+                          random_start, loss_fn)
     batch_size = inputs.shape[0]
     num_attacked = int(round(float(fraction) * batch_size))
     if num_attacked < batch_size:
@@ -246,18 +226,11 @@ def make_adversary(epsilon: float, *, attack: str = "pgd", norm: str = "linf",
   return adversary
 
 
-# ---------------------------------------------------------------------------------------------
-# Jitted implementations.
-
-
 def _loss_gradient(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
                    labels: jax.Array, loss_fn: LossFn) -> jax.Array:
-  """`[B, ...]` gradient of each example's loss with respect to its input."""
-
-  def total_loss(x: jax.Array) -> jax.Array:
-    return jnp.sum(loss_fn(apply_fn(variables, x, train=False), labels))
-
-  return jax.grad(total_loss)(inputs)
+  """`[B, ...]` gradient of each example's loss with respect to its input (the examples do not
+  interact, so that is the gradient of their sum)."""
+  return jax.grad(lambda x: jnp.sum(loss_fn(apply_fn(variables, x, train=False), labels)))(inputs)
 
 
 def _per_example_l2(x: jax.Array) -> jax.Array:
@@ -327,25 +300,26 @@ def _pgd_jit(apply_fn, variables, inputs, labels, epsilon, step_size, key, num_s
   return jax.lax.fori_loop(0, num_steps, ascend, start).astype(inputs.dtype)
 
 
+def _attack(attack, apply_fn, variables, inputs, labels, epsilon, step_size, key, num_steps, norm,
+            value_range, random_start, loss_fn):
+  """`_pgd_jit` or `_fgsm_jit` (which takes no step size, key, steps or random start)."""
+  if attack == "pgd":
+    return _pgd_jit(apply_fn, variables, inputs, labels, epsilon, step_size, key, num_steps, norm,
+                    value_range, random_start, loss_fn)
+  return _fgsm_jit(apply_fn, variables, inputs, labels, epsilon, norm, value_range, loss_fn)
+
+
 @functools.partial(jax.jit, static_argnames=("apply_fn", "attack", "num_steps", "norm",
                                              "value_range", "random_start", "loss_fn"))
 def _count_correct_under_attack(apply_fn, variables, inputs, labels, epsilon, step_size, key,
                                 num_real, *, attack, num_steps, norm, value_range, random_start,
                                 loss_fn):
   """How many of the first `num_real` examples the model still classifies correctly after attack."""
-  if attack == "pgd":
-    adversarial = _pgd_jit(apply_fn, variables, inputs, labels, epsilon, step_size, key,
-                           num_steps, norm, value_range, random_start, loss_fn)
-  else:
-    adversarial = _fgsm_jit(apply_fn, variables, inputs, labels, epsilon, norm, value_range,
-                            loss_fn)
+  adversarial = _attack(attack, apply_fn, variables, inputs, labels, epsilon, step_size, key,
+                        num_steps, norm, value_range, random_start, loss_fn)
   predictions = jnp.argmax(apply_fn(variables, adversarial, train=False), axis=-1)
   real = jnp.arange(inputs.shape[0]) < num_real
   return jnp.sum((predictions == labels) & real)
-
-
-# ---------------------------------------------------------------------------------------------
-# Argument checks (outside jit, on concrete values).
 
 
 def _as_number(value: Any) -> float | None:
@@ -358,47 +332,33 @@ def _as_number(value: Any) -> float | None:
     return None
 
 
-def _check_epsilon(epsilon: Any) -> None:
-  value = _as_number(epsilon)
-  if value is None or not np.isfinite(value) or value < 0:
-    raise ValueError(f"epsilon must be a finite number >= 0 (the radius of the perturbation "
-                     f"ball); got {epsilon!r}.")
-
-
-def _check_norm(norm: Any) -> None:
-  if norm not in NORMS:
-    raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}.")
-
-
-def _check_value_range(value_range: Any) -> tuple[float, float] | None:
-  if value_range is None:
-    return None
-  try:
-    lo, hi = (float(v) for v in value_range)
-  except (TypeError, ValueError):
-    raise ValueError(f"value_range must be (lo, hi) numbers or None; got {value_range!r}.") \
-        from None
-  if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
-    raise ValueError(f"value_range must be finite (lo, hi) with lo < hi; got {value_range!r}.")
-  return lo, hi
-
-
-def _check_loss(loss: Any) -> LossFn:
-  if callable(loss):
-    return loss
-  if loss not in LOSSES:
-    raise ValueError(f"unknown loss {loss!r}; expected one of {sorted(LOSSES)} or a per-example "
-                     "callable loss(outputs, labels) -> [batch].")
-  return LOSSES[loss]
+def _check_count(value: Any, name: str) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be an integer >= 1; got {value!r}.")
 
 
 def _check_options(epsilon: Any, norm: Any, value_range: Any,
                    loss: Any) -> tuple[LossFn, tuple[float, float] | None]:
   """Checks the options every attack shares; returns the loss function and the range as floats."""
-  _check_epsilon(epsilon)
-  _check_norm(norm)
-  value_range = _check_value_range(value_range)
-  return _check_loss(loss), value_range
+  value = _as_number(epsilon)
+  if value is None or not np.isfinite(value) or value < 0:
+    raise ValueError(f"epsilon must be a finite number >= 0 (the radius of the perturbation "
+                     f"ball); got {epsilon!r}.")
+  if norm not in NORMS:
+    raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}.")
+  if value_range is not None:
+    try:
+      lo, hi = (float(v) for v in value_range)
+    except (TypeError, ValueError):
+      raise ValueError(f"value_range must be (lo, hi) numbers or None; got {value_range!r}.") \
+          from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+      raise ValueError(f"value_range must be finite (lo, hi) with lo < hi; got {value_range!r}.")
+    value_range = (lo, hi)
+  if not callable(loss) and loss not in LOSSES:
+    raise ValueError(f"unknown loss {loss!r}; expected one of {sorted(LOSSES)} or a per-example "
+                     "callable loss(outputs, labels) -> [batch].")
+  return loss if callable(loss) else LOSSES[loss], value_range
 
 
 def _check_attack(inputs: Any, labels: Any, *, epsilon: Any, norm: Any, value_range: Any,
@@ -420,19 +380,17 @@ def _check_attack(inputs: Any, labels: Any, *, epsilon: Any, norm: Any, value_ra
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
       low, high = value_range  # traced: the caller vouches for the range
     if low < value_range[0] or high > value_range[1]:
-      raise ValueError(
-          f"inputs range over [{low}, {high}], outside value_range {value_range}; an attack "
-          "clips to value_range, which would move such inputs out of their epsilon ball. Pass the "
-          "data's own range (value_range=(inputs.min(), inputs.max())) or None for unbounded "
-          "inputs.")
+      raise ValueError(f"inputs range over [{low}, {high}], outside value_range {value_range}; an "
+                       "attack clips to value_range, which would move such inputs out of their "
+                       "epsilon ball. Pass the data's own range (value_range=(inputs.min(), "
+                       "inputs.max())) or None for unbounded inputs.")
   return loss_fn, value_range
 
 
 def _check_pgd(epsilon: float, step_size: Any, num_steps: Any, random_start: Any,
                key: Any) -> float:
   """Checks PGD's options; returns the step size (its default filled in)."""
-  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-    raise ValueError(f"num_steps must be an integer >= 1; got {num_steps!r}.")
+  _check_count(num_steps, "num_steps")
   if not isinstance(random_start, bool):
     raise ValueError(f"random_start must be True or False; got {random_start!r}.")
   if random_start and key is None:

@@ -65,10 +65,9 @@ class RawSplit:
   meta: loading.DatasetMeta
 
 
-def load_splits(
-    dataset: str, splits: Sequence[str], *, data_dir: str | None = None, download: bool = True,
-    manual_dir: str | None = None, cache: bool = True,
-) -> tuple[loading.DatasetMeta, dict[str, tuple[np.ndarray, np.ndarray]]]:
+def load_splits(dataset: str, splits: Sequence[str], *, data_dir: str | None = None,
+                download: bool = True, manual_dir: str | None = None, cache: bool = True
+                ) -> tuple[loading.DatasetMeta, dict[str, tuple[np.ndarray, np.ndarray]]]:
   """Whole splits of a supervised classification dataset in memory, from the cache where it
   holds them and through TFDS otherwise (then written to the cache).
 
@@ -92,11 +91,9 @@ def load_splits(
     raise ValueError(f"load_splits needs at least one split of {dataset!r}; got none.")
   use_cache = cache and not loading._tfds_is_mocked()  # pylint: disable=protected-access
   found: dict[str, RawSplit] = {}
-  if use_cache:
-    for split in dict.fromkeys(splits):
-      cached = read_cached_split(dataset, split, data_dir)
-      if cached is not None:
-        found[split] = cached
+  for split in dict.fromkeys(splits) if use_cache else ():
+    if (cached := read_cached_split(dataset, split, data_dir)) is not None:
+      found[split] = cached
   missing = [split for split in dict.fromkeys(splits) if split not in found]
   if missing:
     builder = loading.get_builder(dataset, data_dir)
@@ -115,8 +112,7 @@ def data_dir_root(data_dir: str | None) -> str:
   """The absolute TFDS data dir: `data_dir`, or TFDS's default when None (`$TFDS_DATA_DIR`, else
   `~/tensorflow_datasets`, as TFDS picks it)."""
   if data_dir is None:
-    data_dir = os.environ.get("TFDS_DATA_DIR",
-                              os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
+    data_dir = os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")  # expanded below
   return os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
 
 
@@ -128,9 +124,9 @@ def cache_key(dataset: str, split: str) -> dict[str, Any]:
     tfds_version = importlib.metadata.version("tensorflow-datasets")
   except importlib.metadata.PackageNotFoundError:
     tfds_version = None
-  return {"format": FORMAT, "dataset": dataset, "split": split,
-          "tensorflow_datasets": tfds_version,
-          "jdl_builder_version": JDL_BUILDER_VERSIONS.get(_base_name(dataset))}
+  base_name = dataset.split(":")[0].split("/")[0].strip()  # without config and version
+  return {"format": FORMAT, "dataset": dataset, "split": split, "tensorflow_datasets": tfds_version,
+          "jdl_builder_version": JDL_BUILDER_VERSIONS.get(base_name)}
 
 
 def cache_path(key: Mapping[str, Any], data_dir: str | None) -> str:
@@ -227,10 +223,6 @@ def _resolution_is_fixed(dataset: str, builder: tfds.core.DatasetBuilder) -> boo
     return module.startswith("jdl.") and str(builder.version) == JDL_BUILDER_VERSIONS[builder.name]
   return module.startswith("tensorflow_datasets.") and not module.startswith(
       "tensorflow_datasets.core.")
-
-
-def _base_name(dataset: str) -> str:
-  return dataset.split(":")[0].split("/")[0].strip()
 
 
 def _is_remote(data_dir: str | None) -> bool:

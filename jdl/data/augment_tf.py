@@ -68,15 +68,9 @@ def sample_params_tf(seed: tf.Tensor, batch_size: int | tf.Tensor, image_shape: 
                      mask: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
   """Draws all the random numbers that augment one batch, with stateless TF ops.
 
-  Args:
-    seed: int32/int64 `[2]`, as for `tf.random.stateless_uniform`.
-    batch_size: the batch's leading size B (a python int or a scalar tensor).
-    image_shape: the static per-example input shape, `input.shape[1:]`.
-    spec: the augmentation spec (see `jdl.augment`).
-    mask: optional bool `[B]`, True for real examples; mixup pairs real examples only.
-
-  Returns:
-    The same keys, dtypes and shapes as `jdl.augment.sample_params`.
+  The arguments and the result are those of `jdl.augment.sample_params` (the same keys, dtypes and
+  shapes), but for `seed`, int32/int64 `[2]` as for `tf.random.stateless_uniform`, in place of the
+  key, and `batch_size`, which may be a scalar tensor; `image_shape` must be static.
   """
   spec = augment_lib.validate_spec(spec)
   image_shape = tuple(image_shape)
@@ -101,14 +95,11 @@ def sample_params_tf(seed: tf.Tensor, batch_size: int | tf.Tensor, image_shape: 
     params["cutout_center"] = tf.stack(
         [tf.random.stateless_uniform([batch_size], row_seed, 0, height, tf.int32),
          tf.random.stateless_uniform([batch_size], col_seed, 0, width, tf.int32)], axis=1)
-  if "brightness" in names:
-    amount = spec["brightness"]
-    params["brightness"] = tf.random.stateless_uniform(
-        [batch_size], stream("brightness"), -amount, amount, tf.float32)
-  if "contrast" in names:
-    amount = spec["contrast"]
-    params["contrast"] = tf.random.stateless_uniform(
-        [batch_size], stream("contrast"), 1.0 - amount, 1.0 + amount, tf.float32)
+  brightness, contrast = spec["brightness"], spec["contrast"]
+  for name, low, high in (("brightness", -brightness, brightness),
+                          ("contrast", 1.0 - contrast, 1.0 + contrast)):
+    if name in names:
+      params[name] = tf.random.stateless_uniform([batch_size], stream(name), low, high, tf.float32)
   if "mix_partner" in names:
     real_B = tf.ones([batch_size], tf.bool) if mask is None else tf.cast(mask, tf.bool)
     params["mix_partner"] = _mix_partners(stream("mix_partner"), real_B)
@@ -224,7 +215,6 @@ def make_tf_augment(spec: Mapping[str, Any] | None) -> TfAugmentFn | None:
     if inputs.shape.rank is None:
       raise ValueError("augmentation needs inputs of known rank; got a tensor of unknown shape.")
     shape = inputs.shape.as_list()
-    augment_lib.check_input_shape(shape, spec)
     batch_size = shape[0] if shape[0] is not None else tf.shape(inputs)[0]
     params = sample_params_tf(seed, batch_size, shape[1:], spec, batch.get("mask"))
     return apply_params_tf(batch, params, spec)

@@ -104,9 +104,8 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
     base_name = name.split(":")[0].split("/")[0]
     close = difflib.get_close_matches(base_name, tfds.list_builders(), n=3)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-    raise DatasetUnavailableError(
-        f"TFDS knows no dataset called {name!r}.{hint} `tfds.list_builders()` lists them all."
-    ) from None
+    raise DatasetUnavailableError(f"TFDS knows no dataset called {name!r}.{hint} "
+                                  "`tfds.list_builders()` lists them all.") from None
 
 
 def prepare(builder: tfds.core.DatasetBuilder, *, download: bool = True,
@@ -114,7 +113,6 @@ def prepare(builder: tfds.core.DatasetBuilder, *, download: bool = True,
   """Makes sure `builder`'s data is on disk, preparing it offline where it can.
 
   Args:
-    builder: the dataset builder.
     download: whether a download may be attempted when the data is missing.
     manual_dir: a folder holding the dataset's raw files, for builders that read them from there,
       or the files the builder would download, under their registered names (e.g. `input.txt`).
@@ -213,14 +211,12 @@ def dataset_meta(builder: tfds.core.DatasetBuilder) -> DatasetMeta:
   input_feature, label_feature = info.features[input_key], info.features[label_key]
   dtype = np.dtype(input_feature.np_dtype)
   if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
-    raise ValueError(
-        f"dataset {builder.name!r} has non-numeric inputs ({input_key!r} of dtype {dtype}); "
-        "jdl's classification pipeline needs numeric arrays.")
+    raise ValueError(f"dataset {builder.name!r} has non-numeric inputs ({input_key!r} of dtype "
+                     f"{dtype}); jdl's classification pipeline needs numeric arrays.")
   shape = tuple(input_feature.shape)
   if any(dim is None for dim in shape):
-    raise ValueError(
-        f"dataset {builder.name!r} has inputs of varying shape {shape}; resize them to a fixed "
-        "shape first.")
+    raise ValueError(f"dataset {builder.name!r} has inputs of varying shape {shape}; resize them "
+                     "to a fixed shape first.")
   if not isinstance(label_feature, tfds.features.ClassLabel):
     raise ValueError(f"dataset {builder.name!r}'s label {label_key!r} is not a class label.")
   names = tuple(label_feature.names) if label_feature.names else None
@@ -266,13 +262,11 @@ def load_raw_split_arrays(builder: tfds.core.DatasetBuilder,
   Raises:
     ValueError: the split holds no examples.
   """
-  inputs, labels = [], []
   dataset = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
-  for x, y in dataset.batch(4096).as_numpy_iterator():
-    inputs.append(x)
-    labels.append(y)
-  if not inputs:
+  batches = list(dataset.batch(4096).as_numpy_iterator())  # (inputs, labels) pairs
+  if not batches:
     raise ValueError(f"split {split!r} of {builder.name!r} is empty.")
+  inputs, labels = zip(*batches)
   return np.concatenate(inputs), np.concatenate(labels)
 
 

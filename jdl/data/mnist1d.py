@@ -56,20 +56,17 @@ class Mnist1d(tfds.core.GeneratorBasedBuilder):
         # Keep the published order, so that split slices ("train[:1000]") match the paper's file.
         disable_shuffling=True,
         homepage="https://github.com/greydanus/mnist1d",
-        citation=(
-            "@article{greydanus2020scaling, title={Scaling down Deep Learning}, "
-            "author={Greydanus, Sam and Kobak, Dmitry}, journal={arXiv:2011.14439}, year={2020}}"
-        ),
+        citation=("@article{greydanus2020scaling, title={Scaling down Deep Learning}, author="
+                  "{Greydanus, Sam and Kobak, Dmitry}, journal={arXiv:2011.14439}, year={2020}}"),
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # generated, not downloaded
     data = generate_mnist1d()
-    return {
-        "train": self._generate_examples(data["x"], data["y"]),
-        "test": self._generate_examples(data["x_test"], data["y_test"]),
-    }
+    return {"train": self._generate_examples(data["x"], data["y"]),
+            "test": self._generate_examples(data["x_test"], data["y_test"])}
 
-  def _generate_examples(self, signals: np.ndarray, labels: np.ndarray) -> Iterator[tuple[int, dict]]:
+  def _generate_examples(self, signals: np.ndarray,
+                         labels: np.ndarray) -> Iterator[tuple[int, dict]]:
     for index, (signal, label) in enumerate(zip(signals, labels)):
       yield index, {"signal": signal.astype(np.float32), "label": int(label)}

@@ -19,6 +19,7 @@ import collections
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Self
 
 import numpy as np
 
@@ -26,22 +27,55 @@ from jdl.data.loading import DatasetMeta, get_builder, prepare
 from jdl.data.sources import ArraySource, Batch, _local_batch_size, epoch_seed
 from jdl.lazy_import import tensorflow_datasets as tfds
 
-# ---------------------------------------------------------------------------------------------
-# Vocabularies.
+
+class _Vocabulary:
+  """What both vocabularies share: a JSON document of their `_FIELD`, and equality by it."""
+
+  _KIND = ""
+  _FIELD = ""
+
+  def to_json(self) -> str:
+    """The vocabulary as a JSON document (for `vocab.json`); `from_json` reads it back."""
+    return json.dumps({"kind": self._KIND, self._FIELD: getattr(self, self._FIELD)})
+
+  @classmethod
+  def from_json(cls, text: str) -> Self:
+    """The vocabulary that `to_json` wrote."""
+    try:
+      data = json.loads(text)
+    except (TypeError, json.JSONDecodeError) as error:
+      raise ValueError(f"not a vocabulary JSON document: {error}") from None
+    if not isinstance(data, dict) or data.get("kind") != cls._KIND or cls._FIELD not in data:
+      found = data.get("kind") if isinstance(data, dict) else type(data).__name__
+      raise ValueError(
+          f"expected a {cls._KIND!r} vocabulary with keys {[cls._FIELD]}; got kind {found!r}.")
+    return cls(data[cls._FIELD])
+
+  def __eq__(self, other: object) -> bool:
+    field = self._FIELD
+    return isinstance(other, type(self)) and getattr(other, field) == getattr(self, field)
+
+  def __hash__(self) -> int:
+    return hash(getattr(self, self._FIELD))
+
+  def _check_distinct(self, items: Sequence[str], what: str) -> None:
+    repeated = sorted(item for item, n in collections.Counter(items).items() if n > 1)
+    if repeated:
+      raise ValueError(f"the vocabulary's {what} must be distinct; repeated: {repeated[:10]!r}.")
 
 
-class CharVocabulary:
+class CharVocabulary(_Vocabulary):
   """A bijection between the distinct characters of a text and the ids `0 .. size - 1`, in the
   characters' sorted (code point) order, so the same text always gives the same vocabulary."""
+
+  _KIND, _FIELD = "char", "chars"
 
   def __init__(self, chars: str) -> None:
     """Args: chars: the vocabulary's characters, distinct, in id order."""
     if not isinstance(chars, str) or not chars:
       raise ValueError(f"a character vocabulary needs a non-empty string of characters; got "
                        f"{chars!r}.")
-    if len(set(chars)) != len(chars):
-      repeated = sorted(c for c, n in collections.Counter(chars).items() if n > 1)
-      raise ValueError(f"the vocabulary's characters must be distinct; repeated: {repeated!r}.")
+    self._check_distinct(chars, "characters")
     self.chars = chars
     self._codes = _code_points(chars)
     # Sorted code points and their ids: encoding is one searchsorted over the whole text.
@@ -75,10 +109,9 @@ class CharVocabulary:
     if not known.all():
       unknown = sorted({chr(c) for c in codes[~known].tolist()})
       first = int(np.argmin(known))
-      raise ValueError(
-          f"character {chr(codes[first])!r} (at position {first}) is not in the vocabulary of "
-          f"{self.size} characters; unknown characters: {unknown[:10]!r}"
-          f"{' ...' if len(unknown) > 10 else ''}.")
+      raise ValueError(f"character {chr(codes[first])!r} (at position {first}) is not in the "
+                       f"vocabulary of {self.size} characters; unknown characters: "
+                       f"{unknown[:10]!r}{' ...' if len(unknown) > 10 else ''}.")
     return self._order[slots]
 
   def decode(self, ids: Iterable[int] | np.ndarray) -> str:
@@ -87,32 +120,10 @@ class CharVocabulary:
     Raises:
       ValueError: an id is not an integer in `[0, size)`.
     """
-    ids = np.asarray(ids)
-    if ids.size == 0:
+    if np.size(ids) == 0:
       return ""
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-      raise ValueError(f"decode takes a 1-D sequence of integer ids; got shape {ids.shape} and "
-                       f"dtype {ids.dtype}.")
-    if ids.min() < 0 or ids.max() >= self.size:
-      bad = ids[(ids < 0) | (ids >= self.size)]
-      raise ValueError(f"ids {sorted(set(bad.tolist()))[:5]} are out of range: the vocabulary "
-                       f"has {self.size} characters, ids [0, {self.size - 1}].")
+    ids = _check_ids(ids, self.size)
     return self._codes[ids].astype("<u4").tobytes().decode("utf-32-le")
-
-  def to_json(self) -> str:
-    """The vocabulary as a JSON document (for `vocab.json`); `from_json` reads it back."""
-    return json.dumps({"kind": "char", "chars": self.chars})
-
-  @classmethod
-  def from_json(cls, text: str) -> CharVocabulary:
-    """The vocabulary that `to_json` wrote."""
-    return cls(_load_json(text, "char", ("chars",))["chars"])
-
-  def __eq__(self, other: object) -> bool:
-    return isinstance(other, CharVocabulary) and other.chars == self.chars
-
-  def __hash__(self) -> int:
-    return hash(self.chars)
 
   def __repr__(self) -> str:
     return f"CharVocabulary(size={self.size}, chars={_preview(self.chars)})"
@@ -128,21 +139,20 @@ def split_words(text: str) -> list[str]:
   return _WORD_PATTERN.findall(_LINE_BREAK_TAG.sub(" ", text).lower())
 
 
-class WordVocabulary:
+class WordVocabulary(_Vocabulary):
   """Ids of the most frequent words: 0 is padding, 1 an unknown word, then words `2 .. size - 1`;
   text is lowercased and split into words and punctuation marks by `split_words`."""
 
   PAD_ID = 0
   UNKNOWN_ID = 1
+  _KIND, _FIELD = "word", "words"
 
   def __init__(self, words: Sequence[str]) -> None:
     """Args: words: the known words, distinct, in id order (the first gets id 2)."""
     words = list(words)
     if not all(isinstance(word, str) and word for word in words):
       raise ValueError("a word vocabulary's words must be non-empty strings.")
-    if len(set(words)) != len(words):
-      repeated = sorted(w for w, n in collections.Counter(words).items() if n > 1)
-      raise ValueError(f"the vocabulary's words must be distinct; repeated: {repeated[:10]!r}.")
+    self._check_distinct(words, "words")
     self.words = tuple(words)
     self._ids = {word: index + 2 for index, word in enumerate(self.words)}
 
@@ -179,36 +189,11 @@ class WordVocabulary:
   def decode(self, ids: Iterable[int] | np.ndarray) -> str:
     """The words of one row of ids, joined by spaces, padding left out and unknown words shown
     as `<unk>` (for reading examples, not an exact inverse of `encode`)."""
-    ids = np.asarray(ids)
-    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-      raise ValueError(f"decode takes a 1-D sequence of integer ids; got shape {ids.shape} and "
-                       f"dtype {ids.dtype}.")
-    if ids.size and (ids.min() < 0 or ids.max() >= self.size):
-      raise ValueError(f"ids must lie in [0, {self.size - 1}]; got {ids.min()} .. {ids.max()}.")
     return " ".join("<unk>" if i == self.UNKNOWN_ID else self.words[i - 2]
-                    for i in ids.tolist() if i != self.PAD_ID)
-
-  def to_json(self) -> str:
-    """The vocabulary as a JSON document (for `vocab.json`); `from_json` reads it back."""
-    return json.dumps({"kind": "word", "words": list(self.words)})
-
-  @classmethod
-  def from_json(cls, text: str) -> WordVocabulary:
-    """The vocabulary that `to_json` wrote."""
-    return cls(_load_json(text, "word", ("words",))["words"])
-
-  def __eq__(self, other: object) -> bool:
-    return isinstance(other, WordVocabulary) and other.words == self.words
-
-  def __hash__(self) -> int:
-    return hash(self.words)
+                    for i in _check_ids(ids, self.size).tolist() if i != self.PAD_ID)
 
   def __repr__(self) -> str:
     return f"WordVocabulary(size={self.size}, first words={list(self.words[:5])!r})"
-
-
-# ---------------------------------------------------------------------------------------------
-# Token windows.
 
 
 class TokenWindowSource:
@@ -248,28 +233,19 @@ class TokenWindowSource:
     elif steps_per_epoch < 1:
       raise ValueError(f"steps_per_epoch must be >= 1 (or None for about one pass over the "
                        f"tokens); got {steps_per_epoch}.")
-    self._steps_per_epoch = int(steps_per_epoch)
-    self._seed = seed
+    self.steps_per_epoch, self.seed = int(steps_per_epoch), seed
     self.process_index, self.process_count = process_index, process_count
     self._offsets = np.arange(self.block_size + 1)
 
   @property
   def num_examples(self) -> int:
     """Windows per epoch over all processes (`steps_per_epoch * batch_size`)."""
-    return self._steps_per_epoch * self._batch_size
+    return self.steps_per_epoch * self._batch_size
 
   @property
   def batch_size(self) -> int:
     """The global batch size (all processes together)."""
     return self._batch_size
-
-  @property
-  def steps_per_epoch(self) -> int:
-    return self._steps_per_epoch
-
-  @property
-  def seed(self) -> int:
-    return self._seed
 
   @property
   def num_starts(self) -> int:
@@ -278,18 +254,18 @@ class TokenWindowSource:
 
   def starts(self, index: int) -> np.ndarray:
     """The global window starts of epoch `index`, int64 `[steps_per_epoch, batch_size]`."""
-    rng = np.random.default_rng(epoch_seed(self._seed, index))
+    rng = np.random.default_rng(epoch_seed(self.seed, index))
     return np.stack([rng.integers(0, self.num_starts, size=self._batch_size)
-                     for _ in range(self._steps_per_epoch)])
+                     for _ in range(self.steps_per_epoch)])
 
   def epoch(self, index: int) -> Iterator[Batch]:
     """The batches of epoch `index`: `input`, `label` int32 `[local_batch, block_size]` and an
     all-True `mask` `[local_batch]`. The starts are drawn one batch at a time, so skipping the
     first batches (as a resumed run does) is cheap and gives the same later batches."""
-    rng = np.random.default_rng(epoch_seed(self._seed, index))
+    rng = np.random.default_rng(epoch_seed(self.seed, index))
     low = self.process_index * self.local_batch_size
     mask = np.ones((self.local_batch_size,), np.bool_)
-    for _ in range(self._steps_per_epoch):
+    for _ in range(self.steps_per_epoch):
       starts = rng.integers(0, self.num_starts, size=self._batch_size)
       windows = self.tokens[starts[low:low + self.local_batch_size, None] + self._offsets]
       yield {"input": np.ascontiguousarray(windows[:, :-1]),
@@ -310,10 +286,6 @@ def sequential_windows(tokens: np.ndarray, block_size: int) -> tuple[np.ndarray,
   inputs = tokens[:span].reshape(count, block_size)
   labels = tokens[1:span + 1].reshape(count, block_size)
   return inputs, labels
-
-
-# ---------------------------------------------------------------------------------------------
-# TFDS text datasets.
 
 
 def read_text(builder: tfds.core.DatasetBuilder, split: str) -> str:
@@ -375,11 +347,10 @@ def load_char_lm_data(
         f"split {eval_split!r} of {name!r} has characters that split {train_split!r} lacks, so "
         f"the vocabulary built from {train_split!r} cannot encode them: {unseen[:10]!r}.")
   train_tokens, eval_tokens = vocab.encode(train_text), vocab.encode(eval_text)
-  train_source = TokenWindowSource(train_tokens, block_size, batch_size, seed=seed,
-                                   process_index=process_index, process_count=process_count)
+  shared = dict(seed=seed, process_index=process_index, process_count=process_count)
+  train_source = TokenWindowSource(train_tokens, block_size, batch_size, **shared)
   eval_inputs, eval_labels = sequential_windows(eval_tokens, block_size)
-  eval_source = ArraySource(eval_inputs, eval_labels, eval_batch_size, shuffle=False, seed=seed,
-                            process_index=process_index, process_count=process_count)
+  eval_source = ArraySource(eval_inputs, eval_labels, eval_batch_size, shuffle=False, **shared)
   sizes = {train_split: (len(train_tokens) - 1) // block_size, eval_split: len(eval_inputs)}
   meta = DatasetMeta(name, (int(block_size),), vocab.size, None, sizes, input_dtype="int32")
   return train_source, eval_source, meta, vocab
@@ -398,15 +369,10 @@ def load_text_classification_data(
     max_length: words per example: longer texts are cut, shorter ones padded with 0 at the end.
     max_words: vocabulary size, padding (0) and unknown (1) included; the rest are the most
       frequent words of the training split.
-    batch_size: global training batch size.
-    eval_batch_size: global evaluation batch size (speed only, never the metrics).
-    train_split, eval_split: TFDS split names.
-    data_dir: TFDS data directory; None means TFDS's default.
-    download: whether a missing dataset may be downloaded.
-    manual_dir: a folder holding the raw download, to prepare offline.
     seed: seeds the per-epoch shuffles of the training split.
     shuffle: shuffle the training split every epoch.
-    process_index, process_count: this process and the number of processes.
+    batch_size, eval_batch_size, train_split, eval_split, data_dir, download, manual_dir,
+      process_index, process_count: as in `load_char_lm_data`.
 
   Returns:
     `(train_source, eval_source, meta, vocab)`; inputs are int32 `[max_length]` word ids, labels
@@ -421,21 +387,16 @@ def load_text_classification_data(
   train_texts, train_labels = _read_texts_and_labels(builder, train_split, text_key, label_key)
   eval_texts, eval_labels = _read_texts_and_labels(builder, eval_split, text_key, label_key)
   vocab = WordVocabulary.from_texts(train_texts, max_words)
+  shared = dict(seed=seed, process_index=process_index, process_count=process_count)
   train_source = ArraySource(vocab.encode(train_texts, max_length), train_labels, batch_size,
-                             shuffle=shuffle, seed=seed, process_index=process_index,
-                             process_count=process_count)
+                             shuffle=shuffle, **shared)
   eval_source = ArraySource(vocab.encode(eval_texts, max_length), eval_labels, eval_batch_size,
-                            shuffle=False, seed=seed, process_index=process_index,
-                            process_count=process_count)
+                            shuffle=False, **shared)
   names = tuple(label_feature.names) if label_feature.names else None
   sizes = {train_split: len(train_labels), eval_split: len(eval_labels)}
   meta = DatasetMeta(name, (int(max_length),), label_feature.num_classes, names, sizes,
                      input_dtype="int32")
   return train_source, eval_source, meta, vocab
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers.
 
 
 def _text_and_label_keys(builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
@@ -502,16 +463,16 @@ def _code_points(text: str) -> np.ndarray:
   return np.frombuffer(text.encode("utf-32-le"), np.uint32)
 
 
-def _load_json(text: str, kind: str, keys: tuple[str, ...]) -> dict:
-  """A vocabulary's JSON document, checked for its kind and keys."""
-  try:
-    data = json.loads(text)
-  except (TypeError, json.JSONDecodeError) as error:
-    raise ValueError(f"not a vocabulary JSON document: {error}") from None
-  if not isinstance(data, dict) or data.get("kind") != kind or any(k not in data for k in keys):
-    found = data.get("kind") if isinstance(data, dict) else type(data).__name__
-    raise ValueError(f"expected a {kind!r} vocabulary with keys {list(keys)}; got kind {found!r}.")
-  return data
+def _check_ids(ids: Iterable[int] | np.ndarray, size: int) -> np.ndarray:
+  """`ids` as a 1-D array, after checking they are integers in `[0, size)` (for `decode`)."""
+  ids = np.asarray(ids)
+  if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+    raise ValueError(f"decode takes a 1-D sequence of integer ids; got shape {ids.shape} and "
+                     f"dtype {ids.dtype}.")
+  if ids.size and (ids.min() < 0 or ids.max() >= size):
+    bad = sorted(set(ids[(ids < 0) | (ids >= size)].tolist()))[:5]
+    raise ValueError(f"ids {bad} are out of range: the vocabulary has {size} ids, [0, {size - 1}].")
+  return ids
 
 
 def _preview(text: object, limit: int = 40) -> str:

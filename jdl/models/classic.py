@@ -1,4 +1,8 @@
-"""Classic small models: logistic regression, LeNet-5, and the MNIST-1D paper's residual MLP."""
+"""Classic small models: logistic regression, LeNet-5, and the MNIST-1D paper's residual MLP.
+
+Each takes `num_classes` and `output` ("logits" or "softmax"); the ones with hidden layers also an
+`activation` name (see `jdl.models.activations`).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,7 @@ from jdl.models.inputs import as_images
 
 
 class LogisticRegression(nn.Module):
-  """Flatten -> Dense(num_classes): the linear baseline (410 parameters on MNIST-1D).
-
-  Attributes:
-    num_classes: number of classes.
-    output: "logits" or "softmax".
-  """
+  """Flatten -> Dense(num_classes): the linear baseline (410 parameters on MNIST-1D)."""
 
   num_classes: int
   output: str = "logits"
@@ -29,12 +28,8 @@ class LogisticRegression(nn.Module):
 class LeNet5(nn.Module):
   """LeNet-5 (LeCun et al., 1998) as usually built for 28x28 digits: Conv 6@5x5 (same padding) ->
   activation -> 2x2 average pool -> Conv 16@5x5 (valid) -> activation -> 2x2 average pool ->
-  Dense 120 -> Dense 84 -> Dense num_classes; 61,706 parameters on 28x28x1 with 10 classes.
-
-  Attributes:
-    num_classes: number of classes.
-    activation: "tanh" as in the paper, or any name of `jdl.models.activations`.
-    output: "logits" or "softmax".
+  Dense 120 -> Dense 84 -> Dense num_classes; 61,706 parameters on 28x28x1 with 10 classes. The
+  activation is tanh by default, as in the paper.
   """
 
   num_classes: int
@@ -57,13 +52,8 @@ class LeNet5(nn.Module):
 class ResidualMLP(nn.Module):
   """The MNIST-1D paper's MLP: Dense(width) -> ReLU, h + ReLU(Dense(h)), Dense(num_classes).
 
-  15,210 parameters with 40 inputs, width 100 and 10 classes.
-
-  Attributes:
-    num_classes: number of classes.
-    width: width of the hidden layer and of the residual block.
-    activation: activation name.
-    output: "logits" or "softmax".
+  15,210 parameters with 40 inputs, width 100 and 10 classes. `width` is that of the hidden
+  layer and of the residual block.
   """
 
   num_classes: int

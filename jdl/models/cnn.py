@@ -1,4 +1,8 @@
-"""Small convolutional classifiers: a 2-D CNN for images and a 1-D CNN for signals."""
+"""Small convolutional classifiers: a 2-D CNN for images and a 1-D CNN for signals.
+
+Both take `num_classes`, an `activation` name (see `jdl.models.activations`) and `output`
+("logits" or "softmax").
+"""
 
 from __future__ import annotations
 
@@ -19,13 +23,10 @@ class CNN(nn.Module):
   on 28x28x1 inputs have 824,458 parameters; a norm replaces each convolution's bias with its own
   scale and bias: 824,554.
 
-  Attributes:
-    num_classes: width of the output layer.
+  Attributes (and those of the module docstring):
     features: channels of each convolution block.
     dense: width of the hidden Dense layer.
-    activation: activation name (see `jdl.models.activations`).
     dropout_rate: dropout before the output layer, active only when `train=True`.
-    output: "logits" or "softmax".
     normalization: None, "batch", "group" or "layer" after each convolution (`image_norm`).
     axis_name: the pmap axis over which BatchNorm averages its batch statistics.
   """
@@ -91,16 +92,13 @@ class PatchConv1D(nn.Module):
     if x.ndim != 3:
       raise ValueError(f"PatchConv1D expects a 3-D input in layout {self.layout}; got shape "
                        f"{x.shape}.")
-    length_axis = 1
-    channel_axis = 2 if self.layout == "NLC" else 0
-    channels = x.shape[channel_axis]
+    channels = x.shape[2 if self.layout == "NLC" else 0]  # the length axis is 1 in both
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (self.kernel_size, channels, self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    pad = [(0, 0, 0)] * 3
-    pad[length_axis] = (self.padding, self.padding, 0)
-    x = jax.lax.pad(x, jnp.zeros((), x.dtype), pad)
-    length = (x.shape[length_axis] - self.kernel_size) // self.stride + 1
+    padding = (self.padding, self.padding, 0)
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), padding, (0, 0, 0)])
+    length = (x.shape[1] - self.kernel_size) // self.stride + 1
     if self.layout == "NLC":
       span = self.stride * (length - 1) + 1
       taps = [x[:, i:i + span:self.stride, :] for i in range(self.kernel_size)]
@@ -130,14 +128,11 @@ class CNN1D(nn.Module):
   """A 1-D CNN for signals, by default the MNIST-1D paper's model: three Conv1d 25 (k5, k3, k3;
   stride 2, padding 1) -> ReLU, then Flatten -> Dense(num_classes); 5,210 parameters on 40 samples.
 
-  Attributes:
-    num_classes: width of the output layer.
+  Attributes (and those of the module docstring):
     features: channels of each convolution.
     kernel_sizes: kernel size of each convolution.
     stride: stride of every convolution.
     padding: zero padding on both sides of every convolution.
-    activation: activation name.
-    output: "logits" or "softmax".
     conv: "xla" (`nn.Conv`), "patches" (`PatchConv1D`), or "auto": patches on CPU, XLA's
       convolution elsewhere. The parameters are the same either way.
   """
@@ -160,9 +155,8 @@ class CNN1D(nn.Module):
       raise ValueError(f"CNN1D expects signals [batch, length, channels] (or [batch, length]); "
                        f"got shape {x.shape}.")
     if len(self.features) != len(self.kernel_sizes):
-      raise ValueError(
-          f"features {tuple(self.features)} and kernel_sizes {tuple(self.kernel_sizes)} must have "
-          "one entry per convolution.")
+      raise ValueError(f"features {tuple(self.features)} and kernel_sizes "
+                       f"{tuple(self.kernel_sizes)} must have one entry per convolution.")
     if self.conv not in CONV_IMPLEMENTATIONS:
       raise ValueError(f"unknown conv {self.conv!r}; expected one of {CONV_IMPLEMENTATIONS}.")
     use_patches = self.conv == "patches" or (self.conv == "auto" and jax.default_backend() == "cpu")

@@ -27,6 +27,7 @@ outputs are exactly those it gives unpadded; outputs at padded positions are zer
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -91,22 +92,19 @@ def sequence_lengths(batch: int, length: int, *, lengths: jax.Array | None = Non
       prefix = np.arange(length)[None, :] < known.sum(axis=1)[:, None]
       if not np.array_equal(known, prefix):
         rows = np.flatnonzero((known != prefix).any(axis=1)).tolist()
-        raise ValueError(
-            f"mask rows {rows} are not prefixes: a recurrent layer needs the padding at the end "
-            "of each row (True for the first L positions, then False).")
+        raise ValueError(f"mask rows {rows} are not prefixes: a recurrent layer needs the padding "
+                         "at the end of each row (True for the first L positions, then False).")
     return lengths
   if lengths is None:
     return None
   lengths = jnp.asarray(lengths)
   if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-    raise ValueError(
-        f"lengths must be integers of shape [batch] = ({batch},); got shape {lengths.shape} and "
-        f"dtype {lengths.dtype}.")
+    raise ValueError(f"lengths must be integers of shape [batch] = ({batch},); got shape "
+                     f"{lengths.shape} and dtype {lengths.dtype}.")
   known = _concrete(lengths)
   if known is not None and known.size and (known.min() < 0 or known.max() > length):
-    raise ValueError(
-        f"lengths must lie in [0, {length}] (the padded length T); got values from {known.min()} "
-        f"to {known.max()}.")
+    raise ValueError(f"lengths must lie in [0, {length}] (the padded length T); got values from "
+                     f"{known.min()} to {known.max()}.")
   return jnp.clip(lengths, 0, length).astype(jnp.int32)
 
 
@@ -117,12 +115,8 @@ def lengths_from_tokens(tokens_BxT: jax.Array, pad_id: int = 0) -> jax.Array:
 
 
 def symmetric_uniform(bound: float) -> nn.initializers.Initializer:
-  """An initializer drawing from U(-bound, bound)."""
-
-  def init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> jax.Array:
-    return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
-
-  return init
+  """An initializer `(key, shape, dtype=float32)` drawing from U(-bound, bound)."""
+  return functools.partial(jax.random.uniform, minval=-bound, maxval=bound)
 
 
 def _cell(cell: str, hidden: int, initializer: str, name: str) -> nn.RNNCellBase:
@@ -160,20 +154,12 @@ class Recurrent(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxF: jax.Array, *, lengths: jax.Array | None = None,
                mask: jax.Array | None = None) -> jax.Array:
-    """Runs the layer.
-
-    Args:
-      x_BxTxF: `[B, T, F]` sequences, padded at the end to T positions.
-      lengths: optional `[B]` integer lengths in `[0, T]`.
-      mask: optional `[B, T]` prefix mask, True for real positions (instead of `lengths`).
-
-    Returns:
-      `[B, T, D]` outputs; zero at padded positions.
+    """`[B, T, D]` outputs of sequences padded at the end, zero at padded positions; optional
+    `lengths` (`[B]` in `[0, T]`) or a prefix `mask` (`[B, T]`, True where real) mark the padding.
     """
     if x_BxTxF.ndim != 3 or x_BxTxF.shape[1] < 1:
-      raise ValueError(
-          f"Recurrent expects sequences [batch, time, features] with time >= 1; got shape "
-          f"{x_BxTxF.shape}.")
+      raise ValueError("Recurrent expects sequences [batch, time, features] with time >= 1; got "
+                       f"shape {x_BxTxF.shape}.")
     batch, length = x_BxTxF.shape[:2]
     lengths_B = sequence_lengths(batch, length, lengths=lengths, mask=mask)
     # The cells hold the parameters, under "forward" and "backward"; nn.RNN only scans them.
@@ -265,24 +251,14 @@ class RNNClassifier(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, lengths: jax.Array | None = None) -> jax.Array:
-    """Classifies a batch of sequences.
-
-    Args:
-      x: `[B, T]` integer token ids (with `vocab_size`), or `[B, T]` / `[B, T, F]` float signals.
-      train: enables dropout.
-      lengths: optional `[B]` integer lengths in `[0, T]`; for tokens they replace the lengths
-        read from the padding.
-
-    Returns:
-      `[B, num_classes]` logits (or probabilities for `output="softmax"`).
-    """
+    """`[B, num_classes]` logits (or probabilities) of the inputs `x` the class docstring names;
+    optional `lengths` (`[B]` in `[0, T]`) replace those read from token padding."""
     name = type(self).__name__
     integer = jnp.issubdtype(x.dtype, jnp.integer)
     if self.vocab_size is not None:
       if x.ndim != 2 or not integer:
-        raise ValueError(
-            f"{name} with vocab_size={self.vocab_size} expects integer token ids [batch, time]; "
-            f"got shape {x.shape} and dtype {x.dtype}.")
+        raise ValueError(f"{name} with vocab_size={self.vocab_size} expects integer token ids "
+                         f"[batch, time]; got shape {x.shape} and dtype {x.dtype}.")
       known = _concrete(x)
       if known is not None and known.size and (known.min() < 0 or known.max() >= self.vocab_size):
         raise ValueError(
@@ -293,15 +269,13 @@ class RNNClassifier(nn.Module):
       h = nn.Embed(self.vocab_size, self.embed_dim)(x)
     else:
       if integer:
-        raise ValueError(
-            f"{name} got integer inputs of shape {x.shape} but vocab_size is None: set vocab_size "
-            "for token ids, or give float signals.")
+        raise ValueError(f"{name} got integer inputs of shape {x.shape} but vocab_size is None: "
+                         "set vocab_size for token ids, or give float signals.")
       if x.ndim == 2:
         x = x[..., None]
       if x.ndim != 3:
-        raise ValueError(
-            f"{name} expects signals [batch, time] or [batch, time, features]; got shape "
-            f"{x.shape}.")
+        raise ValueError(f"{name} expects signals [batch, time] or [batch, time, features]; got "
+                         f"shape {x.shape}.")
       h = x
     if lengths is not None:
       lengths = sequence_lengths(h.shape[0], h.shape[1], lengths=lengths)
@@ -335,15 +309,10 @@ class RecurrentLM(nn.Module):
   Trains on next-token labels `[B, T]` like `jdl.models.TransformerLM` and samples with
   `jdl.generate.generate`.
 
-  Attributes:
+  Attributes (`cell`, `hidden`, `num_layers`, `embed_dim` and `output` as in `RNNClassifier`):
     num_classes: V, the vocabulary size (named so `build_model` passes the dataset's size).
-    cell: "lstm" or "gru".
-    hidden: H, the state width of every layer.
-    num_layers: stacked recurrent layers.
-    embed_dim: E, the token embedding width.
     dropout_rate: dropout on the embeddings and between layers (training only).
     block_size: the longest context it is trained on; generation crops to it.
-    output: "logits" or "softmax".
   """
 
   num_classes: int

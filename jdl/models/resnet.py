@@ -7,6 +7,7 @@ parameter counts (with 1000 classes).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,12 +40,12 @@ def _conv(features: int, size: int, stride: int = 1, name: str | None = None) ->
                  kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"), name=name)
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convolutions and a shortcut: relu(norm(conv(relu(norm(conv(x))))) + shortcut(x)).
+class _Block(nn.Module):
+  """The settings of a residual block (`BasicBlock`, `BottleneckBlock`), and its output.
 
   Attributes:
-    features: output channels (and channels of both convolutions).
-    stride: stride of the first convolution and of the projection shortcut.
+    features: channels of the block's convolutions (a bottleneck block outputs 4x as many).
+    stride: stride of the block's strided convolution and of the projection shortcut.
     norm: makes a normalisation layer; takes `channels` and optional `scale_init` and `name`.
     zero_init_residual: start the last norm's scale at zero, so the block starts as the identity.
   """
@@ -54,53 +55,46 @@ class BasicBlock(nn.Module):
   norm: NormFactory
   zero_init_residual: bool = True
 
-  @nn.compact
-  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
-    last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
-    y = _conv(self.features, 3, self.stride, name="conv1")(x_BxHxWxC)
-    y = nn.relu(self.norm(self.features, name="norm1")(y))
-    y = _conv(self.features, 3, name="conv2")(y)
-    y = self.norm(self.features, scale_init=last_scale, name="norm2")(y)
-    return nn.relu(y + _shortcut(x_BxHxWxC, self.features, self.stride, self.norm))
+  def _output(self, y: jax.Array, x_BxHxWxC: jax.Array, last_norm: str) -> jax.Array:
+    """`relu(norm(y) + shortcut(x))`, called inside the block's compact `__call__`. The shortcut
+    is the identity when the shape is kept, else a strided 1x1 conv + norm (the paper's option B).
+    """
+    features = y.shape[-1]
+    scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+    y = self.norm(features, scale_init=scale, name=last_norm)(y)
+    if self.stride != 1 or x_BxHxWxC.shape[-1] != features:
+      x_BxHxWxC = _conv(features, 1, self.stride, name="shortcut_conv")(x_BxHxWxC)
+      x_BxHxWxC = self.norm(features, name="shortcut_norm")(x_BxHxWxC)
+    return nn.relu(y + x_BxHxWxC)
 
 
-class BottleneckBlock(nn.Module):
-  """1x1 reduce, 3x3, 1x1 expand (x4) and a shortcut; the stride on the 3x3 (torchvision's v1.5).
+class BasicBlock(_Block):
+  """Two 3x3 convolutions and a shortcut: relu(norm(conv(relu(norm(conv(x))))) + shortcut(x)).
 
-  Attributes:
-    features: channels of the inner convolutions; the block outputs `4 * features`.
-    stride: stride of the 3x3 convolution and of the projection shortcut.
-    norm: makes a normalisation layer; takes `channels` and optional `scale_init` and `name`.
-    zero_init_residual: start the last norm's scale at zero (see `BasicBlock`).
+  `features` is the channels of both convolutions and of the output; `stride` the first one's.
   """
 
-  features: int
-  stride: int
-  norm: NormFactory
-  zero_init_residual: bool = True
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    y = _conv(self.features, 3, self.stride, name="conv1")(x_BxHxWxC)
+    y = nn.relu(self.norm(self.features, name="norm1")(y))
+    return self._output(_conv(self.features, 3, name="conv2")(y), x_BxHxWxC, "norm2")
+
+
+class BottleneckBlock(_Block):
+  """1x1 reduce, 3x3, 1x1 expand (x4) and a shortcut; the stride on the 3x3 (torchvision's v1.5).
+
+  `features` is the channels of the inner convolutions; the block outputs `4 * features`.
+  """
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
-    out_features = self.features * BOTTLENECK_EXPANSION
-    last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
     y = _conv(self.features, 1, name="conv1")(x_BxHxWxC)
     y = nn.relu(self.norm(self.features, name="norm1")(y))
     y = _conv(self.features, 3, self.stride, name="conv2")(y)
     y = nn.relu(self.norm(self.features, name="norm2")(y))
-    y = _conv(out_features, 1, name="conv3")(y)
-    y = self.norm(out_features, scale_init=last_scale, name="norm3")(y)
-    return nn.relu(y + _shortcut(x_BxHxWxC, out_features, self.stride, self.norm))
-
-
-def _shortcut(x_BxHxWxC: jax.Array, features: int, stride: int, norm: NormFactory) -> jax.Array:
-  """The identity when the shape is kept, else a strided 1x1 conv + norm (the paper's option B).
-
-  Called inside a block's compact `__call__`, so the layers belong to the block.
-  """
-  if stride == 1 and x_BxHxWxC.shape[-1] == features:
-    return x_BxHxWxC
-  x = _conv(features, 1, stride, name="shortcut_conv")(x_BxHxWxC)
-  return norm(features, name="shortcut_norm")(x)
+    y = _conv(self.features * BOTTLENECK_EXPANSION, 1, name="conv3")(y)
+    return self._output(y, x_BxHxWxC, "norm3")
 
 
 BLOCK_CLASSES: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
@@ -151,32 +145,20 @@ class ResNet(nn.Module):
       if value not in valid:
         raise ValueError(f"unknown {attribute} {value!r}; expected one of {valid}.")
     if not self.stage_sizes or any(int(n) < 1 for n in self.stage_sizes):
-      raise ValueError(
-          "stage_sizes must be a non-empty sequence of positive block counts; "
-          f"got {self.stage_sizes!r}.")
+      raise ValueError("stage_sizes must be a non-empty sequence of positive block counts; got "
+                       f"{self.stage_sizes!r}.")
     super().__post_init__()
-
-  def _norm(self, train: bool) -> NormFactory:
-    """A factory `(channels, *, scale_init=ones, name=None) -> norm layer` for this config."""
-
-    def make(channels: int, *, scale_init: Callable[..., Any] = nn.initializers.ones,
-             name: str | None = None) -> nn.Module:
-      return image_norm(self.normalization, channels, train=train, axis_name=self.axis_name,
-                        scale_init=scale_init, name=name)
-
-    return make
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = as_images(x, "ResNet")
-    norm = self._norm(train)
-    if self.layout == "imagenet":
-      x = _conv(self.width, 7, 2, name="stem_conv")(x)
-      x = nn.relu(norm(self.width, name="stem_norm")(x))
+    # `(channels, *, scale_init=ones, name=None) -> norm layer` for this config.
+    norm = functools.partial(image_norm, self.normalization, train=train, axis_name=self.axis_name)
+    imagenet = self.layout == "imagenet"
+    x = _conv(self.width, 7 if imagenet else 3, 2 if imagenet else 1, name="stem_conv")(x)
+    x = nn.relu(norm(self.width, name="stem_norm")(x))
+    if imagenet:
       x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    else:
-      x = _conv(self.width, 3, name="stem_conv")(x)
-      x = nn.relu(norm(self.width, name="stem_norm")(x))
     block_cls = BLOCK_CLASSES[self.block]
     for stage, num_blocks in enumerate(self.stage_sizes):
       for index in range(num_blocks):

@@ -5,6 +5,10 @@ Shapes use B batch, T sequence length (tokens or patches), D width, V vocabulary
 Every block is `x + Dropout(MHSA(LN(x)))` then `x + Dropout(MLP(LN(x)))` with a GELU MLP of width
 `mlp_ratio * D`, so one block of width D has 12 D^2 + 13 D parameters (attention 4 D^2 + 4 D, MLP
 8 D^2 + 5 D, two LayerNorms 4 D). Token and position embeddings start as N(0, 0.02^2), as GPT-2.
+
+The models share these attributes: `num_layers` blocks of `num_heads` attention heads, which must
+divide `width` (D); an MLP `mlp_ratio` times D wide; `dropout_rate` on the embeddings, attention
+weights and residual branches (train only); and `output`, "logits" or "softmax".
 """
 
 from __future__ import annotations
@@ -23,13 +27,13 @@ EMBEDDING_INIT = nn.initializers.normal(stddev=0.02)
 POOLS = ("cls", "mean")
 
 
-def _check_architecture(model: str, *, width: int, num_heads: int, num_layers: int,
-                        dropout_rate: float, mlp_ratio: int) -> None:
+def _check_architecture(module: nn.Module) -> None:
   """Raises a clear error for a transformer shape that cannot be built."""
+  model, width, num_heads = type(module).__name__, module.width, module.num_heads
+  num_layers, mlp_ratio, dropout_rate = module.num_layers, module.mlp_ratio, module.dropout_rate
   if num_heads < 1 or width < 1 or width % num_heads:
-    raise ValueError(
-        f"{model}: width {width} must be a positive multiple of num_heads {num_heads} (each head "
-        "gets width // num_heads features).")
+    raise ValueError(f"{model}: width {width} must be a positive multiple of num_heads {num_heads} "
+                     "(each head gets width // num_heads features).")
   if num_layers < 1:
     raise ValueError(f"{model}: num_layers must be >= 1; got {num_layers}.")
   if mlp_ratio < 1:
@@ -52,14 +56,9 @@ def _check_tokens(tokens: jax.Array, model: str, max_length: int, limit_name: st
 class TransformerBlock(nn.Module):
   """One pre-LayerNorm transformer block: LN -> MHSA -> Dropout -> +x, LN -> MLP -> Dropout -> +x.
 
-  The MLP is Dense(mlp_ratio * D) -> GELU (tanh approximation) -> Dense(D); 12 D^2 + 13 D
-  parameters for `mlp_ratio=4`.
-
-  Attributes:
-    num_heads: attention heads; must divide the width.
-    causal: causal (decoder) or bidirectional (encoder) attention.
-    mlp_ratio: hidden width of the MLP over the model width.
-    dropout_rate: dropout on the attention weights and on both residual branches (train only).
+  The MLP is Dense(mlp_ratio * D) -> GELU (tanh approximation) -> Dense(D). `causal` chooses
+  causal (decoder) or bidirectional (encoder) attention; `num_heads`, `mlp_ratio` and
+  `dropout_rate` (on the attention weights and both residual branches) are the models' own.
   """
 
   num_heads: int
@@ -94,17 +93,11 @@ class TransformerEncoderClassifier(nn.Module):
   padding: padded keys get no attention weight and padded positions are left out of the mean, so
   appending padding does not change the logits; a sequence of padding only pools to zeros.
 
-  Attributes:
+  Attributes (and those of the module docstring):
     num_classes: width of the output layer.
     vocab_size: V, the number of token ids (including the padding id).
     max_length: the longest sequence (number of learned positions).
-    num_layers: transformer blocks.
-    num_heads: attention heads; must divide `width`.
-    width: D, the model width.
-    mlp_ratio: MLP width over D.
-    dropout_rate: dropout on the embeddings, attention weights and residual branches (train only).
     pad_id: the token id that marks padding.
-    output: "logits" or "softmax".
   """
 
   num_classes: int
@@ -119,9 +112,7 @@ class TransformerEncoderClassifier(nn.Module):
   output: str = "logits"
 
   def __post_init__(self) -> None:
-    _check_architecture("TransformerEncoderClassifier", width=self.width,
-                        num_heads=self.num_heads, num_layers=self.num_layers,
-                        dropout_rate=self.dropout_rate, mlp_ratio=self.mlp_ratio)
+    _check_architecture(self)
     super().__post_init__()
 
   @nn.compact
@@ -157,16 +148,10 @@ class TransformerLM(nn.Module):
   num_classes=V)`. With `tie_weights=True` the output projection is the token embedding's
   transpose (`nn.Embed.attend`); otherwise a bias-free Dense(V).
 
-  Attributes:
+  Attributes (and those of the module docstring; `output` is per position):
     num_classes: V, the vocabulary size.
     block_size: the longest context (number of learned positions); longer inputs are an error.
-    num_layers: transformer blocks.
-    num_heads: attention heads; must divide `width`.
-    width: D, the model width.
-    dropout_rate: dropout on the embeddings, attention weights and residual branches (train only).
     tie_weights: share the token embedding with the output projection.
-    mlp_ratio: MLP width over D.
-    output: "logits" or "softmax" (over the vocabulary, per position).
   """
 
   num_classes: int
@@ -180,9 +165,7 @@ class TransformerLM(nn.Module):
   output: str = "logits"
 
   def __post_init__(self) -> None:
-    _check_architecture("TransformerLM", width=self.width, num_heads=self.num_heads,
-                        num_layers=self.num_layers, dropout_rate=self.dropout_rate,
-                        mlp_ratio=self.mlp_ratio)
+    _check_architecture(self)
     if self.block_size < 1:
       raise ValueError(f"TransformerLM: block_size must be >= 1; got {self.block_size}.")
     super().__post_init__()
@@ -197,11 +180,8 @@ class TransformerLM(nn.Module):
     self.position_embedding = self.param("position_embedding", EMBEDDING_INIT,
                                          (self.block_size, self.width))
     self.embedding_dropout = nn.Dropout(self.dropout_rate)
-    self.blocks = [
-        TransformerBlock(self.num_heads, causal=True, mlp_ratio=self.mlp_ratio,
-                         dropout_rate=self.dropout_rate)
-        for _ in range(self.num_layers)
-    ]
+    self.blocks = [TransformerBlock(self.num_heads, causal=True, mlp_ratio=self.mlp_ratio,
+                                    dropout_rate=self.dropout_rate) for _ in range(self.num_layers)]
     self.ln_final = nn.LayerNorm()
     if not self.tie_weights:
       self.head = nn.Dense(self.num_classes, use_bias=False)
@@ -228,12 +208,8 @@ class TransformerLM(nn.Module):
     x_BxTxD = self.embedding_dropout(x_BxTxD, deterministic=not train)
     for block in self.blocks:
       x_BxTxD = block(x_BxTxD, train=train)
-    x_BxTxD = self.ln_final(x_BxTxD)
-    if self.tie_weights:
-      logits_BxTxV = self.token_embedding.attend(x_BxTxD)
-    else:
-      logits_BxTxV = self.head(x_BxTxD)
-    return apply_output(logits_BxTxV, self.output)
+    head = self.token_embedding.attend if self.tie_weights else self.head
+    return apply_output(head(self.ln_final(x_BxTxD)), self.output)
 
 
 class ViT(nn.Module):
@@ -244,16 +220,10 @@ class ViT(nn.Module):
   bidirectional blocks -> final LayerNorm -> the CLS token's output (or the mean over patches,
   `pool="mean"`) -> Dense(num_classes). Image height and width must be multiples of the patch size.
 
-  Attributes:
+  Attributes (and those of the module docstring):
     num_classes: width of the output layer.
     patch_size: p, the side of a square patch.
-    width: D, the model width.
-    num_layers: transformer blocks.
-    num_heads: attention heads; must divide `width`.
-    mlp_ratio: MLP width over D.
-    dropout_rate: dropout on the embeddings, attention weights and residual branches (train only).
     pool: "cls" (a learned CLS token) or "mean" (mean of the patch outputs).
-    output: "logits" or "softmax".
   """
 
   num_classes: int
@@ -267,9 +237,7 @@ class ViT(nn.Module):
   output: str = "logits"
 
   def __post_init__(self) -> None:
-    _check_architecture("ViT", width=self.width, num_heads=self.num_heads,
-                        num_layers=self.num_layers, dropout_rate=self.dropout_rate,
-                        mlp_ratio=self.mlp_ratio)
+    _check_architecture(self)
     if self.patch_size < 1:
       raise ValueError(f"ViT: patch_size must be >= 1; got {self.patch_size}.")
     if self.pool not in POOLS:
@@ -283,8 +251,7 @@ class ViT(nn.Module):
     height, width = x_BxHxWxC.shape[1:3]
     p = self.patch_size
     if height % p or width % p:
-      raise ValueError(
-          f"ViT: image size {height}x{width} must be divisible by patch_size {p}.")
+      raise ValueError(f"ViT: image size {height}x{width} must be divisible by patch_size {p}.")
     x = nn.Conv(self.width, kernel_size=(p, p), strides=(p, p), padding="VALID",
                 name="patch_embedding")(x_BxHxWxC)
     batch = x.shape[0]
