@@ -1,0 +1,94 @@
+"""Model FLOPs and MFU: how much of the hardware's arithmetic a train step puts to use.
+
+Model FLOPs utilisation (MFU, Chowdhery et al. 2022, appendix B) is the FLOPs a step needs by the
+model's arithmetic, over the step's time, over the devices' peak: a rate that compares across
+hardware, batch sizes and implementations, where examples per second does not.
+
+`step_flops` reads a step's FLOPs from XLA's cost analysis of the lowered program (no compile);
+for a transformer `transformer_train_flops` gives the textbook count, `6 N + 12 L T D` per
+token, which the cost analysis matches within a fraction of a percent at GPT-2-small's shape (a
+test checks 5%). `peak_flops` knows the dense bfloat16 peak of common accelerators per chip, and
+measures a CPU's float32 matrix-product rate once.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PEAK_BF16_FLOPS = {
+    "H100": 989e12,  # SXM, dense
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+}
+"""Dense bfloat16 peak FLOP/s per chip, by the start of `jax.Device.device_kind` (longest match)."""
+
+
+def step_flops(step: Callable[..., Any], *args: Any) -> float:
+  """FLOPs of one call of `step(*args)`, from XLA's cost analysis of its lowered program.
+
+  `args` may be arrays or `jax.ShapeDtypeStruct`s (e.g. `jax.eval_shape` of a state): nothing is
+  computed or compiled. Under a mesh the count is the global program's.
+  """
+  jitted = step if hasattr(step, "lower") else jax.jit(step)
+  analysis = jitted.lower(*args).cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # one entry per program on older JAX versions
+    analysis = analysis[0]
+  if not analysis or "flops" not in analysis:
+    raise ValueError("XLA's cost analysis of this step reports no FLOPs.")
+  return float(analysis["flops"])
+
+
+def transformer_train_flops(num_params: int, *, num_layers: int, width: int, context: int,
+                            tokens: int) -> float:
+  """Training FLOPs of a decoder transformer for `tokens` tokens: `6 N` per token for the
+  parameters' products (forward 2 N, backward 4 N) plus `12 L T D` for attention's scores and
+  weighted sums at context T (Kaplan et al. 2020; Chowdhery et al. 2022, appendix B)."""
+  return float(tokens) * (6.0 * num_params + 12.0 * num_layers * context * width)
+
+
+def peak_flops(device: jax.Device | None = None) -> float:
+  """The peak FLOP/s of one device: the table's dense bfloat16 peak for a known accelerator, or,
+  for a CPU (and any device the table lacks), the float32 matrix-product rate measured on it."""
+  device = device or jax.devices()[0]
+  kind = device.device_kind
+  matches = [name for name in PEAK_BF16_FLOPS if kind.startswith(name) or name in kind]
+  if matches:
+    return PEAK_BF16_FLOPS[max(matches, key=len)]
+  return _measured_peak(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_peak(device: jax.Device, size: int = 1024, repeats: int = 5) -> float:
+  """The best rate of a `size`^3 float32 matrix product on `device`, over `repeats` runs."""
+  a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
+  product = jax.jit(lambda x: x @ x)
+  product(a).block_until_ready()  # compiled, warmed
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    product(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * size ** 3 / best
+
+
+def mfu(flops_per_step: float, seconds_per_step: float, num_devices: int = 1,
+        peak_per_device: float | None = None) -> float:
+  """Model FLOPs utilisation: `flops_per_step / seconds_per_step / (num_devices * peak)`."""
+  if seconds_per_step <= 0 or num_devices < 1:
+    raise ValueError(f"mfu needs seconds_per_step > 0 and num_devices >= 1; got "
+                     f"{seconds_per_step} and {num_devices}.")
+  peak = peak_per_device if peak_per_device is not None else peak_flops()
+  return flops_per_step / seconds_per_step / (num_devices * peak)
