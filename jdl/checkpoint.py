@@ -60,8 +60,10 @@ def array_checksums(tree: Any) -> dict[str, dict[str, str]]:
   """
   sums = {}
   for path, leaf in _leaves(tree):
-    if isinstance(leaf, jax.Array) and not (leaf.is_fully_addressable or leaf.is_fully_replicated):
-      continue
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      if not leaf.is_fully_replicated:
+        continue
+      leaf = leaf.addressable_data(0)
     value = np.ascontiguousarray(np.asarray(leaf)).reshape(-1)
     sums[path] = {"dtype": str(value.dtype), "crc32": f"{zlib.crc32(value.view(np.uint8)):08x}"}
   return sums
@@ -210,7 +212,10 @@ class Checkpointer:
       CheckpointWriteError: this save or an earlier one could not be written.
     """
     self.raise_if_failed()
-    step = int(np.asarray(state.step).reshape(-1)[0])
+    step = state.step
+    if isinstance(step, jax.Array) and not step.is_fully_addressable:
+      step = step.addressable_data(0)  # replicated over processes: this process's copy
+    step = int(np.asarray(step).reshape(-1)[0])
     if step in self.steps():  # also waits for the previous save: one write at a time
       self.raise_if_failed()
       return False
@@ -291,7 +296,7 @@ class Checkpointer:
                else "No checkpoint had been saved.")
     raise CheckpointWriteError(
         f"could not save the checkpoint of step {step} in {self.directory} "
-        f"({_cause(error)}); training stopped. {earlier}")
+        f"({_cause(error)}); training stopped. {earlier}") from error
 
   def _record(self, step: int) -> dict[str, Any] | None:
     """A step's metrics and checksums, None for a checkpoint saved without them."""

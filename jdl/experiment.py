@@ -56,10 +56,23 @@ def train_and_evaluate(config: Any, workdir: str,
   """
   check_config(config)
   parallel.initialize_distributed(config.distributed)
+  parallel.check_same_everywhere("workdirs", os.path.abspath(workdir))
+  parallel.check_same_everywhere("configs", json.dumps(_flat(config.to_dict()), sort_keys=True))
   log = print if parallel.is_main_process() else (lambda _: None)
-  lock = runs.WorkdirLock(workdir, log=log) if parallel.is_main_process() else None
+  lock, refused = None, None
+  if parallel.is_main_process():
+    try:
+      lock = runs.WorkdirLock(workdir, log=log)
+    except runs.WorkdirBusyError as error:
+      refused = error
+  parallel.raise_if_any_failed(refused, f"take {workdir} for this run")
   try:
     return _train_and_evaluate(config, workdir, hooks)
+  except Exception as error:
+    lost = parallel.lost_peer(error)
+    if lost is not None:
+      raise lost from error
+    raise
   finally:
     if lock is not None:
       lock.release()
@@ -385,12 +398,19 @@ def main(
   except (config_lib.ConfigError, runs.WorkdirBusyError, CheckpointError) as error:
     print(f"error: {error}", file=sys.stderr)  # refused before any training
     raise SystemExit(2) from None
-  except (CheckpointWriteError, parallel.PeerError) as error:
+  except CheckpointWriteError as error:
     print(f"error: {error}", file=sys.stderr)
     raise SystemExit(1) from None
+  except parallel.PeerError as error:
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Exits at once: JAX's shutdown would wait for the other processes at a barrier (a lost one
+    # never comes), then abort with pages of its own logs. Logs and checkpoints are on disk.
+    os._exit(1)  # pylint: disable=protected-access
   except Preempted as stopped:
     print(str(stopped), file=sys.stderr)
-    raise SystemExit(128 + int(getattr(signal, stopped.signal_name))) from None
+    # "SIGTERM", or "SIGTERM (to process 1)" on the processes it stopped with it.
+    raise SystemExit(128 + int(signal.Signals[stopped.signal_name.split()[0]])) from None
   except NonFiniteError as error:
     print(f"error: {error}", file=sys.stderr)
     raise SystemExit(3) from None

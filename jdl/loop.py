@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
 from jdl import data as data_lib
 from jdl import metrics as metrics_lib
@@ -197,7 +198,6 @@ def fit(
       interval_sums = metrics_lib.merge_metrics(interval_sums, sums)
       step += advanced
       bar.update(advanced)
-      interrupted = stop is not None and stop.received is not None
       if progress and time.perf_counter() - last_bar_update > 0.5:
         running = runner.fetch_metrics(interval_sums)  # waits for the steps so far
         watch.check(running)
@@ -223,9 +223,13 @@ def fit(
           hook(step, runner.fetch_state(state), record)
         interval_sums = metrics_lib.empty_metrics()
         interval_start = time.perf_counter()
-        interrupted = interrupted or (stop is not None and stop.received is not None)
-      due = step == num_steps or record is not None or (
-          step == target and time.perf_counter() - last_save >= checkpoint_min_seconds)
+      timely = step == target and time.perf_counter() - last_save >= checkpoint_min_seconds
+      if checkpointer is not None:  # every process must save, or not, at the same steps
+        stopped_by, timely = _agree(stop, timely)
+      else:
+        stopped_by = None
+      interrupted = stopped_by is not None
+      due = step == num_steps or record is not None or timely
       if checkpointer is not None and (due or interrupted):
         if interval_sums is not None:
           watch.check(runner.fetch_metrics(interval_sums))
@@ -233,12 +237,31 @@ def fit(
         last_save = time.perf_counter()
       if interrupted:
         checkpointer.wait()
-        raise Preempted(step, stop.received, checkpointer.directory)
+        raise Preempted(step, stopped_by, checkpointer.directory)
   finally:
     bar.close()
     if stop is not None:
       stop.restore()
   return runner.fetch_state(state), history
+
+
+def _agree(stop: _StopSignals | None, timely: bool) -> tuple[str | None, bool]:
+  """`(the signal that stops the run, whether a time-based save is due)`, the same on every
+  process. In a multi-process run a signal to any one process stops them all at the same step,
+  and process 0's clock decides the time-based saves: every process takes part in a save, so one
+  that saved or stopped alone would leave the others waiting for it forever. One all-gather of
+  two numbers per call of steps; a single process just reads its own."""
+  received = stop.received if stop is not None else None
+  if jax.process_count() == 1:
+    return received, timely
+  number = signal.Signals[received].value if received else 0
+  rows = np.asarray(multihost_utils.process_allgather(np.array([number, timely], np.int32)))
+  signalled = [index for index, row in enumerate(rows.reshape(-1, 2)) if row[0]]
+  timely = bool(rows.reshape(-1, 2)[0, 1])
+  if not signalled:
+    return None, timely
+  name = signal.Signals(int(rows.reshape(-1, 2)[signalled[0], 0])).name
+  return (name if received == name else f"{name} (to process {signalled[0]})"), timely
 
 
 def _record(step: int, steps_per_epoch: int, train_sums: metrics_lib.Metrics, seconds: float,
