@@ -51,6 +51,7 @@ def train_and_evaluate(config: Any, workdir: str,
     jdl.ConfigError: the config cannot train, or the workdir holds a run it may not continue
       (`config.resume` false, another config); checked before any work.
     jdl.runs.WorkdirBusyError: another run holds the workdir.
+    jdl.runs.WorkdirError: the workdir cannot be written.
     jdl.CheckpointError: the workdir's checkpoints are all unusable or another model's.
     jdl.CheckpointWriteError: a checkpoint could not be saved (earlier ones are intact).
   """
@@ -63,7 +64,7 @@ def train_and_evaluate(config: Any, workdir: str,
   if parallel.is_main_process():
     try:
       lock = runs.WorkdirLock(workdir, log=log)
-    except runs.WorkdirBusyError as error:
+    except runs.WorkdirError as error:
       refused = error
   parallel.raise_if_any_failed(refused, f"take {workdir} for this run")
   try:
@@ -389,8 +390,8 @@ def main(
 ) -> None:
   """`run_experiment` on `sys.argv`, for `if __name__ == "__main__"`. Instead of a traceback: a
   config mistake, or a workdir the run may not use (another run holds it, its checkpoints are all
-  unusable or another config's), prints one clear line and exits with status 2; a checkpoint that
-  cannot be written, or a lost peer process, one line and status 1; a run stopped by SIGTERM/SIGINT
+  unusable or another config's), prints one clear line and exits with status 2; a workdir or a
+  checkpoint that cannot be written, or a lost peer process, one line and status 1; a run stopped by SIGTERM/SIGINT
   (after saving a checkpoint) says how to resume and exits with 128 + the signal number, as if
   killed by it; a loss or gradient that became NaN or infinite exits with status 3."""
   try:
@@ -398,7 +399,7 @@ def main(
   except (config_lib.ConfigError, runs.WorkdirBusyError, CheckpointError) as error:
     print(f"error: {error}", file=sys.stderr)  # refused before any training
     raise SystemExit(2) from None
-  except CheckpointWriteError as error:
+  except (CheckpointWriteError, runs.WorkdirError) as error:
     print(f"error: {error}", file=sys.stderr)
     raise SystemExit(1) from None
   except parallel.PeerError as error:

@@ -105,6 +105,29 @@ def test_checkpoint_folder_that_is_a_file_fails_at_once_with_one_line(tmp_path, 
   assert (workdir / "checkpoints").read_text() == "not a folder"
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def test_read_only_checkpoint_folder_fails_at_once(tmp_path):
+  """A checkpoint folder that cannot be written is refused when the Checkpointer is made, with
+  the operating system's reason, before any training; earlier checkpoints still read."""
+  directory = tmp_path / "ckpt"
+  with jdl.Checkpointer(str(directory)) as checkpointer:
+    _save(checkpointer, [(1, 0.5)])
+  directory.chmod(0o555)
+  try:
+    with pytest.raises(jdl.CheckpointWriteError, match=r"cannot save checkpoints in .*Permission"):
+      jdl.Checkpointer(str(directory))
+    assert jdl.Checkpointer(str(directory), writable=False).steps() == [1]
+  finally:
+    directory.chmod(0o755)
+
+
+def test_unwritable_workdir_is_one_clear_error(tmp_path):
+  """A workdir that cannot be created (a file in its way) is a WorkdirError naming it."""
+  (tmp_path / "file").write_text("")
+  with pytest.raises(runs.WorkdirError, match=r"cannot write to the workdir .*file/run"):
+    runs.WorkdirLock(str(tmp_path / "file" / "run"))
+
+
 def _with_file_size_limit(command, kilobytes):
   """`command` run where no file it writes may grow past `kilobytes` KiB: the operating system
   refuses the write (EFBIG), as a full disk does (ENOSPC), under orbax's and tensorstore's own
