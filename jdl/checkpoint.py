@@ -211,15 +211,14 @@ class Checkpointer:
     Raises:
       CheckpointWriteError: this save or an earlier one could not be written.
     """
-    self.raise_if_failed()
     step = state.step
     if isinstance(step, jax.Array) and not step.is_fully_addressable:
       step = step.addressable_data(0)  # replicated over processes: this process's copy
     step = int(np.asarray(step).reshape(-1)[0])
-    if step in self.steps():  # also waits for the previous save: one write at a time
-      self.raise_if_failed()
-      return False
+    saved = self.steps()  # waits for the previous save: one write at a time
     self.raise_if_failed()
+    if step in saved:
+      return False
     if metrics is not None and self.best_metric and self.best_metric not in metrics:
       raise ValueError(f"best_metric {self.best_metric!r} is not among the metrics given to "
                        f"save: {sorted(metrics)}.")
@@ -245,7 +244,7 @@ class Checkpointer:
       self._manager.wait_until_finished()
       self._records[step] = record
       self._apply_retention()
-    except BaseException as error:  # pylint: disable=broad-except  # reported by the caller
+    except Exception as error:  # pylint: disable=broad-except  # reported by the caller
       self._failure = (step, error)
       self._remove_partial(step)
 
