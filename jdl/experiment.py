@@ -29,7 +29,7 @@ from jdl.checkpoint import Checkpointer, CheckpointError, CheckpointWriteError
 from jdl.data import augment_tf
 from jdl.loop import Hook, NonFiniteError, Preempted, Record, evaluate, fit
 from jdl.state import TrainState, count_params, create_train_state
-from jdl.writers import MetricWriter, read_jsonl, truncate_records
+from jdl.writers import JSONL_NAME, MetricWriter, read_jsonl, truncate_records
 
 
 def train_and_evaluate(config: Any, workdir: str,
@@ -58,7 +58,8 @@ def train_and_evaluate(config: Any, workdir: str,
   check_config(config)
   parallel.initialize_distributed(config.distributed)
   parallel.check_same_everywhere("workdirs", os.path.abspath(workdir))
-  parallel.check_same_everywhere("configs", json.dumps(_flat(config.to_dict()), sort_keys=True))
+  as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  parallel.check_same_everywhere("configs", json.dumps(_flat(as_dict), sort_keys=True))
   log = print if parallel.is_main_process() else (lambda _: None)
   lock, refused = None, None
   if parallel.is_main_process():
@@ -112,8 +113,9 @@ def _train_and_evaluate(config: Any, workdir: str,
     if restored is not None:
       state = restored
       log(f"resuming from the checkpoint of step {int(state.step)} in {checkpointer.directory}.")
-    else:
-      _refuse_to_start_over(workdir, checkpointer)
+    else:  # every process stops if process 0 sees an earlier run's records (only it writes them)
+      parallel.raise_if_any_failed(_start_over_refusal(workdir, checkpointer),
+                                   "resume the run in its workdir")
   if main:  # what an earlier attempt wrote after this run's starting step is written again
     truncate_records(workdir, int(state.step))
   train_step, eval_step = step_lib.make_steps(
@@ -180,13 +182,13 @@ def _completed_record(workdir: str, state: TrainState, steps: tuple[Any, Any],
                       eval_data: data_lib.BatchSource, runner: parallel.Runner,
                       eval_name: str) -> Record:
   """The final record of a run already complete: its own from `metrics.jsonl`, or, where that is
-  gone, a fresh evaluation of its last checkpoint."""
+  gone (and always over several processes, which must all take part in the same evaluation), a
+  fresh evaluation of its last checkpoint."""
   step = int(state.step)
   key = f"{eval_name}_accuracy"
-  try:
+  saved = []
+  if jax.process_count() == 1 and os.path.exists(os.path.join(workdir, JSONL_NAME)):
     saved = [r for r in read_jsonl(workdir) if int(r["step"]) == step and r.get(key) is not None]
-  except FileNotFoundError:
-    saved = []
   if saved:
     return saved[-1]
   _, compiled_eval = runner.compile(*steps)
@@ -196,19 +198,18 @@ def _completed_record(workdir: str, state: TrainState, steps: tuple[Any, Any],
   return record
 
 
-def _refuse_to_start_over(workdir: str, checkpointer: Checkpointer) -> None:
-  """Raises CheckpointError when a workdir holds an earlier run's records but no usable
-  checkpoint: starting over silently would mix two runs in one workdir."""
-  try:
-    steps = sorted(int(record["step"]) for record in read_jsonl(workdir))
-  except FileNotFoundError:
-    return
+def _start_over_refusal(workdir: str, checkpointer: Checkpointer) -> CheckpointError | None:
+  """A CheckpointError when a workdir holds an earlier run's records but no usable checkpoint
+  (starting over silently would mix two runs in one workdir), else None."""
+  if not parallel.is_main_process() or not os.path.exists(os.path.join(workdir, JSONL_NAME)):
+    return None
+  steps = sorted(int(record["step"]) for record in read_jsonl(workdir))
   if not steps:
-    return
+    return None
   aside = checkpointer.unusable_directory
   moved = (f"; the unusable ones are in {aside}" if os.path.isdir(aside) and os.listdir(aside)
            else "")
-  raise CheckpointError(
+  return CheckpointError(
       f"{workdir} holds records of a run up to step {steps[-1]} but no usable checkpoint to "
       f"resume it from{moved}. Nothing was changed. To start it over from step 0 (its records "
       "are replaced), run again with --config.resume=false; or use a new --workdir.")

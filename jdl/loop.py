@@ -136,13 +136,16 @@ def fit(
       signal always happen). Bounds the cost of checkpointing when epochs take milliseconds
       while a crash still loses at most about this much work.
     handle_signals: with a checkpointer, SIGTERM or SIGINT ends the current step (or scan chunk),
-      saves and raises `Preempted`, whose message says how to resume.
+      saves and raises `Preempted`, whose message says how to resume. In a multi-process run a
+      signal to any one process stops every process after the same step.
 
   Raises:
     NonFiniteError: the loss or a gradient became NaN or infinite; the message names the step and
       the parameter, and no checkpoint is saved after it. The run stops at the next point where
       metrics reach the host (a progress update, an evaluation or a checkpoint).
     Preempted: a signal stopped the run after saving (see `handle_signals`).
+    CheckpointWriteError: a checkpoint could not be written; raised at the next call of steps
+      after the failed save (the checkpoints before it are intact).
 
   Returns:
     `(state, history)`: the final state (on one device: the first replica under pmap) and one
@@ -255,12 +258,13 @@ def _agree(stop: _StopSignals | None, timely: bool) -> tuple[str | None, bool]:
   if jax.process_count() == 1:
     return received, timely
   number = signal.Signals[received].value if received else 0
-  rows = np.asarray(multihost_utils.process_allgather(np.array([number, timely], np.int32)))
-  signalled = [index for index, row in enumerate(rows.reshape(-1, 2)) if row[0]]
-  timely = bool(rows.reshape(-1, 2)[0, 1])
+  gathered = multihost_utils.process_allgather(np.array([number, timely], np.int32))
+  rows = np.asarray(gathered).reshape(-1, 2)  # one row per process
+  timely = bool(rows[0, 1])
+  signalled = [index for index, row in enumerate(rows) if row[0]]
   if not signalled:
     return None, timely
-  name = signal.Signals(int(rows.reshape(-1, 2)[signalled[0], 0])).name
+  name = signal.Signals(int(rows[signalled[0], 0])).name
   return (name if received == name else f"{name} (to process {signalled[0]})"), timely
 
 
