@@ -169,13 +169,12 @@ class Checkpointer:
     if mode not in ("max", "min"):
       raise ValueError(f"mode must be 'max' or 'min'; got {mode!r}.")
     self.directory = os.path.abspath(directory)
-    self.keep, self.best_metric, self.mode = keep, best_metric, mode
+    self.keep, self.best_metric, self.mode, self.writable = keep, best_metric, mode, writable
     self.asynchronous = asynchronous and jax.process_count() == 1
     if writable:
       _check_writable(self.directory)
     # Retention is applied here (`_apply_retention`), from the metrics saved in each step.
-    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=writable,
-                                           read_only=not writable)
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=writable)
     # Registered up front so that a resumed run can read checkpoints it has not written.
     registry = ocp.DefaultCheckpointHandlerRegistry()
     for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
@@ -211,6 +210,8 @@ class Checkpointer:
     Raises:
       CheckpointWriteError: this save or an earlier one could not be written.
     """
+    if not self.writable:
+      raise ValueError(f"this Checkpointer of {self.directory} was opened with writable=False.")
     step = state.step
     if isinstance(step, jax.Array) and not step.is_fully_addressable:
       step = step.addressable_data(0)  # replicated over processes: this process's copy
