@@ -3,10 +3,11 @@ latest one that is good.
 
 The data order, augmentation and dropout keys are functions of the seed and the step, so the state
 is all a resumed run needs to continue exactly where the interrupted one was. Each step's folder
-holds, beside the state, the metrics that rank it and a CRC-32 of every array (in the step's
-orbax metadata, under `jdl`); orbax commits both at once (a temporary folder renamed when complete), and restoring
-verifies every array against its checksum. A checkpoint that cannot be restored is reported and
-moved aside to `<directory>_unusable/<step>`, never deleted; only the retention policy deletes.
+holds, beside the state, the metrics that rank it and a CRC-32 of every array (in the step's orbax
+metadata, under `jdl`); orbax commits both at once (a temporary folder renamed when complete), and
+restoring verifies every array against its checksum. A checkpoint that cannot be restored is
+reported and moved aside to `<directory>_unusable/<step>`, never deleted; only the retention
+policy deletes.
 A save that fails is reported once, at the next call, as `CheckpointWriteError`; the checkpoints
 saved before it are left as they were. See docs/checkpoints.md.
 """
@@ -262,6 +263,7 @@ class Checkpointer:
         self._records.pop(step, None)
 
   def _best_of(self, steps: list[int]) -> int | None:
+    """The best of `steps` by the metrics saved with them; a tie goes to the later step."""
     if not self.best_metric:
       return None
     scored = [(metrics[self.best_metric], step) for step in steps
@@ -421,8 +423,8 @@ def _check_writable(directory: str) -> None:
     os.remove(probe)
   except OSError as error:
     raise CheckpointWriteError(
-        f"cannot save checkpoints in {directory} ({type(error).__name__}: {error.strerror or error})"
-        "; choose a workdir on a writable filesystem.") from None
+        f"cannot save checkpoints in {directory} ([Errno {error.errno}] "
+        f"{error.strerror or error}); choose a workdir on a writable filesystem.") from None
 
 
 def _verify(state: TrainState, checksums: Mapping[str, Mapping[str, str]], step: int,

@@ -268,9 +268,9 @@ is, on which devices. Every other key shapes the trajectory (seed, model, optimi
 
 
 def check_resumable(workdir: str, config: Any) -> None:
-  """Raises ConfigError (a ValueError) if `workdir` holds a run whose saved config differs from `config` in a
-  key outside `RESUMABLE_CHANGES`: resuming would silently continue that run with other
-  settings (another seed, say). A workdir without `config.json` is not checked."""
+  """Raises ConfigError (a ValueError) if `workdir` holds a run whose saved config differs from
+  `config` in a key outside `RESUMABLE_CHANGES`: resuming would silently continue that run with
+  other settings (another seed, say). A workdir without `config.json` is not checked."""
   try:
     saved = runs.read_config(workdir).to_dict()
   except FileNotFoundError:

@@ -358,7 +358,8 @@ def test_fit_refuses_negative_counts_at_once():
   state = jdl.create_train_state(models.MLP(hidden=(4,), num_classes=2), optax.sgd(0.1), x[:1],
                                  jax.random.PRNGKey(0))
   train_step, eval_step = jdl.make_steps()
-  for arguments in ({"num_epochs": -1}, {"num_steps": -5}, {"num_steps": 4, "eval_every_steps": -10}):
+  for arguments in ({"num_epochs": -1}, {"num_steps": -5},
+                    {"num_steps": 4, "eval_every_steps": -10}):
     with pytest.raises(ValueError, match="must be >= 1"):
       jdl.fit(state, train_step, eval_step, source, source, progress=False, **arguments)
 
