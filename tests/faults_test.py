@@ -24,7 +24,6 @@ import pytest
 
 import jdl
 from jdl import experiment, models, runs, writers
-from jdl import step as step_lib
 
 from experiments import mnist1d
 
