@@ -3,10 +3,11 @@ latest one that is good.
 
 The data order, augmentation and dropout keys are functions of the seed and the step, so the state
 is all a resumed run needs to continue exactly where the interrupted one was. Each step's folder
-holds, beside the state, the metrics that rank it and a CRC-32 of every array (in the step's
-orbax metadata, under `jdl`); orbax commits both at once (a temporary folder renamed when complete), and restoring
-verifies every array against its checksum. A checkpoint that cannot be restored is reported and
-moved aside to `<directory>_unusable/<step>`, never deleted; only the retention policy deletes.
+holds, beside the state, the metrics that rank it and a CRC-32 of every array (in the step's orbax
+metadata, under `jdl`); orbax commits both at once (a temporary folder renamed when complete), and
+restoring verifies every array against its checksum. A checkpoint that cannot be restored is
+reported and moved aside to `<directory>_unusable/<step>`, never deleted; only the retention
+policy deletes.
 A save that fails is reported once, at the next call, as `CheckpointWriteError`; the checkpoints
 saved before it are left as they were. See docs/checkpoints.md.
 """
@@ -60,8 +61,10 @@ def array_checksums(tree: Any) -> dict[str, dict[str, str]]:
   """
   sums = {}
   for path, leaf in _leaves(tree):
-    if isinstance(leaf, jax.Array) and not (leaf.is_fully_addressable or leaf.is_fully_replicated):
-      continue
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      if not leaf.is_fully_replicated:
+        continue
+      leaf = leaf.addressable_data(0)
     value = np.ascontiguousarray(np.asarray(leaf)).reshape(-1)
     sums[path] = {"dtype": str(value.dtype), "crc32": f"{zlib.crc32(value.view(np.uint8)):08x}"}
   return sums
@@ -167,13 +170,12 @@ class Checkpointer:
     if mode not in ("max", "min"):
       raise ValueError(f"mode must be 'max' or 'min'; got {mode!r}.")
     self.directory = os.path.abspath(directory)
-    self.keep, self.best_metric, self.mode = keep, best_metric, mode
+    self.keep, self.best_metric, self.mode, self.writable = keep, best_metric, mode, writable
     self.asynchronous = asynchronous and jax.process_count() == 1
     if writable:
       _check_writable(self.directory)
     # Retention is applied here (`_apply_retention`), from the metrics saved in each step.
-    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=writable,
-                                           read_only=not writable)
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=writable)
     # Registered up front so that a resumed run can read checkpoints it has not written.
     registry = ocp.DefaultCheckpointHandlerRegistry()
     for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
@@ -209,12 +211,16 @@ class Checkpointer:
     Raises:
       CheckpointWriteError: this save or an earlier one could not be written.
     """
+    if not self.writable:
+      raise ValueError(f"this Checkpointer of {self.directory} was opened with writable=False.")
+    step = state.step
+    if isinstance(step, jax.Array) and not step.is_fully_addressable:
+      step = step.addressable_data(0)  # replicated over processes: this process's copy
+    step = int(np.asarray(step).reshape(-1)[0])
+    saved = self.steps()  # waits for the previous save: one write at a time
     self.raise_if_failed()
-    step = int(np.asarray(state.step).reshape(-1)[0])
-    if step in self.steps():  # also waits for the previous save: one write at a time
-      self.raise_if_failed()
+    if step in saved:
       return False
-    self.raise_if_failed()
     if metrics is not None and self.best_metric and self.best_metric not in metrics:
       raise ValueError(f"best_metric {self.best_metric!r} is not among the metrics given to "
                        f"save: {sorted(metrics)}.")
@@ -240,7 +246,7 @@ class Checkpointer:
       self._manager.wait_until_finished()
       self._records[step] = record
       self._apply_retention()
-    except BaseException as error:  # pylint: disable=broad-except  # reported by the caller
+    except Exception as error:  # pylint: disable=broad-except  # reported by the caller
       self._failure = (step, error)
       self._remove_partial(step)
 
@@ -257,6 +263,7 @@ class Checkpointer:
         self._records.pop(step, None)
 
   def _best_of(self, steps: list[int]) -> int | None:
+    """The best of `steps` by the metrics saved with them; a tie goes to the later step."""
     if not self.best_metric:
       return None
     scored = [(metrics[self.best_metric], step) for step in steps
@@ -291,7 +298,7 @@ class Checkpointer:
                else "No checkpoint had been saved.")
     raise CheckpointWriteError(
         f"could not save the checkpoint of step {step} in {self.directory} "
-        f"({_cause(error)}); training stopped. {earlier}")
+        f"({_cause(error)}); training stopped. {earlier}") from error
 
   def _record(self, step: int) -> dict[str, Any] | None:
     """A step's metrics and checksums, None for a checkpoint saved without them."""
@@ -416,8 +423,8 @@ def _check_writable(directory: str) -> None:
     os.remove(probe)
   except OSError as error:
     raise CheckpointWriteError(
-        f"cannot save checkpoints in {directory} ({type(error).__name__}: {error.strerror or error})"
-        "; choose a workdir on a writable filesystem.") from None
+        f"cannot save checkpoints in {directory} ([Errno {error.errno}] "
+        f"{error.strerror or error}); choose a workdir on a writable filesystem.") from None
 
 
 def _verify(state: TrainState, checksums: Mapping[str, Mapping[str, str]], step: int,

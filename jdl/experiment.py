@@ -29,7 +29,7 @@ from jdl.checkpoint import Checkpointer, CheckpointError, CheckpointWriteError
 from jdl.data import augment_tf
 from jdl.loop import Hook, NonFiniteError, Preempted, Record, evaluate, fit
 from jdl.state import TrainState, count_params, create_train_state
-from jdl.writers import MetricWriter, read_jsonl, truncate_records
+from jdl.writers import JSONL_NAME, MetricWriter, read_jsonl, truncate_records
 
 
 def train_and_evaluate(config: Any, workdir: str,
@@ -51,15 +51,30 @@ def train_and_evaluate(config: Any, workdir: str,
     jdl.ConfigError: the config cannot train, or the workdir holds a run it may not continue
       (`config.resume` false, another config); checked before any work.
     jdl.runs.WorkdirBusyError: another run holds the workdir.
+    jdl.runs.WorkdirError: the workdir cannot be written.
     jdl.CheckpointError: the workdir's checkpoints are all unusable or another model's.
     jdl.CheckpointWriteError: a checkpoint could not be saved (earlier ones are intact).
   """
   check_config(config)
   parallel.initialize_distributed(config.distributed)
+  parallel.check_same_everywhere("workdirs", os.path.abspath(workdir))
+  as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  parallel.check_same_everywhere("configs", json.dumps(_flat(as_dict), sort_keys=True))
   log = print if parallel.is_main_process() else (lambda _: None)
-  lock = runs.WorkdirLock(workdir, log=log) if parallel.is_main_process() else None
+  lock, refused = None, None
+  if parallel.is_main_process():
+    try:
+      lock = runs.WorkdirLock(workdir, log=log)
+    except runs.WorkdirError as error:
+      refused = error
+  parallel.raise_if_any_failed(refused, f"take {workdir} for this run")
   try:
     return _train_and_evaluate(config, workdir, hooks)
+  except Exception as error:
+    lost = parallel.lost_peer(error)
+    if lost is not None:
+      raise lost from error
+    raise
   finally:
     if lock is not None:
       lock.release()
@@ -98,8 +113,9 @@ def _train_and_evaluate(config: Any, workdir: str,
     if restored is not None:
       state = restored
       log(f"resuming from the checkpoint of step {int(state.step)} in {checkpointer.directory}.")
-    else:
-      _refuse_to_start_over(workdir, checkpointer)
+    else:  # every process stops if process 0 sees an earlier run's records (only it writes them)
+      parallel.raise_if_any_failed(_start_over_refusal(workdir, checkpointer),
+                                   "resume the run in its workdir")
   if main:  # what an earlier attempt wrote after this run's starting step is written again
     truncate_records(workdir, int(state.step))
   task = tasks.classification(config.loss, label_smoothing=config.label_smoothing,
@@ -168,13 +184,13 @@ def _completed_record(workdir: str, state: TrainState, steps: tuple[Any, Any],
                       eval_data: data_lib.BatchSource, runner: parallel.Runner,
                       eval_name: str) -> Record:
   """The final record of a run already complete: its own from `metrics.jsonl`, or, where that is
-  gone, a fresh evaluation of its last checkpoint."""
+  gone (and always over several processes, which must all take part in the same evaluation), a
+  fresh evaluation of its last checkpoint."""
   step = int(state.step)
   key = f"{eval_name}_accuracy"
-  try:
+  saved = []
+  if jax.process_count() == 1 and os.path.exists(os.path.join(workdir, JSONL_NAME)):
     saved = [r for r in read_jsonl(workdir) if int(r["step"]) == step and r.get(key) is not None]
-  except FileNotFoundError:
-    saved = []
   if saved:
     return saved[-1]
   _, compiled_eval = runner.compile(*steps)
@@ -184,19 +200,18 @@ def _completed_record(workdir: str, state: TrainState, steps: tuple[Any, Any],
   return record
 
 
-def _refuse_to_start_over(workdir: str, checkpointer: Checkpointer) -> None:
-  """Raises CheckpointError when a workdir holds an earlier run's records but no usable
-  checkpoint: starting over silently would mix two runs in one workdir."""
-  try:
-    steps = sorted(int(record["step"]) for record in read_jsonl(workdir))
-  except FileNotFoundError:
-    return
+def _start_over_refusal(workdir: str, checkpointer: Checkpointer) -> CheckpointError | None:
+  """A CheckpointError when a workdir holds an earlier run's records but no usable checkpoint
+  (starting over silently would mix two runs in one workdir), else None."""
+  if not parallel.is_main_process() or not os.path.exists(os.path.join(workdir, JSONL_NAME)):
+    return None
+  steps = sorted(int(record["step"]) for record in read_jsonl(workdir))
   if not steps:
-    return
+    return None
   aside = checkpointer.unusable_directory
   moved = (f"; the unusable ones are in {aside}" if os.path.isdir(aside) and os.listdir(aside)
            else "")
-  raise CheckpointError(
+  return CheckpointError(
       f"{workdir} holds records of a run up to step {steps[-1]} but no usable checkpoint to "
       f"resume it from{moved}. Nothing was changed. To start it over from step 0 (its records "
       "are replaced), run again with --config.resume=false; or use a new --workdir.")
@@ -255,9 +270,9 @@ is, on which devices. Every other key shapes the trajectory (seed, model, optimi
 
 
 def check_resumable(workdir: str, config: Any) -> None:
-  """Raises ConfigError (a ValueError) if `workdir` holds a run whose saved config differs from `config` in a
-  key outside `RESUMABLE_CHANGES`: resuming would silently continue that run with other
-  settings (another seed, say). A workdir without `config.json` is not checked."""
+  """Raises ConfigError (a ValueError) if `workdir` holds a run whose saved config differs from
+  `config` in a key outside `RESUMABLE_CHANGES`: resuming would silently continue that run with
+  other settings (another seed, say). A workdir without `config.json` is not checked."""
   try:
     saved = runs.read_config(workdir).to_dict()
   except FileNotFoundError:
@@ -378,8 +393,8 @@ def main(
 ) -> None:
   """`run_experiment` on `sys.argv`, for `if __name__ == "__main__"`. Instead of a traceback: a
   config mistake, or a workdir the run may not use (another run holds it, its checkpoints are all
-  unusable or another config's), prints one clear line and exits with status 2; a checkpoint that
-  cannot be written, or a lost peer process, one line and status 1; a run stopped by SIGTERM/SIGINT
+  unusable or another config's), prints one clear line and exits with status 2; a workdir or a
+  checkpoint that cannot be written, or a lost peer process, one line and status 1; a run stopped by SIGTERM/SIGINT
   (after saving a checkpoint) says how to resume and exits with 128 + the signal number, as if
   killed by it; a loss or gradient that became NaN or infinite exits with status 3."""
   try:
@@ -387,12 +402,19 @@ def main(
   except (config_lib.ConfigError, runs.WorkdirBusyError, CheckpointError) as error:
     print(f"error: {error}", file=sys.stderr)  # refused before any training
     raise SystemExit(2) from None
-  except (CheckpointWriteError, parallel.PeerError) as error:
+  except (CheckpointWriteError, runs.WorkdirError) as error:
     print(f"error: {error}", file=sys.stderr)
     raise SystemExit(1) from None
+  except parallel.PeerError as error:
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Exits at once: JAX's shutdown would wait for the other processes at a barrier (a lost one
+    # never comes), then abort with pages of its own logs. Logs and checkpoints are on disk.
+    os._exit(1)  # pylint: disable=protected-access
   except Preempted as stopped:
     print(str(stopped), file=sys.stderr)
-    raise SystemExit(128 + int(getattr(signal, stopped.signal_name))) from None
+    # "SIGTERM", or "SIGTERM (to process 1)" on the processes it stopped with it.
+    raise SystemExit(128 + int(signal.Signals[stopped.signal_name.split()[0]])) from None
   except NonFiniteError as error:
     print(f"error: {error}", file=sys.stderr)
     raise SystemExit(3) from None

@@ -20,6 +20,7 @@ import flax
 import jax
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
 from jdl import data as data_lib
 from jdl import metrics as metrics_lib
@@ -146,13 +147,16 @@ def fit(
       signal always happen). Bounds the cost of checkpointing when epochs take milliseconds
       while a crash still loses at most about this much work.
     handle_signals: with a checkpointer, SIGTERM or SIGINT ends the current step (or scan chunk),
-      saves and raises `Preempted`, whose message says how to resume.
+      saves and raises `Preempted`, whose message says how to resume. In a multi-process run a
+      signal to any one process stops every process after the same step.
 
   Raises:
     NonFiniteError: the loss or a gradient became NaN or infinite; the message names the step and
       the parameter, and no checkpoint is saved after it. The run stops at the next point where
       metrics reach the host (a progress update, an evaluation or a checkpoint).
     Preempted: a signal stopped the run after saving (see `handle_signals`).
+    CheckpointWriteError: a checkpoint could not be written; raised at the next call of steps
+      after the failed save (the checkpoints before it are intact).
 
   Returns:
     `(state, history)`: the final state (on one device: the first replica under pmap) and one
@@ -208,7 +212,6 @@ def fit(
       interval_sums = metrics_lib.merge_metrics(interval_sums, sums)
       step += advanced
       bar.update(advanced)
-      interrupted = stop is not None and stop.received is not None
       if progress and time.perf_counter() - last_bar_update > 0.5:
         running = runner.fetch_metrics(interval_sums)  # waits for the steps so far
         watch.check(running, step, lambda: runner.fetch_state(state))
@@ -235,9 +238,13 @@ def fit(
           hook(step, runner.fetch_state(state), record)
         interval_sums = metrics_lib.empty_metrics()
         interval_start = time.perf_counter()
-        interrupted = interrupted or (stop is not None and stop.received is not None)
-      due = step == num_steps or record is not None or (
-          step == target and time.perf_counter() - last_save >= checkpoint_min_seconds)
+      timely = step == target and time.perf_counter() - last_save >= checkpoint_min_seconds
+      if checkpointer is not None:  # every process must save, or not, at the same steps
+        stopped_by, timely = _agree(stop, timely)
+      else:
+        stopped_by = None
+      interrupted = stopped_by is not None
+      due = step == num_steps or record is not None or timely
       if checkpointer is not None and (due or interrupted):
         if interval_sums is not None:
           watch.check(runner.fetch_metrics(interval_sums), step,
@@ -247,7 +254,7 @@ def fit(
         last_save = time.perf_counter()
       if interrupted:
         checkpointer.wait()
-        raise Preempted(step, stop.received, checkpointer.directory)
+        raise Preempted(step, stopped_by, checkpointer.directory)
   finally:
     bar.close()
     if stop is not None:
@@ -304,6 +311,26 @@ class _EvaluationPlan:
     """The sources evaluated at `step` (all of them at the last step)."""
     return [name for name, every in self.every.items()
             if name and (step % every == 0 or step == self.num_steps)]
+
+
+def _agree(stop: _StopSignals | None, timely: bool) -> tuple[str | None, bool]:
+  """`(the signal that stops the run, whether a time-based save is due)`, the same on every
+  process. In a multi-process run a signal to any one process stops them all at the same step,
+  and process 0's clock decides the time-based saves: every process takes part in a save, so one
+  that saved or stopped alone would leave the others waiting for it forever. One all-gather of
+  two numbers per call of steps; a single process just reads its own."""
+  received = stop.received if stop is not None else None
+  if jax.process_count() == 1:
+    return received, timely
+  number = signal.Signals[received].value if received else 0
+  gathered = multihost_utils.process_allgather(np.array([number, timely], np.int32))
+  rows = np.asarray(gathered).reshape(-1, 2)  # one row per process
+  timely = bool(rows[0, 1])
+  signalled = [index for index, row in enumerate(rows) if row[0]]
+  if not signalled:
+    return None, timely
+  name = signal.Signals(int(rows[signalled[0], 0])).name
+  return (name if received == name else f"{name} (to process {signalled[0]})"), timely
 
 
 def _record(step: int, steps_per_epoch: int, train_sums: metrics_lib.Metrics, seconds: float,

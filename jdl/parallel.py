@@ -19,12 +19,14 @@ docs/devices.md.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jdl.data.sources import num_rows
@@ -170,8 +172,23 @@ def pad_to_multiple(batch: Batch, multiple: int) -> dict[str, Any]:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Every array of `tree` copied to every device of `mesh` (a replicated global array)."""
-  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+  """Every array of `tree` copied to every device of `mesh` (a replicated global array).
+
+  Over many processes each builds its own devices' copies from its host copy of the values,
+  which must be the same on every process (a fresh state from one seed, a restored checkpoint):
+  JAX moves no array from one host's device to another's.
+  """
+  sharding = NamedSharding(mesh, PartitionSpec())
+  if sharding.is_fully_addressable:
+    return jax.device_put(tree, sharding)
+
+  def one(value: Any) -> jax.Array:
+    if isinstance(value, jax.Array) and value.sharding == sharding:
+      return value
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(one, tree)
 
 
 def shard_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
@@ -377,8 +394,74 @@ def initialize_distributed(mode: str = "auto") -> bool:
   if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
     # CPU processes need a collectives backend to talk to each other (GPU and TPU ignore this).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(**kwargs)
+  # A process that dies without a word (SIGKILL, a lost machine) is noticed by its missing
+  # heartbeats; JAX's defaults wait 100 s for them and 300 s at exit for a peer that never comes.
+  jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=PEER_TIMEOUT_SECONDS,
+                             shutdown_timeout_seconds=PEER_TIMEOUT_SECONDS)
   return True
+
+
+PEER_TIMEOUT_SECONDS = 30
+"""How long a multi-process run waits for a silent peer (missed heartbeats, or at exit) before
+every process is stopped."""
+
+
+def check_same_everywhere(what: str, value: str) -> None:
+  """Raises PeerError on every process of a multi-process run unless `value` (a workdir, a
+  config's JSON) is the same on all of them, so a mistyped command line on one host stops the run
+  at its start instead of training apart and hanging at the end. Nothing in a single process."""
+  if jax.process_count() == 1:
+    return
+  digest = np.frombuffer(hashlib.sha256(value.encode()).digest(), np.uint8)
+  digests = np.asarray(multihost_utils.process_allgather(digest)).reshape(jax.process_count(), -1)
+  differing = [index for index, row in enumerate(digests) if not np.array_equal(row, digests[0])]
+  if differing:
+    shown = value if len(value) <= 200 else f"{value[:200]}..."
+    raise PeerError(
+        f"the processes of this run were started with different {what}: process {differing[0]}'s "
+        f"differs from process 0's (process {jax.process_index()} has {shown}). Start every "
+        "process with the same command line.")
+
+
+def raise_if_any_failed(error: Exception | None, what: str) -> None:
+  """Raises `error` on the process where it happened and PeerError on the others (naming that
+  process and `what` it was doing), so one process's refusal ends every process. Nothing when no
+  process failed, or in a single process with `error` None."""
+  if jax.process_count() == 1:
+    if error is not None:
+      raise error
+    return
+  failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).reshape(-1)
+  if error is not None:
+    raise error
+  if failed.any():
+    raise PeerError(f"process {int(np.argmax(failed))} could not {what}; its own message says "
+                    "why. Every process stops.")
+
+
+_LOST_PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Gloo ",
+                    "heartbeat timeout", "stopped sending heartbeats", "Broken pipe")
+
+
+def lost_peer(error: BaseException) -> PeerError | None:
+  """A PeerError for `error` when it (or an exception it was raised from) says another process
+  of a multi-process run went away mid-collective (its connection closed, its heartbeats
+  stopped); None otherwise, and always in a single process."""
+  if jax.process_count() == 1:
+    return None
+  seen, current, found = set(), error, None
+  while current is not None and id(current) not in seen:  # the innermost that says so
+    seen.add(id(current))
+    if any(sign in str(current) for sign in _LOST_PEER_SIGNS):
+      found = current
+    current = current.__cause__ or current.__context__
+  if found is None:
+    return None
+  first = (str(found).splitlines() or [""])[0][:300]
+  return PeerError(
+      f"another process of this run was lost ({type(found).__name__}: {first}); process "
+      f"{jax.process_index()} stops too. Start every process again with the same command to "
+      "resume from the last checkpoint.")
 
 
 def is_main_process() -> bool:

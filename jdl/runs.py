@@ -285,7 +285,11 @@ LOCK_NAME = "jdl.lock"
 """The file of a workdir that names the process training in it (`WorkdirLock`)."""
 
 
-class WorkdirBusyError(RuntimeError):
+class WorkdirError(RuntimeError):
+  """The workdir cannot be used: it cannot be written, or another run holds it."""
+
+
+class WorkdirBusyError(WorkdirError):
   """Another process is training in the workdir."""
 
 
@@ -304,12 +308,18 @@ class WorkdirLock:
 
   Raises:
     WorkdirBusyError: a live process holds the lock; the message names its host, pid and start.
+    WorkdirError: the workdir cannot be written (a read-only filesystem, a file in its place).
   """
 
   def __init__(self, workdir: str, log: Callable[[str], None] = print) -> None:
-    os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(os.path.abspath(workdir), LOCK_NAME)
-    self._file = self._acquire(log)
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      self._file = self._acquire(log)
+    except OSError as error:
+      raise WorkdirError(f"cannot write to the workdir {os.path.abspath(workdir)} ([Errno "
+                         f"{error.errno}] {error.strerror}); choose a workdir on a writable "
+                         "filesystem.") from None
     holder = {"host": socket.gethostname(), "pid": os.getpid(),
               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)}
     self._file.seek(0)

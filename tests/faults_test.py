@@ -10,6 +10,7 @@ import glob
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,7 +24,6 @@ import pytest
 
 import jdl
 from jdl import experiment, models, runs, writers
-from jdl import step as step_lib
 
 from experiments import mnist1d
 
@@ -102,6 +102,29 @@ def test_checkpoint_folder_that_is_a_file_fails_at_once_with_one_line(tmp_path, 
   assert "it is a file, not a folder" in errors[0]
   assert seconds < 60
   assert (workdir / "checkpoints").read_text() == "not a folder"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def test_read_only_checkpoint_folder_fails_at_once(tmp_path):
+  """A checkpoint folder that cannot be written is refused when the Checkpointer is made, with
+  the operating system's reason, before any training; earlier checkpoints still read."""
+  directory = tmp_path / "ckpt"
+  with jdl.Checkpointer(str(directory)) as checkpointer:
+    _save(checkpointer, [(1, 0.5)])
+  directory.chmod(0o555)
+  try:
+    with pytest.raises(jdl.CheckpointWriteError, match=r"cannot save checkpoints in .*Permission"):
+      jdl.Checkpointer(str(directory))
+    assert jdl.Checkpointer(str(directory), writable=False).steps() == [1]
+  finally:
+    directory.chmod(0o755)
+
+
+def test_unwritable_workdir_is_one_clear_error(tmp_path):
+  """A workdir that cannot be created (a file in its way) is a WorkdirError naming it."""
+  (tmp_path / "file").write_text("")
+  with pytest.raises(runs.WorkdirError, match=r"cannot write to the workdir .*file/run"):
+    runs.WorkdirLock(str(tmp_path / "file" / "run"))
 
 
 def _with_file_size_limit(command, kilobytes):
@@ -334,7 +357,8 @@ def test_fit_refuses_negative_counts_at_once():
   state = jdl.create_train_state(models.MLP(hidden=(4,), num_classes=2), optax.sgd(0.1), x[:1],
                                  jax.random.PRNGKey(0))
   train_step, eval_step = jdl.make_steps()
-  for arguments in ({"num_epochs": -1}, {"num_steps": -5}, {"num_steps": 4, "eval_every_steps": -10}):
+  for arguments in ({"num_epochs": -1}, {"num_steps": -5},
+                    {"num_steps": 4, "eval_every_steps": -10}):
     with pytest.raises(ValueError, match="must be >= 1"):
       jdl.fit(state, train_step, eval_step, source, source, progress=False, **arguments)
 
@@ -402,3 +426,106 @@ def test_tensorboard_holds_each_step_once_after_a_resume_and_a_finished_run_repo
   kept = {step: checkpointer.metrics(step)["test_accuracy"] for step in checkpointer.steps()}
   best = runs.load_run(workdir, checkpoint="best")
   assert best.step == max(kept, key=lambda step: (kept[step], step))
+
+
+# ---------------------------------------------------------------------------------------------
+# 6: several processes (2 on loopback, 2 CPU devices each) agree, stop together, resume together.
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _start_processes(workdirs, data_dir, subprocess_env, *overrides):
+  """Two processes of one run on loopback (process i in workdirs[i]), as a cluster starts them."""
+  address = f"127.0.0.1:{_free_port()}"
+  env = {k: v for k, v in subprocess_env(2).items() if not k.startswith("JAX_")}
+  env["JAX_COMPILATION_CACHE_DIR"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
+  processes = []
+  for rank, workdir in enumerate(workdirs):
+    command = [*_command(workdir, data_dir, *overrides), "--config.layout=shard",
+               "--config.eval_batch_size=500"]
+    processes.append(subprocess.Popen(
+        command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**env, "JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
+             "JAX_PROCESS_ID": str(rank)}))
+  return processes
+
+
+def _finish(processes, timeout):
+  """`[(returncode, stdout, stderr)]` once every process has ended; kills them all at `timeout`
+  seconds (the test then fails on their return codes)."""
+  deadline = time.time() + timeout
+  results = []
+  for process in processes:
+    try:
+      out, err = process.communicate(timeout=max(deadline - time.time(), 1))
+    except subprocess.TimeoutExpired:
+      for other in processes:
+        other.kill()
+      out, err = process.communicate()
+    results.append((process.returncode, out, err))
+  return results
+
+
+def _wait_for_records(workdir, processes, seconds=180):
+  records = pathlib.Path(workdir, "metrics.jsonl")
+  deadline = time.time() + seconds
+  while not (records.exists() and records.stat().st_size) and time.time() < deadline:
+    assert all(p.poll() is None for p in processes), _finish(processes, 10)
+    time.sleep(0.2)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_both_resume(
+    tmp_path, mnist1d_data_dir, subprocess_env):
+  """SIGTERM to process 1 only: both processes stop after the same step, save that one
+  checkpoint together and exit with 143; the same command on both then resumes from it (the
+  restored state is laid out over both hosts' devices) and finishes."""
+  workdir = str(tmp_path / "run")
+  processes = _start_processes([workdir, workdir], mnist1d_data_dir, subprocess_env,
+                               "--config.num_steps=1000000")
+  _wait_for_records(workdir, processes)
+  processes[1].send_signal(signal.SIGTERM)
+  (code0, _, err0), (code1, _, err1) = _finish(processes, 120)
+  assert code0 == code1 == 128 + signal.SIGTERM, (err0[-2000:], err1[-2000:])
+  steps = jdl.Checkpointer(os.path.join(workdir, "checkpoints"), writable=False).steps()
+  assert f"stopped by SIGTERM after step {steps[-1]};" in err1
+  assert f"stopped by SIGTERM (to process 1) after step {steps[-1]};" in err0
+
+  resumed = _finish(_start_processes([workdir, workdir], mnist1d_data_dir, subprocess_env,
+                                     f"--config.num_steps={steps[-1] + 10}"), 180)
+  assert [code for code, _, _ in resumed] == [0, 0], [err[-2000:] for _, _, err in resumed]
+  printed = resumed[0][1]
+  assert f"resuming from the checkpoint of step {steps[-1]}" in printed
+  assert f"after {steps[-1] + 10} steps" in printed
+
+
+def test_processes_that_disagree_or_lose_a_peer_stop_with_a_clear_error(
+    tmp_path, mnist1d_data_dir, subprocess_env):
+  """Processes started with different workdirs refuse at the start, each naming its own, before
+  writing anything; when one process of a run is killed (SIGKILL), the other ends within a
+  bounded time (jdl's PEER_TIMEOUT_SECONDS) saying that another process was lost."""
+  first, second = str(tmp_path / "a"), str(tmp_path / "b")
+  results = _finish(_start_processes([first, second], mnist1d_data_dir, subprocess_env,
+                                     "--config.num_steps=20"), 120)
+  for rank, (code, _, err) in enumerate(results):
+    assert code == 1, err[-2000:]
+    mine = (first, second)[rank]
+    assert f"started with different workdirs: process 1's differs from process 0's (process " \
+           f"{rank} has {mine})" in err
+  assert not os.path.exists(first) and not os.path.exists(second)
+
+  workdir = str(tmp_path / "run")
+  processes = _start_processes([workdir, workdir], mnist1d_data_dir, subprocess_env,
+                               "--config.num_steps=1000000")
+  _wait_for_records(workdir, processes)
+  processes[1].kill()
+  started = time.time()
+  (code, _, err), _ = _finish(processes, 120)
+  assert code != 0 and time.time() - started < 2 * jdl.parallel.PEER_TIMEOUT_SECONDS + 10
+  # jdl's own line when the collective in flight fails at once; JAX's when only the missed
+  # heartbeats tell (the process is then inside a compiled step, beyond Python's reach).
+  assert ("error: another process of this run was lost" in err
+          or "This most likely indicates that another task died" in err), err[-3000:]
