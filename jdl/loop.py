@@ -23,6 +23,7 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from jdl import data as data_lib
+from jdl import flops as flops_lib
 from jdl import metrics as metrics_lib
 from jdl import optim, parallel, resident, step as step_lib, transfer
 from jdl.checkpoint import Checkpointer
@@ -181,6 +182,7 @@ def fit(
   runner = runner or parallel.JitRunner()
   engine = _make_engine(state, train_step, eval_step, train_data, eval_sources, runner=runner,
                         device_resident=device_resident, steps_per_call=steps_per_call)
+  speed = _Speed(runner, train_step, state, train_data, enabled=progress or writer is not None)
   step = int(state.step)
 
   def call_bounds(step: int) -> tuple[int, int]:
@@ -223,7 +225,7 @@ def fit(
         fetched = runner.fetch_metrics(interval_sums)
         watch.check(fetched, step, lambda: runner.fetch_state(state))
         record = _record(step, steps_per_epoch, fetched, time.perf_counter() - interval_start,
-                         state)
+                         state, speed)
         for name in plan.due(step):
           eval_means = metrics_lib.compute_metrics(
               runner.fetch_metrics(engine.evaluate(state, name)))
@@ -334,14 +336,46 @@ def _agree(stop: _StopSignals | None, timely: bool) -> tuple[str | None, bool]:
 
 
 def _record(step: int, steps_per_epoch: int, train_sums: metrics_lib.Metrics, seconds: float,
-            state: TrainState) -> Record:
-  """An evaluation record's training part: step, epoch, `train_*` means, speed, learning rates."""
+            state: TrainState, speed: _Speed) -> Record:
+  """An evaluation record's training part: step, epoch, `train_*` means, speed (and MFU),
+  learning rates."""
   train_means = metrics_lib.compute_metrics(train_sums)
   record = {"step": step, "epoch": step / steps_per_epoch}
   record.update({f"train_{k}": v for k, v in train_means.items() if k != "count"})
   record["examples_per_second"] = train_means["count"] / max(seconds, 1e-9)
+  record.update(speed.utilisation(step, seconds))
   record.update(_learning_rates(state))
   return record
+
+
+class _Speed:
+  """The model FLOPs utilisation of each interval between records (`jdl.flops`): a train step's
+  FLOPs from XLA's cost analysis, read once, over the interval's time per step and the devices'
+  peak. The first interval, which holds the compilation, has none. Off (`flops_per_step` None)
+  where no cost analysis is available, under pmap (whose step is a per-device program) and for
+  runs that log nothing."""
+
+  def __init__(self, runner: parallel.Runner, train_step: Callable[..., Any], state: TrainState,
+               train_data: data_lib.BatchSource, enabled: bool) -> None:
+    self.flops_per_step: float | None = None
+    self.first_step, self.compiled = int(state.step), False
+    self.num_devices = runner.num_devices
+    if not enabled or runner.axis_name is not None:
+      return
+    batch = next(iter(train_data.epoch(0)), None)
+    abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    try:
+      self.flops_per_step = flops_lib.step_flops(train_step, abstract(state), abstract(batch))
+    except Exception:  # pylint: disable=broad-except  # a backend without cost analysis
+      self.flops_per_step = None
+
+  def utilisation(self, step: int, seconds: float) -> dict[str, float]:
+    """`{"mfu": ...}` for the steps since the previous call (empty when off)."""
+    steps, self.first_step = step - self.first_step, step
+    timed, self.compiled = self.compiled, True
+    if not self.flops_per_step or not timed or steps < 1 or seconds <= 0:
+      return {}
+    return {"mfu": flops_lib.mfu(self.flops_per_step, seconds / steps, self.num_devices)}
 
 
 def _progress_fields(running: Mapping[str, float], seconds: float) -> dict[str, str]:
@@ -558,5 +592,6 @@ def format_record(record: Mapping[str, float]) -> str:
                         and not name.endswith(("_max", "_min", "_norm"))]
     parts.append(f"{prefix} " + " ".join(f"{name} {record[f'{prefix}_{name}']:.4f}"
                                          for name in names))
-  parts.append(f"{record['examples_per_second']:,.0f} ex/s")
+  parts.append(f"{record['examples_per_second']:,.0f} ex/s"
+               + (f", MFU {100 * record['mfu']:.2g}%" if "mfu" in record else ""))
   return " | ".join(parts)
