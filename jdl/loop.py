@@ -241,10 +241,10 @@ def fit(
         interval_sums = metrics_lib.empty_metrics()
         interval_start = time.perf_counter()
       timely = step == target and time.perf_counter() - last_save >= checkpoint_min_seconds
+      stopped_by = None
       if checkpointer is not None:  # every process must save, or not, at the same steps
-        stopped_by, timely = _agree(stop, timely)
-      else:
-        stopped_by = None
+        check = step == target or step % AGREE_EVERY == 0
+        stopped_by, timely = _agree(stop, timely, due_check=check)
       interrupted = stopped_by is not None
       due = step == num_steps or record is not None or timely
       if checkpointer is not None and (due or interrupted):
@@ -315,15 +315,24 @@ class _EvaluationPlan:
             if name and (step % every == 0 or step == self.num_steps)]
 
 
-def _agree(stop: _StopSignals | None, timely: bool) -> tuple[str | None, bool]:
+AGREE_EVERY = 10
+"""In a multi-process run, the processes agree on a stop every this many steps (and wherever a
+call of steps ends at an evaluation, epoch end or save), so a signal stops them within that."""
+
+
+def _agree(stop: _StopSignals | None, timely: bool, *,
+           due_check: bool) -> tuple[str | None, bool]:
   """`(the signal that stops the run, whether a time-based save is due)`, the same on every
   process. In a multi-process run a signal to any one process stops them all at the same step,
   and process 0's clock decides the time-based saves: every process takes part in a save, so one
   that saved or stopped alone would leave the others waiting for it forever. One all-gather of
-  two numbers per call of steps; a single process just reads its own."""
+  two numbers where `due_check` (the same steps on every process); a single process just reads
+  its own signal."""
   received = stop.received if stop is not None else None
   if jax.process_count() == 1:
     return received, timely
+  if not due_check:
+    return None, False
   number = signal.Signals[received].value if received else 0
   gathered = multihost_utils.process_allgather(np.array([number, timely], np.int32))
   rows = np.asarray(gathered).reshape(-1, 2)  # one row per process
