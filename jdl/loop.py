@@ -373,8 +373,9 @@ class _Speed:
       return
     batch = next(iter(train_data.epoch(0)), None)
     abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-    try:
-      self.flops_per_step = flops_lib.step_flops(train_step, abstract(state), abstract(batch))
+    try:  # this process's share of the batch: the global step is process_count times it
+      self.flops_per_step = jax.process_count() * flops_lib.step_flops(
+          train_step, abstract(state), abstract(batch))
     except Exception:  # pylint: disable=broad-except  # a backend without cost analysis
       self.flops_per_step = None
 
