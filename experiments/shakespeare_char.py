@@ -35,6 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.transformer_lm.block_size = 64  # learned positions: the context length
   config.model.transformer_lm.dropout_rate = 0.0
   config.model.transformer_lm.tie_weights = True  # output projection = token embedding
+  config.model.transformer_lm.remat = "none"  # "full" or "matmuls": less memory, more compute
+  config.model.transformer_lm.scan_layers = False  # True: nn.scan over blocks, flat compile time
   config.model.rnn_lm = ml_collections.ConfigDict()  # for --config.model.name=rnn_lm
   config.model.rnn_lm.cell = "lstm"
   config.model.rnn_lm.hidden = 256

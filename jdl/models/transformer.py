@@ -8,11 +8,21 @@ Every block is `x + Dropout(MHSA(LN(x)))` then `x + Dropout(MLP(LN(x)))` with a 
 
 The models share these attributes: `num_layers` blocks of `num_heads` attention heads, which must
 divide `width` (D); an MLP `mlp_ratio` times D wide; `dropout_rate` on the embeddings, attention
-weights and residual branches (train only); and `output`, "logits" or "softmax".
+weights and residual branches (train only); `output`, "logits" or "softmax"; and two that change
+how the blocks run but not what they compute:
+  remat: what each block keeps for the backward pass (`REMAT_POLICIES`): "none" keeps every
+    activation; "full" keeps only the block's input and recomputes the rest; "matmuls" keeps the
+    outputs of the projections (the matrix products without batch dimensions) and recomputes the
+    attention scores, softmax, LayerNorms and GELU.
+  scan_layers: run the blocks as one `nn.scan` over parameters stacked along a leading layer axis
+    (named "blocks", each leaf `[num_layers, ...]`) rather than unrolled (`blocks_0`, ... in the
+    language model, `block0`, ... in the others), so the program, and its compile time, does not
+    grow with depth.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -25,6 +35,18 @@ from jdl.models.inputs import as_images
 
 EMBEDDING_INIT = nn.initializers.normal(stddev=0.02)
 POOLS = ("cls", "mean")
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "none": None,
+    "full": None,
+    # Saves dot_general outputs without batch dimensions: the query/key/value, attention output
+    # and MLP projections (each [B, T, D] or [B, T, mlp_ratio * D]). The attention scores
+    # ("bthk,bshk->bhts") have batch dimensions b and h and are [B, H, T, T]: they are recomputed,
+    # which `checkpoint_dots` (every dot) would not do, keeping the memory that grows as T^2.
+    "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+"""Rematerialisation policies by name: what a block keeps from the forward pass for the backward
+one. Under "full" the policy None keeps nothing but the block's inputs; "none" does not
+rematerialise at all."""
 
 
 def _check_architecture(module: nn.Module) -> None:
@@ -40,6 +62,11 @@ def _check_architecture(module: nn.Module) -> None:
     raise ValueError(f"{model}: mlp_ratio must be >= 1; got {mlp_ratio}.")
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"{model}: dropout_rate must be in [0, 1); got {dropout_rate}.")
+  if module.remat not in REMAT_POLICIES:
+    raise ValueError(f"{model}: unknown remat policy {module.remat!r}; expected one of "
+                     f"{tuple(REMAT_POLICIES)}.")
+  if not isinstance(module.scan_layers, bool):
+    raise ValueError(f"{model}: scan_layers must be a bool; got {module.scan_layers!r}.")
 
 
 def _check_tokens(tokens: jax.Array, model: str, max_length: int, limit_name: str) -> None:
@@ -85,6 +112,64 @@ class TransformerBlock(nn.Module):
     return nn.Dropout(self.dropout_rate, deterministic=not train)(y)
 
 
+def _new_block(module: nn.Module, *, causal: bool, name: str | None = None) -> TransformerBlock:
+  """One block with `module`'s heads, MLP ratio and dropout (named by Flax when `name` is None)."""
+  return TransformerBlock(module.num_heads, causal=causal, mlp_ratio=module.mlp_ratio,
+                          dropout_rate=module.dropout_rate, name=name)
+
+
+def _compact_blocks(module: nn.Module) -> TransformerBlock | list[TransformerBlock]:
+  """A bidirectional model's blocks, made inside its compact `__call__`: `block0`, `block1`, ...
+  unrolled, or one block named "blocks" with stacked parameters under `scan_layers`."""
+  if module.scan_layers:
+    return _new_block(module, causal=False, name="blocks")
+  return [_new_block(module, causal=False, name=f"block{index}")
+          for index in range(module.num_layers)]
+
+
+def _run_blocks(module: nn.Module, blocks: TransformerBlock | Sequence[TransformerBlock],
+                x_BxTxD: jax.Array, *, train: bool,
+                padding_mask: jax.Array | None = None) -> jax.Array:
+  """Runs `module`'s blocks on `x_BxTxD` under its `remat` and `scan_layers` settings.
+
+  Args:
+    module: the model, for `remat`, `scan_layers` and `num_layers`.
+    blocks: the unrolled blocks in order, or with `scan_layers` the one block whose parameters
+      `nn.scan` stacks `num_layers` deep.
+    x_BxTxD: the blocks' input.
+    train: dropout on or off; a Python bool, closed over (so static) in the lifted functions.
+    padding_mask: `[B, T]`, True for real tokens, given to every block (broadcast by the scan).
+
+  Returns:
+    The last block's output, `[B, T, D]`.
+  """
+
+  def step(block: TransformerBlock, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    return block(x, train=train, padding_mask=mask)
+
+  if module.remat != "none":
+    # Under scan, the loop itself keeps XLA from merging the recomputation into the forward pass,
+    # so prevent_cse's extra barriers are not needed (JAX's advice for jax.checkpoint in scan).
+    step = nn.remat(step, policy=REMAT_POLICIES[module.remat],
+                    prevent_cse=not module.scan_layers)
+  if not module.scan_layers:
+    for block in blocks:
+      x_BxTxD = step(block, x_BxTxD, padding_mask)
+    return x_BxTxD
+
+  def scan_step(block: TransformerBlock, x: jax.Array,
+                mask: jax.Array | None) -> tuple[jax.Array, None]:
+    return step(block, x, mask), None
+
+  # Each layer gets its own parameters (and initialisation and dropout keys); sown attention
+  # weights stack like the parameters.
+  scan = nn.scan(scan_step, variable_axes={"params": 0, "intermediates": 0},
+                 split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
+                 length=module.num_layers)
+  x_BxTxD, _ = scan(blocks, x_BxTxD, padding_mask)
+  return x_BxTxD
+
+
 class TransformerEncoderClassifier(nn.Module):
   """A bidirectional transformer over token ids for sequence classification (e.g. IMDB sentiment).
 
@@ -110,6 +195,8 @@ class TransformerEncoderClassifier(nn.Module):
   dropout_rate: float = 0.0
   pad_id: int = 0
   output: str = "logits"
+  remat: str = "none"
+  scan_layers: bool = False
 
   def __post_init__(self) -> None:
     _check_architecture(self)
@@ -127,10 +214,8 @@ class TransformerEncoderClassifier(nn.Module):
     x_BxTxD = x_BxTxD + positions_LxD[None, :length, :]
     if self.dropout_rate:
       x_BxTxD = nn.Dropout(self.dropout_rate, deterministic=not train)(x_BxTxD)
-    for index in range(self.num_layers):
-      x_BxTxD = TransformerBlock(self.num_heads, causal=False, mlp_ratio=self.mlp_ratio,
-                                 dropout_rate=self.dropout_rate, name=f"block{index}")(
-                                     x_BxTxD, train=train, padding_mask=real_BxT)
+    x_BxTxD = _run_blocks(self, _compact_blocks(self), x_BxTxD, train=train,
+                          padding_mask=real_BxT)
     x_BxTxD = nn.LayerNorm(name="ln_final")(x_BxTxD)
     weights_BxTx1 = real_BxT.astype(x_BxTxD.dtype)[:, :, None]
     count_Bx1 = jnp.maximum(jnp.sum(weights_BxTx1, axis=1), 1.0)
@@ -163,6 +248,8 @@ class TransformerLM(nn.Module):
   tie_weights: bool = True
   mlp_ratio: int = 4
   output: str = "logits"
+  remat: str = "none"
+  scan_layers: bool = False
 
   def __post_init__(self) -> None:
     _check_architecture(self)
@@ -180,8 +267,10 @@ class TransformerLM(nn.Module):
     self.position_embedding = self.param("position_embedding", EMBEDDING_INIT,
                                          (self.block_size, self.width))
     self.embedding_dropout = nn.Dropout(self.dropout_rate)
-    self.blocks = [TransformerBlock(self.num_heads, causal=True, mlp_ratio=self.mlp_ratio,
-                                    dropout_rate=self.dropout_rate) for _ in range(self.num_layers)]
+    if self.scan_layers:  # one block whose parameters nn.scan stacks: "blocks"
+      self.blocks = _new_block(self, causal=True)
+    else:  # "blocks_0", "blocks_1", ...
+      self.blocks = [_new_block(self, causal=True) for _ in range(self.num_layers)]
     self.ln_final = nn.LayerNorm()
     if not self.tie_weights:
       self.head = nn.Dense(self.num_classes, use_bias=False)
@@ -206,8 +295,7 @@ class TransformerLM(nn.Module):
           f"TransformerLM: sequence length {length} must be in [1, block_size={self.block_size}].")
     x_BxTxD = x_BxTxD + self.position_embedding[None, :length, :]
     x_BxTxD = self.embedding_dropout(x_BxTxD, deterministic=not train)
-    for block in self.blocks:
-      x_BxTxD = block(x_BxTxD, train=train)
+    x_BxTxD = _run_blocks(self, self.blocks, x_BxTxD, train=train)
     head = self.token_embedding.attend if self.tie_weights else self.head
     return apply_output(head(self.ln_final(x_BxTxD)), self.output)
 
@@ -235,6 +323,8 @@ class ViT(nn.Module):
   dropout_rate: float = 0.0
   pool: str = "cls"
   output: str = "logits"
+  remat: str = "none"
+  scan_layers: bool = False
 
   def __post_init__(self) -> None:
     _check_architecture(self)
@@ -264,10 +354,7 @@ class ViT(nn.Module):
     x_BxNxD = x_BxNxD + positions_NxD[None, :, :]
     if self.dropout_rate:
       x_BxNxD = nn.Dropout(self.dropout_rate, deterministic=not train)(x_BxNxD)
-    for index in range(self.num_layers):
-      x_BxNxD = TransformerBlock(self.num_heads, causal=False, mlp_ratio=self.mlp_ratio,
-                                 dropout_rate=self.dropout_rate, name=f"block{index}")(
-                                     x_BxNxD, train=train)
+    x_BxNxD = _run_blocks(self, _compact_blocks(self), x_BxNxD, train=train)
     x_BxNxD = nn.LayerNorm(name="ln_final")(x_BxNxD)
     pooled_BxD = x_BxNxD[:, 0, :] if self.pool == "cls" else jnp.mean(x_BxNxD, axis=1)
     return apply_output(nn.Dense(self.num_classes, name="head")(pooled_BxD), self.output)
