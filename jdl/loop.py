@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from jdl import data as data_lib
 from jdl import flops as flops_lib
 from jdl import metrics as metrics_lib
-from jdl import optim, parallel, resident, step as step_lib, transfer
+from jdl import optim, parallel, prefetch, resident, step as step_lib, transfer
 from jdl.checkpoint import Checkpointer
 from jdl.writers import MetricWriter
 from jdl import state as state_lib
@@ -259,6 +259,7 @@ def fit(
         raise Preempted(step, stopped_by, checkpointer.directory)
   finally:
     bar.close()
+    engine.close()
     if stop is not None:
       stop.restore()
   return runner.fetch_state(state), history
@@ -533,6 +534,10 @@ def _make_engine(state: TrainState, train_step, eval_step, train_data, eval_data
   return _HostEngine(runner, train_step, eval_step, train_data, eval_data, num_classes)
 
 
+PREFETCH_BATCHES = 2
+"""Batches the per-step engine keeps ready ahead of the step (`jdl.prefetch.BatchPrefetcher`)."""
+
+
 class _Engine(Protocol):
   def advance(self, state: TrainState, step: int, limit: int) -> tuple[TrainState, Any, int]:
     """Trains from `step` towards `limit`; returns the state, metric sums and steps taken."""
@@ -542,11 +547,15 @@ class _Engine(Protocol):
     """The metric states over the whole of evaluation source `name`."""
     ...
 
+  def close(self) -> None:
+    """Releases what the engine holds (a prefetch thread)."""
+    ...
+
 
 class _HostEngine:
-  """One compiled call per batch; batches come from the host, checked there, and the next batch
-  is made (and, on several devices, laid out on them) while the current step runs (dispatch is
-  asynchronous)."""
+  """One compiled call per batch; batches come from the host, checked there and (on several
+  devices) laid out on them by a background thread a few steps ahead (`jdl.prefetch`), so
+  reading the next batches overlaps the step."""
 
   def __init__(self, runner, train_step, eval_step, train_data, eval_data, num_classes):
     self.runner, self.train_data, self.eval_data = runner, train_data, eval_data
@@ -554,18 +563,10 @@ class _HostEngine:
     # In-memory arrays were checked once (`_make_engine`); other sources batch by batch here.
     self.check_each_batch = not isinstance(train_data, data_lib.ArraySource)
     self.train_step, self.eval_step = runner.compile(train_step, eval_step)
-    self.batches: Any = None
-    self.position = -1  # the step that `self.ready` trains
-    self.ready: Any = None  # the next batch, already on the device
+    self.batches = prefetch.BatchPrefetcher(train_data, self._prepare, depth=PREFETCH_BATCHES)
 
-  def _next_placed(self, step: int):
-    """The batch of `step`, checked and on the device (None when its epoch has no more)."""
-    if self.position != step:
-      epoch, skip = divmod(step, self.train_data.steps_per_epoch)
-      self.batches = itertools.islice(self.train_data.epoch(epoch), skip, None)
-    batch = next(self.batches, None)
-    if batch is None:
-      return None
+  def _prepare(self, batch):
+    """A batch checked and on the device(s); run by the prefetch thread."""
     if self.check_each_batch:
       data_lib.check_inputs(batch["input"], where="training inputs")
       real = batch.get("mask")
@@ -576,14 +577,11 @@ class _HostEngine:
 
   def advance(self, state, step, limit):
     del limit  # one step per call
-    batch = self.ready if self.position == step else self._next_placed(step)
-    state, sums = self.train_step(state, batch)
-    # While the step runs, fetch and place the next batch of this epoch.
-    self.position = step + 1
-    self.ready = self._next_placed(step + 1)
-    if self.ready is None:
-      self.position = -1
+    state, sums = self.train_step(state, self.batches.get(step))
     return state, sums, 1
+
+  def close(self):
+    self.batches.close()
 
   def evaluate(self, state, name):
     return evaluation_sums(evaluation_state(state), self.eval_step, self.eval_data[name],

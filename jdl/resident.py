@@ -319,6 +319,9 @@ class ResidentEngine:
                                           self.order, np.int32(step), np.int32(length))
     return state, sums, length
 
+  def close(self) -> None:
+    """Nothing to release: the splits on the device go with the engine."""
+
   def evaluate(self, state: State, name: str | None = None) -> Metrics:
     """The eval step's metric states over the whole evaluation split `name` (None: the only
     one), on the device."""
