@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 _END = object()  # what a thread that stopped early leaves behind
@@ -21,7 +21,7 @@ class BatchPrefetcher:
   """The batches of `source` from any step on, each prepared by `prepare` up to `depth` ahead.
 
   A thread walks the source's epochs from the step first asked for (skipping the batches of that
-  epoch before it), calls `prepare(batch)` on each (checks, device placement) and queues the
+  epoch before it, without reading them where the source has `epoch_from`), calls `prepare(batch)` on each (checks, device placement) and queues the
   results. `get(step)` returns the batch of `step`; asking for any other step than the next one
   (a resume, a seek) starts the walk again from there. An error raised in the thread is raised
   by `get`. `close()` stops the thread; it is a daemon, so an unclosed one never blocks exit.
@@ -81,7 +81,7 @@ class BatchPrefetcher:
       while not stop.is_set():
         epoch, skip = divmod(step, steps_per_epoch)
         produced = False
-        for batch in itertools.islice(self.source.epoch(epoch), skip, None):
+        for batch in self._batches(epoch, skip):
           if not self._put(ready, stop, (step, self.prepare(batch))):
             return
           step, produced = step + 1, True
@@ -91,6 +91,14 @@ class BatchPrefetcher:
           return
     except BaseException as error:  # pylint: disable=broad-except  # raised again by `get`
       self._put(ready, stop, (None, error))
+
+  def _batches(self, epoch: int, skip: int) -> Iterator[Any]:
+    """Epoch `epoch` from its batch `skip` on: positioned by the source where it can
+    (`epoch_from`, e.g. `jdl.data.TokenWindowSource`), else read and dropped."""
+    epoch_from = getattr(self.source, "epoch_from", None)
+    if skip and epoch_from is not None:
+      return epoch_from(epoch, skip)
+    return itertools.islice(self.source.epoch(epoch), skip, None)
 
   @staticmethod
   def _put(ready: queue.Queue, stop: threading.Event, item: Any) -> bool:

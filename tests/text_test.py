@@ -328,3 +328,26 @@ def test_imdb_on_mock_data_gives_padded_word_ids(tmp_path, monkeypatch):
   np.testing.assert_array_equal((train.inputs != 0).sum(axis=1), expected_lengths)
   batch = next(train.epoch(0))
   assert batch["input"].shape == (16, 12) and batch["input"].dtype == np.int32
+
+
+def test_windows_of_a_memory_mapped_uint16_token_file_without_copying_it(tmp_path):
+  """A nanoGPT-style `.bin` of uint16 ids stays memory-mapped (never copied to int32): the
+  source yields the int32 windows of the same stream in memory, and a resumed epoch positions
+  itself without reading the windows it skips."""
+  stream = (np.arange(5000) * 7919 % 60000).astype(np.uint16)
+  path = tmp_path / "train.bin"
+  stream.tofile(path)
+  tokens = jdl.data.read_token_file(str(path))
+  mapped = jdl.data.TokenWindowSource(tokens, block_size=16, batch_size=4, seed=3)
+  in_memory = jdl.data.TokenWindowSource(stream.astype(np.int64), block_size=16, batch_size=4,
+                                         seed=3)
+  assert np.shares_memory(mapped.tokens, tokens) and mapped.tokens.dtype == np.uint16
+  for a, b in zip(mapped.epoch(1), in_memory.epoch(1)):
+    assert a["input"].dtype == np.int32
+    np.testing.assert_array_equal(a["input"], b["input"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  resumed = list(mapped.epoch_from(1, 5))
+  assert len(resumed) == mapped.steps_per_epoch - 5
+  np.testing.assert_array_equal(resumed[0]["input"], list(mapped.epoch(1))[5]["input"])
+  with pytest.raises(ValueError, match="uint16 or uint32"):
+    jdl.data.read_token_file(str(path), dtype="int8")

@@ -23,7 +23,8 @@ from jdl.data import array_cache, augment_tf
 from jdl.data.sources import (ArraySource, Batch, BatchSource, PipelineAugmentFn, TFDataSource,
                               check_inputs, check_labels, epoch_seed, pad_batch)
 from jdl.data.text import (CharVocabulary, TokenWindowSource, WordVocabulary, load_char_lm_data,
-                           load_text_classification_data, read_text, sequential_windows)
+                           load_text_classification_data, read_text, read_token_file,
+                           sequential_windows)
 from jdl.lazy_import import tensorflow_datasets as tfds
 
 
@@ -126,5 +127,5 @@ __all__ = [
     "PipelineAugmentFn", "array_cache", "augment_tf",
     "TFDataSource", "check_inputs", "check_labels", "dataset_meta", "epoch_seed",
     "generate_mnist1d", "get_builder", "load_classification_data", "load_raw_split_arrays",
-    "load_split_arrays", "pad_batch", "prepare", "read_split", "scale_inputs",
+    "load_split_arrays", "pad_batch", "prepare", "read_split", "read_token_file", "scale_inputs",
 ]

@@ -260,16 +260,32 @@ class TokenWindowSource:
 
   def epoch(self, index: int) -> Iterator[Batch]:
     """The batches of epoch `index`: `input`, `label` int32 `[local_batch, block_size]` and an
-    all-True `mask` `[local_batch]`. The starts are drawn one batch at a time, so skipping the
-    first batches (as a resumed run does) is cheap and gives the same later batches."""
+    all-True `mask` `[local_batch]`."""
+    return self.epoch_from(index, 0)
+
+  def epoch_from(self, index: int, first: int) -> Iterator[Batch]:
+    """The batches of epoch `index` from its `first` on: the earlier batches' starts are drawn
+    and dropped without reading their windows, so a resumed run positions the stream at once."""
     rng = np.random.default_rng(epoch_seed(self.seed, index))
     low = self.process_index * self.local_batch_size
     mask = np.ones((self.local_batch_size,), np.bool_)
-    for _ in range(self.steps_per_epoch):
+    for position in range(self.steps_per_epoch):
       starts = rng.integers(0, self.num_starts, size=self._batch_size)
+      if position < first:
+        continue
       windows = self.tokens[starts[low:low + self.local_batch_size, None] + self._offsets]
+      windows = windows.astype(np.int32)  # from the stream's own dtype (uint16 in a file, say)
       yield {"input": np.ascontiguousarray(windows[:, :-1]),
              "label": np.ascontiguousarray(windows[:, 1:]), "mask": mask.copy()}
+
+
+def read_token_file(path: str, dtype: str = "uint16") -> np.ndarray:
+  """A binary file of token ids (nanoGPT's `train.bin`: a flat array of uint16, or uint32 for
+  vocabularies over 65,536), memory-mapped read-only: `TokenWindowSource` reads its windows from
+  the file without loading or copying the stream."""
+  if np.dtype(dtype) not in (np.dtype(np.uint16), np.dtype(np.uint32)):
+    raise ValueError(f"token files hold uint16 or uint32 ids; got dtype {dtype!r}.")
+  return np.memmap(path, dtype=np.dtype(dtype), mode="r")
 
 
 def sequential_windows(tokens: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -283,8 +299,8 @@ def sequential_windows(tokens: np.ndarray, block_size: int) -> tuple[np.ndarray,
   tokens = _check_tokens(tokens, block_size, extra=1)
   count = (len(tokens) - 1) // block_size
   span = count * block_size
-  inputs = tokens[:span].reshape(count, block_size)
-  labels = tokens[1:span + 1].reshape(count, block_size)
+  inputs = tokens[:span].reshape(count, block_size).astype(np.int32)
+  labels = tokens[1:span + 1].reshape(count, block_size).astype(np.int32)
   return inputs, labels
 
 
@@ -440,10 +456,12 @@ def _check_tokens(tokens: np.ndarray, block_size: int, *, extra: int) -> np.ndar
   if len(tokens) < min_tokens:
     raise ValueError(f"{len(tokens)} tokens are too few for windows of block_size={block_size}: "
                      f"need at least {min_tokens}.")
-  limits = np.iinfo(np.int32)
-  if tokens.min() < limits.min or tokens.max() > limits.max:
-    raise ValueError(f"token ids must fit in int32; got {tokens.min()} .. {tokens.max()}.")
-  return tokens.astype(np.int32, copy=False)
+  if np.iinfo(tokens.dtype).max > np.iinfo(np.int32).max or np.iinfo(tokens.dtype).min < 0:
+    # Ids of a wide or signed type are read once to check them (a memory-mapped file: one pass).
+    limits = np.iinfo(np.int32)
+    if tokens.min() < 0 or tokens.max() > limits.max:
+      raise ValueError(f"token ids must lie in [0, 2**31); got {tokens.min()} .. {tokens.max()}.")
+  return tokens  # kept in its own dtype (a uint16 file stays mapped); windows become int32
 
 
 def _check_texts(texts: Iterable[str]) -> list[str]:
