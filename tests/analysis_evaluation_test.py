@@ -312,13 +312,14 @@ def test_optional_sections_draw_attribution_and_robustness(tiny_run, tmp_path):
 
 
 def test_report_explains_mnist1d_signals_with_shap_and_lime_beside_integrated_gradients(
-    tiny_run, tmp_path, monkeypatch):
+    tiny_run, tmp_path, monkeypatch, request):
   """With the shap and lime packages, the report explains the first MNIST-1D signals' predicted
   classes three ways side by side; SHAP's values add up to the output, and LIME's rules for the
   first signal are on the page."""
   for package in ("shap", "lime"):
     pytest.importorskip(package, reason=f"the {package} package is not installed: pip install -e "
                         '".[explain]"')
+  request.getfixturevalue("shap_without_numba")  # after the skips: it imports shap
   from jdl.analysis import explain  # pylint: disable=import-outside-toplevel
 
   # The report's sizes and the explainers' evaluation counts, cut to the least that exercises
@@ -333,15 +334,6 @@ def test_report_explains_mnist1d_signals_with_shap_and_lime_beside_integrated_gr
       *args, **{"max_evals": 81, **kwargs}))
   monkeypatch.setattr(explain, "lime_explanations", lambda *args, **kwargs: lime_explanations(
       *args, **{"num_samples": 300, **kwargs}))
-  # shap's masking helpers are numba functions whose compilation (about 11 s on one core) is most
-  # of this test; at these sizes their Python originals (numba's `py_func`, the same code) run in
-  # milliseconds and give the same values. Undone after the test.
-  for module_name, names in (("shap.maskers._tabular", ("_delta_masking", "_single_delta_mask")),
-                             ("shap.utils._masked_model", ("_build_fixed_single_output",
-                                                           "_build_fixed_multi_output"))):
-    module = importlib.import_module(module_name)
-    for name in names:
-      monkeypatch.setattr(module, name, getattr(module, name).py_func)
   run = runs.load_run(tiny_run, log=lambda message: None)
   inputs, labels = report.load_eval_split(run)
   inputs, labels = inputs[:120], labels[:120]
