@@ -312,13 +312,28 @@ def test_optional_sections_draw_attribution_and_robustness(tiny_run, tmp_path):
 
 
 def test_report_explains_mnist1d_signals_with_shap_and_lime_beside_integrated_gradients(
-    tiny_run, tmp_path):
+    tiny_run, tmp_path, monkeypatch, request):
   """With the shap and lime packages, the report explains the first MNIST-1D signals' predicted
   classes three ways side by side; SHAP's values add up to the output, and LIME's rules for the
   first signal are on the page."""
   for package in ("shap", "lime"):
     pytest.importorskip(package, reason=f"the {package} package is not installed: pip install -e "
                         '".[explain]"')
+  request.getfixturevalue("shap_without_numba")  # after the skips: it imports shap
+  from jdl.analysis import explain  # pylint: disable=import-outside-toplevel
+
+  # The report's sizes and the explainers' evaluation counts, cut to the least that exercises
+  # every part of the section: two examples side by side, a background of 10 for SHAP and one
+  # permutation forward and back (2 * 40 + 1 evaluations; local accuracy holds exactly for any
+  # number of permutations), 100 examples for LIME's quartiles and 300 samples per example.
+  monkeypatch.setattr(report, "EXPLAINED_EXAMPLES", 2)
+  monkeypatch.setattr(report, "SHAP_BACKGROUND", 10)
+  monkeypatch.setattr(report, "LIME_TRAINING", 100)
+  shap_values, lime_explanations = explain.shap_values, explain.lime_explanations
+  monkeypatch.setattr(explain, "shap_values", lambda *args, **kwargs: shap_values(
+      *args, **{"max_evals": 81, **kwargs}))
+  monkeypatch.setattr(explain, "lime_explanations", lambda *args, **kwargs: lime_explanations(
+      *args, **{"num_samples": 300, **kwargs}))
   run = runs.load_run(tiny_run, log=lambda message: None)
   inputs, labels = report.load_eval_split(run)
   inputs, labels = inputs[:120], labels[:120]

@@ -140,3 +140,18 @@ def mnist1d_data_dir() -> str:
     fcntl.flock(lock, fcntl.LOCK_EX)
     data.prepare(data.get_builder("mnist1d", str(path)))  # reuses a prepared dataset
   return str(path)
+
+
+@pytest.fixture
+def shap_without_numba(monkeypatch):
+  """shap's masking helpers as their Python originals (numba's `py_func`, the same code) for one
+  test: their numba compilation takes 8-11 s on one core, while the few hundred model evaluations
+  of a test's explanations run in milliseconds in Python, to the same values."""
+  import importlib  # pylint: disable=import-outside-toplevel
+
+  for module_name, names in (("shap.maskers._tabular", ("_delta_masking", "_single_delta_mask")),
+                             ("shap.utils._masked_model", ("_build_fixed_single_output",
+                                                           "_build_fixed_multi_output"))):
+    module = importlib.import_module(module_name)
+    for name in names:
+      monkeypatch.setattr(module, name, getattr(module, name).py_func)

@@ -15,6 +15,9 @@ pytest.importorskip("lime", reason='the lime package is not installed: pip insta
 
 from jdl.analysis import explain  # pylint: disable=wrong-import-position
 
+# shap's numba helpers run as their Python originals: the same values, without 8 s of compiling.
+pytestmark = pytest.mark.usefixtures("shap_without_numba")
+
 
 def _model_state(hidden, features=10, classes=3, seed=0):
   model = models.MLP(hidden=hidden, num_classes=classes)
