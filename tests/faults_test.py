@@ -26,6 +26,7 @@ import jdl
 from jdl import experiment, models, runs, writers
 
 from experiments import mnist1d
+from tests.checkpoint_test import Crash, _crash_at
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -56,18 +57,6 @@ def _error_lines(stderr):
   """The lines of stderr that are not warnings of the libraries underneath."""
   return [line for line in stderr.splitlines()
           if line.strip() and "Warning" not in line and not line.startswith(("W0", "I0", "  "))]
-
-
-class Crash(Exception):
-  pass
-
-
-def _crash_at(crash_step):
-  def hook(step, state, record):
-    del state, record
-    if step == crash_step:
-      raise Crash(f"simulated crash at step {step}")
-  return hook
 
 
 def _mlp_state(hidden=64):
