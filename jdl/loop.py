@@ -182,7 +182,7 @@ def fit(
   runner = runner or parallel.JitRunner()
   engine = _make_engine(state, train_step, eval_step, train_data, eval_sources, runner=runner,
                         device_resident=device_resident, steps_per_call=steps_per_call)
-  speed = _Speed(runner, train_step, state, train_data, enabled=progress or writer is not None)
+  speed = _Speed(runner, train_step, state, engine, enabled=progress or writer is not None)
   step = int(state.step)
 
   def call_bounds(step: int) -> tuple[int, int]:
@@ -366,27 +366,34 @@ class _Speed:
   runs that log nothing."""
 
   def __init__(self, runner: parallel.Runner, train_step: Callable[..., Any], state: TrainState,
-               train_data: data_lib.BatchSource, enabled: bool) -> None:
+               engine: _Engine, enabled: bool) -> None:
     self.flops_per_step: float | None = None
     self.first_step, self.compiled = int(state.step), False
     self.num_devices = runner.num_devices
-    if not enabled or runner.axis_name is not None:
-      return
-    batch = next(iter(train_data.epoch(0)), None)
-    abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-    try:  # this process's share of the batch: the global step is process_count times it
-      self.flops_per_step = jax.process_count() * flops_lib.step_flops(
-          train_step, abstract(state), abstract(batch))
-    except Exception:  # pylint: disable=broad-except  # a backend without cost analysis
-      self.flops_per_step = None
+    self.pending = None
+    if enabled and runner.axis_name is None:  # read at the first record, from a batch's shapes
+      self.pending = (train_step, _abstract(state), engine)
 
   def utilisation(self, step: int, seconds: float) -> dict[str, float]:
     """`{"mfu": ...}` for the steps since the previous call (empty when off)."""
+    if self.pending is not None:
+      train_step, state, engine = self.pending
+      self.pending = None
+      try:  # this process's share of the batch: the global step is process_count times it
+        self.flops_per_step = jax.process_count() * flops_lib.step_flops(
+            train_step, state, engine.batch_spec())
+      except Exception:  # pylint: disable=broad-except  # a backend without cost analysis
+        self.flops_per_step = None
     steps, self.first_step = step - self.first_step, step
     timed, self.compiled = self.compiled, True
     if not self.flops_per_step or not timed or steps < 1 or seconds <= 0:
       return {}
     return {"mfu": flops_lib.mfu(self.flops_per_step, seconds / steps, self.num_devices)}
+
+
+def _abstract(tree: Any) -> Any:
+  """`jax.ShapeDtypeStruct`s of the arrays of `tree`."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
 
 
 def _progress_fields(running: Mapping[str, float], seconds: float) -> dict[str, str]:
@@ -551,6 +558,10 @@ class _Engine(Protocol):
     """Releases what the engine holds (a prefetch thread)."""
     ...
 
+  def batch_spec(self) -> Any:
+    """The shapes and dtypes of a training batch as the step receives it (this process's)."""
+    ...
+
 
 class _HostEngine:
   """One compiled call per batch; batches come from the host, checked there and (on several
@@ -564,9 +575,11 @@ class _HostEngine:
     self.check_each_batch = not isinstance(train_data, data_lib.ArraySource)
     self.train_step, self.eval_step = runner.compile(train_step, eval_step)
     self.batches = prefetch.BatchPrefetcher(train_data, self._prepare, depth=PREFETCH_BATCHES)
+    self.last_batch_spec: Any = None
 
   def _prepare(self, batch):
     """A batch checked and on the device(s); run by the prefetch thread."""
+    self.last_batch_spec = _abstract(batch)
     if self.check_each_batch:
       data_lib.check_inputs(batch["input"], where="training inputs")
       real = batch.get("mask")
@@ -582,6 +595,9 @@ class _HostEngine:
 
   def close(self):
     self.batches.close()
+
+  def batch_spec(self):
+    return self.last_batch_spec  # set by the first batch prepared, before any record
 
   def evaluate(self, state, name):
     return evaluation_sums(evaluation_state(state), self.eval_step, self.eval_data[name],

@@ -322,6 +322,11 @@ class ResidentEngine:
   def close(self) -> None:
     """Nothing to release: the splits on the device go with the engine."""
 
+  def batch_spec(self) -> Batch:
+    """The shapes and dtypes of a training batch as the train step receives it."""
+    indices = jax.ShapeDtypeStruct((self.train.batch_size,), jnp.int32)
+    return jax.eval_shape(gather_batch, self.train.inputs, self.train.labels, indices)
+
   def evaluate(self, state: State, name: str | None = None) -> Metrics:
     """The eval step's metric states over the whole evaluation split `name` (None: the only
     one), on the device."""

@@ -282,16 +282,18 @@ def test_mutable_collections_and_a_training_keyword_of_another_name_go_through_f
   assert history[-1]["test_accuracy"] > 0.6
 
 
-def test_records_carry_mfu_after_the_first_interval(tmp_path):
+@pytest.mark.parametrize("resident", [True, False])
+def test_records_carry_mfu_after_the_first_interval(tmp_path, resident):
   """A run that logs reports its model FLOPs utilisation from the second record on (the first
-  interval holds the compilation), a fraction in (0, 1], also in metrics.jsonl."""
+  interval holds the compilation), a fraction in (0, 1], also in metrics.jsonl; both engines."""
   x, y = _regression_problem(64)
   state = jdl.create_train_state(models.MLP(hidden=(16,), num_classes=1), optax.adam(0.01),
                                  x[:1], jax.random.key(0))
   with jdl.MetricWriter(str(tmp_path)) as writer:
     _, history = jdl.fit(state, *jdl.make_steps(jdl.tasks.regression()),
                          ArraySource(x, y, 16, shuffle=True), None, num_steps=40,
-                         eval_every_steps=10, writer=writer, progress=False)
+                         eval_every_steps=10, writer=writer, progress=False,
+                         device_resident=resident)
   assert "mfu" not in history[0]
   assert all(0.0 < record["mfu"] <= 1.0 for record in history[1:])
   assert [r.get("mfu") for r in jdl.read_jsonl(str(tmp_path))] == [r.get("mfu") for r in history]
