@@ -579,7 +579,8 @@ class _HostEngine:
 
   def _prepare(self, batch):
     """A batch checked and on the device(s); run by the prefetch thread."""
-    self.last_batch_spec = _abstract(batch)
+    if self.last_batch_spec is None:  # once: a batch's shapes, for the FLOPs of a step
+      self.last_batch_spec = _abstract(batch)
     if self.check_each_batch:
       data_lib.check_inputs(batch["input"], where="training inputs")
       real = batch.get("mask")

@@ -85,7 +85,7 @@ class BatchPrefetcher:
           if not self._put(ready, stop, (step, self.prepare(batch))):
             return
           step, produced = step + 1, True
-        step = (epoch + 1) * steps_per_epoch if step < (epoch + 1) * steps_per_epoch else step
+        step = max(step, (epoch + 1) * steps_per_epoch)
         if not produced:
           self._put(ready, stop, (None, _END))
           return

@@ -267,7 +267,7 @@ class ResidentEngine:
                constrain: Callable[[Batch], Batch] = _identity,
                steps_per_call: int | None = None,
                eval_state: Callable[[State], State] = lambda state: state) -> None:
-    self.train_step, self.eval_step, self.eval_data = train_step, eval_step, eval_data
+    self.train_step, self.eval_step = train_step, eval_step
     self.constrain, self.steps_per_call, self.eval_state = constrain, steps_per_call, eval_state
     self.train = ResidentData(*place(with_padding_row(train_data.inputs, train_data.labels)),
                               batch_size=train_data.batch_size, shuffle=train_data.shuffle,

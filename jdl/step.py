@@ -294,16 +294,15 @@ def _loss_and_sums(value: Any, mask: jax.Array | None, batch_size: int, axis_nam
   losses = jnp.asarray(losses, jnp.float32)
   if losses.ndim == 0:  # the batch's mean loss already: weigh it by the batch's real examples
     count = _example_count(mask, batch_size)
-    loss_sum = losses * count
+    sums = {"count": count.astype(jnp.int32), "loss_sum": losses * count}
   else:
     if losses.shape[0] != batch_size:
       raise ValueError(
           f"the loss returned shape {losses.shape}, but the batch has {batch_size} examples: a "
           "task's loss gives one value per example (or per position), or one scalar.")
-    keep = metrics_lib.broadcast_mask(mask, losses.shape).astype(jnp.float32)
-    count, loss_sum = jnp.sum(keep), jnp.sum(losses * keep)
+    sums = metrics_lib.loss_metrics(losses, mask)
+  count = sums["count"].astype(jnp.float32)
   total = count if axis_name is None else jax.lax.psum(count, axis_name)
-  sums = {"count": count.astype(jnp.int32), "loss_sum": loss_sum}
   if not isinstance(aux, Mapping):
     raise ValueError(f"a task's loss returns losses or (losses, aux) with aux a dict of named "
                      f"values; got aux of type {type(aux).__name__}.")
@@ -311,7 +310,7 @@ def _loss_and_sums(value: Any, mask: jax.Array | None, batch_size: int, axis_nam
     if name in ("loss", "count") or not isinstance(name, str):
       raise ValueError(f"auxiliary loss term name {name!r} is reserved or not a string.")
     sums.update(_term_sums(name, jnp.asarray(term, jnp.float32), mask, losses.shape))
-  return loss_sum / jnp.maximum(total, 1.0), sums
+  return sums["loss_sum"] / jnp.maximum(total, 1.0), sums
 
 
 def _example_count(mask: jax.Array | None, batch_size: int) -> jax.Array:

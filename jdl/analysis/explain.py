@@ -111,11 +111,7 @@ def shap_values(apply_fn: ApplyFn, variables: Any, inputs: Any, background: Any,
   """
   shap = _require("shap")
   inputs, targets = _checked(inputs, target_classes, "shap_values")
-  background = np.asarray(background, inputs.dtype)
-  if background.ndim != inputs.ndim or background.shape[1:] != inputs.shape[1:] or \
-      background.shape[0] == 0:
-    raise ValueError(f"background must be a non-empty batch of the inputs' shape "
-                     f"{inputs.shape[1:]}; got {background.shape}.")
+  background = _reference_examples(background, inputs, "background", minimum=1)
   features = int(np.prod(inputs.shape[1:]))
   max_evals = max(500, 2 * features + 1) if max_evals is None else max_evals
   if max_evals < 2 * features + 1:
@@ -181,12 +177,8 @@ def lime_explanations(apply_fn: ApplyFn, variables: Any, inputs: Any, training_i
   """
   lime_tabular = _require("lime.lime_tabular")
   inputs, targets = _checked(inputs, target_classes, "lime_explanations")
-  training = np.asarray(training_inputs, inputs.dtype)
-  if training.ndim != inputs.ndim or training.shape[1:] != inputs.shape[1:] or \
-      training.shape[0] < 4:
-    raise ValueError(f"training_inputs must be at least 4 examples of the inputs' shape "
-                     f"{inputs.shape[1:]} (LIME bins features into quartiles); got "
-                     f"{training.shape}.")
+  training = _reference_examples(training_inputs, inputs, "training_inputs", minimum=4,
+                                 why=" (LIME bins features into quartiles)")
   features = int(np.prod(inputs.shape[1:]))
   predict = _black_box(apply_fn, variables, inputs.shape[1:], inputs.dtype)
 
@@ -212,3 +204,15 @@ def lime_explanations(apply_fn: ApplyFn, variables: Any, inputs: Any, training_i
     rules.append([(text, float(weight)) for text, weight in explanation.as_list(int(target))])
   return LimeResult(weights=weights.reshape(inputs.shape), intercepts=np.asarray(intercepts),
                     scores=np.asarray(scores), targets=np.asarray(targets), rules=rules)
+
+
+def _reference_examples(examples: Any, inputs: np.ndarray, name: str, *, minimum: int,
+                        why: str = "") -> np.ndarray:
+  """`examples` as an array of the inputs' dtype, after checking it holds at least `minimum`
+  examples of the inputs' shape."""
+  examples = np.asarray(examples, inputs.dtype)
+  if (examples.ndim != inputs.ndim or examples.shape[1:] != inputs.shape[1:]
+      or examples.shape[0] < minimum):
+    raise ValueError(f"{name} must be at least {minimum} example(s) of the inputs' shape "
+                     f"{inputs.shape[1:]}{why}; got {examples.shape}.")
+  return examples
