@@ -14,14 +14,15 @@ one attribution per input element, shaped like `inputs`:
 The model is called as `apply_fn(variables, inputs, train=False)` and must return
 `[batch, num_classes]`. The target score is the target class's logit, or its softmax probability
 with `use_probabilities=True` (a saturated softmax has gradients near zero even where the input
-matters).
+matters). `target_classes` is `[B]` class indices or one int for every example.
 
 Token ids have no gradient: for the gradient methods pass the embeddings `[B, T, D]` and an
 `apply_fn` that starts from them (e.g. a wrapper of `TransformerLM.logits_from_embeddings` that
 returns one position's logits), and sum over D with `reduce_channels=True`.
 
 Every method runs under `jax.jit` and evaluates its many model calls (path points, noise samples,
-occluded copies) `points_per_call` at a time with `vmap` inside a `lax.scan`.
+occluded copies) `points_per_call` at a time (memory: `points_per_call x batch` inputs and
+activations) with `vmap` inside a `lax.scan`.
 """
 
 from __future__ import annotations
@@ -42,20 +43,13 @@ IG_METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapez
               "gauss_legendre")
 
 
-# ---------------------------------------------------------------------------------------------
-# Public API.
-
-
 def saliency(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
              target_classes: jax.Array | int, *, absolute: bool = False,
              reduce_channels: bool = False, use_probabilities: bool = False) -> jax.Array:
   """The gradient of each example's target score with respect to its input.
 
   Args:
-    apply_fn: the model, called as `apply_fn(variables, inputs, train=False)` -> `[B, classes]`.
-    variables: the model's variables, e.g. `state.variables()`.
     inputs: `[B, ...]` floating inputs (see the module docstring for token ids).
-    target_classes: `[B]` class indices, or one int for every example.
     absolute: return the gradient's magnitude (the usual saliency map) instead of its sign.
     reduce_channels: sum over the last axis (channels, features or embedding width) of inputs
       of rank >= 3, giving one number per pixel or time step.
@@ -78,18 +72,8 @@ def smoothgrad(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
 
   The noise's standard deviation is `noise_scale` times the example's own value range
   (`max - min`), as in Smilkov et al., so one setting suits pixels and standardised signals alike.
-
-  Args:
-    apply_fn, variables, inputs, target_classes, absolute, reduce_channels, use_probabilities:
-      as in `saliency`; `absolute` and `reduce_channels` apply to the averaged gradient.
-    key: PRNG key for the noise.
-    num_samples: noisy copies per example (>= 1).
-    noise_scale: noise standard deviation relative to each example's value range (>= 0).
-    points_per_call: at most this many noisy copies of the batch go through the model at once
-      (memory: `points_per_call x batch` inputs and activations).
-
-  Returns:
-    `[B, ...]` float32 as in `saliency`.
+  The other options are `saliency`'s; `absolute` and `reduce_channels` apply to the averaged
+  gradient.
   """
   _check_positive_int(num_samples, "num_samples")
   _check_positive_int(points_per_call, "points_per_call")
@@ -98,7 +82,11 @@ def smoothgrad(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
                      f"range); got {noise_scale!r}.")
   inputs, targets = _check_call(apply_fn, variables, inputs, target_classes, "smoothgrad",
                                 needs_gradient=True, reduce_channels=reduce_channels)
-  _check_key(key)
+  if not isinstance(key, jax.Array) or not (
+      jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.shape == (2,) and
+                                                        key.dtype == jnp.uint32)):
+    raise ValueError(f"key must be a PRNG key (jax.random.key or jax.random.PRNGKey); got "
+                     f"{key!r}.")
   gradients = _smoothgrad_jit(apply_fn, variables, inputs, targets, key,
                               jnp.float32(noise_scale), num_samples, use_probabilities,
                               points_per_call)
@@ -115,22 +103,15 @@ def integrated_gradients(
 
   The path integral is a quadrature over `steps` intervals. `sum(attributions) = score(x) -
   score(baseline)` up to the quadrature error, which `return_convergence_delta` reports: a large
-  delta means more `steps` are needed.
+  delta means more `steps` are needed. The other options are `saliency`'s; `reduce_channels`
+  keeps completeness (it sums attributions).
 
   Args:
-    apply_fn, variables, inputs, target_classes, reduce_channels, use_probabilities: as in
-      `saliency`. `reduce_channels` keeps completeness (it sums attributions).
     baseline: "no signal" for the model: None (zeros), a number, or an array shaped like one
       example or the whole batch.
-    steps: intervals of the quadrature (>= 1).
     method: one of `IG_METHODS`: "riemann_trapezoid" (`steps + 1` gradients), "riemann_left",
       "riemann_right", "riemann_middle" or "gauss_legendre" (`steps` gradients each).
-    points_per_call: at most this many path points (each a full batch) go through the model at once.
     return_convergence_delta: also return `[B]` `sum(attributions) - (score(x) - score(baseline))`.
-
-  Returns:
-    `[B, ...]` float32 attributions shaped like `inputs` (without the last axis with
-    `reduce_channels`), and the convergence delta if asked for.
   """
   _check_positive_int(steps, "steps")
   _check_positive_int(points_per_call, "points_per_call")
@@ -140,11 +121,14 @@ def integrated_gradients(
   inputs, targets = _check_call(apply_fn, variables, inputs, target_classes,
                                 "integrated_gradients", needs_gradient=True,
                                 reduce_channels=reduce_channels)
-  baseline = _baseline_like(baseline, inputs)
+  baseline = jnp.asarray(0 if baseline is None else baseline, inputs.dtype)
+  if baseline.shape not in ((), inputs.shape[1:], inputs.shape):
+    raise ValueError(f"baseline must be a number, one example {inputs.shape[1:]} or the whole "
+                     f"batch {inputs.shape}; got shape {baseline.shape}.")
   alphas, weights = _quadrature(method, steps)
   attributions, delta = _integrated_gradients_jit(
-      apply_fn, variables, inputs, baseline, targets, jnp.asarray(alphas), jnp.asarray(weights),
-      use_probabilities, points_per_call)
+      apply_fn, variables, inputs, jnp.broadcast_to(baseline, inputs.shape), targets,
+      jnp.asarray(alphas), jnp.asarray(weights), use_probabilities, points_per_call)
   attributions = _finish(attributions, absolute=False, reduce_channels=reduce_channels)
   return (attributions, delta) if return_convergence_delta else attributions
 
@@ -158,15 +142,13 @@ def occlusion(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
   The window slides over the leading axes after the batch axis and covers the rest whole: an int
   window is 2-D on `[B, H, W, C]` images and 1-D otherwise; a tuple of k sizes slides over the
   first k axes. A last window flush with the end covers any tail. Each element's attribution is
-  the mean drop, `score(x) - score(occluded x)`, over the windows that cover it.
+  the mean drop, `score(x) - score(occluded x)`, over the windows that cover it. Integer inputs
+  (token ids) are allowed; the other options are `saliency`'s.
 
   Args:
-    apply_fn, variables, inputs, target_classes, use_probabilities: as in `saliency`, except that
-      integer inputs (token ids) are allowed here.
     window: window size: an int, or one size per occluded axis.
     stride: step between windows, like `window`; None (default) is `window` (no overlap).
     fill: the replacement value (for token ids an integer, usually the padding id).
-    points_per_call: at most this many occluded copies of the batch go through the model at once.
 
   Returns:
     `[B, ...]` float32 attributions shaped like `inputs`.
@@ -178,14 +160,9 @@ def occlusion(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
   if jnp.issubdtype(inputs.dtype, jnp.integer) and float(fill) != int(fill):
     raise ValueError(f"fill must be an integer (e.g. the padding id) for integer inputs of dtype "
                      f"{inputs.dtype}; got {fill!r}.")
-  starts = _window_starts(inputs.shape[1:1 + len(window)], window, stride)
-  coverage = _coverage(inputs.shape[1:1 + len(window)], window, starts)
+  starts, coverage = _windows(inputs.shape[1:1 + len(window)], window, stride)
   return _occlusion_jit(apply_fn, variables, inputs, targets, jnp.asarray(starts),
                         jnp.asarray(coverage), window, fill, use_probabilities, points_per_call)
-
-
-# ---------------------------------------------------------------------------------------------
-# Jitted implementations.
 
 
 def _target_scores(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
@@ -208,26 +185,25 @@ def _score_gradients(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
   return jax.grad(total_score)(inputs).astype(jnp.float32)
 
 
+_saliency_jit = jax.jit(_score_gradients, static_argnums=(0, 4))
+
+
 def _sum_over_points(point_fn: Callable[[jax.Array], jax.Array], num_points: int,
-                     points_per_call: int, like: jax.ShapeDtypeStruct) -> jax.Array:
-  """`sum(point_fn(i) for i in range(num_points))`, `points_per_call` at a time with `vmap` in a
-  `lax.scan`; the last chunk's padding points repeat index `num_points - 1` and are dropped."""
+                     points_per_call: int, shape: tuple[int, ...]) -> jax.Array:
+  """`sum(point_fn(i) for i in range(num_points))` (float32 of `shape`), `points_per_call` at a
+  time with `vmap` in a `lax.scan`; the last chunk's padding points repeat index
+  `num_points - 1` and are dropped."""
   num_chunks = -(-num_points // points_per_call)
   chunk = -(-num_points // num_chunks)
 
   def add_chunk(total: jax.Array, chunk_index: jax.Array) -> tuple[jax.Array, None]:
     indices = chunk_index * chunk + jnp.arange(chunk)
     values = jax.vmap(point_fn)(jnp.minimum(indices, num_points - 1))
-    keep = (indices < num_points).astype(values.dtype).reshape((chunk,) + (1,) * len(like.shape))
+    keep = (indices < num_points).astype(values.dtype).reshape((chunk,) + (1,) * len(shape))
     return total + jnp.sum(values * keep, axis=0), None
 
-  total, _ = jax.lax.scan(add_chunk, jnp.zeros(like.shape, like.dtype), jnp.arange(num_chunks))
+  total, _ = jax.lax.scan(add_chunk, jnp.zeros(shape, jnp.float32), jnp.arange(num_chunks))
   return total
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _saliency_jit(apply_fn, variables, inputs, targets, use_probabilities):
-  return _score_gradients(apply_fn, variables, inputs, targets, use_probabilities)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7, 8))
@@ -235,17 +211,15 @@ def _smoothgrad_jit(apply_fn, variables, inputs, targets, key, noise_scale, num_
                     use_probabilities, points_per_call):
   x = inputs.astype(jnp.float32)
   axes = tuple(range(1, x.ndim))
-  value_range = jnp.max(x, axis=axes, keepdims=True) - jnp.min(x, axis=axes, keepdims=True)
-  sigma = noise_scale * value_range  # [B, 1, ...]: per example
+  sigma = noise_scale * (jnp.max(x, axis=axes, keepdims=True) -
+                         jnp.min(x, axis=axes, keepdims=True))  # [B, 1, ...]: per example
 
   def gradient_at_sample(index: jax.Array) -> jax.Array:
     noise = jax.random.normal(jax.random.fold_in(key, index), x.shape, jnp.float32)
     noisy = (x + sigma * noise).astype(inputs.dtype)
     return _score_gradients(apply_fn, variables, noisy, targets, use_probabilities)
 
-  total = _sum_over_points(gradient_at_sample, num_samples, points_per_call,
-                           jax.ShapeDtypeStruct(x.shape, jnp.float32))
-  return total / num_samples
+  return _sum_over_points(gradient_at_sample, num_samples, points_per_call, x.shape) / num_samples
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7, 8))
@@ -258,9 +232,8 @@ def _integrated_gradients_jit(apply_fn, variables, inputs, baseline, targets, al
     return weights[index] * _score_gradients(apply_fn, variables, point, targets,
                                              use_probabilities)
 
-  mean_gradient = _sum_over_points(weighted_gradient, alphas.shape[0], points_per_call,
-                                   jax.ShapeDtypeStruct(inputs.shape, jnp.float32))
-  attributions = difference * mean_gradient
+  attributions = difference * _sum_over_points(weighted_gradient, alphas.shape[0],
+                                               points_per_call, inputs.shape)
   gap = (_target_scores(apply_fn, variables, inputs, targets, use_probabilities)
          - _target_scores(apply_fn, variables, baseline, targets, use_probabilities))
   delta = jnp.sum(attributions.reshape(inputs.shape[0], -1), axis=1) - gap
@@ -274,28 +247,19 @@ def _occlusion_jit(apply_fn, variables, inputs, targets, starts, coverage, windo
   trailing = (1,) * (inputs.ndim - 1 - len(window))
   clean_scores = _target_scores(apply_fn, variables, inputs, targets, use_probabilities)
 
-  def window_mask(start: jax.Array) -> jax.Array:
-    """`[*occluded_shape, 1, ...]` True inside the window that starts at `start`."""
-    inside = jnp.ones(occluded_shape, bool)
+  def spread_drop(index: jax.Array) -> jax.Array:
+    inside = jnp.ones(occluded_shape, bool)  # True inside the window that starts at starts[index]
     for axis, size in enumerate(window):
       position = jax.lax.broadcasted_iota(jnp.int32, occluded_shape, axis)
-      inside = inside & (position >= start[axis]) & (position < start[axis] + size)
-    return inside.reshape(occluded_shape + trailing)
-
-  def spread_drop(index: jax.Array) -> jax.Array:
-    mask = window_mask(starts[index])[None]
+      inside = inside & (position >= starts[index, axis]) & (position < starts[index, axis] + size)
+    mask = inside.reshape((1,) + occluded_shape + trailing)
     occluded = jnp.where(mask, jnp.asarray(fill, inputs.dtype), inputs)
     drop = clean_scores - _target_scores(apply_fn, variables, occluded, targets,
                                          use_probabilities)
     return drop.reshape((-1,) + (1,) * (inputs.ndim - 1)) * mask.astype(jnp.float32)
 
-  total = _sum_over_points(spread_drop, starts.shape[0], points_per_call,
-                           jax.ShapeDtypeStruct(inputs.shape, jnp.float32))
+  total = _sum_over_points(spread_drop, starts.shape[0], points_per_call, inputs.shape)
   return total / coverage.reshape((1,) + occluded_shape + trailing)
-
-
-# ---------------------------------------------------------------------------------------------
-# Argument checks and helpers (outside jit: they see concrete shapes and values).
 
 
 def _check_call(apply_fn: ApplyFn, variables: Variables, inputs: Any, target_classes: Any,
@@ -320,29 +284,26 @@ def _check_call(apply_fn: ApplyFn, variables: Variables, inputs: Any, target_cla
   except TypeError as error:
     raise ValueError(f"{what}: apply_fn must be callable as apply_fn(variables, inputs, "
                      f"train=False); calling it failed with: {error}") from error
-  if not hasattr(outputs, "shape") or len(outputs.shape) != 2 or outputs.shape[0] != \
-      inputs.shape[0]:
-    found = getattr(outputs, "shape", type(outputs).__name__)
+  found = getattr(outputs, "shape", type(outputs).__name__)
+  if not isinstance(found, tuple) or len(found) != 2 or found[0] != inputs.shape[0]:
     raise ValueError(f"{what}: the model must return [batch, num_classes] scores for "
                      f"{inputs.shape[0]} examples; got {found}. For per-position outputs (a "
                      "language model), wrap apply_fn to pick one position.")
-  num_classes = outputs.shape[1]
+  num_classes = found[1]
   targets = target_classes
   if isinstance(targets, (int, np.integer)):
     targets = np.full((inputs.shape[0],), targets, np.int32)
-  if not hasattr(targets, "dtype"):
-    targets = np.asarray(targets)
+  targets = targets if hasattr(targets, "dtype") else np.asarray(targets)
   if targets.shape != (inputs.shape[0],) or not jnp.issubdtype(targets.dtype, jnp.integer):
     raise ValueError(f"{what}: target_classes must be one int or [batch] = [{inputs.shape[0]}] "
                      f"integer class indices; got shape {targets.shape} and dtype {targets.dtype}.")
   try:
     values = np.asarray(targets)
   except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-    values = None  # traced (called under jit): checked by shape only
-  if values is not None:
-    if values.min() < 0 or values.max() >= num_classes:
-      raise ValueError(f"{what}: target_classes must lie in [0, {num_classes}) for a model with "
-                       f"{num_classes} outputs; got values from {values.min()} to {values.max()}.")
+    values = np.zeros(1, np.int32)  # traced (called under jit): checked by shape only
+  if values.min() < 0 or values.max() >= num_classes:
+    raise ValueError(f"{what}: target_classes must lie in [0, {num_classes}) for a model with "
+                     f"{num_classes} outputs; got values from {values.min()} to {values.max()}.")
   return inputs, jnp.asarray(targets, jnp.int32)
 
 
@@ -351,33 +312,9 @@ def _check_positive_int(value: Any, name: str) -> None:
     raise ValueError(f"{name} must be an integer >= 1; got {value!r}.")
 
 
-def _check_key(key: Any) -> None:
-  if not isinstance(key, jax.Array) or not (
-      jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.shape == (2,) and
-                                                        key.dtype == jnp.uint32)):
-    raise ValueError(f"key must be a PRNG key (jax.random.key or jax.random.PRNGKey); got "
-                     f"{key!r}.")
-
-
 def _finish(attributions: jax.Array, *, absolute: bool, reduce_channels: bool) -> jax.Array:
-  if absolute:
-    attributions = jnp.abs(attributions)
-  if reduce_channels:
-    attributions = jnp.sum(attributions, axis=-1)
-  return attributions
-
-
-def _baseline_like(baseline: Any, inputs: jax.Array) -> jax.Array:
-  """The baseline as an array shaped like `inputs`."""
-  if baseline is None:
-    return jnp.zeros_like(inputs)
-  baseline = jnp.asarray(baseline, inputs.dtype)
-  if baseline.shape not in ((), inputs.shape[1:], inputs.shape):
-    raise ValueError(f"baseline must be a number, one example {inputs.shape[1:]} or the whole "
-                     f"batch {inputs.shape}; got shape {baseline.shape}.")
-  if baseline.shape == inputs.shape[1:]:
-    baseline = baseline[None]
-  return jnp.broadcast_to(baseline, inputs.shape)
+  attributions = jnp.abs(attributions) if absolute else attributions
+  return jnp.sum(attributions, axis=-1) if reduce_channels else attributions
 
 
 def _quadrature(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -396,25 +333,23 @@ def _quadrature(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
   return alphas.astype(np.float32), weights.astype(np.float32)
 
 
-def _as_sizes(value: int | Sequence[int], count: int | None, name: str) -> tuple[int, ...]:
-  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-    return (int(value),) * (count or 1)
-  sizes = tuple(value)
-  if not sizes or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) for s in sizes):
-    raise ValueError(f"{name} must be a positive int or a tuple of them; got {value!r}.")
-  return tuple(int(s) for s in sizes)
-
-
 def _check_window(window: Any, stride: Any,
                   shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """Window and stride as one size per occluded axis, checked against the input shape."""
-  default_axes = 2 if len(shape) == 4 else 1
-  window = _as_sizes(window, default_axes if isinstance(window, (int, np.integer)) else None,
-                     "window")
+
+  def sizes(value: Any, count: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+      return (int(value),) * count
+    value = tuple(value)
+    if not value or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) for s in value):
+      raise ValueError(f"{name} must be a positive int or a tuple of them; got {value!r}.")
+    return tuple(int(s) for s in value)
+
+  window = sizes(window, 2 if len(shape) == 4 else 1, "window")
   if len(window) > len(shape) - 1:
     raise ValueError(f"window {window} has {len(window)} axes, but inputs of shape {shape} have "
                      f"only {len(shape) - 1} after the batch axis.")
-  stride = window if stride is None else _as_sizes(stride, len(window), "stride")
+  stride = window if stride is None else sizes(stride, len(window), "stride")
   if len(stride) != len(window):
     raise ValueError(f"stride {stride} must have one entry per window axis, like window {window}.")
   for axis, (size, step, extent) in enumerate(zip(window, stride, shape[1:])):
@@ -426,21 +361,18 @@ def _check_window(window: Any, stride: Any,
   return window, stride
 
 
-def _window_starts(extents: tuple[int, ...], window: tuple[int, ...],
-                   stride: tuple[int, ...]) -> np.ndarray:
-  """`[num_windows, axes]` start positions; a last window flush with the end covers any tail."""
+def _windows(extents: tuple[int, ...], window: tuple[int, ...],
+             stride: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+  """`[num_windows, axes]` start positions (a last window flush with the end covers any tail),
+  and how many windows cover each position of the occluded axes (>= 1 everywhere)."""
   per_axis = []
   for extent, size, step in zip(extents, window, stride):
     starts = list(range(0, extent - size + 1, step))
     if starts[-1] + size < extent:
       starts.append(extent - size)
     per_axis.append(starts)
-  return np.asarray(list(itertools.product(*per_axis)), np.int32)
-
-
-def _coverage(extents: tuple[int, ...], window: tuple[int, ...], starts: np.ndarray) -> np.ndarray:
-  """How many windows cover each position of the occluded axes (>= 1 everywhere)."""
-  counts = np.zeros(extents, np.float32)
+  starts = np.asarray(list(itertools.product(*per_axis)), np.int32)
+  coverage = np.zeros(extents, np.float32)
   for start in starts:
-    counts[tuple(slice(s, s + size) for s, size in zip(start, window))] += 1.0
-  return counts
+    coverage[tuple(slice(s, s + size) for s, size in zip(start, window))] += 1.0
+  return starts, coverage
