@@ -9,13 +9,14 @@ inside the valid input range, in the direction that most increases the model's l
   `make_adversary`: the `adversary=` of `jdl.make_train_step`, for adversarial training.
 
 Balls: "linf" bounds every element's change by epsilon; "l2" bounds each example's Euclidean norm
-over all its non-batch axes. `value_range=(lo, hi)` is the valid input range (pixels in [0, 1] by
-default; for standardised data use the data's own minimum and maximum); None leaves the inputs
-unbounded. Clean inputs must lie inside the range, or clipping could take them out of their ball.
+over all its non-batch axes. `value_range=(lo, hi)` with lo < hi is the valid input range (pixels
+in [0, 1] by default; for standardised data use the data's own minimum and maximum); None leaves
+the inputs unbounded. Clean inputs must lie inside the range, or clipping could take them out of
+their ball.
 
 The model is called as `apply_fn(variables, inputs, train=False)` and must return
-`[batch, num_classes]` logits; the attacked loss is the softmax cross-entropy of the labels, or any
-per-example `loss(outputs, labels) -> [batch]`.
+`[batch, num_classes]` logits; the attacked loss is the softmax cross-entropy of the labels
+("cross_entropy"), or any per-example `loss(outputs, labels) -> [batch]`.
 """
 
 from __future__ import annotations
@@ -47,25 +48,19 @@ def fgsm(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array, labels: jax
   """The fast gradient method: one step of length `epsilon` up the loss gradient.
 
   L-inf: `x + epsilon * sign(grad)`; L2: `x + epsilon * grad / ||grad||` per example. The result
-  is clipped to `value_range`.
+  is clipped to `value_range` and has the dtype of `inputs`.
 
   Args:
-    apply_fn: the model, called as `apply_fn(variables, inputs, train=False)`.
-    variables: the model's variables, e.g. `state.variables()`.
     inputs: `[B, ...]` floating clean inputs inside `value_range`.
     labels: `[B]` integer true labels (the attack raises their loss).
     epsilon: the radius of the ball (>= 0); 0 returns the inputs unchanged.
-    norm: "linf" or "l2".
-    value_range: `(lo, hi)` with lo < hi, the valid input range; None for unbounded inputs.
-    loss: "cross_entropy", or a per-example `loss(outputs, labels) -> [B]`.
-
-  Returns:
-    `[B, ...]` adversarial inputs with the dtype of `inputs`.
   """
   loss_fn, value_range = _check_attack(inputs, labels, epsilon=epsilon, norm=norm,
                                        value_range=value_range, loss=loss)
-  return _fgsm_jit(apply_fn, variables, jnp.asarray(inputs), jnp.asarray(labels),
-                   jnp.float32(epsilon), norm, value_range, loss_fn)
+  # One PGD step of length epsilon from the clean input is exactly FGSM.
+  return _pgd_jit(apply_fn, variables, jnp.asarray(inputs), jnp.asarray(labels),
+                  jnp.float32(epsilon), jnp.float32(epsilon), jax.random.PRNGKey(0), 1, norm,
+                  value_range, False, loss_fn)
 
 
 def pgd(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array, labels: jax.Array, *,
@@ -76,24 +71,17 @@ def pgd(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array, labels: jax.
 
   From a uniformly random point of the ball (or the clean input), `num_steps` times: step
   `step_size` along the gradient's sign (L-inf) or normalised gradient (L2), then project onto the
-  ball around the clean input and clip to `value_range`.
+  ball around the clean input and clip to `value_range`. The other options are `fgsm`'s.
 
   Args:
-    apply_fn, variables, inputs, labels, epsilon, norm, value_range, loss: as in `fgsm`.
     step_size: length of each step (> 0); None is `2.5 * epsilon / num_steps` (Madry et al.),
       which lets the iterate cross the ball from any start.
-    num_steps: gradient steps (>= 1).
-    random_start: start at a uniformly random point of the ball instead of the clean input.
     key: PRNG key for the random start; required when `random_start` is True.
-
-  Returns:
-    `[B, ...]` adversarial inputs with the dtype of `inputs`.
   """
   loss_fn, value_range = _check_attack(inputs, labels, epsilon=epsilon, norm=norm,
                                        value_range=value_range, loss=loss)
-  step_size = _check_pgd(epsilon, step_size, num_steps, random_start, key)
-  if key is None:
-    key = jax.random.PRNGKey(0)  # unused without a random start
+  step_size = _check_pgd(epsilon, step_size, num_steps, random_start, has_key=key is not None)
+  key = jax.random.PRNGKey(0) if key is None else key  # unused without a random start
   return _pgd_jit(apply_fn, variables, jnp.asarray(inputs), jnp.asarray(labels),
                   jnp.float32(epsilon), jnp.float32(step_size), key, num_steps, norm,
                   value_range, random_start, loss_fn)
@@ -104,21 +92,15 @@ def robust_accuracy(apply_fn: ApplyFn, variables: Variables, inputs: np.ndarray 
                     norm: str = "linf", value_range: tuple[float, float] | None = (0.0, 1.0),
                     batch_size: int = 500, key: jax.Array | None = None,
                     **attack_kwargs: Any) -> float:
-  """The fraction of examples the model classifies correctly after the attack.
+  """The fraction of `[N, ...]` inputs the model still classifies correctly after the attack.
 
   Epsilon 0 gives the clean accuracy. The last batch is padded, so every batch compiles once.
 
   Args:
-    apply_fn, variables, epsilon, norm, value_range: as in `fgsm`.
-    inputs: `[N, ...]` clean inputs; labels: `[N]` integer labels.
     attack: "fgsm" or "pgd".
-    batch_size: examples per attacked batch (>= 1).
     key: PRNG key for PGD's random start (batch i uses `fold_in(key, i)`).
     **attack_kwargs: further options of the attack (`step_size`, `num_steps`, `random_start`,
       `loss` for PGD; `loss` for FGSM).
-
-  Returns:
-    The robust accuracy, a Python float in [0, 1].
   """
   if attack not in ATTACKS:
     raise ValueError(f"unknown attack {attack!r}; expected one of {ATTACKS}.")
@@ -135,13 +117,9 @@ def robust_accuracy(apply_fn: ApplyFn, variables: Variables, inputs: np.ndarray 
   loss_fn, value_range = _check_attack(inputs, labels, epsilon=epsilon, norm=norm,
                                        value_range=value_range,
                                        loss=attack_kwargs.get("loss", "cross_entropy"))
-  num_steps = attack_kwargs.get("num_steps", 10)
-  random_start = attack_kwargs.get("random_start", True)
-  step_size = (_check_pgd(epsilon, attack_kwargs.get("step_size"), num_steps, random_start, key)
-               if attack == "pgd" else 0.0)
-  options = dict(attack=attack, num_steps=num_steps if attack == "pgd" else 0, norm=norm,
-                 value_range=value_range, random_start=random_start and attack == "pgd",
-                 loss_fn=loss_fn)
+  step_size, num_steps, random_start = _attack_steps(
+      attack, epsilon, attack_kwargs.get("step_size"), attack_kwargs.get("num_steps", 10),
+      attack_kwargs.get("random_start", True), has_key=key is not None)
   key = jax.random.PRNGKey(0) if key is None else key
   batch_size = min(int(batch_size), num_examples)
   correct = 0
@@ -153,7 +131,8 @@ def robust_accuracy(apply_fn: ApplyFn, variables: Variables, inputs: np.ndarray 
       y = np.concatenate([y, np.repeat(y[-1:], batch_size - real, axis=0)])
     correct += int(_count_correct_under_attack(
         apply_fn, variables, jnp.asarray(x), jnp.asarray(y), jnp.float32(epsilon),
-        jnp.float32(step_size), jax.random.fold_in(key, index), real, **options))
+        jnp.float32(step_size), jax.random.fold_in(key, index), real, num_steps=num_steps,
+        norm=norm, value_range=value_range, random_start=random_start, loss_fn=loss_fn))
   return correct / num_examples
 
 
@@ -182,25 +161,23 @@ def make_adversary(epsilon: float, *, attack: str = "pgd", norm: str = "linf",
 
   Pass it as `jdl.make_train_step(..., adversary=...)`: the step takes the loss at the returned
   inputs and does not differentiate through the attack (Madry et al.: the gradient of the max is
-  the gradient at the maximiser). The attack runs the model with `train=False`.
+  the gradient at the maximiser). The attack runs the model with `train=False`. The adversary
+  replaces `batch["input"]` and leaves every other entry as it was.
 
   Args:
-    epsilon, norm, value_range, loss: as in `fgsm` and `pgd`.
     attack: "pgd" (Madry et al.) or "fgsm" (one gradient per step; `attack="pgd", num_steps=1,
       step_size=1.25 * epsilon` is FGSM from a random start, the "fast" adversarial training of
       Wong et al., 2020).
     num_steps, step_size, random_start: PGD's options (ignored by FGSM).
     fraction: the share of each batch, in [0, 1], replaced by adversarial examples (chosen at
       random each step); the others stay clean.
-
-  Returns:
-    The adversary; it replaces `batch["input"]` and leaves every other entry as it was.
   """
   if attack not in ATTACKS:
     raise ValueError(f"unknown attack {attack!r}; expected one of {ATTACKS}.")
   loss_fn, value_range = _check_options(epsilon, norm, value_range, loss)
-  step_size = (_check_pgd(epsilon, step_size, num_steps, random_start, jax.random.PRNGKey(0))
-               if attack == "pgd" else 0.0)  # FGSM takes no step size
+  # The train step hands the adversary its key.
+  step_size, num_steps, random_start = _attack_steps(attack, epsilon, step_size, num_steps,
+                                                     random_start, has_key=True)
   if isinstance(fraction, bool) or not 0.0 <= float(fraction) <= 1.0:
     raise ValueError(f"fraction must be in [0, 1] (the share of each batch that is attacked); "
                      f"got {fraction!r}.")
@@ -211,9 +188,9 @@ def make_adversary(epsilon: float, *, attack: str = "pgd", norm: str = "linf",
       raise ValueError(f"adversarial training needs floating inputs; the batch's 'input' has "
                        f"dtype {inputs.dtype}.")
     attack_key, choice_key = jax.random.split(key)
-    adversarial = _attack(attack, apply_fn, variables, inputs, labels, jnp.float32(epsilon),
-                          jnp.float32(step_size), attack_key, num_steps, norm, value_range,
-                          random_start, loss_fn)
+    adversarial = _pgd_jit(apply_fn, variables, inputs, labels, jnp.float32(epsilon),
+                           jnp.float32(step_size), attack_key, num_steps, norm, value_range,
+                           random_start, loss_fn)
     batch_size = inputs.shape[0]
     num_attacked = int(round(float(fraction) * batch_size))
     if num_attacked < batch_size:
@@ -224,13 +201,6 @@ def make_adversary(epsilon: float, *, attack: str = "pgd", norm: str = "linf",
     return {**batch, "input": adversarial}
 
   return adversary
-
-
-def _loss_gradient(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
-                   labels: jax.Array, loss_fn: LossFn) -> jax.Array:
-  """`[B, ...]` gradient of each example's loss with respect to its input (the examples do not
-  interact, so that is the gradient of their sum)."""
-  return jax.grad(lambda x: jnp.sum(loss_fn(apply_fn(variables, x, train=False), labels)))(inputs)
 
 
 def _per_example_l2(x: jax.Array) -> jax.Array:
@@ -256,10 +226,9 @@ def _project(candidate: jax.Array, clean: jax.Array, epsilon: jax.Array, norm: s
   else:
     length = _per_example_l2(delta)
     delta = delta * jnp.where(length > epsilon, epsilon / jnp.where(length > 0, length, 1.0), 1.0)
-  projected = clean + delta
-  if value_range is not None:
-    projected = jnp.clip(projected, value_range[0], value_range[1])
-  return projected
+  if value_range is None:
+    return clean + delta
+  return jnp.clip(clean + delta, value_range[0], value_range[1])
 
 
 def _random_start(key: jax.Array, clean: jax.Array, epsilon: jax.Array, norm: str) -> jax.Array:
@@ -274,15 +243,6 @@ def _random_start(key: jax.Array, clean: jax.Array, epsilon: jax.Array, norm: st
   return clean + direction * radius * epsilon
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
-def _fgsm_jit(apply_fn, variables, inputs, labels, epsilon, norm, value_range, loss_fn):
-  clean = inputs.astype(jnp.float32)
-  gradient = _loss_gradient(apply_fn, variables, inputs, labels, loss_fn)
-  adversarial = _project(clean + epsilon * _ascent_direction(gradient, norm), clean, epsilon,
-                         norm, value_range)
-  return adversarial.astype(inputs.dtype)
-
-
 @functools.partial(jax.jit, static_argnames=("apply_fn", "num_steps", "norm", "value_range",
                                              "random_start", "loss_fn"))
 def _pgd_jit(apply_fn, variables, inputs, labels, epsilon, step_size, key, num_steps, norm,
@@ -292,31 +252,24 @@ def _pgd_jit(apply_fn, variables, inputs, labels, epsilon, step_size, key, num_s
   if random_start:
     start = _project(_random_start(key, clean, epsilon, norm), clean, epsilon, norm, value_range)
 
+  def loss_sum(x: jax.Array) -> jax.Array:  # examples do not interact: its gradient is theirs
+    return jnp.sum(loss_fn(apply_fn(variables, x, train=False), labels))
+
   def ascend(_, current: jax.Array) -> jax.Array:
-    gradient = _loss_gradient(apply_fn, variables, current.astype(inputs.dtype), labels, loss_fn)
+    gradient = jax.grad(loss_sum)(current.astype(inputs.dtype))
     stepped = current + step_size * _ascent_direction(gradient, norm)
     return _project(stepped, clean, epsilon, norm, value_range)
 
   return jax.lax.fori_loop(0, num_steps, ascend, start).astype(inputs.dtype)
 
 
-def _attack(attack, apply_fn, variables, inputs, labels, epsilon, step_size, key, num_steps, norm,
-            value_range, random_start, loss_fn):
-  """`_pgd_jit` or `_fgsm_jit` (which takes no step size, key, steps or random start)."""
-  if attack == "pgd":
-    return _pgd_jit(apply_fn, variables, inputs, labels, epsilon, step_size, key, num_steps, norm,
-                    value_range, random_start, loss_fn)
-  return _fgsm_jit(apply_fn, variables, inputs, labels, epsilon, norm, value_range, loss_fn)
-
-
-@functools.partial(jax.jit, static_argnames=("apply_fn", "attack", "num_steps", "norm",
-                                             "value_range", "random_start", "loss_fn"))
+@functools.partial(jax.jit, static_argnames=("apply_fn", "num_steps", "norm", "value_range",
+                                             "random_start", "loss_fn"))
 def _count_correct_under_attack(apply_fn, variables, inputs, labels, epsilon, step_size, key,
-                                num_real, *, attack, num_steps, norm, value_range, random_start,
-                                loss_fn):
+                                num_real, *, num_steps, norm, value_range, random_start, loss_fn):
   """How many of the first `num_real` examples the model still classifies correctly after attack."""
-  adversarial = _attack(attack, apply_fn, variables, inputs, labels, epsilon, step_size, key,
-                        num_steps, norm, value_range, random_start, loss_fn)
+  adversarial = _pgd_jit(apply_fn, variables, inputs, labels, epsilon, step_size, key,
+                         num_steps, norm, value_range, random_start, loss_fn)
   predictions = jnp.argmax(apply_fn(variables, adversarial, train=False), axis=-1)
   real = jnp.arange(inputs.shape[0]) < num_real
   return jnp.sum((predictions == labels) & real)
@@ -387,13 +340,13 @@ def _check_attack(inputs: Any, labels: Any, *, epsilon: Any, norm: Any, value_ra
   return loss_fn, value_range
 
 
-def _check_pgd(epsilon: float, step_size: Any, num_steps: Any, random_start: Any,
-               key: Any) -> float:
+def _check_pgd(epsilon: float, step_size: Any, num_steps: Any, random_start: Any, *,
+               has_key: bool) -> float:
   """Checks PGD's options; returns the step size (its default filled in)."""
   _check_count(num_steps, "num_steps")
   if not isinstance(random_start, bool):
     raise ValueError(f"random_start must be True or False; got {random_start!r}.")
-  if random_start and key is None:
+  if random_start and not has_key:
     raise ValueError("pgd with random_start=True needs a PRNG key (key=jax.random.PRNGKey(...)); "
                      "or pass random_start=False.")
   if step_size is None:
@@ -403,3 +356,13 @@ def _check_pgd(epsilon: float, step_size: Any, num_steps: Any, random_start: Any
     raise ValueError(f"step_size must be a finite number > 0 (or None for 2.5 * epsilon / "
                      f"num_steps); got {step_size!r}.")
   return value
+
+
+def _attack_steps(attack: str, epsilon: float, step_size: Any, num_steps: Any, random_start: Any,
+                  *, has_key: bool) -> tuple[float, int, bool]:
+  """`(step_size, num_steps, random_start)` of the PGD that runs `attack`, checked: FGSM is one
+  step of length epsilon from the clean input, and takes none of PGD's options."""
+  if attack == "fgsm":
+    return float(epsilon), 1, False
+  step_size = _check_pgd(epsilon, step_size, num_steps, random_start, has_key=has_key)
+  return step_size, num_steps, random_start
