@@ -22,6 +22,7 @@ The model is called as `apply_fn(variables, inputs, train=False)` and must retur
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -110,13 +111,12 @@ def robust_accuracy(apply_fn: ApplyFn, variables: Variables, inputs: np.ndarray 
   if unknown:
     raise ValueError(f"{attack} takes no options {unknown}; its options are {sorted(allowed)}.")
   inputs, labels = np.asarray(inputs), np.asarray(labels)
-  num_examples = inputs.shape[0] if inputs.ndim else 0
-  if num_examples == 0 or labels.shape != (num_examples,):
-    raise ValueError(f"inputs [N, ...] and labels [N] must hold the same N >= 1 examples; got "
-                     f"shapes {inputs.shape} and {labels.shape}.")
+  if inputs.size == 0:
+    raise ValueError(f"inputs of shape {inputs.shape} hold no examples; nothing to attack.")
   loss_fn, value_range = _check_attack(inputs, labels, epsilon=epsilon, norm=norm,
                                        value_range=value_range,
                                        loss=attack_kwargs.get("loss", "cross_entropy"))
+  num_examples = inputs.shape[0]
   step_size, num_steps, random_start = _attack_steps(
       attack, epsilon, attack_kwargs.get("step_size"), attack_kwargs.get("num_steps", 10),
       attack_kwargs.get("random_start", True), has_key=key is not None)
@@ -124,15 +124,13 @@ def robust_accuracy(apply_fn: ApplyFn, variables: Variables, inputs: np.ndarray 
   batch_size = min(int(batch_size), num_examples)
   correct = 0
   for index, begin in enumerate(range(0, num_examples, batch_size)):
-    x, y = inputs[begin:begin + batch_size], labels[begin:begin + batch_size]
-    real = x.shape[0]
-    if real < batch_size:  # pad with copies of the last example; they are not counted
-      x = np.concatenate([x, np.repeat(x[-1:], batch_size - real, axis=0)])
-      y = np.concatenate([y, np.repeat(y[-1:], batch_size - real, axis=0)])
+    # The last batch is padded with copies of the last example, which are not counted.
+    rows = np.minimum(np.arange(begin, begin + batch_size), num_examples - 1)
     correct += int(_count_correct_under_attack(
-        apply_fn, variables, jnp.asarray(x), jnp.asarray(y), jnp.float32(epsilon),
-        jnp.float32(step_size), jax.random.fold_in(key, index), real, num_steps=num_steps,
-        norm=norm, value_range=value_range, random_start=random_start, loss_fn=loss_fn))
+        apply_fn, variables, jnp.asarray(inputs[rows]), jnp.asarray(labels[rows]),
+        jnp.float32(epsilon), jnp.float32(step_size), jax.random.fold_in(key, index),
+        num_examples - begin, num_steps=num_steps, norm=norm, value_range=value_range,
+        random_start=random_start, loss_fn=loss_fn))
   return correct / num_examples
 
 
@@ -191,13 +189,10 @@ def make_adversary(epsilon: float, *, attack: str = "pgd", norm: str = "linf",
     adversarial = _pgd_jit(apply_fn, variables, inputs, labels, jnp.float32(epsilon),
                            jnp.float32(step_size), attack_key, num_steps, norm, value_range,
                            random_start, loss_fn)
-    batch_size = inputs.shape[0]
-    num_attacked = int(round(float(fraction) * batch_size))
-    if num_attacked < batch_size:
-      chosen = jnp.zeros((batch_size,), bool).at[
-          jax.random.permutation(choice_key, batch_size)[:num_attacked]].set(True)
-      chosen = chosen.reshape((batch_size,) + (1,) * (inputs.ndim - 1))
-      adversarial = jnp.where(chosen, adversarial, inputs)
+    num_attacked = int(round(float(fraction) * inputs.shape[0]))
+    if num_attacked < inputs.shape[0]:  # the examples ranked first by a random permutation
+      chosen = jax.random.permutation(choice_key, inputs.shape[0]) < num_attacked
+      adversarial = jnp.where(chosen.reshape((-1,) + (1,) * (inputs.ndim - 1)), adversarial, inputs)
     return {**batch, "input": adversarial}
 
   return adversary
@@ -275,14 +270,17 @@ def _count_correct_under_attack(apply_fn, variables, inputs, labels, epsilon, st
   return jnp.sum((predictions == labels) & real)
 
 
-def _as_number(value: Any) -> float | None:
-  """`value` as a Python float if it is a real scalar (Python, numpy or jax), else None."""
-  if isinstance(value, bool) or np.ndim(value) != 0:
-    return None
+def _check_number(value: Any, name: str, *, positive: bool, meaning: str) -> float:
+  """`value` as a Python float, if it is a finite real scalar (Python, numpy or jax) >= 0, or > 0
+  where `positive`."""
   try:
-    return float(value)
+    number = math.nan if isinstance(value, bool) or np.ndim(value) else float(value)
   except (TypeError, ValueError):
-    return None
+    number = math.nan
+  if not math.isfinite(number) or number < 0 or (positive and number == 0):
+    raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0 ({meaning}); "
+                     f"got {value!r}.")
+  return number
 
 
 def _check_count(value: Any, name: str) -> None:
@@ -293,10 +291,7 @@ def _check_count(value: Any, name: str) -> None:
 def _check_options(epsilon: Any, norm: Any, value_range: Any,
                    loss: Any) -> tuple[LossFn, tuple[float, float] | None]:
   """Checks the options every attack shares; returns the loss function and the range as floats."""
-  value = _as_number(epsilon)
-  if value is None or not np.isfinite(value) or value < 0:
-    raise ValueError(f"epsilon must be a finite number >= 0 (the radius of the perturbation "
-                     f"ball); got {epsilon!r}.")
+  _check_number(epsilon, "epsilon", positive=False, meaning="the radius of the perturbation ball")
   if norm not in NORMS:
     raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}.")
   if value_range is not None:
@@ -351,11 +346,8 @@ def _check_pgd(epsilon: float, step_size: Any, num_steps: Any, random_start: Any
                      "or pass random_start=False.")
   if step_size is None:
     return 2.5 * float(epsilon) / int(num_steps)
-  value = _as_number(step_size)
-  if value is None or not np.isfinite(value) or value <= 0:
-    raise ValueError(f"step_size must be a finite number > 0 (or None for 2.5 * epsilon / "
-                     f"num_steps); got {step_size!r}.")
-  return value
+  return _check_number(step_size, "step_size", positive=True,
+                       meaning="or None for 2.5 * epsilon / num_steps")
 
 
 def _attack_steps(attack: str, epsilon: float, step_size: Any, num_steps: Any, random_start: Any,

@@ -1,24 +1,17 @@
 """Attribution: which parts of an input a classifier's score for one class depends on.
 
-Four methods, each a pure function of `(apply_fn, variables, inputs, target_classes)` that returns
-one attribution per input element, shaped like `inputs`:
-
-  `saliency`: the gradient of the target score with respect to the input (Simonyan et al., 2014).
-  `smoothgrad`: the saliency averaged over noisy copies of the input (Smilkov et al., 2017).
-  `integrated_gradients`: the gradient averaged along the straight path from a baseline to the
-    input, times `input - baseline` (Sundararajan et al., 2017); the attributions add up to
-    `score(input) - score(baseline)`.
-  `occlusion`: how much the target score drops when a window of the input is replaced by a fill
-    value (Zeiler and Fergus, 2014); it needs no gradient, so it also works on token ids.
-
+`saliency` (Simonyan et al., 2014), `smoothgrad` (Smilkov et al., 2017), `integrated_gradients`
+(Sundararajan et al., 2017) and `occlusion` (Zeiler and Fergus, 2014) are pure functions of
+`(apply_fn, variables, inputs, target_classes)` that return one attribution per input element.
 The model is called as `apply_fn(variables, inputs, train=False)` and must return
-`[batch, num_classes]`. The target score is the target class's logit, or its softmax probability
-with `use_probabilities=True` (a saturated softmax has gradients near zero even where the input
-matters). `target_classes` is `[B]` class indices or one int for every example.
+`[batch, num_classes]`; `target_classes` is `[B]` class indices or one int for every example. The
+target score is the target class's logit, or its softmax probability with `use_probabilities=True`
+(a saturated softmax has gradients near zero even where the input matters).
 
-Token ids have no gradient: for the gradient methods pass the embeddings `[B, T, D]` and an
-`apply_fn` that starts from them (e.g. a wrapper of `TransformerLM.logits_from_embeddings` that
-returns one position's logits), and sum over D with `reduce_channels=True`.
+Token ids have no gradient: occlusion works on them; for the gradient methods pass the embeddings
+`[B, T, D]` and an `apply_fn` that starts from them (e.g. a wrapper of
+`TransformerLM.logits_from_embeddings` that returns one position's logits), and sum over D with
+`reduce_channels=True`.
 
 Every method runs under `jax.jit` and evaluates its many model calls (path points, noise samples,
 occluded copies) `points_per_call` at a time (memory: `points_per_call x batch` inputs and
@@ -76,12 +69,12 @@ def smoothgrad(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
   gradient.
   """
   _check_positive_int(num_samples, "num_samples")
-  _check_positive_int(points_per_call, "points_per_call")
   if not np.isfinite(noise_scale) or noise_scale < 0:
     raise ValueError(f"noise_scale must be a finite number >= 0 (a fraction of each input's value "
                      f"range); got {noise_scale!r}.")
   inputs, targets = _check_call(apply_fn, variables, inputs, target_classes, "smoothgrad",
-                                needs_gradient=True, reduce_channels=reduce_channels)
+                                needs_gradient=True, reduce_channels=reduce_channels,
+                                points_per_call=points_per_call)
   if not isinstance(key, jax.Array) or not (
       jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.shape == (2,) and
                                                         key.dtype == jnp.uint32)):
@@ -114,13 +107,12 @@ def integrated_gradients(
     return_convergence_delta: also return `[B]` `sum(attributions) - (score(x) - score(baseline))`.
   """
   _check_positive_int(steps, "steps")
-  _check_positive_int(points_per_call, "points_per_call")
   if method not in IG_METHODS:
     raise ValueError(f"unknown integrated gradients method {method!r}; expected one of "
                      f"{IG_METHODS}.")
   inputs, targets = _check_call(apply_fn, variables, inputs, target_classes,
                                 "integrated_gradients", needs_gradient=True,
-                                reduce_channels=reduce_channels)
+                                reduce_channels=reduce_channels, points_per_call=points_per_call)
   baseline = jnp.asarray(0 if baseline is None else baseline, inputs.dtype)
   if baseline.shape not in ((), inputs.shape[1:], inputs.shape):
     raise ValueError(f"baseline must be a number, one example {inputs.shape[1:]} or the whole "
@@ -153,9 +145,9 @@ def occlusion(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
   Returns:
     `[B, ...]` float32 attributions shaped like `inputs`.
   """
-  _check_positive_int(points_per_call, "points_per_call")
   inputs, targets = _check_call(apply_fn, variables, inputs, target_classes, "occlusion",
-                                needs_gradient=False, reduce_channels=False)
+                                needs_gradient=False, reduce_channels=False,
+                                points_per_call=points_per_call)
   window, stride = _check_window(window, stride, inputs.shape)
   if jnp.issubdtype(inputs.dtype, jnp.integer) and float(fill) != int(fill):
     raise ValueError(f"fill must be an integer (e.g. the padding id) for integer inputs of dtype "
@@ -263,9 +255,10 @@ def _occlusion_jit(apply_fn, variables, inputs, targets, starts, coverage, windo
 
 
 def _check_call(apply_fn: ApplyFn, variables: Variables, inputs: Any, target_classes: Any,
-                what: str, *, needs_gradient: bool,
-                reduce_channels: bool) -> tuple[jax.Array, jax.Array]:
+                what: str, *, needs_gradient: bool, reduce_channels: bool,
+                points_per_call: int = 1) -> tuple[jax.Array, jax.Array]:
   """Checks inputs, model output and targets; returns `(inputs, [B] int32 targets)`."""
+  _check_positive_int(points_per_call, "points_per_call")
   inputs = jnp.asarray(inputs)
   if inputs.ndim < 2 or inputs.shape[0] == 0:
     raise ValueError(f"{what}: inputs must be a batch [batch, ...] with at least one example and "
@@ -365,12 +358,8 @@ def _windows(extents: tuple[int, ...], window: tuple[int, ...],
              stride: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
   """`[num_windows, axes]` start positions (a last window flush with the end covers any tail),
   and how many windows cover each position of the occluded axes (>= 1 everywhere)."""
-  per_axis = []
-  for extent, size, step in zip(extents, window, stride):
-    starts = list(range(0, extent - size + 1, step))
-    if starts[-1] + size < extent:
-      starts.append(extent - size)
-    per_axis.append(starts)
+  per_axis = [sorted({*range(0, extent - size + 1, step), extent - size})
+              for extent, size, step in zip(extents, window, stride)]
   starts = np.asarray(list(itertools.product(*per_axis)), np.int32)
   coverage = np.zeros(extents, np.float32)
   for start in starts:
