@@ -31,37 +31,26 @@ MAX_ANNOTATED_CLASSES = 30
 DPI = 100
 
 
-# ---------------------------------------------------------------------------------------------
-# Shared pieces.
-
-
 def input_kind(example_shape: Sequence[int]) -> str:
-  """"image" or "signal" for one example of this shape (see the module docstring).
-
-  Raises:
-    ValueError: the shape is neither, e.g. a scalar or a 4-D volume.
-  """
+  """"image" or "signal" for one example of this shape; ValueError for neither (a scalar, 4-D)."""
   shape = tuple(int(size) for size in example_shape)
-  if len(shape) == 1:
+  if len(shape) == 1 or (len(shape) == 2 and shape[1] <= MAX_SIGNAL_CHANNELS):
     return "signal"
-  if len(shape) == 2:
-    return "signal" if shape[1] <= MAX_SIGNAL_CHANNELS else "image"
-  if len(shape) == 3:
+  if len(shape) in (2, 3):
     return "image"
   raise ValueError(f"cannot draw an input of per-example shape {shape}: expected an image "
                    "[H, W] or [H, W, C], or a signal [length] or [length, channels].")
 
 
 def _check_drawable(inputs: np.ndarray) -> str:
-  inputs = np.asarray(inputs)
   if not np.issubdtype(inputs.dtype, np.floating):
     raise ValueError(f"inputs of dtype {inputs.dtype} look like token ids or raw pixels; only "
                      "floating images and signals can be drawn (decode tokens to text instead).")
   return input_kind(inputs.shape[1:])
 
 
-def _displayable_image(image: np.ndarray) -> tuple[np.ndarray, str | None]:
-  """An `[H, W]` or `[H, W, 3|4]` array in [0, 1] for `imshow`, and its colour map."""
+def _displayable_image(image: np.ndarray) -> np.ndarray:
+  """An `[H, W]` or `[H, W, 3|4]` array in [0, 1] for `imshow`."""
   image = np.asarray(image, np.float64)
   if image.ndim == 3 and image.shape[-1] == 1:
     image = image[..., 0]
@@ -70,40 +59,49 @@ def _displayable_image(image: np.ndarray) -> tuple[np.ndarray, str | None]:
   low, high = float(np.min(image)), float(np.max(image))
   if low < 0.0 or high > 1.0:  # normalised or standardised inputs: stretch to the display range
     image = (image - low) / (high - low) if high > low else np.zeros_like(image)
-  return image, ("gray" if image.ndim == 2 else None)
+  return image
 
 
-def _draw_signal(axis: Any, signal: np.ndarray, **line_options: Any) -> None:
+def _as_columns(signal: np.ndarray) -> np.ndarray:
+  """A `[length]` or `[length, channels]` signal as float64 `[length, channels]`."""
   signal = np.asarray(signal, np.float64)
-  signal = signal[:, None] if signal.ndim == 1 else signal
-  positions = np.arange(signal.shape[0])
-  for channel in range(signal.shape[1]):
-    axis.plot(positions, signal[:, channel], **line_options)
+  return signal[:, None] if signal.ndim == 1 else signal
 
 
-def _bare(axis: Any) -> None:
-  """No ticks: in a grid of small panels they are unreadable and slow to lay out."""
-  axis.set_xticks([])
-  axis.set_yticks([])
+def _draw_input(axis: Any, kind: str, example: np.ndarray, **line_options: Any) -> None:
+  """An image (grey for one channel) or a signal's channels as lines."""
+  if kind == "image":
+    image = _displayable_image(example)
+    axis.imshow(image, cmap="gray" if image.ndim == 2 else None)
+  else:
+    axis.plot(_as_columns(example), **{"linewidth": 1.0, **line_options})
+
+
+def _figure(size: tuple[float, float], *args: Any, **subplots_options: Any) -> tuple[Figure, Any]:
+  """A new figure on its own Agg canvas, outside pyplot, and its `subplots(*args, ...)`."""
+  figure = Figure(figsize=size)
+  FigureCanvasAgg(figure)
+  return figure, figure.subplots(*args, **subplots_options)
 
 
 def _grid(count: int, *, panel_size: float = 2.0, max_columns: int = 8,
-          columns: int | None = None) -> tuple[Any, np.ndarray]:
-  """Panels for `count` plots: `columns` per row, or a near-square grid of at most `max_columns`."""
+          columns: int | None = None) -> tuple[Figure, np.ndarray]:
+  """`count` tickless panels (small ones' ticks are unreadable and slow to lay out): `columns`
+  per row, or a near-square grid of at most `max_columns`; the grid's spare panels are hidden."""
   columns = columns or max(1, min(max_columns, math.ceil(math.sqrt(count))))
   rows = max(1, math.ceil(count / columns))
-  figure = _figure((panel_size * columns, panel_size * rows + 0.4))
-  return figure, figure.subplots(rows, columns, squeeze=False).reshape(-1)
+  figure, axes = _figure((panel_size * columns, panel_size * rows + 0.4), rows, columns,
+                         squeeze=False)
+  axes = axes.reshape(-1)
+  for axis in axes[count:]:
+    axis.axis("off")
+  for axis in axes[:count]:
+    axis.set_xticks([])
+    axis.set_yticks([])
+  return figure, axes[:count]
 
 
-def _figure(size: tuple[float, float]) -> Figure:
-  """A new figure on its own Agg canvas, outside pyplot (see the module docstring)."""
-  figure = Figure(figsize=size)
-  FigureCanvasAgg(figure)
-  return figure
-
-
-def _save(figure: Any, path: str) -> str:
+def _save(figure: Figure, path: str) -> str:
   """Writes `figure` as a PNG to `path` and returns `path`."""
   path = os.fspath(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -116,10 +114,6 @@ def _save(figure: Any, path: str) -> str:
 
 def _class_name(class_names: Sequence[str] | None, index: int) -> str:
   return str(class_names[index]) if class_names is not None else str(index)
-
-
-# ---------------------------------------------------------------------------------------------
-# A run's history.
 
 
 def metric_prefixes(records: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -137,10 +131,8 @@ def plot_learning_curves(records: Sequence[Mapping[str, Any]], path: str) -> str
   """Every metric the task reports (loss, accuracy, a regression's errors, an ELBO's terms, ...)
   against the step, one panel each, for training and every evaluation split.
 
-  Args:
-    records: the run's `metrics.jsonl` records (`jdl.writers.read_jsonl(workdir)`), each with
-      `step` and `<prefix>_loss` (and `<prefix>_<metric>`) keys; missing values leave a gap.
-    path: where the PNG goes.
+  `records` are the run's `metrics.jsonl` records (`jdl.writers.read_jsonl(workdir)`), each with
+  `step` and `<prefix>_loss` (and `<prefix>_<metric>`) keys; missing values leave a gap.
   """
   records = [record for record in records if "step" in record]
   prefixes = metric_prefixes(records)
@@ -153,27 +145,19 @@ def plot_learning_curves(records: Sequence[Mapping[str, Any]], path: str) -> str
            and not any(name.startswith(f"{prefix}_") for prefix in prefixes)}
   panels = sorted(names, key=lambda name: (name != "loss", name != "accuracy", name))
   panels = panels[:MAX_CURVE_PANELS]
-  figure = _figure((6 * len(panels), 4))
-  axes = figure.subplots(1, len(panels), squeeze=False)
+  figure, axes = _figure((6 * len(panels), 4), 1, len(panels), squeeze=False)
   for axis, metric in zip(axes[0], panels):
     for prefix in prefixes:
       points = [(record["step"], record.get(f"{prefix}_{metric}")) for record in records]
       points = [(step, value) for step, value in points
                 if value is not None and math.isfinite(float(value))]
       if points:
-        steps, values = zip(*points)
-        axis.plot(steps, values, marker="o", markersize=3, label=prefix)
-    axis.set_xlabel("step")
-    axis.set_ylabel(metric)
-    axis.set_title(metric)
+        axis.plot(*zip(*points), marker="o", markersize=3, label=prefix)
+    axis.set(xlabel="step", ylabel=metric, title=metric)
     axis.grid(True, alpha=0.3)
     if axis.get_lines():
       axis.legend()
   return _save(figure, path)
-
-
-# ---------------------------------------------------------------------------------------------
-# An evaluation.
 
 
 def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str] | None, path: str) -> str:
@@ -187,29 +171,23 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str] | None,
   num_classes = matrix.shape[0]
   if class_names is not None and len(class_names) != num_classes:
     raise ValueError(f"class_names has {len(class_names)} names for a {num_classes}-class matrix.")
-  names = [_class_name(class_names, index) for index in range(num_classes)]
-  rows = matrix.sum(axis=1, keepdims=True).astype(np.float64)
-  shares = matrix / np.maximum(rows, 1.0)
+  shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True).astype(np.float64), 1.0)
   side = min(4.0 + 0.45 * num_classes, 20.0)
-  figure = _figure((side + 1.5, side))
-  axis = figure.subplots()
+  figure, axis = _figure((side + 1.5, side))
   image = axis.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
   figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04, label="share of the true class")
   if num_classes <= MAX_ANNOTATED_CLASSES:
-    for row in range(num_classes):
-      for column in range(num_classes):
-        axis.text(column, row, str(int(matrix[row, column])), ha="center", va="center", fontsize=8,
-                  color="white" if shares[row, column] > 0.5 else "black")
-  ticks = np.arange(num_classes)
-  show = num_classes <= 2 * MAX_ANNOTATED_CLASSES
-  axis.set_xticks(ticks if show else [])
-  axis.set_yticks(ticks if show else [])
-  if show:
-    axis.set_xticklabels(names, rotation=45, ha="right")
-    axis.set_yticklabels(names)
-  axis.set_xlabel("predicted class")
-  axis.set_ylabel("true class")
-  axis.set_title(f"confusion matrix ({int(matrix.sum())} examples)")
+    for (row, column), count in np.ndenumerate(matrix):
+      axis.text(column, row, str(int(count)), ha="center", va="center", fontsize=8,
+                color="white" if shares[row, column] > 0.5 else "black")
+  if num_classes <= 2 * MAX_ANNOTATED_CLASSES:
+    names = [_class_name(class_names, index) for index in range(num_classes)]
+    axis.set_xticks(range(num_classes), names, rotation=45, ha="right")
+    axis.set_yticks(range(num_classes), names)
+  else:
+    axis.set(xticks=[], yticks=[])
+  axis.set(xlabel="predicted class", ylabel="true class",
+           title=f"confusion matrix ({int(matrix.sum())} examples)")
   return _save(figure, path)
 
 
@@ -221,10 +199,9 @@ def plot_misclassified(inputs: np.ndarray, labels: np.ndarray, predictions: np.n
   Args:
     inputs: `[num_examples, ...]` floating images or signals (the whole split).
     labels, predictions: `[num_examples]` true and predicted classes.
-    indices: which examples to show (e.g. `EvaluationReport.misclassified`).
+    indices: which examples to show (e.g. `EvaluationReport.misclassified`); at most
+      `max_examples` of them are drawn.
     class_names: a name per class, or None for indices.
-    path: where the PNG goes.
-    max_examples: the most examples drawn.
   """
   inputs, labels, predictions = np.asarray(inputs), np.asarray(labels), np.asarray(predictions)
   kind = _check_drawable(inputs)
@@ -238,23 +215,15 @@ def plot_misclassified(inputs: np.ndarray, labels: np.ndarray, predictions: np.n
     if not 0 <= index < inputs.shape[0]:
       raise ValueError(f"index {index} is outside the {inputs.shape[0]} inputs.")
   if not chosen:
-    figure = _figure((4, 1.5))
-    axis = figure.subplots()
+    figure, axis = _figure((4, 1.5))
     axis.text(0.5, 0.5, "no misclassified examples", ha="center", va="center")
     axis.axis("off")
     return _save(figure, path)
   figure, axes = _grid(len(chosen))
   for axis, index in zip(axes, chosen):
-    if kind == "image":
-      image, colour_map = _displayable_image(inputs[index])
-      axis.imshow(image, cmap=colour_map)
-    else:
-      _draw_signal(axis, inputs[index], linewidth=1.0)
-    _bare(axis)
+    _draw_input(axis, kind, inputs[index])
     axis.set_title(f"#{index} true {_class_name(class_names, int(labels[index]))}\n"
                    f"pred {_class_name(class_names, int(predictions[index]))}", fontsize=8)
-  for axis in axes[len(chosen):]:
-    axis.axis("off")
   figure.suptitle(f"misclassified examples ({len(chosen)} of {len(indices)} shown)")
   figure.subplots_adjust(hspace=0.55, wspace=0.1)
   return _save(figure, path)
@@ -264,12 +233,8 @@ def plot_examples(examples: np.ndarray, path: str, *, title: str | None = None,
                   references: np.ndarray | None = None) -> str:
   """A grid of floating images or signals, e.g. a generative model's samples or reconstructions.
 
-  Args:
-    examples: `[count, ...]` images or signals.
-    path: where the PNG goes.
-    title: the figure's title.
-    references: optional signals shaped like `examples` drawn under them in grey (the inputs of
-      reconstructions, say); signals only.
+  `references`, signals shaped like `examples` (the inputs of reconstructions, say), are drawn
+  under them in grey.
   """
   examples = np.asarray(examples)
   kind = _check_drawable(examples)
@@ -277,17 +242,10 @@ def plot_examples(examples: np.ndarray, path: str, *, title: str | None = None,
     raise ValueError(f"references must be signals shaped like the examples {examples.shape}; got "
                      f"{np.shape(references)} with {kind} examples.")
   figure, axes = _grid(len(examples))
-  for index, axis in enumerate(axes[:len(examples)]):
-    if kind == "image":
-      image, colour_map = _displayable_image(examples[index])
-      axis.imshow(image, cmap=colour_map)
-    else:
-      if references is not None:
-        _draw_signal(axis, references[index], linewidth=1.0, color="0.7")
-      _draw_signal(axis, examples[index], linewidth=1.0)
-    _bare(axis)
-  for axis in axes[len(examples):]:
-    axis.axis("off")
+  for index, axis in enumerate(axes):
+    if references is not None:
+      _draw_input(axis, kind, references[index], color="0.7")
+    _draw_input(axis, kind, examples[index])
   if title:
     figure.suptitle(title)
   return _save(figure, path)
@@ -300,28 +258,21 @@ def plot_reliability_diagram(bins: ReliabilityBins, path: str) -> str:
     raise ValueError("the bins hold no examples; nothing to draw.")
   width = bins.upper - bins.lower
   filled = bins.count > 0
-  figure = _figure((5.5, 6.5))
-  top, bottom = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": (3, 1)})
-  top.bar(bins.lower[filled], bins.accuracy[filled], width=width[filled], align="edge",
-          edgecolor="black", color="tab:blue", label="accuracy")
-  gap_low = np.minimum(bins.accuracy[filled], bins.confidence[filled])
-  gap_height = np.abs(bins.accuracy[filled] - bins.confidence[filled])
-  top.bar(bins.lower[filled], gap_height, bottom=gap_low, width=width[filled], align="edge",
+  accuracy, confidence = bins.accuracy[filled], bins.confidence[filled]
+  figure, (top, bottom) = _figure((5.5, 6.5), 2, 1, sharex=True,
+                                  gridspec_kw={"height_ratios": (3, 1)})
+  top.bar(bins.lower[filled], accuracy, width=width[filled], align="edge", edgecolor="black",
+          color="tab:blue", label="accuracy")
+  top.bar(bins.lower[filled], np.abs(accuracy - confidence),
+          bottom=np.minimum(accuracy, confidence), width=width[filled], align="edge",
           color="tab:red", alpha=0.35, label="gap to confidence")
   top.plot([0.0, 1.0], [0.0, 1.0], linestyle="--", color="gray", label="perfect calibration")
-  top.set_xlim(0.0, 1.0)
-  top.set_ylim(0.0, 1.0)
-  top.set_ylabel("accuracy")
-  top.set_title(f"reliability diagram (ECE {bins.expected_calibration_error():.4f})")
+  top.set(xlim=(0.0, 1.0), ylim=(0.0, 1.0), ylabel="accuracy",
+          title=f"reliability diagram (ECE {bins.expected_calibration_error():.4f})")
   top.legend(loc="upper left")
   bottom.bar(bins.lower, bins.count, width=width, align="edge", edgecolor="black", color="gray")
-  bottom.set_xlabel("confidence (highest class probability)")
-  bottom.set_ylabel("examples")
+  bottom.set(xlabel="confidence (highest class probability)", ylabel="examples")
   return _save(figure, path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Generic figures for the other analyses (attribution, robustness).
 
 
 def plot_attribution_overlays(inputs: np.ndarray, attributions: np.ndarray, path: str,
@@ -331,14 +282,8 @@ def plot_attribution_overlays(inputs: np.ndarray, attributions: np.ndarray, path
 
   Images are drawn in grey with the attribution's magnitude as a heat overlay; signals as a line
   coloured by the signed attribution of each point (red pushes the output up, blue down).
-
-  Args:
-    inputs: `[num_examples, ...]` floating images or signals.
-    attributions: the same shape as `inputs`.
-    path: where the PNG goes.
-    titles: one title per example, or None.
-    columns: panels per row, e.g. the number of methods, to put each example's attributions side
-      by side; None: a near-square grid of at most 5 columns.
+  `attributions` has the shape of `inputs`; `columns` is the panels per row (e.g. the number of
+  methods, to put each example's attributions side by side), None a near-square grid of at most 5.
   """
   inputs, attributions = np.asarray(inputs), np.asarray(attributions, np.float64)
   kind = _check_drawable(inputs)
@@ -350,39 +295,30 @@ def plot_attribution_overlays(inputs: np.ndarray, attributions: np.ndarray, path
   if titles is not None and len(titles) != inputs.shape[0]:
     raise ValueError(f"titles has {len(titles)} entries for {inputs.shape[0]} examples.")
   figure, axes = _grid(inputs.shape[0], panel_size=2.6, max_columns=5, columns=columns)
-  for index, axis in enumerate(axes[:inputs.shape[0]]):
+  for index, axis in enumerate(axes):
     if kind == "image":
-      image, _ = _displayable_image(inputs[index])
-      grey = image if image.ndim == 2 else image[..., :3].mean(axis=-1)
+      image = _displayable_image(inputs[index])
       heat = np.abs(attributions[index])
       heat = heat.sum(axis=-1) if heat.ndim == 3 else heat
-      axis.imshow(grey, cmap="gray")
+      axis.imshow(image if image.ndim == 2 else image[..., :3].mean(axis=-1), cmap="gray")
       axis.imshow(heat / max(float(heat.max()), 1e-12), cmap="inferno", alpha=0.55, vmin=0.0,
                   vmax=1.0)
     else:
-      signal = np.asarray(inputs[index], np.float64)
-      signal = signal[:, None] if signal.ndim == 1 else signal
-      weight = attributions[index]
-      weight = weight[:, None] if weight.ndim == 1 else weight
+      signal, weight = _as_columns(inputs[index]), _as_columns(attributions[index])
       scale = max(float(np.abs(weight).max()), 1e-12)
       positions = np.arange(signal.shape[0], dtype=np.float64)
       for channel in range(signal.shape[1]):
         points = np.stack([positions, signal[:, channel]], axis=1)
-        segments = np.stack([points[:-1], points[1:]], axis=1)
-        # Each segment takes the mean attribution of its two end points.
-        colours = 0.5 * (weight[:-1, channel] + weight[1:, channel])
-        lines = LineCollection(segments, cmap="coolwarm", linewidths=2.0)
-        lines.set_array(colours)
+        lines = LineCollection(np.stack([points[:-1], points[1:]], axis=1), cmap="coolwarm",
+                               linewidths=2.0)
+        lines.set_array(0.5 * (weight[:-1, channel] + weight[1:, channel]))  # segment: mean of ends
         lines.set_clim(-scale, scale)
         axis.add_collection(lines)
         axis.scatter(positions, signal[:, channel], c=weight[:, channel], cmap="coolwarm",
                      vmin=-scale, vmax=scale, s=8, zorder=3)
       axis.autoscale_view()
-    _bare(axis)
     if titles is not None:
       axis.set_title(str(titles[index]), fontsize=8)
-  for axis in axes[inputs.shape[0]:]:
-    axis.axis("off")
   figure.subplots_adjust(hspace=0.35, wspace=0.1)
   return _save(figure, path)
 
@@ -393,23 +329,16 @@ def plot_curve(xs: Sequence[float], ys_by_name: Mapping[str, Sequence[float]], p
   xs = np.asarray(xs, np.float64).reshape(-1)
   if not ys_by_name:
     raise ValueError("ys_by_name is empty; give at least one series {name: values}.")
-  figure = _figure((6, 4))
-  axis = figure.subplots()
+  figure, axis = _figure((6, 4))
   for name, ys in ys_by_name.items():
     ys = np.asarray(ys, np.float64).reshape(-1)
     if ys.shape != xs.shape:
       raise ValueError(f"series {name!r} has {ys.shape[0]} values for {xs.shape[0]} x values.")
     axis.plot(xs, ys, marker="o", label=str(name))
-  axis.set_xlabel(xlabel)
-  axis.set_ylabel(ylabel)
-  axis.set_title(title)
+  axis.set(xlabel=xlabel, ylabel=ylabel, title=title)
   axis.grid(True, alpha=0.3)
   axis.legend()
   return _save(figure, path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sweeps.
 
 
 def param_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -448,8 +377,7 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str, *, x: str,
                       for k in others) for r in shown]
   if len(set(groups)) > 10:  # a random search rarely repeats the other keys: one colour
     groups = [""] * len(shown)
-  figure = _figure((6.4, 4.4))
-  axis = figure.subplots()
+  figure, axis = _figure((6.4, 4.4))
   for colour, group in enumerate(dict.fromkeys(groups)):
     for status, marker in (("ok", "o"), ("pruned", "x")):
       points = [(v if numeric else categories.index(format_value(v)), r[metric])
@@ -474,8 +402,7 @@ def plot_trial_curves(rows: Sequence[Mapping[str, Any]], path: str, *,
                       metric: str = "test_accuracy") -> str:
   """Each trial's `metric` at every evaluation (the rows' `curve`), pruned trials dashed: how the
   pruner cut the sweep."""
-  figure = _figure((6.4, 4.4))
-  axis = figure.subplots()
+  figure, axis = _figure((6.4, 4.4))
   for row in rows:
     if row["curve"]:
       pruned = row["status"] == "pruned"
