@@ -28,10 +28,6 @@ PROBABILITY_TOLERANCE = 1e-3
 ApplyFn = Callable[..., Any]
 
 
-# ---------------------------------------------------------------------------------------------
-# The forward pass.
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(apply_fn: ApplyFn, variables: Any, inputs: jax.Array) -> jax.Array:
   return apply_fn(variables, inputs, train=False)
@@ -39,19 +35,11 @@ def _forward(apply_fn: ApplyFn, variables: Any, inputs: jax.Array) -> jax.Array:
 
 def apply_in_batches(apply_fn: ApplyFn, variables: Any, inputs: np.ndarray | jax.Array, *,
                      batch_size: int = 1000) -> np.ndarray:
-  """The model's outputs for every example of `inputs`, computed batch by batch in eval mode.
+  """The model's float32 numpy outputs for every example of `inputs`, batch by batch in eval mode.
 
   Every batch has the same shape (the last one padded, the padding dropped afterwards), so the
-  model compiles once whatever the number of examples.
-
-  Args:
-    apply_fn: the model's `apply` (hashable: it is a static argument of the compiled call).
-    variables: the model's variables, e.g. `state.variables()`.
-    inputs: `[num_examples, *input_shape]` images, signals or token ids, any dtype the model takes.
-    batch_size: examples per compiled call (memory and speed only).
-
-  Returns:
-    `[num_examples, ...]` outputs as float32 numpy, as the model gives them.
+  model compiles once whatever the number of examples. `apply_fn` must be hashable: it is a
+  static argument of the compiled call.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
@@ -59,44 +47,28 @@ def apply_in_batches(apply_fn: ApplyFn, variables: Any, inputs: np.ndarray | jax
   if inputs.ndim < 1 or inputs.shape[0] == 0:
     raise ValueError(
         f"inputs must be a non-empty batch [num_examples, ...]; got shape {inputs.shape}.")
-  count = inputs.shape[0]
-  size = min(batch_size, count)
+  size = min(batch_size, inputs.shape[0])
   outputs = []
-  for start in range(0, count, size):
+  for start in range(0, inputs.shape[0], size):
     batch = inputs[start:start + size]
-    real = batch.shape[0]
-    if real < size:
-      padding = np.zeros((size - real, *batch.shape[1:]), batch.dtype)
-      batch = np.concatenate([batch, padding])
-    outputs.append(np.asarray(_forward(apply_fn, variables, batch), np.float32)[:real])
+    padded = np.concatenate([batch, np.zeros((size - len(batch), *batch.shape[1:]), batch.dtype)])
+    outputs.append(np.asarray(_forward(apply_fn, variables, padded), np.float32)[:len(batch)])
   return np.concatenate(outputs)
 
 
 def predict(state: TrainState, inputs: np.ndarray | jax.Array, *,
             batch_size: int = 1000) -> np.ndarray:
-  """The outputs of `state`'s model for every example of `inputs` (see `apply_in_batches`).
+  """The outputs of `state`'s model (e.g. `jdl.runs.load_run(workdir).state`) for every example
+  of `[num_examples, *state.input_shape]` inputs (see `apply_in_batches`).
 
-  Args:
-    state: a trained state (e.g. `jdl.runs.load_run(workdir).state`).
-    inputs: `[num_examples, *state.input_shape]` images, signals or token ids.
-    batch_size: examples per compiled call.
-
-  Returns:
-    `[num_examples, num_classes]` (or `[num_examples, time, vocabulary]` for a language model)
-    float32 logits or probabilities, whichever the model outputs.
-
-  Raises:
-    ValueError: the inputs' per-example shape is not the one the model was built for.
+  Returns `[num_examples, num_classes]` (or `[num_examples, time, vocabulary]` for a language
+  model) float32 logits or probabilities, whichever the model outputs.
   """
   inputs = np.asarray(inputs)
   if tuple(inputs.shape[1:]) != tuple(state.input_shape):
     raise ValueError(f"inputs have per-example shape {tuple(inputs.shape[1:])} (batch shape "
                      f"{inputs.shape}), but the model was built for {tuple(state.input_shape)}.")
   return apply_in_batches(state.apply_fn, state.variables(), inputs, batch_size=batch_size)
-
-
-# ---------------------------------------------------------------------------------------------
-# Outputs to predictions and probabilities.
 
 
 def outputs_are_probabilities(outputs: np.ndarray, *,
@@ -117,8 +89,7 @@ def softmax_probabilities(outputs: np.ndarray) -> np.ndarray:
   outputs = np.asarray(outputs, np.float64)
   if outputs_are_probabilities(outputs):
     return outputs / outputs.sum(axis=-1, keepdims=True)
-  shifted = outputs - outputs.max(axis=-1, keepdims=True)
-  exponentials = np.exp(shifted)
+  exponentials = np.exp(outputs - outputs.max(axis=-1, keepdims=True))
   return exponentials / exponentials.sum(axis=-1, keepdims=True)
 
 
@@ -139,10 +110,6 @@ def _check_labels(labels: np.ndarray, num_classes: int, name: str) -> None:
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
     raise ValueError(f"{name} must lie in [0, {num_classes}); got values from {labels.min()} to "
                      f"{labels.max()}.")
-
-
-# ---------------------------------------------------------------------------------------------
-# Accuracy, confusion and top-k.
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -166,9 +133,7 @@ def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
     raise ValueError(f"confusion must be a square [num_classes, num_classes] matrix; got shape "
                      f"{confusion.shape}.")
   totals = confusion.sum(axis=1).astype(np.float64)
-  correct = np.diag(confusion).astype(np.float64)
-  with np.errstate(invalid="ignore", divide="ignore"):
-    return np.where(totals > 0, correct / np.maximum(totals, 1.0), np.nan)
+  return np.where(totals > 0, np.diag(confusion) / np.maximum(totals, 1.0), np.nan)
 
 
 def label_ranks(outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -190,22 +155,14 @@ def top_k_accuracy(outputs: np.ndarray, labels: np.ndarray, k: int) -> float:
   return float(np.mean(label_ranks(outputs, labels) < k))
 
 
-# ---------------------------------------------------------------------------------------------
-# Calibration.
-
-
 @dataclasses.dataclass(frozen=True)
 class ReliabilityBins:
   """Equal-width confidence bins over [0, 1], the data of a reliability diagram.
 
   An example's confidence is its highest class probability; bin `b` holds the confidences in
-  `(lower[b], upper[b]]` (the first bin also holds 0).
-
-  Attributes:
-    lower, upper: `[num_bins]` edges of each bin.
-    confidence: `[num_bins]` mean confidence of the bin's examples (NaN for an empty bin).
-    accuracy: `[num_bins]` fraction of the bin's examples predicted correctly (NaN when empty).
-    count: `[num_bins]` number of examples in each bin.
+  `(lower[b], upper[b]]` (the first bin also holds 0). Each field is `[num_bins]`: `confidence`
+  and `accuracy` are the mean confidence and the fraction predicted correctly of the bin's
+  examples (NaN for an empty bin), `count` their number.
   """
 
   lower: np.ndarray
@@ -228,27 +185,18 @@ class ReliabilityBins:
     return float(np.sum(self.count[filled] / total * gaps))
 
 
-def _check_probabilities(probabilities: np.ndarray,
-                         labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def reliability_diagram_data(probabilities: np.ndarray, labels: np.ndarray, *,
+                             num_bins: int = 15) -> ReliabilityBins:
+  """Bins the examples by confidence (highest probability) into `num_bins` equal-width bins over
+  [0, 1] (15, as in Guo et al. 2017) and measures each bin's accuracy. `probabilities` are
+  `[num_examples, num_classes]` class probabilities (`softmax_probabilities`)."""
+  if num_bins < 1:
+    raise ValueError(f"num_bins must be >= 1; got {num_bins}.")
   probabilities, labels = _check_classification(probabilities, labels)
   if not outputs_are_probabilities(probabilities):
     raise ValueError("probabilities must be non-negative with rows summing to 1; these look like "
                      "logits: convert them with softmax_probabilities(outputs) first.")
-  return probabilities.astype(np.float64), labels
-
-
-def reliability_diagram_data(probabilities: np.ndarray, labels: np.ndarray, *,
-                             num_bins: int = 15) -> ReliabilityBins:
-  """Bins the examples by confidence (highest probability) and measures each bin's accuracy.
-
-  Args:
-    probabilities: `[num_examples, num_classes]` class probabilities (`softmax_probabilities`).
-    labels: `[num_examples]` integer labels.
-    num_bins: number of equal-width bins over [0, 1] (15, as in Guo et al. 2017).
-  """
-  if num_bins < 1:
-    raise ValueError(f"num_bins must be >= 1; got {num_bins}.")
-  probabilities, labels = _check_probabilities(probabilities, labels)
+  probabilities = probabilities.astype(np.float64)
   confidences = probabilities.max(axis=1)
   correct = (probabilities.argmax(axis=1) == labels).astype(np.float64)
   # Bin b holds (b / num_bins, (b + 1) / num_bins]; ceil puts an edge value in the bin below it.
@@ -271,30 +219,19 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, *,
                                   num_bins=num_bins).expected_calibration_error()
 
 
-# ---------------------------------------------------------------------------------------------
-# Everything at once.
-
-
 @dataclasses.dataclass(frozen=True)
 class EvaluationReport:
   """A classifier's evaluation on one split.
 
   Attributes:
-    num_examples: examples evaluated.
-    num_classes: width of the model's output.
     class_names: the class names (indices as strings when none were given).
-    accuracy: fraction of examples whose argmax output is the label.
     per_class_accuracy: `[num_classes]` accuracy of each true class (NaN without examples).
     confusion: `[num_classes, num_classes]` counts, rows true classes, columns predictions.
     top_k_accuracy: `{k: accuracy}` for k = 1 and each requested k below the number of classes.
     log_loss: mean negative log-probability of the true class (nats).
-    expected_calibration_error: see `expected_calibration_error`.
-    reliability: the reliability diagram's bins.
     misclassified: indices of the wrongly predicted examples, in order.
-    labels: `[num_examples]` true classes.
-    predictions: `[num_examples]` argmax classes.
-    confidences: `[num_examples]` highest class probability of each example.
-    outputs_were_probabilities: whether the model output probabilities (else logits).
+    labels, predictions, confidences: `[num_examples]` true and argmax classes, and the highest
+      class probability of each example.
   """
 
   num_examples: int
@@ -317,11 +254,10 @@ class EvaluationReport:
 def evaluate_outputs(outputs: np.ndarray, labels: np.ndarray, *,
                      class_names: Sequence[str] | None = None, top_k: Sequence[int] = (1, 5),
                      num_bins: int = 15) -> EvaluationReport:
-  """The `EvaluationReport` of a model's outputs (logits or probabilities) on labelled examples.
+  """The `EvaluationReport` of `[num_examples, num_classes]` outputs (logits or probabilities, see
+  the module docstring) on labelled examples.
 
   Args:
-    outputs: `[num_examples, num_classes]` logits or probabilities (see the module docstring).
-    labels: `[num_examples]` integer labels.
     class_names: a name per class; None names them by index.
     top_k: the k of the top-k accuracies; a k >= num_classes (always 1) is left out, except 1.
     num_bins: confidence bins of the calibration error and the reliability diagram.
@@ -330,9 +266,7 @@ def evaluate_outputs(outputs: np.ndarray, labels: np.ndarray, *,
   num_examples, num_classes = outputs.shape
   if num_examples == 0:
     raise ValueError("there are no examples to evaluate (outputs have 0 rows).")
-  if class_names is None:
-    class_names = tuple(str(index) for index in range(num_classes))
-  class_names = tuple(str(name) for name in class_names)
+  class_names = tuple(map(str, range(num_classes) if class_names is None else class_names))
   if len(class_names) != num_classes:
     raise ValueError(f"class_names has {len(class_names)} names, but the model has {num_classes} "
                      "outputs; give one name per class.")
@@ -362,15 +296,7 @@ def evaluate_outputs(outputs: np.ndarray, labels: np.ndarray, *,
 def evaluate_classifier(state: TrainState, inputs: np.ndarray, labels: np.ndarray, *,
                         class_names: Sequence[str] | None = None, top_k: Sequence[int] = (1, 5),
                         num_bins: int = 15, batch_size: int = 1000) -> EvaluationReport:
-  """Runs `state`'s model over `inputs` in eval mode and evaluates its outputs against `labels`.
-
-  Args:
-    state: a trained classifier's state.
-    inputs: `[num_examples, *state.input_shape]` images, signals or token ids.
-    labels: `[num_examples]` integer labels.
-    class_names, top_k, num_bins: as `evaluate_outputs`'s.
-    batch_size: examples per compiled forward pass.
-  """
-  outputs = predict(state, inputs, batch_size=batch_size)
-  return evaluate_outputs(outputs, labels, class_names=class_names, top_k=top_k,
-                          num_bins=num_bins)
+  """Runs `state`'s model over `inputs` in eval mode (`predict`) and evaluates its outputs against
+  `labels` (`evaluate_outputs`)."""
+  return evaluate_outputs(predict(state, inputs, batch_size=batch_size), labels,
+                          class_names=class_names, top_k=top_k, num_bins=num_bins)

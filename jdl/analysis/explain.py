@@ -39,11 +39,9 @@ def _black_box(apply_fn: ApplyFn, variables: Any, example_shape: Sequence[int],
   """`[n, features] -> [n, num_outputs]` float64 model outputs, in fixed-size compiled batches."""
 
   def predict(flat: np.ndarray) -> np.ndarray:
-    flat = np.asarray(flat)
-    count = flat.shape[0]
-    padded = -(-count // PREDICT_BATCH) * PREDICT_BATCH
-    inputs = np.zeros((padded, *example_shape), dtype)
-    inputs[:count] = flat.reshape(count, *example_shape)
+    count = len(flat)
+    inputs = np.zeros((-(-count // PREDICT_BATCH) * PREDICT_BATCH, *example_shape), dtype)
+    inputs[:count] = np.reshape(flat, (count, *example_shape))
     outputs = evaluation.apply_in_batches(apply_fn, variables, inputs, batch_size=PREDICT_BATCH)
     return np.asarray(outputs[:count], np.float64)
 
@@ -96,18 +94,12 @@ def shap_values(apply_fn: ApplyFn, variables: Any, inputs: Any, background: Any,
   float rounding) however few permutations are drawn; more evaluations lower their variance.
 
   Args:
-    apply_fn: the model's `apply` (e.g. `state.apply_fn`).
-    variables: its variables (`state.variables()`).
     inputs: `[num_examples, *input_shape]` float inputs to explain.
     background: `[num_background, *input_shape]` examples standing for "feature unknown" (a few
       dozen training examples; the cost grows with their number).
     target_classes: `[num_examples]` the class explained for each; None: the predicted class.
     max_evals: model evaluations per example, at least 2 * features + 1 (one permutation
       forward and back); each evaluates the whole background. None: that, or 500 if larger.
-    seed: seeds the permutations.
-
-  Returns:
-    A `ShapResult`.
   """
   shap = _require("shap")
   inputs, targets = _checked(inputs, target_classes, "shap_values")
@@ -160,20 +152,10 @@ def lime_explanations(apply_fn: ApplyFn, variables: Any, inputs: Any, training_i
   """LIME (the `lime` package's tabular explainer, every input element a feature) for each
   example: a linear model of the target class's probability fitted to perturbed copies.
 
-  Features are binned into quartiles of `training_inputs`; perturbed samples draw bins from the
-  training distribution, and are weighted by their closeness to the example.
-
-  Args:
-    apply_fn: the model's `apply`.
-    variables: its variables.
-    inputs: `[num_examples, *input_shape]` float inputs to explain.
-    training_inputs: `[num_training, *input_shape]` examples that give each feature's quartiles.
-    target_classes: `[num_examples]` the class explained for each; None: the predicted class.
-    num_samples: perturbed copies per example.
-    seed: seeds the perturbations.
-
-  Returns:
-    A `LimeResult`.
+  Features are binned into quartiles of `training_inputs` (`[num_training, *input_shape]`);
+  perturbed samples, `num_samples` per example, draw bins from the training distribution and are
+  weighted by their closeness to the example. `inputs` and `target_classes` are as in
+  `shap_values`.
   """
   lime_tabular = _require("lime.lime_tabular")
   inputs, targets = _checked(inputs, target_classes, "lime_explanations")
