@@ -1,17 +1,11 @@
-"""Adversarial examples, robust accuracy and adversarial training.
+"""Adversarial examples (`fgsm`, `pgd`), robust accuracy and adversarial training.
 
 An adversarial example is an input moved within an epsilon ball around the clean input, and
-inside the valid input range, in the direction that most increases the model's loss.
-
-  `fgsm`: the fast gradient sign method (Goodfellow et al., 2015): one step of size epsilon.
-  `pgd`: projected gradient ascent on the loss (Madry et al., 2018) from a random start.
-  `robust_accuracy` / `robust_accuracy_curve`: accuracy on attacked inputs, at one or more epsilons.
-  `make_adversary`: the `adversary=` of `jdl.make_train_step`, for adversarial training.
-
-Balls: "linf" bounds every element's change by epsilon; "l2" bounds each example's Euclidean norm
-over all its non-batch axes. `value_range=(lo, hi)` with lo < hi is the valid input range (pixels
-in [0, 1] by default; for standardised data use the data's own minimum and maximum); None leaves
-the inputs unbounded. Clean inputs must lie inside the range, or clipping could take them out of
+inside the valid input range, in the direction that most increases the model's loss. Balls:
+"linf" bounds every element's change by epsilon; "l2" bounds each example's Euclidean norm over
+all its non-batch axes. `value_range=(lo, hi)` with lo < hi is the valid input range (pixels in
+[0, 1] by default; for standardised data use the data's own minimum and maximum); None leaves the
+inputs unbounded. Clean inputs must lie inside the range, or clipping could take them out of
 their ball.
 
 The model is called as `apply_fn(variables, inputs, train=False)` and must return
@@ -46,15 +40,11 @@ LOSSES: dict[str, LossFn] = {"cross_entropy": losses_lib.softmax_cross_entropy}
 def fgsm(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array, labels: jax.Array, *,
          epsilon: float, norm: str = "linf", value_range: tuple[float, float] | None = (0.0, 1.0),
          loss: str | LossFn = "cross_entropy") -> jax.Array:
-  """The fast gradient method: one step of length `epsilon` up the loss gradient.
+  """The fast gradient method (Goodfellow et al., 2015): one step of length `epsilon` (the ball's
+  radius, >= 0) up the loss gradient of `[B, ...]` floating clean inputs with `[B]` integer labels.
 
   L-inf: `x + epsilon * sign(grad)`; L2: `x + epsilon * grad / ||grad||` per example. The result
   is clipped to `value_range` and has the dtype of `inputs`.
-
-  Args:
-    inputs: `[B, ...]` floating clean inputs inside `value_range`.
-    labels: `[B]` integer true labels (the attack raises their loss).
-    epsilon: the radius of the ball (>= 0); 0 returns the inputs unchanged.
   """
   loss_fn, value_range = _check_attack(inputs, labels, epsilon=epsilon, norm=norm,
                                        value_range=value_range, loss=loss)
@@ -68,20 +58,18 @@ def pgd(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array, labels: jax.
         epsilon: float, step_size: float | None = None, num_steps: int = 10, norm: str = "linf",
         value_range: tuple[float, float] | None = (0.0, 1.0), random_start: bool = True,
         key: jax.Array | None = None, loss: str | LossFn = "cross_entropy") -> jax.Array:
-  """Projected gradient ascent on the loss inside the epsilon ball and the input range.
+  """Projected gradient ascent on the loss inside the epsilon ball and the input range (Madry et
+  al., 2018); the other options are `fgsm`'s.
 
-  From a uniformly random point of the ball (or the clean input), `num_steps` times: step
-  `step_size` along the gradient's sign (L-inf) or normalised gradient (L2), then project onto the
-  ball around the clean input and clip to `value_range`. The other options are `fgsm`'s.
-
-  Args:
-    step_size: length of each step (> 0); None is `2.5 * epsilon / num_steps` (Madry et al.),
-      which lets the iterate cross the ball from any start.
-    key: PRNG key for the random start; required when `random_start` is True.
+  From a uniformly random point of the ball (`key` required) or the clean input, `num_steps`
+  times: step `step_size` along the gradient's sign (L-inf) or normalised gradient (L2), then
+  project onto the ball around the clean input and clip to `value_range`. The default step size,
+  `2.5 * epsilon / num_steps` (Madry et al.), lets the iterate cross the ball from any start.
   """
   loss_fn, value_range = _check_attack(inputs, labels, epsilon=epsilon, norm=norm,
                                        value_range=value_range, loss=loss)
-  step_size = _check_pgd(epsilon, step_size, num_steps, random_start, has_key=key is not None)
+  step_size, _, _ = _attack_steps("pgd", epsilon, step_size, num_steps, random_start,
+                                  has_key=key is not None)
   key = jax.random.PRNGKey(0) if key is None else key  # unused without a random start
   return _pgd_jit(apply_fn, variables, jnp.asarray(inputs), jnp.asarray(labels),
                   jnp.float32(epsilon), jnp.float32(step_size), key, num_steps, norm,
@@ -93,16 +81,10 @@ def robust_accuracy(apply_fn: ApplyFn, variables: Variables, inputs: np.ndarray 
                     norm: str = "linf", value_range: tuple[float, float] | None = (0.0, 1.0),
                     batch_size: int = 500, key: jax.Array | None = None,
                     **attack_kwargs: Any) -> float:
-  """The fraction of `[N, ...]` inputs the model still classifies correctly after the attack.
-
-  Epsilon 0 gives the clean accuracy. The last batch is padded, so every batch compiles once.
-
-  Args:
-    attack: "fgsm" or "pgd".
-    key: PRNG key for PGD's random start (batch i uses `fold_in(key, i)`).
-    **attack_kwargs: further options of the attack (`step_size`, `num_steps`, `random_start`,
-      `loss` for PGD; `loss` for FGSM).
-  """
+  """The fraction of `[N, ...]` inputs the model still classifies correctly after `attack`,
+  "fgsm" or "pgd" (with `attack_kwargs` its further options; batch i's random start uses
+  `fold_in(key, i)`). Epsilon 0 gives the clean accuracy. The last batch is padded, so every
+  batch compiles once."""
   if attack not in ATTACKS:
     raise ValueError(f"unknown attack {attack!r}; expected one of {ATTACKS}.")
   _check_count(batch_size, "batch_size")
@@ -160,19 +142,15 @@ def make_adversary(epsilon: float, *, attack: str = "pgd", norm: str = "linf",
   Pass it as `jdl.make_train_step(..., adversary=...)`: the step takes the loss at the returned
   inputs and does not differentiate through the attack (Madry et al.: the gradient of the max is
   the gradient at the maximiser). The attack runs the model with `train=False`. The adversary
-  replaces `batch["input"]` and leaves every other entry as it was.
-
-  Args:
-    attack: "pgd" (Madry et al.) or "fgsm" (one gradient per step; `attack="pgd", num_steps=1,
-      step_size=1.25 * epsilon` is FGSM from a random start, the "fast" adversarial training of
-      Wong et al., 2020).
-    num_steps, step_size, random_start: PGD's options (ignored by FGSM).
-    fraction: the share of each batch, in [0, 1], replaced by adversarial examples (chosen at
-      random each step); the others stay clean.
+  replaces `batch["input"]`, or a random `fraction` of it each step, and leaves every other entry
+  as it was. `attack="fgsm"` ignores PGD's options; `attack="pgd", num_steps=1,
+  step_size=1.25 * epsilon` is FGSM from a random start, the "fast" adversarial training of Wong
+  et al., 2020.
   """
   if attack not in ATTACKS:
     raise ValueError(f"unknown attack {attack!r}; expected one of {ATTACKS}.")
-  loss_fn, value_range = _check_options(epsilon, norm, value_range, loss)
+  loss_fn, value_range = _check_attack(epsilon=epsilon, norm=norm, value_range=value_range,
+                                       loss=loss)
   # The train step hands the adversary its key.
   step_size, num_steps, random_start = _attack_steps(attack, epsilon, step_size, num_steps,
                                                      random_start, has_key=True)
@@ -221,9 +199,7 @@ def _project(candidate: jax.Array, clean: jax.Array, epsilon: jax.Array, norm: s
   else:
     length = _per_example_l2(delta)
     delta = delta * jnp.where(length > epsilon, epsilon / jnp.where(length > 0, length, 1.0), 1.0)
-  if value_range is None:
-    return clean + delta
-  return jnp.clip(clean + delta, value_range[0], value_range[1])
+  return clean + delta if value_range is None else jnp.clip(clean + delta, *value_range)
 
 
 def _random_start(key: jax.Array, clean: jax.Array, epsilon: jax.Array, norm: str) -> jax.Array:
@@ -288,9 +264,10 @@ def _check_count(value: Any, name: str) -> None:
     raise ValueError(f"{name} must be an integer >= 1; got {value!r}.")
 
 
-def _check_options(epsilon: Any, norm: Any, value_range: Any,
-                   loss: Any) -> tuple[LossFn, tuple[float, float] | None]:
-  """Checks the options every attack shares; returns the loss function and the range as floats."""
+def _check_attack(inputs: Any = None, labels: Any = None, *, epsilon: Any, norm: Any,
+                  value_range: Any, loss: Any) -> tuple[LossFn, tuple[float, float] | None]:
+  """Checks the options every attack shares, and the inputs and labels (if given) against them;
+  returns the loss function and the range as floats."""
   _check_number(epsilon, "epsilon", positive=False, meaning="the radius of the perturbation ball")
   if norm not in NORMS:
     raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}.")
@@ -306,13 +283,9 @@ def _check_options(epsilon: Any, norm: Any, value_range: Any,
   if not callable(loss) and loss not in LOSSES:
     raise ValueError(f"unknown loss {loss!r}; expected one of {sorted(LOSSES)} or a per-example "
                      "callable loss(outputs, labels) -> [batch].")
-  return loss if callable(loss) else LOSSES[loss], value_range
-
-
-def _check_attack(inputs: Any, labels: Any, *, epsilon: Any, norm: Any, value_range: Any,
-                  loss: Any) -> tuple[LossFn, tuple[float, float] | None]:
-  """`_check_options`, and the inputs and labels against them."""
-  loss_fn, value_range = _check_options(epsilon, norm, value_range, loss)
+  loss_fn = loss if callable(loss) else LOSSES[loss]
+  if inputs is None:
+    return loss_fn, value_range
   if not hasattr(inputs, "dtype") or not jnp.issubdtype(inputs.dtype, jnp.floating) or \
       inputs.ndim < 2:
     raise ValueError(f"inputs must be a floating batch [batch, ...] (token ids cannot be "
@@ -335,9 +308,12 @@ def _check_attack(inputs: Any, labels: Any, *, epsilon: Any, norm: Any, value_ra
   return loss_fn, value_range
 
 
-def _check_pgd(epsilon: float, step_size: Any, num_steps: Any, random_start: Any, *,
-               has_key: bool) -> float:
-  """Checks PGD's options; returns the step size (its default filled in)."""
+def _attack_steps(attack: str, epsilon: float, step_size: Any, num_steps: Any, random_start: Any,
+                  *, has_key: bool) -> tuple[float, int, bool]:
+  """`(step_size, num_steps, random_start)` of the PGD that runs `attack`, checked, with PGD's
+  default step size filled in. FGSM is one step of length epsilon from the clean input."""
+  if attack == "fgsm":
+    return float(epsilon), 1, False
   _check_count(num_steps, "num_steps")
   if not isinstance(random_start, bool):
     raise ValueError(f"random_start must be True or False; got {random_start!r}.")
@@ -345,16 +321,7 @@ def _check_pgd(epsilon: float, step_size: Any, num_steps: Any, random_start: Any
     raise ValueError("pgd with random_start=True needs a PRNG key (key=jax.random.PRNGKey(...)); "
                      "or pass random_start=False.")
   if step_size is None:
-    return 2.5 * float(epsilon) / int(num_steps)
-  return _check_number(step_size, "step_size", positive=True,
-                       meaning="or None for 2.5 * epsilon / num_steps")
-
-
-def _attack_steps(attack: str, epsilon: float, step_size: Any, num_steps: Any, random_start: Any,
-                  *, has_key: bool) -> tuple[float, int, bool]:
-  """`(step_size, num_steps, random_start)` of the PGD that runs `attack`, checked: FGSM is one
-  step of length epsilon from the clean input, and takes none of PGD's options."""
-  if attack == "fgsm":
-    return float(epsilon), 1, False
-  step_size = _check_pgd(epsilon, step_size, num_steps, random_start, has_key=has_key)
+    return 2.5 * float(epsilon) / int(num_steps), num_steps, random_start
+  step_size = _check_number(step_size, "step_size", positive=True,
+                            meaning="or None for 2.5 * epsilon / num_steps")
   return step_size, num_steps, random_start

@@ -39,17 +39,11 @@ IG_METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapez
 def saliency(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
              target_classes: jax.Array | int, *, absolute: bool = False,
              reduce_channels: bool = False, use_probabilities: bool = False) -> jax.Array:
-  """The gradient of each example's target score with respect to its input.
+  """The gradient of each example's target score with respect to its `[B, ...]` floating input.
 
-  Args:
-    inputs: `[B, ...]` floating inputs (see the module docstring for token ids).
-    absolute: return the gradient's magnitude (the usual saliency map) instead of its sign.
-    reduce_channels: sum over the last axis (channels, features or embedding width) of inputs
-      of rank >= 3, giving one number per pixel or time step.
-    use_probabilities: differentiate the target's softmax probability instead of its logit.
-
-  Returns:
-    `[B, ...]` float32, shaped like `inputs` (without the last axis with `reduce_channels`).
+  Returns `[B, ...]` float32 shaped like `inputs`: the gradient's magnitude with `absolute` (the
+  usual saliency map), and summed over the last axis (channels, features or embedding width) of
+  inputs of rank >= 3 with `reduce_channels`, for one number per pixel or time step.
   """
   inputs, targets = _check_call(apply_fn, variables, inputs, target_classes, "saliency",
                                 needs_gradient=True, reduce_channels=reduce_channels)
@@ -94,17 +88,12 @@ def integrated_gradients(
     return_convergence_delta: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Integrated gradients: `(x - baseline) * mean gradient on the path baseline -> x`.
 
-  The path integral is a quadrature over `steps` intervals. `sum(attributions) = score(x) -
-  score(baseline)` up to the quadrature error, which `return_convergence_delta` reports: a large
-  delta means more `steps` are needed. The other options are `saliency`'s; `reduce_channels`
-  keeps completeness (it sums attributions).
-
-  Args:
-    baseline: "no signal" for the model: None (zeros), a number, or an array shaped like one
-      example or the whole batch.
-    method: one of `IG_METHODS`: "riemann_trapezoid" (`steps + 1` gradients), "riemann_left",
-      "riemann_right", "riemann_middle" or "gauss_legendre" (`steps` gradients each).
-    return_convergence_delta: also return `[B]` `sum(attributions) - (score(x) - score(baseline))`.
+  The baseline is "no signal" for the model: None (zeros), a number, or an array shaped like one
+  example or the whole batch. The path integral is a quadrature (`method`, one of `IG_METHODS`;
+  the trapezoid takes `steps + 1` gradients, the others `steps`) over `steps` intervals.
+  `sum(attributions) = score(x) - score(baseline)` up to the quadrature error, which
+  `return_convergence_delta` also returns, `[B]`: a large delta means more `steps` are needed.
+  The other options are `saliency`'s; `reduce_channels` keeps completeness (it sums).
   """
   _check_positive_int(steps, "steps")
   if method not in IG_METHODS:
@@ -134,25 +123,17 @@ def occlusion(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
   The window slides over the leading axes after the batch axis and covers the rest whole: an int
   window is 2-D on `[B, H, W, C]` images and 1-D otherwise; a tuple of k sizes slides over the
   first k axes. A last window flush with the end covers any tail. Each element's attribution is
-  the mean drop, `score(x) - score(occluded x)`, over the windows that cover it. Integer inputs
-  (token ids) are allowed; the other options are `saliency`'s.
-
-  Args:
-    window: window size: an int, or one size per occluded axis.
-    stride: step between windows, like `window`; None (default) is `window` (no overlap).
-    fill: the replacement value (for token ids an integer, usually the padding id).
-
-  Returns:
-    `[B, ...]` float32 attributions shaped like `inputs`.
+  the mean drop, `score(x) - score(occluded x)`, over the windows that cover it, as float32 shaped
+  like `inputs`. `stride`, like `window`, defaults to `window` (no overlap). Integer inputs (token
+  ids) are allowed, with an integer `fill` (usually the padding id).
   """
   inputs, targets = _check_call(apply_fn, variables, inputs, target_classes, "occlusion",
                                 needs_gradient=False, reduce_channels=False,
                                 points_per_call=points_per_call)
-  window, stride = _check_window(window, stride, inputs.shape)
+  window, starts, coverage = _occlusion_windows(window, stride, inputs.shape)
   if jnp.issubdtype(inputs.dtype, jnp.integer) and float(fill) != int(fill):
     raise ValueError(f"fill must be an integer (e.g. the padding id) for integer inputs of dtype "
                      f"{inputs.dtype}; got {fill!r}.")
-  starts, coverage = _windows(inputs.shape[1:1 + len(window)], window, stride)
   return _occlusion_jit(apply_fn, variables, inputs, targets, jnp.asarray(starts),
                         jnp.asarray(coverage), window, fill, use_probabilities, points_per_call)
 
@@ -326,9 +307,11 @@ def _quadrature(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
   return alphas.astype(np.float32), weights.astype(np.float32)
 
 
-def _check_window(window: Any, stride: Any,
-                  shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """Window and stride as one size per occluded axis, checked against the input shape."""
+def _occlusion_windows(window: Any, stride: Any,
+                       shape: tuple[int, ...]) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
+  """The window as one size per occluded axis, checked against the input shape; the windows'
+  `[num_windows, axes]` start positions (a last window flush with the end covers any tail); and
+  how many windows cover each position of the occluded axes (>= 1 everywhere)."""
 
   def sizes(value: Any, count: int, name: str) -> tuple[int, ...]:
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
@@ -351,17 +334,11 @@ def _check_window(window: Any, stride: Any,
                        f"[1, {extent}] for inputs of shape {shape}.")
     if step < 1:
       raise ValueError(f"stride {stride} must be >= 1 on every axis.")
-  return window, stride
-
-
-def _windows(extents: tuple[int, ...], window: tuple[int, ...],
-             stride: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-  """`[num_windows, axes]` start positions (a last window flush with the end covers any tail),
-  and how many windows cover each position of the occluded axes (>= 1 everywhere)."""
+  extents = shape[1:1 + len(window)]
   per_axis = [sorted({*range(0, extent - size + 1, step), extent - size})
               for extent, size, step in zip(extents, window, stride)]
   starts = np.asarray(list(itertools.product(*per_axis)), np.int32)
   coverage = np.zeros(extents, np.float32)
   for start in starts:
     coverage[tuple(slice(s, s + size) for s, size in zip(start, window))] += 1.0
-  return starts, coverage
+  return window, starts, coverage

@@ -4,10 +4,10 @@
 accuracy, per-class accuracy, the confusion matrix, top-k accuracies, calibration and the
 misclassified examples. Each piece is also a plain function of arrays, for any model's outputs.
 
-Outputs that are all non-negative with every row summing to 1 (within `PROBABILITY_TOLERANCE`)
-are taken as probabilities, anything else as logits (`outputs_are_probabilities`). Only
-calibration and the log loss need real probabilities, which `softmax_probabilities` gives either
-way. The metrics are computed on the host in float64 numpy, exactly.
+Outputs that are all non-negative with every row summing to 1 (within 1e-3) are taken as
+probabilities, anything else as logits (`outputs_are_probabilities`). Only calibration and the log
+loss need real probabilities, which `softmax_probabilities` gives either way. The metrics are
+computed on the host in float64 numpy, exactly.
 """
 
 from __future__ import annotations
@@ -21,9 +21,6 @@ import jax
 import numpy as np
 
 from jdl.state import TrainState
-
-PROBABILITY_TOLERANCE = 1e-3
-"""How far from 1 a row of outputs may sum and still count as probabilities."""
 
 ApplyFn = Callable[..., Any]
 
@@ -72,7 +69,7 @@ def predict(state: TrainState, inputs: np.ndarray | jax.Array, *,
 
 
 def outputs_are_probabilities(outputs: np.ndarray, *,
-                              tolerance: float = PROBABILITY_TOLERANCE) -> bool:
+                              tolerance: float = 1e-3) -> bool:
   """True when `outputs` ([..., num_classes]) are all non-negative with rows summing to 1."""
   outputs = np.asarray(outputs, np.float64)
   if outputs.ndim < 1 or outputs.shape[-1] == 0:
@@ -180,9 +177,7 @@ class ReliabilityBins:
     total = int(self.count.sum())
     if total == 0:
       raise ValueError("the bins hold no examples; the calibration error is undefined.")
-    filled = self.count > 0
-    gaps = np.abs(self.accuracy[filled] - self.confidence[filled])
-    return float(np.sum(self.count[filled] / total * gaps))
+    return float(np.nansum(self.count / total * np.abs(self.accuracy - self.confidence)))
 
 
 def reliability_diagram_data(probabilities: np.ndarray, labels: np.ndarray, *,
@@ -202,13 +197,12 @@ def reliability_diagram_data(probabilities: np.ndarray, labels: np.ndarray, *,
   # Bin b holds (b / num_bins, (b + 1) / num_bins]; ceil puts an edge value in the bin below it.
   which = np.clip(np.ceil(confidences * num_bins).astype(np.int64) - 1, 0, num_bins - 1)
   count = np.bincount(which, minlength=num_bins)
-  with np.errstate(invalid="ignore", divide="ignore"):
-    confidence = np.bincount(which, weights=confidences, minlength=num_bins) / count
-    accuracy = np.bincount(which, weights=correct, minlength=num_bins) / count
+  confidence, accuracy = (
+      np.where(count > 0, np.bincount(which, values, num_bins) / np.maximum(count, 1), np.nan)
+      for values in (confidences, correct))
   edges = np.linspace(0.0, 1.0, num_bins + 1)
-  return ReliabilityBins(lower=edges[:-1], upper=edges[1:],
-                         confidence=np.where(count > 0, confidence, np.nan),
-                         accuracy=np.where(count > 0, accuracy, np.nan), count=count)
+  return ReliabilityBins(lower=edges[:-1], upper=edges[1:], confidence=confidence,
+                         accuracy=accuracy, count=count)
 
 
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, *,
@@ -255,13 +249,8 @@ def evaluate_outputs(outputs: np.ndarray, labels: np.ndarray, *,
                      class_names: Sequence[str] | None = None, top_k: Sequence[int] = (1, 5),
                      num_bins: int = 15) -> EvaluationReport:
   """The `EvaluationReport` of `[num_examples, num_classes]` outputs (logits or probabilities, see
-  the module docstring) on labelled examples.
-
-  Args:
-    class_names: a name per class; None names them by index.
-    top_k: the k of the top-k accuracies; a k >= num_classes (always 1) is left out, except 1.
-    num_bins: confidence bins of the calibration error and the reliability diagram.
-  """
+  the module docstring) on labelled examples. A `top_k` of at least the number of classes (always
+  1) is left out, except 1; `num_bins` are the calibration error's confidence bins."""
   outputs, labels = _check_classification(outputs, labels)
   num_examples, num_classes = outputs.shape
   if num_examples == 0:

@@ -113,8 +113,7 @@ def shap_values(apply_fn: ApplyFn, variables: Any, inputs: Any, background: Any,
   flat = inputs.reshape(inputs.shape[0], features)
   outputs = predict(flat)
   targets = outputs.argmax(axis=1) if targets is None else targets
-  masker = shap.maskers.Independent(background.reshape(background.shape[0], features),
-                                    max_samples=background.shape[0])
+  masker = shap.maskers.Independent(background, max_samples=len(background))
   explainer = shap.PermutationExplainer(predict, masker, seed=seed)
   explanation = explainer(flat, max_evals=max_evals, silent=True)
   rows = np.arange(inputs.shape[0])
@@ -171,9 +170,8 @@ def lime_explanations(apply_fn: ApplyFn, variables: Any, inputs: Any, training_i
   targets = probabilities(flat).argmax(axis=1) if targets is None else targets
   names = [f"x[{', '.join(map(str, np.unravel_index(i, inputs.shape[1:])))}]"
            for i in range(features)]
-  explainer = lime_tabular.LimeTabularExplainer(
-      training.reshape(training.shape[0], features), mode="classification", feature_names=names,
-      random_state=seed)
+  explainer = lime_tabular.LimeTabularExplainer(training, mode="classification",
+                                                feature_names=names, random_state=seed)
   weights = np.zeros((inputs.shape[0], features))
   intercepts, scores, rules = [], [], []
   for index, (row, target) in enumerate(zip(flat, targets)):
@@ -190,11 +188,10 @@ def lime_explanations(apply_fn: ApplyFn, variables: Any, inputs: Any, training_i
 
 def _reference_examples(examples: Any, inputs: np.ndarray, name: str, *, minimum: int,
                         why: str = "") -> np.ndarray:
-  """`examples` as an array of the inputs' dtype, after checking it holds at least `minimum`
-  examples of the inputs' shape."""
+  """`examples`, at least `minimum` of the inputs' shape, as `[count, features]` of their dtype."""
   examples = np.asarray(examples, inputs.dtype)
   if (examples.ndim != inputs.ndim or examples.shape[1:] != inputs.shape[1:]
       or examples.shape[0] < minimum):
     raise ValueError(f"{name} must be at least {minimum} example(s) of the inputs' shape "
                      f"{inputs.shape[1:]}{why}; got {examples.shape}.")
-  return examples
+  return examples.reshape(len(examples), -1)

@@ -194,15 +194,9 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str] | None,
 def plot_misclassified(inputs: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
                        indices: Sequence[int], class_names: Sequence[str] | None, path: str,
                        max_examples: int = 25) -> str:
-  """A grid of misclassified examples, each titled with its index, true and predicted class.
-
-  Args:
-    inputs: `[num_examples, ...]` floating images or signals (the whole split).
-    labels, predictions: `[num_examples]` true and predicted classes.
-    indices: which examples to show (e.g. `EvaluationReport.misclassified`); at most
-      `max_examples` of them are drawn.
-    class_names: a name per class, or None for indices.
-  """
+  """A grid of the examples at `indices` (e.g. `EvaluationReport.misclassified`, at most
+  `max_examples` of them) of the whole split's floating images or signals, each titled with its
+  index, true and predicted class (named by `class_names`, or by index)."""
   inputs, labels, predictions = np.asarray(inputs), np.asarray(labels), np.asarray(predictions)
   kind = _check_drawable(inputs)
   if labels.shape != inputs.shape[:1] or predictions.shape != inputs.shape[:1]:
@@ -307,15 +301,13 @@ def plot_attribution_overlays(inputs: np.ndarray, attributions: np.ndarray, path
       signal, weight = _as_columns(inputs[index]), _as_columns(attributions[index])
       scale = max(float(np.abs(weight).max()), 1e-12)
       positions = np.arange(signal.shape[0], dtype=np.float64)
-      for channel in range(signal.shape[1]):
-        points = np.stack([positions, signal[:, channel]], axis=1)
-        lines = LineCollection(np.stack([points[:-1], points[1:]], axis=1), cmap="coolwarm",
-                               linewidths=2.0)
-        lines.set_array(0.5 * (weight[:-1, channel] + weight[1:, channel]))  # segment: mean of ends
-        lines.set_clim(-scale, scale)
-        axis.add_collection(lines)
-        axis.scatter(positions, signal[:, channel], c=weight[:, channel], cmap="coolwarm",
-                     vmin=-scale, vmax=scale, s=8, zorder=3)
+      for values, colours in zip(signal.T, weight.T):
+        points = np.stack([positions, values], axis=1)
+        axis.add_collection(LineCollection(  # a segment takes the mean colour of its ends
+            np.stack([points[:-1], points[1:]], axis=1), cmap="coolwarm", linewidths=2.0,
+            array=0.5 * (colours[:-1] + colours[1:]), clim=(-scale, scale)))
+        axis.scatter(positions, values, c=colours, cmap="coolwarm", vmin=-scale, vmax=scale, s=8,
+                     zorder=3)
       axis.autoscale_view()
     if titles is not None:
       axis.set_title(str(titles[index]), fontsize=8)
