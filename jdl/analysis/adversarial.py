@@ -85,23 +85,21 @@ def robust_accuracy(apply_fn: ApplyFn, variables: Variables, inputs: np.ndarray 
   "fgsm" or "pgd" (with `attack_kwargs` its further options; batch i's random start uses
   `fold_in(key, i)`). Epsilon 0 gives the clean accuracy. The last batch is padded, so every
   batch compiles once."""
-  if attack not in ATTACKS:
-    raise ValueError(f"unknown attack {attack!r}; expected one of {ATTACKS}.")
   _check_count(batch_size, "batch_size")
-  allowed = {"fgsm": {"loss"}, "pgd": {"step_size", "num_steps", "random_start", "loss"}}[attack]
-  unknown = sorted(set(attack_kwargs) - allowed)
-  if unknown:
-    raise ValueError(f"{attack} takes no options {unknown}; its options are {sorted(allowed)}.")
   inputs, labels = np.asarray(inputs), np.asarray(labels)
   if inputs.size == 0:
     raise ValueError(f"inputs of shape {inputs.shape} hold no examples; nothing to attack.")
   loss_fn, value_range = _check_attack(inputs, labels, epsilon=epsilon, norm=norm,
                                        value_range=value_range,
                                        loss=attack_kwargs.get("loss", "cross_entropy"))
-  num_examples = inputs.shape[0]
   step_size, num_steps, random_start = _attack_steps(
       attack, epsilon, attack_kwargs.get("step_size"), attack_kwargs.get("num_steps", 10),
       attack_kwargs.get("random_start", True), has_key=key is not None)
+  allowed = {"fgsm": {"loss"}, "pgd": {"step_size", "num_steps", "random_start", "loss"}}[attack]
+  unknown = sorted(set(attack_kwargs) - allowed)
+  if unknown:
+    raise ValueError(f"{attack} takes no options {unknown}; its options are {sorted(allowed)}.")
+  num_examples = inputs.shape[0]
   key = jax.random.PRNGKey(0) if key is None else key
   batch_size = min(int(batch_size), num_examples)
   correct = 0
@@ -147,8 +145,6 @@ def make_adversary(epsilon: float, *, attack: str = "pgd", norm: str = "linf",
   step_size=1.25 * epsilon` is FGSM from a random start, the "fast" adversarial training of Wong
   et al., 2020.
   """
-  if attack not in ATTACKS:
-    raise ValueError(f"unknown attack {attack!r}; expected one of {ATTACKS}.")
   loss_fn, value_range = _check_attack(epsilon=epsilon, norm=norm, value_range=value_range,
                                        loss=loss)
   # The train step hands the adversary its key.
@@ -208,9 +204,8 @@ def _random_start(key: jax.Array, clean: jax.Array, epsilon: jax.Array, norm: st
     return clean + jax.random.uniform(key, clean.shape, jnp.float32, -1.0, 1.0) * epsilon
   direction_key, radius_key = jax.random.split(key)
   direction = _ascent_direction(jax.random.normal(direction_key, clean.shape, jnp.float32), "l2")
-  dimension = int(np.prod(clean.shape[1:]))
   radius = jax.random.uniform(radius_key, (clean.shape[0],) + (1,) * (clean.ndim - 1),
-                              jnp.float32) ** (1.0 / dimension)
+                              jnp.float32) ** (1.0 / np.prod(clean.shape[1:]))  # uniform in volume
   return clean + direction * radius * epsilon
 
 
@@ -247,8 +242,7 @@ def _count_correct_under_attack(apply_fn, variables, inputs, labels, epsilon, st
 
 
 def _check_number(value: Any, name: str, *, positive: bool, meaning: str) -> float:
-  """`value` as a Python float, if it is a finite real scalar (Python, numpy or jax) >= 0, or > 0
-  where `positive`."""
+  """`value` as a float, if it is a finite real scalar >= 0 (> 0 where `positive`)."""
   try:
     number = math.nan if isinstance(value, bool) or np.ndim(value) else float(value)
   except (TypeError, ValueError):
@@ -275,8 +269,8 @@ def _check_attack(inputs: Any = None, labels: Any = None, *, epsilon: Any, norm:
     try:
       lo, hi = (float(v) for v in value_range)
     except (TypeError, ValueError):
-      raise ValueError(f"value_range must be (lo, hi) numbers or None; got {value_range!r}.") \
-          from None
+      raise ValueError(f"value_range must be (lo, hi) numbers or None; got "
+                       f"{value_range!r}.") from None
     if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
       raise ValueError(f"value_range must be finite (lo, hi) with lo < hi; got {value_range!r}.")
     value_range = (lo, hi)
@@ -286,8 +280,8 @@ def _check_attack(inputs: Any = None, labels: Any = None, *, epsilon: Any, norm:
   loss_fn = loss if callable(loss) else LOSSES[loss]
   if inputs is None:
     return loss_fn, value_range
-  if not hasattr(inputs, "dtype") or not jnp.issubdtype(inputs.dtype, jnp.floating) or \
-      inputs.ndim < 2:
+  if (not hasattr(inputs, "dtype") or not jnp.issubdtype(inputs.dtype, jnp.floating)
+      or inputs.ndim < 2):
     raise ValueError(f"inputs must be a floating batch [batch, ...] (token ids cannot be "
                      f"perturbed by gradients); got {getattr(inputs, 'dtype', type(inputs))} "
                      f"with shape {getattr(inputs, 'shape', None)}.")
@@ -312,6 +306,8 @@ def _attack_steps(attack: str, epsilon: float, step_size: Any, num_steps: Any, r
                   *, has_key: bool) -> tuple[float, int, bool]:
   """`(step_size, num_steps, random_start)` of the PGD that runs `attack`, checked, with PGD's
   default step size filled in. FGSM is one step of length epsilon from the clean input."""
+  if attack not in ATTACKS:
+    raise ValueError(f"unknown attack {attack!r}; expected one of {ATTACKS}.")
   if attack == "fgsm":
     return float(epsilon), 1, False
   _check_count(num_steps, "num_steps")

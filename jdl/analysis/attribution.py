@@ -151,11 +151,9 @@ def _score_gradients(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
                      targets: jax.Array, use_probabilities: bool) -> jax.Array:
   """`[B, ...]`: each example's target-score gradient, as the gradient of the batch sum (in
   inference mode examples are independent)."""
-
-  def total_score(x: jax.Array) -> jax.Array:
-    return jnp.sum(_target_scores(apply_fn, variables, x, targets, use_probabilities))
-
-  return jax.grad(total_score)(inputs).astype(jnp.float32)
+  gradients = jax.grad(lambda x: jnp.sum(_target_scores(apply_fn, variables, x, targets,
+                                                        use_probabilities)))(inputs)
+  return gradients.astype(jnp.float32)
 
 
 _saliency_jit = jax.jit(_score_gradients, static_argnums=(0, 4))
@@ -183,9 +181,7 @@ def _sum_over_points(point_fn: Callable[[jax.Array], jax.Array], num_points: int
 def _smoothgrad_jit(apply_fn, variables, inputs, targets, key, noise_scale, num_samples,
                     use_probabilities, points_per_call):
   x = inputs.astype(jnp.float32)
-  axes = tuple(range(1, x.ndim))
-  sigma = noise_scale * (jnp.max(x, axis=axes, keepdims=True) -
-                         jnp.min(x, axis=axes, keepdims=True))  # [B, 1, ...]: per example
+  sigma = noise_scale * jnp.ptp(x, axis=tuple(range(1, x.ndim)), keepdims=True)  # [B, 1, ...]
 
   def gradient_at_sample(index: jax.Array) -> jax.Array:
     noise = jax.random.normal(jax.random.fold_in(key, index), x.shape, jnp.float32)

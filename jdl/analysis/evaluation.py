@@ -42,8 +42,8 @@ def apply_in_batches(apply_fn: ApplyFn, variables: Any, inputs: np.ndarray | jax
     raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
   inputs = np.asarray(inputs)
   if inputs.ndim < 1 or inputs.shape[0] == 0:
-    raise ValueError(
-        f"inputs must be a non-empty batch [num_examples, ...]; got shape {inputs.shape}.")
+    raise ValueError(f"inputs must be a non-empty batch [num_examples, ...]; got shape "
+                     f"{inputs.shape}.")
   size = min(batch_size, inputs.shape[0])
   outputs = []
   for start in range(0, inputs.shape[0], size):
@@ -77,8 +77,7 @@ def outputs_are_probabilities(outputs: np.ndarray, *,
   if not np.all(np.isfinite(outputs)):
     raise ValueError("outputs hold NaN or infinite values; they are neither logits nor "
                      "probabilities a classifier can be evaluated on.")
-  return bool(np.all(outputs >= 0.0) and
-              np.all(np.abs(outputs.sum(axis=-1) - 1.0) <= tolerance))
+  return bool(np.all(outputs >= 0.0) and np.all(np.abs(outputs.sum(axis=-1) - 1.0) <= tolerance))
 
 
 def softmax_probabilities(outputs: np.ndarray) -> np.ndarray:
@@ -261,7 +260,6 @@ def evaluate_outputs(outputs: np.ndarray, labels: np.ndarray, *,
                      "outputs; give one name per class.")
   if any(k < 1 for k in top_k):
     raise ValueError(f"every top_k must be >= 1; got {tuple(top_k)}.")
-  was_probabilities = outputs_are_probabilities(outputs)
   probabilities = softmax_probabilities(outputs)
   predictions = outputs.argmax(axis=1)
   confusion = confusion_matrix(labels, predictions, num_classes)
@@ -279,7 +277,7 @@ def evaluate_outputs(outputs: np.ndarray, labels: np.ndarray, *,
       log_loss=log_loss, expected_calibration_error=reliability.expected_calibration_error(),
       reliability=reliability, misclassified=np.flatnonzero(predictions != labels),
       labels=labels, predictions=predictions, confidences=probabilities.max(axis=1),
-      outputs_were_probabilities=was_probabilities)
+      outputs_were_probabilities=outputs_are_probabilities(outputs))
 
 
 def evaluate_classifier(state: TrainState, inputs: np.ndarray, labels: np.ndarray, *,

@@ -1,12 +1,10 @@
-"""Model-agnostic explanations of any jdl classifier with SHAP and LIME (optional: `pip install
--e ".[explain]"`).
+"""Model-agnostic explanations of any jdl classifier: SHAP (`shap_values`) and LIME
+(`lime_explanations`), from the optional `shap` and `lime` packages (`pip install -e
+".[explain]"`).
 
 Both treat the model as a black box: every element of an input (a pixel channel, a signal point)
-is one feature, and the model is queried on perturbed copies. `shap_values` uses the `shap`
-package's permutation explainer, whose values for an example add up, with the expected value over
-the background, to the model's output (SHAP's local accuracy). `lime_explanations` fits the
-`lime` package's local linear model to the class probability around each example. The gradient
-methods are in `jdl.analysis.attribution`; these need no gradient, and cost many forward passes.
+is one feature, and the model is queried on perturbed copies. Unlike the gradient methods of
+`jdl.analysis.attribution` they need no gradient, and cost many forward passes.
 """
 
 from __future__ import annotations
@@ -34,16 +32,18 @@ def _require(module: str) -> Any:
                       'with pip install -e ".[explain]" (the shap and lime packages).') from None
 
 
-def _black_box(apply_fn: ApplyFn, variables: Any, example_shape: Sequence[int],
-               dtype: np.dtype) -> Callable[[np.ndarray], np.ndarray]:
-  """`[n, features] -> [n, num_outputs]` float64 model outputs, in fixed-size compiled batches."""
+def _black_box(apply_fn: ApplyFn, variables: Any, example_shape: Sequence[int], dtype: np.dtype,
+               *, softmax: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+  """`[n, features] -> [n, num_outputs]` float64 model outputs (their softmax probabilities with
+  `softmax`), in fixed-size compiled batches."""
 
   def predict(flat: np.ndarray) -> np.ndarray:
     count = len(flat)
     inputs = np.zeros((-(-count // PREDICT_BATCH) * PREDICT_BATCH, *example_shape), dtype)
     inputs[:count] = np.reshape(flat, (count, *example_shape))
     outputs = evaluation.apply_in_batches(apply_fn, variables, inputs, batch_size=PREDICT_BATCH)
-    return np.asarray(outputs[:count], np.float64)
+    outputs = np.asarray(outputs[:count], np.float64)
+    return evaluation.softmax_probabilities(outputs) if softmax else outputs
 
   return predict
 
@@ -161,11 +161,7 @@ def lime_explanations(apply_fn: ApplyFn, variables: Any, inputs: Any, training_i
   training = _reference_examples(training_inputs, inputs, "training_inputs", minimum=4,
                                  why=" (LIME bins features into quartiles)")
   features = int(np.prod(inputs.shape[1:]))
-  predict = _black_box(apply_fn, variables, inputs.shape[1:], inputs.dtype)
-
-  def probabilities(flat: np.ndarray) -> np.ndarray:
-    return evaluation.softmax_probabilities(predict(flat))
-
+  probabilities = _black_box(apply_fn, variables, inputs.shape[1:], inputs.dtype, softmax=True)
   flat = inputs.reshape(inputs.shape[0], features)
   targets = probabilities(flat).argmax(axis=1) if targets is None else targets
   names = [f"x[{', '.join(map(str, np.unravel_index(i, inputs.shape[1:])))}]"

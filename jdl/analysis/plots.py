@@ -28,9 +28,6 @@ MAX_SIGNAL_CHANNELS = 4
 MAX_ANNOTATED_CLASSES = 30
 """Confusion matrices up to this many classes get a count written in every cell."""
 
-DPI = 100
-
-
 def input_kind(example_shape: Sequence[int]) -> str:
   """"image" or "signal" for one example of this shape; ValueError for neither (a scalar, 4-D)."""
   shape = tuple(int(size) for size in example_shape)
@@ -96,8 +93,7 @@ def _grid(count: int, *, panel_size: float = 2.0, max_columns: int = 8,
   for axis in axes[count:]:
     axis.axis("off")
   for axis in axes[:count]:
-    axis.set_xticks([])
-    axis.set_yticks([])
+    axis.set(xticks=[], yticks=[])
   return figure, axes[:count]
 
 
@@ -106,7 +102,7 @@ def _save(figure: Figure, path: str) -> str:
   path = os.fspath(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   try:
-    figure.savefig(path, format="png", dpi=DPI, bbox_inches="tight")
+    figure.savefig(path, format="png", dpi=100, bbox_inches="tight")
   finally:
     figure.clear()  # drops the artists at once rather than at the next garbage collection
   return path
@@ -248,8 +244,7 @@ def plot_examples(examples: np.ndarray, path: str, *, title: str | None = None,
 def plot_reliability_diagram(bins: ReliabilityBins, path: str) -> str:
   """Each confidence bin's accuracy against the diagonal of perfect calibration, with the ECE in
   the title and the number of examples per bin below."""
-  if int(np.sum(bins.count)) == 0:
-    raise ValueError("the bins hold no examples; nothing to draw.")
+  ece = bins.expected_calibration_error()  # a ValueError for bins without examples
   width = bins.upper - bins.lower
   filled = bins.count > 0
   accuracy, confidence = bins.accuracy[filled], bins.confidence[filled]
@@ -262,7 +257,7 @@ def plot_reliability_diagram(bins: ReliabilityBins, path: str) -> str:
           color="tab:red", alpha=0.35, label="gap to confidence")
   top.plot([0.0, 1.0], [0.0, 1.0], linestyle="--", color="gray", label="perfect calibration")
   top.set(xlim=(0.0, 1.0), ylim=(0.0, 1.0), ylabel="accuracy",
-          title=f"reliability diagram (ECE {bins.expected_calibration_error():.4f})")
+          title=f"reliability diagram (ECE {ece:.4f})")
   top.legend(loc="upper left")
   bottom.bar(bins.lower, bins.count, width=width, align="edge", edgecolor="black", color="gray")
   bottom.set(xlabel="confidence (highest class probability)", ylabel="examples")
@@ -364,9 +359,8 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str, *, x: str,
   values = [r["params"][x] for r in shown]
   numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
   categories = [] if numeric else list(dict.fromkeys(map(format_value, values)))
-  others = [k for k in params if k != x]
   groups = [", ".join(f"{k.rsplit('.', 1)[-1]}={format_value(r['params'].get(k))}"
-                      for k in others) for r in shown]
+                      for k in params if k != x) for r in shown]
   if len(set(groups)) > 10:  # a random search rarely repeats the other keys: one colour
     groups = [""] * len(shown)
   figure, axis = _figure((6.4, 4.4))
