@@ -119,10 +119,8 @@ def robust_accuracy_curve(apply_fn: ApplyFn, variables: Variables,
                           epsilons: Sequence[float], *, attack: str = "fgsm", norm: str = "linf",
                           value_range: tuple[float, float] | None = (0.0, 1.0),
                           **attack_kwargs: Any) -> list[float]:
-  """`robust_accuracy` at each of `epsilons` (one compilation: epsilon is traced).
-
-  `attack_kwargs` go to `robust_accuracy`; PGD uses the same key at every epsilon.
-  """
+  """`robust_accuracy` at each of `epsilons` (one compilation: epsilon is traced), with the same
+  `attack_kwargs` (and so the same PGD key) at every epsilon."""
   epsilons = list(epsilons)
   if not epsilons:
     raise ValueError("epsilons must hold at least one value.")

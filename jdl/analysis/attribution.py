@@ -91,9 +91,9 @@ def integrated_gradients(
   The baseline is "no signal" for the model: None (zeros), a number, or an array shaped like one
   example or the whole batch. The path integral is a quadrature (`method`, one of `IG_METHODS`;
   the trapezoid takes `steps + 1` gradients, the others `steps`) over `steps` intervals.
-  `sum(attributions) = score(x) - score(baseline)` up to the quadrature error, which
-  `return_convergence_delta` also returns, `[B]`: a large delta means more `steps` are needed.
-  The other options are `saliency`'s; `reduce_channels` keeps completeness (it sums).
+  `sum(attributions) = score(x) - score(baseline)` up to the quadrature error (as `saliency`'s
+  `reduce_channels` is a sum, it keeps this); `return_convergence_delta` also returns the `[B]`
+  error `sum(attributions) - (score(x) - score(baseline))`: a large one needs more `steps`.
   """
   _check_positive_int(steps, "steps")
   if method not in IG_METHODS:

@@ -55,12 +55,10 @@ def apply_in_batches(apply_fn: ApplyFn, variables: Any, inputs: np.ndarray | jax
 
 def predict(state: TrainState, inputs: np.ndarray | jax.Array, *,
             batch_size: int = 1000) -> np.ndarray:
-  """The outputs of `state`'s model (e.g. `jdl.runs.load_run(workdir).state`) for every example
-  of `[num_examples, *state.input_shape]` inputs (see `apply_in_batches`).
-
-  Returns `[num_examples, num_classes]` (or `[num_examples, time, vocabulary]` for a language
-  model) float32 logits or probabilities, whichever the model outputs.
-  """
+  """The float32 outputs, logits or probabilities, of `state`'s model (e.g.
+  `jdl.runs.load_run(workdir).state`) for every example of `[num_examples, *state.input_shape]`
+  inputs (see `apply_in_batches`): `[num_examples, num_classes]`, or `[num_examples, time,
+  vocabulary]` for a language model."""
   inputs = np.asarray(inputs)
   if tuple(inputs.shape[1:]) != tuple(state.input_shape):
     raise ValueError(f"inputs have per-example shape {tuple(inputs.shape[1:])} (batch shape "
@@ -133,10 +131,8 @@ def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
 
 
 def label_ranks(outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-  """The rank of each example's true class among its outputs: 0 when it is the prediction.
-
-  Ties go to the lower class index, as `argmax` breaks them, so top-1 accuracy equals accuracy.
-  """
+  """The rank of each example's true class among its outputs: 0 when it is the prediction. Ties
+  go to the lower class index, as `argmax` breaks them, so top-1 accuracy equals accuracy."""
   outputs, labels = _check_classification(outputs, labels)
   true_scores = np.take_along_axis(outputs, labels[:, None], axis=1)
   classes = np.arange(outputs.shape[1])[None, :]

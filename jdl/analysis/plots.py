@@ -221,11 +221,8 @@ def plot_misclassified(inputs: np.ndarray, labels: np.ndarray, predictions: np.n
 
 def plot_examples(examples: np.ndarray, path: str, *, title: str | None = None,
                   references: np.ndarray | None = None) -> str:
-  """A grid of floating images or signals, e.g. a generative model's samples or reconstructions.
-
-  `references`, signals shaped like `examples` (the inputs of reconstructions, say), are drawn
-  under them in grey.
-  """
+  """A grid of floating images or signals, e.g. a generative model's samples or reconstructions,
+  over `references` (signals shaped like `examples`, a reconstruction's inputs say) in grey."""
   examples = np.asarray(examples)
   kind = _check_drawable(examples)
   if references is not None and (kind != "signal" or np.shape(references) != examples.shape):
