@@ -1,23 +1,16 @@
-"""A run's workdir: what a task's data look like, what a later script needs to rebuild the model,
-and loading a trained state back.
+"""A run's workdir: its task's data, what a later script needs to rebuild the model, its lock.
 
-`train_and_evaluate` writes, beside `config.json`, `metrics.jsonl` and `checkpoints/`:
-  `data.json`: the dataset's metadata (`jdl.data.DatasetMeta`: input shape and dtype, classes);
-  `vocab.json`: the vocabulary of a text task (characters or words), to decode what a model says.
-With them `load_run(workdir)` rebuilds the model, its optimizer state and the trained parameters
-without touching the dataset, for sampling, evaluation, analysis or fine-tuning.
-
-Tasks (`config.task`):
-  "classification": a TFDS dataset of (image or signal, label) pairs (`load_classification_data`);
-  "language_model": a TFDS text (`tiny_shakespeare`) as characters; random windows of
-    `config.text.block_size + 1` characters train a model to predict every next character, and
-    the loss is in nats per character (`jdl.data.text.load_char_lm_data`);
-  "text_classification": a TFDS dataset of (text, label) pairs (`imdb_reviews`) as word ids
-    (`jdl.data.text.load_text_classification_data`).
+Beside `config.json`, `metrics.jsonl` and `checkpoints/`, `train_and_evaluate` writes `data.json`
+(the `jdl.data.DatasetMeta`) and, for a text task, `vocab.json`; with them `load_run(workdir)`
+rebuilds the model and restores the trained state without the dataset. Tasks (`config.task`):
+"classification" (TFDS (input, label) pairs), "language_model" (a TFDS text as characters, the
+loss in nats per character: `jdl.data.text.load_char_lm_data`) and "text_classification" (TFDS
+(text, label) pairs as word ids: `jdl.data.text.load_text_classification_data`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -57,12 +50,13 @@ def load_task_data(
   task = config.task
   if task not in TASKS:
     raise ValueError(f"unknown config.task {task!r}; expected one of {TASKS}.")
+  processes = jax.process_count()  # the eval batch is rounded up to a multiple of it
   common = dict(
       batch_size=config.batch_size,
-      eval_batch_size=_round_up(config.eval_batch_size, jax.process_count()),
+      eval_batch_size=-(-config.eval_batch_size // processes) * processes,
       train_split=config.train_split, eval_split=config.eval_split, data_dir=config.data_dir,
       download=config.download, seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=processes)
   if task != "classification" and (pipeline_augment is not None or not config.in_memory):
     raise ValueError(f"task {task!r} keeps its data in memory and takes no image augmentation; "
                      "set in_memory=true and leave config.augment off.")
@@ -79,6 +73,23 @@ def load_task_data(
   return train, evaluation, meta, None
 
 
+def eval_name(config: Any) -> str:
+  """The prefix of a run's evaluation metrics: its eval split without a slice ("test[:10%]")."""
+  return config.eval_split.split("[")[0]
+
+
+def initial_state(config: Any, meta: data_lib.DatasetMeta, *, total_steps: int,
+                  axis_name: str | None = None, load: bool = True,
+                  log: Callable[[str], None] = print) -> TrainState:
+  """The run's fresh state: the config's model and optimizer, initialised from `config.seed`,
+  then changed as `config.transfer` asks (`apply_transfer_config` with `load`)."""
+  model = models.build_model(config.model, num_classes=meta.num_classes, axis_name=axis_name)
+  tx = optim.make_optimizer(config.optimizer, total_steps=total_steps)
+  state = create_train_state(model, tx, np.zeros((1, *meta.input_shape), meta.input_dtype),
+                             jax.random.PRNGKey(config.seed))
+  return apply_transfer_config(state, config.get("transfer"), load=load, log=log)
+
+
 def write_run_metadata(workdir: str, meta: data_lib.DatasetMeta,
                        vocabulary: Vocabulary | None) -> None:
   """Writes `data.json` (and `vocab.json` for text tasks) into `workdir`."""
@@ -92,15 +103,9 @@ def write_run_metadata(workdir: str, meta: data_lib.DatasetMeta,
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """A trained run loaded from its workdir.
-
-  Attributes:
-    state: the restored `TrainState` (on the default device).
-    config: the run's config (`config.json`), as a ConfigDict with tuples where it had tuples.
-    meta: the dataset's metadata.
-    vocabulary: the text vocabulary (`jdl.data.text`), or None.
-    step: the step of the restored checkpoint.
-  """
+  """A trained run loaded from its workdir: the restored state (on the default device), its
+  `config.json` (with tuples where it had tuples), dataset metadata, text vocabulary (or None)
+  and the step of the restored checkpoint."""
 
   state: TrainState
   config: ml_collections.ConfigDict
@@ -111,27 +116,18 @@ class Run:
 
 def load_run(workdir: str, *, checkpoint: str | int = "latest",
              log: Callable[[str], None] = print) -> Run:
-  """Rebuilds a run's model and optimizer from its workdir and restores a checkpoint.
-
-  Args:
-    workdir: a workdir written by `train_and_evaluate`.
-    checkpoint: "latest", "best" (by the run's `best_metric`) or a step number.
-    log: where messages about unusable checkpoints go.
+  """Rebuilds a run's model and optimizer from its workdir (written by `train_and_evaluate`) and
+  restores a checkpoint: "latest", "best" (by the run's `best_metric`) or a step number. Messages
+  about unusable checkpoints go to `log`.
 
   Raises:
     FileNotFoundError: the workdir lacks `config.json`, `data.json` or checkpoints; the message
       says which and what writes it.
   """
-  config = read_config(workdir)
-  meta = read_meta(workdir)
-  vocabulary = read_vocabulary(workdir)
-  model = models.build_model(config.model, num_classes=meta.num_classes)
-  # The schedule's length changes no array of the optimizer state, so any positive length does.
-  tx = optim.make_optimizer(config.optimizer, total_steps=max(int(config.num_steps), 1))
-  template = create_train_state(model, tx, np.zeros((1, *meta.input_shape), meta.input_dtype),
-                                jax.random.PRNGKey(config.seed))
-  # A fine-tuned run's optimizer has the structure its `config.transfer` gave it (frozen groups).
-  template = apply_transfer_config(template, config.get("transfer"), load=False)
+  config, meta = read_config(workdir), read_meta(workdir)
+  # The schedule's length changes no array of the optimizer state, so any positive length does;
+  # a fine-tuned run's optimizer has the structure its `config.transfer` gave it (frozen groups).
+  template = initial_state(config, meta, total_steps=max(int(config.num_steps), 1), load=False)
   checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), writable=False)
   try:
     steps = checkpointer.steps()
@@ -150,7 +146,7 @@ def load_run(workdir: str, *, checkpoint: str | int = "latest",
       state = checkpointer.restore(template, step)
   finally:
     checkpointer.close()
-  return Run(state, config, meta, vocabulary, int(state.step))
+  return Run(state, config, meta, read_vocabulary(workdir), int(state.step))
 
 
 def best_step(workdir: str, config: ml_collections.ConfigDict) -> int:
@@ -158,7 +154,7 @@ def best_step(workdir: str, config: ml_collections.ConfigDict) -> int:
   saved with each checkpoint (they survive resumes; `metrics.jsonl` is not consulted)."""
   if not config.best_metric:
     raise ValueError("the run kept no best checkpoint (config.best_metric is empty).")
-  key = f"{config.eval_split.split('[')[0]}_{config.best_metric}"
+  key = f"{eval_name(config)}_{config.best_metric}"
   with Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), best_metric=key,
                     writable=False) as checkpointer:
     step = checkpointer.best_step()
@@ -213,54 +209,31 @@ def _tuples(value: Any) -> Any:
   return value
 
 
-def _round_up(value: int, multiple: int) -> int:
-  return -(-value // multiple) * multiple
-
-
 def load_pretrained_from_workdir(
-    target_state: TrainState,
-    workdir: str,
-    *,
-    checkpoint: str | int = "latest",
-    rename: transfer.Renames | None = None,
-    skip: transfer.Patterns = (),
-    log: Callable[[str], None] = print,
-) -> tuple[TrainState, transfer.TransferReport]:
-  """`jdl.transfer.load_pretrained_state` from a run trained by `jdl.train_and_evaluate`.
-
-  The source model and its checkpoint are rebuilt from the workdir by `load_run` (no
-  dataset needed); its optimizer state is discarded.
-
-  Args:
-    target_state: the new model's fresh state (`jdl.create_train_state`).
-    workdir: the trained run's workdir.
-    checkpoint: "latest", "best" or a step number.
-    rename, skip: as in `jdl.transfer.load_pretrained`.
-    log: where messages about unusable checkpoints go.
-  """
+    target_state: TrainState, workdir: str, *, checkpoint: str | int = "latest",
+    rename: transfer.Renames | None = None, skip: transfer.Patterns = (),
+    log: Callable[[str], None] = print) -> tuple[TrainState, transfer.TransferReport]:
+  """`jdl.transfer.load_pretrained_state` into `target_state` (fresh) from the run in `workdir`,
+  rebuilt and restored by `load_run` (no dataset needed); its optimizer state is discarded."""
   run = load_run(workdir, checkpoint=checkpoint, log=log)
   return transfer.load_pretrained_state(target_state, run.state, rename=rename, skip=skip)
 
 
 def apply_transfer_config(state: TrainState, config: Mapping[str, Any] | None, *,
-                          load: bool = True,
-                          log: Callable[[str], None] = print) -> TrainState:
-  """A fresh state changed as `config` (a `jdl.transfer.transfer_config()` block) asks: its optimizer wrapped
-  by `jdl.transfer.freeze` for `config.freeze`, then (with `load`) the parameters and model state of the run in
-  `config.init_from` loaded by `load_pretrained_from_workdir`, whose report goes to `log`.
+                          load: bool = True, log: Callable[[str], None] = print) -> TrainState:
+  """A fresh state changed as `config` (a `jdl.transfer.transfer_config()` block; None: no
+  change) asks: its optimizer wrapped by `jdl.transfer.freeze` for `config.freeze`, then (with
+  `load`) the parameters and model state of the run in `config.init_from` loaded by
+  `load_pretrained_from_workdir`, whose report goes to `log`.
 
-  Call it right after `create_train_state` and before restoring a checkpoint of this run: the
-  frozen optimizer changes the optimizer state's structure, so the template of a restore needs it,
-  and a resumed run's checkpoint then replaces the pretrained values. `load=False` applies only
-  the structural part, for rebuilding a fine-tuned run's template (`load_run`).
-
-  None, or a block with nothing set, returns `state` unchanged.
+  Call it before restoring a checkpoint of this run: the frozen optimizer's state has another
+  structure, which the restore's template needs; a resumed run's checkpoint then replaces the
+  pretrained values. `load=False` applies only the structural part (`load_run`'s template).
   """
   if config is None:
     return state
   known = set(transfer.transfer_config())
-  unknown = sorted(set(config) - known)
-  if unknown:
+  if unknown := sorted(set(config) - known):
     raise ValueError(f"unknown config.transfer keys {unknown}; valid keys: {sorted(known)}.")
   patterns = transfer.as_patterns(config.get("freeze", ()), "config.transfer.freeze")
   if patterns:
@@ -294,17 +267,14 @@ class WorkdirBusyError(WorkdirError):
 
 
 class WorkdirLock:
-  """One run per workdir: an exclusive lock on `WORKDIR/jdl.lock`, a file naming its holder.
+  """One run per workdir (created when missing): an exclusive lock on `WORKDIR/jdl.lock`, a file
+  naming its holder.
 
   The lock is the operating system's (`fcntl.flock`), so it is dropped when the holder exits
   however it exits (SIGKILL, a crash, a lost machine's NFS lease): a lock file whose lock nobody
-  holds is stale and is taken over, with a message naming the run that left it. A clean
+  holds is stale and is taken over, with a note to `log` naming the run that left it. A clean
   `release` removes the file. Filesystems without locks fall back to the file's contents: a
   holder on this host that is no longer running is stale; one on another host is trusted.
-
-  Args:
-    workdir: the run's workdir (created when missing).
-    log: where the note about a stale lock goes.
 
   Raises:
     WorkdirBusyError: a live process holds the lock; the message names its host, pid and start.
@@ -373,13 +343,10 @@ class WorkdirLock:
 
   def release(self) -> None:
     """Removes the lock file and drops the lock; releasing again does nothing."""
-    if self._file.closed:
-      return
-    try:
-      os.remove(self.path)
-    except FileNotFoundError:
-      pass
-    self._file.close()
+    if not self._file.closed:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(self.path)
+      self._file.close()
 
   def __enter__(self) -> WorkdirLock:
     return self
