@@ -58,11 +58,7 @@ def _flatten(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
 
 def as_patterns(patterns: Patterns | None, what: str) -> tuple[str, ...]:
   """`patterns` as a tuple of non-empty strings; a lone string is one pattern, not its letters."""
-  if patterns is None:
-    return ()
-  if isinstance(patterns, str):
-    patterns = (patterns,)
-  patterns = tuple(patterns)
+  patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns or ())
   for pattern in patterns:
     if not isinstance(pattern, str) or not pattern:
       raise ValueError(f"{what} must be glob patterns of parameter paths (non-empty strings such "
@@ -199,112 +195,76 @@ def _renamed(path: str, renames: Sequence[tuple[str, str]]) -> tuple[str, str | 
   return (path, None) if best is None else (best[1] + path[len(best[0]):], best[0])
 
 
-@dataclasses.dataclass
-class _Usage:
-  """Which renames matched something, and the paths seen, over several `_transfer` calls."""
-
-  renames: set[str] = dataclasses.field(default_factory=set)
-  source_paths: list[str] = dataclasses.field(default_factory=list)
-  target_paths: list[str] = dataclasses.field(default_factory=list)
-
-
-def _transfer(target: Any, source: Any, *, renames: Sequence[tuple[str, str]],
-              skip: Sequence[str], usage: _Usage, prefix: str = "") -> tuple[Any, TransferReport]:
-  """The partial restore of one tree; report paths get `prefix`, patterns see the bare paths."""
-  target_items, treedef = _flatten(target)
-  source_items, _ = _flatten(source)
-  usage.source_paths += [path for path, _ in source_items]
-  usage.target_paths += [path for path, _ in target_items]
-  by_target_path: dict[str, tuple[str, Any]] = {}
-  for path, leaf in source_items:
-    new_path, used = _renamed(path, renames)
-    if used is not None:
-      usage.renames.add(used)
-    if new_path in by_target_path:
-      raise ValueError(f"source parameters {prefix}{by_target_path[new_path][0]!r} and "
-                       f"{prefix}{path!r} are both renamed to {prefix}{new_path!r}; rename must "
-                       "give every source parameter its own path.")
-    by_target_path[new_path] = (path, leaf)
-  leaves, loaded, mismatched, skipped, missing = [], [], [], [], []
-  used_sources = set()
-  for path, leaf in target_items:
-    target_spec = _spec(leaf, prefix + path, "target")
-    found = by_target_path.get(path)
-    if found is not None:
-      used_sources.add(found[0])
-    if any(path_matches(path, pattern) for pattern in skip):
-      skipped.append(prefix + path)
-    elif found is None:
-      missing.append(prefix + path)
-    else:
-      source_path, source_leaf = found
-      source_spec = _spec(source_leaf, prefix + source_path, "source")
-      if source_spec != target_spec:
-        mismatched.append(ShapeMismatch(prefix + path, source_spec, target_spec,
+def _restore(trees: Sequence[tuple[Any, Any, str]], rename: Renames | None,
+             skip: Patterns) -> tuple[list[Any], TransferReport]:
+  """The partial restore of `(target, source, report prefix)` trees, with one report. Renames and
+  skip patterns see the bare paths and are checked over all trees: each need match in one."""
+  renames, skip = _as_renames(rename), as_patterns(skip, "skip")
+  loaded, mismatched, skipped, missing, unused = [], [], [], [], []
+  target_leaves: dict[str, LeafSpec] = {}
+  source_leaves: dict[str, LeafSpec] = {}
+  used_renames, source_paths, target_paths, results = set(), [], [], []
+  for target, source, prefix in trees:
+    target_items, treedef = _flatten(target)
+    source_items, _ = _flatten(source)
+    source_paths += [path for path, _ in source_items]
+    target_paths += [path for path, _ in target_items]
+    by_target_path: dict[str, tuple[str, Any]] = {}  # the source leaves not yet matched
+    for path, leaf in source_items:
+      source_leaves[prefix + path] = _spec(leaf, prefix + path, "source")
+      new_path, used = _renamed(path, renames)
+      used_renames.add(used)
+      if new_path in by_target_path:
+        raise ValueError(f"source parameters {prefix}{by_target_path[new_path][0]!r} and "
+                         f"{prefix}{path!r} are both renamed to {prefix}{new_path!r}; rename must "
+                         "give every source parameter its own path.")
+      by_target_path[new_path] = (path, leaf)
+    leaves = []
+    for path, leaf in target_items:
+      spec = target_leaves[prefix + path] = _spec(leaf, prefix + path, "target")
+      source_path, source_leaf = by_target_path.pop(path, (None, None))
+      if any(path_matches(path, pattern) for pattern in skip):
+        skipped.append(prefix + path)
+      elif source_path is None:
+        missing.append(prefix + path)
+      elif source_leaves[prefix + source_path] != spec:
+        mismatched.append(ShapeMismatch(prefix + path, source_leaves[prefix + source_path], spec,
                                         prefix + source_path))
       else:
         # A copy: the new state's buffers may be donated to a compiled step, and that must not
         # delete the source's arrays.
         leaf = jnp.array(source_leaf, copy=True)
         loaded.append(prefix + path)
-    leaves.append(leaf)
-  report = TransferReport(
-      loaded=tuple(loaded), skipped_shape_mismatch=tuple(mismatched),
-      skipped_by_pattern=tuple(skipped), missing_in_source=tuple(missing),
-      unused_in_source=tuple(prefix + path for path, _ in source_items if path not in used_sources),
-      target_leaves={prefix + path: _spec(leaf, path, "target") for path, leaf in target_items},
-      source_leaves={prefix + path: _spec(leaf, path, "source") for path, leaf in source_items})
-  return jax.tree_util.tree_unflatten(treedef, leaves), report
-
-
-def _restore(trees: Sequence[tuple[Any, Any, str]], rename: Renames | None,
-             skip: Patterns) -> tuple[list[Any], TransferReport]:
-  """The partial restore of `(target, source, report prefix)` trees, with one combined report,
-  checked as a whole: a rename or skip pattern need match in only one of the trees."""
-  renames, skip = _as_renames(rename), as_patterns(skip, "skip")
-  usage = _Usage()
-  results = [_transfer(target, source, renames=renames, skip=skip, usage=usage, prefix=prefix)
-             for target, source, prefix in trees]
-  reports = [report for _, report in results]
-  fields = ("loaded", "skipped_shape_mismatch", "skipped_by_pattern", "missing_in_source",
-            "unused_in_source")
-  report = TransferReport(
-      **{name: tuple(item for r in reports for item in getattr(r, name)) for name in fields},
-      target_leaves={k: v for r in reports for k, v in r.target_leaves.items()},
-      source_leaves={k: v for r in reports for k, v in r.source_leaves.items()})
-  unused_renames = [old for old, _ in renames if old not in usage.renames]
+      leaves.append(leaf)
+    unused += [prefix + path for path, _ in by_target_path.values()]
+    results.append(jax.tree_util.tree_unflatten(treedef, leaves))
+  unused_renames = [old for old, _ in renames if old not in used_renames]
   if unused_renames:
     raise ValueError(f"rename prefix(es) {unused_renames} start no source parameter path; the "
-                     f"source paths are: {_listing(usage.source_paths)}.")
-  _check_all_match(skip, usage.target_paths, "skip")
-  if not report.loaded:
+                     f"source paths are: {_listing(source_paths)}.")
+  _check_all_match(skip, target_paths, "skip")
+  if not loaded:
     raise ValueError(
         "no source parameter matches a target parameter by path, shape and dtype, so nothing "
-        f"would be loaded. Source paths: {_listing(usage.source_paths)}. Target paths: "
-        f"{_listing(usage.target_paths)}. Use rename to map source prefixes onto target ones.")
-  return [tree for tree, _ in results], report
+        f"would be loaded. Source paths: {_listing(source_paths)}. Target paths: "
+        f"{_listing(target_paths)}. Use rename to map source prefixes onto target ones.")
+  return results, TransferReport(tuple(loaded), tuple(mismatched), tuple(skipped), tuple(missing),
+                                 tuple(unused), target_leaves, source_leaves)
 
 
 def load_pretrained(target_params: Params, source_params: Params, *, rename: Renames | None = None,
                     skip: Patterns = ()) -> tuple[Params, TransferReport]:
   """Copies the source parameters that fit into the target model's parameters (partial restore).
 
-  A source leaf is copied when its path, after `rename`, is a target path and shape and dtype
-  agree. Every other target leaf keeps its initialisation, and the report says why.
+  A source leaf is copied (as a fresh array, never the source's buffer) when its path, after
+  `rename`, is a target path and shape and dtype agree. Every other target leaf keeps its
+  initialisation, and the `TransferReport` says why (`print(report)` shows a table).
 
-  Args:
-    target_params: the new model's (initialised) parameters; the result has their structure.
-    source_params: the pretrained parameters.
-    rename: rewrites of source path prefixes into target ones, applied before matching, e.g.
-      `{"backbone/": ""}` loads "backbone/Dense_0/kernel" into "Dense_0/kernel", and
-      `{"": "encoder/"}` the other way round. The longest matching prefix wins. Also a sequence
-      of `(old, new)` pairs.
-    skip: glob patterns of target paths to leave initialised even where the source fits, e.g.
-      `("Dense_0",)` to re-initialise a head of the same shape whose classes mean something else.
-
-  Returns:
-    `(params, report)`: the target structure with the copied leaves (fresh arrays, never the
-    source's buffers), and the `TransferReport`; `print(report)` shows a table.
+  `rename` rewrites source path prefixes into target ones before matching: `{"backbone/": ""}`
+  loads "backbone/Dense_0/kernel" into "Dense_0/kernel", `{"": "encoder/"}` the other way round;
+  the longest matching prefix wins; also a sequence of `(old, new)` pairs. `skip` names target
+  paths to leave initialised even where the source fits, e.g. `("Dense_0",)` to re-initialise a
+  head of the same shape whose classes mean something else.
 
   Raises:
     ValueError: a rename prefix or skip pattern matches nothing, two source paths are renamed to
@@ -317,13 +277,11 @@ def load_pretrained(target_params: Params, source_params: Params, *, rename: Ren
 def load_pretrained_state(target_state: TrainState, source_state: TrainState, *,
                           rename: Renames | None = None,
                           skip: Patterns = ()) -> tuple[TrainState, TransferReport]:
-  """`load_pretrained` for the params and every model-state collection ("batch_stats").
+  """`load_pretrained` for the params and every model-state collection ("batch_stats"), whose
+  leaves appear in the report as "<collection>/<path>".
 
   The optimizer state is not copied: `opt_state` is `target_state.tx.init` of the new params, a
   fresh optimizer for fine-tuning. `step` and `rng` stay the target's.
-
-  Returns:
-    `(state, report)`; model-state leaves appear in the report as "<collection>/<path>".
   """
   targets, sources = dict(target_state.model_state), dict(source_state.model_state)
   names = sorted(set(targets) | set(sources))
@@ -337,11 +295,8 @@ def load_pretrained_state(target_state: TrainState, source_state: TrainState, *,
 
 
 def trainable_mask(params: Params, freeze: Patterns) -> Params:
-  """A pytree of bools like `params`: False for the parameters `freeze`'s patterns match.
-
-  Raises:
-    ValueError: a pattern matches no parameter (the message lists the paths there are).
-  """
+  """A pytree of bools like `params`: False for the parameters `freeze`'s patterns match (each
+  pattern must match one)."""
   patterns = as_patterns(freeze, "freeze")
   items, treedef = _flatten(params)
   paths = [path for path, _ in items]
@@ -356,12 +311,8 @@ def freeze(tx: optax.GradientTransformation, params: Params,
 
   Frozen parameters get `optax.set_to_zero()` updates under `optax.multi_transform`, so no weight
   decay or momentum reaches them and `tx` keeps state only for the trainable ones. A frozen
-  BatchNorm's running statistics are model state and still update in training mode.
-
-  Args:
-    tx: the optimizer of the trainable parameters, e.g. from `jdl.make_optimizer`.
-    params: the parameters (only their tree structure and paths are used).
-    patterns: glob patterns of the paths to freeze, e.g. `("Conv_*",)`.
+  BatchNorm's running statistics are model state and still update in training mode. Only the
+  paths of `params` are used.
 
   Raises:
     ValueError: a pattern matches nothing; or `tx` keeps a parameter EMA (`ema_decay`), which
@@ -416,17 +367,9 @@ def per_group_optimizer(groups: Sequence[tuple[Any, ...]], params: Params, *,
   applied once around all groups (as `jdl.make_optimizer` nests them), so every group updates on
   the same steps and the EMA covers every parameter; a group may not set another value.
 
-  Args:
-    groups: `(patterns, optimizer config)` or `(name, patterns, optimizer config)` tuples; the
-      name labels the group in `group_learning_rates` (default "group_<index>").
-    params: the parameters (only their tree structure and paths are used).
-    default: the optimizer config of the parameters no group claims, or None (frozen).
-    total_steps: the run's length in train steps, for "warmup_cosine" schedules.
-
-  Returns:
-    An `optax.GradientTransformation`: `optax.multi_transform` over one `jdl.make_optimizer`
-    per trainable group (with `optax.MultiSteps` and `jdl.with_parameter_ema` outside it when
-    `default` asks for them). `group_learning_rates(opt_state)` reads each group's rate.
+  `groups` are `(patterns, optimizer config)` or `(name, patterns, optimizer config)` tuples; the
+  name labels the group in `group_learning_rates` (default "group_<index>"). Only the paths of
+  `params` are used; `total_steps` is the run's length in train steps.
 
   Raises:
     ValueError: a pattern matches no parameter, a group claims no parameter (every path it
@@ -437,11 +380,8 @@ def per_group_optimizer(groups: Sequence[tuple[Any, ...]], params: Params, *,
   base.pop("frozen", None)
   whole = {"accumulate_steps": base.pop("accumulate_steps", 1),
            "ema_decay": base.pop("ema_decay", 0.0)}
-  accumulate = whole["accumulate_steps"]
-  if (isinstance(accumulate, bool) or not isinstance(accumulate, (int, np.integer))
-      or accumulate < 1):
-    raise ValueError(f"accumulate_steps must be an integer >= 1 (1: no accumulation); got "
-                     f"{accumulate!r}.")
+  optim.make_optimizer(whole)  # checks them as it does its own
+  accumulate = int(whole["accumulate_steps"])
   parsed = [_parse_group(index, group) for index, group in enumerate(groups)]
   names = [name for name, _, _ in parsed]
   if len(set(names)) != len(names) or DEFAULT_GROUP in names:
@@ -488,19 +428,14 @@ def per_group_optimizer(groups: Sequence[tuple[Any, ...]], params: Params, *,
   if whole["ema_decay"]:
     tx = optim.with_parameter_ema(tx, whole["ema_decay"])
   if accumulate > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=int(accumulate)).gradient_transformation()
+    tx = optax.MultiSteps(tx, every_k_schedule=accumulate).gradient_transformation()
   return tx
 
 
 def group_learning_rates(opt_state: optax.OptState) -> dict[str, jax.Array]:
-  """Each trainable group's latest learning rate, by name, from a `per_group_optimizer` state.
-
-  The per-group counterpart of `jdl.current_learning_rate` (which needs exactly one injected
-  rate), for logging; frozen groups are left out. Works under `jax.jit`.
-
-  Raises:
-    ValueError: the state holds no `optax.multi_transform` state, or several side by side.
-  """
+  """Each trainable group's latest learning rate, by name, from a `per_group_optimizer` (or
+  `freeze`) state: the per-group `jdl.current_learning_rate`, for logging; frozen groups are left
+  out. Works under `jax.jit`. Raises ValueError unless the state holds one multi_transform."""
   def is_multi(node: Any) -> bool:
     return isinstance(node, optax.MultiTransformState)
 
