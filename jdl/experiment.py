@@ -20,9 +20,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from jdl import augment as augment_lib
-from jdl import config as config_lib
-from jdl import data as data_lib
+from jdl import augment as augment_lib, config as config_lib, data as data_lib
 from jdl import losses, models, optim, parallel, runs, step as step_lib, tasks
 from jdl.checkpoint import Checkpointer, CheckpointError, CheckpointWriteError
 from jdl.data import augment_tf
@@ -37,22 +35,19 @@ def train_and_evaluate(config: Any, workdir: str,
                        hooks: Sequence[Hook] = ()) -> tuple[TrainState, list[Record]]:
   """Runs the experiment `config` describes (any `config.task`), writing logs to `workdir`.
 
-  Joins a multi-process run when asked (`config.distributed`), picks the device layout
-  (`config.layout`), and resumes from the latest good checkpoint in `workdir/checkpoints`
-  (`config.resume`): data order, dropout and augmentation are functions of the seed and the step,
-  so a resumed run ends where an uninterrupted one would, and `metrics.jsonl` keeps only the
-  records up to the resumed step. In a multi-process run only process 0 prints and writes.
-  One run per workdir: process 0 holds `WORKDIR/jdl.lock` while it runs (`runs.WorkdirLock`).
-
-  Returns:
-    `(state, history)` as `fit` returns them (history: this invocation's records; for a run
-    already complete, the record of its last step).
+  Joins a multi-process run when asked (`config.distributed`; only process 0 prints and writes),
+  picks the device layout (`config.layout`), and resumes from the latest good checkpoint in
+  `workdir/checkpoints` (`config.resume`): data order, dropout and augmentation are functions of
+  the seed and the step, so a resumed run ends where an uninterrupted one would, and
+  `metrics.jsonl` keeps only the records up to the resumed step. Process 0 holds
+  `WORKDIR/jdl.lock` while it runs (`runs.WorkdirLock`). Returns `(state, history)` as `fit` does
+  (history: this invocation's records; for a run already complete, its last step's record).
 
   Raises:
     jdl.ConfigError: the config cannot train, or the workdir holds a run it may not continue
       (`config.resume` false, another config); checked before any work.
-    jdl.runs.WorkdirBusyError: another run holds the workdir.
-    jdl.runs.WorkdirError: the workdir cannot be written.
+    jdl.runs.WorkdirBusyError, jdl.runs.WorkdirError: another run holds the workdir; it cannot
+      be written.
     jdl.CheckpointError: the workdir's checkpoints are all unusable or another model's.
     jdl.CheckpointWriteError: a checkpoint could not be saved (earlier ones are intact).
   """
@@ -174,18 +169,15 @@ def _completed_record(workdir: str, state: TrainState, steps: tuple[Any, Any],
   """The final record of a run already complete: its own from `metrics.jsonl`, or, where that is
   gone (and always over several processes, which must all take part in the same evaluation), a
   fresh evaluation of its last checkpoint."""
-  step = int(state.step)
-  key = f"{eval_name}_accuracy"
-  saved = []
+  step, key = int(state.step), f"{eval_name}_accuracy"
   if jax.process_count() == 1 and os.path.exists(os.path.join(workdir, JSONL_NAME)):
     saved = [r for r in read_jsonl(workdir) if int(r["step"]) == step and r.get(key) is not None]
-  if saved:
-    return saved[-1]
+    if saved:
+      return saved[-1]
   _, compiled_eval = runner.compile(*steps)
   means = evaluate(runner.place_state(state), compiled_eval, eval_data, runner=runner)
-  record = {"step": step, "elapsed_seconds": 0.0}
-  record.update({f"{eval_name}_{k}": v for k, v in means.items() if k != "count"})
-  return record
+  return {"step": step, "elapsed_seconds": 0.0,
+          **{f"{eval_name}_{k}": v for k, v in means.items() if k != "count"}}
 
 
 def _start_over_refusal(workdir: str, checkpointer: Checkpointer) -> CheckpointError | None:
@@ -193,14 +185,14 @@ def _start_over_refusal(workdir: str, checkpointer: Checkpointer) -> CheckpointE
   (starting over silently would mix two runs in one workdir), else None."""
   if not parallel.is_main_process() or not os.path.exists(os.path.join(workdir, JSONL_NAME)):
     return None
-  steps = sorted(int(record["step"]) for record in read_jsonl(workdir))
-  if not steps:
+  last = max((int(record["step"]) for record in read_jsonl(workdir)), default=None)
+  if last is None:
     return None
   aside = checkpointer.unusable_directory
   moved = (f"; the unusable ones are in {aside}" if os.path.isdir(aside) and os.listdir(aside)
            else "")
   return CheckpointError(
-      f"{workdir} holds records of a run up to step {steps[-1]} but no usable checkpoint to "
+      f"{workdir} holds records of a run up to step {last} but no usable checkpoint to "
       f"resume it from{moved}. Nothing was changed. To start it over from step 0 (its records "
       "are replaced), run again with --config.resume=false; or use a new --workdir.")
 
@@ -232,12 +224,9 @@ def check_config(config: Any) -> None:
   if not config.checkpoint_min_seconds >= 0:
     raise config_lib.ConfigError("config.checkpoint_min_seconds must be >= 0; got "
                                  f"{config.checkpoint_min_seconds!r}.")
-  if config.task not in runs.TASKS:
-    raise config_lib.ConfigError(f"unknown config.task {config.task!r}; expected one of "
-                                 f"{runs.TASKS}.")
-  if config.layout not in parallel.LAYOUTS:
-    raise config_lib.ConfigError(f"unknown config.layout {config.layout!r}; expected one of "
-                                 f"{parallel.LAYOUTS}.")
+  for key, valid in (("task", runs.TASKS), ("layout", parallel.LAYOUTS)):
+    if config[key] not in valid:
+      raise config_lib.ConfigError(f"unknown config.{key} {config[key]!r}; expected one of {valid}.")
   try:  # building these is cheap and pure, and checks every key they read
     _check_loss_matches_output(config)
     make_augmentations(config.augment, in_memory=config.in_memory)

@@ -26,8 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jdl import data as data_lib
-from jdl import models, optim, transfer
+from jdl import data as data_lib, models, optim, transfer
 from jdl.checkpoint import Checkpointer
 from jdl.data import text as text_lib
 from jdl.writers import CONFIG_NAME
@@ -171,11 +170,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 def read_meta(workdir: str) -> data_lib.DatasetMeta:
   """The run's dataset metadata (`data.json`)."""
-  fields = _read_json(workdir, DATA_NAME)
-  fields["input_shape"] = tuple(fields["input_shape"])
-  if fields.get("class_names") is not None:
-    fields["class_names"] = tuple(fields["class_names"])
-  return data_lib.DatasetMeta(**fields)
+  return data_lib.DatasetMeta.from_dict(_read_json(workdir, DATA_NAME))
 
 
 def read_vocabulary(workdir: str) -> Vocabulary | None:

@@ -32,9 +32,8 @@ from jdl.writers import read_jsonl
 
 Space = dict[str, dist.BaseDistribution]
 Row = dict[str, Any]
-Hook = Callable[[int, Any, Mapping[str, Any]], None]
-TrainFn = Callable[[ml_collections.ConfigDict, str, Sequence[Hook]],
-                   tuple[Any, list[dict[str, float]]]]
+TrainFn = Callable[[ml_collections.ConfigDict, str, Sequence[loop_lib.Hook]],
+                   tuple[Any, list[loop_lib.Record]]]
 
 MODES = {"max": "maximize", "min": "minimize"}
 SAMPLERS = ("tpe", "random", "grid")
@@ -43,10 +42,6 @@ STUDY_FILE = "study.db"
 HEARTBEAT_SECONDS = 60
 """How often a running trial marks itself alive in the study; a trial silent for twice as long
 (its worker was killed) is failed and its parameters are tried again, in its own workdir."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Spaces.
 
 
 _JSON_DISTRIBUTIONS = ("log_uniform", "uniform", "int", "int_uniform")
@@ -155,10 +150,6 @@ def check_keys(config: ml_collections.ConfigDict, keys: Sequence[str]) -> None:
       raise ConfigError(f"the sweep space names the unknown config key {key!r}.{hint}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Studies.
-
-
 def make_sampler(name: str, space: Mapping[str, dist.BaseDistribution], *,
                  seed: int | None = None) -> optuna.samplers.BaseSampler:
   """Optuna's TPE (the default: it models which values did well), random or grid sampler."""
@@ -192,16 +183,11 @@ def default_storage(workdir: str) -> str:
 
 
 def open_study(
-    workdir: str,
-    space: Mapping[str, dist.BaseDistribution],
-    *,
-    storage: str | None = None,
-    study_name: str = "sweep",
-    mode: str = "max",
+    workdir: str, space: Mapping[str, dist.BaseDistribution], *, storage: str | None = None,
+    study_name: str = "sweep", mode: str = "max",
     sampler: optuna.samplers.BaseSampler | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
-    heartbeat_seconds: int | None = HEARTBEAT_SECONDS,
-) -> optuna.Study:
+    heartbeat_seconds: int | None = HEARTBEAT_SECONDS) -> optuna.Study:
   """Creates the study in `storage` (a database URL such as `postgresql://...` or
   `sqlite:///...`; default `default_storage(workdir)`), or loads it when the database already
   holds it (a resumed sweep, or another worker's). `mode` "max" or "min" says whether a larger or
@@ -241,8 +227,8 @@ def open_study(
 
 
 def _create_study(url: str, study_name: str, mode: str, heartbeat_seconds: int | None,
-                  sampler: optuna.samplers.BaseSampler,
-                  pruner: optuna.pruners.BasePruner) -> optuna.Study:
+                  sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner
+                  ) -> optuna.Study:
   # Workers share one SQLite file; wait for another's write instead of failing on a lock.
   engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
   with warnings.catch_warnings():
@@ -293,16 +279,10 @@ def trial_workdir(trial: optuna.trial.BaseTrial, workdir: str) -> str:
 
 
 def run_study(
-    study: optuna.Study,
-    base_config: ml_collections.ConfigDict,
-    space: Mapping[str, dist.BaseDistribution],
-    workdir: str,
-    num_trials: int,
-    *,
-    train: TrainFn | None = None,
-    metric: str = "test_accuracy",
-    log: Callable[[str], None] | None = print,
-) -> None:
+    study: optuna.Study, base_config: ml_collections.ConfigDict,
+    space: Mapping[str, dist.BaseDistribution], workdir: str, num_trials: int, *,
+    train: TrainFn | None = None, metric: str = "test_accuracy",
+    log: Callable[[str], None] | None = print) -> None:
   """Trains trials of `study` one after another until it has `num_trials` finished ones.
 
   Each trial is `base_config` with the sampled values applied as overrides, trained in its
@@ -389,10 +369,6 @@ def _final_record(history: Sequence[Mapping[str, Any]], trial_dir: str) -> dict[
     if records := read_jsonl(trial_dir):
       return dict(records[-1])
   raise ValueError(f"training returned no evaluation record and {trial_dir} holds none.")
-
-
-# ---------------------------------------------------------------------------------------------
-# Results.
 
 
 _STATUS = {"COMPLETE": "ok", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",

@@ -107,28 +107,17 @@ class ShapeMismatch:
 
 @dataclasses.dataclass(frozen=True)
 class TransferReport:
-  """What a partial restore did with each parameter.
-
-  Paths are the target's, except in `unused_in_source` (the source's own paths). A model-state
-  leaf appears with its collection in front: "batch_stats/BatchNorm_0/mean".
-
-  Attributes:
-    loaded: target paths whose values were copied from the source.
-    skipped_shape_mismatch: paths in both models with different shapes or dtypes; the target's
-      initial values are kept (a new head with another number of classes lands here).
-    skipped_by_pattern: target paths matched by `skip`; their initial values are kept.
-    missing_in_source: target paths the source lacks; their initial values are kept.
-    unused_in_source: source paths (before renaming) no target parameter has.
-    target_leaves: every target path with its shape and dtype.
-    source_leaves: every source path (before renaming) with its shape and dtype.
-  """
+  """What a partial restore did with each parameter: the target paths it copied from the source,
+  and those that keep their initial values and why. Paths are the target's, but the source's own
+  (before renaming) in `unused_in_source` and `source_leaves`; a model-state leaf has its
+  collection in front: "batch_stats/BatchNorm_0/mean"."""
 
   loaded: tuple[str, ...]
-  skipped_shape_mismatch: tuple[ShapeMismatch, ...]
-  skipped_by_pattern: tuple[str, ...]
+  skipped_shape_mismatch: tuple[ShapeMismatch, ...]  # e.g. a new head with another class count
+  skipped_by_pattern: tuple[str, ...]  # matched by `skip`
   missing_in_source: tuple[str, ...]
-  unused_in_source: tuple[str, ...]
-  target_leaves: Mapping[str, LeafSpec] = dataclasses.field(repr=False)
+  unused_in_source: tuple[str, ...]  # source paths no target parameter has
+  target_leaves: Mapping[str, LeafSpec] = dataclasses.field(repr=False)  # every path's spec
   source_leaves: Mapping[str, LeafSpec] = dataclasses.field(repr=False)
 
   @property
@@ -152,8 +141,8 @@ class TransferReport:
   def __str__(self) -> str:
     """The summary line, a table of every parameter not loaded, and the loaded ones by module."""
     rows = [("status", "parameter", "target", "source")]
-    for mismatch in self.skipped_shape_mismatch:
-      rows.append(("shape mismatch", mismatch.path, str(mismatch.target), str(mismatch.source)))
+    rows += [("shape mismatch", m.path, str(m.target), str(m.source))
+             for m in self.skipped_shape_mismatch]
     rows += [("skipped (pattern)", path, str(self.target_leaves[path]), "")
              for path in self.skipped_by_pattern]
     rows += [("missing in source", path, str(self.target_leaves[path]), "-")

@@ -23,11 +23,8 @@ import numpy as np
 import optax
 import optuna
 
-from jdl import data as data_lib
-from jdl import loop as loop_lib
-from jdl import metrics as metrics_lib
+from jdl import data as data_lib, loop as loop_lib, metrics as metrics_lib, sweep as sweep_lib
 from jdl import experiment, models, optim, resident, runs, step as step_lib, tasks
-from jdl import sweep as sweep_lib
 from jdl.config import ConfigError
 from jdl.state import TrainState, create_train_state
 
@@ -151,19 +148,11 @@ def train_vmapped(
   """Trains N copies of `model` at once on one device: `jax.vmap` over a stacked `TrainState`.
 
   Every member sees the same batches, in `train_data`'s order, on the device-resident engine
-  `jdl.fit` uses; member i ends where `jdl.fit` with learning rate `learning_rates[i]` and
-  `PRNGKey(seeds[i])` ends, up to float rounding.
-
-  Args:
-    learning_rates: per-member peak learning rates (> 0); one value applies to every member;
-      None: `optimizer_config`'s.
-    seeds: per-member seeds for initialisation and dropout; one value applies to every member;
-      None: 0.
-    train_step: default `jdl.make_train_step(check_finite=True)`; eval_step: `make_eval_step()`.
-    eval_every_steps: evaluate every this many steps; None: at the end of every epoch. The last
-      step is always evaluated.
-    eval_name: prefix of the eval metrics in records.
-    log: where a line per evaluation goes (None: nowhere).
+  `jdl.fit` uses; member i ends where `jdl.fit` with peak learning rate `learning_rates[i]` (> 0;
+  None: the config's) and `PRNGKey(seeds[i])` (initialisation and dropout; None: 0) ends, up to
+  float rounding. A single rate or seed applies to every member. The steps default to
+  `jdl.make_train_step(check_finite=True)` and `make_eval_step()`. Evaluations come every
+  `eval_every_steps` (None: every epoch) and at the last step, with a line each to `log`.
   """
   for name, source in (("train_data", train_data), ("eval_data", eval_data)):
     if source is not None and not isinstance(source, data_lib.ArraySource):
