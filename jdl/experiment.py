@@ -88,11 +88,11 @@ def _train_and_evaluate(config: Any, workdir: str, hooks: Sequence[Hook], main: 
     best = f"{eval_name}_{config.best_metric}" if config.best_metric else None
     checkpointer = Checkpointer(os.path.join(workdir, runs.CHECKPOINT_DIR),
                                 keep=config.keep_checkpoints, best_metric=best)
-    if checkpointer.steps() and not config.resume:
-      raise config_lib.ConfigError(
-          f"{checkpointer.directory} already holds checkpoints (steps {checkpointer.steps()}) and "
-          "config.resume is false; use a new workdir, or resume=true to continue that run.")
-    if checkpointer.steps():
+    if steps := checkpointer.steps():
+      if not config.resume:
+        raise config_lib.ConfigError(
+            f"{checkpointer.directory} already holds checkpoints (steps {steps}) and config.resume "
+            "is false; use a new workdir, or resume=true to continue that run.")
       check_resumable(workdir, config)
   train_data, eval_data, meta, vocabulary = runs.load_task_data(
       config, pipeline_augment=pipeline_augment)
@@ -226,7 +226,8 @@ def check_config(config: Any) -> None:
                                  f"{config.checkpoint_min_seconds!r}.")
   for key, valid in (("task", runs.TASKS), ("layout", parallel.LAYOUTS)):
     if config[key] not in valid:
-      raise config_lib.ConfigError(f"unknown config.{key} {config[key]!r}; expected one of {valid}.")
+      raise config_lib.ConfigError(f"unknown config.{key} {config[key]!r}; expected one of "
+                                   f"{valid}.")
   try:  # building these is cheap and pure, and checks every key they read
     _check_loss_matches_output(config)
     make_augmentations(config.augment, in_memory=config.in_memory)
@@ -296,12 +297,9 @@ AUGMENT_PLACES = ("device", "pipeline")
 
 def make_augmentations(augment_config: Mapping[str, Any], *, in_memory: bool
                        ) -> tuple[step_lib.AugmentFn | None, data_lib.PipelineAugmentFn | None]:
-  """The `(device, pipeline)` augmentations `config.augment` asks for; at most one is not None.
-
-  "device" runs jax ops inside the train step (either data path, every layout; the key comes from
-  the step), "pipeline" runs tf.data ops on the host (streaming data only). The spec is checked
-  here, before any data is loaded.
-  """
+  """The `(device, pipeline)` augmentations `config.augment` asks for (at most one), checked
+  before any data is loaded: "device" runs jax ops inside the train step (either data path, every
+  layout), "pipeline" tf.data ops on the host (streaming data only)."""
   spec = {key: value for key, value in dict(augment_config).items() if key != "where"}
   where = augment_config.get("where", "device")
   if where not in AUGMENT_PLACES:
@@ -329,12 +327,9 @@ def _check_loss_matches_output(config: Any) -> None:
 def run_experiment(get_config: Callable[[], ml_collections.ConfigDict], argv: Sequence[str], *,
                    name: str, train: RunFn | None = None) -> Any:
   """The body of an experiment's `main`: parses the command line (`argv` without the program
-  name), then returns what `train(config, workdir)` (default `train_and_evaluate`) returns, or
-  None after `--help`. `name` is used in `--help` and the default workdir `runs/<name>`.
-
-  Raises:
-    jdl.ConfigError: an argument names an unknown key or gives a value of the wrong type.
-  """
+  name; a ConfigError for an unknown key or a value of the wrong type), then returns what
+  `train(config, workdir)` (default `train_and_evaluate`) returns, or None after `--help`. `name`
+  is used in `--help` and the default workdir `runs/<name>`."""
   parsed = config_lib.parse_command_line(get_config(), argv, name=name,
                                          default_workdir=os.path.join("runs", name))
   if parsed is None:
@@ -377,13 +372,12 @@ def main(get_config: Callable[[], ml_collections.ConfigDict], *, name: str,
 
 
 def set_cpu_threads(count: int) -> None:
-  """Runs XLA's CPU programs on `count` threads instead of one per core (0: XLA's default).
+  """Runs XLA's CPU programs on `count` threads instead of one per core (0: XLA's default): small
+  models train faster on one, their operations taking about what a hand-off between threads costs.
 
-  Small models train faster on one thread: their operations take microseconds, about what a
-  hand-off between threads costs. This sets `PJRT_NPROC`, which XLA reads once, when JAX starts,
-  so it works only before JAX's first computation (`main` calls it first; from a shell,
-  `PJRT_NPROC=1 python ...`). A value already in the environment wins. Left alone where an
-  accelerator plugin is installed: XLA's GPU compiler reads the same variable.
+  It sets `PJRT_NPROC` (unless already set), which XLA reads when JAX starts, so it works only
+  before JAX's first computation (`main` calls it first). Left alone where an accelerator plugin
+  is installed: XLA's GPU compiler reads the same variable.
   """
   if isinstance(count, bool) or not isinstance(count, int) or count < 0:
     raise config_lib.ConfigError(
@@ -398,11 +392,8 @@ def set_cpu_threads(count: int) -> None:
 
 def set_compilation_cache(directory: str) -> None:
   """Keeps the XLA programs this process compiles in `directory` (JAX's persistent compilation
-  cache) for later runs to load; "" leaves the cache off. A directory already chosen
-  (`JAX_COMPILATION_CACHE_DIR`, or `jax_compilation_cache_dir`) wins. Every program is kept,
-  however quickly it compiled: a small model's run compiles a handful in seconds and trains in
-  about as long.
-  """
+  cache; "" for none) for later runs to load, unless a directory is already chosen. Every program
+  is kept, however quickly it compiled: a small model's run trains in about its compile time."""
   if not isinstance(directory, str):
     raise config_lib.ConfigError(
         f'config.compilation_cache_dir must be a folder path, or "" for none; got {directory!r}.')

@@ -2,10 +2,9 @@
 
 Beside `config.json`, `metrics.jsonl` and `checkpoints/`, `train_and_evaluate` writes `data.json`
 (the `jdl.data.DatasetMeta`) and, for a text task, `vocab.json`; with them `load_run(workdir)`
-rebuilds the model and restores the trained state without the dataset. Tasks (`config.task`):
-"classification" (TFDS (input, label) pairs), "language_model" (a TFDS text as characters, the
-loss in nats per character: `jdl.data.text.load_char_lm_data`) and "text_classification" (TFDS
-(text, label) pairs as word ids: `jdl.data.text.load_text_classification_data`).
+rebuilds the model and restores the trained state without the dataset. `config.task` is
+"classification", "language_model" (characters; `jdl.data.text.load_char_lm_data`) or
+"text_classification" (word ids; `jdl.data.text.load_text_classification_data`).
 """
 
 from __future__ import annotations
@@ -35,8 +34,7 @@ from jdl.state import TrainState, create_train_state
 TASKS = ("classification", "language_model", "text_classification")
 DATA_NAME = "data.json"
 VOCAB_NAME = "vocab.json"
-CHECKPOINT_DIR = "checkpoints"
-"""The folder of a workdir that `train_and_evaluate` keeps its checkpoints in."""
+CHECKPOINT_DIR = "checkpoints"  # the workdir's folder of `train_and_evaluate`'s checkpoints
 
 Vocabulary = Any  # text_lib.CharVocabulary | text_lib.WordVocabulary
 
@@ -116,13 +114,9 @@ class Run:
 def load_run(workdir: str, *, checkpoint: str | int = "latest",
              log: Callable[[str], None] = print) -> Run:
   """Rebuilds a run's model and optimizer from its workdir (written by `train_and_evaluate`) and
-  restores a checkpoint: "latest", "best" (by the run's `best_metric`) or a step number. Messages
-  about unusable checkpoints go to `log`.
-
-  Raises:
-    FileNotFoundError: the workdir lacks `config.json`, `data.json` or checkpoints; the message
-      says which and what writes it.
-  """
+  restores a checkpoint: "latest", "best" (by the run's `best_metric`) or a step number. Raises
+  FileNotFoundError, saying which and what writes it, where the workdir lacks `config.json`,
+  `data.json` or checkpoints."""
   config, meta = read_config(workdir), read_meta(workdir)
   # The schedule's length changes no array of the optimizer state, so any positive length does;
   # a fine-tuned run's optimizer has the structure its `config.transfer` gave it (frozen groups).
@@ -183,7 +177,8 @@ def read_vocabulary(workdir: str) -> Vocabulary | None:
   kinds = {"char": text_lib.CharVocabulary, "word": text_lib.WordVocabulary}
   kind = json.loads(document).get("kind")
   if kind not in kinds:
-    raise ValueError(f"{path} holds a vocabulary of unknown kind {kind!r}; expected {sorted(kinds)}.")
+    raise ValueError(f"{path} holds a vocabulary of unknown kind {kind!r}; expected "
+                     f"{sorted(kinds)}.")
   return kinds[kind].from_json(document)
 
 
@@ -218,12 +213,9 @@ def apply_transfer_config(state: TrainState, config: Mapping[str, Any] | None, *
                           load: bool = True, log: Callable[[str], None] = print) -> TrainState:
   """A fresh state changed as `config` (a `jdl.transfer.transfer_config()` block; None: no
   change) asks: its optimizer wrapped by `jdl.transfer.freeze` for `config.freeze`, then (with
-  `load`) the parameters and model state of the run in `config.init_from` loaded by
-  `load_pretrained_from_workdir`, whose report goes to `log`.
-
-  Call it before restoring a checkpoint of this run: the frozen optimizer's state has another
-  structure, which the restore's template needs; a resumed run's checkpoint then replaces the
-  pretrained values. `load=False` applies only the structural part (`load_run`'s template).
+  `load`) the parameters and model state of the run in `config.init_from` loaded, the report to
+  `log`. Call it before restoring a checkpoint of this run: the frozen optimizer's state has
+  another structure, which the restore's template needs (`load=False` applies only that).
   """
   if config is None:
     return state
@@ -249,8 +241,7 @@ def apply_transfer_config(state: TrainState, config: Mapping[str, Any] | None, *
   return state
 
 
-LOCK_NAME = "jdl.lock"
-"""The file of a workdir that names the process training in it (`WorkdirLock`)."""
+LOCK_NAME = "jdl.lock"  # the workdir's file naming the process training in it (`WorkdirLock`)
 
 
 class WorkdirError(RuntimeError):
@@ -263,17 +254,14 @@ class WorkdirBusyError(WorkdirError):
 
 class WorkdirLock:
   """One run per workdir (created when missing): an exclusive lock on `WORKDIR/jdl.lock`, a file
-  naming its holder.
+  naming its holder (host, pid, start, command), or WorkdirBusyError naming a live holder;
+  WorkdirError where the workdir cannot be written.
 
-  The lock is the operating system's (`fcntl.flock`), so it is dropped when the holder exits
-  however it exits (SIGKILL, a crash, a lost machine's NFS lease): a lock file whose lock nobody
-  holds is stale and is taken over, with a note to `log` naming the run that left it. A clean
-  `release` removes the file. Filesystems without locks fall back to the file's contents: a
-  holder on this host that is no longer running is stale; one on another host is trusted.
-
-  Raises:
-    WorkdirBusyError: a live process holds the lock; the message names its host, pid and start.
-    WorkdirError: the workdir cannot be written (a read-only filesystem, a file in its place).
+  The lock is the operating system's (`fcntl.flock`), so it is dropped however its holder exits
+  (SIGKILL, a crash, a lost machine's NFS lease): a lock file whose lock nobody holds is taken
+  over, with a note to `log`. A clean `release` removes the file. Without filesystem locks the
+  file decides: a holder on this host that is no longer running is stale; one on another host is
+  trusted.
   """
 
   def __init__(self, workdir: str, log: Callable[[str], None] = print) -> None:

@@ -2,10 +2,9 @@
 
 A *space* maps dotted config keys to Optuna distributions (`space_from_json`). A study lives in a
 database (default `sqlite:///WORKDIR/study.db`), so a killed sweep resumes where it stopped and
-several workers, on one machine or many, share it. `run_study` trains one trial at a time,
-reporting every evaluation to Optuna's pruner; `jdl.vmap_sweep.run_vmapped_study` trains a batch
-of trials as one program. `study_rows` gives the rows for `markdown_table`, `write_results` and
-the plots (`jdl.analysis.plots`). See docs/sweeps.md.
+several workers share it. `run_study` trains a trial at a time, each evaluation reported to the
+pruner; `study_rows` gives rows for `markdown_table`, `write_results` and the plots. See
+docs/sweeps.md.
 """
 
 from __future__ import annotations
@@ -50,12 +49,8 @@ _JSON_DISTRIBUTIONS = ("log_uniform", "uniform", "int", "int_uniform")
 def space_from_json(space: Mapping[str, Any]) -> Space:
   """A space parsed from JSON: a list is a categorical choice, `{"log_uniform": [lo, hi]}`,
   `{"uniform": [lo, hi]}` and `{"int": [lo, hi]}` (both ends included; `int_uniform` is read too)
-  are Optuna's float, log-float and int distributions.
-
-  Lists inside a choice become tuples; a choice that is not a number, string, bool or None (a
-  tuple such as `[128, 64]`) is kept as its override text, `"(128, 64)"`, which Optuna can store
-  and `apply_overrides` reads back.
-  """
+  are Optuna's float, log-float and int distributions. A choice that is not a number, string, bool
+  or None (`[128, 64]`) is kept as its override text, `"(128, 64)"`, which Optuna can store."""
   if not isinstance(space, Mapping) or not space:
     raise ValueError("the sweep space must be a non-empty JSON object mapping config keys to "
                      f'choices, e.g. {{"optimizer.learning_rate": [1e-3, 1e-2]}}; got {space!r}.')
@@ -188,17 +183,11 @@ def open_study(
     sampler: optuna.samplers.BaseSampler | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
     heartbeat_seconds: int | None = HEARTBEAT_SECONDS) -> optuna.Study:
-  """Creates the study in `storage` (a database URL such as `postgresql://...` or
-  `sqlite:///...`; default `default_storage(workdir)`), or loads it when the database already
-  holds it (a resumed sweep, or another worker's). `mode` "max" or "min" says whether a larger or
-  smaller metric is better; the sampler defaults to `make_sampler("tpe", space)`, the pruner to
-  `make_pruner("median")`.
-
-  The space is written into the study, and a study of another space or direction is refused:
-  its trials would not be comparable. A trial whose worker stopped sending heartbeats for
-  `2 * heartbeat_seconds` is failed and its parameters are queued again; None: no heartbeat (the
-  vmapped sweep asks and tells, which Optuna's heartbeat does not follow).
-  """
+  """Creates the study in `storage` (a database URL; default `default_storage(workdir)`), or
+  loads it when the database holds it already (a resumed sweep, or another worker's); a study of
+  another space or direction (`mode` "max" or "min") is refused. Sampler and pruner default to
+  "tpe" and "median". `heartbeat_seconds`: see `HEARTBEAT_SECONDS`; None: none (the vmapped
+  sweep asks and tells, which Optuna's heartbeat does not follow)."""
   _check_mode(mode)
   os.makedirs(workdir, exist_ok=True)
   url = storage or default_storage(workdir)
@@ -283,20 +272,15 @@ def run_study(
     space: Mapping[str, dist.BaseDistribution], workdir: str, num_trials: int, *,
     train: TrainFn | None = None, metric: str = "test_accuracy",
     log: Callable[[str], None] | None = print) -> None:
-  """Trains trials of `study` one after another until it has `num_trials` finished ones.
+  """Trains trials of `study` one after another until it has `num_trials` finished ones (counted
+  over every process running this on the study), a line each to `log`.
 
-  Each trial is `base_config` with the sampled values applied as overrides, trained in its
-  workdir (`trial_workdir`). Every evaluation record's `metric` is reported to the study, whose
-  pruner may stop the trial there. A trial whose config is rejected or whose training raises is
-  failed and the sweep goes on. On `jdl.Preempted` the trial is queued again with its workdir, so
-  the next run of the sweep resumes it from its checkpoint, and the exception is raised. Several
-  processes may run this on one study: each counts the finished trials of all (`finished_trials`
-  against `num_trials`). `train(config, workdir, hooks) -> (state, history)` defaults to
-  `jdl.train_and_evaluate`; `metric` is the record key the study optimises; a line per trial goes
-  to `log`.
-
-  Raises:
-    ConfigError: the space names a config key that `base_config` lacks (before anything trains).
+  Each trial is `base_config` with the sampled values as overrides, trained by `train` (default
+  `jdl.train_and_evaluate`) in `trial_workdir`. Every evaluation's `metric` is reported to the
+  pruner, which may stop the trial there. A trial whose config is rejected or whose training
+  raises is failed and the sweep goes on. On `jdl.Preempted` the trial is queued again with its
+  workdir, to resume from its checkpoint, and the exception is raised. Raises ConfigError, before
+  anything trains, if the space names a key `base_config` lacks.
   """
   check_keys(base_config, list(space))
   train = train or experiment.train_and_evaluate

@@ -1,11 +1,10 @@
 """Transfer learning: start from another model's parameters, freeze parts, group optimizers.
 
-Parameters are named by their "/"-joined path in the params tree ("Conv_0/kernel",
-"ResNetBlock_3/BatchNorm_0/scale"). Patterns (`skip`, `freeze`, optimizer groups) are
-case-sensitive `fnmatch` globs over these paths, where `*` also matches "/", and a pattern covers
-everything below the module it names ("Dense_0" means "Dense_0" and "Dense_0/*", not
-"Dense_01/..."). A pattern that matches nothing is an error listing the paths there are, so a
-misspelt module name never silently trains, freezes or skips nothing. See docs/transfer.md.
+Parameters are named by their "/"-joined path ("ResNetBlock_3/BatchNorm_0/scale"). Patterns
+(`skip`, `freeze`, optimizer groups) are case-sensitive `fnmatch` globs over these paths, `*`
+matching "/" too, and cover everything below the module they name ("Dense_0" means "Dense_0"
+and "Dense_0/*", not "Dense_01/..."). A pattern that matches nothing is an error listing the
+paths, so a misspelt name never silently does nothing. See docs/transfer.md.
 """
 
 from __future__ import annotations
@@ -245,15 +244,11 @@ def load_pretrained(target_params: Params, source_params: Params, *, rename: Ren
                     skip: Patterns = ()) -> tuple[Params, TransferReport]:
   """Copies the source parameters that fit into the target model's parameters (partial restore).
 
-  A source leaf is copied (as a fresh array, never the source's buffer) when its path, after
-  `rename`, is a target path and shape and dtype agree. Every other target leaf keeps its
-  initialisation, and the `TransferReport` says why (`print(report)` shows a table).
-
-  `rename` rewrites source path prefixes into target ones before matching: `{"backbone/": ""}`
-  loads "backbone/Dense_0/kernel" into "Dense_0/kernel", `{"": "encoder/"}` the other way round;
-  the longest matching prefix wins; also a sequence of `(old, new)` pairs. `skip` names target
-  paths to leave initialised even where the source fits, e.g. `("Dense_0",)` to re-initialise a
-  head of the same shape whose classes mean something else.
+  A source leaf is copied (as a fresh array) when its path, after `rename`, is a target path and
+  shape and dtype agree; every other target leaf keeps its initialisation, and the report says
+  why. `rename` rewrites source path prefixes, longest first: `{"backbone/": ""}` loads
+  "backbone/Dense_0/kernel" into "Dense_0/kernel" (also `(old, new)` pairs). `skip` leaves target
+  paths initialised even where the source fits (a same-shaped head whose classes differ).
 
   Raises:
     ValueError: a rename prefix or skip pattern matches nothing, two source paths are renamed to
@@ -264,14 +259,11 @@ def load_pretrained(target_params: Params, source_params: Params, *, rename: Ren
 
 
 def load_pretrained_state(target_state: TrainState, source_state: TrainState, *,
-                          rename: Renames | None = None,
-                          skip: Patterns = ()) -> tuple[TrainState, TransferReport]:
+                          rename: Renames | None = None, skip: Patterns = ()
+                          ) -> tuple[TrainState, TransferReport]:
   """`load_pretrained` for the params and every model-state collection ("batch_stats"), whose
-  leaves appear in the report as "<collection>/<path>".
-
-  The optimizer state is not copied: `opt_state` is `target_state.tx.init` of the new params, a
-  fresh optimizer for fine-tuning. `step` and `rng` stay the target's.
-  """
+  leaves appear in the report as "<collection>/<path>". The optimizer state is fresh
+  (`target_state.tx.init` of the new params), and `step` and `rng` stay the target's."""
   targets, sources = dict(target_state.model_state), dict(source_state.model_state)
   names = sorted(set(targets) | set(sources))
   trees = [(targets.get(name, {}), sources.get(name, {}), f"{name}/") for name in names]
@@ -300,13 +292,8 @@ def freeze(tx: optax.GradientTransformation, params: Params,
 
   Frozen parameters get `optax.set_to_zero()` updates under `optax.multi_transform`, so no weight
   decay or momentum reaches them and `tx` keeps state only for the trainable ones. A frozen
-  BatchNorm's running statistics are model state and still update in training mode. Only the
-  paths of `params` are used.
-
-  Raises:
-    ValueError: a pattern matches nothing; or `tx` keeps a parameter EMA (`ema_decay`), which
-      inside the mask would average only the trainable parameters; use
-      `per_group_optimizer([(patterns, None)], params, default=config)`, which averages all.
+  BatchNorm's running statistics are model state and still update in training mode. Raises
+  ValueError for a pattern that matches nothing, or a `tx` with a parameter EMA (see the message).
   """
   labels = jax.tree.map(lambda trainable: TRAINABLE if trainable else FROZEN,
                         trainable_mask(params, patterns))
@@ -346,19 +333,15 @@ def per_group_optimizer(groups: Sequence[tuple[Any, ...]], params: Params, *,
                         total_steps: int | None = None) -> optax.GradientTransformation:
   """An optimizer with its own settings per group of parameters (discriminative learning rates).
 
-  Each parameter belongs to the first group with a pattern that matches its path; the rest belong
-  to `default`. A group's config is laid over `default`'s (over `jdl.optim.OPTIMIZER_DEFAULTS`
-  when `default` is None or `{"frozen": True}`), so it needs only the keys that differ. A group
-  whose config is None, `{"frozen": True}` or has `learning_rate` 0 is frozen (`set_to_zero`
-  updates); `default=None` trains only the groups.
-
+  `groups` are `(patterns, optimizer config)` or `(name, patterns, optimizer config)` tuples (the
+  name labels the group in `group_learning_rates`; default "group_<index>"). Each parameter
+  belongs to the first group with a pattern that matches its path; the rest to `default`. A
+  group's config is laid over `default`'s (over `jdl.optim.OPTIMIZER_DEFAULTS` when `default` is
+  None or `{"frozen": True}`), so it needs only the keys that differ. A group whose config is None,
+  `{"frozen": True}` or has `learning_rate` 0 is frozen; `default=None` trains only the groups.
   `accumulate_steps` and `ema_decay` belong to the whole optimizer: taken from `default` and
   applied once around all groups (as `jdl.make_optimizer` nests them), so every group updates on
   the same steps and the EMA covers every parameter; a group may not set another value.
-
-  `groups` are `(patterns, optimizer config)` or `(name, patterns, optimizer config)` tuples; the
-  name labels the group in `group_learning_rates` (default "group_<index>"). Only the paths of
-  `params` are used; `total_steps` is the run's length in train steps.
 
   Raises:
     ValueError: a pattern matches no parameter, a group claims no parameter (every path it

@@ -1,11 +1,9 @@
-"""All at once: N small models trained together on one device with `jax.vmap`.
+"""All at once: N small models, differing in seed and learning rate, trained together on one
+device with `jax.vmap` over a stacked `TrainState`, every member fed the same batches.
 
-`train_vmapped` stacks N `TrainState`s (leading axis N on every leaf) and runs the jdl train step
-under `jax.vmap`, every member fed the same batches; members differ in seed and learning rate.
 optax recomputes an injected learning rate from the schedule at every update, so the members'
-optimizer is `make_member_optimizer`: `make_optimizer`'s chain at learning rate 1, then a scale
-held in the optimizer state. `run_vmapped_study` trains an Optuna study's trials a batch at a time
-as one program (`vmap_sweep`). See docs/sweeps.md.
+optimizer (`make_member_optimizer`) scales a learning-rate-1 chain by a rate held in its state.
+`run_vmapped_study` trains an Optuna study's trials a batch at a time. See docs/sweeps.md.
 """
 
 from __future__ import annotations
@@ -53,7 +51,7 @@ def scale_by_member_learning_rate(learning_rate: float) -> optax.GradientTransfo
 
 def make_member_optimizer(optimizer_config: Mapping[str, Any], *,
                           total_steps: int | None = None) -> optax.GradientTransformation:
-  """`jdl.optim.make_optimizer(optimizer_config)` with its peak learning rate in the optimizer state.
+  """`jdl.optim.make_optimizer(optimizer_config)` with its peak learning rate in its state.
 
   The chain is `make_optimizer`'s at learning rate 1, then `scale_by_member_learning_rate`, wrapped
   like `make_optimizer` in the parameter EMA and gradient accumulation. Every rule's update is
@@ -76,34 +74,28 @@ def make_member_optimizer(optimizer_config: Mapping[str, Any], *,
 
 def set_member_learning_rate(opt_state: optax.OptState, learning_rate: Any) -> optax.OptState:
   """`opt_state` (of a `make_member_optimizer`) with its member learning rate replaced."""
-  found = []
+  def is_member(node: Any) -> bool:
+    return isinstance(node, MemberLearningRateState)
 
-  def replace(node: Any) -> Any:
-    if isinstance(node, MemberLearningRateState):
-      found.append(node)
-      return MemberLearningRateState(jnp.asarray(learning_rate, jnp.float32))
-    return node
-
-  opt_state = jax.tree.map(replace, opt_state,
-                           is_leaf=lambda n: isinstance(n, MemberLearningRateState))
-  if len(found) != 1:
+  found = sum(map(is_member, jax.tree.leaves(opt_state, is_leaf=is_member)))
+  if found != 1:
     raise ValueError(
         f"set_member_learning_rate needs an optimizer state with one member learning rate (from "
-        f"jdl.sweep.make_member_optimizer); found {len(found)}.")
-  return opt_state
+        f"jdl.vmap_sweep.make_member_optimizer); found {found}.")
+  new = MemberLearningRateState(jnp.asarray(learning_rate, jnp.float32))
+  return jax.tree.map(lambda node: new if is_member(node) else node, opt_state, is_leaf=is_member)
 
 
 def stack_states(states: Sequence[TrainState]) -> TrainState:
   """One `TrainState` with a leading member axis on every leaf, from states of one structure."""
   if not states:
     raise ValueError("stack_states needs at least one state.")
-  structures = {jax.tree.structure(s) for s in states}
-  if len(structures) != 1:
+  if len({jax.tree.structure(s) for s in states}) != 1:
     raise ValueError("stack_states needs states of one structure: the same model, optimizer and "
                      "input shape (build them with the same objects).")
   # Stacked on the host and copied over once: jnp.stack would compile one program per leaf shape.
-  stacked = jax.tree.map(lambda *leaves: np.stack([np.asarray(leaf) for leaf in leaves]), *states)
-  return jax.device_put(stacked)
+  return jax.device_put(jax.tree.map(lambda *leaves: np.stack([np.asarray(x) for x in leaves]),
+                                    *states))
 
 
 def unstack_state(state: TrainState, index: int) -> TrainState:
@@ -120,7 +112,7 @@ class VmappedRun:
   seeds: np.ndarray  # [N] each member's seed (initialisation and dropout keys)
   state: TrainState  # the final states, stacked: a leading axis of N on every leaf
   history: list[dict[str, Any]]
-  nonfinite_step: np.ndarray  # [N] the first step (1-based) with a non-finite loss or gradient, or 0
+  nonfinite_step: np.ndarray  # [N] the first step (1-based) with a non-finite loss or gradient; 0
   compile_seconds: float  # compiling the vmapped train and eval calls
   train_seconds: float  # training and evaluating, compilation excluded
   eval_name: str = "test"  # prefix of the eval metrics
@@ -256,20 +248,15 @@ def _format_member_record(record: Mapping[str, Any], eval_name: str) -> str:
   return " | ".join(parts)
 
 
-VMAP_KEYS = ("optimizer.learning_rate", "seed")
-"""The keys a vmapped sweep can vary: the rest of the config is shared by every member."""
+VMAP_KEYS = ("optimizer.learning_rate", "seed")  # the keys a vmapped sweep can vary
 
 
 def vmap_sweep(config: ml_collections.ConfigDict, trials: Sequence[Mapping[str, Any]], *,
                log: Callable[[str], None] | None = None) -> VmappedRun:
   """Trains all `trials` of an experiment config at once (`train_vmapped`), one member each.
 
-  Trials may set only `VMAP_KEYS`; everything else comes from `config`, an in-memory
-  classification config. The data order is `config.seed`'s for every member.
-
-  Raises:
-    ConfigError: a trial sets a key outside `VMAP_KEYS`.
-    ValueError: the config is not an in-memory classification task.
+  Trials may set only `VMAP_KEYS` (else ConfigError); everything else, the data order included,
+  comes from `config`, which must be an in-memory classification config (else ValueError).
   """
   trials = [dict(t) for t in trials]
   if not trials:
@@ -310,14 +297,9 @@ def run_vmapped_study(
   The members of a batch run in one program to the end, so the pruner stops none of them; their
   intermediate values are still reported, and inform later batches' samplers. A member whose
   loss or gradient became NaN or infinite is failed. If training the batch raises, its trials are
-  failed and the exception is raised. `config` is an in-memory classification task; `num_trials`
-  counts as `jdl.sweep.finished_trials` does; a line per batch goes to `log`.
-
-  Returns:
-    One `VmappedRun` per batch (the members' trained states, in the order of their trials).
-
-  Raises:
-    ConfigError: the space varies a key outside `VMAP_KEYS` (before anything trains).
+  failed and the exception is raised. `config` is an in-memory classification task; a line per
+  batch goes to `log`. Returns one `VmappedRun` per batch (the members in their trials' order).
+  Raises ConfigError, before anything trains, if the space varies a key outside `VMAP_KEYS`.
   """
   others = sorted(set(space) - set(VMAP_KEYS))
   if others:
@@ -358,6 +340,5 @@ def run_vmapped_study(
     if log is not None:
       log(f"{len(trials)} trials in one program: {run.train_seconds:.1f}s "
           f"(+{run.compile_seconds:.1f}s compiling); {metric} "
-          + ", ".join(f"{float(np.asarray(run.history[-1][metric])[i]):.4f}"
-                      for i in range(len(trials))))
+          + ", ".join(f"{value:.4f}" for value in np.asarray(run.history[-1][metric], float)))
   return batches
