@@ -222,8 +222,7 @@ def apply_transfer_config(state: TrainState, config: Mapping[str, Any] | None, *
   known = set(transfer.transfer_config())
   if unknown := sorted(set(config) - known):
     raise ValueError(f"unknown config.transfer keys {unknown}; valid keys: {sorted(known)}.")
-  patterns = transfer.as_patterns(config.get("freeze", ()), "config.transfer.freeze")
-  if patterns:
+  if patterns := transfer.as_patterns(config.get("freeze", ()), "config.transfer.freeze"):
     tx = transfer.freeze(state.tx, state.params, patterns)
     state = state.replace(tx=tx, opt_state=tx.init(state.params))
   workdir = config.get("init_from")
@@ -300,8 +299,7 @@ class WorkdirLock:
       except FileNotFoundError:
         same = False
       if same:
-        previous = _read_holder(file)
-        if previous:
+        if previous := _read_holder(file):
           log(f"taking over {self.path}: the run that held it ({_describe(previous)}) ended "
               "without releasing it.")
         return file

@@ -78,8 +78,7 @@ def _listing(paths: Sequence[str]) -> str:
 
 def _check_all_match(patterns: Iterable[str], paths: Sequence[str], what: str) -> None:
   """Raises when a pattern of `what` matches none of `paths` (typo safety)."""
-  unmatched = [p for p in patterns if not any(path_matches(path, p) for path in paths)]
-  if unmatched:
+  if unmatched := [p for p in patterns if not any(path_matches(path, p) for path in paths)]:
     raise ValueError(f"{what} pattern(s) {unmatched} match no parameter; the parameter paths are: "
                      f"{_listing(list(paths))}.")
 
@@ -226,8 +225,7 @@ def _restore(trees: Sequence[tuple[Any, Any, str]], rename: Renames | None,
       leaves.append(leaf)
     unused += [prefix + path for path, _ in by_target_path.values()]
     results.append(jax.tree_util.tree_unflatten(treedef, leaves))
-  unused_renames = [old for old, _ in renames if old not in used_renames]
-  if unused_renames:
+  if unused_renames := [old for old, _ in renames if old not in used_renames]:
     raise ValueError(f"rename prefix(es) {unused_renames} start no source parameter path; the "
                      f"source paths are: {_listing(source_paths)}.")
   _check_all_match(skip, target_paths, "skip")
@@ -350,8 +348,7 @@ def per_group_optimizer(groups: Sequence[tuple[Any, ...]], params: Params, *,
   default_frozen = _is_frozen(default)
   base = {} if default is None or default.get("frozen") else dict(default)
   base.pop("frozen", None)
-  whole = {"accumulate_steps": base.pop("accumulate_steps", 1),
-           "ema_decay": base.pop("ema_decay", 0.0)}
+  whole = {key: base.pop(key, optim.OPTIMIZER_DEFAULTS[key]) for key in WHOLE_OPTIMIZER_KEYS}
   optim.make_optimizer(whole)  # checks them as it does its own
   accumulate = int(whole["accumulate_steps"])
   parsed = [_parse_group(index, group) for index, group in enumerate(groups)]
@@ -365,18 +362,16 @@ def per_group_optimizer(groups: Sequence[tuple[Any, ...]], params: Params, *,
   labels = [next((name for name, patterns, _ in parsed
                   if any(path_matches(path, p) for p in patterns)), DEFAULT_GROUP)
             for path in paths]
-  empty = [name for name in names if name not in labels]
-  if empty:
+  if empty := [name for name in names if name not in labels]:
     raise ValueError(f"group(s) {empty} claim no parameter: every path their patterns match "
                      "belongs to an earlier group (a parameter belongs to the first group that "
                      "matches it).")
 
-  inner_steps = total_steps
-  if total_steps is not None and accumulate > 1:
-    if total_steps < accumulate:
-      raise ValueError(f"total_steps={total_steps} train steps apply no update with "
-                       f"accumulate_steps={accumulate}; need total_steps >= accumulate_steps.")
-    inner_steps = total_steps // accumulate  # the groups' schedules count applied updates
+  if total_steps is not None and accumulate > 1 and total_steps < accumulate:
+    raise ValueError(f"total_steps={total_steps} train steps apply no update with "
+                     f"accumulate_steps={accumulate}; need total_steps >= accumulate_steps.")
+  # The groups' schedules count applied updates.
+  inner_steps = None if total_steps is None else total_steps // accumulate
   configs = {name: config for name, _, config in parsed}
   transforms: dict[str, optax.GradientTransformation] = {}
   for name in dict.fromkeys(labels):  # the groups that own parameters, in order
@@ -385,8 +380,7 @@ def per_group_optimizer(groups: Sequence[tuple[Any, ...]], params: Params, *,
     elif _is_frozen(configs[name]):
       merged = None
     else:
-      config = dict(configs[name])
-      config.pop("frozen", None)
+      config = {key: value for key, value in configs[name].items() if key != "frozen"}
       for key in WHOLE_OPTIMIZER_KEYS:
         if key in config and config.pop(key) != whole[key]:
           raise ValueError(f"group {name!r} sets {key}, which applies to the whole optimizer; "

@@ -79,9 +79,8 @@ def set_member_learning_rate(opt_state: optax.OptState, learning_rate: Any) -> o
 
   found = sum(map(is_member, jax.tree.leaves(opt_state, is_leaf=is_member)))
   if found != 1:
-    raise ValueError(
-        f"set_member_learning_rate needs an optimizer state with one member learning rate (from "
-        f"jdl.vmap_sweep.make_member_optimizer); found {found}.")
+    raise ValueError(f"set_member_learning_rate needs an optimizer state with one member learning "
+                     f"rate (from jdl.vmap_sweep.make_member_optimizer); found {found}.")
   new = MemberLearningRateState(jnp.asarray(learning_rate, jnp.float32))
   return jax.tree.map(lambda node: new if is_member(node) else node, opt_state, is_leaf=is_member)
 
@@ -163,9 +162,8 @@ def train_vmapped(
     if not values:
       raise ValueError(f"{name} is empty; give at least one value.")
     if len(values) not in (1, num_members):
-      raise ValueError(
-          f"{name} has {len(values)} values but the sweep has {num_members} members; give one "
-          f"value per member, or a single value for all.")
+      raise ValueError(f"{name} has {len(values)} values but the sweep has {num_members} "
+                       "members; give one value per member, or a single value for all.")
     per_member[name] = values * (num_members // len(values))  # a single value: every member's
   rates = [float(rate) for rate in per_member["learning_rates"]]
   member_seeds = [int(seed) for seed in per_member["seeds"]]
@@ -233,16 +231,14 @@ def _train_members(run: VmappedRun, train_step, eval_step, train_data, eval_data
 
 def _member_means(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Per-member values from per-member metric states (`jdl.metrics.metric_values`)."""
-  values = metrics_lib.metric_values(sums)
-  values.pop("count", None)
-  return {key: value for key, value in values.items() if np.ndim(value) == 1}
+  return {key: value for key, value in metrics_lib.metric_values(sums).items()
+          if key != "count" and np.ndim(value) == 1}
 
 
 def _format_member_record(record: Mapping[str, Any], eval_name: str) -> str:
   parts = [f"step {record['step']}"]
   for key in ("train_loss", f"{eval_name}_accuracy"):
-    if key in record:
-      values = record[key]
+    if (values := record.get(key)) is not None:
       parts.append(f"{key} min {np.nanmin(values):.4f} median {np.nanmedian(values):.4f} "
                    f"max {np.nanmax(values):.4f}")
   return " | ".join(parts)
@@ -261,8 +257,7 @@ def vmap_sweep(config: ml_collections.ConfigDict, trials: Sequence[Mapping[str, 
   trials = [dict(t) for t in trials]
   if not trials:
     raise ValueError("vmap_sweep needs at least one trial.")
-  others = sorted({k for t in trials for k in t} - set(VMAP_KEYS))
-  if others:
+  if others := sorted({k for t in trials for k in t} - set(VMAP_KEYS)):
     raise ConfigError(f"a vmapped sweep varies only {list(VMAP_KEYS)} (one model and optimizer "
                       f"for every member); the trials also set {others}. Sweep them with "
                       "jdl.sweep.run_study.")
@@ -301,8 +296,7 @@ def run_vmapped_study(
   batch goes to `log`. Returns one `VmappedRun` per batch (the members in their trials' order).
   Raises ConfigError, before anything trains, if the space varies a key outside `VMAP_KEYS`.
   """
-  others = sorted(set(space) - set(VMAP_KEYS))
-  if others:
+  if others := sorted(set(space) - set(VMAP_KEYS)):
     raise ConfigError(f"a vmapped sweep varies only {list(VMAP_KEYS)} (one model and optimizer "
                       f"for every member); the space also sets {others}. Sweep it without --vmap.")
   if isinstance(members, bool) or not isinstance(members, int) or members < 1:
