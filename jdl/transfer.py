@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import fnmatch
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -126,15 +127,12 @@ class TransferReport:
 
   def summary(self) -> str:
     """One line: how many parameters (and scalar values) were loaded, and the other counts."""
-    def size(path: str) -> int:
-      return int(np.prod(self.target_leaves[path].shape, dtype=np.int64))
-    loaded_values = sum(size(path) for path in self.loaded)
-    all_values = sum(size(path) for path in self.target_leaves)
+    sizes = {path: math.prod(spec.shape) for path, spec in self.target_leaves.items()}
     return (f"loaded {len(self.loaded)} of {len(self.target_leaves)} parameters "
-            f"({loaded_values:,} of {all_values:,} values); kept initialised: "
-            f"{len(self.skipped_shape_mismatch)} shape mismatch, {len(self.skipped_by_pattern)} "
-            f"skipped by pattern, {len(self.missing_in_source)} missing in the source; "
-            f"{len(self.unused_in_source)} source parameters unused")
+            f"({sum(sizes[path] for path in self.loaded):,} of {sum(sizes.values()):,} values); "
+            f"kept initialised: {len(self.skipped_shape_mismatch)} shape mismatch, "
+            f"{len(self.skipped_by_pattern)} skipped by pattern, {len(self.missing_in_source)} "
+            f"missing in the source; {len(self.unused_in_source)} source parameters unused")
 
   def __str__(self) -> str:
     """The summary line, a table of every parameter not loaded, and the loaded ones by module."""
