@@ -19,57 +19,53 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
-from jdl import augment as augment_lib
-from jdl import config as config_lib
-from jdl import data as data_lib
+from jdl import augment as augment_lib, config as config_lib, data as data_lib
 from jdl import losses, models, optim, parallel, runs, step as step_lib, tasks
 from jdl.checkpoint import Checkpointer, CheckpointError, CheckpointWriteError
 from jdl.data import augment_tf
 from jdl.loop import Hook, NonFiniteError, Preempted, Record, evaluate, fit
-from jdl.state import TrainState, count_params, create_train_state
+from jdl.state import TrainState, count_params
 from jdl.writers import JSONL_NAME, MetricWriter, read_jsonl, truncate_records
+
+RunFn = Callable[[ml_collections.ConfigDict, str], Any]  # (config, workdir) -> result
 
 
 def train_and_evaluate(config: Any, workdir: str,
                        hooks: Sequence[Hook] = ()) -> tuple[TrainState, list[Record]]:
   """Runs the experiment `config` describes (any `config.task`), writing logs to `workdir`.
 
-  Joins a multi-process run when asked (`config.distributed`), picks the device layout
-  (`config.layout`), and resumes from the latest good checkpoint in `workdir/checkpoints`
-  (`config.resume`): data order, dropout and augmentation are functions of the seed and the step,
-  so a resumed run ends where an uninterrupted one would, and `metrics.jsonl` keeps only the
-  records up to the resumed step. In a multi-process run only process 0 prints and writes.
-  One run per workdir: process 0 holds `WORKDIR/jdl.lock` while it runs (`runs.WorkdirLock`).
-
-  Returns:
-    `(state, history)` as `fit` returns them (history: this invocation's records; for a run
-    already complete, the record of its last step).
+  Joins a multi-process run when asked (`config.distributed`; only process 0 prints and writes),
+  picks the device layout (`config.layout`), and resumes from the latest good checkpoint in
+  `workdir/checkpoints` (`config.resume`): data order, dropout and augmentation are functions of
+  the seed and the step, so a resumed run ends where an uninterrupted one would, and
+  `metrics.jsonl` keeps only the records up to the resumed step. Process 0 holds
+  `WORKDIR/jdl.lock` while it runs (`runs.WorkdirLock`). Returns `(state, history)` as `fit` does
+  (history: this invocation's records; for a run already complete, its last step's record).
 
   Raises:
     jdl.ConfigError: the config cannot train, or the workdir holds a run it may not continue
       (`config.resume` false, another config); checked before any work.
-    jdl.runs.WorkdirBusyError: another run holds the workdir.
-    jdl.runs.WorkdirError: the workdir cannot be written.
+    jdl.runs.WorkdirBusyError, jdl.runs.WorkdirError: another run holds the workdir; it cannot
+      be written.
     jdl.CheckpointError: the workdir's checkpoints are all unusable or another model's.
     jdl.CheckpointWriteError: a checkpoint could not be saved (earlier ones are intact).
   """
   check_config(config)
   parallel.initialize_distributed(config.distributed)
   parallel.check_same_everywhere("workdirs", os.path.abspath(workdir))
-  as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-  parallel.check_same_everywhere("configs", json.dumps(_flat(as_dict), sort_keys=True))
-  log = print if parallel.is_main_process() else (lambda _: None)
+  parallel.check_same_everywhere("configs", json.dumps(flat_config(config), sort_keys=True))
+  main = parallel.is_main_process()
+  log = print if main else (lambda _: None)
   lock, refused = None, None
-  if parallel.is_main_process():
+  if main:
     try:
       lock = runs.WorkdirLock(workdir, log=log)
     except runs.WorkdirError as error:
       refused = error
   parallel.raise_if_any_failed(refused, f"take {workdir} for this run")
   try:
-    return _train_and_evaluate(config, workdir, hooks)
+    return _train_and_evaluate(config, workdir, hooks, main, log)
   except Exception as error:
     lost = parallel.lost_peer(error)
     if lost is not None:
@@ -80,34 +76,29 @@ def train_and_evaluate(config: Any, workdir: str,
       lock.release()
 
 
-def _train_and_evaluate(config: Any, workdir: str,
-                        hooks: Sequence[Hook]) -> tuple[TrainState, list[Record]]:
+def _train_and_evaluate(config: Any, workdir: str, hooks: Sequence[Hook], main: bool,
+                        log: Callable[[str], None]) -> tuple[TrainState, list[Record]]:
   """`train_and_evaluate` once the config is checked and the workdir is this run's."""
   device_augment, pipeline_augment = make_augmentations(config.augment, in_memory=config.in_memory)
   runner = parallel.make_runner(config.layout, num_devices=config.num_devices or None,
                                 batch_size=config.batch_size)
-  main = parallel.is_main_process()
-  log = print if main else (lambda _: None)
-  eval_name = config.eval_split.split("[")[0]
+  eval_name = runs.eval_name(config)
   checkpointer = None
   if config.checkpoint:
     best = f"{eval_name}_{config.best_metric}" if config.best_metric else None
-    checkpointer = Checkpointer(os.path.join(workdir, runs.CHECKPOINT_DIR), keep=config.keep_checkpoints,
-                                best_metric=best)
-    if checkpointer.steps() and not config.resume:
-      raise config_lib.ConfigError(
-          f"{checkpointer.directory} already holds checkpoints (steps {checkpointer.steps()}) and "
-          "config.resume is false; use a new workdir, or resume=true to continue that run.")
-    if checkpointer.steps():
+    checkpointer = Checkpointer(os.path.join(workdir, runs.CHECKPOINT_DIR),
+                                keep=config.keep_checkpoints, best_metric=best)
+    if steps := checkpointer.steps():
+      if not config.resume:
+        raise config_lib.ConfigError(
+            f"{checkpointer.directory} already holds checkpoints (steps {steps}) and config.resume "
+            "is false; use a new workdir, or resume=true to continue that run.")
       check_resumable(workdir, config)
   train_data, eval_data, meta, vocabulary = runs.load_task_data(
       config, pipeline_augment=pipeline_augment)
-  model = models.build_model(config.model, num_classes=meta.num_classes, axis_name=runner.axis_name)
   num_steps = config.num_steps or config.num_epochs * train_data.steps_per_epoch
-  tx = optim.make_optimizer(config.optimizer, total_steps=num_steps)
-  sample = np.zeros((1, *meta.input_shape), meta.input_dtype)
-  state = create_train_state(model, tx, sample, jax.random.PRNGKey(config.seed))
-  state = runs.apply_transfer_config(state, config.get("transfer"), log=log)
+  state = runs.initial_state(config, meta, total_steps=num_steps, axis_name=runner.axis_name,
+                             log=log)
   if checkpointer is not None and config.resume:
     restored = checkpointer.restore_latest(state, log=log)
     if restored is not None:
@@ -124,8 +115,7 @@ def _train_and_evaluate(config: Any, workdir: str,
       task, l1=config.l1, l2=config.l2, axis_name=runner.axis_name, augment=device_augment,
       compute_dtype=config.compute_dtype, adversary=make_adversary(config.adversarial),
       check_finite=config.check_finite, gradient_norms=config.gradient_norms,
-      microbatches=config.microbatches,
-  )
+      microbatches=config.microbatches)
   if config.progress:
     log(f"{meta.name}: {train_data.num_examples} train / {eval_data.num_examples} "
         f"{config.eval_split} examples, input {meta.input_shape}, {meta.num_classes} classes; "
@@ -146,18 +136,11 @@ def _train_and_evaluate(config: Any, workdir: str,
           "new --workdir.")
       return state, [record]
     state, history = fit(
-        state, train_step, eval_step, train_data, eval_data,
-        num_steps=num_steps,
-        eval_every_steps=config.eval_every_steps or None,
-        hooks=hooks,
-        writer=writer,
-        progress=config.progress and main,
-        eval_name=eval_name,
-        runner=runner,
-        checkpointer=checkpointer,
-        checkpoint_every_steps=config.checkpoint_every_steps or None,
-        checkpoint_min_seconds=config.checkpoint_min_seconds,
-    )
+        state, train_step, eval_step, train_data, eval_data, num_steps=num_steps,
+        eval_every_steps=config.eval_every_steps or None, hooks=hooks, writer=writer,
+        progress=config.progress and main, eval_name=eval_name, runner=runner,
+        checkpointer=checkpointer, checkpoint_every_steps=config.checkpoint_every_steps or None,
+        checkpoint_min_seconds=config.checkpoint_min_seconds)
   finally:
     if writer is not None:
       writer.close()
@@ -186,18 +169,15 @@ def _completed_record(workdir: str, state: TrainState, steps: tuple[Any, Any],
   """The final record of a run already complete: its own from `metrics.jsonl`, or, where that is
   gone (and always over several processes, which must all take part in the same evaluation), a
   fresh evaluation of its last checkpoint."""
-  step = int(state.step)
-  key = f"{eval_name}_accuracy"
-  saved = []
+  step, key = int(state.step), f"{eval_name}_accuracy"
   if jax.process_count() == 1 and os.path.exists(os.path.join(workdir, JSONL_NAME)):
     saved = [r for r in read_jsonl(workdir) if int(r["step"]) == step and r.get(key) is not None]
-  if saved:
-    return saved[-1]
+    if saved:
+      return saved[-1]
   _, compiled_eval = runner.compile(*steps)
   means = evaluate(runner.place_state(state), compiled_eval, eval_data, runner=runner)
-  record = {"step": step, "elapsed_seconds": 0.0}
-  record.update({f"{eval_name}_{k}": v for k, v in means.items() if k != "count"})
-  return record
+  return {"step": step, "elapsed_seconds": 0.0,
+          **{f"{eval_name}_{k}": v for k, v in means.items() if k != "count"}}
 
 
 def _start_over_refusal(workdir: str, checkpointer: Checkpointer) -> CheckpointError | None:
@@ -205,14 +185,14 @@ def _start_over_refusal(workdir: str, checkpointer: Checkpointer) -> CheckpointE
   (starting over silently would mix two runs in one workdir), else None."""
   if not parallel.is_main_process() or not os.path.exists(os.path.join(workdir, JSONL_NAME)):
     return None
-  steps = sorted(int(record["step"]) for record in read_jsonl(workdir))
-  if not steps:
+  last = max((int(record["step"]) for record in read_jsonl(workdir)), default=None)
+  if last is None:
     return None
   aside = checkpointer.unusable_directory
   moved = (f"; the unusable ones are in {aside}" if os.path.isdir(aside) and os.listdir(aside)
            else "")
   return CheckpointError(
-      f"{workdir} holds records of a run up to step {steps[-1]} but no usable checkpoint to "
+      f"{workdir} holds records of a run up to step {last} but no usable checkpoint to "
       f"resume it from{moved}. Nothing was changed. To start it over from step 0 (its records "
       "are replaced), run again with --config.resume=false; or use a new --workdir.")
 
@@ -244,12 +224,10 @@ def check_config(config: Any) -> None:
   if not config.checkpoint_min_seconds >= 0:
     raise config_lib.ConfigError("config.checkpoint_min_seconds must be >= 0; got "
                                  f"{config.checkpoint_min_seconds!r}.")
-  if config.task not in runs.TASKS:
-    raise config_lib.ConfigError(f"unknown config.task {config.task!r}; expected one of "
-                                 f"{runs.TASKS}.")
-  if config.layout not in parallel.LAYOUTS:
-    raise config_lib.ConfigError(f"unknown config.layout {config.layout!r}; expected one of "
-                                 f"{parallel.LAYOUTS}.")
+  for key, valid in (("task", runs.TASKS), ("layout", parallel.LAYOUTS)):
+    if config[key] not in valid:
+      raise config_lib.ConfigError(f"unknown config.{key} {config[key]!r}; expected one of "
+                                   f"{valid}.")
   try:  # building these is cheap and pure, and checks every key they read
     _check_loss_matches_output(config)
     make_augmentations(config.augment, in_memory=config.in_memory)
@@ -274,11 +252,10 @@ def check_resumable(workdir: str, config: Any) -> None:
   `config` in a key outside `RESUMABLE_CHANGES`: resuming would silently continue that run with
   other settings (another seed, say). A workdir without `config.json` is not checked."""
   try:
-    saved = runs.read_config(workdir).to_dict()
+    saved = flat_config(runs.read_config(workdir))
   except FileNotFoundError:
     return
-  saved = _flat(saved)
-  now = _flat(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+  now = flat_config(config)
   # Keys only one side has (a config written before a key existed) are not compared.
   differing = [key for key in sorted(set(saved) & set(now))
                if key.split(".")[0] not in RESUMABLE_CHANGES and saved[key] != now[key]]
@@ -290,12 +267,13 @@ def check_resumable(workdir: str, config: Any) -> None:
         "settings; use a new workdir for the new run, or the saved config to resume the old one.")
 
 
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  """Dotted keys -> values, normalised as `config.json` stores them (lists, strings)."""
+def flat_config(config: Any, prefix: str = "") -> dict[str, Any]:
+  """A config (a ConfigDict or a mapping) as dotted keys -> leaf values, the values normalised
+  as `config.json` stores them (lists, strings)."""
   flat: dict[str, Any] = {}
-  for key, value in tree.items():
+  for key, value in (config.to_dict() if hasattr(config, "to_dict") else config).items():
     if isinstance(value, Mapping):
-      flat.update(_flat(value, f"{prefix}{key}."))
+      flat.update(flat_config(value, f"{prefix}{key}."))
     else:
       flat[f"{prefix}{key}"] = json.loads(json.dumps(value, default=str))
   return flat
@@ -317,15 +295,11 @@ def make_adversary(adversarial_config: Mapping[str, Any]) -> step_lib.AdversaryF
 AUGMENT_PLACES = ("device", "pipeline")
 
 
-def make_augmentations(
-    augment_config: Mapping[str, Any], *, in_memory: bool
-) -> tuple[step_lib.AugmentFn | None, data_lib.PipelineAugmentFn | None]:
-  """The `(device, pipeline)` augmentations `config.augment` asks for; at most one is not None.
-
-  "device" runs jax ops inside the train step (either data path, every layout; the key comes from
-  the step), "pipeline" runs tf.data ops on the host (streaming data only). The spec is checked
-  here, before any data is loaded.
-  """
+def make_augmentations(augment_config: Mapping[str, Any], *, in_memory: bool
+                       ) -> tuple[step_lib.AugmentFn | None, data_lib.PipelineAugmentFn | None]:
+  """The `(device, pipeline)` augmentations `config.augment` asks for (at most one), checked
+  before any data is loaded: "device" runs jax ops inside the train step (either data path, every
+  layout), "pipeline" tf.data ops on the host (streaming data only)."""
   spec = {key: value for key, value in dict(augment_config).items() if key != "where"}
   where = augment_config.get("where", "device")
   if where not in AUGMENT_PLACES:
@@ -336,47 +310,28 @@ def make_augmentations(
   if pipeline is not None and in_memory:
     raise ValueError(
         "config.augment.where='pipeline' augments in tf.data, which needs in_memory=False; "
-        "set --config.in_memory=false, or augment on the device with where='device'."
-    )
+        "set --config.in_memory=false, or augment on the device with where='device'.")
   return None, pipeline
 
 
 def _check_loss_matches_output(config: Any) -> None:
   """A softmax output needs the probability loss and logits need the logit loss: mixing them
   trains on a silently wrong objective."""
-  model_attributes = config.model.get(config.model.name) or {}
-  output = model_attributes.get("output", "logits")
+  output = (config.model.get(config.model.name) or {}).get("output", "logits")
   expected = {"logits": "softmax_cross_entropy", "softmax": "cross_entropy_from_probabilities"}
   if output in expected and config.loss != expected[output]:
-    raise ValueError(
-        f"model output {output!r} needs loss {expected[output]!r}, but config.loss is "
-        f"{config.loss!r}."
-    )
+    raise ValueError(f"model output {output!r} needs loss {expected[output]!r}, but config.loss "
+                     f"is {config.loss!r}.")
 
 
-def run_experiment(
-    get_config: Callable[[], ml_collections.ConfigDict],
-    argv: Sequence[str],
-    *,
-    name: str,
-    train: Callable[[ml_collections.ConfigDict, str], Any] | None = None,
-) -> Any:
-  """The body of an experiment's `main`: parse the command line, then train.
-
-  Args:
-    get_config: the experiment's config factory.
-    argv: command-line arguments, without the program name.
-    name: the experiment's name, used in `--help` and the default workdir `runs/<name>`.
-    train: `(config, workdir) -> result`; defaults to `train_and_evaluate`.
-
-  Returns:
-    What `train` returns, or None after `--help`.
-
-  Raises:
-    jdl.ConfigError: an argument names an unknown key or gives a value of the wrong type.
-  """
+def run_experiment(get_config: Callable[[], ml_collections.ConfigDict], argv: Sequence[str], *,
+                   name: str, train: RunFn | None = None) -> Any:
+  """The body of an experiment's `main`: parses the command line (`argv` without the program
+  name; a ConfigError for an unknown key or a value of the wrong type), then returns what
+  `train(config, workdir)` (default `train_and_evaluate`) returns, or None after `--help`. `name`
+  is used in `--help` and the default workdir `runs/<name>`."""
   parsed = config_lib.parse_command_line(get_config(), argv, name=name,
-                              default_workdir=os.path.join("runs", name))
+                                         default_workdir=os.path.join("runs", name))
   if parsed is None:
     return None
   config, workdir = parsed
@@ -385,18 +340,14 @@ def run_experiment(
   return (train or train_and_evaluate)(config, workdir)
 
 
-def main(
-    get_config: Callable[[], ml_collections.ConfigDict],
-    *,
-    name: str,
-    train: Callable[[ml_collections.ConfigDict, str], Any] | None = None,
-) -> None:
-  """`run_experiment` on `sys.argv`, for `if __name__ == "__main__"`. Instead of a traceback: a
-  config mistake, or a workdir the run may not use (another run holds it, its checkpoints are all
-  unusable or another config's), prints one clear line and exits with status 2; a workdir or a
-  checkpoint that cannot be written, or a lost peer process, one line and status 1; a run stopped by SIGTERM/SIGINT
-  (after saving a checkpoint) says how to resume and exits with 128 + the signal number, as if
-  killed by it; a loss or gradient that became NaN or infinite exits with status 3."""
+def main(get_config: Callable[[], ml_collections.ConfigDict], *, name: str,
+         train: RunFn | None = None) -> None:
+  """`run_experiment` on `sys.argv`, for `if __name__ == "__main__"`, with one line instead of a
+  traceback and an exit status: 2 for a config mistake or a workdir the run may not use (another
+  run holds it, its checkpoints are all unusable or another config's); 1 for a workdir or a
+  checkpoint that cannot be written, or a lost peer process; 128 + the signal number, as if killed
+  by it, for a run stopped by SIGTERM/SIGINT (after saving a checkpoint; the line says how to
+  resume); 3 for a loss or gradient that became NaN or infinite."""
   try:
     run_experiment(get_config, sys.argv[1:], name=name, train=train)
   except (config_lib.ConfigError, runs.WorkdirBusyError, CheckpointError) as error:
@@ -421,14 +372,12 @@ def main(
 
 
 def set_cpu_threads(count: int) -> None:
-  """Runs XLA's CPU programs on `count` threads instead of one per core (0: leave XLA's default).
+  """Runs XLA's CPU programs on `count` threads instead of one per core (0: XLA's default): small
+  models train faster on one, their operations taking about what a hand-off between threads costs.
 
-  Small models train faster on one thread: their operations take microseconds, about what a
-  hand-off between threads costs. XLA sizes its CPU thread pool once, when JAX starts, from the
-  `PJRT_NPROC` environment variable, which this sets; so it takes effect only before JAX's first
-  computation (`main` calls it first thing; from a shell, `PJRT_NPROC=1 python ...`). A value
-  already in the environment wins. Left alone where an accelerator plugin is installed: XLA's GPU
-  compiler reads the same variable.
+  It sets `PJRT_NPROC` (unless already set), which XLA reads when JAX starts, so it works only
+  before JAX's first computation (`main` calls it first). Left alone where an accelerator plugin
+  is installed: XLA's GPU compiler reads the same variable.
   """
   if isinstance(count, bool) or not isinstance(count, int) or count < 0:
     raise config_lib.ConfigError(
@@ -443,12 +392,8 @@ def set_cpu_threads(count: int) -> None:
 
 def set_compilation_cache(directory: str) -> None:
   """Keeps the XLA programs this process compiles in `directory` (JAX's persistent compilation
-  cache), so a later run of the same experiment loads them instead of compiling again; "" leaves
-  the cache off. A directory already chosen (`JAX_COMPILATION_CACHE_DIR`, or
-  `jax.config.update("jax_compilation_cache_dir", ...)`) wins. Every program is kept, however
-  quickly it compiled: a small model's run compiles a handful of programs in seconds and trains in
-  about as long.
-  """
+  cache; "" for none) for later runs to load, unless a directory is already chosen. Every program
+  is kept, however quickly it compiled: a small model's run trains in about its compile time."""
   if not isinstance(directory, str):
     raise config_lib.ConfigError(
         f'config.compilation_cache_dir must be a folder path, or "" for none; got {directory!r}.')

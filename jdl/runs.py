@@ -1,23 +1,15 @@
-"""A run's workdir: what a task's data look like, what a later script needs to rebuild the model,
-and loading a trained state back.
+"""A run's workdir: its task's data, what a later script needs to rebuild the model, its lock.
 
-`train_and_evaluate` writes, beside `config.json`, `metrics.jsonl` and `checkpoints/`:
-  `data.json`: the dataset's metadata (`jdl.data.DatasetMeta`: input shape and dtype, classes);
-  `vocab.json`: the vocabulary of a text task (characters or words), to decode what a model says.
-With them `load_run(workdir)` rebuilds the model, its optimizer state and the trained parameters
-without touching the dataset, for sampling, evaluation, analysis or fine-tuning.
-
-Tasks (`config.task`):
-  "classification": a TFDS dataset of (image or signal, label) pairs (`load_classification_data`);
-  "language_model": a TFDS text (`tiny_shakespeare`) as characters; random windows of
-    `config.text.block_size + 1` characters train a model to predict every next character, and
-    the loss is in nats per character (`jdl.data.text.load_char_lm_data`);
-  "text_classification": a TFDS dataset of (text, label) pairs (`imdb_reviews`) as word ids
-    (`jdl.data.text.load_text_classification_data`).
+Beside `config.json`, `metrics.jsonl` and `checkpoints/`, `train_and_evaluate` writes `data.json`
+(the `jdl.data.DatasetMeta`) and, for a text task, `vocab.json`; with them `load_run(workdir)`
+rebuilds the model and restores the trained state without the dataset. `config.task` is
+"classification", "language_model" (characters; `jdl.data.text.load_char_lm_data`) or
+"text_classification" (word ids; `jdl.data.text.load_text_classification_data`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -33,8 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jdl import data as data_lib
-from jdl import models, optim, transfer
+from jdl import data as data_lib, models, optim, transfer
 from jdl.checkpoint import Checkpointer
 from jdl.data import text as text_lib
 from jdl.writers import CONFIG_NAME
@@ -43,8 +34,7 @@ from jdl.state import TrainState, create_train_state
 TASKS = ("classification", "language_model", "text_classification")
 DATA_NAME = "data.json"
 VOCAB_NAME = "vocab.json"
-CHECKPOINT_DIR = "checkpoints"
-"""The folder of a workdir that `train_and_evaluate` keeps its checkpoints in."""
+CHECKPOINT_DIR = "checkpoints"  # the workdir's folder of `train_and_evaluate`'s checkpoints
 
 Vocabulary = Any  # text_lib.CharVocabulary | text_lib.WordVocabulary
 
@@ -57,12 +47,13 @@ def load_task_data(
   task = config.task
   if task not in TASKS:
     raise ValueError(f"unknown config.task {task!r}; expected one of {TASKS}.")
+  processes = jax.process_count()  # the eval batch is rounded up to a multiple of it
   common = dict(
       batch_size=config.batch_size,
-      eval_batch_size=_round_up(config.eval_batch_size, jax.process_count()),
+      eval_batch_size=-(-config.eval_batch_size // processes) * processes,
       train_split=config.train_split, eval_split=config.eval_split, data_dir=config.data_dir,
       download=config.download, seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=processes)
   if task != "classification" and (pipeline_augment is not None or not config.in_memory):
     raise ValueError(f"task {task!r} keeps its data in memory and takes no image augmentation; "
                      "set in_memory=true and leave config.augment off.")
@@ -79,6 +70,23 @@ def load_task_data(
   return train, evaluation, meta, None
 
 
+def eval_name(config: Any) -> str:
+  """The prefix of a run's evaluation metrics: its eval split without a slice ("test[:10%]")."""
+  return config.eval_split.split("[")[0]
+
+
+def initial_state(config: Any, meta: data_lib.DatasetMeta, *, total_steps: int,
+                  axis_name: str | None = None, load: bool = True,
+                  log: Callable[[str], None] = print) -> TrainState:
+  """The run's fresh state: the config's model and optimizer, initialised from `config.seed`,
+  then changed as `config.transfer` asks (`apply_transfer_config` with `load`)."""
+  model = models.build_model(config.model, num_classes=meta.num_classes, axis_name=axis_name)
+  tx = optim.make_optimizer(config.optimizer, total_steps=total_steps)
+  state = create_train_state(model, tx, np.zeros((1, *meta.input_shape), meta.input_dtype),
+                             jax.random.PRNGKey(config.seed))
+  return apply_transfer_config(state, config.get("transfer"), load=load, log=log)
+
+
 def write_run_metadata(workdir: str, meta: data_lib.DatasetMeta,
                        vocabulary: Vocabulary | None) -> None:
   """Writes `data.json` (and `vocab.json` for text tasks) into `workdir`."""
@@ -92,15 +100,9 @@ def write_run_metadata(workdir: str, meta: data_lib.DatasetMeta,
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """A trained run loaded from its workdir.
-
-  Attributes:
-    state: the restored `TrainState` (on the default device).
-    config: the run's config (`config.json`), as a ConfigDict with tuples where it had tuples.
-    meta: the dataset's metadata.
-    vocabulary: the text vocabulary (`jdl.data.text`), or None.
-    step: the step of the restored checkpoint.
-  """
+  """A trained run loaded from its workdir: the restored state (on the default device), its
+  `config.json` (with tuples where it had tuples), dataset metadata, text vocabulary (or None)
+  and the step of the restored checkpoint."""
 
   state: TrainState
   config: ml_collections.ConfigDict
@@ -111,27 +113,14 @@ class Run:
 
 def load_run(workdir: str, *, checkpoint: str | int = "latest",
              log: Callable[[str], None] = print) -> Run:
-  """Rebuilds a run's model and optimizer from its workdir and restores a checkpoint.
-
-  Args:
-    workdir: a workdir written by `train_and_evaluate`.
-    checkpoint: "latest", "best" (by the run's `best_metric`) or a step number.
-    log: where messages about unusable checkpoints go.
-
-  Raises:
-    FileNotFoundError: the workdir lacks `config.json`, `data.json` or checkpoints; the message
-      says which and what writes it.
-  """
-  config = read_config(workdir)
-  meta = read_meta(workdir)
-  vocabulary = read_vocabulary(workdir)
-  model = models.build_model(config.model, num_classes=meta.num_classes)
-  # The schedule's length changes no array of the optimizer state, so any positive length does.
-  tx = optim.make_optimizer(config.optimizer, total_steps=max(int(config.num_steps), 1))
-  template = create_train_state(model, tx, np.zeros((1, *meta.input_shape), meta.input_dtype),
-                                jax.random.PRNGKey(config.seed))
-  # A fine-tuned run's optimizer has the structure its `config.transfer` gave it (frozen groups).
-  template = apply_transfer_config(template, config.get("transfer"), load=False)
+  """Rebuilds a run's model and optimizer from its workdir (written by `train_and_evaluate`) and
+  restores a checkpoint: "latest", "best" (by the run's `best_metric`) or a step number. Raises
+  FileNotFoundError, saying which and what writes it, where the workdir lacks `config.json`,
+  `data.json` or checkpoints."""
+  config, meta = read_config(workdir), read_meta(workdir)
+  # The schedule's length changes no array of the optimizer state, so any positive length does;
+  # a fine-tuned run's optimizer has the structure its `config.transfer` gave it (frozen groups).
+  template = initial_state(config, meta, total_steps=max(int(config.num_steps), 1), load=False)
   checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), writable=False)
   try:
     steps = checkpointer.steps()
@@ -150,7 +139,7 @@ def load_run(workdir: str, *, checkpoint: str | int = "latest",
       state = checkpointer.restore(template, step)
   finally:
     checkpointer.close()
-  return Run(state, config, meta, vocabulary, int(state.step))
+  return Run(state, config, meta, read_vocabulary(workdir), int(state.step))
 
 
 def best_step(workdir: str, config: ml_collections.ConfigDict) -> int:
@@ -158,7 +147,7 @@ def best_step(workdir: str, config: ml_collections.ConfigDict) -> int:
   saved with each checkpoint (they survive resumes; `metrics.jsonl` is not consulted)."""
   if not config.best_metric:
     raise ValueError("the run kept no best checkpoint (config.best_metric is empty).")
-  key = f"{config.eval_split.split('[')[0]}_{config.best_metric}"
+  key = f"{eval_name(config)}_{config.best_metric}"
   with Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), best_metric=key,
                     writable=False) as checkpointer:
     step = checkpointer.best_step()
@@ -175,11 +164,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 def read_meta(workdir: str) -> data_lib.DatasetMeta:
   """The run's dataset metadata (`data.json`)."""
-  fields = _read_json(workdir, DATA_NAME)
-  fields["input_shape"] = tuple(fields["input_shape"])
-  if fields.get("class_names") is not None:
-    fields["class_names"] = tuple(fields["class_names"])
-  return data_lib.DatasetMeta(**fields)
+  return data_lib.DatasetMeta.from_dict(_read_json(workdir, DATA_NAME))
 
 
 def read_vocabulary(workdir: str) -> Vocabulary | None:
@@ -192,7 +177,8 @@ def read_vocabulary(workdir: str) -> Vocabulary | None:
   kinds = {"char": text_lib.CharVocabulary, "word": text_lib.WordVocabulary}
   kind = json.loads(document).get("kind")
   if kind not in kinds:
-    raise ValueError(f"{path} holds a vocabulary of unknown kind {kind!r}; expected {sorted(kinds)}.")
+    raise ValueError(f"{path} holds a vocabulary of unknown kind {kind!r}; expected "
+                     f"{sorted(kinds)}.")
   return kinds[kind].from_json(document)
 
 
@@ -213,57 +199,30 @@ def _tuples(value: Any) -> Any:
   return value
 
 
-def _round_up(value: int, multiple: int) -> int:
-  return -(-value // multiple) * multiple
-
-
 def load_pretrained_from_workdir(
-    target_state: TrainState,
-    workdir: str,
-    *,
-    checkpoint: str | int = "latest",
-    rename: transfer.Renames | None = None,
-    skip: transfer.Patterns = (),
-    log: Callable[[str], None] = print,
-) -> tuple[TrainState, transfer.TransferReport]:
-  """`jdl.transfer.load_pretrained_state` from a run trained by `jdl.train_and_evaluate`.
-
-  The source model and its checkpoint are rebuilt from the workdir by `load_run` (no
-  dataset needed); its optimizer state is discarded.
-
-  Args:
-    target_state: the new model's fresh state (`jdl.create_train_state`).
-    workdir: the trained run's workdir.
-    checkpoint: "latest", "best" or a step number.
-    rename, skip: as in `jdl.transfer.load_pretrained`.
-    log: where messages about unusable checkpoints go.
-  """
+    target_state: TrainState, workdir: str, *, checkpoint: str | int = "latest",
+    rename: transfer.Renames | None = None, skip: transfer.Patterns = (),
+    log: Callable[[str], None] = print) -> tuple[TrainState, transfer.TransferReport]:
+  """`jdl.transfer.load_pretrained_state` into `target_state` (fresh) from the run in `workdir`,
+  rebuilt and restored by `load_run` (no dataset needed); its optimizer state is discarded."""
   run = load_run(workdir, checkpoint=checkpoint, log=log)
   return transfer.load_pretrained_state(target_state, run.state, rename=rename, skip=skip)
 
 
 def apply_transfer_config(state: TrainState, config: Mapping[str, Any] | None, *,
-                          load: bool = True,
-                          log: Callable[[str], None] = print) -> TrainState:
-  """A fresh state changed as `config` (a `jdl.transfer.transfer_config()` block) asks: its optimizer wrapped
-  by `jdl.transfer.freeze` for `config.freeze`, then (with `load`) the parameters and model state of the run in
-  `config.init_from` loaded by `load_pretrained_from_workdir`, whose report goes to `log`.
-
-  Call it right after `create_train_state` and before restoring a checkpoint of this run: the
-  frozen optimizer changes the optimizer state's structure, so the template of a restore needs it,
-  and a resumed run's checkpoint then replaces the pretrained values. `load=False` applies only
-  the structural part, for rebuilding a fine-tuned run's template (`load_run`).
-
-  None, or a block with nothing set, returns `state` unchanged.
+                          load: bool = True, log: Callable[[str], None] = print) -> TrainState:
+  """A fresh state changed as `config` (a `jdl.transfer.transfer_config()` block; None: no
+  change) asks: its optimizer wrapped by `jdl.transfer.freeze` for `config.freeze`, then (with
+  `load`) the parameters and model state of the run in `config.init_from` loaded, the report to
+  `log`. Call it before restoring a checkpoint of this run: the frozen optimizer's state has
+  another structure, which the restore's template needs (`load=False` applies only that).
   """
   if config is None:
     return state
   known = set(transfer.transfer_config())
-  unknown = sorted(set(config) - known)
-  if unknown:
+  if unknown := sorted(set(config) - known):
     raise ValueError(f"unknown config.transfer keys {unknown}; valid keys: {sorted(known)}.")
-  patterns = transfer.as_patterns(config.get("freeze", ()), "config.transfer.freeze")
-  if patterns:
+  if patterns := transfer.as_patterns(config.get("freeze", ()), "config.transfer.freeze"):
     tx = transfer.freeze(state.tx, state.params, patterns)
     state = state.replace(tx=tx, opt_state=tx.init(state.params))
   workdir = config.get("init_from")
@@ -281,8 +240,7 @@ def apply_transfer_config(state: TrainState, config: Mapping[str, Any] | None, *
   return state
 
 
-LOCK_NAME = "jdl.lock"
-"""The file of a workdir that names the process training in it (`WorkdirLock`)."""
+LOCK_NAME = "jdl.lock"  # the workdir's file naming the process training in it (`WorkdirLock`)
 
 
 class WorkdirError(RuntimeError):
@@ -294,21 +252,15 @@ class WorkdirBusyError(WorkdirError):
 
 
 class WorkdirLock:
-  """One run per workdir: an exclusive lock on `WORKDIR/jdl.lock`, a file naming its holder.
+  """One run per workdir (created when missing): an exclusive lock on `WORKDIR/jdl.lock`, a file
+  naming its holder (host, pid, start, command), or WorkdirBusyError naming a live holder;
+  WorkdirError where the workdir cannot be written.
 
-  The lock is the operating system's (`fcntl.flock`), so it is dropped when the holder exits
-  however it exits (SIGKILL, a crash, a lost machine's NFS lease): a lock file whose lock nobody
-  holds is stale and is taken over, with a message naming the run that left it. A clean
-  `release` removes the file. Filesystems without locks fall back to the file's contents: a
-  holder on this host that is no longer running is stale; one on another host is trusted.
-
-  Args:
-    workdir: the run's workdir (created when missing).
-    log: where the note about a stale lock goes.
-
-  Raises:
-    WorkdirBusyError: a live process holds the lock; the message names its host, pid and start.
-    WorkdirError: the workdir cannot be written (a read-only filesystem, a file in its place).
+  The lock is the operating system's (`fcntl.flock`), so it is dropped however its holder exits
+  (SIGKILL, a crash, a lost machine's NFS lease): a lock file whose lock nobody holds is taken
+  over, with a note to `log`. A clean `release` removes the file. Without filesystem locks the
+  file decides: a holder on this host that is no longer running is stale; one on another host is
+  trusted.
   """
 
   def __init__(self, workdir: str, log: Callable[[str], None] = print) -> None:
@@ -347,8 +299,7 @@ class WorkdirLock:
       except FileNotFoundError:
         same = False
       if same:
-        previous = _read_holder(file)
-        if previous:
+        if previous := _read_holder(file):
           log(f"taking over {self.path}: the run that held it ({_describe(previous)}) ended "
               "without releasing it.")
         return file
@@ -373,13 +324,10 @@ class WorkdirLock:
 
   def release(self) -> None:
     """Removes the lock file and drops the lock; releasing again does nothing."""
-    if self._file.closed:
-      return
-    try:
-      os.remove(self.path)
-    except FileNotFoundError:
-      pass
-    self._file.close()
+    if not self._file.closed:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(self.path)
+      self._file.close()
 
   def __enter__(self) -> WorkdirLock:
     return self

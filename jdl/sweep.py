@@ -1,14 +1,10 @@
 """Hyperparameter sweeps on Optuna: a study over config keys, its trials trained by jdl.
 
-A *space* maps dotted config keys to Optuna distributions (`space_from_json` reads them from
-JSON). A study is kept in a database, by default `sqlite:///WORKDIR/study.db`, so a killed sweep
-resumes where it stopped and several worker processes (on one machine or, with a database URL,
-many) share one study. `run_study` trains one trial at a time with `jdl.train_and_evaluate`,
-reporting every evaluation record to Optuna so its pruner can stop a bad trial early; the vmapped
-sweep (`jdl.vmap_sweep.run_vmapped_study`) trains a batch of asked trials as one program.
-`study_rows` turns the study into rows for `markdown_table`, `write_results` and the plots
-(`jdl.analysis.plots.plot_sweep`, `plot_trial_curves`).
-See docs/sweeps.md.
+A *space* maps dotted config keys to Optuna distributions (`space_from_json`). A study lives in a
+database (default `sqlite:///WORKDIR/study.db`), so a killed sweep resumes where it stopped and
+several workers share it. `run_study` trains a trial at a time, each evaluation reported to the
+pruner; `study_rows` gives rows for `markdown_table`, `write_results` and the plots. See
+docs/sweeps.md.
 """
 
 from __future__ import annotations
@@ -31,12 +27,12 @@ from optuna import distributions as dist
 from jdl import experiment, loop as loop_lib
 from jdl.analysis.plots import format_value, param_keys
 from jdl.config import ConfigError, apply_overrides
+from jdl.writers import read_jsonl
 
 Space = dict[str, dist.BaseDistribution]
 Row = dict[str, Any]
-Hook = Callable[[int, Any, Mapping[str, Any]], None]
-TrainFn = Callable[[ml_collections.ConfigDict, str, Sequence[Hook]],
-                   tuple[Any, list[dict[str, float]]]]
+TrainFn = Callable[[ml_collections.ConfigDict, str, Sequence[loop_lib.Hook]],
+                   tuple[Any, list[loop_lib.Record]]]
 
 MODES = {"max": "maximize", "min": "minimize"}
 SAMPLERS = ("tpe", "random", "grid")
@@ -47,22 +43,14 @@ HEARTBEAT_SECONDS = 60
 (its worker was killed) is failed and its parameters are tried again, in its own workdir."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Spaces.
-
-
 _JSON_DISTRIBUTIONS = ("log_uniform", "uniform", "int", "int_uniform")
 
 
 def space_from_json(space: Mapping[str, Any]) -> Space:
   """A space parsed from JSON: a list is a categorical choice, `{"log_uniform": [lo, hi]}`,
   `{"uniform": [lo, hi]}` and `{"int": [lo, hi]}` (both ends included; `int_uniform` is read too)
-  are Optuna's float, log-float and int distributions.
-
-  Lists inside a choice become tuples; a choice that is not a number, string, bool or None (a
-  tuple such as `[128, 64]`) is kept as its override text, `"(128, 64)"`, which Optuna can store
-  and `apply_overrides` reads back.
-  """
+  are Optuna's float, log-float and int distributions. A choice that is not a number, string, bool
+  or None (`[128, 64]`) is kept as its override text, `"(128, 64)"`, which Optuna can store."""
   if not isinstance(space, Mapping) or not space:
     raise ValueError("the sweep space must be a non-empty JSON object mapping config keys to "
                      f'choices, e.g. {{"optimizer.learning_rate": [1e-3, 1e-2]}}; got {space!r}.')
@@ -73,7 +61,9 @@ def space_from_json(space: Mapping[str, Any]) -> Space:
     if isinstance(value, list):
       if not value:
         raise ValueError(f"sweep space key {key!r} has an empty list of choices.")
-      parsed[key] = dist.CategoricalDistribution([_choice(v) for v in value])
+      parsed[key] = dist.CategoricalDistribution(
+          [v if v is None or isinstance(v, (bool, int, float, str)) else override_text(v)
+           for v in value])
     elif isinstance(value, Mapping) and len(value) == 1 \
         and next(iter(value)) in _JSON_DISTRIBUTIONS:
       (name, bounds), = value.items()
@@ -100,13 +90,6 @@ def _distribution(key: str, name: str, bounds: Any) -> dist.BaseDistribution:
     positive = "0 < " if name == "log_uniform" else ""
     raise ValueError(f"sweep space key {key!r}: {name} needs {positive}low < high; got {bounds}.")
   return dist.FloatDistribution(float(low), float(high), log=name == "log_uniform")
-
-
-def _choice(value: Any) -> Any:
-  """A categorical choice Optuna can store: None, bool, int, float or str; else (a list) its
-  override text."""
-  storable = value is None or isinstance(value, (bool, int, float, str))
-  return value if storable else override_text(value)
 
 
 def grid_of(space: Mapping[str, dist.BaseDistribution]) -> dict[str, list[Any]]:
@@ -154,27 +137,12 @@ def trial_overrides(params: Mapping[str, Any]) -> list[str]:
 
 def check_keys(config: ml_collections.ConfigDict, keys: Sequence[str]) -> None:
   """Raises `ConfigError` for the first key that `config` lacks, naming the closest valid key."""
-  valid = _leaf_keys(config)
+  valid = list(experiment.flat_config(config))
   for key in keys:
     if key not in valid:
       close = difflib.get_close_matches(key, valid, n=1)
       hint = f" Did you mean {close[0]!r}?" if close else ""
       raise ConfigError(f"the sweep space names the unknown config key {key!r}.{hint}")
-
-
-def _leaf_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-  keys = []
-  for key in config.keys():
-    value = config[key]
-    if isinstance(value, ml_collections.ConfigDict):
-      keys.extend(_leaf_keys(value, f"{prefix}{key}."))
-    else:
-      keys.append(f"{prefix}{key}")
-  return keys
-
-
-# ---------------------------------------------------------------------------------------------
-# Studies.
 
 
 def make_sampler(name: str, space: Mapping[str, dist.BaseDistribution], *,
@@ -191,14 +159,9 @@ def make_sampler(name: str, space: Mapping[str, dist.BaseDistribution], *,
 
 def make_pruner(name: str, *, startup_trials: int = 5,
                 warmup_steps: int = 0) -> optuna.pruners.BasePruner:
-  """Optuna's median pruner (stop a trial whose metric at an evaluation is worse than the median
-  of earlier trials' at the same step), Hyperband, or none.
-
-  Args:
-    name: "median", "hyperband" or "none".
-    startup_trials: the median pruner prunes nothing until this many trials have finished.
-    warmup_steps: nor before a trial reaches this step.
-  """
+  """Optuna's "median" pruner (stop a trial whose metric at an evaluation is worse than the
+  median of earlier trials' at the same step; nothing is pruned until `startup_trials` trials have
+  finished, nor before a trial reaches `warmup_steps`), "hyperband", or "none"."""
   if name == "median":
     return optuna.pruners.MedianPruner(n_startup_trials=startup_trials,
                                        n_warmup_steps=warmup_steps)
@@ -215,35 +178,16 @@ def default_storage(workdir: str) -> str:
 
 
 def open_study(
-    workdir: str,
-    space: Mapping[str, dist.BaseDistribution],
-    *,
-    storage: str | None = None,
-    study_name: str = "sweep",
-    mode: str = "max",
+    workdir: str, space: Mapping[str, dist.BaseDistribution], *, storage: str | None = None,
+    study_name: str = "sweep", mode: str = "max",
     sampler: optuna.samplers.BaseSampler | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
-    heartbeat_seconds: int | None = HEARTBEAT_SECONDS,
-) -> optuna.Study:
-  """Creates the study, or loads it when the database already holds it (a resumed sweep, or
-  another worker's).
-
-  The space is written into the study, and a study of another space or direction is refused:
-  its trials would not be comparable. A trial whose worker stopped sending heartbeats for
-  `2 * heartbeat_seconds` is failed and its parameters are queued again.
-
-  Args:
-    workdir: the sweep's folder (trial folders, results, the default SQLite file).
-    space: dotted config keys -> Optuna distributions.
-    storage: a database URL (`postgresql://...`, `mysql://...`, `sqlite:///...`); None:
-      `default_storage(workdir)`.
-    study_name: the study's name in the database.
-    mode: "max" or "min": whether a larger or smaller metric is better.
-    sampler: default `make_sampler("tpe", space)`.
-    pruner: default `make_pruner("median")`.
-    heartbeat_seconds: how often a running trial records that it is alive; None: no heartbeat
-      (the vmapped sweep asks and tells, which Optuna's heartbeat does not follow).
-  """
+    heartbeat_seconds: int | None = HEARTBEAT_SECONDS) -> optuna.Study:
+  """Creates the study in `storage` (a database URL; default `default_storage(workdir)`), or
+  loads it when the database holds it already (a resumed sweep, or another worker's); a study of
+  another space or direction (`mode` "max" or "min") is refused. Sampler and pruner default to
+  "tpe" and "median". `heartbeat_seconds`: see `HEARTBEAT_SECONDS`; None: none (the vmapped
+  sweep asks and tells, which Optuna's heartbeat does not follow)."""
   _check_mode(mode)
   os.makedirs(workdir, exist_ok=True)
   url = storage or default_storage(workdir)
@@ -272,8 +216,8 @@ def open_study(
 
 
 def _create_study(url: str, study_name: str, mode: str, heartbeat_seconds: int | None,
-                  sampler: optuna.samplers.BaseSampler,
-                  pruner: optuna.pruners.BasePruner) -> optuna.Study:
+                  sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner
+                  ) -> optuna.Study:
   # Workers share one SQLite file; wait for another's write instead of failing on a lock.
   engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
   with warnings.catch_warnings():
@@ -324,37 +268,19 @@ def trial_workdir(trial: optuna.trial.BaseTrial, workdir: str) -> str:
 
 
 def run_study(
-    study: optuna.Study,
-    base_config: ml_collections.ConfigDict,
-    space: Mapping[str, dist.BaseDistribution],
-    workdir: str,
-    num_trials: int,
-    *,
-    train: TrainFn | None = None,
-    metric: str = "test_accuracy",
-    log: Callable[[str], None] | None = print,
-) -> None:
-  """Trains trials of `study` one after another until it has `num_trials` finished ones.
+    study: optuna.Study, base_config: ml_collections.ConfigDict,
+    space: Mapping[str, dist.BaseDistribution], workdir: str, num_trials: int, *,
+    train: TrainFn | None = None, metric: str = "test_accuracy",
+    log: Callable[[str], None] | None = print) -> None:
+  """Trains trials of `study` one after another until it has `num_trials` finished ones (counted
+  over every process running this on the study), a line each to `log`.
 
-  Each trial is `base_config` with the sampled values applied as overrides, trained in its
-  workdir (`trial_workdir`). Every evaluation record's `metric` is reported to the study, whose
-  pruner may stop the trial there. A trial whose config is rejected or whose training raises is
-  failed and the sweep goes on. On `jdl.Preempted` the trial is queued again with its workdir, so
-  the next run of the sweep resumes it from its checkpoint, and the exception is raised. Several
-  processes may run this on one study: each counts the finished trials of all.
-
-  Args:
-    study: from `open_study`.
-    base_config: the experiment's config (e.g. `experiments.mnist1d.get_config()`).
-    space: the study's space.
-    workdir: the sweep's folder.
-    num_trials: the sweep's budget of finished trials (`finished_trials`).
-    train: `(config, workdir, hooks) -> (state, history)`; default `jdl.train_and_evaluate`.
-    metric: the record key the study optimises, e.g. "test_accuracy" or "test_loss".
-    log: where a line per trial goes (None: nowhere).
-
-  Raises:
-    ConfigError: the space names a config key that `base_config` lacks (before anything trains).
+  Each trial is `base_config` with the sampled values as overrides, trained by `train` (default
+  `jdl.train_and_evaluate`) in `trial_workdir`. Every evaluation's `metric` is reported to the
+  pruner, which may stop the trial there. A trial whose config is rejected or whose training
+  raises is failed and the sweep goes on. On `jdl.Preempted` the trial is queued again with its
+  workdir, to resume from its checkpoint, and the exception is raised. Raises ConfigError, before
+  anything trains, if the space names a key `base_config` lacks.
   """
   check_keys(base_config, list(space))
   train = train or experiment.train_and_evaluate
@@ -399,7 +325,8 @@ def run_study(
     else:
       outcome = f"failed: {trial.user_attrs.get('error', 'interrupted')}"
     if log is not None:
-      log(f"trial {trial.number} {_describe(trial.params)}: {outcome}")
+      params = " ".join(f"{key}={format_value(value)}" for key, value in trial.params.items())
+      log(f"trial {trial.number} {params}: {outcome}")
 
   while finished_trials(study) < num_trials and not _grid_done(study):
     # One trial per call, so the budget counts the trials other workers finished meanwhile.
@@ -423,20 +350,9 @@ def _final_record(history: Sequence[Mapping[str, Any]], trial_dir: str) -> dict[
   if history:
     return record_json(history[-1])
   if os.path.isfile(os.path.join(trial_dir, "metrics.jsonl")):
-    from jdl.writers import read_jsonl  # pylint: disable=import-outside-toplevel
-
-    records = read_jsonl(trial_dir)
-    if records:
+    if records := read_jsonl(trial_dir):
       return dict(records[-1])
   raise ValueError(f"training returned no evaluation record and {trial_dir} holds none.")
-
-
-def _describe(params: Mapping[str, Any]) -> str:
-  return " ".join(f"{key}={format_value(value)}" for key, value in params.items())
-
-
-# ---------------------------------------------------------------------------------------------
-# Results.
 
 
 _STATUS = {"COMPLETE": "ok", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
@@ -516,11 +432,8 @@ def markdown_table(rows: Sequence[Row], metric: str = "test_accuracy", mode: str
 def write_results(rows: Sequence[Row], workdir: str, *, metric: str = "test_accuracy",
                   mode: str = "max") -> tuple[str, str]:
   """Writes the rows, best first, to `workdir/results.csv` (every record key; swept values as
-  override text, pastable as `--config.KEY=VALUE`) and `workdir/results.md`.
-
-  Returns:
-    `(csv_path, markdown_path)`.
-  """
+  override text, pastable as `--config.KEY=VALUE`) and `workdir/results.md`; returns
+  `(csv_path, markdown_path)`."""
   os.makedirs(workdir, exist_ok=True)
   best, params = best_row(rows, metric, mode), param_keys(rows)
   results = list(dict.fromkeys([metric, *(k for row in rows for k in row

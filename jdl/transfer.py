@@ -1,11 +1,10 @@
 """Transfer learning: start from another model's parameters, freeze parts, group optimizers.
 
-Parameters are named by their "/"-joined path in the params tree ("Conv_0/kernel",
-"ResNetBlock_3/BatchNorm_0/scale"). Patterns (`skip`, `freeze`, optimizer groups) are
-case-sensitive `fnmatch` globs over these paths, where `*` also matches "/", and a pattern covers
-everything below the module it names ("Dense_0" means "Dense_0" and "Dense_0/*", not
-"Dense_01/..."). A pattern that matches nothing is an error listing the paths there are, so a
-misspelt module name never silently trains, freezes or skips nothing. See docs/transfer.md.
+Parameters are named by their "/"-joined path ("ResNetBlock_3/BatchNorm_0/scale"). Patterns
+(`skip`, `freeze`, optimizer groups) are case-sensitive `fnmatch` globs over these paths, `*`
+matching "/" too, and cover everything below the module they name ("Dense_0" means "Dense_0"
+and "Dense_0/*", not "Dense_01/..."). A pattern that matches nothing is an error listing the
+paths, so a misspelt name never silently does nothing. See docs/transfer.md.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import fnmatch
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -58,11 +58,7 @@ def _flatten(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
 
 def as_patterns(patterns: Patterns | None, what: str) -> tuple[str, ...]:
   """`patterns` as a tuple of non-empty strings; a lone string is one pattern, not its letters."""
-  if patterns is None:
-    return ()
-  if isinstance(patterns, str):
-    patterns = (patterns,)
-  patterns = tuple(patterns)
+  patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns or ())
   for pattern in patterns:
     if not isinstance(pattern, str) or not pattern:
       raise ValueError(f"{what} must be glob patterns of parameter paths (non-empty strings such "
@@ -83,8 +79,7 @@ def _listing(paths: Sequence[str]) -> str:
 
 def _check_all_match(patterns: Iterable[str], paths: Sequence[str], what: str) -> None:
   """Raises when a pattern of `what` matches none of `paths` (typo safety)."""
-  unmatched = [p for p in patterns if not any(path_matches(path, p) for path in paths)]
-  if unmatched:
+  if unmatched := [p for p in patterns if not any(path_matches(path, p) for path in paths)]:
     raise ValueError(f"{what} pattern(s) {unmatched} match no parameter; the parameter paths are: "
                      f"{_listing(list(paths))}.")
 
@@ -111,28 +106,17 @@ class ShapeMismatch:
 
 @dataclasses.dataclass(frozen=True)
 class TransferReport:
-  """What a partial restore did with each parameter.
-
-  Paths are the target's, except in `unused_in_source` (the source's own paths). A model-state
-  leaf appears with its collection in front: "batch_stats/BatchNorm_0/mean".
-
-  Attributes:
-    loaded: target paths whose values were copied from the source.
-    skipped_shape_mismatch: paths in both models with different shapes or dtypes; the target's
-      initial values are kept (a new head with another number of classes lands here).
-    skipped_by_pattern: target paths matched by `skip`; their initial values are kept.
-    missing_in_source: target paths the source lacks; their initial values are kept.
-    unused_in_source: source paths (before renaming) no target parameter has.
-    target_leaves: every target path with its shape and dtype.
-    source_leaves: every source path (before renaming) with its shape and dtype.
-  """
+  """What a partial restore did with each parameter: the target paths it copied from the source,
+  and those that keep their initial values and why. Paths are the target's, but the source's own
+  (before renaming) in `unused_in_source` and `source_leaves`; a model-state leaf has its
+  collection in front: "batch_stats/BatchNorm_0/mean"."""
 
   loaded: tuple[str, ...]
-  skipped_shape_mismatch: tuple[ShapeMismatch, ...]
-  skipped_by_pattern: tuple[str, ...]
+  skipped_shape_mismatch: tuple[ShapeMismatch, ...]  # e.g. a new head with another class count
+  skipped_by_pattern: tuple[str, ...]  # matched by `skip`
   missing_in_source: tuple[str, ...]
-  unused_in_source: tuple[str, ...]
-  target_leaves: Mapping[str, LeafSpec] = dataclasses.field(repr=False)
+  unused_in_source: tuple[str, ...]  # source paths no target parameter has
+  target_leaves: Mapping[str, LeafSpec] = dataclasses.field(repr=False)  # every path's spec
   source_leaves: Mapping[str, LeafSpec] = dataclasses.field(repr=False)
 
   @property
@@ -143,21 +127,18 @@ class TransferReport:
 
   def summary(self) -> str:
     """One line: how many parameters (and scalar values) were loaded, and the other counts."""
-    def size(path: str) -> int:
-      return int(np.prod(self.target_leaves[path].shape, dtype=np.int64))
-    loaded_values = sum(size(path) for path in self.loaded)
-    all_values = sum(size(path) for path in self.target_leaves)
+    sizes = {path: math.prod(spec.shape) for path, spec in self.target_leaves.items()}
     return (f"loaded {len(self.loaded)} of {len(self.target_leaves)} parameters "
-            f"({loaded_values:,} of {all_values:,} values); kept initialised: "
-            f"{len(self.skipped_shape_mismatch)} shape mismatch, {len(self.skipped_by_pattern)} "
-            f"skipped by pattern, {len(self.missing_in_source)} missing in the source; "
-            f"{len(self.unused_in_source)} source parameters unused")
+            f"({sum(sizes[path] for path in self.loaded):,} of {sum(sizes.values()):,} values); "
+            f"kept initialised: {len(self.skipped_shape_mismatch)} shape mismatch, "
+            f"{len(self.skipped_by_pattern)} skipped by pattern, {len(self.missing_in_source)} "
+            f"missing in the source; {len(self.unused_in_source)} source parameters unused")
 
   def __str__(self) -> str:
     """The summary line, a table of every parameter not loaded, and the loaded ones by module."""
     rows = [("status", "parameter", "target", "source")]
-    for mismatch in self.skipped_shape_mismatch:
-      rows.append(("shape mismatch", mismatch.path, str(mismatch.target), str(mismatch.source)))
+    rows += [("shape mismatch", m.path, str(m.target), str(m.source))
+             for m in self.skipped_shape_mismatch]
     rows += [("skipped (pattern)", path, str(self.target_leaves[path]), "")
              for path in self.skipped_by_pattern]
     rows += [("missing in source", path, str(self.target_leaves[path]), "-")
@@ -199,112 +180,71 @@ def _renamed(path: str, renames: Sequence[tuple[str, str]]) -> tuple[str, str | 
   return (path, None) if best is None else (best[1] + path[len(best[0]):], best[0])
 
 
-@dataclasses.dataclass
-class _Usage:
-  """Which renames matched something, and the paths seen, over several `_transfer` calls."""
-
-  renames: set[str] = dataclasses.field(default_factory=set)
-  source_paths: list[str] = dataclasses.field(default_factory=list)
-  target_paths: list[str] = dataclasses.field(default_factory=list)
-
-
-def _transfer(target: Any, source: Any, *, renames: Sequence[tuple[str, str]],
-              skip: Sequence[str], usage: _Usage, prefix: str = "") -> tuple[Any, TransferReport]:
-  """The partial restore of one tree; report paths get `prefix`, patterns see the bare paths."""
-  target_items, treedef = _flatten(target)
-  source_items, _ = _flatten(source)
-  usage.source_paths += [path for path, _ in source_items]
-  usage.target_paths += [path for path, _ in target_items]
-  by_target_path: dict[str, tuple[str, Any]] = {}
-  for path, leaf in source_items:
-    new_path, used = _renamed(path, renames)
-    if used is not None:
-      usage.renames.add(used)
-    if new_path in by_target_path:
-      raise ValueError(f"source parameters {prefix}{by_target_path[new_path][0]!r} and "
-                       f"{prefix}{path!r} are both renamed to {prefix}{new_path!r}; rename must "
-                       "give every source parameter its own path.")
-    by_target_path[new_path] = (path, leaf)
-  leaves, loaded, mismatched, skipped, missing = [], [], [], [], []
-  used_sources = set()
-  for path, leaf in target_items:
-    target_spec = _spec(leaf, prefix + path, "target")
-    found = by_target_path.get(path)
-    if found is not None:
-      used_sources.add(found[0])
-    if any(path_matches(path, pattern) for pattern in skip):
-      skipped.append(prefix + path)
-    elif found is None:
-      missing.append(prefix + path)
-    else:
-      source_path, source_leaf = found
-      source_spec = _spec(source_leaf, prefix + source_path, "source")
-      if source_spec != target_spec:
-        mismatched.append(ShapeMismatch(prefix + path, source_spec, target_spec,
+def _restore(trees: Sequence[tuple[Any, Any, str]], rename: Renames | None,
+             skip: Patterns) -> tuple[list[Any], TransferReport]:
+  """The partial restore of `(target, source, report prefix)` trees, with one report. Renames and
+  skip patterns see the bare paths and are checked over all trees: each need match in one."""
+  renames, skip = _as_renames(rename), as_patterns(skip, "skip")
+  loaded, mismatched, skipped, missing, unused = [], [], [], [], []
+  target_leaves: dict[str, LeafSpec] = {}
+  source_leaves: dict[str, LeafSpec] = {}
+  used_renames, source_paths, target_paths, results = set(), [], [], []
+  for target, source, prefix in trees:
+    target_items, treedef = _flatten(target)
+    source_items, _ = _flatten(source)
+    source_paths += [path for path, _ in source_items]
+    target_paths += [path for path, _ in target_items]
+    by_target_path: dict[str, tuple[str, Any]] = {}  # the source leaves not yet matched
+    for path, leaf in source_items:
+      source_leaves[prefix + path] = _spec(leaf, prefix + path, "source")
+      new_path, used = _renamed(path, renames)
+      used_renames.add(used)
+      if new_path in by_target_path:
+        raise ValueError(f"source parameters {prefix}{by_target_path[new_path][0]!r} and "
+                         f"{prefix}{path!r} are both renamed to {prefix}{new_path!r}; rename must "
+                         "give every source parameter its own path.")
+      by_target_path[new_path] = (path, leaf)
+    leaves = []
+    for path, leaf in target_items:
+      spec = target_leaves[prefix + path] = _spec(leaf, prefix + path, "target")
+      source_path, source_leaf = by_target_path.pop(path, (None, None))
+      if any(path_matches(path, pattern) for pattern in skip):
+        skipped.append(prefix + path)
+      elif source_path is None:
+        missing.append(prefix + path)
+      elif source_leaves[prefix + source_path] != spec:
+        mismatched.append(ShapeMismatch(prefix + path, source_leaves[prefix + source_path], spec,
                                         prefix + source_path))
       else:
         # A copy: the new state's buffers may be donated to a compiled step, and that must not
         # delete the source's arrays.
         leaf = jnp.array(source_leaf, copy=True)
         loaded.append(prefix + path)
-    leaves.append(leaf)
-  report = TransferReport(
-      loaded=tuple(loaded), skipped_shape_mismatch=tuple(mismatched),
-      skipped_by_pattern=tuple(skipped), missing_in_source=tuple(missing),
-      unused_in_source=tuple(prefix + path for path, _ in source_items if path not in used_sources),
-      target_leaves={prefix + path: _spec(leaf, path, "target") for path, leaf in target_items},
-      source_leaves={prefix + path: _spec(leaf, path, "source") for path, leaf in source_items})
-  return jax.tree_util.tree_unflatten(treedef, leaves), report
-
-
-def _restore(trees: Sequence[tuple[Any, Any, str]], rename: Renames | None,
-             skip: Patterns) -> tuple[list[Any], TransferReport]:
-  """The partial restore of `(target, source, report prefix)` trees, with one combined report,
-  checked as a whole: a rename or skip pattern need match in only one of the trees."""
-  renames, skip = _as_renames(rename), as_patterns(skip, "skip")
-  usage = _Usage()
-  results = [_transfer(target, source, renames=renames, skip=skip, usage=usage, prefix=prefix)
-             for target, source, prefix in trees]
-  reports = [report for _, report in results]
-  fields = ("loaded", "skipped_shape_mismatch", "skipped_by_pattern", "missing_in_source",
-            "unused_in_source")
-  report = TransferReport(
-      **{name: tuple(item for r in reports for item in getattr(r, name)) for name in fields},
-      target_leaves={k: v for r in reports for k, v in r.target_leaves.items()},
-      source_leaves={k: v for r in reports for k, v in r.source_leaves.items()})
-  unused_renames = [old for old, _ in renames if old not in usage.renames]
-  if unused_renames:
+      leaves.append(leaf)
+    unused += [prefix + path for path, _ in by_target_path.values()]
+    results.append(jax.tree_util.tree_unflatten(treedef, leaves))
+  if unused_renames := [old for old, _ in renames if old not in used_renames]:
     raise ValueError(f"rename prefix(es) {unused_renames} start no source parameter path; the "
-                     f"source paths are: {_listing(usage.source_paths)}.")
-  _check_all_match(skip, usage.target_paths, "skip")
-  if not report.loaded:
+                     f"source paths are: {_listing(source_paths)}.")
+  _check_all_match(skip, target_paths, "skip")
+  if not loaded:
     raise ValueError(
         "no source parameter matches a target parameter by path, shape and dtype, so nothing "
-        f"would be loaded. Source paths: {_listing(usage.source_paths)}. Target paths: "
-        f"{_listing(usage.target_paths)}. Use rename to map source prefixes onto target ones.")
-  return [tree for tree, _ in results], report
+        f"would be loaded. Source paths: {_listing(source_paths)}. Target paths: "
+        f"{_listing(target_paths)}. Use rename to map source prefixes onto target ones.")
+  return results, TransferReport(tuple(loaded), tuple(mismatched), tuple(skipped), tuple(missing),
+                                 tuple(unused), target_leaves, source_leaves)
 
 
 def load_pretrained(target_params: Params, source_params: Params, *, rename: Renames | None = None,
                     skip: Patterns = ()) -> tuple[Params, TransferReport]:
   """Copies the source parameters that fit into the target model's parameters (partial restore).
 
-  A source leaf is copied when its path, after `rename`, is a target path and shape and dtype
-  agree. Every other target leaf keeps its initialisation, and the report says why.
-
-  Args:
-    target_params: the new model's (initialised) parameters; the result has their structure.
-    source_params: the pretrained parameters.
-    rename: rewrites of source path prefixes into target ones, applied before matching, e.g.
-      `{"backbone/": ""}` loads "backbone/Dense_0/kernel" into "Dense_0/kernel", and
-      `{"": "encoder/"}` the other way round. The longest matching prefix wins. Also a sequence
-      of `(old, new)` pairs.
-    skip: glob patterns of target paths to leave initialised even where the source fits, e.g.
-      `("Dense_0",)` to re-initialise a head of the same shape whose classes mean something else.
-
-  Returns:
-    `(params, report)`: the target structure with the copied leaves (fresh arrays, never the
-    source's buffers), and the `TransferReport`; `print(report)` shows a table.
+  A source leaf is copied (as a fresh array) when its path, after `rename`, is a target path and
+  shape and dtype agree; every other target leaf keeps its initialisation, and the report says
+  why. `rename` rewrites source path prefixes, longest first: `{"backbone/": ""}` loads
+  "backbone/Dense_0/kernel" into "Dense_0/kernel" (also `(old, new)` pairs). `skip` leaves target
+  paths initialised even where the source fits (a same-shaped head whose classes differ).
 
   Raises:
     ValueError: a rename prefix or skip pattern matches nothing, two source paths are renamed to
@@ -315,16 +255,11 @@ def load_pretrained(target_params: Params, source_params: Params, *, rename: Ren
 
 
 def load_pretrained_state(target_state: TrainState, source_state: TrainState, *,
-                          rename: Renames | None = None,
-                          skip: Patterns = ()) -> tuple[TrainState, TransferReport]:
-  """`load_pretrained` for the params and every model-state collection ("batch_stats").
-
-  The optimizer state is not copied: `opt_state` is `target_state.tx.init` of the new params, a
-  fresh optimizer for fine-tuning. `step` and `rng` stay the target's.
-
-  Returns:
-    `(state, report)`; model-state leaves appear in the report as "<collection>/<path>".
-  """
+                          rename: Renames | None = None, skip: Patterns = ()
+                          ) -> tuple[TrainState, TransferReport]:
+  """`load_pretrained` for the params and every model-state collection ("batch_stats"), whose
+  leaves appear in the report as "<collection>/<path>". The optimizer state is fresh
+  (`target_state.tx.init` of the new params), and `step` and `rng` stay the target's."""
   targets, sources = dict(target_state.model_state), dict(source_state.model_state)
   names = sorted(set(targets) | set(sources))
   trees = [(targets.get(name, {}), sources.get(name, {}), f"{name}/") for name in names]
@@ -337,11 +272,8 @@ def load_pretrained_state(target_state: TrainState, source_state: TrainState, *,
 
 
 def trainable_mask(params: Params, freeze: Patterns) -> Params:
-  """A pytree of bools like `params`: False for the parameters `freeze`'s patterns match.
-
-  Raises:
-    ValueError: a pattern matches no parameter (the message lists the paths there are).
-  """
+  """A pytree of bools like `params`: False for the parameters `freeze`'s patterns match (each
+  pattern must match one)."""
   patterns = as_patterns(freeze, "freeze")
   items, treedef = _flatten(params)
   paths = [path for path, _ in items]
@@ -356,17 +288,8 @@ def freeze(tx: optax.GradientTransformation, params: Params,
 
   Frozen parameters get `optax.set_to_zero()` updates under `optax.multi_transform`, so no weight
   decay or momentum reaches them and `tx` keeps state only for the trainable ones. A frozen
-  BatchNorm's running statistics are model state and still update in training mode.
-
-  Args:
-    tx: the optimizer of the trainable parameters, e.g. from `jdl.make_optimizer`.
-    params: the parameters (only their tree structure and paths are used).
-    patterns: glob patterns of the paths to freeze, e.g. `("Conv_*",)`.
-
-  Raises:
-    ValueError: a pattern matches nothing; or `tx` keeps a parameter EMA (`ema_decay`), which
-      inside the mask would average only the trainable parameters; use
-      `per_group_optimizer([(patterns, None)], params, default=config)`, which averages all.
+  BatchNorm's running statistics are model state and still update in training mode. Raises
+  ValueError for a pattern that matches nothing, or a `tx` with a parameter EMA (see the message).
   """
   labels = jax.tree.map(lambda trainable: TRAINABLE if trainable else FROZEN,
                         trainable_mask(params, patterns))
@@ -406,27 +329,15 @@ def per_group_optimizer(groups: Sequence[tuple[Any, ...]], params: Params, *,
                         total_steps: int | None = None) -> optax.GradientTransformation:
   """An optimizer with its own settings per group of parameters (discriminative learning rates).
 
-  Each parameter belongs to the first group with a pattern that matches its path; the rest belong
-  to `default`. A group's config is laid over `default`'s (over `jdl.optim.OPTIMIZER_DEFAULTS`
-  when `default` is None or `{"frozen": True}`), so it needs only the keys that differ. A group
-  whose config is None, `{"frozen": True}` or has `learning_rate` 0 is frozen (`set_to_zero`
-  updates); `default=None` trains only the groups.
-
+  `groups` are `(patterns, optimizer config)` or `(name, patterns, optimizer config)` tuples (the
+  name labels the group in `group_learning_rates`; default "group_<index>"). Each parameter
+  belongs to the first group with a pattern that matches its path; the rest to `default`. A
+  group's config is laid over `default`'s (over `jdl.optim.OPTIMIZER_DEFAULTS` when `default` is
+  None or `{"frozen": True}`), so it needs only the keys that differ. A group whose config is None,
+  `{"frozen": True}` or has `learning_rate` 0 is frozen; `default=None` trains only the groups.
   `accumulate_steps` and `ema_decay` belong to the whole optimizer: taken from `default` and
   applied once around all groups (as `jdl.make_optimizer` nests them), so every group updates on
   the same steps and the EMA covers every parameter; a group may not set another value.
-
-  Args:
-    groups: `(patterns, optimizer config)` or `(name, patterns, optimizer config)` tuples; the
-      name labels the group in `group_learning_rates` (default "group_<index>").
-    params: the parameters (only their tree structure and paths are used).
-    default: the optimizer config of the parameters no group claims, or None (frozen).
-    total_steps: the run's length in train steps, for "warmup_cosine" schedules.
-
-  Returns:
-    An `optax.GradientTransformation`: `optax.multi_transform` over one `jdl.make_optimizer`
-    per trainable group (with `optax.MultiSteps` and `jdl.with_parameter_ema` outside it when
-    `default` asks for them). `group_learning_rates(opt_state)` reads each group's rate.
 
   Raises:
     ValueError: a pattern matches no parameter, a group claims no parameter (every path it
@@ -435,13 +346,9 @@ def per_group_optimizer(groups: Sequence[tuple[Any, ...]], params: Params, *,
   default_frozen = _is_frozen(default)
   base = {} if default is None or default.get("frozen") else dict(default)
   base.pop("frozen", None)
-  whole = {"accumulate_steps": base.pop("accumulate_steps", 1),
-           "ema_decay": base.pop("ema_decay", 0.0)}
-  accumulate = whole["accumulate_steps"]
-  if (isinstance(accumulate, bool) or not isinstance(accumulate, (int, np.integer))
-      or accumulate < 1):
-    raise ValueError(f"accumulate_steps must be an integer >= 1 (1: no accumulation); got "
-                     f"{accumulate!r}.")
+  whole = {key: base.pop(key, optim.OPTIMIZER_DEFAULTS[key]) for key in WHOLE_OPTIMIZER_KEYS}
+  optim.make_optimizer(whole)  # checks them as it does its own
+  accumulate = int(whole["accumulate_steps"])
   parsed = [_parse_group(index, group) for index, group in enumerate(groups)]
   names = [name for name, _, _ in parsed]
   if len(set(names)) != len(names) or DEFAULT_GROUP in names:
@@ -453,18 +360,16 @@ def per_group_optimizer(groups: Sequence[tuple[Any, ...]], params: Params, *,
   labels = [next((name for name, patterns, _ in parsed
                   if any(path_matches(path, p) for p in patterns)), DEFAULT_GROUP)
             for path in paths]
-  empty = [name for name in names if name not in labels]
-  if empty:
+  if empty := [name for name in names if name not in labels]:
     raise ValueError(f"group(s) {empty} claim no parameter: every path their patterns match "
                      "belongs to an earlier group (a parameter belongs to the first group that "
                      "matches it).")
 
-  inner_steps = total_steps
-  if total_steps is not None and accumulate > 1:
-    if total_steps < accumulate:
-      raise ValueError(f"total_steps={total_steps} train steps apply no update with "
-                       f"accumulate_steps={accumulate}; need total_steps >= accumulate_steps.")
-    inner_steps = total_steps // accumulate  # the groups' schedules count applied updates
+  if total_steps is not None and accumulate > 1 and total_steps < accumulate:
+    raise ValueError(f"total_steps={total_steps} train steps apply no update with "
+                     f"accumulate_steps={accumulate}; need total_steps >= accumulate_steps.")
+  # The groups' schedules count applied updates.
+  inner_steps = None if total_steps is None else total_steps // accumulate
   configs = {name: config for name, _, config in parsed}
   transforms: dict[str, optax.GradientTransformation] = {}
   for name in dict.fromkeys(labels):  # the groups that own parameters, in order
@@ -473,8 +378,7 @@ def per_group_optimizer(groups: Sequence[tuple[Any, ...]], params: Params, *,
     elif _is_frozen(configs[name]):
       merged = None
     else:
-      config = dict(configs[name])
-      config.pop("frozen", None)
+      config = {key: value for key, value in configs[name].items() if key != "frozen"}
       for key in WHOLE_OPTIMIZER_KEYS:
         if key in config and config.pop(key) != whole[key]:
           raise ValueError(f"group {name!r} sets {key}, which applies to the whole optimizer; "
@@ -488,19 +392,14 @@ def per_group_optimizer(groups: Sequence[tuple[Any, ...]], params: Params, *,
   if whole["ema_decay"]:
     tx = optim.with_parameter_ema(tx, whole["ema_decay"])
   if accumulate > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=int(accumulate)).gradient_transformation()
+    tx = optax.MultiSteps(tx, every_k_schedule=accumulate).gradient_transformation()
   return tx
 
 
 def group_learning_rates(opt_state: optax.OptState) -> dict[str, jax.Array]:
-  """Each trainable group's latest learning rate, by name, from a `per_group_optimizer` state.
-
-  The per-group counterpart of `jdl.current_learning_rate` (which needs exactly one injected
-  rate), for logging; frozen groups are left out. Works under `jax.jit`.
-
-  Raises:
-    ValueError: the state holds no `optax.multi_transform` state, or several side by side.
-  """
+  """Each trainable group's latest learning rate, by name, from a `per_group_optimizer` (or
+  `freeze`) state: the per-group `jdl.current_learning_rate`, for logging; frozen groups are left
+  out. Works under `jax.jit`. Raises ValueError unless the state holds one multi_transform."""
   def is_multi(node: Any) -> bool:
     return isinstance(node, optax.MultiTransformState)
 

@@ -1,13 +1,9 @@
-"""All at once: N small models trained together on one device with `jax.vmap`.
+"""All at once: N small models, differing in seed and learning rate, trained together on one
+device with `jax.vmap` over a stacked `TrainState`, every member fed the same batches.
 
-`run_vmapped_study` asks an Optuna study for a batch of trials, trains them as one program
-(`vmap_sweep`) and tells the study their results.
-
-`train_vmapped` stacks N `TrainState`s (leading axis N on every leaf) and runs the jdl train step
-under `jax.vmap`, every member fed the same batches. Members differ in seed and learning rate.
 optax recomputes an injected learning rate from the schedule at every update, so the members'
-optimizer is `make_member_optimizer`: `make_optimizer`'s chain at learning rate 1, then a scale
-held in the optimizer state. See docs/sweeps.md.
+optimizer (`make_member_optimizer`) scales a learning-rate-1 chain by a rate held in its state.
+`run_vmapped_study` trains an Optuna study's trials a batch at a time. See docs/sweeps.md.
 """
 
 from __future__ import annotations
@@ -25,13 +21,11 @@ import numpy as np
 import optax
 import optuna
 
-from jdl import data as data_lib
-from jdl import loop as loop_lib
-from jdl import metrics as metrics_lib
+from jdl import data as data_lib, loop as loop_lib, metrics as metrics_lib, sweep as sweep_lib
 from jdl import experiment, models, optim, resident, runs, step as step_lib, tasks
 from jdl.config import ConfigError
 from jdl.state import TrainState, create_train_state
-from jdl import sweep as sweep_lib
+
 
 class MemberLearningRateState(NamedTuple):
   """State of `scale_by_member_learning_rate`: the member's learning rate (float32 scalar)."""
@@ -57,7 +51,7 @@ def scale_by_member_learning_rate(learning_rate: float) -> optax.GradientTransfo
 
 def make_member_optimizer(optimizer_config: Mapping[str, Any], *,
                           total_steps: int | None = None) -> optax.GradientTransformation:
-  """`jdl.optim.make_optimizer(optimizer_config)` with its peak learning rate in the optimizer state.
+  """`jdl.optim.make_optimizer(optimizer_config)` with its peak learning rate in its state.
 
   The chain is `make_optimizer`'s at learning rate 1, then `scale_by_member_learning_rate`, wrapped
   like `make_optimizer` in the parameter EMA and gradient accumulation. Every rule's update is
@@ -80,34 +74,27 @@ def make_member_optimizer(optimizer_config: Mapping[str, Any], *,
 
 def set_member_learning_rate(opt_state: optax.OptState, learning_rate: Any) -> optax.OptState:
   """`opt_state` (of a `make_member_optimizer`) with its member learning rate replaced."""
-  found = []
+  def is_member(node: Any) -> bool:
+    return isinstance(node, MemberLearningRateState)
 
-  def replace(node: Any) -> Any:
-    if isinstance(node, MemberLearningRateState):
-      found.append(node)
-      return MemberLearningRateState(jnp.asarray(learning_rate, jnp.float32))
-    return node
-
-  opt_state = jax.tree.map(replace, opt_state,
-                           is_leaf=lambda n: isinstance(n, MemberLearningRateState))
-  if len(found) != 1:
-    raise ValueError(
-        f"set_member_learning_rate needs an optimizer state with one member learning rate (from "
-        f"jdl.sweep.make_member_optimizer); found {len(found)}.")
-  return opt_state
+  found = sum(map(is_member, jax.tree.leaves(opt_state, is_leaf=is_member)))
+  if found != 1:
+    raise ValueError(f"set_member_learning_rate needs an optimizer state with one member learning "
+                     f"rate (from jdl.vmap_sweep.make_member_optimizer); found {found}.")
+  new = MemberLearningRateState(jnp.asarray(learning_rate, jnp.float32))
+  return jax.tree.map(lambda node: new if is_member(node) else node, opt_state, is_leaf=is_member)
 
 
 def stack_states(states: Sequence[TrainState]) -> TrainState:
   """One `TrainState` with a leading member axis on every leaf, from states of one structure."""
   if not states:
     raise ValueError("stack_states needs at least one state.")
-  structures = {jax.tree.structure(s) for s in states}
-  if len(structures) != 1:
+  if len({jax.tree.structure(s) for s in states}) != 1:
     raise ValueError("stack_states needs states of one structure: the same model, optimizer and "
                      "input shape (build them with the same objects).")
   # Stacked on the host and copied over once: jnp.stack would compile one program per leaf shape.
-  stacked = jax.tree.map(lambda *leaves: np.stack([np.asarray(leaf) for leaf in leaves]), *states)
-  return jax.device_put(stacked)
+  return jax.device_put(jax.tree.map(lambda *leaves: np.stack([np.asarray(x) for x in leaves]),
+                                    *states))
 
 
 def unstack_state(state: TrainState, index: int) -> TrainState:
@@ -117,28 +104,17 @@ def unstack_state(state: TrainState, index: int) -> TrainState:
 
 @dataclasses.dataclass
 class VmappedRun:
-  """The outcome of `train_vmapped`: N members trained together.
+  """The outcome of `train_vmapped`: N members trained together. `history` holds one record per
+  evaluation, like `jdl.fit`'s, with `[N]` arrays per metric and scalars `step`, `epoch`."""
 
-  Attributes:
-    learning_rates: `[N]` each member's peak learning rate.
-    seeds: `[N]` each member's seed (initialisation and dropout keys).
-    state: the final states, stacked: every leaf has a leading axis of N (`member_state(i)`).
-    history: one record per evaluation, like `jdl.fit`'s, with `[N]` arrays per metric and
-      scalars `step`, `epoch`.
-    nonfinite_step: `[N]` the first step (1-based) whose loss or gradient was not finite, or 0.
-    compile_seconds: time spent compiling the vmapped train and eval calls.
-    train_seconds: time spent training and evaluating, compilation excluded.
-    eval_name: prefix of the eval metrics.
-  """
-
-  learning_rates: np.ndarray
-  seeds: np.ndarray
-  state: TrainState
+  learning_rates: np.ndarray  # [N] each member's peak learning rate
+  seeds: np.ndarray  # [N] each member's seed (initialisation and dropout keys)
+  state: TrainState  # the final states, stacked: a leading axis of N on every leaf
   history: list[dict[str, Any]]
-  nonfinite_step: np.ndarray
-  compile_seconds: float
-  train_seconds: float
-  eval_name: str = "test"
+  nonfinite_step: np.ndarray  # [N] the first step (1-based) with a non-finite loss or gradient; 0
+  compile_seconds: float  # compiling the vmapped train and eval calls
+  train_seconds: float  # training and evaluating, compilation excluded
+  eval_name: str = "test"  # prefix of the eval metrics
 
   @property
   def num_members(self) -> int:
@@ -153,54 +129,21 @@ class VmappedRun:
     return unstack_state(self.state, index)
 
 
-def _member_values(values: Sequence[Any] | None, default: Any, name: str) -> list[Any]:
-  if values is None:
-    return [default]
-  values = list(values)
-  if not values:
-    raise ValueError(f"{name} is empty; give at least one value.")
-  return values
-
-
 def train_vmapped(
-    model: Any,
-    optimizer_config: Mapping[str, Any],
-    train_data: data_lib.ArraySource,
-    eval_data: data_lib.ArraySource | None = None,
-    *,
-    num_steps: int,
-    learning_rates: Sequence[float] | None = None,
-    seeds: Sequence[int] | None = None,
-    train_step: step_lib.TrainStepFn | None = None,
-    eval_step: step_lib.EvalStepFn | None = None,
-    eval_every_steps: int | None = None,
-    eval_name: str = "test",
-    log: Callable[[str], None] | None = None,
-) -> VmappedRun:
+    model: Any, optimizer_config: Mapping[str, Any], train_data: data_lib.ArraySource,
+    eval_data: data_lib.ArraySource | None = None, *, num_steps: int,
+    learning_rates: Sequence[float] | None = None, seeds: Sequence[int] | None = None,
+    train_step: step_lib.TrainStepFn | None = None, eval_step: step_lib.EvalStepFn | None = None,
+    eval_every_steps: int | None = None, eval_name: str = "test",
+    log: Callable[[str], None] | None = None) -> VmappedRun:
   """Trains N copies of `model` at once on one device: `jax.vmap` over a stacked `TrainState`.
 
   Every member sees the same batches, in `train_data`'s order, on the device-resident engine
-  `jdl.fit` uses; member i ends where `jdl.fit` with learning rate `learning_rates[i]` and
-  `PRNGKey(seeds[i])` ends, up to float rounding.
-
-  Args:
-    model: a Flax module.
-    optimizer_config: the optimizer config (`jdl.optim`); its `learning_rate` is the default.
-    train_data: the training split, in memory.
-    eval_data: the split evaluated at every evaluation, or None.
-    num_steps: train steps per member.
-    learning_rates: per-member peak learning rates (> 0); one value applies to every member;
-      None: the config's.
-    seeds: per-member seeds for initialisation and dropout; None: 0.
-    train_step: the pure train step (default `jdl.make_train_step(check_finite=True)`).
-    eval_step: the pure eval step (default `jdl.make_eval_step()`).
-    eval_every_steps: evaluate every this many steps; None: at the end of every epoch. The last
-      step is always evaluated.
-    eval_name: prefix of the eval metrics in records.
-    log: where a line per evaluation goes (None: nowhere).
-
-  Returns:
-    A `VmappedRun`.
+  `jdl.fit` uses; member i ends where `jdl.fit` with peak learning rate `learning_rates[i]` (> 0;
+  None: the config's) and `PRNGKey(seeds[i])` (initialisation and dropout; None: 0) ends, up to
+  float rounding. A single rate or seed applies to every member. The steps default to
+  `jdl.make_train_step(check_finite=True)` and `make_eval_step()`. Evaluations come every
+  `eval_every_steps` (None: every epoch) and at the last step, with a line each to `log`.
   """
   for name, source in (("train_data", train_data), ("eval_data", eval_data)):
     if source is not None and not isinstance(source, data_lib.ArraySource):
@@ -212,20 +155,21 @@ def train_vmapped(
   if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
     raise ValueError(f"num_steps must be an integer >= 1; got {num_steps!r}.")
   config = {**optim.OPTIMIZER_DEFAULTS, **dict(optimizer_config)}
-  rates = [float(r) for r in _member_values(learning_rates, config["learning_rate"],
-                                            "learning_rates")]
-  member_seeds = [int(s) for s in _member_values(seeds, 0, "seeds")]
+  per_member = {"learning_rates": [config["learning_rate"]] if learning_rates is None
+                else list(learning_rates), "seeds": [0] if seeds is None else list(seeds)}
+  num_members = max(len(values) for values in per_member.values())
+  for name, values in per_member.items():
+    if not values:
+      raise ValueError(f"{name} is empty; give at least one value.")
+    if len(values) not in (1, num_members):
+      raise ValueError(f"{name} has {len(values)} values but the sweep has {num_members} "
+                       "members; give one value per member, or a single value for all.")
+    per_member[name] = values * (num_members // len(values))  # a single value: every member's
+  rates = [float(rate) for rate in per_member["learning_rates"]]
+  member_seeds = [int(seed) for seed in per_member["seeds"]]
   for rate in rates:
     if not (math.isfinite(rate) and rate > 0):
       raise ValueError(f"learning rates must be finite and > 0; got {rate!r} in {rates}.")
-  num_members = max(len(rates), len(member_seeds))
-  for name, values in (("learning_rates", rates), ("seeds", member_seeds)):
-    if len(values) not in (1, num_members):
-      raise ValueError(
-          f"{name} has {len(values)} values but the sweep has {num_members} members; give one "
-          f"value per member, or a single value for all.")
-  rates = rates * num_members if len(rates) == 1 else rates
-  member_seeds = member_seeds * num_members if len(member_seeds) == 1 else member_seeds
 
   tx = make_member_optimizer(config, total_steps=num_steps)
   sample = jax.tree.map(lambda x: np.asarray(x[:1]), train_data.inputs)
@@ -234,41 +178,35 @@ def train_vmapped(
     state = create_train_state(model, tx, sample, jax.random.PRNGKey(seed))
     states.append(state.replace(opt_state=set_member_learning_rate(state.opt_state, rate)))
   num_classes = loop_lib.output_width(states[0])
-  states = stack_states(states)
-  history, nonfinite, states, compile_seconds, train_seconds = _train_members(
-      states, train_step or step_lib.make_train_step(check_finite=True),
-      eval_step or step_lib.make_eval_step(),
-      train_data, eval_data, num_classes=num_classes, num_steps=int(num_steps),
-      eval_every=eval_every_steps or train_data.steps_per_epoch, eval_name=eval_name, log=log)
-  return VmappedRun(learning_rates=np.asarray(rates, np.float64),
-                    seeds=np.asarray(member_seeds, np.int64), state=states, history=history,
-                    nonfinite_step=nonfinite, compile_seconds=compile_seconds,
-                    train_seconds=train_seconds, eval_name=eval_name)
+  run = VmappedRun(np.asarray(rates, np.float64), np.asarray(member_seeds, np.int64),
+                   stack_states(states), history=[], nonfinite_step=np.zeros(len(rates), np.int64),
+                   compile_seconds=0.0, train_seconds=0.0, eval_name=eval_name)
+  return _train_members(
+      run, train_step or step_lib.make_train_step(check_finite=True),
+      eval_step or step_lib.make_eval_step(), train_data, eval_data, num_classes=num_classes,
+      num_steps=int(num_steps), eval_every=eval_every_steps or train_data.steps_per_epoch, log=log)
 
 
-def _train_members(states, train_step, eval_step, train_data, eval_data, *, num_classes,
-                   num_steps, eval_every, eval_name, log):
-  """`jdl.resident.ResidentEngine` over vmapped steps, compiled ahead so compilation is timed apart."""
-  data_lib.check_inputs(train_data.inputs, where="training inputs")
-  data_lib.check_labels(train_data.labels, num_classes, where="training labels")
-  if eval_data is not None:
-    data_lib.check_inputs(eval_data.inputs, where="eval inputs")
-    data_lib.check_labels(eval_data.labels, num_classes, where="eval labels")
+def _train_members(run: VmappedRun, train_step, eval_step, train_data, eval_data, *, num_classes,
+                   num_steps, eval_every, log) -> VmappedRun:
+  """Trains `run`'s stacked state on `jdl.resident.ResidentEngine` over vmapped steps, compiled
+  ahead so compilation is timed apart, and fills in the rest of `run`."""
+  for name, source in (("training", train_data), ("eval", eval_data)):
+    if source is not None:
+      data_lib.check_inputs(source.inputs, where=f"{name} inputs")
+      data_lib.check_labels(source.labels, num_classes, where=f"{name} labels")
   engine = resident.ResidentEngine(
       jax.vmap(train_step, in_axes=(0, None)), jax.vmap(eval_step, in_axes=(0, None)),
       train_data, eval_data, eval_state=loop_lib.evaluation_state)
   start = time.perf_counter()
-  engine.compile(states)
+  engine.compile(run.state)
   merge = jax.jit(metrics_lib.merge_metrics)  # sums stay on the device between evaluations
-  compile_seconds = time.perf_counter() - start
-
-  history: list[dict[str, Any]] = []
-  nonfinite = np.zeros(states.step.shape, np.int64)
+  run.compile_seconds = time.perf_counter() - start
+  start = time.perf_counter()
   step, sums = 0, None
-  interval_start = time.perf_counter()
   while step < num_steps:
     next_eval = min((step // eval_every + 1) * eval_every, num_steps)
-    states, chunk_sums, advanced = engine.advance(states, step, next_eval)
+    run.state, chunk_sums, advanced = engine.advance(run.state, step, next_eval)
     sums = chunk_sums if sums is None else merge(sums, chunk_sums)
     step += advanced
     if step == next_eval:
@@ -277,56 +215,49 @@ def _train_members(states, train_step, eval_step, train_data, eval_data, *, num_
       record.update({f"train_{k}": v for k, v in _member_means(fetched).items()})
       bad = fetched.get("nonfinite_step")
       if bad is not None:
-        newly = (nonfinite == 0) & (bad != metrics_lib.NO_NONFINITE_STEP)
-        nonfinite = np.where(newly, bad, nonfinite)
+        newly = (run.nonfinite_step == 0) & (bad != metrics_lib.NO_NONFINITE_STEP)
+        run.nonfinite_step = np.where(newly, bad, run.nonfinite_step)
       if eval_data is not None:
-        eval_sums = jax.device_get(engine.evaluate(states))
-        record.update({f"{eval_name}_{k}": v for k, v in _member_means(eval_sums).items()})
-      history.append(record)
+        eval_sums = jax.device_get(engine.evaluate(run.state))
+        record.update({f"{run.eval_name}_{k}": v for k, v in _member_means(eval_sums).items()})
+      run.history.append(record)
       if log is not None:
-        log(_format_member_record(record, eval_name))
+        log(_format_member_record(record, run.eval_name))
       sums = None
-  jax.block_until_ready(states)
-  return history, nonfinite, states, compile_seconds, time.perf_counter() - interval_start
+  jax.block_until_ready(run.state)
+  run.train_seconds = time.perf_counter() - start
+  return run
 
 
 def _member_means(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Per-member values from per-member metric states (`jdl.metrics.metric_values`)."""
-  values = metrics_lib.metric_values(sums)
-  values.pop("count", None)
-  return {key: value for key, value in values.items() if np.ndim(value) == 1}
+  return {key: value for key, value in metrics_lib.metric_values(sums).items()
+          if key != "count" and np.ndim(value) == 1}
 
 
 def _format_member_record(record: Mapping[str, Any], eval_name: str) -> str:
   parts = [f"step {record['step']}"]
   for key in ("train_loss", f"{eval_name}_accuracy"):
-    if key in record:
-      values = record[key]
+    if (values := record.get(key)) is not None:
       parts.append(f"{key} min {np.nanmin(values):.4f} median {np.nanmedian(values):.4f} "
                    f"max {np.nanmax(values):.4f}")
   return " | ".join(parts)
 
 
-VMAP_KEYS = ("optimizer.learning_rate", "seed")
-"""The keys a vmapped sweep can vary: the rest of the config is shared by every member."""
+VMAP_KEYS = ("optimizer.learning_rate", "seed")  # the keys a vmapped sweep can vary
 
 
 def vmap_sweep(config: ml_collections.ConfigDict, trials: Sequence[Mapping[str, Any]], *,
                log: Callable[[str], None] | None = None) -> VmappedRun:
   """Trains all `trials` of an experiment config at once (`train_vmapped`), one member each.
 
-  Trials may set only `VMAP_KEYS`; everything else comes from `config`, an in-memory
-  classification config. The data order is `config.seed`'s for every member.
-
-  Raises:
-    ConfigError: a trial sets a key outside `VMAP_KEYS`.
-    ValueError: the config is not an in-memory classification task.
+  Trials may set only `VMAP_KEYS` (else ConfigError); everything else, the data order included,
+  comes from `config`, which must be an in-memory classification config (else ValueError).
   """
   trials = [dict(t) for t in trials]
   if not trials:
     raise ValueError("vmap_sweep needs at least one trial.")
-  others = sorted({k for t in trials for k in t} - set(VMAP_KEYS))
-  if others:
+  if others := sorted({k for t in trials for k in t} - set(VMAP_KEYS)):
     raise ConfigError(f"a vmapped sweep varies only {list(VMAP_KEYS)} (one model and optimizer "
                       f"for every member); the trials also set {others}. Sweep them with "
                       "jdl.sweep.run_study.")
@@ -348,44 +279,24 @@ def vmap_sweep(config: ml_collections.ConfigDict, trials: Sequence[Mapping[str, 
                       for t in trials],
       seeds=[int(t.get("seed", config.seed)) for t in trials],
       train_step=train_step, eval_step=eval_step, eval_every_steps=config.eval_every_steps or None,
-      eval_name=config.eval_split.split("[")[0], log=log)
+      eval_name=runs.eval_name(config), log=log)
 
 
 def run_vmapped_study(
-    study: optuna.Study,
-    config: ml_collections.ConfigDict,
-    space: Mapping[str, optuna.distributions.BaseDistribution],
-    num_trials: int,
-    *,
-    members: int,
-    metric: str = "test_accuracy",
-    log: Callable[[str], None] | None = print,
-) -> list[VmappedRun]:
+    study: optuna.Study, config: ml_collections.ConfigDict,
+    space: Mapping[str, optuna.distributions.BaseDistribution], num_trials: int, *, members: int,
+    metric: str = "test_accuracy", log: Callable[[str], None] | None = print) -> list[VmappedRun]:
   """Asks `study` for `members` trials at a time, trains each batch at once (`vmap_sweep`) and
   tells the study every member's evaluation records, until it has `num_trials` finished trials.
 
   The members of a batch run in one program to the end, so the pruner stops none of them; their
   intermediate values are still reported, and inform later batches' samplers. A member whose
   loss or gradient became NaN or infinite is failed. If training the batch raises, its trials are
-  failed and the exception is raised.
-
-  Args:
-    study: from `jdl.sweep.open_study`.
-    config: the experiment's config, an in-memory classification task.
-    space: the study's space; only `VMAP_KEYS` may vary.
-    num_trials: the sweep's budget of finished trials (`jdl.sweep.finished_trials`).
-    members: trials per batch (>= 1).
-    metric: the record key the study optimises.
-    log: where a line per batch goes (None: nowhere).
-
-  Returns:
-    One `VmappedRun` per batch (the members' trained states, in the order of their trials).
-
-  Raises:
-    ConfigError: the space varies a key outside `VMAP_KEYS` (before anything trains).
+  failed and the exception is raised. `config` is an in-memory classification task; a line per
+  batch goes to `log`. Returns one `VmappedRun` per batch (the members in their trials' order).
+  Raises ConfigError, before anything trains, if the space varies a key outside `VMAP_KEYS`.
   """
-  others = sorted(set(space) - set(VMAP_KEYS))
-  if others:
+  if others := sorted(set(space) - set(VMAP_KEYS)):
     raise ConfigError(f"a vmapped sweep varies only {list(VMAP_KEYS)} (one model and optimizer "
                       f"for every member); the space also sets {others}. Sweep it without --vmap.")
   if isinstance(members, bool) or not isinstance(members, int) or members < 1:
@@ -423,6 +334,5 @@ def run_vmapped_study(
     if log is not None:
       log(f"{len(trials)} trials in one program: {run.train_seconds:.1f}s "
           f"(+{run.compile_seconds:.1f}s compiling); {metric} "
-          + ", ".join(f"{float(np.asarray(run.history[-1][metric])[i]):.4f}"
-                      for i in range(len(trials))))
+          + ", ".join(f"{value:.4f}" for value in np.asarray(run.history[-1][metric], float)))
   return batches
