@@ -1,8 +1,5 @@
-"""Small convolutional classifiers: a 2-D CNN for images and a 1-D CNN for signals.
-
-Both take `num_classes`, an `activation` name (see `jdl.models.activations`) and `output`
-("logits" or "softmax").
-"""
+"""Small convolutional classifiers: a 2-D CNN for images and a 1-D CNN for signals; both take an
+`activation` name (`jdl.models.activations`) and `output` ("logits" or "softmax")."""
 
 from __future__ import annotations
 
@@ -21,14 +18,8 @@ class CNN(nn.Module):
   """The classic small image CNN: [Conv 3x3 -> (norm) -> activation -> 2x2 average pool] per entry
   of `features`, then Dense(`dense`) -> activation -> Dropout -> Dense(num_classes). The defaults
   on 28x28x1 inputs have 824,458 parameters; a norm replaces each convolution's bias with its own
-  scale and bias: 824,554.
-
-  Attributes (and those of the module docstring):
-    features: channels of each convolution block.
-    dense: width of the hidden Dense layer.
-    dropout_rate: dropout before the output layer, active only when `train=True`.
-    normalization: None, "batch", "group" or "layer" after each convolution (`image_norm`).
-    axis_name: the pmap axis over which BatchNorm averages its batch statistics.
+  scale and bias: 824,554. `normalization` is None or an `image_norm` kind, after each convolution;
+  `axis_name` the pmap axis of BatchNorm's statistics; `dropout_rate` acts in training only.
   """
 
   num_classes: int
@@ -67,16 +58,12 @@ PATCH_LAYOUTS = ("NLC", "CLN")
 
 
 class PatchConv1D(nn.Module):
-  """A 1-D convolution computed as one matrix product over extracted patches.
+  """A 1-D convolution as one matrix product over extracted patches: `nn.Conv`'s parameters and
+  result (up to rounding), fast where XLA's CPU convolution in a compiled loop is slow.
 
-  Same parameters as `nn.Conv` and the same result up to float rounding. It exists because XLA's
-  CPU convolution inside a loop (the device-resident training loop) is much slower than outside
-  it, while slices and one matrix product are not.
-
-  `layout` is that of the input and the output: "NLC" (`[batch, length, channels]`, as `nn.Conv`)
-  or "CLN" (`[channels, length, batch]`), where the batch is the contiguous axis and the product
-  `[out, size*in] @ [size*in, length*batch]` has the long axis where the CPU's vector units want
-  it; `CNN1D` transposes to "CLN" once and reads the result with `DenseFromCLN`.
+  `layout` is that of the input and output: "NLC" (`[batch, length, channels]`, as `nn.Conv`) or
+  "CLN" (`[channels, length, batch]`), which puts the batch, the long axis of the product
+  `[out, size*in] @ [size*in, length*batch]`, where the CPU's vector units want it.
   """
 
   features: int
@@ -128,13 +115,9 @@ class CNN1D(nn.Module):
   """A 1-D CNN for signals, by default the MNIST-1D paper's model: three Conv1d 25 (k5, k3, k3;
   stride 2, padding 1) -> ReLU, then Flatten -> Dense(num_classes); 5,210 parameters on 40 samples.
 
-  Attributes (and those of the module docstring):
-    features: channels of each convolution.
-    kernel_sizes: kernel size of each convolution.
-    stride: stride of every convolution.
-    padding: zero padding on both sides of every convolution.
-    conv: "xla" (`nn.Conv`), "patches" (`PatchConv1D`), or "auto": patches on CPU, XLA's
-      convolution elsewhere. The parameters are the same either way.
+  `features` and `kernel_sizes` have an entry per convolution; `stride` and `padding` (both sides)
+  are every convolution's. `conv` is "xla" (`nn.Conv`), "patches" (`PatchConv1D`, in layout "CLN")
+  or "auto", patches on a CPU and XLA's elsewhere; the parameters are the same either way.
   """
 
   num_classes: int
@@ -178,11 +161,8 @@ class CNN1D(nn.Module):
 
 
 class DenseFromCLN(nn.Module):
-  """`nn.Dense(features)` on `x.transpose(2, 1, 0).reshape(batch, -1)`, without that transpose.
-
-  The kernel's rows are reordered to `(channels, length)` instead, which moves fewer numbers than
-  transposing the activations. The parameters are `nn.Dense`'s.
-  """
+  """`nn.Dense(features)` (its parameters) on `x.transpose(2, 1, 0).reshape(batch, -1)`, with the
+  kernel's rows reordered instead of the activations transposed, which moves fewer numbers."""
 
   features: int
 

@@ -26,15 +26,10 @@ def image_norm(kind: str, channels: int, *, train: bool, axis_name: str | None =
                name: str | None = None) -> nn.Module:
   """A normalisation layer for `[batch, height, width, channels]` activations.
 
-  Args:
-    kind: "batch" (BatchNorm, statistics in "batch_stats"; momentum 0.9, epsilon 1e-5), "group"
-      (GroupNorm with gcd(`GROUPS`, channels) groups) or "layer" (LayerNorm over height, width
-      and channels with a scale and bias per channel).
-    channels: channels of the activations (sets the GroupNorm group count).
-    train: batch statistics (True) or running averages (False); BatchNorm only.
-    axis_name: the pmap axis over which BatchNorm averages batch statistics; None under jit.
-    scale_init: initialiser of the scale (zeros makes a residual branch start as nothing).
-    name: the layer's name.
+  `kind` is "batch" (BatchNorm, statistics in "batch_stats", averaged over the pmap axis
+  `axis_name`, running averages when not `train`; momentum 0.9, epsilon 1e-5), "group" (GroupNorm
+  with gcd(`GROUPS`, channels) groups) or "layer" (LayerNorm over height, width and channels, with
+  a scale and bias per channel). A zero `scale_init` makes a residual branch start as nothing.
   """
   check_normalization(kind, allow_none=False)
   if kind == "batch":

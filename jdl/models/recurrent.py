@@ -1,28 +1,12 @@
 """Recurrent layers and classifiers: LSTM and GRU, one- or two-directional, with padding.
 
-Shapes use these letters: B batch, T positions (the padded length), F input features, H the hidden
-width of one direction, D the output width of a layer (H, or 2H when bidirectional).
+Shapes: B batch, T positions (the padded length), F input features, H the hidden width of one
+direction, D the output width of a layer (H, or 2H when bidirectional).
 
-The cells are Flax's own (`nn.LSTMCell`, `nn.GRUCell`) and the time loop is `nn.RNN`, a `lax.scan`
-over positions. Their equations, with x the input and h, c the previous state:
-
-  LSTM:  i = sigmoid(W_ii x + W_hi h + b_i)     f = sigmoid(W_if x + W_hf h + b_f)
-         g = tanh(W_ig x + W_hg h + b_g)        o = sigmoid(W_io x + W_ho h + b_o)
-         c' = f * c + i * g                     h' = o * tanh(c')
-  GRU:   r = sigmoid(W_ir x + b_ir + W_hr h)    z = sigmoid(W_iz x + b_iz + W_hz h)
-         n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
-         h' = (1 - z) * n + z * h
-
-The GRU applies the reset gate after the recurrent product (cuDNN, PyTorch, Keras'
-`reset_after=True`), and has no second bias for r and z (PyTorch's), so 2H fewer parameters per
-layer and direction. The initial state is zero. Two initialisations (`initializer`):
-  "flax": Flax's cells' own: LeCun-normal input kernels, orthogonal recurrent kernels, zero biases;
-  "uniform": every kernel and bias from U(-1/sqrt(H), 1/sqrt(H)), as PyTorch's; with few input
-    features it gives much smaller input weights (see `Mnist1dGRU`).
-
-Padding: sequences are padded at the end to a common T and given as `lengths` [B] or a prefix
-`mask` [B, T]. For a sequence of length L the backward direction starts at L-1, so its first L
-outputs are exactly those it gives unpadded; outputs at padded positions are zero.
+The cells are Flax's (`nn.LSTMCell`, `nn.GRUCell`; equations in docs/models.md) scanned over
+positions by `nn.RNN`, from a zero state. Sequences are padded at the end to a common T and given
+`lengths` [B] or a prefix `mask` [B, T]: the backward direction starts at each row's last real
+position, so the real outputs are exactly those of the unpadded sequence; padded ones are zero.
 """
 
 from __future__ import annotations
@@ -36,24 +20,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdl.models.activations import apply_output
+from jdl.models.attention import padding_mask
 
 CELLS = ("lstm", "gru")
 INITIALIZERS = ("flax", "uniform")
+""""flax": the cells' own (LeCun-normal input kernels, orthogonal recurrent ones, zero biases);
+"uniform": every kernel and bias from U(-1/sqrt(H), 1/sqrt(H)), as PyTorch's."""
 POOLINGS = ("last", "mean", "flatten")
 
 
-def check_cell(cell: str) -> str:
-  """`cell` if it names a recurrent cell; a clear error otherwise."""
-  if cell not in CELLS:
-    raise ValueError(f"unknown cell {cell!r}; expected one of {CELLS}.")
-  return cell
-
-
-def check_initializer(initializer: str) -> str:
-  """`initializer` if it names an initialisation; a clear error otherwise."""
-  if initializer not in INITIALIZERS:
-    raise ValueError(f"unknown initializer {initializer!r}; expected one of {INITIALIZERS}.")
-  return initializer
+def _check(module: nn.Module, *choices: str) -> None:
+  """Raises a clear error, at construction rather than in apply, for an unknown `cell`,
+  `initializer` or `pooling` of `module` (those named in `choices`) or a `num_layers` below 1."""
+  valid = {"cell": CELLS, "initializer": INITIALIZERS, "pooling": POOLINGS}
+  for attribute in choices:
+    value = getattr(module, attribute)
+    if value not in valid[attribute]:
+      raise ValueError(f"unknown {attribute} {value!r}; expected one of {valid[attribute]}.")
+  if getattr(module, "num_layers", 1) < 1:
+    raise ValueError(f"num_layers must be >= 1; got {module.num_layers}.")
 
 
 def _concrete(value: jax.Array) -> np.ndarray | None:
@@ -63,21 +48,12 @@ def _concrete(value: jax.Array) -> np.ndarray | None:
 
 def sequence_lengths(batch: int, length: int, *, lengths: jax.Array | None = None,
                      mask: jax.Array | None = None) -> jax.Array | None:
-  """The `[B]` int32 lengths of a padded batch, from `lengths` or from a prefix `mask`.
+  """The `[B]` int32 lengths of a padded batch of B sequences of length T, from `lengths` (`[B]`
+  integers in `[0, T]`) or from a prefix `mask` (`[B, T]`, True for real positions); None when
+  neither is given (every position is real).
 
-  Args:
-    batch: B, the batch size of the sequences.
-    length: T, their padded length.
-    lengths: `[B]` integers in `[0, T]`: row b is real in positions `0..lengths[b]-1`.
-    mask: `[B, T]` booleans (or 0/1), True for real positions; every row a prefix.
-
-  Returns:
-    `[B]` int32 lengths, or None when neither is given (every position is real).
-
-  Raises:
-    ValueError: both or a wrongly shaped one is given, or (outside jit, where the values are
-      known) a length lies outside `[0, T]` or a mask row is not a prefix. Under jit lengths are
-      clipped to `[0, T]` and a mask counts its True entries.
+  Outside jit, where the values are known, a length outside `[0, T]` or a mask row that is not a
+  prefix is an error; under jit lengths are clipped to `[0, T]` and a mask counts its True entries.
   """
   if lengths is not None and mask is not None:
     raise ValueError("give either lengths [B] or mask [B, T], not both.")
@@ -114,16 +90,12 @@ def lengths_from_tokens(tokens_BxT: jax.Array, pad_id: int = 0) -> jax.Array:
   return jnp.max(jnp.where(tokens_BxT != pad_id, positions, 0), axis=1)
 
 
-def symmetric_uniform(bound: float) -> nn.initializers.Initializer:
-  """An initializer `(key, shape, dtype=float32)` drawing from U(-bound, bound)."""
-  return functools.partial(jax.random.uniform, minval=-bound, maxval=bound)
-
-
 def _cell(cell: str, hidden: int, initializer: str, name: str) -> nn.RNNCellBase:
   cell_class = nn.LSTMCell if cell == "lstm" else nn.GRUCell
   if initializer == "flax":
     return cell_class(features=hidden, name=name)
-  uniform = symmetric_uniform(1.0 / math.sqrt(hidden))
+  bound = 1.0 / math.sqrt(hidden)
+  uniform = functools.partial(jax.random.uniform, minval=-bound, maxval=bound)
   return cell_class(features=hidden, kernel_init=uniform, recurrent_kernel_init=uniform,
                     bias_init=uniform, name=name)
 
@@ -131,14 +103,9 @@ def _cell(cell: str, hidden: int, initializer: str, name: str) -> nn.RNNCellBase
 class Recurrent(nn.Module):
   """One recurrent layer over padded sequences: `[B, T, F]` -> `[B, T, D]`, one output per position.
 
-  Parameters per direction: LSTM 4H(F + H + 1), GRU 3H(F + H + 1) + H. `bidirectional=True`
-  concatenates the two directions' outputs, forward first, into D = 2H features.
-
-  Attributes:
-    hidden: H, the width of the state of each direction.
-    cell: "lstm" or "gru".
-    bidirectional: also run a second layer from the last real position back to the first.
-    initializer: "flax" or "uniform" (see the module docstring).
+  Parameters per direction: LSTM 4H(F + H + 1), GRU 3H(F + H + 1) + H. `bidirectional=True` adds
+  a direction from the last real position back to the first, its outputs after the forward ones
+  (D = 2H). `hidden` is H; `initializer` one of `INITIALIZERS`.
   """
 
   hidden: int
@@ -147,8 +114,7 @@ class Recurrent(nn.Module):
   initializer: str = "flax"
 
   def __post_init__(self) -> None:
-    check_cell(self.cell)  # fail at construction, not in apply
-    check_initializer(self.initializer)
+    _check(self, "cell", "initializer")
     super().__post_init__()
 
   @nn.compact
@@ -175,8 +141,7 @@ class Recurrent(nn.Module):
     if lengths_B is None:
       return outputs
     # Past a row's end the scan went on over padding; those outputs mean nothing: zero them.
-    real_BxTx1 = (jnp.arange(length)[None, :] < lengths_B[:, None])[..., None]
-    return jnp.where(real_BxTx1, outputs, jnp.zeros_like(outputs))
+    return jnp.where(padding_mask(lengths_B, length=length)[..., None], outputs, 0.0)
 
 
 def pool_sequence(outputs_BxTxD: jax.Array, pooling: str, *, lengths: jax.Array | None,
@@ -194,7 +159,7 @@ def pool_sequence(outputs_BxTxD: jax.Array, pooling: str, *, lengths: jax.Array 
   if lengths is None:
     lengths = jnp.full((batch,), length, jnp.int32)
   if pooling == "mean":
-    real_BxTx1 = (jnp.arange(length)[None, :] < lengths[:, None])[..., None]
+    real_BxTx1 = padding_mask(lengths, length=length)[..., None]
     total_BxD = jnp.sum(jnp.where(real_BxTx1, outputs_BxTxD, 0.0), axis=1)
     return total_BxD / jnp.maximum(lengths, 1)[:, None].astype(outputs_BxTxD.dtype)
   if pooling == "last":
@@ -213,19 +178,12 @@ class RNNClassifier(nn.Module):
   lengths are read unless given) or `[B, T]` / `[B, T, F]` float signals. A one-layer LSTM with
   H = 128 over 10,000 tokens embedded in 128, 2 classes, has 1,411,842 parameters.
 
-  Attributes:
-    num_classes: width of the output layer.
-    cell: "lstm" or "gru".
-    hidden: H, the state width of each direction of each layer.
+  Attributes (`cell`, `hidden`, `bidirectional` and `initializer` as in `Recurrent`):
     num_layers: recurrent layers stacked; each reads the previous one's outputs.
-    bidirectional: two-directional layers (outputs of width 2H).
     vocab_size: number of token ids for token inputs (id 0 is padding); None for signals.
     embed_dim: width of the token embedding (token inputs only).
-    pooling: "last" (final state of each direction), "mean" (over real positions) or "flatten"
-      (all positions; fixes T).
-    dropout_rate: dropout on the outputs of every recurrent layer, active only when `train=True`.
-    initializer: "flax" or "uniform", the recurrent layers' initialisation (see `Recurrent`).
-    output: "logits" or "softmax".
+    pooling: "last", "mean" or "flatten" (`pool_sequence`; "flatten" fixes T).
+    dropout_rate: dropout on the outputs of every recurrent layer (training only).
   """
 
   num_classes: int
@@ -241,12 +199,7 @@ class RNNClassifier(nn.Module):
   output: str = "logits"
 
   def __post_init__(self) -> None:
-    check_cell(self.cell)
-    check_initializer(self.initializer)
-    if self.pooling not in POOLINGS:
-      raise ValueError(f"unknown pooling {self.pooling!r}; expected one of {POOLINGS}.")
-    if self.num_layers < 1:
-      raise ValueError(f"num_layers must be >= 1; got {self.num_layers}.")
+    _check(self, "cell", "initializer", "pooling")
     super().__post_init__()
 
   @nn.compact
@@ -307,12 +260,9 @@ class RecurrentLM(nn.Module):
   """A causal language model: Embed -> `num_layers` unidirectional LSTM/GRU layers -> Dense.
 
   Trains on next-token labels `[B, T]` like `jdl.models.TransformerLM` and samples with
-  `jdl.generate.generate`.
-
-  Attributes (`cell`, `hidden`, `num_layers`, `embed_dim` and `output` as in `RNNClassifier`):
-    num_classes: V, the vocabulary size (named so `build_model` passes the dataset's size).
-    dropout_rate: dropout on the embeddings and between layers (training only).
-    block_size: the longest context it is trained on; generation crops to it.
+  `jdl.generate.generate`. `num_classes` is V, the vocabulary size (as `build_model` passes it);
+  `dropout_rate` acts on the embeddings and between layers; `block_size` is the longest context it
+  is trained on, to which generation crops.
   """
 
   num_classes: int
@@ -325,9 +275,7 @@ class RecurrentLM(nn.Module):
   output: str = "logits"
 
   def __post_init__(self) -> None:
-    check_cell(self.cell)
-    if self.num_layers < 1:
-      raise ValueError(f"num_layers must be >= 1; got {self.num_layers}.")
+    _check(self, "cell")
     super().__post_init__()
 
   @nn.compact
