@@ -21,16 +21,11 @@ Params = Any
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *,
                           label_smoothing: float = 0.0) -> jax.Array:
-  """Cross-entropy of integer class labels under softmax(logits) (Keras' `from_logits=True`).
+  """`[batch]` cross-entropies of `[batch]` integer labels under softmax(logits `[batch, classes]`)
+  (Keras' `from_logits=True`); NaN for a label outside `[0, classes)` (`nan_outside_classes`).
 
-  Args:
-    logits: `[batch, num_classes]` unnormalised scores.
-    labels: `[batch]` integer class indices in `[0, num_classes)`.
-    label_smoothing: `s` in `[0, 1)`; with `s > 0` the target is
-      `(1 - s) * one_hot(label) + s / num_classes` (Szegedy et al., 2016).
-
-  Returns:
-    `[batch]` losses; NaN for a label outside `[0, num_classes)` (see `nan_outside_classes`).
+  With `label_smoothing` s in (0, 1) the target is `(1 - s) * one_hot(label) + s / num_classes`
+  (Szegedy et al., 2016).
   """
   smoothing = check_label_smoothing(label_smoothing)
   if not smoothing:
@@ -50,13 +45,8 @@ def cross_entropy_from_probabilities(
   `softmax_cross_entropy`, which is numerically stable. `label_smoothing` and out-of-range labels
   as there.
   """
-  smoothing = check_label_smoothing(label_smoothing)
-  if not smoothing:
-    picked = jnp.take_along_axis(probabilities, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
-    losses = -jnp.log(jnp.clip(picked, epsilon, 1.0))
-  else:
-    losses = _smoothed_cross_entropy(jnp.log(jnp.clip(probabilities, epsilon, 1.0)), labels,
-                                     smoothing)
+  log_probs = jnp.log(jnp.clip(probabilities, epsilon, 1.0))
+  losses = _smoothed_cross_entropy(log_probs, labels, check_label_smoothing(label_smoothing))
   return nan_outside_classes(losses, labels, probabilities.shape[-1])
 
 
@@ -91,15 +81,8 @@ def _smoothed_cross_entropy(log_probs: jax.Array, labels: jax.Array, smoothing: 
 
 
 def binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Cross-entropy of {0, 1} targets under sigmoid(logits), averaged over trailing axes.
-
-  Args:
-    logits: `[batch, ...]` unnormalised scores.
-    labels: targets of the same shape, in [0, 1].
-
-  Returns:
-    `[batch]` losses.
-  """
+  """`[batch]` cross-entropies of targets in [0, 1] under sigmoid(logits) (both `[batch, ...]`),
+  averaged over the trailing axes."""
   per_element = optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype))
   return _mean_over_trailing_axes(per_element)
 
@@ -163,12 +146,8 @@ LOSSES: dict[str, LossFn] = {
 
 
 def get_classification_loss(name: str, label_smoothing: float = 0.0) -> LossFn:
-  """The classification loss called `name`, as a `(outputs, labels) -> [batch]` function.
-
-  Args:
-    name: a key of `LOSSES`; a clear error lists the valid names.
-    label_smoothing: `s` in `[0, 1)`, bound into the returned two-argument loss.
-  """
+  """The classification loss called `name` (a key of `LOSSES`), as a `(outputs, labels) -> [batch]`
+  function with `label_smoothing` bound into it."""
   if name not in LOSSES:
     raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}.")
   smoothing = check_label_smoothing(label_smoothing)
