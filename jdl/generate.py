@@ -40,9 +40,10 @@ def _check_temperature(temperature: float) -> float:
   try:
     value = float(temperature)
   except (TypeError, ValueError):
-    raise ValueError(f"temperature must be a number >= 0; got {temperature!r}.") from None
-  if not value >= 0.0 or value == float("inf"):  # also rejects NaN
-    raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy); got {temperature}.")
+    value = float("nan")
+  if not 0.0 <= value < float("inf"):  # also rejects NaN
+    raise ValueError(
+        f"temperature must be a finite number >= 0 (0 is greedy); got {temperature!r}.")
   return value
 
 
@@ -62,16 +63,9 @@ def top_k_logits(logits: jax.Array, k: int) -> jax.Array:
 
 def sample_next(logits: jax.Array, key: jax.Array, temperature: float = 1.0,
                 top_k: int | None = None) -> jax.Array:
-  """Samples one token per row from `softmax(top_k_logits(logits, top_k) / temperature)`.
-
-  Args:
-    logits: `[B, V]` next-token scores.
-    key: a PRNG key (unused when greedy).
-    temperature: > 0 scales the logits (below 1 sharpens, above 1 flattens); 0 is greedy argmax.
-    top_k: sample among the k most likely tokens only; None samples from all V.
-
-  Returns:
-    `[B]` int32 token ids in [0, V).
+  """Samples `[B]` int32 tokens, one per row of `[B, V]` logits, from
+  `softmax(top_k_logits(logits, top_k) / temperature)`: a temperature below 1 sharpens, above 1
+  flattens, and 0 is greedy argmax (`key` unused); `top_k` None samples from all V.
   """
   if logits.ndim != 2:
     raise ValueError(f"sample_next expects logits [batch, vocab]; got shape {logits.shape}.")
@@ -88,26 +82,14 @@ def generate(model: nn.Module | ApplyFn, variables: Any, prompt_tokens: jax.Arra
              num_new_tokens: int, key: jax.Array, temperature: float = 1.0,
              top_k: int | None = None, block_size: int | None = None,
              greedy: bool = False) -> jax.Array:
-  """Extends each prompt by `num_new_tokens` sampled tokens.
+  """Extends each prompt (`[B, T0]` ids) by N = `num_new_tokens` tokens: `[B, T0 + N]` int32.
 
   The model must be causal: each step feeds a fixed window of W = min(block_size, T0 + N) tokens,
   which early on still holds unfilled slots after the current position, and reads the logits of
-  the last filled one.
-
-  Args:
-    model: a linen Module (its `apply` is used, and its `block_size` attribute is the default
-      window) or an apply function `(variables, tokens [B, T], train=False) -> [B, T, V]`. Pass
-      the same object on every call: it is a static argument of the jitted loop.
-    variables: the model's variables, e.g. `{"params": params}`.
-    prompt_tokens: `[B, T0]` integer token ids, T0 >= 1.
-    num_new_tokens: N >= 0, tokens to add.
-    key: a PRNG key; step i uses `fold_in(key, i)`, so a key gives the same tokens every time.
-    temperature, top_k: as in `sample_next`, at every step.
-    block_size: the model's longest context; defaults to `model.block_size`.
-    greedy: argmax decoding, whatever the temperature.
-
-  Returns:
-    `[B, T0 + N]` int32 tokens: the prompt followed by the new tokens.
+  the last filled one. `model` is a linen Module (its `block_size` the default window) or an
+  `ApplyFn`; pass the same object on every call, as it is a static argument of the jitted loop.
+  Step i samples as `sample_next` with `fold_in(key, i)`, so a key always gives the same tokens;
+  `greedy` is argmax decoding whatever the temperature.
   """
   if isinstance(model, nn.Module):
     apply_fn = model.apply

@@ -1,13 +1,10 @@
 """TensorFlow and TFDS, imported on first use.
 
-jdl uses TensorFlow for one thing only: tf.data input pipelines, with TFDS for its datasets.
-Importing the two takes seconds, more than `import jdl` and the whole of a small experiment's
-training, and on an accelerator host they are often not installed at all. So jdl's modules name
-them through the stand-ins below (`LazyModule`): `import jdl`, the train steps, the models, `fit`
-over in-memory arrays (`jdl.data.ArraySource`), the metric writers (TensorBoard files are written
-with the `tensorboard` package) and in-memory splits already cached by `jdl.data.array_cache` run
-without TensorFlow; the first pipeline or TFDS dataset read imports it, and where it is missing
-says which package to install.
+jdl uses TensorFlow only for tf.data input pipelines and TFDS datasets. Importing them takes
+seconds, more than a small experiment's training, and accelerator hosts often lack them; so jdl
+names them through stand-ins (`LazyModule`), and everything else (`import jdl`, the steps, the
+models, `fit` over in-memory arrays, the writers, cached splits) runs without TensorFlow. The first
+pipeline or TFDS read imports it, or says which package to install.
 """
 
 from __future__ import annotations
@@ -23,12 +20,8 @@ _log = logging.getLogger(__name__)
 
 
 class LazyModule(types.ModuleType):
-  """A stand-in for module `name` that imports it on first attribute access.
-
-  `on_load(module)` runs once, right after the import (jdl hides accelerators from TensorFlow
-  there). A missing package raises `ModuleNotFoundError` naming the package to install and what
-  jdl needs it for.
-  """
+  """A stand-in for module `name` that imports it on first attribute access, then runs
+  `on_load(module)` once; a missing package is a `ModuleNotFoundError` naming what to install."""
 
   def __init__(self, name: str, *, install: str, purpose: str,
                on_load: Callable[[types.ModuleType], None] | None = None):

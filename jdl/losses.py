@@ -67,10 +67,9 @@ def check_label_smoothing(label_smoothing: float) -> float:
   try:
     value = float(label_smoothing)
   except (TypeError, ValueError):
-    raise ValueError(
-        f"label_smoothing must be a number in [0, 1); got {label_smoothing!r}.") from None
-  if not 0.0 <= value < 1.0:
-    raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing}.")
+    value = float("nan")
+  if not 0.0 <= value < 1.0:  # also rejects NaN
+    raise ValueError(f"label_smoothing must be a number in [0, 1); got {label_smoothing!r}.")
   return value
 
 

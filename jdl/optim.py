@@ -75,10 +75,10 @@ def _resolve(config: Mapping[str, Any]) -> dict[str, Any]:
     raise ValueError(f"unknown optimizer config keys {unknown}; valid keys: "
                      f"{sorted(OPTIMIZER_DEFAULTS)}.")
   c = {**OPTIMIZER_DEFAULTS, **dict(config)}
-  accumulate = c["accumulate_steps"]
-  if isinstance(accumulate, bool) or not isinstance(accumulate, (int, np.integer)) or accumulate < 1:
+  steps = c["accumulate_steps"]
+  if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
     raise ValueError(f"accumulate_steps must be an integer >= 1 (1: no accumulation); got "
-                     f"{accumulate!r}.")
+                     f"{steps!r}.")
   if not _in_unit_interval(c["ema_decay"]):
     raise ValueError(f"ema_decay must be a number in [0, 1) (0: no EMA); got {c['ema_decay']!r}.")
   return c
@@ -245,9 +245,9 @@ def current_learning_rate(opt_state: optax.OptState,
   count: pass the same `schedule` and the rate is `schedule(count - 1)` (`schedule(0)` before any
   update).
   """
-  found = _find(opt_state, _has_learning_rate)
+  found = _learning_rates(opt_state)
   if schedule is None and len(found) == 1:
-    return _learning_rate(found[0])
+    return found[0]
   if schedule is not None:
     counts = _find(opt_state, lambda node: isinstance(node, optax.ScaleByScheduleState))
     if len(counts) == 1:
@@ -274,12 +274,12 @@ def learning_rates(opt_state: optax.OptState) -> dict[str, jax.Array]:
   if len(groups) == 1:
     rates = {}
     for name, inner in groups[0].inner_states.items():
-      found = _find(inner, _has_learning_rate)
+      found = _learning_rates(inner)
       if len(found) == 1:
-        rates[f"learning_rate/{name}"] = _learning_rate(found[0])
+        rates[f"learning_rate/{name}"] = found[0]
     return {"learning_rate": next(iter(rates.values()))} if len(rates) == 1 else rates
-  found = _find(opt_state, _has_learning_rate)
-  return {"learning_rate": _learning_rate(found[0])} if len(found) == 1 else {}
+  found = _learning_rates(opt_state)
+  return {"learning_rate": found[0]} if len(found) == 1 else {}
 
 
 def ema_parameters(opt_state: optax.OptState) -> Params | None:
@@ -292,15 +292,11 @@ def ema_parameters(opt_state: optax.OptState) -> Params | None:
   return found[0].ema if found else None
 
 
-_INJECT_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
-
-
-def _has_learning_rate(node: Any) -> bool:
-  return isinstance(node, _INJECT_STATES) and "learning_rate" in node.hyperparams
-
-
-def _learning_rate(node: Any) -> jax.Array:
-  return jnp.asarray(node.hyperparams["learning_rate"], jnp.float32)
+def _learning_rates(tree: Any) -> list[jax.Array]:
+  """The learning rates the outermost `optax.inject_hyperparams` states in `tree` record."""
+  states = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+  found = _find(tree, lambda node: isinstance(node, states) and "learning_rate" in node.hyperparams)
+  return [jnp.asarray(node.hyperparams["learning_rate"], jnp.float32) for node in found]
 
 
 def _find(tree: Any, predicate: Callable[[Any], bool]) -> list[Any]:

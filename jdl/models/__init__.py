@@ -55,7 +55,8 @@ def build_model(config: Mapping[str, Any], *, num_classes: int,
   valid = set(module_class.__dataclass_fields__) - {"parent", "name", "num_classes", "axis_name"}
   unknown = sorted(set(attributes) - valid)
   if unknown:
-    raise ValueError(f"model {name!r} has no attributes {unknown}; valid attributes: {sorted(valid)}.")
+    raise ValueError(f"model {name!r} has no attributes {unknown}; valid attributes: "
+                     f"{sorted(valid)}.")
   if "axis_name" in module_class.__dataclass_fields__:
     attributes["axis_name"] = axis_name
   return cls(num_classes=num_classes, **attributes)

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 
 from jdl.models.activations import apply_output, get_activation
-from jdl.models.inputs import as_images
+from jdl.models.normalization import as_images
 
 
 class LogisticRegression(nn.Module):

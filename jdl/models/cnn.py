@@ -10,8 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jdl.models.activations import apply_output, get_activation
-from jdl.models.inputs import as_images
-from jdl.models.normalization import check_normalization, image_norm
+from jdl.models.normalization import as_images, check_normalization, image_norm
 
 
 class CNN(nn.Module):
@@ -79,33 +78,28 @@ class PatchConv1D(nn.Module):
     if x.ndim != 3:
       raise ValueError(f"PatchConv1D expects a 3-D input in layout {self.layout}; got shape "
                        f"{x.shape}.")
-    channels = x.shape[2 if self.layout == "NLC" else 0]  # the length axis is 1 in both
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (self.kernel_size, channels, self.features))
+    if self.layout == "NLC":  # computed in layout CLN, between two transposes
+      x = x.transpose(2, 1, 0)
+    channels, _, batch = x.shape
+    stride, size = self.stride, self.kernel_size
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (size, channels, self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    padding = (self.padding, self.padding, 0)
-    x = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), padding, (0, 0, 0)])
-    length = (x.shape[1] - self.kernel_size) // self.stride + 1
-    if self.layout == "NLC":
-      span = self.stride * (length - 1) + 1
-      taps = [x[:, i:i + span:self.stride, :] for i in range(self.kernel_size)]
-      patches = jnp.stack(taps, axis=2).reshape(x.shape[0], length, self.kernel_size * channels)
-      return (patches @ kernel.reshape(self.kernel_size * channels, self.features)
-              + bias[None, None, :])
-    # CLN: patches [in, size, length, batch] -> [(in, size), length * batch]. Tap i reads
-    # positions i, i + stride, ...: with the padded length cut into `stride` phases (a free
-    # reshape), that is phase i % stride from row i // stride on, a contiguous run of rows.
-    batch, stride = x.shape[2], self.stride
-    x = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (0, -x.shape[1] % stride, 0), (0, 0, 0)])
+    padded = x.shape[1] + 2 * self.padding
+    length = (padded - size) // stride + 1
+    # Padded, and then to a multiple of the stride, the length is cut into `stride` phases (a free
+    # reshape): tap i reads positions i, i + stride, ..., phase i % stride from row i // stride on.
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype),
+                    [(0, 0, 0), (self.padding, self.padding + -padded % stride, 0), (0, 0, 0)])
     phases = x.reshape(channels, x.shape[1] // stride, stride, batch)
     taps = [jax.lax.slice(phases, (0, i // stride, i % stride, 0),
                           (channels, i // stride + length, i % stride + 1, batch)
                           ).reshape(channels, 1, length, batch)
-            for i in range(self.kernel_size)]
-    patches = jax.lax.concatenate(taps, 1).reshape(channels * self.kernel_size, length * batch)
-    weights = kernel.transpose(2, 1, 0).reshape(self.features, channels * self.kernel_size)
+            for i in range(size)]
+    patches = jax.lax.concatenate(taps, 1).reshape(channels * size, length * batch)
+    weights = kernel.transpose(2, 1, 0).reshape(self.features, channels * size)
     products = jax.lax.dot_general(weights, patches, (((1,), (0,)), ((), ())))
-    return products.reshape(self.features, length, batch) + bias[:, None, None]
+    y = products.reshape(self.features, length, batch) + bias[:, None, None]
+    return y.transpose(2, 1, 0) if self.layout == "NLC" else y
 
 
 CONV_IMPLEMENTATIONS = ("auto", "xla", "patches")

@@ -1,4 +1,4 @@
-"""Normalisation layers for image models, chosen by name: one definition for the CNN and ResNets."""
+"""What the image models share: the input-shape check, and normalisation layers chosen by name."""
 
 from __future__ import annotations
 
@@ -7,11 +7,23 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import jax
 
 IMAGE_NORMALIZATIONS = ("batch", "group", "layer")
 
 GROUPS = 32
 """Groups of GroupNorm (Wu & He 2018); a layer uses gcd(32, channels), so narrow widths work."""
+
+
+def as_images(x: jax.Array, model: str) -> jax.Array:
+  """`x` as images [batch, height, width, channels]; [batch, height, width] gets a channel axis."""
+  if x.ndim == 3:
+    x = x[..., None]
+  if x.ndim != 4:
+    raise ValueError(
+        f"{model} expects images [batch, height, width, channels] (or [batch, height, width]); "
+        f"got shape {x.shape}.")
+  return x
 
 
 def check_normalization(kind: str | None, *, allow_none: bool) -> None:

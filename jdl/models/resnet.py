@@ -12,8 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdl.models.inputs import as_images
-from jdl.models.normalization import IMAGE_NORMALIZATIONS, image_norm
+from jdl.models.normalization import IMAGE_NORMALIZATIONS, as_images, image_norm
 
 BLOCKS = ("basic", "bottleneck")
 LAYOUTS = ("imagenet", "cifar")

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from jdl.models.activations import apply_output
 from jdl.models.attention import MultiHeadSelfAttention, padding_mask as make_padding_mask
-from jdl.models.inputs import as_images
+from jdl.models.normalization import as_images
 
 EMBEDDING_INIT = nn.initializers.normal(stddev=0.02)
 POOLS = ("cls", "mean")
