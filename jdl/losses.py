@@ -39,24 +39,18 @@ def cross_entropy_from_probabilities(
     probabilities: jax.Array, labels: jax.Array, *, epsilon: float = 1e-7,
     label_smoothing: float = 0.0,
 ) -> jax.Array:
-  """Cross-entropy of integer labels for a model that ends in softmax (Keras' `from_logits=False`).
-
-  Probabilities are clipped to `[epsilon, 1]` before the log; prefer logits with
-  `softmax_cross_entropy`, which is numerically stable. `label_smoothing` and out-of-range labels
-  as there.
-  """
+  """`softmax_cross_entropy` for a model that ends in softmax (Keras' `from_logits=False`), with
+  the probabilities clipped to `[epsilon, 1]` before the log; logits are numerically stabler."""
   log_probs = jnp.log(jnp.clip(probabilities, epsilon, 1.0))
   losses = _smoothed_cross_entropy(log_probs, labels, check_label_smoothing(label_smoothing))
   return nan_outside_classes(losses, labels, probabilities.shape[-1])
 
 
 def nan_outside_classes(losses: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
-  """`losses` with NaN where a label is outside `[0, num_classes)`.
-
-  Indexing by such a label (-1, say) would silently pick another class (jax clamps or wraps
-  out-of-range indices), a finite but wrong loss; NaN makes it visible in a user's own loop and
-  stops `jdl.fit` at that step, named by its non-finite watch. A masked-out example still needs a
-  label in range (padding uses 0): the masked mean multiplies its loss by 0, and NaN * 0 is NaN.
+  """`losses` with NaN where a label is outside `[0, num_classes)`, where indexing would silently
+  pick another class (jax clamps or wraps indices); NaN stops `jdl.fit` at that step. A masked-out
+  example still needs a label in range (padding uses 0): its loss is multiplied by 0, and
+  NaN * 0 is NaN.
   """
   valid = (labels >= 0) & (labels < num_classes)
   return jnp.where(valid, losses, jnp.nan)
@@ -127,12 +121,8 @@ def make_weight_penalty(l1: float = 0.0, l2: float = 0.0) -> Callable[[Params], 
     return None
 
   def penalty(params: Params) -> jax.Array:
-    total = jnp.zeros(())
-    if l1:
-      total = total + l1 * l1_penalty(params)
-    if l2:
-      total = total + l2 * l2_penalty(params)
-    return total
+    terms = ((l1, l1_penalty), (l2, l2_penalty))
+    return sum((weight * fn(params) for weight, fn in terms if weight), jnp.zeros(()))
 
   return penalty
 

@@ -1,25 +1,4 @@
-"""One optimizer factory: an Optax chain built from a config mapping.
-
-  name:              "sgd" | "adam" | "adamw" | "rmsprop"
-  learning_rate:     peak learning rate (> 0)
-  momentum:          SGD / RMSProp momentum; 0 gives plain SGD
-  nesterov:          Nesterov momentum for SGD
-  b1, b2, eps:       Adam / AdamW moments and epsilon (RMSProp uses `eps` and `decay`=b2)
-  weight_decay:      >= 0, "adamw" and "sgd" only: AdamW's is decoupled (`w -= lr * wd * w`);
-                     SGD's adds `wd * w` to the gradient before momentum (PyTorch's)
-  weight_decay_mask: "kernels" (default: rank >= 2 leaves, `jdl.losses.kernels_only_mask`) | "all"
-  schedule:          "constant" | "step" | "warmup_cosine"
-  warmup_steps:      linear warm-up from 0 ("warmup_cosine"), in applied updates
-  decay_every:       applied updates between decays ("step")
-  decay_factor:      learning-rate multiplier at each decay ("step")
-  end_fraction:      final learning rate as a fraction of the peak ("warmup_cosine")
-  clip_norm:         clip gradients to this global norm first; None or 0 disables
-  accumulate_steps:  average the gradients of this many train steps into one update
-                     (`optax.MultiSteps`); 1 (default) applies every step
-  ema_decay:         keep `ema = d * ema + (1 - d) * params` for evaluation (`ema_parameters`);
-                     in [0, 1), 0 (default) disables
-
-Keys left out take `OPTIMIZER_DEFAULTS`; an unknown key or a bad value is an error.
+"""One optimizer factory: an Optax chain built from a config mapping (keys: `OPTIMIZER_DEFAULTS`).
 
 A *train step* is one call of `update` (what `TrainState.step` counts); an *applied update*, every
 `accumulate_steps`-th train step, changes the parameters. The schedule, moments and EMA advance per
@@ -43,24 +22,30 @@ from jdl import losses as losses_lib
 Params = Any  # a pytree of arrays
 
 OPTIMIZER_DEFAULTS: dict[str, Any] = {
-    "name": "adam",
-    "learning_rate": 1e-3,
-    "momentum": 0.0,
-    "nesterov": False,
-    "b1": 0.9,
+    "name": "adam",  # "sgd" | "adam" | "adamw" | "rmsprop"
+    "learning_rate": 1e-3,  # peak learning rate (> 0)
+    "momentum": 0.0,  # SGD / RMSProp momentum; 0 gives plain SGD
+    "nesterov": False,  # Nesterov momentum for SGD
+    "b1": 0.9,  # Adam / AdamW moments and epsilon (RMSProp uses `eps`, and b2 as its `decay`)
     "b2": 0.999,
     "eps": 1e-7,
+    # >= 0, "adamw" and "sgd" only: AdamW's is decoupled (`w -= lr * wd * w`); SGD's adds `wd * w`
+    # to the gradient before momentum (PyTorch's).
     "weight_decay": 0.0,
-    "schedule": "constant",
-    "warmup_steps": 0,
-    "decay_every": 0,
-    "decay_factor": 0.1,
-    "end_fraction": 0.0,
-    "clip_norm": None,
+    "schedule": "constant",  # "constant" | "step" | "warmup_cosine"
+    "warmup_steps": 0,  # linear warm-up from 0 ("warmup_cosine"), in applied updates
+    "decay_every": 0,  # applied updates between decays ("step")
+    "decay_factor": 0.1,  # learning-rate multiplier at each decay ("step")
+    "end_fraction": 0.0,  # final learning rate as a fraction of the peak ("warmup_cosine")
+    "clip_norm": None,  # clip gradients to this global norm first; None or 0 disables
+    # "kernels" (rank >= 2 leaves, `jdl.losses.kernels_only_mask`) or "all"
     "weight_decay_mask": "kernels",
+    # Average the gradients of this many train steps into one update (`optax.MultiSteps`).
     "accumulate_steps": 1,
+    # Keep `ema = d * ema + (1 - d) * params` for evaluation (`ema_parameters`); in [0, 1), 0: off.
     "ema_decay": 0.0,
 }
+"""Every key of an optimizer config, with its default; an unknown key or a bad value is an error."""
 
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULE_NAMES = ("constant", "step", "warmup_cosine")

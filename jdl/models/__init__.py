@@ -8,9 +8,9 @@ from typing import Any
 
 import flax.linen as nn
 
-from jdl.models.activations import ACTIVATIONS, get_activation
 from jdl.models.classic import LeNet5, LogisticRegression, ResidualMLP
 from jdl.models.cnn import CNN, CNN1D, PatchConv1D
+from jdl.models.layers import ACTIVATIONS, get_activation
 from jdl.models.mlp import MLP
 from jdl.models.recurrent import Mnist1dGRU, Recurrent, RecurrentLM, RNNClassifier
 from jdl.models.resnet import PUBLISHED, ResNet

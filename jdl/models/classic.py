@@ -6,8 +6,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from jdl.models.activations import apply_output, get_activation
-from jdl.models.normalization import as_images
+from jdl.models.layers import apply_output, as_images, get_activation
 
 
 class LogisticRegression(nn.Module):

@@ -1,5 +1,5 @@
 """Small convolutional classifiers: a 2-D CNN for images and a 1-D CNN for signals; both take an
-`activation` name (`jdl.models.activations`) and `output` ("logits" or "softmax")."""
+`activation` name (`jdl.models.layers.ACTIVATIONS`) and `output` ("logits" or "softmax")."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdl.models.activations import apply_output, get_activation
-from jdl.models.normalization import as_images, check_normalization, image_norm
+from jdl.models.layers import (
+    apply_output, as_images, check_normalization, get_activation, image_norm,
+)
 
 
 class CNN(nn.Module):

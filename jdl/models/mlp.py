@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from jdl.models.activations import apply_output, get_activation
+from jdl.models.layers import apply_output, get_activation
 
 NORMALIZATIONS = (None, "batch", "layer")
 
@@ -17,7 +17,7 @@ class MLP(nn.Module):
 
   Attributes:
     hidden: widths of the hidden Dense layers; () gives logistic regression.
-    activation: hidden activation, a name in `jdl.models.activations.ACTIVATIONS`.
+    activation: hidden activation, a name in `jdl.models.layers.ACTIVATIONS`.
     dropout_rate: dropout after each hidden activation, active only when `train=True`.
     normalization: None, "batch" (BatchNorm) or "layer", between each hidden Dense and activation.
     output: "logits" (for `softmax_cross_entropy`) or "softmax" (probabilities).

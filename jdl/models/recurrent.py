@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdl.models.activations import apply_output
 from jdl.models.attention import padding_mask
+from jdl.models.layers import apply_output
 
 CELLS = ("lstm", "gru")
 INITIALIZERS = ("flax", "uniform")
@@ -58,11 +58,9 @@ def sequence_lengths(batch: int, length: int, *, lengths: jax.Array | None = Non
   if lengths is not None and mask is not None:
     raise ValueError("give either lengths [B] or mask [B, T], not both.")
   if mask is not None:
-    mask = jnp.asarray(mask)
+    mask = jnp.asarray(mask, bool)
     if mask.shape != (batch, length):
       raise ValueError(f"mask must have shape [batch, time] = {(batch, length)}; got {mask.shape}.")
-    mask = mask.astype(bool)
-    lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)
     known = _concrete(mask)
     if known is not None:
       prefix = np.arange(length)[None, :] < known.sum(axis=1)[:, None]
@@ -70,7 +68,7 @@ def sequence_lengths(batch: int, length: int, *, lengths: jax.Array | None = Non
         rows = np.flatnonzero((known != prefix).any(axis=1)).tolist()
         raise ValueError(f"mask rows {rows} are not prefixes: a recurrent layer needs the padding "
                          "at the end of each row (True for the first L positions, then False).")
-    return lengths
+    return jnp.sum(mask, axis=1, dtype=jnp.int32)
   if lengths is None:
     return None
   lengths = jnp.asarray(lengths)

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdl.models.normalization import IMAGE_NORMALIZATIONS, as_images, image_norm
+from jdl.models.layers import IMAGE_NORMALIZATIONS, as_images, image_norm
 
 BLOCKS = ("basic", "bottleneck")
 LAYOUTS = ("imagenet", "cifar")
@@ -86,7 +86,7 @@ class ResNet(nn.Module):
     block: "basic" (two 3x3 convolutions) or "bottleneck" (1x1, 3x3, 1x1 with 4x expansion).
     width: channels of the stem and of the first stage.
     layout: "imagenet" (stem: 7x7/2 conv, norm, relu, 3x3/2 max-pool) or "cifar" (3x3/1 conv).
-    normalization: "batch", "group" or "layer" (`jdl.models.normalization.image_norm`).
+    normalization: "batch", "group" or "layer" (`jdl.models.layers.image_norm`).
     axis_name: the pmap axis of BatchNorm's statistics; None under jit and sharded jit.
     zero_init_residual: each block starts as the identity (Goyal et al. 2017; torchvision: False).
   """
@@ -141,32 +141,27 @@ PUBLISHED: dict[str, dict[str, Any]] = {
 """The settings of the published ResNets, by name (`jdl.models.MODELS` registers them too)."""
 
 
-def _named(name: str, num_classes: int, overrides: dict[str, Any]) -> ResNet:
-  """The published model `name`; `overrides` replace any of its settings."""
-  return ResNet(num_classes=num_classes, **{**PUBLISHED[name], **overrides})
-
-
 def resnet18(num_classes: int, **overrides: Any) -> ResNet:
   """ResNet-18: ImageNet layout, basic blocks, stages (2, 2, 2, 2); 11,689,512 parameters."""
-  return _named("resnet18", num_classes, overrides)
+  return ResNet(num_classes=num_classes, **{**PUBLISHED["resnet18"], **overrides})
 
 
 def resnet34(num_classes: int, **overrides: Any) -> ResNet:
   """ResNet-34: ImageNet layout, basic blocks, stages (3, 4, 6, 3); 21,797,672 parameters."""
-  return _named("resnet34", num_classes, overrides)
+  return ResNet(num_classes=num_classes, **{**PUBLISHED["resnet34"], **overrides})
 
 
 def resnet50(num_classes: int, **overrides: Any) -> ResNet:
   """ResNet-50: ImageNet layout, bottleneck blocks, stages (3, 4, 6, 3); 25,557,032 parameters."""
-  return _named("resnet50", num_classes, overrides)
+  return ResNet(num_classes=num_classes, **{**PUBLISHED["resnet50"], **overrides})
 
 
 def resnet20(num_classes: int, **overrides: Any) -> ResNet:
   """ResNet-20 for CIFAR: basic blocks, stages (3, 3, 3), widths 16, 32, 64; 272,474 parameters
   with 10 classes (the paper's, plus 2,752 for two projection shortcuts in place of option A)."""
-  return _named("resnet20", num_classes, overrides)
+  return ResNet(num_classes=num_classes, **{**PUBLISHED["resnet20"], **overrides})
 
 
 def resnet56(num_classes: int, **overrides: Any) -> ResNet:
   """ResNet-56 for CIFAR: stages (9, 9, 9), otherwise `resnet20`; 855,770 parameters."""
-  return _named("resnet56", num_classes, overrides)
+  return ResNet(num_classes=num_classes, **{**PUBLISHED["resnet56"], **overrides})

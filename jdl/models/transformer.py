@@ -5,12 +5,10 @@ Shapes: B batch, T sequence length (tokens or patches), D width, V vocabulary si
 (12 D^2 + 13 D parameters a block at ratio 4). Embeddings start as N(0, 0.02^2), as GPT-2's.
 
 The models share `num_layers` blocks of `num_heads` heads (which must divide `width`, D),
-`mlp_ratio`, `dropout_rate` (on the embeddings, attention weights and residual branches; train
-only) and `output` ("logits" or "softmax"), and two attributes that change how the blocks run but
-not what they compute (docs/models.md): `remat`, what a block keeps for the backward pass
-(`REMAT_POLICIES`), and `scan_layers`, the blocks as one `nn.scan` over parameters stacked along a
-leading layer axis ("blocks", each leaf `[num_layers, ...]`) so compile time does not grow with
-depth.
+`mlp_ratio`, `dropout_rate` (on the embeddings, attention weights and residual branches) and
+`output` ("logits" or "softmax"). `remat` (`REMAT_POLICIES`) and `scan_layers` (the blocks as one
+`nn.scan` over parameters stacked under "blocks") change how the blocks run, not what they compute
+(docs/models.md).
 """
 
 from __future__ import annotations
@@ -22,9 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdl.models.activations import apply_output
 from jdl.models.attention import MultiHeadSelfAttention, padding_mask as make_padding_mask
-from jdl.models.normalization import as_images
+from jdl.models.layers import apply_output, as_images
 
 EMBEDDING_INIT = nn.initializers.normal(stddev=0.02)
 POOLS = ("cls", "mean")
@@ -110,8 +107,9 @@ def _run_blocks(module: nn.Module, blocks: TransformerBlock | Sequence[Transform
   `nn.scan` stacks `num_layers` deep) on `x_BxTxD` under its `remat` setting. `train` is a Python
   bool, so static in the lifted functions; `padding_mask` goes to every block."""
 
-  def step(block: TransformerBlock, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    return block(x, train=train, padding_mask=mask)
+  def step(block: TransformerBlock, x: jax.Array,
+           mask: jax.Array | None) -> tuple[jax.Array, None]:
+    return block(x, train=train, padding_mask=mask), None
 
   if module.remat != "none":
     # Under scan, the loop itself keeps XLA from merging the recomputation into the forward pass,
@@ -120,16 +118,11 @@ def _run_blocks(module: nn.Module, blocks: TransformerBlock | Sequence[Transform
                     prevent_cse=not module.scan_layers)
   if not module.scan_layers:
     for block in blocks:
-      x_BxTxD = step(block, x_BxTxD, padding_mask)
+      x_BxTxD, _ = step(block, x_BxTxD, padding_mask)
     return x_BxTxD
-
-  def scan_step(block: TransformerBlock, x: jax.Array,
-                mask: jax.Array | None) -> tuple[jax.Array, None]:
-    return step(block, x, mask), None
-
   # Each layer gets its own parameters (and initialisation and dropout keys); sown attention
   # weights stack like the parameters.
-  scan = nn.scan(scan_step, variable_axes={"params": 0, "intermediates": 0},
+  scan = nn.scan(step, variable_axes={"params": 0, "intermediates": 0},
                  split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
                  length=module.num_layers)
   x_BxTxD, _ = scan(blocks, x_BxTxD, padding_mask)
