@@ -1,9 +1,6 @@
-"""Experiment configs: the base config every experiment starts from, and command-line overrides.
-
-An experiment is a `get_config()` plus a short main. Configs are locked ml_collections
-ConfigDicts: overriding a key that does not exist is an error that names the closest valid key,
-never a silent default. Overrides come from the command line as `--config.KEY=VALUE`, with dots for
-nested keys (`--config.optimizer.learning_rate=3e-4`).
+"""Experiment configs: the base config every experiment starts from, and command-line overrides
+(`--config.optimizer.learning_rate=3e-4`). Configs are locked ml_collections ConfigDicts: an
+override of a key that does not exist is an error naming the closest valid key, never a default.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """Model FLOPs and MFU: how much of the hardware's arithmetic a train step puts to use.
 
-Model FLOPs utilisation (MFU, Chowdhery et al. 2022, appendix B) is a step's FLOPs over its time
-over the devices' peak: unlike examples per second, it compares across hardware, batch sizes and
-implementations. XLA's cost analysis (`step_flops`) matches the transformer textbook count
-(`transformer_train_flops`) within a fraction of a percent at GPT-2-small's shape.
+Model FLOPs utilisation (MFU, Chowdhery et al. 2022, appendix B), a step's FLOPs over its time over
+the devices' peak, compares across hardware, batch sizes and implementations. XLA's cost analysis
+(`step_flops`) matches the textbook count (`transformer_train_flops`) at GPT-2-small's shape.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """Autoregressive sampling from a causal language model.
 
 `generate` runs one jitted `lax.fori_loop` over a fixed-size token buffer, so a call compiles once
-whatever the number of new tokens. Each step recomputes the model on a window of the last
-`block_size` tokens (no KV cache) and samples the next token with `sample_next`.
-
-Shapes: B batch, T0 prompt length, N new tokens, V vocabulary size, W the model's window.
+whatever the number of new tokens; each step reruns the model on the last `block_size` tokens (no
+KV cache). Shapes: B batch, T0 prompt length, N new tokens, V vocabulary size, W the window.
 """
 
 from __future__ import annotations
@@ -84,12 +82,10 @@ def generate(model: nn.Module | ApplyFn, variables: Any, prompt_tokens: jax.Arra
              greedy: bool = False) -> jax.Array:
   """Extends each prompt (`[B, T0]` ids) by N = `num_new_tokens` tokens: `[B, T0 + N]` int32.
 
-  The model must be causal: each step feeds a fixed window of W = min(block_size, T0 + N) tokens,
-  which early on still holds unfilled slots after the current position, and reads the logits of
-  the last filled one. `model` is a linen Module (its `block_size` the default window) or an
-  `ApplyFn`; pass the same object on every call, as it is a static argument of the jitted loop.
-  Step i samples as `sample_next` with `fold_in(key, i)`, so a key always gives the same tokens;
-  `greedy` is argmax decoding whatever the temperature.
+  The model must be causal: each step feeds a window of W = min(block_size, T0 + N) tokens, which
+  early on holds unfilled slots after the current position. `model` is a linen Module (its
+  `block_size` the default) or an `ApplyFn`, a static argument of the jitted loop (pass the same
+  object every call). Step i samples as `sample_next` with `fold_in(key, i)`; `greedy` is argmax.
   """
   if isinstance(model, nn.Module):
     apply_fn = model.apply

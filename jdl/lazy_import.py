@@ -1,10 +1,8 @@
 """TensorFlow and TFDS, imported on first use.
 
-jdl uses TensorFlow only for tf.data input pipelines and TFDS datasets. Importing them takes
-seconds, more than a small experiment's training, and accelerator hosts often lack them; so jdl
-names them through stand-ins (`LazyModule`), and everything else (`import jdl`, the steps, the
-models, `fit` over in-memory arrays, the writers, cached splits) runs without TensorFlow. The first
-pipeline or TFDS read imports it, or says which package to install.
+jdl uses TensorFlow only for tf.data pipelines and TFDS datasets, which take seconds to import and
+which accelerator hosts often lack; through these stand-ins everything else (the steps, models,
+`fit` over in-memory arrays, writers, cached splits) runs without it.
 """
 
 from __future__ import annotations
@@ -73,10 +71,7 @@ tensorflow = LazyModule("tensorflow", install="tensorflow-cpu", purpose="tf.data
                         on_load=_hide_accelerators)
 
 
-def _load_tensorflow(_: types.ModuleType) -> None:
-  """TFDS reads and writes through TensorFlow: load it (and hide its GPUs) through jdl first."""
-  tensorflow._load()  # pylint: disable=protected-access
-
-
-tensorflow_datasets = LazyModule("tensorflow_datasets", install="tensorflow-datasets",
-                                 purpose="TFDS datasets", on_load=_load_tensorflow)
+# TFDS reads and writes through TensorFlow: load it (and hide its GPUs) through jdl first.
+tensorflow_datasets = LazyModule(
+    "tensorflow_datasets", install="tensorflow-datasets", purpose="TFDS datasets",
+    on_load=lambda _: tensorflow._load())  # pylint: disable=protected-access

@@ -1,9 +1,5 @@
-"""Losses and weight penalties.
-
-Every loss maps `(outputs, targets)` to one value per example (shape `[batch]`); the train step
-takes the masked mean, so padded examples never count. Penalties map a params pytree to a scalar
-and are added to the mean loss with their coefficient.
-"""
+"""Losses, each `(outputs, targets) -> [batch]` (the train step takes the masked mean, so padded
+examples never count), and weight penalties, `params -> scalar`, added with their coefficient."""
 
 from __future__ import annotations
 

@@ -119,10 +119,9 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
   """The Optax optimizer an optimizer config describes (`total_steps` as in `make_schedule`).
 
-  Nested, outermost first: `optax.MultiSteps` (when `accumulate_steps > 1`), `with_parameter_ema`
-  (when `ema_decay > 0`, so it sees applied updates only) and `optax.inject_hyperparams` around
-  `chain(clip, weight decay, rule)`, which stores the learning rate in the state
-  (`current_learning_rate`). Its `update` needs `params` when weight decay or the EMA is on.
+  Nested, outermost first: `optax.MultiSteps`, `with_parameter_ema` (so it sees applied updates
+  only), and `optax.inject_hyperparams` (so the state records the learning rate) around
+  `chain(clip, weight decay, rule)`. Its `update` needs `params` with weight decay or the EMA on.
   """
   c = _resolve(config)
   accumulate, ema_decay = int(c["accumulate_steps"]), float(c["ema_decay"])
@@ -225,10 +224,9 @@ def current_learning_rate(opt_state: optax.OptState,
                           schedule: optax.Schedule | None = None) -> jax.Array:
   """The learning rate of the most recent applied update, a float32 scalar (works under jit).
 
-  Read from the rate a `make_optimizer` (or any `optax.inject_hyperparams`) state records, however
-  nested. An optimizer built on a schedule directly (`optax.adamw(schedule)`) keeps only a step
-  count: pass the same `schedule` and the rate is `schedule(count - 1)` (`schedule(0)` before any
-  update).
+  Read from the rate a `make_optimizer` (or any `optax.inject_hyperparams`) state records. One
+  built on a schedule directly (`optax.adamw(schedule)`) keeps only a step count: pass the same
+  `schedule` and the rate is `schedule(count - 1)` (`schedule(0)` before any update).
   """
   found = _learning_rates(opt_state)
   if schedule is None and len(found) == 1:
@@ -249,12 +247,8 @@ def current_learning_rate(opt_state: optax.OptState,
 
 
 def learning_rates(opt_state: optax.OptState) -> dict[str, jax.Array]:
-  """Every learning rate an optimizer state records, for logging.
-
-  `{"learning_rate": r}` for a `make_optimizer` state (or a `multi_transform` with one group that
-  has a rate); `{"learning_rate/<group>": r}` per group of a `jdl.transfer.per_group_optimizer`;
-  `{}` when the state records none.
-  """
+  """Every learning rate an optimizer state records, for logging: `{"learning_rate": r}` for one,
+  `{"learning_rate/<group>": r}` per group of a `jdl.transfer.per_group_optimizer`, or `{}`."""
   groups = _find(opt_state, lambda node: isinstance(node, optax.MultiTransformState))
   if len(groups) == 1:
     rates = {}

@@ -40,12 +40,9 @@ presets by name)."""
 
 def build_model(config: Mapping[str, Any], *, num_classes: int,
                 axis_name: str | None = None) -> nn.Module:
-  """Builds the model a config describes.
-
-  `config.name` picks the class from `MODELS`; the sub-config of the same name holds its
-  attributes, e.g. `{"name": "mlp", "mlp": {"hidden": (128,)}}`, and other models' sub-configs may
-  sit beside it. An attribute the chosen model does not have is an error listing the valid ones.
-  """
+  """The model `config.name` (a key of `MODELS`) with the attributes in the sub-config of the same
+  name, e.g. `{"name": "mlp", "mlp": {"hidden": (128,)}}`; other models' sub-configs may sit beside
+  it, and an attribute the chosen model does not have is an error listing the valid ones."""
   name = config.get("name")
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}.")

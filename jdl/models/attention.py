@@ -1,5 +1,4 @@
-"""Multi-head self-attention (fused, or with explicit einsums), its masks, and a NaN-free masked
-softmax.
+"""Multi-head self-attention (fused or explicit), its masks, and a NaN-free masked softmax.
 
 Shapes: B batch, T query positions, S key positions (S = T), H heads, K the width of one head,
 D the model width (D = H * K). Masks are booleans, True where attention is allowed.
@@ -25,11 +24,8 @@ def causal_mask(length: int) -> jax.Array:
 
 def padding_mask(lengths_or_tokens: jax.Array | np.ndarray, *, length: int | None = None,
                  pad_id: int = 0) -> jax.Array:
-  """The `[B, T]` mask of real tokens (True) and padding (False).
-
-  From `[B]` integer lengths (the first `lengths[b]` positions of row b are real; `length` gives
-  T), or from `[B, T]` integer token ids (a token equal to `pad_id` is padding, wherever it sits).
-  """
+  """The `[B, T]` mask of real tokens (True), from `[B]` integer lengths (the first `lengths[b]`
+  positions of row b are real; `length` gives T) or from `[B, T]` token ids (`pad_id`: padding)."""
   values = jnp.asarray(lengths_or_tokens)
   if not jnp.issubdtype(values.dtype, jnp.integer):
     raise ValueError(
@@ -50,12 +46,9 @@ def padding_mask(lengths_or_tokens: jax.Array | np.ndarray, *, length: int | Non
 
 def attention_mask(padding_mask_BxT: jax.Array | None, *, causal: bool,
                    length: int) -> jax.Array | None:
-  """A padding mask over keys (`[B, T]`, True for real tokens, or None) and the causal mask.
-
-  Returns `[B, 1, T, T]` (or `[1, 1, T, T]` without a padding mask), the rank of the scores, True
-  where query t may attend to key s; None when nothing is masked. Padding is masked as a key only:
-  a padded query still attends to the real tokens, and its output is ignored downstream.
-  """
+  """A padding mask over keys (`[B, T]` or None) combined with the causal mask: `[B or 1, 1, T, T]`,
+  the rank of the scores, or None when nothing is masked. Padding is masked as a key only: a padded
+  query still attends to the real tokens, and its output is ignored downstream."""
   mask = None
   if causal:
     mask = causal_mask(length)[None, None, :, :]
@@ -70,11 +63,8 @@ def attention_mask(padding_mask_BxT: jax.Array | None, *, causal: bool,
 
 
 def masked_softmax(scores: jax.Array, mask: jax.Array | None, axis: int = -1) -> jax.Array:
-  """Softmax over `axis` restricted to the entries where `mask` is True.
-
-  Masked entries get exactly zero weight and gradient, and a row with no allowed entry is all
-  zeros rather than NaN. `mask` must have the rank of `scores` and broadcast against it.
-  """
+  """Softmax over `axis` restricted to the entries where `mask` (the rank of `scores`) is True:
+  masked entries get exactly zero weight and gradient, and an all-masked row is zeros, not NaN."""
   if mask is None:
     return jax.nn.softmax(scores, axis=axis)
   if mask.ndim != scores.ndim:

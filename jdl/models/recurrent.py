@@ -1,12 +1,9 @@
 """Recurrent layers and classifiers: LSTM and GRU, one- or two-directional, with padding.
 
 Shapes: B batch, T positions (the padded length), F input features, H the hidden width of one
-direction, D the output width of a layer (H, or 2H when bidirectional).
-
-The cells are Flax's (`nn.LSTMCell`, `nn.GRUCell`; equations in docs/models.md) scanned over
-positions by `nn.RNN`, from a zero state. Sequences are padded at the end to a common T and given
-`lengths` [B] or a prefix `mask` [B, T]: the backward direction starts at each row's last real
-position, so the real outputs are exactly those of the unpadded sequence; padded ones are zero.
+direction, D the output width of a layer (H, or 2H when bidirectional). The cells are Flax's,
+scanned by `nn.RNN` (docs/models.md). Padding is at the end, given as `lengths` [B] or a prefix
+`mask` [B, T]: the real outputs are exactly those of the unpadded sequences; padded ones are zero.
 """
 
 from __future__ import annotations
@@ -48,13 +45,10 @@ def _concrete(value: jax.Array) -> np.ndarray | None:
 
 def sequence_lengths(batch: int, length: int, *, lengths: jax.Array | None = None,
                      mask: jax.Array | None = None) -> jax.Array | None:
-  """The `[B]` int32 lengths of a padded batch of B sequences of length T, from `lengths` (`[B]`
-  integers in `[0, T]`) or from a prefix `mask` (`[B, T]`, True for real positions); None when
-  neither is given (every position is real).
-
-  Outside jit, where the values are known, a length outside `[0, T]` or a mask row that is not a
-  prefix is an error; under jit lengths are clipped to `[0, T]` and a mask counts its True entries.
-  """
+  """The `[B]` int32 lengths of B sequences padded to T, from `lengths` (`[B]` in `[0, T]`) or a
+  prefix `mask` (`[B, T]`, True where real); None when neither is given. Outside jit a length out
+  of range or a mask row that is not a prefix is an error; under jit lengths are clipped to
+  `[0, T]` and a mask counts its True entries."""
   if lengths is not None and mask is not None:
     raise ValueError("give either lengths [B] or mask [B, T], not both.")
   if mask is not None:
@@ -101,10 +95,9 @@ def _cell(cell: str, hidden: int, initializer: str, name: str) -> nn.RNNCellBase
 class Recurrent(nn.Module):
   """One recurrent layer over padded sequences: `[B, T, F]` -> `[B, T, D]`, one output per position.
 
-  Parameters per direction: LSTM 4H(F + H + 1), GRU 3H(F + H + 1) + H. `bidirectional=True` adds
-  a direction from the last real position back to the first, its outputs after the forward ones
-  (D = 2H). `hidden` is H; `initializer` one of `INITIALIZERS`.
-  """
+  `hidden` is H, `initializer` one of `INITIALIZERS`; `bidirectional=True` adds a direction from
+  the last real position back, its outputs after the forward ones (D = 2H). Parameters per
+  direction: LSTM 4H(F + H + 1), GRU 3H(F + H + 1) + H."""
 
   hidden: int
   cell: str = "lstm"
@@ -241,11 +234,9 @@ class RNNClassifier(nn.Module):
 
 class Mnist1dGRU(RNNClassifier):
   """The MNIST-1D paper's recurrent model: a bidirectional GRU (hidden 6) over the 40 samples,
-  all 40 * 12 = 480 outputs into Dense(num_classes); 5,110 parameters for 10 classes.
-
-  Initialised as PyTorch initialises `nn.GRU` ("uniform"): Flax's default gives the single input
-  feature weights of standard deviation 1 instead of 0.24, and trains to a lower accuracy.
-  """
+  all 40 * 12 = 480 outputs into Dense(num_classes); 5,110 parameters for 10 classes. Initialised
+  as PyTorch's `nn.GRU` ("uniform"): with Flax's, the one input feature's weights have standard
+  deviation 1 instead of 0.24, and it trains to a lower accuracy."""
 
   cell: str = "gru"
   hidden: int = 6
@@ -257,11 +248,8 @@ class Mnist1dGRU(RNNClassifier):
 class RecurrentLM(nn.Module):
   """A causal language model: Embed -> `num_layers` unidirectional LSTM/GRU layers -> Dense.
 
-  Trains on next-token labels `[B, T]` like `jdl.models.TransformerLM` and samples with
-  `jdl.generate.generate`. `num_classes` is V, the vocabulary size (as `build_model` passes it);
-  `dropout_rate` acts on the embeddings and between layers; `block_size` is the longest context it
-  is trained on, to which generation crops.
-  """
+  `num_classes` is V, the vocabulary size (as `build_model` passes it); `dropout_rate` acts on
+  the embeddings and between layers; `jdl.generate.generate` crops contexts to `block_size`."""
 
   num_classes: int
   cell: str = "lstm"

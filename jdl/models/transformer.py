@@ -2,9 +2,8 @@
 
 Shapes: B batch, T sequence length (tokens or patches), D width, V vocabulary size. Every block is
 `x + Dropout(MHSA(LN(x)))` then `x + Dropout(MLP(LN(x)))`, the MLP GELU and `mlp_ratio * D` wide
-(12 D^2 + 13 D parameters a block at ratio 4). Embeddings start as N(0, 0.02^2), as GPT-2's.
-
-The models share `num_layers` blocks of `num_heads` heads (which must divide `width`, D),
+(12 D^2 + 13 D parameters a block at ratio 4). Embeddings start as N(0, 0.02^2), as GPT-2's. The
+models share `num_layers` blocks of `num_heads` heads (which must divide `width`, D),
 `mlp_ratio`, `dropout_rate` (on the embeddings, attention weights and residual branches) and
 `output` ("logits" or "softmax"). `remat` (`REMAT_POLICIES`) and `scan_layers` (the blocks as one
 `nn.scan` over parameters stacked under "blocks") change how the blocks run, not what they compute
@@ -38,16 +37,14 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
 def _check_architecture(module: nn.Module) -> None:
   """Raises a clear error for a transformer shape that cannot be built."""
   model, width, num_heads = type(module).__name__, module.width, module.num_heads
-  num_layers, mlp_ratio, dropout_rate = module.num_layers, module.mlp_ratio, module.dropout_rate
   if num_heads < 1 or width < 1 or width % num_heads:
     raise ValueError(f"{model}: width {width} must be a positive multiple of num_heads {num_heads} "
                      "(each head gets width // num_heads features).")
-  if num_layers < 1:
-    raise ValueError(f"{model}: num_layers must be >= 1; got {num_layers}.")
-  if mlp_ratio < 1:
-    raise ValueError(f"{model}: mlp_ratio must be >= 1; got {mlp_ratio}.")
-  if not 0.0 <= dropout_rate < 1.0:
-    raise ValueError(f"{model}: dropout_rate must be in [0, 1); got {dropout_rate}.")
+  for attribute in ("num_layers", "mlp_ratio"):
+    if getattr(module, attribute) < 1:
+      raise ValueError(f"{model}: {attribute} must be >= 1; got {getattr(module, attribute)}.")
+  if not 0.0 <= module.dropout_rate < 1.0:
+    raise ValueError(f"{model}: dropout_rate must be in [0, 1); got {module.dropout_rate}.")
   if module.remat not in REMAT_POLICIES:
     raise ValueError(f"{model}: unknown remat policy {module.remat!r}; expected one of "
                      f"{tuple(REMAT_POLICIES)}.")
@@ -193,8 +190,8 @@ class TransformerEncoderClassifier(nn.Module):
 class TransformerLM(nn.Module):
   """A decoder-only (GPT-style) language model: `[B, T]` tokens -> `[B, T, V]` logits.
 
-  Token + learned position embedding -> causal blocks -> final LayerNorm -> output projection;
-  position t sees tokens 0..t only. The unrolled blocks are named `blocks_0`, `blocks_1`, ....
+  Token + learned position embedding -> causal blocks (`blocks_0`, ... unrolled) -> final
+  LayerNorm -> output projection; position t sees tokens 0..t only.
 
   Attributes (and those of the module docstring; `output` is per position):
     num_classes: V, the vocabulary size (so `jdl.models.build_model(config, num_classes=V)` fits).
