@@ -31,11 +31,8 @@ PEAK_BF16_FLOPS = {
 
 
 def step_flops(step: Callable[..., Any], *args: Any) -> float:
-  """FLOPs of one call of `step(*args)`, from XLA's cost analysis of its lowered program.
-
-  `args` may be arrays or `jax.ShapeDtypeStruct`s (e.g. `jax.eval_shape` of a state): nothing is
-  computed or compiled. Under a mesh the count is the global program's.
-  """
+  """FLOPs of one call of `step(*args)`, from XLA's cost analysis of its lowered program (the
+  global program's under a mesh); `args` may be `jax.ShapeDtypeStruct`s, as nothing is compiled."""
   jitted = step if hasattr(step, "lower") else jax.jit(step)
   analysis = jitted.lower(*args).cost_analysis()
   if isinstance(analysis, (list, tuple)):  # one entry per program on older JAX versions

@@ -46,10 +46,8 @@ def _check_temperature(temperature: float) -> float:
 
 
 def top_k_logits(logits: jax.Array, k: int) -> jax.Array:
-  """Keeps the `k` (in [1, V]) largest logits along the last axis and sets the others to -inf.
-
-  Exactly k entries survive per row: among equal logits the lower index wins (`lax.top_k`'s order).
-  """
+  """Keeps the `k` (in [1, V]) largest logits along the last axis and sets the others to -inf;
+  exactly k survive per row, among equal logits the lower index (`lax.top_k`'s order)."""
   vocab_size = logits.shape[-1]
   _check_top_k(k, vocab_size)
   if k == vocab_size:
@@ -61,10 +59,8 @@ def top_k_logits(logits: jax.Array, k: int) -> jax.Array:
 
 def sample_next(logits: jax.Array, key: jax.Array, temperature: float = 1.0,
                 top_k: int | None = None) -> jax.Array:
-  """Samples `[B]` int32 tokens, one per row of `[B, V]` logits, from
-  `softmax(top_k_logits(logits, top_k) / temperature)`: a temperature below 1 sharpens, above 1
-  flattens, and 0 is greedy argmax (`key` unused); `top_k` None samples from all V.
-  """
+  """`[B]` int32 tokens sampled from `softmax(top_k_logits(logits [B, V], top_k) / temperature)`;
+  temperature 0 is greedy argmax (`key` unused), and `top_k` None samples from all V."""
   if logits.ndim != 2:
     raise ValueError(f"sample_next expects logits [batch, vocab]; got shape {logits.shape}.")
   temperature = _check_temperature(temperature)

@@ -18,10 +18,8 @@ Params = Any
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *,
                           label_smoothing: float = 0.0) -> jax.Array:
   """`[batch]` cross-entropies of `[batch]` integer labels under softmax(logits `[batch, classes]`)
-  (Keras' `from_logits=True`); NaN for a label outside `[0, classes)` (`nan_outside_classes`).
-
-  With `label_smoothing` s in (0, 1) the target is `(1 - s) * one_hot(label) + s / num_classes`
-  (Szegedy et al., 2016).
+  (Keras' `from_logits=True`); NaN for a label outside `[0, classes)` (`nan_outside_classes`). With
+  `label_smoothing` s the target is `(1 - s) * one_hot(label) + s / classes` (Szegedy et al. 2016).
   """
   smoothing = check_label_smoothing(label_smoothing)
   if not smoothing:
@@ -45,9 +43,7 @@ def cross_entropy_from_probabilities(
 def nan_outside_classes(losses: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
   """`losses` with NaN where a label is outside `[0, num_classes)`, where indexing would silently
   pick another class (jax clamps or wraps indices); NaN stops `jdl.fit` at that step. A masked-out
-  example still needs a label in range (padding uses 0): its loss is multiplied by 0, and
-  NaN * 0 is NaN.
-  """
+  example still needs a label in range (padding uses 0), as NaN * 0 is NaN."""
   valid = (labels >= 0) & (labels < num_classes)
   return jnp.where(valid, losses, jnp.nan)
 

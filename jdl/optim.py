@@ -1,10 +1,9 @@
 """One optimizer factory: an Optax chain built from a config mapping (keys: `OPTIMIZER_DEFAULTS`).
 
-A *train step* is one call of `update` (what `TrainState.step` counts); an *applied update*, every
-`accumulate_steps`-th train step, changes the parameters. The schedule, moments and EMA advance per
-applied update, so accumulating k micro-batches of size b trains like batches of size k * b.
-`total_steps` counts train steps (what a loop knows) and is divided by `accumulate_steps`, rounding
-down: an incomplete last accumulation is never applied.
+A *train step* is one call of `update` (what `TrainState.step` and `total_steps` count); an
+*applied update*, every `accumulate_steps`-th train step, changes the parameters and advances the
+schedule, moments and EMA, so accumulating k micro-batches of size b trains like batches of k * b.
+An incomplete last accumulation is never applied.
 """
 
 from __future__ import annotations
@@ -70,11 +69,8 @@ def _resolve(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def make_schedule(config: Mapping[str, Any], *, total_steps: int | None = None) -> optax.Schedule:
-  """`schedule(n)`, the learning rate of applied update n (from 0), of an optimizer config.
-
-  "warmup_cosine" needs `total_steps`, the run's length in train steps, and decays over
-  `total_steps // accumulate_steps` applied updates.
-  """
+  """`schedule(n)`, the learning rate of applied update n (from 0), of an optimizer config;
+  "warmup_cosine" decays over `total_steps` train steps (`// accumulate_steps` applied updates)."""
   c = _resolve(config)
   accumulate = int(c["accumulate_steps"])
   peak = float(c["learning_rate"])
@@ -184,10 +180,9 @@ def with_parameter_ema(
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps `inner` so that its state also keeps an exponential moving average of the parameters.
 
-  After each update, `ema = decay * ema + (1 - decay) * (params + updates)`, `decay` in [0, 1);
-  `ema` starts at the initial params and is not debiased; the updates are `inner`'s, unchanged.
-  Every `update` call counts (put `optax.MultiSteps` outside to average applied updates only), and
-  needs `params`. Read the average with `ema_parameters(opt_state)`.
+  After each `update` (which needs `params`; put `optax.MultiSteps` outside to count applied
+  updates only), `ema = decay * ema + (1 - decay) * (params + updates)`, from the initial params,
+  not debiased; `inner`'s updates are unchanged. Read it with `ema_parameters(opt_state)`.
   """
   if not _in_unit_interval(decay):
     raise ValueError(f"with_parameter_ema needs decay in [0, 1); got {decay!r}.")

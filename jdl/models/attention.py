@@ -84,12 +84,10 @@ class MultiHeadSelfAttention(nn.Module):
 
   Projections D -> H x K for queries, keys and values, scores `q . k / sqrt(K)`, a masked softmax
   over keys (query t sees keys s <= t only when `causal`), dropout on the weights, and an output
-  projection H x K -> D; `num_heads` (H) must divide D and `use_bias` sets the projections' biases.
-
-  The attention runs fused, `jax.nn.dot_product_attention` (cuDNN's flash attention on GPUs), which
-  never keeps the `[B, H, T, S]` weights, except where the weights are needed: dropout on them in
-  training, a caller asking for them (`mutable=["intermediates"]`, sown as `attention_weights`),
-  or `fused=False`; then explicit einsums compute them.
+  projection H x K -> D; `num_heads` (H) must divide D. It runs fused, without keeping the
+  `[B, H, T, S]` weights (`jax.nn.dot_product_attention`, cuDNN's flash attention on GPUs), unless
+  they are needed: for dropout in training, for a caller asking for them (sown as
+  `attention_weights` under `mutable=["intermediates"]`), or with `fused=False`.
   """
 
   num_heads: int

@@ -15,12 +15,10 @@ from jdl.models.layers import (
 
 
 class CNN(nn.Module):
-  """The classic small image CNN: [Conv 3x3 -> (norm) -> activation -> 2x2 average pool] per entry
-  of `features`, then Dense(`dense`) -> activation -> Dropout -> Dense(num_classes). The defaults
-  on 28x28x1 inputs have 824,458 parameters; a norm replaces each convolution's bias with its own
-  scale and bias: 824,554. `normalization` is None or an `image_norm` kind, after each convolution;
-  `axis_name` the pmap axis of BatchNorm's statistics; `dropout_rate` acts in training only.
-  """
+  """The classic small image CNN: [Conv 3x3 -> (`image_norm` of kind `normalization`) ->
+  activation -> 2x2 average pool] per entry of `features`, then Dense(`dense`) -> activation ->
+  Dropout -> Dense(num_classes); 824,458 parameters on 28x28x1 (824,554 with a norm, which
+  replaces each convolution's bias). `axis_name` is the pmap axis of BatchNorm's statistics."""
 
   num_classes: int
   features: Sequence[int] = (32, 64)
@@ -59,12 +57,9 @@ PATCH_LAYOUTS = ("NLC", "CLN")
 
 class PatchConv1D(nn.Module):
   """A 1-D convolution as one matrix product over extracted patches: `nn.Conv`'s parameters and
-  result (up to rounding), fast where XLA's CPU convolution in a compiled loop is slow.
-
-  `layout` is that of the input and output: "NLC" (`[batch, length, channels]`, as `nn.Conv`) or
-  "CLN" (`[channels, length, batch]`), which puts the batch, the long axis of the product
-  `[out, size*in] @ [size*in, length*batch]`, where the CPU's vector units want it.
-  """
+  result (up to rounding), fast where XLA's CPU convolution in a compiled loop is slow. `layout`
+  is that of the input and output: "NLC" (as `nn.Conv`) or "CLN" (`[channels, length, batch]`),
+  which puts the batch, the long axis of the product, where the CPU's vector units want it."""
 
   features: int
   kernel_size: int
@@ -109,11 +104,8 @@ CONV_IMPLEMENTATIONS = ("auto", "xla", "patches")
 class CNN1D(nn.Module):
   """A 1-D CNN for signals, by default the MNIST-1D paper's model: three Conv1d 25 (k5, k3, k3;
   stride 2, padding 1) -> ReLU, then Flatten -> Dense(num_classes); 5,210 parameters on 40 samples.
-
-  `features` and `kernel_sizes` have an entry per convolution; `stride` and `padding` (both sides)
-  are every convolution's. `conv` is "xla" (`nn.Conv`), "patches" (`PatchConv1D`, in layout "CLN")
-  or "auto", patches on a CPU and XLA's elsewhere; the parameters are the same either way.
-  """
+  `conv` is "xla" (`nn.Conv`), "patches" (`PatchConv1D`, in layout "CLN") or "auto", patches on a
+  CPU and XLA's elsewhere; the parameters are the same either way."""
 
   num_classes: int
   features: Sequence[int] = (25, 25, 25)

@@ -69,13 +69,10 @@ def check_normalization(kind: str | None, *, allow_none: bool) -> None:
 def image_norm(kind: str, channels: int, *, train: bool, axis_name: str | None = None,
                scale_init: Callable[..., Any] = nn.initializers.ones,
                name: str | None = None) -> nn.Module:
-  """A normalisation layer for `[batch, height, width, channels]` activations.
-
-  `kind` is "batch" (BatchNorm, statistics in "batch_stats", averaged over the pmap axis
-  `axis_name`, running averages when not `train`; momentum 0.9, epsilon 1e-5), "group" (GroupNorm
-  with gcd(`GROUPS`, channels) groups) or "layer" (LayerNorm over height, width and channels, with
-  a scale and bias per channel). A zero `scale_init` makes a residual branch start as nothing.
-  """
+  """A normalisation layer for `[batch, height, width, channels]`: "batch" (BatchNorm, statistics
+  in "batch_stats" averaged over the pmap axis `axis_name`; momentum 0.9, epsilon 1e-5), "group"
+  (GroupNorm, gcd(`GROUPS`, channels) groups) or "layer" (LayerNorm over height, width and
+  channels, a scale and bias per channel). A zero `scale_init` starts a residual branch at zero."""
   check_normalization(kind, allow_none=False)
   if kind == "batch":
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,

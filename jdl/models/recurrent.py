@@ -111,9 +111,7 @@ class Recurrent(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxF: jax.Array, *, lengths: jax.Array | None = None,
                mask: jax.Array | None = None) -> jax.Array:
-    """`[B, T, D]` outputs of sequences padded at the end, zero at padded positions; optional
-    `lengths` (`[B]` in `[0, T]`) or a prefix `mask` (`[B, T]`, True where real) mark the padding.
-    """
+    """`[B, T, D]` outputs, zero at the padding `lengths` or `mask` mark (`sequence_lengths`)."""
     if x_BxTxF.ndim != 3 or x_BxTxF.shape[1] < 1:
       raise ValueError("Recurrent expects sequences [batch, time, features] with time >= 1; got "
                        f"shape {x_BxTxF.shape}.")
@@ -137,13 +135,10 @@ class Recurrent(nn.Module):
 
 def pool_sequence(outputs_BxTxD: jax.Array, pooling: str, *, lengths: jax.Array | None,
                   bidirectional: bool) -> jax.Array:
-  """One `[B, ...]` summary of each sequence of recurrent outputs (zero at padding).
-
-  "last": the state after the whole sequence in each direction: the forward half at position
-  L-1 and, when `bidirectional`, the backward half at position 0, `[B, D]` (zeros for L = 0).
-  "mean": the mean over the L real positions, `[B, D]`.
-  "flatten": every position's outputs in a row, `[B, T * D]` (padding included, as zeros).
-  """
+  """One `[B, ...]` summary of each sequence of recurrent outputs (zero at padding): "last", the
+  state after the sequence in each direction (the forward half at position L-1, the backward half,
+  when `bidirectional`, at 0; `[B, D]`, zeros for L = 0); "mean" over the L real positions,
+  `[B, D]`; "flatten", every position's outputs in a row, `[B, T * D]` (padding as zeros)."""
   batch, length, width = outputs_BxTxD.shape
   if pooling == "flatten":
     return outputs_BxTxD.reshape(batch, length * width)
@@ -165,9 +160,9 @@ def pool_sequence(outputs_BxTxD: jax.Array, pooling: str, *, lengths: jax.Array 
 class RNNClassifier(nn.Module):
   """A stack of recurrent layers, a pooling over positions, then Dense(num_classes).
 
-  Inputs are either `[B, T]` integer token ids (with `vocab_size`; id 0 is end padding, from which
-  lengths are read unless given) or `[B, T]` / `[B, T, F]` float signals. A one-layer LSTM with
-  H = 128 over 10,000 tokens embedded in 128, 2 classes, has 1,411,842 parameters.
+  Inputs are `[B, T]` integer token ids (with `vocab_size`; id 0 is end padding) or `[B, T]` /
+  `[B, T, F]` float signals. One LSTM layer (H = 128) over 10,000 tokens embedded in 128, with 2
+  classes, has 1,411,842 parameters.
 
   Attributes (`cell`, `hidden`, `bidirectional` and `initializer` as in `Recurrent`):
     num_layers: recurrent layers stacked; each reads the previous one's outputs.
@@ -195,8 +190,7 @@ class RNNClassifier(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, lengths: jax.Array | None = None) -> jax.Array:
-    """`[B, num_classes]` logits (or probabilities) of the inputs `x` the class docstring names;
-    optional `lengths` (`[B]` in `[0, T]`) replace those read from token padding."""
+    """`[B, num_classes]` outputs; `lengths` (`[B]` in `[0, T]`) replace those read from tokens."""
     name = type(self).__name__
     integer = jnp.issubdtype(x.dtype, jnp.integer)
     if self.vocab_size is not None:
@@ -215,12 +209,10 @@ class RNNClassifier(nn.Module):
       if integer:
         raise ValueError(f"{name} got integer inputs of shape {x.shape} but vocab_size is None: "
                          "set vocab_size for token ids, or give float signals.")
-      if x.ndim == 2:
-        x = x[..., None]
-      if x.ndim != 3:
+      h = x[..., None] if x.ndim == 2 else x
+      if h.ndim != 3:
         raise ValueError(f"{name} expects signals [batch, time] or [batch, time, features]; got "
                          f"shape {x.shape}.")
-      h = x
     if lengths is not None:
       lengths = sequence_lengths(h.shape[0], h.shape[1], lengths=lengths)
     for _ in range(self.num_layers):

@@ -38,9 +38,8 @@ class _Block(nn.Module):
   zero_init_residual: bool = True
 
   def _output(self, y: jax.Array, x_BxHxWxC: jax.Array, last_norm: str) -> jax.Array:
-    """`relu(norm(y) + shortcut(x))`, called inside the block's compact `__call__`. The shortcut
-    is the identity when the shape is kept, else a strided 1x1 conv + norm (the paper's option B).
-    """
+    """`relu(norm(y) + shortcut(x))` inside a compact `__call__`; the shortcut is the identity, or
+    where the shape changes a strided 1x1 conv + norm (the paper's option B)."""
     features = y.shape[-1]
     scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
     y = self.norm(features, scale_init=scale, name=last_norm)(y)
@@ -77,9 +76,8 @@ class ResNet(nn.Module):
   """A residual network: stem -> stages of residual blocks -> global average pool -> Dense logits.
 
   Stage i (from 0) has `width * 2**i` channels (x4 at a bottleneck block's output); each stage after
-  the first halves the resolution in its first block. "ResNet-18 for CIFAR" is
-  `ResNet((2, 2, 2, 2), "basic", 10, layout="cifar")`. Kernels are He-normal (fan-out), as
-  torchvision's.
+  the first halves the resolution in its first block. Kernels are He-normal (fan-out), as
+  torchvision's. "ResNet-18 for CIFAR" is `ResNet((2, 2, 2, 2), "basic", 10, layout="cifar")`.
 
   Attributes:
     stage_sizes: number of residual blocks in each stage.

@@ -100,9 +100,8 @@ def _new_block(module: nn.Module, *, causal: bool, name: str | None = None) -> T
 def _run_blocks(module: nn.Module, blocks: TransformerBlock | Sequence[TransformerBlock],
                 x_BxTxD: jax.Array, *, train: bool,
                 padding_mask: jax.Array | None = None) -> jax.Array:
-  """Runs `module`'s blocks (a list, or under `scan_layers` the one block whose parameters
-  `nn.scan` stacks `num_layers` deep) on `x_BxTxD` under its `remat` setting. `train` is a Python
-  bool, so static in the lifted functions; `padding_mask` goes to every block."""
+  """Runs `module`'s blocks (a list, or the one block whose parameters `nn.scan` stacks) under its
+  `remat` setting; `train`, a Python bool, is static in the lifted functions."""
 
   def step(block: TransformerBlock, x: jax.Array,
            mask: jax.Array | None) -> tuple[jax.Array, None]:
@@ -144,9 +143,9 @@ def _encode(module: nn.Module, x_BxTxD: jax.Array, *, train: bool,
 class TransformerEncoderClassifier(nn.Module):
   """A bidirectional transformer over token ids for sequence classification (e.g. IMDB sentiment).
 
-  Token + learned position embedding -> blocks -> final LayerNorm -> mean over the real tokens ->
-  Dense(num_classes). Padded keys get no attention weight and padded positions are left out of the
-  mean, so appending padding does not change the logits; a sequence of padding only pools to zeros.
+  Token + position embedding -> blocks -> final LayerNorm -> mean over the real tokens -> Dense.
+  Padding gets no attention weight and is left out of the mean, so it does not change the logits
+  (all-padding pools to zeros).
 
   Attributes (and those of the module docstring):
     vocab_size: V, the number of token ids (including the padding id).
@@ -196,8 +195,7 @@ class TransformerLM(nn.Module):
   Attributes (and those of the module docstring; `output` is per position):
     num_classes: V, the vocabulary size (so `jdl.models.build_model(config, num_classes=V)` fits).
     block_size: the longest context (number of learned positions); longer inputs are an error.
-    tie_weights: the output projection is the token embedding's transpose (`nn.Embed.attend`),
-      else a bias-free Dense(V).
+    tie_weights: the output projection is the embedding's transpose, else a bias-free Dense(V).
   """
 
   num_classes: int
@@ -261,9 +259,9 @@ class TransformerLM(nn.Module):
 class ViT(nn.Module):
   """A Vision Transformer (Dosovitskiy et al. 2021) image classifier.
 
-  A `patch_size`-strided patch convolution -> a CLS token in front (`pool="cls"`) -> learned
-  position embeddings -> blocks -> final LayerNorm -> the CLS token's output (or the mean over
-  patches, `pool="mean"`) -> Dense(num_classes). Image sides must be multiples of the patch size.
+  A `patch_size`-strided patch convolution (image sides must be multiples of it) -> a CLS token
+  in front (`pool="cls"`) -> position embeddings -> blocks -> final LayerNorm -> the CLS output
+  or the patch mean -> Dense.
 
   Attributes (and those of the module docstring):
     patch_size: p, the side of a square patch.

@@ -18,10 +18,9 @@ SAMPLE_STREAM = "sample"
 class VAE(nn.Module):
   """Dense encoder and decoder with `hidden` widths (mirrored), a `latent`-dimensional code.
 
-  The encoder maps an example to the mean and log-variance of a diagonal Gaussian; a code drawn
-  from it (reparameterised, from the `SAMPLE_STREAM` stream, in eval mode too: the ELBO is an
-  expectation) is decoded back. Returns `reconstruction` (shaped like the input), `mean` and
-  `log_variance` (`[batch, latent]`); `decode` maps codes to examples.
+  The encoder gives the `mean` and `log_variance` (`[batch, latent]`) of a diagonal Gaussian; a
+  code drawn from it (reparameterised, from `SAMPLE_STREAM`, in eval mode too: the ELBO is an
+  expectation) is decoded to a `reconstruction` shaped like the input; `decode` maps codes alone.
   """
 
   hidden: Sequence[int] = (128,)
