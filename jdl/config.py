@@ -1,9 +1,6 @@
-"""Experiment configs: the base config every experiment starts from, and command-line overrides.
-
-An experiment is a `get_config()` plus a short main. Configs are locked ml_collections
-ConfigDicts: overriding a key that does not exist is an error that names the closest valid key,
-never a silent default. Overrides come from the command line as `--config.KEY=VALUE`, with dots for
-nested keys (`--config.optimizer.learning_rate=3e-4`).
+"""Experiment configs: the base config every experiment starts from, and command-line overrides
+(`--config.optimizer.learning_rate=3e-4`). Configs are locked ml_collections ConfigDicts: an
+override of a key that does not exist is an error naming the closest valid key, never a default.
 """
 
 from __future__ import annotations
@@ -25,10 +22,8 @@ class ConfigError(ValueError):
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every key `jdl.experiment.train_and_evaluate` reads, with defaults; experiments change a few.
-
-  One config drives every task (`config.task`): image and signal classification, language
-  modelling and text classification."""
+  """Every key `jdl.experiment.train_and_evaluate` reads, for every task (`config.task`), with
+  defaults; experiments change a few."""
   config = ml_collections.ConfigDict()
   # Data.
   config.task = "classification"  # classification, language_model, text_classification
@@ -144,11 +139,9 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
     return None  # unsets an optional field, e.g. --config.model.cnn.normalization=None
   if isinstance(current, bool):
     lowered = text.strip().lower()
-    if lowered in ("true", "1", "yes"):
-      return True
-    if lowered in ("false", "0", "no"):
-      return False
-    raise ConfigError(f"config key {key!r} is a bool; got {text!r} (use true or false).")
+    if lowered not in ("true", "1", "yes", "false", "0", "no"):
+      raise ConfigError(f"config key {key!r} is a bool; got {text!r} (use true or false).")
+    return lowered in ("true", "1", "yes")
   if isinstance(current, str):
     return text
   try:

@@ -1,14 +1,8 @@
 """Model FLOPs and MFU: how much of the hardware's arithmetic a train step puts to use.
 
-Model FLOPs utilisation (MFU, Chowdhery et al. 2022, appendix B) is the FLOPs a step needs by the
-model's arithmetic, over the step's time, over the devices' peak: a rate that compares across
-hardware, batch sizes and implementations, where examples per second does not.
-
-`step_flops` reads a step's FLOPs from XLA's cost analysis of the lowered program (no compile);
-for a transformer `transformer_train_flops` gives the textbook count, `6 N + 12 L T D` per
-token, which the cost analysis matches within a fraction of a percent at GPT-2-small's shape (a
-test checks 5%). `peak_flops` knows the dense bfloat16 peak of common accelerators per chip, and
-measures a CPU's float32 matrix-product rate once.
+Model FLOPs utilisation (MFU, Chowdhery et al. 2022, appendix B), a step's FLOPs over its time over
+the devices' peak, compares across hardware, batch sizes and implementations. XLA's cost analysis
+(`step_flops`) matches the textbook count (`transformer_train_flops`) at GPT-2-small's shape.
 """
 
 from __future__ import annotations
@@ -37,11 +31,8 @@ PEAK_BF16_FLOPS = {
 
 
 def step_flops(step: Callable[..., Any], *args: Any) -> float:
-  """FLOPs of one call of `step(*args)`, from XLA's cost analysis of its lowered program.
-
-  `args` may be arrays or `jax.ShapeDtypeStruct`s (e.g. `jax.eval_shape` of a state): nothing is
-  computed or compiled. Under a mesh the count is the global program's.
-  """
+  """FLOPs of one call of `step(*args)`, from XLA's cost analysis of its lowered program (the
+  global program's under a mesh); `args` may be `jax.ShapeDtypeStruct`s, as nothing is compiled."""
   jitted = step if hasattr(step, "lower") else jax.jit(step)
   analysis = jitted.lower(*args).cost_analysis()
   if isinstance(analysis, (list, tuple)):  # one entry per program on older JAX versions
@@ -54,8 +45,8 @@ def step_flops(step: Callable[..., Any], *args: Any) -> float:
 def transformer_train_flops(num_params: int, *, num_layers: int, width: int, context: int,
                             tokens: int) -> float:
   """Training FLOPs of a decoder transformer for `tokens` tokens: `6 N` per token for the
-  parameters' products (forward 2 N, backward 4 N) plus `12 L T D` for attention's scores and
-  weighted sums at context T (Kaplan et al. 2020; Chowdhery et al. 2022, appendix B)."""
+  parameters' products (forward 2 N, backward 4 N) plus `12 L T D` for attention at context T
+  (Kaplan et al. 2020; Chowdhery et al. 2022, appendix B)."""
   return float(tokens) * (6.0 * num_params + 12.0 * num_layers * context * width)
 
 

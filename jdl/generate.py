@@ -1,10 +1,8 @@
 """Autoregressive sampling from a causal language model.
 
 `generate` runs one jitted `lax.fori_loop` over a fixed-size token buffer, so a call compiles once
-whatever the number of new tokens. Each step recomputes the model on a window of the last
-`block_size` tokens (no KV cache) and samples the next token with `sample_next`.
-
-Shapes: B batch, T0 prompt length, N new tokens, V vocabulary size, W the model's window.
+whatever the number of new tokens; each step reruns the model on the last `block_size` tokens (no
+KV cache). Shapes: B batch, T0 prompt length, N new tokens, V vocabulary size, W the window.
 """
 
 from __future__ import annotations
@@ -40,17 +38,16 @@ def _check_temperature(temperature: float) -> float:
   try:
     value = float(temperature)
   except (TypeError, ValueError):
-    raise ValueError(f"temperature must be a number >= 0; got {temperature!r}.") from None
-  if not value >= 0.0 or value == float("inf"):  # also rejects NaN
-    raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy); got {temperature}.")
+    value = float("nan")
+  if not 0.0 <= value < float("inf"):  # also rejects NaN
+    raise ValueError(
+        f"temperature must be a finite number >= 0 (0 is greedy); got {temperature!r}.")
   return value
 
 
 def top_k_logits(logits: jax.Array, k: int) -> jax.Array:
-  """Keeps the `k` (in [1, V]) largest logits along the last axis and sets the others to -inf.
-
-  Exactly k entries survive per row: among equal logits the lower index wins (`lax.top_k`'s order).
-  """
+  """Keeps the `k` (in [1, V]) largest logits along the last axis and sets the others to -inf;
+  exactly k survive per row, among equal logits the lower index (`lax.top_k`'s order)."""
   vocab_size = logits.shape[-1]
   _check_top_k(k, vocab_size)
   if k == vocab_size:
@@ -62,17 +59,8 @@ def top_k_logits(logits: jax.Array, k: int) -> jax.Array:
 
 def sample_next(logits: jax.Array, key: jax.Array, temperature: float = 1.0,
                 top_k: int | None = None) -> jax.Array:
-  """Samples one token per row from `softmax(top_k_logits(logits, top_k) / temperature)`.
-
-  Args:
-    logits: `[B, V]` next-token scores.
-    key: a PRNG key (unused when greedy).
-    temperature: > 0 scales the logits (below 1 sharpens, above 1 flattens); 0 is greedy argmax.
-    top_k: sample among the k most likely tokens only; None samples from all V.
-
-  Returns:
-    `[B]` int32 token ids in [0, V).
-  """
+  """`[B]` int32 tokens sampled from `softmax(top_k_logits(logits [B, V], top_k) / temperature)`;
+  temperature 0 is greedy argmax (`key` unused), and `top_k` None samples from all V."""
   if logits.ndim != 2:
     raise ValueError(f"sample_next expects logits [batch, vocab]; got shape {logits.shape}.")
   temperature = _check_temperature(temperature)
@@ -88,26 +76,12 @@ def generate(model: nn.Module | ApplyFn, variables: Any, prompt_tokens: jax.Arra
              num_new_tokens: int, key: jax.Array, temperature: float = 1.0,
              top_k: int | None = None, block_size: int | None = None,
              greedy: bool = False) -> jax.Array:
-  """Extends each prompt by `num_new_tokens` sampled tokens.
+  """Extends each prompt (`[B, T0]` ids) by N = `num_new_tokens` tokens: `[B, T0 + N]` int32.
 
-  The model must be causal: each step feeds a fixed window of W = min(block_size, T0 + N) tokens,
-  which early on still holds unfilled slots after the current position, and reads the logits of
-  the last filled one.
-
-  Args:
-    model: a linen Module (its `apply` is used, and its `block_size` attribute is the default
-      window) or an apply function `(variables, tokens [B, T], train=False) -> [B, T, V]`. Pass
-      the same object on every call: it is a static argument of the jitted loop.
-    variables: the model's variables, e.g. `{"params": params}`.
-    prompt_tokens: `[B, T0]` integer token ids, T0 >= 1.
-    num_new_tokens: N >= 0, tokens to add.
-    key: a PRNG key; step i uses `fold_in(key, i)`, so a key gives the same tokens every time.
-    temperature, top_k: as in `sample_next`, at every step.
-    block_size: the model's longest context; defaults to `model.block_size`.
-    greedy: argmax decoding, whatever the temperature.
-
-  Returns:
-    `[B, T0 + N]` int32 tokens: the prompt followed by the new tokens.
+  The model must be causal: each step feeds a window of W = min(block_size, T0 + N) tokens, which
+  early on holds unfilled slots after the current position. `model` is a linen Module (its
+  `block_size` the default) or an `ApplyFn`, a static argument of the jitted loop (pass the same
+  object every call). Step i samples as `sample_next` with `fold_in(key, i)`; `greedy` is argmax.
   """
   if isinstance(model, nn.Module):
     apply_fn = model.apply

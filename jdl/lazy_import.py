@@ -1,13 +1,8 @@
 """TensorFlow and TFDS, imported on first use.
 
-jdl uses TensorFlow for one thing only: tf.data input pipelines, with TFDS for its datasets.
-Importing the two takes seconds, more than `import jdl` and the whole of a small experiment's
-training, and on an accelerator host they are often not installed at all. So jdl's modules name
-them through the stand-ins below (`LazyModule`): `import jdl`, the train steps, the models, `fit`
-over in-memory arrays (`jdl.data.ArraySource`), the metric writers (TensorBoard files are written
-with the `tensorboard` package) and in-memory splits already cached by `jdl.data.array_cache` run
-without TensorFlow; the first pipeline or TFDS dataset read imports it, and where it is missing
-says which package to install.
+jdl uses TensorFlow only for tf.data pipelines and TFDS datasets, which take seconds to import and
+which accelerator hosts often lack; through these stand-ins everything else (the steps, models,
+`fit` over in-memory arrays, writers, cached splits) runs without it.
 """
 
 from __future__ import annotations
@@ -23,12 +18,8 @@ _log = logging.getLogger(__name__)
 
 
 class LazyModule(types.ModuleType):
-  """A stand-in for module `name` that imports it on first attribute access.
-
-  `on_load(module)` runs once, right after the import (jdl hides accelerators from TensorFlow
-  there). A missing package raises `ModuleNotFoundError` naming the package to install and what
-  jdl needs it for.
-  """
+  """A stand-in for module `name` that imports it on first attribute access, then runs
+  `on_load(module)` once; a missing package is a `ModuleNotFoundError` naming what to install."""
 
   def __init__(self, name: str, *, install: str, purpose: str,
                on_load: Callable[[types.ModuleType], None] | None = None):
@@ -80,10 +71,7 @@ tensorflow = LazyModule("tensorflow", install="tensorflow-cpu", purpose="tf.data
                         on_load=_hide_accelerators)
 
 
-def _load_tensorflow(_: types.ModuleType) -> None:
-  """TFDS reads and writes through TensorFlow: load it (and hide its GPUs) through jdl first."""
-  tensorflow._load()  # pylint: disable=protected-access
-
-
-tensorflow_datasets = LazyModule("tensorflow_datasets", install="tensorflow-datasets",
-                                 purpose="TFDS datasets", on_load=_load_tensorflow)
+# TFDS reads and writes through TensorFlow: load it (and hide its GPUs) through jdl first.
+tensorflow_datasets = LazyModule(
+    "tensorflow_datasets", install="tensorflow-datasets", purpose="TFDS datasets",
+    on_load=lambda _: tensorflow._load())  # pylint: disable=protected-access

@@ -1,9 +1,5 @@
-"""Losses and weight penalties.
-
-Every loss maps `(outputs, targets)` to one value per example (shape `[batch]`); the train step
-takes the masked mean, so padded examples never count. Penalties map a params pytree to a scalar
-and are added to the mean loss with their coefficient.
-"""
+"""Losses, each `(outputs, targets) -> [batch]` (the train step takes the masked mean, so padded
+examples never count), and weight penalties, `params -> scalar`, added with their coefficient."""
 
 from __future__ import annotations
 
@@ -21,16 +17,9 @@ Params = Any
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *,
                           label_smoothing: float = 0.0) -> jax.Array:
-  """Cross-entropy of integer class labels under softmax(logits) (Keras' `from_logits=True`).
-
-  Args:
-    logits: `[batch, num_classes]` unnormalised scores.
-    labels: `[batch]` integer class indices in `[0, num_classes)`.
-    label_smoothing: `s` in `[0, 1)`; with `s > 0` the target is
-      `(1 - s) * one_hot(label) + s / num_classes` (Szegedy et al., 2016).
-
-  Returns:
-    `[batch]` losses; NaN for a label outside `[0, num_classes)` (see `nan_outside_classes`).
+  """`[batch]` cross-entropies of `[batch]` integer labels under softmax(logits `[batch, classes]`)
+  (Keras' `from_logits=True`); NaN for a label outside `[0, classes)` (`nan_outside_classes`). With
+  `label_smoothing` s the target is `(1 - s) * one_hot(label) + s / classes` (Szegedy et al. 2016).
   """
   smoothing = check_label_smoothing(label_smoothing)
   if not smoothing:
@@ -44,30 +33,17 @@ def cross_entropy_from_probabilities(
     probabilities: jax.Array, labels: jax.Array, *, epsilon: float = 1e-7,
     label_smoothing: float = 0.0,
 ) -> jax.Array:
-  """Cross-entropy of integer labels for a model that ends in softmax (Keras' `from_logits=False`).
-
-  Probabilities are clipped to `[epsilon, 1]` before the log; prefer logits with
-  `softmax_cross_entropy`, which is numerically stable. `label_smoothing` and out-of-range labels
-  as there.
-  """
-  smoothing = check_label_smoothing(label_smoothing)
-  if not smoothing:
-    picked = jnp.take_along_axis(probabilities, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
-    losses = -jnp.log(jnp.clip(picked, epsilon, 1.0))
-  else:
-    losses = _smoothed_cross_entropy(jnp.log(jnp.clip(probabilities, epsilon, 1.0)), labels,
-                                     smoothing)
+  """`softmax_cross_entropy` for a model that ends in softmax (Keras' `from_logits=False`), with
+  the probabilities clipped to `[epsilon, 1]` before the log; logits are numerically stabler."""
+  log_probs = jnp.log(jnp.clip(probabilities, epsilon, 1.0))
+  losses = _smoothed_cross_entropy(log_probs, labels, check_label_smoothing(label_smoothing))
   return nan_outside_classes(losses, labels, probabilities.shape[-1])
 
 
 def nan_outside_classes(losses: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
-  """`losses` with NaN where a label is outside `[0, num_classes)`.
-
-  Indexing by such a label (-1, say) would silently pick another class (jax clamps or wraps
-  out-of-range indices), a finite but wrong loss; NaN makes it visible in a user's own loop and
-  stops `jdl.fit` at that step, named by its non-finite watch. A masked-out example still needs a
-  label in range (padding uses 0): the masked mean multiplies its loss by 0, and NaN * 0 is NaN.
-  """
+  """`losses` with NaN where a label is outside `[0, num_classes)`, where indexing would silently
+  pick another class (jax clamps or wraps indices); NaN stops `jdl.fit` at that step. A masked-out
+  example still needs a label in range (padding uses 0), as NaN * 0 is NaN."""
   valid = (labels >= 0) & (labels < num_classes)
   return jnp.where(valid, losses, jnp.nan)
 
@@ -77,10 +53,9 @@ def check_label_smoothing(label_smoothing: float) -> float:
   try:
     value = float(label_smoothing)
   except (TypeError, ValueError):
-    raise ValueError(
-        f"label_smoothing must be a number in [0, 1); got {label_smoothing!r}.") from None
-  if not 0.0 <= value < 1.0:
-    raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing}.")
+    value = float("nan")
+  if not 0.0 <= value < 1.0:  # also rejects NaN
+    raise ValueError(f"label_smoothing must be a number in [0, 1); got {label_smoothing!r}.")
   return value
 
 
@@ -91,15 +66,8 @@ def _smoothed_cross_entropy(log_probs: jax.Array, labels: jax.Array, smoothing: 
 
 
 def binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Cross-entropy of {0, 1} targets under sigmoid(logits), averaged over trailing axes.
-
-  Args:
-    logits: `[batch, ...]` unnormalised scores.
-    labels: targets of the same shape, in [0, 1].
-
-  Returns:
-    `[batch]` losses.
-  """
+  """`[batch]` cross-entropies of targets in [0, 1] under sigmoid(logits) (both `[batch, ...]`),
+  averaged over the trailing axes."""
   per_element = optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype))
   return _mean_over_trailing_axes(per_element)
 
@@ -145,12 +113,8 @@ def make_weight_penalty(l1: float = 0.0, l2: float = 0.0) -> Callable[[Params], 
     return None
 
   def penalty(params: Params) -> jax.Array:
-    total = jnp.zeros(())
-    if l1:
-      total = total + l1 * l1_penalty(params)
-    if l2:
-      total = total + l2 * l2_penalty(params)
-    return total
+    terms = ((l1, l1_penalty), (l2, l2_penalty))
+    return sum((weight * fn(params) for weight, fn in terms if weight), jnp.zeros(()))
 
   return penalty
 
@@ -163,12 +127,8 @@ LOSSES: dict[str, LossFn] = {
 
 
 def get_classification_loss(name: str, label_smoothing: float = 0.0) -> LossFn:
-  """The classification loss called `name`, as a `(outputs, labels) -> [batch]` function.
-
-  Args:
-    name: a key of `LOSSES`; a clear error lists the valid names.
-    label_smoothing: `s` in `[0, 1)`, bound into the returned two-argument loss.
-  """
+  """The classification loss called `name` (a key of `LOSSES`), as a `(outputs, labels) -> [batch]`
+  function with `label_smoothing` bound into it."""
   if name not in LOSSES:
     raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}.")
   smoothing = check_label_smoothing(label_smoothing)

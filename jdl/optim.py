@@ -1,31 +1,9 @@
-"""One optimizer factory: an Optax chain built from a config mapping.
+"""One optimizer factory: an Optax chain built from a config mapping (keys: `OPTIMIZER_DEFAULTS`).
 
-  name:              "sgd" | "adam" | "adamw" | "rmsprop"
-  learning_rate:     peak learning rate (> 0)
-  momentum:          SGD / RMSProp momentum; 0 gives plain SGD
-  nesterov:          Nesterov momentum for SGD
-  b1, b2, eps:       Adam / AdamW moments and epsilon (RMSProp uses `eps` and `decay`=b2)
-  weight_decay:      >= 0, "adamw" and "sgd" only: AdamW's is decoupled (`w -= lr * wd * w`);
-                     SGD's adds `wd * w` to the gradient before momentum (PyTorch's)
-  weight_decay_mask: "kernels" (default: rank >= 2 leaves, `jdl.losses.kernels_only_mask`) | "all"
-  schedule:          "constant" | "step" | "warmup_cosine"
-  warmup_steps:      linear warm-up from 0 ("warmup_cosine"), in applied updates
-  decay_every:       applied updates between decays ("step")
-  decay_factor:      learning-rate multiplier at each decay ("step")
-  end_fraction:      final learning rate as a fraction of the peak ("warmup_cosine")
-  clip_norm:         clip gradients to this global norm first; None or 0 disables
-  accumulate_steps:  average the gradients of this many train steps into one update
-                     (`optax.MultiSteps`); 1 (default) applies every step
-  ema_decay:         keep `ema = d * ema + (1 - d) * params` for evaluation (`ema_parameters`);
-                     in [0, 1), 0 (default) disables
-
-Keys left out take `OPTIMIZER_DEFAULTS`; an unknown key or a bad value is an error.
-
-A *train step* is one call of `update` (what `TrainState.step` counts); an *applied update* is one
-change of the parameters, every `accumulate_steps`-th train step. The schedule, the moments and the
-EMA advance once per applied update, so accumulating k micro-batches of size b trains like batches
-of size k * b. `total_steps` counts train steps, because that is what a loop knows; it is divided by
-`accumulate_steps` (rounding down: an incomplete last accumulation is never applied).
+A *train step* is one call of `update` (what `TrainState.step` and `total_steps` count); an
+*applied update*, every `accumulate_steps`-th train step, changes the parameters and advances the
+schedule, moments and EMA, so accumulating k micro-batches of size b trains like batches of k * b.
+An incomplete last accumulation is never applied.
 """
 
 from __future__ import annotations
@@ -43,24 +21,30 @@ from jdl import losses as losses_lib
 Params = Any  # a pytree of arrays
 
 OPTIMIZER_DEFAULTS: dict[str, Any] = {
-    "name": "adam",
-    "learning_rate": 1e-3,
-    "momentum": 0.0,
-    "nesterov": False,
-    "b1": 0.9,
+    "name": "adam",  # "sgd" | "adam" | "adamw" | "rmsprop"
+    "learning_rate": 1e-3,  # peak learning rate (> 0)
+    "momentum": 0.0,  # SGD / RMSProp momentum; 0 gives plain SGD
+    "nesterov": False,  # Nesterov momentum for SGD
+    "b1": 0.9,  # Adam / AdamW moments and epsilon (RMSProp uses `eps`, and b2 as its `decay`)
     "b2": 0.999,
     "eps": 1e-7,
+    # >= 0, "adamw" and "sgd" only: AdamW's is decoupled (`w -= lr * wd * w`); SGD's adds `wd * w`
+    # to the gradient before momentum (PyTorch's).
     "weight_decay": 0.0,
-    "schedule": "constant",
-    "warmup_steps": 0,
-    "decay_every": 0,
-    "decay_factor": 0.1,
-    "end_fraction": 0.0,
-    "clip_norm": None,
+    "schedule": "constant",  # "constant" | "step" | "warmup_cosine"
+    "warmup_steps": 0,  # linear warm-up from 0 ("warmup_cosine"), in applied updates
+    "decay_every": 0,  # applied updates between decays ("step")
+    "decay_factor": 0.1,  # learning-rate multiplier at each decay ("step")
+    "end_fraction": 0.0,  # final learning rate as a fraction of the peak ("warmup_cosine")
+    "clip_norm": None,  # clip gradients to this global norm first; None or 0 disables
+    # "kernels" (rank >= 2 leaves, `jdl.losses.kernels_only_mask`) or "all"
     "weight_decay_mask": "kernels",
+    # Average the gradients of this many train steps into one update (`optax.MultiSteps`).
     "accumulate_steps": 1,
+    # Keep `ema = d * ema + (1 - d) * params` for evaluation (`ema_parameters`); in [0, 1), 0: off.
     "ema_decay": 0.0,
 }
+"""Every key of an optimizer config, with its default; an unknown key or a bad value is an error."""
 
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULE_NAMES = ("constant", "step", "warmup_cosine")
@@ -68,25 +52,27 @@ WEIGHT_DECAY_MASKS = ("kernels", "all")
 
 
 def _resolve(config: Mapping[str, Any]) -> dict[str, Any]:
+  """`config` with defaults for the keys left out, its keys, `accumulate_steps` and `ema_decay`
+  checked."""
   unknown = sorted(set(config) - set(OPTIMIZER_DEFAULTS))
   if unknown:
-    raise ValueError(f"unknown optimizer config keys {unknown}; valid keys: {sorted(OPTIMIZER_DEFAULTS)}.")
-  return {**OPTIMIZER_DEFAULTS, **dict(config)}
+    raise ValueError(f"unknown optimizer config keys {unknown}; valid keys: "
+                     f"{sorted(OPTIMIZER_DEFAULTS)}.")
+  c = {**OPTIMIZER_DEFAULTS, **dict(config)}
+  steps = c["accumulate_steps"]
+  if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+    raise ValueError(f"accumulate_steps must be an integer >= 1 (1: no accumulation); got "
+                     f"{steps!r}.")
+  if not _in_unit_interval(c["ema_decay"]):
+    raise ValueError(f"ema_decay must be a number in [0, 1) (0: no EMA); got {c['ema_decay']!r}.")
+  return c
 
 
 def make_schedule(config: Mapping[str, Any], *, total_steps: int | None = None) -> optax.Schedule:
-  """The learning-rate schedule of an optimizer config (see the module docstring).
-
-  Args:
-    config: optimizer config mapping.
-    total_steps: length of the run in train steps; required by "warmup_cosine", which decays
-      over `total_steps // accumulate_steps` applied updates.
-
-  Returns:
-    `schedule(n)`, the learning rate of applied update n (counting from 0).
-  """
+  """`schedule(n)`, the learning rate of applied update n (from 0), of an optimizer config;
+  "warmup_cosine" decays over `total_steps` train steps (`// accumulate_steps` applied updates)."""
   c = _resolve(config)
-  accumulate = _accumulate_steps(c)
+  accumulate = int(c["accumulate_steps"])
   peak = float(c["learning_rate"])
   if not peak > 0:
     raise ValueError(f"learning_rate must be > 0; got {c['learning_rate']}.")
@@ -118,23 +104,6 @@ def make_schedule(config: Mapping[str, Any], *, total_steps: int | None = None) 
   raise ValueError(f"unknown schedule {kind!r}; expected one of {SCHEDULE_NAMES}.")
 
 
-def _accumulate_steps(c: Mapping[str, Any]) -> int:
-  """`accumulate_steps` of a resolved config, checked: an integer >= 1."""
-  value = c["accumulate_steps"]
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"accumulate_steps must be an integer >= 1 (1: no accumulation); got "
-                     f"{value!r}.")
-  return int(value)
-
-
-def _ema_decay(c: Mapping[str, Any]) -> float:
-  """`ema_decay` of a resolved config, checked: a number in [0, 1)."""
-  value = c["ema_decay"]
-  if not _in_unit_interval(value):
-    raise ValueError(f"ema_decay must be a number in [0, 1) (0: no EMA); got {value!r}.")
-  return float(value)
-
-
 def _in_unit_interval(value: Any) -> bool:
   """Whether `value` is a real number (not a bool) in [0, 1)."""
   real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
@@ -144,22 +113,14 @@ def _in_unit_interval(value: Any) -> bool:
 def make_optimizer(
     config: Mapping[str, Any], *, total_steps: int | None = None
 ) -> optax.GradientTransformation:
-  """Builds the Optax optimizer an optimizer config describes (see the module docstring).
+  """The Optax optimizer an optimizer config describes (`total_steps` as in `make_schedule`).
 
-  Args:
-    config: optimizer config mapping; keys left out take `OPTIMIZER_DEFAULTS`.
-    total_steps: length of the run in train steps; required by "warmup_cosine".
-
-  Returns:
-    An `optax.GradientTransformation`, nested as (outermost first) `optax.MultiSteps` (when
-    `accumulate_steps > 1`), `with_parameter_ema` (when `ema_decay > 0`) and
-    `optax.inject_hyperparams` around `chain(clip, weight decay, rule)`, so the learning rate is
-    stored in the state (`current_learning_rate`). The EMA sits inside MultiSteps, so it sees
-    applied updates only. Its `update` needs `params` when weight decay or the EMA is on.
+  Nested, outermost first: `optax.MultiSteps`, `with_parameter_ema` (so it sees applied updates
+  only), and `optax.inject_hyperparams` (so the state records the learning rate) around
+  `chain(clip, weight decay, rule)`. Its `update` needs `params` with weight decay or the EMA on.
   """
   c = _resolve(config)
-  accumulate = _accumulate_steps(c)
-  ema_decay = _ema_decay(c)
+  accumulate, ema_decay = int(c["accumulate_steps"]), float(c["ema_decay"])
   schedule = make_schedule(c, total_steps=total_steps)
   name = c["name"]
   if name not in OPTIMIZER_NAMES:
@@ -206,13 +167,8 @@ def make_optimizer(
 
 
 class ParameterEmaState(NamedTuple):
-  """State of `with_parameter_ema`.
-
-  Attributes:
-    count: number of updates averaged so far (int32 scalar).
-    ema: the moving average, a pytree like the params in at least float32.
-    inner_state: the wrapped transformation's state.
-  """
+  """State of `with_parameter_ema`: updates averaged so far (int32), the average (like the params,
+  in at least float32), and the wrapped transformation's state."""
 
   count: jax.Array
   ema: Params
@@ -224,17 +180,9 @@ def with_parameter_ema(
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps `inner` so that its state also keeps an exponential moving average of the parameters.
 
-  After each update, `ema = decay * ema + (1 - decay) * (params + updates)`. `ema` starts at the
-  initial params and is not debiased. The updates are `inner`'s, unchanged. Every `update` call
-  counts, so put `optax.MultiSteps` outside this wrapper to average applied updates only.
-
-  Args:
-    inner: the transformation whose updates are applied.
-    decay: weight of the old average, in [0, 1).
-
-  Returns:
-    A transformation whose state is a `ParameterEmaState`; its `update` requires `params`. Read
-    the average with `ema_parameters(opt_state)`.
+  After each `update` (which needs `params`; put `optax.MultiSteps` outside to count applied
+  updates only), `ema = decay * ema + (1 - decay) * (params + updates)`, from the initial params,
+  not debiased; `inner`'s updates are unchanged. Read it with `ema_parameters(opt_state)`.
   """
   if not _in_unit_interval(decay):
     raise ValueError(f"with_parameter_ema needs decay in [0, 1); got {decay!r}.")
@@ -242,13 +190,12 @@ def with_parameter_ema(
   inner = optax.with_extra_args_support(inner)
 
   def init(params: Params) -> ParameterEmaState:
-    return ParameterEmaState(
-        count=jnp.zeros((), jnp.int32),
-        # A copy, never the params' own buffer: a state whose leaves alias each other cannot be
-        # donated to a compiled step.
-        ema=jax.tree.map(lambda p: jnp.array(p, _ema_dtype(p), copy=True), params),
-        inner_state=inner.init(params),
-    )
+    # In at least float32, so that small `(1 - decay)` steps are not lost to bfloat16 rounding; a
+    # copy, never the params' own buffer, which a donated compiled step could not alias.
+    ema = jax.tree.map(
+        lambda p: jnp.array(p, jnp.promote_types(jnp.asarray(p).dtype, jnp.float32), copy=True),
+        params)
+    return ParameterEmaState(jnp.zeros((), jnp.int32), ema, inner.init(params))
 
   def update(
       updates: optax.Updates, state: ParameterEmaState, params: Params | None = None,
@@ -268,26 +215,17 @@ def with_parameter_ema(
   return optax.GradientTransformationExtraArgs(init, update)
 
 
-def _ema_dtype(p: jax.Array) -> jnp.dtype:
-  """At least float32, so that small `(1 - decay)` steps are not lost to bfloat16 rounding."""
-  return jnp.promote_types(jnp.asarray(p).dtype, jnp.float32)
-
-
 def current_learning_rate(opt_state: optax.OptState,
                           schedule: optax.Schedule | None = None) -> jax.Array:
-  """The learning rate of the most recent applied update.
+  """The learning rate of the most recent applied update, a float32 scalar (works under jit).
 
-  Read from the rate a `make_optimizer` (or any `optax.inject_hyperparams`) state records, on
-  states of any nesting (clipping, MultiSteps, EMA). An optax optimizer built on a schedule
-  directly (`optax.adamw(schedule)`) keeps only a step count: pass the same `schedule` and the
-  rate is `schedule(count - 1)` (`schedule(0)` before any update). Works under `jax.jit`.
-
-  Returns:
-    A float32 scalar.
+  Read from the rate a `make_optimizer` (or any `optax.inject_hyperparams`) state records. One
+  built on a schedule directly (`optax.adamw(schedule)`) keeps only a step count: pass the same
+  `schedule` and the rate is `schedule(count - 1)` (`schedule(0)` before any update).
   """
-  found = _find(opt_state, _has_learning_rate)
+  found = _learning_rates(opt_state)
   if schedule is None and len(found) == 1:
-    return _learning_rate(found[0])
+    return found[0]
   if schedule is not None:
     counts = _find(opt_state, lambda node: isinstance(node, optax.ScaleByScheduleState))
     if len(counts) == 1:
@@ -304,22 +242,18 @@ def current_learning_rate(opt_state: optax.OptState,
 
 
 def learning_rates(opt_state: optax.OptState) -> dict[str, jax.Array]:
-  """Every learning rate an optimizer state records, for logging.
-
-  `{"learning_rate": r}` for a `make_optimizer` state (or a `multi_transform` with one group that
-  has a rate); `{"learning_rate/<group>": r}` per group of a `jdl.transfer.per_group_optimizer`;
-  `{}` when the state records none.
-  """
+  """Every learning rate an optimizer state records, for logging: `{"learning_rate": r}` for one,
+  `{"learning_rate/<group>": r}` per group of a `jdl.transfer.per_group_optimizer`, or `{}`."""
   groups = _find(opt_state, lambda node: isinstance(node, optax.MultiTransformState))
   if len(groups) == 1:
     rates = {}
     for name, inner in groups[0].inner_states.items():
-      found = _find(inner, _has_learning_rate)
+      found = _learning_rates(inner)
       if len(found) == 1:
-        rates[f"learning_rate/{name}"] = _learning_rate(found[0])
+        rates[f"learning_rate/{name}"] = found[0]
     return {"learning_rate": next(iter(rates.values()))} if len(rates) == 1 else rates
-  found = _find(opt_state, _has_learning_rate)
-  return {"learning_rate": _learning_rate(found[0])} if len(found) == 1 else {}
+  found = _learning_rates(opt_state)
+  return {"learning_rate": found[0]} if len(found) == 1 else {}
 
 
 def ema_parameters(opt_state: optax.OptState) -> Params | None:
@@ -332,15 +266,11 @@ def ema_parameters(opt_state: optax.OptState) -> Params | None:
   return found[0].ema if found else None
 
 
-_INJECT_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
-
-
-def _has_learning_rate(node: Any) -> bool:
-  return isinstance(node, _INJECT_STATES) and "learning_rate" in node.hyperparams
-
-
-def _learning_rate(node: Any) -> jax.Array:
-  return jnp.asarray(node.hyperparams["learning_rate"], jnp.float32)
+def _learning_rates(tree: Any) -> list[jax.Array]:
+  """The learning rates the outermost `optax.inject_hyperparams` states in `tree` record."""
+  states = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+  found = _find(tree, lambda node: isinstance(node, states) and "learning_rate" in node.hyperparams)
+  return [jnp.asarray(node.hyperparams["learning_rate"], jnp.float32) for node in found]
 
 
 def _find(tree: Any, predicate: Callable[[Any], bool]) -> list[Any]:

@@ -8,9 +8,9 @@ from typing import Any
 
 import flax.linen as nn
 
-from jdl.models.activations import ACTIVATIONS, get_activation
 from jdl.models.classic import LeNet5, LogisticRegression, ResidualMLP
 from jdl.models.cnn import CNN, CNN1D, PatchConv1D
+from jdl.models.layers import ACTIVATIONS, get_activation
 from jdl.models.mlp import MLP
 from jdl.models.recurrent import Mnist1dGRU, Recurrent, RecurrentLM, RNNClassifier
 from jdl.models.resnet import PUBLISHED, ResNet
@@ -40,12 +40,9 @@ presets by name)."""
 
 def build_model(config: Mapping[str, Any], *, num_classes: int,
                 axis_name: str | None = None) -> nn.Module:
-  """Builds the model a config describes.
-
-  `config.name` picks the class from `MODELS`; the sub-config of the same name holds its
-  attributes, e.g. `{"name": "mlp", "mlp": {"hidden": (128,)}}`, and other models' sub-configs may
-  sit beside it. An attribute the chosen model does not have is an error listing the valid ones.
-  """
+  """The model `config.name` (a key of `MODELS`) with the attributes in the sub-config of the same
+  name, e.g. `{"name": "mlp", "mlp": {"hidden": (128,)}}`; other models' sub-configs may sit beside
+  it, and an attribute the chosen model does not have is an error listing the valid ones."""
   name = config.get("name")
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}.")
@@ -55,7 +52,8 @@ def build_model(config: Mapping[str, Any], *, num_classes: int,
   valid = set(module_class.__dataclass_fields__) - {"parent", "name", "num_classes", "axis_name"}
   unknown = sorted(set(attributes) - valid)
   if unknown:
-    raise ValueError(f"model {name!r} has no attributes {unknown}; valid attributes: {sorted(valid)}.")
+    raise ValueError(f"model {name!r} has no attributes {unknown}; valid attributes: "
+                     f"{sorted(valid)}.")
   if "axis_name" in module_class.__dataclass_fields__:
     attributes["axis_name"] = axis_name
   return cls(num_classes=num_classes, **attributes)

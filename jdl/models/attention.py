@@ -1,14 +1,7 @@
-"""Multi-head self-attention (fused, or with explicit einsums), its masks, and a NaN-free masked
-softmax.
+"""Multi-head self-attention (fused or explicit), its masks, and a NaN-free masked softmax.
 
-Shapes use these letters: B batch, T query positions, S key positions (S = T in self-attention),
-H heads, K the width of one head, D the model width (D = H * K).
-
-Masks are booleans, True where attention is allowed:
-  `causal_mask(T)`: `[T, T]`, query t may attend to key s when s <= t.
-  `padding_mask(tokens)` or `padding_mask(lengths, length=T)`: `[B, T]`, True for real tokens.
-  `attention_mask(padding_mask, causal=..., length=T)`: both combined as `[B or 1, 1, T, T]`, the
-    shape the scores `[B, H, T, T]` broadcast against (same rank, so no rank promotion).
+Shapes: B batch, T query positions, S key positions (S = T), H heads, K the width of one head,
+D the model width (D = H * K). Masks are booleans, True where attention is allowed.
 """
 
 from __future__ import annotations
@@ -31,18 +24,8 @@ def causal_mask(length: int) -> jax.Array:
 
 def padding_mask(lengths_or_tokens: jax.Array | np.ndarray, *, length: int | None = None,
                  pad_id: int = 0) -> jax.Array:
-  """The `[B, T]` mask of real tokens (True) and padding (False).
-
-  Args:
-    lengths_or_tokens: either `[B]` integer lengths (the first `lengths[b]` positions of row b are
-      real; `length` gives T), or `[B, T]` integer token ids (a token equal to `pad_id` is padding,
-      wherever it sits).
-    length: T, for lengths only.
-    pad_id: the padding token id, for tokens only.
-
-  Returns:
-    `[B, T]` booleans, True for real tokens.
-  """
+  """The `[B, T]` mask of real tokens (True), from `[B]` integer lengths (the first `lengths[b]`
+  positions of row b are real; `length` gives T) or from `[B, T]` token ids (`pad_id`: padding)."""
   values = jnp.asarray(lengths_or_tokens)
   if not jnp.issubdtype(values.dtype, jnp.integer):
     raise ValueError(
@@ -63,18 +46,9 @@ def padding_mask(lengths_or_tokens: jax.Array | np.ndarray, *, length: int | Non
 
 def attention_mask(padding_mask_BxT: jax.Array | None, *, causal: bool,
                    length: int) -> jax.Array | None:
-  """Combines a padding mask over keys with the causal mask.
-
-  Args:
-    padding_mask_BxT: `[B, T]` True for real tokens, or None (every token is real).
-    causal: whether query t may see only keys s <= t.
-    length: T.
-
-  Returns:
-    `[B, 1, T, T]` (or `[1, 1, T, T]` without a padding mask) booleans, True where query t may
-    attend to key s; None when nothing is masked. Padding is masked as a key only: a padded query
-    still attends to the real tokens, and its output is ignored downstream (pooling, loss masks).
-  """
+  """A padding mask over keys (`[B, T]` or None) combined with the causal mask: `[B or 1, 1, T, T]`,
+  the rank of the scores, or None when nothing is masked. Padding is masked as a key only: a padded
+  query still attends to the real tokens, and its output is ignored downstream."""
   mask = None
   if causal:
     mask = causal_mask(length)[None, None, :, :]
@@ -89,11 +63,8 @@ def attention_mask(padding_mask_BxT: jax.Array | None, *, causal: bool,
 
 
 def masked_softmax(scores: jax.Array, mask: jax.Array | None, axis: int = -1) -> jax.Array:
-  """Softmax over `axis` restricted to the entries where `mask` is True.
-
-  Masked entries get exactly zero weight and gradient, and a row with no allowed entry is all
-  zeros rather than NaN. `mask` must have the rank of `scores` and broadcast against it.
-  """
+  """Softmax over `axis` restricted to the entries where `mask` (the rank of `scores`) is True:
+  masked entries get exactly zero weight and gradient, and an all-masked row is zeros, not NaN."""
   if mask is None:
     return jax.nn.softmax(scores, axis=axis)
   if mask.ndim != scores.ndim:
@@ -111,21 +82,12 @@ def masked_softmax(scores: jax.Array, mask: jax.Array | None, axis: int = -1) ->
 class MultiHeadSelfAttention(nn.Module):
   """Multi-head scaled dot-product self-attention (Vaswani et al. 2017).
 
-  Query, key and value projections D -> H x K, scores `q . k / sqrt(K)` per head, a masked softmax
-  over keys, dropout on the attention weights, and an output projection H x K -> D.
-
-  The attention itself runs as one fused operation, `jax.nn.dot_product_attention` (cuDNN's
-  flash-attention kernel on GPUs, XLA's elsewhere), which never keeps the `[B, H, T, S]` weights
-  for the backward pass. The explicit einsum path runs where the weights themselves are needed:
-  dropout on them while training, or a caller asking for them (`mutable=["intermediates"]`: they
-  are sown as `attention_weights`), or `fused=False`.
-
-  Attributes:
-    num_heads: H; must divide the input width D.
-    causal: query t attends only to keys s <= t (decoder); False attends to every real token.
-    dropout_rate: dropout on the attention weights, active only when `train=True`.
-    use_bias: biases in the four projections.
-    fused: the fused attention where the weights are not needed (above).
+  Projections D -> H x K for queries, keys and values, scores `q . k / sqrt(K)`, a masked softmax
+  over keys (query t sees keys s <= t only when `causal`), dropout on the weights, and an output
+  projection H x K -> D; `num_heads` (H) must divide D. It runs fused, without keeping the
+  `[B, H, T, S]` weights (`jax.nn.dot_product_attention`, cuDNN's flash attention on GPUs), unless
+  they are needed: for dropout in training, for a caller asking for them (sown as
+  `attention_weights` under `mutable=["intermediates"]`), or with `fused=False`.
   """
 
   num_heads: int
@@ -137,16 +99,7 @@ class MultiHeadSelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, *, train: bool,
                padding_mask: jax.Array | None = None) -> jax.Array:
-    """Attends over the sequence.
-
-    Args:
-      x_BxTxD: `[B, T, D]` inputs.
-      train: dropout on (True) or off.
-      padding_mask: optional `[B, T]`, True for real tokens; padded keys get zero weight.
-
-    Returns:
-      `[B, T, D]` outputs.
-    """
+    """`[B, T, D]` -> `[B, T, D]`; padded keys (False in `padding_mask`, `[B, T]`) get no weight."""
     if x_BxTxD.ndim != 3:
       raise ValueError("MultiHeadSelfAttention expects inputs [batch, length, width]; got shape "
                        f"{x_BxTxD.shape}.")

@@ -1,16 +1,12 @@
-"""Classic small models: logistic regression, LeNet-5, and the MNIST-1D paper's residual MLP.
-
-Each takes `num_classes` and `output` ("logits" or "softmax"); the ones with hidden layers also an
-`activation` name (see `jdl.models.activations`).
-"""
+"""Classic small models: logistic regression, LeNet-5, and the MNIST-1D paper's residual MLP; each
+takes `output` ("logits" or "softmax"), and those with hidden layers an `activation` name."""
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
 
-from jdl.models.activations import apply_output, get_activation
-from jdl.models.inputs import as_images
+from jdl.models.layers import apply_output, as_images, get_activation
 
 
 class LogisticRegression(nn.Module):
@@ -26,11 +22,10 @@ class LogisticRegression(nn.Module):
 
 
 class LeNet5(nn.Module):
-  """LeNet-5 (LeCun et al., 1998) as usually built for 28x28 digits: Conv 6@5x5 (same padding) ->
-  activation -> 2x2 average pool -> Conv 16@5x5 (valid) -> activation -> 2x2 average pool ->
-  Dense 120 -> Dense 84 -> Dense num_classes; 61,706 parameters on 28x28x1 with 10 classes. The
-  activation is tanh by default, as in the paper.
-  """
+  """LeNet-5 (LeCun et al., 1998) as usually built for 28x28 digits: Conv 6@5x5 (same padding),
+  2x2 average pool, Conv 16@5x5 (valid), 2x2 average pool, Dense 120, Dense 84, Dense num_classes,
+  the activation (tanh, as in the paper) after each hidden layer; 61,706 parameters on 28x28x1
+  with 10 classes."""
 
   num_classes: int
   activation: str = "tanh"
@@ -50,11 +45,8 @@ class LeNet5(nn.Module):
 
 
 class ResidualMLP(nn.Module):
-  """The MNIST-1D paper's MLP: Dense(width) -> ReLU, h + ReLU(Dense(h)), Dense(num_classes).
-
-  15,210 parameters with 40 inputs, width 100 and 10 classes. `width` is that of the hidden
-  layer and of the residual block.
-  """
+  """The MNIST-1D paper's MLP: h = ReLU(Dense(width)), h + ReLU(Dense(h)), Dense(num_classes);
+  15,210 parameters with 40 inputs, width 100 and 10 classes."""
 
   num_classes: int
   width: int = 100

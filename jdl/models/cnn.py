@@ -1,8 +1,5 @@
-"""Small convolutional classifiers: a 2-D CNN for images and a 1-D CNN for signals.
-
-Both take `num_classes`, an `activation` name (see `jdl.models.activations`) and `output`
-("logits" or "softmax").
-"""
+"""Small convolutional classifiers: a 2-D CNN for images and a 1-D CNN for signals; both take an
+`activation` name (`jdl.models.layers.ACTIVATIONS`) and `output` ("logits" or "softmax")."""
 
 from __future__ import annotations
 
@@ -12,24 +9,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdl.models.activations import apply_output, get_activation
-from jdl.models.inputs import as_images
-from jdl.models.normalization import check_normalization, image_norm
+from jdl.models.layers import (
+    apply_output, as_images, check_normalization, get_activation, image_norm,
+)
 
 
 class CNN(nn.Module):
-  """The classic small image CNN: [Conv 3x3 -> (norm) -> activation -> 2x2 average pool] per entry
-  of `features`, then Dense(`dense`) -> activation -> Dropout -> Dense(num_classes). The defaults
-  on 28x28x1 inputs have 824,458 parameters; a norm replaces each convolution's bias with its own
-  scale and bias: 824,554.
-
-  Attributes (and those of the module docstring):
-    features: channels of each convolution block.
-    dense: width of the hidden Dense layer.
-    dropout_rate: dropout before the output layer, active only when `train=True`.
-    normalization: None, "batch", "group" or "layer" after each convolution (`image_norm`).
-    axis_name: the pmap axis over which BatchNorm averages its batch statistics.
-  """
+  """The classic small image CNN: [Conv 3x3 -> (`image_norm` of kind `normalization`) ->
+  activation -> 2x2 average pool] per entry of `features`, then Dense(`dense`) -> activation ->
+  Dropout -> Dense(num_classes); 824,458 parameters on 28x28x1 (824,554 with a norm, which
+  replaces each convolution's bias). `axis_name` is the pmap axis of BatchNorm's statistics."""
 
   num_classes: int
   features: Sequence[int] = (32, 64)
@@ -67,17 +56,10 @@ PATCH_LAYOUTS = ("NLC", "CLN")
 
 
 class PatchConv1D(nn.Module):
-  """A 1-D convolution computed as one matrix product over extracted patches.
-
-  Same parameters as `nn.Conv` and the same result up to float rounding. It exists because XLA's
-  CPU convolution inside a loop (the device-resident training loop) is much slower than outside
-  it, while slices and one matrix product are not.
-
-  `layout` is that of the input and the output: "NLC" (`[batch, length, channels]`, as `nn.Conv`)
-  or "CLN" (`[channels, length, batch]`), where the batch is the contiguous axis and the product
-  `[out, size*in] @ [size*in, length*batch]` has the long axis where the CPU's vector units want
-  it; `CNN1D` transposes to "CLN" once and reads the result with `DenseFromCLN`.
-  """
+  """A 1-D convolution as one matrix product over extracted patches: `nn.Conv`'s parameters and
+  result (up to rounding), fast where XLA's CPU convolution in a compiled loop is slow. `layout`
+  is that of the input and output: "NLC" (as `nn.Conv`) or "CLN" (`[channels, length, batch]`),
+  which puts the batch, the long axis of the product, where the CPU's vector units want it."""
 
   features: int
   kernel_size: int
@@ -92,33 +74,28 @@ class PatchConv1D(nn.Module):
     if x.ndim != 3:
       raise ValueError(f"PatchConv1D expects a 3-D input in layout {self.layout}; got shape "
                        f"{x.shape}.")
-    channels = x.shape[2 if self.layout == "NLC" else 0]  # the length axis is 1 in both
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (self.kernel_size, channels, self.features))
+    if self.layout == "NLC":  # computed in layout CLN, between two transposes
+      x = x.transpose(2, 1, 0)
+    channels, _, batch = x.shape
+    stride, size = self.stride, self.kernel_size
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (size, channels, self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    padding = (self.padding, self.padding, 0)
-    x = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), padding, (0, 0, 0)])
-    length = (x.shape[1] - self.kernel_size) // self.stride + 1
-    if self.layout == "NLC":
-      span = self.stride * (length - 1) + 1
-      taps = [x[:, i:i + span:self.stride, :] for i in range(self.kernel_size)]
-      patches = jnp.stack(taps, axis=2).reshape(x.shape[0], length, self.kernel_size * channels)
-      return (patches @ kernel.reshape(self.kernel_size * channels, self.features)
-              + bias[None, None, :])
-    # CLN: patches [in, size, length, batch] -> [(in, size), length * batch]. Tap i reads
-    # positions i, i + stride, ...: with the padded length cut into `stride` phases (a free
-    # reshape), that is phase i % stride from row i // stride on, a contiguous run of rows.
-    batch, stride = x.shape[2], self.stride
-    x = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (0, -x.shape[1] % stride, 0), (0, 0, 0)])
+    padded = x.shape[1] + 2 * self.padding
+    length = (padded - size) // stride + 1
+    # Padded, and then to a multiple of the stride, the length is cut into `stride` phases (a free
+    # reshape): tap i reads positions i, i + stride, ..., phase i % stride from row i // stride on.
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype),
+                    [(0, 0, 0), (self.padding, self.padding + -padded % stride, 0), (0, 0, 0)])
     phases = x.reshape(channels, x.shape[1] // stride, stride, batch)
     taps = [jax.lax.slice(phases, (0, i // stride, i % stride, 0),
                           (channels, i // stride + length, i % stride + 1, batch)
                           ).reshape(channels, 1, length, batch)
-            for i in range(self.kernel_size)]
-    patches = jax.lax.concatenate(taps, 1).reshape(channels * self.kernel_size, length * batch)
-    weights = kernel.transpose(2, 1, 0).reshape(self.features, channels * self.kernel_size)
+            for i in range(size)]
+    patches = jax.lax.concatenate(taps, 1).reshape(channels * size, length * batch)
+    weights = kernel.transpose(2, 1, 0).reshape(self.features, channels * size)
     products = jax.lax.dot_general(weights, patches, (((1,), (0,)), ((), ())))
-    return products.reshape(self.features, length, batch) + bias[:, None, None]
+    y = products.reshape(self.features, length, batch) + bias[:, None, None]
+    return y.transpose(2, 1, 0) if self.layout == "NLC" else y
 
 
 CONV_IMPLEMENTATIONS = ("auto", "xla", "patches")
@@ -127,15 +104,8 @@ CONV_IMPLEMENTATIONS = ("auto", "xla", "patches")
 class CNN1D(nn.Module):
   """A 1-D CNN for signals, by default the MNIST-1D paper's model: three Conv1d 25 (k5, k3, k3;
   stride 2, padding 1) -> ReLU, then Flatten -> Dense(num_classes); 5,210 parameters on 40 samples.
-
-  Attributes (and those of the module docstring):
-    features: channels of each convolution.
-    kernel_sizes: kernel size of each convolution.
-    stride: stride of every convolution.
-    padding: zero padding on both sides of every convolution.
-    conv: "xla" (`nn.Conv`), "patches" (`PatchConv1D`), or "auto": patches on CPU, XLA's
-      convolution elsewhere. The parameters are the same either way.
-  """
+  `conv` is "xla" (`nn.Conv`), "patches" (`PatchConv1D`, in layout "CLN") or "auto", patches on a
+  CPU and XLA's elsewhere; the parameters are the same either way."""
 
   num_classes: int
   features: Sequence[int] = (25, 25, 25)
@@ -178,11 +148,8 @@ class CNN1D(nn.Module):
 
 
 class DenseFromCLN(nn.Module):
-  """`nn.Dense(features)` on `x.transpose(2, 1, 0).reshape(batch, -1)`, without that transpose.
-
-  The kernel's rows are reordered to `(channels, length)` instead, which moves fewer numbers than
-  transposing the activations. The parameters are `nn.Dense`'s.
-  """
+  """`nn.Dense(features)` (its parameters) on `x.transpose(2, 1, 0).reshape(batch, -1)`, with the
+  kernel's rows reordered instead of the activations transposed, which moves fewer numbers."""
 
   features: int
 

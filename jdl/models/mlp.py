@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from jdl.models.activations import apply_output, get_activation
+from jdl.models.layers import apply_output, get_activation
 
 NORMALIZATIONS = (None, "batch", "layer")
 
@@ -17,11 +17,9 @@ class MLP(nn.Module):
 
   Attributes:
     hidden: widths of the hidden Dense layers; () gives logistic regression.
-    num_classes: width of the output layer.
-    activation: hidden activation: relu, sigmoid, tanh, leaky_relu, gelu, elu or identity.
+    activation: hidden activation, a name in `jdl.models.layers.ACTIVATIONS`.
     dropout_rate: dropout after each hidden activation, active only when `train=True`.
-    normalization: None, "batch" (BatchNorm, statistics in "batch_stats") or "layer", after each
-      hidden Dense layer and before its activation.
+    normalization: None, "batch" (BatchNorm) or "layer", between each hidden Dense and activation.
     output: "logits" (for `softmax_cross_entropy`) or "softmax" (probabilities).
     axis_name: the pmap axis over which BatchNorm averages its batch statistics.
   """

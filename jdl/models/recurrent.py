@@ -1,28 +1,9 @@
 """Recurrent layers and classifiers: LSTM and GRU, one- or two-directional, with padding.
 
-Shapes use these letters: B batch, T positions (the padded length), F input features, H the hidden
-width of one direction, D the output width of a layer (H, or 2H when bidirectional).
-
-The cells are Flax's own (`nn.LSTMCell`, `nn.GRUCell`) and the time loop is `nn.RNN`, a `lax.scan`
-over positions. Their equations, with x the input and h, c the previous state:
-
-  LSTM:  i = sigmoid(W_ii x + W_hi h + b_i)     f = sigmoid(W_if x + W_hf h + b_f)
-         g = tanh(W_ig x + W_hg h + b_g)        o = sigmoid(W_io x + W_ho h + b_o)
-         c' = f * c + i * g                     h' = o * tanh(c')
-  GRU:   r = sigmoid(W_ir x + b_ir + W_hr h)    z = sigmoid(W_iz x + b_iz + W_hz h)
-         n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
-         h' = (1 - z) * n + z * h
-
-The GRU applies the reset gate after the recurrent product (cuDNN, PyTorch, Keras'
-`reset_after=True`), and has no second bias for r and z (PyTorch's), so 2H fewer parameters per
-layer and direction. The initial state is zero. Two initialisations (`initializer`):
-  "flax": Flax's cells' own: LeCun-normal input kernels, orthogonal recurrent kernels, zero biases;
-  "uniform": every kernel and bias from U(-1/sqrt(H), 1/sqrt(H)), as PyTorch's; with few input
-    features it gives much smaller input weights (see `Mnist1dGRU`).
-
-Padding: sequences are padded at the end to a common T and given as `lengths` [B] or a prefix
-`mask` [B, T]. For a sequence of length L the backward direction starts at L-1, so its first L
-outputs are exactly those it gives unpadded; outputs at padded positions are zero.
+Shapes: B batch, T positions (the padded length), F input features, H the hidden width of one
+direction, D the output width of a layer (H, or 2H when bidirectional). The cells are Flax's,
+scanned by `nn.RNN` (docs/models.md). Padding is at the end, given as `lengths` [B] or a prefix
+`mask` [B, T]: the real outputs are exactly those of the unpadded sequences; padded ones are zero.
 """
 
 from __future__ import annotations
@@ -35,25 +16,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdl.models.activations import apply_output
+from jdl.models.attention import padding_mask
+from jdl.models.layers import apply_output
 
 CELLS = ("lstm", "gru")
 INITIALIZERS = ("flax", "uniform")
+""""flax": the cells' own (LeCun-normal input kernels, orthogonal recurrent ones, zero biases);
+"uniform": every kernel and bias from U(-1/sqrt(H), 1/sqrt(H)), as PyTorch's."""
 POOLINGS = ("last", "mean", "flatten")
 
 
-def check_cell(cell: str) -> str:
-  """`cell` if it names a recurrent cell; a clear error otherwise."""
-  if cell not in CELLS:
-    raise ValueError(f"unknown cell {cell!r}; expected one of {CELLS}.")
-  return cell
-
-
-def check_initializer(initializer: str) -> str:
-  """`initializer` if it names an initialisation; a clear error otherwise."""
-  if initializer not in INITIALIZERS:
-    raise ValueError(f"unknown initializer {initializer!r}; expected one of {INITIALIZERS}.")
-  return initializer
+def _check(module: nn.Module, *choices: str) -> None:
+  """Raises a clear error, at construction rather than in apply, for an unknown `cell`,
+  `initializer` or `pooling` of `module` (those named in `choices`) or a `num_layers` below 1."""
+  valid = {"cell": CELLS, "initializer": INITIALIZERS, "pooling": POOLINGS}
+  for attribute in choices:
+    value = getattr(module, attribute)
+    if value not in valid[attribute]:
+      raise ValueError(f"unknown {attribute} {value!r}; expected one of {valid[attribute]}.")
+  if getattr(module, "num_layers", 1) < 1:
+    raise ValueError(f"num_layers must be >= 1; got {module.num_layers}.")
 
 
 def _concrete(value: jax.Array) -> np.ndarray | None:
@@ -63,30 +45,16 @@ def _concrete(value: jax.Array) -> np.ndarray | None:
 
 def sequence_lengths(batch: int, length: int, *, lengths: jax.Array | None = None,
                      mask: jax.Array | None = None) -> jax.Array | None:
-  """The `[B]` int32 lengths of a padded batch, from `lengths` or from a prefix `mask`.
-
-  Args:
-    batch: B, the batch size of the sequences.
-    length: T, their padded length.
-    lengths: `[B]` integers in `[0, T]`: row b is real in positions `0..lengths[b]-1`.
-    mask: `[B, T]` booleans (or 0/1), True for real positions; every row a prefix.
-
-  Returns:
-    `[B]` int32 lengths, or None when neither is given (every position is real).
-
-  Raises:
-    ValueError: both or a wrongly shaped one is given, or (outside jit, where the values are
-      known) a length lies outside `[0, T]` or a mask row is not a prefix. Under jit lengths are
-      clipped to `[0, T]` and a mask counts its True entries.
-  """
+  """The `[B]` int32 lengths of B sequences padded to T, from `lengths` (`[B]` in `[0, T]`) or a
+  prefix `mask` (`[B, T]`, True where real); None when neither is given. Outside jit a length out
+  of range or a mask row that is not a prefix is an error; under jit lengths are clipped to
+  `[0, T]` and a mask counts its True entries."""
   if lengths is not None and mask is not None:
     raise ValueError("give either lengths [B] or mask [B, T], not both.")
   if mask is not None:
-    mask = jnp.asarray(mask)
+    mask = jnp.asarray(mask, bool)
     if mask.shape != (batch, length):
       raise ValueError(f"mask must have shape [batch, time] = {(batch, length)}; got {mask.shape}.")
-    mask = mask.astype(bool)
-    lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)
     known = _concrete(mask)
     if known is not None:
       prefix = np.arange(length)[None, :] < known.sum(axis=1)[:, None]
@@ -94,7 +62,7 @@ def sequence_lengths(batch: int, length: int, *, lengths: jax.Array | None = Non
         rows = np.flatnonzero((known != prefix).any(axis=1)).tolist()
         raise ValueError(f"mask rows {rows} are not prefixes: a recurrent layer needs the padding "
                          "at the end of each row (True for the first L positions, then False).")
-    return lengths
+    return jnp.sum(mask, axis=1, dtype=jnp.int32)
   if lengths is None:
     return None
   lengths = jnp.asarray(lengths)
@@ -114,16 +82,12 @@ def lengths_from_tokens(tokens_BxT: jax.Array, pad_id: int = 0) -> jax.Array:
   return jnp.max(jnp.where(tokens_BxT != pad_id, positions, 0), axis=1)
 
 
-def symmetric_uniform(bound: float) -> nn.initializers.Initializer:
-  """An initializer `(key, shape, dtype=float32)` drawing from U(-bound, bound)."""
-  return functools.partial(jax.random.uniform, minval=-bound, maxval=bound)
-
-
 def _cell(cell: str, hidden: int, initializer: str, name: str) -> nn.RNNCellBase:
   cell_class = nn.LSTMCell if cell == "lstm" else nn.GRUCell
   if initializer == "flax":
     return cell_class(features=hidden, name=name)
-  uniform = symmetric_uniform(1.0 / math.sqrt(hidden))
+  bound = 1.0 / math.sqrt(hidden)
+  uniform = functools.partial(jax.random.uniform, minval=-bound, maxval=bound)
   return cell_class(features=hidden, kernel_init=uniform, recurrent_kernel_init=uniform,
                     bias_init=uniform, name=name)
 
@@ -131,15 +95,9 @@ def _cell(cell: str, hidden: int, initializer: str, name: str) -> nn.RNNCellBase
 class Recurrent(nn.Module):
   """One recurrent layer over padded sequences: `[B, T, F]` -> `[B, T, D]`, one output per position.
 
-  Parameters per direction: LSTM 4H(F + H + 1), GRU 3H(F + H + 1) + H. `bidirectional=True`
-  concatenates the two directions' outputs, forward first, into D = 2H features.
-
-  Attributes:
-    hidden: H, the width of the state of each direction.
-    cell: "lstm" or "gru".
-    bidirectional: also run a second layer from the last real position back to the first.
-    initializer: "flax" or "uniform" (see the module docstring).
-  """
+  `hidden` is H, `initializer` one of `INITIALIZERS`; `bidirectional=True` adds a direction from
+  the last real position back, its outputs after the forward ones (D = 2H). Parameters per
+  direction: LSTM 4H(F + H + 1), GRU 3H(F + H + 1) + H."""
 
   hidden: int
   cell: str = "lstm"
@@ -147,16 +105,13 @@ class Recurrent(nn.Module):
   initializer: str = "flax"
 
   def __post_init__(self) -> None:
-    check_cell(self.cell)  # fail at construction, not in apply
-    check_initializer(self.initializer)
+    _check(self, "cell", "initializer")
     super().__post_init__()
 
   @nn.compact
   def __call__(self, x_BxTxF: jax.Array, *, lengths: jax.Array | None = None,
                mask: jax.Array | None = None) -> jax.Array:
-    """`[B, T, D]` outputs of sequences padded at the end, zero at padded positions; optional
-    `lengths` (`[B]` in `[0, T]`) or a prefix `mask` (`[B, T]`, True where real) mark the padding.
-    """
+    """`[B, T, D]` outputs, zero at the padding `lengths` or `mask` mark (`sequence_lengths`)."""
     if x_BxTxF.ndim != 3 or x_BxTxF.shape[1] < 1:
       raise ValueError("Recurrent expects sequences [batch, time, features] with time >= 1; got "
                        f"shape {x_BxTxF.shape}.")
@@ -175,26 +130,22 @@ class Recurrent(nn.Module):
     if lengths_B is None:
       return outputs
     # Past a row's end the scan went on over padding; those outputs mean nothing: zero them.
-    real_BxTx1 = (jnp.arange(length)[None, :] < lengths_B[:, None])[..., None]
-    return jnp.where(real_BxTx1, outputs, jnp.zeros_like(outputs))
+    return jnp.where(padding_mask(lengths_B, length=length)[..., None], outputs, 0.0)
 
 
 def pool_sequence(outputs_BxTxD: jax.Array, pooling: str, *, lengths: jax.Array | None,
                   bidirectional: bool) -> jax.Array:
-  """One `[B, ...]` summary of each sequence of recurrent outputs (zero at padding).
-
-  "last": the state after the whole sequence in each direction: the forward half at position
-  L-1 and, when `bidirectional`, the backward half at position 0, `[B, D]` (zeros for L = 0).
-  "mean": the mean over the L real positions, `[B, D]`.
-  "flatten": every position's outputs in a row, `[B, T * D]` (padding included, as zeros).
-  """
+  """One `[B, ...]` summary of each sequence of recurrent outputs (zero at padding): "last", the
+  state after the sequence in each direction (the forward half at position L-1, the backward half,
+  when `bidirectional`, at 0; `[B, D]`, zeros for L = 0); "mean" over the L real positions,
+  `[B, D]`; "flatten", every position's outputs in a row, `[B, T * D]` (padding as zeros)."""
   batch, length, width = outputs_BxTxD.shape
   if pooling == "flatten":
     return outputs_BxTxD.reshape(batch, length * width)
   if lengths is None:
     lengths = jnp.full((batch,), length, jnp.int32)
   if pooling == "mean":
-    real_BxTx1 = (jnp.arange(length)[None, :] < lengths[:, None])[..., None]
+    real_BxTx1 = padding_mask(lengths, length=length)[..., None]
     total_BxD = jnp.sum(jnp.where(real_BxTx1, outputs_BxTxD, 0.0), axis=1)
     return total_BxD / jnp.maximum(lengths, 1)[:, None].astype(outputs_BxTxD.dtype)
   if pooling == "last":
@@ -209,23 +160,16 @@ def pool_sequence(outputs_BxTxD: jax.Array, pooling: str, *, lengths: jax.Array 
 class RNNClassifier(nn.Module):
   """A stack of recurrent layers, a pooling over positions, then Dense(num_classes).
 
-  Inputs are either `[B, T]` integer token ids (with `vocab_size`; id 0 is end padding, from which
-  lengths are read unless given) or `[B, T]` / `[B, T, F]` float signals. A one-layer LSTM with
-  H = 128 over 10,000 tokens embedded in 128, 2 classes, has 1,411,842 parameters.
+  Inputs are `[B, T]` integer token ids (with `vocab_size`; id 0 is end padding) or `[B, T]` /
+  `[B, T, F]` float signals. One LSTM layer (H = 128) over 10,000 tokens embedded in 128, with 2
+  classes, has 1,411,842 parameters.
 
-  Attributes:
-    num_classes: width of the output layer.
-    cell: "lstm" or "gru".
-    hidden: H, the state width of each direction of each layer.
+  Attributes (`cell`, `hidden`, `bidirectional` and `initializer` as in `Recurrent`):
     num_layers: recurrent layers stacked; each reads the previous one's outputs.
-    bidirectional: two-directional layers (outputs of width 2H).
     vocab_size: number of token ids for token inputs (id 0 is padding); None for signals.
     embed_dim: width of the token embedding (token inputs only).
-    pooling: "last" (final state of each direction), "mean" (over real positions) or "flatten"
-      (all positions; fixes T).
-    dropout_rate: dropout on the outputs of every recurrent layer, active only when `train=True`.
-    initializer: "flax" or "uniform", the recurrent layers' initialisation (see `Recurrent`).
-    output: "logits" or "softmax".
+    pooling: "last", "mean" or "flatten" (`pool_sequence`; "flatten" fixes T).
+    dropout_rate: dropout on the outputs of every recurrent layer (training only).
   """
 
   num_classes: int
@@ -241,18 +185,12 @@ class RNNClassifier(nn.Module):
   output: str = "logits"
 
   def __post_init__(self) -> None:
-    check_cell(self.cell)
-    check_initializer(self.initializer)
-    if self.pooling not in POOLINGS:
-      raise ValueError(f"unknown pooling {self.pooling!r}; expected one of {POOLINGS}.")
-    if self.num_layers < 1:
-      raise ValueError(f"num_layers must be >= 1; got {self.num_layers}.")
+    _check(self, "cell", "initializer", "pooling")
     super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, lengths: jax.Array | None = None) -> jax.Array:
-    """`[B, num_classes]` logits (or probabilities) of the inputs `x` the class docstring names;
-    optional `lengths` (`[B]` in `[0, T]`) replace those read from token padding."""
+    """`[B, num_classes]` outputs; `lengths` (`[B]` in `[0, T]`) replace those read from tokens."""
     name = type(self).__name__
     integer = jnp.issubdtype(x.dtype, jnp.integer)
     if self.vocab_size is not None:
@@ -271,12 +209,10 @@ class RNNClassifier(nn.Module):
       if integer:
         raise ValueError(f"{name} got integer inputs of shape {x.shape} but vocab_size is None: "
                          "set vocab_size for token ids, or give float signals.")
-      if x.ndim == 2:
-        x = x[..., None]
-      if x.ndim != 3:
+      h = x[..., None] if x.ndim == 2 else x
+      if h.ndim != 3:
         raise ValueError(f"{name} expects signals [batch, time] or [batch, time, features]; got "
                          f"shape {x.shape}.")
-      h = x
     if lengths is not None:
       lengths = sequence_lengths(h.shape[0], h.shape[1], lengths=lengths)
     for _ in range(self.num_layers):
@@ -290,11 +226,9 @@ class RNNClassifier(nn.Module):
 
 class Mnist1dGRU(RNNClassifier):
   """The MNIST-1D paper's recurrent model: a bidirectional GRU (hidden 6) over the 40 samples,
-  all 40 * 12 = 480 outputs into Dense(num_classes); 5,110 parameters for 10 classes.
-
-  Initialised as PyTorch initialises `nn.GRU` ("uniform"): Flax's default gives the single input
-  feature weights of standard deviation 1 instead of 0.24, and trains to a lower accuracy.
-  """
+  all 40 * 12 = 480 outputs into Dense(num_classes); 5,110 parameters for 10 classes. Initialised
+  as PyTorch's `nn.GRU` ("uniform"): with Flax's, the one input feature's weights have standard
+  deviation 1 instead of 0.24, and it trains to a lower accuracy."""
 
   cell: str = "gru"
   hidden: int = 6
@@ -306,14 +240,8 @@ class Mnist1dGRU(RNNClassifier):
 class RecurrentLM(nn.Module):
   """A causal language model: Embed -> `num_layers` unidirectional LSTM/GRU layers -> Dense.
 
-  Trains on next-token labels `[B, T]` like `jdl.models.TransformerLM` and samples with
-  `jdl.generate.generate`.
-
-  Attributes (`cell`, `hidden`, `num_layers`, `embed_dim` and `output` as in `RNNClassifier`):
-    num_classes: V, the vocabulary size (named so `build_model` passes the dataset's size).
-    dropout_rate: dropout on the embeddings and between layers (training only).
-    block_size: the longest context it is trained on; generation crops to it.
-  """
+  `num_classes` is V, the vocabulary size (as `build_model` passes it); `dropout_rate` acts on
+  the embeddings and between layers; `jdl.generate.generate` crops contexts to `block_size`."""
 
   num_classes: int
   cell: str = "lstm"
@@ -325,9 +253,7 @@ class RecurrentLM(nn.Module):
   output: str = "logits"
 
   def __post_init__(self) -> None:
-    check_cell(self.cell)
-    if self.num_layers < 1:
-      raise ValueError(f"num_layers must be >= 1; got {self.num_layers}.")
+    _check(self, "cell")
     super().__post_init__()
 
   @nn.compact

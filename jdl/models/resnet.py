@@ -1,8 +1,5 @@
-"""Residual networks (He et al. 2016): ImageNet ResNet-18/34/50 and CIFAR ResNet-20/56.
-
-One configurable `ResNet` module covers both families; the named constructors (`resnet18`, ...)
-fix the depth and layout of the published models. The ImageNet models have exactly torchvision's
-parameter counts (with 1000 classes).
+"""Residual networks (He et al. 2016): one configurable `ResNet`, and constructors of the published
+ImageNet ResNet-18/34/50 (torchvision's parameter counts with 1000 classes) and CIFAR ResNet-20/56.
 """
 
 from __future__ import annotations
@@ -15,25 +12,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdl.models.inputs import as_images
-from jdl.models.normalization import IMAGE_NORMALIZATIONS, image_norm
+from jdl.models.layers import IMAGE_NORMALIZATIONS, as_images, image_norm
 
 BLOCKS = ("basic", "bottleneck")
 LAYOUTS = ("imagenet", "cifar")
-NORMALIZATIONS = IMAGE_NORMALIZATIONS
-
-BOTTLENECK_EXPANSION = 4
-"""A bottleneck block's output has 4x the channels of its inner 3x3 convolution."""
-
-NormFactory = Callable[..., nn.Module]
+BOTTLENECK_EXPANSION = 4  # a bottleneck block outputs 4x the channels of its inner convolutions
 
 
 def _conv(features: int, size: int, stride: int = 1, name: str | None = None) -> nn.Conv:
-  """A bias-free convolution (a norm follows every one) with torchvision's symmetric padding.
-
-  Not "SAME", which for stride 2 on an even input pads only the bottom/right edge and shifts the
-  sampling grid against the published models.
-  """
+  """A bias-free convolution (a norm follows) with torchvision's symmetric padding; "SAME" would
+  pad only the bottom/right edge for stride 2 on an even input, shifting the sampling grid."""
   pad = (size - 1) // 2
   return nn.Conv(features, kernel_size=(size, size), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), use_bias=False,
@@ -41,24 +29,17 @@ def _conv(features: int, size: int, stride: int = 1, name: str | None = None) ->
 
 
 class _Block(nn.Module):
-  """The settings of a residual block (`BasicBlock`, `BottleneckBlock`), and its output.
-
-  Attributes:
-    features: channels of the block's convolutions (a bottleneck block outputs 4x as many).
-    stride: stride of the block's strided convolution and of the projection shortcut.
-    norm: makes a normalisation layer; takes `channels` and optional `scale_init` and `name`.
-    zero_init_residual: start the last norm's scale at zero, so the block starts as the identity.
-  """
+  """A residual block's settings and output: `features` channels in its convolutions, `stride` in
+  the strided one and the shortcut, `norm(channels, scale_init=..., name=...)` making its norms."""
 
   features: int
   stride: int
-  norm: NormFactory
+  norm: Callable[..., nn.Module]
   zero_init_residual: bool = True
 
   def _output(self, y: jax.Array, x_BxHxWxC: jax.Array, last_norm: str) -> jax.Array:
-    """`relu(norm(y) + shortcut(x))`, called inside the block's compact `__call__`. The shortcut
-    is the identity when the shape is kept, else a strided 1x1 conv + norm (the paper's option B).
-    """
+    """`relu(norm(y) + shortcut(x))` inside a compact `__call__`; the shortcut is the identity, or
+    where the shape changes a strided 1x1 conv + norm (the paper's option B)."""
     features = y.shape[-1]
     scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
     y = self.norm(features, scale_init=scale, name=last_norm)(y)
@@ -69,10 +50,7 @@ class _Block(nn.Module):
 
 
 class BasicBlock(_Block):
-  """Two 3x3 convolutions and a shortcut: relu(norm(conv(relu(norm(conv(x))))) + shortcut(x)).
-
-  `features` is the channels of both convolutions and of the output; `stride` the first one's.
-  """
+  """Two 3x3 convolutions and a shortcut: relu(norm(conv(relu(norm(conv(x))))) + shortcut(x))."""
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
@@ -82,10 +60,7 @@ class BasicBlock(_Block):
 
 
 class BottleneckBlock(_Block):
-  """1x1 reduce, 3x3, 1x1 expand (x4) and a shortcut; the stride on the 3x3 (torchvision's v1.5).
-
-  `features` is the channels of the inner convolutions; the block outputs `4 * features`.
-  """
+  """1x1 reduce, 3x3, 1x1 expand (x4) and a shortcut; the stride on the 3x3 (torchvision's v1.5)."""
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
@@ -97,36 +72,21 @@ class BottleneckBlock(_Block):
     return self._output(y, x_BxHxWxC, "norm3")
 
 
-BLOCK_CLASSES: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
-
-
 class ResNet(nn.Module):
   """A residual network: stem -> stages of residual blocks -> global average pool -> Dense logits.
 
-  Layouts:
-    "imagenet": 7x7 stride-2 conv -> norm -> relu -> 3x3 stride-2 max-pool stem (a 224x224 image
-      reaches the first stage at 56x56); the published models have 4 stages.
-    "cifar": 3x3 stride-1 conv -> norm -> relu stem, no pool (32x32 images stay 32x32); the
-      published models have 3 stages and width 16.
-  Stage i (from 0) has `width * 2**i` channels (times 4 at the output of bottleneck blocks); every
-  stage after the first halves the resolution with a stride-2 first block. The number of stages
-  is `len(stage_sizes)`, whatever the layout ("ResNet-18 for CIFAR" is
-  `ResNet((2, 2, 2, 2), "basic", 10, layout="cifar")`).
-
-  Initialisation: He-normal (fan-out) convolution kernels, as torchvision; with
-  `zero_init_residual` (Goyal et al. 2017; torchvision's default is False) every block starts as
-  the identity, which makes deep networks train stably from the first step.
+  Stage i (from 0) has `width * 2**i` channels (x4 at a bottleneck block's output); each stage after
+  the first halves the resolution in its first block. Kernels are He-normal (fan-out), as
+  torchvision's. "ResNet-18 for CIFAR" is `ResNet((2, 2, 2, 2), "basic", 10, layout="cifar")`.
 
   Attributes:
     stage_sizes: number of residual blocks in each stage.
     block: "basic" (two 3x3 convolutions) or "bottleneck" (1x1, 3x3, 1x1 with 4x expansion).
-    num_classes: width of the output layer (logits).
     width: channels of the stem and of the first stage.
-    layout: "imagenet" or "cifar" (see above).
-    normalization: "batch", "group" or "layer" (see `jdl.models.normalization.image_norm`).
-    axis_name: the pmap axis over which BatchNorm averages its batch statistics; None under jit
-      and sharded jit, where the batch is already global.
-    zero_init_residual: start the last norm scale of each block at zero (see above).
+    layout: "imagenet" (stem: 7x7/2 conv, norm, relu, 3x3/2 max-pool) or "cifar" (3x3/1 conv).
+    normalization: "batch", "group" or "layer" (`jdl.models.layers.image_norm`).
+    axis_name: the pmap axis of BatchNorm's statistics; None under jit and sharded jit.
+    zero_init_residual: each block starts as the identity (Goyal et al. 2017; torchvision: False).
   """
 
   stage_sizes: Sequence[int]
@@ -140,7 +100,7 @@ class ResNet(nn.Module):
 
   def __post_init__(self) -> None:
     for attribute, valid in (("block", BLOCKS), ("layout", LAYOUTS),
-                             ("normalization", NORMALIZATIONS)):
+                             ("normalization", IMAGE_NORMALIZATIONS)):
       value = getattr(self, attribute)
       if value not in valid:
         raise ValueError(f"unknown {attribute} {value!r}; expected one of {valid}.")
@@ -152,14 +112,13 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = as_images(x, "ResNet")
-    # `(channels, *, scale_init=ones, name=None) -> norm layer` for this config.
     norm = functools.partial(image_norm, self.normalization, train=train, axis_name=self.axis_name)
     imagenet = self.layout == "imagenet"
     x = _conv(self.width, 7 if imagenet else 3, 2 if imagenet else 1, name="stem_conv")(x)
     x = nn.relu(norm(self.width, name="stem_norm")(x))
     if imagenet:
       x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    block_cls = BLOCK_CLASSES[self.block]
+    block_cls = BasicBlock if self.block == "basic" else BottleneckBlock
     for stage, num_blocks in enumerate(self.stage_sizes):
       for index in range(num_blocks):
         stride = 2 if stage > 0 and index == 0 else 1
@@ -180,35 +139,27 @@ PUBLISHED: dict[str, dict[str, Any]] = {
 """The settings of the published ResNets, by name (`jdl.models.MODELS` registers them too)."""
 
 
-def _named(name: str, num_classes: int, overrides: dict[str, Any]) -> ResNet:
-  """The published model `name`; `overrides` replace any of its settings."""
-  return ResNet(num_classes=num_classes, **{**PUBLISHED[name], **overrides})
-
-
 def resnet18(num_classes: int, **overrides: Any) -> ResNet:
   """ResNet-18: ImageNet layout, basic blocks, stages (2, 2, 2, 2); 11,689,512 parameters."""
-  return _named("resnet18", num_classes, overrides)
+  return ResNet(num_classes=num_classes, **{**PUBLISHED["resnet18"], **overrides})
 
 
 def resnet34(num_classes: int, **overrides: Any) -> ResNet:
   """ResNet-34: ImageNet layout, basic blocks, stages (3, 4, 6, 3); 21,797,672 parameters."""
-  return _named("resnet34", num_classes, overrides)
+  return ResNet(num_classes=num_classes, **{**PUBLISHED["resnet34"], **overrides})
 
 
 def resnet50(num_classes: int, **overrides: Any) -> ResNet:
   """ResNet-50: ImageNet layout, bottleneck blocks, stages (3, 4, 6, 3); 25,557,032 parameters."""
-  return _named("resnet50", num_classes, overrides)
+  return ResNet(num_classes=num_classes, **{**PUBLISHED["resnet50"], **overrides})
 
 
 def resnet20(num_classes: int, **overrides: Any) -> ResNet:
-  """ResNet-20 for CIFAR: CIFAR layout, basic blocks, stages (3, 3, 3), widths 16, 32, 64.
-
-  272,474 parameters with 10 classes: the paper's zero-padding shortcuts (option A) plus 2,752 for
-  the two projection shortcuts here.
-  """
-  return _named("resnet20", num_classes, overrides)
+  """ResNet-20 for CIFAR: basic blocks, stages (3, 3, 3), widths 16, 32, 64; 272,474 parameters
+  with 10 classes (the paper's, plus 2,752 for two projection shortcuts in place of option A)."""
+  return ResNet(num_classes=num_classes, **{**PUBLISHED["resnet20"], **overrides})
 
 
 def resnet56(num_classes: int, **overrides: Any) -> ResNet:
   """ResNet-56 for CIFAR: stages (9, 9, 9), otherwise `resnet20`; 855,770 parameters."""
-  return _named("resnet56", num_classes, overrides)
+  return ResNet(num_classes=num_classes, **{**PUBLISHED["resnet56"], **overrides})

@@ -1,23 +1,13 @@
 """Transformers from one pre-LayerNorm block: a text classifier, a GPT-style language model, a ViT.
 
-Shapes use B batch, T sequence length (tokens or patches), D width, V vocabulary size.
-
-Every block is `x + Dropout(MHSA(LN(x)))` then `x + Dropout(MLP(LN(x)))` with a GELU MLP of width
-`mlp_ratio * D`, so one block of width D has 12 D^2 + 13 D parameters (attention 4 D^2 + 4 D, MLP
-8 D^2 + 5 D, two LayerNorms 4 D). Token and position embeddings start as N(0, 0.02^2), as GPT-2.
-
-The models share these attributes: `num_layers` blocks of `num_heads` attention heads, which must
-divide `width` (D); an MLP `mlp_ratio` times D wide; `dropout_rate` on the embeddings, attention
-weights and residual branches (train only); `output`, "logits" or "softmax"; and two that change
-how the blocks run but not what they compute:
-  remat: what each block keeps for the backward pass (`REMAT_POLICIES`): "none" keeps every
-    activation; "full" keeps only the block's input and recomputes the rest; "matmuls" keeps the
-    outputs of the projections (the matrix products without batch dimensions) and recomputes the
-    attention scores, softmax, LayerNorms and GELU.
-  scan_layers: run the blocks as one `nn.scan` over parameters stacked along a leading layer axis
-    (named "blocks", each leaf `[num_layers, ...]`) rather than unrolled (`blocks_0`, ... in the
-    language model, `block0`, ... in the others), so the program, and its compile time, does not
-    grow with depth.
+Shapes: B batch, T sequence length (tokens or patches), D width, V vocabulary size. Every block is
+`x + Dropout(MHSA(LN(x)))` then `x + Dropout(MLP(LN(x)))`, the MLP GELU and `mlp_ratio * D` wide
+(12 D^2 + 13 D parameters a block at ratio 4). Embeddings start as N(0, 0.02^2), as GPT-2's. The
+models share `num_layers` blocks of `num_heads` heads (which must divide `width`, D),
+`mlp_ratio`, `dropout_rate` (on the embeddings, attention weights and residual branches) and
+`output` ("logits" or "softmax"). `remat` (`REMAT_POLICIES`) and `scan_layers` (the blocks as one
+`nn.scan` over parameters stacked under "blocks") change how the blocks run, not what they compute
+(docs/models.md).
 """
 
 from __future__ import annotations
@@ -29,39 +19,32 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdl.models.activations import apply_output
 from jdl.models.attention import MultiHeadSelfAttention, padding_mask as make_padding_mask
-from jdl.models.inputs import as_images
+from jdl.models.layers import apply_output, as_images
 
 EMBEDDING_INIT = nn.initializers.normal(stddev=0.02)
 POOLS = ("cls", "mean")
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
-    "none": None,
-    "full": None,
-    # Saves dot_general outputs without batch dimensions: the query/key/value, attention output
-    # and MLP projections (each [B, T, D] or [B, T, mlp_ratio * D]). The attention scores
-    # ("bthk,bshk->bhts") have batch dimensions b and h and are [B, H, T, T]: they are recomputed,
-    # which `checkpoint_dots` (every dot) would not do, keeping the memory that grows as T^2.
+    "none": None,  # no rematerialisation: every activation is kept
+    "full": None,  # keeps only each block's input
+    # Keeps the projections' outputs (dots without batch dimensions) and recomputes the attention
+    # scores [B, H, T, T], which grow as T^2 (`checkpoint_dots` would keep them).
     "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-"""Rematerialisation policies by name: what a block keeps from the forward pass for the backward
-one. Under "full" the policy None keeps nothing but the block's inputs; "none" does not
-rematerialise at all."""
+"""What a block keeps from the forward pass for the backward one, by name."""
 
 
 def _check_architecture(module: nn.Module) -> None:
   """Raises a clear error for a transformer shape that cannot be built."""
   model, width, num_heads = type(module).__name__, module.width, module.num_heads
-  num_layers, mlp_ratio, dropout_rate = module.num_layers, module.mlp_ratio, module.dropout_rate
   if num_heads < 1 or width < 1 or width % num_heads:
     raise ValueError(f"{model}: width {width} must be a positive multiple of num_heads {num_heads} "
                      "(each head gets width // num_heads features).")
-  if num_layers < 1:
-    raise ValueError(f"{model}: num_layers must be >= 1; got {num_layers}.")
-  if mlp_ratio < 1:
-    raise ValueError(f"{model}: mlp_ratio must be >= 1; got {mlp_ratio}.")
-  if not 0.0 <= dropout_rate < 1.0:
-    raise ValueError(f"{model}: dropout_rate must be in [0, 1); got {dropout_rate}.")
+  for attribute in ("num_layers", "mlp_ratio"):
+    if getattr(module, attribute) < 1:
+      raise ValueError(f"{model}: {attribute} must be >= 1; got {getattr(module, attribute)}.")
+  if not 0.0 <= module.dropout_rate < 1.0:
+    raise ValueError(f"{model}: dropout_rate must be in [0, 1); got {module.dropout_rate}.")
   if module.remat not in REMAT_POLICIES:
     raise ValueError(f"{model}: unknown remat policy {module.remat!r}; expected one of "
                      f"{tuple(REMAT_POLICIES)}.")
@@ -81,12 +64,8 @@ def _check_tokens(tokens: jax.Array, model: str, max_length: int, limit_name: st
 
 
 class TransformerBlock(nn.Module):
-  """One pre-LayerNorm transformer block: LN -> MHSA -> Dropout -> +x, LN -> MLP -> Dropout -> +x.
-
-  The MLP is Dense(mlp_ratio * D) -> GELU (tanh approximation) -> Dense(D). `causal` chooses
-  causal (decoder) or bidirectional (encoder) attention; `num_heads`, `mlp_ratio` and
-  `dropout_rate` (on the attention weights and both residual branches) are the models' own.
-  """
+  """One pre-LayerNorm block: LN -> MHSA -> Dropout -> +x, LN -> MLP -> Dropout -> +x, with the
+  MLP Dense(mlp_ratio * D) -> GELU (tanh approximation) -> Dense(D); causal or bidirectional."""
 
   num_heads: int
   causal: bool = False
@@ -118,34 +97,15 @@ def _new_block(module: nn.Module, *, causal: bool, name: str | None = None) -> T
                           dropout_rate=module.dropout_rate, name=name)
 
 
-def _compact_blocks(module: nn.Module) -> TransformerBlock | list[TransformerBlock]:
-  """A bidirectional model's blocks, made inside its compact `__call__`: `block0`, `block1`, ...
-  unrolled, or one block named "blocks" with stacked parameters under `scan_layers`."""
-  if module.scan_layers:
-    return _new_block(module, causal=False, name="blocks")
-  return [_new_block(module, causal=False, name=f"block{index}")
-          for index in range(module.num_layers)]
-
-
 def _run_blocks(module: nn.Module, blocks: TransformerBlock | Sequence[TransformerBlock],
                 x_BxTxD: jax.Array, *, train: bool,
                 padding_mask: jax.Array | None = None) -> jax.Array:
-  """Runs `module`'s blocks on `x_BxTxD` under its `remat` and `scan_layers` settings.
+  """Runs `module`'s blocks (a list, or the one block whose parameters `nn.scan` stacks) under its
+  `remat` setting; `train`, a Python bool, is static in the lifted functions."""
 
-  Args:
-    module: the model, for `remat`, `scan_layers` and `num_layers`.
-    blocks: the unrolled blocks in order, or with `scan_layers` the one block whose parameters
-      `nn.scan` stacks `num_layers` deep.
-    x_BxTxD: the blocks' input.
-    train: dropout on or off; a Python bool, closed over (so static) in the lifted functions.
-    padding_mask: `[B, T]`, True for real tokens, given to every block (broadcast by the scan).
-
-  Returns:
-    The last block's output, `[B, T, D]`.
-  """
-
-  def step(block: TransformerBlock, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-    return block(x, train=train, padding_mask=mask)
+  def step(block: TransformerBlock, x: jax.Array,
+           mask: jax.Array | None) -> tuple[jax.Array, None]:
+    return block(x, train=train, padding_mask=mask), None
 
   if module.remat != "none":
     # Under scan, the loop itself keeps XLA from merging the recomputation into the forward pass,
@@ -154,32 +114,40 @@ def _run_blocks(module: nn.Module, blocks: TransformerBlock | Sequence[Transform
                     prevent_cse=not module.scan_layers)
   if not module.scan_layers:
     for block in blocks:
-      x_BxTxD = step(block, x_BxTxD, padding_mask)
+      x_BxTxD, _ = step(block, x_BxTxD, padding_mask)
     return x_BxTxD
-
-  def scan_step(block: TransformerBlock, x: jax.Array,
-                mask: jax.Array | None) -> tuple[jax.Array, None]:
-    return step(block, x, mask), None
-
   # Each layer gets its own parameters (and initialisation and dropout keys); sown attention
   # weights stack like the parameters.
-  scan = nn.scan(scan_step, variable_axes={"params": 0, "intermediates": 0},
+  scan = nn.scan(step, variable_axes={"params": 0, "intermediates": 0},
                  split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
                  length=module.num_layers)
   x_BxTxD, _ = scan(blocks, x_BxTxD, padding_mask)
   return x_BxTxD
 
 
+def _encode(module: nn.Module, x_BxTxD: jax.Array, *, train: bool,
+            padding_mask: jax.Array | None = None) -> jax.Array:
+  """Dropout, then a bidirectional model's blocks (`block0`, `block1`, ... or the scanned
+  "blocks"), then the final LayerNorm; called inside the model's compact `__call__`."""
+  if module.dropout_rate:
+    x_BxTxD = nn.Dropout(module.dropout_rate, deterministic=not train)(x_BxTxD)
+  if module.scan_layers:
+    blocks = _new_block(module, causal=False, name="blocks")
+  else:
+    blocks = [_new_block(module, causal=False, name=f"block{index}")
+              for index in range(module.num_layers)]
+  x_BxTxD = _run_blocks(module, blocks, x_BxTxD, train=train, padding_mask=padding_mask)
+  return nn.LayerNorm(name="ln_final")(x_BxTxD)
+
+
 class TransformerEncoderClassifier(nn.Module):
   """A bidirectional transformer over token ids for sequence classification (e.g. IMDB sentiment).
 
-  Token embedding + learned position embedding -> Dropout -> `num_layers` bidirectional blocks
-  -> final LayerNorm -> mean over the real tokens -> Dense(num_classes). Token id `pad_id` is
-  padding: padded keys get no attention weight and padded positions are left out of the mean, so
-  appending padding does not change the logits; a sequence of padding only pools to zeros.
+  Token + position embedding -> blocks -> final LayerNorm -> mean over the real tokens -> Dense.
+  Padding gets no attention weight and is left out of the mean, so it does not change the logits
+  (all-padding pools to zeros).
 
   Attributes (and those of the module docstring):
-    num_classes: width of the output layer.
     vocab_size: V, the number of token ids (including the padding id).
     max_length: the longest sequence (number of learned positions).
     pad_id: the token id that marks padding.
@@ -206,17 +174,12 @@ class TransformerEncoderClassifier(nn.Module):
   def __call__(self, tokens: jax.Array, *, train: bool) -> jax.Array:
     """Maps `[B, T]` token ids to `[B, num_classes]` logits (or probabilities)."""
     _check_tokens(tokens, "TransformerEncoderClassifier", self.max_length, "max_length")
-    length = tokens.shape[1]
     real_BxT = make_padding_mask(tokens, pad_id=self.pad_id)
     x_BxTxD = nn.Embed(self.vocab_size, self.width, embedding_init=EMBEDDING_INIT,
                        name="token_embedding")(tokens)
     positions_LxD = self.param("position_embedding", EMBEDDING_INIT, (self.max_length, self.width))
-    x_BxTxD = x_BxTxD + positions_LxD[None, :length, :]
-    if self.dropout_rate:
-      x_BxTxD = nn.Dropout(self.dropout_rate, deterministic=not train)(x_BxTxD)
-    x_BxTxD = _run_blocks(self, _compact_blocks(self), x_BxTxD, train=train,
-                          padding_mask=real_BxT)
-    x_BxTxD = nn.LayerNorm(name="ln_final")(x_BxTxD)
+    x_BxTxD = x_BxTxD + positions_LxD[None, :tokens.shape[1], :]
+    x_BxTxD = _encode(self, x_BxTxD, train=train, padding_mask=real_BxT)
     weights_BxTx1 = real_BxT.astype(x_BxTxD.dtype)[:, :, None]
     count_Bx1 = jnp.maximum(jnp.sum(weights_BxTx1, axis=1), 1.0)
     pooled_BxD = jnp.sum(x_BxTxD * weights_BxTx1, axis=1) / count_Bx1
@@ -224,19 +187,15 @@ class TransformerEncoderClassifier(nn.Module):
 
 
 class TransformerLM(nn.Module):
-  """A decoder-only (GPT-style) language model.
+  """A decoder-only (GPT-style) language model: `[B, T]` tokens -> `[B, T, V]` logits.
 
-  Token embedding + learned position embedding -> Dropout -> `num_layers` causal blocks -> final
-  LayerNorm -> output projection to V logits per position. Position t sees tokens 0..t only.
-
-  `num_classes` is the vocabulary size V, so the model fits `jdl.models.build_model(config,
-  num_classes=V)`. With `tie_weights=True` the output projection is the token embedding's
-  transpose (`nn.Embed.attend`); otherwise a bias-free Dense(V).
+  Token + learned position embedding -> causal blocks (`blocks_0`, ... unrolled) -> final
+  LayerNorm -> output projection; position t sees tokens 0..t only.
 
   Attributes (and those of the module docstring; `output` is per position):
-    num_classes: V, the vocabulary size.
+    num_classes: V, the vocabulary size (so `jdl.models.build_model(config, num_classes=V)` fits).
     block_size: the longest context (number of learned positions); longer inputs are an error.
-    tie_weights: share the token embedding with the output projection.
+    tie_weights: the output projection is the embedding's transpose, else a bias-free Dense(V).
   """
 
   num_classes: int
@@ -267,9 +226,9 @@ class TransformerLM(nn.Module):
     self.position_embedding = self.param("position_embedding", EMBEDDING_INIT,
                                          (self.block_size, self.width))
     self.embedding_dropout = nn.Dropout(self.dropout_rate)
-    if self.scan_layers:  # one block whose parameters nn.scan stacks: "blocks"
+    if self.scan_layers:
       self.blocks = _new_block(self, causal=True)
-    else:  # "blocks_0", "blocks_1", ...
+    else:
       self.blocks = [_new_block(self, causal=True) for _ in range(self.num_layers)]
     self.ln_final = nn.LayerNorm()
     if not self.tie_weights:
@@ -281,11 +240,8 @@ class TransformerLM(nn.Module):
     return self.logits_from_embeddings(self.token_embedding(tokens), train=train)
 
   def logits_from_embeddings(self, x_BxTxD: jax.Array, *, train: bool) -> jax.Array:
-    """The model after the token lookup: `[B, T, D]` embeddings -> `[B, T, V]` logits.
-
-    Called with `method=TransformerLM.logits_from_embeddings`, it lets one differentiate the
-    logits with respect to the input vectors, e.g. to check causality.
-    """
+    """The model after the token lookup: `[B, T, D]` embeddings -> `[B, T, V]` logits; called with
+    `method=TransformerLM.logits_from_embeddings` to differentiate with respect to the inputs."""
     if x_BxTxD.ndim != 3 or x_BxTxD.shape[-1] != self.width:
       raise ValueError(
           f"TransformerLM expects embeddings [batch, length, {self.width}]; got {x_BxTxD.shape}.")
@@ -303,13 +259,11 @@ class TransformerLM(nn.Module):
 class ViT(nn.Module):
   """A Vision Transformer (Dosovitskiy et al. 2021) image classifier.
 
-  Patch embedding by a `patch_size` x `patch_size` convolution of stride `patch_size` -> a CLS
-  token in front (`pool="cls"`) -> learned position embeddings -> Dropout -> `num_layers`
-  bidirectional blocks -> final LayerNorm -> the CLS token's output (or the mean over patches,
-  `pool="mean"`) -> Dense(num_classes). Image height and width must be multiples of the patch size.
+  A `patch_size`-strided patch convolution (image sides must be multiples of it) -> a CLS token
+  in front (`pool="cls"`) -> position embeddings -> blocks -> final LayerNorm -> the CLS output
+  or the patch mean -> Dense.
 
   Attributes (and those of the module docstring):
-    num_classes: width of the output layer.
     patch_size: p, the side of a square patch.
     pool: "cls" (a learned CLS token) or "mean" (mean of the patch outputs).
   """
@@ -352,10 +306,7 @@ class ViT(nn.Module):
           [jnp.broadcast_to(cls_1x1xD, (batch, 1, self.width)), x_BxNxD], axis=1)
     positions_NxD = self.param("position_embedding", EMBEDDING_INIT, x_BxNxD.shape[1:])
     x_BxNxD = x_BxNxD + positions_NxD[None, :, :]
-    if self.dropout_rate:
-      x_BxNxD = nn.Dropout(self.dropout_rate, deterministic=not train)(x_BxNxD)
-    x_BxNxD = _run_blocks(self, _compact_blocks(self), x_BxNxD, train=train)
-    x_BxNxD = nn.LayerNorm(name="ln_final")(x_BxNxD)
+    x_BxNxD = _encode(self, x_BxNxD, train=train)
     pooled_BxD = x_BxNxD[:, 0, :] if self.pool == "cls" else jnp.mean(x_BxNxD, axis=1)
     return apply_output(nn.Dense(self.num_classes, name="head")(pooled_BxD), self.output)
 

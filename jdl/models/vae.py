@@ -1,11 +1,5 @@
-"""A variational autoencoder (Kingma and Welling, 2014) of fixed-size signals or images.
-
-The encoder maps an example to the mean and log-variance of a diagonal Gaussian over the latent
-code; a code is drawn from it with the reparameterisation trick, from the model's own random
-stream `"sample"` (`self.make_rng("sample")`), and decoded back. `elbo_loss` is its `jdl.Task`
-loss: the negative evidence lower bound per example, with its reconstruction and KL terms as
-auxiliary values, so they are logged beside the loss.
-"""
+"""A variational autoencoder (Kingma and Welling, 2014) of fixed-size signals or images, and its
+`jdl.Task` loss, `elbo_loss`."""
 
 from __future__ import annotations
 
@@ -24,9 +18,9 @@ SAMPLE_STREAM = "sample"
 class VAE(nn.Module):
   """Dense encoder and decoder with `hidden` widths (mirrored), a `latent`-dimensional code.
 
-  Called on a batch `[batch, ...]`, returns a dict: `reconstruction` (shaped like the input),
-  `mean` and `log_variance` (`[batch, latent]`). In eval mode (`train=False`) the code is still
-  drawn (the ELBO is an expectation over it); `decode` maps codes to examples.
+  The encoder gives the `mean` and `log_variance` (`[batch, latent]`) of a diagonal Gaussian; a
+  code drawn from it (reparameterised, from `SAMPLE_STREAM`, in eval mode too: the ELBO is an
+  expectation) is decoded to a `reconstruction` shaped like the input; `decode` maps codes alone.
   """
 
   hidden: Sequence[int] = (128,)

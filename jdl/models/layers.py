@@ -1,0 +1,84 @@
+"""The pieces models choose by name (activations, the output, image normalisation layers), and the
+image input check."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+Activation = Callable[[jax.Array], jax.Array]
+
+ACTIVATIONS: dict[str, Activation] = {
+    "relu": nn.relu,
+    "sigmoid": nn.sigmoid,
+    "tanh": nn.tanh,
+    "leaky_relu": nn.leaky_relu,  # slope 0.01 for x < 0
+    "gelu": nn.gelu,
+    "elu": nn.elu,
+    "identity": lambda x: x,
+}
+
+
+def get_activation(name: str) -> Activation:
+  """The activation called `name`; a clear error lists the valid names."""
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}.")
+  return ACTIVATIONS[name]
+
+
+OUTPUTS = ("logits", "softmax")
+
+
+def apply_output(logits: jax.Array, output: str) -> jax.Array:
+  """Returns logits as they are, or their softmax probabilities for `output="softmax"`."""
+  if output == "logits":
+    return logits
+  if output == "softmax":
+    return nn.softmax(logits, axis=-1)
+  raise ValueError(f"unknown output {output!r}; expected one of {OUTPUTS}.")
+
+
+IMAGE_NORMALIZATIONS = ("batch", "group", "layer")
+
+GROUPS = 32
+"""Groups of GroupNorm (Wu & He 2018); a layer uses gcd(32, channels), so narrow widths work."""
+
+
+def as_images(x: jax.Array, model: str) -> jax.Array:
+  """`x` as images [batch, height, width, channels]; [batch, height, width] gets a channel axis."""
+  if x.ndim == 3:
+    x = x[..., None]
+  if x.ndim != 4:
+    raise ValueError(
+        f"{model} expects images [batch, height, width, channels] (or [batch, height, width]); "
+        f"got shape {x.shape}.")
+  return x
+
+
+def check_normalization(kind: str | None, *, allow_none: bool) -> None:
+  """Raises a clear error unless `kind` names an image normalisation (or is None, if allowed)."""
+  valid = ((None,) if allow_none else ()) + IMAGE_NORMALIZATIONS
+  if kind not in valid:
+    raise ValueError(f"unknown normalization {kind!r}; expected one of {valid}.")
+
+
+def image_norm(kind: str, channels: int, *, train: bool, axis_name: str | None = None,
+               scale_init: Callable[..., Any] = nn.initializers.ones,
+               name: str | None = None) -> nn.Module:
+  """A normalisation layer for `[batch, height, width, channels]`: "batch" (BatchNorm, statistics
+  in "batch_stats" averaged over the pmap axis `axis_name`; momentum 0.9, epsilon 1e-5), "group"
+  (GroupNorm, gcd(`GROUPS`, channels) groups) or "layer" (LayerNorm over height, width and
+  channels, a scale and bias per channel). A zero `scale_init` starts a residual branch at zero."""
+  check_normalization(kind, allow_none=False)
+  if kind == "batch":
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        axis_name=axis_name, scale_init=scale_init, name=name)
+  if kind == "group":
+    return nn.GroupNorm(num_groups=math.gcd(GROUPS, channels), epsilon=1e-5,
+                        scale_init=scale_init, name=name)
+  return nn.LayerNorm(epsilon=1e-5, reduction_axes=(-3, -2, -1), feature_axes=-1,
+                      scale_init=scale_init, name=name)
