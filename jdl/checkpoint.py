@@ -1,15 +1,12 @@
 """Checkpoints of a `TrainState` with orbax: save, keep the last few and the best, restore the
 latest one that is good.
 
-The data order, augmentation and dropout keys are functions of the seed and the step, so the state
-is all a resumed run needs to continue exactly where the interrupted one was. Each step's folder
-holds, beside the state, the metrics that rank it and a CRC-32 of every array (in the step's orbax
-metadata, under `jdl`); orbax commits both at once (a temporary folder renamed when complete), and
-restoring verifies every array against its checksum. A checkpoint that cannot be restored is
-reported and moved aside to `<directory>_unusable/<step>`, never deleted; only the retention
-policy deletes.
-A save that fails is reported once, at the next call, as `CheckpointWriteError`; the checkpoints
-saved before it are left as they were. See docs/checkpoints.md.
+The data order and every random key are functions of the seed and the step, so the state is all a
+resumed run needs to continue exactly. Each step's folder holds, in its orbax metadata under `jdl`,
+the metrics that rank it and a CRC-32 of every array, committed atomically with the state and
+verified on restore. A checkpoint that cannot be restored is moved aside to
+`<directory>_unusable/<step>`, never deleted (only retention deletes); a save that fails is raised
+once, at the next call, as `CheckpointWriteError`. See docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -30,27 +27,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jdl.parallel import exception_chain
 from jdl.state import TrainState
+from jdl.transfer import named_leaves
 
 CheckpointMetrics = Mapping[str, float]
 ITEM = "default"  # the name orbax gives the single item of a step's folder: the state
 RECORD_KEY = "jdl"  # the key of the step's custom metadata that holds its metrics and checksums
-
-
-def _leaves(tree: Any) -> list[tuple[str, Any]]:
-  """`[(path, leaf)]` of a pytree of arrays or orbax array metadata, paths written alike."""
-  def name(entry: Any) -> str:
-    for attribute in ("key", "name", "idx"):
-      if hasattr(entry, attribute):
-        return str(getattr(entry, attribute))
-    return str(entry)
-
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return [("/".join(name(e) for e in path), leaf) for path, leaf in leaves]
-
-
-def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  return {path: tuple(leaf.shape) for path, leaf in _leaves(tree)}
 
 
 def array_checksums(tree: Any) -> dict[str, dict[str, str]]:
@@ -60,7 +43,7 @@ def array_checksums(tree: Any) -> dict[str, dict[str, str]]:
   and is left out; a replicated one is read from this process's copy.
   """
   sums = {}
-  for path, leaf in _leaves(tree):
+  for path, leaf in named_leaves(tree).items():
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
       if not leaf.is_fully_replicated:
         continue
@@ -91,11 +74,7 @@ def _cause(error: BaseException) -> str:
   """What went wrong, in a few words: the operating system's error behind `error` where there is
   one (orbax raises OSError; tensorstore, under it, a ValueError that names the errno), else the
   first line of the innermost exception."""
-  seen, current, chain = set(), error, []
-  while current is not None and id(current) not in seen:
-    seen.add(id(current))
-    chain.append(current)
-    current = current.__cause__ or current.__context__
+  chain = exception_chain(error)
   for exception in chain:
     if isinstance(exception, OSError) and exception.errno:
       return f"[Errno {exception.errno}] {exception.strerror}"
@@ -118,12 +97,10 @@ logging.getLogger("absl").addFilter(_OrbaxThreadErrors())
 
 
 def _quiet_closed_loop_callbacks() -> None:
-  """Once a save has failed, tensorstore still finishes the writes orbax gave it and reports each
-  to orbax's event loop, closed by then; Python prints every such report as an unraisable
-  "Event loop is closed" traceback (`sys.unraisablehook`). The failure itself reaches the caller
-  once, as a CheckpointWriteError, so these are dropped: only those, raised inside asyncio itself
-  with no frame of anyone's code; everything else reaches the previous hook. Installed with a
-  Checkpointer, since the failed save's writes end in threads before its error is raised."""
+  """Drops the "Event loop is closed" tracebacks Python prints (`sys.unraisablehook`) when, after
+  a failed save, tensorstore reports the writes it still finishes to orbax's closed event loop.
+  Only those, raised inside asyncio with no frame of anyone's code; everything else reaches the
+  previous hook. The failure itself reaches the caller once, as a CheckpointWriteError."""
   previous = sys.unraisablehook
   if getattr(previous, "jdl_quiet_closed_loop", False):
     return
@@ -194,8 +171,7 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def metrics(self, step: int) -> dict[str, float] | None:
-    """The metrics saved with the checkpoint of `step` (None: saved without, or before jdl kept
-    them)."""
+    """The metrics saved with the checkpoint of `step` (None: saved without them)."""
     record = self._record(step)
     return None if record is None else record.get("metrics")
 
@@ -207,9 +183,7 @@ class Checkpointer:
     """Saves `state` under its step; returns False when that step is already saved.
 
     `metrics` rank it for `best_metric`; without them it is kept only while among the most recent.
-
-    Raises:
-      CheckpointWriteError: this save or an earlier one could not be written.
+    Raises `CheckpointWriteError` if this save or an earlier one could not be written.
     """
     if not self.writable:
       raise ValueError(f"this Checkpointer of {self.directory} was opened with writable=False.")
@@ -237,8 +211,8 @@ class Checkpointer:
     return True
 
   def _write(self, step: int, state: TrainState, metrics: dict[str, float] | None) -> None:
-    """Writes one checkpoint (atomically: orbax renames a complete temporary folder), then
-    applies retention. A failure is kept for `raise_if_failed`, never raised in a thread."""
+    """Writes one checkpoint, then applies retention. A failure is kept for `raise_if_failed`,
+    never raised in a thread, and what it left (orbax's temporary folder) is removed."""
     try:
       record = {"metrics": metrics, "checksums": array_checksums(state)}
       self._manager.save(step, args=ocp.args.StandardSave(state), force=True,
@@ -248,15 +222,15 @@ class Checkpointer:
       self._apply_retention()
     except Exception as error:  # pylint: disable=broad-except  # reported by the caller
       self._failure = (step, error)
-      self._remove_partial(step)
+      if jax.process_index() == 0 and os.path.isdir(self.directory):
+        for name in os.listdir(self.directory):
+          if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+            shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   def _apply_retention(self) -> None:
     """Deletes every checkpoint but the last `keep` and the best by `best_metric`."""
     steps = sorted(self._manager.all_steps())
-    kept = set(steps[-self.keep:])
-    best = self._best_of(steps)
-    if best is not None:
-      kept.add(best)
+    kept = {*steps[-self.keep:], self._best_of(steps)}
     for step in steps:
       if step not in kept:
         self._manager.delete(step)
@@ -272,20 +246,9 @@ class Checkpointer:
       return None
     return (max(scored) if self.mode == "max" else min(scored, key=lambda s: (s[0], -s[1])))[1]
 
-  def _remove_partial(self, step: int) -> None:
-    """Removes what a failed save left (orbax's temporary folder), if it can."""
-    if jax.process_index() != 0 or not os.path.isdir(self.directory):
-      return
-    for name in os.listdir(self.directory):
-      if name.startswith(f"{step}.orbax-checkpoint-tmp"):
-        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-
   def raise_if_failed(self) -> None:
-    """Raises `CheckpointWriteError` if a save has failed (cheap: call it as often as you like).
-
-    The message names the step, the folder, the cause (the operating system's error where there
-    is one) and the earlier checkpoints, which are intact.
-    """
+    """Raises `CheckpointWriteError` if a save has failed (cheap: call it as often as you like),
+    naming the step, the folder, the cause and the earlier checkpoints, which are intact."""
     if self._failure is None:
       return
     self._failure_reported = True
@@ -385,11 +348,7 @@ class Checkpointer:
       self._writer = None
 
   def wait(self) -> None:
-    """Blocks until every save has been written.
-
-    Raises:
-      CheckpointWriteError: a save could not be written.
-    """
+    """Blocks until every save has been written; raises `CheckpointWriteError` if one failed."""
     self._join()
     self.raise_if_failed()
 
@@ -425,6 +384,11 @@ def _check_writable(directory: str) -> None:
     raise CheckpointWriteError(
         f"cannot save checkpoints in {directory} ([Errno {error.errno}] "
         f"{error.strerror or error}); choose a workdir on a writable filesystem.") from None
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """`{path: shape}` of a pytree of arrays or of orbax's array metadata."""
+  return {path: tuple(leaf.shape) for path, leaf in named_leaves(tree).items()}
 
 
 def _verify(state: TrainState, checksums: Mapping[str, Mapping[str, str]], step: int,

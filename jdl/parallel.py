@@ -4,17 +4,16 @@ A runner owns the host/device boundary of one layout: it places the state and ba
 the steps, and brings metrics and state back.
 
   "none":  `JitRunner`      jax.jit on one device.
-  "shard": `ShardedRunner`  jax.jit over a `Mesh`: batch split along the data axis, state
-                            replicated; the single-device program, so BatchNorm statistics and
-                            dropout keys are those of the global batch.
-  "pmap":  `PmapRunner`     jax.pmap: state replicated with a leading device axis, batch reshaped to
-                            [devices, batch / devices, ...]; steps and models built with
+  "shard": `ShardedRunner`  jax.jit over a `Mesh` (`make_mesh`): batch split along the data axis,
+                            state replicated; the single-device program, so BatchNorm statistics
+                            and dropout keys are those of the global batch.
+  "pmap":  `PmapRunner`     jax.pmap: state replicated with a leading device axis, batch reshaped
+                            to [devices, batch / devices, ...]; steps and models built with
                             `axis_name=runner.axis_name` reduce across devices.
   "auto":  "shard" when more than one device is present, else "none".
 
 Many hosts: `initialize_distributed` joins the processes; each feeds its own share of every global
-batch, and `ShardedRunner` assembles global arrays from the process-local pieces. See
-docs/devices.md.
+batch, and `ShardedRunner` assembles global arrays from the process-local pieces (docs/devices.md).
 """
 
 from __future__ import annotations
@@ -52,38 +51,30 @@ class Runner(Protocol):
   layout: str
   axis_name: str | None  # build steps and models with this
   num_devices: int  # devices across all processes
+  supports_resident: bool  # whether whole splits may live on the devices (jdl.resident)
 
   def place_state(self, state: TrainState) -> TrainState:
     """The state on the devices, laid out for this runner's compiled steps."""
-    ...
 
   def fetch_state(self, state: TrainState) -> TrainState:
     """A state usable on one device (the first replica under pmap)."""
-    ...
 
   def place_batch(self, batch: Batch, *, pad: bool = False) -> Batch:
     """A host batch (this process's share) ready for the compiled steps. With `pad`, padded with
     masked examples to a multiple of the device count; without, an uneven batch is an error."""
-    ...
 
   def compile(self, train_step: TrainStep, eval_step: EvalStep | None
               ) -> tuple[TrainStep, EvalStep | None]:
     """The steps compiled for this layout (the train step donates the state); None stays None."""
-    ...
 
   def fetch_metrics(self, sums: Metrics) -> Metrics:
     """Metric sums as plain scalars (the first replica under pmap)."""
-    ...
-
-  supports_resident: bool  # whether whole splits may live on the devices (jdl.resident)
 
   def place_replicated(self, tree: Any) -> Any:
     """`tree` copied to every device of the layout (for device-resident data)."""
-    ...
 
   def constrain_batch(self, batch: Batch) -> Batch:
     """Inside a compiled function: lays a batch out as this layout's steps expect."""
-    ...
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
@@ -117,12 +108,10 @@ def make_runner(layout: str = "auto", *, num_devices: int | None = None,
                 batch_size: int | None = None) -> Runner:
   """The runner for `layout` ("auto", "none", "shard" or "pmap").
 
-  Args:
-    layout: the device layout; "auto" is "shard" when more than one device is present, else "none".
-    num_devices: devices to use (default: all; per process under pmap). An explicit count is
-      strict: more than are present, or a `batch_size` it does not divide, is an error.
-    batch_size: the global training batch size. Under "auto" without `num_devices`, the mesh takes
-      the largest number of devices that divides it, so a default config runs on any machine.
+  `num_devices` defaults to all devices (per process under pmap); an explicit count is strict:
+  more than are present, or a `batch_size` (the global training batch) it does not divide, is an
+  error. Under "auto" without `num_devices`, the mesh takes the largest number of devices that
+  divides `batch_size`, so a default config runs on any machine.
   """
   if layout not in LAYOUTS:
     raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}.")
@@ -149,12 +138,15 @@ def make_runner(layout: str = "auto", *, num_devices: int | None = None,
   return runner
 
 
-def _check_divisible(batch: Batch, count: int, what: str) -> int:
+def _split_evenly(batch: Batch, count: int, what: str, *, pad: bool) -> Batch:
+  """`batch` padded to a multiple of `count` (with `pad`), or checked to be one."""
+  if pad:
+    return pad_to_multiple(batch, count)
   size = num_rows(batch)
   if size % count:
     raise ValueError(f"the batch of {size} examples cannot be split evenly over {count} {what}; "
                      f"use a batch size that is a multiple of {count}.")
-  return size
+  return batch
 
 
 def pad_to_multiple(batch: Batch, multiple: int) -> dict[str, Any]:
@@ -172,13 +164,17 @@ def pad_to_multiple(batch: Batch, multiple: int) -> dict[str, Any]:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Every array of `tree` copied to every device of `mesh` (a replicated global array).
+  """Every array of `tree` copied to every device of `mesh` (a replicated global array)."""
+  return place(tree, NamedSharding(mesh, PartitionSpec()))
 
-  Over many processes each builds its own devices' copies from its host copy of the values,
-  which must be the same on every process (a fresh state from one seed, a restored checkpoint):
-  JAX moves no array from one host's device to another's.
+
+def place(tree: Any, sharding: NamedSharding) -> Any:
+  """Every array of `tree` laid out by `sharding` as a global array.
+
+  Over many processes each builds its own devices' pieces from its host copy of the values, which
+  must be the same on every process (a fresh state from one seed, a restored checkpoint): JAX
+  moves no array from one host's device to another's.
   """
-  sharding = NamedSharding(mesh, PartitionSpec())
   if sharding.is_fully_addressable:
     return jax.device_put(tree, sharding)
 
@@ -204,18 +200,13 @@ def unreplicate(tree: Any) -> Any:
   return jax.tree.map(lambda x: x[0], tree)
 
 
-def _unless_none(step: EvalStep | None, compile_step: Callable[[EvalStep], EvalStep]
-                 ) -> EvalStep | None:
-  """`compile_step(step)`, or None for no step (`fit` without evaluation)."""
-  return None if step is None else compile_step(step)
-
-
 class JitRunner:
   """Plain `jax.jit` on the default device."""
 
   layout = "none"
   axis_name = None
   num_devices = 1
+  supports_resident = True
 
   def place_state(self, state: TrainState) -> TrainState:
     return jax.device_put(state)
@@ -230,12 +221,11 @@ class JitRunner:
 
   def compile(self, train_step: TrainStep, eval_step: EvalStep | None
               ) -> tuple[TrainStep, EvalStep | None]:
-    return jax.jit(train_step, donate_argnums=0), _unless_none(eval_step, jax.jit)
+    return (jax.jit(train_step, donate_argnums=0),
+            None if eval_step is None else jax.jit(eval_step))
 
   def fetch_metrics(self, sums: Metrics) -> Metrics:
     return sums
-
-  supports_resident = True
 
   def place_replicated(self, tree: Any) -> Any:
     return jax.device_put(tree)
@@ -249,46 +239,43 @@ class ShardedRunner:
 
   layout = "shard"
   axis_name = None
+  supports_resident = True
 
   def __init__(self, mesh: Mesh) -> None:
     if DATA_AXIS not in mesh.axis_names:
       raise ValueError(f"the mesh needs an axis named {DATA_AXIS!r}; it has {mesh.axis_names}.")
     self.mesh = mesh
     self.replicated = NamedSharding(mesh, PartitionSpec())
+    self.state_sharding = self.replicated  # the state's layout, for placing and compiling
     self.batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
     self.num_devices = int(mesh.devices.size)
     self.local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
 
   def place_state(self, state: TrainState) -> TrainState:
-    return replicate(state, self.mesh)
+    return place(state, self.state_sharding)
 
   def fetch_state(self, state: TrainState) -> TrainState:
     return state
 
   def place_batch(self, batch: Batch, *, pad: bool = False) -> Batch:
-    if pad:
-      batch = pad_to_multiple(batch, self.local_devices)
-    else:
-      _check_divisible(batch, self.local_devices, "devices" if jax.process_count() == 1 else
-                       f"local devices of process {jax.process_index()}")
-    return shard_batch(batch, self.mesh)
+    what = ("devices" if jax.process_count() == 1 else
+            f"local devices of process {jax.process_index()}")
+    return shard_batch(_split_evenly(batch, self.local_devices, what, pad=pad), self.mesh)
 
   def compile(self, train_step: TrainStep, eval_step: EvalStep | None
               ) -> tuple[TrainStep, EvalStep | None]:
-    train = jax.jit(train_step, in_shardings=(self.replicated, self.batch_sharding),
-                    out_shardings=(self.replicated, self.replicated), donate_argnums=0)
-    evaluate = _unless_none(eval_step, lambda step: jax.jit(
-        step, in_shardings=(self.replicated, self.batch_sharding), out_shardings=self.replicated))
-    return train, evaluate
+    inputs = (self.state_sharding, self.batch_sharding)
+    train = jax.jit(train_step, in_shardings=inputs,
+                    out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
+    return train, None if eval_step is None else jax.jit(
+        eval_step, in_shardings=inputs, out_shardings=self.replicated)
 
   def fetch_metrics(self, sums: Metrics) -> Metrics:
     # This process's copy: in a multi-process run the global array is not addressable as a whole.
     return jax.tree.map(lambda x: x.addressable_data(0), sums)
 
-  supports_resident = True
-
   def place_replicated(self, tree: Any) -> Any:
-    return replicate(tree, self.mesh)
+    return place(tree, self.replicated)
 
   def constrain_batch(self, batch: Batch) -> Batch:
     return jax.lax.with_sharding_constraint(dict(batch), self.batch_sharding)
@@ -303,6 +290,7 @@ class PmapRunner:
 
   layout = "pmap"
   axis_name = PMAP_AXIS
+  supports_resident = False  # pmap steps see per-device batches; they stream from the host
 
   def __init__(self, num_devices: int | None = None) -> None:
     if jax.process_count() > 1:
@@ -336,25 +324,19 @@ class PmapRunner:
     return unreplicate(state)
 
   def place_batch(self, batch: Batch, *, pad: bool = False) -> Batch:
-    if pad:
-      batch = pad_to_multiple(batch, self.local_devices)
-    else:
-      _check_divisible(batch, self.local_devices, "devices")
     count = self.local_devices
+    batch = _split_evenly(batch, count, "devices", pad=pad)
     return jax.tree.map(lambda value: jax.device_put(
         np.asarray(value).reshape(count, -1, *np.shape(value)[1:]), self.stacked), dict(batch))
 
   def compile(self, train_step: TrainStep, eval_step: EvalStep | None
               ) -> tuple[TrainStep, EvalStep | None]:
     train = jax.pmap(train_step, axis_name=PMAP_AXIS, devices=self.devices, donate_argnums=0)
-    evaluate = _unless_none(eval_step, lambda step: jax.pmap(step, axis_name=PMAP_AXIS,
-                                                             devices=self.devices))
-    return train, evaluate
+    return train, None if eval_step is None else jax.pmap(eval_step, axis_name=PMAP_AXIS,
+                                                          devices=self.devices)
 
   def fetch_metrics(self, sums: Metrics) -> Metrics:
     return unreplicate(sums)
-
-  supports_resident = False  # pmap steps see per-device batches; they stream from the host
 
   def place_replicated(self, tree: Any) -> Any:
     raise NotImplementedError("layout 'pmap' streams batches from the host.")
@@ -364,18 +346,14 @@ class PmapRunner:
 
 
 def initialize_distributed(mode: str = "auto") -> bool:
-  """Joins this process to a multi-process JAX run when the environment asks for it.
+  """Joins this process to a multi-process JAX run when the environment asks for it; returns
+  whether it did. Call it before any other JAX work.
 
-  Call it before any other JAX work. The environment contract:
-    JAX_COORDINATOR_ADDRESS  host:port of process 0's coordinator (every process);
-    JAX_NUM_PROCESSES        the number of processes;
-    JAX_PROCESS_ID           this process's index, 0 .. JAX_NUM_PROCESSES - 1.
-  With `mode="auto"` the run is joined when JAX_COORDINATOR_ADDRESS is set; `mode="on"` calls
-  `jax.distributed.initialize()` with JAX's own cluster detection (Cloud TPU pods, SLURM, Open
-  MPI, Kubernetes) filling in what the variables leave out; `mode="off"` never joins.
-
-  Returns:
-    Whether a multi-process run was joined.
+  The environment contract: JAX_COORDINATOR_ADDRESS, host:port of process 0's coordinator;
+  JAX_NUM_PROCESSES; JAX_PROCESS_ID, this process's index from 0. `mode="auto"` joins when
+  JAX_COORDINATOR_ADDRESS is set; "on" calls `jax.distributed.initialize()` with JAX's own cluster
+  detection (Cloud TPU pods, SLURM, Open MPI, Kubernetes) filling in what the variables leave
+  out; "off" never joins.
   """
   if mode not in ("auto", "on", "off"):
     raise ValueError(f"unknown distributed mode {mode!r}; expected 'auto', 'on' or 'off'.")
@@ -425,8 +403,7 @@ def check_same_everywhere(what: str, value: str) -> None:
 
 def raise_if_any_failed(error: Exception | None, what: str) -> None:
   """Raises `error` on the process where it happened and PeerError on the others (naming that
-  process and `what` it was doing), so one process's refusal ends every process. Nothing when no
-  process failed, or in a single process with `error` None."""
+  process and `what` it was doing), so one process's refusal ends every process."""
   if jax.process_count() == 1:
     if error is not None:
       raise error
@@ -449,12 +426,10 @@ def lost_peer(error: BaseException) -> PeerError | None:
   stopped); None otherwise, and always in a single process."""
   if jax.process_count() == 1:
     return None
-  seen, current, found = set(), error, None
-  while current is not None and id(current) not in seen:  # the innermost that says so
-    seen.add(id(current))
+  found = None
+  for current in exception_chain(error):  # the innermost that says so
     if any(sign in str(current) for sign in _LOST_PEER_SIGNS):
       found = current
-    current = current.__cause__ or current.__context__
   if found is None:
     return None
   first = (str(found).splitlines() or [""])[0][:300]
@@ -462,6 +437,16 @@ def lost_peer(error: BaseException) -> PeerError | None:
       f"another process of this run was lost ({type(found).__name__}: {first}); process "
       f"{jax.process_index()} stops too. Start every process again with the same command to "
       "resume from the last checkpoint.")
+
+
+def exception_chain(error: BaseException) -> list[BaseException]:
+  """`error` and the exceptions it was raised from or while handling, outermost first."""
+  seen, current, chain = set(), error, []
+  while current is not None and id(current) not in seen:
+    seen.add(id(current))
+    chain.append(current)
+    current = current.__cause__ or current.__context__
+  return chain
 
 
 def is_main_process() -> bool:
