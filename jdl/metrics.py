@@ -42,39 +42,30 @@ def _merge_rule(key: str) -> str:
 
 def classification_metrics(outputs: jax.Array, labels: jax.Array, losses: jax.Array,
                            mask: jax.Array | None = None, *, top_k: Sequence[int] = ()) -> Metrics:
-  """States for loss, accuracy and top-k accuracy over the unmasked examples of one batch.
-
-  Labels may have positions (a language model's `[batch, time]`); `count` then counts positions.
-
-  Args:
-    outputs: `[batch, ..., num_classes]` logits or probabilities.
-    labels: `[batch, ...]` integer labels.
-    losses: per-example (per-position) losses, shaped like `labels`.
-    mask: `[batch]` (per example) or shaped like `labels` (per position) booleans (or 0/1), True
-      for what counts; None means everything is real.
-    top_k: the k of the top-k accuracies to track; a k >= num_classes is skipped (it is always 1).
-
-  Returns:
-    `loss_metrics(losses, mask)` plus `accuracy_sum` and one `top{k}_accuracy_sum` per k.
-  """
+  """`loss_metrics(losses, mask)` and `accuracy_metrics(outputs, labels, mask, top_k=top_k)` of
+  one batch: `outputs` are `[batch, ..., num_classes]` logits or probabilities, `labels` and
+  `losses` are `[batch, ...]` (positions count as examples)."""
   return {**loss_metrics(losses, mask), **accuracy_metrics(outputs, labels, mask, top_k=top_k)}
 
 
-def accuracy_metrics(outputs: jax.Array, labels: jax.Array, mask: jax.Array | None = None, *,
-                     top_k: Sequence[int] = ()) -> Metrics:
-  """`accuracy_sum` (correct examples) and one `top{k}_accuracy_sum` per k < num_classes.
-
-  Labels must be integers shaped like `outputs` without its class axis: anything else would
-  broadcast into a wrong number, so it is refused while tracing.
-  """
+def check_class_labels(outputs: jax.Array, labels: jax.Array, what: str) -> None:
+  """Refuses, while tracing, labels that are not integers shaped like `outputs` without its class
+  axis: they would broadcast into a wrong number. `what` names the user (accuracy, a loss)."""
   if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise ValueError(f"accuracy needs integer class labels; got dtype {labels.dtype}. For "
+    raise ValueError(f"{what} needs integer class labels; got dtype {labels.dtype}. For "
                      "real-valued targets use a regression task (jdl.tasks.regression).")
   if tuple(labels.shape) != tuple(outputs.shape[:-1]):
     raise ValueError(
         f"labels of shape {tuple(labels.shape)} do not fit outputs of shape "
-        f"{tuple(outputs.shape)}: accuracy needs labels shaped like the outputs without their "
-        f"class axis, {tuple(outputs.shape[:-1])}.")
+        f"{tuple(outputs.shape)}: class labels are shaped like the outputs without their class "
+        f"axis, {tuple(outputs.shape[:-1])} (one integer per example or per position).")
+
+
+def accuracy_metrics(outputs: jax.Array, labels: jax.Array, mask: jax.Array | None = None, *,
+                     top_k: Sequence[int] = ()) -> Metrics:
+  """`accuracy_sum` (correct examples) and one `top{k}_accuracy_sum` per k < num_classes (a larger
+  k is always right) over the unmasked examples; `mask` is `[batch]` or shaped like `labels`."""
+  check_class_labels(outputs, labels, "accuracy")
   keep = broadcast_mask(mask, labels.shape).astype(jnp.int32)
   labels = labels.astype(jnp.int32)
   correct = (jnp.argmax(outputs, axis=-1) == labels).astype(jnp.int32)

@@ -1,22 +1,19 @@
 """The device-resident engine: whole splits on the device, many steps per compiled call.
 
 On a CPU, and for small models on a GPU, a step costs mostly Python and dispatch. When a split
-fits in device memory it is copied there once; each epoch's example order is drawn on the device;
-and up to the next evaluation the steps run as one compiled loop, with the metric sums carried
-through it and returned once per call. Nothing crosses the host/device boundary per step.
+fits in device memory it is copied there once, each epoch's example order is drawn on the device,
+and the steps up to the next evaluation run as one compiled loop that returns the metric sums once.
 
-The batches are exactly those of `jdl.data.ArraySource`: the same per-epoch order
-(`epoch_order`) and the same zero padding of a last partial batch, masked out. So a resident run
-reaches the parameters of the per-step engine for the same seed, up to float rounding (the two
-are different programs).
-
-`ResidentEngine` is used by `jdl.fit` (any single-process layout but pmap) and, with vmapped
-steps over a stacked state, by `jdl.vmap_sweep`.
+The batches are exactly those of `jdl.data.ArraySource` (the same `epoch_order`, the same masked
+zero padding of a last partial batch), so a resident run reaches the parameters of the per-step
+engine for the same seed, up to float rounding. `ResidentEngine` serves `jdl.fit` (any
+single-process layout but pmap) and, with vmapped steps over a stacked state, `jdl.vmap_sweep`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -57,8 +54,8 @@ class ResidentData:
     return -(-self.num_examples // self.batch_size)
 
   def padded_order(self, epoch: int | jax.Array) -> jax.Array:
-    """The epoch's order padded with -1 (masked slots) to `steps_per_epoch * batch_size`.
-    Traceable: `epoch` may be a traced scalar."""
+    """The epoch's order padded with -1 (masked slots) to `steps_per_epoch * batch_size`;
+    `epoch` may be traced."""
     order = epoch_order(jnp.asarray(self.seed, jnp.uint32), jnp.asarray(epoch, jnp.uint32),
                         num_examples=self.num_examples, shuffle=self.shuffle)
     extra = self.steps_per_epoch * self.batch_size - self.num_examples
@@ -78,13 +75,10 @@ class EpochOrder(NamedTuple):
 
 
 def loops_are_slow(fn: Callable[..., Any], *args: Any) -> bool:
-  """Whether running `fn(*args)` inside a compiled loop would be much slower than alone.
-
-  True on the CPU backend when `fn` contains a convolution: XLA's CPU compiler cannot give a
-  convolution in a loop body the layouts its library kernels need and falls back to a naive loop
-  nest (jax issue 12868), an order of magnitude slower for a ResNet step. Tracing `fn` to a jaxpr
-  computes nothing.
-  """
+  """Whether `fn(*args)` would run much slower inside a compiled loop than alone: on the CPU
+  backend when it contains a convolution, which XLA's CPU compiler cannot give its library
+  kernels' layouts in a loop body (jax issue 12868; ten times slower for a ResNet step). Tracing
+  `fn` to a jaxpr computes nothing."""
   if jax.default_backend() != "cpu":
     return False
   return _has_primitive(jax.make_jaxpr(fn)(*args).jaxpr, "conv_general_dilated")
@@ -149,13 +143,13 @@ def make_train_chunk(
 ) -> Callable[..., tuple[State, Metrics, EpochOrder]]:
   """`chunk(state, inputs, labels, order, first_step, length) -> (state, metric sums, order)`:
   the train steps `first_step .. first_step + length - 1` (global step numbers) on `data`'s
-  batches, as one program. `first_step` and `length` are traced, so every call length runs the
+  batches, as one program; `first_step` and `length` are traced, so every call length runs the
   same compiled program.
 
   A chunk may cross epoch boundaries: it loops over the epochs it touches and, within each, over
-  their steps, drawing each epoch's order (`ResidentData.padded_order`) unless the carried one is
-  already that epoch's. With `loop=False` the chunk is one step and no loop (`length` must be 1;
-  see `loops_are_slow`). Only the layout of `data` is used; its arrays are arguments.
+  their steps, drawing each epoch's order unless the carried one is already that epoch's. With
+  `loop=False` it is one step and no loop (`length` must be 1; see `loops_are_slow`). Only the
+  layout of `data` is used; its arrays are arguments.
   """
   batch_size, steps_per_epoch = data.batch_size, data.steps_per_epoch
 
@@ -219,15 +213,8 @@ def make_eval_all(
 
   if not loop:
     compiled = jax.jit(eval_batch)
-
-    def eval_all_unlooped(state, inputs, labels):
-      sums = None
-      for batch_index in range(steps):
-        sums = metrics_lib.merge_metrics(sums, compiled(state, inputs, labels,
-                                                        np.int32(batch_index)))
-      return sums
-
-    return eval_all_unlooped
+    return lambda state, inputs, labels: functools.reduce(metrics_lib.merge_metrics, (
+        compiled(state, inputs, labels, np.int32(index)) for index in range(steps)), None)
 
   def eval_all(state, inputs, labels):
     def body(sums, batch_index):
@@ -243,22 +230,18 @@ def make_eval_all(
 class ResidentEngine:
   """Trains and evaluates on splits kept on the device.
 
-  `advance(state, step, limit)` runs the steps from `step` to `limit` (at most `steps_per_call`
-  of them) in one compiled call, donating the state; `evaluate(state)` returns the metric sums
-  over the whole evaluation split, on the device. Where a loop would be slow (a convolution on
-  the CPU, `loops_are_slow`) each call runs one step instead, unless `steps_per_call` says more.
-  The programs are built on the first call, from the state's shapes; `compile(state)` builds and
-  compiles them ahead of time (to time compilation apart from training).
+  `advance(state, step, limit)` runs the steps from `step` towards `limit` (at most
+  `steps_per_call` of them; None: all) in one compiled call, donating the state; `evaluate` gives
+  the metric sums over a whole evaluation split, on the device. Where a loop would be slow
+  (`loops_are_slow`) each call runs one step, unless `steps_per_call` says more. The programs are
+  built on the first call from the state's shapes; `compile(state)` builds and compiles them ahead
+  of time (to time compilation apart from training).
 
-  Args:
-    train_step: a pure train step (vmapped over a stacked state for a sweep).
-    eval_step: the matching eval step, or None.
-    train_data: the training split, in memory.
-    eval_data: the evaluation split, in memory, or several as `{name: split}`, or None.
-    place: copies a host pytree to the devices (`runner.place_replicated`; default: one device).
-    constrain: lays a batch out inside a compiled function (`runner.constrain_batch`).
-    steps_per_call: most steps per call; None: up to the `limit` each call is given.
-    eval_state: the state to evaluate, from the trained one (the parameter EMA, say).
+  `train_step` may be vmapped over a stacked state (a sweep); `eval_data` is one split, several
+  as `{name: split}`, or None; `place` copies a host pytree to the devices
+  (`runner.place_replicated`), `constrain` lays a batch out inside a compiled function
+  (`runner.constrain_batch`), and `eval_state` gives the state to evaluate from the trained one
+  (the parameter EMA, say).
   """
 
   def __init__(self, train_step: TrainStep, eval_step: EvalStep | None, train_data: ArraySource,
@@ -285,9 +268,9 @@ class ResidentEngine:
     self._eval_all: dict[Any, Any] = {}
 
   def _build(self, state: State) -> None:
-    indices = jax.ShapeDtypeStruct((self.train.batch_size,), jnp.int32)
-    batch = jax.eval_shape(gather_batch, self.train.inputs, self.train.labels, indices)
-    self.loop = not loops_are_slow(self.train_step, state, batch)
+    if self._chunk is not None:
+      return
+    self.loop = not loops_are_slow(self.train_step, state, self.batch_spec())
     if self.steps_per_call is None and not self.loop:
       self.steps_per_call = 1
     looped = self.loop or (self.steps_per_call or 1) > 1
@@ -300,8 +283,7 @@ class ResidentEngine:
 
   def compile(self, state: State) -> None:
     """Builds and compiles the train and eval programs for `state`'s shapes (no computation)."""
-    if self._chunk is None:
-      self._build(state)
+    self._build(state)
     self._chunk.lower(state, self.train.inputs, self.train.labels, self.order, np.int32(0),
                       np.int32(1)).compile()
     for name, eval_all in self._eval_all.items():
@@ -310,8 +292,7 @@ class ResidentEngine:
 
   def advance(self, state: State, step: int, limit: int) -> tuple[State, Metrics, int]:
     """Trains from `step` towards `limit`; returns the state, the metric sums and the steps."""
-    if self._chunk is None:
-      self._build(state)
+    self._build(state)
     length = limit - step
     if self.steps_per_call is not None:
       length = min(length, self.steps_per_call)
@@ -333,6 +314,5 @@ class ResidentEngine:
     if name not in self.eval_data or self.eval_step is None:
       raise ValueError(f"this engine has no evaluation split {name!r} (it has "
                        f"{sorted(map(str, self.eval_data))}) or no eval step.")
-    if self._chunk is None:
-      self._build(state)
+    self._build(state)
     return self._eval_all[name](self.eval_state(state), *self.eval_arrays[name])

@@ -33,18 +33,15 @@ class TrainState(struct.PyTreeNode):
   Attributes:
     step: number of optimizer updates applied so far (int32 scalar).
     params: the model's trainable parameters (the "params" collection).
-    model_state: every other variable collection of the model, e.g. `{"batch_stats": ...}`;
-      empty for models without mutable state.
+    model_state: every other variable collection of the model, e.g. `{"batch_stats": ...}`.
     opt_state: the Optax optimizer state.
     rng: the base PRNG key; a step derives its key as `fold_in(rng, step)`, so the key sequence
       depends only on the seed and the step number (which makes resumption exact).
-    apply_fn: the model's `apply` (static).
-    tx: the Optax gradient transformation (static).
-    input_shape: per-example input shape the model was initialised with (static); for inputs
-      that are a pytree (a dict of arrays, say), a tuple of per-leaf shapes. Steps check batches
-      against it while tracing, so a mismatch fails with a clear message, for free.
-    input_dtype: dtype of the sample input the model was initialised with (static), e.g.
-      "float32" for pixels or "int32" for token ids; a tuple of per-leaf dtypes for a pytree.
+    apply_fn, tx: the model's `apply` and the Optax gradient transformation (static).
+    input_shape, input_dtype: the per-example shape and the dtype of the inputs the model was
+      initialised with (static), e.g. "float32" for pixels or "int32" for token ids; for pytree
+      inputs, tuples of per-leaf ones. Steps check batches against them while tracing, so a
+      mismatch fails with a clear message, for free.
     input_structure: the tree structure of pytree inputs (static); None for one array.
   """
 
@@ -119,28 +116,37 @@ def create_train_state(
     *,
     rng_streams: tuple[str, ...] = ("dropout",),
 ) -> TrainState:
-  """Initialises a model and its optimizer into a fresh `TrainState`.
+  """Initialises a model and its optimizer into a fresh `TrainState` at step 0.
 
   Args:
     model: a Flax linen module whose `__call__(inputs, ...)` maps a batch to outputs, with its
-      mode keyword (`train`, `training` or `deterministic`, see `model_mode`) if it has one.
+      mode keyword (`model_mode`) if it has one.
     tx: the Optax optimizer.
     sample_input: a batch of inputs (any batch size >= 1) with the shape and dtype the model will
-      be trained on: an array, or a pytree of arrays (a dict of two inputs, say) with one batch
-      size, passed to the model as one argument. Only shapes and dtypes are used.
+      be trained on: an array, or a pytree of arrays with one batch size (a dict of two inputs,
+      say) passed to the model as one argument. Only shapes and dtypes are used.
     rng: a PRNG key, raw (`jax.random.PRNGKey`) or typed (`jax.random.key`). It is split into the
       initialisation key and the state's base key, so the same key always gives identical
       parameters and an identical sequence of step keys.
     rng_streams: the random streams the model draws from at initialisation (`Task.rng_streams`).
-
-  Returns:
-    A `TrainState` at step 0.
   """
   sample_input = _checked_sample(sample_input)
   variables, state_rng = initial_variables(model, rng, sample_input, rng_streams)
-  params, model_state = _split_params(variables)
-  return _assemble(params, model_state, initial_optimizer_state(tx, params), state_rng, model, tx,
-                   sample_input, step=jnp.asarray(np.int32(0)))  # placed: no program to compile
+  # Values a model sows for inspection ("intermediates") are appended to on every call, so they
+  # cannot be carried from step to step.
+  model_state = {k: v for k, v in variables.items() if k not in ("params", "intermediates")}
+  leaves, structure = jax.tree.flatten(sample_input)
+  if isinstance(sample_input, jax.Array):
+    shapes, dtypes, structure = tuple(sample_input.shape[1:]), str(sample_input.dtype), None
+  else:
+    shapes = tuple(tuple(leaf.shape[1:]) for leaf in leaves)
+    dtypes = tuple(str(leaf.dtype) for leaf in leaves)
+  return TrainState(
+      step=jnp.asarray(np.int32(0)),  # placed: no program to compile
+      params=variables["params"], model_state=model_state,
+      opt_state=initial_optimizer_state(tx, variables["params"]), rng=state_rng,
+      apply_fn=model.apply, tx=tx, input_shape=shapes, input_dtype=dtypes,
+      input_structure=structure)
 
 
 def _checked_sample(sample_input: Any) -> Any:
@@ -160,69 +166,35 @@ def _checked_sample(sample_input: Any) -> Any:
   return sample_input
 
 
-def _split_params(variables: Mapping[str, Any]) -> tuple[Params, dict[str, Any]]:
-  """`(variables["params"], every other collection)`, less "intermediates": values a model sows
-  for inspection are appended to on every call, so they cannot be carried from step to step."""
-  model_state = dict(variables)
-  model_state.pop("intermediates", None)
-  return model_state.pop("params"), model_state
+def _compiled_per_object(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """`fn(static, *args)` compiled once per hashable `static` (jit keys its cache on it: a model's
+  class and attributes, an optimizer object); run as it is where `static` cannot key a cache (a
+  model with a list attribute) or inside a traced function (`jit`, `vmap`), which compiles it."""
+  compiled = jax.jit(fn, static_argnums=0)
 
+  @functools.wraps(fn)
+  def call(static: Any, *args: Any) -> Any:
+    try:
+      hash(static)
+    except TypeError:
+      return fn(static, *args)
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args)):
+      return fn(static, *args)
+    return compiled(static, *args)
 
-def _assemble(params: Params, model_state: ModelState, opt_state: optax.OptState, rng: Any,
-              model: nn.Module, tx: optax.GradientTransformation, sample_input: jax.Array,
-              *, step: Any) -> TrainState:
-  leaves, structure = jax.tree.flatten(sample_input)
-  if isinstance(sample_input, jax.Array):
-    shapes, dtypes, structure = tuple(sample_input.shape[1:]), str(sample_input.dtype), None
-  else:
-    shapes = tuple(tuple(leaf.shape[1:]) for leaf in leaves)
-    dtypes = tuple(str(leaf.dtype) for leaf in leaves)
-  return TrainState(step=step, params=params, model_state=model_state, opt_state=opt_state,
-                    rng=rng, apply_fn=model.apply, tx=tx, input_shape=shapes, input_dtype=dtypes,
-                    input_structure=structure)
+  return call
 
 
 def initial_variables(model: nn.Module, rng: jax.Array, sample_input: Any,
                       rng_streams: tuple[str, ...] = ("dropout",)) -> tuple[Any, jax.Array]:
   """`(model.init(keys, sample_input, <eval mode>), k3)` where `k1, k2, k3 = split(rng, 3)`:
   the variables and the state's base key. `keys` holds `k1` for "params", `k2` for "dropout" and
-  `stream_key(k2, name)` for every other stream in `rng_streams`.
-
-  Compiled as one program, cached per model (jit keys its cache on the model's class and
-  attributes): run eagerly, an init dispatches and compiles each small operation on its own. A
-  model with unhashable attributes (a list, say) is initialised eagerly, and inside a traced
-  function (`jit`, `vmap`) the init is traced into it.
-  """
-  return _compiled_per_object(_init, (model, tuple(rng_streams)), rng, sample_input)
+  `stream_key(k2, name)` for every other stream in `rng_streams`. One compiled program per model
+  (`_compiled_per_object`): run eagerly, an init dispatches and compiles each operation alone."""
+  return _init((model, tuple(rng_streams)), rng, sample_input)
 
 
-def initial_optimizer_state(tx: optax.GradientTransformation, params: Params) -> optax.OptState:
-  """`tx.init(params)` as one compiled program cached per optimizer object. Its outputs are fresh
-  buffers even where a transformation's state starts as the parameters themselves, so donating
-  the state never donates one buffer twice."""
-  return _compiled_per_object(_tx_init, tx, params)
-
-
-def _compiled_per_object(fn: Callable[..., Any], static: Any, *args: Any) -> Any:
-  """`fn(static, *args)`, compiled once per hashable `static`; run as it is inside a traced
-  function (it is compiled with that) or when `static` cannot key a cache."""
-  if _traced(args) or not _hashable(static):
-    return fn(static, *args)
-  return _COMPILED[fn](static, *args)
-
-
-def _traced(tree: Any) -> bool:
-  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
-
-
-def _hashable(value: Any) -> bool:
-  try:
-    hash(value)
-  except TypeError:
-    return False
-  return True
-
-
+@_compiled_per_object
 def _init(static: tuple[nn.Module, tuple[str, ...]], rng: jax.Array, sample_input: Any
           ) -> tuple[Any, jax.Array]:
   model, streams = static
@@ -233,11 +205,12 @@ def _init(static: tuple[nn.Module, tuple[str, ...]], rng: jax.Array, sample_inpu
   return variables, state_rng
 
 
-def _tx_init(tx: optax.GradientTransformation, params: Params) -> optax.OptState:
+@_compiled_per_object
+def initial_optimizer_state(tx: optax.GradientTransformation, params: Params) -> optax.OptState:
+  """`tx.init(params)` as one compiled program per optimizer object. Its outputs are fresh buffers
+  even where a transformation's state starts as the parameters themselves, so donating the state
+  never donates one buffer twice."""
   return tx.init(params)
-
-
-_COMPILED = {fn: jax.jit(fn, static_argnums=0) for fn in (_init, _tx_init)}
 
 
 def count_params(params: Params) -> int:

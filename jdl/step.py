@@ -1,9 +1,8 @@
 """Pure train and eval steps for any task.
 
 `make_train_step(task)` and `make_eval_step(task)` bind the fixed pieces (the `jdl.tasks.Task`,
-penalty, axis name, augmentation) and return plain functions of `(state, batch)`, so the same
-function runs under `jax.jit`, sharded jit, and `jax.pmap` with `axis_name` set. A batch is any
-pytree; the task says which part the model takes and how the loss reads the rest; `mask` (per
+penalty, axis name, augmentation) and return plain functions of `(state, batch)` that run under
+`jax.jit`, sharded jit, and `jax.pmap` with `axis_name` set. A batch is any pytree; `mask` (per
 example or per position) marks real examples, and mixup's `mix_label`, `mix_weight` blend the loss
 on `label` with the loss on `mix_label` (docs/training.md).
 
@@ -109,37 +108,34 @@ def make_train_step(
 ) -> TrainStepFn:
   """Returns a pure train step `(state, batch) -> (state, metric states)`.
 
+  Its key is `fold_in(state.rng, state.step)` (and the device index under `axis_name`); each of
+  the task's random streams gets `jdl.state.stream_key(key, name)`, and augmentation and the
+  adversary fold the key with `AUGMENT_STREAM` and `ADVERSARY_STREAM`, so runs are reproducible
+  and resumable.
+
   Args:
     task: what to compute from a batch (`jdl.tasks.Task`); None is `jdl.tasks.classification()`.
     weight_penalty: optional `params -> scalar` added to the mean loss (e.g.
       `losses.make_weight_penalty(l2=1e-4)`).
     axis_name: the mapped axis name when run under `pmap`/`shard_map`; None under (sharded) jit.
     augment: optional on-device augmentation `(key, batch) -> batch` of every training batch
-      (e.g. `jdl.augment.make_augment(spec)`); it may add mixup's `mix_label` and `mix_weight`.
+      (`jdl.augment.make_augment(spec)`); it may add mixup's `mix_label` and `mix_weight`.
     check_finite: add the non-finite watch (`nonfinite_step`, `nonfinite_what`) that `jdl.fit`
-      acts on: the step whose loss was NaN or infinite (free: one scalar), and with
-      `gradient_norms` the first step whose gradient was, and of which parameter. Off by default:
-      in a loop of your own nothing reads it.
+      acts on: the step whose loss was NaN or infinite (one scalar), and with `gradient_norms`
+      the first step whose gradient was, and of which parameter. Off by default: in a loop of
+      your own nothing reads it.
     gradient_norms: report `grad_norm` (mean over steps), `grad_norm_max` and `param_norm`; one
       extra pass over the gradients and parameters each step.
     compute_dtype: None computes in the parameters' dtype; `jnp.bfloat16` is mixed precision:
       bfloat16 forward and backward passes, float32 parameters, gradients, optimizer state, loss.
     adversary: optional adversarial training, `(apply_fn, variables, key, batch) -> batch` (e.g.
       `jdl.analysis.adversarial.make_adversary(epsilon)`), applied after `augment` with the
-      current parameters; the loss is taken on its inputs, and the attack is not differentiated
-      through (Madry et al.).
-    microbatches: gradient accumulation inside the step: the batch is split into this many
-      micro-batches, run one after another in one compiled loop (their activations never all in
-      memory), and their gradients are summed into the gradient of the whole batch's mean loss,
-      reduced across devices once. Equal to one step on the whole batch, up to float rounding,
-      for models without batch statistics (BatchNorm sees each micro-batch). Each micro-batch's
-      random streams fold in its index. The batch size must be a multiple of it.
-
-  Returns:
-    The train step. Its key is `fold_in(state.rng, state.step)` (and the device index under
-    `axis_name`); each of the task's random streams gets `jdl.state.stream_key(key, name)`, and
-    augmentation and the adversary fold the key with `AUGMENT_STREAM` and `ADVERSARY_STREAM`, so
-    runs are reproducible and resumable.
+      current parameters; the loss is taken on its inputs, not differentiated through the attack.
+    microbatches: gradient accumulation: the batch (a multiple of it in size) is split into this
+      many micro-batches run one after another in one compiled loop, and their gradients are
+      summed into that of the whole batch's mean loss, reduced across devices once. Equal to one
+      step on the whole batch up to float rounding, for models without batch statistics. Each
+      micro-batch's random streams fold in its index.
   """
   task = _checked_task(task)
   compute_dtype = check_compute_dtype(compute_dtype)

@@ -2,9 +2,9 @@
 
 A `Task` says which part of the batch the model takes, the loss as a function of the model's
 outputs and the whole batch, the metrics, and the named random streams the model draws from.
-`jdl.make_train_step(task)` and `jdl.make_eval_step(task)` turn it into pure steps; classification
-(per example or per position, as a language model), regression and anything else (a VAE's ELBO,
-say) go through the same step, `fit`, checkpoints and logs.
+`jdl.make_train_step(task)` and `jdl.make_eval_step(task)` turn it into pure steps, so
+classification (per example or per position), regression and anything else (a VAE's ELBO, say) go
+through the same step, `fit`, checkpoints and logs:
 
   task = jdl.Task(loss=lambda outputs, batch: jnp.mean((outputs - batch["y"]) ** 2, axis=-1),
                   inputs="x")
@@ -20,7 +20,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
 import jax
-import jax.numpy as jnp
 
 from jdl import losses as losses_lib
 from jdl import metrics as metrics_lib
@@ -74,11 +73,8 @@ class Task:
     """The part of `batch` the model is called with."""
     if callable(self.inputs):
       return self.inputs(batch)
-    if not isinstance(batch, Mapping) or self.inputs not in batch:
-      found = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
-      raise ValueError(f"the task's model inputs are batch[{self.inputs!r}], but the batch has "
-                       f"{found}; set Task(inputs=...) to the key (or a function) that gives them.")
-    return batch[self.inputs]
+    return _read(batch, self.inputs, "model inputs", " Set Task(inputs=...) to the key (or a "
+                 "function) that gives them.")
 
   def for_evaluation(self) -> Task:
     """This task with `eval_loss` as its loss."""
@@ -92,26 +88,21 @@ def batch_mask(batch: Batch) -> jax.Array | None:
   return batch.get("mask") if isinstance(batch, Mapping) else None
 
 
-def _labels(batch: Batch, key: str) -> jax.Array:
+def _read(batch: Batch, key: str, what: str = "targets", hint: str = "") -> Any:
   if not isinstance(batch, Mapping) or key not in batch:
     found = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
-    raise ValueError(f"the task reads its targets from batch[{key!r}], but the batch has {found}.")
+    raise ValueError(f"the task reads its {what} from batch[{key!r}], but the batch has "
+                     f"{found}.{hint}")
   return batch[key]
 
 
 def _on_labels(loss_fn: losses_lib.LossFn, key: str, *, class_axis: bool = False) -> TaskLossFn:
   """A `(outputs, labels)` loss as a task loss reading `batch[key]`; with `class_axis`, labels
-  must be shaped like the outputs without their last (class) axis."""
+  must be integers shaped like the outputs without their last (class) axis."""
   def loss(outputs: Any, batch: Batch) -> jax.Array:
-    labels = _labels(batch, key)
-    if class_axis and not jnp.issubdtype(labels.dtype, jnp.integer):
-      raise ValueError(f"classification needs integer class labels; got dtype {labels.dtype}. "
-                       "For real-valued targets use jdl.tasks.regression().")
-    if class_axis and tuple(labels.shape) != tuple(outputs.shape[:-1]):
-      raise ValueError(
-          f"labels of shape {tuple(labels.shape)} do not fit outputs of shape "
-          f"{tuple(outputs.shape)}: class labels are shaped like the outputs without their class "
-          f"axis, {tuple(outputs.shape[:-1])} (one integer per example or per position).")
+    labels = _read(batch, key)
+    if class_axis:
+      metrics_lib.check_class_labels(outputs, labels, "classification")
     return loss_fn(outputs, labels)
 
   return loss
@@ -122,7 +113,7 @@ def accuracy_metric(top_k: Sequence[int] = (), *, labels: str = "label") -> metr
   top_k = tuple(top_k)
 
   def accuracy(outputs: jax.Array, batch: Batch, mask: jax.Array | None) -> metrics_lib.Metrics:
-    return metrics_lib.accuracy_metrics(outputs, _labels(batch, labels), mask, top_k=top_k)
+    return metrics_lib.accuracy_metrics(outputs, _read(batch, labels), mask, top_k=top_k)
 
   return accuracy
 
@@ -130,7 +121,7 @@ def accuracy_metric(top_k: Sequence[int] = (), *, labels: str = "label") -> metr
 def error_metric(*, targets: str = "label") -> metrics_lib.MetricFn:
   """A metric function: mean and maximum absolute error of the outputs against `batch[targets]`."""
   def errors(outputs: jax.Array, batch: Batch, mask: jax.Array | None) -> metrics_lib.Metrics:
-    return metrics_lib.error_metrics(outputs, _labels(batch, targets), mask)
+    return metrics_lib.error_metrics(outputs, _read(batch, targets), mask)
 
   return errors
 
@@ -140,12 +131,9 @@ def classification(loss: str | losses_lib.LossFn = "softmax_cross_entropy", *,
                    inputs: str = "input", labels: str = "label") -> Task:
   """Integer labels, one per example or per position (a language model's next tokens).
 
-  Args:
-    loss: a name in `jdl.losses.LOSSES` or a `(outputs, labels) -> [batch]` loss.
-    label_smoothing: smooths the training loss only, so evaluation numbers compare across
-      settings (named losses only).
-    top_k: top-k accuracies to report beside the accuracy.
-    inputs, labels: the batch keys of the model's inputs and of the labels.
+  `loss` is a name in `jdl.losses.LOSSES` or a `(outputs, labels) -> [batch]` loss;
+  `label_smoothing` (named losses only) smooths the training loss alone, so evaluation numbers
+  compare across settings; `top_k` adds top-k accuracies; `inputs` and `labels` are batch keys.
   """
   if isinstance(loss, str):
     train_loss = losses_lib.get_classification_loss(loss, label_smoothing)
