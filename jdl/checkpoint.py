@@ -32,7 +32,6 @@ from jdl.state import TrainState
 from jdl.transfer import named_leaves
 
 CheckpointMetrics = Mapping[str, float]
-ITEM = "default"  # the name orbax gives the single item of a step's folder: the state
 RECORD_KEY = "jdl"  # the key of the step's custom metadata that holds its metrics and checksums
 
 
@@ -85,15 +84,10 @@ def _cause(error: BaseException) -> str:
   return f"{type(innermost).__name__}: {(str(innermost).splitlines() or [''])[0][:200]}"
 
 
-class _OrbaxThreadErrors(logging.Filter):
-  """Drops the tracebacks orbax logs from its worker threads when a save fails: the same failure
-  reaches jdl's caller as one CheckpointWriteError line."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not ("orbax" in record.pathname and "raised an exception" in record.getMessage())
-
-
-logging.getLogger("absl").addFilter(_OrbaxThreadErrors())
+# Drops the tracebacks orbax logs from its worker threads when a save fails: the same failure
+# reaches jdl's caller as one CheckpointWriteError line.
+logging.getLogger("absl").addFilter(lambda record: not (
+    "orbax" in record.pathname and "raised an exception" in record.getMessage()))
 
 
 def _quiet_closed_loop_callbacks() -> None:
@@ -117,26 +111,16 @@ def _quiet_closed_loop_callbacks() -> None:
 
 
 class Checkpointer:
-  """Saves and restores a `TrainState` in `directory` (orbax `CheckpointManager`).
+  """Saves and restores a `TrainState` (on one device, replicated over a mesh, or under pmap
+  `runner.fetch_state`'s) in step folders of `directory` (orbax `CheckpointManager`).
 
-  Args:
-    directory: where step folders go (created when missing).
-    keep: how many of the most recent checkpoints to keep (>= 1).
-    best_metric: also keep the checkpoint with the best value of this metric (a key of the
-      `metrics` given to `save`), e.g. "test_accuracy"; None keeps only the most recent.
-    mode: "max" or "min" for `best_metric`; None chooses with `best_mode`.
-    asynchronous: in a single process, write in a background thread while training goes on
-      (from a host copy of the state taken at `save`); `wait` or `close` blocks until it is on
-      disk. A multi-process run writes while the processes wait for each other.
-    writable: False opens existing checkpoints for reading only (nothing is created or checked).
-
-  Raises:
-    CheckpointWriteError: `directory` is not a folder that can be written (a file, a read-only
-      filesystem); the message names it.
-
-  Takes a state on one device or replicated over a mesh (under pmap, `runner.fetch_state`'s).
-  Every process of a multi-process run must call `save` and `restore_latest`. Metrics and
-  checksums live in each step's folder, so the best checkpoint survives any number of resumes.
+  It keeps the `keep` most recent checkpoints and, with `best_metric` (a key of the `metrics`
+  given to `save`, e.g. "test_accuracy"), the best by it (`mode` "max" or "min"; None: by
+  `best_mode`), which survives any number of resumes. `asynchronous` writes, in a single process,
+  from a host copy in a background thread while training goes on (`wait` or `close` block until
+  it is on disk). `writable=False` opens existing checkpoints for reading only. A `directory`
+  that cannot be written (a file, a read-only filesystem) raises `CheckpointWriteError` at once.
+  Every process of a multi-process run must call `save` and `restore_latest`.
   """
 
   def __init__(self, directory: str, *, keep: int = 3, best_metric: str | None = None,
@@ -156,7 +140,7 @@ class Checkpointer:
     # Registered up front so that a resumed run can read checkpoints it has not written.
     registry = ocp.DefaultCheckpointHandlerRegistry()
     for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
-      registry.add(ITEM, args, ocp.StandardCheckpointHandler)
+      registry.add("default", args, ocp.StandardCheckpointHandler)  # the step's one item
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           handler_registry=registry)
     _quiet_closed_loop_callbacks()

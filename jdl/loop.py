@@ -99,53 +99,46 @@ def fit(
 ) -> tuple[TrainState, list[Record]]:
   """Trains `state` with `train_step` and evaluates it on the whole of `eval_data`.
 
-  Two engines give the same batches and, for the same seed, the same parameters up to float
-  rounding. The device-resident one (`jdl.resident.ResidentEngine`) copies in-memory splits
-  (`ArraySource`) to the device once and runs the steps up to the next evaluation (or epoch end,
-  or save) as one compiled loop; it is the default where the data fit
-  (`jdl.resident.DEFAULT_RESIDENT_LIMIT_BYTES`) in a single-process run outside pmap. The per-step
-  engine makes one compiled call per batch fed from the host (streaming sources, pmap, many
-  processes).
+  The device-resident engine (`jdl.resident`) copies in-memory splits (`ArraySource`) to the
+  device once and runs the steps up to the next evaluation, epoch end or save as one compiled
+  loop; it is the default where they fit (`resident.DEFAULT_RESIDENT_LIMIT_BYTES`) in one process
+  outside pmap. Otherwise each host batch goes to one compiled step. Both give the same batches
+  and, for one seed, the same parameters up to float rounding.
 
   Args:
-    state: the initial state; training continues from `state.step`. Its buffers are donated to
-      the first step, so use the returned state afterwards, not this one.
-    train_step: a pure `(state, batch) -> (state, metric sums)` step, built with
+    state: the initial state; training continues from `state.step`. Its buffers are donated, so
+      use the returned state afterwards, not this one.
+    train_step: a pure `(state, batch) -> (state, metric sums)` step built with
       `runner.axis_name` (compiled here); `eval_step` likewise, `(state, batch) -> metric sums`.
-    eval_data: one evaluation source (named `eval_name`, the prefix of its metrics in records),
-      several as `{name: source}` (each prefixed with its name), or None to skip evaluation.
+    eval_data: one evaluation source (its metrics prefixed with `eval_name` in records), several
+      as `{name: source}` (prefixed with their names), or None.
     num_epochs: passes over `train_data`, unless `num_steps` (gradient steps) is given.
     eval_every_steps: evaluate every this many steps, or `{name: steps}` per source; None (or a
-      name left out) means at every epoch end. The last step evaluates every source.
-    hooks: callables `hook(step, state, record)` run after each evaluation.
-    writer: where records go (JSON lines and TensorBoard), if anywhere.
-    progress: show a progress bar and a summary line per evaluation.
+      name left out): at every epoch end. The last step evaluates every source.
+    writer: where records go (JSON lines and TensorBoard); `progress`: a bar and a line each.
     runner: the device layout (`jdl.parallel.make_runner`); None is plain jit on one device.
     device_resident: force (True) or forbid (False) the device-resident engine; None chooses.
-    steps_per_call: most steps per compiled call of the resident engine. None runs up to the next
-      evaluation (across epoch ends), or to the epoch end when a progress bar or a checkpointer
-      is on. Every call length runs the same compiled program.
+    steps_per_call: most steps per call of the resident engine; None: up to the next evaluation,
+      or the epoch end with a progress bar or a checkpointer. Any length runs one program.
     checkpointer: saves at every evaluation (ranked by its `best_metric`), at every epoch end,
       every `checkpoint_every_steps` steps (None or 0: none such) and at the end.
     checkpoint_min_seconds: skip an epoch-end or every-N-steps save less than this long after the
-      previous save (saves at evaluations, at the end and on a signal always happen): a crash
-      loses at most about this much work, and millisecond epochs do not each save.
+      previous one, so millisecond epochs do not each save (an evaluation, the end and a signal
+      always save).
     handle_signals: with a checkpointer, SIGTERM or SIGINT ends the current step (or chunk),
-      saves and raises `Preempted`. In a multi-process run a signal to any one process stops
-      every process after the same step.
+      saves and raises `Preempted`; a signal to any process of a multi-process run stops them all
+      after the same step.
 
   Raises:
     NonFiniteError: the loss or a gradient became NaN or infinite (the message names the step and
-      the parameter); nothing is saved after it. Raised where metrics next reach the host (a
-      progress update, an evaluation or a checkpoint).
+      the parameter), raised where metrics next reach the host; nothing is saved after it.
     Preempted: a signal stopped the run after saving.
-    CheckpointWriteError: a checkpoint could not be written; raised at the next call of steps
-      (the checkpoints before it are intact).
+    CheckpointWriteError: a checkpoint could not be written (raised at the next call of steps).
 
   Returns:
     `(state, history)`: the final state (the first replica under pmap) and one record per
-    evaluation: `step`, `epoch`, `train_*` means since the previous record, `{eval_name}_*` means
-    over the eval split, `examples_per_second` and `elapsed_seconds`.
+    evaluation: `step`, `epoch`, `train_*` means since the previous record, `{eval_name}_*`
+    means, `examples_per_second` and `elapsed_seconds`.
   """
   steps_per_epoch = train_data.steps_per_epoch
   if num_steps is None:

@@ -46,35 +46,36 @@ class PeerError(RuntimeError):
 
 
 class Runner(Protocol):
-  """What the loop needs from a device layout."""
+  """What the loop needs from a device layout.
+
+  `place_state` lays the state out on the devices for the compiled steps; `fetch_state` gives a
+  state usable on one device (the first replica under pmap). `place_batch` readies a host batch
+  (this process's share) for the steps: with `pad`, padded with masked examples to a multiple of
+  the device count; without, an uneven batch is an error. `compile` compiles the steps (the train
+  step donates the state; a None eval step stays None); `fetch_metrics` gives metric sums as plain
+  scalars. `place_replicated` copies a tree to every device (device-resident data), and
+  `constrain_batch`, inside a compiled function, lays a batch out as the steps expect.
+  """
 
   layout: str
   axis_name: str | None  # build steps and models with this
   num_devices: int  # devices across all processes
   supports_resident: bool  # whether whole splits may live on the devices (jdl.resident)
 
-  def place_state(self, state: TrainState) -> TrainState:
-    """The state on the devices, laid out for this runner's compiled steps."""
+  def place_state(self, state: TrainState) -> TrainState: ...
 
-  def fetch_state(self, state: TrainState) -> TrainState:
-    """A state usable on one device (the first replica under pmap)."""
+  def fetch_state(self, state: TrainState) -> TrainState: ...
 
-  def place_batch(self, batch: Batch, *, pad: bool = False) -> Batch:
-    """A host batch (this process's share) ready for the compiled steps. With `pad`, padded with
-    masked examples to a multiple of the device count; without, an uneven batch is an error."""
+  def place_batch(self, batch: Batch, *, pad: bool = False) -> Batch: ...
 
   def compile(self, train_step: TrainStep, eval_step: EvalStep | None
-              ) -> tuple[TrainStep, EvalStep | None]:
-    """The steps compiled for this layout (the train step donates the state); None stays None."""
+              ) -> tuple[TrainStep, EvalStep | None]: ...
 
-  def fetch_metrics(self, sums: Metrics) -> Metrics:
-    """Metric sums as plain scalars (the first replica under pmap)."""
+  def fetch_metrics(self, sums: Metrics) -> Metrics: ...
 
-  def place_replicated(self, tree: Any) -> Any:
-    """`tree` copied to every device of the layout (for device-resident data)."""
+  def place_replicated(self, tree: Any) -> Any: ...
 
-  def constrain_batch(self, batch: Batch) -> Batch:
-    """Inside a compiled function: lays a batch out as this layout's steps expect."""
+  def constrain_batch(self, batch: Batch) -> Batch: ...
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
@@ -83,8 +84,7 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
   In a multi-process run every process contributes the same number of its own devices, in process
   order, so each process's share of a batch lands on its own devices.
   """
-  devices = jax.devices()
-  processes = jax.process_count()
+  devices, processes = jax.devices(), jax.process_count()
   count = len(devices) if num_devices is None else int(num_devices)
   if count < 1:
     raise ValueError(f"a mesh needs at least one device; got num_devices={num_devices}.")
@@ -97,10 +97,10 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
   per_process = count // processes
   chosen = []
   for process in range(processes):
-    own = [d for d in devices if d.process_index == process]
+    own = [d for d in devices if d.process_index == process][:per_process]
     if len(own) < per_process:
       raise ValueError(f"process {process} has {len(own)} devices; the mesh needs {per_process}.")
-    chosen.extend(own[:per_process])
+    chosen.extend(own)
   return Mesh(np.array(chosen), (DATA_AXIS,))
 
 
@@ -312,10 +312,7 @@ class PmapRunner:
 
     def stack(x: Any) -> jax.Array:
       if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys: stack their data
-        impl = jax.random.key_impl(x)
-        data = np.asarray(jax.random.key_data(x))
-        return jax.random.wrap_key_data(
-            jax.device_put(np.broadcast_to(data, (count, *data.shape)), self.stacked), impl=impl)
+        return jax.random.wrap_key_data(stack(jax.random.key_data(x)), impl=jax.random.key_impl(x))
       return jax.device_put(np.broadcast_to(np.asarray(x), (count, *np.shape(x))), self.stacked)
 
     return jax.tree.map(stack, state)
@@ -426,10 +423,8 @@ def lost_peer(error: BaseException) -> PeerError | None:
   stopped); None otherwise, and always in a single process."""
   if jax.process_count() == 1:
     return None
-  found = None
-  for current in exception_chain(error):  # the innermost that says so
-    if any(sign in str(current) for sign in _LOST_PEER_SIGNS):
-      found = current
+  found = next((cause for cause in reversed(exception_chain(error))  # the innermost that says so
+                if any(sign in str(cause) for sign in _LOST_PEER_SIGNS)), None)
   if found is None:
     return None
   first = (str(found).splitlines() or [""])[0][:300]

@@ -38,9 +38,6 @@ ADVERSARY_STREAM = 2
 EVAL_STREAM = 3
 """The state's base key is folded with this to key the random streams of evaluation."""
 
-COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
-
-
 def check_compute_dtype(compute_dtype: Any) -> jnp.dtype | None:
   """`compute_dtype` as a floating dtype; None stays None (compute in the parameters' dtype).
 
@@ -58,7 +55,8 @@ def check_compute_dtype(compute_dtype: Any) -> jnp.dtype | None:
     dtype = None
   if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(
-        f"compute_dtype must be a floating dtype such as {COMPUTE_DTYPES}; got {compute_dtype!r}.")
+        "compute_dtype must be a floating dtype such as ('float32', 'bfloat16', 'auto'); got "
+        f"{compute_dtype!r}.")
   if dtype == jnp.float16:
     raise ValueError("compute_dtype float16 needs loss scaling to keep small gradients from "
                      "underflowing; use bfloat16 (float32's range, no scaling) or \"auto\".")
@@ -86,9 +84,8 @@ def _apply_in(compute_dtype: jnp.dtype | None, apply_fn: Callable[..., Any]) -> 
     if "mutable" not in kwargs:
       return cast_floating(result, jnp.float32)
     outputs, new_state = result
-    old_state = {k: v for k, v in variables.items() if k != "params"}
     new_state = jax.tree.map(lambda new, old: new.astype(old.dtype), dict(new_state),
-                             {k: old_state[k] for k in new_state})
+                             {k: variables[k] for k in new_state})
     return cast_floating(outputs, jnp.float32), new_state
 
   return apply_in_compute_dtype
@@ -289,7 +286,8 @@ def _loss_and_sums(value: Any, mask: jax.Array | None, batch_size: int, axis_nam
   losses, aux = value if isinstance(value, tuple) else (value, {})
   losses = jnp.asarray(losses, jnp.float32)
   if losses.ndim == 0:  # the batch's mean loss already: weigh it by the batch's real examples
-    count = _example_count(mask, batch_size)
+    count = jnp.asarray(float(batch_size)) if mask is None else jnp.sum(
+        mask.reshape(mask.shape[0], -1).any(axis=1).astype(jnp.float32))
     sums = {"count": count.astype(jnp.int32), "loss_sum": losses * count}
   else:
     if losses.shape[0] != batch_size:
@@ -305,27 +303,16 @@ def _loss_and_sums(value: Any, mask: jax.Array | None, batch_size: int, axis_nam
   for name, term in aux.items():
     if name in ("loss", "count") or not isinstance(name, str):
       raise ValueError(f"auxiliary loss term name {name!r} is reserved or not a string.")
-    sums.update(_term_sums(name, jnp.asarray(term, jnp.float32), mask, losses.shape))
+    term = jnp.asarray(term, jnp.float32)
+    if term.ndim == 0:  # a per-batch value: averaged over batches
+      sums[f"{name}_sum"] = jax.lax.stop_gradient(term)
+      sums[f"{name}_count"] = jnp.ones((), jnp.int32)
+      continue
+    keep = metrics_lib.broadcast_mask(mask, term.shape).astype(jnp.float32)
+    sums[f"{name}_sum"] = jax.lax.stop_gradient(jnp.sum(term * keep))
+    if term.shape != losses.shape:  # its own count where it is not the loss's
+      sums[f"{name}_count"] = jnp.sum(keep).astype(jnp.int32)
   return sums["loss_sum"] / jnp.maximum(total, 1.0), sums
-
-
-def _example_count(mask: jax.Array | None, batch_size: int) -> jax.Array:
-  if mask is None:
-    return jnp.asarray(float(batch_size))
-  real = mask.reshape(mask.shape[0], -1).any(axis=1) if mask.ndim > 1 else mask
-  return jnp.sum(real.astype(jnp.float32))
-
-
-def _term_sums(name: str, term: jax.Array, mask: jax.Array | None, loss_shape: tuple[int, ...]
-               ) -> Metrics:
-  """`<name>_sum` (and `<name>_count` where it is not the loss's count) of an auxiliary term."""
-  if term.ndim == 0:  # a per-batch value: averaged over batches
-    return {f"{name}_sum": jax.lax.stop_gradient(term), f"{name}_count": jnp.ones((), jnp.int32)}
-  keep = metrics_lib.broadcast_mask(mask, term.shape).astype(jnp.float32)
-  sums = {f"{name}_sum": jax.lax.stop_gradient(jnp.sum(term * keep))}
-  if term.shape != loss_shape:
-    sums[f"{name}_count"] = jnp.sum(keep).astype(jnp.int32)
-  return sums
 
 
 def _with_task_metrics(task: tasks_lib.Task, metrics: Metrics, outputs: Any, batch: Batch,

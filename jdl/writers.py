@@ -67,28 +67,27 @@ class EventFileWriter:
     file = _new_event_file(logdir)
     self.path: str = file.name
     self._records = RecordWriter(file)
-    self._add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+    self._records.write(event_pb2.Event(wall_time=time.time(),
+                                        file_version="brain.Event:2").SerializeToString())
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     """One float32 scalar summary per `{tag: value}` at `step`, as `tf.summary.scalar` writes."""
-    for tag, value in scalars.items():
-      self._add(self._event_pb2.Event(wall_time=time.time(), step=int(step),
-                                      summary=self._scalar_pb(tag, float(value))))
-    self._records.flush()
+    self._write(step, [self._scalar_pb(tag, float(value)) for tag, value in scalars.items()])
 
   def write_text(self, step: int, tag: str, text: str) -> None:
     """A text summary (shown under TensorBoard's Text tab), as `tf.summary.text` writes."""
-    self._add(self._event_pb2.Event(wall_time=time.time(), step=int(step),
-                                    summary=self._text_pb(tag, text)))
-    self._records.flush()
+    self._write(step, [self._text_pb(tag, text)])
 
   def close(self) -> None:
     """Closes the file; closing again does nothing."""
     if not self._records.closed:
       self._records.close()
 
-  def _add(self, event: Any) -> None:
-    self._records.write(event.SerializeToString())
+  def _write(self, step: int, summaries: list[Any]) -> None:
+    for summary in summaries:
+      self._records.write(self._event_pb2.Event(wall_time=time.time(), step=int(step),
+                                                summary=summary).SerializeToString())
+    self._records.flush()
 
 
 def _new_event_file(logdir: str) -> BinaryIO:
@@ -156,26 +155,18 @@ class MetricWriter:
     self.close()
 
 
-def truncate_jsonl(workdir: str, last_step: int) -> int:
-  """Drops the records after `last_step` from `workdir/metrics.jsonl` (a resumed run writes them
-  again); returns how many were dropped. The file is replaced atomically."""
-  path = os.path.join(workdir, JSONL_NAME)
-  if not os.path.exists(path):
-    return 0
-  records = read_jsonl(workdir)
-  kept = [record for record in records if int(record["step"]) <= last_step]
-  if len(kept) != len(records):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      f.writelines(json.dumps(record) + "\n" for record in kept)
-    os.replace(path + ".tmp", path)
-  return len(records) - len(kept)
-
-
 def truncate_records(workdir: str, start_step: int) -> None:
   """Drops what earlier attempts of a run wrote after `start_step`, the step it starts from now:
   the records of `metrics.jsonl` and the TensorBoard events (every one when it starts from 0), so
   each step is written once whichever reader looks. Files are replaced atomically."""
-  truncate_jsonl(workdir, start_step)
+  path = os.path.join(workdir, JSONL_NAME)
+  if os.path.exists(path):
+    records = read_jsonl(workdir)
+    kept = [record for record in records if int(record["step"]) <= start_step]
+    if len(kept) != len(records):
+      with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(record) + "\n" for record in kept)
+      os.replace(path + ".tmp", path)
   for path in sorted(glob.glob(os.path.join(workdir, TENSORBOARD_DIR, "events.out.tfevents.*"))):
     if start_step <= 0:
       os.remove(path)
