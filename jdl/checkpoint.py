@@ -11,6 +11,7 @@ once, at the next call, as `CheckpointWriteError`. See docs/checkpoints.md.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -183,15 +184,14 @@ class Checkpointer:
       raise ValueError(f"best_metric {self.best_metric!r} is not among the metrics given to "
                        f"save: {sorted(metrics)}.")
     plain = None if metrics is None else {key: float(value) for key, value in metrics.items()}
-    if not self.asynchronous:
+    if self.asynchronous:  # from a host copy: training goes on, and may donate the device buffers
+      self._writer = threading.Thread(target=self._write, name=f"jdl-checkpoint-{step}",
+                                      args=(step, jax.device_get(_key_data(state)), plain),
+                                      daemon=True)
+      self._writer.start()
+    else:
       self._write(step, _key_data(state), plain)
       self.raise_if_failed()
-      return True
-    # A host copy: training goes on, and may donate the device buffers, while this is written.
-    host = jax.device_get(_key_data(state))
-    self._writer = threading.Thread(target=self._write, args=(step, host, plain),
-                                    name=f"jdl-checkpoint-{step}", daemon=True)
-    self._writer.start()
     return True
 
   def _write(self, step: int, state: TrainState, metrics: dict[str, float] | None) -> None:
@@ -206,10 +206,10 @@ class Checkpointer:
       self._apply_retention()
     except Exception as error:  # pylint: disable=broad-except  # reported by the caller
       self._failure = (step, error)
-      if jax.process_index() == 0 and os.path.isdir(self.directory):
-        for name in os.listdir(self.directory):
-          if name.startswith(f"{step}.orbax-checkpoint-tmp"):
-            shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+      if jax.process_index() == 0:
+        pattern = os.path.join(glob.escape(self.directory), f"{step}.orbax-checkpoint-tmp*")
+        for path in glob.glob(pattern):
+          shutil.rmtree(path, ignore_errors=True)
 
   def _apply_retention(self) -> None:
     """Deletes every checkpoint but the last `keep` and the best by `best_metric`."""
@@ -255,12 +255,9 @@ class Checkpointer:
     return self._records[step]
 
   def restore(self, template: TrainState, step: int) -> TrainState:
-    """The state saved at `step`, with the structure, dtypes and placement of `template`.
-
-    Raises:
-      CheckpointError: the checkpoint holds other arrays or shapes (names the first).
-      CorruptCheckpointError: an array differs from the checksum saved with it (names it).
-    """
+    """The state saved at `step`, with the structure, dtypes and placement of `template`. Raises
+    CheckpointError where it holds other arrays or shapes, CorruptCheckpointError where an array
+    differs from its checksum (each naming the first)."""
     self._join()
     saved = _leaf_shapes(self._manager.item_metadata(step).tree)
     wanted = _leaf_shapes(_key_data(template))

@@ -46,9 +46,8 @@ def evaluate(
   without a runner, host batches go straight to `eval_step`.
   """
   total = evaluation_sums(state, eval_step, eval_data, runner=runner)
-  if runner is not None and total is not None:
-    total = runner.fetch_metrics(total)
-  return metrics_lib.compute_metrics(total)
+  fetched = total if runner is None or total is None else runner.fetch_metrics(total)
+  return metrics_lib.compute_metrics(fetched)
 
 
 def evaluation_sums(state: TrainState, eval_step: Callable[..., metrics_lib.Metrics],
@@ -152,10 +151,9 @@ def fit(
   if checkpoint_every_steps is not None and checkpoint_every_steps < 0:
     raise ValueError(f"checkpoint_every_steps must be >= 1, or None or 0 for the default; got "
                      f"{checkpoint_every_steps}.")
-  eval_sources = _named_sources(eval_data, eval_name)
-  plan = _EvaluationPlan.make(eval_sources, eval_every_steps, steps_per_epoch, num_steps)
+  plan = _EvaluationPlan.make(eval_data, eval_name, eval_every_steps, steps_per_epoch, num_steps)
   runner = runner or parallel.JitRunner()
-  engine = _make_engine(state, train_step, eval_step, train_data, eval_sources, runner=runner,
+  engine = _make_engine(state, train_step, eval_step, train_data, plan.sources, runner=runner,
                         device_resident=device_resident, steps_per_call=steps_per_call)
   speed = _Speed(runner, train_step, state, engine, enabled=progress or writer is not None)
   # Where a call of steps stops besides evaluations: epoch ends (a save, a moving progress bar)
@@ -229,34 +227,30 @@ def fit(
   return runner.fetch_state(state), history
 
 
-def _named_sources(eval_data: Any, eval_name: str) -> dict[str, data_lib.BatchSource]:
-  """`{name: source}` from one evaluation source (named `eval_name`), a dict of them, or None."""
-  if eval_data is None:
-    return {}
-  if not isinstance(eval_data, Mapping):
-    return {eval_name: eval_data}
-  for name in eval_data:
-    if not isinstance(name, str) or not name or name == "train":
-      raise ValueError(f"evaluation sources need names other than 'train' and ''; got {name!r}.")
-  return dict(eval_data)
-
-
 @dataclasses.dataclass(frozen=True)
 class _EvaluationPlan:
-  """When records are written and which evaluation sources each one evaluates."""
+  """The evaluation sources by name, when records are written and which sources each evaluates."""
 
+  sources: dict[str, data_lib.BatchSource]
   every: dict[str, int]  # source name ("" without evaluation) -> cadence in steps
   num_steps: int
 
   @classmethod
-  def make(cls, sources: Mapping[str, Any], eval_every_steps: int | Mapping[str, int] | None,
+  def make(cls, eval_data: Any, eval_name: str, eval_every_steps: int | Mapping[str, int] | None,
            steps_per_epoch: int, num_steps: int) -> _EvaluationPlan:
-    names = list(sources) or [""]
+    if isinstance(eval_data, Mapping):
+      for name in eval_data:
+        if not isinstance(name, str) or not name or name == "train":
+          raise ValueError(
+              f"evaluation sources need names other than 'train' and ''; got {name!r}.")
+    else:
+      eval_data = {} if eval_data is None else {eval_name: eval_data}
+    names = list(eval_data) or [""]
     if isinstance(eval_every_steps, Mapping):
-      unknown = sorted(set(eval_every_steps) - set(sources))
+      unknown = sorted(set(eval_every_steps) - set(eval_data))
       if unknown:
         raise ValueError(f"eval_every_steps names {unknown}, which are not evaluation sources "
-                         f"({sorted(sources)}).")
+                         f"({sorted(eval_data)}).")
       given = dict(eval_every_steps)
     else:
       given = dict.fromkeys(names, eval_every_steps)
@@ -268,7 +262,7 @@ class _EvaluationPlan:
         raise ValueError(f"eval_every_steps must be >= 1, or None or 0 for every epoch; got "
                          f"{value!r}{f' for {name!r}' if len(names) > 1 else ''}.")
       every[name] = value or steps_per_epoch
-    return cls(every, num_steps)
+    return cls(dict(eval_data), every, num_steps)
 
   def next_record(self, step: int) -> int:
     """The first step after `step` that writes a record."""
@@ -495,10 +489,6 @@ def _make_engine(state: TrainState, train_step, eval_step, train_data, eval_data
   return _HostEngine(runner, train_step, eval_step, train_data, eval_data, num_classes)
 
 
-PREFETCH_BATCHES = 2
-"""Batches the per-step engine keeps ready ahead of the step (`jdl.prefetch.BatchPrefetcher`)."""
-
-
 class _HostEngine:
   """The interface of `jdl.resident.ResidentEngine` with one compiled call per batch; batches come
   from the host, checked there and (on several devices) laid out on them by a background thread a
@@ -509,7 +499,7 @@ class _HostEngine:
     # In-memory arrays were checked once (`_make_engine`); other sources batch by batch here.
     self.check_each_batch = not isinstance(train_data, data_lib.ArraySource)
     self.train_step, self.eval_step = runner.compile(train_step, eval_step)
-    self.batches = prefetch.BatchPrefetcher(train_data, self._prepare, depth=PREFETCH_BATCHES)
+    self.batches = prefetch.BatchPrefetcher(train_data, self._prepare, depth=2)
     self.last_batch_spec: Any = None
 
   def _prepare(self, batch):

@@ -10,10 +10,8 @@ a key says how it merges and what it reports:
   `<name>_max`     the maximum; reported as `<name>_max` (`_min` likewise).
 
 Arrays merge the same way (a confusion matrix as `confusion_sum`, say); only scalars are reported.
-The train step's non-finite watch (`nonfinite_step`, `nonfinite_what`) merges by keeping the
-earliest bad step. A metric function, as tasks take them (`jdl.tasks`), maps `(outputs, batch,
-mask)` to such a dict, where `mask` is the batch's `[batch]` (or per-position) mask of real
-examples.
+The non-finite watch (`nonfinite_step`, `nonfinite_what`) keeps the earliest bad step. A metric
+function (`jdl.tasks`) maps `(outputs, batch, mask)` to such a dict; `mask` marks real examples.
 """
 
 from __future__ import annotations
@@ -33,11 +31,7 @@ def _merge_rule(key: str) -> str:
   """"sum", "max", "min" or "watch": how the state under `key` merges."""
   if key.startswith("nonfinite_"):
     return "watch"
-  if key.endswith("_max"):
-    return "max"
-  if key.endswith("_min"):
-    return "min"
-  return "sum"
+  return next((rule for rule in ("max", "min") if key.endswith(f"_{rule}")), "sum")
 
 
 def classification_metrics(outputs: jax.Array, labels: jax.Array, losses: jax.Array,
@@ -121,12 +115,9 @@ NO_NONFINITE_STEP = np.iinfo(np.int32).max
 
 def nonfinite_metrics(step: jax.Array, loss_sum: jax.Array,
                       gradient_squares: Sequence[jax.Array] = ()) -> Metrics:
-  """The train step's non-finite watch.
-
-  `nonfinite_step` is the 1-based number of this step if its loss, or any of the per-leaf sums of
-  squared gradients it is given, is not finite (else `NO_NONFINITE_STEP`); `nonfinite_what` is 0
-  for the loss, `i + 1` for the i-th gradient leaf.
-  """
+  """The train step's non-finite watch: `nonfinite_step` is the 1-based number of this step if
+  its loss, or any per-leaf sum of squared gradients given, is not finite (else
+  `NO_NONFINITE_STEP`); `nonfinite_what` is 0 for the loss, `i + 1` for the i-th gradient leaf."""
   bad = jnp.stack([~jnp.all(jnp.isfinite(loss_sum))]
                   + [~jnp.isfinite(square) for square in gradient_squares])
   return {
@@ -188,13 +179,12 @@ def _merge(total: Metrics, batch: Metrics) -> Metrics:
 def metric_values(total: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """The values of merged metric states, on the host, as float64 arrays (elementwise, so a
   stack of states, one per sweep member, gives one value per member): `<name>` for every
-  `<name>_sum`, the extrema as they are, and `count`. Non-scalar states are left out."""
+  `<name>_sum`, the extrema as they are, and `count`."""
   total = {key: np.asarray(value) for key, value in jax.device_get(dict(total)).items()}
   count = total.get("count")
   values: dict[str, np.ndarray] = {}
   for key, value in total.items():
-    rule = _merge_rule(key)
-    if rule in ("max", "min"):
+    if _merge_rule(key) in ("max", "min"):
       values[key] = value.astype(np.float64)
     elif key.endswith("_sum"):
       name = key.removesuffix("_sum")
@@ -215,8 +205,5 @@ def compute_metrics(total: Mapping[str, jax.Array | np.ndarray] | None) -> dict[
     return {}
   if "count" in total and int(np.asarray(jax.device_get(total["count"]))) == 0:
     raise ValueError("no examples were accumulated (count is 0); cannot compute means.")
-  result: dict[str, float] = {}
-  for key, value in metric_values(total).items():
-    if np.ndim(value) == 0:
-      result[key] = int(value) if key == "count" else float(value)
-  return result
+  return {key: int(value) if key == "count" else float(value)
+          for key, value in metric_values(total).items() if np.ndim(value) == 0}

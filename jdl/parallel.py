@@ -1,16 +1,8 @@
-"""Runners: the same pure step under jit, jit over a device mesh, or pmap; and many hosts.
-
-A runner owns the host/device boundary of one layout: it places the state and batches, compiles
-the steps, and brings metrics and state back.
-
-  "none":  `JitRunner`      jax.jit on one device.
-  "shard": `ShardedRunner`  jax.jit over a `Mesh` (`make_mesh`): batch split along the data axis,
-                            state replicated; the single-device program, so BatchNorm statistics
-                            and dropout keys are those of the global batch.
-  "pmap":  `PmapRunner`     jax.pmap: state replicated with a leading device axis, batch reshaped
-                            to [devices, batch / devices, ...]; steps and models built with
-                            `axis_name=runner.axis_name` reduce across devices.
-  "auto":  "shard" when more than one device is present, else "none".
+"""Runners: the same pure step under jit ("none", `JitRunner`), jit over a device mesh ("shard",
+`ShardedRunner`: the single-device program, so BatchNorm statistics and dropout keys are those of
+the global batch) or pmap ("pmap", `PmapRunner`, with steps and models built with
+`axis_name=runner.axis_name`); "auto" is "shard" on more than one device, else "none". A runner
+owns the host/device boundary: it places the state and batches, compiles, and fetches results.
 
 Many hosts: `initialize_distributed` joins the processes; each feeds its own share of every global
 batch, and `ShardedRunner` assembles global arrays from the process-local pieces (docs/devices.md).
@@ -21,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import numpy as np
@@ -45,8 +37,9 @@ class PeerError(RuntimeError):
   """The processes of a multi-process run disagree (config, workdir) or one of them was lost."""
 
 
-class Runner(Protocol):
-  """What the loop needs from a device layout.
+class Runner:
+  """A device layout: what the loop needs to place, compile and fetch. The methods here are plain
+  `jax.jit` on the default device (`JitRunner`); the other layouts override them.
 
   `place_state` lays the state out on the devices for the compiled steps; `fetch_state` gives a
   state usable on one device (the first replica under pmap). `place_batch` readies a host batch
@@ -57,33 +50,40 @@ class Runner(Protocol):
   `constrain_batch`, inside a compiled function, lays a batch out as the steps expect.
   """
 
-  layout: str
-  axis_name: str | None  # build steps and models with this
-  num_devices: int  # devices across all processes
-  supports_resident: bool  # whether whole splits may live on the devices (jdl.resident)
+  layout = "none"
+  axis_name: str | None = None  # build steps and models with this
+  num_devices = 1  # devices across all processes
+  supports_resident = True  # whether whole splits may live on the devices (jdl.resident)
 
-  def place_state(self, state: TrainState) -> TrainState: ...
+  def place_state(self, state: TrainState) -> TrainState:
+    return jax.device_put(state)
 
-  def fetch_state(self, state: TrainState) -> TrainState: ...
+  def fetch_state(self, state: TrainState) -> TrainState:
+    return state
 
-  def place_batch(self, batch: Batch, *, pad: bool = False) -> Batch: ...
+  def place_batch(self, batch: Batch, *, pad: bool = False) -> Batch:
+    """The host arrays themselves: the compiled step's C++ dispatch copies them for less."""
+    del pad
+    return dict(batch)
 
   def compile(self, train_step: TrainStep, eval_step: EvalStep | None
-              ) -> tuple[TrainStep, EvalStep | None]: ...
+              ) -> tuple[TrainStep, EvalStep | None]:
+    return (jax.jit(train_step, donate_argnums=0),
+            None if eval_step is None else jax.jit(eval_step))
 
-  def fetch_metrics(self, sums: Metrics) -> Metrics: ...
+  def fetch_metrics(self, sums: Metrics) -> Metrics:
+    return sums
 
-  def place_replicated(self, tree: Any) -> Any: ...
+  def place_replicated(self, tree: Any) -> Any:
+    return jax.device_put(tree)
 
-  def constrain_batch(self, batch: Batch) -> Batch: ...
+  def constrain_batch(self, batch: Batch) -> Batch:
+    return batch
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
-  """A one-axis mesh (`DATA_AXIS`) over `num_devices` devices (default: all).
-
-  In a multi-process run every process contributes the same number of its own devices, in process
-  order, so each process's share of a batch lands on its own devices.
-  """
+  """A one-axis mesh (`DATA_AXIS`) over `num_devices` devices (default: all). Every process gives
+  the same number of its own devices, in process order, so its share of a batch stays local."""
   devices, processes = jax.devices(), jax.process_count()
   count = len(devices) if num_devices is None else int(num_devices)
   if count < 1:
@@ -169,12 +169,9 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 
 def place(tree: Any, sharding: NamedSharding) -> Any:
-  """Every array of `tree` laid out by `sharding` as a global array.
-
-  Over many processes each builds its own devices' pieces from its host copy of the values, which
-  must be the same on every process (a fresh state from one seed, a restored checkpoint): JAX
-  moves no array from one host's device to another's.
-  """
+  """Every array of `tree` laid out by `sharding` as a global array. Over many processes each
+  builds its own devices' pieces from its host copy, which must be the same on every process (a
+  fresh state from one seed, a restored checkpoint): JAX moves no array between hosts."""
   if sharding.is_fully_addressable:
     return jax.device_put(tree, sharding)
 
@@ -200,46 +197,14 @@ def unreplicate(tree: Any) -> Any:
   return jax.tree.map(lambda x: x[0], tree)
 
 
-class JitRunner:
-  """Plain `jax.jit` on the default device."""
-
-  layout = "none"
-  axis_name = None
-  num_devices = 1
-  supports_resident = True
-
-  def place_state(self, state: TrainState) -> TrainState:
-    return jax.device_put(state)
-
-  def fetch_state(self, state: TrainState) -> TrainState:
-    return state
-
-  def place_batch(self, batch: Batch, *, pad: bool = False) -> Batch:
-    """The host arrays themselves: the compiled step's C++ dispatch copies them for less."""
-    del pad
-    return dict(batch)
-
-  def compile(self, train_step: TrainStep, eval_step: EvalStep | None
-              ) -> tuple[TrainStep, EvalStep | None]:
-    return (jax.jit(train_step, donate_argnums=0),
-            None if eval_step is None else jax.jit(eval_step))
-
-  def fetch_metrics(self, sums: Metrics) -> Metrics:
-    return sums
-
-  def place_replicated(self, tree: Any) -> Any:
-    return jax.device_put(tree)
-
-  def constrain_batch(self, batch: Batch) -> Batch:
-    return batch
+class JitRunner(Runner):
+  """Plain `jax.jit` on the default device: `Runner` as it is."""
 
 
-class ShardedRunner:
+class ShardedRunner(Runner):
   """`jax.jit` over a mesh: batch split along `DATA_AXIS`, state replicated; multi-process too."""
 
   layout = "shard"
-  axis_name = None
-  supports_resident = True
 
   def __init__(self, mesh: Mesh) -> None:
     if DATA_AXIS not in mesh.axis_names:
@@ -253,9 +218,6 @@ class ShardedRunner:
 
   def place_state(self, state: TrainState) -> TrainState:
     return place(state, self.state_sharding)
-
-  def fetch_state(self, state: TrainState) -> TrainState:
-    return state
 
   def place_batch(self, batch: Batch, *, pad: bool = False) -> Batch:
     what = ("devices" if jax.process_count() == 1 else
@@ -281,12 +243,10 @@ class ShardedRunner:
     return jax.lax.with_sharding_constraint(dict(batch), self.batch_sharding)
 
 
-class PmapRunner:
-  """`jax.pmap` over this process's devices, with `axis_name=PMAP_AXIS`; single-process only.
-
-  pmap is in maintenance mode in JAX; it stays for code written for it, `ShardedRunner` is the
-  default.
-  """
+class PmapRunner(Runner):
+  """`jax.pmap` over this process's devices with `axis_name=PMAP_AXIS`: state stacked with a
+  leading device axis, batch reshaped to [devices, batch / devices, ...]; single-process only.
+  pmap is in maintenance mode in JAX and stays for code written for it."""
 
   layout = "pmap"
   axis_name = PMAP_AXIS
@@ -305,7 +265,8 @@ class PmapRunner:
     self.devices = local[:count]
     self.local_devices = self.num_devices = count
     # Arrays with a leading device axis, one slice per device: what pmap consumes and returns.
-    self.stacked = NamedSharding(Mesh(np.array(self.devices), (PMAP_AXIS,)), PartitionSpec(PMAP_AXIS))
+    self.stacked = NamedSharding(Mesh(np.array(self.devices), (PMAP_AXIS,)),
+                                 PartitionSpec(PMAP_AXIS))
 
   def place_state(self, state: TrainState) -> TrainState:
     count = self.local_devices

@@ -116,19 +116,15 @@ def create_train_state(
     *,
     rng_streams: tuple[str, ...] = ("dropout",),
 ) -> TrainState:
-  """Initialises a model and its optimizer into a fresh `TrainState` at step 0.
+  """Initialises a Flax linen `model` (with its mode keyword, `model_mode`, if it has one) and the
+  optimizer `tx` into a fresh `TrainState` at step 0.
 
-  Args:
-    model: a Flax linen module whose `__call__(inputs, ...)` maps a batch to outputs, with its
-      mode keyword (`model_mode`) if it has one.
-    tx: the Optax optimizer.
-    sample_input: a batch of inputs (any batch size >= 1) with the shape and dtype the model will
-      be trained on: an array, or a pytree of arrays with one batch size (a dict of two inputs,
-      say) passed to the model as one argument. Only shapes and dtypes are used.
-    rng: a PRNG key, raw (`jax.random.PRNGKey`) or typed (`jax.random.key`). It is split into the
-      initialisation key and the state's base key, so the same key always gives identical
-      parameters and an identical sequence of step keys.
-    rng_streams: the random streams the model draws from at initialisation (`Task.rng_streams`).
+  `sample_input` is a batch (any size >= 1) shaped and typed as the model will be trained on: an
+  array, or a pytree of arrays with one batch size (a dict of two inputs, say) passed to the model
+  as one argument; only shapes and dtypes are used. `rng`, raw (`jax.random.PRNGKey`) or typed
+  (`jax.random.key`), is split into the initialisation key and the state's base key, so one key
+  always gives the same parameters and step keys. `rng_streams` are the random streams the model
+  draws from at initialisation (`Task.rng_streams`).
   """
   sample_input = _checked_sample(sample_input)
   variables, state_rng = initial_variables(model, rng, sample_input, rng_streams)

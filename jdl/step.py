@@ -158,14 +158,13 @@ def make_train_step(
     def gradients(model_state, part, rngs, whole: bool):
       """Gradients, metric states and model state of one batch (`whole`: of the mean loss and
       the penalty) or one micro-batch (of its summed loss; `accumulate` scales once)."""
-      loss_fn, mask = _mixed_loss(task.loss, part), tasks_lib.batch_mask(part)
+      loss_fn = _mixed_loss(task.loss, part)
 
       def objective(params: Params):
         outputs, new_model_state = apply_fn({"params": params, **model_state},
                                             task.model_inputs(part), rngs=rngs, mutable=mutable,
                                             **mode)
-        loss, sums = _loss_and_sums(loss_fn(outputs, part), mask, _batch_size(task, part),
-                                    axis_name)
+        loss, sums = _loss_and_sums(loss_fn(outputs, part), task, part, axis_name)
         if not whole:
           loss = sums["loss_sum"]
         elif weight_penalty is not None:
@@ -175,7 +174,7 @@ def make_train_step(
 
       (_, (outputs, sums, new_model_state)), grads = jax.value_and_grad(
           objective, has_aux=True)(state.params)
-      return grads, _with_task_metrics(task, sums, outputs, part, mask), dict(new_model_state)
+      return grads, _with_task_metrics(task, sums, outputs, part), dict(new_model_state)
 
     def accumulate():
       """The batch as `microbatches` parts in one loop: one gradient, as of the whole batch."""
@@ -245,9 +244,8 @@ def make_eval_step(
     outputs = _apply_in(compute_dtype, state.apply_fn)(
         state.variables(), task.model_inputs(batch), rngs=rngs,
         **model_mode(state.apply_fn, train=False))
-    mask = tasks_lib.batch_mask(batch)
-    _, metrics = _loss_and_sums(task.loss(outputs, batch), mask, _batch_size(task, batch), None)
-    metrics = _with_task_metrics(task, metrics, outputs, batch, mask)
+    _, metrics = _loss_and_sums(task.loss(outputs, batch), task, batch, None)
+    metrics = _with_task_metrics(task, metrics, outputs, batch)
     if axis_name is not None:
       metrics = metrics_lib.reduce_over_axis(metrics, axis_name)
     return metrics
@@ -275,14 +273,12 @@ def _checked_task(task: tasks_lib.Task | None) -> tasks_lib.Task:
   return task
 
 
-def _batch_size(task: tasks_lib.Task, batch: Batch) -> int:
-  return int(jax.tree.leaves(task.model_inputs(batch))[0].shape[0])
-
-
-def _loss_and_sums(value: Any, mask: jax.Array | None, batch_size: int, axis_name: str | None
+def _loss_and_sums(value: Any, task: tasks_lib.Task, batch: Batch, axis_name: str | None
                    ) -> tuple[jax.Array, Metrics]:
   """The mean loss to differentiate (over the unmasked examples of the global batch) and the
-  metric states of the loss and of the loss function's auxiliary values."""
+  metric states of the loss and of the auxiliary values of the task's loss `value`."""
+  mask = tasks_lib.batch_mask(batch)
+  batch_size = int(jax.tree.leaves(task.model_inputs(batch))[0].shape[0])
   losses, aux = value if isinstance(value, tuple) else (value, {})
   losses = jnp.asarray(losses, jnp.float32)
   if losses.ndim == 0:  # the batch's mean loss already: weigh it by the batch's real examples
@@ -315,10 +311,10 @@ def _loss_and_sums(value: Any, mask: jax.Array | None, batch_size: int, axis_nam
   return sums["loss_sum"] / jnp.maximum(total, 1.0), sums
 
 
-def _with_task_metrics(task: tasks_lib.Task, metrics: Metrics, outputs: Any, batch: Batch,
-                       mask: jax.Array | None) -> Metrics:
+def _with_task_metrics(task: tasks_lib.Task, metrics: Metrics, outputs: Any, batch: Batch
+                       ) -> Metrics:
   for metric in task.metrics:
-    extra = metric(outputs, batch, mask)
+    extra = metric(outputs, batch, tasks_lib.batch_mask(batch))
     clash = sorted(set(extra) & set(metrics))
     if clash:
       raise ValueError(f"metric {getattr(metric, '__name__', metric)!r} returned {clash}, which "
