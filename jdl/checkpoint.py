@@ -1,12 +1,10 @@
-"""Checkpoints of a `TrainState` with orbax: save, keep the last few and the best, restore the
-latest one that is good.
+"""Checkpoints of a `TrainState` with orbax: keep the last few and the best, restore the latest.
 
 The data order and every random key are functions of the seed and the step, so the state is all a
-resumed run needs to continue exactly. Each step's folder holds, in its orbax metadata under `jdl`,
-the metrics that rank it and a CRC-32 of every array, committed atomically with the state and
-verified on restore. A checkpoint that cannot be restored is moved aside to
-`<directory>_unusable/<step>`, never deleted (only retention deletes); a save that fails is raised
-once, at the next call, as `CheckpointWriteError`. See docs/checkpoints.md.
+resumed run needs. Each step's orbax metadata holds, under `jdl`, the metrics that rank it and a
+CRC-32 of every array, verified on restore. An unusable checkpoint is moved aside to
+`<directory>_unusable/<step>`, never deleted; a failed save is raised once, at the next call, as
+`CheckpointWriteError`. See docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -37,11 +35,8 @@ RECORD_KEY = "jdl"  # the key of the step's custom metadata that holds its metri
 
 
 def array_checksums(tree: Any) -> dict[str, dict[str, str]]:
-  """`{path: {"dtype", "crc32"}}` of every array of `tree`, from its bytes on the host.
-
-  An array split across hosts (not replicated, not all on this process) has no single host copy
-  and is left out; a replicated one is read from this process's copy.
-  """
+  """`{path: {"dtype", "crc32"}}` of every array of `tree`, from its bytes on the host; an array
+  split across hosts has no single host copy and is left out (a replicated one is read here)."""
   sums = {}
   for path, leaf in named_leaves(tree).items():
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
@@ -165,11 +160,8 @@ class Checkpointer:
     return self._best_of(self.steps())
 
   def save(self, state: TrainState, *, metrics: CheckpointMetrics | None = None) -> bool:
-    """Saves `state` under its step; returns False when that step is already saved.
-
-    `metrics` rank it for `best_metric`; without them it is kept only while among the most recent.
-    Raises `CheckpointWriteError` if this save or an earlier one could not be written.
-    """
+    """Saves `state` under its step (False: that step is saved already), ranked by `metrics` for
+    `best_metric`. Raises `CheckpointWriteError` if this or an earlier save failed."""
     if not self.writable:
       raise ValueError(f"this Checkpointer of {self.directory} was opened with writable=False.")
     step = state.step
@@ -273,17 +265,17 @@ class Checkpointer:
     record = self._record(step)
     if record is not None:
       _verify(restored, record["checksums"], step, self.directory)
-    return jax.tree.map(_like_template, template, restored)
+    return jax.tree.map(  # typed keys wrapped back where the template holds them
+        lambda t, r: jax.random.wrap_key_data(r, impl=jax.random.key_impl(t))
+        if _is_typed_key(t) else r, template, restored)
 
   def restore_latest(self, template: TrainState, log: Callable[[str], None] = print, *,
                      move_unusable: bool = True) -> TrainState | None:
     """The most recent checkpoint that restores into `template`, or None when there is none.
 
-    A checkpoint that fails to restore (truncated, or an array that fails its checksum) is
-    reported with `log` and the one before it is tried; with `move_unusable` it is moved aside so
-    "latest" never sees it again (a read-only load passes False). Raises CheckpointError when
-    every checkpoint failed and one was written by another model, rather than start over next to
-    another run's checkpoints.
+    One that fails (truncated, a checksum) is reported with `log`, moved aside with
+    `move_unusable` (a read-only load passes False), and the one before it tried. Raises
+    CheckpointError when all failed and one came from another model, rather than start over.
     """
     mismatched = []
     for step in reversed(self.steps()):
@@ -392,10 +384,3 @@ def _is_typed_key(value: Any) -> bool:
 def _key_data(tree: Any) -> Any:
   """`tree` with typed PRNG keys (`jax.random.key`) as their raw data, which orbax can save."""
   return jax.tree.map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, tree)
-
-
-def _like_template(template: Any, restored: Any) -> Any:
-  """A restored leaf, wrapped back into a typed key where the template holds one."""
-  if _is_typed_key(template):
-    return jax.random.wrap_key_data(restored, impl=jax.random.key_impl(template))
-  return restored

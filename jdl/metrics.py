@@ -1,8 +1,7 @@
 """Metric states that merge exactly: per-batch sums, counts and extrema, turned into values once.
 
-A step returns a flat dict of metric *states*, never means, so they merge exactly across batches
-and devices, padding excluded; `compute_metrics` turns them into values on the host. The suffix of
-a key says how it merges and what it reports:
+A step returns a flat dict of metric *states*, never means, merged exactly across batches and
+devices; `compute_metrics` turns them into values. A key's suffix says how it merges and reports:
 
   `count`          summed: the examples (or positions) the loss counted.
   `<name>_sum`     summed; reported as `<name>` = sum / `<name>_count`, or / `count` without one.

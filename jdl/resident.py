@@ -1,13 +1,10 @@
 """The device-resident engine: whole splits on the device, many steps per compiled call.
 
-On a CPU, and for small models on a GPU, a step costs mostly Python and dispatch. When a split
-fits in device memory it is copied there once, each epoch's example order is drawn on the device,
-and the steps up to the next evaluation run as one compiled loop that returns the metric sums once.
-
-The batches are exactly those of `jdl.data.ArraySource` (the same `epoch_order`, the same masked
-zero padding of a last partial batch), so a resident run reaches the parameters of the per-step
-engine for the same seed, up to float rounding. `ResidentEngine` serves `jdl.fit` (any
-single-process layout but pmap) and, with vmapped steps over a stacked state, `jdl.vmap_sweep`.
+On a CPU, and for small models on a GPU, a step costs mostly Python and dispatch. A split that fits
+is copied to the device once, each epoch's order drawn there, and the steps up to the next
+evaluation run as one compiled loop. The batches are exactly those of `jdl.data.ArraySource` (the
+same `epoch_order` and masked padding), so the parameters match the per-step engine's up to float
+rounding. `ResidentEngine` serves `jdl.fit` and, with vmapped steps, `jdl.vmap_sweep`.
 """
 
 from __future__ import annotations
@@ -142,15 +139,10 @@ def make_train_chunk(
     loop: bool = True,
 ) -> Callable[..., tuple[State, Metrics, EpochOrder]]:
   """`chunk(state, inputs, labels, order, first_step, length) -> (state, metric sums, order)`:
-  the train steps `first_step .. first_step + length - 1` (global step numbers) on `data`'s
-  batches, as one program; `first_step` and `length` are traced, so every call length runs the
-  same compiled program.
-
-  A chunk may cross epoch boundaries: it loops over the epochs it touches and, within each, over
-  their steps, drawing each epoch's order unless the carried one is already that epoch's. With
-  `loop=False` it is one step and no loop (`length` must be 1; see `loops_are_slow`). Only the
-  layout of `data` is used; its arrays are arguments.
-  """
+  the train steps `first_step .. first_step + length - 1` on `data`'s batches as one program
+  (traced bounds: every call length runs the same program), looping over the epochs it touches,
+  each epoch's order drawn unless the carried one is that epoch's. With `loop=False` it is one
+  step and no loop (`length` must be 1; see `loops_are_slow`). `data`'s arrays are arguments."""
   batch_size, steps_per_epoch = data.batch_size, data.steps_per_epoch
 
   def order_for(carried: EpochOrder, epoch: jax.Array) -> EpochOrder:
@@ -228,20 +220,14 @@ def make_eval_all(
 
 
 class ResidentEngine:
-  """Trains and evaluates on splits kept on the device.
-
-  `advance(state, step, limit)` runs the steps from `step` towards `limit` (at most
-  `steps_per_call` of them; None: all) in one compiled call, donating the state; `evaluate` gives
-  the metric sums over a whole evaluation split, on the device. Where a loop would be slow
-  (`loops_are_slow`) each call runs one step, unless `steps_per_call` says more. The programs are
-  built on the first call from the state's shapes; `compile(state)` builds and compiles them ahead
-  of time (to time compilation apart from training).
+  """Trains and evaluates on splits kept on the device, with programs built on the first call
+  from the state's shapes (`compile(state)` builds and compiles them ahead of time).
 
   `train_step` may be vmapped over a stacked state (a sweep); `eval_data` is one split, several
-  as `{name: split}`, or None; `place` copies a host pytree to the devices
-  (`runner.place_replicated`), `constrain` lays a batch out inside a compiled function
-  (`runner.constrain_batch`), and `eval_state` gives the state to evaluate from the trained one
-  (the parameter EMA, say).
+  as `{name: split}`, or None. `place` copies a host pytree to the devices and `constrain` lays a
+  batch out inside a compiled function (`runner.place_replicated`, `runner.constrain_batch`);
+  `eval_state` gives the state to evaluate from the trained one (the parameter EMA, say). Where a
+  loop would be slow (`loops_are_slow`) each call runs one step, unless `steps_per_call` says more.
   """
 
   def __init__(self, train_step: TrainStep, eval_step: EvalStep | None, train_data: ArraySource,
@@ -291,7 +277,8 @@ class ResidentEngine:
         eval_all.lower(jax.eval_shape(self.eval_state, state), *self.eval_arrays[name]).compile()
 
   def advance(self, state: State, step: int, limit: int) -> tuple[State, Metrics, int]:
-    """Trains from `step` towards `limit`; returns the state, the metric sums and the steps."""
+    """Trains from `step` towards `limit` in one compiled call, donating the state; returns the
+    state, the metric sums and the steps taken."""
     self._build(state)
     length = limit - step
     if self.steps_per_call is not None:

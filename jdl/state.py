@@ -1,9 +1,8 @@
 """The training state: one pytree that holds everything a train step changes.
 
-`TrainState` keeps the arrays (step, params, model state such as BatchNorm statistics, optimizer
-state, base random key) as pytree leaves, and the fixed pieces (the model's `apply` function, the
-optimizer, the per-example input shape the model was built for) as static fields. Static fields are
-part of the tree structure, so a jitted step specialises on them once and never retraces.
+Arrays (step, params, model state, optimizer state, base key) are leaves; the fixed pieces (the
+model's `apply`, the optimizer, the input shape) are static fields, part of the tree structure, so
+a jitted step specialises on them once and never retraces.
 """
 
 from __future__ import annotations
@@ -30,19 +29,12 @@ ApplyFn = Callable[..., Any]
 class TrainState(struct.PyTreeNode):
   """Everything a train step reads and returns.
 
-  Attributes:
-    step: number of optimizer updates applied so far (int32 scalar).
-    params: the model's trainable parameters (the "params" collection).
-    model_state: every other variable collection of the model, e.g. `{"batch_stats": ...}`.
-    opt_state: the Optax optimizer state.
-    rng: the base PRNG key; a step derives its key as `fold_in(rng, step)`, so the key sequence
-      depends only on the seed and the step number (which makes resumption exact).
-    apply_fn, tx: the model's `apply` and the Optax gradient transformation (static).
-    input_shape, input_dtype: the per-example shape and the dtype of the inputs the model was
-      initialised with (static), e.g. "float32" for pixels or "int32" for token ids; for pytree
-      inputs, tuples of per-leaf ones. Steps check batches against them while tracing, so a
-      mismatch fails with a clear message, for free.
-    input_structure: the tree structure of pytree inputs (static); None for one array.
+  `step` counts the optimizer updates (int32); `model_state` holds the model's collections other
+  than "params" (`{"batch_stats": ...}`); a step's key is `fold_in(rng, step)`, so the keys depend
+  only on the seed and the step (resumption is exact). Static: `apply_fn`, `tx`, and the
+  per-example `input_shape` and `input_dtype` the model was initialised with ("float32" pixels,
+  "int32" token ids; per-leaf tuples for pytree inputs, whose `input_structure` is kept), against
+  which steps check batches while tracing, for free.
   """
 
   step: jax.Array

@@ -39,12 +39,9 @@ EVAL_STREAM = 3
 """The state's base key is folded with this to key the random streams of evaluation."""
 
 def check_compute_dtype(compute_dtype: Any) -> jnp.dtype | None:
-  """`compute_dtype` as a floating dtype; None stays None (compute in the parameters' dtype).
-
-  "auto" is bfloat16 on GPUs and TPUs (float32 parameters and optimizer state) and float32 on
-  CPUs, whose bfloat16 arithmetic is slower. float16 is refused: its narrow range needs loss
-  scaling, which bfloat16 (float32's range) does not.
-  """
+  """`compute_dtype` as a floating dtype (None stays None). "auto" is bfloat16 on GPUs and TPUs
+  and float32 on CPUs, whose bfloat16 arithmetic is slower. float16 is refused: its narrow range
+  needs loss scaling, which bfloat16 (float32's range) does not."""
   if compute_dtype is None:
     return None
   if compute_dtype == "auto":
@@ -105,34 +102,30 @@ def make_train_step(
 ) -> TrainStepFn:
   """Returns a pure train step `(state, batch) -> (state, metric states)`.
 
-  Its key is `fold_in(state.rng, state.step)` (and the device index under `axis_name`); each of
-  the task's random streams gets `jdl.state.stream_key(key, name)`, and augmentation and the
-  adversary fold the key with `AUGMENT_STREAM` and `ADVERSARY_STREAM`, so runs are reproducible
-  and resumable.
+  Its key is `fold_in(state.rng, state.step)` (and the device index under `axis_name`); the task's
+  random streams get `jdl.state.stream_key(key, name)`, augmentation and the adversary the key
+  folded with `AUGMENT_STREAM` and `ADVERSARY_STREAM`, so runs are reproducible and resumable.
 
   Args:
-    task: what to compute from a batch (`jdl.tasks.Task`); None is `jdl.tasks.classification()`.
-    weight_penalty: optional `params -> scalar` added to the mean loss (e.g.
-      `losses.make_weight_penalty(l2=1e-4)`).
-    axis_name: the mapped axis name when run under `pmap`/`shard_map`; None under (sharded) jit.
-    augment: optional on-device augmentation `(key, batch) -> batch` of every training batch
-      (`jdl.augment.make_augment(spec)`); it may add mixup's `mix_label` and `mix_weight`.
-    check_finite: add the non-finite watch (`nonfinite_step`, `nonfinite_what`) that `jdl.fit`
-      acts on: the step whose loss was NaN or infinite (one scalar), and with `gradient_norms`
-      the first step whose gradient was, and of which parameter. Off by default: in a loop of
-      your own nothing reads it.
-    gradient_norms: report `grad_norm` (mean over steps), `grad_norm_max` and `param_norm`; one
-      extra pass over the gradients and parameters each step.
-    compute_dtype: None computes in the parameters' dtype; `jnp.bfloat16` is mixed precision:
-      bfloat16 forward and backward passes, float32 parameters, gradients, optimizer state, loss.
-    adversary: optional adversarial training, `(apply_fn, variables, key, batch) -> batch` (e.g.
-      `jdl.analysis.adversarial.make_adversary(epsilon)`), applied after `augment` with the
-      current parameters; the loss is taken on its inputs, not differentiated through the attack.
-    microbatches: gradient accumulation: the batch (a multiple of it in size) is split into this
-      many micro-batches run one after another in one compiled loop, and their gradients are
-      summed into that of the whole batch's mean loss, reduced across devices once. Equal to one
-      step on the whole batch up to float rounding, for models without batch statistics. Each
-      micro-batch's random streams fold in its index.
+    task: what to compute from a batch; None is `jdl.tasks.classification()`.
+    weight_penalty: `params -> scalar` added to the mean loss (`losses.make_weight_penalty`).
+    axis_name: the mapped axis under `pmap`/`shard_map`; None under (sharded) jit.
+    augment: on-device augmentation `(key, batch) -> batch` (`jdl.augment.make_augment`); it may
+      add mixup's `mix_label` and `mix_weight`.
+    check_finite: add the non-finite watch `jdl.fit` acts on (`nonfinite_step`,
+      `nonfinite_what`): the first step whose loss, or with `gradient_norms` gradient, was NaN or
+      infinite, and which parameter's. Off by default: in a loop of your own nothing reads it.
+    gradient_norms: report `grad_norm` (mean over steps), `grad_norm_max` and `param_norm`, at
+      the cost of one more pass over the gradients and parameters.
+    compute_dtype: None computes in the parameters' dtype; `jnp.bfloat16` is mixed precision
+      (bfloat16 passes; float32 parameters, gradients, optimizer state and loss).
+    adversary: adversarial training, `(apply_fn, variables, key, batch) -> batch`
+      (`jdl.analysis.adversarial.make_adversary`), applied after `augment`; the loss is taken on
+      its inputs, not differentiated through the attack.
+    microbatches: gradient accumulation: the batch (a multiple of it) is split into this many
+      parts run in one compiled loop, their gradients summed into that of the whole batch's mean
+      loss (equal up to float rounding, without batch statistics) and reduced across devices
+      once; each part's random streams fold in its index.
   """
   task = _checked_task(task)
   compute_dtype = check_compute_dtype(compute_dtype)
@@ -178,7 +171,12 @@ def make_train_step(
 
     def accumulate():
       """The batch as `microbatches` parts in one loop: one gradient, as of the whole batch."""
-      parts = _split_batch(batch, microbatches)
+      sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
+      if any(size % microbatches for size in sizes):
+        raise ValueError(
+            f"a batch of {sorted(sizes)} examples cannot be split into {microbatches} equal "
+            "micro-batches; use a batch size that is a multiple of microbatches.")
+      parts = jax.tree.map(lambda x: x.reshape(microbatches, -1, *x.shape[1:]), batch)
       first = jax.tree.map(lambda x: x[0], parts)
 
       def body(carry, indexed):
@@ -251,15 +249,6 @@ def make_eval_step(
     return metrics
 
   return eval_step
-
-
-def _split_batch(batch: Batch, parts: int) -> Batch:
-  """`batch` with every array reshaped to `[parts, batch_size // parts, ...]`."""
-  sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
-  if any(size % parts for size in sizes):
-    raise ValueError(f"a batch of {sorted(sizes)} examples cannot be split into {parts} equal "
-                     "micro-batches; use a batch size that is a multiple of microbatches.")
-  return jax.tree.map(lambda x: x.reshape(parts, x.shape[0] // parts, *x.shape[1:]), batch)
 
 
 def _checked_task(task: tasks_lib.Task | None) -> tasks_lib.Task:
@@ -355,10 +344,8 @@ def _mixed_loss(loss_fn: tasks_lib.TaskLossFn, batch: Batch) -> tasks_lib.TaskLo
 def _check_inputs(task: tasks_lib.Task, batch: Batch, state: TrainState) -> None:
   """Checks the model's inputs in a batch against those the model was initialised with, while
   tracing (free at run time), so a mismatch is a clear error, not a broadcast."""
-  inputs = task.model_inputs(batch)
-  expected = state.input_specs()
-  got_leaves, got_structure = jax.tree.flatten(inputs)
-  want_leaves, want_structure = jax.tree.flatten(expected)
+  got_leaves, got_structure = jax.tree.flatten(task.model_inputs(batch))
+  want_leaves, want_structure = jax.tree.flatten(state.input_specs())
   if got_structure != want_structure:
     raise ValueError(f"the model's inputs have structure {got_structure}, but the model was "
                      f"initialised with {want_structure}.")

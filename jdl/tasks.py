@@ -1,10 +1,8 @@
 """Tasks: what a step computes from a batch. The one piece to swap for a new kind of problem.
 
-A `Task` says which part of the batch the model takes, the loss as a function of the model's
-outputs and the whole batch, the metrics, and the named random streams the model draws from.
-`jdl.make_train_step(task)` and `jdl.make_eval_step(task)` turn it into pure steps, so
-classification (per example or per position), regression and anything else (a VAE's ELBO, say) go
-through the same step, `fit`, checkpoints and logs:
+A `Task` says which part of the batch the model takes, the loss of the model's outputs and the
+batch, the metrics, and the random streams the model draws from; classification, regression and
+anything else (a VAE's ELBO, say) go through the same steps, `fit`, checkpoints and logs:
 
   task = jdl.Task(loss=lambda outputs, batch: jnp.mean((outputs - batch["y"]) ** 2, axis=-1),
                   inputs="x")
@@ -35,10 +33,9 @@ are reported as means (`train_<name>`)."""
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """How a step turns a batch into a loss and metrics.
+  """How a step turns a batch into a loss (`TaskLossFn`) and metrics.
 
   Attributes:
-    loss: `(outputs, batch) -> losses` or `(losses, aux)` (`TaskLossFn`).
     metrics: metric functions `(outputs, batch, mask) -> states` (`jdl.metrics`), e.g.
       `accuracy_metric(top_k=(5,))`; each key's suffix says how it merges and is reported.
     inputs: what the model is called with: a batch key ("input"), or `batch -> inputs` for

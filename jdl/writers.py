@@ -1,9 +1,8 @@
 """Metric writers: JSON lines and TensorBoard event files in a run's workdir.
 
-`metrics.jsonl` gets one JSON object per record (`{"step": ..., "train_loss": ..., ...}`);
-`tensorboard/` gets scalar summaries (`tensorboard --logdir WORKDIR/tensorboard`), written with
-the `tensorboard` package alone in the records `tf.summary` writes (float32 scalar tensors of the
-"scalars" plugin, the config as a "text" summary), so a run imports no TensorFlow to log.
+`metrics.jsonl` gets one JSON object per record; `tensorboard/` gets the records `tf.summary`
+writes (float32 scalars, the config as text), written with the `tensorboard` package alone, so a
+run imports no TensorFlow to log.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import socket
 import struct
 import time
 from collections.abc import Mapping
-from typing import Any, BinaryIO
+from typing import Any
 
 JSONL_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -64,7 +63,16 @@ class EventFileWriter:
     from tensorboard.summary.writer.record_writer import RecordWriter
 
     self._event_pb2, self._scalar_pb, self._text_pb = event_pb2, scalar_pb, text_pb
-    file = _new_event_file(logdir)
+    os.makedirs(logdir, exist_ok=True)
+    stem = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
+    number = 0
+    while True:
+      try:
+        # pylint: disable-next=consider-using-with
+        file = open(os.path.join(logdir, f"{stem}.{number}"), "xb")  # "x": never another's file
+        break
+      except FileExistsError:
+        number += 1
     self.path: str = file.name
     self._records = RecordWriter(file)
     self._records.write(event_pb2.Event(wall_time=time.time(),
@@ -88,19 +96,6 @@ class EventFileWriter:
       self._records.write(self._event_pb2.Event(wall_time=time.time(), step=int(step),
                                                 summary=summary).SerializeToString())
     self._records.flush()
-
-
-def _new_event_file(logdir: str) -> BinaryIO:
-  """A new, empty event file in `logdir`, opened for writing (see `EventFileWriter`)."""
-  os.makedirs(logdir, exist_ok=True)
-  stem = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
-  number = 0
-  while True:
-    try:
-      # pylint: disable-next=consider-using-with
-      return open(os.path.join(logdir, f"{stem}.{number}"), "xb")  # "x": never another's file
-    except FileExistsError:
-      number += 1
 
 
 class MetricWriter:
@@ -134,13 +129,13 @@ class MetricWriter:
     TensorBoard: a resumed run has it there already), and the versions of jdl and its main
     libraries, Python and the devices as `versions.json`."""
     as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    text = json.dumps(as_dict, indent=2, sort_keys=True, default=str)
     with open(os.path.join(self.workdir, CONFIG_NAME), "w", encoding="utf-8") as f:
-      json.dump(as_dict, f, indent=2, sort_keys=True, default=str)
+      f.write(text)
     with open(os.path.join(self.workdir, VERSIONS_NAME), "w", encoding="utf-8") as f:
       json.dump(library_versions(), f, indent=2, sort_keys=True)
     if self._summary is not None and summary:
-      self._summary.write_text(0, "config", json.dumps(as_dict, indent=2, sort_keys=True,
-                                                       default=str))
+      self._summary.write_text(0, "config", text)
 
   def close(self) -> None:
     """Closes the JSON lines and the event file."""
