@@ -66,9 +66,8 @@ def best_mode(metric: str) -> str:
 
 
 def _cause(error: BaseException) -> str:
-  """What went wrong, in a few words: the operating system's error behind `error` where there is
-  one (orbax raises OSError; tensorstore, under it, a ValueError that names the errno), else the
-  first line of the innermost exception."""
+  """The operating system's error behind `error` (an OSError, or tensorstore's message naming
+  the errno), else the first line of the innermost exception."""
   chain = exception_chain(error)
   for exception in chain:
     if isinstance(exception, OSError) and exception.errno:
@@ -326,8 +325,7 @@ class Checkpointer:
     self.raise_if_failed()
 
   def close(self) -> None:
-    """Waits for pending saves and releases the manager; raises `CheckpointWriteError` for a
-    failed save not reported yet."""
+    """Waits for pending saves, releases the manager, and raises a failure not reported yet."""
     try:
       self._join()
     finally:

@@ -33,18 +33,12 @@ Record = dict[str, float]
 Hook = Callable[[int, TrainState, Record], None]
 
 
-def evaluate(
-    state: TrainState,
-    eval_step: Callable[[TrainState, data_lib.Batch], metrics_lib.Metrics],
-    eval_data: data_lib.BatchSource,
-    *,
-    runner: parallel.Runner | None = None,
-) -> dict[str, float]:
-  """Means of the eval step's metrics over every example of `eval_data` (padding excluded).
-
-  `eval_step` is already compiled (`runner.compile` or `jax.jit`) and `state` placed by `runner`;
-  without a runner, host batches go straight to `eval_step`.
-  """
+def evaluate(state: TrainState,
+             eval_step: Callable[[TrainState, data_lib.Batch], metrics_lib.Metrics],
+             eval_data: data_lib.BatchSource, *,
+             runner: parallel.Runner | None = None) -> dict[str, float]:
+  """Means of the eval step's metrics over every example of `eval_data` (padding excluded);
+  `eval_step` is compiled (`runner.compile` or `jax.jit`) and `state` placed by `runner`."""
   total = evaluation_sums(state, eval_step, eval_data, runner=runner)
   fetched = total if runner is None or total is None else runner.fetch_metrics(total)
   return metrics_lib.compute_metrics(fetched)
@@ -63,8 +57,7 @@ def evaluation_sums(state: TrainState, eval_step: Callable[..., metrics_lib.Metr
 
 
 def output_width(state: TrainState) -> int | None:
-  """The width of the model's output for one example (its number of classes), or None when the
-  output is not one array (a dict of a VAE's parts, say)."""
+  """The width of one example's output (its number of classes); None if not one array (a VAE's)."""
   mode = state_lib.model_mode(state.apply_fn, train=False)
   try:
     shape = jax.eval_shape(lambda v, x: state.apply_fn(v, x, **mode), state.variables(),
@@ -74,28 +67,16 @@ def output_width(state: TrainState) -> int | None:
   return int(shape.shape[-1]) if isinstance(shape, jax.ShapeDtypeStruct) and shape.ndim else None
 
 
-def fit(
-    state: TrainState,
-    train_step: step_lib.TrainStepFn,
-    eval_step: step_lib.EvalStepFn,
-    train_data: data_lib.BatchSource,
-    eval_data: data_lib.BatchSource | Mapping[str, data_lib.BatchSource] | None = None,
-    *,
-    num_epochs: int | None = None,
-    num_steps: int | None = None,
-    eval_every_steps: int | Mapping[str, int] | None = None,
-    hooks: Sequence[Hook] = (),
-    writer: MetricWriter | None = None,
-    progress: bool = True,
-    eval_name: str = "test",
-    runner: parallel.Runner | None = None,
-    device_resident: bool | None = None,
-    steps_per_call: int | None = None,
-    checkpointer: Checkpointer | None = None,
-    checkpoint_every_steps: int | None = None,
-    checkpoint_min_seconds: float = 0.0,
-    handle_signals: bool = True,
-) -> tuple[TrainState, list[Record]]:
+def fit(state: TrainState, train_step: step_lib.TrainStepFn, eval_step: step_lib.EvalStepFn,
+        train_data: data_lib.BatchSource,
+        eval_data: data_lib.BatchSource | Mapping[str, data_lib.BatchSource] | None = None, *,
+        num_epochs: int | None = None, num_steps: int | None = None,
+        eval_every_steps: int | Mapping[str, int] | None = None, hooks: Sequence[Hook] = (),
+        writer: MetricWriter | None = None, progress: bool = True, eval_name: str = "test",
+        runner: parallel.Runner | None = None, device_resident: bool | None = None,
+        steps_per_call: int | None = None, checkpointer: Checkpointer | None = None,
+        checkpoint_every_steps: int | None = None, checkpoint_min_seconds: float = 0.0,
+        handle_signals: bool = True) -> tuple[TrainState, list[Record]]:
   """Trains `state` with `train_step` and evaluates it on the whole of `eval_data`.
 
   The device-resident engine (`jdl.resident`) copies in-memory splits (`ArraySource`) to the
@@ -274,9 +255,9 @@ class _EvaluationPlan:
             if name and (step % every == 0 or step == self.num_steps)]
 
 
+# In a multi-process run, the processes agree on a stop every this many steps (and wherever a call
+# of steps ends: an evaluation, epoch end or save), so a signal stops them within that.
 AGREE_EVERY = 10
-"""In a multi-process run, the processes agree on a stop every this many steps (and wherever a
-call of steps ends at an evaluation, epoch end or save), so a signal stops them within that."""
 
 
 def _agree(stop: _StopSignals | None, timely: bool, *,
@@ -303,8 +284,7 @@ def _agree(stop: _StopSignals | None, timely: bool, *,
 
 def _record(step: int, steps_per_epoch: int, train_sums: metrics_lib.Metrics, seconds: float,
             state: TrainState, speed: _Speed) -> Record:
-  """An evaluation record's training part: step, epoch, `train_*` means, speed (and MFU),
-  learning rates (as the optimizer records them; the first copy under pmap)."""
+  """A record's training part: step, epoch, `train_*` means, speed, MFU and learning rates."""
   train_means = metrics_lib.compute_metrics(train_sums)
   record = {"step": step, "epoch": step / steps_per_epoch}
   record.update({f"train_{k}": v for k, v in train_means.items() if k != "count"})
@@ -373,8 +353,7 @@ def evaluation_state(state: TrainState) -> TrainState:
 
 
 class Preempted(Exception):
-  """Training stopped on SIGTERM or SIGINT after saving a checkpoint; running the same command
-  again (same workdir) resumes from it."""
+  """Training stopped on SIGTERM or SIGINT after saving; the same command again resumes it."""
 
   def __init__(self, step: int, signal_name: str, directory: str) -> None:
     super().__init__(
@@ -462,9 +441,8 @@ class _StopSignals:
 def _make_engine(state: TrainState, train_step, eval_step, train_data, eval_data, *,
                  runner: parallel.Runner, device_resident: bool | None,
                  steps_per_call: int | None) -> resident.ResidentEngine | _HostEngine:
-  """The device-resident engine where the data allow it (and `device_resident` does not forbid
-  it), else the per-step host engine, for `eval_data` as `{name: source}`. In-memory splits are
-  checked here, once."""
+  """The device-resident engine where the data allow it and `device_resident` does not forbid
+  it, else the per-step host engine; in-memory splits are checked here, once."""
   num_classes = output_width(state)
   sources = [train_data, *eval_data.values()]
   for source in sources:
@@ -490,9 +468,8 @@ def _make_engine(state: TrainState, train_step, eval_step, train_data, eval_data
 
 
 class _HostEngine:
-  """The interface of `jdl.resident.ResidentEngine` with one compiled call per batch; batches come
-  from the host, checked there and (on several devices) laid out on them by a background thread a
-  few steps ahead (`jdl.prefetch`), so reading the next batches overlaps the step."""
+  """`jdl.resident.ResidentEngine`'s interface, one compiled call per host batch; a background
+  thread (`jdl.prefetch`) checks and places the next batches while the step runs."""
 
   def __init__(self, runner, train_step, eval_step, train_data, eval_data, num_classes):
     self.runner, self.eval_data, self.num_classes = runner, eval_data, num_classes

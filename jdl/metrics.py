@@ -74,8 +74,7 @@ def accuracy_metrics(outputs: jax.Array, labels: jax.Array, mask: jax.Array | No
 
 def error_metrics(predictions: jax.Array, targets: jax.Array, mask: jax.Array | None = None
                   ) -> Metrics:
-  """Regression states: `mean_absolute_error_sum` (with its own count: every target element
-  counts) and `absolute_error_max`, over the unmasked examples."""
+  """`mean_absolute_error_sum` (with its own count of elements) and `absolute_error_max`."""
   if tuple(predictions.shape) != tuple(targets.shape):
     raise ValueError(f"predictions of shape {tuple(predictions.shape)} do not fit targets of "
                      f"shape {tuple(targets.shape)}; they must have one shape.")
@@ -108,8 +107,7 @@ def loss_metrics(losses: jax.Array, mask: jax.Array | None = None) -> Metrics:
   return {"count": jnp.sum(keep), "loss_sum": jnp.sum(losses.astype(jnp.float32) * keep)}
 
 
-NO_NONFINITE_STEP = np.iinfo(np.int32).max
-"""`nonfinite_step` of a step whose loss and gradients were all finite."""
+NO_NONFINITE_STEP = np.iinfo(np.int32).max  # `nonfinite_step` where all was finite
 
 
 def nonfinite_metrics(step: jax.Array, loss_sum: jax.Array,
@@ -126,8 +124,7 @@ def nonfinite_metrics(step: jax.Array, loss_sum: jax.Array,
 
 
 def reduce_over_axis(metrics: Metrics, axis_name: str) -> Metrics:
-  """Merges per-device metric states over a mapped axis (`pmap`, `shard_map`): sums are summed,
-  extrema reduced by their rule."""
+  """Merges per-device metric states over a mapped axis (`pmap`, `shard_map`) by their rules."""
   reduce = {"sum": jax.lax.psum, "max": jax.lax.pmax, "min": jax.lax.pmin}
   return {key: reduce[_merge_rule(key)](value, axis_name) for key, value in metrics.items()}
 
@@ -138,8 +135,7 @@ def empty_metrics() -> None:
 
 
 def zero_metrics(like: Mapping[str, Any]) -> Metrics:
-  """Metrics shaped like `like` that merge as a no-op: the start of a total in a compiled loop,
-  where `empty_metrics()` (None) cannot be carried."""
+  """Metrics like `like` that merge as a no-op: a compiled loop cannot carry `empty_metrics()`."""
   def identity(key: str, value: Any) -> jax.Array:
     rule = _merge_rule(key)
     if key == "nonfinite_step":
@@ -176,9 +172,8 @@ def _merge(total: Metrics, batch: Metrics) -> Metrics:
 
 
 def metric_values(total: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """The values of merged metric states, on the host, as float64 arrays (elementwise, so a
-  stack of states, one per sweep member, gives one value per member): `<name>` for every
-  `<name>_sum`, the extrema as they are, and `count`."""
+  """Values of merged states as float64 host arrays (elementwise: a sweep's stack gives one per
+  member): `<name>` for every `<name>_sum`, the extrema as they are, and `count`."""
   total = {key: np.asarray(value) for key, value in jax.device_get(dict(total)).items()}
   count = total.get("count")
   values: dict[str, np.ndarray] = {}
@@ -198,8 +193,7 @@ def metric_values(total: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def compute_metrics(total: Mapping[str, jax.Array | np.ndarray] | None) -> dict[str, float]:
-  """Values from merged states (`metric_values`) as floats: `loss`, `accuracy`, ... and `count`
-  (examples seen) as an int. Non-scalar states (a confusion matrix, say) are left out."""
+  """The scalar `metric_values` as floats (`loss`, `accuracy`, ...) and `count` as an int."""
   if total is None:
     return {}
   if "count" in total and int(np.asarray(jax.device_get(total["count"]))) == 0:

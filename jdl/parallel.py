@@ -150,8 +150,7 @@ def _split_evenly(batch: Batch, count: int, what: str, *, pad: bool) -> Batch:
 
 
 def pad_to_multiple(batch: Batch, multiple: int) -> dict[str, Any]:
-  """Pads a host batch (a dict of arrays or pytrees) with zero examples, marked False in `mask`,
-  to a multiple of `multiple`."""
+  """A host batch padded with zero examples, False in `mask`, to a multiple of `multiple`."""
   batch = jax.tree.map(np.asarray, dict(batch))
   size = num_rows(batch)
   if "mask" not in batch:
@@ -304,15 +303,10 @@ class PmapRunner(Runner):
 
 
 def initialize_distributed(mode: str = "auto") -> bool:
-  """Joins this process to a multi-process JAX run when the environment asks for it; returns
-  whether it did. Call it before any other JAX work.
-
-  The environment contract: JAX_COORDINATOR_ADDRESS, host:port of process 0's coordinator;
-  JAX_NUM_PROCESSES; JAX_PROCESS_ID, this process's index from 0. `mode="auto"` joins when
-  JAX_COORDINATOR_ADDRESS is set; "on" calls `jax.distributed.initialize()` with JAX's own cluster
-  detection (Cloud TPU pods, SLURM, Open MPI, Kubernetes) filling in what the variables leave
-  out; "off" never joins.
-  """
+  """Joins a multi-process JAX run (before any other JAX work) when the environment asks; returns
+  whether it did. JAX_COORDINATOR_ADDRESS is process 0's host:port, JAX_NUM_PROCESSES the count,
+  JAX_PROCESS_ID this process's index from 0. "auto" joins when the address is set; "on" lets
+  JAX's cluster detection (TPU pods, SLURM, Open MPI, Kubernetes) fill in the rest; "off" never."""
   if mode not in ("auto", "on", "off"):
     raise ValueError(f"unknown distributed mode {mode!r}; expected 'auto', 'on' or 'off'.")
   address = os.environ.get("JAX_COORDINATOR_ADDRESS")
@@ -337,15 +331,12 @@ def initialize_distributed(mode: str = "auto") -> bool:
   return True
 
 
-PEER_TIMEOUT_SECONDS = 30
-"""How long a multi-process run waits for a silent peer (missed heartbeats, or at exit) before
-every process is stopped."""
+PEER_TIMEOUT_SECONDS = 30  # how long the processes wait for a silent peer before all stop
 
 
 def check_same_everywhere(what: str, value: str) -> None:
-  """Raises PeerError on every process of a multi-process run unless `value` (a workdir, a
-  config's JSON) is the same on all of them, so a mistyped command line on one host stops the run
-  at its start instead of training apart and hanging at the end. Nothing in a single process."""
+  """Raises PeerError on every process unless `value` (a workdir, a config's JSON) is the same on
+  all, so a mistyped command line on one host stops the run at once, not by hanging at the end."""
   if jax.process_count() == 1:
     return
   digest = np.frombuffer(hashlib.sha256(value.encode()).digest(), np.uint8)
@@ -360,8 +351,7 @@ def check_same_everywhere(what: str, value: str) -> None:
 
 
 def raise_if_any_failed(error: Exception | None, what: str) -> None:
-  """Raises `error` on the process where it happened and PeerError on the others (naming that
-  process and `what` it was doing), so one process's refusal ends every process."""
+  """Raises `error` where it happened and PeerError (naming it and `what`) on the others."""
   if jax.process_count() == 1:
     if error is not None:
       raise error
@@ -379,9 +369,8 @@ _LOST_PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Gl
 
 
 def lost_peer(error: BaseException) -> PeerError | None:
-  """A PeerError for `error` when it (or an exception it was raised from) says another process
-  of a multi-process run went away mid-collective (its connection closed, its heartbeats
-  stopped); None otherwise, and always in a single process."""
+  """A PeerError when `error` (or one it came from) says another process went away mid-collective
+  (its connection closed, its heartbeats stopped); None otherwise and in a single process."""
   if jax.process_count() == 1:
     return None
   found = next((cause for cause in reversed(exception_chain(error))  # the innermost that says so

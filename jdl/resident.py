@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdl import metrics as metrics_lib
-from jdl.data.sources import ArraySource, epoch_order
+from jdl.data.sources import ArraySource, epoch_order, num_rows
 
 Metrics = metrics_lib.Metrics
 State = Any  # a TrainState, or a stack of them under `jax.vmap`
@@ -28,8 +28,7 @@ TrainStep = Callable[[State, Any], tuple[State, Metrics]]
 EvalStep = Callable[[State, Any], Metrics]
 Batch = dict[str, jax.Array]
 
-DEFAULT_RESIDENT_LIMIT_BYTES = 2 << 30
-"""`jdl.fit` keeps data on the device by default when the splits take at most this many bytes."""
+DEFAULT_RESIDENT_LIMIT_BYTES = 2 << 30  # `jdl.fit` keeps splits of at most this on the device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,15 +43,14 @@ class ResidentData:
 
   @property
   def num_examples(self) -> int:
-    return num_stored_rows(self.inputs) - 1  # without the padding row
+    return num_rows(self.inputs) - 1  # without the padding row
 
   @property
   def steps_per_epoch(self) -> int:
     return -(-self.num_examples // self.batch_size)
 
   def padded_order(self, epoch: int | jax.Array) -> jax.Array:
-    """The epoch's order padded with -1 (masked slots) to `steps_per_epoch * batch_size`;
-    `epoch` may be traced."""
+    """The epoch's order padded with -1 to `steps_per_epoch * batch_size`; `epoch` may be traced."""
     order = epoch_order(jnp.asarray(self.seed, jnp.uint32), jnp.asarray(epoch, jnp.uint32),
                         num_examples=self.num_examples, shuffle=self.shuffle)
     extra = self.steps_per_epoch * self.batch_size - self.num_examples
@@ -72,10 +70,9 @@ class EpochOrder(NamedTuple):
 
 
 def loops_are_slow(fn: Callable[..., Any], *args: Any) -> bool:
-  """Whether `fn(*args)` would run much slower inside a compiled loop than alone: on the CPU
-  backend when it contains a convolution, which XLA's CPU compiler cannot give its library
-  kernels' layouts in a loop body (jax issue 12868; ten times slower for a ResNet step). Tracing
-  `fn` to a jaxpr computes nothing."""
+  """Whether `fn(*args)` would run much slower in a compiled loop: on the CPU with a convolution,
+  whose library kernels' layouts XLA cannot give a loop body (jax issue 12868; ten times slower
+  for a ResNet). Tracing `fn` to a jaxpr computes nothing."""
   if jax.default_backend() != "cpu":
     return False
   return _has_primitive(jax.make_jaxpr(fn)(*args).jaxpr, "conv_general_dilated")
@@ -98,8 +95,7 @@ def nbytes(*trees: Any) -> int:
 
 
 def with_padding_row(inputs: Any, labels: Any) -> tuple[Any, Any]:
-  """The arrays (or pytrees of arrays) with one zero example appended: the row that padding slots
-  gather."""
+  """The arrays (or pytrees) with one zero example appended: the row padding slots gather."""
   def pad(value: Any) -> np.ndarray:
     value = np.asarray(value)
     return np.concatenate([value, np.zeros((1, *value.shape[1:]), value.dtype)])
@@ -111,7 +107,7 @@ def gather_batch(inputs: Any, labels: Any, indices: jax.Array) -> Batch:
   """Rows `indices` of a split stored `with_padding_row`; index -1 is padding: it gathers the zero
   row (as the host path pads with zeros) and is masked out."""
   mask = indices >= 0
-  rows = jnp.where(mask, indices, num_stored_rows(inputs) - 1)
+  rows = jnp.where(mask, indices, num_rows(inputs) - 1)
 
   def take(values: jax.Array) -> jax.Array:
     # Rows of the values seen as a matrix [examples, features] (a free reshape): one contiguous
@@ -122,22 +118,13 @@ def gather_batch(inputs: Any, labels: Any, indices: jax.Array) -> Batch:
   return {"input": jax.tree.map(take, inputs), "label": jax.tree.map(take, labels), "mask": mask}
 
 
-def num_stored_rows(inputs: Any) -> int:
-  """The leading dimension of a stored split's inputs (padding row included)."""
-  return int(jax.tree.leaves(inputs)[0].shape[0])
-
-
 def _identity(batch: Batch) -> Batch:
   return batch
 
 
-def make_train_chunk(
-    train_step: TrainStep,
-    data: ResidentData,
-    constrain: Callable[[Batch], Batch] = _identity,
-    *,
-    loop: bool = True,
-) -> Callable[..., tuple[State, Metrics, EpochOrder]]:
+def make_train_chunk(train_step: TrainStep, data: ResidentData,
+                     constrain: Callable[[Batch], Batch] = _identity, *, loop: bool = True
+                     ) -> Callable[..., tuple[State, Metrics, EpochOrder]]:
   """`chunk(state, inputs, labels, order, first_step, length) -> (state, metric sums, order)`:
   the train steps `first_step .. first_step + length - 1` on `data`'s batches as one program
   (traced bounds: every call length runs the same program), looping over the epochs it touches,
@@ -184,14 +171,9 @@ def make_train_chunk(
   return chunk
 
 
-def make_eval_all(
-    eval_step: EvalStep,
-    batch_size: int,
-    num_examples: int,
-    constrain: Callable[[Batch], Batch] = _identity,
-    *,
-    loop: bool = True,
-) -> Callable[[State, jax.Array, jax.Array], Metrics]:
+def make_eval_all(eval_step: EvalStep, batch_size: int, num_examples: int,
+                  constrain: Callable[[Batch], Batch] = _identity, *, loop: bool = True
+                  ) -> Callable[[State, jax.Array, jax.Array], Metrics]:
   """`eval_all(state, inputs, labels) -> metric sums` over the whole split (stored
   `with_padding_row`), compiled: one call with a scan over the batches, or with `loop=False` one
   call per batch (see `loops_are_slow`); the data stays on the device either way."""
@@ -296,8 +278,7 @@ class ResidentEngine:
     return jax.eval_shape(gather_batch, self.train.inputs, self.train.labels, indices)
 
   def evaluate(self, state: State, name: str | None = None) -> Metrics:
-    """The eval step's metric states over the whole evaluation split `name` (None: the only
-    one), on the device."""
+    """The eval step's metric states over evaluation split `name` (None: the only one)."""
     if name not in self.eval_data or self.eval_step is None:
       raise ValueError(f"this engine has no evaluation split {name!r} (it has "
                        f"{sorted(map(str, self.eval_data))}) or no eval step.")

@@ -59,8 +59,7 @@ class TrainState(struct.PyTreeNode):
     return {"params": self.params, **self.model_state}
 
   def input_specs(self, batch_size: int = 1) -> Any:
-    """`jax.ShapeDtypeStruct`s of a batch of `batch_size` model inputs (a pytree for pytree
-    inputs), for `jax.eval_shape` and for checking batches."""
+    """`jax.ShapeDtypeStruct`s of a batch of `batch_size` model inputs (a pytree for pytrees)."""
     if self.input_structure is None:
       return jax.ShapeDtypeStruct((batch_size, *self.input_shape), self.input_dtype)
     leaves = [jax.ShapeDtypeStruct((batch_size, *shape), dtype)
@@ -89,8 +88,7 @@ def _mode_keyword(module_class: type) -> str | None:
 
 
 def stream_id(name: str) -> int:
-  """A stable number for a random stream's name, at least 2**30 (apart from the step's own small
-  stream numbers such as `jdl.step.AUGMENT_STREAM`)."""
+  """A stable number >= 2**30 for a stream's name (apart from `jdl.step.AUGMENT_STREAM` etc.)."""
   return (zlib.crc32(name.encode()) & 0x3FFFFFFF) | 0x40000000
 
 
@@ -100,14 +98,9 @@ def stream_key(key: jax.Array, name: str) -> jax.Array:
   return key if name == "dropout" else jax.random.fold_in(key, stream_id(name))
 
 
-def create_train_state(
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    sample_input: jax.Array | np.ndarray,
-    rng: jax.Array,
-    *,
-    rng_streams: tuple[str, ...] = ("dropout",),
-) -> TrainState:
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                       sample_input: jax.Array | np.ndarray, rng: jax.Array, *,
+                       rng_streams: tuple[str, ...] = ("dropout",)) -> TrainState:
   """Initialises a Flax linen `model` (with its mode keyword, `model_mode`, if it has one) and the
   optimizer `tx` into a fresh `TrainState` at step 0.
 
@@ -138,16 +131,15 @@ def create_train_state(
 
 
 def _checked_sample(sample_input: Any) -> Any:
-  leaves = jax.tree.leaves(sample_input)
-  if not leaves:
+  if not jax.tree.leaves(sample_input):
     raise ValueError(f"sample_input holds no arrays; got {type(sample_input).__name__}.")
   try:
     sample_input = jax.tree.map(jnp.asarray, sample_input)
   except TypeError as error:
     raise ValueError(f"sample_input must be an array or a pytree of arrays: {error}") from None
-  sizes = {leaf.shape[0] if leaf.ndim else None for leaf in jax.tree.leaves(sample_input)}
+  shapes = [tuple(leaf.shape) for leaf in jax.tree.leaves(sample_input)]
+  sizes = {shape[0] if shape else None for shape in shapes}
   if None in sizes or 0 in sizes or len(sizes) != 1:
-    shapes = [tuple(leaf.shape) for leaf in jax.tree.leaves(sample_input)]
     raise ValueError(
         "sample_input must be a batch with a leading batch dimension of size >= 1, the same for "
         f"every array; got shape(s) {shapes[0] if len(shapes) == 1 else shapes}.")

@@ -1,14 +1,11 @@
 """Pure train and eval steps for any task.
 
-`make_train_step(task)` and `make_eval_step(task)` bind the fixed pieces (the `jdl.tasks.Task`,
-penalty, axis name, augmentation) and return plain functions of `(state, batch)` that run under
-`jax.jit`, sharded jit, and `jax.pmap` with `axis_name` set. A batch is any pytree; `mask` (per
-example or per position) marks real examples, and mixup's `mix_label`, `mix_weight` blend the loss
-on `label` with the loss on `mix_label` (docs/training.md).
-
-Loss and metrics cover the unmasked examples only. With `axis_name` set, the loss is normalised by
-the example count summed over the axis and gradients are summed (`psum`), which equals the gradient
-of the global batch's mean loss even when devices hold different numbers of real examples.
+`make_train_step(task)` and `make_eval_step(task)` bind the fixed pieces and return plain
+functions of `(state, batch)` that run under `jax.jit`, sharded jit, and `jax.pmap` with
+`axis_name` set. A batch is any pytree; `mask` marks real examples (loss and metrics cover only
+those), and mixup's `mix_label`, `mix_weight` blend the losses on two labels (docs/training.md).
+With `axis_name`, the loss is normalised by the example count summed over the axis and gradients
+are summed, which is the gradient of the global batch's mean loss however padding is spread.
 """
 
 from __future__ import annotations
@@ -31,12 +28,11 @@ EvalStepFn = Callable[[TrainState, Batch], Metrics]
 AugmentFn = Callable[[jax.Array, Batch], Batch]
 AdversaryFn = Callable[[Callable[..., Any], Mapping[str, Any], jax.Array, Batch], Batch]
 
+# Folded into a key for a stream of its own: the step's key for augmentation (dropout keeps the key
+# itself) and for the adversary (PGD's random start, say); the state's base key for evaluation.
 AUGMENT_STREAM = 1
-"""The step's key is folded with this to key augmentation, so dropout keeps its own key."""
 ADVERSARY_STREAM = 2
-"""The step's key is folded with this to key the adversary (e.g. PGD's random start)."""
 EVAL_STREAM = 3
-"""The state's base key is folded with this to key the random streams of evaluation."""
 
 def check_compute_dtype(compute_dtype: Any) -> jnp.dtype | None:
   """`compute_dtype` as a floating dtype (None stays None). "auto" is bfloat16 on GPUs and TPUs
@@ -69,8 +65,7 @@ def cast_floating(tree: Any, dtype: jnp.dtype | None) -> Any:
 
 
 def _apply_in(compute_dtype: jnp.dtype | None, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
-  """`apply_fn` computing in `compute_dtype`: outputs come back in float32, and the model state in
-  the dtypes it came in, so a scan carrying the state keeps its types."""
+  """`apply_fn` computing in `compute_dtype`, outputs in float32, model state in its own dtypes."""
   if compute_dtype is None:
     return apply_fn
 
@@ -88,18 +83,12 @@ def _apply_in(compute_dtype: jnp.dtype | None, apply_fn: Callable[..., Any]) -> 
   return apply_in_compute_dtype
 
 
-def make_train_step(
-    task: tasks_lib.Task | None = None,
-    *,
-    weight_penalty: Callable[[Params], jax.Array] | None = None,
-    axis_name: str | None = None,
-    augment: AugmentFn | None = None,
-    check_finite: bool = False,
-    gradient_norms: bool = False,
-    compute_dtype: Any = None,
-    adversary: AdversaryFn | None = None,
-    microbatches: int = 1,
-) -> TrainStepFn:
+def make_train_step(task: tasks_lib.Task | None = None, *,
+                    weight_penalty: Callable[[Params], jax.Array] | None = None,
+                    axis_name: str | None = None, augment: AugmentFn | None = None,
+                    check_finite: bool = False, gradient_norms: bool = False,
+                    compute_dtype: Any = None, adversary: AdversaryFn | None = None,
+                    microbatches: int = 1) -> TrainStepFn:
   """Returns a pure train step `(state, batch) -> (state, metric states)`.
 
   Its key is `fold_in(state.rng, state.step)` (and the device index under `axis_name`); the task's
@@ -220,18 +209,11 @@ def make_train_step(
   return train_step
 
 
-def make_eval_step(
-    task: tasks_lib.Task | None = None,
-    *,
-    axis_name: str | None = None,
-    compute_dtype: Any = None,
-) -> EvalStepFn:
-  """Returns a pure eval step `(state, batch) -> metric states`, the model in inference mode.
-
-  The task's `eval_loss` (if it has one) replaces its loss. Random streams get keys from
-  `fold_in(state.rng, EVAL_STREAM)`: a model that samples in evaluation (a VAE) is evaluated the
-  same way every time. `compute_dtype` is that of `make_train_step`.
-  """
+def make_eval_step(task: tasks_lib.Task | None = None, *, axis_name: str | None = None,
+                   compute_dtype: Any = None) -> EvalStepFn:
+  """Returns a pure eval step `(state, batch) -> metric states`, the model in inference mode and
+  the task's `eval_loss` (if any) its loss. Random streams get keys from `fold_in(state.rng,
+  EVAL_STREAM)`, so a model that samples (a VAE) is evaluated the same way every time."""
   task = _checked_task(task).for_evaluation()
   compute_dtype = check_compute_dtype(compute_dtype)
 
@@ -342,8 +324,7 @@ def _mixed_loss(loss_fn: tasks_lib.TaskLossFn, batch: Batch) -> tasks_lib.TaskLo
 
 
 def _check_inputs(task: tasks_lib.Task, batch: Batch, state: TrainState) -> None:
-  """Checks the model's inputs in a batch against those the model was initialised with, while
-  tracing (free at run time), so a mismatch is a clear error, not a broadcast."""
+  """Checks, while tracing (free), a batch's model inputs against those the model was built for."""
   got_leaves, got_structure = jax.tree.flatten(task.model_inputs(batch))
   want_leaves, want_structure = jax.tree.flatten(state.input_specs())
   if got_structure != want_structure:
@@ -373,19 +354,11 @@ def _check_inputs(task: tasks_lib.Task, batch: Batch, state: TrainState) -> None
                      f"{sizes.pop()} (per example [batch], or per position).")
 
 
-def make_steps(
-    task: tasks_lib.Task | None = None,
-    *,
-    l1: float = 0.0,
-    l2: float = 0.0,
-    axis_name: str | None = None,
-    augment: AugmentFn | None = None,
-    compute_dtype: Any = None,
-    adversary: AdversaryFn | None = None,
-    check_finite: bool = False,
-    gradient_norms: bool = False,
-    microbatches: int = 1,
-) -> tuple[TrainStepFn, EvalStepFn]:
+def make_steps(task: tasks_lib.Task | None = None, *, l1: float = 0.0, l2: float = 0.0,
+               axis_name: str | None = None, augment: AugmentFn | None = None,
+               compute_dtype: Any = None, adversary: AdversaryFn | None = None,
+               check_finite: bool = False, gradient_norms: bool = False,
+               microbatches: int = 1) -> tuple[TrainStepFn, EvalStepFn]:
   """The train and eval steps of `task` (None: `jdl.tasks.classification()`), with L1/L2 weight
   penalties on the kernels; the other arguments are `make_train_step`'s."""
   train_step = make_train_step(

@@ -126,12 +126,9 @@ def error_metric(*, targets: str = "label") -> metrics_lib.MetricFn:
 def classification(loss: str | losses_lib.LossFn = "softmax_cross_entropy", *,
                    label_smoothing: float = 0.0, top_k: Sequence[int] = (),
                    inputs: str = "input", labels: str = "label") -> Task:
-  """Integer labels, one per example or per position (a language model's next tokens).
-
-  `loss` is a name in `jdl.losses.LOSSES` or a `(outputs, labels) -> [batch]` loss;
-  `label_smoothing` (named losses only) smooths the training loss alone, so evaluation numbers
-  compare across settings; `top_k` adds top-k accuracies; `inputs` and `labels` are batch keys.
-  """
+  """Integer labels, one per example or per position. `loss` is a name in `jdl.losses.LOSSES` or
+  a `(outputs, labels) -> [batch]` loss; `label_smoothing` (named losses) smooths the training
+  loss alone, so evaluation numbers compare; `top_k` adds top-k accuracies."""
   if isinstance(loss, str):
     train_loss = losses_lib.get_classification_loss(loss, label_smoothing)
     plain_loss = losses_lib.get_classification_loss(loss)
@@ -146,7 +143,6 @@ def classification(loss: str | losses_lib.LossFn = "softmax_cross_entropy", *,
 
 def regression(loss: losses_lib.LossFn = losses_lib.mean_squared_error, *, inputs: str = "input",
                targets: str = "label") -> Task:
-  """Real-valued targets shaped like the model's outputs; reports the loss (mean squared error by
-  default), the mean absolute error and the largest absolute error."""
+  """Real-valued targets shaped like the outputs; reports the loss, mean and largest error."""
   return Task(loss=_on_labels(loss, targets), metrics=(error_metric(targets=targets),),
               inputs=inputs)

@@ -24,8 +24,7 @@ VERSIONS_NAME = "versions.json"
 
 
 def library_versions() -> dict[str, str]:
-  """The versions a run depends on, for `versions.json`: jdl, jax, flax, optax, orbax,
-  TensorFlow, TFDS, Python, and the devices JAX sees."""
+  """The versions of jdl, its main libraries and Python, and the devices, for `versions.json`."""
   import importlib.metadata  # pylint: disable=import-outside-toplevel
   import platform  # pylint: disable=import-outside-toplevel
 
@@ -46,13 +45,9 @@ def library_versions() -> dict[str, str]:
 
 
 class EventFileWriter:
-  """Appends TensorBoard summaries to a new event file in `logdir`, without TensorFlow.
-
-  The file (`path`) is `events.out.tfevents.<seconds>.<host>.<pid>.<n>`, `n` the first number no
-  file of that name has yet, so writers opened in the same second never share one. It starts with
-  the file-version record TensorBoard expects, and every write is flushed, so a live TensorBoard
-  sees each record as it comes.
-  """
+  """Appends TensorBoard summaries, every write flushed, to a new event file (`path`) in `logdir`,
+  without TensorFlow: `events.out.tfevents.<seconds>.<host>.<pid>.<n>`, `n` the first number not
+  taken, so writers opened in the same second never share one."""
 
   def __init__(self, logdir: str) -> None:
     # Imported here rather than with jdl: only a writer with TensorBoard on needs them.
@@ -99,11 +94,8 @@ class EventFileWriter:
 
 
 class MetricWriter:
-  """Writes scalar records to `workdir/metrics.jsonl` and TensorBoard event files.
-
-  Use as a context manager, or call `close()` when done. Values that are not finite numbers are
-  written as they are to JSON lines (NaN as null) and skipped for TensorBoard.
-  """
+  """Writes scalar records to `workdir/metrics.jsonl` (NaN as null) and TensorBoard event files
+  (finite numbers only). Use as a context manager, or call `close()` when done."""
 
   def __init__(self, workdir: str, *, tensorboard: bool = True) -> None:
     os.makedirs(workdir, exist_ok=True)
@@ -125,9 +117,8 @@ class MetricWriter:
           if isinstance(value, (int, float)) and math.isfinite(value)})
 
   def write_config(self, config: Mapping[str, Any], *, summary: bool = True) -> None:
-    """Saves the run's configuration as `config.json` (and, with `summary`, as text at step 0 in
-    TensorBoard: a resumed run has it there already), and the versions of jdl and its main
-    libraries, Python and the devices as `versions.json`."""
+    """Saves `config` as `config.json` (with `summary`, as TensorBoard text at step 0 too: a
+    resumed run has it there already) and `library_versions()` as `versions.json`."""
     as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     text = json.dumps(as_dict, indent=2, sort_keys=True, default=str)
     with open(os.path.join(self.workdir, CONFIG_NAME), "w", encoding="utf-8") as f:
