@@ -1,8 +1,6 @@
-"""jdl: a JAX functional training library.
-
-Pure Flax linen models, Optax optimizers, and one pure train step `(state, batch) -> (state,
-metrics)` that runs under jit, sharded jit and pmap. The names below are the public API; the
-modules (`jdl.transfer`, `jdl.analysis`, `jdl.parallel`, ...) hold the rest.
+"""jdl: a JAX functional training library: Flax linen models, Optax optimizers, and one pure train
+step `(state, batch) -> (state, metrics)` under jit, sharded jit and pmap. The names below are the
+public API; the modules (`jdl.transfer`, `jdl.analysis`, `jdl.parallel`, ...) hold the rest.
 """
 
 import os as _os

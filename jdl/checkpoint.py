@@ -1,10 +1,9 @@
 """Checkpoints of a `TrainState` with orbax: keep the last few and the best, restore the latest.
 
-The data order and every random key are functions of the seed and the step, so the state is all a
-resumed run needs. Each step's orbax metadata holds, under `jdl`, the metrics that rank it and a
-CRC-32 of every array, verified on restore. An unusable checkpoint is moved aside to
-`<directory>_unusable/<step>`, never deleted; a failed save is raised once, at the next call, as
-`CheckpointWriteError`. See docs/checkpoints.md.
+The data order and every key are functions of the seed and the step, so the state is all a resumed
+run needs. Each step's orbax metadata holds, under `jdl`, the metrics that rank it and a CRC-32 of
+every array, verified on restore; an unusable checkpoint is moved aside, never deleted
+(docs/checkpoints.md).
 """
 
 from __future__ import annotations
@@ -106,16 +105,14 @@ def _quiet_closed_loop_callbacks() -> None:
 
 
 class Checkpointer:
-  """Saves and restores a `TrainState` (on one device, replicated over a mesh, or under pmap
-  `runner.fetch_state`'s) in step folders of `directory` (orbax `CheckpointManager`).
+  """Saves and restores a `TrainState` (one device or replicated; under pmap `runner.fetch_state`'s)
+  in step folders of `directory` (orbax `CheckpointManager`), which every process must call.
 
   It keeps the `keep` most recent checkpoints and, with `best_metric` (a key of the `metrics`
-  given to `save`, e.g. "test_accuracy"), the best by it (`mode` "max" or "min"; None: by
-  `best_mode`), which survives any number of resumes. `asynchronous` writes, in a single process,
-  from a host copy in a background thread while training goes on (`wait` or `close` block until
-  it is on disk). `writable=False` opens existing checkpoints for reading only. A `directory`
-  that cannot be written (a file, a read-only filesystem) raises `CheckpointWriteError` at once.
-  Every process of a multi-process run must call `save` and `restore_latest`.
+  given to `save`, e.g. "test_accuracy"), the best by it (`mode` "max"/"min"; None: `best_mode`)
+  across resumes. `asynchronous` writes a host copy in a background thread in a single process
+  (`wait` or `close` block until it is on disk). `writable=False` opens for reading only; an
+  unwritable `directory` (a file, a read-only filesystem) raises `CheckpointWriteError` at once.
   """
 
   def __init__(self, directory: str, *, keep: int = 3, best_metric: str | None = None,

@@ -1,8 +1,5 @@
-"""The training loop: a plain `for` over steps, evaluation on the full eval split, hooks.
-
-`fit` runs any pure train/eval step pair over batch sources, on the device-resident engine
-(`jdl.resident`) where the data fit on the device, else one compiled step per host batch. Hooks are
-plain callables `hook(step, state, record)`, called after each evaluation with its record.
+"""The training loop: a plain `for` over steps, evaluation on the full eval split, and hooks,
+plain callables `hook(step, state, record)` called after each evaluation with its record.
 """
 
 from __future__ import annotations
@@ -101,19 +98,14 @@ def fit(state: TrainState, train_step: step_lib.TrainStepFn, eval_step: step_lib
     steps_per_call: most steps per call of the resident engine; None: up to the next evaluation,
       or the epoch end with a progress bar or a checkpointer. Any length runs one program.
     checkpointer: saves at every evaluation (ranked by its `best_metric`), at every epoch end,
-      every `checkpoint_every_steps` steps (None or 0: none such) and at the end.
-    checkpoint_min_seconds: skip an epoch-end or every-N-steps save less than this long after the
-      previous one, so millisecond epochs do not each save (an evaluation, the end and a signal
-      always save).
-    handle_signals: with a checkpointer, SIGTERM or SIGINT ends the current step (or chunk),
-      saves and raises `Preempted`; a signal to any process of a multi-process run stops them all
-      after the same step.
+      every `checkpoint_every_steps` steps (None or 0: none such) and at the end; an epoch-end or
+      every-N-steps save less than `checkpoint_min_seconds` after the previous one is skipped.
+    handle_signals: with a checkpointer, SIGTERM or SIGINT (to any process of the run) ends the
+      current step or chunk on every process, saves and raises `Preempted`.
 
-  Raises:
-    NonFiniteError: the loss or a gradient became NaN or infinite (the message names the step and
-      the parameter), raised where metrics next reach the host; nothing is saved after it.
-    Preempted: a signal stopped the run after saving.
-    CheckpointWriteError: a checkpoint could not be written (raised at the next call of steps).
+  Raises NonFiniteError where metrics next reach the host after the loss or a gradient became NaN
+  or infinite (naming the step and the parameter; nothing is saved after it), and
+  CheckpointWriteError at the next call of steps after a save failed.
 
   Returns:
     `(state, history)`: the final state (the first replica under pmap) and one record per
@@ -152,7 +144,7 @@ def fit(state: TrainState, train_step: step_lib.TrainStepFn, eval_step: step_lib
   last_bar_update = 0.0
   last_save = time.perf_counter()
   watch = _NonFiniteWatch(state, runner, checkpointer)
-  stop = _StopSignals() if handle_signals and checkpointer is not None else None
+  stop = _StopSignals(install=handle_signals and checkpointer is not None)
   try:
     while step < num_steps:
       if checkpointer is not None:
@@ -190,8 +182,7 @@ def fit(state: TrainState, train_step: step_lib.TrainStepFn, eval_step: step_lib
         continue
       # Every process must save, or not, at the same steps.
       timely = step == target and time.perf_counter() - last_save >= checkpoint_min_seconds
-      stopped_by, timely = _agree(stop, timely,
-                                  due_check=step == target or step % AGREE_EVERY == 0)
+      stopped_by, timely = stop.agree(timely, due_check=step == target or step % AGREE_EVERY == 0)
       if step == num_steps or record is not None or timely or stopped_by is not None:
         watch.fetch(interval_sums, step, state)
         ranked = record is not None and checkpointer.best_metric in (None, *record)
@@ -203,8 +194,7 @@ def fit(state: TrainState, train_step: step_lib.TrainStepFn, eval_step: step_lib
   finally:
     bar.close()
     engine.close()
-    if stop is not None:
-      stop.restore()
+    stop.restore()
   return runner.fetch_state(state), history
 
 
@@ -227,14 +217,12 @@ class _EvaluationPlan:
     else:
       eval_data = {} if eval_data is None else {eval_name: eval_data}
     names = list(eval_data) or [""]
-    if isinstance(eval_every_steps, Mapping):
-      unknown = sorted(set(eval_every_steps) - set(eval_data))
-      if unknown:
-        raise ValueError(f"eval_every_steps names {unknown}, which are not evaluation sources "
-                         f"({sorted(eval_data)}).")
-      given = dict(eval_every_steps)
-    else:
-      given = dict.fromkeys(names, eval_every_steps)
+    per_source = isinstance(eval_every_steps, Mapping)
+    given = dict(eval_every_steps) if per_source else dict.fromkeys(names, eval_every_steps)
+    unknown = sorted(set(given) - set(eval_data)) if per_source else []
+    if unknown:
+      raise ValueError(f"eval_every_steps names {unknown}, which are not evaluation sources "
+                       f"({sorted(eval_data)}).")
     every = {}
     for name in names:
       value = given.get(name)
@@ -260,28 +248,6 @@ class _EvaluationPlan:
 AGREE_EVERY = 10
 
 
-def _agree(stop: _StopSignals | None, timely: bool, *,
-           due_check: bool) -> tuple[str | None, bool]:
-  """`(the signal that stops the run, whether a time-based save is due)`, the same on every
-  process: a signal to any one process stops them all at the same step, and process 0's clock
-  decides the time-based saves, since a process that saved or stopped alone would leave the others
-  waiting for it forever. One all-gather where `due_check` (the same steps on every process)."""
-  received = stop.received if stop is not None else None
-  if jax.process_count() == 1:
-    return received, timely
-  if not due_check:
-    return None, False
-  number = signal.Signals[received].value if received else 0
-  gathered = multihost_utils.process_allgather(np.array([number, timely], np.int32))
-  rows = np.asarray(gathered).reshape(-1, 2)  # one row per process
-  timely = bool(rows[0, 1])
-  signalled = [index for index, row in enumerate(rows) if row[0]]
-  if not signalled:
-    return None, timely
-  name = signal.Signals(int(rows[signalled[0], 0])).name
-  return (name if received == name else f"{name} (to process {signalled[0]})"), timely
-
-
 def _record(step: int, steps_per_epoch: int, train_sums: metrics_lib.Metrics, seconds: float,
             state: TrainState, speed: _Speed) -> Record:
   """A record's training part: step, epoch, `train_*` means, speed, MFU and learning rates."""
@@ -304,11 +270,9 @@ class _Speed:
   def __init__(self, runner: parallel.Runner, train_step: Callable[..., Any], state: TrainState,
                engine: resident.ResidentEngine | _HostEngine, enabled: bool) -> None:
     self.flops_per_step: float | None = None
-    self.first_step, self.compiled = int(state.step), False
-    self.num_devices = runner.num_devices
-    self.pending = None
-    if enabled and runner.axis_name is None:  # read at the first record, from a batch's shapes
-      self.pending = (train_step, _abstract(state), engine)
+    self.first_step, self.compiled, self.num_devices = int(state.step), False, runner.num_devices
+    self.pending = ((train_step, _abstract(state), engine)  # read at the first record
+                    if enabled and runner.axis_name is None else None)
 
   def utilisation(self, step: int, seconds: float) -> dict[str, float]:
     """`{"mfu": ...}` for the steps since the previous call (empty when off)."""
@@ -418,12 +382,12 @@ class _NonFiniteWatch:
 
 class _StopSignals:
   """Records the first SIGTERM or SIGINT instead of dying, so the loop can save and stop; a
-  second SIGINT interrupts at once. Installed only in the main thread."""
+  second SIGINT interrupts at once. Installed (`install`) only in the main thread."""
 
-  def __init__(self) -> None:
+  def __init__(self, install: bool) -> None:
     self.received: str | None = None
     self.previous: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
+    if install and threading.current_thread() is threading.main_thread():
       for number in (signal.SIGTERM, signal.SIGINT):
         self.previous[number] = signal.signal(number, self._handle)
 
@@ -436,6 +400,26 @@ class _StopSignals:
   def restore(self) -> None:
     for number, handler in self.previous.items():
       signal.signal(number, handler)
+
+  def agree(self, timely: bool, *, due_check: bool) -> tuple[str | None, bool]:
+    """`(the signal that stops the run, whether a time-based save is due)`, the same on every
+    process: a signal to any one process stops them all at the same step, and process 0's clock
+    decides the time-based saves, since a process that saved or stopped alone would leave the
+    others waiting for it forever. One all-gather where `due_check` (the same steps everywhere)."""
+    received = self.received
+    if jax.process_count() == 1:
+      return received, timely
+    if not due_check:
+      return None, False
+    number = signal.Signals[received].value if received else 0
+    gathered = multihost_utils.process_allgather(np.array([number, timely], np.int32))
+    rows = np.asarray(gathered).reshape(-1, 2)  # one row per process
+    timely = bool(rows[0, 1])
+    signalled = [index for index, row in enumerate(rows) if row[0]]
+    if not signalled:
+      return None, timely
+    name = signal.Signals(int(rows[signalled[0], 0])).name
+    return (name if received == name else f"{name} (to process {signalled[0]})"), timely
 
 
 def _make_engine(state: TrainState, train_step, eval_step, train_data, eval_data, *,

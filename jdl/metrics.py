@@ -80,11 +80,9 @@ def error_metrics(predictions: jax.Array, targets: jax.Array, mask: jax.Array | 
                      f"shape {tuple(targets.shape)}; they must have one shape.")
   keep = broadcast_mask(mask, targets.shape).astype(jnp.bool_)
   error = jnp.abs(predictions.astype(jnp.float32) - targets.astype(jnp.float32))
-  return {
-      "mean_absolute_error_sum": jnp.sum(jnp.where(keep, error, 0.0)),
-      "mean_absolute_error_count": jnp.sum(keep.astype(jnp.int32)),
-      "absolute_error_max": jnp.max(jnp.where(keep, error, -jnp.inf)),
-  }
+  return {"mean_absolute_error_sum": jnp.sum(jnp.where(keep, error, 0.0)),
+          "mean_absolute_error_count": jnp.sum(keep.astype(jnp.int32)),
+          "absolute_error_max": jnp.max(jnp.where(keep, error, -jnp.inf))}
 
 
 def broadcast_mask(mask: jax.Array | None, shape: Sequence[int]) -> jax.Array:
@@ -117,10 +115,8 @@ def nonfinite_metrics(step: jax.Array, loss_sum: jax.Array,
   `NO_NONFINITE_STEP`); `nonfinite_what` is 0 for the loss, `i + 1` for the i-th gradient leaf."""
   bad = jnp.stack([~jnp.all(jnp.isfinite(loss_sum))]
                   + [~jnp.isfinite(square) for square in gradient_squares])
-  return {
-      "nonfinite_step": jnp.where(jnp.any(bad), step.astype(jnp.int32) + 1, NO_NONFINITE_STEP),
-      "nonfinite_what": jnp.argmax(bad).astype(jnp.int32),
-  }
+  return {"nonfinite_step": jnp.where(jnp.any(bad), step.astype(jnp.int32) + 1, NO_NONFINITE_STEP),
+          "nonfinite_what": jnp.argmax(bad).astype(jnp.int32)}
 
 
 def reduce_over_axis(metrics: Metrics, axis_name: str) -> Metrics:

@@ -1,11 +1,9 @@
 """Runners: the same pure step under jit ("none", `JitRunner`), jit over a device mesh ("shard",
 `ShardedRunner`: the single-device program, so BatchNorm statistics and dropout keys are those of
 the global batch) or pmap ("pmap", `PmapRunner`, with steps and models built with
-`axis_name=runner.axis_name`); "auto" is "shard" on more than one device, else "none". A runner
-owns the host/device boundary: it places the state and batches, compiles, and fetches results.
-
-Many hosts: `initialize_distributed` joins the processes; each feeds its own share of every global
-batch, and `ShardedRunner` assembles global arrays from the process-local pieces (docs/devices.md).
+`axis_name=runner.axis_name`); "auto" is "shard" on more than one device, else "none". Many
+hosts: `initialize_distributed` joins the processes, each feeds its own share of every global
+batch, and `ShardedRunner` assembles global arrays from the pieces (docs/devices.md).
 """
 
 from __future__ import annotations
@@ -38,16 +36,15 @@ class PeerError(RuntimeError):
 
 
 class Runner:
-  """A device layout: what the loop needs to place, compile and fetch. The methods here are plain
+  """A device layout: what the loop needs to place, compile and fetch. Its methods are plain
   `jax.jit` on the default device (`JitRunner`); the other layouts override them.
 
-  `place_state` lays the state out on the devices for the compiled steps; `fetch_state` gives a
-  state usable on one device (the first replica under pmap). `place_batch` readies a host batch
-  (this process's share) for the steps: with `pad`, padded with masked examples to a multiple of
-  the device count; without, an uneven batch is an error. `compile` compiles the steps (the train
-  step donates the state; a None eval step stays None); `fetch_metrics` gives metric sums as plain
-  scalars. `place_replicated` copies a tree to every device (device-resident data), and
-  `constrain_batch`, inside a compiled function, lays a batch out as the steps expect.
+  `place_state` lays the state out for the compiled steps, `fetch_state` gives it back usable on
+  one device. `place_batch` readies a host batch (this process's share): with `pad`, padded with
+  masked examples to a multiple of the device count, else an uneven batch is an error. `compile`
+  compiles the steps (the train step donates the state; None stays None); `fetch_metrics` gives
+  sums as plain scalars; `place_replicated` copies a tree to every device (resident data), and
+  `constrain_batch` lays a batch out inside a compiled function.
   """
 
   layout = "none"

@@ -1,10 +1,9 @@
 """The device-resident engine: whole splits on the device, many steps per compiled call.
 
-On a CPU, and for small models on a GPU, a step costs mostly Python and dispatch. A split that fits
-is copied to the device once, each epoch's order drawn there, and the steps up to the next
-evaluation run as one compiled loop. The batches are exactly those of `jdl.data.ArraySource` (the
-same `epoch_order` and masked padding), so the parameters match the per-step engine's up to float
-rounding. `ResidentEngine` serves `jdl.fit` and, with vmapped steps, `jdl.vmap_sweep`.
+On a CPU, and for small models on a GPU, a step costs mostly dispatch. A split that fits is copied
+to the device once, each epoch's order drawn there, and the steps up to the next evaluation run as
+one compiled loop, on exactly the batches of `jdl.data.ArraySource` (the same `epoch_order` and
+masked padding). `ResidentEngine` serves `jdl.fit` and, with vmapped steps, `jdl.vmap_sweep`.
 """
 
 from __future__ import annotations
@@ -224,10 +223,8 @@ class ResidentEngine:
                               batch_size=train_data.batch_size, shuffle=train_data.shuffle,
                               seed=train_data.seed)
     self.order = place(self.train.initial_order())
-    if eval_data is None:
-      eval_data = {}
-    elif not isinstance(eval_data, Mapping):
-      eval_data = {None: eval_data}  # the only one: `evaluate(state)`
+    if not isinstance(eval_data, Mapping):  # one split is the only one: `evaluate(state)`
+      eval_data = {} if eval_data is None else {None: eval_data}
     self.eval_data = dict(eval_data)
     self.eval_arrays = {name: place(with_padding_row(split.inputs, split.labels))
                         for name, split in self.eval_data.items()}

@@ -1,8 +1,6 @@
-"""The training state: one pytree that holds everything a train step changes.
-
-Arrays (step, params, model state, optimizer state, base key) are leaves; the fixed pieces (the
-model's `apply`, the optimizer, the input shape) are static fields, part of the tree structure, so
-a jitted step specialises on them once and never retraces.
+"""The training state: one pytree of everything a train step changes. The fixed pieces (the model's
+`apply`, the optimizer, the input shape) are static fields, part of the tree structure, so a
+jitted step specialises on them once and never retraces.
 """
 
 from __future__ import annotations
@@ -101,15 +99,13 @@ def stream_key(key: jax.Array, name: str) -> jax.Array:
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
                        sample_input: jax.Array | np.ndarray, rng: jax.Array, *,
                        rng_streams: tuple[str, ...] = ("dropout",)) -> TrainState:
-  """Initialises a Flax linen `model` (with its mode keyword, `model_mode`, if it has one) and the
-  optimizer `tx` into a fresh `TrainState` at step 0.
+  """Initialises a Flax linen `model` (with its `model_mode` keyword, if any) and the optimizer
+  `tx` into a fresh `TrainState` at step 0.
 
-  `sample_input` is a batch (any size >= 1) shaped and typed as the model will be trained on: an
-  array, or a pytree of arrays with one batch size (a dict of two inputs, say) passed to the model
-  as one argument; only shapes and dtypes are used. `rng`, raw (`jax.random.PRNGKey`) or typed
-  (`jax.random.key`), is split into the initialisation key and the state's base key, so one key
-  always gives the same parameters and step keys. `rng_streams` are the random streams the model
-  draws from at initialisation (`Task.rng_streams`).
+  `sample_input` is a batch (any size >= 1) shaped and typed as the training inputs: an array, or
+  a pytree of arrays passed to the model as one argument. `rng`, raw or typed, is split into the
+  initialisation key and the state's base key, so one key always gives the same parameters and
+  step keys. `rng_streams` are the model's random streams at initialisation (`Task.rng_streams`).
   """
   sample_input = _checked_sample(sample_input)
   variables, state_rng = initial_variables(model, rng, sample_input, rng_streams)
@@ -167,10 +163,9 @@ def _compiled_per_object(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def initial_variables(model: nn.Module, rng: jax.Array, sample_input: Any,
                       rng_streams: tuple[str, ...] = ("dropout",)) -> tuple[Any, jax.Array]:
-  """`(model.init(keys, sample_input, <eval mode>), k3)` where `k1, k2, k3 = split(rng, 3)`:
-  the variables and the state's base key. `keys` holds `k1` for "params", `k2` for "dropout" and
-  `stream_key(k2, name)` for every other stream in `rng_streams`. One compiled program per model
-  (`_compiled_per_object`): run eagerly, an init dispatches and compiles each operation alone."""
+  """`(model.init(keys, sample_input, <eval mode>), k3)`, `k1, k2, k3 = split(rng, 3)`: `keys` holds
+  `k1` for "params", `k2` for "dropout" and `stream_key(k2, name)` for the other `rng_streams`.
+  One compiled program per model: run eagerly, an init compiles each operation alone."""
   return _init((model, tuple(rng_streams)), rng, sample_input)
 
 

@@ -99,22 +99,18 @@ def make_train_step(task: tasks_lib.Task | None = None, *,
     task: what to compute from a batch; None is `jdl.tasks.classification()`.
     weight_penalty: `params -> scalar` added to the mean loss (`losses.make_weight_penalty`).
     axis_name: the mapped axis under `pmap`/`shard_map`; None under (sharded) jit.
-    augment: on-device augmentation `(key, batch) -> batch` (`jdl.augment.make_augment`); it may
-      add mixup's `mix_label` and `mix_weight`.
-    check_finite: add the non-finite watch `jdl.fit` acts on (`nonfinite_step`,
-      `nonfinite_what`): the first step whose loss, or with `gradient_norms` gradient, was NaN or
-      infinite, and which parameter's. Off by default: in a loop of your own nothing reads it.
-    gradient_norms: report `grad_norm` (mean over steps), `grad_norm_max` and `param_norm`, at
-      the cost of one more pass over the gradients and parameters.
+    augment: on-device `(key, batch) -> batch` (`jdl.augment.make_augment`), mixup included.
+    check_finite: add the non-finite watch `jdl.fit` acts on: the first step whose loss (or, with
+      `gradient_norms`, gradient, naming the parameter) was NaN or infinite. Off by default.
+    gradient_norms: report `grad_norm` (mean over steps), `grad_norm_max` and `param_norm`.
     compute_dtype: None computes in the parameters' dtype; `jnp.bfloat16` is mixed precision
       (bfloat16 passes; float32 parameters, gradients, optimizer state and loss).
-    adversary: adversarial training, `(apply_fn, variables, key, batch) -> batch`
-      (`jdl.analysis.adversarial.make_adversary`), applied after `augment`; the loss is taken on
-      its inputs, not differentiated through the attack.
-    microbatches: gradient accumulation: the batch (a multiple of it) is split into this many
-      parts run in one compiled loop, their gradients summed into that of the whole batch's mean
-      loss (equal up to float rounding, without batch statistics) and reduced across devices
-      once; each part's random streams fold in its index.
+    adversary: `(apply_fn, variables, key, batch) -> batch` for adversarial training
+      (`jdl.analysis.adversarial.make_adversary`), after `augment`; not differentiated through.
+    microbatches: gradient accumulation: the batch (a multiple of it) runs as this many parts in
+      one compiled loop, their gradients summed into the whole batch's (equal up to float
+      rounding, without batch statistics) and reduced across devices once; each part's random
+      streams fold in its index.
   """
   task = _checked_task(task)
   compute_dtype = check_compute_dtype(compute_dtype)

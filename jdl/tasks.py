@@ -1,14 +1,12 @@
 """Tasks: what a step computes from a batch. The one piece to swap for a new kind of problem.
 
-A `Task` says which part of the batch the model takes, the loss of the model's outputs and the
-batch, the metrics, and the random streams the model draws from; classification, regression and
-anything else (a VAE's ELBO, say) go through the same steps, `fit`, checkpoints and logs:
+A `Task` says which part of the batch (any pytree; the presets read dicts by key) the model takes,
+the loss, the metrics, and the model's random streams, so classification, regression and anything
+else (a VAE's ELBO) go through the same steps, `fit`, checkpoints and logs. `mask` (per example or
+per position), when present, keeps padding out of the loss and the metrics.
 
   task = jdl.Task(loss=lambda outputs, batch: jnp.mean((outputs - batch["y"]) ** 2, axis=-1),
                   inputs="x")
-
-A batch is any pytree; tasks read dicts by key. `mask` (per example, or per position), when
-present, marks the real examples: padding never counts in the loss or the metrics.
 """
 
 from __future__ import annotations
@@ -25,10 +23,9 @@ from jdl import metrics as metrics_lib
 Batch = Any  # a pytree; the presets read a dict
 LossValue = Union[jax.Array, tuple[jax.Array, Mapping[str, jax.Array]]]
 TaskLossFn = Callable[[Any, Batch], LossValue]
-"""`(outputs, batch) -> losses` or `(losses, aux)`: per-example (or per-position) losses, shaped
-`[batch, ...]`, whose masked mean is minimised, or one scalar taken as the batch's mean loss (the
-loss must then leave padding out itself); `aux` maps names to per-example values (or scalars) that
-are reported as means (`train_<name>`)."""
+"""`(outputs, batch) -> losses` or `(losses, aux)`: `[batch, ...]` losses whose masked mean is
+minimised, or one scalar, the batch's mean loss (padding left out by the loss itself); `aux` maps
+names to per-example values (or scalars) reported as means (`train_<name>`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +34,11 @@ class Task:
 
   Attributes:
     metrics: metric functions `(outputs, batch, mask) -> states` (`jdl.metrics`), e.g.
-      `accuracy_metric(top_k=(5,))`; each key's suffix says how it merges and is reported.
-    inputs: what the model is called with: a batch key ("input"), or `batch -> inputs` for
-      several parts (a dict of arrays is one argument to the model).
-    rng_streams: the random streams the model draws from (`self.make_rng(name)`); each step's
-      key for a stream comes from the seed, the stream's name and the step, so a resumed run
-      draws what an uninterrupted one would.
+      `accuracy_metric(top_k=(5,))`.
+    inputs: what the model is called with: a batch key, or `batch -> inputs` for several parts
+      (a dict of arrays is one argument to the model).
+    rng_streams: the random streams the model draws from (`self.make_rng(name)`), keyed by the
+      seed, the stream's name and the step, so a resumed run draws what an unbroken one would.
     eval_loss: the loss for evaluation where it differs (label smoothing trains only); None: `loss`.
   """
 
