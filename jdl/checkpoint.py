@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -78,8 +79,7 @@ def _cause(error: BaseException) -> str:
   return f"{type(innermost).__name__}: {(str(innermost).splitlines() or [''])[0][:200]}"
 
 
-# Drops the tracebacks orbax logs from its worker threads when a save fails: the same failure
-# reaches jdl's caller as one CheckpointWriteError line.
+# Orbax's threads log a failed save's traceback; the caller gets it as one CheckpointWriteError.
 logging.getLogger("absl").addFilter(lambda record: not (
     "orbax" in record.pathname and "raised an exception" in record.getMessage()))
 
@@ -148,8 +148,7 @@ class Checkpointer:
 
   def metrics(self, step: int) -> dict[str, float] | None:
     """The metrics saved with the checkpoint of `step` (None: saved without them)."""
-    record = self._record(step)
-    return None if record is None else record.get("metrics")
+    return (self._record(step) or {}).get("metrics")
 
   def best_step(self) -> int | None:
     """The step of the saved checkpoint with the best `best_metric`, or None without one."""
@@ -342,12 +341,9 @@ def _check_writable(directory: str) -> None:
   if os.path.exists(directory) and not os.path.isdir(directory):
     raise CheckpointWriteError(f"cannot save checkpoints in {directory}: it is a file, not a "
                                "folder. Move it away or choose another workdir.")
-  probe = os.path.join(directory, f".jdl-write-test-{os.getpid()}")
   try:
     os.makedirs(directory, exist_ok=True)
-    with open(probe, "w", encoding="utf-8") as f:
-      f.write("probe")
-    os.remove(probe)
+    tempfile.TemporaryFile(dir=directory).close()  # a probe, deleted as it closes
   except OSError as error:
     raise CheckpointWriteError(
         f"cannot save checkpoints in {directory} ([Errno {error.errno}] "

@@ -129,8 +129,7 @@ def fit(state: TrainState, train_step: step_lib.TrainStepFn, eval_step: step_lib
   engine = _make_engine(state, train_step, eval_step, train_data, plan.sources, runner=runner,
                         device_resident=device_resident, steps_per_call=steps_per_call)
   speed = _Speed(runner, train_step, state, engine, enabled=progress or writer is not None)
-  # Where a call of steps stops besides evaluations: epoch ends (a save, a moving progress bar)
-  # and every N steps (a save).
+  # Calls of steps also stop at epoch ends (a save, a moving bar) and every N steps (a save).
   stops = [steps_per_epoch] if checkpointer is not None or progress else []
   if checkpointer is not None and checkpoint_every_steps:
     stops.append(checkpoint_every_steps)
@@ -138,11 +137,10 @@ def fit(state: TrainState, train_step: step_lib.TrainStepFn, eval_step: step_lib
   state = runner.place_state(state)
   history: list[Record] = []
   interval_sums = metrics_lib.empty_metrics()
-  start_time = interval_start = time.perf_counter()
+  start_time = interval_start = last_save = time.perf_counter()
   bar = tqdm.tqdm(total=num_steps, initial=step, unit="step", disable=not progress,
                   dynamic_ncols=True, leave=True, mininterval=0.5)
   last_bar_update = 0.0
-  last_save = time.perf_counter()
   watch = _NonFiniteWatch(state, runner, checkpointer)
   stop = _StopSignals(install=handle_signals and checkpointer is not None)
   try:
@@ -252,20 +250,18 @@ def _record(step: int, steps_per_epoch: int, train_sums: metrics_lib.Metrics, se
             state: TrainState, speed: _Speed) -> Record:
   """A record's training part: step, epoch, `train_*` means, speed, MFU and learning rates."""
   train_means = metrics_lib.compute_metrics(train_sums)
-  record = {"step": step, "epoch": step / steps_per_epoch}
-  record.update({f"train_{k}": v for k, v in train_means.items() if k != "count"})
-  record["examples_per_second"] = train_means["count"] / max(seconds, 1e-9)
-  record.update(speed.utilisation(step, seconds))
-  record.update({name: float(np.asarray(jax.device_get(rate)).reshape(-1)[0])
-                 for name, rate in optim.learning_rates(state.opt_state).items()})
-  return record
+  return {"step": step, "epoch": step / steps_per_epoch,
+          **{f"train_{k}": v for k, v in train_means.items() if k != "count"},
+          "examples_per_second": train_means["count"] / max(seconds, 1e-9),
+          **speed.utilisation(step, seconds),
+          **{name: float(np.asarray(jax.device_get(rate)).reshape(-1)[0])
+             for name, rate in optim.learning_rates(state.opt_state).items()}}
 
 
 class _Speed:
-  """The model FLOPs utilisation of each interval between records (`jdl.flops`): a train step's
-  FLOPs from XLA's cost analysis, read once, over the interval's time per step and the devices'
-  peak. None for the first interval (it holds the compilation), without a cost analysis, under
-  pmap (a per-device program) and for runs that log nothing."""
+  """The model FLOPs utilisation (`jdl.flops`) of each interval between records, from a step's
+  FLOPs (XLA's cost analysis, read once); none for the first interval (it compiles), without a
+  cost analysis, under pmap (a per-device program) and for runs that log nothing."""
 
   def __init__(self, runner: parallel.Runner, train_step: Callable[..., Any], state: TrainState,
                engine: resident.ResidentEngine | _HostEngine, enabled: bool) -> None:
@@ -311,9 +307,8 @@ def evaluation_state(state: TrainState) -> TrainState:
   """The state to evaluate: `state` itself, or, when its optimizer keeps a moving average of the
   parameters (`optimizer.ema_decay`), `state` with the averaged parameters in their dtypes."""
   ema = optim.ema_parameters(state.opt_state)
-  if ema is None:
-    return state
-  return state.replace(params=jax.tree.map(lambda e, p: e.astype(p.dtype), ema, state.params))
+  return state if ema is None else state.replace(
+      params=jax.tree.map(lambda e, p: e.astype(p.dtype), ema, state.params))
 
 
 class Preempted(Exception):
@@ -403,10 +398,9 @@ class _StopSignals:
 
   def agree(self, timely: bool, *, due_check: bool) -> tuple[str | None, bool]:
     """`(the signal that stops the run, whether a time-based save is due)`, the same on every
-    process: a signal to any one process stops them all at the same step, and process 0's clock
-    decides the time-based saves, since a process that saved or stopped alone would leave the
-    others waiting for it forever. One all-gather where `due_check` (the same steps everywhere)."""
-    received = self.received
+    process (a process that saved or stopped alone would leave the others waiting forever): any
+    one's signal stops all, process 0's clock times saves. One all-gather where `due_check`."""
+    received = self.received  # one reading: a signal may arrive meanwhile
     if jax.process_count() == 1:
       return received, timely
     if not due_check:
@@ -441,8 +435,9 @@ def _make_engine(state: TrainState, train_step, eval_step, train_data, eval_data
         f"layout other than pmap; got {type(train_data).__name__} with layout {runner.layout!r} "
         f"in {jax.process_count()} process(es).")
   if device_resident is None:
-    size = sum(resident.nbytes(s.inputs, s.labels) for s in sources) if possible else 0
-    device_resident = possible and size <= resident.DEFAULT_RESIDENT_LIMIT_BYTES
+    device_resident = possible and sum(
+        np.asarray(leaf).nbytes for s in sources for leaf in jax.tree.leaves((s.inputs, s.labels))
+    ) <= resident.DEFAULT_RESIDENT_LIMIT_BYTES
   if device_resident:
     return resident.ResidentEngine(
         train_step, eval_step, train_data, eval_data, place=runner.place_replicated,

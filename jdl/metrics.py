@@ -8,9 +8,9 @@ devices; `compute_metrics` turns them into values. A key's suffix says how it me
   `<name>_count`   summed: the denominator of `<name>_sum` where it is not `count`.
   `<name>_max`     the maximum; reported as `<name>_max` (`_min` likewise).
 
-Arrays merge the same way (a confusion matrix as `confusion_sum`, say); only scalars are reported.
-The non-finite watch (`nonfinite_step`, `nonfinite_what`) keeps the earliest bad step. A metric
-function (`jdl.tasks`) maps `(outputs, batch, mask)` to such a dict; `mask` marks real examples.
+Arrays merge alike (a `confusion_sum`); only scalars are reported. The non-finite watch
+(`nonfinite_*`) keeps the earliest bad step. A metric function maps `(outputs, batch, mask)` to
+such a dict.
 """
 
 from __future__ import annotations
@@ -63,9 +63,8 @@ def accuracy_metrics(outputs: jax.Array, labels: jax.Array, mask: jax.Array | No
   labels = labels.astype(jnp.int32)
   correct = (jnp.argmax(outputs, axis=-1) == labels).astype(jnp.int32)
   sums = {"accuracy_sum": jnp.sum(correct * keep)}
-  num_classes = outputs.shape[-1]
   for k in top_k:
-    if k < num_classes:
+    if k < outputs.shape[-1]:
       _, top_indices = jax.lax.top_k(outputs, k)
       hit = jnp.any(top_indices == labels[..., None], axis=-1).astype(jnp.int32)
       sums[f"top{k}_accuracy_sum"] = jnp.sum(hit * keep)

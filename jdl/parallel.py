@@ -103,13 +103,10 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
 
 def make_runner(layout: str = "auto", *, num_devices: int | None = None,
                 batch_size: int | None = None) -> Runner:
-  """The runner for `layout` ("auto", "none", "shard" or "pmap").
-
-  `num_devices` defaults to all devices (per process under pmap); an explicit count is strict:
-  more than are present, or a `batch_size` (the global training batch) it does not divide, is an
-  error. Under "auto" without `num_devices`, the mesh takes the largest number of devices that
-  divides `batch_size`, so a default config runs on any machine.
-  """
+  """The runner for `layout` ("auto", "none", "shard" or "pmap") on `num_devices` (default: all;
+  per process under pmap). An explicit count is strict: more than are present, or one that does
+  not divide the global `batch_size`, is an error; "auto" without it takes the most devices that
+  divide `batch_size`, so a default config runs on any machine."""
   if layout not in LAYOUTS:
     raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}.")
   if layout == "auto":
@@ -321,8 +318,7 @@ def initialize_distributed(mode: str = "auto") -> bool:
   if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
     # CPU processes need a collectives backend to talk to each other (GPU and TPU ignore this).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  # A process that dies without a word (SIGKILL, a lost machine) is noticed by its missing
-  # heartbeats; JAX's defaults wait 100 s for them and 300 s at exit for a peer that never comes.
+  # A silently dead peer is noticed by its missing heartbeats; JAX's defaults wait 100 s (300 s).
   jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=PEER_TIMEOUT_SECONDS,
                              shutdown_timeout_seconds=PEER_TIMEOUT_SECONDS)
   return True
@@ -349,11 +345,9 @@ def check_same_everywhere(what: str, value: str) -> None:
 
 def raise_if_any_failed(error: Exception | None, what: str) -> None:
   """Raises `error` where it happened and PeerError (naming it and `what`) on the others."""
-  if jax.process_count() == 1:
-    if error is not None:
-      raise error
-    return
-  failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).reshape(-1)
+  failed = np.zeros(1)  # in a single process there is no other to ask
+  if jax.process_count() > 1:
+    failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).reshape(-1)
   if error is not None:
     raise error
   if failed.any():

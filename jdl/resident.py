@@ -61,8 +61,7 @@ class ResidentData:
 
 
 class EpochOrder(NamedTuple):
-  """The example order of the epoch the last call ended in, carried from one call to the next so
-  that an epoch's order is drawn once, on the device, by whichever call reaches it first."""
+  """The order of the epoch the last call ended in, carried so each epoch's is drawn only once."""
 
   epoch: jax.Array  # int32 scalar; -1 before the first epoch is drawn
   order: jax.Array  # int32 [steps_per_epoch * batch_size], padded with -1
@@ -72,9 +71,8 @@ def loops_are_slow(fn: Callable[..., Any], *args: Any) -> bool:
   """Whether `fn(*args)` would run much slower in a compiled loop: on the CPU with a convolution,
   whose library kernels' layouts XLA cannot give a loop body (jax issue 12868; ten times slower
   for a ResNet). Tracing `fn` to a jaxpr computes nothing."""
-  if jax.default_backend() != "cpu":
-    return False
-  return _has_primitive(jax.make_jaxpr(fn)(*args).jaxpr, "conv_general_dilated")
+  return jax.default_backend() == "cpu" and _has_primitive(jax.make_jaxpr(fn)(*args).jaxpr,
+                                                          "conv_general_dilated")
 
 
 def _has_primitive(jaxpr: Any, name: str) -> bool:
@@ -87,10 +85,6 @@ def _has_primitive(jaxpr: Any, name: str) -> bool:
         if hasattr(inner, "eqns") and _has_primitive(inner, name):
           return True
   return False
-
-
-def nbytes(*trees: Any) -> int:
-  return int(sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(trees)))
 
 
 def with_padding_row(inputs: Any, labels: Any) -> tuple[Any, Any]:
@@ -109,8 +103,7 @@ def gather_batch(inputs: Any, labels: Any, indices: jax.Array) -> Batch:
   rows = jnp.where(mask, indices, num_rows(inputs) - 1)
 
   def take(values: jax.Array) -> jax.Array:
-    # Rows of the values seen as a matrix [examples, features] (a free reshape): one contiguous
-    # copy per row, where gathering from [examples, H, W, C] indexes every dimension.
+    # Rows of [examples, features] (a free reshape): one contiguous copy each, not per dimension.
     flat = values.reshape(values.shape[0], math.prod(values.shape[1:]))[rows]
     return flat.reshape(rows.shape + values.shape[1:])
 
@@ -201,14 +194,11 @@ def make_eval_all(eval_step: EvalStep, batch_size: int, num_examples: int,
 
 
 class ResidentEngine:
-  """Trains and evaluates on splits kept on the device, with programs built on the first call
-  from the state's shapes (`compile(state)` builds and compiles them ahead of time).
-
-  `train_step` may be vmapped over a stacked state (a sweep); `eval_data` is one split, several
-  as `{name: split}`, or None. `place` copies a host pytree to the devices and `constrain` lays a
-  batch out inside a compiled function (`runner.place_replicated`, `runner.constrain_batch`);
-  `eval_state` gives the state to evaluate from the trained one (the parameter EMA, say). Where a
-  loop would be slow (`loops_are_slow`) each call runs one step, unless `steps_per_call` says more.
+  """Trains and evaluates on splits kept on the device, its programs built on the first call (or
+  by `compile(state)`, ahead of time). `train_step` may be vmapped over a stacked state (a sweep);
+  `eval_data` is one split, `{name: split}` or None; `place` and `constrain` are the runner's
+  `place_replicated` and `constrain_batch`; `eval_state` maps the trained state to the evaluated
+  one (the parameter EMA). Where loops are slow each call runs one step, unless `steps_per_call`.
   """
 
   def __init__(self, train_step: TrainStep, eval_step: EvalStep | None, train_data: ArraySource,

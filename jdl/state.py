@@ -49,8 +49,8 @@ class TrainState(struct.PyTreeNode):
   def apply_gradients(self, grads: Params, **changes: Any) -> TrainState:
     """Returns the state after one optimizer update with `grads`; `changes` replace other fields."""
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
-    params = optax.apply_updates(self.params, updates)
-    return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **changes)
+    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                        opt_state=opt_state, **changes)
 
   def variables(self) -> dict[str, Any]:
     """The full variable dict to pass to `apply_fn`: params plus model state."""
@@ -73,9 +73,7 @@ def model_mode(apply_fn: ApplyFn, train: bool) -> dict[str, bool]:
   if not isinstance(module, nn.Module):
     return {"train": train}
   keyword = _mode_keyword(type(module))
-  if keyword is None:
-    return {}
-  return {keyword: (not train) if keyword == "deterministic" else train}
+  return {} if keyword is None else {keyword: (not train) if keyword == "deterministic" else train}
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,15 +107,13 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
   """
   sample_input = _checked_sample(sample_input)
   variables, state_rng = initial_variables(model, rng, sample_input, rng_streams)
-  # Values a model sows for inspection ("intermediates") are appended to on every call, so they
-  # cannot be carried from step to step.
+  # What a model sows for inspection ("intermediates") grows every call: not carried over.
   model_state = {k: v for k, v in variables.items() if k not in ("params", "intermediates")}
   leaves, structure = jax.tree.flatten(sample_input)
-  if isinstance(sample_input, jax.Array):
-    shapes, dtypes, structure = tuple(sample_input.shape[1:]), str(sample_input.dtype), None
-  else:
-    shapes = tuple(tuple(leaf.shape[1:]) for leaf in leaves)
-    dtypes = tuple(str(leaf.dtype) for leaf in leaves)
+  shapes = tuple(tuple(leaf.shape[1:]) for leaf in leaves)
+  dtypes = tuple(str(leaf.dtype) for leaf in leaves)
+  if isinstance(sample_input, jax.Array):  # one array: its shape and dtype, no structure
+    shapes, dtypes, structure = shapes[0], dtypes[0], None
   return TrainState(
       step=jnp.asarray(np.int32(0)),  # placed: no program to compile
       params=variables["params"], model_state=model_state,
@@ -143,9 +139,8 @@ def _checked_sample(sample_input: Any) -> Any:
 
 
 def _compiled_per_object(fn: Callable[..., Any]) -> Callable[..., Any]:
-  """`fn(static, *args)` compiled once per hashable `static` (jit keys its cache on it: a model's
-  class and attributes, an optimizer object); run as it is where `static` cannot key a cache (a
-  model with a list attribute) or inside a traced function (`jit`, `vmap`), which compiles it."""
+  """`fn(static, *args)` compiled once per hashable `static` (a model, an optimizer); run as it is
+  for an unhashable one (a model with a list attribute) or inside a traced function."""
   compiled = jax.jit(fn, static_argnums=0)
 
   @functools.wraps(fn)
@@ -182,9 +177,8 @@ def _init(static: tuple[nn.Module, tuple[str, ...]], rng: jax.Array, sample_inpu
 
 @_compiled_per_object
 def initial_optimizer_state(tx: optax.GradientTransformation, params: Params) -> optax.OptState:
-  """`tx.init(params)` as one compiled program per optimizer object. Its outputs are fresh buffers
-  even where a transformation's state starts as the parameters themselves, so donating the state
-  never donates one buffer twice."""
+  """`tx.init(params)` compiled per optimizer: fresh buffers even where a state starts as the
+  parameters themselves, so donating the state never donates one buffer twice."""
   return tx.init(params)
 
 

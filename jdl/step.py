@@ -34,6 +34,7 @@ AUGMENT_STREAM = 1
 ADVERSARY_STREAM = 2
 EVAL_STREAM = 3
 
+
 def check_compute_dtype(compute_dtype: Any) -> jnp.dtype | None:
   """`compute_dtype` as a floating dtype (None stays None). "auto" is bfloat16 on GPUs and TPUs
   and float32 on CPUs, whose bfloat16 arithmetic is slower. float16 is refused: its narrow range
@@ -185,10 +186,9 @@ def make_train_step(task: tasks_lib.Task | None = None, *,
         grads = jax.tree.map(lambda g, p: g + p / num_shards, grads, penalty)
       return grads, sums, model_state
 
-    if microbatches == 1:
-      grads, metrics, new_model_state = gradients(state.model_state, batch, rngs, whole=True)
-    else:
-      grads, metrics, new_model_state = accumulate()
+    grads, metrics, new_model_state = (
+        gradients(state.model_state, batch, rngs, whole=True) if microbatches == 1
+        else accumulate())
     if axis_name is not None:
       grads = jax.lax.psum(grads, axis_name)
       metrics = metrics_lib.reduce_over_axis(metrics, axis_name)
@@ -199,8 +199,7 @@ def make_train_step(task: tasks_lib.Task | None = None, *,
     if check_finite:  # after the psum, so every device agrees
       metrics = {**metrics, **metrics_lib.nonfinite_metrics(state.step, metrics["loss_sum"],
                                                             squares)}
-    new_state = state.apply_gradients(grads, model_state=new_model_state)
-    return new_state, metrics
+    return state.apply_gradients(grads, model_state=new_model_state), metrics
 
   return train_step
 
@@ -357,9 +356,8 @@ def make_steps(task: tasks_lib.Task | None = None, *, l1: float = 0.0, l2: float
                microbatches: int = 1) -> tuple[TrainStepFn, EvalStepFn]:
   """The train and eval steps of `task` (None: `jdl.tasks.classification()`), with L1/L2 weight
   penalties on the kernels; the other arguments are `make_train_step`'s."""
-  train_step = make_train_step(
-      task, weight_penalty=losses_lib.make_weight_penalty(l1=l1, l2=l2), axis_name=axis_name,
-      augment=augment, compute_dtype=compute_dtype, adversary=adversary,
-      check_finite=check_finite, gradient_norms=gradient_norms, microbatches=microbatches)
-  eval_step = make_eval_step(task, axis_name=axis_name, compute_dtype=compute_dtype)
-  return train_step, eval_step
+  return (make_train_step(task, weight_penalty=losses_lib.make_weight_penalty(l1=l1, l2=l2),
+                          axis_name=axis_name, augment=augment, compute_dtype=compute_dtype,
+                          adversary=adversary, check_finite=check_finite,
+                          gradient_norms=gradient_norms, microbatches=microbatches),
+          make_eval_step(task, axis_name=axis_name, compute_dtype=compute_dtype))

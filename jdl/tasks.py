@@ -71,9 +71,8 @@ class Task:
 
   def for_evaluation(self) -> Task:
     """This task with `eval_loss` as its loss."""
-    if self.eval_loss is None:
-      return self
-    return dataclasses.replace(self, loss=self.eval_loss, eval_loss=None)
+    return self if self.eval_loss is None else dataclasses.replace(
+        self, loss=self.eval_loss, eval_loss=None)
 
 
 def batch_mask(batch: Batch) -> jax.Array | None:
