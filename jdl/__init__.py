@@ -1,14 +1,11 @@
-"""jdl: a JAX functional training library.
-
-Pure Flax linen models, Optax optimizers, and one pure train step `(state, batch) -> (state,
-metrics)` that runs under jit, sharded jit and pmap. The names below are the public API; the
-modules (`jdl.transfer`, `jdl.analysis`, `jdl.parallel`, ...) hold the rest.
+"""jdl: a JAX functional training library: Flax linen models, Optax optimizers, and one pure train
+step `(state, batch) -> (state, metrics)` under jit, sharded jit and pmap. The names below are the
+public API; the modules (`jdl.transfer`, `jdl.analysis`, `jdl.parallel`, ...) hold the rest.
 """
 
 import os as _os
 
-# TensorFlow serves only the input pipeline; its C++ info logs (oneDNN notices and the like) are
-# noise for a JAX user. Set before anything imports TensorFlow; a value the user set wins.
+# TensorFlow's C++ info logs are noise for a JAX user: quiet them (unless set) before it loads.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 # pylint: disable=wrong-import-position

@@ -1,24 +1,20 @@
-"""Checkpoints of a `TrainState` with orbax: save, keep the last few and the best, restore the
-latest one that is good.
+"""Checkpoints of a `TrainState` with orbax: keep the last few and the best, restore the latest.
 
-The data order, augmentation and dropout keys are functions of the seed and the step, so the state
-is all a resumed run needs to continue exactly where the interrupted one was. Each step's folder
-holds, beside the state, the metrics that rank it and a CRC-32 of every array (in the step's orbax
-metadata, under `jdl`); orbax commits both at once (a temporary folder renamed when complete), and
-restoring verifies every array against its checksum. A checkpoint that cannot be restored is
-reported and moved aside to `<directory>_unusable/<step>`, never deleted; only the retention
-policy deletes.
-A save that fails is reported once, at the next call, as `CheckpointWriteError`; the checkpoints
-saved before it are left as they were. See docs/checkpoints.md.
+The data order and every key are functions of the seed and the step, so the state is all a resumed
+run needs. Each step's orbax metadata holds, under `jdl`, the metrics that rank it and a CRC-32 of
+every array, verified on restore; an unusable checkpoint is moved aside, never deleted
+(docs/checkpoints.md).
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
 import shutil
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -30,37 +26,19 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jdl.parallel import exception_chain
 from jdl.state import TrainState
+from jdl.transfer import named_leaves
 
 CheckpointMetrics = Mapping[str, float]
-ITEM = "default"  # the name orbax gives the single item of a step's folder: the state
 RECORD_KEY = "jdl"  # the key of the step's custom metadata that holds its metrics and checksums
 
 
-def _leaves(tree: Any) -> list[tuple[str, Any]]:
-  """`[(path, leaf)]` of a pytree of arrays or orbax array metadata, paths written alike."""
-  def name(entry: Any) -> str:
-    for attribute in ("key", "name", "idx"):
-      if hasattr(entry, attribute):
-        return str(getattr(entry, attribute))
-    return str(entry)
-
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return [("/".join(name(e) for e in path), leaf) for path, leaf in leaves]
-
-
-def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  return {path: tuple(leaf.shape) for path, leaf in _leaves(tree)}
-
-
 def array_checksums(tree: Any) -> dict[str, dict[str, str]]:
-  """`{path: {"dtype", "crc32"}}` of every array of `tree`, from its bytes on the host.
-
-  An array split across hosts (not replicated, not all on this process) has no single host copy
-  and is left out; a replicated one is read from this process's copy.
-  """
+  """`{path: {"dtype", "crc32"}}` of every array of `tree`, from its bytes on the host; an array
+  split across hosts has no single host copy and is left out (a replicated one is read here)."""
   sums = {}
-  for path, leaf in _leaves(tree):
+  for path, leaf in named_leaves(tree).items():
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
       if not leaf.is_fully_replicated:
         continue
@@ -88,14 +66,9 @@ def best_mode(metric: str) -> str:
 
 
 def _cause(error: BaseException) -> str:
-  """What went wrong, in a few words: the operating system's error behind `error` where there is
-  one (orbax raises OSError; tensorstore, under it, a ValueError that names the errno), else the
-  first line of the innermost exception."""
-  seen, current, chain = set(), error, []
-  while current is not None and id(current) not in seen:
-    seen.add(id(current))
-    chain.append(current)
-    current = current.__cause__ or current.__context__
+  """The operating system's error behind `error` (an OSError, or tensorstore's message naming
+  the errno), else the first line of the innermost exception."""
+  chain = exception_chain(error)
   for exception in chain:
     if isinstance(exception, OSError) and exception.errno:
       return f"[Errno {exception.errno}] {exception.strerror}"
@@ -106,24 +79,16 @@ def _cause(error: BaseException) -> str:
   return f"{type(innermost).__name__}: {(str(innermost).splitlines() or [''])[0][:200]}"
 
 
-class _OrbaxThreadErrors(logging.Filter):
-  """Drops the tracebacks orbax logs from its worker threads when a save fails: the same failure
-  reaches jdl's caller as one CheckpointWriteError line."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not ("orbax" in record.pathname and "raised an exception" in record.getMessage())
-
-
-logging.getLogger("absl").addFilter(_OrbaxThreadErrors())
+# Orbax's threads log a failed save's traceback; the caller gets it as one CheckpointWriteError.
+logging.getLogger("absl").addFilter(lambda record: not (
+    "orbax" in record.pathname and "raised an exception" in record.getMessage()))
 
 
 def _quiet_closed_loop_callbacks() -> None:
-  """Once a save has failed, tensorstore still finishes the writes orbax gave it and reports each
-  to orbax's event loop, closed by then; Python prints every such report as an unraisable
-  "Event loop is closed" traceback (`sys.unraisablehook`). The failure itself reaches the caller
-  once, as a CheckpointWriteError, so these are dropped: only those, raised inside asyncio itself
-  with no frame of anyone's code; everything else reaches the previous hook. Installed with a
-  Checkpointer, since the failed save's writes end in threads before its error is raised."""
+  """Drops the "Event loop is closed" tracebacks Python prints (`sys.unraisablehook`) when, after
+  a failed save, tensorstore reports the writes it still finishes to orbax's closed event loop.
+  Only those, raised inside asyncio with no frame of anyone's code; everything else reaches the
+  previous hook. The failure itself reaches the caller once, as a CheckpointWriteError."""
   previous = sys.unraisablehook
   if getattr(previous, "jdl_quiet_closed_loop", False):
     return
@@ -140,26 +105,14 @@ def _quiet_closed_loop_callbacks() -> None:
 
 
 class Checkpointer:
-  """Saves and restores a `TrainState` in `directory` (orbax `CheckpointManager`).
+  """Saves and restores a `TrainState` (one device or replicated; under pmap `runner.fetch_state`'s)
+  in step folders of `directory` (orbax `CheckpointManager`), which every process must call.
 
-  Args:
-    directory: where step folders go (created when missing).
-    keep: how many of the most recent checkpoints to keep (>= 1).
-    best_metric: also keep the checkpoint with the best value of this metric (a key of the
-      `metrics` given to `save`), e.g. "test_accuracy"; None keeps only the most recent.
-    mode: "max" or "min" for `best_metric`; None chooses with `best_mode`.
-    asynchronous: in a single process, write in a background thread while training goes on
-      (from a host copy of the state taken at `save`); `wait` or `close` blocks until it is on
-      disk. A multi-process run writes while the processes wait for each other.
-    writable: False opens existing checkpoints for reading only (nothing is created or checked).
-
-  Raises:
-    CheckpointWriteError: `directory` is not a folder that can be written (a file, a read-only
-      filesystem); the message names it.
-
-  Takes a state on one device or replicated over a mesh (under pmap, `runner.fetch_state`'s).
-  Every process of a multi-process run must call `save` and `restore_latest`. Metrics and
-  checksums live in each step's folder, so the best checkpoint survives any number of resumes.
+  It keeps the `keep` most recent checkpoints and, with `best_metric` (a key of the `metrics`
+  given to `save`, e.g. "test_accuracy"), the best by it (`mode` "max"/"min"; None: `best_mode`)
+  across resumes. `asynchronous` writes a host copy in a background thread in a single process
+  (`wait` or `close` block until it is on disk). `writable=False` opens for reading only; an
+  unwritable `directory` (a file, a read-only filesystem) raises `CheckpointWriteError` at once.
   """
 
   def __init__(self, directory: str, *, keep: int = 3, best_metric: str | None = None,
@@ -179,7 +132,7 @@ class Checkpointer:
     # Registered up front so that a resumed run can read checkpoints it has not written.
     registry = ocp.DefaultCheckpointHandlerRegistry()
     for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
-      registry.add(ITEM, args, ocp.StandardCheckpointHandler)
+      registry.add("default", args, ocp.StandardCheckpointHandler)  # the step's one item
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           handler_registry=registry)
     _quiet_closed_loop_callbacks()
@@ -194,23 +147,16 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def metrics(self, step: int) -> dict[str, float] | None:
-    """The metrics saved with the checkpoint of `step` (None: saved without, or before jdl kept
-    them)."""
-    record = self._record(step)
-    return None if record is None else record.get("metrics")
+    """The metrics saved with the checkpoint of `step` (None: saved without them)."""
+    return (self._record(step) or {}).get("metrics")
 
   def best_step(self) -> int | None:
     """The step of the saved checkpoint with the best `best_metric`, or None without one."""
     return self._best_of(self.steps())
 
   def save(self, state: TrainState, *, metrics: CheckpointMetrics | None = None) -> bool:
-    """Saves `state` under its step; returns False when that step is already saved.
-
-    `metrics` rank it for `best_metric`; without them it is kept only while among the most recent.
-
-    Raises:
-      CheckpointWriteError: this save or an earlier one could not be written.
-    """
+    """Saves `state` under its step (False: that step is saved already), ranked by `metrics` for
+    `best_metric`. Raises `CheckpointWriteError` if this or an earlier save failed."""
     if not self.writable:
       raise ValueError(f"this Checkpointer of {self.directory} was opened with writable=False.")
     step = state.step
@@ -225,20 +171,19 @@ class Checkpointer:
       raise ValueError(f"best_metric {self.best_metric!r} is not among the metrics given to "
                        f"save: {sorted(metrics)}.")
     plain = None if metrics is None else {key: float(value) for key, value in metrics.items()}
-    if not self.asynchronous:
+    if self.asynchronous:  # from a host copy: training goes on, and may donate the device buffers
+      self._writer = threading.Thread(target=self._write, name=f"jdl-checkpoint-{step}",
+                                      args=(step, jax.device_get(_key_data(state)), plain),
+                                      daemon=True)
+      self._writer.start()
+    else:
       self._write(step, _key_data(state), plain)
       self.raise_if_failed()
-      return True
-    # A host copy: training goes on, and may donate the device buffers, while this is written.
-    host = jax.device_get(_key_data(state))
-    self._writer = threading.Thread(target=self._write, args=(step, host, plain),
-                                    name=f"jdl-checkpoint-{step}", daemon=True)
-    self._writer.start()
     return True
 
   def _write(self, step: int, state: TrainState, metrics: dict[str, float] | None) -> None:
-    """Writes one checkpoint (atomically: orbax renames a complete temporary folder), then
-    applies retention. A failure is kept for `raise_if_failed`, never raised in a thread."""
+    """Writes one checkpoint, then applies retention. A failure is kept for `raise_if_failed`,
+    never raised in a thread, and what it left (orbax's temporary folder) is removed."""
     try:
       record = {"metrics": metrics, "checksums": array_checksums(state)}
       self._manager.save(step, args=ocp.args.StandardSave(state), force=True,
@@ -248,15 +193,15 @@ class Checkpointer:
       self._apply_retention()
     except Exception as error:  # pylint: disable=broad-except  # reported by the caller
       self._failure = (step, error)
-      self._remove_partial(step)
+      if jax.process_index() == 0:
+        pattern = os.path.join(glob.escape(self.directory), f"{step}.orbax-checkpoint-tmp*")
+        for path in glob.glob(pattern):
+          shutil.rmtree(path, ignore_errors=True)
 
   def _apply_retention(self) -> None:
     """Deletes every checkpoint but the last `keep` and the best by `best_metric`."""
     steps = sorted(self._manager.all_steps())
-    kept = set(steps[-self.keep:])
-    best = self._best_of(steps)
-    if best is not None:
-      kept.add(best)
+    kept = {*steps[-self.keep:], self._best_of(steps)}
     for step in steps:
       if step not in kept:
         self._manager.delete(step)
@@ -272,20 +217,9 @@ class Checkpointer:
       return None
     return (max(scored) if self.mode == "max" else min(scored, key=lambda s: (s[0], -s[1])))[1]
 
-  def _remove_partial(self, step: int) -> None:
-    """Removes what a failed save left (orbax's temporary folder), if it can."""
-    if jax.process_index() != 0 or not os.path.isdir(self.directory):
-      return
-    for name in os.listdir(self.directory):
-      if name.startswith(f"{step}.orbax-checkpoint-tmp"):
-        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-
   def raise_if_failed(self) -> None:
-    """Raises `CheckpointWriteError` if a save has failed (cheap: call it as often as you like).
-
-    The message names the step, the folder, the cause (the operating system's error where there
-    is one) and the earlier checkpoints, which are intact.
-    """
+    """Raises `CheckpointWriteError` if a save has failed (cheap: call it as often as you like),
+    naming the step, the folder, the cause and the earlier checkpoints, which are intact."""
     if self._failure is None:
       return
     self._failure_reported = True
@@ -308,12 +242,9 @@ class Checkpointer:
     return self._records[step]
 
   def restore(self, template: TrainState, step: int) -> TrainState:
-    """The state saved at `step`, with the structure, dtypes and placement of `template`.
-
-    Raises:
-      CheckpointError: the checkpoint holds other arrays or shapes (names the first).
-      CorruptCheckpointError: an array differs from the checksum saved with it (names it).
-    """
+    """The state saved at `step`, with the structure, dtypes and placement of `template`. Raises
+    CheckpointError where it holds other arrays or shapes, CorruptCheckpointError where an array
+    differs from its checksum (each naming the first)."""
     self._join()
     saved = _leaf_shapes(self._manager.item_metadata(step).tree)
     wanted = _leaf_shapes(_key_data(template))
@@ -329,17 +260,17 @@ class Checkpointer:
     record = self._record(step)
     if record is not None:
       _verify(restored, record["checksums"], step, self.directory)
-    return jax.tree.map(_like_template, template, restored)
+    return jax.tree.map(  # typed keys wrapped back where the template holds them
+        lambda t, r: jax.random.wrap_key_data(r, impl=jax.random.key_impl(t))
+        if _is_typed_key(t) else r, template, restored)
 
   def restore_latest(self, template: TrainState, log: Callable[[str], None] = print, *,
                      move_unusable: bool = True) -> TrainState | None:
     """The most recent checkpoint that restores into `template`, or None when there is none.
 
-    A checkpoint that fails to restore (truncated, or an array that fails its checksum) is
-    reported with `log` and the one before it is tried; with `move_unusable` it is moved aside so
-    "latest" never sees it again (a read-only load passes False). Raises CheckpointError when
-    every checkpoint failed and one was written by another model, rather than start over next to
-    another run's checkpoints.
+    One that fails (truncated, a checksum) is reported with `log`, moved aside with
+    `move_unusable` (a read-only load passes False), and the one before it tried. Raises
+    CheckpointError when all failed and one came from another model, rather than start over.
     """
     mismatched = []
     for step in reversed(self.steps()):
@@ -385,17 +316,12 @@ class Checkpointer:
       self._writer = None
 
   def wait(self) -> None:
-    """Blocks until every save has been written.
-
-    Raises:
-      CheckpointWriteError: a save could not be written.
-    """
+    """Blocks until every save has been written; raises `CheckpointWriteError` if one failed."""
     self._join()
     self.raise_if_failed()
 
   def close(self) -> None:
-    """Waits for pending saves and releases the manager; raises `CheckpointWriteError` for a
-    failed save not reported yet."""
+    """Waits for pending saves, releases the manager, and raises a failure not reported yet."""
     try:
       self._join()
     finally:
@@ -415,16 +341,18 @@ def _check_writable(directory: str) -> None:
   if os.path.exists(directory) and not os.path.isdir(directory):
     raise CheckpointWriteError(f"cannot save checkpoints in {directory}: it is a file, not a "
                                "folder. Move it away or choose another workdir.")
-  probe = os.path.join(directory, f".jdl-write-test-{os.getpid()}")
   try:
     os.makedirs(directory, exist_ok=True)
-    with open(probe, "w", encoding="utf-8") as f:
-      f.write("probe")
-    os.remove(probe)
+    tempfile.TemporaryFile(dir=directory).close()  # a probe, deleted as it closes
   except OSError as error:
     raise CheckpointWriteError(
         f"cannot save checkpoints in {directory} ([Errno {error.errno}] "
         f"{error.strerror or error}); choose a workdir on a writable filesystem.") from None
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """`{path: shape}` of a pytree of arrays or of orbax's array metadata."""
+  return {path: tuple(leaf.shape) for path, leaf in named_leaves(tree).items()}
 
 
 def _verify(state: TrainState, checksums: Mapping[str, Mapping[str, str]], step: int,
@@ -447,10 +375,3 @@ def _is_typed_key(value: Any) -> bool:
 def _key_data(tree: Any) -> Any:
   """`tree` with typed PRNG keys (`jax.random.key`) as their raw data, which orbax can save."""
   return jax.tree.map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, tree)
-
-
-def _like_template(template: Any, restored: Any) -> Any:
-  """A restored leaf, wrapped back into a typed key where the template holds one."""
-  if _is_typed_key(template):
-    return jax.random.wrap_key_data(restored, impl=jax.random.key_impl(template))
-  return restored

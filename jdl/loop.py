@@ -1,20 +1,15 @@
-"""The training loop: a plain `for` over steps, evaluation on the full eval split, hooks.
-
-`fit` runs any pure train/eval step pair over batch sources, on the device-resident engine
-(`jdl.resident`) where the data fit on the device, else one compiled step per host batch.
-`jdl.experiment.train_and_evaluate` builds the pieces from a config and calls it. Hooks are plain
-callables `hook(step, state, record)`, called after each evaluation with that evaluation's record.
+"""The training loop: a plain `for` over steps, evaluation on the full eval split, and hooks,
+plain callables `hook(step, state, record)` called after each evaluation with its record.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import signal
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import flax
 import jax
@@ -35,25 +30,15 @@ Record = dict[str, float]
 Hook = Callable[[int, TrainState, Record], None]
 
 
-def evaluate(
-    state: TrainState,
-    eval_step: Callable[[TrainState, data_lib.Batch], metrics_lib.Metrics],
-    eval_data: data_lib.BatchSource,
-    *,
-    runner: parallel.Runner | None = None,
-) -> dict[str, float]:
-  """Means of the eval step's metrics over every example of `eval_data` (padding excluded).
-
-  Args:
-    state: the state, placed by `runner` when one is given.
-    eval_step: the eval step, already compiled (by `runner.compile` or `jax.jit`).
-    eval_data: the evaluation batch source.
-    runner: the device layout; None feeds host batches straight to `eval_step`.
-  """
+def evaluate(state: TrainState,
+             eval_step: Callable[[TrainState, data_lib.Batch], metrics_lib.Metrics],
+             eval_data: data_lib.BatchSource, *,
+             runner: parallel.Runner | None = None) -> dict[str, float]:
+  """Means of the eval step's metrics over every example of `eval_data` (padding excluded);
+  `eval_step` is compiled (`runner.compile` or `jax.jit`) and `state` placed by `runner`."""
   total = evaluation_sums(state, eval_step, eval_data, runner=runner)
-  if runner is not None and total is not None:
-    total = runner.fetch_metrics(total)
-  return metrics_lib.compute_metrics(total)
+  fetched = total if runner is None or total is None else runner.fetch_metrics(total)
+  return metrics_lib.compute_metrics(fetched)
 
 
 def evaluation_sums(state: TrainState, eval_step: Callable[..., metrics_lib.Metrics],
@@ -69,8 +54,7 @@ def evaluation_sums(state: TrainState, eval_step: Callable[..., metrics_lib.Metr
 
 
 def output_width(state: TrainState) -> int | None:
-  """The width of the model's output for one example (its number of classes), or None when the
-  output is not one array (a dict of a VAE's parts, say)."""
+  """The width of one example's output (its number of classes); None if not one array (a VAE's)."""
   mode = state_lib.model_mode(state.apply_fn, train=False)
   try:
     shape = jax.eval_shape(lambda v, x: state.apply_fn(v, x, **mode), state.variables(),
@@ -80,90 +64,53 @@ def output_width(state: TrainState) -> int | None:
   return int(shape.shape[-1]) if isinstance(shape, jax.ShapeDtypeStruct) and shape.ndim else None
 
 
-def fit(
-    state: TrainState,
-    train_step: step_lib.TrainStepFn,
-    eval_step: step_lib.EvalStepFn,
-    train_data: data_lib.BatchSource,
-    eval_data: data_lib.BatchSource | Mapping[str, data_lib.BatchSource] | None = None,
-    *,
-    num_epochs: int | None = None,
-    num_steps: int | None = None,
-    eval_every_steps: int | Mapping[str, int] | None = None,
-    hooks: Sequence[Hook] = (),
-    writer: MetricWriter | None = None,
-    progress: bool = True,
-    eval_name: str = "test",
-    runner: parallel.Runner | None = None,
-    device_resident: bool | None = None,
-    steps_per_call: int | None = None,
-    checkpointer: Checkpointer | None = None,
-    checkpoint_every_steps: int | None = None,
-    checkpoint_min_seconds: float = 0.0,
-    handle_signals: bool = True,
-) -> tuple[TrainState, list[Record]]:
+def fit(state: TrainState, train_step: step_lib.TrainStepFn, eval_step: step_lib.EvalStepFn,
+        train_data: data_lib.BatchSource,
+        eval_data: data_lib.BatchSource | Mapping[str, data_lib.BatchSource] | None = None, *,
+        num_epochs: int | None = None, num_steps: int | None = None,
+        eval_every_steps: int | Mapping[str, int] | None = None, hooks: Sequence[Hook] = (),
+        writer: MetricWriter | None = None, progress: bool = True, eval_name: str = "test",
+        runner: parallel.Runner | None = None, device_resident: bool | None = None,
+        steps_per_call: int | None = None, checkpointer: Checkpointer | None = None,
+        checkpoint_every_steps: int | None = None, checkpoint_min_seconds: float = 0.0,
+        handle_signals: bool = True) -> tuple[TrainState, list[Record]]:
   """Trains `state` with `train_step` and evaluates it on the whole of `eval_data`.
 
-  Two engines give the same batches and, for the same seed, the same parameters up to float
-  rounding:
-    * device-resident (`jdl.resident.ResidentEngine`): in-memory splits (`ArraySource`) are
-      copied to the device once and the steps up to the next evaluation (or epoch end, or save)
-      run as one compiled loop, with each epoch's order drawn on the device; metrics come back
-      once per call. Used by default when the data fit (`jdl.resident.DEFAULT_RESIDENT_LIMIT_BYTES`),
-      in a single-process run, outside pmap.
-    * per-step: one compiled call per batch, batches fed from the host (streaming sources, pmap,
-      multi-process runs).
+  The device-resident engine (`jdl.resident`) copies in-memory splits (`ArraySource`) to the
+  device once and runs the steps up to the next evaluation, epoch end or save as one compiled
+  loop; it is the default where they fit (`resident.DEFAULT_RESIDENT_LIMIT_BYTES`) in one process
+  outside pmap. Otherwise each host batch goes to one compiled step. Both give the same batches
+  and, for one seed, the same parameters up to float rounding.
 
   Args:
-    state: the initial state; training continues from `state.step`. Its buffers are donated to
-      the first step (the memory is reused), so use the returned state afterwards, not this one.
-    train_step: a pure `(state, batch) -> (state, metric sums)` step (compiled here).
-    eval_step: a pure `(state, batch) -> metric sums` step (compiled here).
-    train_data: the training batch source.
-    eval_data: the evaluation batch source (named `eval_name`), or several as `{name: source}`
-      (a validation and a test split, say), or None to skip evaluation.
-    num_epochs: train for this many passes over `train_data`...
-    num_steps: ...or for this many gradient steps (wins over `num_epochs`).
-    eval_every_steps: evaluate every this many steps, or `{name: steps}` for each evaluation
-      source its own cadence; None (or a name left out) means at the end of every epoch. A
-      record is written whenever an evaluation is due; the last step evaluates every source.
-    hooks: callables `hook(step, state, record)` run after each evaluation.
-    writer: where records go (JSON lines and TensorBoard), if anywhere.
-    progress: show a progress bar and a summary line per evaluation.
-    eval_name: prefix of a single eval source's metrics in records (`test_accuracy`, ...); a
-      dict of sources prefixes each source's metrics with its name.
+    state: the initial state; training continues from `state.step`. Its buffers are donated, so
+      use the returned state afterwards, not this one.
+    train_step: a pure `(state, batch) -> (state, metric sums)` step built with
+      `runner.axis_name` (compiled here); `eval_step` likewise, `(state, batch) -> metric sums`.
+    eval_data: one evaluation source (its metrics prefixed with `eval_name` in records), several
+      as `{name: source}` (prefixed with their names), or None.
+    num_epochs: passes over `train_data`, unless `num_steps` (gradient steps) is given.
+    eval_every_steps: evaluate every this many steps, or `{name: steps}` per source; None (or a
+      name left out): at every epoch end. The last step evaluates every source.
+    writer: where records go (JSON lines and TensorBoard); `progress`: a bar and a line each.
     runner: the device layout (`jdl.parallel.make_runner`); None is plain jit on one device.
-      The steps must be built with `runner.axis_name`.
     device_resident: force (True) or forbid (False) the device-resident engine; None chooses.
-    steps_per_call: most steps per compiled call of the resident engine. None runs up to the next
-      evaluation in one call, across epoch boundaries (fastest), or, when a progress bar or a
-      checkpointer is on, at most to the end of the epoch (the bar moves, and a save happens,
-      between calls). Every call length runs the same compiled program.
-    checkpointer: saves the state at every evaluation, at the end of every epoch, every
-      `checkpoint_every_steps` steps and at the end (`jdl.checkpoint.Checkpointer`); evaluation
-      records rank checkpoints for its `best_metric`.
-    checkpoint_every_steps: save this often too (None or 0: evaluations and epoch ends only).
-    checkpoint_min_seconds: skip an epoch-end or every-N-steps save that would come less than
-      this many seconds after the previous save (saves at evaluations, at the end and on a
-      signal always happen). Bounds the cost of checkpointing when epochs take milliseconds
-      while a crash still loses at most about this much work.
-    handle_signals: with a checkpointer, SIGTERM or SIGINT ends the current step (or scan chunk),
-      saves and raises `Preempted`, whose message says how to resume. In a multi-process run a
-      signal to any one process stops every process after the same step.
+    steps_per_call: most steps per call of the resident engine; None: up to the next evaluation,
+      or the epoch end with a progress bar or a checkpointer. Any length runs one program.
+    checkpointer: saves at every evaluation (ranked by its `best_metric`), at every epoch end,
+      every `checkpoint_every_steps` steps (None or 0: none such) and at the end; an epoch-end or
+      every-N-steps save less than `checkpoint_min_seconds` after the previous one is skipped.
+    handle_signals: with a checkpointer, SIGTERM or SIGINT (to any process of the run) ends the
+      current step or chunk on every process, saves and raises `Preempted`.
 
-  Raises:
-    NonFiniteError: the loss or a gradient became NaN or infinite; the message names the step and
-      the parameter, and no checkpoint is saved after it. The run stops at the next point where
-      metrics reach the host (a progress update, an evaluation or a checkpoint).
-    Preempted: a signal stopped the run after saving (see `handle_signals`).
-    CheckpointWriteError: a checkpoint could not be written; raised at the next call of steps
-      after the failed save (the checkpoints before it are intact).
+  Raises NonFiniteError where metrics next reach the host after the loss or a gradient became NaN
+  or infinite (naming the step and the parameter; nothing is saved after it), and
+  CheckpointWriteError at the next call of steps after a save failed.
 
   Returns:
-    `(state, history)`: the final state (on one device: the first replica under pmap) and one
-    record per evaluation, each with `step`, `epoch`, `train_*` means since the previous
-    record, `{eval_name}_*` means over the eval split, `examples_per_second` and
-    `elapsed_seconds`.
+    `(state, history)`: the final state (the first replica under pmap) and one record per
+    evaluation: `step`, `epoch`, `train_*` means since the previous record, `{eval_name}_*`
+    means, `examples_per_second` and `elapsed_seconds`.
   """
   steps_per_epoch = train_data.steps_per_epoch
   if num_steps is None:
@@ -177,55 +124,44 @@ def fit(
   if checkpoint_every_steps is not None and checkpoint_every_steps < 0:
     raise ValueError(f"checkpoint_every_steps must be >= 1, or None or 0 for the default; got "
                      f"{checkpoint_every_steps}.")
-  eval_sources = _named_sources(eval_data, eval_name)
-  plan = _EvaluationPlan.make(eval_sources, eval_every_steps, steps_per_epoch, num_steps)
+  plan = _EvaluationPlan.make(eval_data, eval_name, eval_every_steps, steps_per_epoch, num_steps)
   runner = runner or parallel.JitRunner()
-  engine = _make_engine(state, train_step, eval_step, train_data, eval_sources, runner=runner,
+  engine = _make_engine(state, train_step, eval_step, train_data, plan.sources, runner=runner,
                         device_resident=device_resident, steps_per_call=steps_per_call)
   speed = _Speed(runner, train_step, state, engine, enabled=progress or writer is not None)
+  # Calls of steps also stop at epoch ends (a save, a moving bar) and every N steps (a save).
+  stops = [steps_per_epoch] if checkpointer is not None or progress else []
+  if checkpointer is not None and checkpoint_every_steps:
+    stops.append(checkpoint_every_steps)
   step = int(state.step)
-
-  def call_bounds(step: int) -> tuple[int, int]:
-    """`(next evaluation, where the next call stops)`."""
-    next_eval = plan.next_record(step)
-    target = next_eval
-    if checkpointer is not None or progress:  # epoch ends: a save, a moving progress bar
-      target = min(target, (step // steps_per_epoch + 1) * steps_per_epoch)
-    if checkpointer is not None and checkpoint_every_steps:  # and every N steps
-      target = min(target, (step // checkpoint_every_steps + 1) * checkpoint_every_steps)
-    return next_eval, target
-
   state = runner.place_state(state)
   history: list[Record] = []
   interval_sums = metrics_lib.empty_metrics()
-  start_time = interval_start = time.perf_counter()
+  start_time = interval_start = last_save = time.perf_counter()
   bar = tqdm.tqdm(total=num_steps, initial=step, unit="step", disable=not progress,
                   dynamic_ncols=True, leave=True, mininterval=0.5)
   last_bar_update = 0.0
-  last_save = time.perf_counter()
-  watch = _NonFiniteWatch(state, checkpointer)
-  stop = _StopSignals() if handle_signals and checkpointer is not None else None
+  watch = _NonFiniteWatch(state, runner, checkpointer)
+  stop = _StopSignals(install=handle_signals and checkpointer is not None)
   try:
     while step < num_steps:
       if checkpointer is not None:
         checkpointer.raise_if_failed()  # a save that failed in the background stops the run now
-      next_eval, target = call_bounds(step)
+      next_eval = plan.next_record(step)
+      target = min([next_eval] + [(step // every + 1) * every for every in stops])
       state, sums, advanced = engine.advance(state, step, target)
       interval_sums = metrics_lib.merge_metrics(interval_sums, sums)
       step += advanced
       bar.update(advanced)
       if progress and time.perf_counter() - last_bar_update > 0.5:
-        running = runner.fetch_metrics(interval_sums)  # waits for the steps so far
-        watch.check(running, step, lambda: runner.fetch_state(state))
+        running = watch.fetch(interval_sums, step, state)  # waits for the steps so far
         last_bar_update = time.perf_counter()
         bar.set_postfix(_progress_fields(metrics_lib.compute_metrics(running),
                                          last_bar_update - interval_start))
       record: Record | None = None
       if step == next_eval:
-        fetched = runner.fetch_metrics(interval_sums)
-        watch.check(fetched, step, lambda: runner.fetch_state(state))
-        record = _record(step, steps_per_epoch, fetched, time.perf_counter() - interval_start,
-                         state, speed)
+        record = _record(step, steps_per_epoch, watch.fetch(interval_sums, step, state),
+                         time.perf_counter() - interval_start, state, speed)
         for name in plan.due(step):
           eval_means = metrics_lib.compute_metrics(
               runner.fetch_metrics(engine.evaluate(state, name)))
@@ -240,62 +176,51 @@ def fit(
           hook(step, runner.fetch_state(state), record)
         interval_sums = metrics_lib.empty_metrics()
         interval_start = time.perf_counter()
+      if checkpointer is None:
+        continue
+      # Every process must save, or not, at the same steps.
       timely = step == target and time.perf_counter() - last_save >= checkpoint_min_seconds
-      stopped_by = None
-      if checkpointer is not None:  # every process must save, or not, at the same steps
-        check = step == target or step % AGREE_EVERY == 0
-        stopped_by, timely = _agree(stop, timely, due_check=check)
-      interrupted = stopped_by is not None
-      due = step == num_steps or record is not None or timely
-      if checkpointer is not None and (due or interrupted):
-        if interval_sums is not None:
-          watch.check(runner.fetch_metrics(interval_sums), step,
-                      lambda: runner.fetch_state(state))
+      stopped_by, timely = stop.agree(timely, due_check=step == target or step % AGREE_EVERY == 0)
+      if step == num_steps or record is not None or timely or stopped_by is not None:
+        watch.fetch(interval_sums, step, state)
         ranked = record is not None and checkpointer.best_metric in (None, *record)
         checkpointer.save(runner.fetch_state(state), metrics=record if ranked else None)
         last_save = time.perf_counter()
-      if interrupted:
+      if stopped_by is not None:
         checkpointer.wait()
         raise Preempted(step, stopped_by, checkpointer.directory)
   finally:
     bar.close()
     engine.close()
-    if stop is not None:
-      stop.restore()
+    stop.restore()
   return runner.fetch_state(state), history
-
-
-def _named_sources(eval_data: Any, eval_name: str) -> dict[str, data_lib.BatchSource]:
-  """`{name: source}` from one evaluation source (named `eval_name`), a dict of them, or None."""
-  if eval_data is None:
-    return {}
-  if not isinstance(eval_data, Mapping):
-    return {eval_name: eval_data}
-  for name in eval_data:
-    if not isinstance(name, str) or not name or name == "train":
-      raise ValueError(f"evaluation sources need names other than 'train' and ''; got {name!r}.")
-  return dict(eval_data)
 
 
 @dataclasses.dataclass(frozen=True)
 class _EvaluationPlan:
-  """When records are written and which evaluation sources each one evaluates."""
+  """The evaluation sources by name, when records are written and which sources each evaluates."""
 
+  sources: dict[str, data_lib.BatchSource]
   every: dict[str, int]  # source name ("" without evaluation) -> cadence in steps
   num_steps: int
 
   @classmethod
-  def make(cls, sources: Mapping[str, Any], eval_every_steps: int | Mapping[str, int] | None,
+  def make(cls, eval_data: Any, eval_name: str, eval_every_steps: int | Mapping[str, int] | None,
            steps_per_epoch: int, num_steps: int) -> _EvaluationPlan:
-    names = list(sources) or [""]
-    if isinstance(eval_every_steps, Mapping):
-      unknown = sorted(set(eval_every_steps) - set(sources))
-      if unknown:
-        raise ValueError(f"eval_every_steps names {unknown}, which are not evaluation sources "
-                         f"({sorted(sources)}).")
-      given = dict(eval_every_steps)
+    if isinstance(eval_data, Mapping):
+      for name in eval_data:
+        if not isinstance(name, str) or not name or name == "train":
+          raise ValueError(
+              f"evaluation sources need names other than 'train' and ''; got {name!r}.")
     else:
-      given = dict.fromkeys(names, eval_every_steps)
+      eval_data = {} if eval_data is None else {eval_name: eval_data}
+    names = list(eval_data) or [""]
+    per_source = isinstance(eval_every_steps, Mapping)
+    given = dict(eval_every_steps) if per_source else dict.fromkeys(names, eval_every_steps)
+    unknown = sorted(set(given) - set(eval_data)) if per_source else []
+    if unknown:
+      raise ValueError(f"eval_every_steps names {unknown}, which are not evaluation sources "
+                       f"({sorted(eval_data)}).")
     every = {}
     for name in names:
       value = given.get(name)
@@ -304,7 +229,7 @@ class _EvaluationPlan:
         raise ValueError(f"eval_every_steps must be >= 1, or None or 0 for every epoch; got "
                          f"{value!r}{f' for {name!r}' if len(names) > 1 else ''}.")
       every[name] = value or steps_per_epoch
-    return cls(every, num_steps)
+    return cls(dict(eval_data), every, num_steps)
 
   def next_record(self, step: int) -> int:
     """The first step after `step` that writes a record."""
@@ -316,63 +241,34 @@ class _EvaluationPlan:
             if name and (step % every == 0 or step == self.num_steps)]
 
 
+# In a multi-process run, the processes agree on a stop every this many steps (and wherever a call
+# of steps ends: an evaluation, epoch end or save), so a signal stops them within that.
 AGREE_EVERY = 10
-"""In a multi-process run, the processes agree on a stop every this many steps (and wherever a
-call of steps ends at an evaluation, epoch end or save), so a signal stops them within that."""
-
-
-def _agree(stop: _StopSignals | None, timely: bool, *,
-           due_check: bool) -> tuple[str | None, bool]:
-  """`(the signal that stops the run, whether a time-based save is due)`, the same on every
-  process. In a multi-process run a signal to any one process stops them all at the same step,
-  and process 0's clock decides the time-based saves: every process takes part in a save, so one
-  that saved or stopped alone would leave the others waiting for it forever. One all-gather of
-  two numbers where `due_check` (the same steps on every process); a single process just reads
-  its own signal."""
-  received = stop.received if stop is not None else None
-  if jax.process_count() == 1:
-    return received, timely
-  if not due_check:
-    return None, False
-  number = signal.Signals[received].value if received else 0
-  gathered = multihost_utils.process_allgather(np.array([number, timely], np.int32))
-  rows = np.asarray(gathered).reshape(-1, 2)  # one row per process
-  timely = bool(rows[0, 1])
-  signalled = [index for index, row in enumerate(rows) if row[0]]
-  if not signalled:
-    return None, timely
-  name = signal.Signals(int(rows[signalled[0], 0])).name
-  return (name if received == name else f"{name} (to process {signalled[0]})"), timely
 
 
 def _record(step: int, steps_per_epoch: int, train_sums: metrics_lib.Metrics, seconds: float,
             state: TrainState, speed: _Speed) -> Record:
-  """An evaluation record's training part: step, epoch, `train_*` means, speed (and MFU),
-  learning rates."""
+  """A record's training part: step, epoch, `train_*` means, speed, MFU and learning rates."""
   train_means = metrics_lib.compute_metrics(train_sums)
-  record = {"step": step, "epoch": step / steps_per_epoch}
-  record.update({f"train_{k}": v for k, v in train_means.items() if k != "count"})
-  record["examples_per_second"] = train_means["count"] / max(seconds, 1e-9)
-  record.update(speed.utilisation(step, seconds))
-  record.update(_learning_rates(state))
-  return record
+  return {"step": step, "epoch": step / steps_per_epoch,
+          **{f"train_{k}": v for k, v in train_means.items() if k != "count"},
+          "examples_per_second": train_means["count"] / max(seconds, 1e-9),
+          **speed.utilisation(step, seconds),
+          **{name: float(np.asarray(jax.device_get(rate)).reshape(-1)[0])
+             for name, rate in optim.learning_rates(state.opt_state).items()}}
 
 
 class _Speed:
-  """The model FLOPs utilisation of each interval between records (`jdl.flops`): a train step's
-  FLOPs from XLA's cost analysis, read once, over the interval's time per step and the devices'
-  peak. The first interval, which holds the compilation, has none. Off (`flops_per_step` None)
-  where no cost analysis is available, under pmap (whose step is a per-device program) and for
-  runs that log nothing."""
+  """The model FLOPs utilisation (`jdl.flops`) of each interval between records, from a step's
+  FLOPs (XLA's cost analysis, read once); none for the first interval (it compiles), without a
+  cost analysis, under pmap (a per-device program) and for runs that log nothing."""
 
   def __init__(self, runner: parallel.Runner, train_step: Callable[..., Any], state: TrainState,
-               engine: _Engine, enabled: bool) -> None:
+               engine: resident.ResidentEngine | _HostEngine, enabled: bool) -> None:
     self.flops_per_step: float | None = None
-    self.first_step, self.compiled = int(state.step), False
-    self.num_devices = runner.num_devices
-    self.pending = None
-    if enabled and runner.axis_name is None:  # read at the first record, from a batch's shapes
-      self.pending = (train_step, _abstract(state), engine)
+    self.first_step, self.compiled, self.num_devices = int(state.step), False, runner.num_devices
+    self.pending = ((train_step, _abstract(state), engine)  # read at the first record
+                    if enabled and runner.axis_name is None else None)
 
   def utilisation(self, step: int, seconds: float) -> dict[str, float]:
     """`{"mfu": ...}` for the steps since the previous call (empty when off)."""
@@ -411,21 +307,12 @@ def evaluation_state(state: TrainState) -> TrainState:
   """The state to evaluate: `state` itself, or, when its optimizer keeps a moving average of the
   parameters (`optimizer.ema_decay`), `state` with the averaged parameters in their dtypes."""
   ema = optim.ema_parameters(state.opt_state)
-  if ema is None:
-    return state
-  return state.replace(params=jax.tree.map(lambda e, p: e.astype(p.dtype), ema, state.params))
-
-
-def _learning_rates(state: TrainState) -> dict[str, float]:
-  """The learning rates of the latest update, as the optimizer records them (`jdl.optim`)."""
-  # Under pmap the state holds one copy per device: read the first.
-  return {name: float(np.asarray(jax.device_get(rate)).reshape(-1)[0])
-          for name, rate in optim.learning_rates(state.opt_state).items()}
+  return state if ema is None else state.replace(
+      params=jax.tree.map(lambda e, p: e.astype(p.dtype), ema, state.params))
 
 
 class Preempted(Exception):
-  """Training stopped on SIGTERM or SIGINT after saving a checkpoint; running the same command
-  again (same workdir) resumes from it."""
+  """Training stopped on SIGTERM or SIGINT after saving; the same command again resumes it."""
 
   def __init__(self, step: int, signal_name: str, directory: str) -> None:
     super().__init__(
@@ -441,33 +328,35 @@ class NonFiniteError(FloatingPointError):
 class _NonFiniteWatch:
   """Turns the train step's `nonfinite_step` / `nonfinite_what` metrics into a clear error."""
 
-  def __init__(self, state: TrainState, checkpointer: Checkpointer | None) -> None:
+  def __init__(self, state: TrainState, runner: parallel.Runner,
+               checkpointer: Checkpointer | None) -> None:
     self.names = transfer.parameter_paths(state.params)  # in `jax.tree.leaves` order
-    self.checkpointer = checkpointer
+    self.runner, self.checkpointer = runner, checkpointer
 
-  def check(self, fetched: Mapping[str, Any] | None, step: int,
-            current_state: Callable[[], TrainState]) -> None:
-    """Raises `NonFiniteError` if `fetched` (the sums up to `step`) records a bad step, or, from
-    a step without the watch, a non-finite loss; `current_state()` gives the state to inspect for
-    parameters that are already NaN or infinite."""
-    if not fetched:
-      return
+  def fetch(self, sums: metrics_lib.Metrics | None, step: int, state: TrainState
+            ) -> Mapping[str, Any] | None:
+    """`sums` (those up to `step`) on the host, once checked: raises `NonFiniteError` if they
+    record a bad step or, from a step without the watch, a non-finite loss."""
+    if sums is None:
+      return None
+    fetched = self.runner.fetch_metrics(sums)
     if "nonfinite_step" not in fetched:  # a step without the watch: the loss sums still tell
       if "loss_sum" in fetched and not np.all(np.isfinite(np.asarray(fetched["loss_sum"]))):
         raise NonFiniteError(
             f"the training loss became NaN or infinite by step {step}; training stopped."
             f"{self._kept()} Build the train step with check_finite=True to name the step "
             "(and with gradient_norms=True the parameter).")
-      return
+      return fetched
     bad_step = int(fetched["nonfinite_step"])
     if bad_step == metrics_lib.NO_NONFINITE_STEP:
-      return
+      return fetched
     what = int(fetched["nonfinite_what"])
     culprit = (f"the gradient of parameter {self.names[what - 1]}" if what else "the loss")
     spoilt = ""
     if not what:  # the loss-only watch: say which parameters a bad gradient already reached
-      leaves = jax.tree.leaves(jax.device_get(current_state().params))
-      broken = [name for name, leaf in zip(self.names, leaves) if not np.all(np.isfinite(leaf))]
+      params = jax.device_get(self.runner.fetch_state(state).params)
+      broken = [name for name, leaf in zip(self.names, jax.tree.leaves(params))
+                if not np.all(np.isfinite(leaf))]
       if broken:
         spoilt = (f" Parameters {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} are "
                   f"not finite: a gradient of step {bad_step} or before was (gradient_norms=True "
@@ -488,17 +377,14 @@ class _NonFiniteWatch:
 
 class _StopSignals:
   """Records the first SIGTERM or SIGINT instead of dying, so the loop can save and stop; a
-  second SIGINT interrupts at once. Installed only in the main thread."""
+  second SIGINT interrupts at once. Installed (`install`) only in the main thread."""
 
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self) -> None:
+  def __init__(self, install: bool) -> None:
     self.received: str | None = None
     self.previous: dict[int, Any] = {}
-    if threading.current_thread() is not threading.main_thread():
-      return
-    for number in self.SIGNALS:
-      self.previous[number] = signal.signal(number, self._handle)
+    if install and threading.current_thread() is threading.main_thread():
+      for number in (signal.SIGTERM, signal.SIGINT):
+        self.previous[number] = signal.signal(number, self._handle)
 
   def _handle(self, number: int, frame: Any) -> None:
     del frame
@@ -510,13 +396,31 @@ class _StopSignals:
     for number, handler in self.previous.items():
       signal.signal(number, handler)
 
+  def agree(self, timely: bool, *, due_check: bool) -> tuple[str | None, bool]:
+    """`(the signal that stops the run, whether a time-based save is due)`, the same on every
+    process (a process that saved or stopped alone would leave the others waiting forever): any
+    one's signal stops all, process 0's clock times saves. One all-gather where `due_check`."""
+    received = self.received  # one reading: a signal may arrive meanwhile
+    if jax.process_count() == 1:
+      return received, timely
+    if not due_check:
+      return None, False
+    number = signal.Signals[received].value if received else 0
+    gathered = multihost_utils.process_allgather(np.array([number, timely], np.int32))
+    rows = np.asarray(gathered).reshape(-1, 2)  # one row per process
+    timely = bool(rows[0, 1])
+    signalled = [index for index, row in enumerate(rows) if row[0]]
+    if not signalled:
+      return None, timely
+    name = signal.Signals(int(rows[signalled[0], 0])).name
+    return (name if received == name else f"{name} (to process {signalled[0]})"), timely
+
 
 def _make_engine(state: TrainState, train_step, eval_step, train_data, eval_data, *,
                  runner: parallel.Runner, device_resident: bool | None,
-                 steps_per_call: int | None) -> _Engine:
-  """The device-resident engine where the data allow it (and `device_resident` does not forbid
-  it), else the per-step host engine, for `eval_data` as `{name: source}`. In-memory splits are
-  checked here, once."""
+                 steps_per_call: int | None) -> resident.ResidentEngine | _HostEngine:
+  """The device-resident engine where the data allow it and `device_resident` does not forbid
+  it, else the per-step host engine; in-memory splits are checked here, once."""
   num_classes = output_width(state)
   sources = [train_data, *eval_data.values()]
   for source in sources:
@@ -531,8 +435,9 @@ def _make_engine(state: TrainState, train_step, eval_step, train_data, eval_data
         f"layout other than pmap; got {type(train_data).__name__} with layout {runner.layout!r} "
         f"in {jax.process_count()} process(es).")
   if device_resident is None:
-    size = sum(resident.nbytes(s.inputs, s.labels) for s in sources) if possible else 0
-    device_resident = possible and size <= resident.DEFAULT_RESIDENT_LIMIT_BYTES
+    device_resident = possible and sum(
+        np.asarray(leaf).nbytes for s in sources for leaf in jax.tree.leaves((s.inputs, s.labels))
+    ) <= resident.DEFAULT_RESIDENT_LIMIT_BYTES
   if device_resident:
     return resident.ResidentEngine(
         train_step, eval_step, train_data, eval_data, place=runner.place_replicated,
@@ -541,40 +446,16 @@ def _make_engine(state: TrainState, train_step, eval_step, train_data, eval_data
   return _HostEngine(runner, train_step, eval_step, train_data, eval_data, num_classes)
 
 
-PREFETCH_BATCHES = 2
-"""Batches the per-step engine keeps ready ahead of the step (`jdl.prefetch.BatchPrefetcher`)."""
-
-
-class _Engine(Protocol):
-  def advance(self, state: TrainState, step: int, limit: int) -> tuple[TrainState, Any, int]:
-    """Trains from `step` towards `limit`; returns the state, metric sums and steps taken."""
-    ...
-
-  def evaluate(self, state: TrainState, name: str) -> metrics_lib.Metrics:
-    """The metric states over the whole of evaluation source `name`."""
-    ...
-
-  def close(self) -> None:
-    """Releases what the engine holds (a prefetch thread)."""
-    ...
-
-  def batch_spec(self) -> Any:
-    """The shapes and dtypes of a training batch as the step receives it (this process's)."""
-    ...
-
-
 class _HostEngine:
-  """One compiled call per batch; batches come from the host, checked there and (on several
-  devices) laid out on them by a background thread a few steps ahead (`jdl.prefetch`), so
-  reading the next batches overlaps the step."""
+  """`jdl.resident.ResidentEngine`'s interface, one compiled call per host batch; a background
+  thread (`jdl.prefetch`) checks and places the next batches while the step runs."""
 
   def __init__(self, runner, train_step, eval_step, train_data, eval_data, num_classes):
-    self.runner, self.train_data, self.eval_data = runner, train_data, eval_data
-    self.num_classes = num_classes
+    self.runner, self.eval_data, self.num_classes = runner, eval_data, num_classes
     # In-memory arrays were checked once (`_make_engine`); other sources batch by batch here.
     self.check_each_batch = not isinstance(train_data, data_lib.ArraySource)
     self.train_step, self.eval_step = runner.compile(train_step, eval_step)
-    self.batches = prefetch.BatchPrefetcher(train_data, self._prepare, depth=PREFETCH_BATCHES)
+    self.batches = prefetch.BatchPrefetcher(train_data, self._prepare, depth=2)
     self.last_batch_spec: Any = None
 
   def _prepare(self, batch):
@@ -609,7 +490,7 @@ def format_record(record: Mapping[str, float]) -> str:
   """One line for a record: `epoch 3.00 step 120 | train loss ... | test loss ... | ex/s`."""
   parts = [f"epoch {record['epoch']:.2f}  step {int(record['step'])}"]
   prefixes = sorted({k.rsplit("_", 1)[0] for k in record if k.endswith("_loss")},
-                   key=lambda p: (p != "train", p))
+                    key=lambda p: (p != "train", p))
   for prefix in prefixes:
     # The loss first, then the task's other means (accuracy, an ELBO's terms); not the extrema.
     names = [key.removeprefix(f"{prefix}_") for key in record if key.startswith(f"{prefix}_")]

@@ -1,19 +1,16 @@
 """Metric states that merge exactly: per-batch sums, counts and extrema, turned into values once.
 
-A step returns a flat dict of metric *states*, never means, so they merge exactly across batches
-and devices, padding excluded; `compute_metrics` turns them into values on the host. The suffix of
-a key says how it merges and what it reports:
+A step returns a flat dict of metric *states*, never means, merged exactly across batches and
+devices; `compute_metrics` turns them into values. A key's suffix says how it merges and reports:
 
   `count`          summed: the examples (or positions) the loss counted.
   `<name>_sum`     summed; reported as `<name>` = sum / `<name>_count`, or / `count` without one.
   `<name>_count`   summed: the denominator of `<name>_sum` where it is not `count`.
   `<name>_max`     the maximum; reported as `<name>_max` (`_min` likewise).
 
-Arrays merge the same way (a confusion matrix as `confusion_sum`, say); only scalars are reported.
-The train step's non-finite watch (`nonfinite_step`, `nonfinite_what`) merges by keeping the
-earliest bad step. A metric function, as tasks take them (`jdl.tasks`), maps `(outputs, batch,
-mask)` to such a dict, where `mask` is the batch's `[batch]` (or per-position) mask of real
-examples.
+Arrays merge alike (a `confusion_sum`); only scalars are reported. The non-finite watch
+(`nonfinite_*`) keeps the earliest bad step. A metric function maps `(outputs, batch, mask)` to
+such a dict.
 """
 
 from __future__ import annotations
@@ -33,55 +30,41 @@ def _merge_rule(key: str) -> str:
   """"sum", "max", "min" or "watch": how the state under `key` merges."""
   if key.startswith("nonfinite_"):
     return "watch"
-  if key.endswith("_max"):
-    return "max"
-  if key.endswith("_min"):
-    return "min"
-  return "sum"
+  return next((rule for rule in ("max", "min") if key.endswith(f"_{rule}")), "sum")
 
 
 def classification_metrics(outputs: jax.Array, labels: jax.Array, losses: jax.Array,
                            mask: jax.Array | None = None, *, top_k: Sequence[int] = ()) -> Metrics:
-  """States for loss, accuracy and top-k accuracy over the unmasked examples of one batch.
-
-  Labels may have positions (a language model's `[batch, time]`); `count` then counts positions.
-
-  Args:
-    outputs: `[batch, ..., num_classes]` logits or probabilities.
-    labels: `[batch, ...]` integer labels.
-    losses: per-example (per-position) losses, shaped like `labels`.
-    mask: `[batch]` (per example) or shaped like `labels` (per position) booleans (or 0/1), True
-      for what counts; None means everything is real.
-    top_k: the k of the top-k accuracies to track; a k >= num_classes is skipped (it is always 1).
-
-  Returns:
-    `loss_metrics(losses, mask)` plus `accuracy_sum` and one `top{k}_accuracy_sum` per k.
-  """
+  """`loss_metrics(losses, mask)` and `accuracy_metrics(outputs, labels, mask, top_k=top_k)` of
+  one batch: `outputs` are `[batch, ..., num_classes]` logits or probabilities, `labels` and
+  `losses` are `[batch, ...]` (positions count as examples)."""
   return {**loss_metrics(losses, mask), **accuracy_metrics(outputs, labels, mask, top_k=top_k)}
 
 
-def accuracy_metrics(outputs: jax.Array, labels: jax.Array, mask: jax.Array | None = None, *,
-                     top_k: Sequence[int] = ()) -> Metrics:
-  """`accuracy_sum` (correct examples) and one `top{k}_accuracy_sum` per k < num_classes.
-
-  Labels must be integers shaped like `outputs` without its class axis: anything else would
-  broadcast into a wrong number, so it is refused while tracing.
-  """
+def check_class_labels(outputs: jax.Array, labels: jax.Array, what: str) -> None:
+  """Refuses, while tracing, labels that are not integers shaped like `outputs` without its class
+  axis: they would broadcast into a wrong number. `what` names the user (accuracy, a loss)."""
   if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise ValueError(f"accuracy needs integer class labels; got dtype {labels.dtype}. For "
+    raise ValueError(f"{what} needs integer class labels; got dtype {labels.dtype}. For "
                      "real-valued targets use a regression task (jdl.tasks.regression).")
   if tuple(labels.shape) != tuple(outputs.shape[:-1]):
     raise ValueError(
         f"labels of shape {tuple(labels.shape)} do not fit outputs of shape "
-        f"{tuple(outputs.shape)}: accuracy needs labels shaped like the outputs without their "
-        f"class axis, {tuple(outputs.shape[:-1])}.")
+        f"{tuple(outputs.shape)}: class labels are shaped like the outputs without their class "
+        f"axis, {tuple(outputs.shape[:-1])} (one integer per example or per position).")
+
+
+def accuracy_metrics(outputs: jax.Array, labels: jax.Array, mask: jax.Array | None = None, *,
+                     top_k: Sequence[int] = ()) -> Metrics:
+  """`accuracy_sum` (correct examples) and one `top{k}_accuracy_sum` per k < num_classes (a larger
+  k is always right) over the unmasked examples; `mask` is `[batch]` or shaped like `labels`."""
+  check_class_labels(outputs, labels, "accuracy")
   keep = broadcast_mask(mask, labels.shape).astype(jnp.int32)
   labels = labels.astype(jnp.int32)
   correct = (jnp.argmax(outputs, axis=-1) == labels).astype(jnp.int32)
   sums = {"accuracy_sum": jnp.sum(correct * keep)}
-  num_classes = outputs.shape[-1]
   for k in top_k:
-    if k < num_classes:
+    if k < outputs.shape[-1]:
       _, top_indices = jax.lax.top_k(outputs, k)
       hit = jnp.any(top_indices == labels[..., None], axis=-1).astype(jnp.int32)
       sums[f"top{k}_accuracy_sum"] = jnp.sum(hit * keep)
@@ -90,18 +73,15 @@ def accuracy_metrics(outputs: jax.Array, labels: jax.Array, mask: jax.Array | No
 
 def error_metrics(predictions: jax.Array, targets: jax.Array, mask: jax.Array | None = None
                   ) -> Metrics:
-  """Regression states: `mean_absolute_error_sum` (with its own count: every target element
-  counts) and `absolute_error_max`, over the unmasked examples."""
+  """`mean_absolute_error_sum` (with its own count of elements) and `absolute_error_max`."""
   if tuple(predictions.shape) != tuple(targets.shape):
     raise ValueError(f"predictions of shape {tuple(predictions.shape)} do not fit targets of "
                      f"shape {tuple(targets.shape)}; they must have one shape.")
   keep = broadcast_mask(mask, targets.shape).astype(jnp.bool_)
   error = jnp.abs(predictions.astype(jnp.float32) - targets.astype(jnp.float32))
-  return {
-      "mean_absolute_error_sum": jnp.sum(jnp.where(keep, error, 0.0)),
-      "mean_absolute_error_count": jnp.sum(keep.astype(jnp.int32)),
-      "absolute_error_max": jnp.max(jnp.where(keep, error, -jnp.inf)),
-  }
+  return {"mean_absolute_error_sum": jnp.sum(jnp.where(keep, error, 0.0)),
+          "mean_absolute_error_count": jnp.sum(keep.astype(jnp.int32)),
+          "absolute_error_max": jnp.max(jnp.where(keep, error, -jnp.inf))}
 
 
 def broadcast_mask(mask: jax.Array | None, shape: Sequence[int]) -> jax.Array:
@@ -124,29 +104,22 @@ def loss_metrics(losses: jax.Array, mask: jax.Array | None = None) -> Metrics:
   return {"count": jnp.sum(keep), "loss_sum": jnp.sum(losses.astype(jnp.float32) * keep)}
 
 
-NO_NONFINITE_STEP = np.iinfo(np.int32).max
-"""`nonfinite_step` of a step whose loss and gradients were all finite."""
+NO_NONFINITE_STEP = np.iinfo(np.int32).max  # `nonfinite_step` where all was finite
 
 
 def nonfinite_metrics(step: jax.Array, loss_sum: jax.Array,
                       gradient_squares: Sequence[jax.Array] = ()) -> Metrics:
-  """The train step's non-finite watch.
-
-  `nonfinite_step` is the 1-based number of this step if its loss, or any of the per-leaf sums of
-  squared gradients it is given, is not finite (else `NO_NONFINITE_STEP`); `nonfinite_what` is 0
-  for the loss, `i + 1` for the i-th gradient leaf.
-  """
+  """The train step's non-finite watch: `nonfinite_step` is the 1-based number of this step if
+  its loss, or any per-leaf sum of squared gradients given, is not finite (else
+  `NO_NONFINITE_STEP`); `nonfinite_what` is 0 for the loss, `i + 1` for the i-th gradient leaf."""
   bad = jnp.stack([~jnp.all(jnp.isfinite(loss_sum))]
                   + [~jnp.isfinite(square) for square in gradient_squares])
-  return {
-      "nonfinite_step": jnp.where(jnp.any(bad), step.astype(jnp.int32) + 1, NO_NONFINITE_STEP),
-      "nonfinite_what": jnp.argmax(bad).astype(jnp.int32),
-  }
+  return {"nonfinite_step": jnp.where(jnp.any(bad), step.astype(jnp.int32) + 1, NO_NONFINITE_STEP),
+          "nonfinite_what": jnp.argmax(bad).astype(jnp.int32)}
 
 
 def reduce_over_axis(metrics: Metrics, axis_name: str) -> Metrics:
-  """Merges per-device metric states over a mapped axis (`pmap`, `shard_map`): sums are summed,
-  extrema reduced by their rule."""
+  """Merges per-device metric states over a mapped axis (`pmap`, `shard_map`) by their rules."""
   reduce = {"sum": jax.lax.psum, "max": jax.lax.pmax, "min": jax.lax.pmin}
   return {key: reduce[_merge_rule(key)](value, axis_name) for key, value in metrics.items()}
 
@@ -157,8 +130,7 @@ def empty_metrics() -> None:
 
 
 def zero_metrics(like: Mapping[str, Any]) -> Metrics:
-  """Metrics shaped like `like` that merge as a no-op: the start of a total in a compiled loop,
-  where `empty_metrics()` (None) cannot be carried."""
+  """Metrics like `like` that merge as a no-op: a compiled loop cannot carry `empty_metrics()`."""
   def identity(key: str, value: Any) -> jax.Array:
     rule = _merge_rule(key)
     if key == "nonfinite_step":
@@ -195,15 +167,13 @@ def _merge(total: Metrics, batch: Metrics) -> Metrics:
 
 
 def metric_values(total: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """The values of merged metric states, on the host, as float64 arrays (elementwise, so a
-  stack of states, one per sweep member, gives one value per member): `<name>` for every
-  `<name>_sum`, the extrema as they are, and `count`. Non-scalar states are left out."""
+  """Values of merged states as float64 host arrays (elementwise: a sweep's stack gives one per
+  member): `<name>` for every `<name>_sum`, the extrema as they are, and `count`."""
   total = {key: np.asarray(value) for key, value in jax.device_get(dict(total)).items()}
   count = total.get("count")
   values: dict[str, np.ndarray] = {}
   for key, value in total.items():
-    rule = _merge_rule(key)
-    if rule in ("max", "min"):
+    if _merge_rule(key) in ("max", "min"):
       values[key] = value.astype(np.float64)
     elif key.endswith("_sum"):
       name = key.removesuffix("_sum")
@@ -218,14 +188,10 @@ def metric_values(total: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def compute_metrics(total: Mapping[str, jax.Array | np.ndarray] | None) -> dict[str, float]:
-  """Values from merged states (`metric_values`) as floats: `loss`, `accuracy`, ... and `count`
-  (examples seen) as an int. Non-scalar states (a confusion matrix, say) are left out."""
+  """The scalar `metric_values` as floats (`loss`, `accuracy`, ...) and `count` as an int."""
   if total is None:
     return {}
   if "count" in total and int(np.asarray(jax.device_get(total["count"]))) == 0:
     raise ValueError("no examples were accumulated (count is 0); cannot compute means.")
-  result: dict[str, float] = {}
-  for key, value in metric_values(total).items():
-    if np.ndim(value) == 0:
-      result[key] = int(value) if key == "count" else float(value)
-  return result
+  return {key: int(value) if key == "count" else float(value)
+          for key, value in metric_values(total).items() if np.ndim(value) == 0}

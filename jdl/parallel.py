@@ -1,20 +1,9 @@
-"""Runners: the same pure step under jit, jit over a device mesh, or pmap; and many hosts.
-
-A runner owns the host/device boundary of one layout: it places the state and batches, compiles
-the steps, and brings metrics and state back.
-
-  "none":  `JitRunner`      jax.jit on one device.
-  "shard": `ShardedRunner`  jax.jit over a `Mesh`: batch split along the data axis, state
-                            replicated; the single-device program, so BatchNorm statistics and
-                            dropout keys are those of the global batch.
-  "pmap":  `PmapRunner`     jax.pmap: state replicated with a leading device axis, batch reshaped to
-                            [devices, batch / devices, ...]; steps and models built with
-                            `axis_name=runner.axis_name` reduce across devices.
-  "auto":  "shard" when more than one device is present, else "none".
-
-Many hosts: `initialize_distributed` joins the processes; each feeds its own share of every global
-batch, and `ShardedRunner` assembles global arrays from the process-local pieces. See
-docs/devices.md.
+"""Runners: the same pure step under jit ("none", `JitRunner`), jit over a device mesh ("shard",
+`ShardedRunner`: the single-device program, so BatchNorm statistics and dropout keys are those of
+the global batch) or pmap ("pmap", `PmapRunner`, with steps and models built with
+`axis_name=runner.axis_name`); "auto" is "shard" on more than one device, else "none". Many
+hosts: `initialize_distributed` joins the processes, each feeds its own share of every global
+batch, and `ShardedRunner` assembles global arrays from the pieces (docs/devices.md).
 """
 
 from __future__ import annotations
@@ -22,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import numpy as np
@@ -46,54 +35,53 @@ class PeerError(RuntimeError):
   """The processes of a multi-process run disagree (config, workdir) or one of them was lost."""
 
 
-class Runner(Protocol):
-  """What the loop needs from a device layout."""
+class Runner:
+  """A device layout: what the loop needs to place, compile and fetch. Its methods are plain
+  `jax.jit` on the default device (`JitRunner`); the other layouts override them.
 
-  layout: str
-  axis_name: str | None  # build steps and models with this
-  num_devices: int  # devices across all processes
+  `place_state` lays the state out for the compiled steps, `fetch_state` gives it back usable on
+  one device. `place_batch` readies a host batch (this process's share): with `pad`, padded with
+  masked examples to a multiple of the device count, else an uneven batch is an error. `compile`
+  compiles the steps (the train step donates the state; None stays None); `fetch_metrics` gives
+  sums as plain scalars; `place_replicated` copies a tree to every device (resident data), and
+  `constrain_batch` lays a batch out inside a compiled function.
+  """
+
+  layout = "none"
+  axis_name: str | None = None  # build steps and models with this
+  num_devices = 1  # devices across all processes
+  supports_resident = True  # whether whole splits may live on the devices (jdl.resident)
 
   def place_state(self, state: TrainState) -> TrainState:
-    """The state on the devices, laid out for this runner's compiled steps."""
-    ...
+    return jax.device_put(state)
 
   def fetch_state(self, state: TrainState) -> TrainState:
-    """A state usable on one device (the first replica under pmap)."""
-    ...
+    return state
 
   def place_batch(self, batch: Batch, *, pad: bool = False) -> Batch:
-    """A host batch (this process's share) ready for the compiled steps. With `pad`, padded with
-    masked examples to a multiple of the device count; without, an uneven batch is an error."""
-    ...
+    """The host arrays themselves: the compiled step's C++ dispatch copies them for less."""
+    del pad
+    return dict(batch)
 
   def compile(self, train_step: TrainStep, eval_step: EvalStep | None
               ) -> tuple[TrainStep, EvalStep | None]:
-    """The steps compiled for this layout (the train step donates the state); None stays None."""
-    ...
+    return (jax.jit(train_step, donate_argnums=0),
+            None if eval_step is None else jax.jit(eval_step))
 
   def fetch_metrics(self, sums: Metrics) -> Metrics:
-    """Metric sums as plain scalars (the first replica under pmap)."""
-    ...
-
-  supports_resident: bool  # whether whole splits may live on the devices (jdl.resident)
+    return sums
 
   def place_replicated(self, tree: Any) -> Any:
-    """`tree` copied to every device of the layout (for device-resident data)."""
-    ...
+    return jax.device_put(tree)
 
   def constrain_batch(self, batch: Batch) -> Batch:
-    """Inside a compiled function: lays a batch out as this layout's steps expect."""
-    ...
+    return batch
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
-  """A one-axis mesh (`DATA_AXIS`) over `num_devices` devices (default: all).
-
-  In a multi-process run every process contributes the same number of its own devices, in process
-  order, so each process's share of a batch lands on its own devices.
-  """
-  devices = jax.devices()
-  processes = jax.process_count()
+  """A one-axis mesh (`DATA_AXIS`) over `num_devices` devices (default: all). Every process gives
+  the same number of its own devices, in process order, so its share of a batch stays local."""
+  devices, processes = jax.devices(), jax.process_count()
   count = len(devices) if num_devices is None else int(num_devices)
   if count < 1:
     raise ValueError(f"a mesh needs at least one device; got num_devices={num_devices}.")
@@ -106,24 +94,19 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
   per_process = count // processes
   chosen = []
   for process in range(processes):
-    own = [d for d in devices if d.process_index == process]
+    own = [d for d in devices if d.process_index == process][:per_process]
     if len(own) < per_process:
       raise ValueError(f"process {process} has {len(own)} devices; the mesh needs {per_process}.")
-    chosen.extend(own[:per_process])
+    chosen.extend(own)
   return Mesh(np.array(chosen), (DATA_AXIS,))
 
 
 def make_runner(layout: str = "auto", *, num_devices: int | None = None,
                 batch_size: int | None = None) -> Runner:
-  """The runner for `layout` ("auto", "none", "shard" or "pmap").
-
-  Args:
-    layout: the device layout; "auto" is "shard" when more than one device is present, else "none".
-    num_devices: devices to use (default: all; per process under pmap). An explicit count is
-      strict: more than are present, or a `batch_size` it does not divide, is an error.
-    batch_size: the global training batch size. Under "auto" without `num_devices`, the mesh takes
-      the largest number of devices that divides it, so a default config runs on any machine.
-  """
+  """The runner for `layout` ("auto", "none", "shard" or "pmap") on `num_devices` (default: all;
+  per process under pmap). An explicit count is strict: more than are present, or one that does
+  not divide the global `batch_size`, is an error; "auto" without it takes the most devices that
+  divide `batch_size`, so a default config runs on any machine."""
   if layout not in LAYOUTS:
     raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}.")
   if layout == "auto":
@@ -149,17 +132,19 @@ def make_runner(layout: str = "auto", *, num_devices: int | None = None,
   return runner
 
 
-def _check_divisible(batch: Batch, count: int, what: str) -> int:
+def _split_evenly(batch: Batch, count: int, what: str, *, pad: bool) -> Batch:
+  """`batch` padded to a multiple of `count` (with `pad`), or checked to be one."""
+  if pad:
+    return pad_to_multiple(batch, count)
   size = num_rows(batch)
   if size % count:
     raise ValueError(f"the batch of {size} examples cannot be split evenly over {count} {what}; "
                      f"use a batch size that is a multiple of {count}.")
-  return size
+  return batch
 
 
 def pad_to_multiple(batch: Batch, multiple: int) -> dict[str, Any]:
-  """Pads a host batch (a dict of arrays or pytrees) with zero examples, marked False in `mask`,
-  to a multiple of `multiple`."""
+  """A host batch padded with zero examples, False in `mask`, to a multiple of `multiple`."""
   batch = jax.tree.map(np.asarray, dict(batch))
   size = num_rows(batch)
   if "mask" not in batch:
@@ -172,13 +157,14 @@ def pad_to_multiple(batch: Batch, multiple: int) -> dict[str, Any]:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Every array of `tree` copied to every device of `mesh` (a replicated global array).
+  """Every array of `tree` copied to every device of `mesh` (a replicated global array)."""
+  return place(tree, NamedSharding(mesh, PartitionSpec()))
 
-  Over many processes each builds its own devices' copies from its host copy of the values,
-  which must be the same on every process (a fresh state from one seed, a restored checkpoint):
-  JAX moves no array from one host's device to another's.
-  """
-  sharding = NamedSharding(mesh, PartitionSpec())
+
+def place(tree: Any, sharding: NamedSharding) -> Any:
+  """Every array of `tree` laid out by `sharding` as a global array. Over many processes each
+  builds its own devices' pieces from its host copy, which must be the same on every process (a
+  fresh state from one seed, a restored checkpoint): JAX moves no array between hosts."""
   if sharding.is_fully_addressable:
     return jax.device_put(tree, sharding)
 
@@ -204,105 +190,60 @@ def unreplicate(tree: Any) -> Any:
   return jax.tree.map(lambda x: x[0], tree)
 
 
-def _unless_none(step: EvalStep | None, compile_step: Callable[[EvalStep], EvalStep]
-                 ) -> EvalStep | None:
-  """`compile_step(step)`, or None for no step (`fit` without evaluation)."""
-  return None if step is None else compile_step(step)
+class JitRunner(Runner):
+  """Plain `jax.jit` on the default device: `Runner` as it is."""
 
 
-class JitRunner:
-  """Plain `jax.jit` on the default device."""
-
-  layout = "none"
-  axis_name = None
-  num_devices = 1
-
-  def place_state(self, state: TrainState) -> TrainState:
-    return jax.device_put(state)
-
-  def fetch_state(self, state: TrainState) -> TrainState:
-    return state
-
-  def place_batch(self, batch: Batch, *, pad: bool = False) -> Batch:
-    """The host arrays themselves: the compiled step's C++ dispatch copies them for less."""
-    del pad
-    return dict(batch)
-
-  def compile(self, train_step: TrainStep, eval_step: EvalStep | None
-              ) -> tuple[TrainStep, EvalStep | None]:
-    return jax.jit(train_step, donate_argnums=0), _unless_none(eval_step, jax.jit)
-
-  def fetch_metrics(self, sums: Metrics) -> Metrics:
-    return sums
-
-  supports_resident = True
-
-  def place_replicated(self, tree: Any) -> Any:
-    return jax.device_put(tree)
-
-  def constrain_batch(self, batch: Batch) -> Batch:
-    return batch
-
-
-class ShardedRunner:
+class ShardedRunner(Runner):
   """`jax.jit` over a mesh: batch split along `DATA_AXIS`, state replicated; multi-process too."""
 
   layout = "shard"
-  axis_name = None
 
   def __init__(self, mesh: Mesh) -> None:
     if DATA_AXIS not in mesh.axis_names:
       raise ValueError(f"the mesh needs an axis named {DATA_AXIS!r}; it has {mesh.axis_names}.")
     self.mesh = mesh
     self.replicated = NamedSharding(mesh, PartitionSpec())
+    self.state_sharding = self.replicated  # the state's layout, for placing and compiling
     self.batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
     self.num_devices = int(mesh.devices.size)
     self.local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
 
   def place_state(self, state: TrainState) -> TrainState:
-    return replicate(state, self.mesh)
-
-  def fetch_state(self, state: TrainState) -> TrainState:
-    return state
+    return place(state, self.state_sharding)
 
   def place_batch(self, batch: Batch, *, pad: bool = False) -> Batch:
-    if pad:
-      batch = pad_to_multiple(batch, self.local_devices)
-    else:
-      _check_divisible(batch, self.local_devices, "devices" if jax.process_count() == 1 else
-                       f"local devices of process {jax.process_index()}")
-    return shard_batch(batch, self.mesh)
+    what = ("devices" if jax.process_count() == 1 else
+            f"local devices of process {jax.process_index()}")
+    return shard_batch(_split_evenly(batch, self.local_devices, what, pad=pad), self.mesh)
 
   def compile(self, train_step: TrainStep, eval_step: EvalStep | None
               ) -> tuple[TrainStep, EvalStep | None]:
-    train = jax.jit(train_step, in_shardings=(self.replicated, self.batch_sharding),
-                    out_shardings=(self.replicated, self.replicated), donate_argnums=0)
-    evaluate = _unless_none(eval_step, lambda step: jax.jit(
-        step, in_shardings=(self.replicated, self.batch_sharding), out_shardings=self.replicated))
-    return train, evaluate
+    inputs = (self.state_sharding, self.batch_sharding)
+    train = jax.jit(train_step, in_shardings=inputs,
+                    out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
+    return train, None if eval_step is None else jax.jit(
+        eval_step, in_shardings=inputs, out_shardings=self.replicated)
 
   def fetch_metrics(self, sums: Metrics) -> Metrics:
     # This process's copy: in a multi-process run the global array is not addressable as a whole.
     return jax.tree.map(lambda x: x.addressable_data(0), sums)
 
-  supports_resident = True
-
   def place_replicated(self, tree: Any) -> Any:
-    return replicate(tree, self.mesh)
+    return place(tree, self.replicated)
 
   def constrain_batch(self, batch: Batch) -> Batch:
     return jax.lax.with_sharding_constraint(dict(batch), self.batch_sharding)
 
 
-class PmapRunner:
-  """`jax.pmap` over this process's devices, with `axis_name=PMAP_AXIS`; single-process only.
-
-  pmap is in maintenance mode in JAX; it stays for code written for it, `ShardedRunner` is the
-  default.
-  """
+class PmapRunner(Runner):
+  """`jax.pmap` over this process's devices with `axis_name=PMAP_AXIS`: state stacked with a
+  leading device axis, batch reshaped to [devices, batch / devices, ...]; single-process only.
+  pmap is in maintenance mode in JAX and stays for code written for it."""
 
   layout = "pmap"
   axis_name = PMAP_AXIS
+  supports_resident = False  # pmap steps see per-device batches; they stream from the host
 
   def __init__(self, num_devices: int | None = None) -> None:
     if jax.process_count() > 1:
@@ -317,17 +258,15 @@ class PmapRunner:
     self.devices = local[:count]
     self.local_devices = self.num_devices = count
     # Arrays with a leading device axis, one slice per device: what pmap consumes and returns.
-    self.stacked = NamedSharding(Mesh(np.array(self.devices), (PMAP_AXIS,)), PartitionSpec(PMAP_AXIS))
+    self.stacked = NamedSharding(Mesh(np.array(self.devices), (PMAP_AXIS,)),
+                                 PartitionSpec(PMAP_AXIS))
 
   def place_state(self, state: TrainState) -> TrainState:
     count = self.local_devices
 
     def stack(x: Any) -> jax.Array:
       if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys: stack their data
-        impl = jax.random.key_impl(x)
-        data = np.asarray(jax.random.key_data(x))
-        return jax.random.wrap_key_data(
-            jax.device_put(np.broadcast_to(data, (count, *data.shape)), self.stacked), impl=impl)
+        return jax.random.wrap_key_data(stack(jax.random.key_data(x)), impl=jax.random.key_impl(x))
       return jax.device_put(np.broadcast_to(np.asarray(x), (count, *np.shape(x))), self.stacked)
 
     return jax.tree.map(stack, state)
@@ -336,25 +275,19 @@ class PmapRunner:
     return unreplicate(state)
 
   def place_batch(self, batch: Batch, *, pad: bool = False) -> Batch:
-    if pad:
-      batch = pad_to_multiple(batch, self.local_devices)
-    else:
-      _check_divisible(batch, self.local_devices, "devices")
     count = self.local_devices
+    batch = _split_evenly(batch, count, "devices", pad=pad)
     return jax.tree.map(lambda value: jax.device_put(
         np.asarray(value).reshape(count, -1, *np.shape(value)[1:]), self.stacked), dict(batch))
 
   def compile(self, train_step: TrainStep, eval_step: EvalStep | None
               ) -> tuple[TrainStep, EvalStep | None]:
     train = jax.pmap(train_step, axis_name=PMAP_AXIS, devices=self.devices, donate_argnums=0)
-    evaluate = _unless_none(eval_step, lambda step: jax.pmap(step, axis_name=PMAP_AXIS,
-                                                             devices=self.devices))
-    return train, evaluate
+    return train, None if eval_step is None else jax.pmap(eval_step, axis_name=PMAP_AXIS,
+                                                          devices=self.devices)
 
   def fetch_metrics(self, sums: Metrics) -> Metrics:
     return unreplicate(sums)
-
-  supports_resident = False  # pmap steps see per-device batches; they stream from the host
 
   def place_replicated(self, tree: Any) -> Any:
     raise NotImplementedError("layout 'pmap' streams batches from the host.")
@@ -364,19 +297,10 @@ class PmapRunner:
 
 
 def initialize_distributed(mode: str = "auto") -> bool:
-  """Joins this process to a multi-process JAX run when the environment asks for it.
-
-  Call it before any other JAX work. The environment contract:
-    JAX_COORDINATOR_ADDRESS  host:port of process 0's coordinator (every process);
-    JAX_NUM_PROCESSES        the number of processes;
-    JAX_PROCESS_ID           this process's index, 0 .. JAX_NUM_PROCESSES - 1.
-  With `mode="auto"` the run is joined when JAX_COORDINATOR_ADDRESS is set; `mode="on"` calls
-  `jax.distributed.initialize()` with JAX's own cluster detection (Cloud TPU pods, SLURM, Open
-  MPI, Kubernetes) filling in what the variables leave out; `mode="off"` never joins.
-
-  Returns:
-    Whether a multi-process run was joined.
-  """
+  """Joins a multi-process JAX run (before any other JAX work) when the environment asks; returns
+  whether it did. JAX_COORDINATOR_ADDRESS is process 0's host:port, JAX_NUM_PROCESSES the count,
+  JAX_PROCESS_ID this process's index from 0. "auto" joins when the address is set; "on" lets
+  JAX's cluster detection (TPU pods, SLURM, Open MPI, Kubernetes) fill in the rest; "off" never."""
   if mode not in ("auto", "on", "off"):
     raise ValueError(f"unknown distributed mode {mode!r}; expected 'auto', 'on' or 'off'.")
   address = os.environ.get("JAX_COORDINATOR_ADDRESS")
@@ -394,22 +318,18 @@ def initialize_distributed(mode: str = "auto") -> bool:
   if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
     # CPU processes need a collectives backend to talk to each other (GPU and TPU ignore this).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  # A process that dies without a word (SIGKILL, a lost machine) is noticed by its missing
-  # heartbeats; JAX's defaults wait 100 s for them and 300 s at exit for a peer that never comes.
+  # A silently dead peer is noticed by its missing heartbeats; JAX's defaults wait 100 s (300 s).
   jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=PEER_TIMEOUT_SECONDS,
                              shutdown_timeout_seconds=PEER_TIMEOUT_SECONDS)
   return True
 
 
-PEER_TIMEOUT_SECONDS = 30
-"""How long a multi-process run waits for a silent peer (missed heartbeats, or at exit) before
-every process is stopped."""
+PEER_TIMEOUT_SECONDS = 30  # how long the processes wait for a silent peer before all stop
 
 
 def check_same_everywhere(what: str, value: str) -> None:
-  """Raises PeerError on every process of a multi-process run unless `value` (a workdir, a
-  config's JSON) is the same on all of them, so a mistyped command line on one host stops the run
-  at its start instead of training apart and hanging at the end. Nothing in a single process."""
+  """Raises PeerError on every process unless `value` (a workdir, a config's JSON) is the same on
+  all, so a mistyped command line on one host stops the run at once, not by hanging at the end."""
   if jax.process_count() == 1:
     return
   digest = np.frombuffer(hashlib.sha256(value.encode()).digest(), np.uint8)
@@ -424,14 +344,10 @@ def check_same_everywhere(what: str, value: str) -> None:
 
 
 def raise_if_any_failed(error: Exception | None, what: str) -> None:
-  """Raises `error` on the process where it happened and PeerError on the others (naming that
-  process and `what` it was doing), so one process's refusal ends every process. Nothing when no
-  process failed, or in a single process with `error` None."""
-  if jax.process_count() == 1:
-    if error is not None:
-      raise error
-    return
-  failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).reshape(-1)
+  """Raises `error` where it happened and PeerError (naming it and `what`) on the others."""
+  failed = np.zeros(1)  # in a single process there is no other to ask
+  if jax.process_count() > 1:
+    failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).reshape(-1)
   if error is not None:
     raise error
   if failed.any():
@@ -444,17 +360,12 @@ _LOST_PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Gl
 
 
 def lost_peer(error: BaseException) -> PeerError | None:
-  """A PeerError for `error` when it (or an exception it was raised from) says another process
-  of a multi-process run went away mid-collective (its connection closed, its heartbeats
-  stopped); None otherwise, and always in a single process."""
+  """A PeerError when `error` (or one it came from) says another process went away mid-collective
+  (its connection closed, its heartbeats stopped); None otherwise and in a single process."""
   if jax.process_count() == 1:
     return None
-  seen, current, found = set(), error, None
-  while current is not None and id(current) not in seen:  # the innermost that says so
-    seen.add(id(current))
-    if any(sign in str(current) for sign in _LOST_PEER_SIGNS):
-      found = current
-    current = current.__cause__ or current.__context__
+  found = next((cause for cause in reversed(exception_chain(error))  # the innermost that says so
+                if any(sign in str(cause) for sign in _LOST_PEER_SIGNS)), None)
   if found is None:
     return None
   first = (str(found).splitlines() or [""])[0][:300]
@@ -462,6 +373,16 @@ def lost_peer(error: BaseException) -> PeerError | None:
       f"another process of this run was lost ({type(found).__name__}: {first}); process "
       f"{jax.process_index()} stops too. Start every process again with the same command to "
       "resume from the last checkpoint.")
+
+
+def exception_chain(error: BaseException) -> list[BaseException]:
+  """`error` and the exceptions it was raised from or while handling, outermost first."""
+  seen, current, chain = set(), error, []
+  while current is not None and id(current) not in seen:
+    seen.add(id(current))
+    chain.append(current)
+    current = current.__cause__ or current.__context__
+  return chain
 
 
 def is_main_process() -> bool:

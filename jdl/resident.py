@@ -1,22 +1,15 @@
 """The device-resident engine: whole splits on the device, many steps per compiled call.
 
-On a CPU, and for small models on a GPU, a step costs mostly Python and dispatch. When a split
-fits in device memory it is copied there once; each epoch's example order is drawn on the device;
-and up to the next evaluation the steps run as one compiled loop, with the metric sums carried
-through it and returned once per call. Nothing crosses the host/device boundary per step.
-
-The batches are exactly those of `jdl.data.ArraySource`: the same per-epoch order
-(`epoch_order`) and the same zero padding of a last partial batch, masked out. So a resident run
-reaches the parameters of the per-step engine for the same seed, up to float rounding (the two
-are different programs).
-
-`ResidentEngine` is used by `jdl.fit` (any single-process layout but pmap) and, with vmapped
-steps over a stacked state, by `jdl.vmap_sweep`.
+On a CPU, and for small models on a GPU, a step costs mostly dispatch. A split that fits is copied
+to the device once, each epoch's order drawn there, and the steps up to the next evaluation run as
+one compiled loop, on exactly the batches of `jdl.data.ArraySource` (the same `epoch_order` and
+masked padding). `ResidentEngine` serves `jdl.fit` and, with vmapped steps, `jdl.vmap_sweep`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -26,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdl import metrics as metrics_lib
-from jdl.data.sources import ArraySource, epoch_order
+from jdl.data.sources import ArraySource, epoch_order, num_rows
 
 Metrics = metrics_lib.Metrics
 State = Any  # a TrainState, or a stack of them under `jax.vmap`
@@ -34,8 +27,7 @@ TrainStep = Callable[[State, Any], tuple[State, Metrics]]
 EvalStep = Callable[[State, Any], Metrics]
 Batch = dict[str, jax.Array]
 
-DEFAULT_RESIDENT_LIMIT_BYTES = 2 << 30
-"""`jdl.fit` keeps data on the device by default when the splits take at most this many bytes."""
+DEFAULT_RESIDENT_LIMIT_BYTES = 2 << 30  # `jdl.fit` keeps splits of at most this on the device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,15 +42,14 @@ class ResidentData:
 
   @property
   def num_examples(self) -> int:
-    return num_stored_rows(self.inputs) - 1  # without the padding row
+    return num_rows(self.inputs) - 1  # without the padding row
 
   @property
   def steps_per_epoch(self) -> int:
     return -(-self.num_examples // self.batch_size)
 
   def padded_order(self, epoch: int | jax.Array) -> jax.Array:
-    """The epoch's order padded with -1 (masked slots) to `steps_per_epoch * batch_size`.
-    Traceable: `epoch` may be a traced scalar."""
+    """The epoch's order padded with -1 to `steps_per_epoch * batch_size`; `epoch` may be traced."""
     order = epoch_order(jnp.asarray(self.seed, jnp.uint32), jnp.asarray(epoch, jnp.uint32),
                         num_examples=self.num_examples, shuffle=self.shuffle)
     extra = self.steps_per_epoch * self.batch_size - self.num_examples
@@ -70,24 +61,18 @@ class ResidentData:
 
 
 class EpochOrder(NamedTuple):
-  """The example order of the epoch the last call ended in, carried from one call to the next so
-  that an epoch's order is drawn once, on the device, by whichever call reaches it first."""
+  """The order of the epoch the last call ended in, carried so each epoch's is drawn only once."""
 
   epoch: jax.Array  # int32 scalar; -1 before the first epoch is drawn
   order: jax.Array  # int32 [steps_per_epoch * batch_size], padded with -1
 
 
 def loops_are_slow(fn: Callable[..., Any], *args: Any) -> bool:
-  """Whether running `fn(*args)` inside a compiled loop would be much slower than alone.
-
-  True on the CPU backend when `fn` contains a convolution: XLA's CPU compiler cannot give a
-  convolution in a loop body the layouts its library kernels need and falls back to a naive loop
-  nest (jax issue 12868), an order of magnitude slower for a ResNet step. Tracing `fn` to a jaxpr
-  computes nothing.
-  """
-  if jax.default_backend() != "cpu":
-    return False
-  return _has_primitive(jax.make_jaxpr(fn)(*args).jaxpr, "conv_general_dilated")
+  """Whether `fn(*args)` would run much slower in a compiled loop: on the CPU with a convolution,
+  whose library kernels' layouts XLA cannot give a loop body (jax issue 12868; ten times slower
+  for a ResNet). Tracing `fn` to a jaxpr computes nothing."""
+  return jax.default_backend() == "cpu" and _has_primitive(jax.make_jaxpr(fn)(*args).jaxpr,
+                                                          "conv_general_dilated")
 
 
 def _has_primitive(jaxpr: Any, name: str) -> bool:
@@ -102,13 +87,8 @@ def _has_primitive(jaxpr: Any, name: str) -> bool:
   return False
 
 
-def nbytes(*trees: Any) -> int:
-  return int(sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(trees)))
-
-
 def with_padding_row(inputs: Any, labels: Any) -> tuple[Any, Any]:
-  """The arrays (or pytrees of arrays) with one zero example appended: the row that padding slots
-  gather."""
+  """The arrays (or pytrees) with one zero example appended: the row padding slots gather."""
   def pad(value: Any) -> np.ndarray:
     value = np.asarray(value)
     return np.concatenate([value, np.zeros((1, *value.shape[1:]), value.dtype)])
@@ -120,43 +100,28 @@ def gather_batch(inputs: Any, labels: Any, indices: jax.Array) -> Batch:
   """Rows `indices` of a split stored `with_padding_row`; index -1 is padding: it gathers the zero
   row (as the host path pads with zeros) and is masked out."""
   mask = indices >= 0
-  rows = jnp.where(mask, indices, num_stored_rows(inputs) - 1)
+  rows = jnp.where(mask, indices, num_rows(inputs) - 1)
 
   def take(values: jax.Array) -> jax.Array:
-    # Rows of the values seen as a matrix [examples, features] (a free reshape): one contiguous
-    # copy per row, where gathering from [examples, H, W, C] indexes every dimension.
+    # Rows of [examples, features] (a free reshape): one contiguous copy each, not per dimension.
     flat = values.reshape(values.shape[0], math.prod(values.shape[1:]))[rows]
     return flat.reshape(rows.shape + values.shape[1:])
 
   return {"input": jax.tree.map(take, inputs), "label": jax.tree.map(take, labels), "mask": mask}
 
 
-def num_stored_rows(inputs: Any) -> int:
-  """The leading dimension of a stored split's inputs (padding row included)."""
-  return int(jax.tree.leaves(inputs)[0].shape[0])
-
-
 def _identity(batch: Batch) -> Batch:
   return batch
 
 
-def make_train_chunk(
-    train_step: TrainStep,
-    data: ResidentData,
-    constrain: Callable[[Batch], Batch] = _identity,
-    *,
-    loop: bool = True,
-) -> Callable[..., tuple[State, Metrics, EpochOrder]]:
+def make_train_chunk(train_step: TrainStep, data: ResidentData,
+                     constrain: Callable[[Batch], Batch] = _identity, *, loop: bool = True
+                     ) -> Callable[..., tuple[State, Metrics, EpochOrder]]:
   """`chunk(state, inputs, labels, order, first_step, length) -> (state, metric sums, order)`:
-  the train steps `first_step .. first_step + length - 1` (global step numbers) on `data`'s
-  batches, as one program. `first_step` and `length` are traced, so every call length runs the
-  same compiled program.
-
-  A chunk may cross epoch boundaries: it loops over the epochs it touches and, within each, over
-  their steps, drawing each epoch's order (`ResidentData.padded_order`) unless the carried one is
-  already that epoch's. With `loop=False` the chunk is one step and no loop (`length` must be 1;
-  see `loops_are_slow`). Only the layout of `data` is used; its arrays are arguments.
-  """
+  the train steps `first_step .. first_step + length - 1` on `data`'s batches as one program
+  (traced bounds: every call length runs the same program), looping over the epochs it touches,
+  each epoch's order drawn unless the carried one is that epoch's. With `loop=False` it is one
+  step and no loop (`length` must be 1; see `loops_are_slow`). `data`'s arrays are arguments."""
   batch_size, steps_per_epoch = data.batch_size, data.steps_per_epoch
 
   def order_for(carried: EpochOrder, epoch: jax.Array) -> EpochOrder:
@@ -198,14 +163,9 @@ def make_train_chunk(
   return chunk
 
 
-def make_eval_all(
-    eval_step: EvalStep,
-    batch_size: int,
-    num_examples: int,
-    constrain: Callable[[Batch], Batch] = _identity,
-    *,
-    loop: bool = True,
-) -> Callable[[State, jax.Array, jax.Array], Metrics]:
+def make_eval_all(eval_step: EvalStep, batch_size: int, num_examples: int,
+                  constrain: Callable[[Batch], Batch] = _identity, *, loop: bool = True
+                  ) -> Callable[[State, jax.Array, jax.Array], Metrics]:
   """`eval_all(state, inputs, labels) -> metric sums` over the whole split (stored
   `with_padding_row`), compiled: one call with a scan over the batches, or with `loop=False` one
   call per batch (see `loops_are_slow`); the data stays on the device either way."""
@@ -219,15 +179,8 @@ def make_eval_all(
 
   if not loop:
     compiled = jax.jit(eval_batch)
-
-    def eval_all_unlooped(state, inputs, labels):
-      sums = None
-      for batch_index in range(steps):
-        sums = metrics_lib.merge_metrics(sums, compiled(state, inputs, labels,
-                                                        np.int32(batch_index)))
-      return sums
-
-    return eval_all_unlooped
+    return lambda state, inputs, labels: functools.reduce(metrics_lib.merge_metrics, (
+        compiled(state, inputs, labels, np.int32(index)) for index in range(steps)), None)
 
   def eval_all(state, inputs, labels):
     def body(sums, batch_index):
@@ -241,24 +194,11 @@ def make_eval_all(
 
 
 class ResidentEngine:
-  """Trains and evaluates on splits kept on the device.
-
-  `advance(state, step, limit)` runs the steps from `step` to `limit` (at most `steps_per_call`
-  of them) in one compiled call, donating the state; `evaluate(state)` returns the metric sums
-  over the whole evaluation split, on the device. Where a loop would be slow (a convolution on
-  the CPU, `loops_are_slow`) each call runs one step instead, unless `steps_per_call` says more.
-  The programs are built on the first call, from the state's shapes; `compile(state)` builds and
-  compiles them ahead of time (to time compilation apart from training).
-
-  Args:
-    train_step: a pure train step (vmapped over a stacked state for a sweep).
-    eval_step: the matching eval step, or None.
-    train_data: the training split, in memory.
-    eval_data: the evaluation split, in memory, or several as `{name: split}`, or None.
-    place: copies a host pytree to the devices (`runner.place_replicated`; default: one device).
-    constrain: lays a batch out inside a compiled function (`runner.constrain_batch`).
-    steps_per_call: most steps per call; None: up to the `limit` each call is given.
-    eval_state: the state to evaluate, from the trained one (the parameter EMA, say).
+  """Trains and evaluates on splits kept on the device, its programs built on the first call (or
+  by `compile(state)`, ahead of time). `train_step` may be vmapped over a stacked state (a sweep);
+  `eval_data` is one split, `{name: split}` or None; `place` and `constrain` are the runner's
+  `place_replicated` and `constrain_batch`; `eval_state` maps the trained state to the evaluated
+  one (the parameter EMA). Where loops are slow each call runs one step, unless `steps_per_call`.
   """
 
   def __init__(self, train_step: TrainStep, eval_step: EvalStep | None, train_data: ArraySource,
@@ -273,10 +213,8 @@ class ResidentEngine:
                               batch_size=train_data.batch_size, shuffle=train_data.shuffle,
                               seed=train_data.seed)
     self.order = place(self.train.initial_order())
-    if eval_data is None:
-      eval_data = {}
-    elif not isinstance(eval_data, Mapping):
-      eval_data = {None: eval_data}  # the only one: `evaluate(state)`
+    if not isinstance(eval_data, Mapping):  # one split is the only one: `evaluate(state)`
+      eval_data = {} if eval_data is None else {None: eval_data}
     self.eval_data = dict(eval_data)
     self.eval_arrays = {name: place(with_padding_row(split.inputs, split.labels))
                         for name, split in self.eval_data.items()}
@@ -285,9 +223,9 @@ class ResidentEngine:
     self._eval_all: dict[Any, Any] = {}
 
   def _build(self, state: State) -> None:
-    indices = jax.ShapeDtypeStruct((self.train.batch_size,), jnp.int32)
-    batch = jax.eval_shape(gather_batch, self.train.inputs, self.train.labels, indices)
-    self.loop = not loops_are_slow(self.train_step, state, batch)
+    if self._chunk is not None:
+      return
+    self.loop = not loops_are_slow(self.train_step, state, self.batch_spec())
     if self.steps_per_call is None and not self.loop:
       self.steps_per_call = 1
     looped = self.loop or (self.steps_per_call or 1) > 1
@@ -300,8 +238,7 @@ class ResidentEngine:
 
   def compile(self, state: State) -> None:
     """Builds and compiles the train and eval programs for `state`'s shapes (no computation)."""
-    if self._chunk is None:
-      self._build(state)
+    self._build(state)
     self._chunk.lower(state, self.train.inputs, self.train.labels, self.order, np.int32(0),
                       np.int32(1)).compile()
     for name, eval_all in self._eval_all.items():
@@ -309,9 +246,9 @@ class ResidentEngine:
         eval_all.lower(jax.eval_shape(self.eval_state, state), *self.eval_arrays[name]).compile()
 
   def advance(self, state: State, step: int, limit: int) -> tuple[State, Metrics, int]:
-    """Trains from `step` towards `limit`; returns the state, the metric sums and the steps."""
-    if self._chunk is None:
-      self._build(state)
+    """Trains from `step` towards `limit` in one compiled call, donating the state; returns the
+    state, the metric sums and the steps taken."""
+    self._build(state)
     length = limit - step
     if self.steps_per_call is not None:
       length = min(length, self.steps_per_call)
@@ -328,11 +265,9 @@ class ResidentEngine:
     return jax.eval_shape(gather_batch, self.train.inputs, self.train.labels, indices)
 
   def evaluate(self, state: State, name: str | None = None) -> Metrics:
-    """The eval step's metric states over the whole evaluation split `name` (None: the only
-    one), on the device."""
+    """The eval step's metric states over evaluation split `name` (None: the only one)."""
     if name not in self.eval_data or self.eval_step is None:
       raise ValueError(f"this engine has no evaluation split {name!r} (it has "
                        f"{sorted(map(str, self.eval_data))}) or no eval step.")
-    if self._chunk is None:
-      self._build(state)
+    self._build(state)
     return self._eval_all[name](self.eval_state(state), *self.eval_arrays[name])

@@ -1,9 +1,6 @@
-"""The training state: one pytree that holds everything a train step changes.
-
-`TrainState` keeps the arrays (step, params, model state such as BatchNorm statistics, optimizer
-state, base random key) as pytree leaves, and the fixed pieces (the model's `apply` function, the
-optimizer, the per-example input shape the model was built for) as static fields. Static fields are
-part of the tree structure, so a jitted step specialises on them once and never retraces.
+"""The training state: one pytree of everything a train step changes. The fixed pieces (the model's
+`apply`, the optimizer, the input shape) are static fields, part of the tree structure, so a
+jitted step specialises on them once and never retraces.
 """
 
 from __future__ import annotations
@@ -30,22 +27,12 @@ ApplyFn = Callable[..., Any]
 class TrainState(struct.PyTreeNode):
   """Everything a train step reads and returns.
 
-  Attributes:
-    step: number of optimizer updates applied so far (int32 scalar).
-    params: the model's trainable parameters (the "params" collection).
-    model_state: every other variable collection of the model, e.g. `{"batch_stats": ...}`;
-      empty for models without mutable state.
-    opt_state: the Optax optimizer state.
-    rng: the base PRNG key; a step derives its key as `fold_in(rng, step)`, so the key sequence
-      depends only on the seed and the step number (which makes resumption exact).
-    apply_fn: the model's `apply` (static).
-    tx: the Optax gradient transformation (static).
-    input_shape: per-example input shape the model was initialised with (static); for inputs
-      that are a pytree (a dict of arrays, say), a tuple of per-leaf shapes. Steps check batches
-      against it while tracing, so a mismatch fails with a clear message, for free.
-    input_dtype: dtype of the sample input the model was initialised with (static), e.g.
-      "float32" for pixels or "int32" for token ids; a tuple of per-leaf dtypes for a pytree.
-    input_structure: the tree structure of pytree inputs (static); None for one array.
+  `step` counts the optimizer updates (int32); `model_state` holds the model's collections other
+  than "params" (`{"batch_stats": ...}`); a step's key is `fold_in(rng, step)`, so the keys depend
+  only on the seed and the step (resumption is exact). Static: `apply_fn`, `tx`, and the
+  per-example `input_shape` and `input_dtype` the model was initialised with ("float32" pixels,
+  "int32" token ids; per-leaf tuples for pytree inputs, whose `input_structure` is kept), against
+  which steps check batches while tracing, for free.
   """
 
   step: jax.Array
@@ -62,16 +49,15 @@ class TrainState(struct.PyTreeNode):
   def apply_gradients(self, grads: Params, **changes: Any) -> TrainState:
     """Returns the state after one optimizer update with `grads`; `changes` replace other fields."""
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
-    params = optax.apply_updates(self.params, updates)
-    return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **changes)
+    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                        opt_state=opt_state, **changes)
 
   def variables(self) -> dict[str, Any]:
     """The full variable dict to pass to `apply_fn`: params plus model state."""
     return {"params": self.params, **self.model_state}
 
   def input_specs(self, batch_size: int = 1) -> Any:
-    """`jax.ShapeDtypeStruct`s of a batch of `batch_size` model inputs (a pytree for pytree
-    inputs), for `jax.eval_shape` and for checking batches."""
+    """`jax.ShapeDtypeStruct`s of a batch of `batch_size` model inputs (a pytree for pytrees)."""
     if self.input_structure is None:
       return jax.ShapeDtypeStruct((batch_size, *self.input_shape), self.input_dtype)
     leaves = [jax.ShapeDtypeStruct((batch_size, *shape), dtype)
@@ -87,9 +73,7 @@ def model_mode(apply_fn: ApplyFn, train: bool) -> dict[str, bool]:
   if not isinstance(module, nn.Module):
     return {"train": train}
   keyword = _mode_keyword(type(module))
-  if keyword is None:
-    return {}
-  return {keyword: (not train) if keyword == "deterministic" else train}
+  return {} if keyword is None else {keyword: (not train) if keyword == "deterministic" else train}
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,8 +84,7 @@ def _mode_keyword(module_class: type) -> str | None:
 
 
 def stream_id(name: str) -> int:
-  """A stable number for a random stream's name, at least 2**30 (apart from the step's own small
-  stream numbers such as `jdl.step.AUGMENT_STREAM`)."""
+  """A stable number >= 2**30 for a stream's name (apart from `jdl.step.AUGMENT_STREAM` etc.)."""
   return (zlib.crc32(name.encode()) & 0x3FFFFFFF) | 0x40000000
 
 
@@ -111,118 +94,77 @@ def stream_key(key: jax.Array, name: str) -> jax.Array:
   return key if name == "dropout" else jax.random.fold_in(key, stream_id(name))
 
 
-def create_train_state(
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    sample_input: jax.Array | np.ndarray,
-    rng: jax.Array,
-    *,
-    rng_streams: tuple[str, ...] = ("dropout",),
-) -> TrainState:
-  """Initialises a model and its optimizer into a fresh `TrainState`.
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                       sample_input: jax.Array | np.ndarray, rng: jax.Array, *,
+                       rng_streams: tuple[str, ...] = ("dropout",)) -> TrainState:
+  """Initialises a Flax linen `model` (with its `model_mode` keyword, if any) and the optimizer
+  `tx` into a fresh `TrainState` at step 0.
 
-  Args:
-    model: a Flax linen module whose `__call__(inputs, ...)` maps a batch to outputs, with its
-      mode keyword (`train`, `training` or `deterministic`, see `model_mode`) if it has one.
-    tx: the Optax optimizer.
-    sample_input: a batch of inputs (any batch size >= 1) with the shape and dtype the model will
-      be trained on: an array, or a pytree of arrays (a dict of two inputs, say) with one batch
-      size, passed to the model as one argument. Only shapes and dtypes are used.
-    rng: a PRNG key, raw (`jax.random.PRNGKey`) or typed (`jax.random.key`). It is split into the
-      initialisation key and the state's base key, so the same key always gives identical
-      parameters and an identical sequence of step keys.
-    rng_streams: the random streams the model draws from at initialisation (`Task.rng_streams`).
-
-  Returns:
-    A `TrainState` at step 0.
+  `sample_input` is a batch (any size >= 1) shaped and typed as the training inputs: an array, or
+  a pytree of arrays passed to the model as one argument. `rng`, raw or typed, is split into the
+  initialisation key and the state's base key, so one key always gives the same parameters and
+  step keys. `rng_streams` are the model's random streams at initialisation (`Task.rng_streams`).
   """
   sample_input = _checked_sample(sample_input)
   variables, state_rng = initial_variables(model, rng, sample_input, rng_streams)
-  params, model_state = _split_params(variables)
-  return _assemble(params, model_state, initial_optimizer_state(tx, params), state_rng, model, tx,
-                   sample_input, step=jnp.asarray(np.int32(0)))  # placed: no program to compile
+  # What a model sows for inspection ("intermediates") grows every call: not carried over.
+  model_state = {k: v for k, v in variables.items() if k not in ("params", "intermediates")}
+  leaves, structure = jax.tree.flatten(sample_input)
+  shapes = tuple(tuple(leaf.shape[1:]) for leaf in leaves)
+  dtypes = tuple(str(leaf.dtype) for leaf in leaves)
+  if isinstance(sample_input, jax.Array):  # one array: its shape and dtype, no structure
+    shapes, dtypes, structure = shapes[0], dtypes[0], None
+  return TrainState(
+      step=jnp.asarray(np.int32(0)),  # placed: no program to compile
+      params=variables["params"], model_state=model_state,
+      opt_state=initial_optimizer_state(tx, variables["params"]), rng=state_rng,
+      apply_fn=model.apply, tx=tx, input_shape=shapes, input_dtype=dtypes,
+      input_structure=structure)
 
 
 def _checked_sample(sample_input: Any) -> Any:
-  leaves = jax.tree.leaves(sample_input)
-  if not leaves:
+  if not jax.tree.leaves(sample_input):
     raise ValueError(f"sample_input holds no arrays; got {type(sample_input).__name__}.")
   try:
     sample_input = jax.tree.map(jnp.asarray, sample_input)
   except TypeError as error:
     raise ValueError(f"sample_input must be an array or a pytree of arrays: {error}") from None
-  sizes = {leaf.shape[0] if leaf.ndim else None for leaf in jax.tree.leaves(sample_input)}
+  shapes = [tuple(leaf.shape) for leaf in jax.tree.leaves(sample_input)]
+  sizes = {shape[0] if shape else None for shape in shapes}
   if None in sizes or 0 in sizes or len(sizes) != 1:
-    shapes = [tuple(leaf.shape) for leaf in jax.tree.leaves(sample_input)]
     raise ValueError(
         "sample_input must be a batch with a leading batch dimension of size >= 1, the same for "
         f"every array; got shape(s) {shapes[0] if len(shapes) == 1 else shapes}.")
   return sample_input
 
 
-def _split_params(variables: Mapping[str, Any]) -> tuple[Params, dict[str, Any]]:
-  """`(variables["params"], every other collection)`, less "intermediates": values a model sows
-  for inspection are appended to on every call, so they cannot be carried from step to step."""
-  model_state = dict(variables)
-  model_state.pop("intermediates", None)
-  return model_state.pop("params"), model_state
+def _compiled_per_object(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """`fn(static, *args)` compiled once per hashable `static` (a model, an optimizer); run as it is
+  for an unhashable one (a model with a list attribute) or inside a traced function."""
+  compiled = jax.jit(fn, static_argnums=0)
 
+  @functools.wraps(fn)
+  def call(static: Any, *args: Any) -> Any:
+    try:
+      hash(static)
+    except TypeError:
+      return fn(static, *args)
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args)):
+      return fn(static, *args)
+    return compiled(static, *args)
 
-def _assemble(params: Params, model_state: ModelState, opt_state: optax.OptState, rng: Any,
-              model: nn.Module, tx: optax.GradientTransformation, sample_input: jax.Array,
-              *, step: Any) -> TrainState:
-  leaves, structure = jax.tree.flatten(sample_input)
-  if isinstance(sample_input, jax.Array):
-    shapes, dtypes, structure = tuple(sample_input.shape[1:]), str(sample_input.dtype), None
-  else:
-    shapes = tuple(tuple(leaf.shape[1:]) for leaf in leaves)
-    dtypes = tuple(str(leaf.dtype) for leaf in leaves)
-  return TrainState(step=step, params=params, model_state=model_state, opt_state=opt_state,
-                    rng=rng, apply_fn=model.apply, tx=tx, input_shape=shapes, input_dtype=dtypes,
-                    input_structure=structure)
+  return call
 
 
 def initial_variables(model: nn.Module, rng: jax.Array, sample_input: Any,
                       rng_streams: tuple[str, ...] = ("dropout",)) -> tuple[Any, jax.Array]:
-  """`(model.init(keys, sample_input, <eval mode>), k3)` where `k1, k2, k3 = split(rng, 3)`:
-  the variables and the state's base key. `keys` holds `k1` for "params", `k2` for "dropout" and
-  `stream_key(k2, name)` for every other stream in `rng_streams`.
-
-  Compiled as one program, cached per model (jit keys its cache on the model's class and
-  attributes): run eagerly, an init dispatches and compiles each small operation on its own. A
-  model with unhashable attributes (a list, say) is initialised eagerly, and inside a traced
-  function (`jit`, `vmap`) the init is traced into it.
-  """
-  return _compiled_per_object(_init, (model, tuple(rng_streams)), rng, sample_input)
+  """`(model.init(keys, sample_input, <eval mode>), k3)`, `k1, k2, k3 = split(rng, 3)`: `keys` holds
+  `k1` for "params", `k2` for "dropout" and `stream_key(k2, name)` for the other `rng_streams`.
+  One compiled program per model: run eagerly, an init compiles each operation alone."""
+  return _init((model, tuple(rng_streams)), rng, sample_input)
 
 
-def initial_optimizer_state(tx: optax.GradientTransformation, params: Params) -> optax.OptState:
-  """`tx.init(params)` as one compiled program cached per optimizer object. Its outputs are fresh
-  buffers even where a transformation's state starts as the parameters themselves, so donating
-  the state never donates one buffer twice."""
-  return _compiled_per_object(_tx_init, tx, params)
-
-
-def _compiled_per_object(fn: Callable[..., Any], static: Any, *args: Any) -> Any:
-  """`fn(static, *args)`, compiled once per hashable `static`; run as it is inside a traced
-  function (it is compiled with that) or when `static` cannot key a cache."""
-  if _traced(args) or not _hashable(static):
-    return fn(static, *args)
-  return _COMPILED[fn](static, *args)
-
-
-def _traced(tree: Any) -> bool:
-  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
-
-
-def _hashable(value: Any) -> bool:
-  try:
-    hash(value)
-  except TypeError:
-    return False
-  return True
-
-
+@_compiled_per_object
 def _init(static: tuple[nn.Module, tuple[str, ...]], rng: jax.Array, sample_input: Any
           ) -> tuple[Any, jax.Array]:
   model, streams = static
@@ -233,11 +175,11 @@ def _init(static: tuple[nn.Module, tuple[str, ...]], rng: jax.Array, sample_inpu
   return variables, state_rng
 
 
-def _tx_init(tx: optax.GradientTransformation, params: Params) -> optax.OptState:
+@_compiled_per_object
+def initial_optimizer_state(tx: optax.GradientTransformation, params: Params) -> optax.OptState:
+  """`tx.init(params)` compiled per optimizer: fresh buffers even where a state starts as the
+  parameters themselves, so donating the state never donates one buffer twice."""
   return tx.init(params)
-
-
-_COMPILED = {fn: jax.jit(fn, static_argnums=0) for fn in (_init, _tx_init)}
 
 
 def count_params(params: Params) -> int:

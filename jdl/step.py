@@ -1,15 +1,11 @@
 """Pure train and eval steps for any task.
 
-`make_train_step(task)` and `make_eval_step(task)` bind the fixed pieces (the `jdl.tasks.Task`,
-penalty, axis name, augmentation) and return plain functions of `(state, batch)`, so the same
-function runs under `jax.jit`, sharded jit, and `jax.pmap` with `axis_name` set. A batch is any
-pytree; the task says which part the model takes and how the loss reads the rest; `mask` (per
-example or per position) marks real examples, and mixup's `mix_label`, `mix_weight` blend the loss
-on `label` with the loss on `mix_label` (docs/training.md).
-
-Loss and metrics cover the unmasked examples only. With `axis_name` set, the loss is normalised by
-the example count summed over the axis and gradients are summed (`psum`), which equals the gradient
-of the global batch's mean loss even when devices hold different numbers of real examples.
+`make_train_step(task)` and `make_eval_step(task)` bind the fixed pieces and return plain
+functions of `(state, batch)` that run under `jax.jit`, sharded jit, and `jax.pmap` with
+`axis_name` set. A batch is any pytree; `mask` marks real examples (loss and metrics cover only
+those), and mixup's `mix_label`, `mix_weight` blend the losses on two labels (docs/training.md).
+With `axis_name`, the loss is normalised by the example count summed over the axis and gradients
+are summed, which is the gradient of the global batch's mean loss however padding is spread.
 """
 
 from __future__ import annotations
@@ -32,23 +28,17 @@ EvalStepFn = Callable[[TrainState, Batch], Metrics]
 AugmentFn = Callable[[jax.Array, Batch], Batch]
 AdversaryFn = Callable[[Callable[..., Any], Mapping[str, Any], jax.Array, Batch], Batch]
 
+# Folded into a key for a stream of its own: the step's key for augmentation (dropout keeps the key
+# itself) and for the adversary (PGD's random start, say); the state's base key for evaluation.
 AUGMENT_STREAM = 1
-"""The step's key is folded with this to key augmentation, so dropout keeps its own key."""
 ADVERSARY_STREAM = 2
-"""The step's key is folded with this to key the adversary (e.g. PGD's random start)."""
 EVAL_STREAM = 3
-"""The state's base key is folded with this to key the random streams of evaluation."""
-
-COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
 
 
 def check_compute_dtype(compute_dtype: Any) -> jnp.dtype | None:
-  """`compute_dtype` as a floating dtype; None stays None (compute in the parameters' dtype).
-
-  "auto" is bfloat16 on GPUs and TPUs (float32 parameters and optimizer state) and float32 on
-  CPUs, whose bfloat16 arithmetic is slower. float16 is refused: its narrow range needs loss
-  scaling, which bfloat16 (float32's range) does not.
-  """
+  """`compute_dtype` as a floating dtype (None stays None). "auto" is bfloat16 on GPUs and TPUs
+  and float32 on CPUs, whose bfloat16 arithmetic is slower. float16 is refused: its narrow range
+  needs loss scaling, which bfloat16 (float32's range) does not."""
   if compute_dtype is None:
     return None
   if compute_dtype == "auto":
@@ -59,7 +49,8 @@ def check_compute_dtype(compute_dtype: Any) -> jnp.dtype | None:
     dtype = None
   if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(
-        f"compute_dtype must be a floating dtype such as {COMPUTE_DTYPES}; got {compute_dtype!r}.")
+        "compute_dtype must be a floating dtype such as ('float32', 'bfloat16', 'auto'); got "
+        f"{compute_dtype!r}.")
   if dtype == jnp.float16:
     raise ValueError("compute_dtype float16 needs loss scaling to keep small gradients from "
                      "underflowing; use bfloat16 (float32's range, no scaling) or \"auto\".")
@@ -75,8 +66,7 @@ def cast_floating(tree: Any, dtype: jnp.dtype | None) -> Any:
 
 
 def _apply_in(compute_dtype: jnp.dtype | None, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
-  """`apply_fn` computing in `compute_dtype`: outputs come back in float32, and the model state in
-  the dtypes it came in, so a scan carrying the state keeps its types."""
+  """`apply_fn` computing in `compute_dtype`, outputs in float32, model state in its own dtypes."""
   if compute_dtype is None:
     return apply_fn
 
@@ -87,59 +77,41 @@ def _apply_in(compute_dtype: jnp.dtype | None, apply_fn: Callable[..., Any]) -> 
     if "mutable" not in kwargs:
       return cast_floating(result, jnp.float32)
     outputs, new_state = result
-    old_state = {k: v for k, v in variables.items() if k != "params"}
     new_state = jax.tree.map(lambda new, old: new.astype(old.dtype), dict(new_state),
-                             {k: old_state[k] for k in new_state})
+                             {k: variables[k] for k in new_state})
     return cast_floating(outputs, jnp.float32), new_state
 
   return apply_in_compute_dtype
 
 
-def make_train_step(
-    task: tasks_lib.Task | None = None,
-    *,
-    weight_penalty: Callable[[Params], jax.Array] | None = None,
-    axis_name: str | None = None,
-    augment: AugmentFn | None = None,
-    check_finite: bool = False,
-    gradient_norms: bool = False,
-    compute_dtype: Any = None,
-    adversary: AdversaryFn | None = None,
-    microbatches: int = 1,
-) -> TrainStepFn:
+def make_train_step(task: tasks_lib.Task | None = None, *,
+                    weight_penalty: Callable[[Params], jax.Array] | None = None,
+                    axis_name: str | None = None, augment: AugmentFn | None = None,
+                    check_finite: bool = False, gradient_norms: bool = False,
+                    compute_dtype: Any = None, adversary: AdversaryFn | None = None,
+                    microbatches: int = 1) -> TrainStepFn:
   """Returns a pure train step `(state, batch) -> (state, metric states)`.
 
-  Args:
-    task: what to compute from a batch (`jdl.tasks.Task`); None is `jdl.tasks.classification()`.
-    weight_penalty: optional `params -> scalar` added to the mean loss (e.g.
-      `losses.make_weight_penalty(l2=1e-4)`).
-    axis_name: the mapped axis name when run under `pmap`/`shard_map`; None under (sharded) jit.
-    augment: optional on-device augmentation `(key, batch) -> batch` of every training batch
-      (e.g. `jdl.augment.make_augment(spec)`); it may add mixup's `mix_label` and `mix_weight`.
-    check_finite: add the non-finite watch (`nonfinite_step`, `nonfinite_what`) that `jdl.fit`
-      acts on: the step whose loss was NaN or infinite (free: one scalar), and with
-      `gradient_norms` the first step whose gradient was, and of which parameter. Off by default:
-      in a loop of your own nothing reads it.
-    gradient_norms: report `grad_norm` (mean over steps), `grad_norm_max` and `param_norm`; one
-      extra pass over the gradients and parameters each step.
-    compute_dtype: None computes in the parameters' dtype; `jnp.bfloat16` is mixed precision:
-      bfloat16 forward and backward passes, float32 parameters, gradients, optimizer state, loss.
-    adversary: optional adversarial training, `(apply_fn, variables, key, batch) -> batch` (e.g.
-      `jdl.analysis.adversarial.make_adversary(epsilon)`), applied after `augment` with the
-      current parameters; the loss is taken on its inputs, and the attack is not differentiated
-      through (Madry et al.).
-    microbatches: gradient accumulation inside the step: the batch is split into this many
-      micro-batches, run one after another in one compiled loop (their activations never all in
-      memory), and their gradients are summed into the gradient of the whole batch's mean loss,
-      reduced across devices once. Equal to one step on the whole batch, up to float rounding,
-      for models without batch statistics (BatchNorm sees each micro-batch). Each micro-batch's
-      random streams fold in its index. The batch size must be a multiple of it.
+  Its key is `fold_in(state.rng, state.step)` (and the device index under `axis_name`); the task's
+  random streams get `jdl.state.stream_key(key, name)`, augmentation and the adversary the key
+  folded with `AUGMENT_STREAM` and `ADVERSARY_STREAM`, so runs are reproducible and resumable.
 
-  Returns:
-    The train step. Its key is `fold_in(state.rng, state.step)` (and the device index under
-    `axis_name`); each of the task's random streams gets `jdl.state.stream_key(key, name)`, and
-    augmentation and the adversary fold the key with `AUGMENT_STREAM` and `ADVERSARY_STREAM`, so
-    runs are reproducible and resumable.
+  Args:
+    task: what to compute from a batch; None is `jdl.tasks.classification()`.
+    weight_penalty: `params -> scalar` added to the mean loss (`losses.make_weight_penalty`).
+    axis_name: the mapped axis under `pmap`/`shard_map`; None under (sharded) jit.
+    augment: on-device `(key, batch) -> batch` (`jdl.augment.make_augment`), mixup included.
+    check_finite: add the non-finite watch `jdl.fit` acts on: the first step whose loss (or, with
+      `gradient_norms`, gradient, naming the parameter) was NaN or infinite. Off by default.
+    gradient_norms: report `grad_norm` (mean over steps), `grad_norm_max` and `param_norm`.
+    compute_dtype: None computes in the parameters' dtype; `jnp.bfloat16` is mixed precision
+      (bfloat16 passes; float32 parameters, gradients, optimizer state and loss).
+    adversary: `(apply_fn, variables, key, batch) -> batch` for adversarial training
+      (`jdl.analysis.adversarial.make_adversary`), after `augment`; not differentiated through.
+    microbatches: gradient accumulation: the batch (a multiple of it) runs as this many parts in
+      one compiled loop, their gradients summed into the whole batch's (equal up to float
+      rounding, without batch statistics) and reduced across devices once; each part's random
+      streams fold in its index.
   """
   task = _checked_task(task)
   compute_dtype = check_compute_dtype(compute_dtype)
@@ -165,14 +137,13 @@ def make_train_step(
     def gradients(model_state, part, rngs, whole: bool):
       """Gradients, metric states and model state of one batch (`whole`: of the mean loss and
       the penalty) or one micro-batch (of its summed loss; `accumulate` scales once)."""
-      loss_fn, mask = _mixed_loss(task.loss, part), tasks_lib.batch_mask(part)
+      loss_fn = _mixed_loss(task.loss, part)
 
       def objective(params: Params):
         outputs, new_model_state = apply_fn({"params": params, **model_state},
                                             task.model_inputs(part), rngs=rngs, mutable=mutable,
                                             **mode)
-        loss, sums = _loss_and_sums(loss_fn(outputs, part), mask, _batch_size(task, part),
-                                    axis_name)
+        loss, sums = _loss_and_sums(loss_fn(outputs, part), task, part, axis_name)
         if not whole:
           loss = sums["loss_sum"]
         elif weight_penalty is not None:
@@ -182,11 +153,16 @@ def make_train_step(
 
       (_, (outputs, sums, new_model_state)), grads = jax.value_and_grad(
           objective, has_aux=True)(state.params)
-      return grads, _with_task_metrics(task, sums, outputs, part, mask), dict(new_model_state)
+      return grads, _with_task_metrics(task, sums, outputs, part), dict(new_model_state)
 
     def accumulate():
       """The batch as `microbatches` parts in one loop: one gradient, as of the whole batch."""
-      parts = _split_batch(batch, microbatches)
+      sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
+      if any(size % microbatches for size in sizes):
+        raise ValueError(
+            f"a batch of {sorted(sizes)} examples cannot be split into {microbatches} equal "
+            "micro-batches; use a batch size that is a multiple of microbatches.")
+      parts = jax.tree.map(lambda x: x.reshape(microbatches, -1, *x.shape[1:]), batch)
       first = jax.tree.map(lambda x: x[0], parts)
 
       def body(carry, indexed):
@@ -210,10 +186,9 @@ def make_train_step(
         grads = jax.tree.map(lambda g, p: g + p / num_shards, grads, penalty)
       return grads, sums, model_state
 
-    if microbatches == 1:
-      grads, metrics, new_model_state = gradients(state.model_state, batch, rngs, whole=True)
-    else:
-      grads, metrics, new_model_state = accumulate()
+    grads, metrics, new_model_state = (
+        gradients(state.model_state, batch, rngs, whole=True) if microbatches == 1
+        else accumulate())
     if axis_name is not None:
       grads = jax.lax.psum(grads, axis_name)
       metrics = metrics_lib.reduce_over_axis(metrics, axis_name)
@@ -224,24 +199,16 @@ def make_train_step(
     if check_finite:  # after the psum, so every device agrees
       metrics = {**metrics, **metrics_lib.nonfinite_metrics(state.step, metrics["loss_sum"],
                                                             squares)}
-    new_state = state.apply_gradients(grads, model_state=new_model_state)
-    return new_state, metrics
+    return state.apply_gradients(grads, model_state=new_model_state), metrics
 
   return train_step
 
 
-def make_eval_step(
-    task: tasks_lib.Task | None = None,
-    *,
-    axis_name: str | None = None,
-    compute_dtype: Any = None,
-) -> EvalStepFn:
-  """Returns a pure eval step `(state, batch) -> metric states`, the model in inference mode.
-
-  The task's `eval_loss` (if it has one) replaces its loss. Random streams get keys from
-  `fold_in(state.rng, EVAL_STREAM)`: a model that samples in evaluation (a VAE) is evaluated the
-  same way every time. `compute_dtype` is that of `make_train_step`.
-  """
+def make_eval_step(task: tasks_lib.Task | None = None, *, axis_name: str | None = None,
+                   compute_dtype: Any = None) -> EvalStepFn:
+  """Returns a pure eval step `(state, batch) -> metric states`, the model in inference mode and
+  the task's `eval_loss` (if any) its loss. Random streams get keys from `fold_in(state.rng,
+  EVAL_STREAM)`, so a model that samples (a VAE) is evaluated the same way every time."""
   task = _checked_task(task).for_evaluation()
   compute_dtype = check_compute_dtype(compute_dtype)
 
@@ -252,23 +219,13 @@ def make_eval_step(
     outputs = _apply_in(compute_dtype, state.apply_fn)(
         state.variables(), task.model_inputs(batch), rngs=rngs,
         **model_mode(state.apply_fn, train=False))
-    mask = tasks_lib.batch_mask(batch)
-    _, metrics = _loss_and_sums(task.loss(outputs, batch), mask, _batch_size(task, batch), None)
-    metrics = _with_task_metrics(task, metrics, outputs, batch, mask)
+    _, metrics = _loss_and_sums(task.loss(outputs, batch), task, batch, None)
+    metrics = _with_task_metrics(task, metrics, outputs, batch)
     if axis_name is not None:
       metrics = metrics_lib.reduce_over_axis(metrics, axis_name)
     return metrics
 
   return eval_step
-
-
-def _split_batch(batch: Batch, parts: int) -> Batch:
-  """`batch` with every array reshaped to `[parts, batch_size // parts, ...]`."""
-  sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
-  if any(size % parts for size in sizes):
-    raise ValueError(f"a batch of {sorted(sizes)} examples cannot be split into {parts} equal "
-                     "micro-batches; use a batch size that is a multiple of microbatches.")
-  return jax.tree.map(lambda x: x.reshape(parts, x.shape[0] // parts, *x.shape[1:]), batch)
 
 
 def _checked_task(task: tasks_lib.Task | None) -> tasks_lib.Task:
@@ -282,18 +239,17 @@ def _checked_task(task: tasks_lib.Task | None) -> tasks_lib.Task:
   return task
 
 
-def _batch_size(task: tasks_lib.Task, batch: Batch) -> int:
-  return int(jax.tree.leaves(task.model_inputs(batch))[0].shape[0])
-
-
-def _loss_and_sums(value: Any, mask: jax.Array | None, batch_size: int, axis_name: str | None
+def _loss_and_sums(value: Any, task: tasks_lib.Task, batch: Batch, axis_name: str | None
                    ) -> tuple[jax.Array, Metrics]:
   """The mean loss to differentiate (over the unmasked examples of the global batch) and the
-  metric states of the loss and of the loss function's auxiliary values."""
+  metric states of the loss and of the auxiliary values of the task's loss `value`."""
+  mask = tasks_lib.batch_mask(batch)
+  batch_size = int(jax.tree.leaves(task.model_inputs(batch))[0].shape[0])
   losses, aux = value if isinstance(value, tuple) else (value, {})
   losses = jnp.asarray(losses, jnp.float32)
   if losses.ndim == 0:  # the batch's mean loss already: weigh it by the batch's real examples
-    count = _example_count(mask, batch_size)
+    count = jnp.asarray(float(batch_size)) if mask is None else jnp.sum(
+        mask.reshape(mask.shape[0], -1).any(axis=1).astype(jnp.float32))
     sums = {"count": count.astype(jnp.int32), "loss_sum": losses * count}
   else:
     if losses.shape[0] != batch_size:
@@ -309,33 +265,22 @@ def _loss_and_sums(value: Any, mask: jax.Array | None, batch_size: int, axis_nam
   for name, term in aux.items():
     if name in ("loss", "count") or not isinstance(name, str):
       raise ValueError(f"auxiliary loss term name {name!r} is reserved or not a string.")
-    sums.update(_term_sums(name, jnp.asarray(term, jnp.float32), mask, losses.shape))
+    term = jnp.asarray(term, jnp.float32)
+    if term.ndim == 0:  # a per-batch value: averaged over batches
+      sums[f"{name}_sum"] = jax.lax.stop_gradient(term)
+      sums[f"{name}_count"] = jnp.ones((), jnp.int32)
+      continue
+    keep = metrics_lib.broadcast_mask(mask, term.shape).astype(jnp.float32)
+    sums[f"{name}_sum"] = jax.lax.stop_gradient(jnp.sum(term * keep))
+    if term.shape != losses.shape:  # its own count where it is not the loss's
+      sums[f"{name}_count"] = jnp.sum(keep).astype(jnp.int32)
   return sums["loss_sum"] / jnp.maximum(total, 1.0), sums
 
 
-def _example_count(mask: jax.Array | None, batch_size: int) -> jax.Array:
-  if mask is None:
-    return jnp.asarray(float(batch_size))
-  real = mask.reshape(mask.shape[0], -1).any(axis=1) if mask.ndim > 1 else mask
-  return jnp.sum(real.astype(jnp.float32))
-
-
-def _term_sums(name: str, term: jax.Array, mask: jax.Array | None, loss_shape: tuple[int, ...]
-               ) -> Metrics:
-  """`<name>_sum` (and `<name>_count` where it is not the loss's count) of an auxiliary term."""
-  if term.ndim == 0:  # a per-batch value: averaged over batches
-    return {f"{name}_sum": jax.lax.stop_gradient(term), f"{name}_count": jnp.ones((), jnp.int32)}
-  keep = metrics_lib.broadcast_mask(mask, term.shape).astype(jnp.float32)
-  sums = {f"{name}_sum": jax.lax.stop_gradient(jnp.sum(term * keep))}
-  if term.shape != loss_shape:
-    sums[f"{name}_count"] = jnp.sum(keep).astype(jnp.int32)
-  return sums
-
-
-def _with_task_metrics(task: tasks_lib.Task, metrics: Metrics, outputs: Any, batch: Batch,
-                       mask: jax.Array | None) -> Metrics:
+def _with_task_metrics(task: tasks_lib.Task, metrics: Metrics, outputs: Any, batch: Batch
+                       ) -> Metrics:
   for metric in task.metrics:
-    extra = metric(outputs, batch, mask)
+    extra = metric(outputs, batch, tasks_lib.batch_mask(batch))
     clash = sorted(set(extra) & set(metrics))
     if clash:
       raise ValueError(f"metric {getattr(metric, '__name__', metric)!r} returned {clash}, which "
@@ -374,12 +319,9 @@ def _mixed_loss(loss_fn: tasks_lib.TaskLossFn, batch: Batch) -> tasks_lib.TaskLo
 
 
 def _check_inputs(task: tasks_lib.Task, batch: Batch, state: TrainState) -> None:
-  """Checks the model's inputs in a batch against those the model was initialised with, while
-  tracing (free at run time), so a mismatch is a clear error, not a broadcast."""
-  inputs = task.model_inputs(batch)
-  expected = state.input_specs()
-  got_leaves, got_structure = jax.tree.flatten(inputs)
-  want_leaves, want_structure = jax.tree.flatten(expected)
+  """Checks, while tracing (free), a batch's model inputs against those the model was built for."""
+  got_leaves, got_structure = jax.tree.flatten(task.model_inputs(batch))
+  want_leaves, want_structure = jax.tree.flatten(state.input_specs())
   if got_structure != want_structure:
     raise ValueError(f"the model's inputs have structure {got_structure}, but the model was "
                      f"initialised with {want_structure}.")
@@ -407,24 +349,15 @@ def _check_inputs(task: tasks_lib.Task, batch: Batch, state: TrainState) -> None
                      f"{sizes.pop()} (per example [batch], or per position).")
 
 
-def make_steps(
-    task: tasks_lib.Task | None = None,
-    *,
-    l1: float = 0.0,
-    l2: float = 0.0,
-    axis_name: str | None = None,
-    augment: AugmentFn | None = None,
-    compute_dtype: Any = None,
-    adversary: AdversaryFn | None = None,
-    check_finite: bool = False,
-    gradient_norms: bool = False,
-    microbatches: int = 1,
-) -> tuple[TrainStepFn, EvalStepFn]:
+def make_steps(task: tasks_lib.Task | None = None, *, l1: float = 0.0, l2: float = 0.0,
+               axis_name: str | None = None, augment: AugmentFn | None = None,
+               compute_dtype: Any = None, adversary: AdversaryFn | None = None,
+               check_finite: bool = False, gradient_norms: bool = False,
+               microbatches: int = 1) -> tuple[TrainStepFn, EvalStepFn]:
   """The train and eval steps of `task` (None: `jdl.tasks.classification()`), with L1/L2 weight
   penalties on the kernels; the other arguments are `make_train_step`'s."""
-  train_step = make_train_step(
-      task, weight_penalty=losses_lib.make_weight_penalty(l1=l1, l2=l2), axis_name=axis_name,
-      augment=augment, compute_dtype=compute_dtype, adversary=adversary,
-      check_finite=check_finite, gradient_norms=gradient_norms, microbatches=microbatches)
-  eval_step = make_eval_step(task, axis_name=axis_name, compute_dtype=compute_dtype)
-  return train_step, eval_step
+  return (make_train_step(task, weight_penalty=losses_lib.make_weight_penalty(l1=l1, l2=l2),
+                          axis_name=axis_name, augment=augment, compute_dtype=compute_dtype,
+                          adversary=adversary, check_finite=check_finite,
+                          gradient_norms=gradient_norms, microbatches=microbatches),
+          make_eval_step(task, axis_name=axis_name, compute_dtype=compute_dtype))

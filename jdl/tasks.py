@@ -1,16 +1,12 @@
 """Tasks: what a step computes from a batch. The one piece to swap for a new kind of problem.
 
-A `Task` says which part of the batch the model takes, the loss as a function of the model's
-outputs and the whole batch, the metrics, and the named random streams the model draws from.
-`jdl.make_train_step(task)` and `jdl.make_eval_step(task)` turn it into pure steps; classification
-(per example or per position, as a language model), regression and anything else (a VAE's ELBO,
-say) go through the same step, `fit`, checkpoints and logs.
+A `Task` says which part of the batch (any pytree; the presets read dicts by key) the model takes,
+the loss, the metrics, and the model's random streams, so classification, regression and anything
+else (a VAE's ELBO) go through the same steps, `fit`, checkpoints and logs. `mask` (per example or
+per position), when present, keeps padding out of the loss and the metrics.
 
   task = jdl.Task(loss=lambda outputs, batch: jnp.mean((outputs - batch["y"]) ** 2, axis=-1),
                   inputs="x")
-
-A batch is any pytree; tasks read dicts by key. `mask` (per example, or per position), when
-present, marks the real examples: padding never counts in the loss or the metrics.
 """
 
 from __future__ import annotations
@@ -20,7 +16,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
 import jax
-import jax.numpy as jnp
 
 from jdl import losses as losses_lib
 from jdl import metrics as metrics_lib
@@ -28,25 +23,22 @@ from jdl import metrics as metrics_lib
 Batch = Any  # a pytree; the presets read a dict
 LossValue = Union[jax.Array, tuple[jax.Array, Mapping[str, jax.Array]]]
 TaskLossFn = Callable[[Any, Batch], LossValue]
-"""`(outputs, batch) -> losses` or `(losses, aux)`: per-example (or per-position) losses, shaped
-`[batch, ...]`, whose masked mean is minimised, or one scalar taken as the batch's mean loss (the
-loss must then leave padding out itself); `aux` maps names to per-example values (or scalars) that
-are reported as means (`train_<name>`)."""
+"""`(outputs, batch) -> losses` or `(losses, aux)`: `[batch, ...]` losses whose masked mean is
+minimised, or one scalar, the batch's mean loss (padding left out by the loss itself); `aux` maps
+names to per-example values (or scalars) reported as means (`train_<name>`)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """How a step turns a batch into a loss and metrics.
+  """How a step turns a batch into a loss (`TaskLossFn`) and metrics.
 
   Attributes:
-    loss: `(outputs, batch) -> losses` or `(losses, aux)` (`TaskLossFn`).
     metrics: metric functions `(outputs, batch, mask) -> states` (`jdl.metrics`), e.g.
-      `accuracy_metric(top_k=(5,))`; each key's suffix says how it merges and is reported.
-    inputs: what the model is called with: a batch key ("input"), or `batch -> inputs` for
-      several parts (a dict of arrays is one argument to the model).
-    rng_streams: the random streams the model draws from (`self.make_rng(name)`); each step's
-      key for a stream comes from the seed, the stream's name and the step, so a resumed run
-      draws what an uninterrupted one would.
+      `accuracy_metric(top_k=(5,))`.
+    inputs: what the model is called with: a batch key, or `batch -> inputs` for several parts
+      (a dict of arrays is one argument to the model).
+    rng_streams: the random streams the model draws from (`self.make_rng(name)`), keyed by the
+      seed, the stream's name and the step, so a resumed run draws what an unbroken one would.
     eval_loss: the loss for evaluation where it differs (label smoothing trains only); None: `loss`.
   """
 
@@ -74,17 +66,13 @@ class Task:
     """The part of `batch` the model is called with."""
     if callable(self.inputs):
       return self.inputs(batch)
-    if not isinstance(batch, Mapping) or self.inputs not in batch:
-      found = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
-      raise ValueError(f"the task's model inputs are batch[{self.inputs!r}], but the batch has "
-                       f"{found}; set Task(inputs=...) to the key (or a function) that gives them.")
-    return batch[self.inputs]
+    return _read(batch, self.inputs, "model inputs", " Set Task(inputs=...) to the key (or a "
+                 "function) that gives them.")
 
   def for_evaluation(self) -> Task:
     """This task with `eval_loss` as its loss."""
-    if self.eval_loss is None:
-      return self
-    return dataclasses.replace(self, loss=self.eval_loss, eval_loss=None)
+    return self if self.eval_loss is None else dataclasses.replace(
+        self, loss=self.eval_loss, eval_loss=None)
 
 
 def batch_mask(batch: Batch) -> jax.Array | None:
@@ -92,26 +80,21 @@ def batch_mask(batch: Batch) -> jax.Array | None:
   return batch.get("mask") if isinstance(batch, Mapping) else None
 
 
-def _labels(batch: Batch, key: str) -> jax.Array:
+def _read(batch: Batch, key: str, what: str = "targets", hint: str = "") -> Any:
   if not isinstance(batch, Mapping) or key not in batch:
     found = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
-    raise ValueError(f"the task reads its targets from batch[{key!r}], but the batch has {found}.")
+    raise ValueError(f"the task reads its {what} from batch[{key!r}], but the batch has "
+                     f"{found}.{hint}")
   return batch[key]
 
 
 def _on_labels(loss_fn: losses_lib.LossFn, key: str, *, class_axis: bool = False) -> TaskLossFn:
   """A `(outputs, labels)` loss as a task loss reading `batch[key]`; with `class_axis`, labels
-  must be shaped like the outputs without their last (class) axis."""
+  must be integers shaped like the outputs without their last (class) axis."""
   def loss(outputs: Any, batch: Batch) -> jax.Array:
-    labels = _labels(batch, key)
-    if class_axis and not jnp.issubdtype(labels.dtype, jnp.integer):
-      raise ValueError(f"classification needs integer class labels; got dtype {labels.dtype}. "
-                       "For real-valued targets use jdl.tasks.regression().")
-    if class_axis and tuple(labels.shape) != tuple(outputs.shape[:-1]):
-      raise ValueError(
-          f"labels of shape {tuple(labels.shape)} do not fit outputs of shape "
-          f"{tuple(outputs.shape)}: class labels are shaped like the outputs without their class "
-          f"axis, {tuple(outputs.shape[:-1])} (one integer per example or per position).")
+    labels = _read(batch, key)
+    if class_axis:
+      metrics_lib.check_class_labels(outputs, labels, "classification")
     return loss_fn(outputs, labels)
 
   return loss
@@ -122,7 +105,7 @@ def accuracy_metric(top_k: Sequence[int] = (), *, labels: str = "label") -> metr
   top_k = tuple(top_k)
 
   def accuracy(outputs: jax.Array, batch: Batch, mask: jax.Array | None) -> metrics_lib.Metrics:
-    return metrics_lib.accuracy_metrics(outputs, _labels(batch, labels), mask, top_k=top_k)
+    return metrics_lib.accuracy_metrics(outputs, _read(batch, labels), mask, top_k=top_k)
 
   return accuracy
 
@@ -130,7 +113,7 @@ def accuracy_metric(top_k: Sequence[int] = (), *, labels: str = "label") -> metr
 def error_metric(*, targets: str = "label") -> metrics_lib.MetricFn:
   """A metric function: mean and maximum absolute error of the outputs against `batch[targets]`."""
   def errors(outputs: jax.Array, batch: Batch, mask: jax.Array | None) -> metrics_lib.Metrics:
-    return metrics_lib.error_metrics(outputs, _labels(batch, targets), mask)
+    return metrics_lib.error_metrics(outputs, _read(batch, targets), mask)
 
   return errors
 
@@ -138,15 +121,9 @@ def error_metric(*, targets: str = "label") -> metrics_lib.MetricFn:
 def classification(loss: str | losses_lib.LossFn = "softmax_cross_entropy", *,
                    label_smoothing: float = 0.0, top_k: Sequence[int] = (),
                    inputs: str = "input", labels: str = "label") -> Task:
-  """Integer labels, one per example or per position (a language model's next tokens).
-
-  Args:
-    loss: a name in `jdl.losses.LOSSES` or a `(outputs, labels) -> [batch]` loss.
-    label_smoothing: smooths the training loss only, so evaluation numbers compare across
-      settings (named losses only).
-    top_k: top-k accuracies to report beside the accuracy.
-    inputs, labels: the batch keys of the model's inputs and of the labels.
-  """
+  """Integer labels, one per example or per position. `loss` is a name in `jdl.losses.LOSSES` or
+  a `(outputs, labels) -> [batch]` loss; `label_smoothing` (named losses) smooths the training
+  loss alone, so evaluation numbers compare; `top_k` adds top-k accuracies."""
   if isinstance(loss, str):
     train_loss = losses_lib.get_classification_loss(loss, label_smoothing)
     plain_loss = losses_lib.get_classification_loss(loss)
@@ -161,7 +138,6 @@ def classification(loss: str | losses_lib.LossFn = "softmax_cross_entropy", *,
 
 def regression(loss: losses_lib.LossFn = losses_lib.mean_squared_error, *, inputs: str = "input",
                targets: str = "label") -> Task:
-  """Real-valued targets shaped like the model's outputs; reports the loss (mean squared error by
-  default), the mean absolute error and the largest absolute error."""
+  """Real-valued targets shaped like the outputs; reports the loss, mean and largest error."""
   return Task(loss=_on_labels(loss, targets), metrics=(error_metric(targets=targets),),
               inputs=inputs)

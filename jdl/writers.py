@@ -1,9 +1,8 @@
 """Metric writers: JSON lines and TensorBoard event files in a run's workdir.
 
-`metrics.jsonl` gets one JSON object per record (`{"step": ..., "train_loss": ..., ...}`);
-`tensorboard/` gets scalar summaries (`tensorboard --logdir WORKDIR/tensorboard`), written with
-the `tensorboard` package alone in the records `tf.summary` writes (float32 scalar tensors of the
-"scalars" plugin, the config as a "text" summary), so a run imports no TensorFlow to log.
+`metrics.jsonl` gets one JSON object per record; `tensorboard/` gets the records `tf.summary`
+writes (float32 scalars, the config as text), written with the `tensorboard` package alone, so a
+run imports no TensorFlow to log.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import socket
 import struct
 import time
 from collections.abc import Mapping
-from typing import Any, BinaryIO
+from typing import Any
 
 JSONL_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -25,8 +24,7 @@ VERSIONS_NAME = "versions.json"
 
 
 def library_versions() -> dict[str, str]:
-  """The versions a run depends on, for `versions.json`: jdl, jax, flax, optax, orbax,
-  TensorFlow, TFDS, Python, and the devices JAX sees."""
+  """The versions of jdl, its main libraries and Python, and the devices, for `versions.json`."""
   import importlib.metadata  # pylint: disable=import-outside-toplevel
   import platform  # pylint: disable=import-outside-toplevel
 
@@ -47,13 +45,9 @@ def library_versions() -> dict[str, str]:
 
 
 class EventFileWriter:
-  """Appends TensorBoard summaries to a new event file in `logdir`, without TensorFlow.
-
-  The file (`path`) is `events.out.tfevents.<seconds>.<host>.<pid>.<n>`, `n` the first number no
-  file of that name has yet, so writers opened in the same second never share one. It starts with
-  the file-version record TensorBoard expects, and every write is flushed, so a live TensorBoard
-  sees each record as it comes.
-  """
+  """Appends TensorBoard summaries, every write flushed, to a new event file (`path`) in `logdir`,
+  without TensorFlow: `events.out.tfevents.<seconds>.<host>.<pid>.<n>`, `n` the first number not
+  taken, so writers opened in the same second never share one."""
 
   def __init__(self, logdir: str) -> None:
     # Imported here rather than with jdl: only a writer with TensorBoard on needs them.
@@ -64,52 +58,44 @@ class EventFileWriter:
     from tensorboard.summary.writer.record_writer import RecordWriter
 
     self._event_pb2, self._scalar_pb, self._text_pb = event_pb2, scalar_pb, text_pb
-    file = _new_event_file(logdir)
+    os.makedirs(logdir, exist_ok=True)
+    stem = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
+    number = 0
+    while True:
+      try:
+        # pylint: disable-next=consider-using-with
+        file = open(os.path.join(logdir, f"{stem}.{number}"), "xb")  # "x": never another's file
+        break
+      except FileExistsError:
+        number += 1
     self.path: str = file.name
     self._records = RecordWriter(file)
-    self._add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+    self._records.write(event_pb2.Event(wall_time=time.time(),
+                                        file_version="brain.Event:2").SerializeToString())
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     """One float32 scalar summary per `{tag: value}` at `step`, as `tf.summary.scalar` writes."""
-    for tag, value in scalars.items():
-      self._add(self._event_pb2.Event(wall_time=time.time(), step=int(step),
-                                      summary=self._scalar_pb(tag, float(value))))
-    self._records.flush()
+    self._write(step, [self._scalar_pb(tag, float(value)) for tag, value in scalars.items()])
 
   def write_text(self, step: int, tag: str, text: str) -> None:
     """A text summary (shown under TensorBoard's Text tab), as `tf.summary.text` writes."""
-    self._add(self._event_pb2.Event(wall_time=time.time(), step=int(step),
-                                    summary=self._text_pb(tag, text)))
-    self._records.flush()
+    self._write(step, [self._text_pb(tag, text)])
 
   def close(self) -> None:
     """Closes the file; closing again does nothing."""
     if not self._records.closed:
       self._records.close()
 
-  def _add(self, event: Any) -> None:
-    self._records.write(event.SerializeToString())
-
-
-def _new_event_file(logdir: str) -> BinaryIO:
-  """A new, empty event file in `logdir`, opened for writing (see `EventFileWriter`)."""
-  os.makedirs(logdir, exist_ok=True)
-  stem = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
-  number = 0
-  while True:
-    try:
-      # pylint: disable-next=consider-using-with
-      return open(os.path.join(logdir, f"{stem}.{number}"), "xb")  # "x": never another's file
-    except FileExistsError:
-      number += 1
+  def _write(self, step: int, summaries: list[Any]) -> None:
+    for summary in summaries:
+      self._records.write(self._event_pb2.Event(wall_time=time.time(), step=int(step),
+                                                summary=summary).SerializeToString())
+    self._records.flush()
 
 
 class MetricWriter:
-  """Writes scalar records to `workdir/metrics.jsonl` and TensorBoard event files.
-
-  Use as a context manager, or call `close()` when done. Values that are not finite numbers are
-  written as they are to JSON lines (NaN as null) and skipped for TensorBoard.
-  """
+  """Writes scalar records to `workdir/metrics.jsonl` (NaN as null) and TensorBoard event files
+  (finite numbers only). Use as a context manager, or call `close()` when done."""
 
   def __init__(self, workdir: str, *, tensorboard: bool = True) -> None:
     os.makedirs(workdir, exist_ok=True)
@@ -131,17 +117,16 @@ class MetricWriter:
           if isinstance(value, (int, float)) and math.isfinite(value)})
 
   def write_config(self, config: Mapping[str, Any], *, summary: bool = True) -> None:
-    """Saves the run's configuration as `config.json` (and, with `summary`, as text at step 0 in
-    TensorBoard: a resumed run has it there already), and the versions of jdl and its main
-    libraries, Python and the devices as `versions.json`."""
+    """Saves `config` as `config.json` (with `summary`, as TensorBoard text at step 0 too: a
+    resumed run has it there already) and `library_versions()` as `versions.json`."""
     as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    text = json.dumps(as_dict, indent=2, sort_keys=True, default=str)
     with open(os.path.join(self.workdir, CONFIG_NAME), "w", encoding="utf-8") as f:
-      json.dump(as_dict, f, indent=2, sort_keys=True, default=str)
+      f.write(text)
     with open(os.path.join(self.workdir, VERSIONS_NAME), "w", encoding="utf-8") as f:
       json.dump(library_versions(), f, indent=2, sort_keys=True)
     if self._summary is not None and summary:
-      self._summary.write_text(0, "config", json.dumps(as_dict, indent=2, sort_keys=True,
-                                                       default=str))
+      self._summary.write_text(0, "config", text)
 
   def close(self) -> None:
     """Closes the JSON lines and the event file."""
@@ -156,26 +141,18 @@ class MetricWriter:
     self.close()
 
 
-def truncate_jsonl(workdir: str, last_step: int) -> int:
-  """Drops the records after `last_step` from `workdir/metrics.jsonl` (a resumed run writes them
-  again); returns how many were dropped. The file is replaced atomically."""
-  path = os.path.join(workdir, JSONL_NAME)
-  if not os.path.exists(path):
-    return 0
-  records = read_jsonl(workdir)
-  kept = [record for record in records if int(record["step"]) <= last_step]
-  if len(kept) != len(records):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      f.writelines(json.dumps(record) + "\n" for record in kept)
-    os.replace(path + ".tmp", path)
-  return len(records) - len(kept)
-
-
 def truncate_records(workdir: str, start_step: int) -> None:
   """Drops what earlier attempts of a run wrote after `start_step`, the step it starts from now:
   the records of `metrics.jsonl` and the TensorBoard events (every one when it starts from 0), so
   each step is written once whichever reader looks. Files are replaced atomically."""
-  truncate_jsonl(workdir, start_step)
+  path = os.path.join(workdir, JSONL_NAME)
+  if os.path.exists(path):
+    records = read_jsonl(workdir)
+    kept = [record for record in records if int(record["step"]) <= start_step]
+    if len(kept) != len(records):
+      with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(record) + "\n" for record in kept)
+      os.replace(path + ".tmp", path)
   for path in sorted(glob.glob(os.path.join(workdir, TENSORBOARD_DIR, "events.out.tfevents.*"))):
     if start_step <= 0:
       os.remove(path)
