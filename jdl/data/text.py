@@ -24,7 +24,7 @@ from typing import Self
 import numpy as np
 
 from jdl.data.loading import DatasetMeta, get_builder, prepare
-from jdl.data.sources import ArraySource, Batch, _local_batch_size, epoch_seed
+from jdl.data.sources import ArraySource, Batch, ProcessShare, epoch_seed
 from jdl.lazy_import import tensorflow_datasets as tfds
 
 
@@ -196,7 +196,7 @@ class WordVocabulary(_Vocabulary):
     return f"WordVocabulary(size={self.size}, first words={list(self.words[:5])!r})"
 
 
-class TokenWindowSource:
+class TokenWindowSource(ProcessShare):
   """Random windows of a token stream for next-token prediction: a `BatchSource`.
 
   Each example is a window of `block_size + 1` consecutive tokens at a random start;
@@ -212,40 +212,25 @@ class TokenWindowSource:
   def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, *, seed: int = 0,
                steps_per_epoch: int | None = None, process_index: int = 0,
                process_count: int = 1) -> None:
-    """Args:
-      tokens: the token stream, 1-D integers (e.g. `CharVocabulary.encode(text)`).
-      block_size: tokens per example (the context length).
-      batch_size: the global batch size (all processes together).
-      seed: seeds the starts of every epoch.
-      steps_per_epoch: batches per epoch; None: `(len(tokens) - 1) // (block_size * batch_size)`
-        (at least 1), about one pass over the tokens.
-      process_index, process_count: this process and the number of processes.
-    """
+    """`tokens` is the stream, 1-D integers (e.g. `CharVocabulary.encode(text)`), `block_size`
+    the context length; `steps_per_epoch=None` means about one pass over the tokens,
+    `(len(tokens) - 1) // (block_size * batch_size)` (at least 1)."""
     # More than block_size + 1 tokens, so there are at least two distinct windows.
     self.tokens = _check_tokens(tokens, block_size, extra=2)
     self.block_size = int(block_size)
-    self._batch_size = int(batch_size)
-    self.local_batch_size = _local_batch_size(self._batch_size, process_count)
-    if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
+    super().__init__(batch_size, process_index, process_count)
     if steps_per_epoch is None:
-      steps_per_epoch = max(1, (len(self.tokens) - 1) // (self.block_size * self._batch_size))
+      steps_per_epoch = max(1, (len(self.tokens) - 1) // (self.block_size * self.batch_size))
     elif steps_per_epoch < 1:
       raise ValueError(f"steps_per_epoch must be >= 1 (or None for about one pass over the "
                        f"tokens); got {steps_per_epoch}.")
     self.steps_per_epoch, self.seed = int(steps_per_epoch), seed
-    self.process_index, self.process_count = process_index, process_count
     self._offsets = np.arange(self.block_size + 1)
 
   @property
   def num_examples(self) -> int:
     """Windows per epoch over all processes (`steps_per_epoch * batch_size`)."""
-    return self.steps_per_epoch * self._batch_size
-
-  @property
-  def batch_size(self) -> int:
-    """The global batch size (all processes together)."""
-    return self._batch_size
+    return self.steps_per_epoch * self.batch_size
 
   @property
   def num_starts(self) -> int:
@@ -255,7 +240,7 @@ class TokenWindowSource:
   def starts(self, index: int) -> np.ndarray:
     """The global window starts of epoch `index`, int64 `[steps_per_epoch, batch_size]`."""
     rng = np.random.default_rng(epoch_seed(self.seed, index))
-    return np.stack([rng.integers(0, self.num_starts, size=self._batch_size)
+    return np.stack([rng.integers(0, self.num_starts, size=self.batch_size)
                      for _ in range(self.steps_per_epoch)])
 
   def epoch(self, index: int) -> Iterator[Batch]:
@@ -266,13 +251,9 @@ class TokenWindowSource:
   def epoch_from(self, index: int, first: int) -> Iterator[Batch]:
     """The batches of epoch `index` from its `first` on: the earlier batches' starts are drawn
     and dropped without reading their windows, so a resumed run positions the stream at once."""
-    rng = np.random.default_rng(epoch_seed(self.seed, index))
     low = self.process_index * self.local_batch_size
     mask = np.ones((self.local_batch_size,), np.bool_)
-    for position in range(self.steps_per_epoch):
-      starts = rng.integers(0, self.num_starts, size=self._batch_size)
-      if position < first:
-        continue
+    for starts in self.starts(index)[first:]:
       windows = self.tokens[starts[low:low + self.local_batch_size, None] + self._offsets]
       windows = windows.astype(np.int32)  # from the stream's own dtype (uint16 in a file, say)
       yield {"input": np.ascontiguousarray(windows[:, :-1]),
