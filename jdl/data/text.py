@@ -1,16 +1,12 @@
-"""Text data: vocabularies, and batch sources for language modelling and text classification.
+"""Text data, in memory: vocabularies, and batch sources for language modelling and text
+classification.
 
-Two pipelines, both in memory (the texts are small):
-
-  * character language modelling (`load_char_lm_data`, TFDS `tiny_shakespeare`): the split's
-    text becomes one stream of character ids. Training draws random windows of `block_size + 1`
-    ids (`TokenWindowSource`); evaluation runs over fixed, non-overlapping windows
-    (`sequential_windows`), so the validation loss averages the same positions every time.
-  * text classification (`load_text_classification_data`, TFDS `imdb_reviews`): each review
-    becomes `max_length` word ids (`WordVocabulary`), truncated or padded with 0 at the end.
-
-Vocabularies are built from the training split only and serialise to JSON, so a trained workdir
-can keep `vocab.json` beside its checkpoints and a sampling script can rebuild the exact mapping.
+Character language modelling (`load_char_lm_data`, e.g. `tiny_shakespeare`) trains on random
+windows of one stream of character ids (`TokenWindowSource`) and evaluates on fixed,
+non-overlapping windows (`sequential_windows`), so the validation loss averages the same positions
+every time. Text classification (`load_text_classification_data`, e.g. `imdb_reviews`) turns each
+text into `max_length` word ids (`WordVocabulary`). Vocabularies are built from the training split
+and serialise to JSON (`vocab.json` beside a workdir's checkpoints rebuilds the exact mapping).
 """
 
 from __future__ import annotations
@@ -65,13 +61,12 @@ class _Vocabulary:
 
 
 class CharVocabulary(_Vocabulary):
-  """A bijection between the distinct characters of a text and the ids `0 .. size - 1`, in the
-  characters' sorted (code point) order, so the same text always gives the same vocabulary."""
+  """A bijection between distinct characters (`chars`, in id order) and the ids `0 .. size - 1`;
+  `from_text` sorts them by code point, so the same text always gives the same vocabulary."""
 
   _KIND, _FIELD = "char", "chars"
 
   def __init__(self, chars: str) -> None:
-    """Args: chars: the vocabulary's characters, distinct, in id order."""
     if not isinstance(chars, str) or not chars:
       raise ValueError(f"a character vocabulary needs a non-empty string of characters; got "
                        f"{chars!r}.")
@@ -96,11 +91,8 @@ class CharVocabulary(_Vocabulary):
     return len(self.chars)
 
   def encode(self, text: str) -> np.ndarray:
-    """The ids of the characters of `text`, int32 of shape `[len(text)]`.
-
-    Raises:
-      ValueError: `text` holds a character that is not in the vocabulary (named in the message).
-    """
+    """The ids of the characters of `text`, int32 `[len(text)]`; an unknown character raises a
+    ValueError that names it."""
     if not isinstance(text, str):
       raise ValueError(f"encode takes a string; got {type(text).__name__}.")
     codes = _code_points(text)
@@ -115,11 +107,7 @@ class CharVocabulary(_Vocabulary):
     return self._order[slots]
 
   def decode(self, ids: Iterable[int] | np.ndarray) -> str:
-    """The text of a sequence of ids (the inverse of `encode`).
-
-    Raises:
-      ValueError: an id is not an integer in `[0, size)`.
-    """
+    """The text of a sequence of ids in `[0, size)` (the inverse of `encode`)."""
     if np.size(ids) == 0:
       return ""
     ids = _check_ids(ids, self.size)
@@ -140,15 +128,14 @@ def split_words(text: str) -> list[str]:
 
 
 class WordVocabulary(_Vocabulary):
-  """Ids of the most frequent words: 0 is padding, 1 an unknown word, then words `2 .. size - 1`;
-  text is lowercased and split into words and punctuation marks by `split_words`."""
+  """Word ids: 0 is padding, 1 an unknown word, then `words` (distinct) as `2 .. size - 1`; text
+  is lowercased and split into words and punctuation marks by `split_words`."""
 
   PAD_ID = 0
   UNKNOWN_ID = 1
   _KIND, _FIELD = "word", "words"
 
   def __init__(self, words: Sequence[str]) -> None:
-    """Args: words: the known words, distinct, in id order (the first gets id 2)."""
     words = list(words)
     if not all(isinstance(word, str) and word for word in words):
       raise ValueError("a word vocabulary's words must be non-empty strings.")
@@ -286,20 +273,12 @@ def sequential_windows(tokens: np.ndarray, block_size: int) -> tuple[np.ndarray,
 
 
 def read_text(builder: tfds.core.DatasetBuilder, split: str) -> str:
-  """The text of a split of a prepared TFDS dataset with a "text" feature; several examples are
-  joined with newlines, in the order TFDS stores them.
-
-  Raises:
-    ValueError: the dataset has no "text" feature, or the split is empty.
-  """
+  """The text of a split of a prepared TFDS dataset with a "text" feature, its examples joined
+  with newlines in the order TFDS stores them; a ValueError if the split is empty."""
   if "text" not in builder.info.features:
     raise ValueError(f"dataset {builder.name!r} has no 'text' feature; its features are "
                      f"{sorted(builder.info.features)}.")
-  texts = [example["text"].decode("utf-8")
-           for example in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))]
-  if not texts:
-    raise ValueError(f"split {split!r} of {builder.name!r} has no examples.")
-  return "\n".join(texts)
+  return "\n".join(_read_texts(builder, split, "text")[0])
 
 
 def load_char_lm_data(
@@ -307,31 +286,15 @@ def load_char_lm_data(
     train_split: str = "train", eval_split: str = "validation", data_dir: str | None = None,
     download: bool = True, manual_dir: str | None = None, seed: int = 0, process_index: int = 0,
     process_count: int = 1) -> tuple[TokenWindowSource, ArraySource, DatasetMeta, CharVocabulary]:
-  """The batch sources of a character language model on a TFDS text dataset.
+  """The batch sources of a character language model on a TFDS dataset with a "text" feature.
 
-  The vocabulary is built from the training split. Offline, tiny_shakespeare prepares from a
-  `manual_dir` holding the char-rnn `input.txt` (TFDS checks its checksum).
-
-  Args:
-    name: TFDS dataset with a "text" feature.
-    block_size: characters per example (the model's context length).
-    batch_size: global training batch size (windows per step).
-    eval_batch_size: global evaluation batch size (speed only, never the metrics).
-    train_split, eval_split: TFDS split names.
-    data_dir: TFDS data directory; None means TFDS's default.
-    download: whether a missing dataset may be downloaded.
-    manual_dir: a folder holding the raw download (`input.txt` for tiny_shakespeare).
-    seed: seeds the training windows of every epoch.
-    process_index, process_count: this process and the number of processes.
-
-  Returns:
-    `(train_source, eval_source, meta, vocab)`: random windows of the training split, the
-    non-overlapping windows of the eval split in order, metadata (`input_shape=(block_size,)`,
-    `num_classes=vocab.size`, `split_sizes` counts the non-overlapping windows of each split,
-    `input_dtype="int32"`), and the vocabulary.
-
-  Raises:
-    ValueError: the eval split holds a character that the training split does not.
+  `block_size` is characters per example (the context length); the other arguments are those of
+  `jdl.data.load_classification_data`. Offline, tiny_shakespeare prepares from a `manual_dir`
+  holding the char-rnn `input.txt`. Returns `(train_source, eval_source, meta, vocab)`: random
+  windows of the training split, the non-overlapping windows of the eval split in order, metadata
+  (`input_shape=(block_size,)`, `num_classes=vocab.size`, `split_sizes` in non-overlapping
+  windows, `input_dtype="int32"`) and the vocabulary, built from the training split; an eval
+  character the training split lacks is a ValueError.
   """
   builder = get_builder(name, data_dir)
   prepare(builder, download=download, manual_dir=manual_dir)
@@ -359,21 +322,12 @@ def load_text_classification_data(
     data_dir: str | None = None, download: bool = True, manual_dir: str | None = None,
     seed: int = 0, shuffle: bool = True, process_index: int = 0,
     process_count: int = 1) -> tuple[ArraySource, ArraySource, DatasetMeta, WordVocabulary]:
-  """The batch sources of a TFDS text classification dataset (text and class label), as word ids.
+  """The batch sources of a TFDS dataset whose supervised keys are a text and a class label.
 
-  Args:
-    name: TFDS dataset whose supervised keys are a text and a class label.
-    max_length: words per example: longer texts are cut, shorter ones padded with 0 at the end.
-    max_words: vocabulary size, padding (0) and unknown (1) included; the rest are the most
-      frequent words of the training split.
-    seed: seeds the per-epoch shuffles of the training split.
-    shuffle: shuffle the training split every epoch.
-    batch_size, eval_batch_size, train_split, eval_split, data_dir, download, manual_dir,
-      process_index, process_count: as in `load_char_lm_data`.
-
-  Returns:
-    `(train_source, eval_source, meta, vocab)`; inputs are int32 `[max_length]` word ids, labels
-    int32 class indices, and `meta.input_dtype` is "int32".
+  Inputs are int32 `[max_length]` word ids (longer texts cut, shorter ones padded with 0 at the
+  end) of a vocabulary of `max_words` ids, padding and unknown included: the most frequent words
+  of the training split. The other arguments are those of `jdl.data.load_classification_data`.
+  Returns `(train_source, eval_source, meta, vocab)`, with `meta.input_dtype` "int32".
   """
   if max_length < 1:
     raise ValueError(f"max_length must be >= 1; got {max_length}.")
@@ -381,8 +335,8 @@ def load_text_classification_data(
   prepare(builder, download=download, manual_dir=manual_dir)
   text_key, label_key = _text_and_label_keys(builder)
   label_feature = builder.info.features[label_key]
-  train_texts, train_labels = _read_texts_and_labels(builder, train_split, text_key, label_key)
-  eval_texts, eval_labels = _read_texts_and_labels(builder, eval_split, text_key, label_key)
+  train_texts, train_labels = _read_texts(builder, train_split, text_key, label_key)
+  eval_texts, eval_labels = _read_texts(builder, eval_split, text_key, label_key)
   vocab = WordVocabulary.from_texts(train_texts, max_words)
   shared = dict(seed=seed, process_index=process_index, process_count=process_count)
   train_source = ArraySource(vocab.encode(train_texts, max_length), train_labels, batch_size,
@@ -411,22 +365,24 @@ def _text_and_label_keys(builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
   return text_key, label_key
 
 
-def _read_texts_and_labels(builder: tfds.core.DatasetBuilder, split: str, text_key: str,
-                           label_key: str) -> tuple[list[str], np.ndarray]:
-  """A split's texts (decoded from UTF-8) and labels (int32), in the order TFDS stores them."""
-  texts, labels = [], []
+def _read_texts(builder: tfds.core.DatasetBuilder, split: str, text_key: str,
+                label_key: str | None = None) -> tuple[list[str], np.ndarray]:
+  """A split's texts (decoded from UTF-8) and labels (int32; none without `label_key`), in the
+  order TFDS stores them."""
+  texts, labels = [], [np.zeros((0,), np.int32)]
   dataset = builder.as_dataset(split=split, shuffle_files=False).batch(1024)
   for batch in tfds.as_numpy(dataset):
     texts.extend(text.decode("utf-8") for text in batch[text_key])
-    labels.append(batch[label_key].astype(np.int32))
+    if label_key is not None:
+      labels.append(batch[label_key].astype(np.int32))
   if not texts:
     raise ValueError(f"split {split!r} of {builder.name!r} has no examples.")
   return texts, np.concatenate(labels)
 
 
 def _check_tokens(tokens: np.ndarray, block_size: int, *, extra: int) -> np.ndarray:
-  """`tokens` as int32, after checking they are a 1-D integer stream of at least
-  `block_size + extra` tokens."""
+  """`tokens` as an array, after checking they are a 1-D stream of at least `block_size + extra`
+  integer ids in `[0, 2**31)`."""
   if not isinstance(block_size, (int, np.integer)) or block_size < 1:
     raise ValueError(f"block_size must be an integer >= 1; got {block_size!r}.")
   min_tokens = block_size + extra
@@ -439,8 +395,7 @@ def _check_tokens(tokens: np.ndarray, block_size: int, *, extra: int) -> np.ndar
                      f"need at least {min_tokens}.")
   if np.iinfo(tokens.dtype).max > np.iinfo(np.int32).max or np.iinfo(tokens.dtype).min < 0:
     # Ids of a wide or signed type are read once to check them (a memory-mapped file: one pass).
-    limits = np.iinfo(np.int32)
-    if tokens.min() < 0 or tokens.max() > limits.max:
+    if tokens.min() < 0 or tokens.max() > np.iinfo(np.int32).max:
       raise ValueError(f"token ids must lie in [0, 2**31); got {tokens.min()} .. {tokens.max()}.")
   return tokens  # kept in its own dtype (a uint16 file stays mapped); windows become int32
 
