@@ -161,16 +161,9 @@ def is_enabled(spec: Mapping[str, Any] | None) -> bool:
 def param_names(spec: Mapping[str, Any] | None) -> tuple[str, ...]:
   """The names of the random draws that `spec` needs, in `PARAM_STREAMS` order."""
   spec = validate_spec(spec)
-  wanted = {
-      "crop_offset": spec["crop_padding"] > 0,
-      "flip": spec["flip"],
-      "cutout_center": spec["cutout_size"] > 0,
-      "brightness": spec["brightness"] > 0,
-      "contrast": spec["contrast"] > 0,
-      "mix_partner": spec["mixup_alpha"] > 0,
-      "mix_weight": spec["mixup_alpha"] > 0,
-  }
-  return tuple(name for name in PARAM_STREAMS if wanted[name])
+  needed_by = {"crop_offset": "crop_padding", "cutout_center": "cutout_size",
+               "mix_partner": "mixup_alpha", "mix_weight": "mixup_alpha"}  # else the same name
+  return tuple(name for name in PARAM_STREAMS if spec[needed_by.get(name, name)])
 
 
 def fill_value(spec: Mapping[str, Any] | None) -> float:

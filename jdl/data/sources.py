@@ -225,13 +225,9 @@ class ArraySource(ProcessShare):
   def steps_per_epoch(self) -> int:
     return -(-self.num_examples // self.batch_size)
 
-  def order(self, index: int) -> np.ndarray:
-    """The example order of epoch `index`."""
-    return np.asarray(epoch_order(np.uint32(self.seed), np.uint32(index),
-                                  num_examples=self.num_examples, shuffle=self.shuffle))
-
   def epoch(self, index: int) -> Iterator[Batch]:
-    order = self.order(index)
+    order = np.asarray(epoch_order(np.uint32(self.seed), np.uint32(index),
+                                   num_examples=self.num_examples, shuffle=self.shuffle))
     low = self.process_index * self.local_batch_size
     for start in range(0, self.num_examples, self.batch_size):
       chosen = order[start:start + self.batch_size][low:low + self.local_batch_size]
@@ -283,22 +279,16 @@ class TFDataSource(ProcessShare):
       dataset = dataset.enumerate().map(
           lambda i, batch: augment(batch, tf.stack([tf.constant(seed, tf.int64), i])),
           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    dataset = dataset.prefetch(tf.data.AUTOTUNE)
-    produced = 0
-    for batch in dataset.as_numpy_iterator():
-      if produced == self.steps_per_epoch:
-        break
-      produced += 1
-      yield self._padded(batch)
-    if produced < self.steps_per_epoch:
-      empty = self._empty_batch()
-      for _ in range(self.steps_per_epoch - produced):
-        yield empty
+    batches = dataset.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+    for _ in range(self.steps_per_epoch):  # a share that runs out first pads with empty batches
+      batch = next(batches, None)
+      yield self._empty_batch if batch is None else self._padded(batch)
 
   def _padded(self, batch: Batch) -> Batch:
     extras = {k: v for k, v in batch.items() if k not in ("input", "label", "mask")}
     return pad_batch(batch["input"], batch["label"], self.local_batch_size, extras)
 
+  @functools.cached_property
   def _empty_batch(self) -> Batch:
     """A fully masked batch with the keys of the augmented batches (mixup's), so every batch of
     the epoch has the same structure and the step compiles once."""

@@ -219,15 +219,12 @@ class TokenWindowSource(ProcessShare):
     """Windows per epoch over all processes (`steps_per_epoch * batch_size`)."""
     return self.steps_per_epoch * self.batch_size
 
-  @property
-  def num_starts(self) -> int:
-    """The number of distinct windows: every start in `[0, len(tokens) - block_size)`."""
-    return len(self.tokens) - self.block_size
-
   def starts(self, index: int) -> np.ndarray:
-    """The global window starts of epoch `index`, int64 `[steps_per_epoch, batch_size]`."""
+    """The global window starts of epoch `index`, int64 `[steps_per_epoch, batch_size]`, each in
+    `[0, len(tokens) - block_size)`."""
     rng = np.random.default_rng(epoch_seed(self.seed, index))
-    return np.stack([rng.integers(0, self.num_starts, size=self.batch_size)
+    num_starts = len(self.tokens) - self.block_size
+    return np.stack([rng.integers(0, num_starts, size=self.batch_size)
                      for _ in range(self.steps_per_epoch)])
 
   def epoch(self, index: int) -> Iterator[Batch]:
