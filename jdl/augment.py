@@ -83,7 +83,6 @@ class ArrayOps(NamedTuple):
   clip: Callable[[Any, Any, Any], Any]
   mean: Callable[[Any, tuple[int, ...]], Any]  # (x, axes), keeping the axes
   gather: Callable[..., Any]  # (x, indices, axis=0, batch_dims=0) as `tf.gather`
-  static_shape: Callable[[Any], tuple[int | None, ...]]  # None for unknown sizes
   is_floating: Callable[[Any], bool]  # (dtype)
   fold_in: Callable[[Any, int], Any]  # (key, stream)
   split: Callable[[Any], tuple[Any, Any]]  # (key): two new keys
@@ -252,8 +251,8 @@ def sample_with(ops: ArrayOps, key: Any, batch_size: Any, image_shape: Sequence[
       params[name] = ops.uniform(stream(name), [batch_size], low, high)
   if "mix_partner" in names:
     real_B = ops.xp.ones([batch_size], np.bool_) if mask is None else ops.cast(mask, np.bool_)
-    if tuple(ops.static_shape(real_B)) != (static_batch,):
-      raise ValueError(f"mask must have shape [{batch_size}]; got {ops.static_shape(real_B)}.")
+    if tuple(real_B.shape) != (static_batch,):
+      raise ValueError(f"mask must have shape [{batch_size}]; got {tuple(real_B.shape)}.")
     params["mix_partner"] = _mix_partners(ops, stream("mix_partner"), real_B, batch_size)
     lam_B = ops.clip(ops.beta(stream("mix_weight"), spec["mixup_alpha"], batch_size), 0.0, 1.0)
     params["mix_weight"] = ops.xp.where(real_B, lam_B, 1.0)
@@ -262,7 +261,7 @@ def sample_with(ops: ArrayOps, key: Any, batch_size: Any, image_shape: Sequence[
 
 def _crop(ops: ArrayOps, images_BxHxWxC: Any, offset_Bx2: Any, padding: int, fill: Any) -> Any:
   """Pads by `padding` with `fill` and crops back at `offset`, as two batched gathers."""
-  height, width = ops.static_shape(images_BxHxWxC)[1:3]
+  height, width = images_BxHxWxC.shape[1:3]
   rows_BxH = offset_Bx2[:, 0:1] - padding + ops.arange(height)[None, :]
   cols_BxW = offset_Bx2[:, 1:2] - padding + ops.arange(width)[None, :]
   inside_BxHxWx1 = (((rows_BxH >= 0) & (rows_BxH < height))[:, :, None, None]
@@ -274,7 +273,7 @@ def _crop(ops: ArrayOps, images_BxHxWxC: Any, offset_Bx2: Any, padding: int, fil
 
 def _cutout(ops: ArrayOps, images_BxHxWxC: Any, center_Bx2: Any, size: int, fill: Any) -> Any:
   """Fills the `size x size` square at each example's centre, clipped at the border."""
-  height, width = ops.static_shape(images_BxHxWxC)[1:3]
+  height, width = images_BxHxWxC.shape[1:3]
   start_Bx2 = center_Bx2 - size // 2
   rows_1xH = ops.arange(height)[None, :]
   cols_1xW = ops.arange(width)[None, :]
@@ -285,11 +284,15 @@ def _cutout(ops: ArrayOps, images_BxHxWxC: Any, center_Bx2: Any, size: int, fill
 
 
 def _inputs(ops: ArrayOps, batch: Mapping[str, Any]) -> tuple[Any, tuple[int | None, ...]]:
-  """The batch's `input` as an array, and its static shape."""
+  """The batch's `input` as an array, and its static shape (None for unknown sizes)."""
   if "input" not in batch:
     raise ValueError(f"augmentation needs the batch key 'input'; got keys {sorted(batch)}.")
   inputs = ops.asarray(batch["input"])
-  return inputs, ops.static_shape(inputs)
+  try:
+    return inputs, tuple(inputs.shape)
+  except ValueError:  # a TF tensor of unknown rank
+    raise ValueError("augmentation needs inputs of known rank; got a tensor of unknown "
+                     "shape.") from None
 
 
 def _compute_dtype(ops: ArrayOps, dtype: Any, what: str) -> Any:
@@ -383,7 +386,6 @@ JAX_OPS = ArrayOps(
     xp=jnp, asarray=jnp.asarray, constant=jnp.asarray, cast=lambda x, dtype: jnp.asarray(x, dtype),
     arange=lambda n: jnp.arange(n, dtype=jnp.int32), clip=jnp.clip,
     mean=lambda x, axes: jnp.mean(x, axis=axes, keepdims=True), gather=_jax_gather,
-    static_shape=lambda x: tuple(x.shape),
     is_floating=lambda dtype: jnp.issubdtype(dtype, jnp.floating),
     fold_in=jax.random.fold_in, split=jax.random.split,
     randint=lambda key, shape, low, high: jax.random.randint(key, shape, low, high, jnp.int32),

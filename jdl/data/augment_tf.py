@@ -42,12 +42,6 @@ def _beta(seed: tf.Tensor, alpha: float, batch_size: Any) -> tf.Tensor:
   return tf.sigmoid(log_gammas[0] - log_gammas[1])
 
 
-def _static_shape(x: tf.Tensor) -> tuple[int | None, ...]:
-  if x.shape.rank is None:
-    raise ValueError("augmentation needs inputs of known rank; got a tensor of unknown shape.")
-  return tuple(x.shape.as_list())
-
-
 @functools.cache
 def _ops() -> augment_lib.ArrayOps:
   """`jdl.augment.ArrayOps` in TensorFlow, made on first use (so importing this imports no TF)."""
@@ -57,7 +51,7 @@ def _ops() -> augment_lib.ArrayOps:
       constant=lambda value, dtype: tf.cast(tf.constant(value, tf.float64), dtype),
       arange=tf.range, clip=tf.clip_by_value,
       mean=lambda x, axes: tf.reduce_mean(x, axis=axes, keepdims=True), gather=tf.gather,
-      static_shape=_static_shape, is_floating=lambda dtype: dtype.is_floating,
+      is_floating=lambda dtype: dtype.is_floating,
       fold_in=tf.random.experimental.stateless_fold_in,
       split=lambda seed: tf.unstack(tf.random.experimental.stateless_split(seed)),
       randint=lambda seed, shape, low, high: stateless_uniform(shape, seed, low, high, tf.int32),
