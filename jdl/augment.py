@@ -19,11 +19,11 @@ Every example gets its own draws. The order is crop, flip, cutout, contrast + br
 need images `[B, H, W, C]` and keep any dtype; brightness, contrast and mixup take any rank >= 2
 input of a floating dtype.
 
-`sample_with` draws all random numbers of a batch and `apply_with` is deterministic given them;
-both are written once against `ArrayOps`, here in jax (`JAX_OPS`: `sample_params`, `apply_params`,
-`make_augment`) and in `jdl.data.augment_tf` in TensorFlow, so the same draws give the same batch.
-Each draw has its own stream (`PARAM_STREAMS`): switching one augmentation on or off does not change
-the others' draws. This module must not import TensorFlow.
+`sample_params` draws all random numbers of a batch and `apply_params` is deterministic given
+them. Both are written once against `ArrayOps`: jax by default (`JAX_OPS`), TensorFlow in
+`jdl.data.augment_tf`, so the same draws give the same batch. Each draw has its own stream
+(`PARAM_STREAMS`): switching one augmentation on or off does not change the others' draws. This
+module must not import TensorFlow.
 """
 
 from __future__ import annotations
@@ -89,6 +89,30 @@ class ArrayOps(NamedTuple):
   randint: Callable[[Any, list, int, int], Any]  # (key, shape, low, high)
   uniform: Callable[[Any, list, float, float], Any]  # (key, shape, low, high)
   beta: Callable[[Any, float, Any], Any]  # (key, alpha, batch_size): Beta(alpha, alpha) [B]
+
+
+def _jax_gather(x: jax.Array, indices: jax.Array, axis: int = 0, batch_dims: int = 0) -> jax.Array:
+  """`tf.gather` in jax, for `batch_dims` 0 or 1 (the indices are in range)."""
+  take = functools.partial(jnp.take, axis=axis - batch_dims, mode="clip")
+  return jax.vmap(take)(x, indices) if batch_dims else take(x, indices)
+
+
+def _jax_beta(key: jax.Array, alpha: float, batch_size: int) -> jax.Array:
+  # Beta(a, a) = sigmoid(log G1 - log G2) for G ~ Gamma(a), in log space so that small alphas
+  # do not underflow.
+  log_gamma_2xB = jax.random.loggamma(key, alpha, (2, batch_size), jnp.float32)
+  return jax.nn.sigmoid(log_gamma_2xB[0] - log_gamma_2xB[1])
+
+
+JAX_OPS = ArrayOps(
+    xp=jnp, asarray=jnp.asarray, constant=jnp.asarray, cast=lambda x, dtype: jnp.asarray(x, dtype),
+    arange=lambda n: jnp.arange(n, dtype=jnp.int32), clip=jnp.clip,
+    mean=lambda x, axes: jnp.mean(x, axis=axes, keepdims=True), gather=_jax_gather,
+    is_floating=lambda dtype: jnp.issubdtype(dtype, jnp.floating),
+    fold_in=jax.random.fold_in, split=jax.random.split,
+    randint=lambda key, shape, low, high: jax.random.randint(key, shape, low, high, jnp.int32),
+    uniform=lambda key, shape, low, high: jax.random.uniform(key, shape, jnp.float32, low, high),
+    beta=_jax_beta)
 
 
 def _is_int(value: Any) -> bool:
@@ -216,13 +240,14 @@ def _mix_partners(ops: ArrayOps, key: Any, real_B: Any, batch_size: Any) -> Any:
   return ops.cast(ops.gather(shuffled_B, position_B), np.int32)
 
 
-def sample_with(ops: ArrayOps, key: Any, batch_size: Any, image_shape: Sequence[int],
-                spec: Mapping[str, Any] | None, mask: Any = None) -> dict[str, Any]:
-  """Draws all the random numbers that augment one batch, in the array library of `ops`.
+def sample_params(key: jax.Array, batch_size: int, image_shape: Sequence[int],
+                  spec: Mapping[str, Any] | None, mask: jax.Array | None = None, *,
+                  ops: ArrayOps = JAX_OPS) -> Params:
+  """Draws all the random numbers that augment one batch, from a PRNG key of `ops`' library.
 
-  `batch_size` may be dynamic (a scalar tensor); `image_shape`, `input.shape[1:]`, is static. The
-  draws of the enabled augmentations each have a leading batch axis (see `PARAM_STREAMS`); mixup
-  pairs only the real rows (`mask` True, all when None).
+  `batch_size` may be dynamic (a scalar tensor in TF); `image_shape`, `input.shape[1:]`, is
+  static. The draws of the enabled augmentations each have a leading batch axis (see
+  `PARAM_STREAMS`); mixup pairs only the real rows (`mask` True, all when None).
   """
   spec = validate_spec(spec)
   image_shape = tuple(image_shape)
@@ -301,9 +326,9 @@ def _compute_dtype(ops: ArrayOps, dtype: Any, what: str) -> Any:
   return np.float64 if dtype == np.float64 else np.float32
 
 
-def apply_with(ops: ArrayOps, batch: Mapping[str, Any], params: Mapping[str, Any],
-               spec: Mapping[str, Any] | None) -> dict[str, Any]:
-  """Augments a batch with the given draws, in the array library of `ops`; deterministic.
+def apply_params(batch: Batch, params: Mapping[str, jax.Array], spec: Mapping[str, Any] | None,
+                 *, ops: ArrayOps = JAX_OPS) -> dict[str, jax.Array]:
+  """Augments a batch with the given draws; deterministic, vectorised and jit-able.
 
   `batch` has `input` `[B, ...]`, and `label` `[B, ...]` when mixup is on; other keys (`label`,
   `mask`, ...) pass through unchanged. The result has `input` augmented (same shape and dtype),
@@ -360,52 +385,7 @@ def apply_with(ops: ArrayOps, batch: Mapping[str, Any], params: Mapping[str, Any
   return out
 
 
-def augment_with(ops: ArrayOps, key: Any, batch: Mapping[str, Any],
-                 spec: Mapping[str, Any]) -> dict[str, Any]:
-  """`apply_with` on the draws of `sample_with` for this batch (its size may be dynamic)."""
-  inputs, shape = _inputs(ops, batch)
-  batch_size = shape[0] if shape[0] is not None else ops.xp.shape(inputs)[0]
-  params = sample_with(ops, key, batch_size, shape[1:], spec, batch.get("mask"))
-  return apply_with(ops, batch, params, spec)
-
-
-def _jax_gather(x: jax.Array, indices: jax.Array, axis: int = 0, batch_dims: int = 0) -> jax.Array:
-  """`tf.gather` in jax, for `batch_dims` 0 or 1 (the indices are in range)."""
-  take = functools.partial(jnp.take, axis=axis - batch_dims, mode="clip")
-  return jax.vmap(take)(x, indices) if batch_dims else take(x, indices)
-
-
-def _jax_beta(key: jax.Array, alpha: float, batch_size: int) -> jax.Array:
-  # Beta(a, a) = sigmoid(log G1 - log G2) for G ~ Gamma(a), in log space so that small alphas
-  # do not underflow.
-  log_gamma_2xB = jax.random.loggamma(key, alpha, (2, batch_size), jnp.float32)
-  return jax.nn.sigmoid(log_gamma_2xB[0] - log_gamma_2xB[1])
-
-
-JAX_OPS = ArrayOps(
-    xp=jnp, asarray=jnp.asarray, constant=jnp.asarray, cast=lambda x, dtype: jnp.asarray(x, dtype),
-    arange=lambda n: jnp.arange(n, dtype=jnp.int32), clip=jnp.clip,
-    mean=lambda x, axes: jnp.mean(x, axis=axes, keepdims=True), gather=_jax_gather,
-    is_floating=lambda dtype: jnp.issubdtype(dtype, jnp.floating),
-    fold_in=jax.random.fold_in, split=jax.random.split,
-    randint=lambda key, shape, low, high: jax.random.randint(key, shape, low, high, jnp.int32),
-    uniform=lambda key, shape, low, high: jax.random.uniform(key, shape, jnp.float32, low, high),
-    beta=_jax_beta)
-
-
-def sample_params(key: jax.Array, batch_size: int, image_shape: Sequence[int],
-                  spec: Mapping[str, Any] | None, mask: jax.Array | None = None) -> Params:
-  """Draws all the random numbers that augment one batch, from a jax PRNG key (`sample_with`)."""
-  return sample_with(JAX_OPS, key, batch_size, image_shape, spec, mask)
-
-
-def apply_params(batch: Batch, params: Mapping[str, jax.Array],
-                 spec: Mapping[str, Any] | None) -> dict[str, jax.Array]:
-  """Augments a batch with the given draws (`apply_with`); vectorised and jit-able."""
-  return apply_with(JAX_OPS, batch, params, spec)
-
-
-def make_augment(spec: Mapping[str, Any] | None) -> AugmentFn | None:
+def make_augment(spec: Mapping[str, Any] | None, *, ops: ArrayOps = JAX_OPS) -> AugmentFn | None:
   """Returns `augment(key, batch) -> batch` for the spec, or None when it turns nothing on.
 
   The spec is validated here, when the run is configured, not at the first step. The function is
@@ -416,6 +396,9 @@ def make_augment(spec: Mapping[str, Any] | None) -> AugmentFn | None:
     return None
 
   def augment(key: jax.Array, batch: Batch) -> dict[str, jax.Array]:
-    return augment_with(JAX_OPS, key, batch, spec)
+    inputs, shape = _inputs(ops, batch)
+    batch_size = shape[0] if shape[0] is not None else ops.xp.shape(inputs)[0]
+    params = sample_params(key, batch_size, shape[1:], spec, batch.get("mask"), ops=ops)
+    return apply_params(batch, params, spec, ops=ops)
 
   return augment

@@ -67,14 +67,14 @@ def sample_params_tf(seed: tf.Tensor, batch_size: int | tf.Tensor, image_shape: 
   `seed` is int32/int64 `[2]`, as for `tf.random.stateless_uniform`; `batch_size` may be a scalar
   tensor; `image_shape` must be static.
   """
-  return augment_lib.sample_with(_ops(), tf.convert_to_tensor(seed), batch_size, image_shape,
-                                 spec, mask)
+  return augment_lib.sample_params(tf.convert_to_tensor(seed), batch_size, image_shape, spec,
+                                   mask, ops=_ops())
 
 
 def apply_params_tf(batch: TfBatch, params: Mapping[str, tf.Tensor],
                     spec: Mapping[str, Any] | None) -> dict[str, tf.Tensor]:
   """`jdl.augment.apply_params` in TensorFlow ops: the same arguments and result."""
-  return augment_lib.apply_with(_ops(), batch, params, spec)
+  return augment_lib.apply_params(batch, params, spec, ops=_ops())
 
 
 def make_tf_augment(spec: Mapping[str, Any] | None) -> TfAugmentFn | None:
@@ -83,11 +83,7 @@ def make_tf_augment(spec: Mapping[str, Any] | None) -> TfAugmentFn | None:
   `batch` is a dict with `input` `[B, ...]` (static per-example shape, B may be dynamic), `label`
   and optionally `mask`; `seed` is an int `[2]` tensor, one per batch. The spec is validated here.
   """
-  spec = augment_lib.validate_spec(spec)
-  if not augment_lib.is_enabled(spec):
+  if not augment_lib.is_enabled(spec):  # validates the spec without importing TensorFlow
     return None
-
-  def augment(batch: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:
-    return augment_lib.augment_with(_ops(), tf.convert_to_tensor(seed), batch, spec)
-
-  return augment
+  augment = augment_lib.make_augment(spec, ops=_ops())
+  return lambda batch, seed: augment(tf.convert_to_tensor(seed), batch)
