@@ -42,17 +42,9 @@ Params = dict[str, jax.Array]
 AugmentFn = Callable[[jax.Array, Batch], dict[str, jax.Array]]
 
 DEFAULTS: Mapping[str, Any] = {
-    "crop_padding": 0,
-    "flip": False,
-    "cutout_size": 0,
-    "brightness": 0.0,
-    "contrast": 0.0,
-    "mixup_alpha": 0.0,
-    "value_range": (0.0, 1.0),
+    "crop_padding": 0, "flip": False, "cutout_size": 0, "brightness": 0.0, "contrast": 0.0,
+    "mixup_alpha": 0.0, "value_range": (0.0, 1.0),
 }
-
-# The augmentations that need images `[batch, height, width, channels]`.
-IMAGE_KEYS = ("crop_padding", "flip", "cutout_size")
 
 # The random draws of a batch, by name, with the stream index each is drawn from (folded into the
 # key or seed).
@@ -152,8 +144,7 @@ def validate_spec(spec: Mapping[str, Any] | None) -> dict[str, Any]:
   unknown = sorted(str(key) for key in raw if key not in DEFAULTS)
   if unknown:
     raise ValueError(f"unknown augmentation key(s) {unknown}; valid keys are {sorted(DEFAULTS)}.")
-  merged = dict(DEFAULTS)
-  merged.update({key: value for key, value in raw.items() if value is not None})
+  merged = {**DEFAULTS, **{key: value for key, value in raw.items() if value is not None}}
   flip = merged["flip"]
   if not isinstance(flip, (bool, np.bool_)):
     raise ValueError(f"augmentation flip={flip!r} must be a bool.")
@@ -203,7 +194,7 @@ def check_input_shape(shape: Sequence[int | None], spec: Mapping[str, Any] | Non
   spec = validate_spec(spec)
   shape = tuple(shape)
   shown = "[" + ", ".join("?" if size is None else str(size) for size in shape) + "]"
-  image_keys = [key for key in IMAGE_KEYS if spec[key]]
+  image_keys = [key for key in ("crop_padding", "flip", "cutout_size") if spec[key]]
   if image_keys and len(shape) != 4:
     raise ValueError(f"augmentation {', '.join(image_keys)} needs image batches of shape "
                      f"[batch, height, width, channels]; got input of shape {shown}.")

@@ -7,6 +7,7 @@ two, not their sum.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
@@ -30,10 +31,8 @@ class BatchPrefetcher:
     if depth < 1:
       raise ValueError(f"depth must be >= 1 (batches kept ready); got {depth}.")
     self.source, self.prepare, self.depth = source, prepare, depth
-    self.next_step: int | None = None
+    self.next_step: int | None = None  # None until the first `get` starts the thread
     self._thread: threading.Thread | None = None
-    self._stop = threading.Event()
-    self._queue: queue.Queue = queue.Queue(maxsize=depth)
 
   def get(self, step: int) -> Any:
     """The prepared batch of `step` (0-based, counted across epochs)."""
@@ -97,9 +96,7 @@ class BatchPrefetcher:
   def _put(ready: queue.Queue, stop: threading.Event, item: Any) -> bool:
     """Queues `item` unless stopped first; whether it was queued."""
     while not stop.is_set():
-      try:
+      with contextlib.suppress(queue.Full):
         ready.put(item, timeout=0.1)
         return True
-      except queue.Full:
-        continue
     return False

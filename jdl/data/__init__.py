@@ -109,8 +109,8 @@ def _split_size(builder: tfds.core.DatasetBuilder, split: str) -> int:
 
 __all__ = [
     "ArraySource", "Batch", "BatchSource", "DatasetMeta", "DatasetUnavailableError", "Mnist1d",
-    "PipelineAugmentFn", "array_cache", "augment_tf",
-    "TFDataSource", "check_inputs", "check_labels", "dataset_meta", "epoch_seed",
-    "generate_mnist1d", "get_builder", "load_classification_data", "load_raw_split_arrays",
-    "load_split_arrays", "pad_batch", "prepare", "read_split", "read_token_file", "scale_inputs",
+    "PipelineAugmentFn", "array_cache", "augment_tf", "TFDataSource", "check_inputs",
+    "check_labels", "dataset_meta", "epoch_seed", "generate_mnist1d", "get_builder",
+    "load_classification_data", "load_raw_split_arrays", "load_split_arrays", "pad_batch",
+    "prepare", "read_split", "read_token_file", "scale_inputs",
 ]

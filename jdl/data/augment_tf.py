@@ -1,9 +1,8 @@
 """Data augmentation as TensorFlow ops, for tf.data pipelines: `jdl.augment` in TF.
 
-The spec, the draws and the operations are `jdl.augment`'s, run through `jdl.augment.ArrayOps` in
-TensorFlow: given the same draws, crop, flip and cutout agree with the jax ones bit for bit, and
-brightness, contrast and mixup within float rounding. `sample_params_tf` draws with stateless TF
-ops: the same semantics as the jax sampler and deterministic for a seed, but not the same numbers.
+`jdl.augment`'s spec, draws and operations on TensorFlow's `ArrayOps`: given the same draws, crop,
+flip and cutout agree with jax bit for bit, the others within float rounding. `sample_params_tf`
+draws with stateless TF ops: deterministic for a seed, but not the jax sampler's numbers.
 
 Everything works in graph mode, inside `tf.data.Dataset.map`, with a dynamic batch size (the last
 batch of a pipeline without `drop_remainder`); the per-example shape must be static. One seed per

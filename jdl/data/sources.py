@@ -48,8 +48,7 @@ def pad_batch(inputs: Any, labels: Any, batch_size: int,
   count = num_rows(inputs)
   if count > batch_size:
     raise ValueError(f"batch of {count} examples is larger than batch_size={batch_size}.")
-  mask = np.zeros((batch_size,), np.bool_)
-  mask[:count] = True
+  mask = np.arange(batch_size) < count
   batch = {"input": inputs, "label": labels, **(extras or {})}
   if count < batch_size:
     batch = jax.tree.map(lambda value: np.concatenate(
