@@ -1,15 +1,14 @@
 """Prepared splits kept as numpy files, so that later in-memory loads need neither TFDS nor TF.
 
-The first in-memory load of a split reads it through TFDS and writes its arrays and the dataset's
-metadata to one file in `<data_dir>/jdl_arrays/`; later loads read that file with numpy alone
-(importing TensorFlow and TFDS takes seconds, most of a small experiment's start-up). A cached
-split is used only while everything it was written for holds: the dataset as requested (e.g.
-"cifar10:3.0.2"), the split string and the data dir; the installed tensorflow-datasets version and
-jdl's own builders' versions (`JDL_BUILDER_VERSIONS`), which fix the version a name without one
-resolves to (other builders are cached only when the request names a version); and the prepared
-dataset's `dataset_info.json`, at the same place with the same size and modification time. An
-unreadable file counts as missing and is written again; files are renamed into place, so a reader
-never sees a partial one. Inside `tfds.testing.mock_data` the cache is neither read nor written.
+The first in-memory load of a split writes its arrays and the dataset's metadata to one file in
+`<data_dir>/jdl_arrays/`; later loads read it with numpy alone (importing TensorFlow and TFDS takes
+most of a small experiment's start-up). A cached split is used only while all it was written for
+holds: the dataset as requested ("cifar10:3.0.2"), the split and the data dir; the versions of
+tensorflow-datasets and of jdl's builders (`JDL_BUILDER_VERSIONS`), which fix what a name without a
+version resolves to (other builders are cached only when the request names one); the prepared
+dataset's `dataset_info.json`, in place, of the same size and modification time. An unreadable
+file counts as missing; files are renamed into place, so a reader never sees a partial one. Inside
+`tfds.testing.mock_data` the cache is neither read nor written.
 """
 
 from __future__ import annotations
@@ -124,8 +123,8 @@ def read_cached_split(dataset: str, split: str, data_dir: str | None) -> RawSpli
   try:
     with np.load(path, allow_pickle=False) as stored:
       header = json.loads(str(stored["header"]))
-      if (header["key"] != key
-          or not _prepared_stamp_matches(data_dir_root(data_dir), header["prepared"])):
+      root, stamp = data_dir_root(data_dir), header["prepared"]  # a deleted dataset: not found
+      if header["key"] != key or _prepared_stamp(root, os.path.join(root, stamp["dir"])) != stamp:
         return None
       inputs, labels = stored["inputs"], stored["labels"]
     meta = loading.DatasetMeta.from_dict(header["meta"])
@@ -179,13 +178,6 @@ def _prepared_stamp(root: str, prepared: str) -> dict[str, Any]:
   info = os.stat(os.path.join(prepared, "dataset_info.json"))
   return {"dir": os.path.relpath(prepared, root), "info_size": info.st_size,
           "info_mtime_ns": info.st_mtime_ns}
-
-
-def _prepared_stamp_matches(root: str, stamp: Mapping[str, Any]) -> bool:
-  try:
-    return _prepared_stamp(root, os.path.join(root, stamp["dir"])) == dict(stamp)
-  except FileNotFoundError:
-    return False
 
 
 def _resolution_is_fixed(dataset: str, builder: tfds.core.DatasetBuilder) -> bool:

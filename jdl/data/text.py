@@ -1,12 +1,8 @@
-"""Text data, in memory: vocabularies, and batch sources for language modelling and text
-classification.
-
-Character language modelling (`load_char_lm_data`, e.g. `tiny_shakespeare`) trains on random
-windows of one stream of character ids (`TokenWindowSource`) and evaluates on fixed,
-non-overlapping windows (`sequential_windows`), so the validation loss averages the same positions
-every time. Text classification (`load_text_classification_data`, e.g. `imdb_reviews`) turns each
-text into `max_length` word ids (`WordVocabulary`). Vocabularies are built from the training split
-and serialise to JSON (`vocab.json` beside a workdir's checkpoints rebuilds the exact mapping).
+"""Text data, in memory: vocabularies, and batch sources for language modelling
+(`load_char_lm_data`: random `TokenWindowSource` windows of one stream of character ids, fixed
+`sequential_windows` for evaluation) and text classification (`load_text_classification_data`:
+`WordVocabulary` ids). Vocabularies are built from the training split and serialise to JSON
+(`vocab.json` beside a workdir's checkpoints rebuilds the exact mapping).
 """
 
 from __future__ import annotations
@@ -186,14 +182,10 @@ class WordVocabulary(_Vocabulary):
 class TokenWindowSource(ProcessShare):
   """Random windows of a token stream for next-token prediction: a `BatchSource`.
 
-  Each example is a window of `block_size + 1` consecutive tokens at a random start;
-  `input = window[:-1]` and `label = window[1:]`. Epoch `e` draws its starts from
-  `np.random.default_rng(epoch_seed(seed, e))`, so it replays exactly, also in a resumed run. An
-  "epoch" is `steps_per_epoch` batches, by default about one pass over the tokens.
-
-  In a multi-process run every process draws the same global starts and yields rows
-  `[p * B / P, (p + 1) * B / P)` of each global batch, so the shares put together are the
-  single-process batch. Every row is real: `mask` is all True.
+  Each example is a window of `block_size + 1` consecutive tokens at a random start, `input =
+  window[:-1]`, `label = window[1:]`; every row is real. Epoch `e` draws its starts from
+  `epoch_seed(seed, e)`, so it replays exactly; an "epoch" is `steps_per_epoch` batches. All
+  processes draw the same global starts, and each yields its rows of every global batch.
   """
 
   def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, *, seed: int = 0,
@@ -255,12 +247,8 @@ def read_token_file(path: str, dtype: str = "uint16") -> np.ndarray:
 
 def sequential_windows(tokens: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
   """Non-overlapping windows of a token stream, in order: `(inputs, labels)`, int32
-  `[N, block_size]` each, `N = (len(tokens) - 1) // block_size`.
-
-  Window `i` reads `tokens[i * block_size : (i + 1) * block_size]` and predicts the same span
-  shifted by one, so together the windows predict tokens `1 .. N * block_size` (0-based) exactly
-  once each; the few after them are dropped. The evaluation set: fixed positions every time.
-  """
+  `[N, block_size]` each, `N = (len(tokens) - 1) // block_size`; labels are the inputs shifted by
+  one, so the windows predict tokens `1 .. N * block_size` once each (the evaluation set)."""
   tokens = _check_tokens(tokens, block_size, extra=1)
   count = (len(tokens) - 1) // block_size
   span = count * block_size
