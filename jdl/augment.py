@@ -211,11 +211,6 @@ def check_input_shape(shape: Sequence[int | None], spec: Mapping[str, Any] | Non
         f"({shape[1]}, {shape[2]}), so that every crop keeps some of the image.")
 
 
-def _per_example(ops: ArrayOps, values_B: Any, rank: int) -> Any:
-  """`[B]` reshaped to `[B, 1, ..., 1]` with `rank` axes, for rank-explicit broadcasting."""
-  return ops.xp.reshape(values_B, [-1] + [1] * (rank - 1))
-
-
 def _mix_partners(ops: ArrayOps, key: Any, real_B: Any, batch_size: Any) -> Any:
   """A random permutation of the real rows; each padding row maps to itself.
 
@@ -337,12 +332,14 @@ def apply_params(batch: Batch, params: Mapping[str, jax.Array], spec: Mapping[st
   fill = ops.constant(fill_value(spec), dtype)
   out = dict(batch)
 
+  def per_example(name: str, dtype: Any) -> Any:  # draw `name` [B] as [B, 1, ..., 1]
+    return ops.xp.reshape(ops.cast(params[name], dtype), [-1] + [1] * (rank - 1))
+
   if spec["crop_padding"]:
     offset_Bx2 = ops.cast(params["crop_offset"], np.int32)
     inputs = _crop(ops, inputs, offset_Bx2, spec["crop_padding"], fill)
   if spec["flip"]:
-    flip = _per_example(ops, ops.cast(params["flip"], np.bool_), rank)
-    inputs = ops.xp.where(flip, inputs[:, :, ::-1], inputs)
+    inputs = ops.xp.where(per_example("flip", np.bool_), inputs[:, :, ::-1], inputs)
   if spec["cutout_size"]:
     center_Bx2 = ops.cast(params["cutout_center"], np.int32)
     inputs = _cutout(ops, inputs, center_Bx2, spec["cutout_size"], fill)
@@ -351,10 +348,9 @@ def apply_params(batch: Batch, params: Mapping[str, jax.Array], spec: Mapping[st
     values = ops.cast(inputs, _compute_dtype(ops, dtype, "brightness/contrast"))
     if spec["contrast"]:
       mean = ops.mean(values, tuple(range(1, rank)))
-      factor = _per_example(ops, ops.cast(params["contrast"], values.dtype), rank)
-      values = (values - mean) * factor + mean
+      values = (values - mean) * per_example("contrast", values.dtype) + mean
     if spec["brightness"]:
-      values = values + _per_example(ops, ops.cast(params["brightness"], values.dtype), rank)
+      values = values + per_example("brightness", values.dtype)
     low, high = spec["value_range"]
     inputs = ops.cast(ops.clip(values, low, high), dtype)
 
@@ -362,15 +358,14 @@ def apply_params(batch: Batch, params: Mapping[str, jax.Array], spec: Mapping[st
     if "label" not in batch:
       raise ValueError(f"mixup needs the batch key 'label'; got keys {sorted(batch)}.")
     partner_B = ops.cast(params["mix_partner"], np.int32)
-    weight_B = ops.cast(params["mix_weight"], np.float32)
     values = ops.cast(inputs, _compute_dtype(ops, dtype, "mixup"))
     partners = ops.gather(values, partner_B)
-    lam = _per_example(ops, ops.cast(weight_B, values.dtype), rank)
+    lam = per_example("mix_weight", values.dtype)
     mixed = lam * values + (1.0 - lam) * partners
     mixed = ops.clip(mixed, ops.xp.minimum(values, partners), ops.xp.maximum(values, partners))
     inputs = ops.cast(mixed, dtype)
     out["mix_label"] = ops.gather(ops.asarray(batch["label"]), partner_B)
-    out["mix_weight"] = weight_B
+    out["mix_weight"] = ops.cast(params["mix_weight"], np.float32)
 
   out["input"] = inputs
   return out
