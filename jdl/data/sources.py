@@ -273,10 +273,9 @@ class TFDataSource(ProcessShare):
     dataset = dataset.batch(self.local_batch_size).map(
         lambda x, y: {"input": x, "label": y, "mask": tf.ones_like(y, tf.bool)})
     if self.augment is not None:
-      augment = self.augment
       seed = epoch_seed(self.seed, index, 1 + self.process_index)
       dataset = dataset.enumerate().map(
-          lambda i, batch: augment(batch, tf.stack([tf.constant(seed, tf.int64), i])),
+          lambda i, batch: self.augment(batch, tf.stack([tf.constant(seed, tf.int64), i])),
           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     batches = dataset.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
     for _ in range(self.steps_per_epoch):  # a share that runs out first pads with empty batches

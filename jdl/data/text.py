@@ -370,14 +370,13 @@ def _check_tokens(tokens: np.ndarray, block_size: int, *, extra: int) -> np.ndar
   integer ids in `[0, 2**31)`."""
   if not isinstance(block_size, (int, np.integer)) or block_size < 1:
     raise ValueError(f"block_size must be an integer >= 1; got {block_size!r}.")
-  min_tokens = block_size + extra
   tokens = np.asarray(tokens)
   if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
     raise ValueError(f"tokens must be a 1-D array of integer ids; got shape {tokens.shape} and "
                      f"dtype {tokens.dtype}.")
-  if len(tokens) < min_tokens:
+  if len(tokens) < block_size + extra:
     raise ValueError(f"{len(tokens)} tokens are too few for windows of block_size={block_size}: "
-                     f"need at least {min_tokens}.")
+                     f"need at least {block_size + extra}.")
   if np.iinfo(tokens.dtype).max > np.iinfo(np.int32).max or np.iinfo(tokens.dtype).min < 0:
     # Ids of a wide or signed type are read once to check them (a memory-mapped file: one pass).
     if tokens.min() < 0 or tokens.max() > np.iinfo(np.int32).max:
