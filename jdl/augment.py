@@ -69,7 +69,6 @@ class ArrayOps(NamedTuple):
 
   xp: Any
   asarray: Callable[[Any], Any]
-  constant: Callable[[float, Any], Any]  # (value, dtype): a scalar of exactly that value
   cast: Callable[[Any, Any], Any]  # (x, dtype)
   arange: Callable[[Any], Any]  # (n): int32 [n]
   clip: Callable[[Any, Any, Any], Any]
@@ -97,7 +96,7 @@ def _jax_beta(key: jax.Array, alpha: float, batch_size: int) -> jax.Array:
 
 
 JAX_OPS = ArrayOps(
-    xp=jnp, asarray=jnp.asarray, constant=jnp.asarray, cast=lambda x, dtype: jnp.asarray(x, dtype),
+    xp=jnp, asarray=jnp.asarray, cast=lambda x, dtype: jnp.asarray(x, dtype),
     arange=lambda n: jnp.arange(n, dtype=jnp.int32), clip=jnp.clip,
     mean=lambda x, axes: jnp.mean(x, axis=axes, keepdims=True), gather=_jax_gather,
     is_floating=lambda dtype: jnp.issubdtype(dtype, jnp.floating),
@@ -329,7 +328,7 @@ def apply_params(batch: Batch, params: Mapping[str, jax.Array], spec: Mapping[st
     raise ValueError(f"augmentation params lack {missing}, which the spec needs; got "
                      f"{sorted(params)}. Draw them with the sampler and the same spec.")
   dtype, rank = inputs.dtype, len(shape)
-  fill = ops.constant(fill_value(spec), dtype)
+  fill = ops.cast(np.float64(fill_value(spec)), dtype)  # float64: exact for float64 inputs
   out = dict(batch)
 
   def per_example(name: str, dtype: Any) -> Any:  # draw `name` [B] as [B, 1, ..., 1]

@@ -46,9 +46,7 @@ def _ops() -> augment_lib.ArrayOps:
   """`jdl.augment.ArrayOps` in TensorFlow, made on first use (so importing this imports no TF)."""
   stateless_uniform = tf.random.stateless_uniform
   return augment_lib.ArrayOps(
-      xp=tf, asarray=tf.convert_to_tensor, cast=tf.cast,
-      constant=lambda value, dtype: tf.cast(tf.constant(value, tf.float64), dtype),
-      arange=tf.range, clip=tf.clip_by_value,
+      xp=tf, asarray=tf.convert_to_tensor, cast=tf.cast, arange=tf.range, clip=tf.clip_by_value,
       mean=lambda x, axes: tf.reduce_mean(x, axis=axes, keepdims=True), gather=tf.gather,
       is_floating=lambda dtype: dtype.is_floating,
       fold_in=tf.random.experimental.stateless_fold_in,
