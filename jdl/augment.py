@@ -1,4 +1,4 @@
-"""Data augmentation for batches of images (and signals), as jax ops that run on device.
+"""Data augmentation for batches of images (and signals): one description, jax and TF backends.
 
 An augmentation spec is a mapping (dict or ConfigDict); every key is optional and off by default:
   `crop_padding` (int p): pad each side by p with `fill`, crop back to `[H, W]` at a random offset.
@@ -15,22 +15,23 @@ An augmentation spec is a mapping (dict or ConfigDict); every key is optional an
 
 Every example gets its own draws. The order is crop, flip, cutout, contrast + brightness (one step,
 `clip((x - mean) * factor + mean + delta, lo, hi)`), mixup. Mixup's result is clamped to
-`[min(x, x_partner), max(x, x_partner)]`, which only removes float rounding.
+`[min(x, x_partner), max(x, x_partner)]`, which only removes float rounding. Crop, flip and cutout
+need images `[B, H, W, C]` and keep any dtype; brightness, contrast and mixup take any rank >= 2
+input of a floating dtype.
 
-Crop, flip and cutout need images `[B, H, W, C]` and keep any dtype; brightness, contrast and mixup
-take any rank >= 2 input of a floating dtype.
-
-`sample_params` draws all random numbers of a batch and `apply_params` is deterministic given them;
-`jdl.data.augment_tf` implements the same `apply_params` in TensorFlow, and the same draws give the
-same batch. Each draw has its own stream (`PARAM_STREAMS`), so switching one augmentation on or off
-does not change the others' draws. This module must not import TensorFlow.
+`sample_params` draws all random numbers of a batch and `apply_params` is deterministic given
+them. Both are written once against `ArrayOps`: jax by default (`JAX_OPS`), TensorFlow in
+`jdl.data.augment_tf`, so the same draws give the same batch. Each draw has its own stream
+(`PARAM_STREAMS`): switching one augmentation on or off does not change the others' draws. This
+module must not import TensorFlow.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,20 +42,12 @@ Params = dict[str, jax.Array]
 AugmentFn = Callable[[jax.Array, Batch], dict[str, jax.Array]]
 
 DEFAULTS: Mapping[str, Any] = {
-    "crop_padding": 0,
-    "flip": False,
-    "cutout_size": 0,
-    "brightness": 0.0,
-    "contrast": 0.0,
-    "mixup_alpha": 0.0,
-    "value_range": (0.0, 1.0),
+    "crop_padding": 0, "flip": False, "cutout_size": 0, "brightness": 0.0, "contrast": 0.0,
+    "mixup_alpha": 0.0, "value_range": (0.0, 1.0),
 }
 
-# The augmentations that need images `[batch, height, width, channels]`.
-IMAGE_KEYS = ("crop_padding", "flip", "cutout_size")
-
 # The random draws of a batch, by name, with the stream index each is drawn from (folded into the
-# key or seed). Shared with `jdl.data.augment_tf`, so both samplers return the same keys.
+# key or seed).
 PARAM_STREAMS: Mapping[str, int] = {
     "crop_offset": 0,  # int32 [B, 2]: (dy, dx) in [0, 2 * crop_padding]
     "flip": 1,  # bool [B]: True flips the example
@@ -64,6 +57,53 @@ PARAM_STREAMS: Mapping[str, int] = {
     "mix_partner": 5,  # int32 [B]: the row mixed in
     "mix_weight": 6,  # float32 [B]: lam, the weight of the example itself
 }
+
+
+class ArrayOps(NamedTuple):
+  """The array operations the augmentations are written in: one instance per array library.
+
+  `xp` is the module whose `where`, `reshape`, `argsort(stable=True)`, `stack`, `minimum`,
+  `maximum`, `ones` and `shape` the code calls as they are (jax.numpy or tensorflow). `key` is a
+  jax PRNG key or a TF stateless seed; draws are int32 (`randint`, `[low, high)`) or float32.
+  """
+
+  xp: Any
+  asarray: Callable[[Any], Any]
+  cast: Callable[[Any, Any], Any]  # (x, dtype)
+  arange: Callable[[Any], Any]  # (n): int32 [n]
+  clip: Callable[[Any, Any, Any], Any]
+  mean: Callable[[Any, tuple[int, ...]], Any]  # (x, axes), keeping the axes
+  gather: Callable[..., Any]  # (x, indices, axis=0, batch_dims=0) as `tf.gather`
+  is_floating: Callable[[Any], bool]  # (dtype)
+  fold_in: Callable[[Any, int], Any]  # (key, stream)
+  split: Callable[[Any], tuple[Any, Any]]  # (key): two new keys
+  randint: Callable[[Any, list, int, int], Any]  # (key, shape, low, high)
+  uniform: Callable[[Any, list, float, float], Any]  # (key, shape, low, high)
+  beta: Callable[[Any, float, Any], Any]  # (key, alpha, batch_size): Beta(alpha, alpha) [B]
+
+
+def _jax_gather(x: jax.Array, indices: jax.Array, axis: int = 0, batch_dims: int = 0) -> jax.Array:
+  """`tf.gather` in jax, for `batch_dims` 0 or 1 (the indices are in range)."""
+  take = functools.partial(jnp.take, axis=axis - batch_dims, mode="clip")
+  return jax.vmap(take)(x, indices) if batch_dims else take(x, indices)
+
+
+def _jax_beta(key: jax.Array, alpha: float, batch_size: int) -> jax.Array:
+  # Beta(a, a) = sigmoid(log G1 - log G2) for G ~ Gamma(a), in log space so that small alphas
+  # do not underflow.
+  log_gamma_2xB = jax.random.loggamma(key, alpha, (2, batch_size), jnp.float32)
+  return jax.nn.sigmoid(log_gamma_2xB[0] - log_gamma_2xB[1])
+
+
+JAX_OPS = ArrayOps(
+    xp=jnp, asarray=jnp.asarray, cast=lambda x, dtype: jnp.asarray(x, dtype),
+    arange=lambda n: jnp.arange(n, dtype=jnp.int32), clip=jnp.clip,
+    mean=lambda x, axes: jnp.mean(x, axis=axes, keepdims=True), gather=_jax_gather,
+    is_floating=lambda dtype: jnp.issubdtype(dtype, jnp.floating),
+    fold_in=jax.random.fold_in, split=jax.random.split,
+    randint=lambda key, shape, low, high: jax.random.randint(key, shape, low, high, jnp.int32),
+    uniform=lambda key, shape, low, high: jax.random.uniform(key, shape, jnp.float32, low, high),
+    beta=_jax_beta)
 
 
 def _is_int(value: Any) -> bool:
@@ -92,11 +132,7 @@ def _amount(spec: Mapping[str, Any], key: str, upper: float = math.inf) -> float
 def validate_spec(spec: Mapping[str, Any] | None) -> dict[str, Any]:
   """Checks an augmentation spec and returns it as a plain dict with every key filled in.
 
-  The jax and TensorFlow implementations both call this, so a bad spec fails the same way in both.
-  A key set to None takes its default.
-
-  Raises:
-    ValueError: an unknown key or a bad value.
+  A key set to None takes its default. Raises a ValueError for an unknown key or a bad value.
   """
   if hasattr(spec, "to_dict"):  # ml_collections.ConfigDict / FrozenConfigDict
     spec = spec.to_dict()
@@ -107,8 +143,7 @@ def validate_spec(spec: Mapping[str, Any] | None) -> dict[str, Any]:
   unknown = sorted(str(key) for key in raw if key not in DEFAULTS)
   if unknown:
     raise ValueError(f"unknown augmentation key(s) {unknown}; valid keys are {sorted(DEFAULTS)}.")
-  merged = dict(DEFAULTS)
-  merged.update({key: value for key, value in raw.items() if value is not None})
+  merged = {**DEFAULTS, **{key: value for key, value in raw.items() if value is not None}}
   flip = merged["flip"]
   if not isinstance(flip, (bool, np.bool_)):
     raise ValueError(f"augmentation flip={flip!r} must be a bool.")
@@ -139,16 +174,9 @@ def is_enabled(spec: Mapping[str, Any] | None) -> bool:
 def param_names(spec: Mapping[str, Any] | None) -> tuple[str, ...]:
   """The names of the random draws that `spec` needs, in `PARAM_STREAMS` order."""
   spec = validate_spec(spec)
-  wanted = {
-      "crop_offset": spec["crop_padding"] > 0,
-      "flip": spec["flip"],
-      "cutout_center": spec["cutout_size"] > 0,
-      "brightness": spec["brightness"] > 0,
-      "contrast": spec["contrast"] > 0,
-      "mix_partner": spec["mixup_alpha"] > 0,
-      "mix_weight": spec["mixup_alpha"] > 0,
-  }
-  return tuple(name for name in PARAM_STREAMS if wanted[name])
+  needed_by = {"crop_offset": "crop_padding", "cutout_center": "cutout_size",
+               "mix_partner": "mixup_alpha", "mix_weight": "mixup_alpha"}  # else the same name
+  return tuple(name for name in PARAM_STREAMS if spec[needed_by.get(name, name)])
 
 
 def fill_value(spec: Mapping[str, Any] | None) -> float:
@@ -165,7 +193,7 @@ def check_input_shape(shape: Sequence[int | None], spec: Mapping[str, Any] | Non
   spec = validate_spec(spec)
   shape = tuple(shape)
   shown = "[" + ", ".join("?" if size is None else str(size) for size in shape) + "]"
-  image_keys = [key for key in IMAGE_KEYS if spec[key]]
+  image_keys = [key for key in ("crop_padding", "flip", "cutout_size") if spec[key]]
   if image_keys and len(shape) != 4:
     raise ValueError(f"augmentation {', '.join(image_keys)} needs image batches of shape "
                      f"[batch, height, width, channels]; got input of shape {shown}.")
@@ -182,180 +210,167 @@ def check_input_shape(shape: Sequence[int | None], spec: Mapping[str, Any] | Non
         f"({shape[1]}, {shape[2]}), so that every crop keeps some of the image.")
 
 
-def _per_example(values_B: jax.Array, rank: int) -> jax.Array:
-  """`[B]` reshaped to `[B, 1, ..., 1]` with `rank` axes, for rank-explicit broadcasting."""
-  return jnp.reshape(values_B, values_B.shape + (1,) * (rank - 1))
-
-
-def _mix_partners(key: jax.Array, real_B: jax.Array) -> jax.Array:
+def _mix_partners(ops: ArrayOps, key: Any, real_B: Any, batch_size: Any) -> Any:
   """A random permutation of the real rows; each padding row maps to itself.
 
   The k-th real row is paired with the k-th row of the real rows in random order; padding rows
   sort after every real row, by index, in both orders, so they map to themselves.
   """
-  batch_size = real_B.shape[0]
-  index_B = jnp.arange(batch_size, dtype=jnp.int32)
-  after_real_B = 2.0 + index_B.astype(jnp.float32)
-  shuffled_B = jnp.argsort(
-      jnp.where(real_B, jax.random.uniform(key, (batch_size,)), after_real_B), stable=True)
-  in_order_B = jnp.argsort(jnp.where(real_B, 0, 1), stable=True)
-  position_B = jnp.argsort(in_order_B, stable=True)  # the inverse permutation of in_order_B
-  return shuffled_B[position_B].astype(jnp.int32)
+  xp = ops.xp
+  after_real_B = 2.0 + ops.cast(ops.arange(batch_size), np.float32)
+  random_B = ops.uniform(key, [batch_size], 0.0, 1.0)
+  shuffled_B = xp.argsort(xp.where(real_B, random_B, after_real_B), stable=True)
+  in_order_B = xp.argsort(xp.where(real_B, 0, 1), stable=True)
+  position_B = xp.argsort(in_order_B, stable=True)  # the inverse permutation of in_order_B
+  return ops.cast(ops.gather(shuffled_B, position_B), np.int32)
 
 
 def sample_params(key: jax.Array, batch_size: int, image_shape: Sequence[int],
-                  spec: Mapping[str, Any] | None, mask: jax.Array | None = None) -> Params:
-  """Draws all the random numbers that augment one batch.
+                  spec: Mapping[str, Any] | None, mask: jax.Array | None = None, *,
+                  ops: ArrayOps = JAX_OPS) -> Params:
+  """Draws all the random numbers that augment one batch, from a PRNG key of `ops`' library.
 
-  Args:
-    key: a jax PRNG key.
-    batch_size: the batch's leading size B.
-    image_shape: the per-example input shape, `input.shape[1:]` (e.g. `(H, W, C)`).
-    spec: the augmentation spec.
-    mask: optional bool `[B]`, True for real examples; mixup pairs real examples only.
-
-  Returns:
-    The draws of the enabled augmentations, each with a leading batch axis; see `PARAM_STREAMS`.
+  `batch_size` may be dynamic (a scalar tensor in TF); `image_shape`, `input.shape[1:]`, is
+  static. The draws of the enabled augmentations each have a leading batch axis (see
+  `PARAM_STREAMS`); mixup pairs only the real rows (`mask` True, all when None).
   """
   spec = validate_spec(spec)
   image_shape = tuple(image_shape)
-  check_input_shape((batch_size, *image_shape), spec)
+  static_batch = batch_size if _is_int(batch_size) else None
+  check_input_shape((static_batch, *image_shape), spec)
   names = param_names(spec)
 
-  def stream(name: str) -> jax.Array:
-    return jax.random.fold_in(key, PARAM_STREAMS[name])
+  def stream(name: str) -> Any:
+    return ops.fold_in(key, PARAM_STREAMS[name])
 
-  params: Params = {}
+  params: dict[str, Any] = {}
   if "crop_offset" in names:
-    params["crop_offset"] = jax.random.randint(
-        stream("crop_offset"), (batch_size, 2), 0, 2 * spec["crop_padding"] + 1, jnp.int32)
+    params["crop_offset"] = ops.randint(
+        stream("crop_offset"), [batch_size, 2], 0, 2 * spec["crop_padding"] + 1)
   if "flip" in names:
-    params["flip"] = jax.random.bernoulli(stream("flip"), 0.5, (batch_size,))
+    params["flip"] = ops.uniform(stream("flip"), [batch_size], 0.0, 1.0) < 0.5
   if "cutout_center" in names:
-    row_key, col_key = jax.random.split(stream("cutout_center"))
+    row_key, col_key = ops.split(stream("cutout_center"))
     height, width = image_shape[:2]
-    params["cutout_center"] = jnp.stack(
-        [jax.random.randint(row_key, (batch_size,), 0, height, jnp.int32),
-         jax.random.randint(col_key, (batch_size,), 0, width, jnp.int32)], axis=1)
+    params["cutout_center"] = ops.xp.stack([ops.randint(row_key, [batch_size], 0, height),
+                                            ops.randint(col_key, [batch_size], 0, width)], axis=1)
   brightness, contrast = spec["brightness"], spec["contrast"]
   for name, low, high in (("brightness", -brightness, brightness),
                           ("contrast", 1.0 - contrast, 1.0 + contrast)):
     if name in names:
-      params[name] = jax.random.uniform(stream(name), (batch_size,), jnp.float32, low, high)
+      params[name] = ops.uniform(stream(name), [batch_size], low, high)
   if "mix_partner" in names:
-    real_B = jnp.ones((batch_size,), jnp.bool_) if mask is None else jnp.asarray(mask) != 0
-    if real_B.shape != (batch_size,):
-      raise ValueError(f"mask must have shape [{batch_size}]; got {real_B.shape}.")
-    alpha = spec["mixup_alpha"]
-    params["mix_partner"] = _mix_partners(stream("mix_partner"), real_B)
-    # Beta(a, a) = sigmoid(log G1 - log G2) for G ~ Gamma(a), in log space so that small alphas
-    # do not underflow.
-    log_gamma_2xB = jax.random.loggamma(stream("mix_weight"), alpha, (2, batch_size), jnp.float32)
-    lam_B = jax.nn.sigmoid(log_gamma_2xB[0] - log_gamma_2xB[1])
-    params["mix_weight"] = jnp.where(real_B, jnp.clip(lam_B, 0.0, 1.0), 1.0)
+    real_B = ops.xp.ones([batch_size], np.bool_) if mask is None else ops.cast(mask, np.bool_)
+    if tuple(real_B.shape) != (static_batch,):
+      raise ValueError(f"mask must have shape [{batch_size}]; got {tuple(real_B.shape)}.")
+    params["mix_partner"] = _mix_partners(ops, stream("mix_partner"), real_B, batch_size)
+    lam_B = ops.clip(ops.beta(stream("mix_weight"), spec["mixup_alpha"], batch_size), 0.0, 1.0)
+    params["mix_weight"] = ops.xp.where(real_B, lam_B, 1.0)
   return params
 
 
-def check_params(params: Mapping[str, Any], spec: Mapping[str, Any] | None) -> None:
-  """Raises a ValueError when `params` lacks a draw that `spec` needs."""
+def _crop(ops: ArrayOps, images_BxHxWxC: Any, offset_Bx2: Any, padding: int, fill: Any) -> Any:
+  """Pads by `padding` with `fill` and crops back at `offset`, as two batched gathers."""
+  height, width = images_BxHxWxC.shape[1:3]
+  rows_BxH = offset_Bx2[:, 0:1] - padding + ops.arange(height)[None, :]
+  cols_BxW = offset_Bx2[:, 1:2] - padding + ops.arange(width)[None, :]
+  inside_BxHxWx1 = (((rows_BxH >= 0) & (rows_BxH < height))[:, :, None, None]
+                    & ((cols_BxW >= 0) & (cols_BxW < width))[:, None, :, None])
+  cropped = ops.gather(images_BxHxWxC, ops.clip(rows_BxH, 0, height - 1), axis=1, batch_dims=1)
+  cropped = ops.gather(cropped, ops.clip(cols_BxW, 0, width - 1), axis=2, batch_dims=1)
+  return ops.xp.where(inside_BxHxWx1, cropped, fill)
+
+
+def _cutout(ops: ArrayOps, images_BxHxWxC: Any, center_Bx2: Any, size: int, fill: Any) -> Any:
+  """Fills the `size x size` square at each example's centre, clipped at the border."""
+  height, width = images_BxHxWxC.shape[1:3]
+  start_Bx2 = center_Bx2 - size // 2
+  rows_1xH = ops.arange(height)[None, :]
+  cols_1xW = ops.arange(width)[None, :]
+  in_rows_BxH = (rows_1xH >= start_Bx2[:, 0:1]) & (rows_1xH < start_Bx2[:, 0:1] + size)
+  in_cols_BxW = (cols_1xW >= start_Bx2[:, 1:2]) & (cols_1xW < start_Bx2[:, 1:2] + size)
+  square_BxHxWx1 = in_rows_BxH[:, :, None, None] & in_cols_BxW[:, None, :, None]
+  return ops.xp.where(square_BxHxWx1, fill, images_BxHxWxC)
+
+
+def _inputs(ops: ArrayOps, batch: Mapping[str, Any]) -> tuple[Any, tuple[int | None, ...]]:
+  """The batch's `input` as an array, and its static shape (None for unknown sizes)."""
+  if "input" not in batch:
+    raise ValueError(f"augmentation needs the batch key 'input'; got keys {sorted(batch)}.")
+  inputs = ops.asarray(batch["input"])
+  try:
+    return inputs, tuple(inputs.shape)
+  except ValueError:  # a TF tensor of unknown rank
+    raise ValueError("augmentation needs inputs of known rank; got a tensor of unknown "
+                     "shape.") from None
+
+
+def _compute_dtype(ops: ArrayOps, dtype: Any, what: str) -> Any:
+  if not ops.is_floating(dtype):
+    raise ValueError(f"augmentation {what} needs floating inputs; got dtype {dtype.name}.")
+  return np.float64 if dtype == np.float64 else np.float32
+
+
+def apply_params(batch: Batch, params: Mapping[str, jax.Array], spec: Mapping[str, Any] | None,
+                 *, ops: ArrayOps = JAX_OPS) -> dict[str, jax.Array]:
+  """Augments a batch with the given draws; deterministic, vectorised and jit-able.
+
+  `batch` has `input` `[B, ...]`, and `label` `[B, ...]` when mixup is on; other keys (`label`,
+  `mask`, ...) pass through unchanged. The result has `input` augmented (same shape and dtype),
+  plus `mix_label` (the partner's label) and `mix_weight` (float32 `[B]`, the weight of `label`)
+  when mixup is on.
+  """
+  spec = validate_spec(spec)
+  inputs, shape = _inputs(ops, batch)
+  check_input_shape(shape, spec)
   missing = [name for name in param_names(spec) if name not in params]
   if missing:
     raise ValueError(f"augmentation params lack {missing}, which the spec needs; got "
                      f"{sorted(params)}. Draw them with the sampler and the same spec.")
-
-
-def _crop(images_BxHxWxC: jax.Array, offset_Bx2: jax.Array, padding: int, fill: float) -> jax.Array:
-  """Pads by `padding` with `fill` and crops back at `offset`, as one gather (no padded copy)."""
-  _, height, width, _ = images_BxHxWxC.shape
-  offset_Bx2 = jnp.asarray(offset_Bx2, jnp.int32)
-  rows_BxH = offset_Bx2[:, 0:1] - padding + jnp.arange(height, dtype=jnp.int32)[None, :]
-  cols_BxW = offset_Bx2[:, 1:2] - padding + jnp.arange(width, dtype=jnp.int32)[None, :]
-  inside_BxHxWx1 = (((rows_BxH >= 0) & (rows_BxH < height))[:, :, None, None]
-                    & ((cols_BxW >= 0) & (cols_BxW < width))[:, None, :, None])
-  cropped = jax.vmap(lambda image, rows, cols: image[rows][:, cols])(
-      images_BxHxWxC, jnp.clip(rows_BxH, 0, height - 1), jnp.clip(cols_BxW, 0, width - 1))
-  return jnp.where(inside_BxHxWx1, cropped, jnp.asarray(fill, images_BxHxWxC.dtype))
-
-
-def _cutout(images_BxHxWxC: jax.Array, center_Bx2: jax.Array, size: int, fill: float) -> jax.Array:
-  """Fills the `size x size` square at each example's centre, clipped at the border."""
-  _, height, width, _ = images_BxHxWxC.shape
-  start_Bx2 = jnp.asarray(center_Bx2, jnp.int32) - size // 2
-  rows_1xH = jnp.arange(height, dtype=jnp.int32)[None, :]
-  cols_1xW = jnp.arange(width, dtype=jnp.int32)[None, :]
-  in_rows_BxH = (rows_1xH >= start_Bx2[:, 0:1]) & (rows_1xH < start_Bx2[:, 0:1] + size)
-  in_cols_BxW = (cols_1xW >= start_Bx2[:, 1:2]) & (cols_1xW < start_Bx2[:, 1:2] + size)
-  square_BxHxWx1 = in_rows_BxH[:, :, None, None] & in_cols_BxW[:, None, :, None]
-  return jnp.where(square_BxHxWx1, jnp.asarray(fill, images_BxHxWxC.dtype), images_BxHxWxC)
-
-
-def _compute_dtype(dtype: Any, what: str) -> Any:
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f"augmentation {what} needs floating inputs; got dtype {dtype}.")
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-def apply_params(batch: Batch, params: Mapping[str, jax.Array],
-                 spec: Mapping[str, Any] | None) -> dict[str, jax.Array]:
-  """Augments a batch with the given draws; deterministic, vectorised and jit-able.
-
-  Args:
-    batch: a dict with `input` `[B, ...]`, and `label` `[B, ...]` when mixup is on; other keys
-      (`label`, `mask`, ...) pass through unchanged.
-    params: the draws from `sample_params` (or `augment_tf.sample_params_tf`) for the same spec.
-    spec: the augmentation spec.
-
-  Returns:
-    A new batch dict: `input` augmented (same shape and dtype), plus `mix_label` (the partner's
-    label) and `mix_weight` (float32 `[B]`, the weight of `label`) when mixup is on.
-  """
-  spec = validate_spec(spec)
-  if "input" not in batch:
-    raise ValueError(f"augmentation needs the batch key 'input'; got keys {sorted(batch)}.")
-  inputs = jnp.asarray(batch["input"])
-  check_input_shape(inputs.shape, spec)
-  check_params(params, spec)
-  dtype, rank = inputs.dtype, inputs.ndim
-  fill = fill_value(spec)
+  dtype, rank = inputs.dtype, len(shape)
+  fill = ops.cast(np.float64(fill_value(spec)), dtype)  # float64: exact for float64 inputs
   out = dict(batch)
 
+  def per_example(name: str, dtype: Any) -> Any:  # draw `name` [B] as [B, 1, ..., 1]
+    return ops.xp.reshape(ops.cast(params[name], dtype), [-1] + [1] * (rank - 1))
+
   if spec["crop_padding"]:
-    inputs = _crop(inputs, params["crop_offset"], spec["crop_padding"], fill)
+    offset_Bx2 = ops.cast(params["crop_offset"], np.int32)
+    inputs = _crop(ops, inputs, offset_Bx2, spec["crop_padding"], fill)
   if spec["flip"]:
-    inputs = jnp.where(_per_example(jnp.asarray(params["flip"]), rank), inputs[:, :, ::-1], inputs)
+    inputs = ops.xp.where(per_example("flip", np.bool_), inputs[:, :, ::-1], inputs)
   if spec["cutout_size"]:
-    inputs = _cutout(inputs, params["cutout_center"], spec["cutout_size"], fill)
+    center_Bx2 = ops.cast(params["cutout_center"], np.int32)
+    inputs = _cutout(ops, inputs, center_Bx2, spec["cutout_size"], fill)
 
   if spec["brightness"] or spec["contrast"]:
-    values = inputs.astype(_compute_dtype(dtype, "brightness/contrast"))
+    values = ops.cast(inputs, _compute_dtype(ops, dtype, "brightness/contrast"))
     if spec["contrast"]:
-      mean = jnp.mean(values, axis=tuple(range(1, rank)), keepdims=True)
-      factor = _per_example(jnp.asarray(params["contrast"], values.dtype), rank)
-      values = (values - mean) * factor + mean
+      mean = ops.mean(values, tuple(range(1, rank)))
+      values = (values - mean) * per_example("contrast", values.dtype) + mean
     if spec["brightness"]:
-      values = values + _per_example(jnp.asarray(params["brightness"], values.dtype), rank)
+      values = values + per_example("brightness", values.dtype)
     low, high = spec["value_range"]
-    inputs = jnp.clip(values, low, high).astype(dtype)
+    inputs = ops.cast(ops.clip(values, low, high), dtype)
 
   if spec["mixup_alpha"]:
     if "label" not in batch:
       raise ValueError(f"mixup needs the batch key 'label'; got keys {sorted(batch)}.")
-    partner_B = jnp.asarray(params["mix_partner"], jnp.int32)
-    weight_B = jnp.asarray(params["mix_weight"], jnp.float32)
-    values = inputs.astype(_compute_dtype(dtype, "mixup"))
-    partners = values[partner_B]
-    lam = _per_example(weight_B.astype(values.dtype), rank)
+    partner_B = ops.cast(params["mix_partner"], np.int32)
+    values = ops.cast(inputs, _compute_dtype(ops, dtype, "mixup"))
+    partners = ops.gather(values, partner_B)
+    lam = per_example("mix_weight", values.dtype)
     mixed = lam * values + (1.0 - lam) * partners
-    mixed = jnp.clip(mixed, jnp.minimum(values, partners), jnp.maximum(values, partners))
-    inputs = mixed.astype(dtype)
-    out["mix_label"] = jnp.asarray(batch["label"])[partner_B]
-    out["mix_weight"] = weight_B
+    mixed = ops.clip(mixed, ops.xp.minimum(values, partners), ops.xp.maximum(values, partners))
+    inputs = ops.cast(mixed, dtype)
+    out["mix_label"] = ops.gather(ops.asarray(batch["label"]), partner_B)
+    out["mix_weight"] = ops.cast(params["mix_weight"], np.float32)
 
   out["input"] = inputs
   return out
 
 
-def make_augment(spec: Mapping[str, Any] | None) -> AugmentFn | None:
+def make_augment(spec: Mapping[str, Any] | None, *, ops: ArrayOps = JAX_OPS) -> AugmentFn | None:
   """Returns `augment(key, batch) -> batch` for the spec, or None when it turns nothing on.
 
   The spec is validated here, when the run is configured, not at the first step. The function is
@@ -366,10 +381,9 @@ def make_augment(spec: Mapping[str, Any] | None) -> AugmentFn | None:
     return None
 
   def augment(key: jax.Array, batch: Batch) -> dict[str, jax.Array]:
-    if "input" not in batch:
-      raise ValueError(f"augmentation needs the batch key 'input'; got keys {sorted(batch)}.")
-    shape = tuple(jnp.shape(batch["input"]))
-    params = sample_params(key, shape[0], shape[1:], spec, batch.get("mask"))
-    return apply_params(batch, params, spec)
+    inputs, shape = _inputs(ops, batch)
+    batch_size = shape[0] if shape[0] is not None else ops.xp.shape(inputs)[0]
+    params = sample_params(key, batch_size, shape[1:], spec, batch.get("mask"), ops=ops)
+    return apply_params(batch, params, spec, ops=ops)
 
   return augment

@@ -1,13 +1,13 @@
 """Batches made ready ahead of the step that needs them, by a background thread.
 
-`fit`'s per-step engine reads streaming sources (tf.data, files) batch by batch. Reading, checking
-and laying out a batch costs host time that would otherwise add to every step; a thread that
-walks the source ahead of training and keeps a few prepared batches in a queue overlaps it with
-the step, so a step costs the larger of the two, not their sum.
+Reading, checking and laying out a batch of a streaming source costs host time; a thread that
+walks the source ahead of training overlaps it with the step, so a step costs the larger of the
+two, not their sum.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
@@ -18,28 +18,21 @@ _END = object()  # what a thread that stopped early leaves behind
 
 
 class BatchPrefetcher:
-  """The batches of `source` from any step on, each prepared by `prepare` up to `depth` ahead.
+  """The batches of a `jdl.data.BatchSource` from any step on, each passed through `prepare`
+  (checks, device placement) in a thread, up to `depth` ahead.
 
-  A thread walks the source's epochs from the step first asked for (skipping the batches of that
-  epoch before it, without reading them where the source has `epoch_from`), calls `prepare(batch)` on each (checks, device placement) and queues the
-  results. `get(step)` returns the batch of `step`; asking for any other step than the next one
-  (a resume, a seek) starts the walk again from there. An error raised in the thread is raised
-  by `get`. `close()` stops the thread; it is a daemon, so an unclosed one never blocks exit.
-
-  Args:
-    source: a `jdl.data.BatchSource` (`steps_per_epoch` and `epoch(index)`).
-    prepare: applied to each batch in the thread.
-    depth: batches kept ready.
+  `get(step)` returns the batch of `step`; asking for another step than the next one (a resume, a
+  seek) starts the walk again from there, skipping the epoch's earlier batches (without reading
+  them where the source has `epoch_from`). An error raised in the thread is raised by `get`.
+  `close()` stops the thread; it is a daemon, so an unclosed one never blocks exit.
   """
 
   def __init__(self, source: Any, prepare: Callable[[Any], Any], depth: int = 2) -> None:
     if depth < 1:
       raise ValueError(f"depth must be >= 1 (batches kept ready); got {depth}.")
     self.source, self.prepare, self.depth = source, prepare, depth
-    self.next_step: int | None = None
+    self.next_step: int | None = None  # None until the first `get` starts the thread
     self._thread: threading.Thread | None = None
-    self._stop = threading.Event()
-    self._queue: queue.Queue = queue.Queue(maxsize=depth)
 
   def get(self, step: int) -> Any:
     """The prepared batch of `step` (0-based, counted across epochs)."""
@@ -93,8 +86,7 @@ class BatchPrefetcher:
       self._put(ready, stop, (None, error))
 
   def _batches(self, epoch: int, skip: int) -> Iterator[Any]:
-    """Epoch `epoch` from its batch `skip` on: positioned by the source where it can
-    (`epoch_from`, e.g. `jdl.data.TokenWindowSource`), else read and dropped."""
+    """Epoch `epoch` from its batch `skip` on."""
     epoch_from = getattr(self.source, "epoch_from", None)
     if skip and epoch_from is not None:
       return epoch_from(epoch, skip)
@@ -104,9 +96,7 @@ class BatchPrefetcher:
   def _put(ready: queue.Queue, stop: threading.Event, item: Any) -> bool:
     """Queues `item` unless stopped first; whether it was queued."""
     while not stop.is_set():
-      try:
+      with contextlib.suppress(queue.Full):
         ready.put(item, timeout=0.1)
         return True
-      except queue.Full:
-        continue
     return False

@@ -2,13 +2,7 @@
 
 `load_classification_data` is the one call the training loop makes; the pieces it is made of
 (`get_builder`, `prepare`, `read_split`, `load_split_arrays`, `ArraySource`, `TFDataSource`) are
-public for pipelines of your own. In-memory splits are kept as numpy files in the data dir after
-the first load (`jdl.data.array_cache`), so later runs read them without TFDS or TensorFlow.
-
-Text (`jdl.data.text`): `load_char_lm_data` (character language model, e.g. tiny_shakespeare:
-random `TokenWindowSource` windows, `sequential_windows` for evaluation, a `CharVocabulary`) and
-`load_text_classification_data` (e.g. imdb_reviews as `WordVocabulary` ids); `read_text` reads a
-split's text.
+public for pipelines of your own. Text datasets: `jdl.data.text`.
 """
 
 from __future__ import annotations
@@ -39,26 +33,21 @@ def load_classification_data(
 
   Args:
     name: TFDS dataset name, e.g. "mnist1d" (offline) or "fashion_mnist".
-    batch_size: global training batch size: the number of examples per gradient step. The whole
-      training split gives batch gradient descent, 1 stochastic gradient descent.
+    batch_size: global training batch size (the whole split: batch gradient descent).
     eval_batch_size: global evaluation batch size (affects speed only, never the metrics).
     train_split, eval_split: TFDS split names (slicing such as "train[:90%]" works).
     data_dir: TFDS data directory; None means TFDS's default.
     download: whether a missing dataset may be downloaded.
-    manual_dir: folder of raw files for builders that prepare from one.
-    in_memory: load whole splits as numpy arrays (fast; for datasets that fit in memory) instead
-      of streaming them through tf.data.
-    seed: seeds the per-epoch shuffles of the training split.
-    shuffle: shuffle the training split every epoch (False: in order, e.g. for debugging).
+    manual_dir: folder of raw files for builders that prepare from one (`jdl.data.prepare`).
+    in_memory: load whole splits as numpy arrays instead of streaming them through tf.data.
+    seed, shuffle: seed and switch of the training split's per-epoch shuffles.
     shuffle_buffer: shuffle buffer of the streaming path.
-    process_index, process_count: this process and the number of processes of a multi-host run;
+    process_index, process_count: this process of a multi-host run and the number of processes;
       each process's sources yield its share of every global batch.
     augment: a tf.data augmentation of training batches (`jdl.data.augment_tf.make_tf_augment`);
-      it needs the streaming path (`in_memory=False`). On-device augmentation in the train step
-      (`jdl.augment`) works with either path.
-    cache_arrays: with `in_memory`, keep the splits read through TFDS as numpy files in the data
-      dir and read them from there next time, without TFDS or TensorFlow (`jdl.data.array_cache`
-      says when a cached split is used). False: always read through TFDS.
+      it needs `in_memory=False` (`jdl.augment` on the device works with either path).
+    cache_arrays: with `in_memory`, keep the splits as numpy files in the data dir and read them
+      from there next time, without TFDS or TensorFlow (`jdl.data.array_cache`).
 
   Returns:
     `(train_source, eval_source, meta)`; the train source shuffles, the eval source does not.
@@ -94,12 +83,12 @@ def load_classification_data(
                                   process_count=process_count,
                                   augment=augment if is_train else None))
       sizes[split] = sum(counts)
-  return sources[0], sources[1], _with_split_sizes(meta, sizes)
+  meta = dataclasses.replace(meta, split_sizes={**meta.split_sizes, **sizes})
+  return sources[0], sources[1], meta
 
 
 def __getattr__(name: str) -> Any:
-  """`Mnist1d` and `generate_mnist1d`, imported on first use: the builder's module subclasses a
-  TFDS class, so importing it imports TFDS (and TensorFlow), which `import jdl` does not."""
+  """`Mnist1d` and `generate_mnist1d`, imported on first use: their module imports TFDS."""
   if name in ("Mnist1d", "generate_mnist1d"):
     from jdl.data import mnist1d  # pylint: disable=import-outside-toplevel
 
@@ -118,14 +107,10 @@ def _split_size(builder: tfds.core.DatasetBuilder, split: str) -> int:
     return count
 
 
-def _with_split_sizes(meta: DatasetMeta, sizes: dict[str, int]) -> DatasetMeta:
-  return dataclasses.replace(meta, split_sizes={**meta.split_sizes, **sizes})
-
-
 __all__ = [
     "ArraySource", "Batch", "BatchSource", "DatasetMeta", "DatasetUnavailableError", "Mnist1d",
-    "PipelineAugmentFn", "array_cache", "augment_tf",
-    "TFDataSource", "check_inputs", "check_labels", "dataset_meta", "epoch_seed",
-    "generate_mnist1d", "get_builder", "load_classification_data", "load_raw_split_arrays",
-    "load_split_arrays", "pad_batch", "prepare", "read_split", "read_token_file", "scale_inputs",
+    "PipelineAugmentFn", "array_cache", "augment_tf", "TFDataSource", "check_inputs",
+    "check_labels", "dataset_meta", "epoch_seed", "generate_mnist1d", "get_builder",
+    "load_classification_data", "load_raw_split_arrays", "load_split_arrays", "pad_batch",
+    "prepare", "read_split", "read_token_file", "scale_inputs",
 ]

@@ -1,23 +1,14 @@
 """Prepared splits kept as numpy files, so that later in-memory loads need neither TFDS nor TF.
 
-The first in-memory load of a split (`load_classification_data(in_memory=True)`) reads it through
-TFDS and writes its arrays and the dataset's metadata to one file in `<data_dir>/jdl_arrays/`;
-later loads of the split read that file with numpy alone (importing TensorFlow and TFDS takes
-seconds, most of the start-up of a small experiment).
-
-A cached split is used only when everything it was written for still holds:
-  * the dataset as requested (name, config and version, e.g. "mnist1d" or "cifar10:3.0.2"), the
-    split string ("train[:90%]") and the data dir (the file lives inside it);
-  * the installed tensorflow-datasets version, and for jdl's own builders their version
-    (`JDL_BUILDER_VERSIONS`): together they fix the version a name without one resolves to. A
-    builder of your own, or one TFDS reads back from files, is cached only when the request names
-    its version;
-  * the prepared dataset's `dataset_info.json`: where it was, of the same size and modification
-    time, so a deleted or re-prepared dataset is read through TFDS again.
-A file that cannot be read (truncated, corrupt, written for another key) counts as missing and is
-written again. Files are written under a temporary name and renamed into place, so a reader never
-sees a partial one. Inside `tfds.testing.mock_data` the cache is neither read nor written: mock
-examples must not reach real runs, nor real arrays a mocked test.
+The first in-memory load of a split writes its arrays and the dataset's metadata to one file in
+`<data_dir>/jdl_arrays/`; later loads read it with numpy alone (importing TensorFlow and TFDS takes
+most of a small experiment's start-up). A cached split is used only while all it was written for
+holds: the dataset as requested ("cifar10:3.0.2"), the split and the data dir; the versions of
+tensorflow-datasets and of jdl's builders (`JDL_BUILDER_VERSIONS`), which fix what a name without a
+version resolves to (other builders are cached only when the request names one); the prepared
+dataset's `dataset_info.json`, in place, of the same size and modification time. An unreadable
+file counts as missing; files are renamed into place, so a reader never sees a partial one. Inside
+`tfds.testing.mock_data` the cache is neither read nor written.
 """
 
 from __future__ import annotations
@@ -57,8 +48,7 @@ _READ_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, AttributeErr
 
 @dataclasses.dataclass(frozen=True)
 class RawSplit:
-  """A whole split as TFDS stores it: `inputs` and `labels` in their dataset dtypes (e.g. uint8
-  pixels, int64 labels), in TFDS order, and the dataset's metadata."""
+  """A whole split as `loading.load_raw_split_arrays` gives it, and the dataset's metadata."""
 
   inputs: np.ndarray
   labels: np.ndarray
@@ -69,23 +59,11 @@ def load_splits(dataset: str, splits: Sequence[str], *, data_dir: str | None = N
                 download: bool = True, manual_dir: str | None = None, cache: bool = True
                 ) -> tuple[loading.DatasetMeta, dict[str, tuple[np.ndarray, np.ndarray]]]:
   """Whole splits of a supervised classification dataset in memory, from the cache where it
-  holds them and through TFDS otherwise (then written to the cache).
+  holds them and through TFDS otherwise (then written to the cache, unless `cache` is False).
 
-  Args:
-    dataset: the TFDS name as `jdl.data.get_builder` takes it ("mnist1d", "cifar10:3.0.2").
-    splits: TFDS split strings ("train", "test[:50%]").
-    data_dir: TFDS data directory; None means TFDS's default.
-    download, manual_dir: as `jdl.data.prepare` takes them, for a dataset not yet prepared.
-    cache: read and write the cache (False: always read through TFDS, write nothing).
-
-  Returns:
-    `(meta, {split: (inputs float32, labels int32)})`, the arrays as
-    `jdl.data.load_split_arrays` gives them, bit for bit, and the metadata as
-    `jdl.data.dataset_meta` gives it.
-
-  Raises:
-    ValueError: `splits` is empty, or the dataset is not supervised classification.
-    DatasetUnavailableError: the dataset is not prepared and cannot be prepared here.
+  Returns `(meta, {split: (inputs float32, labels int32)})`: the arrays of
+  `jdl.data.load_split_arrays`, bit for bit, and the metadata of `jdl.data.dataset_meta`.
+  `download` and `manual_dir` are `jdl.data.prepare`'s, for a dataset not yet prepared.
   """
   if not splits:
     raise ValueError(f"load_splits needs at least one split of {dataset!r}; got none.")
@@ -109,8 +87,8 @@ def load_splits(dataset: str, splits: Sequence[str], *, data_dir: str | None = N
 
 
 def data_dir_root(data_dir: str | None) -> str:
-  """The absolute TFDS data dir: `data_dir`, or TFDS's default when None (`$TFDS_DATA_DIR`, else
-  `~/tensorflow_datasets`, as TFDS picks it)."""
+  """The absolute TFDS data dir: `data_dir`, or TFDS's default (`$TFDS_DATA_DIR`, else
+  `~/tensorflow_datasets`)."""
   if data_dir is None:
     data_dir = os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")  # expanded below
   return os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
@@ -118,8 +96,7 @@ def data_dir_root(data_dir: str | None) -> str:
 
 def cache_key(dataset: str, split: str) -> dict[str, Any]:
   """What a cached split of `dataset` (as requested) must have been written for, beside its data
-  dir: the split, the cache's format, the installed tensorflow-datasets version (None when it is
-  not installed, which no written file has) and, for jdl's own builders, their version."""
+  dir (see the module docstring); the tensorflow-datasets version is None when not installed."""
   try:
     tfds_version = importlib.metadata.version("tensorflow-datasets")
   except importlib.metadata.PackageNotFoundError:
@@ -130,16 +107,15 @@ def cache_key(dataset: str, split: str) -> dict[str, Any]:
 
 
 def cache_path(key: Mapping[str, Any], data_dir: str | None) -> str:
-  """The cache file for `key` (`cache_key`) in `data_dir`: the dataset and split, readable, then
-  a hash of the key, e.g. `<data_dir>/jdl_arrays/mnist1d-train-<hash>.npz`."""
+  """The cache file for `key` in `data_dir`: `<data_dir>/jdl_arrays/mnist1d-train-<hash>.npz`."""
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
   name = f"{_slug(key['dataset'])}-{_slug(key['split'])}-{digest}.npz"
   return os.path.join(data_dir_root(data_dir), CACHE_DIR, name)
 
 
 def read_cached_split(dataset: str, split: str, data_dir: str | None) -> RawSplit | None:
-  """The cached split, or None when there is none that is valid (see the module docstring); an
-  unreadable file is logged and left for `write_cached_split` to replace."""
+  """The cached split, or None when there is no valid one; an unreadable file is logged and left
+  for `write_cached_split` to replace."""
   if _is_remote(data_dir):
     return None
   key = cache_key(dataset, split)
@@ -147,8 +123,8 @@ def read_cached_split(dataset: str, split: str, data_dir: str | None) -> RawSpli
   try:
     with np.load(path, allow_pickle=False) as stored:
       header = json.loads(str(stored["header"]))
-      if (header["key"] != key
-          or not _prepared_stamp_matches(data_dir_root(data_dir), header["prepared"])):
+      root, stamp = data_dir_root(data_dir), header["prepared"]  # a deleted dataset: not found
+      if header["key"] != key or _prepared_stamp(root, os.path.join(root, stamp["dir"])) != stamp:
         return None
       inputs, labels = stored["inputs"], stored["labels"]
     meta = loading.DatasetMeta.from_dict(header["meta"])
@@ -167,8 +143,8 @@ def read_cached_split(dataset: str, split: str, data_dir: str | None) -> RawSpli
 def write_cached_split(dataset: str, split: str, data_dir: str | None,
                        builder: tfds.core.DatasetBuilder, raw: RawSplit) -> str | None:
   """Writes `raw`, read through `builder`, as the cache file of `split` of `dataset`; returns its
-  path, or None when this split is not cached (see the module docstring) or the file cannot be
-  written (a read-only data dir, a full disk: logged, the run goes on without the cache)."""
+  path, or None when this split is not cached or the file cannot be written (logged: the run goes
+  on without the cache)."""
   root = data_dir_root(data_dir)
   prepared = os.path.abspath(os.fspath(builder.data_dir))
   if _is_remote(data_dir) or not _resolution_is_fixed(dataset, builder):
@@ -204,17 +180,9 @@ def _prepared_stamp(root: str, prepared: str) -> dict[str, Any]:
           "info_mtime_ns": info.st_mtime_ns}
 
 
-def _prepared_stamp_matches(root: str, stamp: Mapping[str, Any]) -> bool:
-  try:
-    return _prepared_stamp(root, os.path.join(root, stamp["dir"])) == dict(stamp)
-  except FileNotFoundError:
-    return False
-
-
 def _resolution_is_fixed(dataset: str, builder: tfds.core.DatasetBuilder) -> bool:
   """Whether the key fixes the version `dataset` resolves to: it names one, or the builder is
-  TFDS's own (fixed by the tensorflow-datasets version) or jdl's (fixed by
-  `JDL_BUILDER_VERSIONS`)."""
+  TFDS's own or jdl's."""
   requested = dataset.partition(":")[2]
   if requested and "*" not in requested:
     return True

@@ -1,13 +1,10 @@
 """TFDS datasets: find, prepare (offline where possible), and read splits.
 
-The rule for a dataset that is not yet on disk:
-  * builders that generate their data (MNIST-1D) are prepared on the spot, with no network;
-  * builders with a manual directory (`manual_dir`) are prepared from it, and so are builders
-    whose downloads all lie in `manual_dir` under their registered file names (tiny_shakespeare's
-    `input.txt`): TFDS checks their checksums and fetches nothing;
-  * anything else needs a download: its hosts are probed first with a short timeout, and when they
-    cannot be reached the load fails within seconds with `DatasetUnavailableError`, which says how
-    to get the data, instead of minutes of network retries.
+A dataset not yet on disk is generated on the spot if its builder makes its data (MNIST-1D), and
+prepared from `manual_dir` if that holds its raw files or all its downloads under their registered
+names (tiny_shakespeare's `input.txt`; TFDS checks the checksums). Anything else is downloaded,
+after a short probe of its hosts: when they cannot be reached, `DatasetUnavailableError` says
+within seconds how to get the data, instead of minutes of network retries.
 """
 
 from __future__ import annotations
@@ -20,7 +17,7 @@ import socket
 import sys
 import threading
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,21 +25,17 @@ import numpy as np
 from jdl.lazy_import import tensorflow as tf
 from jdl.lazy_import import tensorflow_datasets as tfds
 
-# TFDS and TensorFlow load on first use (`jdl.lazy_import`), which also hides accelerators from
-# TensorFlow. `get_builder` first imports `jdl.data.mnist1d`, registering "mnist1d" with TFDS.
-
 
 def _offline_builder_types() -> tuple[type, ...]:
-  """The builders that generate their data, so preparing them needs no network."""
+  """The builders that generate their data; importing them registers them with TFDS."""
   from jdl.data import mnist1d  # pylint: disable=import-outside-toplevel
 
   return (mnist1d.Mnist1d,)
 
 
 def _tfds_is_mocked() -> bool:
-  """True inside `tfds.testing.mock_data`, which replaces `download_and_prepare` with a no-op (so
-  nothing is downloaded, and the network probe must not run). Read statically: TFDS wraps the real
-  method with `wrapt`, and plain attribute access returns a new wrapper object every time. Mocking
+  """True inside `tfds.testing.mock_data` (no download, no network probe). Read statically: TFDS
+  wraps the method with `wrapt`, and attribute access makes a new wrapper every time. Mocking
   needs TFDS imported, so while it is not, nothing is mocked and TFDS stays unimported."""
   if "tensorflow_datasets" not in sys.modules:
     return False
@@ -56,16 +49,9 @@ class DatasetUnavailableError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class DatasetMeta:
-  """What the training loop needs to know about a supervised classification dataset.
-
-  Attributes:
-    name: the TFDS name.
-    input_shape: per-example input shape.
-    num_classes: number of classes of the label feature.
-    class_names: the class names, where TFDS knows them.
-    split_sizes: number of examples of each split.
-    input_dtype: dtype of the model inputs: "float32" (pixels, signals) or "int32" (token ids).
-  """
+  """What the training loop needs to know about a supervised classification dataset: its TFDS
+  name, per-example input shape, classes (names where TFDS knows them), the number of examples of
+  each split, and the model inputs' dtype, "float32" (pixels, signals) or "int32" (token ids)."""
 
   name: str
   input_shape: tuple[int, ...]
@@ -76,11 +62,8 @@ class DatasetMeta:
 
   @classmethod
   def from_dict(cls, fields: Mapping[str, Any]) -> DatasetMeta:
-    """The metadata from `dataclasses.asdict(meta)` after a JSON round trip (lists to tuples).
-
-    Raises:
-      ValueError: `fields` lacks a field or has one that `DatasetMeta` does not know.
-    """
+    """The metadata from `dataclasses.asdict(meta)` after a JSON round trip (lists to tuples);
+    a ValueError if a field is missing or unknown."""
     names = {field.name for field in dataclasses.fields(cls)}
     required = {field.name for field in dataclasses.fields(cls)
                 if field.default is dataclasses.MISSING}
@@ -110,24 +93,20 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
 
 def prepare(builder: tfds.core.DatasetBuilder, *, download: bool = True,
             manual_dir: str | None = None, probe_timeout_s: float = 5.0) -> None:
-  """Makes sure `builder`'s data is on disk, preparing it offline where it can.
+  """Makes sure `builder`'s data is on disk, preparing it offline where it can (module docstring).
 
-  Args:
-    download: whether a download may be attempted when the data is missing.
-    manual_dir: a folder holding the dataset's raw files, for builders that read them from there,
-      or the files the builder would download, under their registered names (e.g. `input.txt`).
-    probe_timeout_s: how long to wait for the download hosts before giving up.
-
-  Raises:
-    DatasetUnavailableError: the data is missing and can be neither generated nor downloaded.
+  `probe_timeout_s` is how long to wait for the download hosts. Raises `DatasetUnavailableError`
+  when the data is missing and can be neither generated nor downloaded.
   """
   if builder.is_prepared():
     return
   if _tfds_is_mocked() or isinstance(builder, _offline_builder_types()):
     builder.download_and_prepare()
     return
-  # The files the builder downloads, by the name TFDS looks for in a manual dir (`input.txt`).
-  files = _manual_file_names(builder)
+  # The downloads whose registered checksum names a file: TFDS reads `manual_dir/<file name>`
+  # (`input.txt`) instead of downloading it, after checking the checksum.
+  url_infos = type(builder).url_infos or {}
+  files = {info.filename: url for url, info in url_infos.items() if info.filename}
   download_config = None
   if manual_dir is not None:
     if not os.path.isdir(manual_dir):
@@ -152,7 +131,9 @@ def prepare(builder: tfds.core.DatasetBuilder, *, download: bool = True,
     how_to += f" Or put {', '.join(listed)} {where} (TFDS then prepares from it offline)."
   if not download:
     raise DatasetUnavailableError(how_to + " Downloading is switched off (download=False).")
-  hosts = _download_hosts(builder)
+  urls = [urllib.parse.urlparse(url) for url in url_infos]
+  hosts = sorted({(url.hostname, url.port or (443 if url.scheme == "https" else 80))
+                  for url in urls if url.hostname})
   unreachable = _unreachable_hosts(hosts, timeout_s=probe_timeout_s)
   if unreachable:
     raise DatasetUnavailableError(
@@ -161,26 +142,8 @@ def prepare(builder: tfds.core.DatasetBuilder, *, download: bool = True,
   builder.download_and_prepare(download_config=download_config)
 
 
-def _manual_file_names(builder: tfds.core.DatasetBuilder) -> dict[str, str]:
-  """`{file name: url}` of the downloads whose registered checksum names a file: TFDS uses
-  `manual_dir/<file name>` instead of downloading it (after checking the checksum)."""
-  url_infos = type(builder).url_infos or {}
-  return {info.filename: url for url, info in url_infos.items() if info.filename}
-
-
-def _download_hosts(builder: tfds.core.DatasetBuilder) -> list[tuple[str, int]]:
-  url_infos = type(builder).url_infos or {}
-  hosts = set()
-  for url in url_infos:
-    parsed = urllib.parse.urlparse(url)
-    if parsed.hostname:
-      hosts.add((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)))
-  return sorted(hosts)
-
-
-def _unreachable_hosts(hosts: Iterable[tuple[str, int]], *, timeout_s: float) -> list[str]:
+def _unreachable_hosts(hosts: Sequence[tuple[str, int]], *, timeout_s: float) -> list[str]:
   """Hosts that do not accept a TCP connection within `timeout_s` (DNS included)."""
-  hosts = list(hosts)
   reached: set[tuple[str, int]] = set()
 
   def probe(host: tuple[str, int]) -> None:
@@ -199,11 +162,8 @@ def _unreachable_hosts(hosts: Iterable[tuple[str, int]], *, timeout_s: float) ->
 
 
 def dataset_meta(builder: tfds.core.DatasetBuilder) -> DatasetMeta:
-  """Input shape, class count and split sizes of a supervised classification dataset.
-
-  Raises:
-    ValueError: the dataset is not supervised classification with a fixed-shape numeric input.
-  """
+  """The `DatasetMeta` of a supervised classification dataset with fixed-shape numeric inputs (a
+  ValueError for any other)."""
   info = builder.info
   if not info.supervised_keys:
     raise ValueError(f"dataset {builder.name!r} has no supervised (input, label) keys.")
@@ -227,16 +187,14 @@ def dataset_meta(builder: tfds.core.DatasetBuilder) -> DatasetMeta:
 def scale_inputs(inputs: np.ndarray | tf.Tensor):
   """Scales uint8 pixels to float32 in [0, 1]; other numeric inputs just become float32.
 
-  TensorFlow tensors (in a tf.data map) are scaled with TensorFlow, arrays with their own
-  `astype`, without importing TensorFlow; both divide in float32, so they give the same bits.
+  Tensors (in a tf.data map) are scaled with TensorFlow, arrays with numpy, without importing
+  TensorFlow; both divide in float32, so they give the same bits.
   """
   if "tensorflow" in sys.modules and isinstance(inputs, tf.Tensor):
-    if inputs.dtype == tf.uint8:
-      return tf.cast(inputs, tf.float32) / 255.0
-    return tf.cast(inputs, tf.float32)
-  if inputs.dtype == np.uint8:
-    return inputs.astype(np.float32) / np.float32(255.0)
-  return inputs.astype(np.float32)
+    values = tf.cast(inputs, tf.float32)
+  else:
+    values = inputs.astype(np.float32)
+  return values / np.float32(255.0) if inputs.dtype == np.uint8 else values
 
 
 def read_split(builder: tfds.core.DatasetBuilder, split: str, *, shuffle_files: bool = False,
@@ -256,12 +214,8 @@ def read_split(builder: tfds.core.DatasetBuilder, split: str, *, shuffle_files: 
 
 def load_raw_split_arrays(builder: tfds.core.DatasetBuilder,
                           split: str) -> tuple[np.ndarray, np.ndarray]:
-  """A whole split in memory as `(inputs, labels)` numpy arrays in TFDS order and in the dtypes
-  TFDS stores (uint8 pixels, int64 labels): what `jdl.data.array_cache` keeps on disk.
-
-  Raises:
-    ValueError: the split holds no examples.
-  """
+  """A whole (non-empty) split in memory as `(inputs, labels)` numpy arrays in TFDS order and in
+  the dtypes TFDS stores (uint8 pixels, int64 labels): what `jdl.data.array_cache` keeps."""
   dataset = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
   batches = list(dataset.batch(4096).as_numpy_iterator())  # (inputs, labels) pairs
   if not batches:

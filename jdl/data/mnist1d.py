@@ -15,16 +15,10 @@ import numpy as np
 
 from jdl.lazy_import import tensorflow_datasets as tfds  # the builder class below imports it
 
-SIGNAL_LENGTH = 40
-NUM_CLASSES = 10
-
 
 def generate_mnist1d() -> dict[str, np.ndarray]:
   """The published MNIST-1D split as arrays: x [4000, 40], y [4000], x_test [1000, 40], y_test.
-
-  The generator seeds NumPy's global random state; it is saved and restored around the call, so
-  generating the data does not disturb a caller's random stream.
-  """
+  The generator seeds NumPy's global random state, which is restored afterwards."""
   from mnist1d.data import get_dataset_args, make_dataset  # pylint: disable=import-outside-toplevel
 
   saved_state = np.random.get_state()
@@ -49,8 +43,8 @@ class Mnist1d(tfds.core.GeneratorBasedBuilder):
     return self.dataset_info_from_configs(
         description=__doc__,
         features=tfds.features.FeaturesDict({
-            "signal": tfds.features.Tensor(shape=(SIGNAL_LENGTH,), dtype=np.float32),
-            "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+            "signal": tfds.features.Tensor(shape=(40,), dtype=np.float32),
+            "label": tfds.features.ClassLabel(num_classes=10),
         }),
         supervised_keys=("signal", "label"),
         # Keep the published order, so that split slices ("train[:1000]") match the paper's file.

@@ -43,14 +43,12 @@ class BatchSource(Protocol):
 
 def pad_batch(inputs: Any, labels: Any, batch_size: int,
               extras: Mapping[str, Any] | None = None) -> Batch:
-  """A batch dict padded with zero examples to `batch_size`, with `mask` marking the real ones.
-  `inputs` and `labels` are arrays or pytrees of arrays (with one leading example axis); `extras`
-  are further per-example arrays (e.g. mixup's `mix_label`), padded the same way."""
+  """A batch dict padded with zero examples to `batch_size`, with `mask` marking the real ones;
+  `extras` are further per-example arrays (e.g. mixup's `mix_label`), padded the same way."""
   count = num_rows(inputs)
   if count > batch_size:
     raise ValueError(f"batch of {count} examples is larger than batch_size={batch_size}.")
-  mask = np.zeros((batch_size,), np.bool_)
-  mask[:count] = True
+  mask = np.arange(batch_size) < count
   batch = {"input": inputs, "label": labels, **(extras or {})}
   if count < batch_size:
     batch = jax.tree.map(lambda value: np.concatenate(
@@ -68,11 +66,6 @@ def num_rows(tree: Any) -> int:
   return sizes.pop()
 
 
-def take_rows(tree: Any, rows: np.ndarray) -> Any:
-  """Rows `rows` of every array of `tree`."""
-  return jax.tree.map(lambda value: value[rows], tree)
-
-
 def epoch_seed(seed: int, epoch: int, stream: int | None = None) -> int:
   """A 63-bit seed for one epoch, derived from the run's seed and the epoch index: the shuffle's
   (`stream=None`), or an independent one for another use (augmentation takes `stream >= 1`)."""
@@ -84,8 +77,7 @@ def epoch_seed(seed: int, epoch: int, stream: int | None = None) -> int:
 def epoch_order(seed: jax.Array, epoch: jax.Array, *, num_examples: int,
                 shuffle: bool) -> jax.Array:
   """The example order of one epoch: an `index_permutation` drawn from `(seed, epoch)`, or
-  0..n-1. Shared by the host path (`ArraySource`) and the device-resident path (`jdl.resident`),
-  so both see the same batches."""
+  0..n-1; shared by `ArraySource` and `jdl.resident`, so both see the same batches."""
   if not shuffle:
     return jnp.arange(num_examples, dtype=jnp.int32)
   if num_examples < SORT_FREE_MIN_EXAMPLES:
@@ -100,21 +92,16 @@ SORT_FREE_MIN_EXAMPLES = 1024
 
 
 def index_permutation(key: jax.Array, n: int, *, rounds: int = SHUFFLE_ROUNDS) -> jax.Array:
-  """A pseudo-random permutation of `0 .. n-1` (int32) drawn from `key`; without sorting when
-  `n >= SORT_FREE_MIN_EXAMPLES`.
+  """A pseudo-random permutation of `0 .. n-1` (int32) drawn from `key` (a PRNG key, or any
+  uint32 words such as `[seed, epoch]`).
 
-  A balanced Feistel network on `2 * half` bits (the smallest even width that holds n - 1) is a
-  bijection of `[0, 4**half)` for any round function; `rounds` rounds of a keyed 32-bit hash make
-  it look random (Luby and Rackoff: four suffice for a random round function). Values at n or
-  above are encrypted again until they fall below n ("cycle walking"), restricting the bijection
-  to `[0, n)`; the domain is under 4n, so walks are short. Every step is elementwise: a few vector
-  passes over n integers instead of sorts. The round keys are hashed from the words of `key` (a
-  PRNG key, or any uint32 words such as `[seed, epoch]`).
-
-  Below `SORT_FREE_MIN_EXAMPLES` a Feistel network on so few bits reaches its permutations with
-  visibly unequal frequencies, so small n use `jax.random.permutation`, whose sorts are cheap
-  there. At and above it, each element's position and the order of any two elements are uniform
-  within sampling error (tests/data_test.py).
+  From `SORT_FREE_MIN_EXAMPLES` on it sorts nothing: a balanced Feistel network on the smallest
+  even number of bits that holds n - 1, with `rounds` rounds of a keyed 32-bit hash (Luby and
+  Rackoff: four suffice), is a bijection of `[0, 4**half)`; values at n or above are encrypted
+  again until they fall below n ("cycle walking"; the domain is under 4n, so walks are short).
+  Positions and pairwise orders come out uniform within sampling error (tests/data_test.py). On
+  fewer bits its permutations are visibly unequal in frequency, so small n use
+  `jax.random.permutation`, whose sorts are cheap there.
   """
   if n < 1:
     raise ValueError(f"a permutation needs n >= 1; got {n}.")
@@ -140,8 +127,8 @@ def index_permutation(key: jax.Array, n: int, *, rounds: int = SHUFFLE_ROUNDS) -
 
 
 def _round_keys(key: jax.Array, rounds: int) -> jax.Array:
-  """`rounds` 32-bit round keys hashed from the words of `key` (a PRNG key or any uint32 words):
-  cheaper to compile than threefry, and Feistel rounds need independent-looking keys only."""
+  """`rounds` 32-bit round keys hashed from the words of `key`: cheaper to compile than threefry,
+  and Feistel rounds need independent-looking keys only."""
   words = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
   words = jnp.asarray(words, jnp.uint32).reshape(-1)
   state = jnp.uint32(0x243F6A88)  # pi's first fraction bits: any odd constant would do
@@ -163,8 +150,7 @@ def _mix32(x: jax.Array) -> jax.Array:
 
 def check_labels(labels: Any, num_classes: int | None, *, where: str = "labels") -> None:
   """Raises a clear error unless every integer array of `labels` holds class indices in
-  `[0, num_classes)` and every floating one is finite. Integer labels are class indices; pass
-  real-valued targets as floats. `num_classes` None checks finiteness only."""
+  `[0, num_classes)` (unchecked when None) and every floating one (real targets) is finite."""
   for leaf in jax.tree.leaves(labels):
     leaf = np.asarray(leaf)
     if np.issubdtype(leaf.dtype, np.floating):
@@ -191,96 +177,82 @@ def check_inputs(inputs: Any, *, where: str = "inputs") -> None:
       raise ValueError(f"{where} are empty (shape {leaf.shape}); need at least one example.")
 
 
-def _local_batch_size(batch_size: int, process_count: int) -> int:
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
-  if batch_size % process_count:
-    raise ValueError(
-        f"the global batch of {batch_size} examples cannot be split evenly over {process_count} "
-        f"processes; use a batch size that is a multiple of {process_count}.")
-  return batch_size // process_count
+class ProcessShare:
+  """A source whose global batches of `batch_size` examples are split evenly over the
+  `process_count` processes of a run: process `process_index` yields `local_batch_size` of each."""
+
+  def __init__(self, batch_size: int, process_index: int, process_count: int) -> None:
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+    if batch_size % process_count:
+      raise ValueError(
+          f"the global batch of {batch_size} examples cannot be split evenly over "
+          f"{process_count} processes; use a batch size that is a multiple of {process_count}.")
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
+    self.batch_size = int(batch_size)  # global: all processes together
+    self.local_batch_size = self.batch_size // process_count
+    self.process_index, self.process_count = process_index, process_count
 
 
-class ArraySource:
-  """Batches of in-memory arrays; shuffled epochs are seeded permutations.
+class ArraySource(ProcessShare):
+  """Batches of in-memory arrays; shuffled epochs are seeded permutations (`epoch_order`).
 
-  `batch_size=len(inputs)` is batch gradient descent, 1 stochastic, anything between mini-batch.
   `inputs` and `labels` are arrays or pytrees of arrays (a dict of two inputs, several targets)
-  with one leading example axis; batches carry them as `input` and `label`.
-
-  In a multi-process run every process holds the same arrays and the same seed, so all agree on
-  each global batch; process `p` of `P` yields rows `[p * B / P, (p + 1) * B / P)` of it (padding
-  included), and the processes' shares put together are exactly the single-process batch.
+  with one leading example axis. In a multi-process run every process holds the same arrays and
+  seed, and process `p` of `P` yields rows `[p * B / P, (p + 1) * B / P)` of each global batch
+  (padding included), so the shares put together are exactly the single-process batch.
   """
 
   def __init__(self, inputs: Any, labels: Any, batch_size: int, *, shuffle: bool,
                seed: int = 0, process_index: int = 0, process_count: int = 1) -> None:
     inputs, labels = jax.tree.map(np.asarray, inputs), jax.tree.map(np.asarray, labels)
     check_inputs(inputs)
-    num_inputs = num_rows(inputs)
-    label_rows = {int(x.shape[0]) if x.ndim else None for x in jax.tree.leaves(labels)}
-    if label_rows != {num_inputs}:
-      raise ValueError(
-          f"inputs have {num_inputs} examples but labels have "
-          f"{sorted(label_rows, key=str)} (leading dimensions); they must match.")
-    if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
+    num_inputs, num_labels = num_rows(inputs), num_rows(labels)
+    if num_labels != num_inputs:
+      raise ValueError(f"inputs have {num_inputs} examples but labels have {num_labels}; they "
+                       "must match.")
+    super().__init__(batch_size, process_index, process_count)
     self.inputs, self.labels = inputs, labels
-    self._batch_size = int(batch_size)
-    self.local_batch_size = _local_batch_size(self._batch_size, process_count)
     self.shuffle, self.seed = shuffle, seed
-    self.process_index, self.process_count = process_index, process_count
 
   @property
   def num_examples(self) -> int:
     return num_rows(self.inputs)
 
   @property
-  def batch_size(self) -> int:
-    """The global batch size (all processes together)."""
-    return self._batch_size
-
-  @property
   def steps_per_epoch(self) -> int:
-    return -(-self.num_examples // self._batch_size)
-
-  def order(self, index: int) -> np.ndarray:
-    """The example order of epoch `index`."""
-    return np.asarray(epoch_order(np.uint32(self.seed), np.uint32(index),
-                                  num_examples=self.num_examples, shuffle=self.shuffle))
+    return -(-self.num_examples // self.batch_size)
 
   def epoch(self, index: int) -> Iterator[Batch]:
-    order = self.order(index)
+    order = np.asarray(epoch_order(np.uint32(self.seed), np.uint32(index),
+                                   num_examples=self.num_examples, shuffle=self.shuffle))
     low = self.process_index * self.local_batch_size
-    for start in range(0, self.num_examples, self._batch_size):
-      chosen = order[start:start + self._batch_size][low:low + self.local_batch_size]
-      yield pad_batch(take_rows(self.inputs, chosen), take_rows(self.labels, chosen),
-                      self.local_batch_size)
+    for start in range(0, self.num_examples, self.batch_size):
+      chosen = order[start:start + self.batch_size][low:low + self.local_batch_size]
+      inputs, labels = jax.tree.map(lambda value: value[chosen], (self.inputs, self.labels))
+      yield pad_batch(inputs, labels, self.local_batch_size)
 
 
-class TFDataSource:
+class TFDataSource(ProcessShare):
   """Batches streamed from an unbatched tf.data pipeline of `(input, label)` pairs.
 
   Each epoch shuffles with a buffer of `shuffle_buffer` examples, seeded from `(seed, epoch)`,
-  then batches, augments (when `augment` is given; batch `i` of epoch `e` gets the stateless seed
-  `(epoch_seed(seed, e, 1 + process_index), i)`, so epochs replay exactly) and prefetches in
-  background threads.
+  then batches, augments (batch `i` of epoch `e` gets the stateless seed
+  `(epoch_seed(seed, e, 1 + process_index), i)`, so epochs replay exactly) and prefetches.
 
-  In a multi-process run `dataset` is this process's share of the split (e.g. from
-  `tfds.even_splits`), `num_examples` the size of the largest share, and every process yields
-  `steps_per_epoch` batches of `batch_size / process_count` examples: a process whose share runs
-  out first pads with fully masked batches, so all processes take the same number of steps.
+  In a multi-process run `dataset` is this process's share of the split (`tfds.even_splits`) and
+  `num_examples` the size of the largest share: a process whose share runs out first pads with
+  fully masked batches, so all processes take the same number of steps.
   """
 
   def __init__(self, dataset: tf.data.Dataset, num_examples: int, batch_size: int, *,
                shuffle: bool, seed: int = 0, shuffle_buffer: int = 10_000, process_index: int = 0,
                process_count: int = 1, augment: PipelineAugmentFn | None = None) -> None:
+    super().__init__(batch_size, process_index, process_count)
     if num_examples < 1:
       raise ValueError(f"the split is empty (num_examples={num_examples}).")
-    self.dataset = dataset
-    self._num_examples, self._batch_size = int(num_examples), int(batch_size)
-    self.local_batch_size = _local_batch_size(self._batch_size, process_count)
-    self.process_index, self.process_count = process_index, process_count
+    self.dataset, self._num_examples = dataset, int(num_examples)
     self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, shuffle_buffer
     self.augment = augment
 
@@ -288,11 +260,6 @@ class TFDataSource:
   def num_examples(self) -> int:
     """Examples per epoch over all processes (the largest share times the process count)."""
     return self._num_examples * self.process_count
-
-  @property
-  def batch_size(self) -> int:
-    """The global batch size (all processes together)."""
-    return self._batch_size
 
   @property
   def steps_per_epoch(self) -> int:
@@ -306,38 +273,27 @@ class TFDataSource:
     dataset = dataset.batch(self.local_batch_size).map(
         lambda x, y: {"input": x, "label": y, "mask": tf.ones_like(y, tf.bool)})
     if self.augment is not None:
-      augment = self.augment
       seed = epoch_seed(self.seed, index, 1 + self.process_index)
       dataset = dataset.enumerate().map(
-          lambda i, batch: augment(batch, tf.stack([tf.constant(seed, tf.int64), i])),
+          lambda i, batch: self.augment(batch, tf.stack([tf.constant(seed, tf.int64), i])),
           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    dataset = dataset.prefetch(tf.data.AUTOTUNE)
-    produced = 0
-    for batch in dataset.as_numpy_iterator():
-      if produced == self.steps_per_epoch:
-        break
-      produced += 1
-      extras = {k: v for k, v in batch.items() if k not in ("input", "label", "mask")}
-      yield pad_batch(batch["input"], batch["label"], self.local_batch_size, extras)
-    if produced < self.steps_per_epoch:
-      input_spec, label_spec = self.dataset.element_spec
-      empty = pad_batch(np.zeros((0, *input_spec.shape), input_spec.dtype.as_numpy_dtype),
-                        np.zeros((0, *label_spec.shape), label_spec.dtype.as_numpy_dtype),
-                        self.local_batch_size)
-      if self.augment is not None:
-        self._pad_extras(empty)
-      for _ in range(self.steps_per_epoch - produced):
-        yield empty
+    batches = dataset.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+    for _ in range(self.steps_per_epoch):  # a share that runs out first pads with empty batches
+      batch = next(batches, None)
+      yield self._empty_batch if batch is None else self._padded(batch)
 
-  def _pad_extras(self, empty: Batch) -> None:
-    """Gives a fully masked batch the extra keys augmented batches carry (mixup's), so every
-    batch of the epoch has the same structure and the step compiles once."""
+  def _padded(self, batch: Batch) -> Batch:
+    extras = {k: v for k, v in batch.items() if k not in ("input", "label", "mask")}
+    return pad_batch(batch["input"], batch["label"], self.local_batch_size, extras)
+
+  @functools.cached_property
+  def _empty_batch(self) -> Batch:
+    """A fully masked batch with the keys of the augmented batches (mixup's), so every batch of
+    the epoch has the same structure and the step compiles once."""
     input_spec, label_spec = self.dataset.element_spec
     probe = {"input": tf.zeros((1, *input_spec.shape), input_spec.dtype),
              "label": tf.zeros((1, *label_spec.shape), label_spec.dtype),
              "mask": tf.ones((1,), tf.bool)}
-    augmented = self.augment(probe, tf.constant([0, 0], tf.int64))
-    for key, value in augmented.items():
-      if key not in empty:
-        empty[key] = np.zeros((self.local_batch_size, *value.shape[1:]),
-                              value.dtype.as_numpy_dtype)
+    if self.augment is not None:
+      probe = self.augment(probe, tf.constant([0, 0], tf.int64))
+    return self._padded({key: value.numpy()[:0] for key, value in probe.items()})

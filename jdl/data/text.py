@@ -1,16 +1,8 @@
-"""Text data: vocabularies, and batch sources for language modelling and text classification.
-
-Two pipelines, both in memory (the texts are small):
-
-  * character language modelling (`load_char_lm_data`, TFDS `tiny_shakespeare`): the split's
-    text becomes one stream of character ids. Training draws random windows of `block_size + 1`
-    ids (`TokenWindowSource`); evaluation runs over fixed, non-overlapping windows
-    (`sequential_windows`), so the validation loss averages the same positions every time.
-  * text classification (`load_text_classification_data`, TFDS `imdb_reviews`): each review
-    becomes `max_length` word ids (`WordVocabulary`), truncated or padded with 0 at the end.
-
-Vocabularies are built from the training split only and serialise to JSON, so a trained workdir
-can keep `vocab.json` beside its checkpoints and a sampling script can rebuild the exact mapping.
+"""Text data, in memory: vocabularies, and batch sources for language modelling
+(`load_char_lm_data`: random `TokenWindowSource` windows of one stream of character ids, fixed
+`sequential_windows` for evaluation) and text classification (`load_text_classification_data`:
+`WordVocabulary` ids). Vocabularies are built from the training split and serialise to JSON
+(`vocab.json` beside a workdir's checkpoints rebuilds the exact mapping).
 """
 
 from __future__ import annotations
@@ -24,7 +16,7 @@ from typing import Self
 import numpy as np
 
 from jdl.data.loading import DatasetMeta, get_builder, prepare
-from jdl.data.sources import ArraySource, Batch, _local_batch_size, epoch_seed
+from jdl.data.sources import ArraySource, Batch, ProcessShare, epoch_seed
 from jdl.lazy_import import tensorflow_datasets as tfds
 
 
@@ -65,13 +57,12 @@ class _Vocabulary:
 
 
 class CharVocabulary(_Vocabulary):
-  """A bijection between the distinct characters of a text and the ids `0 .. size - 1`, in the
-  characters' sorted (code point) order, so the same text always gives the same vocabulary."""
+  """A bijection between distinct characters (`chars`, in id order) and the ids `0 .. size - 1`;
+  `from_text` sorts them by code point, so the same text always gives the same vocabulary."""
 
   _KIND, _FIELD = "char", "chars"
 
   def __init__(self, chars: str) -> None:
-    """Args: chars: the vocabulary's characters, distinct, in id order."""
     if not isinstance(chars, str) or not chars:
       raise ValueError(f"a character vocabulary needs a non-empty string of characters; got "
                        f"{chars!r}.")
@@ -96,11 +87,8 @@ class CharVocabulary(_Vocabulary):
     return len(self.chars)
 
   def encode(self, text: str) -> np.ndarray:
-    """The ids of the characters of `text`, int32 of shape `[len(text)]`.
-
-    Raises:
-      ValueError: `text` holds a character that is not in the vocabulary (named in the message).
-    """
+    """The ids of the characters of `text`, int32 `[len(text)]`; an unknown character raises a
+    ValueError that names it."""
     if not isinstance(text, str):
       raise ValueError(f"encode takes a string; got {type(text).__name__}.")
     codes = _code_points(text)
@@ -115,11 +103,7 @@ class CharVocabulary(_Vocabulary):
     return self._order[slots]
 
   def decode(self, ids: Iterable[int] | np.ndarray) -> str:
-    """The text of a sequence of ids (the inverse of `encode`).
-
-    Raises:
-      ValueError: an id is not an integer in `[0, size)`.
-    """
+    """The text of a sequence of ids in `[0, size)` (the inverse of `encode`)."""
     if np.size(ids) == 0:
       return ""
     ids = _check_ids(ids, self.size)
@@ -140,15 +124,14 @@ def split_words(text: str) -> list[str]:
 
 
 class WordVocabulary(_Vocabulary):
-  """Ids of the most frequent words: 0 is padding, 1 an unknown word, then words `2 .. size - 1`;
-  text is lowercased and split into words and punctuation marks by `split_words`."""
+  """Word ids: 0 is padding, 1 an unknown word, then `words` (distinct) as `2 .. size - 1`; text
+  is lowercased and split into words and punctuation marks by `split_words`."""
 
   PAD_ID = 0
   UNKNOWN_ID = 1
   _KIND, _FIELD = "word", "words"
 
   def __init__(self, words: Sequence[str]) -> None:
-    """Args: words: the known words, distinct, in id order (the first gets id 2)."""
     words = list(words)
     if not all(isinstance(word, str) and word for word in words):
       raise ValueError("a word vocabulary's words must be non-empty strings.")
@@ -196,66 +179,44 @@ class WordVocabulary(_Vocabulary):
     return f"WordVocabulary(size={self.size}, first words={list(self.words[:5])!r})"
 
 
-class TokenWindowSource:
+class TokenWindowSource(ProcessShare):
   """Random windows of a token stream for next-token prediction: a `BatchSource`.
 
-  Each example is a window of `block_size + 1` consecutive tokens at a random start;
-  `input = window[:-1]` and `label = window[1:]`. Epoch `e` draws its starts from
-  `np.random.default_rng(epoch_seed(seed, e))`, so it replays exactly, also in a resumed run. An
-  "epoch" is `steps_per_epoch` batches, by default about one pass over the tokens.
-
-  In a multi-process run every process draws the same global starts and yields rows
-  `[p * B / P, (p + 1) * B / P)` of each global batch, so the shares put together are the
-  single-process batch. Every row is real: `mask` is all True.
+  Each example is a window of `block_size + 1` consecutive tokens at a random start, `input =
+  window[:-1]`, `label = window[1:]`; every row is real. Epoch `e` draws its starts from
+  `epoch_seed(seed, e)`, so it replays exactly; an "epoch" is `steps_per_epoch` batches. All
+  processes draw the same global starts, and each yields its rows of every global batch.
   """
 
   def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, *, seed: int = 0,
                steps_per_epoch: int | None = None, process_index: int = 0,
                process_count: int = 1) -> None:
-    """Args:
-      tokens: the token stream, 1-D integers (e.g. `CharVocabulary.encode(text)`).
-      block_size: tokens per example (the context length).
-      batch_size: the global batch size (all processes together).
-      seed: seeds the starts of every epoch.
-      steps_per_epoch: batches per epoch; None: `(len(tokens) - 1) // (block_size * batch_size)`
-        (at least 1), about one pass over the tokens.
-      process_index, process_count: this process and the number of processes.
-    """
+    """`tokens` is the stream, 1-D integers (e.g. `CharVocabulary.encode(text)`), `block_size`
+    the context length; `steps_per_epoch=None` means about one pass over the tokens,
+    `(len(tokens) - 1) // (block_size * batch_size)` (at least 1)."""
     # More than block_size + 1 tokens, so there are at least two distinct windows.
     self.tokens = _check_tokens(tokens, block_size, extra=2)
     self.block_size = int(block_size)
-    self._batch_size = int(batch_size)
-    self.local_batch_size = _local_batch_size(self._batch_size, process_count)
-    if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
+    super().__init__(batch_size, process_index, process_count)
     if steps_per_epoch is None:
-      steps_per_epoch = max(1, (len(self.tokens) - 1) // (self.block_size * self._batch_size))
+      steps_per_epoch = max(1, (len(self.tokens) - 1) // (self.block_size * self.batch_size))
     elif steps_per_epoch < 1:
       raise ValueError(f"steps_per_epoch must be >= 1 (or None for about one pass over the "
                        f"tokens); got {steps_per_epoch}.")
     self.steps_per_epoch, self.seed = int(steps_per_epoch), seed
-    self.process_index, self.process_count = process_index, process_count
     self._offsets = np.arange(self.block_size + 1)
 
   @property
   def num_examples(self) -> int:
     """Windows per epoch over all processes (`steps_per_epoch * batch_size`)."""
-    return self.steps_per_epoch * self._batch_size
-
-  @property
-  def batch_size(self) -> int:
-    """The global batch size (all processes together)."""
-    return self._batch_size
-
-  @property
-  def num_starts(self) -> int:
-    """The number of distinct windows: every start in `[0, len(tokens) - block_size)`."""
-    return len(self.tokens) - self.block_size
+    return self.steps_per_epoch * self.batch_size
 
   def starts(self, index: int) -> np.ndarray:
-    """The global window starts of epoch `index`, int64 `[steps_per_epoch, batch_size]`."""
+    """The global window starts of epoch `index`, int64 `[steps_per_epoch, batch_size]`, each in
+    `[0, len(tokens) - block_size)`."""
     rng = np.random.default_rng(epoch_seed(self.seed, index))
-    return np.stack([rng.integers(0, self.num_starts, size=self._batch_size)
+    num_starts = len(self.tokens) - self.block_size
+    return np.stack([rng.integers(0, num_starts, size=self.batch_size)
                      for _ in range(self.steps_per_epoch)])
 
   def epoch(self, index: int) -> Iterator[Batch]:
@@ -266,13 +227,9 @@ class TokenWindowSource:
   def epoch_from(self, index: int, first: int) -> Iterator[Batch]:
     """The batches of epoch `index` from its `first` on: the earlier batches' starts are drawn
     and dropped without reading their windows, so a resumed run positions the stream at once."""
-    rng = np.random.default_rng(epoch_seed(self.seed, index))
     low = self.process_index * self.local_batch_size
     mask = np.ones((self.local_batch_size,), np.bool_)
-    for position in range(self.steps_per_epoch):
-      starts = rng.integers(0, self.num_starts, size=self._batch_size)
-      if position < first:
-        continue
+    for starts in self.starts(index)[first:]:
       windows = self.tokens[starts[low:low + self.local_batch_size, None] + self._offsets]
       windows = windows.astype(np.int32)  # from the stream's own dtype (uint16 in a file, say)
       yield {"input": np.ascontiguousarray(windows[:, :-1]),
@@ -290,12 +247,8 @@ def read_token_file(path: str, dtype: str = "uint16") -> np.ndarray:
 
 def sequential_windows(tokens: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
   """Non-overlapping windows of a token stream, in order: `(inputs, labels)`, int32
-  `[N, block_size]` each, `N = (len(tokens) - 1) // block_size`.
-
-  Window `i` reads `tokens[i * block_size : (i + 1) * block_size]` and predicts the same span
-  shifted by one, so together the windows predict tokens `1 .. N * block_size` (0-based) exactly
-  once each; the few after them are dropped. The evaluation set: fixed positions every time.
-  """
+  `[N, block_size]` each, `N = (len(tokens) - 1) // block_size`; labels are the inputs shifted by
+  one, so the windows predict tokens `1 .. N * block_size` once each (the evaluation set)."""
   tokens = _check_tokens(tokens, block_size, extra=1)
   count = (len(tokens) - 1) // block_size
   span = count * block_size
@@ -305,20 +258,12 @@ def sequential_windows(tokens: np.ndarray, block_size: int) -> tuple[np.ndarray,
 
 
 def read_text(builder: tfds.core.DatasetBuilder, split: str) -> str:
-  """The text of a split of a prepared TFDS dataset with a "text" feature; several examples are
-  joined with newlines, in the order TFDS stores them.
-
-  Raises:
-    ValueError: the dataset has no "text" feature, or the split is empty.
-  """
+  """The text of a split of a prepared TFDS dataset with a "text" feature, its examples joined
+  with newlines in the order TFDS stores them; a ValueError if the split is empty."""
   if "text" not in builder.info.features:
     raise ValueError(f"dataset {builder.name!r} has no 'text' feature; its features are "
                      f"{sorted(builder.info.features)}.")
-  texts = [example["text"].decode("utf-8")
-           for example in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))]
-  if not texts:
-    raise ValueError(f"split {split!r} of {builder.name!r} has no examples.")
-  return "\n".join(texts)
+  return "\n".join(_read_texts(builder, split, "text")[0])
 
 
 def load_char_lm_data(
@@ -326,31 +271,15 @@ def load_char_lm_data(
     train_split: str = "train", eval_split: str = "validation", data_dir: str | None = None,
     download: bool = True, manual_dir: str | None = None, seed: int = 0, process_index: int = 0,
     process_count: int = 1) -> tuple[TokenWindowSource, ArraySource, DatasetMeta, CharVocabulary]:
-  """The batch sources of a character language model on a TFDS text dataset.
+  """The batch sources of a character language model on a TFDS dataset with a "text" feature.
 
-  The vocabulary is built from the training split. Offline, tiny_shakespeare prepares from a
-  `manual_dir` holding the char-rnn `input.txt` (TFDS checks its checksum).
-
-  Args:
-    name: TFDS dataset with a "text" feature.
-    block_size: characters per example (the model's context length).
-    batch_size: global training batch size (windows per step).
-    eval_batch_size: global evaluation batch size (speed only, never the metrics).
-    train_split, eval_split: TFDS split names.
-    data_dir: TFDS data directory; None means TFDS's default.
-    download: whether a missing dataset may be downloaded.
-    manual_dir: a folder holding the raw download (`input.txt` for tiny_shakespeare).
-    seed: seeds the training windows of every epoch.
-    process_index, process_count: this process and the number of processes.
-
-  Returns:
-    `(train_source, eval_source, meta, vocab)`: random windows of the training split, the
-    non-overlapping windows of the eval split in order, metadata (`input_shape=(block_size,)`,
-    `num_classes=vocab.size`, `split_sizes` counts the non-overlapping windows of each split,
-    `input_dtype="int32"`), and the vocabulary.
-
-  Raises:
-    ValueError: the eval split holds a character that the training split does not.
+  `block_size` is characters per example (the context length); the other arguments are those of
+  `jdl.data.load_classification_data`. Offline, tiny_shakespeare prepares from a `manual_dir`
+  holding the char-rnn `input.txt`. Returns `(train_source, eval_source, meta, vocab)`: random
+  windows of the training split, the non-overlapping windows of the eval split in order, metadata
+  (`input_shape=(block_size,)`, `num_classes=vocab.size`, `split_sizes` in non-overlapping
+  windows, `input_dtype="int32"`) and the vocabulary, built from the training split; an eval
+  character the training split lacks is a ValueError.
   """
   builder = get_builder(name, data_dir)
   prepare(builder, download=download, manual_dir=manual_dir)
@@ -378,21 +307,12 @@ def load_text_classification_data(
     data_dir: str | None = None, download: bool = True, manual_dir: str | None = None,
     seed: int = 0, shuffle: bool = True, process_index: int = 0,
     process_count: int = 1) -> tuple[ArraySource, ArraySource, DatasetMeta, WordVocabulary]:
-  """The batch sources of a TFDS text classification dataset (text and class label), as word ids.
+  """The batch sources of a TFDS dataset whose supervised keys are a text and a class label.
 
-  Args:
-    name: TFDS dataset whose supervised keys are a text and a class label.
-    max_length: words per example: longer texts are cut, shorter ones padded with 0 at the end.
-    max_words: vocabulary size, padding (0) and unknown (1) included; the rest are the most
-      frequent words of the training split.
-    seed: seeds the per-epoch shuffles of the training split.
-    shuffle: shuffle the training split every epoch.
-    batch_size, eval_batch_size, train_split, eval_split, data_dir, download, manual_dir,
-      process_index, process_count: as in `load_char_lm_data`.
-
-  Returns:
-    `(train_source, eval_source, meta, vocab)`; inputs are int32 `[max_length]` word ids, labels
-    int32 class indices, and `meta.input_dtype` is "int32".
+  Inputs are int32 `[max_length]` word ids (longer texts cut, shorter ones padded with 0 at the
+  end) of a vocabulary of `max_words` ids, padding and unknown included: the most frequent words
+  of the training split. The other arguments are those of `jdl.data.load_classification_data`.
+  Returns `(train_source, eval_source, meta, vocab)`, with `meta.input_dtype` "int32".
   """
   if max_length < 1:
     raise ValueError(f"max_length must be >= 1; got {max_length}.")
@@ -400,8 +320,8 @@ def load_text_classification_data(
   prepare(builder, download=download, manual_dir=manual_dir)
   text_key, label_key = _text_and_label_keys(builder)
   label_feature = builder.info.features[label_key]
-  train_texts, train_labels = _read_texts_and_labels(builder, train_split, text_key, label_key)
-  eval_texts, eval_labels = _read_texts_and_labels(builder, eval_split, text_key, label_key)
+  train_texts, train_labels = _read_texts(builder, train_split, text_key, label_key)
+  eval_texts, eval_labels = _read_texts(builder, eval_split, text_key, label_key)
   vocab = WordVocabulary.from_texts(train_texts, max_words)
   shared = dict(seed=seed, process_index=process_index, process_count=process_count)
   train_source = ArraySource(vocab.encode(train_texts, max_length), train_labels, batch_size,
@@ -430,36 +350,36 @@ def _text_and_label_keys(builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
   return text_key, label_key
 
 
-def _read_texts_and_labels(builder: tfds.core.DatasetBuilder, split: str, text_key: str,
-                           label_key: str) -> tuple[list[str], np.ndarray]:
-  """A split's texts (decoded from UTF-8) and labels (int32), in the order TFDS stores them."""
-  texts, labels = [], []
+def _read_texts(builder: tfds.core.DatasetBuilder, split: str, text_key: str,
+                label_key: str | None = None) -> tuple[list[str], np.ndarray]:
+  """A split's texts (decoded from UTF-8) and labels (int32; none without `label_key`), in the
+  order TFDS stores them."""
+  texts, labels = [], [np.zeros((0,), np.int32)]
   dataset = builder.as_dataset(split=split, shuffle_files=False).batch(1024)
   for batch in tfds.as_numpy(dataset):
     texts.extend(text.decode("utf-8") for text in batch[text_key])
-    labels.append(batch[label_key].astype(np.int32))
+    if label_key is not None:
+      labels.append(batch[label_key].astype(np.int32))
   if not texts:
     raise ValueError(f"split {split!r} of {builder.name!r} has no examples.")
   return texts, np.concatenate(labels)
 
 
 def _check_tokens(tokens: np.ndarray, block_size: int, *, extra: int) -> np.ndarray:
-  """`tokens` as int32, after checking they are a 1-D integer stream of at least
-  `block_size + extra` tokens."""
+  """`tokens` as an array, after checking they are a 1-D stream of at least `block_size + extra`
+  integer ids in `[0, 2**31)`."""
   if not isinstance(block_size, (int, np.integer)) or block_size < 1:
     raise ValueError(f"block_size must be an integer >= 1; got {block_size!r}.")
-  min_tokens = block_size + extra
   tokens = np.asarray(tokens)
   if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
     raise ValueError(f"tokens must be a 1-D array of integer ids; got shape {tokens.shape} and "
                      f"dtype {tokens.dtype}.")
-  if len(tokens) < min_tokens:
+  if len(tokens) < block_size + extra:
     raise ValueError(f"{len(tokens)} tokens are too few for windows of block_size={block_size}: "
-                     f"need at least {min_tokens}.")
+                     f"need at least {block_size + extra}.")
   if np.iinfo(tokens.dtype).max > np.iinfo(np.int32).max or np.iinfo(tokens.dtype).min < 0:
     # Ids of a wide or signed type are read once to check them (a memory-mapped file: one pass).
-    limits = np.iinfo(np.int32)
-    if tokens.min() < 0 or tokens.max() > limits.max:
+    if tokens.min() < 0 or tokens.max() > np.iinfo(np.int32).max:
       raise ValueError(f"token ids must lie in [0, 2**31); got {tokens.min()} .. {tokens.max()}.")
   return tokens  # kept in its own dtype (a uint16 file stays mapped); windows become int32
 
