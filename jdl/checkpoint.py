@@ -60,11 +60,6 @@ class CheckpointWriteError(RuntimeError):
   """A checkpoint could not be written; the checkpoints saved before it are intact."""
 
 
-def best_mode(metric: str) -> str:
-  """"min" for losses and errors, "max" for everything else (accuracies)."""
-  return "min" if any(word in metric for word in ("loss", "error")) else "max"
-
-
 def _cause(error: BaseException) -> str:
   """The operating system's error behind `error` (an OSError, or tensorstore's message naming
   the errno), else the first line of the innermost exception."""
@@ -85,10 +80,9 @@ logging.getLogger("absl").addFilter(lambda record: not (
 
 
 def _quiet_closed_loop_callbacks() -> None:
-  """Drops the "Event loop is closed" tracebacks Python prints (`sys.unraisablehook`) when, after
-  a failed save, tensorstore reports the writes it still finishes to orbax's closed event loop.
-  Only those, raised inside asyncio with no frame of anyone's code; everything else reaches the
-  previous hook. The failure itself reaches the caller once, as a CheckpointWriteError."""
+  """Drops the "Event loop is closed" tracebacks (`sys.unraisablehook`) of the writes tensorstore
+  still finishes after a failed save, raised inside asyncio with no frame of anyone's code; the
+  failure reaches the caller once, as a CheckpointWriteError."""
   previous = sys.unraisablehook
   if getattr(previous, "jdl_quiet_closed_loop", False):
     return
@@ -109,17 +103,17 @@ class Checkpointer:
   in step folders of `directory` (orbax `CheckpointManager`), which every process must call.
 
   It keeps the `keep` most recent checkpoints and, with `best_metric` (a key of the `metrics`
-  given to `save`, e.g. "test_accuracy"), the best by it (`mode` "max"/"min"; None: `best_mode`)
-  across resumes. `asynchronous` writes a host copy in a background thread in a single process
-  (`wait` or `close` block until it is on disk). `writable=False` opens for reading only; an
-  unwritable `directory` (a file, a read-only filesystem) raises `CheckpointWriteError` at once.
+  given to `save`, e.g. "test_accuracy"), the best by it (`mode` "max"/"min"; None: "min" for a
+  loss or error, else "max") across resumes. `asynchronous` writes a host copy in a background
+  thread in a single process (`wait` or `close` block until it is on disk). `writable=False`
+  opens for reading only; an unwritable `directory` raises `CheckpointWriteError` at once.
   """
 
   def __init__(self, directory: str, *, keep: int = 3, best_metric: str | None = None,
                mode: str | None = None, asynchronous: bool = True, writable: bool = True) -> None:
     if keep < 1:
       raise ValueError(f"keep must be >= 1 (checkpoints to keep); got {keep}.")
-    mode = mode or (best_mode(best_metric) if best_metric else "max")
+    mode = mode or ("min" if any(w in (best_metric or "") for w in ("loss", "error")) else "max")
     if mode not in ("max", "min"):
       raise ValueError(f"mode must be 'max' or 'min'; got {mode!r}.")
     self.directory = os.path.abspath(directory)

@@ -96,22 +96,18 @@ def make_train_step(task: tasks_lib.Task | None = None, *,
   random streams get `jdl.state.stream_key(key, name)`, augmentation and the adversary the key
   folded with `AUGMENT_STREAM` and `ADVERSARY_STREAM`, so runs are reproducible and resumable.
 
-  Args:
-    task: what to compute from a batch; None is `jdl.tasks.classification()`.
-    weight_penalty: `params -> scalar` added to the mean loss (`losses.make_weight_penalty`).
-    axis_name: the mapped axis under `pmap`/`shard_map`; None under (sharded) jit.
-    augment: on-device `(key, batch) -> batch` (`jdl.augment.make_augment`), mixup included.
-    check_finite: add the non-finite watch `jdl.fit` acts on: the first step whose loss (or, with
-      `gradient_norms`, gradient, naming the parameter) was NaN or infinite. Off by default.
-    gradient_norms: report `grad_norm` (mean over steps), `grad_norm_max` and `param_norm`.
-    compute_dtype: None computes in the parameters' dtype; `jnp.bfloat16` is mixed precision
-      (bfloat16 passes; float32 parameters, gradients, optimizer state and loss).
-    adversary: `(apply_fn, variables, key, batch) -> batch` for adversarial training
-      (`jdl.analysis.adversarial.make_adversary`), after `augment`; not differentiated through.
-    microbatches: gradient accumulation: the batch (a multiple of it) runs as this many parts in
-      one compiled loop, their gradients summed into the whole batch's (equal up to float
-      rounding, without batch statistics) and reduced across devices once; each part's random
-      streams fold in its index.
+  `task` None is `jdl.tasks.classification()`; `weight_penalty(params)` is added to the mean loss
+  (`losses.make_weight_penalty`); `axis_name` is the mapped axis under `pmap`/`shard_map`.
+  `augment(key, batch)` (`jdl.augment.make_augment`) runs on the device, then `adversary(apply_fn,
+  variables, key, batch)` (`jdl.analysis.adversarial.make_adversary`), not differentiated through.
+  `check_finite` adds the non-finite watch `jdl.fit` acts on: the first step whose loss (or, with
+  `gradient_norms`, gradient, naming the parameter) was NaN or infinite. `gradient_norms` reports
+  `grad_norm` (mean over steps), `grad_norm_max` and `param_norm`. `compute_dtype` None computes
+  in the parameters' dtype; bfloat16 is mixed precision (bfloat16 passes; float32 parameters,
+  gradients, optimizer state and loss). `microbatches` accumulates gradients: the batch (a
+  multiple of it) runs as this many parts in one compiled loop, their gradients summed into the
+  whole batch's (equal up to float rounding, without batch statistics) and reduced across devices
+  once; each part's random streams fold in its index.
   """
   task = _checked_task(task)
   compute_dtype = check_compute_dtype(compute_dtype)

@@ -183,11 +183,10 @@ def open_study(
     sampler: optuna.samplers.BaseSampler | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
     heartbeat_seconds: int | None = HEARTBEAT_SECONDS) -> optuna.Study:
-  """Creates the study in `storage` (a database URL; default `default_storage(workdir)`), or
-  loads it when the database holds it already (a resumed sweep, or another worker's); a study of
-  another space or direction (`mode` "max" or "min") is refused. Sampler and pruner default to
-  "tpe" and "median". `heartbeat_seconds`: see `HEARTBEAT_SECONDS`; None: none (the vmapped
-  sweep asks and tells, which Optuna's heartbeat does not follow)."""
+  """Creates the study in `storage` (default `default_storage(workdir)`), or loads it (a resumed
+  sweep, another worker's); one of another space or direction (`mode`) is refused. Sampler and
+  pruner default to "tpe" and "median". `heartbeat_seconds=None` turns the heartbeat off (the
+  vmapped sweep asks and tells, which Optuna's heartbeat does not follow)."""
   _check_mode(mode)
   os.makedirs(workdir, exist_ok=True)
   url = storage or default_storage(workdir)
@@ -261,12 +260,6 @@ class TrialFailed(Exception):
   """Training a trial raised; the trial is failed and the sweep goes on."""
 
 
-def trial_workdir(trial: optuna.trial.BaseTrial, workdir: str) -> str:
-  """The folder of a trial: `workdir/trial_<number>`, or the folder of the trial it reruns (its
-  checkpoints resume)."""
-  return trial.user_attrs.get("workdir") or os.path.join(workdir, f"trial_{trial.number}")
-
-
 def run_study(
     study: optuna.Study, base_config: ml_collections.ConfigDict,
     space: Mapping[str, dist.BaseDistribution], workdir: str, num_trials: int, *,
@@ -276,17 +269,17 @@ def run_study(
   over every process running this on the study), a line each to `log`.
 
   Each trial is `base_config` with the sampled values as overrides, trained by `train` (default
-  `jdl.train_and_evaluate`) in `trial_workdir`. Every evaluation's `metric` is reported to the
-  pruner, which may stop the trial there. A trial whose config is rejected or whose training
-  raises is failed and the sweep goes on. On `jdl.Preempted` the trial is queued again with its
-  workdir, to resume from its checkpoint, and the exception is raised. Raises ConfigError, before
-  anything trains, if the space names a key `base_config` lacks.
-  """
+  `jdl.train_and_evaluate`) in `workdir/trial_<number>`. Every evaluation's `metric` is reported
+  to the pruner, which may stop the trial there. A trial whose config is rejected or whose
+  training raises is failed and the sweep goes on. On `jdl.Preempted` the trial is queued again
+  with its workdir, to resume from its checkpoint, and the exception is raised. Raises
+  ConfigError, before anything trains, if the space names a key `base_config` lacks."""
   check_keys(base_config, list(space))
   train = train or experiment.train_and_evaluate
 
   def objective(trial: optuna.Trial) -> float:
-    trial_dir = trial_workdir(trial, workdir)
+    # A rerun trial (queued again after a preemption) resumes in the folder of the first attempt.
+    trial_dir = trial.user_attrs.get("workdir") or os.path.join(workdir, f"trial_{trial.number}")
     trial.set_user_attr("workdir", trial_dir)
     params = suggest(trial, space)
 
@@ -324,19 +317,15 @@ def run_study(
       outcome = f"pruned at step {trial.last_step}"
     else:
       outcome = f"failed: {trial.user_attrs.get('error', 'interrupted')}"
-    if log is not None:
-      params = " ".join(f"{key}={format_value(value)}" for key, value in trial.params.items())
-      log(f"trial {trial.number} {params}: {outcome}")
+    params = " ".join(f"{key}={format_value(value)}" for key, value in trial.params.items())
+    log(f"trial {trial.number} {params}: {outcome}")
 
-  while finished_trials(study) < num_trials and not _grid_done(study):
+  # Optuna's grid sampler repeats points once it has tried them all.
+  grid = isinstance(study.sampler, optuna.samplers.GridSampler)
+  while finished_trials(study) < num_trials and not (grid and study.sampler.is_exhausted(study)):
     # One trial per call, so the budget counts the trials other workers finished meanwhile.
-    study.optimize(objective, n_trials=1, catch=(TrialFailed,), callbacks=[announce])
-
-
-def _grid_done(study: optuna.Study) -> bool:
-  """Whether a grid study has tried every point (Optuna's grid sampler then repeats points)."""
-  sampler = study.sampler
-  return isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study)
+    study.optimize(objective, n_trials=1, catch=(TrialFailed,),
+                   callbacks=[announce] if log is not None else [])
 
 
 def record_json(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -345,13 +334,11 @@ def record_json(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _final_record(history: Sequence[Mapping[str, Any]], trial_dir: str) -> dict[str, Any]:
-  """The last evaluation record: from `history`, else (a trial finished earlier) from
-  metrics.jsonl."""
+  """The last evaluation record: from `history`, else (a trial that finished earlier) the file's."""
   if history:
     return record_json(history[-1])
-  if os.path.isfile(os.path.join(trial_dir, "metrics.jsonl")):
-    if records := read_jsonl(trial_dir):
-      return dict(records[-1])
+  if os.path.isfile(os.path.join(trial_dir, "metrics.jsonl")) and (rows := read_jsonl(trial_dir)):
+    return dict(rows[-1])
   raise ValueError(f"training returned no evaluation record and {trial_dir} holds none.")
 
 

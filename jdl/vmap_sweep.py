@@ -97,11 +97,6 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
                                     *states))
 
 
-def unstack_state(state: TrainState, index: int) -> TrainState:
-  """Member `index` of a stacked state, as an ordinary `TrainState` (sliced on the host)."""
-  return jax.device_put(jax.tree.map(lambda leaf: np.asarray(leaf)[index], state))
-
-
 @dataclasses.dataclass
 class VmappedRun:
   """The outcome of `train_vmapped`: N members trained together. `history` holds one record per
@@ -126,7 +121,8 @@ class VmappedRun:
     return self.state.params
 
   def member_state(self, index: int) -> TrainState:
-    return unstack_state(self.state, index)
+    """Member `index` as an ordinary `TrainState` (sliced on the host)."""
+    return jax.device_put(jax.tree.map(lambda leaf: np.asarray(leaf)[index], self.state))
 
 
 def train_vmapped(

@@ -66,8 +66,7 @@ def predict(state: TrainState, inputs: np.ndarray | jax.Array, *,
   return apply_in_batches(state.apply_fn, state.variables(), inputs, batch_size=batch_size)
 
 
-def outputs_are_probabilities(outputs: np.ndarray, *,
-                              tolerance: float = 1e-3) -> bool:
+def outputs_are_probabilities(outputs: np.ndarray, *, tolerance: float = 1e-3) -> bool:
   """True when `outputs` ([..., num_classes]) are all non-negative with rows summing to 1."""
   outputs = np.asarray(outputs, np.float64)
   if outputs.ndim < 1 or outputs.shape[-1] == 0:
@@ -210,33 +209,22 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, *,
 
 @dataclasses.dataclass(frozen=True)
 class EvaluationReport:
-  """A classifier's evaluation on one split.
-
-  Attributes:
-    class_names: the class names (indices as strings when none were given).
-    per_class_accuracy: `[num_classes]` accuracy of each true class (NaN without examples).
-    confusion: `[num_classes, num_classes]` counts, rows true classes, columns predictions.
-    top_k_accuracy: `{k: accuracy}` for k = 1 and each requested k below the number of classes.
-    log_loss: mean negative log-probability of the true class (nats).
-    misclassified: indices of the wrongly predicted examples, in order.
-    labels, predictions, confidences: `[num_examples]` true and argmax classes, and the highest
-      class probability of each example.
-  """
+  """A classifier's evaluation on one split; the arrays are per class or per example."""
 
   num_examples: int
   num_classes: int
-  class_names: tuple[str, ...]
+  class_names: tuple[str, ...]  # indices as strings when none were given
   accuracy: float
-  per_class_accuracy: np.ndarray
-  confusion: np.ndarray
-  top_k_accuracy: dict[int, float]
-  log_loss: float
+  per_class_accuracy: np.ndarray  # NaN for a class without examples
+  confusion: np.ndarray  # counts, rows true classes, columns predictions
+  top_k_accuracy: dict[int, float]  # for k = 1 and each requested k below num_classes
+  log_loss: float  # mean negative log-probability of the true class (nats)
   expected_calibration_error: float
   reliability: ReliabilityBins
-  misclassified: np.ndarray
+  misclassified: np.ndarray  # indices of the wrongly predicted examples, in order
   labels: np.ndarray
-  predictions: np.ndarray
-  confidences: np.ndarray
+  predictions: np.ndarray  # argmax classes
+  confidences: np.ndarray  # the highest class probability
   outputs_were_probabilities: bool
 
 

@@ -65,21 +65,13 @@ def _checked(inputs: Any, target_classes: Any, name: str) -> tuple[np.ndarray, n
 
 @dataclasses.dataclass(frozen=True)
 class ShapResult:
-  """SHAP values of the target class's output.
+  """SHAP values of the target class's output; an example's `values` sum to `outputs -
+  expected_values` (local accuracy)."""
 
-  Attributes:
-    values: `[num_examples, *input_shape]` each feature's SHAP value.
-    expected_values: `[num_examples]` the output's mean over the background (every feature
-      masked), the value the attributions start from.
-    outputs: `[num_examples]` the model's output for the target class. `values` of an example
-      sum to `outputs - expected_values` (local accuracy).
-    targets: `[num_examples]` the explained classes.
-  """
-
-  values: np.ndarray
-  expected_values: np.ndarray
-  outputs: np.ndarray
-  targets: np.ndarray
+  values: np.ndarray  # [num_examples, *input_shape]: each feature's SHAP value
+  expected_values: np.ndarray  # [num_examples]: the mean output over the background (all masked)
+  outputs: np.ndarray  # [num_examples]: the model's output for the target class
+  targets: np.ndarray  # [num_examples]: the explained classes
 
 
 def shap_values(apply_fn: ApplyFn, variables: Any, inputs: Any, background: Any,
@@ -93,13 +85,10 @@ def shap_values(apply_fn: ApplyFn, variables: Any, inputs: Any, background: Any,
   contributions add up to the output's change, so the values satisfy local accuracy exactly (to
   float rounding) however few permutations are drawn; more evaluations lower their variance.
 
-  Args:
-    inputs: `[num_examples, *input_shape]` float inputs to explain.
-    background: `[num_background, *input_shape]` examples standing for "feature unknown" (a few
-      dozen training examples; the cost grows with their number).
-    target_classes: `[num_examples]` the class explained for each; None: the predicted class.
-    max_evals: model evaluations per example, at least 2 * features + 1 (one permutation
-      forward and back); each evaluates the whole background. None: that, or 500 if larger.
+  `background` (`[num_background, *input_shape]`) stands for "feature unknown": a few dozen
+  training examples (the cost grows with their number). `target_classes` (`[num_examples]`)
+  defaults to the predicted classes. `max_evals` per example is at least 2 * features + 1 (one
+  permutation forward and back), each over the whole background; None: that, or 500 if larger.
   """
   shap = _require("shap")
   inputs, targets = _checked(inputs, target_classes, "shap_values")
@@ -125,23 +114,14 @@ def shap_values(apply_fn: ApplyFn, variables: Any, inputs: Any, background: Any,
 
 @dataclasses.dataclass(frozen=True)
 class LimeResult:
-  """LIME's local linear explanations of the target class's probability.
+  """LIME's local linear explanations of the target class's probability. A feature's weight is
+  the change in probability when it is in the example's quartile bin; `rules` are, per example,
+  LIME's `(feature condition, weight)` pairs, largest weight first (`("x[17] <= -0.52", 0.08)`)."""
 
-  Attributes:
-    weights: `[num_examples, *input_shape]` each feature's weight in the local linear model (the
-      change in probability when the feature is in the example's quartile bin).
-    intercepts: `[num_examples]` the local model's intercept.
-    scores: `[num_examples]` the local model's R^2 on the perturbed samples (how linear the model
-      is there).
-    targets: `[num_examples]` the explained classes.
-    rules: per example, LIME's `(feature condition, weight)` pairs, largest weight first, e.g.
-      `("x[17] <= -0.52", 0.08)`.
-  """
-
-  weights: np.ndarray
-  intercepts: np.ndarray
-  scores: np.ndarray
-  targets: np.ndarray
+  weights: np.ndarray  # [num_examples, *input_shape]
+  intercepts: np.ndarray  # [num_examples]
+  scores: np.ndarray  # [num_examples]: the local model's R^2 on the perturbed samples
+  targets: np.ndarray  # [num_examples]: the explained classes
   rules: list[list[tuple[str, float]]]
 
 

@@ -4,8 +4,8 @@ Every function draws one figure, writes it to `path` (folders are created) and r
 Figures are `matplotlib.figure.Figure` objects on the Agg canvas, outside pyplot: no display is
 needed, the caller's pyplot backend is left alone, and no figure outlives its function.
 
-Inputs are drawn by their per-example shape (`input_kind`): `[H, W]` and `[H, W, C]` as images,
-`[length]` and `[length, channels <= MAX_SIGNAL_CHANNELS]` as 1-D signals.
+Inputs are drawn by their per-example shape: `[H, W]` and `[H, W, C]` as images, `[length]` and
+`[length, channels <= MAX_SIGNAL_CHANNELS]` as 1-D signals; only floating inputs can be drawn.
 """
 
 from __future__ import annotations
@@ -28,22 +28,19 @@ MAX_SIGNAL_CHANNELS = 4
 MAX_ANNOTATED_CLASSES = 30
 """Confusion matrices up to this many classes get a count written in every cell."""
 
-def input_kind(example_shape: Sequence[int]) -> str:
-  """"image" or "signal" for one example of this shape; ValueError for neither (a scalar, 4-D)."""
-  shape = tuple(int(size) for size in example_shape)
+
+def _check_drawable(inputs: np.ndarray) -> str:
+  """"image" or "signal", the kind of the examples of a batch `[N, ...]` of floating inputs."""
+  if not np.issubdtype(inputs.dtype, np.floating):
+    raise ValueError(f"inputs of dtype {inputs.dtype} look like token ids or raw pixels; only "
+                     "floating images and signals can be drawn (decode tokens to text instead).")
+  shape = inputs.shape[1:]
   if len(shape) == 1 or (len(shape) == 2 and shape[1] <= MAX_SIGNAL_CHANNELS):
     return "signal"
   if len(shape) in (2, 3):
     return "image"
   raise ValueError(f"cannot draw an input of per-example shape {shape}: expected an image "
                    "[H, W] or [H, W, C], or a signal [length] or [length, channels].")
-
-
-def _check_drawable(inputs: np.ndarray) -> str:
-  if not np.issubdtype(inputs.dtype, np.floating):
-    raise ValueError(f"inputs of dtype {inputs.dtype} look like token ids or raw pixels; only "
-                     "floating images and signals can be drawn (decode tokens to text instead).")
-  return input_kind(inputs.shape[1:])
 
 
 def _displayable_image(image: np.ndarray) -> np.ndarray:
@@ -98,7 +95,6 @@ def _grid(count: int, *, panel_size: float = 2.0, max_columns: int = 8,
 
 
 def _save(figure: Figure, path: str) -> str:
-  """Writes `figure` as a PNG to `path` and returns `path`."""
   path = os.fspath(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   try:
@@ -119,10 +115,6 @@ def metric_prefixes(records: Sequence[Mapping[str, Any]]) -> list[str]:
   return sorted(prefixes, key=lambda prefix: (prefix != "train", prefix))
 
 
-MAX_CURVE_PANELS = 6
-"""`plot_learning_curves` draws at most this many metrics (loss and accuracy first)."""
-
-
 def plot_learning_curves(records: Sequence[Mapping[str, Any]], path: str) -> str:
   """Every metric the task reports (loss, accuracy, a regression's errors, an ELBO's terms, ...)
   against the step, one panel each, for training and every evaluation split.
@@ -139,8 +131,8 @@ def plot_learning_curves(records: Sequence[Mapping[str, Any]], path: str) -> str
            for prefix in prefixes if key.startswith(f"{prefix}_")}
   names = {name for name in names if not name.endswith(("_max", "_min", "_norm"))
            and not any(name.startswith(f"{prefix}_") for prefix in prefixes)}
-  panels = sorted(names, key=lambda name: (name != "loss", name != "accuracy", name))
-  panels = panels[:MAX_CURVE_PANELS]
+  # At most six panels, loss and accuracy first.
+  panels = sorted(names, key=lambda name: (name != "loss", name != "accuracy", name))[:6]
   figure, axes = _figure((6 * len(panels), 4), 1, len(panels), squeeze=False)
   for axis, metric in zip(axes[0], panels):
     for prefix in prefixes:

@@ -29,28 +29,16 @@ def load_classification_data(
     shuffle_buffer: int = 10_000, process_index: int = 0, process_count: int = 1,
     augment: PipelineAugmentFn | None = None, cache_arrays: bool = True,
 ) -> tuple[BatchSource, BatchSource, DatasetMeta]:
-  """The train and eval batch sources of a TFDS classification dataset, and its metadata.
+  """`(train_source, eval_source, meta)` of a TFDS classification dataset ("mnist1d" offline,
+  "fashion_mnist"); the train source shuffles (seeded per epoch), the eval source does not.
 
-  Args:
-    name: TFDS dataset name, e.g. "mnist1d" (offline) or "fashion_mnist".
-    batch_size: global training batch size (the whole split: batch gradient descent).
-    eval_batch_size: global evaluation batch size (affects speed only, never the metrics).
-    train_split, eval_split: TFDS split names (slicing such as "train[:90%]" works).
-    data_dir: TFDS data directory; None means TFDS's default.
-    download: whether a missing dataset may be downloaded.
-    manual_dir: folder of raw files for builders that prepare from one (`jdl.data.prepare`).
-    in_memory: load whole splits as numpy arrays instead of streaming them through tf.data.
-    seed, shuffle: seed and switch of the training split's per-epoch shuffles.
-    shuffle_buffer: shuffle buffer of the streaming path.
-    process_index, process_count: this process of a multi-host run and the number of processes;
-      each process's sources yield its share of every global batch.
-    augment: a tf.data augmentation of training batches (`jdl.data.augment_tf.make_tf_augment`);
-      it needs `in_memory=False` (`jdl.augment` on the device works with either path).
-    cache_arrays: with `in_memory`, keep the splits as numpy files in the data dir and read them
-      from there next time, without TFDS or TensorFlow (`jdl.data.array_cache`).
-
-  Returns:
-    `(train_source, eval_source, meta)`; the train source shuffles, the eval source does not.
+  Batch sizes are global: each of `process_count` processes yields its share of every batch; the
+  eval batch size affects speed only. Splits may be sliced ("train[:90%]"); `data_dir` None is
+  TFDS's default; `manual_dir` holds raw files for builders that prepare from them (`prepare`).
+  `in_memory` loads whole splits as numpy arrays, kept as numpy files in the data dir with
+  `cache_arrays` and read from there next time without TFDS or TensorFlow (`array_cache`);
+  otherwise they stream through tf.data (`shuffle_buffer`), where `augment`
+  (`augment_tf.make_tf_augment`) may augment training batches (`jdl.augment` works on either).
   """
   if augment is not None and in_memory:
     raise ValueError(

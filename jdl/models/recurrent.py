@@ -27,8 +27,8 @@ POOLINGS = ("last", "mean", "flatten")
 
 
 def _check(module: nn.Module, *choices: str) -> None:
-  """Raises a clear error, at construction rather than in apply, for an unknown `cell`,
-  `initializer` or `pooling` of `module` (those named in `choices`) or a `num_layers` below 1."""
+  """Refuses, at construction rather than in apply, an unknown value of the `choices` attributes
+  (`cell`, `initializer`, `pooling`) of `module`, or a `num_layers` below 1."""
   valid = {"cell": CELLS, "initializer": INITIALIZERS, "pooling": POOLINGS}
   for attribute in choices:
     value = getattr(module, attribute)
@@ -162,25 +162,19 @@ class RNNClassifier(nn.Module):
 
   Inputs are `[B, T]` integer token ids (with `vocab_size`; id 0 is end padding) or `[B, T]` /
   `[B, T, F]` float signals. One LSTM layer (H = 128) over 10,000 tokens embedded in 128, with 2
-  classes, has 1,411,842 parameters.
-
-  Attributes (`cell`, `hidden`, `bidirectional` and `initializer` as in `Recurrent`):
-    num_layers: recurrent layers stacked; each reads the previous one's outputs.
-    vocab_size: number of token ids for token inputs (id 0 is padding); None for signals.
-    embed_dim: width of the token embedding (token inputs only).
-    pooling: "last", "mean" or "flatten" (`pool_sequence`; "flatten" fixes T).
-    dropout_rate: dropout on the outputs of every recurrent layer (training only).
+  classes, has 1,411,842 parameters. `cell`, `hidden`, `bidirectional` and `initializer` are as
+  in `Recurrent`.
   """
 
   num_classes: int
   cell: str = "lstm"
   hidden: int = 128
-  num_layers: int = 1
+  num_layers: int = 1  # stacked, each reading the previous one's outputs
   bidirectional: bool = False
-  vocab_size: int | None = None
-  embed_dim: int = 128
-  pooling: str = "last"
-  dropout_rate: float = 0.0
+  vocab_size: int | None = None  # token ids (id 0 is padding); None for signals
+  embed_dim: int = 128  # width of the token embedding
+  pooling: str = "last"  # "last", "mean" or "flatten" (`pool_sequence`; "flatten" fixes T)
+  dropout_rate: float = 0.0  # on the outputs of every recurrent layer, in training
   initializer: str = "flax"
   output: str = "logits"
 
