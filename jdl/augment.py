@@ -130,10 +130,8 @@ def _amount(spec: Mapping[str, Any], key: str, upper: float = math.inf) -> float
 
 
 def validate_spec(spec: Mapping[str, Any] | None) -> dict[str, Any]:
-  """Checks an augmentation spec and returns it as a plain dict with every key filled in.
-
-  A key set to None takes its default. Raises a ValueError for an unknown key or a bad value.
-  """
+  """The spec, checked (an unknown key or bad value is a ValueError), as a plain dict with every
+  key filled in; a key set to None takes its default."""
   if hasattr(spec, "to_dict"):  # ml_collections.ConfigDict / FrozenConfigDict
     spec = spec.to_dict()
   if spec is not None and not isinstance(spec, Mapping):
@@ -186,10 +184,8 @@ def fill_value(spec: Mapping[str, Any] | None) -> float:
 
 
 def check_input_shape(shape: Sequence[int | None], spec: Mapping[str, Any] | None) -> None:
-  """Raises a ValueError unless a batch of inputs of `shape` can take the augmentations of `spec`.
-
-  `shape` has the batch axis first; unknown sizes (tf.data's dynamic batch axis) may be None.
-  """
+  """Raises a ValueError unless a batch of inputs of `shape` (batch axis first, unknown sizes such
+  as tf.data's dynamic batch None) can take the augmentations of `spec`."""
   spec = validate_spec(spec)
   shape = tuple(shape)
   shown = "[" + ", ".join("?" if size is None else str(size) for size in shape) + "]"
@@ -211,11 +207,9 @@ def check_input_shape(shape: Sequence[int | None], spec: Mapping[str, Any] | Non
 
 
 def _mix_partners(ops: ArrayOps, key: Any, real_B: Any, batch_size: Any) -> Any:
-  """A random permutation of the real rows; each padding row maps to itself.
-
-  The k-th real row is paired with the k-th row of the real rows in random order; padding rows
-  sort after every real row, by index, in both orders, so they map to themselves.
-  """
+  """A random permutation of the real rows: the k-th real row is paired with the k-th of the real
+  rows in random order. Padding rows sort after them, by index, in both orders: they map to
+  themselves."""
   xp = ops.xp
   after_real_B = 2.0 + ops.cast(ops.arange(batch_size), np.float32)
   random_B = ops.uniform(key, [batch_size], 0.0, 1.0)
@@ -228,12 +222,9 @@ def _mix_partners(ops: ArrayOps, key: Any, real_B: Any, batch_size: Any) -> Any:
 def sample_params(key: jax.Array, batch_size: int, image_shape: Sequence[int],
                   spec: Mapping[str, Any] | None, mask: jax.Array | None = None, *,
                   ops: ArrayOps = JAX_OPS) -> Params:
-  """Draws all the random numbers that augment one batch, from a PRNG key of `ops`' library.
-
-  `batch_size` may be dynamic (a scalar tensor in TF); `image_shape`, `input.shape[1:]`, is
-  static. The draws of the enabled augmentations each have a leading batch axis (see
-  `PARAM_STREAMS`); mixup pairs only the real rows (`mask` True, all when None).
-  """
+  """Draws all the random numbers that augment one batch (`PARAM_STREAMS`, each `[B, ...]`), from
+  a PRNG key of `ops`' library. `batch_size` may be dynamic (a scalar tensor in TF);
+  `image_shape`, `input.shape[1:]`, is static. Mixup pairs only `mask`'s True rows (None: all)."""
   spec = validate_spec(spec)
   image_shape = tuple(image_shape)
   static_batch = batch_size if _is_int(batch_size) else None
@@ -294,7 +285,7 @@ def _cutout(ops: ArrayOps, images_BxHxWxC: Any, center_Bx2: Any, size: int, fill
 
 
 def _inputs(ops: ArrayOps, batch: Mapping[str, Any]) -> tuple[Any, tuple[int | None, ...]]:
-  """The batch's `input` as an array, and its static shape (None for unknown sizes)."""
+  """The batch's `input` as an array, and its static shape."""
   if "input" not in batch:
     raise ValueError(f"augmentation needs the batch key 'input'; got keys {sorted(batch)}.")
   inputs = ops.asarray(batch["input"])
@@ -315,10 +306,9 @@ def apply_params(batch: Batch, params: Mapping[str, jax.Array], spec: Mapping[st
                  *, ops: ArrayOps = JAX_OPS) -> dict[str, jax.Array]:
   """Augments a batch with the given draws; deterministic, vectorised and jit-able.
 
-  `batch` has `input` `[B, ...]`, and `label` `[B, ...]` when mixup is on; other keys (`label`,
-  `mask`, ...) pass through unchanged. The result has `input` augmented (same shape and dtype),
-  plus `mix_label` (the partner's label) and `mix_weight` (float32 `[B]`, the weight of `label`)
-  when mixup is on.
+  Its `input` `[B, ...]` is augmented (same shape and dtype) and the other keys pass through;
+  with mixup, `label` is needed, and `mix_label` (the partner's label) and `mix_weight` (float32
+  `[B]`, the weight of `label`) are added.
   """
   spec = validate_spec(spec)
   inputs, shape = _inputs(ops, batch)
@@ -371,11 +361,8 @@ def apply_params(batch: Batch, params: Mapping[str, jax.Array], spec: Mapping[st
 
 
 def make_augment(spec: Mapping[str, Any] | None, *, ops: ArrayOps = JAX_OPS) -> AugmentFn | None:
-  """Returns `augment(key, batch) -> batch` for the spec, or None when it turns nothing on.
-
-  The spec is validated here, when the run is configured, not at the first step. The function is
-  pure and jit-able; mixup pairs only rows with `batch["mask"]` True.
-  """
+  """Returns a pure, jit-able `augment(key, batch) -> batch` for the spec (validated now, not at
+  the first step), or None when it turns nothing on; mixup pairs only `batch["mask"]`'s rows."""
   spec = validate_spec(spec)
   if not is_enabled(spec):
     return None

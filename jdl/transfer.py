@@ -34,7 +34,8 @@ OptimizerConfig = Mapping[str, Any] | None
 FROZEN = "frozen"
 TRAINABLE = "trainable"
 DEFAULT_GROUP = "default"
-# Applied once around all of `per_group_optimizer`'s groups, so they accumulate and average in step.
+# Applied once around all of `per_group_optimizer`'s groups (as `jdl.make_optimizer` nests them),
+# so every group updates on the same steps and the EMA covers every parameter.
 WHOLE_OPTIMIZER_KEYS = ("accumulate_steps", "ema_decay")
 _LISTED_PATHS = 40  # how many available paths an error message lists
 
@@ -244,11 +245,9 @@ def load_pretrained(target_params: Params, source_params: Params, *, rename: Ren
   shape and dtype agree; every other target leaf keeps its initialisation, and the report says
   why. `rename` rewrites source path prefixes, longest first: `{"backbone/": ""}` loads
   "backbone/Dense_0/kernel" into "Dense_0/kernel" (also `(old, new)` pairs). `skip` leaves target
-  paths initialised even where the source fits (a same-shaped head whose classes differ).
-
-  Raises:
-    ValueError: a rename prefix or skip pattern matches nothing, two source paths are renamed to
-      one, or nothing at all would be loaded (the message lists both models' paths).
+  paths initialised even where the source fits (a same-shaped head whose classes differ). A
+  rename or skip that matches nothing, two source paths renamed to one, or nothing loaded at all
+  is a ValueError listing both models' paths.
   """
   (params,), report = _restore([(target_params, source_params, "")], rename, skip)
   return params, report
@@ -335,13 +334,9 @@ def per_group_optimizer(groups: Sequence[tuple[Any, ...]], params: Params, *,
   group's config is laid over `default`'s (over `jdl.optim.OPTIMIZER_DEFAULTS` when `default` is
   None or `{"frozen": True}`), so it needs only the keys that differ. A group whose config is None,
   `{"frozen": True}` or has `learning_rate` 0 is frozen; `default=None` trains only the groups.
-  `accumulate_steps` and `ema_decay` belong to the whole optimizer: taken from `default` and
-  applied once around all groups (as `jdl.make_optimizer` nests them), so every group updates on
-  the same steps and the EMA covers every parameter; a group may not set another value.
-
-  Raises:
-    ValueError: a pattern matches no parameter, a group claims no parameter (every path it
-      matches belongs to an earlier group), names repeat, or a group sets a whole-optimizer key.
+  `accumulate_steps` and `ema_decay` (`WHOLE_OPTIMIZER_KEYS`) are taken from `default` only and
+  applied once around all groups. A pattern that matches no parameter, a group that claims none
+  (an earlier group has all it matches) and repeated names are ValueErrors.
   """
   default_frozen = _is_frozen(default)
   base = {} if default is None or default.get("frozen") else dict(default)

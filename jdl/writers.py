@@ -8,9 +8,11 @@ run imports no TensorFlow to log.
 from __future__ import annotations
 
 import glob
+import importlib.metadata
 import json
 import math
 import os
+import platform
 import socket
 import struct
 import time
@@ -25,11 +27,7 @@ VERSIONS_NAME = "versions.json"
 
 def library_versions() -> dict[str, str]:
   """The versions of jdl, its main libraries and Python, and the devices, for `versions.json`."""
-  import importlib.metadata  # pylint: disable=import-outside-toplevel
-  import platform  # pylint: disable=import-outside-toplevel
-
   import jax  # pylint: disable=import-outside-toplevel
-
   import jdl  # pylint: disable=import-outside-toplevel
 
   versions = {"jdl": jdl.__version__, "python": platform.python_version()}
@@ -81,8 +79,7 @@ class EventFileWriter:
     """A text summary (shown under TensorBoard's Text tab), as `tf.summary.text` writes."""
     self._write(step, [self._text_pb(tag, text)])
 
-  def close(self) -> None:
-    """Closes the file; closing again does nothing."""
+  def close(self) -> None:  # closing again does nothing
     if not self._records.closed:
       self._records.close()
 
@@ -104,7 +101,6 @@ class MetricWriter:
     self._summary = EventFileWriter(os.path.join(workdir, TENSORBOARD_DIR)) if tensorboard else None
 
   def write(self, step: int, scalars: Mapping[str, float | int]) -> None:
-    """Writes one record of scalars at `step`."""
     record = {"step": int(step)}
     for key, value in scalars.items():
       value = float(value) if not isinstance(value, (int, bool)) else value
@@ -129,7 +125,6 @@ class MetricWriter:
       self._summary.write_text(0, "config", text)
 
   def close(self) -> None:
-    """Closes the JSON lines and the event file."""
     self._jsonl.close()
     if self._summary is not None:
       self._summary.close()

@@ -59,11 +59,8 @@ def _ops() -> augment_lib.ArrayOps:
 def sample_params_tf(seed: tf.Tensor, batch_size: int | tf.Tensor, image_shape: Sequence[int],
                      spec: Mapping[str, Any] | None,
                      mask: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
-  """`jdl.augment.sample_params` with stateless TF ops (the same keys, dtypes and shapes).
-
-  `seed` is int32/int64 `[2]`, as for `tf.random.stateless_uniform`; `batch_size` may be a scalar
-  tensor; `image_shape` must be static.
-  """
+  """`jdl.augment.sample_params` with stateless TF ops (the same keys, dtypes and shapes) from an
+  int32/int64 `[2]` seed, as `tf.random.stateless_uniform` takes."""
   return augment_lib.sample_params(tf.convert_to_tensor(seed), batch_size, image_shape, spec,
                                    mask, ops=_ops())
 
@@ -75,11 +72,8 @@ def apply_params_tf(batch: TfBatch, params: Mapping[str, tf.Tensor],
 
 
 def make_tf_augment(spec: Mapping[str, Any] | None) -> TfAugmentFn | None:
-  """Returns `augment(batch, seed) -> batch` for a batched tf.data pipeline, or None when off.
-
-  `batch` is a dict with `input` `[B, ...]` (static per-example shape, B may be dynamic), `label`
-  and optionally `mask`; `seed` is an int `[2]` tensor, one per batch. The spec is validated here.
-  """
+  """Returns `augment(batch, seed) -> batch` for a batched tf.data pipeline (a seed `[2]` per
+  batch), or None when the spec (validated here) turns nothing on."""
   if not augment_lib.is_enabled(spec):  # validates the spec without importing TensorFlow
     return None
   augment = augment_lib.make_augment(spec, ops=_ops())

@@ -32,7 +32,6 @@ class _Vocabulary:
 
   @classmethod
   def from_json(cls, text: str) -> Self:
-    """The vocabulary that `to_json` wrote."""
     try:
       data = json.loads(text)
     except (TypeError, json.JSONDecodeError) as error:
@@ -51,8 +50,7 @@ class _Vocabulary:
     return hash(getattr(self, self._FIELD))
 
   def _check_distinct(self, items: Sequence[str], what: str) -> None:
-    repeated = sorted(item for item, n in collections.Counter(items).items() if n > 1)
-    if repeated:
+    if repeated := sorted(item for item, n in collections.Counter(items).items() if n > 1):
       raise ValueError(f"the vocabulary's {what} must be distinct; repeated: {repeated[:10]!r}.")
 
 
@@ -225,8 +223,7 @@ class TokenWindowSource(ProcessShare):
     return self.epoch_from(index, 0)
 
   def epoch_from(self, index: int, first: int) -> Iterator[Batch]:
-    """The batches of epoch `index` from its `first` on: the earlier batches' starts are drawn
-    and dropped without reading their windows, so a resumed run positions the stream at once."""
+    """Epoch `index` from its batch `first` on, without reading the earlier batches' windows."""
     low = self.process_index * self.local_batch_size
     mask = np.ones((self.local_batch_size,), np.bool_)
     for starts in self.starts(index)[first:]:
@@ -271,23 +268,20 @@ def load_char_lm_data(
     train_split: str = "train", eval_split: str = "validation", data_dir: str | None = None,
     download: bool = True, manual_dir: str | None = None, seed: int = 0, process_index: int = 0,
     process_count: int = 1) -> tuple[TokenWindowSource, ArraySource, DatasetMeta, CharVocabulary]:
-  """The batch sources of a character language model on a TFDS dataset with a "text" feature.
+  """`(train_source, eval_source, meta, vocab)` of a character language model on a TFDS dataset
+  with a "text" feature: random windows of `block_size` characters of the training split, the
+  eval split's non-overlapping windows in order, metadata (`num_classes=vocab.size`, split sizes
+  in windows) and the vocabulary of the training split (an eval character it lacks is an error).
 
-  `block_size` is characters per example (the context length); the other arguments are those of
-  `jdl.data.load_classification_data`. Offline, tiny_shakespeare prepares from a `manual_dir`
-  holding the char-rnn `input.txt`. Returns `(train_source, eval_source, meta, vocab)`: random
-  windows of the training split, the non-overlapping windows of the eval split in order, metadata
-  (`input_shape=(block_size,)`, `num_classes=vocab.size`, `split_sizes` in non-overlapping
-  windows, `input_dtype="int32"`) and the vocabulary, built from the training split; an eval
-  character the training split lacks is a ValueError.
+  The other arguments are `jdl.data.load_classification_data`'s. Offline, tiny_shakespeare
+  prepares from a `manual_dir` holding the char-rnn `input.txt`.
   """
   builder = get_builder(name, data_dir)
   prepare(builder, download=download, manual_dir=manual_dir)
   train_text = read_text(builder, train_split)
   vocab = CharVocabulary.from_text(train_text)
   eval_text = read_text(builder, eval_split)
-  unseen = sorted(set(eval_text) - set(vocab.chars))
-  if unseen:
+  if unseen := sorted(set(eval_text) - set(vocab.chars)):
     raise ValueError(
         f"split {eval_split!r} of {name!r} has characters that split {train_split!r} lacks, so "
         f"the vocabulary built from {train_split!r} cannot encode them: {unseen[:10]!r}.")
@@ -307,12 +301,10 @@ def load_text_classification_data(
     data_dir: str | None = None, download: bool = True, manual_dir: str | None = None,
     seed: int = 0, shuffle: bool = True, process_index: int = 0,
     process_count: int = 1) -> tuple[ArraySource, ArraySource, DatasetMeta, WordVocabulary]:
-  """The batch sources of a TFDS dataset whose supervised keys are a text and a class label.
-
-  Inputs are int32 `[max_length]` word ids (longer texts cut, shorter ones padded with 0 at the
-  end) of a vocabulary of `max_words` ids, padding and unknown included: the most frequent words
-  of the training split. The other arguments are those of `jdl.data.load_classification_data`.
-  Returns `(train_source, eval_source, meta, vocab)`, with `meta.input_dtype` "int32".
+  """`(train_source, eval_source, meta, vocab)` of a TFDS dataset whose supervised keys are a
+  text and a class label: int32 `[max_length]` word ids (longer texts cut, shorter ones padded
+  with 0 at the end) of the `max_words` ids, padding and unknown included, of the training split's
+  most frequent words. The other arguments are `jdl.data.load_classification_data`'s.
   """
   if max_length < 1:
     raise ValueError(f"max_length must be >= 1; got {max_length}.")
@@ -397,7 +389,6 @@ def _check_texts(texts: Iterable[str]) -> list[str]:
 
 
 def _code_points(text: str) -> np.ndarray:
-  """The Unicode code points of `text`, uint32."""
   return np.frombuffer(text.encode("utf-32-le"), np.uint32)
 
 
