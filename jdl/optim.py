@@ -52,8 +52,7 @@ WEIGHT_DECAY_MASKS = ("kernels", "all")
 
 
 def _resolve(config: Mapping[str, Any]) -> dict[str, Any]:
-  """`config` with defaults for the keys left out, its keys, `accumulate_steps` and `ema_decay`
-  checked."""
+  """`config` with defaults filled in; its keys, `accumulate_steps` and `ema_decay` checked."""
   unknown = sorted(set(config) - set(OPTIMIZER_DEFAULTS))
   if unknown:
     raise ValueError(f"unknown optimizer config keys {unknown}; valid keys: "
@@ -105,20 +104,16 @@ def make_schedule(config: Mapping[str, Any], *, total_steps: int | None = None) 
 
 
 def _in_unit_interval(value: Any) -> bool:
-  """Whether `value` is a real number (not a bool) in [0, 1)."""
   real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
   return real and 0 <= value < 1
 
 
-def make_optimizer(
-    config: Mapping[str, Any], *, total_steps: int | None = None
-) -> optax.GradientTransformation:
-  """The Optax optimizer an optimizer config describes (`total_steps` as in `make_schedule`).
-
-  Nested, outermost first: `optax.MultiSteps`, `with_parameter_ema` (so it sees applied updates
-  only), and `optax.inject_hyperparams` (so the state records the learning rate) around
-  `chain(clip, weight decay, rule)`. Its `update` needs `params` with weight decay or the EMA on.
-  """
+def make_optimizer(config: Mapping[str, Any], *,
+                   total_steps: int | None = None) -> optax.GradientTransformation:
+  """The Optax optimizer an optimizer config describes (`total_steps` as in `make_schedule`):
+  outermost first, `optax.MultiSteps`, `with_parameter_ema` (so it sees applied updates only) and
+  `optax.inject_hyperparams` (so the state records the learning rate) around `chain(clip, weight
+  decay, rule)`. Its `update` needs `params` with weight decay or the EMA on."""
   c = _resolve(config)
   accumulate, ema_decay = int(c["accumulate_steps"]), float(c["ema_decay"])
   schedule = make_schedule(c, total_steps=total_steps)
@@ -142,7 +137,6 @@ def make_optimizer(
   momentum = float(c["momentum"]) or None
 
   def rule(learning_rate: Any) -> optax.GradientTransformation:
-    """The update rule at the schedule's learning rate for the current applied update."""
     if name == "sgd":
       core = optax.sgd(learning_rate, momentum=momentum, nesterov=bool(c["nesterov"]))
       if weight_decay:
@@ -175,15 +169,11 @@ class ParameterEmaState(NamedTuple):
   inner_state: optax.OptState
 
 
-def with_parameter_ema(
-    inner: optax.GradientTransformation, decay: float
-) -> optax.GradientTransformationExtraArgs:
-  """Wraps `inner` so that its state also keeps an exponential moving average of the parameters.
-
-  After each `update` (which needs `params`; put `optax.MultiSteps` outside to count applied
-  updates only), `ema = decay * ema + (1 - decay) * (params + updates)`, from the initial params,
-  not debiased; `inner`'s updates are unchanged. Read it with `ema_parameters(opt_state)`.
-  """
+def with_parameter_ema(inner: optax.GradientTransformation,
+                       decay: float) -> optax.GradientTransformationExtraArgs:
+  """`inner`, its state also keeping `ema = decay * ema + (1 - decay) * (params + updates)` after
+  each `update` (which needs `params`; put `optax.MultiSteps` outside to count applied updates
+  only), from the initial params, not debiased. Read it with `ema_parameters(opt_state)`."""
   if not _in_unit_interval(decay):
     raise ValueError(f"with_parameter_ema needs decay in [0, 1); got {decay!r}.")
   decay = float(decay)
@@ -197,10 +187,8 @@ def with_parameter_ema(
         params)
     return ParameterEmaState(jnp.zeros((), jnp.int32), ema, inner.init(params))
 
-  def update(
-      updates: optax.Updates, state: ParameterEmaState, params: Params | None = None,
-      **extra_args: Any,
-  ) -> tuple[optax.Updates, ParameterEmaState]:
+  def update(updates: optax.Updates, state: ParameterEmaState, params: Params | None = None,
+             **extra_args: Any) -> tuple[optax.Updates, ParameterEmaState]:
     if params is None:
       raise ValueError(
           "with_parameter_ema averages the parameters, so update needs them: call "
@@ -217,12 +205,10 @@ def with_parameter_ema(
 
 def current_learning_rate(opt_state: optax.OptState,
                           schedule: optax.Schedule | None = None) -> jax.Array:
-  """The learning rate of the most recent applied update, a float32 scalar (works under jit).
-
-  Read from the rate a `make_optimizer` (or any `optax.inject_hyperparams`) state records. One
-  built on a schedule directly (`optax.adamw(schedule)`) keeps only a step count: pass the same
-  `schedule` and the rate is `schedule(count - 1)` (`schedule(0)` before any update).
-  """
+  """The learning rate of the most recent applied update, a float32 scalar (works under jit), as
+  a `make_optimizer` (or any `optax.inject_hyperparams`) state records it. One built on a schedule
+  directly (`optax.adamw(schedule)`) keeps only a step count: pass the same `schedule` and the
+  rate is `schedule(count - 1)` (`schedule(0)` before any update)."""
   found = _learning_rates(opt_state)
   if schedule is None and len(found) == 1:
     return found[0]

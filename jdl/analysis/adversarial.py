@@ -41,10 +41,8 @@ def fgsm(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array, labels: jax
          epsilon: float, norm: str = "linf", value_range: tuple[float, float] | None = (0.0, 1.0),
          loss: str | LossFn = "cross_entropy") -> jax.Array:
   """The fast gradient method (Goodfellow et al., 2015): one step of length `epsilon` (the ball's
-  radius, >= 0) up the loss gradient of `[B, ...]` floating clean inputs with `[B]` integer labels.
-
-  L-inf: `x + epsilon * sign(grad)`; L2: `x + epsilon * grad / ||grad||` per example. The result
-  is clipped to `value_range` and has the dtype of `inputs`.
+  radius, >= 0) up the loss gradient of `[B, ...]` floating clean inputs with `[B]` integer labels,
+  L-inf `x + epsilon * sign(grad)` or L2 `x + epsilon * grad / ||grad||`, clipped to `value_range`.
   """
   loss_fn, value_range = _check_attack(inputs, labels, epsilon=epsilon, norm=norm,
                                        value_range=value_range, loss=loss)
@@ -137,17 +135,15 @@ def make_adversary(epsilon: float, *, attack: str = "pgd", norm: str = "linf",
 
   Pass it as `jdl.make_train_step(..., adversary=...)`: the step takes the loss at the returned
   inputs and does not differentiate through the attack (Madry et al.: the gradient of the max is
-  the gradient at the maximiser). The attack runs the model with `train=False`. The adversary
-  replaces `batch["input"]`, or a random `fraction` of it each step, and leaves every other entry
-  as it was. `attack="fgsm"` ignores PGD's options; `attack="pgd", num_steps=1,
-  step_size=1.25 * epsilon` is FGSM from a random start, the "fast" adversarial training of Wong
-  et al., 2020.
+  the gradient at the maximiser), which runs the model with `train=False` and replaces
+  `batch["input"]`, or a random `fraction` of it each step. `attack="fgsm"` ignores PGD's
+  options; `attack="pgd", num_steps=1, step_size=1.25 * epsilon` is FGSM from a random start, the
+  "fast" adversarial training of Wong et al., 2020.
   """
   loss_fn, value_range = _check_attack(epsilon=epsilon, norm=norm, value_range=value_range,
                                        loss=loss)
-  # The train step hands the adversary its key.
-  step_size, num_steps, random_start = _attack_steps(attack, epsilon, step_size, num_steps,
-                                                     random_start, has_key=True)
+  step_size, num_steps, random_start = _attack_steps(  # the train step hands the adversary a key
+      attack, epsilon, step_size, num_steps, random_start, has_key=True)
   if isinstance(fraction, bool) or not 0.0 <= float(fraction) <= 1.0:
     raise ValueError(f"fraction must be in [0, 1] (the share of each batch that is attacked); "
                      f"got {fraction!r}.")
@@ -267,10 +263,10 @@ def _check_attack(inputs: Any = None, labels: Any = None, *, epsilon: Any, norm:
     try:
       lo, hi = (float(v) for v in value_range)
     except (TypeError, ValueError):
-      raise ValueError(f"value_range must be (lo, hi) numbers or None; got "
-                       f"{value_range!r}.") from None
+      lo = hi = math.nan
     if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
-      raise ValueError(f"value_range must be finite (lo, hi) with lo < hi; got {value_range!r}.")
+      raise ValueError(f"value_range must be finite (lo, hi) with lo < hi, or None; got "
+                       f"{value_range!r}.")
     value_range = (lo, hi)
   if not callable(loss) and loss not in LOSSES:
     raise ValueError(f"unknown loss {loss!r}; expected one of {sorted(LOSSES)} or a per-example "

@@ -13,9 +13,8 @@ Token ids have no gradient: occlusion works on them; for the gradient methods pa
 `TransformerLM.logits_from_embeddings` that returns one position's logits), and sum over D with
 `reduce_channels=True`.
 
-Every method runs under `jax.jit` and evaluates its many model calls (path points, noise samples,
-occluded copies) `points_per_call` at a time (memory: `points_per_call x batch` inputs and
-activations) with `vmap` inside a `lax.scan`.
+Every method runs under `jax.jit`, its many model calls (path points, noise samples, occluded
+copies) `points_per_call` at a time (memory: `points_per_call x batch`), `vmap`ped in a `lax.scan`.
 """
 
 from __future__ import annotations
@@ -39,12 +38,9 @@ IG_METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapez
 def saliency(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
              target_classes: jax.Array | int, *, absolute: bool = False,
              reduce_channels: bool = False, use_probabilities: bool = False) -> jax.Array:
-  """The gradient of each example's target score with respect to its `[B, ...]` floating input.
-
-  Returns `[B, ...]` float32 shaped like `inputs`: the gradient's magnitude with `absolute` (the
-  usual saliency map), and summed over the last axis (channels, features or embedding width) of
-  inputs of rank >= 3 with `reduce_channels`, for one number per pixel or time step.
-  """
+  """The gradient of each example's target score with respect to its `[B, ...]` floating input,
+  float32: its magnitude with `absolute` (the usual saliency map), summed over the last axis
+  (channels, features, embedding width) of rank >= 3 inputs with `reduce_channels`."""
   inputs, targets = _check_call(apply_fn, variables, inputs, target_classes, "saliency",
                                 needs_gradient=True, reduce_channels=reduce_channels)
   gradients = _saliency_jit(apply_fn, variables, inputs, targets, use_probabilities)
@@ -55,13 +51,10 @@ def smoothgrad(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
                target_classes: jax.Array | int, *, key: jax.Array, num_samples: int = 25,
                noise_scale: float = 0.15, absolute: bool = False, reduce_channels: bool = False,
                use_probabilities: bool = False, points_per_call: int = 32) -> jax.Array:
-  """SmoothGrad: the saliency averaged over `num_samples` copies of each input with Gaussian noise.
-
-  The noise's standard deviation is `noise_scale` times the example's own value range
-  (`max - min`), as in Smilkov et al., so one setting suits pixels and standardised signals alike.
-  The other options are `saliency`'s; `absolute` and `reduce_channels` apply to the averaged
-  gradient.
-  """
+  """SmoothGrad: the saliency averaged over `num_samples` copies of each input with Gaussian noise
+  of standard deviation `noise_scale` times the example's own value range (`max - min`), as in
+  Smilkov et al., so one setting suits pixels and standardised signals alike. `absolute` and
+  `reduce_channels` apply to the averaged gradient."""
   _check_positive_int(num_samples, "num_samples")
   if not np.isfinite(noise_scale) or noise_scale < 0:
     raise ValueError(f"noise_scale must be a finite number >= 0 (a fraction of each input's value "
