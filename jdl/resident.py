@@ -56,7 +56,7 @@ class ResidentData:
     return jnp.pad(order, (0, extra), constant_values=-1) if extra else order
 
   def initial_order(self) -> EpochOrder:
-    """The order carry before any epoch is drawn: `(epoch -1, zeros)`."""
+    """The order carried before any epoch is drawn."""
     return EpochOrder(np.int32(-1), np.zeros(self.steps_per_epoch * self.batch_size, np.int32))
 
 
@@ -118,10 +118,9 @@ def make_train_chunk(train_step: TrainStep, data: ResidentData,
                      constrain: Callable[[Batch], Batch] = _identity, *, loop: bool = True
                      ) -> Callable[..., tuple[State, Metrics, EpochOrder]]:
   """`chunk(state, inputs, labels, order, first_step, length) -> (state, metric sums, order)`:
-  the train steps `first_step .. first_step + length - 1` on `data`'s batches as one program
-  (traced bounds: every call length runs the same program), looping over the epochs it touches,
-  each epoch's order drawn unless the carried one is that epoch's. With `loop=False` it is one
-  step and no loop (`length` must be 1; see `loops_are_slow`). `data`'s arrays are arguments."""
+  train steps `first_step .. first_step + length - 1` on `data`'s arrays as one program (traced
+  bounds: one program for every length), each epoch's order drawn unless it is the carried one.
+  With `loop=False` it is one step and no loop (`length` 1; see `loops_are_slow`)."""
   batch_size, steps_per_epoch = data.batch_size, data.steps_per_epoch
 
   def order_for(carried: EpochOrder, epoch: jax.Array) -> EpochOrder:
@@ -260,7 +259,7 @@ class ResidentEngine:
     """Nothing to release: the splits on the device go with the engine."""
 
   def batch_spec(self) -> Batch:
-    """The shapes and dtypes of a training batch as the train step receives it."""
+    """The shapes and dtypes of a training batch."""
     indices = jax.ShapeDtypeStruct((self.train.batch_size,), jnp.int32)
     return jax.eval_shape(gather_batch, self.train.inputs, self.train.labels, indices)
 

@@ -3,15 +3,13 @@
 `saliency` (Simonyan et al., 2014), `smoothgrad` (Smilkov et al., 2017), `integrated_gradients`
 (Sundararajan et al., 2017) and `occlusion` (Zeiler and Fergus, 2014) are pure functions of
 `(apply_fn, variables, inputs, target_classes)` that return one attribution per input element.
-The model is called as `apply_fn(variables, inputs, train=False)` and must return
-`[batch, num_classes]`; `target_classes` is `[B]` class indices or one int for every example. The
-target score is the target class's logit, or its softmax probability with `use_probabilities=True`
-(a saturated softmax has gradients near zero even where the input matters).
+`apply_fn(variables, inputs, train=False)` must return `[batch, num_classes]`; `target_classes`
+is `[B]` class indices or one int. The target score is the class's logit, or its probability with
+`use_probabilities=True` (a saturated softmax has gradients near zero where the input matters).
 
-Token ids have no gradient: occlusion works on them; for the gradient methods pass the embeddings
-`[B, T, D]` and an `apply_fn` that starts from them (e.g. a wrapper of
-`TransformerLM.logits_from_embeddings` that returns one position's logits), and sum over D with
-`reduce_channels=True`.
+Token ids have no gradient: occlusion works on them; for the gradient methods pass embeddings
+`[B, T, D]` and an `apply_fn` that starts from them (wrapping
+`TransformerLM.logits_from_embeddings` to return one position's logits), with `reduce_channels`.
 
 Every method runs under `jax.jit`, its many model calls (path points, noise samples, occluded
 copies) `points_per_call` at a time (memory: `points_per_call x batch`), `vmap`ped in a `lax.scan`.

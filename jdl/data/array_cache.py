@@ -1,14 +1,12 @@
 """Prepared splits kept as numpy files, so that later in-memory loads need neither TFDS nor TF.
 
-The first in-memory load of a split writes its arrays and the dataset's metadata to one file in
+The first in-memory load of a split writes its arrays and metadata to one file in
 `<data_dir>/jdl_arrays/`; later loads read it with numpy alone (importing TensorFlow and TFDS takes
-most of a small experiment's start-up). A cached split is used only while all it was written for
-holds: the dataset as requested ("cifar10:3.0.2"), the split and the data dir; the versions of
-tensorflow-datasets and of jdl's builders (`JDL_BUILDER_VERSIONS`), which fix what a name without a
-version resolves to (other builders are cached only when the request names one); the prepared
-dataset's `dataset_info.json`, in place, of the same size and modification time. An unreadable
-file counts as missing; files are renamed into place, so a reader never sees a partial one. Inside
-`tfds.testing.mock_data` the cache is neither read nor written.
+most of a small experiment's start-up). It is used while all it was written for holds: the
+dataset as requested ("cifar10:3.0.2"), split and data dir; the versions of tensorflow-datasets
+and of jdl's builders (`JDL_BUILDER_VERSIONS`: other builders are cached only when the request
+names a version); the prepared `dataset_info.json`'s place, size and modification time. An
+unreadable file counts as missing; files are renamed into place. Mocked TFDS bypasses the cache.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """Data augmentation as TensorFlow ops, for tf.data pipelines: `jdl.augment` in TF.
 
-`jdl.augment`'s spec, draws and operations on TensorFlow's `ArrayOps`: given the same draws, crop,
-flip and cutout agree with jax bit for bit, the others within float rounding. `sample_params_tf`
-draws with stateless TF ops: deterministic for a seed, but not the jax sampler's numbers.
-
-Everything works in graph mode, inside `tf.data.Dataset.map`, with a dynamic batch size (the last
-batch of a pipeline without `drop_remainder`); the per-example shape must be static. One seed per
-batch gives a reproducible stream, e.g.:
+Given the same draws, crop, flip and cutout agree with jax bit for bit, the others within float
+rounding; `sample_params_tf`'s stateless draws are deterministic for a seed, but not the jax
+sampler's. Everything works in graph mode inside `tf.data.Dataset.map`, with a dynamic batch size
+(the per-example shape must be static). One seed per batch gives a reproducible stream, e.g.:
 
   augment = make_tf_augment(spec)
   ds = ds.batch(128).enumerate().map(lambda i, b: augment(b, tf.stack([seed, i])))

@@ -38,7 +38,6 @@ class BatchSource(Protocol):
 
   def epoch(self, index: int) -> Iterator[Batch]:
     """The batches of epoch `index` (0-based), each example once."""
-    ...
 
 
 def pad_batch(inputs: Any, labels: Any, batch_size: int,
@@ -57,8 +56,8 @@ def pad_batch(inputs: Any, labels: Any, batch_size: int,
 
 
 def num_rows(tree: Any) -> int:
-  """The leading (example) dimension shared by every array of `tree`; a clear error if they
-  differ or if there is none."""
+  """The leading (example) dimension shared by every array of `tree` (a ValueError if there is
+  none)."""
   sizes = {int(np.shape(leaf)[0]) if np.ndim(leaf) else None for leaf in jax.tree.leaves(tree)}
   if len(sizes) != 1 or None in sizes:
     raise ValueError("every array of a batch needs the same leading example dimension; got "
@@ -98,10 +97,9 @@ def index_permutation(key: jax.Array, n: int, *, rounds: int = SHUFFLE_ROUNDS) -
   From `SORT_FREE_MIN_EXAMPLES` on it sorts nothing: a balanced Feistel network on the smallest
   even number of bits that holds n - 1, with `rounds` rounds of a keyed 32-bit hash (Luby and
   Rackoff: four suffice), is a bijection of `[0, 4**half)`; values at n or above are encrypted
-  again until they fall below n ("cycle walking"; the domain is under 4n, so walks are short).
-  Positions and pairwise orders come out uniform within sampling error (tests/data_test.py). On
-  fewer bits its permutations are visibly unequal in frequency, so small n use
-  `jax.random.permutation`, whose sorts are cheap there.
+  again until they fall below n ("cycle walking": the domain is under 4n). Positions and pairwise
+  orders come out uniform within sampling error (tests/data_test.py). On fewer bits they do not,
+  so small n use `jax.random.permutation`, whose sorts are cheap there.
   """
   if n < 1:
     raise ValueError(f"a permutation needs n >= 1; got {n}.")
@@ -257,8 +255,7 @@ class TFDataSource(ProcessShare):
     self.augment = augment
 
   @property
-  def num_examples(self) -> int:
-    """Examples per epoch over all processes (the largest share times the process count)."""
+  def num_examples(self) -> int:  # over all processes: the largest share times their count
     return self._num_examples * self.process_count
 
   @property
