@@ -190,10 +190,23 @@ def open_study(
   _check_mode(mode)
   os.makedirs(workdir, exist_ok=True)
   url = storage or default_storage(workdir)
+  # Workers share one SQLite file; wait for another's write instead of failing on a lock.
+  engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
   for attempt in range(3):
     try:
-      study = _create_study(url, study_name, mode, heartbeat_seconds,
-                            sampler or make_sampler("tpe", space), pruner or make_pruner("median"))
+      with warnings.catch_warnings():
+        # Optuna marks its heartbeat and retry callback experimental; they are what resumes a
+        # trial whose worker was killed, and the warning would be an error in jdl's tests.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3) \
+            if heartbeat_seconds else None
+        rdb = optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
+            heartbeat_stale_trial_callback=retry)
+      study = optuna.create_study(
+          storage=rdb, study_name=study_name, direction=MODES[mode],
+          sampler=sampler or make_sampler("tpe", space), pruner=pruner or make_pruner("median"),
+          load_if_exists=True)
       break
     except sqlalchemy.exc.SQLAlchemyError:
       # Workers started together race to create the database's tables and version row ("table
@@ -212,24 +225,6 @@ def open_study(
     raise ConfigError(f"study {study_name!r} in {url} was created to "
                       f"{study.direction.name.lower()} its metric, not to {MODES[mode]} it.")
   return study
-
-
-def _create_study(url: str, study_name: str, mode: str, heartbeat_seconds: int | None,
-                  sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner
-                  ) -> optuna.Study:
-  # Workers share one SQLite file; wait for another's write instead of failing on a lock.
-  engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-  with warnings.catch_warnings():
-    # Optuna marks its heartbeat and retry callback experimental; they are what resumes a trial
-    # whose worker was killed, and the warning would be an error in jdl's tests.
-    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3) \
-        if heartbeat_seconds else None
-    storage = optuna.storages.RDBStorage(
-        url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
-        heartbeat_stale_trial_callback=retry)
-  return optuna.create_study(storage=storage, study_name=study_name, direction=MODES[mode],
-                             sampler=sampler, pruner=pruner, load_if_exists=True)
 
 
 def finished_trials(study: optuna.Study) -> int:

@@ -174,35 +174,27 @@ def train_vmapped(
     state = create_train_state(model, tx, sample, jax.random.PRNGKey(seed))
     states.append(state.replace(opt_state=set_member_learning_rate(state.opt_state, rate)))
   num_classes = loop_lib.output_width(states[0])
-  run = VmappedRun(np.asarray(rates, np.float64), np.asarray(member_seeds, np.int64),
-                   stack_states(states), history=[], nonfinite_step=np.zeros(len(rates), np.int64),
-                   compile_seconds=0.0, train_seconds=0.0, eval_name=eval_name)
-  return _train_members(
-      run, train_step or step_lib.make_train_step(check_finite=True),
-      eval_step or step_lib.make_eval_step(), train_data, eval_data, num_classes=num_classes,
-      num_steps=int(num_steps), eval_every=eval_every_steps or train_data.steps_per_epoch, log=log)
-
-
-def _train_members(run: VmappedRun, train_step, eval_step, train_data, eval_data, *, num_classes,
-                   num_steps, eval_every, log) -> VmappedRun:
-  """Trains `run`'s stacked state on `jdl.resident.ResidentEngine` over vmapped steps, compiled
-  ahead so compilation is timed apart, and fills in the rest of `run`."""
+  state = stack_states(states)
   for name, source in (("training", train_data), ("eval", eval_data)):
     if source is not None:
       data_lib.check_inputs(source.inputs, where=f"{name} inputs")
       data_lib.check_labels(source.labels, num_classes, where=f"{name} labels")
+  # The resident engine over vmapped steps, compiled ahead so compilation is timed apart.
   engine = resident.ResidentEngine(
-      jax.vmap(train_step, in_axes=(0, None)), jax.vmap(eval_step, in_axes=(0, None)),
+      jax.vmap(train_step or step_lib.make_train_step(check_finite=True), in_axes=(0, None)),
+      jax.vmap(eval_step or step_lib.make_eval_step(), in_axes=(0, None)),
       train_data, eval_data, eval_state=loop_lib.evaluation_state)
   start = time.perf_counter()
-  engine.compile(run.state)
+  engine.compile(state)
   merge = jax.jit(metrics_lib.merge_metrics)  # sums stay on the device between evaluations
-  run.compile_seconds = time.perf_counter() - start
+  compile_seconds = time.perf_counter() - start
   start = time.perf_counter()
+  eval_every = eval_every_steps or train_data.steps_per_epoch
+  history, nonfinite_step = [], np.zeros(len(rates), np.int64)
   step, sums = 0, None
   while step < num_steps:
-    next_eval = min((step // eval_every + 1) * eval_every, num_steps)
-    run.state, chunk_sums, advanced = engine.advance(run.state, step, next_eval)
+    next_eval = min((step // eval_every + 1) * eval_every, int(num_steps))
+    state, chunk_sums, advanced = engine.advance(state, step, next_eval)
     sums = chunk_sums if sums is None else merge(sums, chunk_sums)
     step += advanced
     if step == next_eval:
@@ -211,18 +203,19 @@ def _train_members(run: VmappedRun, train_step, eval_step, train_data, eval_data
       record.update({f"train_{k}": v for k, v in _member_means(fetched).items()})
       bad = fetched.get("nonfinite_step")
       if bad is not None:
-        newly = (run.nonfinite_step == 0) & (bad != metrics_lib.NO_NONFINITE_STEP)
-        run.nonfinite_step = np.where(newly, bad, run.nonfinite_step)
+        newly = (nonfinite_step == 0) & (bad != metrics_lib.NO_NONFINITE_STEP)
+        nonfinite_step = np.where(newly, bad, nonfinite_step)
       if eval_data is not None:
-        eval_sums = jax.device_get(engine.evaluate(run.state))
-        record.update({f"{run.eval_name}_{k}": v for k, v in _member_means(eval_sums).items()})
-      run.history.append(record)
+        eval_sums = jax.device_get(engine.evaluate(state))
+        record.update({f"{eval_name}_{k}": v for k, v in _member_means(eval_sums).items()})
+      history.append(record)
       if log is not None:
-        log(_format_member_record(record, run.eval_name))
+        log(_format_member_record(record, eval_name))
       sums = None
-  jax.block_until_ready(run.state)
-  run.train_seconds = time.perf_counter() - start
-  return run
+  jax.block_until_ready(state)
+  return VmappedRun(np.asarray(rates, np.float64), np.asarray(member_seeds, np.int64), state,
+                    history, nonfinite_step, compile_seconds, time.perf_counter() - start,
+                    eval_name)
 
 
 def _member_means(sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

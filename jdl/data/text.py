@@ -310,8 +310,17 @@ def load_text_classification_data(
     raise ValueError(f"max_length must be >= 1; got {max_length}.")
   builder = get_builder(name, data_dir)
   prepare(builder, download=download, manual_dir=manual_dir)
-  text_key, label_key = _text_and_label_keys(builder)
-  label_feature = builder.info.features[label_key]
+  info = builder.info
+  keys = tuple(info.supervised_keys or ())[:2] or ("text", "label")
+  if len(keys) != 2 or not all(isinstance(key, str) for key in keys):
+    raise ValueError(f"dataset {builder.name!r} does not have a (text, label) pair of features; "
+                     f"its supervised keys are {info.supervised_keys!r}.")
+  (text_key, label_key), features = keys, info.features
+  if text_key not in features or not isinstance(features[text_key], tfds.features.Text):
+    raise ValueError(f"dataset {builder.name!r}'s input {text_key!r} is not a text feature.")
+  if label_key not in features or not isinstance(features[label_key], tfds.features.ClassLabel):
+    raise ValueError(f"dataset {builder.name!r}'s label {label_key!r} is not a class label.")
+  label_feature = features[label_key]
   train_texts, train_labels = _read_texts(builder, train_split, text_key, label_key)
   eval_texts, eval_labels = _read_texts(builder, eval_split, text_key, label_key)
   vocab = WordVocabulary.from_texts(train_texts, max_words)
@@ -325,21 +334,6 @@ def load_text_classification_data(
   meta = DatasetMeta(name, (int(max_length),), label_feature.num_classes, names, sizes,
                      input_dtype="int32")
   return train_source, eval_source, meta, vocab
-
-
-def _text_and_label_keys(builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
-  """The names of the text and the class label features (from the supervised keys)."""
-  info = builder.info
-  keys = tuple(info.supervised_keys or ())[:2] or ("text", "label")
-  if len(keys) != 2 or not all(isinstance(key, str) for key in keys):
-    raise ValueError(f"dataset {builder.name!r} does not have a (text, label) pair of features; "
-                     f"its supervised keys are {info.supervised_keys!r}.")
-  (text_key, label_key), features = keys, info.features
-  if text_key not in features or not isinstance(features[text_key], tfds.features.Text):
-    raise ValueError(f"dataset {builder.name!r}'s input {text_key!r} is not a text feature.")
-  if label_key not in features or not isinstance(features[label_key], tfds.features.ClassLabel):
-    raise ValueError(f"dataset {builder.name!r}'s label {label_key!r} is not a class label.")
-  return text_key, label_key
 
 
 def _read_texts(builder: tfds.core.DatasetBuilder, split: str, text_key: str,
