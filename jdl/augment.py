@@ -14,16 +14,14 @@ An augmentation spec is a mapping (dict or ConfigDict); every key is optional an
     is 0.0 moved to the nearest bound, so it is always a legal value.
 
 Every example gets its own draws. The order is crop, flip, cutout, contrast + brightness (one step,
-`clip((x - mean) * factor + mean + delta, lo, hi)`), mixup. Mixup's result is clamped to
-`[min(x, x_partner), max(x, x_partner)]`, which only removes float rounding. Crop, flip and cutout
-need images `[B, H, W, C]` and keep any dtype; brightness, contrast and mixup take any rank >= 2
-input of a floating dtype.
+`clip((x - mean) * factor + mean + delta, lo, hi)`), mixup (clamped to `[min(x, x_partner),
+max(x, x_partner)]`, which only removes float rounding). Crop, flip and cutout need images
+`[B, H, W, C]` of any dtype; the others floating inputs of any rank >= 2.
 
-`sample_params` draws all random numbers of a batch and `apply_params` is deterministic given
-them. Both are written once against `ArrayOps`: jax by default (`JAX_OPS`), TensorFlow in
-`jdl.data.augment_tf`, so the same draws give the same batch. Each draw has its own stream
-(`PARAM_STREAMS`): switching one augmentation on or off does not change the others' draws. This
-module must not import TensorFlow.
+`sample_params` draws all random numbers of a batch, each from its own stream (`PARAM_STREAMS`,
+so switching one augmentation does not change the others' draws); `apply_params` is
+deterministic given them. Both are written once against `ArrayOps`: jax (`JAX_OPS`) here,
+TensorFlow in `jdl.data.augment_tf` (this module must not import TensorFlow).
 """
 
 from __future__ import annotations

@@ -303,8 +303,7 @@ class Checkpointer:
     self._manager.reload()
     return destination
 
-  def _join(self) -> None:
-    """Waits for the save in progress, if any (its failure is kept, not raised)."""
+  def _join(self) -> None:  # waits for the save in progress (its failure is kept, not raised)
     if self._writer is not None:
       self._writer.join()
       self._writer = None

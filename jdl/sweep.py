@@ -159,9 +159,8 @@ def make_sampler(name: str, space: Mapping[str, dist.BaseDistribution], *,
 
 def make_pruner(name: str, *, startup_trials: int = 5,
                 warmup_steps: int = 0) -> optuna.pruners.BasePruner:
-  """Optuna's "median" pruner (stop a trial whose metric at an evaluation is worse than the
-  median of earlier trials' at the same step; nothing is pruned until `startup_trials` trials have
-  finished, nor before a trial reaches `warmup_steps`), "hyperband", or "none"."""
+  """Optuna's "median" (stops a trial worse than the median of earlier ones at an evaluation, from
+  `startup_trials` finished trials and `warmup_steps` on), "hyperband" or "none" pruner."""
   if name == "median":
     return optuna.pruners.MedianPruner(n_startup_trials=startup_trials,
                                        n_warmup_steps=warmup_steps)
@@ -414,8 +413,7 @@ def markdown_table(rows: Sequence[Row], metric: str = "test_accuracy", mode: str
 def write_results(rows: Sequence[Row], workdir: str, *, metric: str = "test_accuracy",
                   mode: str = "max") -> tuple[str, str]:
   """Writes the rows, best first, to `workdir/results.csv` (every record key; swept values as
-  override text, pastable as `--config.KEY=VALUE`) and `workdir/results.md`; returns
-  `(csv_path, markdown_path)`."""
+  `--config.KEY=VALUE` text) and `workdir/results.md`; returns `(csv_path, markdown_path)`."""
   os.makedirs(workdir, exist_ok=True)
   best, params = best_row(rows, metric, mode), param_keys(rows)
   results = list(dict.fromkeys([metric, *(k for row in rows for k in row

@@ -392,9 +392,8 @@ def per_group_optimizer(groups: Sequence[tuple[Any, ...]], params: Params, *,
 
 
 def group_learning_rates(opt_state: optax.OptState) -> dict[str, jax.Array]:
-  """Each trainable group's latest learning rate, by name, from a `per_group_optimizer` (or
-  `freeze`) state: the per-group `jdl.current_learning_rate`, for logging; frozen groups are left
-  out. Works under `jax.jit`. Raises ValueError unless the state holds one multi_transform."""
+  """Each trainable group's `jdl.current_learning_rate`, by name, from a `per_group_optimizer` (or
+  `freeze`) state, under `jax.jit` too; a ValueError unless the state holds one multi_transform."""
   def is_multi(node: Any) -> bool:
     return isinstance(node, optax.MultiTransformState)
 

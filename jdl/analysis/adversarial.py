@@ -1,16 +1,12 @@
 """Adversarial examples (`fgsm`, `pgd`), robust accuracy and adversarial training.
 
 An adversarial example is an input moved within an epsilon ball around the clean input, and
-inside the valid input range, in the direction that most increases the model's loss. Balls:
-"linf" bounds every element's change by epsilon; "l2" bounds each example's Euclidean norm over
-all its non-batch axes. `value_range=(lo, hi)` with lo < hi is the valid input range (pixels in
-[0, 1] by default; for standardised data use the data's own minimum and maximum); None leaves the
-inputs unbounded. Clean inputs must lie inside the range, or clipping could take them out of
-their ball.
-
-The model is called as `apply_fn(variables, inputs, train=False)` and must return
-`[batch, num_classes]` logits; the attacked loss is the softmax cross-entropy of the labels
-("cross_entropy"), or any per-example `loss(outputs, labels) -> [batch]`.
+inside the valid input range, in the direction that most increases the model's loss: "linf"
+bounds every element's change, "l2" each example's Euclidean norm. `value_range=(lo, hi)` is the
+valid input range (pixels in [0, 1] by default; standardised data: its own minimum and maximum;
+None: unbounded), which clean inputs must lie in. `apply_fn(variables, inputs, train=False)` must
+return `[batch, num_classes]` logits; the attacked loss is the softmax cross-entropy
+("cross_entropy") or any per-example `loss(outputs, labels) -> [batch]`.
 """
 
 from __future__ import annotations

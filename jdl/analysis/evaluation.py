@@ -2,12 +2,9 @@
 
 `evaluate_classifier(state, inputs, labels)` runs the model over a whole split and bundles
 accuracy, per-class accuracy, the confusion matrix, top-k accuracies, calibration and the
-misclassified examples. Each piece is also a plain function of arrays, for any model's outputs.
-
-Outputs that are all non-negative with every row summing to 1 (within 1e-3) are taken as
-probabilities, anything else as logits (`outputs_are_probabilities`). Only calibration and the log
-loss need real probabilities, which `softmax_probabilities` gives either way. The metrics are
-computed on the host in float64 numpy, exactly.
+misclassified examples; each piece is also a plain function of arrays. Outputs that are
+non-negative with rows summing to 1 (within 1e-3) are probabilities, others logits
+(`outputs_are_probabilities`). Metrics are computed on the host in float64 numpy, exactly.
 """
 
 from __future__ import annotations
@@ -32,12 +29,9 @@ def _forward(apply_fn: ApplyFn, variables: Any, inputs: jax.Array) -> jax.Array:
 
 def apply_in_batches(apply_fn: ApplyFn, variables: Any, inputs: np.ndarray | jax.Array, *,
                      batch_size: int = 1000) -> np.ndarray:
-  """The model's float32 numpy outputs for every example of `inputs`, batch by batch in eval mode.
-
-  Every batch has the same shape (the last one padded, the padding dropped afterwards), so the
-  model compiles once whatever the number of examples. `apply_fn` must be hashable: it is a
-  static argument of the compiled call.
-  """
+  """The model's float32 numpy outputs for every example of `inputs`, batch by batch in eval mode,
+  every batch of one shape (the last one padded), so the model compiles once. `apply_fn` must be
+  hashable: it is a static argument of the compiled call."""
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
   inputs = np.asarray(inputs)
@@ -55,10 +49,8 @@ def apply_in_batches(apply_fn: ApplyFn, variables: Any, inputs: np.ndarray | jax
 
 def predict(state: TrainState, inputs: np.ndarray | jax.Array, *,
             batch_size: int = 1000) -> np.ndarray:
-  """The float32 outputs, logits or probabilities, of `state`'s model (e.g.
-  `jdl.runs.load_run(workdir).state`) for every example of `[num_examples, *state.input_shape]`
-  inputs (see `apply_in_batches`): `[num_examples, num_classes]`, or `[num_examples, time,
-  vocabulary]` for a language model."""
+  """`apply_in_batches` of `state`'s model (e.g. `jdl.runs.load_run(workdir).state`), checking the
+  inputs are `[num_examples, *state.input_shape]`."""
   inputs = np.asarray(inputs)
   if tuple(inputs.shape[1:]) != tuple(state.input_shape):
     raise ValueError(f"inputs have per-example shape {tuple(inputs.shape[1:])} (batch shape "

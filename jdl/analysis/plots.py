@@ -149,10 +149,8 @@ def plot_learning_curves(records: Sequence[Mapping[str, Any]], path: str) -> str
 
 
 def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str] | None, path: str) -> str:
-  """A heatmap of a confusion matrix (rows true classes, columns predictions) with its counts.
-
-  Cells are coloured by their share of the row, so rare classes are as visible as common ones.
-  """
+  """A heatmap of a confusion matrix (rows true classes, columns predictions) with its counts,
+  cells coloured by their share of the row, so rare classes are as visible as common ones."""
   matrix = np.asarray(matrix)
   if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
     raise ValueError(f"matrix must be square [num_classes, num_classes]; got shape {matrix.shape}.")
