@@ -166,8 +166,7 @@ def make_eval_all(eval_step: EvalStep, batch_size: int, num_examples: int,
                   constrain: Callable[[Batch], Batch] = _identity, *, loop: bool = True
                   ) -> Callable[[State, jax.Array, jax.Array], Metrics]:
   """`eval_all(state, inputs, labels) -> metric sums` over the whole split (stored
-  `with_padding_row`), compiled: one call with a scan over the batches, or with `loop=False` one
-  call per batch (see `loops_are_slow`); the data stays on the device either way."""
+  `with_padding_row`), compiled: one scan over the batches, or with `loop=False` a call each."""
   steps = -(-num_examples // batch_size)
   order = np.pad(np.arange(num_examples, dtype=np.int32), (0, steps * batch_size - num_examples),
                  constant_values=-1)

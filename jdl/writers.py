@@ -137,9 +137,8 @@ class MetricWriter:
 
 
 def truncate_records(workdir: str, start_step: int) -> None:
-  """Drops what earlier attempts of a run wrote after `start_step`, the step it starts from now:
-  the records of `metrics.jsonl` and the TensorBoard events (every one when it starts from 0), so
-  each step is written once whichever reader looks. Files are replaced atomically."""
+  """Drops the records of `metrics.jsonl` and the TensorBoard events (all from step 0) that earlier
+  attempts of a run wrote after `start_step`, where it starts now; files are replaced atomically."""
   path = os.path.join(workdir, JSONL_NAME)
   if os.path.exists(path):
     records = read_jsonl(workdir)

@@ -76,9 +76,8 @@ def robust_accuracy(apply_fn: ApplyFn, variables: Variables, inputs: np.ndarray 
                     batch_size: int = 500, key: jax.Array | None = None,
                     **attack_kwargs: Any) -> float:
   """The fraction of `[N, ...]` inputs the model still classifies correctly after `attack`,
-  "fgsm" or "pgd" (with `attack_kwargs` its further options; batch i's random start uses
-  `fold_in(key, i)`). Epsilon 0 gives the clean accuracy. The last batch is padded, so every
-  batch compiles once."""
+  "fgsm" or "pgd" (`attack_kwargs` its further options; batch i's random start uses
+  `fold_in(key, i)`); epsilon 0 gives the clean accuracy. The last batch is padded."""
   _check_count(batch_size, "batch_size")
   inputs, labels = np.asarray(inputs), np.asarray(labels)
   if inputs.size == 0:

@@ -153,8 +153,7 @@ _saliency_jit = jax.jit(_score_gradients, static_argnums=(0, 4))
 def _sum_over_points(point_fn: Callable[[jax.Array], jax.Array], num_points: int,
                      points_per_call: int, shape: tuple[int, ...]) -> jax.Array:
   """`sum(point_fn(i) for i in range(num_points))` (float32 of `shape`), `points_per_call` at a
-  time with `vmap` in a `lax.scan`; the last chunk's padding points repeat index
-  `num_points - 1` and are dropped."""
+  time, `vmap`ped in a `lax.scan`; the last chunk's padding points are dropped."""
   num_chunks = -(-num_points // points_per_call)
   chunk = -(-num_points // num_chunks)
 

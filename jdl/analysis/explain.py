@@ -78,12 +78,9 @@ def shap_values(apply_fn: ApplyFn, variables: Any, inputs: Any, background: Any,
                 target_classes: Any = None, *, max_evals: int | None = None,
                 seed: int = 0) -> ShapResult:
   """SHAP values of a class's output (logits, or probabilities for a model that outputs them)
-  for each example, from `shap`'s permutation explainer with an independent masker.
-
-  A masked feature takes its values from the background examples (the output is averaged over
-  them), so the expected value is the mean output over `background`. Every permutation's
-  contributions add up to the output's change, so the values satisfy local accuracy exactly (to
-  float rounding) however few permutations are drawn; more evaluations lower their variance.
+  for each example, from `shap`'s permutation explainer with an independent masker: a masked
+  feature takes the background examples' values (the output averaged over them). Local accuracy
+  holds exactly (to float rounding) however few permutations are drawn; more lower the variance.
 
   `background` (`[num_background, *input_shape]`) stands for "feature unknown": a few dozen
   training examples (the cost grows with their number). `target_classes` (`[num_examples]`)
@@ -129,12 +126,9 @@ def lime_explanations(apply_fn: ApplyFn, variables: Any, inputs: Any, training_i
                       target_classes: Any = None, *, num_samples: int = 2000,
                       seed: int = 0) -> LimeResult:
   """LIME (the `lime` package's tabular explainer, every input element a feature) for each
-  example: a linear model of the target class's probability fitted to perturbed copies.
-
-  Features are binned into quartiles of `training_inputs` (`[num_training, *input_shape]`);
-  perturbed samples, `num_samples` per example, draw bins from the training distribution and are
-  weighted by their closeness to the example. `inputs` and `target_classes` are as in
-  `shap_values`.
+  example: a linear model of the target class's probability fitted to `num_samples` perturbed
+  copies, whose features draw quartile bins of `training_inputs` (`[num_training,
+  *input_shape]`), weighted by their closeness to the example. Otherwise as `shap_values`.
   """
   lime_tabular = _require("lime.lime_tabular")
   inputs, targets = _checked(inputs, target_classes, "lime_explanations")

@@ -141,8 +141,7 @@ def read_cached_split(dataset: str, split: str, data_dir: str | None) -> RawSpli
 def write_cached_split(dataset: str, split: str, data_dir: str | None,
                        builder: tfds.core.DatasetBuilder, raw: RawSplit) -> str | None:
   """Writes `raw`, read through `builder`, as the cache file of `split` of `dataset`; returns its
-  path, or None when this split is not cached or the file cannot be written (logged: the run goes
-  on without the cache)."""
+  path, or None when this split is not cached or the file cannot be written (logged)."""
   root = data_dir_root(data_dir)
   prepared = os.path.abspath(os.fspath(builder.data_dir))
   if _is_remote(data_dir) or not _resolution_is_fixed(dataset, builder):

@@ -189,9 +189,8 @@ class TokenWindowSource(ProcessShare):
   def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, *, seed: int = 0,
                steps_per_epoch: int | None = None, process_index: int = 0,
                process_count: int = 1) -> None:
-    """`tokens` is the stream, 1-D integers (e.g. `CharVocabulary.encode(text)`), `block_size`
-    the context length; `steps_per_epoch=None` means about one pass over the tokens,
-    `(len(tokens) - 1) // (block_size * batch_size)` (at least 1)."""
+    """`tokens` is the 1-D stream (`CharVocabulary.encode(text)`, say); `steps_per_epoch=None` is
+    about one pass over it, `(len(tokens) - 1) // (block_size * batch_size)` (at least 1)."""
     # More than block_size + 1 tokens, so there are at least two distinct windows.
     self.tokens = _check_tokens(tokens, block_size, extra=2)
     self.block_size = int(block_size)
@@ -234,9 +233,8 @@ class TokenWindowSource(ProcessShare):
 
 
 def read_token_file(path: str, dtype: str = "uint16") -> np.ndarray:
-  """A binary file of token ids (nanoGPT's `train.bin`: a flat array of uint16, or uint32 for
-  vocabularies over 65,536), memory-mapped read-only: `TokenWindowSource` reads its windows from
-  the file without loading or copying the stream."""
+  """A binary file of token ids (nanoGPT's `train.bin`: flat uint16, or uint32 for vocabularies
+  over 65,536), memory-mapped read-only, so `TokenWindowSource` reads windows without a copy."""
   if np.dtype(dtype) not in (np.dtype(np.uint16), np.dtype(np.uint32)):
     raise ValueError(f"token files hold uint16 or uint32 ids; got dtype {dtype!r}.")
   return np.memmap(path, dtype=np.dtype(dtype), mode="r")

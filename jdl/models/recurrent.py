@@ -232,10 +232,9 @@ class Mnist1dGRU(RNNClassifier):
 
 
 class RecurrentLM(nn.Module):
-  """A causal language model: Embed -> `num_layers` unidirectional LSTM/GRU layers -> Dense.
-
-  `num_classes` is V, the vocabulary size (as `build_model` passes it); `dropout_rate` acts on
-  the embeddings and between layers; `jdl.generate.generate` crops contexts to `block_size`."""
+  """A causal language model: Embed -> `num_layers` unidirectional LSTM/GRU layers -> Dense. V is
+  `num_classes` (as `build_model` passes it); dropout acts on the embeddings and between layers;
+  `jdl.generate.generate` crops contexts to `block_size`."""
 
   num_classes: int
   cell: str = "lstm"
