@@ -136,8 +136,7 @@ def validate_spec(spec: Mapping[str, Any] | None) -> dict[str, Any]:
     raise TypeError("augmentation spec must be a mapping (dict or ConfigDict) or None; "
                     f"got {type(spec).__name__}.")
   raw = dict(spec or {})
-  unknown = sorted(str(key) for key in raw if key not in DEFAULTS)
-  if unknown:
+  if unknown := sorted(str(key) for key in raw if key not in DEFAULTS):
     raise ValueError(f"unknown augmentation key(s) {unknown}; valid keys are {sorted(DEFAULTS)}.")
   merged = {**DEFAULTS, **{key: value for key, value in raw.items() if value is not None}}
   flip = merged["flip"]
@@ -311,8 +310,7 @@ def apply_params(batch: Batch, params: Mapping[str, jax.Array], spec: Mapping[st
   spec = validate_spec(spec)
   inputs, shape = _inputs(ops, batch)
   check_input_shape(shape, spec)
-  missing = [name for name in param_names(spec) if name not in params]
-  if missing:
+  if missing := [name for name in param_names(spec) if name not in params]:
     raise ValueError(f"augmentation params lack {missing}, which the spec needs; got "
                      f"{sorted(params)}. Draw them with the sampler and the same spec.")
   dtype, rank = inputs.dtype, len(shape)

@@ -67,8 +67,7 @@ def _cause(error: BaseException) -> str:
   for exception in chain:
     if isinstance(exception, OSError) and exception.errno:
       return f"[Errno {exception.errno}] {exception.strerror}"
-    code = re.search(r"os_error_code='(\d+)'", str(exception))
-    if code:
+    if code := re.search(r"os_error_code='(\d+)'", str(exception)):
       return f"[Errno {code.group(1)}] {os.strerror(int(code.group(1)))}"
   innermost = chain[-1]
   return f"{type(innermost).__name__}: {(str(innermost).splitlines() or [''])[0][:200]}"

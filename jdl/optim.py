@@ -53,8 +53,7 @@ WEIGHT_DECAY_MASKS = ("kernels", "all")
 
 def _resolve(config: Mapping[str, Any]) -> dict[str, Any]:
   """`config` with defaults filled in; its keys, `accumulate_steps` and `ema_decay` checked."""
-  unknown = sorted(set(config) - set(OPTIMIZER_DEFAULTS))
-  if unknown:
+  if unknown := sorted(set(config) - set(OPTIMIZER_DEFAULTS)):
     raise ValueError(f"unknown optimizer config keys {unknown}; valid keys: "
                      f"{sorted(OPTIMIZER_DEFAULTS)}.")
   c = {**OPTIMIZER_DEFAULTS, **dict(config)}
@@ -148,9 +147,7 @@ def make_optimizer(config: Mapping[str, Any], *,
                          weight_decay=weight_decay, mask=decay_mask)
     else:
       core = optax.rmsprop(learning_rate, decay=c["b2"], eps=c["eps"], momentum=momentum)
-    if clip:
-      return optax.chain(optax.clip_by_global_norm(float(clip)), core)
-    return core
+    return optax.chain(optax.clip_by_global_norm(float(clip)), core) if clip else core
 
   tx = optax.inject_hyperparams(rule)(learning_rate=schedule)
   if ema_decay:

@@ -277,8 +277,7 @@ def _with_task_metrics(task: tasks_lib.Task, metrics: Metrics, outputs: Any, bat
                        ) -> Metrics:
   for metric in task.metrics:
     extra = metric(outputs, batch, tasks_lib.batch_mask(batch))
-    clash = sorted(set(extra) & set(metrics))
-    if clash:
+    if clash := sorted(set(extra) & set(metrics)):
       raise ValueError(f"metric {getattr(metric, '__name__', metric)!r} returned {clash}, which "
                        "another metric (or the loss) already reports; give its states other names.")
     metrics = {**metrics, **extra}

@@ -89,8 +89,7 @@ def robust_accuracy(apply_fn: ApplyFn, variables: Variables, inputs: np.ndarray 
       attack, epsilon, attack_kwargs.get("step_size"), attack_kwargs.get("num_steps", 10),
       attack_kwargs.get("random_start", True), has_key=key is not None)
   allowed = {"fgsm": {"loss"}, "pgd": {"step_size", "num_steps", "random_start", "loss"}}[attack]
-  unknown = sorted(set(attack_kwargs) - allowed)
-  if unknown:
+  if unknown := sorted(set(attack_kwargs) - allowed):
     raise ValueError(f"{attack} takes no options {unknown}; its options are {sorted(allowed)}.")
   num_examples = inputs.shape[0]
   key = jax.random.PRNGKey(0) if key is None else key

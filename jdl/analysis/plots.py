@@ -123,8 +123,7 @@ def plot_learning_curves(records: Sequence[Mapping[str, Any]], path: str) -> str
   `step` and `<prefix>_loss` (and `<prefix>_<metric>`) keys; missing values leave a gap.
   """
   records = [record for record in records if "step" in record]
-  prefixes = metric_prefixes(records)
-  if not prefixes:
+  if not (prefixes := metric_prefixes(records)):
     raise ValueError("records hold no `<prefix>_loss` values with a `step`: expected "
                      "metrics.jsonl records such as {'step': 100, 'train_loss': 0.5, ...}.")
   names = {key.removeprefix(f"{prefix}_") for record in records for key in record

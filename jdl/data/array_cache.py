@@ -70,8 +70,7 @@ def load_splits(dataset: str, splits: Sequence[str], *, data_dir: str | None = N
   for split in dict.fromkeys(splits) if use_cache else ():
     if (cached := read_cached_split(dataset, split, data_dir)) is not None:
       found[split] = cached
-  missing = [split for split in dict.fromkeys(splits) if split not in found]
-  if missing:
+  if missing := [split for split in dict.fromkeys(splits) if split not in found]:
     builder = loading.get_builder(dataset, data_dir)
     loading.prepare(builder, download=download, manual_dir=manual_dir)
     meta = loading.dataset_meta(builder)

@@ -134,8 +134,7 @@ def prepare(builder: tfds.core.DatasetBuilder, *, download: bool = True,
   urls = [urllib.parse.urlparse(url) for url in url_infos]
   hosts = sorted({(url.hostname, url.port or (443 if url.scheme == "https" else 80))
                   for url in urls if url.hostname})
-  unreachable = _unreachable_hosts(hosts, timeout_s=probe_timeout_s)
-  if unreachable:
+  if unreachable := _unreachable_hosts(hosts, timeout_s=probe_timeout_s):
     raise DatasetUnavailableError(
         how_to + f" Downloading is not possible: cannot reach {', '.join(unreachable)} "
         f"within {probe_timeout_s:g}s.")
