@@ -26,8 +26,7 @@ Metrics = dict[str, jax.Array]
 MetricFn = Callable[[Any, Mapping[str, Any], jax.Array], Metrics]
 
 
-def _merge_rule(key: str) -> str:
-  """"sum", "max", "min" or "watch": how the state under `key` merges."""
+def _merge_rule(key: str) -> str:  # "sum", "max", "min" or "watch"
   if key.startswith("nonfinite_"):
     return "watch"
   return next((rule for rule in ("max", "min") if key.endswith(f"_{rule}")), "sum")
@@ -145,7 +144,7 @@ def zero_metrics(like: Mapping[str, Any]) -> Metrics:
 
 
 def merge_metrics(total: Metrics | None, batch: Metrics) -> Metrics:
-  """Merges one batch's states into a running total (`total` may be `empty_metrics()`)."""
+  """Merges one batch's states into a running total (None: `empty_metrics()`)."""
   if total is None:
     return batch
   if total.keys() != batch.keys():
@@ -153,9 +152,8 @@ def merge_metrics(total: Metrics | None, batch: Metrics) -> Metrics:
   return _merge(dict(total), dict(batch))
 
 
-@jax.jit
+@jax.jit  # one compiled program, not one per op when called eagerly
 def _merge(total: Metrics, batch: Metrics) -> Metrics:
-  """The merge as one compiled program, not one per op when called eagerly."""
   combine = {"sum": jnp.add, "max": jnp.maximum, "min": jnp.minimum}
   merged = {key: combine[_merge_rule(key)](total[key], batch[key])
             for key in total if _merge_rule(key) != "watch"}

@@ -1,8 +1,7 @@
 """Batches made ready ahead of the step that needs them, by a background thread.
 
-Reading, checking and laying out a batch of a streaming source costs host time; a thread that
-walks the source ahead of training overlaps it with the step, so a step costs the larger of the
-two, not their sum.
+Reading, checking and laying out a batch of a streaming source costs host time; a thread walking
+the source ahead overlaps it with the step, so a step costs the larger of the two, not their sum.
 """
 
 from __future__ import annotations
@@ -93,8 +92,7 @@ class BatchPrefetcher:
     return itertools.islice(self.source.epoch(epoch), skip, None)
 
   @staticmethod
-  def _put(ready: queue.Queue, stop: threading.Event, item: Any) -> bool:
-    """Queues `item` unless stopped first; whether it was queued."""
+  def _put(ready: queue.Queue, stop: threading.Event, item: Any) -> bool:  # False: stopped first
     while not stop.is_set():
       with contextlib.suppress(queue.Full):
         ready.put(item, timeout=0.1)

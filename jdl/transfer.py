@@ -273,12 +273,10 @@ def load_pretrained_state(target_state: TrainState, source_state: TrainState, *,
 def trainable_mask(params: Params, freeze: Patterns) -> Params:
   """A pytree of bools like `params`: False for the parameters `freeze`'s patterns match (each
   pattern must match one)."""
-  patterns = as_patterns(freeze, "freeze")
-  items, treedef = _flatten(params)
-  paths = [path for path, _ in items]
+  patterns, paths = as_patterns(freeze, "freeze"), parameter_paths(params)
   _check_all_match(patterns, paths, "freeze")
-  return jax.tree_util.tree_unflatten(
-      treedef, [not any(path_matches(path, p) for p in patterns) for path in paths])
+  return jax.tree.unflatten(jax.tree.structure(params),
+                            [not any(path_matches(path, p) for p in patterns) for path in paths])
 
 
 def freeze(tx: optax.GradientTransformation, params: Params,
@@ -348,8 +346,7 @@ def per_group_optimizer(groups: Sequence[tuple[Any, ...]], params: Params, *,
   names = [name for name, _, _ in parsed]
   if len(set(names)) != len(names) or DEFAULT_GROUP in names:
     raise ValueError(f"group names must be unique and not {DEFAULT_GROUP!r}; got {names}.")
-  items, treedef = _flatten(params)
-  paths = [path for path, _ in items]
+  paths = parameter_paths(params)
   for name, patterns, _ in parsed:
     _check_all_match(patterns, paths, f"group {name!r}")
   labels = [next((name for name, patterns, _ in parsed
@@ -382,7 +379,7 @@ def per_group_optimizer(groups: Sequence[tuple[Any, ...]], params: Params, *,
     transforms[name] = (optax.set_to_zero() if _is_frozen(merged)  # also lr 0 from default
                         else optim.make_optimizer(merged, total_steps=inner_steps))
   tx: optax.GradientTransformation = optax.multi_transform(
-      transforms, jax.tree_util.tree_unflatten(treedef, labels))
+      transforms, jax.tree.unflatten(jax.tree.structure(params), labels))
   # The same nesting as jdl.make_optimizer: the EMA inside MultiSteps sees applied updates only.
   if whole["ema_decay"]:
     tx = optim.with_parameter_ema(tx, whole["ema_decay"])

@@ -27,7 +27,7 @@ from jdl.lazy_import import tensorflow_datasets as tfds
 
 
 def _offline_builder_types() -> tuple[type, ...]:
-  """The builders that generate their data; importing them registers them with TFDS."""
+  """The builders that generate their data (importing them registers them with TFDS)."""
   from jdl.data import mnist1d  # pylint: disable=import-outside-toplevel
 
   return (mnist1d.Mnist1d,)
@@ -93,11 +93,8 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
 
 def prepare(builder: tfds.core.DatasetBuilder, *, download: bool = True,
             manual_dir: str | None = None, probe_timeout_s: float = 5.0) -> None:
-  """Makes sure `builder`'s data is on disk, preparing it offline where it can (module docstring).
-
-  `probe_timeout_s` is how long to wait for the download hosts. Raises `DatasetUnavailableError`
-  when the data is missing and can be neither generated nor downloaded.
-  """
+  """Makes sure `builder`'s data is on disk, offline where it can (module docstring), waiting
+  `probe_timeout_s` for the download hosts; else raises `DatasetUnavailableError`."""
   if builder.is_prepared():
     return
   if _tfds_is_mocked() or isinstance(builder, _offline_builder_types()):
@@ -184,11 +181,8 @@ def dataset_meta(builder: tfds.core.DatasetBuilder) -> DatasetMeta:
 
 
 def scale_inputs(inputs: np.ndarray | tf.Tensor):
-  """Scales uint8 pixels to float32 in [0, 1]; other numeric inputs just become float32.
-
-  Tensors (in a tf.data map) are scaled with TensorFlow, arrays with numpy, without importing
-  TensorFlow; both divide in float32, so they give the same bits.
-  """
+  """Scales uint8 pixels to float32 in [0, 1]; other numeric inputs just become float32. Tensors
+  (in a tf.data map) are scaled with TensorFlow, arrays with numpy: the same bits."""
   if "tensorflow" in sys.modules and isinstance(inputs, tf.Tensor):
     values = tf.cast(inputs, tf.float32)
   else:
@@ -198,11 +192,8 @@ def scale_inputs(inputs: np.ndarray | tf.Tensor):
 
 def read_split(builder: tfds.core.DatasetBuilder, split: str, *, shuffle_files: bool = False,
                seed: int = 0) -> tf.data.Dataset:
-  """A split as an unbatched tf.data pipeline of scaled `(input, label)` pairs.
-
-  `shuffle_files` is ignored for datasets stored in a fixed order (`disable_shuffling`), which
-  TFDS refuses to read shuffled; shuffle their examples downstream instead.
-  """
+  """A split as an unbatched tf.data pipeline of scaled `(input, label)` pairs; `shuffle_files`
+  is ignored for datasets stored in a fixed order (`disable_shuffling`): TFDS refuses it."""
   shuffle_files = shuffle_files and not builder.info.disable_shuffling
   read_config = tfds.ReadConfig(shuffle_seed=seed) if shuffle_files else None
   dataset = builder.as_dataset(split=split, as_supervised=True, shuffle_files=shuffle_files,
