@@ -128,8 +128,7 @@ def _amount(spec: Mapping[str, Any], key: str, upper: float = math.inf) -> float
 
 
 def validate_spec(spec: Mapping[str, Any] | None) -> dict[str, Any]:
-  """The spec, checked (an unknown key or bad value is a ValueError), as a plain dict with every
-  key filled in; a key set to None takes its default."""
+  """The spec, checked, as a plain dict with every key filled in (a key set to None: default)."""
   if hasattr(spec, "to_dict"):  # ml_collections.ConfigDict / FrozenConfigDict
     spec = spec.to_dict()
   if spec is not None and not isinstance(spec, Mapping):

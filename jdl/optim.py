@@ -240,8 +240,7 @@ def learning_rates(opt_state: optax.OptState) -> dict[str, jax.Array]:
 
 
 def ema_parameters(opt_state: optax.OptState) -> Params | None:
-  """The parameter average `with_parameter_ema` keeps anywhere in `opt_state` (float32 or wider);
-  None when there is none."""
+  """The parameter average of a `with_parameter_ema` anywhere in `opt_state`, or None."""
   found = _find(opt_state, lambda node: isinstance(node, ParameterEmaState))
   if len(found) > 1:
     raise ValueError(f"ema_parameters found {len(found)} parameter EMAs in the optimizer state; "

@@ -244,8 +244,7 @@ class ResidentEngine:
         eval_all.lower(jax.eval_shape(self.eval_state, state), *self.eval_arrays[name]).compile()
 
   def advance(self, state: State, step: int, limit: int) -> tuple[State, Metrics, int]:
-    """Trains from `step` towards `limit` in one compiled call, donating the state; returns the
-    state, the metric sums and the steps taken."""
+    """One compiled call from `step` towards `limit`, donating the state: `(state, sums, steps)`."""
     self._build(state)
     length = limit - step
     if self.steps_per_call is not None:

@@ -371,8 +371,7 @@ def _check_mode(mode: str) -> None:
 
 
 def sort_rows(rows: Sequence[Row], metric: str = "test_accuracy", mode: str = "max") -> list[Row]:
-  """The rows best first: finished trials by `metric`, then pruned ones by their last value,
-  then the rest in trial order."""
+  """The rows best first: finished by `metric`, pruned by their last value, then the rest."""
   _check_mode(mode)
 
   def key(row: Row) -> tuple[int, float]:

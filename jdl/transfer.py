@@ -271,8 +271,7 @@ def load_pretrained_state(target_state: TrainState, source_state: TrainState, *,
 
 
 def trainable_mask(params: Params, freeze: Patterns) -> Params:
-  """A pytree of bools like `params`: False for the parameters `freeze`'s patterns match (each
-  pattern must match one)."""
+  """Bools like `params`: False where `freeze`'s patterns match (each pattern must match one)."""
   patterns, paths = as_patterns(freeze, "freeze"), parameter_paths(params)
   _check_all_match(patterns, paths, "freeze")
   return jax.tree.unflatten(jax.tree.structure(params),

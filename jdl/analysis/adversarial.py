@@ -248,8 +248,7 @@ def _check_count(value: Any, name: str) -> None:
 
 def _check_attack(inputs: Any = None, labels: Any = None, *, epsilon: Any, norm: Any,
                   value_range: Any, loss: Any) -> tuple[LossFn, tuple[float, float] | None]:
-  """Checks the options every attack shares, and the inputs and labels (if given) against them;
-  returns the loss function and the range as floats."""
+  """Checks the options every attack shares, and the inputs and labels if given: `(loss, range)`."""
   _check_number(epsilon, "epsilon", positive=False, meaning="the radius of the perturbation ball")
   if norm not in NORMS:
     raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}.")

@@ -140,8 +140,7 @@ def _target_scores(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
 
 def _score_gradients(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
                      targets: jax.Array, use_probabilities: bool) -> jax.Array:
-  """`[B, ...]`: each example's target-score gradient, as the gradient of the batch sum (in
-  inference mode examples are independent)."""
+  """`[B, ...]` target-score gradients: of the batch sum, as inference mode keeps examples apart."""
   gradients = jax.grad(lambda x: jnp.sum(_target_scores(apply_fn, variables, x, targets,
                                                         use_probabilities)))(inputs)
   return gradients.astype(jnp.float32)

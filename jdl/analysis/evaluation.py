@@ -49,8 +49,7 @@ def apply_in_batches(apply_fn: ApplyFn, variables: Any, inputs: np.ndarray | jax
 
 def predict(state: TrainState, inputs: np.ndarray | jax.Array, *,
             batch_size: int = 1000) -> np.ndarray:
-  """`apply_in_batches` of `state`'s model (e.g. `jdl.runs.load_run(workdir).state`), checking the
-  inputs are `[num_examples, *state.input_shape]`."""
+  """`apply_in_batches` of `state`'s model on `[num_examples, *state.input_shape]` inputs."""
   inputs = np.asarray(inputs)
   if tuple(inputs.shape[1:]) != tuple(state.input_shape):
     raise ValueError(f"inputs have per-example shape {tuple(inputs.shape[1:])} (batch shape "
@@ -189,8 +188,7 @@ def reliability_diagram_data(probabilities: np.ndarray, labels: np.ndarray, *,
 
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, *,
                                num_bins: int = 15) -> float:
-  """Expected calibration error (Guo et al. 2017): the count-weighted mean gap between accuracy
-  and confidence over `num_bins` equal-width confidence bins."""
+  """Expected calibration error (Guo et al. 2017) over `num_bins` equal-width confidence bins."""
   return reliability_diagram_data(probabilities, labels,
                                   num_bins=num_bins).expected_calibration_error()
 
@@ -255,7 +253,6 @@ def evaluate_outputs(outputs: np.ndarray, labels: np.ndarray, *,
 def evaluate_classifier(state: TrainState, inputs: np.ndarray, labels: np.ndarray, *,
                         class_names: Sequence[str] | None = None, top_k: Sequence[int] = (1, 5),
                         num_bins: int = 15, batch_size: int = 1000) -> EvaluationReport:
-  """Runs `state`'s model over `inputs` in eval mode (`predict`) and evaluates its outputs against
-  `labels` (`evaluate_outputs`)."""
+  """`evaluate_outputs` of the model's outputs (`predict`) against `labels`."""
   return evaluate_outputs(predict(state, inputs, batch_size=batch_size), labels,
                           class_names=class_names, top_k=top_k, num_bins=num_bins)

@@ -34,8 +34,7 @@ def _require(module: str) -> Any:
 
 def _black_box(apply_fn: ApplyFn, variables: Any, example_shape: Sequence[int], dtype: np.dtype,
                *, softmax: bool = False) -> Callable[[np.ndarray], np.ndarray]:
-  """`[n, features] -> [n, num_outputs]` float64 model outputs (their softmax probabilities with
-  `softmax`), in fixed-size compiled batches."""
+  """`[n, features] -> [n, outputs]` float64 outputs (softmax probabilities with `softmax`)."""
 
   def predict(flat: np.ndarray) -> np.ndarray:
     count = len(flat)

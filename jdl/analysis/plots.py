@@ -228,8 +228,7 @@ def plot_examples(examples: np.ndarray, path: str, *, title: str | None = None,
 
 
 def plot_reliability_diagram(bins: ReliabilityBins, path: str) -> str:
-  """Each confidence bin's accuracy against the diagonal of perfect calibration, with the ECE in
-  the title and the number of examples per bin below."""
+  """Each confidence bin's accuracy against the diagonal, the ECE in the title, bin counts below."""
   ece = bins.expected_calibration_error()  # a ValueError for bins without examples
   width = bins.upper - bins.lower
   filled = bins.count > 0
@@ -372,8 +371,7 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str, *, x: str,
 
 def plot_trial_curves(rows: Sequence[Mapping[str, Any]], path: str, *,
                       metric: str = "test_accuracy") -> str:
-  """Each trial's `metric` at every evaluation (the rows' `curve`), pruned trials dashed: how the
-  pruner cut the sweep."""
+  """Each trial's `metric` at every evaluation (its `curve`), pruned trials dashed."""
   figure, axis = _figure((6.4, 4.4))
   for row in rows:
     if row["curve"]:

@@ -84,8 +84,7 @@ def load_splits(dataset: str, splits: Sequence[str], *, data_dir: str | None = N
 
 
 def data_dir_root(data_dir: str | None) -> str:
-  """The absolute TFDS data dir: `data_dir`, or TFDS's default (`$TFDS_DATA_DIR`, else
-  `~/tensorflow_datasets`)."""
+  """The absolute TFDS data dir: `data_dir`, else `$TFDS_DATA_DIR` or `~/tensorflow_datasets`."""
   if data_dir is None:
     data_dir = os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")  # expanded below
   return os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
@@ -111,8 +110,7 @@ def cache_path(key: Mapping[str, Any], data_dir: str | None) -> str:
 
 
 def read_cached_split(dataset: str, split: str, data_dir: str | None) -> RawSplit | None:
-  """The cached split, or None when there is no valid one; an unreadable file is logged and left
-  for `write_cached_split` to replace."""
+  """The cached split, or None; an unreadable file is logged and left for the writer to replace."""
   if _is_remote(data_dir):
     return None
   key = cache_key(dataset, split)

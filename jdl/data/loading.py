@@ -158,8 +158,7 @@ def _unreachable_hosts(hosts: Sequence[tuple[str, int]], *, timeout_s: float) ->
 
 
 def dataset_meta(builder: tfds.core.DatasetBuilder) -> DatasetMeta:
-  """The `DatasetMeta` of a supervised classification dataset with fixed-shape numeric inputs (a
-  ValueError for any other)."""
+  """The `DatasetMeta` of a classifier dataset with fixed-shape numeric inputs; else ValueError."""
   info = builder.info
   if not info.supervised_keys:
     raise ValueError(f"dataset {builder.name!r} has no supervised (input, label) keys.")
@@ -215,8 +214,7 @@ def load_raw_split_arrays(builder: tfds.core.DatasetBuilder,
 
 
 def as_model_arrays(inputs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Raw split arrays as the model takes them: `scale_inputs(inputs)` and int32 labels, the same
-  bits as `read_split` gives through tf.data."""
+  """Raw split arrays as the model takes them, the bits `read_split` gives through tf.data."""
   return scale_inputs(inputs), labels.astype(np.int32)
 
 

@@ -56,8 +56,7 @@ def pad_batch(inputs: Any, labels: Any, batch_size: int,
 
 
 def num_rows(tree: Any) -> int:
-  """The leading (example) dimension shared by every array of `tree` (a ValueError if there is
-  none)."""
+  """The leading (example) dimension shared by every array of `tree`; a ValueError if none."""
   sizes = {int(np.shape(leaf)[0]) if np.ndim(leaf) else None for leaf in jax.tree.leaves(tree)}
   if len(sizes) != 1 or None in sizes:
     raise ValueError("every array of a batch needs the same leading example dimension; got "

@@ -85,8 +85,7 @@ class CharVocabulary(_Vocabulary):
     return len(self.chars)
 
   def encode(self, text: str) -> np.ndarray:
-    """The ids of the characters of `text`, int32 `[len(text)]`; an unknown character raises a
-    ValueError that names it."""
+    """The int32 ids of the characters of `text`; an unknown character is a ValueError naming it."""
     if not isinstance(text, str):
       raise ValueError(f"encode takes a string; got {type(text).__name__}.")
     codes = _code_points(text)
@@ -217,8 +216,7 @@ class TokenWindowSource(ProcessShare):
                      for _ in range(self.steps_per_epoch)])
 
   def epoch(self, index: int) -> Iterator[Batch]:
-    """The batches of epoch `index`: `input`, `label` int32 `[local_batch, block_size]` and an
-    all-True `mask` `[local_batch]`."""
+    """Epoch `index`: `input`, `label` int32 `[local_batch, block_size]`, an all-True `mask`."""
     return self.epoch_from(index, 0)
 
   def epoch_from(self, index: int, first: int) -> Iterator[Batch]:
@@ -336,8 +334,7 @@ def load_text_classification_data(
 
 def _read_texts(builder: tfds.core.DatasetBuilder, split: str, text_key: str,
                 label_key: str | None = None) -> tuple[list[str], np.ndarray]:
-  """A split's texts (decoded from UTF-8) and labels (int32; none without `label_key`), in the
-  order TFDS stores them."""
+  """A split's texts (from UTF-8) and int32 labels (none without `label_key`), in TFDS's order."""
   texts, labels = [], [np.zeros((0,), np.int32)]
   dataset = builder.as_dataset(split=split, shuffle_files=False).batch(1024)
   for batch in tfds.as_numpy(dataset):
@@ -350,8 +347,7 @@ def _read_texts(builder: tfds.core.DatasetBuilder, split: str, text_key: str,
 
 
 def _check_tokens(tokens: np.ndarray, block_size: int, *, extra: int) -> np.ndarray:
-  """`tokens` as an array, after checking they are a 1-D stream of at least `block_size + extra`
-  integer ids in `[0, 2**31)`."""
+  """`tokens` as an array, checked: a 1-D stream of >= `block_size + extra` ids in `[0, 2**31)`."""
   if not isinstance(block_size, (int, np.integer)) or block_size < 1:
     raise ValueError(f"block_size must be an integer >= 1; got {block_size!r}.")
   tokens = np.asarray(tokens)
