@@ -62,8 +62,7 @@ class ArrayOps(NamedTuple):
 
   `xp` is the module whose `where`, `reshape`, `argsort(stable=True)`, `stack`, `minimum`,
   `maximum`, `ones` and `shape` the code calls as they are (jax.numpy or tensorflow). `key` is a
-  jax PRNG key or a TF stateless seed; draws are int32 (`randint`, `[low, high)`) or float32.
-  """
+  jax PRNG key or a TF stateless seed; draws are int32 (`randint`, `[low, high)`) or float32."""
 
   xp: Any
   asarray: Callable[[Any], Any]
@@ -304,8 +303,7 @@ def apply_params(batch: Batch, params: Mapping[str, jax.Array], spec: Mapping[st
 
   Its `input` `[B, ...]` is augmented (same shape and dtype) and the other keys pass through;
   with mixup, `label` is needed, and `mix_label` (the partner's label) and `mix_weight` (float32
-  `[B]`, the weight of `label`) are added.
-  """
+  `[B]`, the weight of `label`) are added."""
   spec = validate_spec(spec)
   inputs, shape = _inputs(ops, batch)
   check_input_shape(shape, spec)

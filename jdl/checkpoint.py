@@ -105,8 +105,7 @@ class Checkpointer:
   given to `save`, e.g. "test_accuracy"), the best by it (`mode` "max"/"min"; None: "min" for a
   loss or error, else "max") across resumes. `asynchronous` writes a host copy in a background
   thread in a single process (`wait` or `close` block until it is on disk). `writable=False`
-  opens for reading only; an unwritable `directory` raises `CheckpointWriteError` at once.
-  """
+  opens for reading only; an unwritable `directory` raises `CheckpointWriteError` at once."""
 
   def __init__(self, directory: str, *, keep: int = 3, best_metric: str | None = None,
                mode: str | None = None, asynchronous: bool = True, writable: bool = True) -> None:
@@ -263,8 +262,7 @@ class Checkpointer:
 
     One that fails (truncated, a checksum) is reported with `log`, moved aside with
     `move_unusable` (a read-only load passes False), and the one before it tried. Raises
-    CheckpointError when all failed and one came from another model, rather than start over.
-    """
+    CheckpointError when all failed and one came from another model, rather than start over."""
     mismatched = []
     for step in reversed(self.steps()):
       try:

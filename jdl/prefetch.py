@@ -23,8 +23,7 @@ class BatchPrefetcher:
   `get(step)` returns the batch of `step`; asking for another step than the next one (a resume, a
   seek) starts the walk again from there, skipping the epoch's earlier batches (without reading
   them where the source has `epoch_from`). An error raised in the thread is raised by `get`.
-  `close()` stops the thread; it is a daemon, so an unclosed one never blocks exit.
-  """
+  `close()` stops the thread; it is a daemon, so an unclosed one never blocks exit."""
 
   def __init__(self, source: Any, prepare: Callable[[Any], Any], depth: int = 2) -> None:
     if depth < 1:

@@ -196,8 +196,7 @@ class ResidentEngine:
   by `compile(state)`, ahead of time). `train_step` may be vmapped over a stacked state (a sweep);
   `eval_data` is one split, `{name: split}` or None; `place` and `constrain` are the runner's
   `place_replicated` and `constrain_batch`; `eval_state` maps the trained state to the evaluated
-  one (the parameter EMA). Where loops are slow each call runs one step, unless `steps_per_call`.
-  """
+  one (the parameter EMA). Where loops are slow each call runs one step, unless `steps_per_call`."""
 
   def __init__(self, train_step: TrainStep, eval_step: EvalStep | None, train_data: ArraySource,
                eval_data: ArraySource | Mapping[str, ArraySource] | None = None, *,

@@ -107,8 +107,7 @@ def make_train_step(task: tasks_lib.Task | None = None, *,
   gradients, optimizer state and loss). `microbatches` accumulates gradients: the batch (a
   multiple of it) runs as this many parts in one compiled loop, their gradients summed into the
   whole batch's (equal up to float rounding, without batch statistics) and reduced across devices
-  once; each part's random streams fold in its index.
-  """
+  once; each part's random streams fold in its index."""
   task = _checked_task(task)
   compute_dtype = check_compute_dtype(compute_dtype)
   if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:

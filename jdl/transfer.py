@@ -247,8 +247,7 @@ def load_pretrained(target_params: Params, source_params: Params, *, rename: Ren
   "backbone/Dense_0/kernel" into "Dense_0/kernel" (also `(old, new)` pairs). `skip` leaves target
   paths initialised even where the source fits (a same-shaped head whose classes differ). A
   rename or skip that matches nothing, two source paths renamed to one, or nothing loaded at all
-  is a ValueError listing both models' paths.
-  """
+  is a ValueError listing both models' paths."""
   (params,), report = _restore([(target_params, source_params, "")], rename, skip)
   return params, report
 
@@ -333,8 +332,7 @@ def per_group_optimizer(groups: Sequence[tuple[Any, ...]], params: Params, *,
   `{"frozen": True}` or has `learning_rate` 0 is frozen; `default=None` trains only the groups.
   `accumulate_steps` and `ema_decay` (`WHOLE_OPTIMIZER_KEYS`) are taken from `default` only and
   applied once around all groups. A pattern that matches no parameter, a group that claims none
-  (an earlier group has all it matches) and repeated names are ValueErrors.
-  """
+  (an earlier group has all it matches) and repeated names are ValueErrors."""
   default_frozen = _is_frozen(default)
   base = {} if default is None or default.get("frozen") else dict(default)
   base.pop("frozen", None)

@@ -139,8 +139,7 @@ def train_vmapped(
   None: the config's) and `PRNGKey(seeds[i])` (initialisation and dropout; None: 0) ends, up to
   float rounding. A single rate or seed applies to every member. The steps default to
   `jdl.make_train_step(check_finite=True)` and `make_eval_step()`. Evaluations come every
-  `eval_every_steps` (None: every epoch) and at the last step, with a line each to `log`.
-  """
+  `eval_every_steps` (None: every epoch) and at the last step, with a line each to `log`."""
   for name, source in (("train_data", train_data), ("eval_data", eval_data)):
     if source is not None and not isinstance(source, data_lib.ArraySource):
       raise ValueError(f"train_vmapped keeps the data on the device, so {name} must be an "
@@ -241,8 +240,7 @@ def vmap_sweep(config: ml_collections.ConfigDict, trials: Sequence[Mapping[str, 
   """Trains all `trials` of an experiment config at once (`train_vmapped`), one member each.
 
   Trials may set only `VMAP_KEYS` (else ConfigError); everything else, the data order included,
-  comes from `config`, which must be an in-memory classification config (else ValueError).
-  """
+  comes from `config`, which must be an in-memory classification config (else ValueError)."""
   trials = [dict(t) for t in trials]
   if not trials:
     raise ValueError("vmap_sweep needs at least one trial.")
@@ -283,8 +281,7 @@ def run_vmapped_study(
   loss or gradient became NaN or infinite is failed. If training the batch raises, its trials are
   failed and the exception is raised. `config` is an in-memory classification task; a line per
   batch goes to `log`. Returns one `VmappedRun` per batch (the members in their trials' order).
-  Raises ConfigError, before anything trains, if the space varies a key outside `VMAP_KEYS`.
-  """
+  Raises ConfigError, before anything trains, if the space varies a key outside `VMAP_KEYS`."""
   if others := sorted(set(space) - set(VMAP_KEYS)):
     raise ConfigError(f"a vmapped sweep varies only {list(VMAP_KEYS)} (one model and optimizer "
                       f"for every member); the space also sets {others}. Sweep it without --vmap.")

@@ -58,8 +58,7 @@ def pgd(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array, labels: jax.
   From a uniformly random point of the ball (`key` required) or the clean input, `num_steps`
   times: step `step_size` along the gradient's sign (L-inf) or normalised gradient (L2), then
   project onto the ball around the clean input and clip to `value_range`. The default step size,
-  `2.5 * epsilon / num_steps` (Madry et al.), lets the iterate cross the ball from any start.
-  """
+  `2.5 * epsilon / num_steps` (Madry et al.), lets the iterate cross the ball from any start."""
   loss_fn, value_range = _check_attack(inputs, labels, epsilon=epsilon, norm=norm,
                                        value_range=value_range, loss=loss)
   step_size, _, _ = _attack_steps("pgd", epsilon, step_size, num_steps, random_start,
@@ -132,8 +131,7 @@ def make_adversary(epsilon: float, *, attack: str = "pgd", norm: str = "linf",
   the gradient at the maximiser), which runs the model with `train=False` and replaces
   `batch["input"]`, or a random `fraction` of it each step. `attack="fgsm"` ignores PGD's
   options; `attack="pgd", num_steps=1, step_size=1.25 * epsilon` is FGSM from a random start, the
-  "fast" adversarial training of Wong et al., 2020.
-  """
+  "fast" adversarial training of Wong et al., 2020."""
   loss_fn, value_range = _check_attack(epsilon=epsilon, norm=norm, value_range=value_range,
                                        loss=loss)
   step_size, num_steps, random_start = _attack_steps(  # the train step hands the adversary a key

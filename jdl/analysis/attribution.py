@@ -84,8 +84,7 @@ def integrated_gradients(
   the trapezoid takes `steps + 1` gradients, the others `steps`) over `steps` intervals.
   `sum(attributions) = score(x) - score(baseline)` up to the quadrature error (as `saliency`'s
   `reduce_channels` is a sum, it keeps this); `return_convergence_delta` also returns the `[B]`
-  error `sum(attributions) - (score(x) - score(baseline))`: a large one needs more `steps`.
-  """
+  error `sum(attributions) - (score(x) - score(baseline))`: a large one needs more `steps`."""
   _check_positive_int(steps, "steps")
   if method not in IG_METHODS:
     raise ValueError(f"unknown integrated gradients method {method!r}; expected one of "
@@ -116,8 +115,7 @@ def occlusion(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
   first k axes. A last window flush with the end covers any tail. Each element's attribution is
   the mean drop, `score(x) - score(occluded x)`, over the windows that cover it, as float32 shaped
   like `inputs`. `stride`, like `window`, defaults to `window` (no overlap). Integer inputs (token
-  ids) are allowed, with an integer `fill` (usually the padding id).
-  """
+  ids) are allowed, with an integer `fill` (usually the padding id)."""
   inputs, targets = _check_call(apply_fn, variables, inputs, target_classes, "occlusion",
                                 needs_gradient=False, reduce_channels=False,
                                 points_per_call=points_per_call)

@@ -144,8 +144,7 @@ class ReliabilityBins:
   An example's confidence is its highest class probability; bin `b` holds the confidences in
   `(lower[b], upper[b]]` (the first bin also holds 0). Each field is `[num_bins]`: `confidence`
   and `accuracy` are the mean confidence and the fraction predicted correctly of the bin's
-  examples (NaN for an empty bin), `count` their number.
-  """
+  examples (NaN for an empty bin), `count` their number."""
 
   lower: np.ndarray
   upper: np.ndarray

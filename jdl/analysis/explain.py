@@ -84,8 +84,7 @@ def shap_values(apply_fn: ApplyFn, variables: Any, inputs: Any, background: Any,
   `background` (`[num_background, *input_shape]`) stands for "feature unknown": a few dozen
   training examples (the cost grows with their number). `target_classes` (`[num_examples]`)
   defaults to the predicted classes. `max_evals` per example is at least 2 * features + 1 (one
-  permutation forward and back), each over the whole background; None: that, or 500 if larger.
-  """
+  permutation forward and back), each over the whole background; None: that, or 500 if larger."""
   shap = _require("shap")
   inputs, targets = _checked(inputs, target_classes, "shap_values")
   background = _reference_examples(background, inputs, "background", minimum=1)
@@ -127,8 +126,7 @@ def lime_explanations(apply_fn: ApplyFn, variables: Any, inputs: Any, training_i
   """LIME (the `lime` package's tabular explainer, every input element a feature) for each
   example: a linear model of the target class's probability fitted to `num_samples` perturbed
   copies, whose features draw quartile bins of `training_inputs` (`[num_training,
-  *input_shape]`), weighted by their closeness to the example. Otherwise as `shap_values`.
-  """
+  *input_shape]`), weighted by their closeness to the example. Otherwise as `shap_values`."""
   lime_tabular = _require("lime.lime_tabular")
   inputs, targets = _checked(inputs, target_classes, "lime_explanations")
   training = _reference_examples(training_inputs, inputs, "training_inputs", minimum=4,

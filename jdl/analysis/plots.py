@@ -120,8 +120,7 @@ def plot_learning_curves(records: Sequence[Mapping[str, Any]], path: str) -> str
   against the step, one panel each, for training and every evaluation split.
 
   `records` are the run's `metrics.jsonl` records (`jdl.writers.read_jsonl(workdir)`), each with
-  `step` and `<prefix>_loss` (and `<prefix>_<metric>`) keys; missing values leave a gap.
-  """
+  `step` and `<prefix>_loss` (and `<prefix>_<metric>`) keys; missing values leave a gap."""
   records = [record for record in records if "step" in record]
   if not (prefixes := metric_prefixes(records)):
     raise ValueError("records hold no `<prefix>_loss` values with a `step`: expected "

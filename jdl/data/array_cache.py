@@ -61,8 +61,7 @@ def load_splits(dataset: str, splits: Sequence[str], *, data_dir: str | None = N
 
   Returns `(meta, {split: (inputs float32, labels int32)})`: the arrays of
   `jdl.data.load_split_arrays`, bit for bit, and the metadata of `jdl.data.dataset_meta`.
-  `download` and `manual_dir` are `jdl.data.prepare`'s, for a dataset not yet prepared.
-  """
+  `download` and `manual_dir` are `jdl.data.prepare`'s, for a dataset not yet prepared."""
   if not splits:
     raise ValueError(f"load_splits needs at least one split of {dataset!r}; got none.")
   use_cache = cache and not loading._tfds_is_mocked()  # pylint: disable=protected-access

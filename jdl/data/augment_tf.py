@@ -27,8 +27,7 @@ def _beta(seed: tf.Tensor, alpha: float, batch_size: Any) -> tf.Tensor:
 
   A Gamma(alpha) draw for small alpha underflows float32 (both gammas can be 0, giving 0 / 0).
   `G = G' * U ** (1 / alpha)` with `G' ~ Gamma(alpha + 1)`, `U ~ U(0, 1]` has the same law, and its
-  log never underflows; the ratio is then `sigmoid(log G1 - log G2)`.
-  """
+  log never underflows; the ratio is then `sigmoid(log G1 - log G2)`."""
   seeds = tf.random.experimental.stateless_split(seed, 4)
   log_gammas = []
   for index in range(2):

@@ -98,8 +98,7 @@ def index_permutation(key: jax.Array, n: int, *, rounds: int = SHUFFLE_ROUNDS) -
   Rackoff: four suffice), is a bijection of `[0, 4**half)`; values at n or above are encrypted
   again until they fall below n ("cycle walking": the domain is under 4n). Positions and pairwise
   orders come out uniform within sampling error (tests/data_test.py). On fewer bits they do not,
-  so small n use `jax.random.permutation`, whose sorts are cheap there.
-  """
+  so small n use `jax.random.permutation`, whose sorts are cheap there."""
   if n < 1:
     raise ValueError(f"a permutation needs n >= 1; got {n}.")
   if n < SORT_FREE_MIN_EXAMPLES:
@@ -198,8 +197,7 @@ class ArraySource(ProcessShare):
   `inputs` and `labels` are arrays or pytrees of arrays (a dict of two inputs, several targets)
   with one leading example axis. In a multi-process run every process holds the same arrays and
   seed, and process `p` of `P` yields rows `[p * B / P, (p + 1) * B / P)` of each global batch
-  (padding included), so the shares put together are exactly the single-process batch.
-  """
+  (padding included), so the shares put together are exactly the single-process batch."""
 
   def __init__(self, inputs: Any, labels: Any, batch_size: int, *, shuffle: bool,
                seed: int = 0, process_index: int = 0, process_count: int = 1) -> None:
@@ -240,8 +238,7 @@ class TFDataSource(ProcessShare):
 
   In a multi-process run `dataset` is this process's share of the split (`tfds.even_splits`) and
   `num_examples` the size of the largest share: a process whose share runs out first pads with
-  fully masked batches, so all processes take the same number of steps.
-  """
+  fully masked batches, so all processes take the same number of steps."""
 
   def __init__(self, dataset: tf.data.Dataset, num_examples: int, batch_size: int, *,
                shuffle: bool, seed: int = 0, shuffle_buffer: int = 10_000, process_index: int = 0,

@@ -182,8 +182,7 @@ class TokenWindowSource(ProcessShare):
   Each example is a window of `block_size + 1` consecutive tokens at a random start, `input =
   window[:-1]`, `label = window[1:]`; every row is real. Epoch `e` draws its starts from
   `epoch_seed(seed, e)`, so it replays exactly; an "epoch" is `steps_per_epoch` batches. All
-  processes draw the same global starts, and each yields its rows of every global batch.
-  """
+  processes draw the same global starts, and each yields its rows of every global batch."""
 
   def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, *, seed: int = 0,
                steps_per_epoch: int | None = None, process_index: int = 0,
@@ -270,8 +269,7 @@ def load_char_lm_data(
   in windows) and the vocabulary of the training split (an eval character it lacks is an error).
 
   The other arguments are `jdl.data.load_classification_data`'s. Offline, tiny_shakespeare
-  prepares from a `manual_dir` holding the char-rnn `input.txt`.
-  """
+  prepares from a `manual_dir` holding the char-rnn `input.txt`."""
   builder = get_builder(name, data_dir)
   prepare(builder, download=download, manual_dir=manual_dir)
   train_text = read_text(builder, train_split)
@@ -300,8 +298,7 @@ def load_text_classification_data(
   """`(train_source, eval_source, meta, vocab)` of a TFDS dataset whose supervised keys are a
   text and a class label: int32 `[max_length]` word ids (longer texts cut, shorter ones padded
   with 0 at the end) of the `max_words` ids, padding and unknown included, of the training split's
-  most frequent words. The other arguments are `jdl.data.load_classification_data`'s.
-  """
+  most frequent words. The other arguments are `jdl.data.load_classification_data`'s."""
   if max_length < 1:
     raise ValueError(f"max_length must be >= 1; got {max_length}.")
   builder = get_builder(name, data_dir)

@@ -163,8 +163,7 @@ class RNNClassifier(nn.Module):
   Inputs are `[B, T]` integer token ids (with `vocab_size`; id 0 is end padding) or `[B, T]` /
   `[B, T, F]` float signals. One LSTM layer (H = 128) over 10,000 tokens embedded in 128, with 2
   classes, has 1,411,842 parameters. `cell`, `hidden`, `bidirectional` and `initializer` are as
-  in `Recurrent`.
-  """
+  in `Recurrent`."""
 
   num_classes: int
   cell: str = "lstm"

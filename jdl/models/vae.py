@@ -20,8 +20,7 @@ class VAE(nn.Module):
 
   The encoder gives the `mean` and `log_variance` (`[batch, latent]`) of a diagonal Gaussian; a
   code drawn from it (reparameterised, from `SAMPLE_STREAM`, in eval mode too: the ELBO is an
-  expectation) is decoded to a `reconstruction` shaped like the input; `decode` maps codes alone.
-  """
+  expectation) is decoded to a `reconstruction` shaped like the input; `decode` maps codes alone."""
 
   hidden: Sequence[int] = (128,)
   latent: int = 8
