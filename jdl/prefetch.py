@@ -20,10 +20,9 @@ class BatchPrefetcher:
   """The batches of a `jdl.data.BatchSource` from any step on, each passed through `prepare`
   (checks, device placement) in a thread, up to `depth` ahead.
 
-  `get(step)` returns the batch of `step`; asking for another step than the next one (a resume, a
-  seek) starts the walk again from there, skipping the epoch's earlier batches (without reading
-  them where the source has `epoch_from`). An error raised in the thread is raised by `get`.
-  `close()` stops the thread; it is a daemon, so an unclosed one never blocks exit."""
+  `get(step)` returns the batch of `step`; asking for another step than the next (a resume) walks
+  again from there (without reading the epoch's earlier batches where the source has
+  `epoch_from`), and raises what the thread raised. `close()` stops the (daemon) thread."""
 
   def __init__(self, source: Any, prepare: Callable[[Any], Any], depth: int = 2) -> None:
     if depth < 1:

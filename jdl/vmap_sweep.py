@@ -53,9 +53,9 @@ def make_member_optimizer(optimizer_config: Mapping[str, Any], *,
                           total_steps: int | None = None) -> optax.GradientTransformation:
   """`jdl.optim.make_optimizer(optimizer_config)` with its peak learning rate in its state.
 
-  The chain is `make_optimizer`'s at learning rate 1, then `scale_by_member_learning_rate`, wrapped
-  like `make_optimizer` in the parameter EMA and gradient accumulation. Every rule's update is
-  proportional to its learning rate, so this gives `make_optimizer`'s updates up to float rounding.
+  `make_optimizer`'s chain at learning rate 1, then `scale_by_member_learning_rate`, wrapped like
+  `make_optimizer`'s: every rule's update is proportional to its learning rate, so the updates
+  are `make_optimizer`'s up to float rounding.
   """
   config = {**optim.OPTIMIZER_DEFAULTS, **dict(optimizer_config)}
   optim.make_optimizer(config, total_steps=total_steps)  # the same checks and error messages
@@ -276,12 +276,10 @@ def run_vmapped_study(
   """Asks `study` for `members` trials at a time, trains each batch at once (`vmap_sweep`) and
   tells the study every member's evaluation records, until it has `num_trials` finished trials.
 
-  The members of a batch run in one program to the end, so the pruner stops none of them; their
-  intermediate values are still reported, and inform later batches' samplers. A member whose
-  loss or gradient became NaN or infinite is failed. If training the batch raises, its trials are
-  failed and the exception is raised. `config` is an in-memory classification task; a line per
-  batch goes to `log`. Returns one `VmappedRun` per batch (the members in their trials' order).
-  Raises ConfigError, before anything trains, if the space varies a key outside `VMAP_KEYS`."""
+  A batch runs in one program to the end, so the pruner stops none of its members (their values
+  still inform later batches' samplers); one whose loss or gradient became NaN or infinite is
+  failed. If training a batch raises, its trials are failed and the exception raised. Returns one
+  `VmappedRun` per batch; a space that varies a key outside `VMAP_KEYS` is a ConfigError."""
   if others := sorted(set(space) - set(VMAP_KEYS)):
     raise ConfigError(f"a vmapped sweep varies only {list(VMAP_KEYS)} (one model and optimizer "
                       f"for every member); the space also sets {others}. Sweep it without --vmap.")

@@ -53,12 +53,10 @@ def pgd(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array, labels: jax.
         value_range: tuple[float, float] | None = (0.0, 1.0), random_start: bool = True,
         key: jax.Array | None = None, loss: str | LossFn = "cross_entropy") -> jax.Array:
   """Projected gradient ascent on the loss inside the epsilon ball and the input range (Madry et
-  al., 2018); the other options are `fgsm`'s.
-
-  From a uniformly random point of the ball (`key` required) or the clean input, `num_steps`
-  times: step `step_size` along the gradient's sign (L-inf) or normalised gradient (L2), then
-  project onto the ball around the clean input and clip to `value_range`. The default step size,
-  `2.5 * epsilon / num_steps` (Madry et al.), lets the iterate cross the ball from any start."""
+  al., 2018): from a random point of the ball (`key` required) or the clean input, `num_steps`
+  times, a `step_size` step along the gradient's sign (L-inf) or normalised gradient (L2), then
+  projection onto the ball and `value_range`. The default step size, `2.5 * epsilon /
+  num_steps` (Madry et al.), lets the iterate cross the ball from any start."""
   loss_fn, value_range = _check_attack(inputs, labels, epsilon=epsilon, norm=norm,
                                        value_range=value_range, loss=loss)
   step_size, _, _ = _attack_steps("pgd", epsilon, step_size, num_steps, random_start,

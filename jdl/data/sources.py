@@ -233,12 +233,10 @@ class TFDataSource(ProcessShare):
   """Batches streamed from an unbatched tf.data pipeline of `(input, label)` pairs.
 
   Each epoch shuffles with a buffer of `shuffle_buffer` examples, seeded from `(seed, epoch)`,
-  then batches, augments (batch `i` of epoch `e` gets the stateless seed
-  `(epoch_seed(seed, e, 1 + process_index), i)`, so epochs replay exactly) and prefetches.
-
-  In a multi-process run `dataset` is this process's share of the split (`tfds.even_splits`) and
-  `num_examples` the size of the largest share: a process whose share runs out first pads with
-  fully masked batches, so all processes take the same number of steps."""
+  then batches, augments (batch `i` of epoch `e` with the stateless seed
+  `(epoch_seed(seed, e, 1 + process_index), i)`, so epochs replay exactly) and prefetches. With
+  several processes, `dataset` is this one's share of the split (`tfds.even_splits`) and
+  `num_examples` the largest share's size: a share that runs out first pads with masked batches."""
 
   def __init__(self, dataset: tf.data.Dataset, num_examples: int, batch_size: int, *,
                shuffle: bool, seed: int = 0, shuffle_buffer: int = 10_000, process_index: int = 0,
