@@ -53,10 +53,9 @@ def make_member_optimizer(optimizer_config: Mapping[str, Any], *,
                           total_steps: int | None = None) -> optax.GradientTransformation:
   """`jdl.optim.make_optimizer(optimizer_config)` with its peak learning rate in its state.
 
-  `make_optimizer`'s chain at learning rate 1, then `scale_by_member_learning_rate`, wrapped like
-  `make_optimizer`'s: every rule's update is proportional to its learning rate, so the updates
-  are `make_optimizer`'s up to float rounding.
-  """
+  `make_optimizer`'s chain at learning rate 1, then `scale_by_member_learning_rate`, inside the
+  same parameter EMA and gradient accumulation. Every rule's update is proportional to its
+  learning rate, so the updates are `make_optimizer`'s up to float rounding."""
   config = {**optim.OPTIMIZER_DEFAULTS, **dict(optimizer_config)}
   optim.make_optimizer(config, total_steps=total_steps)  # the same checks and error messages
   accumulate, ema_decay = int(config["accumulate_steps"]), float(config["ema_decay"])

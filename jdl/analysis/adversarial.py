@@ -254,7 +254,7 @@ def _check_attack(inputs: Any = None, labels: Any = None, *, epsilon: Any, norm:
     except (TypeError, ValueError):
       lo = hi = math.nan
     if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
-      raise ValueError(f"value_range must be finite (lo, hi) with lo < hi, or None; got "
+      raise ValueError(f"value_range must be None or finite (lo, hi) with lo < hi; got "
                        f"{value_range!r}.")
     value_range = (lo, hi)
   if not callable(loss) and loss not in LOSSES:

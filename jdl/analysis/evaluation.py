@@ -152,6 +152,10 @@ class ReliabilityBins:
   accuracy: np.ndarray
   count: np.ndarray
 
+  @property
+  def num_bins(self) -> int:
+    return int(self.count.shape[0])
+
   def expected_calibration_error(self) -> float:
     """`sum_b (count_b / total) * |accuracy_b - confidence_b|` over the non-empty bins."""
     total = int(self.count.sum())
