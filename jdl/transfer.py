@@ -279,13 +279,11 @@ def trainable_mask(params: Params, freeze: Patterns) -> Params:
 
 def freeze(tx: optax.GradientTransformation, params: Params,
            patterns: Patterns) -> optax.GradientTransformation:
-  """`tx` for the parameters `patterns` do not match; the matched ones never change.
-
-  Frozen parameters get `optax.set_to_zero()` updates under `optax.multi_transform`, so no weight
-  decay or momentum reaches them and `tx` keeps state only for the trainable ones. A frozen
-  BatchNorm's running statistics are model state and still update in training mode. Raises
-  ValueError for a pattern that matches nothing, or a `tx` with a parameter EMA (see the message).
-  """
+  """`tx` for the parameters `patterns` do not match; the matched ones never change: they get
+  `optax.set_to_zero()` updates under `optax.multi_transform`, so no weight decay or momentum
+  reaches them and `tx` keeps state only for the trainable ones. A frozen BatchNorm's running
+  statistics are model state and still update in training mode. Raises ValueError for a pattern
+  that matches nothing, or a `tx` with a parameter EMA (see the message)."""
   labels = jax.tree.map(lambda trainable: TRAINABLE if trainable else FROZEN,
                         trainable_mask(params, patterns))
   if optim.ema_parameters(jax.eval_shape(tx.init, params)) is not None:

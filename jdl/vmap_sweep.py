@@ -237,7 +237,6 @@ VMAP_KEYS = ("optimizer.learning_rate", "seed")  # the keys a vmapped sweep can 
 def vmap_sweep(config: ml_collections.ConfigDict, trials: Sequence[Mapping[str, Any]], *,
                log: Callable[[str], None] | None = None) -> VmappedRun:
   """Trains all `trials` of an experiment config at once (`train_vmapped`), one member each.
-
   Trials may set only `VMAP_KEYS` (else ConfigError); everything else, the data order included,
   comes from `config`, which must be an in-memory classification config (else ValueError)."""
   trials = [dict(t) for t in trials]

@@ -139,12 +139,10 @@ def top_k_accuracy(outputs: np.ndarray, labels: np.ndarray, k: int) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class ReliabilityBins:
-  """Equal-width confidence bins over [0, 1], the data of a reliability diagram.
-
-  An example's confidence is its highest class probability; bin `b` holds the confidences in
-  `(lower[b], upper[b]]` (the first bin also holds 0). Each field is `[num_bins]`: `confidence`
-  and `accuracy` are the mean confidence and the fraction predicted correctly of the bin's
-  examples (NaN for an empty bin), `count` their number."""
+  """Equal-width confidence bins over [0, 1], the data of a reliability diagram. An example's
+  confidence is its highest class probability; bin `b` holds the confidences in `(lower[b],
+  upper[b]]` (the first bin also 0). Per bin: the mean `confidence` and the `accuracy` of its
+  examples (NaN for an empty bin), and their `count`."""
 
   lower: np.ndarray
   upper: np.ndarray

@@ -117,10 +117,8 @@ def metric_prefixes(records: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def plot_learning_curves(records: Sequence[Mapping[str, Any]], path: str) -> str:
   """Every metric the task reports (loss, accuracy, a regression's errors, an ELBO's terms, ...)
-  against the step, one panel each, for training and every evaluation split.
-
-  `records` are the run's `metrics.jsonl` records (`jdl.writers.read_jsonl(workdir)`), each with
-  `step` and `<prefix>_loss` (and `<prefix>_<metric>`) keys; missing values leave a gap."""
+  against the step, one panel each, for training and every evaluation split, from a run's
+  `metrics.jsonl` records (`step`, `<prefix>_loss`, `<prefix>_<metric>`; a missing one: a gap)."""
   records = [record for record in records if "step" in record]
   if not (prefixes := metric_prefixes(records)):
     raise ValueError("records hold no `<prefix>_loss` values with a `step`: expected "

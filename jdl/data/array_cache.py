@@ -56,12 +56,10 @@ class RawSplit:
 def load_splits(dataset: str, splits: Sequence[str], *, data_dir: str | None = None,
                 download: bool = True, manual_dir: str | None = None, cache: bool = True
                 ) -> tuple[loading.DatasetMeta, dict[str, tuple[np.ndarray, np.ndarray]]]:
-  """Whole splits of a supervised classification dataset in memory, from the cache where it
-  holds them and through TFDS otherwise (then written to the cache, unless `cache` is False).
-
-  Returns `(meta, {split: (inputs float32, labels int32)})`: the arrays of
-  `jdl.data.load_split_arrays`, bit for bit, and the metadata of `jdl.data.dataset_meta`.
-  `download` and `manual_dir` are `jdl.data.prepare`'s, for a dataset not yet prepared."""
+  """`(meta, {split: (inputs float32, labels int32)})` of a classification dataset, as
+  `jdl.data.dataset_meta` and `load_split_arrays` give them (bit for bit), from the cache where it
+  holds them and through TFDS otherwise (then cached, unless `cache` is False). `download` and
+  `manual_dir` are `jdl.data.prepare`'s, for a dataset not yet prepared."""
   if not splits:
     raise ValueError(f"load_splits needs at least one split of {dataset!r}; got none.")
   use_cache = cache and not loading._tfds_is_mocked()  # pylint: disable=protected-access

@@ -192,12 +192,10 @@ class ProcessShare:
 
 
 class ArraySource(ProcessShare):
-  """Batches of in-memory arrays; shuffled epochs are seeded permutations (`epoch_order`).
-
-  `inputs` and `labels` are arrays or pytrees of arrays (a dict of two inputs, several targets)
-  with one leading example axis. In a multi-process run every process holds the same arrays and
-  seed, and process `p` of `P` yields rows `[p * B / P, (p + 1) * B / P)` of each global batch
-  (padding included), so the shares put together are exactly the single-process batch."""
+  """Batches of in-memory arrays (or pytrees of them, with one leading example axis); shuffled
+  epochs are seeded permutations (`epoch_order`). Every process holds the same arrays and seed,
+  and process `p` of `P` yields rows `[p * B / P, (p + 1) * B / P)` of each global batch (padding
+  included), so the shares put together are exactly the single-process batch."""
 
   def __init__(self, inputs: Any, labels: Any, batch_size: int, *, shuffle: bool,
                seed: int = 0, process_index: int = 0, process_count: int = 1) -> None:

@@ -177,12 +177,10 @@ class WordVocabulary(_Vocabulary):
 
 
 class TokenWindowSource(ProcessShare):
-  """Random windows of a token stream for next-token prediction: a `BatchSource`.
-
-  Each example is a window of `block_size + 1` consecutive tokens at a random start, `input =
-  window[:-1]`, `label = window[1:]`; every row is real. Epoch `e` draws its starts from
-  `epoch_seed(seed, e)`, so it replays exactly; an "epoch" is `steps_per_epoch` batches. All
-  processes draw the same global starts, and each yields its rows of every global batch."""
+  """Random windows of a token stream for next-token prediction, a `BatchSource`: each example is
+  `block_size + 1` consecutive tokens from a random start, `input = window[:-1]`, `label =
+  window[1:]`, every row real. Epoch `e` (`steps_per_epoch` batches) draws its global starts from
+  `epoch_seed(seed, e)`, so it replays exactly; each process yields its rows of every batch."""
 
   def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, *, seed: int = 0,
                steps_per_epoch: int | None = None, process_index: int = 0,

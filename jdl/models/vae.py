@@ -16,11 +16,10 @@ SAMPLE_STREAM = "sample"
 
 
 class VAE(nn.Module):
-  """Dense encoder and decoder with `hidden` widths (mirrored), a `latent`-dimensional code.
-
-  The encoder gives the `mean` and `log_variance` (`[batch, latent]`) of a diagonal Gaussian; a
-  code drawn from it (reparameterised, from `SAMPLE_STREAM`, in eval mode too: the ELBO is an
-  expectation) is decoded to a `reconstruction` shaped like the input; `decode` maps codes alone."""
+  """Dense encoder and decoder with `hidden` widths (mirrored), a `latent`-dimensional code: the
+  `mean` and `log_variance` (`[batch, latent]`) of a diagonal Gaussian, whose draw (reparameterised,
+  from `SAMPLE_STREAM`, in eval mode too: the ELBO is an expectation) is decoded to a
+  `reconstruction` shaped like the input; `decode` maps codes alone."""
 
   hidden: Sequence[int] = (128,)
   latent: int = 8
