@@ -74,8 +74,8 @@ def test_init_is_laid_out_as_the_rules_say_and_equals_the_unsharded_init(tx_name
   sharded = jdl.create_train_state(_lm(), tx, tokens, jax.random.key(0),
                                    shardings=plan.state_shardings)
   reference = jdl.create_train_state(_lm(), tx, tokens, jax.random.key(0))
-  assert dict(sharded.param_axes)["block_0/attention/query/kernel"] == ("embed", "heads", "kv")
-  kernel = sharded.params["block_0"]["mlp_in"]["kernel"]
+  assert dict(sharded.param_axes)["blocks_0/attention/query/kernel"] == ("embed", "heads", "kv")
+  kernel = sharded.params["blocks_0"]["mlp_in"]["kernel"]
   assert kernel.sharding.spec == P("fsdp", "tensor")
   assert kernel.addressable_shards[0].data.shape == (16, 128)
   for leaf in jax.tree.leaves(sharded.opt_state):
@@ -137,7 +137,7 @@ def test_sharded_runs_give_the_one_device_losses(one_device_runs, model, mesh):
   jax.tree.map(close, state.params, reference_state.params)
   jax.tree.map(close, state.model_state, reference_state.model_state)
   if mesh != "replicated":
-    kernel = state.params["block_0"]["mlp_in"]["kernel"] if model == "lm" else None
+    kernel = state.params["blocks_0"]["mlp_in"]["kernel"] if model == "lm" else None
     assert kernel is None or not kernel.sharding.is_fully_replicated
 
 
@@ -188,7 +188,7 @@ def test_checkpoint_saved_on_eight_devices_restores_on_four_by_two_and_on_one(tm
     with jdl.Checkpointer(str(tmp_path)) as checkpointer:
       restored = checkpointer.restore(template, 5)
     if shape is not None:
-      kernel = restored.params["block_0"]["mlp_in"]["kernel"]
+      kernel = restored.params["blocks_0"]["mlp_in"]["kernel"]
       assert kernel.sharding.spec == P("fsdp", "tensor")
     assert int(restored.step) == 5
     assert math.isclose(next_loss(runner, restored), expected, rel_tol=1e-5)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdl.models.layers import DENSE_INIT, ZEROS, named
+
 
 def causal_mask(length: int) -> jax.Array:
   """The `[length, length]` lower-triangular mask: entry (t, s) is True when s <= t."""
@@ -111,8 +113,9 @@ class MultiHeadSelfAttention(nn.Module):
     head_width = width // self.num_heads
 
     def project(name: str) -> jax.Array:
-      return nn.DenseGeneral((self.num_heads, head_width), use_bias=self.use_bias,
-                             name=name)(x_BxTxD)
+      return nn.DenseGeneral((self.num_heads, head_width), use_bias=self.use_bias, name=name,
+                             kernel_init=named(DENSE_INIT, "embed", "heads", "kv"),
+                             bias_init=named(ZEROS, "heads", "kv"))(x_BxTxD)
 
     q_BxTxHxK, k_BxSxHxK, v_BxSxHxK = project("query"), project("key"), project("value")
     scale = 1.0 / math.sqrt(head_width)
@@ -125,7 +128,8 @@ class MultiHeadSelfAttention(nn.Module):
       keys = attention_mask(padding_mask, causal=False, length=length)
       out_BxTxHxK = jax.nn.dot_product_attention(
           q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=keys, scale=scale, is_causal=self.causal)
-    return nn.DenseGeneral(width, axis=(-2, -1), use_bias=self.use_bias, name="out")(out_BxTxHxK)
+    return nn.DenseGeneral(width, axis=(-2, -1), use_bias=self.use_bias, name="out",
+                           kernel_init=named(DENSE_INIT, "heads", "kv", "embed"))(out_BxTxHxK)
 
   def _explicit(self, q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array,
                 padding_mask: jax.Array | None, *, length: int, train: bool) -> jax.Array:

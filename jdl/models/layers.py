@@ -11,6 +11,19 @@ import flax.linen as nn
 import jax
 
 Activation = Callable[[jax.Array], jax.Array]
+Initializer = Callable[..., Any]
+
+
+def named(init: Initializer, *names: str | None) -> Initializer:
+  """`init` whose array carries the logical name of each dimension (`nn.with_logical_partitioning`):
+  "embed", "mlp", "heads", "kv", "vocab", "classes", "conv_in", "conv_out" or None. They say how
+  `jdl.sharding` may split the parameter over a mesh; `create_train_state` records and removes
+  them, so the state holds plain arrays."""
+  return nn.with_logical_partitioning(init, names)
+
+
+DENSE_INIT = nn.initializers.lecun_normal()  # nn.Dense's and nn.Conv's default
+ZEROS = nn.initializers.zeros_init()
 
 ACTIVATIONS: dict[str, Activation] = {
     "relu": nn.relu,

@@ -20,9 +20,11 @@ import jax
 import jax.numpy as jnp
 
 from jdl.models.attention import MultiHeadSelfAttention, padding_mask as make_padding_mask
-from jdl.models.layers import apply_output, as_images
+from jdl.models.layers import DENSE_INIT, apply_output, as_images, named
 
 EMBEDDING_INIT = nn.initializers.normal(stddev=0.02)
+TOKEN_INIT = named(EMBEDDING_INIT, "vocab", "embed")
+POSITION_INIT = named(EMBEDDING_INIT, None, "embed")
 POOLS = ("cls", "mean")
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "none": None,  # no rematerialisation: every activation is kept
@@ -81,14 +83,20 @@ class TransformerBlock(nn.Module):
                                name="attention")(y, train=train, padding_mask=padding_mask)
     x_BxTxD = x_BxTxD + self._dropout(y, train)
     y = nn.LayerNorm(name="ln_mlp")(x_BxTxD)
-    y = nn.gelu(nn.Dense(self.mlp_ratio * width, name="mlp_in")(y))
-    y = nn.Dense(width, name="mlp_out")(y)
+    y = nn.gelu(nn.Dense(self.mlp_ratio * width, name="mlp_in",
+                         kernel_init=named(DENSE_INIT, "embed", "mlp"))(y))
+    y = nn.Dense(width, name="mlp_out", kernel_init=named(DENSE_INIT, "mlp", "embed"))(y)
     return x_BxTxD + self._dropout(y, train)
 
   def _dropout(self, y: jax.Array, train: bool) -> jax.Array:
     if not self.dropout_rate:
       return y
     return nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+
+
+def _head(num_classes: int) -> nn.Dense:
+  """The classifier's output layer, "head"."""
+  return nn.Dense(num_classes, name="head", kernel_init=named(DENSE_INIT, "embed", "classes"))
 
 
 def _new_block(module: nn.Module, *, causal: bool, name: str | None = None) -> TransformerBlock:
@@ -119,6 +127,7 @@ def _run_blocks(module: nn.Module, blocks: TransformerBlock | Sequence[Transform
   # Each layer gets its own parameters (and initialisation and dropout keys); sown attention
   # weights stack like the parameters.
   scan = nn.scan(step, variable_axes={"params": 0, "intermediates": 0},
+                 metadata_params={nn.PARTITION_NAME: "layers"},
                  split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
                  length=module.num_layers)
   x_BxTxD, _ = scan(blocks, x_BxTxD, padding_mask)
@@ -175,15 +184,15 @@ class TransformerEncoderClassifier(nn.Module):
     """Maps `[B, T]` token ids to `[B, num_classes]` logits (or probabilities)."""
     _check_tokens(tokens, "TransformerEncoderClassifier", self.max_length, "max_length")
     real_BxT = make_padding_mask(tokens, pad_id=self.pad_id)
-    x_BxTxD = nn.Embed(self.vocab_size, self.width, embedding_init=EMBEDDING_INIT,
+    x_BxTxD = nn.Embed(self.vocab_size, self.width, embedding_init=TOKEN_INIT,
                        name="token_embedding")(tokens)
-    positions_LxD = self.param("position_embedding", EMBEDDING_INIT, (self.max_length, self.width))
+    positions_LxD = self.param("position_embedding", POSITION_INIT, (self.max_length, self.width))
     x_BxTxD = x_BxTxD + positions_LxD[None, :tokens.shape[1], :]
     x_BxTxD = _encode(self, x_BxTxD, train=train, padding_mask=real_BxT)
     weights_BxTx1 = real_BxT.astype(x_BxTxD.dtype)[:, :, None]
     count_Bx1 = jnp.maximum(jnp.sum(weights_BxTx1, axis=1), 1.0)
     pooled_BxD = jnp.sum(x_BxTxD * weights_BxTx1, axis=1) / count_Bx1
-    return apply_output(nn.Dense(self.num_classes, name="head")(pooled_BxD), self.output)
+    return apply_output(_head(self.num_classes)(pooled_BxD), self.output)
 
 
 class TransformerLM(nn.Module):
@@ -222,8 +231,8 @@ class TransformerLM(nn.Module):
     return self.num_classes
 
   def setup(self) -> None:
-    self.token_embedding = nn.Embed(self.num_classes, self.width, embedding_init=EMBEDDING_INIT)
-    self.position_embedding = self.param("position_embedding", EMBEDDING_INIT,
+    self.token_embedding = nn.Embed(self.num_classes, self.width, embedding_init=TOKEN_INIT)
+    self.position_embedding = self.param("position_embedding", POSITION_INIT,
                                          (self.block_size, self.width))
     self.embedding_dropout = nn.Dropout(self.dropout_rate)
     if self.scan_layers:
@@ -232,7 +241,8 @@ class TransformerLM(nn.Module):
       self.blocks = [_new_block(self, causal=True) for _ in range(self.num_layers)]
     self.ln_final = nn.LayerNorm()
     if not self.tie_weights:
-      self.head = nn.Dense(self.num_classes, use_bias=False)
+      self.head = nn.Dense(self.num_classes, use_bias=False,
+                           kernel_init=named(DENSE_INIT, "embed", "vocab"))
 
   def __call__(self, tokens: jax.Array, *, train: bool) -> jax.Array:
     """Maps `[B, T]` token ids (T <= block_size) to `[B, T, V]` next-token logits."""
@@ -297,6 +307,7 @@ class ViT(nn.Module):
     if height % p or width % p:
       raise ValueError(f"ViT: image size {height}x{width} must be divisible by patch_size {p}.")
     x = nn.Conv(self.width, kernel_size=(p, p), strides=(p, p), padding="VALID",
+                kernel_init=named(DENSE_INIT, None, None, "conv_in", "embed"),
                 name="patch_embedding")(x_BxHxWxC)
     batch = x.shape[0]
     x_BxNxD = x.reshape(batch, -1, self.width)
@@ -304,11 +315,11 @@ class ViT(nn.Module):
       cls_1x1xD = self.param("cls_token", nn.initializers.zeros, (1, 1, self.width))
       x_BxNxD = jnp.concatenate(
           [jnp.broadcast_to(cls_1x1xD, (batch, 1, self.width)), x_BxNxD], axis=1)
-    positions_NxD = self.param("position_embedding", EMBEDDING_INIT, x_BxNxD.shape[1:])
+    positions_NxD = self.param("position_embedding", POSITION_INIT, x_BxNxD.shape[1:])
     x_BxNxD = x_BxNxD + positions_NxD[None, :, :]
     x_BxNxD = _encode(self, x_BxNxD, train=train)
     pooled_BxD = x_BxNxD[:, 0, :] if self.pool == "cls" else jnp.mean(x_BxNxD, axis=1)
-    return apply_output(nn.Dense(self.num_classes, name="head")(pooled_BxD), self.output)
+    return apply_output(_head(self.num_classes)(pooled_BxD), self.output)
 
 
 VIT_PRESETS: dict[str, dict[str, Any]] = {
