@@ -418,14 +418,17 @@ def test_tiny_language_model_learns_a_repeated_pattern_with_the_library_step():
   np.testing.assert_array_equal(continuation, [[0, 1, 2, 3, 0, 1, 2, 3]])
 
 
+@pytest.mark.parametrize("query_chunk", [0, 3])
 @pytest.mark.parametrize("causal, padded", [(True, False), (False, True), (True, True)])
-def test_fused_attention_equals_the_explicit_path_in_outputs_and_gradients(causal, padded):
-  """`jax.nn.dot_product_attention` (the default) against the einsum path with its masked
-  softmax: outputs and gradients with respect to inputs and parameters within float32 error,
-  with causal and padding masks; asking for the weights takes the explicit path and sows them."""
+def test_fused_attention_equals_the_explicit_path_in_outputs_and_gradients(causal, padded,
+                                                                           query_chunk):
+  """`jax.nn.dot_product_attention` (the default), and attention 3 queries at a time (the last
+  chunk padded), against the einsum path with its masked softmax: outputs and gradients with
+  respect to inputs and parameters within float32 error, with causal and padding masks; asking
+  for the weights takes the explicit path and sows them."""
   x = _normal((3, 7, 8))
   mask = attention.padding_mask(jnp.array([7, 4, 2]), length=7) if padded else None
-  fused = attention.MultiHeadSelfAttention(num_heads=2, causal=causal)
+  fused = attention.MultiHeadSelfAttention(num_heads=2, causal=causal, query_chunk=query_chunk)
   explicit = attention.MultiHeadSelfAttention(num_heads=2, causal=causal, fused=False)
   variables = _random_variables(fused, x)
 

@@ -5,9 +5,9 @@ Shapes: B batch, T sequence length (tokens or patches), D width, V vocabulary si
 (12 D^2 + 13 D parameters a block at ratio 4). Embeddings start as N(0, 0.02^2), as GPT-2's. The
 models share `num_layers` blocks of `num_heads` heads (which must divide `width`, D),
 `mlp_ratio`, `dropout_rate` (on the embeddings, attention weights and residual branches) and
-`output` ("logits" or "softmax"). `remat` (`REMAT_POLICIES`) and `scan_layers` (the blocks as one
-`nn.scan` over parameters stacked under "blocks") change how the blocks run, not what they compute
-(docs/models.md).
+`output` ("logits" or "softmax"). `remat` (`REMAT_POLICIES`), `scan_layers` (the blocks as one
+`nn.scan` over parameters stacked under "blocks") and `query_chunk` (`MultiHeadSelfAttention`'s)
+change how the blocks run, not what they compute (docs/models.md).
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ class TransformerBlock(nn.Module):
   causal: bool = False
   mlp_ratio: int = 4
   dropout_rate: float = 0.0
+  query_chunk: int | None = None
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, *, train: bool,
@@ -80,7 +81,8 @@ class TransformerBlock(nn.Module):
     width = x_BxTxD.shape[-1]
     y = nn.LayerNorm(name="ln_attention")(x_BxTxD)
     y = MultiHeadSelfAttention(self.num_heads, causal=self.causal, dropout_rate=self.dropout_rate,
-                               name="attention")(y, train=train, padding_mask=padding_mask)
+                               query_chunk=self.query_chunk, name="attention")(
+                                   y, train=train, padding_mask=padding_mask)
     x_BxTxD = x_BxTxD + self._dropout(y, train)
     y = nn.LayerNorm(name="ln_mlp")(x_BxTxD)
     y = nn.gelu(nn.Dense(self.mlp_ratio * width, name="mlp_in",
@@ -102,7 +104,8 @@ def _head(num_classes: int) -> nn.Dense:
 def _new_block(module: nn.Module, *, causal: bool, name: str | None = None) -> TransformerBlock:
   """One block with `module`'s heads, MLP ratio and dropout (named by Flax when `name` is None)."""
   return TransformerBlock(module.num_heads, causal=causal, mlp_ratio=module.mlp_ratio,
-                          dropout_rate=module.dropout_rate, name=name)
+                          dropout_rate=module.dropout_rate, query_chunk=module.query_chunk,
+                          name=name)
 
 
 def _run_blocks(module: nn.Module, blocks: TransformerBlock | Sequence[TransformerBlock],
@@ -174,6 +177,7 @@ class TransformerEncoderClassifier(nn.Module):
   output: str = "logits"
   remat: str = "none"
   scan_layers: bool = False
+  query_chunk: int | None = None
 
   def __post_init__(self) -> None:
     _check_architecture(self)
@@ -218,6 +222,7 @@ class TransformerLM(nn.Module):
   output: str = "logits"
   remat: str = "none"
   scan_layers: bool = False
+  query_chunk: int | None = None
 
   def __post_init__(self) -> None:
     _check_architecture(self)
@@ -289,6 +294,7 @@ class ViT(nn.Module):
   output: str = "logits"
   remat: str = "none"
   scan_layers: bool = False
+  query_chunk: int | None = None
 
   def __post_init__(self) -> None:
     _check_architecture(self)
