@@ -209,6 +209,9 @@ class TransformerLM(nn.Module):
     num_classes: V, the vocabulary size (so `jdl.models.build_model(config, num_classes=V)` fits).
     block_size: the longest context (number of learned positions); longer inputs are an error.
     tie_weights: the output projection is the embedding's transpose, else a bias-free Dense(V).
+    output: "logits", "softmax", or "hidden": `{"hidden": [B, T, D] final features,
+      "unembedding": [V, D] output projection}`, for `jdl.tasks.language_model`'s loss, which
+      computes the logits a chunk of positions at a time and never holds all `[B, T, V]` of them.
   """
 
   num_classes: int
@@ -266,9 +269,19 @@ class TransformerLM(nn.Module):
           f"TransformerLM: sequence length {length} must be in [1, block_size={self.block_size}].")
     x_BxTxD = x_BxTxD + self.position_embedding[None, :length, :]
     x_BxTxD = self.embedding_dropout(x_BxTxD, deterministic=not train)
-    x_BxTxD = _run_blocks(self, self.blocks, x_BxTxD, train=train)
+    x_BxTxD = self.ln_final(_run_blocks(self, self.blocks, x_BxTxD, train=train))
+    if self.output == "hidden":
+      return {"hidden": x_BxTxD, "unembedding": self._unembedding(x_BxTxD)}
     head = self.token_embedding.attend if self.tie_weights else self.head
-    return apply_output(head(self.ln_final(x_BxTxD)), self.output)
+    return apply_output(head(x_BxTxD), self.output)
+
+  def _unembedding(self, x_BxTxD: jax.Array) -> jax.Array:
+    """The output projection as `[V, D]`: logits are `hidden @ unembedding.T`."""
+    if self.tie_weights:
+      return self.token_embedding.embedding
+    if self.is_initializing():  # the head's kernel exists once the head has been called
+      self.head(x_BxTxD[:1, :1])
+    return nn.meta.unbox(self.head.variables["params"]["kernel"]).T
 
 
 class ViT(nn.Module):
