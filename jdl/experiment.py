@@ -80,8 +80,7 @@ def _train_and_evaluate(config: Any, workdir: str, hooks: Sequence[Hook], main: 
                         log: Callable[[str], None]) -> tuple[TrainState, list[Record]]:
   """`train_and_evaluate` once the config is checked and the workdir is this run's."""
   device_augment, pipeline_augment = make_augmentations(config.augment, in_memory=config.in_memory)
-  runner = parallel.make_runner(config.layout, num_devices=config.num_devices or None,
-                                batch_size=config.batch_size)
+  runner = runs.make_runner(config)
   eval_name = runs.eval_name(config)
   checkpointer = None
   if config.checkpoint:
@@ -98,7 +97,7 @@ def _train_and_evaluate(config: Any, workdir: str, hooks: Sequence[Hook], main: 
       config, pipeline_augment=pipeline_augment)
   num_steps = config.num_steps or config.num_epochs * train_data.steps_per_epoch
   state = runs.initial_state(config, meta, total_steps=num_steps, axis_name=runner.axis_name,
-                             log=log)
+                             log=log, shardings=runner.state_shardings)
   if checkpointer is not None and config.resume:
     restored = checkpointer.restore_latest(state, log=log)
     if restored is not None:
@@ -122,6 +121,8 @@ def _train_and_evaluate(config: Any, workdir: str, hooks: Sequence[Hook], main: 
         f"model {config.model.name} with {count_params(state.params):,} parameters; "
         f"{num_steps} steps of batch {config.batch_size} on {runner.num_devices} "
         f"{jax.devices()[0].platform} device(s), layout {runner.layout!r}.")
+    if isinstance(runner, parallel.ShardedRunner) and runner.plan.shards_state:
+      log(runner.plan.describe(state))
   writer = MetricWriter(workdir) if main else None
   try:
     if writer is not None:
@@ -242,7 +243,8 @@ RESUMABLE_CHANGES = frozenset({
     "num_steps", "num_epochs", "eval_every_steps", "eval_batch_size", "progress", "resume",
     "checkpoint", "checkpoint_every_steps", "checkpoint_min_seconds", "keep_checkpoints",
     "best_metric", "check_finite", "gradient_norms", "data_dir", "manual_dir", "download",
-    "distributed", "num_devices", "layout", "cpu_threads", "compilation_cache_dir"})
+    "distributed", "num_devices", "layout", "cpu_threads", "compilation_cache_dir", "mesh",
+    "sharding_rules", "fsdp_min_size"})
 """Config keys a resumed run may change: how long, how often to evaluate or save, where the data
 is, on which devices. Every other key shapes the trajectory (seed, model, optimizer, data...)."""
 

@@ -82,32 +82,36 @@ def make_mesh(shape: Mapping[str, int] | None = None) -> Mesh:
   return Mesh(np.array(chosen).reshape(sizes), MESH_AXES)
 
 
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The axes of `mesh` a batch is split over: those of `BATCH_AXES` it has."""
+  return tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
+
+
 class ShardingPlan:
   """Shardings of a training state and its batches on `mesh`, from logical-axis `rules`.
 
   Args:
-    mesh: a mesh with axes `MESH_AXES` (`make_mesh`).
-    rules: logical axis name -> mesh axes it is split over (`DEFAULT_RULES` when None); a name
-      not in the table is not split.
+    mesh: a mesh whose axes are some of `MESH_AXES` (`make_mesh` gives all three); a missing
+      axis counts as one of size 1.
+    rules: logical axis name -> the mesh axes it is split over (`DEFAULT_RULES` when None); a
+      name not in the table is not split.
     fsdp_min_size: arrays with fewer elements are split only as their names say.
   """
 
   def __init__(self, mesh: Mesh, rules: Mapping[str, tuple[str, ...] | str] | None = None,
                fsdp_min_size: int = FSDP_MIN_SIZE) -> None:
-    if tuple(mesh.axis_names) != MESH_AXES:
-      raise ValueError(f"the mesh's axes must be {MESH_AXES}; got {mesh.axis_names}.")
+    if not set(mesh.axis_names) <= set(MESH_AXES) or not batch_axes(mesh):
+      raise ValueError(f"a mesh's axes must be among {MESH_AXES}, with 'data' or 'fsdp'; got "
+                       f"{mesh.axis_names}.")
     self.mesh = mesh
-    self.rules = {name: _axes_tuple(axes, name) for name, axes in
-                  (DEFAULT_RULES if rules is None else rules).items()}
+    self.sizes = {axis: int(mesh.shape.get(axis, 1)) for axis in MESH_AXES}
+    self.rules = {name: tuple(a for a in _axes_tuple(axes, name) if a in mesh.axis_names)
+                  for name, axes in (DEFAULT_RULES if rules is None else rules).items()}
     self.fsdp_min_size = int(fsdp_min_size)
     self.replicated = NamedSharding(mesh, PartitionSpec())
-    self.batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-    self.batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-
-  @property
-  def shards_state(self) -> bool:
-    """Whether any array may be split (an fsdp or tensor axis of more than one device)."""
-    return self.mesh.shape["fsdp"] > 1 or self.mesh.shape["tensor"] > 1
+    self.batch_sharding = NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
+    self.batch_devices = self.sizes["data"] * self.sizes["fsdp"]
+    self.shards_state = self.sizes["fsdp"] > 1 or self.sizes["tensor"] > 1
 
   def array_spec(self, shape: tuple[int, ...], names: tuple[str | None, ...] | None = None
                  ) -> PartitionSpec:
@@ -120,13 +124,13 @@ class ShardingPlan:
         raise ValueError(f"logical axis names {names} do not fit an array of shape {shape}.")
       for dim, name in enumerate(names):
         axes = tuple(a for a in self.rules.get(name, ()) if a not in used) if name else ()
-        if axes and shape[dim] % math.prod(self.mesh.shape[a] for a in axes) == 0:
+        if axes and shape[dim] % math.prod(self.sizes[a] for a in axes) == 0:
           dims[dim] = axes
           used.update(axes)
-    fsdp = self.mesh.shape["fsdp"]
+    fsdp = self.sizes["fsdp"]
     if fsdp > 1 and "fsdp" not in used and math.prod(shape) >= self.fsdp_min_size:
-      free = [d for d in range(len(shape)) if shape[d] % (fsdp * math.prod(
-          self.mesh.shape[a] for a in dims[d])) == 0]
+      free = [d for d in range(len(shape))
+              if shape[d] % (fsdp * math.prod(self.sizes[a] for a in dims[d])) == 0]
       if free:
         dim = max(free, key=lambda d: (shape[d], -d))
         dims[dim] = ("fsdp", *dims[dim])
@@ -173,8 +177,8 @@ class ShardingPlan:
     leaves = jax.tree.leaves(state)
     full = sum(_local_bytes(leaf, self.replicated) for leaf in leaves)
     local = sum(_local_bytes(leaf, sharding) for leaf, sharding in zip(leaves, shardings))
-    return (f"mesh {dict(self.mesh.shape)}: state {local / 2**20:.1f} MiB a device "
-            f"({full / 2**20:.1f} MiB replicated)")
+    return (f"mesh {dict(self.mesh.shape)}: state {local / 2**20:.3g} MiB a device "
+            f"({full / 2**20:.3g} MiB replicated)")
 
 
 def _axes_tuple(axes: tuple[str, ...] | str | None, name: str) -> tuple[str, ...]:
