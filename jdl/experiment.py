@@ -108,8 +108,9 @@ def _train_and_evaluate(config: Any, workdir: str, hooks: Sequence[Hook], main: 
                                    "resume the run in its workdir")
   if main:  # what an earlier attempt wrote after this run's starting step is written again
     truncate_records(workdir, int(state.step))
-  task = tasks.classification(config.loss, label_smoothing=config.label_smoothing,
-                              top_k=tuple(config.top_k))
+  task = (tasks.language_model() if _model_output(config) == "hidden" else
+          tasks.classification(config.loss, label_smoothing=config.label_smoothing,
+                               top_k=tuple(config.top_k)))
   train_step, eval_step = step_lib.make_steps(
       task, l1=config.l1, l2=config.l2, axis_name=runner.axis_name, augment=device_augment,
       compute_dtype=config.compute_dtype, adversary=make_adversary(config.adversarial),
@@ -316,11 +317,21 @@ def make_augmentations(augment_config: Mapping[str, Any], *, in_memory: bool
   return None, pipeline
 
 
+def _model_output(config: Any) -> str:
+  return (config.model.get(config.model.name) or {}).get("output", "logits")
+
+
 def _check_loss_matches_output(config: Any) -> None:
   """A softmax output needs the probability loss and logits need the logit loss: mixing them
-  trains on a silently wrong objective."""
-  output = (config.model.get(config.model.name) or {}).get("output", "logits")
-  expected = {"logits": "softmax_cross_entropy", "softmax": "cross_entropy_from_probabilities"}
+  trains on a silently wrong objective. The features output ("hidden") is a language model's."""
+  output = _model_output(config)
+  if output == "hidden" and (config.task != "language_model" or config.label_smoothing
+                             or config.top_k):
+    raise ValueError("model output 'hidden' trains a language model with the chunked loss "
+                     "(tasks.language_model): it needs task 'language_model', no label_smoothing "
+                     "and no top_k.")
+  expected = {"logits": "softmax_cross_entropy", "softmax": "cross_entropy_from_probabilities",
+              "hidden": "softmax_cross_entropy"}
   if output in expected and config.loss != expected[output]:
     raise ValueError(f"model output {output!r} needs loss {expected[output]!r}, but config.loss "
                      f"is {config.loss!r}.")

@@ -57,6 +57,8 @@ def chunked_softmax_cross_entropy(hidden: jax.Array, unembedding: jax.Array, lab
     raise ValueError(f"chunked_softmax_cross_entropy expects hidden [..., D], labels [...] and "
                      f"unembedding [V, D]; got {hidden.shape}, {labels.shape} and "
                      f"{unembedding.shape}.")
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"chunked_softmax_cross_entropy needs integer labels; got {labels.dtype}.")
   rows, width = labels.size, hidden.shape[-1]
   chunk = max(1, min(int(chunk), rows))
   blocks = -(-rows // chunk)
