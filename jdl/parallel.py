@@ -162,23 +162,7 @@ def pad_to_multiple(batch: Batch, multiple: int) -> dict[str, Any]:
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Every array of `tree` copied to every device of `mesh` (a replicated global array)."""
-  return place(tree, NamedSharding(mesh, PartitionSpec()))
-
-
-def place(tree: Any, sharding: NamedSharding) -> Any:
-  """Every array of `tree` laid out by `sharding` as a global array. Over many processes each
-  builds its own devices' pieces from its host copy, which must be the same on every process (a
-  fresh state from one seed, a restored checkpoint): JAX moves no array between hosts."""
-  if sharding.is_fully_addressable:
-    return jax.device_put(tree, sharding)
-
-  def one(value: Any) -> jax.Array:
-    if isinstance(value, jax.Array) and value.sharding == sharding:
-      return value
-    host = np.asarray(value)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-  return jax.tree.map(one, tree)
+  return sharding.place(tree, NamedSharding(mesh, PartitionSpec()))
 
 
 def shard_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
@@ -243,7 +227,7 @@ class ShardedRunner(Runner):
     return jax.tree.map(lambda x: x.addressable_data(0), sums)
 
   def place_replicated(self, tree: Any) -> Any:
-    return place(tree, self.replicated)
+    return sharding.place(tree, self.replicated)
 
   def constrain_batch(self, batch: Batch) -> Batch:
     return jax.lax.with_sharding_constraint(dict(batch), self.batch_sharding)

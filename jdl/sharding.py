@@ -9,12 +9,11 @@ The mesh has three named axes, any of them of size 1:
             attention heads, the vocabulary); the batch is replicated along it.
 
 Parameters name their dimensions with Flax's logical axis names (`nn.with_logical_partitioning`;
-jdl's models use `EMBED`, `MLP`, `HEADS`, `KV`, `VOCAB`, `CONV_IN`, `CONV_OUT`, `CLASSES`,
-`LAYERS`), and a rule table maps each name to mesh axes (`DEFAULT_RULES`, or a config's
-`sharding_rules`). A dimension an axis does not divide stays whole along that axis. An array of at
-least `fsdp_min_size` elements that its names leave unsplit by "fsdp" (a model without names,
-BatchNorm statistics, the first convolution's three input channels) is split along its largest
-dimension that "fsdp" divides. Optimizer state follows the parameter its path ends with (Adam's
+jdl's models use the names of `DEFAULT_RULES`), and a rule table maps each name to mesh axes
+(`DEFAULT_RULES`, or a config's `sharding_rules`). A dimension an axis does not divide stays whole
+along that axis. An array of at least `fsdp_min_size` elements that its names leave unsplit by
+"fsdp" (a model without names, BatchNorm statistics, the first convolution's three input
+channels) is split along its largest dimension that "fsdp" divides. Optimizer state follows the parameter its path ends with (Adam's
 moments, an EMA, accumulated gradients); scalars and keys are replicated.
 """
 
@@ -33,16 +32,13 @@ from jdl.state import path_name
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the axes a batch is split over
 
-# Logical axis names of jdl's models.
-EMBED, MLP, HEADS, KV, VOCAB = "embed", "mlp", "heads", "kv", "vocab"
-CONV_IN, CONV_OUT, CLASSES, LAYERS = "conv_in", "conv_out", "classes", "layers"
-
-DEFAULT_RULES: Mapping[str, tuple[str, ...]] = {
-    EMBED: ("fsdp",), CONV_IN: ("fsdp",),
-    MLP: ("tensor",), HEADS: ("tensor",), VOCAB: ("tensor",), CONV_OUT: ("tensor",),
-    KV: (), CLASSES: (), LAYERS: (),
+DEFAULT_RULES: Mapping[str, tuple[str, ...]] = {  # jdl's models' logical axis names -> mesh axes
+    "embed": ("fsdp",), "conv_in": ("fsdp",),  # model width; a convolution's input channels
+    "mlp": ("tensor",), "heads": ("tensor",), "vocab": ("tensor",), "conv_out": ("tensor",),
+    "kv": (), "classes": (), "layers": (),  # a head's width; classes; scanned layers' stack
 }
 FSDP_MIN_SIZE = 2**14  # smaller unnamed arrays stay replicated: splitting them saves little
+
 
 def make_mesh(shape: Mapping[str, int] | None = None) -> Mesh:
   """A mesh with axes `MESH_AXES` of the sizes in `shape` (missing axes: 1; one may be -1, the
@@ -165,7 +161,7 @@ class ShardingPlan:
 
   def place_state(self, state: Any) -> Any:
     """`state` laid out as `state_shardings` says (arrays already so laid out stay as they are)."""
-    return jax.tree.map(_place, state, self.state_shardings(state))
+    return place(state, self.state_shardings(state))
 
   def constrain_state(self, state: Any) -> Any:
     """Inside a compiled function: `state` constrained to `state_shardings`."""
@@ -198,10 +194,18 @@ def _local_bytes(leaf: Any, sharding: NamedSharding) -> float:
   return float(math.prod(sharding.shard_shape(shape)) * itemsize)
 
 
+def place(tree: Any, shardings: Any) -> Any:
+  """Every array of `tree` as a global array laid out by `shardings` (one `NamedSharding`, or a
+  tree of them like `tree`): kept where already so; resharded where it is a device array;
+  otherwise built from this process's host copy, which in a multi-process run must be the same on
+  every process (a fresh state from one seed, a restored checkpoint): no array moves between hosts.
+  """
+  if isinstance(shardings, NamedSharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+  return jax.tree.map(_place, tree, shardings)
+
+
 def _place(value: Any, sharding: NamedSharding) -> jax.Array:
-  """One array on `sharding`: as it is when already there; moved or resharded when it is a
-  device array; else built from this process's host copy (in a multi-process run every process
-  holds the same values, as after an init from one seed or a restore)."""
   if isinstance(value, jax.Array):
     if value.sharding == sharding:
       return value
