@@ -18,6 +18,8 @@ import numpy as np
 import optax
 from flax import struct
 
+from jdl.models.layers import recording_axis_names
+
 
 Params = Any  # a pytree of arrays
 ModelState = Mapping[str, Any]  # non-parameter collections, e.g. {"batch_stats": ...}
@@ -193,8 +195,9 @@ def _init(static: tuple[nn.Module, tuple[str, ...]], rng: jax.Array, sample_inpu
   model, streams = static
   init_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
   keys = {name: stream_key(dropout_rng, name) for name in ("dropout", *streams)}
-  variables = model.init({"params": init_rng, **keys}, sample_input,
-                         **model_mode(model.apply, train=False))
+  with recording_axis_names():  # jdl's models box their parameters with logical axis names
+    variables = model.init({"params": init_rng, **keys}, sample_input,
+                           **model_mode(model.apply, train=False))
   return variables, state_rng
 
 

@@ -1,6 +1,5 @@
 """The fit loop: history, exact evaluation, hooks, resumption and bad labels."""
 
-import flax.linen as nn
 import jax
 import numpy as np
 import optax
@@ -240,7 +239,7 @@ def test_create_train_state_gives_the_flax_and_optax_initial_values():
   tx = optax.adam(1e-3)
   state = jdl.create_train_state(model, tx, sample, jax.random.PRNGKey(5))
   init_key, dropout_key, _ = jax.random.split(jax.random.PRNGKey(5), 3)
-  variables = dict(jax.jit(lambda rngs: nn.meta.unbox(model.init(rngs, sample, train=False)))(
+  variables = dict(jax.jit(lambda rngs: model.init(rngs, sample, train=False))(
       {"params": init_key, "dropout": dropout_key}))
   params = variables.pop("params")
   close = lambda a, b: np.testing.assert_allclose(a, b, **INIT_CLOSE)

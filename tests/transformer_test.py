@@ -4,7 +4,6 @@ import contextlib
 import functools
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +20,7 @@ from jdl.models import attention, transformer
 
 def _param_count(model, x):
   """Parameters of `model` on inputs like `x`, from shapes alone (nothing is computed)."""
-  shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0), x, train=False)))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
   return count_params(shapes["params"])
 
 
@@ -29,7 +28,7 @@ def _random_variables(model, x, seed=0, scale=0.3):
   """Variables of `model` on inputs like `x`, drawn N(0, scale^2) with numpy. The properties
   tested here hold for any parameter values, and this skips compiling the random initialisers
   (seconds per model on a small CPU)."""
-  shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0), x, train=False)))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, scale, s.shape), s.dtype), shapes)
 
@@ -543,8 +542,7 @@ def _compile_seconds(num_layers):
   model = models.TransformerLM(num_classes=11, block_size=16, num_layers=num_layers, num_heads=2,
                                width=32, scan_layers=True)
   tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
-  params = jax.eval_shape(
-      lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens, train=False)))["params"]
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, train=False))["params"]
 
   def train_step(params, tokens):
     loss = lambda p: jnp.mean(jdl.softmax_cross_entropy(
