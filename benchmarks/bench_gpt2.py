@@ -11,6 +11,10 @@ the MFU; and whether the compiled program calls a fused attention kernel (cuDNN'
   python -m benchmarks.bench_gpt2                          # on the accelerator, batch 8
   python -m benchmarks.bench_gpt2 --batch=16 --steps=20
   python -m benchmarks.bench_gpt2 --tiny                   # a 2-layer, width-64 check on a CPU
+  python -m benchmarks.bench_gpt2 --mesh=fsdp              # parameters and Adam split over devices
+
+`--mesh` lays the state out over every device (`jdl.sharding`): "data" replicates it, "fsdp"
+splits it (FSDP), "fsdp_tensor" splits it over fsdp x 2-way tensor; the batch is the global one.
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ import numpy as np
 import optax
 
 import jdl
-from jdl import flops, models
+from jdl import flops, models, parallel
+
+
+MESHES = {"data": {"data": -1}, "fsdp": {"fsdp": -1}, "fsdp_tensor": {"fsdp": -1, "tensor": 2}}
 
 
 def build(tiny: bool) -> tuple[models.TransformerLM, int]:
@@ -49,16 +56,22 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--tiny", action="store_true", help="a 2-layer model, for a CPU check")
+  parser.add_argument("--mesh", choices=sorted(MESHES), default=None)
   args = parser.parse_args()
   model, context = build(args.tiny)
   compute_dtype = jdl.step.check_compute_dtype("auto")
   sample = np.zeros((1, context), np.int32)
-  state = jax.jit(lambda key: jdl.create_train_state(model, optax.adamw(3e-4), sample, key))(
-      jax.random.key(0))
+  runner = (parallel.make_runner("none") if args.mesh is None else
+            parallel.make_runner(mesh_shape=MESHES[args.mesh], batch_size=args.batch))
+  state = jdl.create_train_state(model, optax.adamw(3e-4), sample, jax.random.key(0),
+                                 shardings=runner.state_shardings)
   num_params = jdl.count_params(state.params)
-  tokens = jax.random.randint(jax.random.key(1), (args.batch, context + 1), 0, model.num_classes)
-  batch = {"input": tokens[:, :-1], "label": tokens[:, 1:]}
-  step = jax.jit(jdl.make_train_step(compute_dtype=compute_dtype), donate_argnums=0)
+  tokens = np.asarray(jax.random.randint(jax.random.key(1), (args.batch, context + 1), 0,
+                                         model.num_classes))
+  batch = jax.device_put(runner.place_batch({"input": tokens[:, :-1], "label": tokens[:, 1:]}))
+  step, _ = runner.compile(jdl.make_train_step(compute_dtype=compute_dtype), None)
+  if args.mesh is not None:
+    print(runner.plan.describe(state))
 
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
@@ -85,7 +98,7 @@ def main() -> None:
         f"{args.batch * context / seconds:,.0f} tokens/s; loss {loss:.3f}")
   print(f"step FLOPs {step_flops:.4g} (XLA's cost analysis), formula {formula:.4g} "
         f"(ratio {step_flops / formula:.3f}); peak {peak:.3g} FLOP/s per device; "
-        f"MFU {100 * flops.mfu(step_flops, seconds, 1, peak):.1f}%")
+        f"MFU {100 * flops.mfu(step_flops, seconds, runner.num_devices, peak):.1f}%")
   kernels = fused_attention_calls(compiled.as_text())
   print(f"fused attention kernels in the program: {', '.join(kernels) if kernels else 'none'}")
 

@@ -14,6 +14,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from jdl import sharding
 from jdl.transfer import transfer_config
 
 
@@ -113,6 +114,17 @@ def base_config() -> ml_collections.ConfigDict:
   # Devices.
   config.layout = "auto"  # auto (shard if >1 device), none (jit, 1 device), shard (jit+mesh), pmap
   config.num_devices = 0  # devices to use; 0: all (per process for pmap)
+  # Sharded state (jdl.sharding, docs/devices.md): fsdp or tensor > 1 lays out a mesh of
+  # data x fsdp x tensor devices (layout "shard"); the batch is split over data and fsdp.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = 0  # devices that split the batch and replicate the state; 0: the rest
+  config.mesh.fsdp = 1  # devices that split the batch and the state (parameters, optimizer)
+  config.mesh.tensor = 1  # devices that split parameters along their model dimensions
+  rules = {name: ",".join(axes) for name, axes in sharding.DEFAULT_RULES.items()}
+  config.sharding_rules = ml_collections.ConfigDict(rules)  # a parameter dimension's logical
+  # name -> the mesh axes it is split over ("" whole, "fsdp,tensor" both), for models that name
+  # their parameters' axes (jdl's transformers, MLP, CNN, ResNet)
+  config.fsdp_min_size = sharding.FSDP_MIN_SIZE  # smaller arrays are split only by their names
   config.distributed = "auto"  # join a multi-process run: auto (JAX_COORDINATOR_ADDRESS), on, off
   config.cpu_threads = 0  # XLA CPU threads for command-line runs on a CPU; 0: one per core
   config.compilation_cache_dir = "~/.cache/jdl/xla"  # compiled programs kept across runs; "": off

@@ -80,8 +80,7 @@ def _train_and_evaluate(config: Any, workdir: str, hooks: Sequence[Hook], main: 
                         log: Callable[[str], None]) -> tuple[TrainState, list[Record]]:
   """`train_and_evaluate` once the config is checked and the workdir is this run's."""
   device_augment, pipeline_augment = make_augmentations(config.augment, in_memory=config.in_memory)
-  runner = parallel.make_runner(config.layout, num_devices=config.num_devices or None,
-                                batch_size=config.batch_size)
+  runner = runs.make_runner(config)
   eval_name = runs.eval_name(config)
   checkpointer = None
   if config.checkpoint:
@@ -98,7 +97,7 @@ def _train_and_evaluate(config: Any, workdir: str, hooks: Sequence[Hook], main: 
       config, pipeline_augment=pipeline_augment)
   num_steps = config.num_steps or config.num_epochs * train_data.steps_per_epoch
   state = runs.initial_state(config, meta, total_steps=num_steps, axis_name=runner.axis_name,
-                             log=log)
+                             log=log, shardings=runner.state_shardings)
   if checkpointer is not None and config.resume:
     restored = checkpointer.restore_latest(state, log=log)
     if restored is not None:
@@ -109,8 +108,9 @@ def _train_and_evaluate(config: Any, workdir: str, hooks: Sequence[Hook], main: 
                                    "resume the run in its workdir")
   if main:  # what an earlier attempt wrote after this run's starting step is written again
     truncate_records(workdir, int(state.step))
-  task = tasks.classification(config.loss, label_smoothing=config.label_smoothing,
-                              top_k=tuple(config.top_k))
+  task = (tasks.language_model() if _model_output(config) == "hidden" else
+          tasks.classification(config.loss, label_smoothing=config.label_smoothing,
+                               top_k=tuple(config.top_k)))
   train_step, eval_step = step_lib.make_steps(
       task, l1=config.l1, l2=config.l2, axis_name=runner.axis_name, augment=device_augment,
       compute_dtype=config.compute_dtype, adversary=make_adversary(config.adversarial),
@@ -122,6 +122,8 @@ def _train_and_evaluate(config: Any, workdir: str, hooks: Sequence[Hook], main: 
         f"model {config.model.name} with {count_params(state.params):,} parameters; "
         f"{num_steps} steps of batch {config.batch_size} on {runner.num_devices} "
         f"{jax.devices()[0].platform} device(s), layout {runner.layout!r}.")
+    if isinstance(runner, parallel.ShardedRunner) and runner.plan.shards_state:
+      log(runner.plan.describe(state))
   writer = MetricWriter(workdir) if main else None
   try:
     if writer is not None:
@@ -242,7 +244,8 @@ RESUMABLE_CHANGES = frozenset({
     "num_steps", "num_epochs", "eval_every_steps", "eval_batch_size", "progress", "resume",
     "checkpoint", "checkpoint_every_steps", "checkpoint_min_seconds", "keep_checkpoints",
     "best_metric", "check_finite", "gradient_norms", "data_dir", "manual_dir", "download",
-    "distributed", "num_devices", "layout", "cpu_threads", "compilation_cache_dir"})
+    "distributed", "num_devices", "layout", "cpu_threads", "compilation_cache_dir", "mesh",
+    "sharding_rules", "fsdp_min_size"})
 """Config keys a resumed run may change: how long, how often to evaluate or save, where the data
 is, on which devices. Every other key shapes the trajectory (seed, model, optimizer, data...)."""
 
@@ -314,11 +317,21 @@ def make_augmentations(augment_config: Mapping[str, Any], *, in_memory: bool
   return None, pipeline
 
 
+def _model_output(config: Any) -> str:
+  return (config.model.get(config.model.name) or {}).get("output", "logits")
+
+
 def _check_loss_matches_output(config: Any) -> None:
   """A softmax output needs the probability loss and logits need the logit loss: mixing them
-  trains on a silently wrong objective."""
-  output = (config.model.get(config.model.name) or {}).get("output", "logits")
-  expected = {"logits": "softmax_cross_entropy", "softmax": "cross_entropy_from_probabilities"}
+  trains on a silently wrong objective. The features output ("hidden") is a language model's."""
+  output = _model_output(config)
+  if output == "hidden" and (config.task != "language_model" or config.label_smoothing
+                             or config.top_k):
+    raise ValueError("model output 'hidden' trains a language model with the chunked loss "
+                     "(tasks.language_model): it needs task 'language_model', no label_smoothing "
+                     "and no top_k.")
+  expected = {"logits": "softmax_cross_entropy", "softmax": "cross_entropy_from_probabilities",
+              "hidden": "softmax_cross_entropy"}
   if output in expected and config.loss != expected[output]:
     raise ValueError(f"model output {output!r} needs loss {expected[output]!r}, but config.loss "
                      f"is {config.loss!r}.")

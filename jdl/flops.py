@@ -32,9 +32,18 @@ PEAK_BF16_FLOPS = {
 
 def step_flops(step: Callable[..., Any], *args: Any) -> float:
   """FLOPs of one call of `step(*args)`, from XLA's cost analysis of its lowered program (the
-  global program's under a mesh); `args` may be `jax.ShapeDtypeStruct`s, as nothing is compiled."""
+  global program's under a mesh); `args` may be `jax.ShapeDtypeStruct`s, as nothing is compiled.
+
+  Raises ValueError for a program with a loop (scanned layers, chunked attention or loss): XLA
+  counts a loop's body once, whatever its trip count, so its number would be too low; `fit` then
+  logs no MFU rather than a wrong one.
+  """
   jitted = step if hasattr(step, "lower") else jax.jit(step)
-  analysis = jitted.lower(*args).cost_analysis()
+  lowered = jitted.lower(*args)
+  if "stablehlo.while" in lowered.as_text():
+    raise ValueError("this step's program loops (scanned layers, or attention or a loss a chunk "
+                     "at a time); XLA's cost analysis counts a loop's body once.")
+  analysis = lowered.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # one entry per program on older JAX versions
     analysis = analysis[0]
   if not analysis or "flops" not in analysis:

@@ -83,6 +83,9 @@ def generate(model: nn.Module | ApplyFn, variables: Any, prompt_tokens: jax.Arra
   `block_size` the default) or an `ApplyFn`, a static argument of the jitted loop (pass the same
   object every call). Step i samples as `sample_next` with `fold_in(key, i)`; `greedy` is argmax.
   """
+  module = model if isinstance(model, nn.Module) else getattr(model, "__self__", None)
+  if isinstance(module, nn.Module) and getattr(module, "output", None) == "hidden":
+    model = module.clone(output="logits")  # trained by the chunked loss: sampled from logits
   if isinstance(model, nn.Module):
     apply_fn = model.apply
     if block_size is None:

@@ -439,8 +439,12 @@ def _make_engine(state: TrainState, train_step, eval_step, train_data, eval_data
         np.asarray(leaf).nbytes for s in sources for leaf in jax.tree.leaves((s.inputs, s.labels))
     ) <= resident.DEFAULT_RESIDENT_LIMIT_BYTES
   if device_resident:
+    def step_in_layout(state: TrainState, batch: Any) -> tuple[TrainState, Any]:
+      state, sums = train_step(state, batch)
+      return runner.constrain_state(state), sums  # a sharded state keeps its layout in the scan
+
     return resident.ResidentEngine(
-        train_step, eval_step, train_data, eval_data, place=runner.place_replicated,
+        step_in_layout, eval_step, train_data, eval_data, place=runner.place_replicated,
         constrain=runner.constrain_batch, steps_per_call=steps_per_call,
         eval_state=evaluation_state)
   return _HostEngine(runner, train_step, eval_step, train_data, eval_data, num_classes)

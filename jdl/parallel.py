@@ -1,6 +1,7 @@
 """Runners: the same pure step under jit ("none", `JitRunner`), jit over a device mesh ("shard",
 `ShardedRunner`: the single-device program, so BatchNorm statistics and dropout keys are those of
-the global batch) or pmap ("pmap", `PmapRunner`, with steps and models built with
+the global batch; the state replicated, or sharded by `jdl.sharding`'s rules over an fsdp or
+tensor axis) or pmap ("pmap", `PmapRunner`, with steps and models built with
 `axis_name=runner.axis_name`); "auto" is "shard" on more than one device, else "none". Many
 hosts: `initialize_distributed` joins the processes, each feeds its own share of every global
 batch, and `ShardedRunner` assembles global arrays from the pieces (docs/devices.md).
@@ -18,10 +19,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jdl import sharding
 from jdl.data.sources import num_rows
 from jdl.state import TrainState
 
-DATA_AXIS = "data"  # the mesh axis the batch is split over under sharded jit
 PMAP_AXIS = "batch"  # the axis name steps and models use under pmap
 LAYOUTS = ("auto", "none", "shard", "pmap")
 
@@ -44,13 +45,17 @@ class Runner:
   masked examples to a multiple of the device count, else an uneven batch is an error. `compile`
   compiles the steps (the train step donates the state; None stays None); `fetch_metrics` gives
   sums as plain scalars; `place_replicated` copies a tree to every device (resident data), and
-  `constrain_batch` lays a batch out inside a compiled function.
+  `constrain_batch` lays a batch out inside a compiled function, `constrain_state` a state.
+  `state_shardings`, where not None, maps a state's shapes to its layout, for
+  `create_train_state(shardings=...)`.
   """
 
   layout = "none"
   axis_name: str | None = None  # build steps and models with this
   num_devices = 1  # devices across all processes
+  batch_devices = 1  # devices that each take their own part of a batch
   supports_resident = True  # whether whole splits may live on the devices (jdl.resident)
+  state_shardings: Callable[[TrainState], Any] | None = None
 
   def place_state(self, state: TrainState) -> TrainState:
     return jax.device_put(state)
@@ -77,38 +82,31 @@ class Runner:
   def constrain_batch(self, batch: Batch) -> Batch:
     return batch
 
-
-def make_mesh(num_devices: int | None = None) -> Mesh:
-  """A one-axis mesh (`DATA_AXIS`) over `num_devices` devices (default: all). Every process gives
-  the same number of its own devices, in process order, so its share of a batch stays local."""
-  devices, processes = jax.devices(), jax.process_count()
-  count = len(devices) if num_devices is None else int(num_devices)
-  if count < 1:
-    raise ValueError(f"a mesh needs at least one device; got num_devices={num_devices}.")
-  if count > len(devices):
-    raise ValueError(f"a mesh of {count} devices was requested but only {len(devices)} are "
-                     f"present ({devices[0].platform}); ask for at most {len(devices)}.")
-  if count % processes:
-    raise ValueError(f"a mesh of {count} devices cannot be spread evenly over {processes} "
-                     f"processes; ask for a multiple of {processes}.")
-  per_process = count // processes
-  chosen = []
-  for process in range(processes):
-    own = [d for d in devices if d.process_index == process][:per_process]
-    if len(own) < per_process:
-      raise ValueError(f"process {process} has {len(own)} devices; the mesh needs {per_process}.")
-    chosen.extend(own)
-  return Mesh(np.array(chosen), (DATA_AXIS,))
+  def constrain_state(self, state: TrainState) -> TrainState:
+    return state
 
 
 def make_runner(layout: str = "auto", *, num_devices: int | None = None,
-                batch_size: int | None = None) -> Runner:
+                batch_size: int | None = None, mesh_shape: Mapping[str, int] | None = None,
+                rules: Mapping[str, Any] | None = None,
+                fsdp_min_size: int = sharding.FSDP_MIN_SIZE) -> Runner:
   """The runner for `layout` ("auto", "none", "shard" or "pmap") on `num_devices` (default: all;
   per process under pmap). An explicit count is strict: more than are present, or one that does
   not divide the global `batch_size`, is an error; "auto" without it takes the most devices that
-  divide `batch_size`, so a default config runs on any machine."""
+  divide `batch_size`, so a default config runs on any machine.
+
+  `mesh_shape` (`jdl.sharding.make_mesh`'s, e.g. `{"fsdp": 8}` or `{"fsdp": 4, "tensor": 2}`)
+  asks for a sharded state: layout "shard" over that mesh, the state laid out by `rules` and
+  `fsdp_min_size` (`jdl.sharding.ShardingPlan`); it replaces `num_devices`."""
   if layout not in LAYOUTS:
     raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}.")
+  if mesh_shape is not None:
+    if layout not in ("auto", "shard") or num_devices is not None:
+      raise ValueError(f"a mesh shape ({dict(mesh_shape)}) needs layout 'shard' or 'auto' and no "
+                       f"num_devices; got layout {layout!r}, num_devices={num_devices}.")
+    runner: Runner = ShardedRunner(sharding.make_mesh(mesh_shape), rules=rules,
+                                   fsdp_min_size=fsdp_min_size)
+    return _check_batch_size(runner, batch_size)
   if layout == "auto":
     count = num_devices or jax.device_count()
     if num_devices is None and batch_size:
@@ -119,16 +117,22 @@ def make_runner(layout: str = "auto", *, num_devices: int | None = None,
   if layout == "none":
     if num_devices not in (None, 1):
       raise ValueError(f"layout 'none' runs on one device; got num_devices={num_devices}.")
-    runner: Runner = JitRunner()
+    runner = JitRunner()
   elif layout == "shard":
-    runner = ShardedRunner(make_mesh(num_devices))
+    if num_devices is not None and num_devices < 1:
+      raise ValueError(f"a mesh needs at least one device; got num_devices={num_devices}.")
+    runner = ShardedRunner(sharding.make_mesh({"data": num_devices or -1}))
   else:
     runner = PmapRunner(num_devices)
-  if batch_size is not None and batch_size % runner.num_devices:
+  return _check_batch_size(runner, batch_size)
+
+
+def _check_batch_size(runner: Runner, batch_size: int | None) -> Runner:
+  count = runner.batch_devices
+  if batch_size is not None and batch_size % count:
     raise ValueError(
-        f"the global batch size {batch_size} is not divisible by the {runner.num_devices} devices "
-        f"of layout {runner.layout!r}; use a batch size that is a multiple of "
-        f"{runner.num_devices}.")
+        f"the global batch size {batch_size} is not divisible by the {count} devices that split "
+        f"a batch in layout {runner.layout!r}; use a batch size that is a multiple of {count}.")
   return runner
 
 
@@ -158,31 +162,15 @@ def pad_to_multiple(batch: Batch, multiple: int) -> dict[str, Any]:
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Every array of `tree` copied to every device of `mesh` (a replicated global array)."""
-  return place(tree, NamedSharding(mesh, PartitionSpec()))
-
-
-def place(tree: Any, sharding: NamedSharding) -> Any:
-  """Every array of `tree` laid out by `sharding` as a global array. Over many processes each
-  builds its own devices' pieces from its host copy, which must be the same on every process (a
-  fresh state from one seed, a restored checkpoint): JAX moves no array between hosts."""
-  if sharding.is_fully_addressable:
-    return jax.device_put(tree, sharding)
-
-  def one(value: Any) -> jax.Array:
-    if isinstance(value, jax.Array) and value.sharding == sharding:
-      return value
-    host = np.asarray(value)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-  return jax.tree.map(one, tree)
+  return sharding.place(tree, NamedSharding(mesh, PartitionSpec()))
 
 
 def shard_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
-  """A batch as global arrays split along the mesh's data axis; `batch` is this process's share."""
-  sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+  """A batch as global arrays split over the mesh's data and fsdp axes (`jdl.sharding`); `batch`
+  is this process's share."""
+  split = NamedSharding(mesh, PartitionSpec(sharding.batch_axes(mesh)))
   return jax.tree.map(
-      lambda value: jax.make_array_from_process_local_data(sharding, np.asarray(value)),
-      dict(batch))
+      lambda value: jax.make_array_from_process_local_data(split, np.asarray(value)), dict(batch))
 
 
 def unreplicate(tree: Any) -> Any:
@@ -195,45 +183,57 @@ class JitRunner(Runner):
 
 
 class ShardedRunner(Runner):
-  """`jax.jit` over a mesh: batch split along `DATA_AXIS`, state replicated; multi-process too."""
+  """`jax.jit` over a mesh with `jdl.sharding`'s axes: the batch split over "data" and "fsdp", the
+  state laid out by a `ShardingPlan` of `rules` (replicated on a data-only mesh); multi-process
+  too. The steps take the state in the layout it is placed in and keep it (their outputs are
+  constrained to it), so donation reuses every buffer."""
 
   layout = "shard"
 
-  def __init__(self, mesh: Mesh) -> None:
-    if DATA_AXIS not in mesh.axis_names:
-      raise ValueError(f"the mesh needs an axis named {DATA_AXIS!r}; it has {mesh.axis_names}.")
-    self.mesh = mesh
-    self.replicated = NamedSharding(mesh, PartitionSpec())
-    self.state_sharding = self.replicated  # the state's layout, for placing and compiling
-    self.batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-    self.num_devices = int(mesh.devices.size)
-    self.local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+  def __init__(self, mesh: Mesh, *, rules: Mapping[str, Any] | None = None,
+               fsdp_min_size: int = sharding.FSDP_MIN_SIZE) -> None:
+    self.plan = sharding.ShardingPlan(mesh, rules, fsdp_min_size)
+    self.mesh, self.replicated = mesh, self.plan.replicated
+    self.batch_sharding = self.plan.batch_sharding
+    self.num_devices, self.batch_devices = int(mesh.devices.size), self.plan.batch_devices
+    local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    self.local_batch_devices = local * self.batch_devices // self.num_devices
+    self.state_shardings = self.plan.state_shardings
 
   def place_state(self, state: TrainState) -> TrainState:
-    return place(state, self.state_sharding)
+    return self.plan.place_state(state)
 
   def place_batch(self, batch: Batch, *, pad: bool = False) -> Batch:
     what = ("devices" if jax.process_count() == 1 else
             f"local devices of process {jax.process_index()}")
-    return shard_batch(_split_evenly(batch, self.local_devices, what, pad=pad), self.mesh)
+    return shard_batch(_split_evenly(batch, self.local_batch_devices, what, pad=pad), self.mesh)
 
   def compile(self, train_step: TrainStep, eval_step: EvalStep | None
               ) -> tuple[TrainStep, EvalStep | None]:
-    inputs = (self.state_sharding, self.batch_sharding)
-    train = jax.jit(train_step, in_shardings=inputs,
-                    out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
-    return train, None if eval_step is None else jax.jit(
-        eval_step, in_shardings=inputs, out_shardings=self.replicated)
+    def train(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+      state, sums = train_step(state, self.constrain_batch(batch))
+      return self.constrain_state(state), self._replicated(sums)
+
+    def evaluate(state: TrainState, batch: Batch) -> Metrics:
+      return self._replicated(eval_step(state, self.constrain_batch(batch)))
+
+    return jax.jit(train, donate_argnums=0), None if eval_step is None else jax.jit(evaluate)
+
+  def _replicated(self, sums: Metrics) -> Metrics:
+    return jax.lax.with_sharding_constraint(sums, self.replicated)
 
   def fetch_metrics(self, sums: Metrics) -> Metrics:
     # This process's copy: in a multi-process run the global array is not addressable as a whole.
     return jax.tree.map(lambda x: x.addressable_data(0), sums)
 
   def place_replicated(self, tree: Any) -> Any:
-    return place(tree, self.replicated)
+    return sharding.place(tree, self.replicated)
 
   def constrain_batch(self, batch: Batch) -> Batch:
     return jax.lax.with_sharding_constraint(dict(batch), self.batch_sharding)
+
+  def constrain_state(self, state: TrainState) -> TrainState:
+    return self.plan.constrain_state(state)
 
 
 class PmapRunner(Runner):
@@ -256,7 +256,7 @@ class PmapRunner(Runner):
       raise ValueError(f"pmap over {count} devices was requested but this process has "
                        f"{len(local)}; ask for between 1 and {len(local)}.")
     self.devices = local[:count]
-    self.local_devices = self.num_devices = count
+    self.local_devices = self.num_devices = self.batch_devices = count
     # Arrays with a leading device axis, one slice per device: what pmap consumes and returns.
     self.stacked = NamedSharding(Mesh(np.array(self.devices), (PMAP_AXIS,)),
                                  PartitionSpec(PMAP_AXIS))

@@ -25,8 +25,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from jdl import data as data_lib, models, optim, transfer
+from jdl import data as data_lib, models, optim, parallel, transfer
 from jdl.checkpoint import Checkpointer
+from jdl.config import ConfigError
 from jdl.data import text as text_lib
 from jdl.writers import CONFIG_NAME
 from jdl.state import TrainState, create_train_state
@@ -75,15 +76,36 @@ def eval_name(config: Any) -> str:
   return config.eval_split.split("[")[0]
 
 
+def make_runner(config: Any) -> parallel.Runner:
+  """The config's device layout: `config.layout` on `config.num_devices`, or, where
+  `config.mesh` asks for more than data parallelism on all devices, a sharded state on that mesh
+  by `config.sharding_rules` (`jdl.sharding`)."""
+  mesh = config.mesh
+  if (mesh.data, mesh.fsdp, mesh.tensor) == (0, 1, 1):
+    return parallel.make_runner(config.layout, num_devices=config.num_devices or None,
+                                batch_size=config.batch_size)
+  rules = {name: tuple(axis.strip() for axis in axes.split(",") if axis.strip())
+           for name, axes in config.sharding_rules.items()}
+  try:
+    return parallel.make_runner(
+        config.layout, num_devices=config.num_devices or None, batch_size=config.batch_size,
+        mesh_shape={"data": mesh.data or -1, "fsdp": mesh.fsdp, "tensor": mesh.tensor},
+        rules=rules, fsdp_min_size=config.fsdp_min_size)
+  except ValueError as error:  # a mesh this machine cannot hold: the config's mistake
+    raise ConfigError(f"config.mesh {mesh.to_dict()}: {error}") from None
+
+
 def initial_state(config: Any, meta: data_lib.DatasetMeta, *, total_steps: int,
                   axis_name: str | None = None, load: bool = True,
-                  log: Callable[[str], None] = print) -> TrainState:
-  """The run's fresh state: the config's model and optimizer, initialised from `config.seed`,
-  then changed as `config.transfer` asks (`apply_transfer_config` with `load`)."""
+                  log: Callable[[str], None] = print,
+                  shardings: Callable[[TrainState], Any] | None = None) -> TrainState:
+  """The run's fresh state: the config's model and optimizer, initialised from `config.seed`
+  (straight into the layout `shardings` gives, when given), then changed as `config.transfer`
+  asks (`apply_transfer_config` with `load`)."""
   model = models.build_model(config.model, num_classes=meta.num_classes, axis_name=axis_name)
   tx = optim.make_optimizer(config.optimizer, total_steps=total_steps)
   state = create_train_state(model, tx, np.zeros((1, *meta.input_shape), meta.input_dtype),
-                             jax.random.PRNGKey(config.seed))
+                             jax.random.PRNGKey(config.seed), shardings=shardings)
   return apply_transfer_config(state, config.get("transfer"), load=load, log=log)
 
 

@@ -18,10 +18,13 @@ import numpy as np
 import optax
 from flax import struct
 
+from jdl.models.layers import recording_axis_names
+
 
 Params = Any  # a pytree of arrays
 ModelState = Mapping[str, Any]  # non-parameter collections, e.g. {"batch_stats": ...}
 ApplyFn = Callable[..., Any]
+ParamAxes = tuple[tuple[str, tuple[str | None, ...]], ...]  # ((path, names per dimension), ...)
 
 
 class TrainState(struct.PyTreeNode):
@@ -32,7 +35,9 @@ class TrainState(struct.PyTreeNode):
   only on the seed and the step (resumption is exact). Static: `apply_fn`, `tx`, and the
   per-example `input_shape` and `input_dtype` the model was initialised with ("float32" pixels,
   "int32" token ids; per-leaf tuples for pytree inputs, whose `input_structure` is kept), against
-  which steps check batches while tracing, for free.
+  which steps check batches while tracing, for free; and `param_axes`, the logical axis names the
+  model gave its parameters (`nn.with_logical_partitioning`), from which `jdl.sharding` lays them
+  out on a mesh.
   """
 
   step: jax.Array
@@ -45,6 +50,7 @@ class TrainState(struct.PyTreeNode):
   input_shape: tuple[int, ...] = struct.field(pytree_node=False)
   input_dtype: Any = struct.field(pytree_node=False, default="float32")
   input_structure: Any = struct.field(pytree_node=False, default=None)
+  param_axes: ParamAxes = struct.field(pytree_node=False, default=())
 
   def apply_gradients(self, grads: Params, **changes: Any) -> TrainState:
     """Returns the state after one optimizer update with `grads`; `changes` replace other fields."""
@@ -96,7 +102,8 @@ def stream_key(key: jax.Array, name: str) -> jax.Array:
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
                        sample_input: jax.Array | np.ndarray, rng: jax.Array, *,
-                       rng_streams: tuple[str, ...] = ("dropout",)) -> TrainState:
+                       rng_streams: tuple[str, ...] = ("dropout",),
+                       shardings: Callable[[TrainState], Any] | None = None) -> TrainState:
   """Initialises a Flax linen `model` (with its `model_mode` keyword, if any) and the optimizer
   `tx` into a fresh `TrainState` at step 0.
 
@@ -104,11 +111,30 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
   a pytree of arrays passed to the model as one argument. `rng`, raw or typed, is split into the
   initialisation key and the state's base key, so one key always gives the same parameters and
   step keys. `rng_streams` are the model's random streams at initialisation (`Task.rng_streams`).
+
+  `shardings` maps the state's shapes (`jax.eval_shape`) to every array's sharding, e.g.
+  `jdl.sharding.ShardingPlan(mesh).state_shardings`: one program then initialises the state
+  straight into that layout, so the whole state never exists on one device. The values are the
+  same either way.
   """
   sample_input = _checked_sample(sample_input)
-  variables, state_rng = initial_variables(model, rng, sample_input, rng_streams)
+
+  def init(rng: jax.Array, sample_input: Any) -> TrainState:
+    variables, state_rng = initial_variables(model, rng, sample_input, rng_streams)
+    return _new_state(model, tx, variables, state_rng, sample_input)
+
+  if shardings is None:
+    return init(rng, sample_input)
+  layout = shardings(jax.eval_shape(init, rng, sample_input))
+  return jax.jit(init, out_shardings=layout)(rng, sample_input)
+
+
+def _new_state(model: nn.Module, tx: optax.GradientTransformation, variables: Mapping[str, Any],
+               state_rng: jax.Array, sample_input: Any) -> TrainState:
+  params, param_axes = split_logical_axes(variables["params"])
   # What a model sows for inspection ("intermediates") grows every call: not carried over.
-  model_state = {k: v for k, v in variables.items() if k not in ("params", "intermediates")}
+  model_state = nn.meta.unbox(
+      {k: v for k, v in variables.items() if k not in ("params", "intermediates")})
   leaves, structure = jax.tree.flatten(sample_input)
   shapes = tuple(tuple(leaf.shape[1:]) for leaf in leaves)
   dtypes = tuple(str(leaf.dtype) for leaf in leaves)
@@ -116,10 +142,9 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
     shapes, dtypes, structure = shapes[0], dtypes[0], None
   return TrainState(
       step=jnp.asarray(np.int32(0)),  # placed: no program to compile
-      params=variables["params"], model_state=model_state,
-      opt_state=initial_optimizer_state(tx, variables["params"]), rng=state_rng,
-      apply_fn=model.apply, tx=tx, input_shape=shapes, input_dtype=dtypes,
-      input_structure=structure)
+      params=params, model_state=model_state, opt_state=initial_optimizer_state(tx, params),
+      rng=state_rng, apply_fn=model.apply, tx=tx, input_shape=shapes, input_dtype=dtypes,
+      input_structure=structure, param_axes=param_axes)
 
 
 def _checked_sample(sample_input: Any) -> Any:
@@ -170,8 +195,9 @@ def _init(static: tuple[nn.Module, tuple[str, ...]], rng: jax.Array, sample_inpu
   model, streams = static
   init_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
   keys = {name: stream_key(dropout_rng, name) for name in ("dropout", *streams)}
-  variables = model.init({"params": init_rng, **keys}, sample_input,
-                         **model_mode(model.apply, train=False))
+  with recording_axis_names():  # jdl's models box their parameters with logical axis names
+    variables = model.init({"params": init_rng, **keys}, sample_input,
+                           **model_mode(model.apply, train=False))
   return variables, state_rng
 
 
@@ -180,6 +206,20 @@ def initial_optimizer_state(tx: optax.GradientTransformation, params: Params) ->
   """`tx.init(params)` compiled per optimizer: fresh buffers even where a state starts as the
   parameters themselves, so donating the state never donates one buffer twice."""
   return tx.init(params)
+
+
+def path_name(path: tuple[Any, ...]) -> str:
+  """A key path as "a/b/0/c", the form of `TrainState.param_axes` and of `jdl.sharding`."""
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def split_logical_axes(params: Params) -> tuple[Params, ParamAxes]:
+  """`(params without Flax's partitioning boxes, ((path, names), ...))`: the logical axis names of
+  every array boxed by `nn.with_logical_partitioning`, keyed by its path; others have no entry."""
+  is_box = lambda leaf: isinstance(leaf, nn.Partitioned)
+  named = tuple((path_name(path), tuple(leaf.names)) for path, leaf in
+                jax.tree_util.tree_leaves_with_path(params, is_leaf=is_box) if is_box(leaf))
+  return nn.meta.unbox(params), named
 
 
 def count_params(params: Params) -> int:

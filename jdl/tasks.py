@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
 import jax
+import jax.numpy as jnp
 
 from jdl import losses as losses_lib
 from jdl import metrics as metrics_lib
@@ -134,6 +135,23 @@ def classification(loss: str | losses_lib.LossFn = "softmax_cross_entropy", *,
   eval_loss = None if train_loss is plain_loss else _on_labels(plain_loss, labels, class_axis=True)
   return Task(loss=_on_labels(train_loss, labels, class_axis=True),
               metrics=(accuracy_metric(top_k, labels=labels),), inputs=inputs, eval_loss=eval_loss)
+
+
+def language_model(*, chunk: int = 256, inputs: str = "input", labels: str = "label") -> Task:
+  """Next-token prediction from a model that returns `{"hidden": [B, T, D], "unembedding": [V, D]}`
+  (`TransformerLM(output="hidden")`): the cross-entropy and accuracy of every position, from
+  logits computed `chunk` positions at a time (`jdl.losses.chunked_softmax_cross_entropy`), so the
+  `[B, T, V]` logits never exist at once. For a model that returns logits, use `classification`."""
+  def loss(outputs: Any, batch: Batch) -> LossValue:
+    if not isinstance(outputs, Mapping) or not {"hidden", "unembedding"} <= set(outputs):
+      raise ValueError("tasks.language_model reads the model's outputs 'hidden' and "
+                       "'unembedding' (TransformerLM(output='hidden')); got "
+                       f"{type(outputs).__name__}. For logits use tasks.classification().")
+    losses, correct = losses_lib.chunked_softmax_cross_entropy(
+        outputs["hidden"], outputs["unembedding"], _read(batch, labels), chunk=chunk)
+    return losses, {"accuracy": correct.astype(jnp.float32)}
+
+  return Task(loss=loss, inputs=inputs)
 
 
 def regression(loss: losses_lib.LossFn = losses_lib.mean_squared_error, *, inputs: str = "input",

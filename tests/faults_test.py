@@ -427,10 +427,11 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _start_processes(workdirs, data_dir, subprocess_env, *overrides):
-  """Two processes of one run on loopback (process i in workdirs[i]), as a cluster starts them."""
+def _start_processes(workdirs, data_dir, subprocess_env, *overrides, devices=2):
+  """Two processes of one run on loopback (process i in workdirs[i]) with `devices` CPU devices
+  each, as a cluster starts them."""
   address = f"127.0.0.1:{_free_port()}"
-  env = {k: v for k, v in subprocess_env(2).items() if not k.startswith("JAX_")}
+  env = {k: v for k, v in subprocess_env(devices).items() if not k.startswith("JAX_")}
   env["JAX_COMPILATION_CACHE_DIR"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
   processes = []
   for rank, workdir in enumerate(workdirs):
@@ -467,14 +468,19 @@ def _wait_for_records(workdir, processes, seconds=180):
     time.sleep(0.2)
 
 
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_both_resume(
+FSDP_OVER_TWO_PROCESSES = ("--config.mesh.fsdp=8", "--config.fsdp_min_size=64",
+                           "--config.model.mlp.hidden=(128, 128)")
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_and_fsdp_resumes_to_the_uninterrupted_run(
     tmp_path, mnist1d_data_dir, subprocess_env):
-  """SIGTERM to process 1 only: both processes stop after the same step, save that one
-  checkpoint together and exit with 143; the same command on both then resumes from it (the
-  restored state is laid out over both hosts' devices) and finishes."""
-  workdir = str(tmp_path / "run")
+  """Two processes of four CPU devices each, parameters and optimizer state split over all
+  eight (FSDP). SIGTERM to process 1 only: both stop after the same step, save that one sharded
+  checkpoint together and exit with 143; the same command on both then resumes from it and
+  finishes with the parameters of a run that was never interrupted."""
+  workdir, straight = str(tmp_path / "run"), str(tmp_path / "straight")
   processes = _start_processes([workdir, workdir], mnist1d_data_dir, subprocess_env,
-                               "--config.num_steps=1000000")
+                               *FSDP_OVER_TWO_PROCESSES, "--config.num_steps=1000000", devices=4)
   _wait_for_records(workdir, processes)
   processes[1].send_signal(signal.SIGTERM)
   (code0, _, err0), (code1, _, err1) = _finish(processes, 120)
@@ -483,12 +489,18 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_both_resume(
   assert f"stopped by SIGTERM after step {steps[-1]};" in err1
   assert f"stopped by SIGTERM (to process 1) after step {steps[-1]};" in err0
 
-  resumed = _finish(_start_processes([workdir, workdir], mnist1d_data_dir, subprocess_env,
-                                     f"--config.num_steps={steps[-1] + 10}"), 180)
-  assert [code for code, _, _ in resumed] == [0, 0], [err[-2000:] for _, _, err in resumed]
-  printed = resumed[0][1]
-  assert f"resuming from the checkpoint of step {steps[-1]}" in printed
-  assert f"after {steps[-1] + 10} steps" in printed
+  total = f"--config.num_steps={steps[-1] + 10}"
+  for run in (workdir, straight):
+    finished = _finish(_start_processes([run, run], mnist1d_data_dir, subprocess_env,
+                                        *FSDP_OVER_TWO_PROCESSES, total, devices=4), 180)
+    assert [code for code, _, _ in finished] == [0, 0], [err[-2000:] for _, _, err in finished]
+    assert f"after {steps[-1] + 10} steps" in finished[0][1]
+    if run == workdir:
+      assert f"resuming from the checkpoint of step {steps[-1]}" in finished[0][1]
+  resumed, uninterrupted = (runs.load_run(run).state for run in (workdir, straight))
+  assert int(resumed.step) == int(uninterrupted.step) == steps[-1] + 10
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               (resumed.params, resumed.opt_state), (uninterrupted.params, uninterrupted.opt_state))
 
 
 def test_processes_that_disagree_or_lose_a_peer_stop_with_a_clear_error(

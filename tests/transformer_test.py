@@ -417,14 +417,17 @@ def test_tiny_language_model_learns_a_repeated_pattern_with_the_library_step():
   np.testing.assert_array_equal(continuation, [[0, 1, 2, 3, 0, 1, 2, 3]])
 
 
+@pytest.mark.parametrize("query_chunk", [0, 3])
 @pytest.mark.parametrize("causal, padded", [(True, False), (False, True), (True, True)])
-def test_fused_attention_equals_the_explicit_path_in_outputs_and_gradients(causal, padded):
-  """`jax.nn.dot_product_attention` (the default) against the einsum path with its masked
-  softmax: outputs and gradients with respect to inputs and parameters within float32 error,
-  with causal and padding masks; asking for the weights takes the explicit path and sows them."""
+def test_fused_attention_equals_the_explicit_path_in_outputs_and_gradients(causal, padded,
+                                                                           query_chunk):
+  """`jax.nn.dot_product_attention` (the default), and attention 3 queries at a time (the last
+  chunk padded), against the einsum path with its masked softmax: outputs and gradients with
+  respect to inputs and parameters within float32 error, with causal and padding masks; asking
+  for the weights takes the explicit path and sows them."""
   x = _normal((3, 7, 8))
   mask = attention.padding_mask(jnp.array([7, 4, 2]), length=7) if padded else None
-  fused = attention.MultiHeadSelfAttention(num_heads=2, causal=causal)
+  fused = attention.MultiHeadSelfAttention(num_heads=2, causal=causal, query_chunk=query_chunk)
   explicit = attention.MultiHeadSelfAttention(num_heads=2, causal=causal, fused=False)
   variables = _random_variables(fused, x)
 
@@ -584,3 +587,35 @@ def test_bad_remat_policy_fails_with_the_valid_ones():
     _tiny_lm(remat="dots")
   with pytest.raises(ValueError, match="scan_layers must be a bool"):
     models.ViT(num_classes=10, scan_layers="yes")
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_hidden_output_with_the_chunked_loss_equals_the_loss_on_full_logits(tie_weights):
+  """`output="hidden"` with `tasks.language_model` (logits 5 positions at a time, the last chunk
+  padded) gives the per-position losses, accuracy and parameter gradients of the logits model
+  with `tasks.classification`, within float32 error; generation from it samples the logits."""
+  tokens, labels = _tokens((2, 8), 11, seed=1), _tokens((2, 8), 11, seed=2)
+  logits_model = _tiny_lm(tie_weights=tie_weights)
+  hidden_model = _tiny_lm(tie_weights=tie_weights, output="hidden")
+  params = _random_variables(logits_model, tokens)["params"]
+  batch = {"input": tokens, "label": labels}
+  chunked = jdl.tasks.language_model(chunk=5)
+
+  def loss(model, task, params):
+    outputs = model.apply({"params": params}, tokens, train=False)
+    losses, aux = task.loss(outputs, batch) if task is chunked else (task.loss(outputs, batch), {})
+    return jnp.mean(losses), (losses, aux, outputs)
+
+  (_, (full, _, logits)), grads = jax.value_and_grad(
+      lambda p: loss(logits_model, jdl.tasks.classification(), p), has_aux=True)(params)
+  (_, (parts, aux, _)), chunk_grads = jax.value_and_grad(
+      lambda p: loss(hidden_model, chunked, p), has_aux=True)(params)
+  np.testing.assert_allclose(parts, full, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(aux["accuracy"], np.argmax(logits, -1) == labels)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), chunk_grads,
+               grads)
+  sample = lambda model: generate(model, {"params": params}, tokens[:, :3], num_new_tokens=4,
+                                  key=jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(sample(hidden_model), sample(logits_model))
+  with pytest.raises(ValueError, match="reads the model's outputs 'hidden'"):
+    chunked.loss(jnp.zeros((2, 8, 11)), batch)

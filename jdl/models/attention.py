@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdl.models.layers import DENSE_INIT, ZEROS, named
+
 
 def causal_mask(length: int) -> jax.Array:
   """The `[length, length]` lower-triangular mask: entry (t, s) is True when s <= t."""
@@ -79,6 +81,46 @@ def masked_softmax(scores: jax.Array, mask: jax.Array | None, axis: int = -1) ->
   return weights / jnp.where(total > 0, total, 1.0)
 
 
+AUTO_QUERY_CHUNK = 256
+AUTO_CHUNK_FROM = 1024
+
+
+def chunked_attention(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, *,
+                      scale: float, causal: bool, key_mask_BxS: jax.Array | None = None,
+                      chunk: int = AUTO_QUERY_CHUNK) -> jax.Array:
+  """Scaled dot-product attention computed `chunk` queries at a time: `[B, T, H, K]` outputs.
+
+  Each chunk's scores `[B, H, chunk, S]` (float32) and masked softmax are computed inside a
+  `jax.checkpoint`, so neither the forward nor the backward pass ever holds the weights of more
+  than one chunk: memory O(B H chunk S) instead of O(B H T S), for one more computation of the
+  scores in the backward pass (Rabe and Staats 2021, without their key chunking). Queries past a
+  multiple of `chunk` are padded and cut off again.
+  """
+  batch, length, heads, head_width = q_BxTxHxK.shape
+  chunk = min(int(chunk), length)
+  blocks = -(-length // chunk)
+  q = jnp.pad(q_BxTxHxK * jnp.asarray(scale, q_BxTxHxK.dtype),
+              ((0, 0), (0, blocks * chunk - length), (0, 0), (0, 0)))
+  q_NxBxCxHxK = q.reshape(batch, blocks, chunk, heads, head_width).swapaxes(0, 1)
+  keys_1xS = jnp.arange(k_BxSxHxK.shape[1])[None, :]
+  padding = None if key_mask_BxS is None else key_mask_BxS.astype(bool)[:, None, None, :]
+
+  @jax.checkpoint
+  def attend(chunk_and_start: tuple[jax.Array, jax.Array]) -> jax.Array:
+    q_BxCxHxK, start = chunk_and_start
+    scores_BxHxCxS = jnp.einsum("bthk,bshk->bhts", q_BxCxHxK, k_BxSxHxK,
+                                preferred_element_type=jnp.float32)
+    mask = padding
+    if causal:
+      allowed = ((start + jnp.arange(chunk))[:, None] >= keys_1xS)[None, None]
+      mask = allowed if mask is None else jnp.logical_and(mask, allowed)
+    weights = masked_softmax(scores_BxHxCxS, mask).astype(v_BxSxHxK.dtype)
+    return jnp.einsum("bhts,bshk->bthk", weights, v_BxSxHxK)
+
+  out_NxBxCxHxK = jax.lax.map(attend, (q_NxBxCxHxK, jnp.arange(blocks) * chunk))
+  return out_NxBxCxHxK.swapaxes(0, 1).reshape(batch, blocks * chunk, heads, head_width)[:, :length]
+
+
 class MultiHeadSelfAttention(nn.Module):
   """Multi-head scaled dot-product self-attention (Vaswani et al. 2017).
 
@@ -88,6 +130,12 @@ class MultiHeadSelfAttention(nn.Module):
   `[B, H, T, S]` weights (`jax.nn.dot_product_attention`, cuDNN's flash attention on GPUs), unless
   they are needed: for dropout in training, for a caller asking for them (sown as
   `attention_weights` under `mutable=["intermediates"]`), or with `fused=False`.
+
+  Where no fused kernel keeps memory down (XLA's attention on CPUs and TPUs materialises the
+  weights), `query_chunk` queries at a time attend (`chunked_attention`): the weights of one chunk
+  exist at once, and the backward pass recomputes them chunk by chunk. None: chunks of
+  `AUTO_QUERY_CHUNK` on backends other than GPUs for sequences of `AUTO_CHUNK_FROM` or more; 0:
+  never.
   """
 
   num_heads: int
@@ -95,6 +143,7 @@ class MultiHeadSelfAttention(nn.Module):
   dropout_rate: float = 0.0
   use_bias: bool = True
   fused: bool = True
+  query_chunk: int | None = None
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, *, train: bool,
@@ -111,8 +160,9 @@ class MultiHeadSelfAttention(nn.Module):
     head_width = width // self.num_heads
 
     def project(name: str) -> jax.Array:
-      return nn.DenseGeneral((self.num_heads, head_width), use_bias=self.use_bias,
-                             name=name)(x_BxTxD)
+      return nn.DenseGeneral((self.num_heads, head_width), use_bias=self.use_bias, name=name,
+                             kernel_init=named(DENSE_INIT, "embed", "heads", "kv"),
+                             bias_init=named(ZEROS, "heads", "kv"))(x_BxTxD)
 
     q_BxTxHxK, k_BxSxHxK, v_BxSxHxK = project("query"), project("key"), project("value")
     scale = 1.0 / math.sqrt(head_width)
@@ -121,11 +171,25 @@ class MultiHeadSelfAttention(nn.Module):
     if explicit:
       out_BxTxHxK = self._explicit(q_BxTxHxK * scale, k_BxSxHxK, v_BxSxHxK, padding_mask,
                                    length=length, train=train)
+    elif self._query_chunk(length):
+      out_BxTxHxK = chunked_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, scale=scale,
+                                      causal=self.causal, key_mask_BxS=padding_mask,
+                                      chunk=self._query_chunk(length))
     else:  # the causal part as the kernel's own flag; padded keys as a mask [B, 1, 1, S]
       keys = attention_mask(padding_mask, causal=False, length=length)
       out_BxTxHxK = jax.nn.dot_product_attention(
           q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=keys, scale=scale, is_causal=self.causal)
-    return nn.DenseGeneral(width, axis=(-2, -1), use_bias=self.use_bias, name="out")(out_BxTxHxK)
+    return nn.DenseGeneral(width, axis=(-2, -1), use_bias=self.use_bias, name="out",
+                           kernel_init=named(DENSE_INIT, "heads", "kv", "embed"))(out_BxTxHxK)
+
+  def _query_chunk(self, length: int) -> int:
+    if self.query_chunk is not None:
+      if self.query_chunk < 0:
+        raise ValueError(f"query_chunk must be >= 0 (0: whole sequences); got "
+                         f"{self.query_chunk}.")
+      return self.query_chunk if self.query_chunk < length else 0
+    automatic = jax.default_backend() != "gpu" and length >= AUTO_CHUNK_FROM
+    return AUTO_QUERY_CHUNK if automatic else 0
 
   def _explicit(self, q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array,
                 padding_mask: jax.Array | None, *, length: int, train: bool) -> jax.Array:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from jdl.models.layers import (
-    apply_output, as_images, check_normalization, get_activation, image_norm,
+    DENSE_INIT, apply_output, as_images, check_normalization, get_activation, image_norm, named,
 )
 
 
@@ -39,6 +39,7 @@ class CNN(nn.Module):
     act = get_activation(self.activation)
     for index, channels in enumerate(self.features):
       x = nn.Conv(channels, kernel_size=(3, 3), use_bias=self.normalization is None,
+                  kernel_init=named(DENSE_INIT, None, None, "conv_in", "conv_out"),
                   name=f"Conv_{index}")(x)
       if self.normalization is not None:
         x = image_norm(self.normalization, channels, train=train, axis_name=self.axis_name,
@@ -46,10 +47,11 @@ class CNN(nn.Module):
       x = act(x)
       x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
-    x = act(nn.Dense(self.dense)(x))
+    x = act(nn.Dense(self.dense, kernel_init=named(DENSE_INIT, "embed", "mlp"))(x))
     if self.dropout_rate:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return apply_output(nn.Dense(self.num_classes)(x), self.output)
+    head = nn.Dense(self.num_classes, kernel_init=named(DENSE_INIT, "embed", "classes"))
+    return apply_output(head(x), self.output)
 
 
 PATCH_LAYOUTS = ("NLC", "CLN")

@@ -3,14 +3,44 @@ image input check."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
 import jax
 
 Activation = Callable[[jax.Array], jax.Array]
+Initializer = Callable[..., Any]
+
+
+_RECORDING = contextvars.ContextVar("jdl_recording_axis_names", default=False)
+
+
+def named(init: Initializer, *names: str | None) -> Initializer:
+  """`init`, whose array also carries the logical name of each dimension ("embed", "mlp", "heads",
+  "kv", "vocab", "classes", "conv_in", "conv_out" or None) inside `recording_axis_names()`: there
+  it is boxed by `nn.with_logical_partitioning`, which `create_train_state` reads into
+  `TrainState.param_axes` (for `jdl.sharding`) and removes. Elsewhere, as in a plain
+  `model.init`, the parameters are plain arrays."""
+  boxed = nn.with_logical_partitioning(init, names)
+  return lambda *args, **kwargs: (boxed if _RECORDING.get() else init)(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def recording_axis_names() -> Iterator[None]:
+  """Within it, the initialisers of `named` box their arrays with their logical axis names."""
+  token = _RECORDING.set(True)
+  try:
+    yield
+  finally:
+    _RECORDING.reset(token)
+
+
+DENSE_INIT = nn.initializers.lecun_normal()  # nn.Dense's and nn.Conv's default
+ZEROS = nn.initializers.zeros_init()
 
 ACTIVATIONS: dict[str, Activation] = {
     "relu": nn.relu,

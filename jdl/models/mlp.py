@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from jdl.models.layers import apply_output, get_activation
+from jdl.models.layers import DENSE_INIT, apply_output, get_activation, named
 
 NORMALIZATIONS = (None, "batch", "layer")
 
@@ -41,7 +41,8 @@ class MLP(nn.Module):
     x = x.reshape(x.shape[0], -1)
     for width in self.hidden:
       # A bias before BatchNorm gets a zero gradient plus rounding noise, which Adam amplifies.
-      x = nn.Dense(width, use_bias=self.normalization != "batch")(x)
+      x = nn.Dense(width, use_bias=self.normalization != "batch",
+                   kernel_init=named(DENSE_INIT, "embed", "mlp"))(x)
       if self.normalization == "batch":
         x = nn.BatchNorm(use_running_average=not train, axis_name=self.axis_name)(x)
       elif self.normalization == "layer":
@@ -49,4 +50,5 @@ class MLP(nn.Module):
       x = act(x)
       if self.dropout_rate:
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return apply_output(nn.Dense(self.num_classes)(x), self.output)
+    head = nn.Dense(self.num_classes, kernel_init=named(DENSE_INIT, "embed", "classes"))
+    return apply_output(head(x), self.output)

@@ -12,11 +12,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdl.models.layers import IMAGE_NORMALIZATIONS, as_images, image_norm
+from jdl.models.layers import DENSE_INIT, IMAGE_NORMALIZATIONS, as_images, image_norm, named
 
 BLOCKS = ("basic", "bottleneck")
 LAYOUTS = ("imagenet", "cifar")
 BOTTLENECK_EXPANSION = 4  # a bottleneck block outputs 4x the channels of its inner convolutions
+CONV_INIT = named(nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                  None, None, "conv_in", "conv_out")
 
 
 def _conv(features: int, size: int, stride: int = 1, name: str | None = None) -> nn.Conv:
@@ -25,7 +27,7 @@ def _conv(features: int, size: int, stride: int = 1, name: str | None = None) ->
   pad = (size - 1) // 2
   return nn.Conv(features, kernel_size=(size, size), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), use_bias=False,
-                 kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"), name=name)
+                 kernel_init=CONV_INIT, name=name)
 
 
 class _Block(nn.Module):
@@ -125,7 +127,8 @@ class ResNet(nn.Module):
         x = block_cls(self.width * 2**stage, stride, norm, self.zero_init_residual,
                       name=f"stage{stage + 1}_block{index + 1}")(x)
     features_BxC = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, name="head")(features_BxC)
+    return nn.Dense(self.num_classes, name="head",
+                    kernel_init=named(DENSE_INIT, "embed", "classes"))(features_BxC)
 
 
 PUBLISHED: dict[str, dict[str, Any]] = {

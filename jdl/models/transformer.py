@@ -5,9 +5,9 @@ Shapes: B batch, T sequence length (tokens or patches), D width, V vocabulary si
 (12 D^2 + 13 D parameters a block at ratio 4). Embeddings start as N(0, 0.02^2), as GPT-2's. The
 models share `num_layers` blocks of `num_heads` heads (which must divide `width`, D),
 `mlp_ratio`, `dropout_rate` (on the embeddings, attention weights and residual branches) and
-`output` ("logits" or "softmax"). `remat` (`REMAT_POLICIES`) and `scan_layers` (the blocks as one
-`nn.scan` over parameters stacked under "blocks") change how the blocks run, not what they compute
-(docs/models.md).
+`output` ("logits" or "softmax"). `remat` (`REMAT_POLICIES`), `scan_layers` (the blocks as one
+`nn.scan` over parameters stacked under "blocks") and `query_chunk` (`MultiHeadSelfAttention`'s)
+change how the blocks run, not what they compute (docs/models.md).
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ import jax
 import jax.numpy as jnp
 
 from jdl.models.attention import MultiHeadSelfAttention, padding_mask as make_padding_mask
-from jdl.models.layers import apply_output, as_images
+from jdl.models.layers import DENSE_INIT, apply_output, as_images, named
 
 EMBEDDING_INIT = nn.initializers.normal(stddev=0.02)
+TOKEN_INIT = named(EMBEDDING_INIT, "vocab", "embed")
+POSITION_INIT = named(EMBEDDING_INIT, None, "embed")
 POOLS = ("cls", "mean")
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "none": None,  # no rematerialisation: every activation is kept
@@ -71,6 +73,7 @@ class TransformerBlock(nn.Module):
   causal: bool = False
   mlp_ratio: int = 4
   dropout_rate: float = 0.0
+  query_chunk: int | None = None
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, *, train: bool,
@@ -78,11 +81,13 @@ class TransformerBlock(nn.Module):
     width = x_BxTxD.shape[-1]
     y = nn.LayerNorm(name="ln_attention")(x_BxTxD)
     y = MultiHeadSelfAttention(self.num_heads, causal=self.causal, dropout_rate=self.dropout_rate,
-                               name="attention")(y, train=train, padding_mask=padding_mask)
+                               query_chunk=self.query_chunk, name="attention")(
+                                   y, train=train, padding_mask=padding_mask)
     x_BxTxD = x_BxTxD + self._dropout(y, train)
     y = nn.LayerNorm(name="ln_mlp")(x_BxTxD)
-    y = nn.gelu(nn.Dense(self.mlp_ratio * width, name="mlp_in")(y))
-    y = nn.Dense(width, name="mlp_out")(y)
+    y = nn.gelu(nn.Dense(self.mlp_ratio * width, name="mlp_in",
+                         kernel_init=named(DENSE_INIT, "embed", "mlp"))(y))
+    y = nn.Dense(width, name="mlp_out", kernel_init=named(DENSE_INIT, "mlp", "embed"))(y)
     return x_BxTxD + self._dropout(y, train)
 
   def _dropout(self, y: jax.Array, train: bool) -> jax.Array:
@@ -91,10 +96,16 @@ class TransformerBlock(nn.Module):
     return nn.Dropout(self.dropout_rate, deterministic=not train)(y)
 
 
+def _head(num_classes: int) -> nn.Dense:
+  """The classifier's output layer, "head"."""
+  return nn.Dense(num_classes, name="head", kernel_init=named(DENSE_INIT, "embed", "classes"))
+
+
 def _new_block(module: nn.Module, *, causal: bool, name: str | None = None) -> TransformerBlock:
   """One block with `module`'s heads, MLP ratio and dropout (named by Flax when `name` is None)."""
   return TransformerBlock(module.num_heads, causal=causal, mlp_ratio=module.mlp_ratio,
-                          dropout_rate=module.dropout_rate, name=name)
+                          dropout_rate=module.dropout_rate, query_chunk=module.query_chunk,
+                          name=name)
 
 
 def _run_blocks(module: nn.Module, blocks: TransformerBlock | Sequence[TransformerBlock],
@@ -119,6 +130,7 @@ def _run_blocks(module: nn.Module, blocks: TransformerBlock | Sequence[Transform
   # Each layer gets its own parameters (and initialisation and dropout keys); sown attention
   # weights stack like the parameters.
   scan = nn.scan(step, variable_axes={"params": 0, "intermediates": 0},
+                 metadata_params={nn.PARTITION_NAME: "layers"},
                  split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
                  length=module.num_layers)
   x_BxTxD, _ = scan(blocks, x_BxTxD, padding_mask)
@@ -165,6 +177,7 @@ class TransformerEncoderClassifier(nn.Module):
   output: str = "logits"
   remat: str = "none"
   scan_layers: bool = False
+  query_chunk: int | None = None
 
   def __post_init__(self) -> None:
     _check_architecture(self)
@@ -175,15 +188,15 @@ class TransformerEncoderClassifier(nn.Module):
     """Maps `[B, T]` token ids to `[B, num_classes]` logits (or probabilities)."""
     _check_tokens(tokens, "TransformerEncoderClassifier", self.max_length, "max_length")
     real_BxT = make_padding_mask(tokens, pad_id=self.pad_id)
-    x_BxTxD = nn.Embed(self.vocab_size, self.width, embedding_init=EMBEDDING_INIT,
+    x_BxTxD = nn.Embed(self.vocab_size, self.width, embedding_init=TOKEN_INIT,
                        name="token_embedding")(tokens)
-    positions_LxD = self.param("position_embedding", EMBEDDING_INIT, (self.max_length, self.width))
+    positions_LxD = self.param("position_embedding", POSITION_INIT, (self.max_length, self.width))
     x_BxTxD = x_BxTxD + positions_LxD[None, :tokens.shape[1], :]
     x_BxTxD = _encode(self, x_BxTxD, train=train, padding_mask=real_BxT)
     weights_BxTx1 = real_BxT.astype(x_BxTxD.dtype)[:, :, None]
     count_Bx1 = jnp.maximum(jnp.sum(weights_BxTx1, axis=1), 1.0)
     pooled_BxD = jnp.sum(x_BxTxD * weights_BxTx1, axis=1) / count_Bx1
-    return apply_output(nn.Dense(self.num_classes, name="head")(pooled_BxD), self.output)
+    return apply_output(_head(self.num_classes)(pooled_BxD), self.output)
 
 
 class TransformerLM(nn.Module):
@@ -196,6 +209,9 @@ class TransformerLM(nn.Module):
     num_classes: V, the vocabulary size (so `jdl.models.build_model(config, num_classes=V)` fits).
     block_size: the longest context (number of learned positions); longer inputs are an error.
     tie_weights: the output projection is the embedding's transpose, else a bias-free Dense(V).
+    output: "logits", "softmax", or "hidden": `{"hidden": [B, T, D] final features,
+      "unembedding": [V, D] output projection}`, for `jdl.tasks.language_model`'s loss, which
+      computes the logits a chunk of positions at a time and never holds all `[B, T, V]` of them.
   """
 
   num_classes: int
@@ -209,6 +225,7 @@ class TransformerLM(nn.Module):
   output: str = "logits"
   remat: str = "none"
   scan_layers: bool = False
+  query_chunk: int | None = None
 
   def __post_init__(self) -> None:
     _check_architecture(self)
@@ -222,8 +239,8 @@ class TransformerLM(nn.Module):
     return self.num_classes
 
   def setup(self) -> None:
-    self.token_embedding = nn.Embed(self.num_classes, self.width, embedding_init=EMBEDDING_INIT)
-    self.position_embedding = self.param("position_embedding", EMBEDDING_INIT,
+    self.token_embedding = nn.Embed(self.num_classes, self.width, embedding_init=TOKEN_INIT)
+    self.position_embedding = self.param("position_embedding", POSITION_INIT,
                                          (self.block_size, self.width))
     self.embedding_dropout = nn.Dropout(self.dropout_rate)
     if self.scan_layers:
@@ -232,7 +249,8 @@ class TransformerLM(nn.Module):
       self.blocks = [_new_block(self, causal=True) for _ in range(self.num_layers)]
     self.ln_final = nn.LayerNorm()
     if not self.tie_weights:
-      self.head = nn.Dense(self.num_classes, use_bias=False)
+      self.head = nn.Dense(self.num_classes, use_bias=False,
+                           kernel_init=named(DENSE_INIT, "embed", "vocab"))
 
   def __call__(self, tokens: jax.Array, *, train: bool) -> jax.Array:
     """Maps `[B, T]` token ids (T <= block_size) to `[B, T, V]` next-token logits."""
@@ -251,9 +269,19 @@ class TransformerLM(nn.Module):
           f"TransformerLM: sequence length {length} must be in [1, block_size={self.block_size}].")
     x_BxTxD = x_BxTxD + self.position_embedding[None, :length, :]
     x_BxTxD = self.embedding_dropout(x_BxTxD, deterministic=not train)
-    x_BxTxD = _run_blocks(self, self.blocks, x_BxTxD, train=train)
+    x_BxTxD = self.ln_final(_run_blocks(self, self.blocks, x_BxTxD, train=train))
+    if self.output == "hidden":
+      return {"hidden": x_BxTxD, "unembedding": self._unembedding(x_BxTxD)}
     head = self.token_embedding.attend if self.tie_weights else self.head
-    return apply_output(head(self.ln_final(x_BxTxD)), self.output)
+    return apply_output(head(x_BxTxD), self.output)
+
+  def _unembedding(self, x_BxTxD: jax.Array) -> jax.Array:
+    """The output projection as `[V, D]`: logits are `hidden @ unembedding.T`."""
+    if self.tie_weights:
+      return self.token_embedding.embedding
+    if self.is_initializing():  # the head's kernel exists once the head has been called
+      self.head(x_BxTxD[:1, :1])
+    return nn.meta.unbox(self.head.variables["params"]["kernel"]).T
 
 
 class ViT(nn.Module):
@@ -279,6 +307,7 @@ class ViT(nn.Module):
   output: str = "logits"
   remat: str = "none"
   scan_layers: bool = False
+  query_chunk: int | None = None
 
   def __post_init__(self) -> None:
     _check_architecture(self)
@@ -297,6 +326,7 @@ class ViT(nn.Module):
     if height % p or width % p:
       raise ValueError(f"ViT: image size {height}x{width} must be divisible by patch_size {p}.")
     x = nn.Conv(self.width, kernel_size=(p, p), strides=(p, p), padding="VALID",
+                kernel_init=named(DENSE_INIT, None, None, "conv_in", "embed"),
                 name="patch_embedding")(x_BxHxWxC)
     batch = x.shape[0]
     x_BxNxD = x.reshape(batch, -1, self.width)
@@ -304,11 +334,11 @@ class ViT(nn.Module):
       cls_1x1xD = self.param("cls_token", nn.initializers.zeros, (1, 1, self.width))
       x_BxNxD = jnp.concatenate(
           [jnp.broadcast_to(cls_1x1xD, (batch, 1, self.width)), x_BxNxD], axis=1)
-    positions_NxD = self.param("position_embedding", EMBEDDING_INIT, x_BxNxD.shape[1:])
+    positions_NxD = self.param("position_embedding", POSITION_INIT, x_BxNxD.shape[1:])
     x_BxNxD = x_BxNxD + positions_NxD[None, :, :]
     x_BxNxD = _encode(self, x_BxNxD, train=train)
     pooled_BxD = x_BxNxD[:, 0, :] if self.pool == "cls" else jnp.mean(x_BxNxD, axis=1)
-    return apply_output(nn.Dense(self.num_classes, name="head")(pooled_BxD), self.output)
+    return apply_output(_head(self.num_classes)(pooled_BxD), self.output)
 
 
 VIT_PRESETS: dict[str, dict[str, Any]] = {
