@@ -13,6 +13,7 @@ from typing import Any
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
@@ -258,6 +259,11 @@ def _record(step: int, steps_per_epoch: int, train_sums: metrics_lib.Metrics, se
              for name, rate in optim.learning_rates(state.opt_state).items()}}
 
 
+@jax.jit
+def _all_finite(params: Any) -> list[jax.Array]:
+  return [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(params)]
+
+
 class _Speed:
   """The model FLOPs utilisation (`jdl.flops`) of each interval between records, from a step's
   FLOPs (XLA's cost analysis, read once); none for the first interval (it compiles), without a
@@ -354,9 +360,9 @@ class _NonFiniteWatch:
     culprit = (f"the gradient of parameter {self.names[what - 1]}" if what else "the loss")
     spoilt = ""
     if not what:  # the loss-only watch: say which parameters a bad gradient already reached
-      params = jax.device_get(self.runner.fetch_state(state).params)
-      broken = [name for name, leaf in zip(self.names, jax.tree.leaves(params))
-                if not np.all(np.isfinite(leaf))]
+      # Checked where the parameters live: a sharded state is never gathered to a host.
+      finite = _all_finite(self.runner.fetch_state(state).params)
+      broken = [name for name, ok in zip(self.names, finite) if not ok.addressable_data(0)]
       if broken:
         spoilt = (f" Parameters {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} are "
                   f"not finite: a gradient of step {bad_step} or before was (gradient_norms=True "
