@@ -41,13 +41,14 @@ def array_checksums(tree: Any) -> dict[str, dict[str, str]]:
   being gathered, and it is the same in every layout (a restore onto another mesh checks it)."""
   leaves = {path: jax.random.key_data(leaf) if _is_typed_key(leaf) else leaf
             for path, leaf in named_leaves(tree).items()}
-  sums = _sums32(leaves)
-  return {path: {"dtype": str(leaf.dtype), "sum32": f"{int(sums[path].addressable_data(0)):08x}"}
-          for path, leaf in leaves.items()}
+  # Each sum is a replicated scalar: this process's copies, fetched together.
+  sums = jax.device_get([s.addressable_data(0) for s in _sums32(list(leaves.values()))])
+  return {path: {"dtype": str(leaf.dtype), "sum32": f"{int(value):08x}"}
+          for (path, leaf), value in zip(leaves.items(), sums)}
 
 
 @jax.jit
-def _sums32(leaves: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def _sums32(leaves: list[jax.Array]) -> list[jax.Array]:
   def one(x: jax.Array) -> jax.Array:
     unsigned = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
     words = jax.lax.bitcast_convert_type(x.astype(jnp.uint8) if x.dtype == bool else x, unsigned)
@@ -58,7 +59,7 @@ def _sums32(leaves: dict[str, jax.Array]) -> dict[str, jax.Array]:
     weights = index * jnp.uint32(0x9E3779B1) + jnp.uint32(1)
     return jnp.sum(words.astype(jnp.uint32) * weights, dtype=jnp.uint32)
 
-  return jax.tree.map(one, leaves)
+  return [one(leaf) for leaf in leaves]
 
 
 class CheckpointError(RuntimeError):

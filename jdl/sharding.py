@@ -147,9 +147,10 @@ class ShardingPlan:
       return NamedSharding(self.mesh, self.array_spec(tuple(leaf.shape)))
 
     def optimizer(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
-      name = path_name(path)
-      for param_name, (shape, spec) in param_specs.items():
-        if (name == param_name or name.endswith("/" + param_name)) and shape == tuple(leaf.shape):
+      parts = path_name(path).split("/")
+      for start in range(len(parts)):  # the longest ending of the path that names a parameter
+        shape, spec = param_specs.get("/".join(parts[start:]), (None, None))
+        if shape == tuple(leaf.shape):
           return NamedSharding(self.mesh, spec)
       return unnamed(path, leaf)
 

@@ -171,10 +171,9 @@ class MultiHeadSelfAttention(nn.Module):
     if explicit:
       out_BxTxHxK = self._explicit(q_BxTxHxK * scale, k_BxSxHxK, v_BxSxHxK, padding_mask,
                                    length=length, train=train)
-    elif self._query_chunk(length):
+    elif chunk := self._query_chunk(length):
       out_BxTxHxK = chunked_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, scale=scale,
-                                      causal=self.causal, key_mask_BxS=padding_mask,
-                                      chunk=self._query_chunk(length))
+                                      causal=self.causal, key_mask_BxS=padding_mask, chunk=chunk)
     else:  # the causal part as the kernel's own flag; padded keys as a mask [B, 1, 1, S]
       keys = attention_mask(padding_mask, causal=False, length=length)
       out_BxTxHxK = jax.nn.dot_product_attention(
