@@ -32,6 +32,7 @@ from jdl.transfer import named_leaves
 
 CheckpointMetrics = Mapping[str, float]
 RECORD_KEY = "jdl"  # the key of the step's custom metadata that holds its metrics and checksums
+_WRITER_JOIN_SECONDS = 60.0  # the longest a failed save waits for orbax's other writers
 
 
 def array_checksums(tree: Any) -> dict[str, dict[str, str]]:
@@ -133,6 +134,7 @@ class Checkpointer:
     self.asynchronous = asynchronous and jax.process_count() == 1
     if writable:
       _check_writable(self.directory)
+      self._remove_temporary("*")  # what a save killed mid-write left
     # Retention is applied here (`_apply_retention`), from the metrics saved in each step.
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=writable)
     # Registered up front so that a resumed run can read checkpoints it has not written.
@@ -190,6 +192,7 @@ class Checkpointer:
   def _write(self, step: int, state: TrainState, metrics: dict[str, float] | None) -> None:
     """Writes one checkpoint, then applies retention. A failure is kept for `raise_if_failed`,
     never raised in a thread, and what it left (orbax's temporary folder) is removed."""
+    threads_before = set(threading.enumerate())
     try:
       record = {"metrics": metrics, "checksums": array_checksums(state)}
       self._manager.save(step, args=ocp.args.StandardSave(state), force=True,
@@ -199,10 +202,21 @@ class Checkpointer:
       self._apply_retention()
     except Exception as error:  # pylint: disable=broad-except  # reported by the caller
       self._failure = (step, error)
-      if jax.process_index() == 0:
-        pattern = os.path.join(glob.escape(self.directory), f"{step}.orbax-checkpoint-tmp*")
-        for path in glob.glob(pattern):
-          shutil.rmtree(path, ignore_errors=True)
+      # orbax raises at the first failed write while its other writer threads go on: wait for
+      # them, or they would recreate the temporary folder after it is removed.
+      deadline = time.monotonic() + _WRITER_JOIN_SECONDS
+      for thread in set(threading.enumerate()) - threads_before:
+        if type(thread).__module__.startswith("orbax"):
+          thread.join(max(0.0, deadline - time.monotonic()))
+      self._remove_temporary(step)
+
+  def _remove_temporary(self, step: int | str) -> None:
+    """Removes what a failed save of `step` ("*": of any step) left (orbax's temporary folders),
+    on process 0."""
+    if jax.process_index() == 0:
+      pattern = os.path.join(glob.escape(self.directory), f"{step}.orbax-checkpoint-tmp*")
+      for path in glob.glob(pattern):
+        shutil.rmtree(path, ignore_errors=True)
 
   def _apply_retention(self) -> None:
     """Deletes every checkpoint but the last `keep` and the best by `best_metric`."""
@@ -330,6 +344,8 @@ class Checkpointer:
       self._join()
     finally:
       self._manager.close()
+      if self._failure is not None:  # anything written late by orbax after the failure
+        self._remove_temporary(self._failure[0])
     if not self._failure_reported:
       self.raise_if_failed()
 

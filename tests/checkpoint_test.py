@@ -75,6 +75,25 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
   checkpointer.close()
 
 
+def test_a_save_cut_short_by_a_crash_is_cleared_when_the_folder_is_next_opened(tmp_path):
+  """The temporary folder of a save killed mid-write is removed by the next writable
+  Checkpointer (a read-only one leaves it); checkpoints and other files stay."""
+  directory = tmp_path / "ckpt"
+  checkpointer = jdl.Checkpointer(str(directory))
+  _saved_steps(checkpointer, [(1, 0.5)])
+  checkpointer.close()
+  leftover = directory / "2.orbax-checkpoint-tmp-1733" / "d"
+  leftover.mkdir(parents=True)
+  (leftover / "part").write_bytes(b"cut short")
+  (directory / "notes.txt").write_text("mine")
+  jdl.Checkpointer(str(directory), writable=False).close()
+  assert leftover.exists()
+  reopened = jdl.Checkpointer(str(directory))
+  reopened.close()
+  assert sorted(os.listdir(directory)) == ["1", "notes.txt"]
+  assert reopened.steps() == [1]
+
+
 def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
   """Restoring into a model of another width names the first differing parameter and refuses
   to start over next to another run's checkpoints."""
