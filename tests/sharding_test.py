@@ -74,7 +74,8 @@ def test_init_is_laid_out_as_the_rules_say_and_equals_the_unsharded_init(tx_name
   sharded = jdl.create_train_state(_lm(), tx, tokens, jax.random.key(0),
                                    shardings=plan.state_shardings)
   reference = jdl.create_train_state(_lm(), tx, tokens, jax.random.key(0))
-  assert dict(sharded.param_axes)["blocks_0/attention/query/kernel"] == ("embed", "heads", "kv")
+  assert dict(sharded.param_axes)["blocks_0/attention/qkv/kernel"] == (
+      "embed", None, "heads", "kv")
   kernel = sharded.params["blocks_0"]["mlp_in"]["kernel"]
   assert kernel.sharding.spec == P("fsdp", "tensor")
   assert kernel.addressable_shards[0].data.shape == (16, 128)

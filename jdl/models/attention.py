@@ -124,9 +124,9 @@ def chunked_attention(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax
 class MultiHeadSelfAttention(nn.Module):
   """Multi-head scaled dot-product self-attention (Vaswani et al. 2017).
 
-  Projections D -> H x K for queries, keys and values, scores `q . k / sqrt(K)`, a masked softmax
-  over keys (query t sees keys s <= t only when `causal`), dropout on the weights, and an output
-  projection H x K -> D; `num_heads` (H) must divide D. It runs fused, without keeping the
+  One projection D -> 3 x H x K for queries, keys and values (the `qkv` kernel), scores
+  `q . k / sqrt(K)`, a masked softmax over keys (query t sees keys s <= t only when `causal`),
+  dropout on the weights, and an output projection H x K -> D; `num_heads` (H) must divide D. It runs fused, without keeping the
   `[B, H, T, S]` weights (`jax.nn.dot_product_attention`, cuDNN's flash attention on GPUs), unless
   they are needed: for dropout in training, for a caller asking for them (sown as
   `attention_weights` under `mutable=["intermediates"]`), or with `fused=False`.
@@ -159,12 +159,12 @@ class MultiHeadSelfAttention(nn.Module):
           "width // num_heads features).")
     head_width = width // self.num_heads
 
-    def project(name: str) -> jax.Array:
-      return nn.DenseGeneral((self.num_heads, head_width), use_bias=self.use_bias, name=name,
-                             kernel_init=named(DENSE_INIT, "embed", "heads", "kv"),
-                             bias_init=named(ZEROS, "heads", "kv"))(x_BxTxD)
-
-    q_BxTxHxK, k_BxSxHxK, v_BxSxHxK = project("query"), project("key"), project("value")
+    # Queries, keys and values from one product (one larger matrix multiply, not three).
+    qkv_BxTx3xHxK = nn.DenseGeneral(
+        (3, self.num_heads, head_width), use_bias=self.use_bias, name="qkv",
+        kernel_init=named(DENSE_INIT, "embed", None, "heads", "kv"),
+        bias_init=named(ZEROS, None, "heads", "kv"))(x_BxTxD)
+    q_BxTxHxK, k_BxSxHxK, v_BxSxHxK = (qkv_BxTx3xHxK[:, :, i] for i in range(3))
     scale = 1.0 / math.sqrt(head_width)
     explicit = (not self.fused or (self.dropout_rate and train)
                 or self.is_mutable_collection("intermediates"))
