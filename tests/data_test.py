@@ -643,12 +643,21 @@ def test_jdl_builder_versions_match_the_builders():
   assert jdl.data.array_cache.JDL_BUILDER_VERSIONS == {"mnist1d": str(jdl.data.Mnist1d.VERSION)}
 
 
-def test_numpy_scaling_gives_the_bits_of_tf_data_scaling():
-  """`scale_inputs` on numpy arrays (the in-memory path) equals it inside tf.data (the streaming
-  path) bit for bit, for every uint8 value and for float inputs."""
+def test_device_scaling_gives_the_bits_of_numpy_and_tf_data_scaling():
+  """uint8 pixels scaled on the device (`jdl.tasks.unit_pixels`, alone and inside a compiled
+  program) equal numpy's IEEE division x / 255 bit for bit for every value, and so do the host's
+  `scale_inputs` on numpy arrays and inside tf.data (pipeline augmentation); float inputs give
+  numpy's bits through `scale_inputs` on either path."""
   pixels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+  expected = pixels / np.float32(255.0)
+  assert expected.dtype == np.float32
   signals = np.random.default_rng(0).normal(size=(16, 16))
   for inputs in (pixels, signals):
     in_tf = next(tf.data.Dataset.from_tensors(inputs).map(jdl.data.scale_inputs)
                  .as_numpy_iterator())
     assert_bitwise_equal(jdl.data.scale_inputs(inputs), in_tf)
+  assert_bitwise_equal(jdl.data.scale_inputs(pixels), expected)
+  assert_bitwise_equal(np.asarray(jdl.tasks.unit_pixels(pixels)), expected)
+  assert_bitwise_equal(np.asarray(jax.jit(jdl.tasks.unit_pixels)(pixels)), expected)
+  in_a_step = jax.jit(lambda x: jdl.tasks.unit_pixels(x) * 2.0)  # fused with what follows
+  assert_bitwise_equal(np.asarray(in_a_step(pixels)), expected * np.float32(2.0))

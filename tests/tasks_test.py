@@ -1,5 +1,6 @@
 """Any task through the same step, fit and logs: regression, custom metrics, a VAE with its own
-random stream, pytree inputs in every layout, typed keys, scalar losses and auxiliary terms."""
+random stream, pytree inputs in every layout, typed keys, scalar losses and auxiliary terms, uint8
+pixels scaled on the device."""
 
 import flax.linen as nn
 import jax
@@ -297,3 +298,31 @@ def test_records_carry_mfu_after_the_first_interval(tmp_path, resident):
   assert "mfu" not in history[0]
   assert all(0.0 < record["mfu"] <= 1.0 for record in history[1:])
   assert [r.get("mfu") for r in jdl.read_jsonl(str(tmp_path))] == [r.get("mfu") for r in history]
+
+
+# ---------------------------------------------------------------------------------------------
+# uint8 pixels: carried as uint8, scaled to [0, 1] in the step (`Task.prepare`).
+
+
+def test_pixels_are_explicit_and_wrong_dtypes_fail_while_tracing():
+  """Only the key a task names as pixels is scaled (a uint8 token id elsewhere stays uint8);
+  uint8 inputs to a task without pixels, a model initialised on uint8 pixels, integer ids given
+  as pixels and a prepare that is no function are each a clear error."""
+  pixels = np.arange(48, dtype=np.uint8).reshape(3, 4, 4, 1)
+  tokens = np.arange(3, dtype=np.uint8)
+  prepared = jdl.tasks.scale_pixels("image")({"image": pixels, "tokens": tokens})
+  assert prepared["image"].dtype == jnp.float32 and prepared["tokens"].dtype == np.uint8
+  np.testing.assert_array_equal(prepared["image"], pixels / np.float32(255.0))
+  with pytest.raises(ValueError, match="must be uint8"):
+    jdl.tasks.unit_pixels(pixels.astype(np.int32))
+  with pytest.raises(TypeError, match="Task.prepare must be a function"):
+    jdl.Task(loss=lambda outputs, batch: outputs, prepare="scale")
+  model = models.MLP(hidden=(), num_classes=2)
+  batch = {"input": pixels, "label": np.zeros(3, np.int32)}
+  float_state = jdl.create_train_state(model, optax.sgd(0.1), pixels[:1] / np.float32(255.0),
+                                       jax.random.key(0))
+  with pytest.raises(ValueError, match=r"classification\(pixels=True\)"):
+    jax.eval_shape(jdl.make_train_step(), float_state, batch)
+  uint8_state = jdl.create_train_state(model, optax.sgd(0.1), pixels[:1], jax.random.key(0))
+  with pytest.raises(ValueError, match="unit_pixels"):
+    jax.eval_shape(jdl.make_eval_step(jdl.tasks.classification(pixels=True)), uint8_state, batch)
