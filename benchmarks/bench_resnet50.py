@@ -21,7 +21,6 @@ the ceiling, the step's FLOPs (XLA's cost analysis) and the MFU against `jdl.flo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import time
 from typing import Any
@@ -33,11 +32,6 @@ import optax
 
 import jdl
 from jdl import flops, models, parallel, prefetch
-
-
-def scaled_inputs(task: jdl.Task) -> jdl.Task:
-  """`task` whose model sees uint8 images as float32 in [0, 1] (the cast happens on the device)."""
-  return dataclasses.replace(task, inputs=lambda batch: batch["image"].astype(jnp.float32) / 255.0)
 
 
 def timed_steps(step, state, batches, count: int, warmup: int) -> tuple[Any, list[float]]:
@@ -70,7 +64,7 @@ def main() -> None:
   tx = optax.sgd(0.1, momentum=0.9)
   state = jdl.create_train_state(model, tx, np.zeros((1, size, size, 3), np.float32),
                                  jax.random.key(0))
-  task = scaled_inputs(jdl.tasks.classification())
+  task = jdl.tasks.classification(inputs="image", pixels=True)  # uint8, scaled on the device
   compute_dtype = jdl.step.check_compute_dtype("auto")
   train_step, _ = runner.compile(jdl.make_train_step(task, compute_dtype=compute_dtype), None)
   state = runner.place_state(state)

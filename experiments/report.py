@@ -42,7 +42,7 @@ import numpy as np
 
 from jdl import data as data_lib
 from jdl import losses as losses_lib
-from jdl import runs
+from jdl import runs, tasks
 from jdl.analysis import evaluation as evaluation_lib
 from jdl.analysis import plots
 from jdl.writers import JSONL_NAME, VERSIONS_NAME, read_jsonl
@@ -105,7 +105,8 @@ SectionBuilder = Callable[[ReportContext], Sequence[Section]]
 
 def load_eval_split(run: runs.Run) -> tuple[np.ndarray, np.ndarray]:
   """The whole eval split of the run's dataset as `(inputs, labels)` arrays, read the way the run
-  read it (`config.dataset`, `config.data_dir`, `config.eval_split`).
+  read it (`config.dataset`, `config.data_dir`, `config.eval_split`), the inputs as the model
+  takes them: uint8 pixels scaled to float32 in [0, 1] on the device, as in training.
 
   Raises:
     ValueError: the task has no per-example class labels (a language model), or the data do not
@@ -113,10 +114,12 @@ def load_eval_split(run: runs.Run) -> tuple[np.ndarray, np.ndarray]:
     jdl.data.DatasetUnavailableError: the dataset is not on disk and cannot be prepared.
   """
   config = run.config
+  pixels = False
   if config.task == "classification":
     builder = data_lib.get_builder(config.dataset, config.data_dir)
     data_lib.prepare(builder, download=config.download, manual_dir=config.manual_dir)
     inputs, labels = data_lib.load_split_arrays(builder, config.eval_split)
+    pixels = data_lib.dataset_meta(builder).pixels
   elif config.task == "text_classification":
     # The words are numbered with the vocabulary built from the training texts, as in training.
     _, eval_source, _, vocabulary = runs.load_task_data(config)
@@ -131,6 +134,8 @@ def load_eval_split(run: runs.Run) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f"split {config.eval_split!r} of {config.dataset!r} has inputs of shape "
                      f"{tuple(inputs.shape[1:])}, but the run's model takes "
                      f"{tuple(run.state.input_shape)}.")
+  if pixels:
+    return np.asarray(jax.jit(tasks.unit_pixels)(inputs)), labels
   return inputs.astype(run.state.input_dtype), labels
 
 

@@ -110,7 +110,7 @@ def _train_and_evaluate(config: Any, workdir: str, hooks: Sequence[Hook], main: 
     truncate_records(workdir, int(state.step))
   task = (tasks.language_model() if _model_output(config) == "hidden" else
           tasks.classification(config.loss, label_smoothing=config.label_smoothing,
-                               top_k=tuple(config.top_k)))
+                               top_k=tuple(config.top_k), pixels=meta.pixels))
   train_step, eval_step = step_lib.make_steps(
       task, l1=config.l1, l2=config.l2, axis_name=runner.axis_name, augment=device_augment,
       compute_dtype=config.compute_dtype, adversary=make_adversary(config.adversarial),

@@ -98,8 +98,9 @@ def make_train_step(task: tasks_lib.Task | None = None, *,
 
   `task` None is `jdl.tasks.classification()`; `weight_penalty(params)` is added to the mean loss
   (`losses.make_weight_penalty`); `axis_name` is the mapped axis under `pmap`/`shard_map`.
-  `augment(key, batch)` (`jdl.augment.make_augment`) runs on the device, then `adversary(apply_fn,
-  variables, key, batch)` (`jdl.analysis.adversarial.make_adversary`), not differentiated through.
+  The task's `prepare` (uint8 pixels to [0, 1], say) runs first, then `augment(key, batch)`
+  (`jdl.augment.make_augment`) on the device, then `adversary(apply_fn, variables, key, batch)`
+  (`jdl.analysis.adversarial.make_adversary`), not differentiated through.
   `check_finite` adds the non-finite watch `jdl.fit` acts on: the first step whose loss (or, with
   `gradient_norms`, gradient, naming the parameter) was NaN or infinite. `gradient_norms` reports
   `grad_norm` (mean over steps), `grad_norm_max` and `param_norm`. `compute_dtype` None computes
@@ -114,6 +115,7 @@ def make_train_step(task: tasks_lib.Task | None = None, *,
     raise ValueError(f"microbatches must be an integer >= 1; got {microbatches!r}.")
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    batch = task.prepared(batch)
     _check_inputs(task, batch, state)
     mode = model_mode(state.apply_fn, train=True)
     apply_fn = _apply_in(compute_dtype, state.apply_fn)
@@ -208,6 +210,7 @@ def make_eval_step(task: tasks_lib.Task | None = None, *, axis_name: str | None 
   compute_dtype = check_compute_dtype(compute_dtype)
 
   def eval_step(state: TrainState, batch: Batch) -> Metrics:
+    batch = task.prepared(batch)
     _check_inputs(task, batch, state)
     key = jax.random.fold_in(state.rng, EVAL_STREAM)
     rngs = {name: stream_key(key, name) for name in task.rng_streams}
@@ -334,9 +337,15 @@ def _check_inputs(task: tasks_lib.Task, batch: Batch, state: TrainState) -> None
           f"{tuple(want.shape[1:])}.")
     wants_integers = jnp.issubdtype(want.dtype, jnp.integer)
     if wants_integers != jnp.issubdtype(got.dtype, jnp.integer):
-      raise ValueError(
-          f"the input has dtype {got.dtype}, but the model was initialised with {want.dtype} "
-          f"inputs; {'token ids must be integers' if wants_integers else 'it expects real values'}.")
+      hint = "token ids must be integers" if wants_integers else "it expects real values"
+      if got.dtype == jnp.uint8:
+        hint += (" (uint8 pixels become floats in [0, 1] in the step with jdl.tasks."
+                 "classification(pixels=True), or Task(prepare=jdl.tasks.scale_pixels()))")
+      elif want.dtype == jnp.uint8:
+        hint = ("a task that scales pixels gives the model floats: initialise it with those "
+                "(jdl.tasks.unit_pixels(x[:1])), not with uint8 pixels")
+      raise ValueError(f"the input has dtype {got.dtype}, but the model was initialised with "
+                       f"{want.dtype} inputs; {hint}.")
   mask = tasks_lib.batch_mask(batch)
   if mask is not None and (mask.ndim < 1 or mask.shape[0] not in sizes):
     raise ValueError(f"'mask' has shape {mask.shape}; expected a leading batch dimension of "

@@ -3,10 +3,14 @@
 A `Task` says which part of the batch (any pytree; the presets read dicts by key) the model takes,
 the loss, the metrics, and the model's random streams, so classification, regression and anything
 else (a VAE's ELBO) go through the same steps, `fit`, checkpoints and logs. `mask` (per example or
-per position), when present, keeps padding out of the loss and the metrics.
+per position), when present, keeps padding out of the loss and the metrics. `prepare` says how
+a raw batch becomes the one the step works on, inside the compiled step: image batches carry uint8
+pixels to the device, a quarter of float32's bytes, and `scale_pixels` makes them float32 in
+[0, 1] there, before augmentation and the model.
 
   task = jdl.Task(loss=lambda outputs, batch: jnp.mean((outputs - batch["y"]) ** 2, axis=-1),
                   inputs="x")
+  pixels = jdl.tasks.classification(pixels=True)  # batch["input"] holds uint8 pixels
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jdl import losses as losses_lib
 from jdl import metrics as metrics_lib
@@ -41,6 +46,8 @@ class Task:
     rng_streams: the random streams the model draws from (`self.make_rng(name)`), keyed by the
       seed, the stream's name and the step, so a resumed run draws what an unbroken one would.
     eval_loss: the loss for evaluation where it differs (label smoothing trains only); None: `loss`.
+    prepare: `batch -> batch`, run first in every step (on the device, before augmentation and
+      the model), e.g. `scale_pixels()`; None: the batch as it comes.
   """
 
   loss: TaskLossFn
@@ -48,11 +55,15 @@ class Task:
   inputs: str | Callable[[Batch], Any] = "input"
   rng_streams: tuple[str, ...] = ("dropout",)
   eval_loss: TaskLossFn | None = None
+  prepare: Callable[[Batch], Batch] | None = None
 
   def __post_init__(self) -> None:
     if not callable(self.loss):
       raise TypeError(f"Task.loss must be a function (outputs, batch) -> losses; got "
                       f"{type(self.loss).__name__}.")
+    if self.prepare is not None and not callable(self.prepare):
+      raise TypeError(f"Task.prepare must be a function batch -> batch (or None); got "
+                      f"{type(self.prepare).__name__}.")
     if isinstance(self.rng_streams, str) or not all(
         isinstance(name, str) and name for name in self.rng_streams):
       raise ValueError(f"Task.rng_streams must be a tuple of stream names such as ('dropout',); "
@@ -62,6 +73,10 @@ class Task:
                        "out of Task.rng_streams.")
     object.__setattr__(self, "metrics", tuple(self.metrics))
     object.__setattr__(self, "rng_streams", tuple(self.rng_streams))
+
+  def prepared(self, batch: Batch) -> Batch:
+    """`batch` as the step works on it: `prepare(batch)`, or `batch` itself."""
+    return batch if self.prepare is None else self.prepare(batch)
 
   def model_inputs(self, batch: Batch) -> Any:
     """The part of `batch` the model is called with."""
@@ -74,6 +89,36 @@ class Task:
     """This task with `eval_loss` as its loss."""
     return self if self.eval_loss is None else dataclasses.replace(
         self, loss=self.eval_loss, eval_loss=None)
+
+
+PIXEL_VALUES = np.arange(256, dtype=np.float32) / np.float32(255.0)
+"""Pixel value v as float32 `v / 255`, divided by numpy (IEEE division). `unit_pixels` looks
+pixels up here: XLA compiles `x / 255` as `x * (1 / 255)`, which is one ulp off for half the
+values, so a division on the device would not give the bits of a division on the host."""
+
+
+def unit_pixels(inputs: Any) -> jax.Array:
+  """Model inputs from pixels: uint8 as float32 in [0, 1], the bits of numpy's `x /
+  np.float32(255)` (`PIXEL_VALUES`); floating inputs, already scaled (by a host-side tf.data
+  augmentation), as they are. A jax computation, so on the device; any other dtype is a
+  ValueError rather than a guess."""
+  dtype = jnp.result_type(inputs)
+  if jnp.issubdtype(dtype, jnp.floating):
+    return jnp.asarray(inputs)
+  if dtype != jnp.uint8:
+    raise ValueError(f"pixels must be uint8 (or floats already in [0, 1]); got dtype {dtype}. "
+                     "Integer token ids are not pixels: leave them out of scale_pixels.")
+  return jnp.asarray(PIXEL_VALUES)[inputs]
+
+
+def scale_pixels(key: str = "input") -> Callable[[Batch], Batch]:
+  """A `Task.prepare`: the batch with its uint8 pixels `batch[key]` as float32 in [0, 1]
+  (`unit_pixels`), everything else as it is. Only `key` is touched: a uint8 array elsewhere (a
+  byte-level model's token ids) is not pixels."""
+  def prepare(batch: Batch) -> Batch:
+    return {**batch, key: unit_pixels(_read(batch, key, "pixels"))}
+
+  return prepare
 
 
 def batch_mask(batch: Batch) -> jax.Array | None:
@@ -121,10 +166,11 @@ def error_metric(*, targets: str = "label") -> metrics_lib.MetricFn:
 
 def classification(loss: str | losses_lib.LossFn = "softmax_cross_entropy", *,
                    label_smoothing: float = 0.0, top_k: Sequence[int] = (),
-                   inputs: str = "input", labels: str = "label") -> Task:
+                   inputs: str = "input", labels: str = "label", pixels: bool = False) -> Task:
   """Integer labels, one per example or per position. `loss` is a name in `jdl.losses.LOSSES` or
   a `(outputs, labels) -> [batch]` loss; `label_smoothing` (named losses) smooths the training
-  loss alone, so evaluation numbers compare; `top_k` adds top-k accuracies."""
+  loss alone, so evaluation numbers compare; `top_k` adds top-k accuracies. `pixels`: the inputs
+  are uint8 pixels (`DatasetMeta.pixels`), scaled to [0, 1] in the step (`scale_pixels`)."""
   if isinstance(loss, str):
     train_loss = losses_lib.get_classification_loss(loss, label_smoothing)
     plain_loss = losses_lib.get_classification_loss(loss)
@@ -134,7 +180,8 @@ def classification(loss: str | losses_lib.LossFn = "softmax_cross_entropy", *,
     train_loss = plain_loss = loss
   eval_loss = None if train_loss is plain_loss else _on_labels(plain_loss, labels, class_axis=True)
   return Task(loss=_on_labels(train_loss, labels, class_axis=True),
-              metrics=(accuracy_metric(top_k, labels=labels),), inputs=inputs, eval_loss=eval_loss)
+              metrics=(accuracy_metric(top_k, labels=labels),), inputs=inputs, eval_loss=eval_loss,
+              prepare=scale_pixels(inputs) if pixels else None)
 
 
 def language_model(*, chunk: int = 256, inputs: str = "input", labels: str = "label") -> Task:

@@ -130,7 +130,7 @@ def train_vmapped(
     learning_rates: Sequence[float] | None = None, seeds: Sequence[int] | None = None,
     train_step: step_lib.TrainStepFn | None = None, eval_step: step_lib.EvalStepFn | None = None,
     eval_every_steps: int | None = None, eval_name: str = "test",
-    log: Callable[[str], None] | None = None) -> VmappedRun:
+    log: Callable[[str], None] | None = None, sample_input: Any = None) -> VmappedRun:
   """Trains N copies of `model` at once on one device: `jax.vmap` over a stacked `TrainState`.
 
   Every member sees the same batches, in `train_data`'s order, on the device-resident engine
@@ -138,7 +138,9 @@ def train_vmapped(
   None: the config's) and `PRNGKey(seeds[i])` (initialisation and dropout; None: 0) ends, up to
   float rounding. A single rate or seed applies to every member. The steps default to
   `jdl.make_train_step(check_finite=True)` and `make_eval_step()`. Evaluations come every
-  `eval_every_steps` (None: every epoch) and at the last step, with a line each to `log`."""
+  `eval_every_steps` (None: every epoch) and at the last step, with a line each to `log`.
+  `sample_input` initialises the model (None: the first training example); give what the model
+  takes where the steps' task prepares the inputs (float32 for uint8 pixels)."""
   for name, source in (("train_data", train_data), ("eval_data", eval_data)):
     if source is not None and not isinstance(source, data_lib.ArraySource):
       raise ValueError(f"train_vmapped keeps the data on the device, so {name} must be an "
@@ -166,7 +168,8 @@ def train_vmapped(
       raise ValueError(f"learning rates must be finite and > 0; got {rate!r} in {rates}.")
 
   tx = make_member_optimizer(config, total_steps=num_steps)
-  sample = jax.tree.map(lambda x: np.asarray(x[:1]), train_data.inputs)
+  sample = (jax.tree.map(lambda x: np.asarray(x[:1]), train_data.inputs) if sample_input is None
+            else sample_input)
   states = []
   for rate, seed in zip(rates, member_seeds):
     state = create_train_state(model, tx, sample, jax.random.PRNGKey(seed))
@@ -253,7 +256,7 @@ def vmap_sweep(config: ml_collections.ConfigDict, trials: Sequence[Mapping[str, 
   train_data, eval_data, meta, _ = runs.load_task_data(config)
   model = models.build_model(config.model, num_classes=meta.num_classes)
   task = tasks.classification(config.loss, label_smoothing=config.label_smoothing,
-                              top_k=tuple(config.top_k))
+                              top_k=tuple(config.top_k), pixels=meta.pixels)
   train_step, eval_step = step_lib.make_steps(
       task, l1=config.l1, l2=config.l2, augment=device_augment,
       compute_dtype=config.compute_dtype, check_finite=True)
@@ -264,7 +267,8 @@ def vmap_sweep(config: ml_collections.ConfigDict, trials: Sequence[Mapping[str, 
                       for t in trials],
       seeds=[int(t.get("seed", config.seed)) for t in trials],
       train_step=train_step, eval_step=eval_step, eval_every_steps=config.eval_every_steps or None,
-      eval_name=runs.eval_name(config), log=log)
+      eval_name=runs.eval_name(config), log=log,
+      sample_input=np.zeros((1, *meta.input_shape), meta.input_dtype))
 
 
 def run_vmapped_study(

@@ -236,6 +236,23 @@ def test_tf_augment_runs_in_dataset_map_and_is_deterministic_for_a_seed():
       np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-6, err_msg=key)
 
 
+def test_tf_augment_scales_uint8_pixels_first_to_the_bits_of_scaled_floats():
+  """Pipeline augmentation on uint8 pixels (a streamed image split) scales them to [0, 1] on the
+  host first, in a tf.data map: the batch it gives is that of the same pixels scaled beforehand."""
+  pixels = np.random.default_rng(3).integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+  labels = np.arange(10, dtype=np.int32)
+  fn = augment_tf.make_tf_augment(ALL)
+
+  def first_batch(inputs):
+    dataset = tf.data.Dataset.from_tensor_slices({"input": inputs, "label": labels}).batch(4)
+    return next(dataset.map(lambda b: fn(b, tf.constant([5, 0], tf.int64))).as_numpy_iterator())
+
+  got, want = first_batch(pixels), first_batch(pixels / np.float32(255.0))
+  assert got["input"].dtype == np.float32
+  for key, value in want.items():
+    np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
 # ---------------------------------------------------------------------------------------------
 # Properties, against plain numpy references.
 

@@ -426,22 +426,24 @@ def test_streamed_mnist1d_train_epoch_covers_the_split(mnist1d_both_paths, mnist
 
 
 @pytest.mark.parametrize("in_memory", [True, False])
-def test_mock_fashion_mnist_loads_offline_as_scaled_images(tmp_path, monkeypatch, in_memory):
-  """Under tfds mock_data, fashion_mnist loads with no network as float32 [0, 1] 28x28x1 images."""
+def test_mock_fashion_mnist_loads_offline_as_uint8_pixels(tmp_path, monkeypatch, in_memory):
+  """Under tfds mock_data, fashion_mnist loads with no network as 28x28x1 images whose batches
+  stay uint8 on the host, and its metadata says they are pixels for the model's float32 inputs
+  (the step scales them on the device)."""
   fail_on_download(monkeypatch)
   with tfds.testing.mock_data(num_examples=24):
     train, evaluation, meta = jdl.data.load_classification_data(
         "fashion_mnist", batch_size=8, eval_batch_size=16, data_dir=str(tmp_path),
         in_memory=in_memory)
     assert meta.input_shape == (28, 28, 1) and meta.num_classes == 10
+    assert meta.pixels and meta.input_dtype == "float32"
     assert train.num_examples == 24 and train.steps_per_epoch == 3
     for source in (train, evaluation):
       batches = epoch_batches(source, 0)
+      assert all(batch["input"].dtype == np.uint8 for batch in batches)
       inputs, labels = real_examples(batches)
       assert inputs.shape == (source.num_examples, 28, 28, 1)
-      assert inputs.dtype == np.float32
-      assert inputs.min() >= 0.0 and inputs.max() <= 1.0
-      assert inputs.max() > 1.0 / 255.0  # scaled, not all zeros
+      assert inputs.max() > 1  # pixels as stored, not scaled
       assert labels.min() >= 0 and labels.max() < 10
 
 
@@ -643,12 +645,21 @@ def test_jdl_builder_versions_match_the_builders():
   assert jdl.data.array_cache.JDL_BUILDER_VERSIONS == {"mnist1d": str(jdl.data.Mnist1d.VERSION)}
 
 
-def test_numpy_scaling_gives_the_bits_of_tf_data_scaling():
-  """`scale_inputs` on numpy arrays (the in-memory path) equals it inside tf.data (the streaming
-  path) bit for bit, for every uint8 value and for float inputs."""
+def test_device_scaling_gives_the_bits_of_numpy_and_tf_data_scaling():
+  """uint8 pixels scaled on the device (`jdl.tasks.unit_pixels`, alone and inside a compiled
+  program) equal numpy's IEEE division x / 255 bit for bit for every value, and so do the host's
+  `scale_inputs` on numpy arrays and inside tf.data (pipeline augmentation); float inputs give
+  numpy's bits through `scale_inputs` on either path."""
   pixels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+  expected = pixels / np.float32(255.0)
+  assert expected.dtype == np.float32
   signals = np.random.default_rng(0).normal(size=(16, 16))
   for inputs in (pixels, signals):
     in_tf = next(tf.data.Dataset.from_tensors(inputs).map(jdl.data.scale_inputs)
                  .as_numpy_iterator())
     assert_bitwise_equal(jdl.data.scale_inputs(inputs), in_tf)
+  assert_bitwise_equal(jdl.data.scale_inputs(pixels), expected)
+  assert_bitwise_equal(np.asarray(jdl.tasks.unit_pixels(pixels)), expected)
+  assert_bitwise_equal(np.asarray(jax.jit(jdl.tasks.unit_pixels)(pixels)), expected)
+  in_a_step = jax.jit(lambda x: jdl.tasks.unit_pixels(x) * 2.0)  # fused with what follows
+  assert_bitwise_equal(np.asarray(in_a_step(pixels)), expected * np.float32(2.0))

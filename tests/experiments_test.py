@@ -327,6 +327,27 @@ def test_mnist1d_compare_prints_a_table_where_convolution_wins(tmp_path, mnist1d
   assert "test accuracy" in capsys.readouterr().out
 
 
+def test_fashion_run_keeps_pixels_uint8_and_its_report_scales_them_as_the_host_would(fashion_run):
+  """The run records that its inputs are uint8 pixels (its task scaled them in the step); the
+  report reads the eval split again and gets the model's float32 inputs, the bits of scaling on
+  the host, on which the restored model scores the run's last test accuracy."""
+  from experiments import report  # pylint: disable=import-outside-toplevel
+  from jdl.analysis import evaluation  # pylint: disable=import-outside-toplevel
+
+  _, _, history, workdir = fashion_run
+  run = jdl.runs.load_run(str(workdir), log=lambda message: None)
+  assert run.meta.pixels and run.state.input_dtype == "float32"
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    inputs, labels = report.load_eval_split(run)
+    raw, _ = jdl.data.load_split_arrays(
+        jdl.data.get_builder("fashion_mnist", run.config.data_dir), run.config.eval_split)
+  assert raw.dtype == "uint8" and inputs.dtype == "float32"
+  assert inputs.tobytes() == jdl.data.scale_inputs(raw).tobytes()
+  result = evaluation.evaluate_classifier(run.state, raw, labels, pixels=True)
+  # Two programs (fit's evaluation, the batched predictions): a tie may flip one example.
+  assert result.accuracy == pytest.approx(history[-1]["test_accuracy"], abs=1.01 / MOCK_EXAMPLES)
+
+
 # ---------------------------------------------------------------------------------------------
 # The vision experiments, on mock data: tiny widths, a few steps, augmentation switched on.
 

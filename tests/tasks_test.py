@@ -1,5 +1,6 @@
 """Any task through the same step, fit and logs: regression, custom metrics, a VAE with its own
-random stream, pytree inputs in every layout, typed keys, scalar losses and auxiliary terms."""
+random stream, pytree inputs in every layout, typed keys, scalar losses and auxiliary terms, uint8
+pixels scaled on the device."""
 
 import flax.linen as nn
 import jax
@@ -7,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tensorflow_datasets as tfds
 
 import jdl
-from jdl import models, parallel
+from jdl import models, parallel, vmap_sweep
 from jdl.data import ArraySource
 from tests.experiments_test import read_tensorboard_scalars
 
@@ -297,3 +299,106 @@ def test_records_carry_mfu_after_the_first_interval(tmp_path, resident):
   assert "mfu" not in history[0]
   assert all(0.0 < record["mfu"] <= 1.0 for record in history[1:])
   assert [r.get("mfu") for r in jdl.read_jsonl(str(tmp_path))] == [r.get("mfu") for r in history]
+
+
+# ---------------------------------------------------------------------------------------------
+# uint8 pixels: carried as uint8, scaled to [0, 1] in the step (`Task.prepare`).
+
+
+@pytest.fixture(scope="module")
+def pixel_data(tmp_path_factory):
+  """Mock Fashion-MNIST in memory: 40 uint8 train images in batches of 16 (the last one padded),
+  40 test images in batches of 32, and the same arrays scaled to float32 on the host."""
+  with tfds.testing.mock_data(num_examples=40):
+    train, test, meta = jdl.data.load_classification_data(
+        "fashion_mnist", batch_size=16, eval_batch_size=32,
+        data_dir=str(tmp_path_factory.mktemp("tfds")))
+  scaled = [ArraySource(jdl.data.scale_inputs(source.inputs), source.labels, source.batch_size,
+                        shuffle=source.shuffle) for source in (train, test)]
+  return (train, test), scaled, meta
+
+
+def _pixel_state(meta):
+  return jdl.create_train_state(models.MLP(hidden=(16,), num_classes=meta.num_classes),
+                                optax.adam(1e-2), np.zeros((1, *meta.input_shape), np.float32),
+                                jax.random.key(0))
+
+
+@pytest.mark.parametrize("resident", [True, False])
+def test_uint8_pixels_train_through_fit_as_host_scaled_floats_do(pixel_data, resident):
+  """`classification(pixels=True)` on uint8 sources trains through `fit` (either engine) to the
+  records and parameters of the plain task on the same images scaled on the host, bit for bit:
+  augmentation on the device sees the same [0, 1] floats, and `evaluate` agrees."""
+  (train, test), (train_scaled, test_scaled), meta = pixel_data
+  assert meta.pixels and train.inputs.dtype == np.uint8 and train_scaled.inputs.dtype == np.float32
+  augment = jdl.augment.make_augment({"flip": True, "brightness": 0.1})
+  results = []
+  for task, sources in ((jdl.tasks.classification(pixels=True), (train, test)),
+                        (jdl.tasks.classification(), (train_scaled, test_scaled))):
+    train_step, eval_step = jdl.make_steps(task, augment=augment)
+    state, history = jdl.fit(_pixel_state(meta), train_step, eval_step, *sources, num_epochs=2,
+                             progress=False, device_resident=resident)
+    results.append((state, history, jdl.evaluate(state, jax.jit(eval_step), sources[1])))
+  (state, history, evaluated), (state_scaled, history_scaled, evaluated_scaled) = results
+  keys = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
+  assert [[r[k] for k in keys] for r in history] == [[r[k] for k in keys] for r in history_scaled]
+  assert evaluated == evaluated_scaled
+  for leaf, leaf_scaled in zip(jax.tree.leaves(state.params), jax.tree.leaves(state_scaled.params)):
+    np.testing.assert_array_equal(leaf, leaf_scaled)
+
+
+def test_a_vmapped_sweep_trains_uint8_pixels_as_host_scaled_floats(pixel_data):
+  """`train_vmapped` keeps uint8 pixels on the device and its members end where they do on the
+  host-scaled images, bit for bit (the model initialised from float32 inputs, `sample_input`)."""
+  (train, test), (train_scaled, test_scaled), meta = pixel_data
+  model = models.MLP(hidden=(16,), num_classes=meta.num_classes)
+  runs = []
+  for pixels, sources in ((True, (train, test)), (False, (train_scaled, test_scaled))):
+    train_step, eval_step = jdl.make_steps(jdl.tasks.classification(pixels=pixels))
+    runs.append(vmap_sweep.train_vmapped(
+        model, {"learning_rate": 1e-2}, *sources, num_steps=4, learning_rates=[1e-2, 3e-2],
+        train_step=train_step, eval_step=eval_step,
+        sample_input=np.zeros((1, *meta.input_shape), np.float32)))
+  np.testing.assert_array_equal(runs[0].history[-1]["test_loss"], runs[1].history[-1]["test_loss"])
+  for leaf, leaf_scaled in zip(jax.tree.leaves(runs[0].params), jax.tree.leaves(runs[1].params)):
+    np.testing.assert_array_equal(leaf, leaf_scaled)
+
+
+def test_evaluate_classifier_scales_uint8_pixels_on_the_device(pixel_data):
+  """The analysis path: `evaluate_classifier(..., pixels=True)` on uint8 images gives the outputs
+  of the host-scaled images; uint8 images without `pixels` are refused, not run as 0..255."""
+  from jdl.analysis import evaluation  # pylint: disable=import-outside-toplevel
+
+  (_, test), (_, test_scaled), meta = pixel_data
+  state = _pixel_state(meta)
+  report = evaluation.evaluate_classifier(state, test.inputs, test.labels, pixels=True,
+                                          batch_size=16)
+  expected = evaluation.evaluate_classifier(state, test_scaled.inputs, test.labels, batch_size=16)
+  assert report.accuracy == expected.accuracy and report.log_loss == expected.log_loss
+  np.testing.assert_array_equal(report.confusion, expected.confusion)
+  with pytest.raises(ValueError, match="pixels=True"):
+    evaluation.predict(state, test.inputs)
+
+
+def test_pixels_are_explicit_and_wrong_dtypes_fail_while_tracing():
+  """Only the key a task names as pixels is scaled (a uint8 token id elsewhere stays uint8);
+  uint8 inputs to a task without pixels, a model initialised on uint8 pixels, integer ids given
+  as pixels and a prepare that is no function are each a clear error."""
+  pixels = np.arange(48, dtype=np.uint8).reshape(3, 4, 4, 1)
+  tokens = np.arange(3, dtype=np.uint8)
+  prepared = jdl.tasks.scale_pixels("image")({"image": pixels, "tokens": tokens})
+  assert prepared["image"].dtype == jnp.float32 and prepared["tokens"].dtype == np.uint8
+  np.testing.assert_array_equal(prepared["image"], pixels / np.float32(255.0))
+  with pytest.raises(ValueError, match="must be uint8"):
+    jdl.tasks.unit_pixels(pixels.astype(np.int32))
+  with pytest.raises(TypeError, match="Task.prepare must be a function"):
+    jdl.Task(loss=lambda outputs, batch: outputs, prepare="scale")
+  model = models.MLP(hidden=(), num_classes=2)
+  batch = {"input": pixels, "label": np.zeros(3, np.int32)}
+  float_state = jdl.create_train_state(model, optax.sgd(0.1), pixels[:1] / np.float32(255.0),
+                                       jax.random.key(0))
+  with pytest.raises(ValueError, match=r"classification\(pixels=True\)"):
+    jax.eval_shape(jdl.make_train_step(), float_state, batch)
+  uint8_state = jdl.create_train_state(model, optax.sgd(0.1), pixels[:1], jax.random.key(0))
+  with pytest.raises(ValueError, match="unit_pixels"):
+    jax.eval_shape(jdl.make_eval_step(jdl.tasks.classification(pixels=True)), uint8_state, batch)

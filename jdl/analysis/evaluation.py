@@ -1,6 +1,7 @@
 """Evaluating a trained classifier beyond one accuracy number.
 
-`evaluate_classifier(state, inputs, labels)` runs the model over a whole split and bundles
+`evaluate_classifier(state, inputs, labels)` runs the model over a whole split (uint8 pixels,
+with `pixels=True`, scaled to [0, 1] inside the compiled call, on the device) and bundles
 accuracy, per-class accuracy, the confusion matrix, top-k accuracies, calibration and the
 misclassified examples; each piece is also a plain function of arrays. Outputs that are
 non-negative with rows summing to 1 (within 1e-3) are probabilities, others logits
@@ -18,20 +19,22 @@ import jax
 import numpy as np
 
 from jdl.state import TrainState
+from jdl.tasks import unit_pixels
 
 ApplyFn = Callable[..., Any]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(apply_fn: ApplyFn, variables: Any, inputs: jax.Array) -> jax.Array:
-  return apply_fn(variables, inputs, train=False)
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _forward(apply_fn: ApplyFn, variables: Any, inputs: jax.Array, pixels: bool) -> jax.Array:
+  return apply_fn(variables, unit_pixels(inputs) if pixels else inputs, train=False)
 
 
 def apply_in_batches(apply_fn: ApplyFn, variables: Any, inputs: np.ndarray | jax.Array, *,
-                     batch_size: int = 1000) -> np.ndarray:
+                     batch_size: int = 1000, pixels: bool = False) -> np.ndarray:
   """The model's float32 numpy outputs for every example of `inputs`, batch by batch in eval mode,
   every batch of one shape (the last one padded), so the model compiles once. `apply_fn` must be
-  hashable: it is a static argument of the compiled call."""
+  hashable: it is a static argument of the compiled call. With `pixels`, `inputs` are uint8
+  pixels, scaled to [0, 1] in that call (`jdl.tasks.unit_pixels`)."""
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
   inputs = np.asarray(inputs)
@@ -43,18 +46,25 @@ def apply_in_batches(apply_fn: ApplyFn, variables: Any, inputs: np.ndarray | jax
   for start in range(0, inputs.shape[0], size):
     batch = inputs[start:start + size]
     padded = np.concatenate([batch, np.zeros((size - len(batch), *batch.shape[1:]), batch.dtype)])
-    outputs.append(np.asarray(_forward(apply_fn, variables, padded), np.float32)[:len(batch)])
+    outputs.append(np.asarray(_forward(apply_fn, variables, padded, pixels),
+                              np.float32)[:len(batch)])
   return np.concatenate(outputs)
 
 
 def predict(state: TrainState, inputs: np.ndarray | jax.Array, *,
-            batch_size: int = 1000) -> np.ndarray:
-  """`apply_in_batches` of `state`'s model on `[num_examples, *state.input_shape]` inputs."""
+            batch_size: int = 1000, pixels: bool = False) -> np.ndarray:
+  """`apply_in_batches` of `state`'s model on `[num_examples, *state.input_shape]` inputs (uint8
+  pixels with `pixels`); integer inputs to a model of real-valued inputs are an error."""
   inputs = np.asarray(inputs)
   if tuple(inputs.shape[1:]) != tuple(state.input_shape):
     raise ValueError(f"inputs have per-example shape {tuple(inputs.shape[1:])} (batch shape "
                      f"{inputs.shape}), but the model was built for {tuple(state.input_shape)}.")
-  return apply_in_batches(state.apply_fn, state.variables(), inputs, batch_size=batch_size)
+  if (not pixels and np.issubdtype(inputs.dtype, np.integer)
+      and not np.issubdtype(np.dtype(state.input_dtype), np.integer)):
+    raise ValueError(f"inputs of dtype {inputs.dtype} for a model of {state.input_dtype} inputs; "
+                     "uint8 pixels need pixels=True (scaled to [0, 1] on the device).")
+  return apply_in_batches(state.apply_fn, state.variables(), inputs, batch_size=batch_size,
+                          pixels=pixels)
 
 
 def outputs_are_probabilities(outputs: np.ndarray, *, tolerance: float = 1e-3) -> bool:
@@ -253,7 +263,9 @@ def evaluate_outputs(outputs: np.ndarray, labels: np.ndarray, *,
 
 def evaluate_classifier(state: TrainState, inputs: np.ndarray, labels: np.ndarray, *,
                         class_names: Sequence[str] | None = None, top_k: Sequence[int] = (1, 5),
-                        num_bins: int = 15, batch_size: int = 1000) -> EvaluationReport:
-  """`evaluate_outputs` of the model's outputs (`predict`) against `labels`."""
-  return evaluate_outputs(predict(state, inputs, batch_size=batch_size), labels,
+                        num_bins: int = 15, batch_size: int = 1000,
+                        pixels: bool = False) -> EvaluationReport:
+  """`evaluate_outputs` of the model's outputs (`predict`, uint8 pixels with `pixels`) against
+  `labels`."""
+  return evaluate_outputs(predict(state, inputs, batch_size=batch_size, pixels=pixels), labels,
                           class_names=class_names, top_k=top_k, num_bins=num_bins)

@@ -38,7 +38,9 @@ def load_classification_data(
   `in_memory` loads whole splits as numpy arrays, kept as numpy files in the data dir with
   `cache_arrays` and read from there next time without TFDS or TensorFlow (`array_cache`);
   otherwise they stream through tf.data (`shuffle_buffer`), where `augment`
-  (`augment_tf.make_tf_augment`) may augment training batches (`jdl.augment` works on either)."""
+  (`augment_tf.make_tf_augment`) may augment training batches (`jdl.augment` works on either).
+  Image inputs stay uint8 (`meta.pixels`) until the step scales them on the device
+  (`jdl.tasks.classification(pixels=meta.pixels)`); a pipeline `augment` scales them first."""
   if augment is not None and in_memory:
     raise ValueError(
         "pipeline augmentation runs in tf.data, so it needs in_memory=False; for in-memory data "

@@ -33,8 +33,9 @@ _log = logging.getLogger(__name__)
 CACHE_DIR = "jdl_arrays"
 """The folder of a TFDS data dir that holds the cached splits."""
 
-FORMAT = 1
-"""The layout of a cache file; a file of another layout is a miss."""
+FORMAT = 2
+"""The layout of a cache file; a file of another layout is a miss (2: the metadata says whether
+the inputs are pixels)."""
 
 JDL_BUILDER_VERSIONS: Mapping[str, str] = {"mnist1d": "1.1.0"}
 """The version of each of jdl's own builders (`Mnist1d.VERSION`), which a name without a version
@@ -56,7 +57,7 @@ class RawSplit:
 def load_splits(dataset: str, splits: Sequence[str], *, data_dir: str | None = None,
                 download: bool = True, manual_dir: str | None = None, cache: bool = True
                 ) -> tuple[loading.DatasetMeta, dict[str, tuple[np.ndarray, np.ndarray]]]:
-  """`(meta, {split: (inputs float32, labels int32)})` of a classification dataset, as
+  """`(meta, {split: (inputs, labels int32)})` of a classification dataset, as
   `jdl.data.dataset_meta` and `load_split_arrays` give them (bit for bit), from the cache where it
   holds them and through TFDS otherwise (then cached, unless `cache` is False). `download` and
   `manual_dir` are `jdl.data.prepare`'s, for a dataset not yet prepared."""
@@ -75,7 +76,7 @@ def load_splits(dataset: str, splits: Sequence[str], *, data_dir: str | None = N
       found[split] = RawSplit(*loading.load_raw_split_arrays(builder, split), meta)
       if use_cache:
         write_cached_split(dataset, split, data_dir, builder, found[split])
-  arrays = {split: loading.as_model_arrays(found[split].inputs, found[split].labels)
+  arrays = {split: loading.as_batch_arrays(found[split].inputs, found[split].labels)
             for split in splits}
   return found[splits[0]].meta, arrays
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from jdl import augment as augment_lib
+from jdl.data import loading
 from jdl.lazy_import import tensorflow as tf
 
 TfBatch = Mapping[str, "tf.Tensor"]
@@ -69,8 +70,17 @@ def apply_params_tf(batch: TfBatch, params: Mapping[str, tf.Tensor],
 
 def make_tf_augment(spec: Mapping[str, Any] | None) -> TfAugmentFn | None:
   """Returns `augment(batch, seed) -> batch` for a batched tf.data pipeline (a seed `[2]` per
-  batch), or None when the spec (validated here) turns nothing on."""
+  batch), or None when the spec (validated here) turns nothing on. uint8 pixels are scaled to
+  float32 in [0, 1] first, here on the host (`jdl.data.scale_inputs`, the bits the step's
+  `jdl.tasks.scale_pixels` gives, which passes them on as they are): the augmentations work on
+  [0, 1] floats, as on the device."""
   if not augment_lib.is_enabled(spec):  # validates the spec without importing TensorFlow
     return None
   augment = augment_lib.make_augment(spec, ops=_ops())
-  return lambda batch, seed: augment(tf.convert_to_tensor(seed), batch)
+
+  def augment_batch(batch: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:
+    if "input" in batch and tf.as_dtype(batch["input"].dtype) == tf.uint8:
+      batch = {**batch, "input": loading.scale_inputs(tf.convert_to_tensor(batch["input"]))}
+    return augment(tf.convert_to_tensor(seed), batch)
+
+  return augment_batch

@@ -51,7 +51,10 @@ class DatasetUnavailableError(RuntimeError):
 class DatasetMeta:
   """What the training loop needs to know about a supervised classification dataset: its TFDS
   name, per-example input shape, classes (names where TFDS knows them), the number of examples of
-  each split, and the model inputs' dtype, "float32" (pixels, signals) or "int32" (token ids)."""
+  each split, the model inputs' dtype, "float32" (pixels, signals) or "int32" (token ids), and
+  whether the inputs are `pixels`: uint8, which batches carry as they are (a quarter of float32's
+  bytes) and the step scales to float32 in [0, 1] on the device
+  (`jdl.tasks.classification(pixels=True)`)."""
 
   name: str
   input_shape: tuple[int, ...]
@@ -59,6 +62,7 @@ class DatasetMeta:
   class_names: tuple[str, ...] | None
   split_sizes: dict[str, int]
   input_dtype: str = "float32"
+  pixels: bool = False
 
   @classmethod
   def from_dict(cls, fields: Mapping[str, Any]) -> DatasetMeta:
@@ -176,12 +180,15 @@ def dataset_meta(builder: tfds.core.DatasetBuilder) -> DatasetMeta:
     raise ValueError(f"dataset {builder.name!r}'s label {label_key!r} is not a class label.")
   names = tuple(label_feature.names) if label_feature.names else None
   splits = {name: split.num_examples for name, split in info.splits.items()}
-  return DatasetMeta(builder.name, shape, label_feature.num_classes, names, splits)
+  return DatasetMeta(builder.name, shape, label_feature.num_classes, names, splits,
+                     pixels=dtype == np.uint8)
 
 
-def scale_inputs(inputs: np.ndarray | tf.Tensor):
-  """Scales uint8 pixels to float32 in [0, 1]; other numeric inputs just become float32. Tensors
-  (in a tf.data map) are scaled with TensorFlow, arrays with numpy: the same bits."""
+def scale_inputs(inputs: np.ndarray | tf.Tensor) -> np.ndarray | tf.Tensor:
+  """Scales uint8 pixels to float32 in [0, 1] on the host, for host-side work that needs them so
+  (tf.data augmentation); other numeric inputs just become float32. Tensors (in a tf.data map)
+  are scaled with TensorFlow, arrays with numpy: the bits `jdl.tasks.unit_pixels` gives on the
+  device, where jdl's batches are scaled."""
   if "tensorflow" in sys.modules and isinstance(inputs, tf.Tensor):
     values = tf.cast(inputs, tf.float32)
   else:
@@ -189,15 +196,22 @@ def scale_inputs(inputs: np.ndarray | tf.Tensor):
   return values / np.float32(255.0) if inputs.dtype == np.uint8 else values
 
 
+def batch_inputs(inputs: np.ndarray | tf.Tensor) -> np.ndarray | tf.Tensor:
+  """Inputs as jdl's batches carry them to the device: uint8 pixels as they are (the step scales
+  them, `DatasetMeta.pixels`), other numeric inputs as float32."""
+  return inputs if inputs.dtype == np.uint8 else scale_inputs(inputs)
+
+
 def read_split(builder: tfds.core.DatasetBuilder, split: str, *, shuffle_files: bool = False,
                seed: int = 0) -> tf.data.Dataset:
-  """A split as an unbatched tf.data pipeline of scaled `(input, label)` pairs; `shuffle_files`
-  is ignored for datasets stored in a fixed order (`disable_shuffling`): TFDS refuses it."""
+  """A split as an unbatched tf.data pipeline of `(input, label)` pairs, inputs as `batch_inputs`
+  gives them, labels int32; `shuffle_files` is ignored for datasets stored in a fixed order
+  (`disable_shuffling`): TFDS refuses it."""
   shuffle_files = shuffle_files and not builder.info.disable_shuffling
   read_config = tfds.ReadConfig(shuffle_seed=seed) if shuffle_files else None
   dataset = builder.as_dataset(split=split, as_supervised=True, shuffle_files=shuffle_files,
                                read_config=read_config)
-  return dataset.map(lambda x, y: (scale_inputs(x), tf.cast(y, tf.int32)),
+  return dataset.map(lambda x, y: (batch_inputs(x), tf.cast(y, tf.int32)),
                      num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -213,12 +227,13 @@ def load_raw_split_arrays(builder: tfds.core.DatasetBuilder,
   return np.concatenate(inputs), np.concatenate(labels)
 
 
-def as_model_arrays(inputs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Raw split arrays as the model takes them, the bits `read_split` gives through tf.data."""
-  return scale_inputs(inputs), labels.astype(np.int32)
+def as_batch_arrays(inputs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Raw split arrays as batches carry them, the bits `read_split` gives through tf.data."""
+  return batch_inputs(inputs), labels.astype(np.int32)
 
 
 def load_split_arrays(builder: tfds.core.DatasetBuilder,
                       split: str) -> tuple[np.ndarray, np.ndarray]:
-  """A whole split in memory as `(inputs float32, labels int32)` numpy arrays, in TFDS order."""
-  return as_model_arrays(*load_raw_split_arrays(builder, split))
+  """A whole split in memory as `(inputs, labels int32)` numpy arrays, in TFDS order: uint8
+  pixels (scale them on the device: `jdl.tasks.unit_pixels`) or float32 inputs."""
+  return as_batch_arrays(*load_raw_split_arrays(builder, split))
