@@ -9,6 +9,7 @@ import pytest
 from flax import linen as nn
 
 from jdl import count_params, models
+from jdl.models import layers
 
 
 def _init(model, shape):
@@ -183,3 +184,28 @@ def test_cnn_batch_norm_trains_on_batch_statistics_and_evaluates_on_running_ones
 def test_cnn_rejects_an_unknown_normalization_at_construction():
   with pytest.raises(ValueError, match="unknown normalization 'instance'; expected one of"):
     models.CNN(num_classes=10, normalization="instance")
+
+
+def test_layer_norm_with_its_written_backward_pass_equals_flax_layer_norm():
+  """`jdl.models.layers.LayerNorm` against `nn.LayerNorm`: the same parameters, outputs and
+  gradients (input, scale, bias) within float32 error, on an off-centre input; a bfloat16 input
+  gives a bfloat16 output, normalised in float32."""
+  rng = np.random.default_rng(0)
+  x = (3.0 * rng.normal(size=(4, 5, 16)) + 1.0).astype(np.float32)
+  ours, theirs = layers.LayerNorm(), nn.LayerNorm()
+  params = theirs.init(jax.random.key(0), x)["params"]
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)["params"]) == jax.tree.map(
+      jnp.shape, params)
+  params = jax.tree.map(lambda p: p + rng.normal(size=p.shape).astype(np.float32), params)
+
+  def value_and_grads(layer):
+    loss = lambda params, x: jnp.sum(jnp.sin(layer.apply({"params": params}, x)))
+    return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+
+  ours_values, their_values = jax.jit(lambda: (value_and_grads(ours), value_and_grads(theirs)))()
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), ours_values,
+               their_values)
+  half = ours.apply({"params": params}, x.astype(jnp.bfloat16))
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(half, np.float32),
+                             theirs.apply({"params": params}, x), rtol=2e-2, atol=2e-2)

@@ -421,8 +421,8 @@ def test_tiny_language_model_learns_a_repeated_pattern_with_the_library_step():
 @pytest.mark.parametrize("causal, padded", [(True, False), (False, True), (True, True)])
 def test_fused_attention_equals_the_explicit_path_in_outputs_and_gradients(causal, padded,
                                                                            query_chunk):
-  """`jax.nn.dot_product_attention` (the default), and attention 3 queries at a time (the last
-  chunk padded), against the einsum path with its masked softmax: outputs and gradients with
+  """The default path (`attention.dot_product_attention` off GPUs), and attention 3 queries at a
+  time (the last chunk padded), against the einsum path with its masked softmax: outputs and gradients with
   respect to inputs and parameters within float32 error, with causal and padding masks; asking
   for the weights takes the explicit path and sows them."""
   x = _normal((3, 7, 8))
@@ -447,6 +447,35 @@ def test_fused_attention_equals_the_explicit_path_in_outputs_and_gradients(causa
                grads_e)
   _, sown = fused.apply(variables, x, train=False, padding_mask=mask, mutable=["intermediates"])
   assert sown["intermediates"]["attention_weights"][0].shape == (3, 2, 7, 7)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_with_its_written_backward_pass_equals_jax_dot_product_attention(causal, dtype):
+  """`attention.dot_product_attention` (a backward pass of its own) against JAX's: outputs and
+  gradients of queries, keys and values within float32 error (bfloat16: its rounding), with
+  padded keys, a row whose every key is masked (left padding under the causal mask) included."""
+  q, k, v = (_normal((3, 7, 2, 4), seed=seed).astype(dtype) for seed in range(3))
+  keys = jnp.array([[True] * 7, [True] * 5 + [False] * 2, [False] * 2 + [True] * 5])
+
+  def ours(q, k, v):
+    return attention.dot_product_attention(q, k, v, scale=0.5, causal=causal, key_mask_BxS=keys)
+
+  def theirs(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, scale=0.5, is_causal=causal,
+                                        mask=keys[:, None, None, :])
+
+  def value_and_grads(attend):
+    loss = lambda *qkv: jnp.sum(jnp.sin(attend(*qkv).astype(jnp.float32)))
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v), attend(q, k, v)
+
+  (ours_values, ours_out), (their_values, _) = jax.jit(
+      lambda: (value_and_grads(ours), value_and_grads(theirs)))()
+  tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tolerance, atol=tolerance),
+      ours_values, their_values)
+  assert ours_out.dtype == dtype
 
 
 # Rematerialisation and scanned layers: the same function, computed another way.

@@ -6,6 +6,7 @@ D the model width (D = H * K). Masks are booleans, True where attention is allow
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -81,6 +82,63 @@ def masked_softmax(scores: jax.Array, mask: jax.Array | None, axis: int = -1) ->
   return weights / jnp.where(total > 0, total, 1.0)
 
 
+def dot_product_attention(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, *,
+                          scale: float, causal: bool, key_mask_BxS: jax.Array | None = None
+                          ) -> jax.Array:
+  """Scaled dot-product attention, `[B, T, H, K]` outputs: `jax.nn.dot_product_attention`'s
+  computation and masking (a row with every key masked attends uniformly, as there), with its
+  backward pass written out.
+
+  The weights `[B, H, T, S]` are kept unnormalised with their row sums, and the backward pass
+  uses the rows of `dO . O` (Dao et al. 2022) instead of differentiating the softmax: fewer passes
+  over the weights, which is where XLA's attention spends a small model's CPU step. Scores and
+  softmax in float32."""
+  heads_first = lambda x: x.transpose(0, 2, 1, 3)  # [B, T, H, K] <-> [B, H, T, K]
+  mask = attention_mask(key_mask_BxS, causal=causal, length=q_BxTxHxK.shape[1])
+  out = _attention(heads_first(q_BxTxHxK), heads_first(k_BxSxHxK), heads_first(v_BxSxHxK), mask,
+                   float(scale))
+  return heads_first(out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+               scale: float) -> jax.Array:
+  return _attention_forward(q, k, v, mask, scale)[0]
+
+
+def _attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                       scale: float) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  """`[B, H, T, K]` inputs and output; residuals: the inputs, exp(scores - max), 1 / row sums."""
+  scores = jnp.einsum("bhtk,bhsk->bhts", q * jnp.asarray(scale, q.dtype), k,
+                      preferred_element_type=jnp.float32)
+  if mask is not None:  # jax.nn.dot_product_attention's large negative number
+    scores = jnp.where(mask, scores, jnp.float32(-0.7 * np.finfo(np.float32).max))
+  weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+  inverse_sums = 1.0 / jnp.sum(weights, axis=-1, keepdims=True)
+  out = jnp.einsum("bhts,bhsk->bhtk", weights.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32) * inverse_sums
+  return out.astype(v.dtype), (q, k, v, mask, weights, inverse_sums, out)
+
+
+def _attention_backward(scale: float, residuals: tuple[jax.Array, ...], grad_out: jax.Array
+                        ) -> tuple[jax.Array | None, ...]:
+  q, k, v, mask, weights, inverse_sums, out = residuals
+  grad_scaled = grad_out.astype(jnp.float32) * inverse_sums  # through the normalisation
+  grad_v = jnp.einsum("bhts,bhtk->bhsk", weights, grad_scaled)
+  grad_weights = jnp.einsum("bhtk,bhsk->bhts", grad_scaled, v.astype(jnp.float32))
+  row_terms = jnp.sum(grad_scaled * out, axis=-1, keepdims=True)  # rows of dO . O
+  grad_scores = weights * (grad_weights - row_terms)
+  if mask is not None:  # a row with every key masked has weights there, but no gradient
+    grad_scores = jnp.where(mask, grad_scores, 0.0)
+  grad_q = jnp.einsum("bhts,bhsk->bhtk", grad_scores, k.astype(jnp.float32)) * scale
+  grad_k = jnp.einsum("bhts,bhtk->bhsk", grad_scores, q.astype(jnp.float32) * scale)
+  return (grad_q.astype(q.dtype), grad_k.astype(k.dtype), grad_v.astype(v.dtype),
+          None if mask is None else np.zeros(mask.shape, jax.dtypes.float0))
+
+
+_attention.defvjp(_attention_forward, _attention_backward)
+
+
 AUTO_QUERY_CHUNK = 256
 AUTO_CHUNK_FROM = 1024
 
@@ -126,10 +184,13 @@ class MultiHeadSelfAttention(nn.Module):
 
   One projection D -> 3 x H x K for queries, keys and values (the `qkv` kernel), scores
   `q . k / sqrt(K)`, a masked softmax over keys (query t sees keys s <= t only when `causal`),
-  dropout on the weights, and an output projection H x K -> D; `num_heads` (H) must divide D. It runs fused, without keeping the
-  `[B, H, T, S]` weights (`jax.nn.dot_product_attention`, cuDNN's flash attention on GPUs), unless
-  they are needed: for dropout in training, for a caller asking for them (sown as
-  `attention_weights` under `mutable=["intermediates"]`), or with `fused=False`.
+  dropout on the weights, and an output projection H x K -> D; `num_heads` (H) must divide D.
+
+  On GPUs it runs `jax.nn.dot_product_attention` (cuDNN's flash attention, which never holds the
+  `[B, H, T, S]` weights), elsewhere `dot_product_attention` (the same computation with a cheaper
+  backward pass), unless the weights themselves are needed: for dropout in training, for a caller
+  asking for them (sown as `attention_weights` under `mutable=["intermediates"]`), or with
+  `fused=False`.
 
   Where no fused kernel keeps memory down (XLA's attention on CPUs and TPUs materialises the
   weights), `query_chunk` queries at a time attend (`chunked_attention`): the weights of one chunk
@@ -174,10 +235,13 @@ class MultiHeadSelfAttention(nn.Module):
     elif chunk := self._query_chunk(length):
       out_BxTxHxK = chunked_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, scale=scale,
                                       causal=self.causal, key_mask_BxS=padding_mask, chunk=chunk)
-    else:  # the causal part as the kernel's own flag; padded keys as a mask [B, 1, 1, S]
-      keys = attention_mask(padding_mask, causal=False, length=length)
+    elif jax.default_backend() == "gpu":  # cuDNN's kernel where it applies, else XLA's
+      keys = attention_mask(padding_mask, causal=False, length=length)  # [B, 1, 1, S]
       out_BxTxHxK = jax.nn.dot_product_attention(
           q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=keys, scale=scale, is_causal=self.causal)
+    else:
+      out_BxTxHxK = dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, scale=scale,
+                                          causal=self.causal, key_mask_BxS=padding_mask)
     return nn.DenseGeneral(width, axis=(-2, -1), use_bias=self.use_bias, name="out",
                            kernel_init=named(DENSE_INIT, "heads", "kv", "embed"))(out_BxTxHxK)
 

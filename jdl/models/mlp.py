@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from jdl.models.layers import DENSE_INIT, apply_output, get_activation, named
+from jdl.models.layers import DENSE_INIT, LayerNorm, apply_output, get_activation, named
 
 NORMALIZATIONS = (None, "batch", "layer")
 
@@ -46,7 +46,7 @@ class MLP(nn.Module):
       if self.normalization == "batch":
         x = nn.BatchNorm(use_running_average=not train, axis_name=self.axis_name)(x)
       elif self.normalization == "layer":
-        x = nn.LayerNorm()(x)
+        x = LayerNorm()(x)
       x = act(x)
       if self.dropout_rate:
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)

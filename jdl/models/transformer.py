@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jdl.models.attention import MultiHeadSelfAttention, padding_mask as make_padding_mask
-from jdl.models.layers import DENSE_INIT, apply_output, as_images, named
+from jdl.models.layers import DENSE_INIT, LayerNorm, apply_output, as_images, named
 
 EMBEDDING_INIT = nn.initializers.normal(stddev=0.02)
 TOKEN_INIT = named(EMBEDDING_INIT, "vocab", "embed")
@@ -79,12 +79,12 @@ class TransformerBlock(nn.Module):
   def __call__(self, x_BxTxD: jax.Array, *, train: bool,
                padding_mask: jax.Array | None = None) -> jax.Array:
     width = x_BxTxD.shape[-1]
-    y = nn.LayerNorm(name="ln_attention")(x_BxTxD)
+    y = LayerNorm(name="ln_attention")(x_BxTxD)
     y = MultiHeadSelfAttention(self.num_heads, causal=self.causal, dropout_rate=self.dropout_rate,
                                query_chunk=self.query_chunk, name="attention")(
                                    y, train=train, padding_mask=padding_mask)
     x_BxTxD = x_BxTxD + self._dropout(y, train)
-    y = nn.LayerNorm(name="ln_mlp")(x_BxTxD)
+    y = LayerNorm(name="ln_mlp")(x_BxTxD)
     y = nn.gelu(nn.Dense(self.mlp_ratio * width, name="mlp_in",
                          kernel_init=named(DENSE_INIT, "embed", "mlp"))(y))
     y = nn.Dense(width, name="mlp_out", kernel_init=named(DENSE_INIT, "mlp", "embed"))(y)
@@ -149,7 +149,7 @@ def _encode(module: nn.Module, x_BxTxD: jax.Array, *, train: bool,
     blocks = [_new_block(module, causal=False, name=f"block{index}")
               for index in range(module.num_layers)]
   x_BxTxD = _run_blocks(module, blocks, x_BxTxD, train=train, padding_mask=padding_mask)
-  return nn.LayerNorm(name="ln_final")(x_BxTxD)
+  return LayerNorm(name="ln_final")(x_BxTxD)
 
 
 class TransformerEncoderClassifier(nn.Module):
@@ -247,7 +247,7 @@ class TransformerLM(nn.Module):
       self.blocks = _new_block(self, causal=True)
     else:
       self.blocks = [_new_block(self, causal=True) for _ in range(self.num_layers)]
-    self.ln_final = nn.LayerNorm()
+    self.ln_final = LayerNorm()
     if not self.tie_weights:
       self.head = nn.Dense(self.num_classes, use_bias=False,
                            kernel_init=named(DENSE_INIT, "embed", "vocab"))
