@@ -3,9 +3,10 @@
 Both train the experiment's default model (4 pre-LayerNorm blocks, 4 heads, width 128, context
 64, tied embeddings, GELU, batch 12) with the experiment's optimizer (AdamW 1e-3, b2 0.99, weight
 decay 0.1 on matrices, clipping at 1.0, 100 warm-up steps then cosine decay to 0.1) on the same
-windows of tiny_shakespeare, drawn by one seed, in one process, taking turns round after round.
-Printed: each contender's median step time (after the warm-up steps; jdl's compile is left out)
-over all rounds, tokens/s, the validation loss after the last step, and jdl's time over torch's.
+windows of tiny_shakespeare, drawn by one seed, in one process, taking turns every `--block`
+steps so that a slow spell of a shared machine falls on both. Printed: each contender's median
+step time (after `--warmup` steps; jdl's compile is left out), tokens/s, the validation loss after
+the last step, jdl's time over torch's, and that ratio's median and quartiles over the blocks.
 
 jdl runs as a user's loop runs it: `jdl.make_train_step` under `jax.jit` with the state donated,
 fed numpy batches. torch runs eagerly with its own CPU kernels (`scaled_dot_product_attention`
@@ -55,107 +56,125 @@ def learning_rate(step: int, total: int) -> float:
   return PEAK_LR * (END_FRACTION + (1 - END_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def run_jdl(batches, validation, vocab: int, warmup: int) -> tuple[list[float], float]:
-  """Step times after `warmup` steps, and the validation loss after the last step."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jdl  # pylint: disable=import-outside-toplevel
-  from jdl import models, optim  # pylint: disable=import-outside-toplevel
+class Contender:
+  """One implementation's training: `step(index, inputs, labels)` trains on one batch (returns
+  when it is done), `validation_loss(batches)` evaluates."""
 
-  model = models.TransformerLM(num_classes=vocab, block_size=BLOCK, num_layers=LAYERS,
-                               num_heads=HEADS, width=WIDTH)
-  tx = optim.make_optimizer(
-      {"name": "adamw", "learning_rate": PEAK_LR, "b2": B2, "eps": EPS,
-       "weight_decay": WEIGHT_DECAY, "clip_norm": CLIP, "schedule": "warmup_cosine",
-       "warmup_steps": WARMUP, "end_fraction": END_FRACTION}, total_steps=len(batches))
-  state = jdl.create_train_state(model, tx, batches[0][0][:1], jax.random.key(0))
-  task = jdl.tasks.classification()
-  step = jax.jit(jdl.make_train_step(task), donate_argnums=0)
-  times = []
-  for index, (inputs, labels) in enumerate(batches):
-    start = time.perf_counter()
-    state, metrics = step(state, {"input": inputs, "label": labels})
-    jax.block_until_ready(metrics)
-    if index >= warmup:
-      times.append(time.perf_counter() - start)
-  evaluate = jax.jit(jdl.make_eval_step(task))
-  sums = [evaluate(state, {"input": x, "label": y}) for x, y in validation]
-  loss = sum(float(s["loss_sum"]) for s in sums) / sum(float(s["count"]) for s in sums)
-  return times, loss
+  def step(self, index: int, inputs: np.ndarray, labels: np.ndarray) -> None:
+    raise NotImplementedError
+
+  def validation_loss(self, batches) -> float:
+    raise NotImplementedError
 
 
-def run_torch(batches, validation, vocab: int, warmup: int) -> tuple[list[float], float]:
+class JdlContender(Contender):
+  """`jdl.make_train_step` under `jax.jit` with the state donated, fed numpy batches."""
+
+  def __init__(self, vocab: int, total_steps: int, first_inputs: np.ndarray) -> None:
+    import jax  # pylint: disable=import-outside-toplevel
+    import jdl  # pylint: disable=import-outside-toplevel
+    from jdl import models, optim  # pylint: disable=import-outside-toplevel
+
+    self.jax, self.jdl = jax, jdl
+    model = models.TransformerLM(num_classes=vocab, block_size=BLOCK, num_layers=LAYERS,
+                                 num_heads=HEADS, width=WIDTH)
+    tx = optim.make_optimizer(
+        {"name": "adamw", "learning_rate": PEAK_LR, "b2": B2, "eps": EPS,
+         "weight_decay": WEIGHT_DECAY, "clip_norm": CLIP, "schedule": "warmup_cosine",
+         "warmup_steps": WARMUP, "end_fraction": END_FRACTION}, total_steps=total_steps)
+    self.state = jdl.create_train_state(model, tx, first_inputs[:1], jax.random.key(0))
+    self.task = jdl.tasks.classification()
+    self.train_step = jax.jit(jdl.make_train_step(self.task), donate_argnums=0)
+
+  def step(self, index: int, inputs: np.ndarray, labels: np.ndarray) -> None:
+    self.state, metrics = self.train_step(self.state, {"input": inputs, "label": labels})
+    self.jax.block_until_ready(metrics)
+
+  def validation_loss(self, batches) -> float:
+    evaluate = self.jax.jit(self.jdl.make_eval_step(self.task))
+    sums = [evaluate(self.state, {"input": x, "label": y}) for x, y in batches]
+    return sum(float(s["loss_sum"]) for s in sums) / sum(float(s["count"]) for s in sums)
+
+
+class TorchContender(Contender):
   """The same model and optimizer in PyTorch, eagerly."""
-  import torch  # pylint: disable=import-outside-toplevel
-  from torch import nn  # pylint: disable=import-outside-toplevel
-  from torch.nn import functional as F  # pylint: disable=import-outside-toplevel
 
-  torch.manual_seed(0)
-  torch.set_num_threads(os.cpu_count() or 1)
+  def __init__(self, vocab: int, total_steps: int) -> None:
+    import torch  # pylint: disable=import-outside-toplevel
+    from torch import nn  # pylint: disable=import-outside-toplevel
+    from torch.nn import functional as F  # pylint: disable=import-outside-toplevel
 
-  class Block(nn.Module):
-    def __init__(self) -> None:
-      super().__init__()
-      self.ln1, self.ln2 = nn.LayerNorm(WIDTH, eps=1e-6), nn.LayerNorm(WIDTH, eps=1e-6)
-      self.qkv, self.out = nn.Linear(WIDTH, 3 * WIDTH), nn.Linear(WIDTH, WIDTH)
-      self.up, self.down = nn.Linear(WIDTH, 4 * WIDTH), nn.Linear(4 * WIDTH, WIDTH)
+    self.torch, self.F, self.vocab, self.total_steps = torch, F, vocab, total_steps
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
 
-    def forward(self, x):
-      b, t, _ = x.shape
-      q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, HEADS, WIDTH // HEADS).permute(2, 0, 3, 1, 4)
-      y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-      x = x + self.out(y.transpose(1, 2).reshape(b, t, WIDTH))
-      return x + self.down(F.gelu(self.up(self.ln2(x)), approximate="tanh"))
+    class Block(nn.Module):
+      def __init__(self) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(WIDTH, eps=1e-6), nn.LayerNorm(WIDTH, eps=1e-6)
+        self.qkv, self.out = nn.Linear(WIDTH, 3 * WIDTH), nn.Linear(WIDTH, WIDTH)
+        self.up, self.down = nn.Linear(WIDTH, 4 * WIDTH), nn.Linear(4 * WIDTH, WIDTH)
 
-  class GPT(nn.Module):
-    def __init__(self) -> None:
-      super().__init__()
-      self.tokens, self.positions = nn.Embedding(vocab, WIDTH), nn.Embedding(BLOCK, WIDTH)
-      nn.init.normal_(self.tokens.weight, std=0.02)
-      nn.init.normal_(self.positions.weight, std=0.02)
-      self.blocks = nn.ModuleList(Block() for _ in range(LAYERS))
-      self.ln = nn.LayerNorm(WIDTH, eps=1e-6)
+      def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, HEADS, WIDTH // HEADS).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.out(y.transpose(1, 2).reshape(b, t, WIDTH))
+        return x + self.down(F.gelu(self.up(self.ln2(x)), approximate="tanh"))
 
-    def forward(self, idx):
-      x = self.tokens(idx) + self.positions(torch.arange(idx.shape[1]))
-      for block in self.blocks:
-        x = block(x)
-      return self.ln(x) @ self.tokens.weight.T
+    class GPT(nn.Module):
+      def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab, WIDTH), nn.Embedding(BLOCK, WIDTH)
+        nn.init.normal_(self.tokens.weight, std=0.02)
+        nn.init.normal_(self.positions.weight, std=0.02)
+        self.blocks = nn.ModuleList(Block() for _ in range(LAYERS))
+        self.ln = nn.LayerNorm(WIDTH, eps=1e-6)
 
-  model = GPT()
-  matrices = [p for p in model.parameters() if p.ndim >= 2]
-  others = [p for p in model.parameters() if p.ndim < 2]
-  optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": WEIGHT_DECAY},
-                                 {"params": others, "weight_decay": 0.0}],
-                                lr=PEAK_LR, betas=(0.9, B2), eps=EPS)
-  times = []
-  for index, (inputs, labels) in enumerate(batches):
-    start = time.perf_counter()
-    for group in optimizer.param_groups:
-      group["lr"] = learning_rate(index, len(batches))
-    logits = model(torch.from_numpy(inputs).long())
-    loss = F.cross_entropy(logits.reshape(-1, vocab), torch.from_numpy(labels).long().reshape(-1))
-    optimizer.zero_grad(set_to_none=True)
+      def forward(self, idx):
+        x = self.tokens(idx) + self.positions(torch.arange(idx.shape[1]))
+        for block in self.blocks:
+          x = block(x)
+        return self.ln(x) @ self.tokens.weight.T
+
+    self.model = GPT()
+    matrices = [p for p in self.model.parameters() if p.ndim >= 2]
+    others = [p for p in self.model.parameters() if p.ndim < 2]
+    self.optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": WEIGHT_DECAY},
+                                        {"params": others, "weight_decay": 0.0}],
+                                       lr=PEAK_LR, betas=(0.9, B2), eps=EPS)
+
+  def step(self, index: int, inputs: np.ndarray, labels: np.ndarray) -> None:
+    torch, F = self.torch, self.F
+    for group in self.optimizer.param_groups:
+      group["lr"] = learning_rate(index, self.total_steps)
+    logits = self.model(torch.from_numpy(inputs).long())
+    loss = F.cross_entropy(logits.reshape(-1, self.vocab),
+                           torch.from_numpy(labels).long().reshape(-1))
+    self.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-    optimizer.step()
-    if index >= warmup:
-      times.append(time.perf_counter() - start)
-  with torch.no_grad():
-    total = count = 0.0
-    for inputs, labels in validation:
-      logits = model(torch.from_numpy(inputs).long())
-      total += float(F.cross_entropy(logits.reshape(-1, vocab),
-                                     torch.from_numpy(labels).long().reshape(-1), reduction="sum"))
-      count += labels.size
-  return times, total / count
+    torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
+    self.optimizer.step()
+
+  def validation_loss(self, batches) -> float:
+    torch, F = self.torch, self.F
+    with torch.no_grad():
+      total = count = 0.0
+      for inputs, labels in batches:
+        logits = self.model(torch.from_numpy(inputs).long())
+        total += float(F.cross_entropy(logits.reshape(-1, self.vocab),
+                                       torch.from_numpy(labels).long().reshape(-1),
+                                       reduction="sum"))
+        count += labels.size
+    return total / count
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--text", default="../shared/data/tiny_shakespeare.txt")
-  parser.add_argument("--steps", type=int, default=300, help="train steps a round")
-  parser.add_argument("--warmup", type=int, default=20, help="untimed steps a round")
-  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=600, help="train steps of each contender")
+  parser.add_argument("--warmup", type=int, default=20, help="untimed first steps")
+  parser.add_argument("--block", type=int, default=10, help="steps each takes in turn")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
   train, valid, vocab = load_tokens(args.text)
@@ -164,28 +183,32 @@ def main() -> None:
   batches = [windows(train, row) for row in starts]
   valid_starts = rng.integers(0, len(valid) - BLOCK - 1, size=(8, 256))
   validation = [windows(valid, row) for row in valid_starts]
-  contenders = {"jdl": run_jdl, "torch": run_torch}
+  contenders: dict[str, Contender] = {
+      "jdl": JdlContender(vocab, len(batches), batches[0][0]),
+      "torch": TorchContender(vocab, len(batches))}
   times: dict[str, list[float]] = {name: [] for name in contenders}
-  losses: dict[str, list[float]] = {name: [] for name in contenders}
-  for round_index in range(args.rounds):
-    order = list(contenders) if round_index % 2 == 0 else list(reversed(contenders))
-    for name in order:
-      step_times, loss = contenders[name](batches, validation, vocab, args.warmup)
-      times[name].append(statistics.median(step_times))
-      losses[name].append(loss)
-      print(f"round {round_index}: {name:5s} step {1e3 * times[name][-1]:.2f} ms, "
-            f"validation loss {loss:.4f}", flush=True)
-  print(f"\n{args.steps} steps x {args.rounds} rounds, batch {BATCH} x context {BLOCK}, "
-        f"{os.cpu_count()} CPU cores")
-  for name in contenders:
+  # The contenders take turns every `block` steps, each on its own run through the same batches,
+  # so a slow spell of a shared machine falls on both; a block's steps are timed one by one.
+  for first in range(0, len(batches), args.block):
+    for name, contender in contenders.items():
+      for index in range(first, min(first + args.block, len(batches))):
+        start = time.perf_counter()
+        contender.step(index, *batches[index])
+        if index >= args.warmup:
+          times[name].append(time.perf_counter() - start)
+  print(f"{len(batches)} steps in blocks of {args.block} taking turns, batch {BATCH} x context "
+        f"{BLOCK}, {os.cpu_count()} CPU cores")
+  for name, contender in contenders.items():
     step = statistics.median(times[name])
-    print(f"{name:5s}: step {1e3 * step:.2f} ms (median of round medians), "
-          f"{BATCH * BLOCK / step:,.0f} tokens/s, validation loss "
-          f"{statistics.median(losses[name]):.4f}")
-  paired = [j / t for j, t in zip(times["jdl"], times["torch"])]
+    print(f"{name:5s}: step {1e3 * step:.2f} ms (median), {BATCH * BLOCK / step:,.0f} tokens/s, "
+          f"validation loss {contender.validation_loss(validation):.4f}")
+  blocks = [(statistics.median(times["jdl"][i:i + args.block]),
+             statistics.median(times["torch"][i:i + args.block]))
+            for i in range(0, len(times["jdl"]), args.block)]
+  paired = sorted(j / t for j, t in blocks)
   print(f"jdl / torch step time: {statistics.median(times['jdl']) / statistics.median(times['torch']):.3f}"
-        f" (per round: {', '.join(f'{r:.3f}' for r in paired)})")
-
+        f" (medians); per block of {args.block}: median {statistics.median(paired):.3f}, "
+        f"quartiles {paired[len(paired) // 4]:.3f} to {paired[3 * len(paired) // 4]:.3f}")
 
 if __name__ == "__main__":
   main()
