@@ -131,12 +131,6 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
-def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Locks `config` (and nested configs) so that no key can be added by mistake."""
-  config.lock()
-  return config
-
-
 def _flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
   keys = []
   for key in config.keys():
@@ -147,13 +141,13 @@ def _flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]
 
 
 def _parse_value(text: str, current: Any, key: str) -> Any:
-  if text.strip() == "None" and not isinstance(current, bool):
-    return None  # unsets an optional field, e.g. --config.model.cnn.normalization=None
   if isinstance(current, bool):
     lowered = text.strip().lower()
     if lowered not in ("true", "1", "yes", "false", "0", "no"):
       raise ConfigError(f"config key {key!r} is a bool; got {text!r} (use true or false).")
     return lowered in ("true", "1", "yes")
+  if text.strip() == "None":
+    return None  # unsets an optional field, e.g. --config.model.cnn.normalization=None
   if isinstance(current, str):
     return text
   try:
@@ -169,17 +163,14 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
 
 
 def override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
-  """Sets the dotted `key` of `config` from its command-line text `text`, checking the key and
-  the value's type."""
+  """Sets the dotted `key` of `config` from its command-line text, checking the key and type."""
   valid = _flat_keys(config)
   if key not in valid:
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ConfigError(f"unknown config key {key!r}.{hint} Valid keys: {', '.join(valid)}.")
-  *parents, leaf = key.split(".")
-  node = config
-  for parent in parents:
-    node = node[parent]
+  parent, _, leaf = key.rpartition(".")
+  node = config[parent] if parent else config  # ConfigDict reads dotted keys, but sets only its own
   if isinstance(node[leaf], ml_collections.ConfigDict):
     raise ConfigError(f"config key {key!r} is a group; set one of its keys, e.g. {key}.name.")
   value = _parse_value(text, node[leaf], key)
@@ -192,7 +183,7 @@ def override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Sequence[str]) -> ml_collections.ConfigDict:
   """Applies `KEY=VALUE` overrides in order to a locked copy of `config` and returns the copy."""
-  config = lock(copy.deepcopy(config))
+  config = copy.deepcopy(config).lock()  # no key can be added by mistake
   for item in overrides:
     if "=" not in item:
       raise ConfigError(f"config override {item!r} must look like KEY=VALUE.")

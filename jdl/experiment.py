@@ -1,13 +1,10 @@
-"""An experiment from its config: data, model, optimizer, steps and loop assembled, then run.
-
-`train_and_evaluate(config, workdir)` builds every piece a config names (`jdl.config.base_config`
-lists the keys), resumes from the workdir's checkpoints, and calls `jdl.fit`. `main` is the body
-of every `experiments/<name>.py`: it parses `--config.KEY=VALUE` overrides and turns a config
-mistake into one line and exit status 2.
-"""
+"""An experiment from its config (`jdl.config.base_config` lists the keys): `train_and_evaluate`
+assembles data, model, optimizer, steps and loop, then runs them; `main` is the body of every
+`experiments/<name>.py`."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -64,16 +61,13 @@ def train_and_evaluate(config: Any, workdir: str,
     except runs.WorkdirError as error:
       refused = error
   parallel.raise_if_any_failed(refused, f"take {workdir} for this run")
-  try:
-    return _train_and_evaluate(config, workdir, hooks, main, log)
-  except Exception as error:
-    lost = parallel.lost_peer(error)
-    if lost is not None:
-      raise lost from error
-    raise
-  finally:
-    if lock is not None:
-      lock.release()
+  with lock or contextlib.nullcontext():
+    try:
+      return _train_and_evaluate(config, workdir, hooks, main, log)
+    except Exception as error:
+      if (lost := parallel.lost_peer(error)) is not None:
+        raise lost from error
+      raise
 
 
 def _train_and_evaluate(config: Any, workdir: str, hooks: Sequence[Hook], main: bool,
@@ -125,7 +119,7 @@ def _train_and_evaluate(config: Any, workdir: str, hooks: Sequence[Hook], main: 
     if isinstance(runner, parallel.ShardedRunner) and runner.plan.shards_state:
       log(runner.plan.describe(state))
   writer = MetricWriter(workdir) if main else None
-  try:
+  with checkpointer or contextlib.nullcontext(), writer or contextlib.nullcontext():
     if writer is not None:
       writer.write_config(config, summary=int(state.step) == 0)
       runs.write_run_metadata(workdir, meta, vocabulary)
@@ -143,26 +137,20 @@ def _train_and_evaluate(config: Any, workdir: str, hooks: Sequence[Hook], main: 
         progress=config.progress and main, eval_name=eval_name, runner=runner,
         checkpointer=checkpointer, checkpoint_every_steps=config.checkpoint_every_steps or None,
         checkpoint_min_seconds=config.checkpoint_min_seconds)
-  finally:
-    if writer is not None:
-      writer.close()
-    if checkpointer is not None:
-      checkpointer.close()
   log(_final_line(config, eval_name, history[-1]))
   return state, history
 
 
 def _final_line(config: Any, eval_name: str, final: Record) -> str:
   """The line a run ends with: the final evaluation."""
-  if config.task == "language_model":
-    speed = (f", {final['examples_per_second']:,.0f} tokens/s"
-             if "examples_per_second" in final else "")
-    return (f"final {eval_name} loss: {final[f'{eval_name}_loss']:.4f} nats per character "
-            f"(next-character accuracy {final[f'{eval_name}_accuracy']:.4f}) after "
-            f"{int(final['step'])} steps, {final['elapsed_seconds']:.1f}s{speed}")
-  return (f"final {eval_name} accuracy: {final[f'{eval_name}_accuracy']:.4f} "
-          f"(loss {final[f'{eval_name}_loss']:.4f}) after {int(final['step'])} steps, "
-          f"{final['elapsed_seconds']:.1f}s")
+  loss, accuracy = final[f"{eval_name}_loss"], final[f"{eval_name}_accuracy"]
+  after = f"after {int(final['step'])} steps, {final['elapsed_seconds']:.1f}s"
+  if config.task != "language_model":
+    return f"final {eval_name} accuracy: {accuracy:.4f} (loss {loss:.4f}) {after}"
+  speed = (f", {final['examples_per_second']:,.0f} tokens/s"
+           if "examples_per_second" in final else "")
+  return (f"final {eval_name} loss: {loss:.4f} nats per character (next-character accuracy "
+          f"{accuracy:.4f}) {after}{speed}")
 
 
 def _completed_record(workdir: str, state: TrainState, steps: tuple[Any, Any],
@@ -363,35 +351,28 @@ def main(get_config: Callable[[], ml_collections.ConfigDict], *, name: str,
   resume); 3 for a loss or gradient that became NaN or infinite."""
   try:
     run_experiment(get_config, sys.argv[1:], name=name, train=train)
-  except (config_lib.ConfigError, runs.WorkdirBusyError, CheckpointError) as error:
-    print(f"error: {error}", file=sys.stderr)  # refused before any training
-    raise SystemExit(2) from None
-  except (CheckpointWriteError, runs.WorkdirError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    raise SystemExit(1) from None
-  except parallel.PeerError as error:
-    print(f"error: {error}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    # Exits at once: JAX's shutdown would wait for the other processes at a barrier (a lost one
-    # never comes), then abort with pages of its own logs. Logs and checkpoints are on disk.
-    os._exit(1)  # pylint: disable=protected-access
   except Preempted as stopped:
     print(str(stopped), file=sys.stderr)
     # "SIGTERM", or "SIGTERM (to process 1)" on the processes it stopped with it.
     raise SystemExit(128 + int(signal.Signals[stopped.signal_name.split()[0]])) from None
-  except NonFiniteError as error:
-    print(f"error: {error}", file=sys.stderr)
-    raise SystemExit(3) from None
+  except (config_lib.ConfigError, runs.WorkdirError, CheckpointError, CheckpointWriteError,
+          parallel.PeerError, NonFiniteError) as error:
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    if isinstance(error, parallel.PeerError):
+      sys.stdout.flush()
+      # Exits at once: JAX's shutdown would wait for the other processes at a barrier (a lost one
+      # never comes), then abort with pages of its own logs. Logs and checkpoints are on disk.
+      os._exit(1)  # pylint: disable=protected-access
+    refused = (config_lib.ConfigError, runs.WorkdirBusyError, CheckpointError)  # before training
+    raise SystemExit(3 if isinstance(error, NonFiniteError)
+                     else 2 if isinstance(error, refused) else 1) from None
 
 
 def set_cpu_threads(count: int) -> None:
   """Runs XLA's CPU programs on `count` threads instead of one per core (0: XLA's default): small
   models train faster on one, their operations taking about what a hand-off between threads costs.
-
-  It sets `PJRT_NPROC` (unless already set), which XLA reads when JAX starts, so it works only
-  before JAX's first computation (`main` calls it first). Left alone where an accelerator plugin
-  is installed: XLA's GPU compiler reads the same variable.
-  """
+  It sets `PJRT_NPROC` (unless set), read when JAX starts, so only before JAX's first computation
+  (`main` calls it first); not where an accelerator plugin is installed (it reads it too)."""
   if isinstance(count, bool) or not isinstance(count, int) or count < 0:
     raise config_lib.ConfigError(
         f"config.cpu_threads must be a non-negative integer (0: one per core); got {count!r}.")

@@ -77,15 +77,14 @@ def fit(state: TrainState, train_step: step_lib.TrainStepFn, eval_step: step_lib
         handle_signals: bool = True) -> tuple[TrainState, list[Record]]:
   """Trains `state` with `train_step` and evaluates it on the whole of `eval_data`.
 
-  The device-resident engine (`jdl.resident`) copies in-memory splits (`ArraySource`) to the
-  device once and runs the steps up to the next evaluation, epoch end or save as one compiled
-  loop; it is the default where they fit (`resident.DEFAULT_RESIDENT_LIMIT_BYTES`) in one process
-  outside pmap. Otherwise each host batch goes to one compiled step. Both give the same batches
-  and, for one seed, the same parameters up to float rounding.
+  In-memory splits (`ArraySource`) within `resident.DEFAULT_RESIDENT_LIMIT_BYTES` stay on the
+  device, and the steps up to the next evaluation, epoch end or save run as one compiled loop (in
+  one process, outside pmap); otherwise each host batch goes to one compiled step. Both give the
+  same batches and, for one seed, the same parameters up to float rounding.
 
   Args:
-    state: the initial state; training continues from `state.step`. Its buffers are donated, so
-      use the returned state afterwards, not this one.
+    state: the initial state; training continues from `state.step`. Its buffers are donated: use
+      the returned state afterwards.
     train_step: a pure `(state, batch) -> (state, metric sums)` step built with
       `runner.axis_name` (compiled here); `eval_step` likewise, `(state, batch) -> metric sums`.
     eval_data: one evaluation source (its metrics prefixed with `eval_name` in records), several
@@ -104,14 +103,12 @@ def fit(state: TrainState, train_step: step_lib.TrainStepFn, eval_step: step_lib
     handle_signals: with a checkpointer, SIGTERM or SIGINT (to any process of the run) ends the
       current step or chunk on every process, saves and raises `Preempted`.
 
-  Raises NonFiniteError where metrics next reach the host after the loss or a gradient became NaN
-  or infinite (naming the step and the parameter; nothing is saved after it), and
-  CheckpointWriteError at the next call of steps after a save failed.
+  Raises NonFiniteError once the loss or a gradient became NaN or infinite (naming the step and
+  the parameter; nothing is saved after it), and CheckpointWriteError after a save failed.
 
-  Returns:
-    `(state, history)`: the final state (the first replica under pmap) and one record per
-    evaluation: `step`, `epoch`, `train_*` means since the previous record, `{eval_name}_*`
-    means, `examples_per_second` and `elapsed_seconds`.
+  Returns `(state, history)`: the final state (the first replica under pmap) and one record per
+  evaluation: `step`, `epoch`, `train_*` means since the previous record, `{eval_name}_*` means,
+  `examples_per_second` and `elapsed_seconds`.
   """
   steps_per_epoch = train_data.steps_per_epoch
   if num_steps is None:

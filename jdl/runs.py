@@ -81,16 +81,15 @@ def make_runner(config: Any) -> parallel.Runner:
   `config.mesh` asks for more than data parallelism on all devices, a sharded state on that mesh
   by `config.sharding_rules` (`jdl.sharding`)."""
   mesh = config.mesh
+  devices = dict(num_devices=config.num_devices or None, batch_size=config.batch_size)
   if (mesh.data, mesh.fsdp, mesh.tensor) == (0, 1, 1):
-    return parallel.make_runner(config.layout, num_devices=config.num_devices or None,
-                                batch_size=config.batch_size)
+    return parallel.make_runner(config.layout, **devices)
   rules = {name: tuple(axis.strip() for axis in axes.split(",") if axis.strip())
            for name, axes in config.sharding_rules.items()}
   try:
     return parallel.make_runner(
-        config.layout, num_devices=config.num_devices or None, batch_size=config.batch_size,
-        mesh_shape={"data": mesh.data or -1, "fsdp": mesh.fsdp, "tensor": mesh.tensor},
-        rules=rules, fsdp_min_size=config.fsdp_min_size)
+        config.layout, **devices, rules=rules, fsdp_min_size=config.fsdp_min_size,
+        mesh_shape={"data": mesh.data or -1, "fsdp": mesh.fsdp, "tensor": mesh.tensor})
   except ValueError as error:  # a mesh this machine cannot hold: the config's mistake
     raise ConfigError(f"config.mesh {mesh.to_dict()}: {error}") from None
 
@@ -143,8 +142,7 @@ def load_run(workdir: str, *, checkpoint: str | int = "latest",
   # The schedule's length changes no array of the optimizer state, so any positive length does;
   # a fine-tuned run's optimizer has the structure its `config.transfer` gave it (frozen groups).
   template = initial_state(config, meta, total_steps=max(int(config.num_steps), 1), load=False)
-  checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), writable=False)
-  try:
+  with Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), writable=False) as checkpointer:
     steps = checkpointer.steps()
     if not steps:
       raise FileNotFoundError(f"{checkpointer.directory} holds no checkpoint; train with "
@@ -159,8 +157,6 @@ def load_run(workdir: str, *, checkpoint: str | int = "latest",
         raise FileNotFoundError(f"no checkpoint of step {step} in {checkpointer.directory}; it "
                                 f"holds steps {steps}.")
       state = checkpointer.restore(template, step)
-  finally:
-    checkpointer.close()
   return Run(state, config, meta, read_vocabulary(workdir), int(state.step))
 
 
@@ -278,12 +274,10 @@ class WorkdirLock:
   naming its holder (host, pid, start, command), or WorkdirBusyError naming a live holder;
   WorkdirError where the workdir cannot be written.
 
-  The lock is the operating system's (`fcntl.flock`), so it is dropped however its holder exits
-  (SIGKILL, a crash, a lost machine's NFS lease): a lock file whose lock nobody holds is taken
-  over, with a note to `log`. A clean `release` removes the file. Without filesystem locks the
-  file decides: a holder on this host that is no longer running is stale; one on another host is
-  trusted.
-  """
+  The lock is `fcntl.flock`'s, dropped however its holder exits (SIGKILL, a crash, a lost NFS
+  lease): a lock file nobody holds is taken over, with a note to `log`; `release` removes it.
+  Without filesystem locks the file decides: a dead holder on this host is stale, one on another
+  host is trusted."""
 
   def __init__(self, workdir: str, log: Callable[[str], None] = print) -> None:
     self.path = os.path.join(os.path.abspath(workdir), LOCK_NAME)
