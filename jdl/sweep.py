@@ -37,7 +37,6 @@ TrainFn = Callable[[ml_collections.ConfigDict, str, Sequence[loop_lib.Hook]],
 MODES = {"max": "maximize", "min": "minimize"}
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
-STUDY_FILE = "study.db"
 HEARTBEAT_SECONDS = 60
 """How often a running trial marks itself alive in the study; a trial silent for twice as long
 (its worker was killed) is failed and its parameters are tried again, in its own workdir."""
@@ -173,7 +172,7 @@ def make_pruner(name: str, *, startup_trials: int = 5,
 
 def default_storage(workdir: str) -> str:
   """`sqlite:///WORKDIR/study.db`, the study's database when no URL is given."""
-  return "sqlite:///" + os.path.abspath(os.path.join(workdir, STUDY_FILE))
+  return "sqlite:///" + os.path.abspath(os.path.join(workdir, "study.db"))
 
 
 def open_study(
@@ -194,8 +193,7 @@ def open_study(
   for attempt in range(3):
     try:
       with warnings.catch_warnings():
-        # Optuna marks its heartbeat and retry callback experimental; they are what resumes a
-        # trial whose worker was killed, and the warning would be an error in jdl's tests.
+        # Optuna calls the heartbeat and retry callback experimental; jdl's tests fail on that.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3) \
             if heartbeat_seconds else None
@@ -208,8 +206,7 @@ def open_study(
           load_if_exists=True)
       break
     except sqlalchemy.exc.SQLAlchemyError:
-      # Workers started together race to create the database's tables and version row ("table
-      # ... already exists", a unique constraint); the loser finds them made when it tries again.
+      # Workers started together race to create the tables; the loser finds them made next time.
       if attempt == 2:
         raise
       time.sleep(1.0)
@@ -239,14 +236,12 @@ def suggest(trial: optuna.Trial, space: Mapping[str, dist.BaseDistribution]) -> 
   """The trial's value of every key of `space`, sampled (or fixed, for a queued trial)."""
   params = {}
   for key, distribution in space.items():
-    if isinstance(distribution, dist.FloatDistribution):
-      params[key] = trial.suggest_float(key, distribution.low, distribution.high,
-                                        log=distribution.log)
-    elif isinstance(distribution, dist.IntDistribution):
-      params[key] = trial.suggest_int(key, distribution.low, distribution.high,
-                                      log=distribution.log)
-    else:
+    if isinstance(distribution, dist.CategoricalDistribution):
       params[key] = trial.suggest_categorical(key, distribution.choices)
+    else:
+      suggest_number = (trial.suggest_int if isinstance(distribution, dist.IntDistribution)
+                        else trial.suggest_float)
+      params[key] = suggest_number(key, distribution.low, distribution.high, log=distribution.log)
   return params
 
 
@@ -345,8 +340,7 @@ def study_rows(study: optuna.Study, metric: str = "test_accuracy") -> list[Row]:
   """One row per trial of the study, in trial order: `{"trial", "params", "curve" ({step: the
   metric reported there}), "status" ("ok", "pruned", "failed", "interrupted", "running",
   "waiting"), "error", "seconds", "workdir", **the last evaluation record}`; `metric` is the
-  trial's value where it has one. `jdl.analysis.plots.plot_sweep` and `plot_trial_curves` draw
-  them."""
+  trial's value where it has one."""
   rows = []
   for trial in study.get_trials(deepcopy=False):
     status = _STATUS[trial.state.name]

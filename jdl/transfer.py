@@ -217,8 +217,7 @@ def _restore(trees: Sequence[tuple[Any, Any, str]], rename: Renames | None,
         mismatched.append(ShapeMismatch(prefix + path, source_leaves[prefix + source_path], spec,
                                         prefix + source_path))
       else:
-        # A copy: the new state's buffers may be donated to a compiled step, and that must not
-        # delete the source's arrays.
+        # A copy: donating the new state to a compiled step must not delete the source's arrays.
         leaf = jnp.array(source_leaf, copy=True)
         loaded.append(prefix + path)
       leaves.append(leaf)
@@ -279,11 +278,10 @@ def trainable_mask(params: Params, freeze: Patterns) -> Params:
 
 def freeze(tx: optax.GradientTransformation, params: Params,
            patterns: Patterns) -> optax.GradientTransformation:
-  """`tx` for the parameters `patterns` do not match; the matched ones never change: they get
-  `optax.set_to_zero()` updates under `optax.multi_transform`, so no weight decay or momentum
-  reaches them and `tx` keeps state only for the trainable ones. A frozen BatchNorm's running
-  statistics are model state and still update in training mode. Raises ValueError for a pattern
-  that matches nothing, or a `tx` with a parameter EMA (see the message)."""
+  """`tx` for the parameters `patterns` do not match; the matched ones get `optax.set_to_zero()`
+  updates under `optax.multi_transform`, so no weight decay or momentum reaches them and `tx`
+  keeps state only for the trainable ones (a frozen BatchNorm's running statistics, model state,
+  still update in training). Raises ValueError for a pattern matching nothing, or an EMA `tx`."""
   labels = jax.tree.map(lambda trainable: TRAINABLE if trainable else FROZEN,
                         trainable_mask(params, patterns))
   if optim.ema_parameters(jax.eval_shape(tx.init, params)) is not None:
@@ -416,8 +414,7 @@ def transfer_config() -> ml_collections.ConfigDict:
 
 
 __all__ = [
-    "LeafSpec", "ShapeMismatch", "TransferReport", "freeze",
-    "group_learning_rates", "load_pretrained",
-    "load_pretrained_state", "named_leaves", "parameter_paths", "path_matches",
+    "LeafSpec", "ShapeMismatch", "TransferReport", "freeze", "group_learning_rates",
+    "load_pretrained", "load_pretrained_state", "named_leaves", "parameter_paths", "path_matches",
     "per_group_optimizer", "trainable_mask", "transfer_config",
 ]

@@ -51,11 +51,9 @@ def scale_by_member_learning_rate(learning_rate: float) -> optax.GradientTransfo
 
 def make_member_optimizer(optimizer_config: Mapping[str, Any], *,
                           total_steps: int | None = None) -> optax.GradientTransformation:
-  """`jdl.optim.make_optimizer(optimizer_config)` with its peak learning rate in its state.
-
-  `make_optimizer`'s chain at learning rate 1, then `scale_by_member_learning_rate`, inside the
-  same parameter EMA and gradient accumulation. Every rule's update is proportional to its
-  learning rate, so the updates are `make_optimizer`'s up to float rounding."""
+  """`jdl.optim.make_optimizer(optimizer_config)` with its peak learning rate in its state: its
+  chain at learning rate 1, then `scale_by_member_learning_rate`, inside the same parameter EMA and
+  gradient accumulation. Updates are proportional to the learning rate, so equal up to rounding."""
   config = {**optim.OPTIMIZER_DEFAULTS, **dict(optimizer_config)}
   optim.make_optimizer(config, total_steps=total_steps)  # the same checks and error messages
   accumulate, ema_decay = int(config["accumulate_steps"]), float(config["ema_decay"])
@@ -151,18 +149,18 @@ def train_vmapped(
   if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
     raise ValueError(f"num_steps must be an integer >= 1; got {num_steps!r}.")
   config = {**optim.OPTIMIZER_DEFAULTS, **dict(optimizer_config)}
-  per_member = {"learning_rates": [config["learning_rate"]] if learning_rates is None
-                else list(learning_rates), "seeds": [0] if seeds is None else list(seeds)}
-  num_members = max(len(values) for values in per_member.values())
-  for name, values in per_member.items():
+  rates = [float(r) for r in ([config["learning_rate"]] if learning_rates is None
+                               else learning_rates)]
+  member_seeds = [int(seed) for seed in ([0] if seeds is None else seeds)]
+  num_members = max(len(rates), len(member_seeds))
+  for name, values in (("learning_rates", rates), ("seeds", member_seeds)):
     if not values:
       raise ValueError(f"{name} is empty; give at least one value.")
     if len(values) not in (1, num_members):
       raise ValueError(f"{name} has {len(values)} values but the sweep has {num_members} "
                        "members; give one value per member, or a single value for all.")
-    per_member[name] = values * (num_members // len(values))  # a single value: every member's
-  rates = [float(rate) for rate in per_member["learning_rates"]]
-  member_seeds = [int(seed) for seed in per_member["seeds"]]
+  rates *= num_members // len(rates)  # a single value: every member's
+  member_seeds *= num_members // len(member_seeds)
   for rate in rates:
     if not (math.isfinite(rate) and rate > 0):
       raise ValueError(f"learning rates must be finite and > 0; got {rate!r} in {rates}.")
@@ -294,17 +292,15 @@ def run_vmapped_study(
     params = [sweep_lib.suggest(trial, space) for trial in trials]
     try:
       run = vmap_sweep(config, params)
+      if not run.history or metric not in run.history[-1]:
+        raise ValueError(f"metric {metric!r} is not in the vmapped run's records; they have "
+                         f"{sorted(run.history[-1]) if run.history else []}.")
     except BaseException:
       for trial in trials:
         trial.set_user_attr("error", "the vmapped batch raised")
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
       raise
     batches.append(run)
-    if not run.history or metric not in run.history[-1]:
-      for trial in trials:
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-      raise ValueError(f"metric {metric!r} is not in the vmapped run's records; they have "
-                       f"{sorted(run.history[-1]) if run.history else []}.")
     for index, trial in enumerate(trials):
       record = {key: (float(np.asarray(value)[index]) if np.ndim(value) else value)
                 for key, value in run.history[-1].items()}

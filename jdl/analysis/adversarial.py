@@ -42,7 +42,6 @@ def fgsm(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array, labels: jax
   """
   loss_fn, value_range = _check_attack(inputs, labels, epsilon=epsilon, norm=norm,
                                        value_range=value_range, loss=loss)
-  # One PGD step of length epsilon from the clean input is exactly FGSM.
   return _pgd_jit(apply_fn, variables, jnp.asarray(inputs), jnp.asarray(labels),
                   jnp.float32(epsilon), jnp.float32(epsilon), jax.random.PRNGKey(0), 1, norm,
                   value_range, False, loss_fn)

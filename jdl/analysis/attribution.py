@@ -7,9 +7,8 @@
 is `[B]` class indices or one int. The target score is the class's logit, or its probability with
 `use_probabilities=True` (a saturated softmax has gradients near zero where the input matters).
 
-Token ids have no gradient: occlusion works on them; for the gradient methods pass embeddings
-`[B, T, D]` and an `apply_fn` that starts from them (wrapping
-`TransformerLM.logits_from_embeddings` to return one position's logits), with `reduce_channels`.
+Token ids have no gradient: occlusion works on them; the gradient methods take embeddings
+`[B, T, D]` and an `apply_fn` from them (`TransformerLM.logits_from_embeddings`).
 
 Every method runs under `jax.jit`, its many model calls (path points, noise samples, occluded
 copies) `points_per_call` at a time (memory: `points_per_call x batch`), `vmap`ped in a `lax.scan`.
@@ -60,9 +59,8 @@ def smoothgrad(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
   inputs, targets = _check_call(apply_fn, variables, inputs, target_classes, "smoothgrad",
                                 needs_gradient=True, reduce_channels=reduce_channels,
                                 points_per_call=points_per_call)
-  if not isinstance(key, jax.Array) or not (
-      jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.shape == (2,) and
-                                                        key.dtype == jnp.uint32)):
+  if not isinstance(key, jax.Array) or not (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+                                            or (key.shape == (2,) and key.dtype == jnp.uint32)):
     raise ValueError(f"key must be a PRNG key (jax.random.key or jax.random.PRNGKey); got "
                      f"{key!r}.")
   gradients = _smoothgrad_jit(apply_fn, variables, inputs, targets, key,
@@ -81,10 +79,9 @@ def integrated_gradients(
 
   The baseline is "no signal" for the model: None (zeros), a number, or an array shaped like one
   example or the whole batch. The path integral is a quadrature (`method`, one of `IG_METHODS`;
-  the trapezoid takes `steps + 1` gradients, the others `steps`) over `steps` intervals.
-  `sum(attributions) = score(x) - score(baseline)` up to the quadrature error (as `saliency`'s
-  `reduce_channels` is a sum, it keeps this); `return_convergence_delta` also returns the `[B]`
-  error `sum(attributions) - (score(x) - score(baseline))`: a large one needs more `steps`."""
+  the trapezoid takes `steps + 1` gradients, the others `steps`). The attributions (also summed
+  over channels) sum to `score(x) - score(baseline)` up to the quadrature error, which
+  `return_convergence_delta` also returns, `[B]`: a large one needs more `steps`."""
   _check_positive_int(steps, "steps")
   if method not in IG_METHODS:
     raise ValueError(f"unknown integrated gradients method {method!r}; expected one of "
@@ -112,10 +109,9 @@ def occlusion(apply_fn: ApplyFn, variables: Variables, inputs: jax.Array,
 
   The window slides over the leading axes after the batch axis and covers the rest whole: an int
   window is 2-D on `[B, H, W, C]` images and 1-D otherwise; a tuple of k sizes slides over the
-  first k axes. A last window flush with the end covers any tail. Each element's attribution is
-  the mean drop, `score(x) - score(occluded x)`, over the windows that cover it, as float32 shaped
-  like `inputs`. `stride`, like `window`, defaults to `window` (no overlap). Integer inputs (token
-  ids) are allowed, with an integer `fill` (usually the padding id)."""
+  first k axes; `stride` (default `window`: no overlap) likewise. A last window flush with the end
+  covers any tail. Each element's float32 attribution is the mean drop, `score(x) - score(occluded
+  x)`, over the windows covering it. Integer inputs (token ids) need an integer `fill`."""
   inputs, targets = _check_call(apply_fn, variables, inputs, target_classes, "occlusion",
                                 needs_gradient=False, reduce_channels=False,
                                 points_per_call=points_per_call)

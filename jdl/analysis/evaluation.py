@@ -1,11 +1,10 @@
 """Evaluating a trained classifier beyond one accuracy number.
 
-`evaluate_classifier(state, inputs, labels)` runs the model over a whole split (uint8 pixels,
-with `pixels=True`, scaled to [0, 1] inside the compiled call, on the device) and bundles
-accuracy, per-class accuracy, the confusion matrix, top-k accuracies, calibration and the
-misclassified examples; each piece is also a plain function of arrays. Outputs that are
-non-negative with rows summing to 1 (within 1e-3) are probabilities, others logits
-(`outputs_are_probabilities`). Metrics are computed on the host in float64 numpy, exactly.
+`evaluate_classifier(state, inputs, labels)` runs the model over a whole split (uint8 pixels
+scaled on the device with `pixels=True`) and bundles accuracy, per-class accuracy, the confusion
+matrix, top-k accuracies, calibration and the misclassified examples; each piece is also a plain
+function of arrays. Outputs that are non-negative with rows summing to 1 (within 1e-3) are
+probabilities, others logits. Metrics are computed on the host in float64 numpy, exactly.
 """
 
 from __future__ import annotations
@@ -31,10 +30,9 @@ def _forward(apply_fn: ApplyFn, variables: Any, inputs: jax.Array, pixels: bool)
 
 def apply_in_batches(apply_fn: ApplyFn, variables: Any, inputs: np.ndarray | jax.Array, *,
                      batch_size: int = 1000, pixels: bool = False) -> np.ndarray:
-  """The model's float32 numpy outputs for every example of `inputs`, batch by batch in eval mode,
-  every batch of one shape (the last one padded), so the model compiles once. `apply_fn` must be
-  hashable: it is a static argument of the compiled call. With `pixels`, `inputs` are uint8
-  pixels, scaled to [0, 1] in that call (`jdl.tasks.unit_pixels`)."""
+  """The model's float32 numpy outputs for every example of `inputs`, in eval mode, in batches of
+  one shape (the last one padded) so the model compiles once; `apply_fn` must be hashable (a
+  static argument). With `pixels`, uint8 `inputs` are scaled to [0, 1] in the compiled call."""
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
   inputs = np.asarray(inputs)
@@ -42,13 +40,10 @@ def apply_in_batches(apply_fn: ApplyFn, variables: Any, inputs: np.ndarray | jax
     raise ValueError(f"inputs must be a non-empty batch [num_examples, ...]; got shape "
                      f"{inputs.shape}.")
   size = min(batch_size, inputs.shape[0])
-  outputs = []
-  for start in range(0, inputs.shape[0], size):
-    batch = inputs[start:start + size]
-    padded = np.concatenate([batch, np.zeros((size - len(batch), *batch.shape[1:]), batch.dtype)])
-    outputs.append(np.asarray(_forward(apply_fn, variables, padded, pixels),
-                              np.float32)[:len(batch)])
-  return np.concatenate(outputs)
+  padded = np.pad(inputs, [(0, -len(inputs) % size)] + [(0, 0)] * (inputs.ndim - 1))
+  outputs = [np.asarray(_forward(apply_fn, variables, padded[start:start + size], pixels),
+                        np.float32) for start in range(0, len(padded), size)]
+  return np.concatenate(outputs)[:len(inputs)]
 
 
 def predict(state: TrainState, inputs: np.ndarray | jax.Array, *,
@@ -228,9 +223,8 @@ class EvaluationReport:
 def evaluate_outputs(outputs: np.ndarray, labels: np.ndarray, *,
                      class_names: Sequence[str] | None = None, top_k: Sequence[int] = (1, 5),
                      num_bins: int = 15) -> EvaluationReport:
-  """The `EvaluationReport` of `[num_examples, num_classes]` outputs (logits or probabilities, see
-  the module docstring) on labelled examples. A `top_k` of at least the number of classes (always
-  1) is left out, except 1; `num_bins` are the calibration error's confidence bins."""
+  """The `EvaluationReport` of `[num_examples, num_classes]` outputs (logits or probabilities) on
+  labelled examples; a `top_k` other than 1 of at least the number of classes is left out."""
   outputs, labels = _check_classification(outputs, labels)
   num_examples, num_classes = outputs.shape
   if num_examples == 0:
@@ -265,7 +259,6 @@ def evaluate_classifier(state: TrainState, inputs: np.ndarray, labels: np.ndarra
                         class_names: Sequence[str] | None = None, top_k: Sequence[int] = (1, 5),
                         num_bins: int = 15, batch_size: int = 1000,
                         pixels: bool = False) -> EvaluationReport:
-  """`evaluate_outputs` of the model's outputs (`predict`, uint8 pixels with `pixels`) against
-  `labels`."""
+  """`evaluate_outputs` of the model's outputs (`predict`) against `labels`."""
   return evaluate_outputs(predict(state, inputs, batch_size=batch_size, pixels=pixels), labels,
                           class_names=class_names, top_k=top_k, num_bins=num_bins)

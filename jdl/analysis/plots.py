@@ -253,9 +253,8 @@ def plot_attribution_overlays(inputs: np.ndarray, attributions: np.ndarray, path
 
   Images are drawn in grey with the attribution's magnitude as a heat overlay; signals as a line
   coloured by the signed attribution of each point (red pushes the output up, blue down).
-  `attributions` has the shape of `inputs`; `columns` is the panels per row (e.g. the number of
-  methods, to put each example's attributions side by side), None a near-square grid of at most 5.
-  """
+  `attributions` has the shape of `inputs`; `columns` is the panels per row (the number of
+  methods puts each example's attributions side by side), None a near-square grid of at most 5."""
   inputs, attributions = np.asarray(inputs), np.asarray(attributions, np.float64)
   kind = _check_drawable(inputs)
   if attributions.shape != inputs.shape:
