@@ -18,10 +18,10 @@ Every example gets its own draws. The order is crop, flip, cutout, contrast + br
 max(x, x_partner)]`, which only removes float rounding). Crop, flip and cutout need images
 `[B, H, W, C]` of any dtype; the others floating inputs of any rank >= 2.
 
-`sample_params` draws all random numbers of a batch, each from its own stream (`PARAM_STREAMS`,
-so switching one augmentation does not change the others' draws); `apply_params` is
-deterministic given them. Both are written once against `ArrayOps`: jax (`JAX_OPS`) here,
-TensorFlow in `jdl.data.augment_tf` (this module must not import TensorFlow).
+`sample_params` draws a batch's random numbers, each from its own stream (`PARAM_STREAMS`: turning
+one augmentation on leaves the others' draws as they were); `apply_params` is deterministic given
+them. Both are written against `ArrayOps`: jax (`JAX_OPS`) here, TensorFlow in
+`jdl.data.augment_tf` (this module must not import TensorFlow).
 """
 
 from __future__ import annotations
@@ -44,8 +44,7 @@ DEFAULTS: Mapping[str, Any] = {
     "mixup_alpha": 0.0, "value_range": (0.0, 1.0),
 }
 
-# The random draws of a batch, by name, with the stream index each is drawn from (folded into the
-# key or seed).
+# The random draws of a batch, by name, and the stream each is drawn from (folded into the key).
 PARAM_STREAMS: Mapping[str, int] = {
     "crop_offset": 0,  # int32 [B, 2]: (dy, dx) in [0, 2 * crop_padding]
     "flip": 1,  # bool [B]: True flips the example
@@ -86,8 +85,7 @@ def _jax_gather(x: jax.Array, indices: jax.Array, axis: int = 0, batch_dims: int
 
 
 def _jax_beta(key: jax.Array, alpha: float, batch_size: int) -> jax.Array:
-  # Beta(a, a) = sigmoid(log G1 - log G2) for G ~ Gamma(a), in log space so that small alphas
-  # do not underflow.
+  # Beta(a, a) = sigmoid(log G1 - log G2), G ~ Gamma(a): in log space, small alphas don't underflow.
   log_gamma_2xB = jax.random.loggamma(key, alpha, (2, batch_size), jnp.float32)
   return jax.nn.sigmoid(log_gamma_2xB[0] - log_gamma_2xB[1])
 
@@ -142,8 +140,7 @@ def validate_spec(spec: Mapping[str, Any] | None) -> dict[str, Any]:
     raise ValueError(f"augmentation flip={flip!r} must be a bool.")
   value_range = merged["value_range"]
   if (isinstance(value_range, (str, bytes)) or not isinstance(value_range, Sequence)
-      or len(value_range) != 2
-      or not all(_is_number(v) and math.isfinite(v) for v in value_range)
+      or len(value_range) != 2 or not all(_is_number(v) and math.isfinite(v) for v in value_range)
       or not value_range[0] < value_range[1]):
     raise ValueError(f"augmentation value_range={value_range!r} must be two finite numbers "
                      "(lo, hi) with lo < hi.")
@@ -225,32 +222,28 @@ def sample_params(key: jax.Array, batch_size: int, image_shape: Sequence[int],
   static_batch = batch_size if _is_int(batch_size) else None
   check_input_shape((static_batch, *image_shape), spec)
   names = param_names(spec)
-
-  def stream(name: str) -> Any:
-    return ops.fold_in(key, PARAM_STREAMS[name])
-
+  stream = {name: ops.fold_in(key, PARAM_STREAMS[name]) for name in names}
   params: dict[str, Any] = {}
   if "crop_offset" in names:
     params["crop_offset"] = ops.randint(
-        stream("crop_offset"), [batch_size, 2], 0, 2 * spec["crop_padding"] + 1)
+        stream["crop_offset"], [batch_size, 2], 0, 2 * spec["crop_padding"] + 1)
   if "flip" in names:
-    params["flip"] = ops.uniform(stream("flip"), [batch_size], 0.0, 1.0) < 0.5
+    params["flip"] = ops.uniform(stream["flip"], [batch_size], 0.0, 1.0) < 0.5
   if "cutout_center" in names:
-    row_key, col_key = ops.split(stream("cutout_center"))
+    row_key, col_key = ops.split(stream["cutout_center"])
     height, width = image_shape[:2]
     params["cutout_center"] = ops.xp.stack([ops.randint(row_key, [batch_size], 0, height),
                                             ops.randint(col_key, [batch_size], 0, width)], axis=1)
-  brightness, contrast = spec["brightness"], spec["contrast"]
-  for name, low, high in (("brightness", -brightness, brightness),
-                          ("contrast", 1.0 - contrast, 1.0 + contrast)):
+  for name, low, high in (("brightness", -spec["brightness"], spec["brightness"]),
+                          ("contrast", 1.0 - spec["contrast"], 1.0 + spec["contrast"])):
     if name in names:
-      params[name] = ops.uniform(stream(name), [batch_size], low, high)
+      params[name] = ops.uniform(stream[name], [batch_size], low, high)
   if "mix_partner" in names:
     real_B = ops.xp.ones([batch_size], np.bool_) if mask is None else ops.cast(mask, np.bool_)
     if tuple(real_B.shape) != (static_batch,):
       raise ValueError(f"mask must have shape [{batch_size}]; got {tuple(real_B.shape)}.")
-    params["mix_partner"] = _mix_partners(ops, stream("mix_partner"), real_B, batch_size)
-    lam_B = ops.clip(ops.beta(stream("mix_weight"), spec["mixup_alpha"], batch_size), 0.0, 1.0)
+    params["mix_partner"] = _mix_partners(ops, stream["mix_partner"], real_B, batch_size)
+    lam_B = ops.clip(ops.beta(stream["mix_weight"], spec["mixup_alpha"], batch_size), 0.0, 1.0)
     params["mix_weight"] = ops.xp.where(real_B, lam_B, 1.0)
   return params
 
@@ -270,12 +263,10 @@ def _crop(ops: ArrayOps, images_BxHxWxC: Any, offset_Bx2: Any, padding: int, fil
 def _cutout(ops: ArrayOps, images_BxHxWxC: Any, center_Bx2: Any, size: int, fill: Any) -> Any:
   """Fills the `size x size` square at each example's centre, clipped at the border."""
   height, width = images_BxHxWxC.shape[1:3]
-  start_Bx2 = center_Bx2 - size // 2
-  rows_1xH = ops.arange(height)[None, :]
-  cols_1xW = ops.arange(width)[None, :]
-  in_rows_BxH = (rows_1xH >= start_Bx2[:, 0:1]) & (rows_1xH < start_Bx2[:, 0:1] + size)
-  in_cols_BxW = (cols_1xW >= start_Bx2[:, 1:2]) & (cols_1xW < start_Bx2[:, 1:2] + size)
-  square_BxHxWx1 = in_rows_BxH[:, :, None, None] & in_cols_BxW[:, None, :, None]
+  rows_BxH = ops.arange(height)[None, :] - (center_Bx2[:, 0:1] - size // 2)  # from its top row
+  cols_BxW = ops.arange(width)[None, :] - (center_Bx2[:, 1:2] - size // 2)
+  square_BxHxWx1 = (((rows_BxH >= 0) & (rows_BxH < size))[:, :, None, None]
+                    & ((cols_BxW >= 0) & (cols_BxW < size))[:, None, :, None])
   return ops.xp.where(square_BxHxWx1, fill, images_BxHxWxC)
 
 
@@ -299,11 +290,10 @@ def _compute_dtype(ops: ArrayOps, dtype: Any, what: str) -> Any:
 
 def apply_params(batch: Batch, params: Mapping[str, jax.Array], spec: Mapping[str, Any] | None,
                  *, ops: ArrayOps = JAX_OPS) -> dict[str, jax.Array]:
-  """Augments a batch with the given draws; deterministic, vectorised and jit-able.
-
-  Its `input` `[B, ...]` is augmented (same shape and dtype) and the other keys pass through;
-  with mixup, `label` is needed, and `mix_label` (the partner's label) and `mix_weight` (float32
-  `[B]`, the weight of `label`) are added."""
+  """Augments a batch with the given draws; deterministic, vectorised and jit-able. Its `input`
+  `[B, ...]` is augmented (same shape and dtype) and the other keys pass through; with mixup,
+  `label` is needed, and `mix_label` (the partner's label) and `mix_weight` (float32 `[B]`, the
+  weight of `label`) are added."""
   spec = validate_spec(spec)
   inputs, shape = _inputs(ops, batch)
   check_input_shape(shape, spec)

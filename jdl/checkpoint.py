@@ -1,9 +1,9 @@
 """Checkpoints of a `TrainState` with orbax: keep the last few and the best, restore the latest.
 
 The data order and every key are functions of the seed and the step, so the state is all a resumed
-run needs. Each step's orbax metadata holds, under `jdl`, the metrics that rank it and a checksum
-of every array (`array_checksums`), verified on restore; an unusable checkpoint is moved aside, never deleted
-(docs/checkpoints.md).
+run needs. Each step's orbax metadata holds, under `jdl`, the metrics that rank it and a checksum of
+every array (`array_checksums`), verified on restore; an unusable checkpoint is moved aside, never
+deleted (docs/checkpoints.md).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from jdl.parallel import exception_chain
 from jdl.state import TrainState
 from jdl.transfer import named_leaves
 
-CheckpointMetrics = Mapping[str, float]
 RECORD_KEY = "jdl"  # the key of the step's custom metadata that holds its metrics and checksums
 _WRITER_JOIN_SECONDS = 60.0  # the longest a failed save waits for orbax's other writers
 
@@ -40,8 +39,7 @@ def array_checksums(tree: Any) -> dict[str, dict[str, str]]:
   their positions (odd weights: a changed word always changes it), wrapping at 2**32. It is
   computed where the array lives, so an array split over devices or hosts is checked without
   being gathered, and it is the same in every layout (a restore onto another mesh checks it)."""
-  leaves = {path: jax.random.key_data(leaf) if _is_typed_key(leaf) else leaf
-            for path, leaf in named_leaves(tree).items()}
+  leaves = named_leaves(_key_data(tree))
   # Each sum is a replicated scalar: this process's copies, fetched together.
   sums = jax.device_get([s.addressable_data(0) for s in _sums32(list(leaves.values()))])
   return {path: {"dtype": str(leaf.dtype), "sum32": f"{int(value):08x}"}
@@ -76,8 +74,8 @@ class CheckpointWriteError(RuntimeError):
 
 
 def _cause(error: BaseException) -> str:
-  """The operating system's error behind `error` (an OSError, or tensorstore's message naming
-  the errno), else the first line of the innermost exception."""
+  """The OS error behind `error` (an OSError, or tensorstore's message naming the errno), else the
+  first line of the innermost exception."""
   chain = exception_chain(error)
   for exception in chain:
     if isinstance(exception, OSError) and exception.errno:
@@ -94,9 +92,8 @@ logging.getLogger("absl").addFilter(lambda record: not (
 
 
 def _quiet_closed_loop_callbacks() -> None:
-  """Drops the "Event loop is closed" tracebacks (`sys.unraisablehook`) of the writes tensorstore
-  still finishes after a failed save, raised inside asyncio with no frame of anyone's code; the
-  failure reaches the caller once, as a CheckpointWriteError."""
+  """Drops the "Event loop is closed" tracebacks (`sys.unraisablehook`, inside asyncio only) of
+  the writes tensorstore still finishes after a failed save: the caller gets one error."""
   previous = sys.unraisablehook
   if getattr(previous, "jdl_quiet_closed_loop", False):
     return
@@ -162,7 +159,7 @@ class Checkpointer:
     """The step of the saved checkpoint with the best `best_metric`, or None without one."""
     return self._best_of(self.steps())
 
-  def save(self, state: TrainState, *, metrics: CheckpointMetrics | None = None) -> bool:
+  def save(self, state: TrainState, *, metrics: Mapping[str, float] | None = None) -> bool:
     """Saves `state` under its step (False: that step is saved already), ranked by `metrics` for
     `best_metric`. Raises `CheckpointWriteError` if this or an earlier save failed."""
     if not self.writable:
@@ -211,8 +208,7 @@ class Checkpointer:
       self._remove_temporary(step)
 
   def _remove_temporary(self, step: int | str) -> None:
-    """Removes what a failed save of `step` ("*": of any step) left (orbax's temporary folders),
-    on process 0."""
+    """Removes, on process 0, orbax's temporary folders of a failed save of `step` ("*": any)."""
     if jax.process_index() == 0:
       pattern = os.path.join(glob.escape(self.directory), f"{step}.orbax-checkpoint-tmp*")
       for path in glob.glob(pattern):
@@ -286,11 +282,10 @@ class Checkpointer:
 
   def restore_latest(self, template: TrainState, log: Callable[[str], None] = print, *,
                      move_unusable: bool = True) -> TrainState | None:
-    """The most recent checkpoint that restores into `template`, or None when there is none.
-
-    One that fails (truncated, a checksum) is reported with `log`, moved aside with
-    `move_unusable` (a read-only load passes False), and the one before it tried. Raises
-    CheckpointError when all failed and one came from another model, rather than start over."""
+    """The most recent checkpoint that restores into `template`, or None when there is none. One
+    that fails (truncated, a checksum) is reported with `log`, moved aside with `move_unusable` (a
+    read-only load passes False), and the one before it tried. Raises CheckpointError when all
+    failed and one came from another model, rather than start over."""
     mismatched = []
     for step in reversed(self.steps()):
       try:
@@ -331,7 +326,7 @@ class Checkpointer:
   def _join(self) -> None:  # waits for the save in progress (its failure is kept, not raised)
     if self._writer is not None:
       self._writer.join()
-      self._writer = None
+    self._writer = None
 
   def wait(self) -> None:
     """Blocks until every save has been written; raises `CheckpointWriteError` if one failed."""
@@ -370,8 +365,7 @@ def _check_writable(directory: str) -> None:
         f"{error.strerror or error}); choose a workdir on a writable filesystem.") from None
 
 
-def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  """`{path: shape}` of a pytree of arrays or of orbax's array metadata."""
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:  # of arrays or orbax's metadata
   return {path: tuple(leaf.shape) for path, leaf in named_leaves(tree).items()}
 
 
@@ -381,9 +375,8 @@ def _verify(state: TrainState, checksums: Mapping[str, Mapping[str, str]], step:
   Arrays restored in another dtype than they were saved in (a cast by the template) are skipped."""
   restored = array_checksums(state)
   for path, saved in sorted(checksums.items()):
-    now = restored.get(path)
-    if now is not None and now["dtype"] == saved["dtype"] and now["sum32"] != saved.get(
-        "sum32", now["sum32"]):  # checkpoints written before these sums are not checked
+    now = restored.get(path, {})  # a checkpoint written before these sums has no "sum32"
+    if now.get("dtype") == saved["dtype"] and now["sum32"] != saved.get("sum32", now["sum32"]):
       raise CorruptCheckpointError(
           f"the checkpoint at step {step} in {directory} is corrupt: array {path} does not match "
           "the checksum saved with it (its file changed or was damaged after it was written)")

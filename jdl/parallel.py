@@ -37,18 +37,17 @@ class PeerError(RuntimeError):
 
 
 class Runner:
-  """A device layout: what the loop needs to place, compile and fetch. Its methods are plain
-  `jax.jit` on the default device (`JitRunner`); the other layouts override them.
+  """A device layout: what the loop needs to place, compile and fetch; as is, plain `jax.jit` on
+  the default device (`JitRunner`), which the other layouts override.
 
   `place_state` lays the state out for the compiled steps, `fetch_state` gives it back usable on
   one device. `place_batch` readies a host batch (this process's share): with `pad`, padded with
   masked examples to a multiple of the device count, else an uneven batch is an error. `compile`
   compiles the steps (the train step donates the state; None stays None); `fetch_metrics` gives
   sums as plain scalars; `place_replicated` copies a tree to every device (resident data), and
-  `constrain_batch` lays a batch out inside a compiled function, `constrain_state` a state.
+  `constrain_batch` / `constrain_state` lay a batch / state out inside a compiled function.
   `state_shardings`, where not None, maps a state's shapes to its layout, for
-  `create_train_state(shardings=...)`.
-  """
+  `create_train_state(shardings=...)`."""
 
   layout = "none"
   axis_name: str | None = None  # build steps and models with this
@@ -100,21 +99,20 @@ def make_runner(layout: str = "auto", *, num_devices: int | None = None,
   `fsdp_min_size` (`jdl.sharding.ShardingPlan`); it replaces `num_devices`."""
   if layout not in LAYOUTS:
     raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}.")
-  if mesh_shape is not None:
-    if layout not in ("auto", "shard") or num_devices is not None:
-      raise ValueError(f"a mesh shape ({dict(mesh_shape)}) needs layout 'shard' or 'auto' and no "
-                       f"num_devices; got layout {layout!r}, num_devices={num_devices}.")
-    runner: Runner = ShardedRunner(sharding.make_mesh(mesh_shape), rules=rules,
-                                   fsdp_min_size=fsdp_min_size)
-    return _check_batch_size(runner, batch_size)
-  if layout == "auto":
+  if mesh_shape is not None and (layout not in ("auto", "shard") or num_devices is not None):
+    raise ValueError(f"a mesh shape ({dict(mesh_shape)}) needs layout 'shard' or 'auto' and no "
+                     f"num_devices; got layout {layout!r}, num_devices={num_devices}.")
+  if layout == "auto" and mesh_shape is None:
     count = num_devices or jax.device_count()
     if num_devices is None and batch_size:
       processes = jax.process_count()
       fitting = [d for d in range(processes, count + 1, processes) if batch_size % d == 0]
       count = max(fitting) if fitting else count
     layout, num_devices = ("shard", count) if count > 1 else ("none", None)
-  if layout == "none":
+  if mesh_shape is not None:
+    runner: Runner = ShardedRunner(sharding.make_mesh(mesh_shape), rules=rules,
+                                   fsdp_min_size=fsdp_min_size)
+  elif layout == "none":
     if num_devices not in (None, 1):
       raise ValueError(f"layout 'none' runs on one device; got num_devices={num_devices}.")
     runner = JitRunner()
@@ -124,10 +122,6 @@ def make_runner(layout: str = "auto", *, num_devices: int | None = None,
     runner = ShardedRunner(sharding.make_mesh({"data": num_devices or -1}))
   else:
     runner = PmapRunner(num_devices)
-  return _check_batch_size(runner, batch_size)
-
-
-def _check_batch_size(runner: Runner, batch_size: int | None) -> Runner:
   count = runner.batch_devices
   if batch_size is not None and batch_size % count:
     raise ValueError(
@@ -153,8 +147,7 @@ def pad_to_multiple(batch: Batch, multiple: int) -> dict[str, Any]:
   size = num_rows(batch)
   if "mask" not in batch:
     batch["mask"] = np.ones((size,), np.bool_)
-  extra = -size % multiple
-  if extra:
+  if extra := -size % multiple:
     batch = jax.tree.map(
         lambda v: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)]), batch)
   return batch
@@ -194,11 +187,10 @@ class ShardedRunner(Runner):
                fsdp_min_size: int = sharding.FSDP_MIN_SIZE) -> None:
     self.plan = sharding.ShardingPlan(mesh, rules, fsdp_min_size)
     self.mesh, self.replicated = mesh, self.plan.replicated
-    self.batch_sharding = self.plan.batch_sharding
+    self.batch_sharding, self.state_shardings = self.plan.batch_sharding, self.plan.state_shardings
     self.num_devices, self.batch_devices = int(mesh.devices.size), self.plan.batch_devices
     local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
     self.local_batch_devices = local * self.batch_devices // self.num_devices
-    self.state_shardings = self.plan.state_shardings
 
   def place_state(self, state: TrainState) -> TrainState:
     return self.plan.place_state(state)
@@ -306,15 +298,13 @@ def initialize_distributed(mode: str = "auto") -> bool:
   address = os.environ.get("JAX_COORDINATOR_ADDRESS")
   if mode == "off" or (mode == "auto" and not address):
     return False
-  kwargs: dict[str, Any] = {}
+  kwargs: dict[str, Any] = {"coordinator_address": address} if address else {}
   for variable, name in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
     if os.environ.get(variable):
       try:
         kwargs[name] = int(os.environ[variable])
       except ValueError:
         raise ValueError(f"{variable} must be an integer; got {os.environ[variable]!r}.") from None
-  if address:
-    kwargs["coordinator_address"] = address
   if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
     # CPU processes need a collectives backend to talk to each other (GPU and TPU ignore this).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -10,7 +10,7 @@ import contextlib
 import itertools
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 _END = object()  # what a thread that stopped early leaves behind
@@ -68,10 +68,12 @@ class BatchPrefetcher:
   def _walk(self, step: int, stop: threading.Event, ready: queue.Queue) -> None:
     try:
       steps_per_epoch = self.source.steps_per_epoch
+      epoch_from = getattr(self.source, "epoch_from", None)  # skips without reading the batches
       while not stop.is_set():
         epoch, skip = divmod(step, steps_per_epoch)
         produced = False
-        for batch in self._batches(epoch, skip):
+        for batch in (epoch_from(epoch, skip) if skip and epoch_from is not None
+                      else itertools.islice(self.source.epoch(epoch), skip, None)):
           if not self._put(ready, stop, (step, self.prepare(batch))):
             return
           step, produced = step + 1, True
@@ -81,13 +83,6 @@ class BatchPrefetcher:
           return
     except BaseException as error:  # pylint: disable=broad-except  # raised again by `get`
       self._put(ready, stop, (None, error))
-
-  def _batches(self, epoch: int, skip: int) -> Iterator[Any]:
-    """Epoch `epoch` from its batch `skip` on."""
-    epoch_from = getattr(self.source, "epoch_from", None)
-    if skip and epoch_from is not None:
-      return epoch_from(epoch, skip)
-    return itertools.islice(self.source.epoch(epoch), skip, None)
 
   @staticmethod
   def _put(ready: queue.Queue, stop: threading.Event, item: Any) -> bool:  # False: stopped first

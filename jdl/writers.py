@@ -1,14 +1,15 @@
 """Metric writers: JSON lines and TensorBoard event files in a run's workdir.
 
-`metrics.jsonl` gets one JSON object per record; `tensorboard/` gets the records `tf.summary`
-writes (float32 scalars, the config as text), written with the `tensorboard` package alone, so a
-run imports no TensorFlow to log.
+`metrics.jsonl` gets one JSON object per record; `tensorboard/` the records `tf.summary` writes
+(float32 scalars, the config as text), written without TensorFlow (`EventFileWriter`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.metadata
+import itertools
 import json
 import math
 import os
@@ -33,10 +34,8 @@ def library_versions() -> dict[str, str]:
   versions = {"jdl": jdl.__version__, "python": platform.python_version()}
   for package in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-cpu",
                   "tensorflow", "tensorflow-datasets"):
-    try:
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
       versions[package] = importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-      pass
   devices = jax.devices()
   versions["devices"] = f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})"
   return versions
@@ -58,14 +57,11 @@ class EventFileWriter:
     self._event_pb2, self._scalar_pb, self._text_pb = event_pb2, scalar_pb, text_pb
     os.makedirs(logdir, exist_ok=True)
     stem = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
-    number = 0
-    while True:
-      try:
+    for number in itertools.count():
+      with contextlib.suppress(FileExistsError):
         # pylint: disable-next=consider-using-with
         file = open(os.path.join(logdir, f"{stem}.{number}"), "xb")  # "x": never another's file
         break
-      except FileExistsError:
-        number += 1
     self.path: str = file.name
     self._records = RecordWriter(file)
     self._records.write(event_pb2.Event(wall_time=time.time(),

@@ -32,20 +32,20 @@ def load_classification_data(
   """`(train_source, eval_source, meta)` of a TFDS classification dataset ("mnist1d" offline,
   "fashion_mnist"); the train source shuffles (seeded per epoch), the eval source does not.
 
-  Batch sizes are global: each of `process_count` processes yields its share of every batch; the
-  eval batch size affects speed only. Splits may be sliced ("train[:90%]"); `data_dir` None is
-  TFDS's default; `manual_dir` holds raw files for builders that prepare from them (`prepare`).
-  `in_memory` loads whole splits as numpy arrays, kept as numpy files in the data dir with
-  `cache_arrays` and read from there next time without TFDS or TensorFlow (`array_cache`);
-  otherwise they stream through tf.data (`shuffle_buffer`), where `augment`
-  (`augment_tf.make_tf_augment`) may augment training batches (`jdl.augment` works on either).
-  Image inputs stay uint8 (`meta.pixels`) until the step scales them on the device
-  (`jdl.tasks.classification(pixels=meta.pixels)`); a pipeline `augment` scales them first."""
+  Batch sizes are global (each of `process_count` processes yields its share of every batch); the
+  eval batch size affects speed only. Splits may be sliced ("train[:90%]"); `manual_dir` holds
+  raw files for builders that prepare from them (`prepare`). `in_memory` loads whole splits as
+  numpy arrays, with `cache_arrays` kept in the data dir and read from there next time without
+  TFDS or TensorFlow (`array_cache`); otherwise they stream through tf.data, where `augment`
+  (`augment_tf.make_tf_augment`) may augment training batches. Image inputs stay uint8
+  (`meta.pixels`) until the step scales them on the device (`jdl.tasks.classification(pixels=
+  meta.pixels)`); a pipeline `augment` scales them first."""
   if augment is not None and in_memory:
     raise ValueError(
         "pipeline augmentation runs in tf.data, so it needs in_memory=False; for in-memory data "
         "augment on the device instead (jdl.augment.make_augment, passed to the train step).")
-  plan = ((train_split, batch_size, shuffle, True), (eval_split, eval_batch_size, False, False))
+  plan = ((train_split, batch_size, shuffle, augment), (eval_split, eval_batch_size, False, None))
+  shared = dict(seed=seed, process_index=process_index, process_count=process_count)
   sources: list[BatchSource] = []
   sizes = {}
   if in_memory:
@@ -56,21 +56,18 @@ def load_classification_data(
     builder = get_builder(name, data_dir)
     prepare(builder, download=download, manual_dir=manual_dir)
     meta = dataset_meta(builder)
-  for split, size, shuffle_split, is_train in plan:
+  for split, size, shuffle_split, split_augment in plan:
     if in_memory:
       inputs, labels = arrays[split]
       check_labels(labels, meta.num_classes, where=f"labels of split {split!r}")
-      sources.append(ArraySource(inputs, labels, size, shuffle=shuffle_split, seed=seed,
-                                 process_index=process_index, process_count=process_count))
+      sources.append(ArraySource(inputs, labels, size, shuffle=shuffle_split, **shared))
       sizes[split] = len(labels)
     else:
       shares = tfds.even_splits(split, n=process_count, drop_remainder=False)
       counts = [_split_size(builder, share) for share in shares]
       dataset = read_split(builder, shares[process_index], shuffle_files=shuffle_split, seed=seed)
-      sources.append(TFDataSource(dataset, max(counts), size, shuffle=shuffle_split, seed=seed,
-                                  shuffle_buffer=shuffle_buffer, process_index=process_index,
-                                  process_count=process_count,
-                                  augment=augment if is_train else None))
+      sources.append(TFDataSource(dataset, max(counts), size, shuffle=shuffle_split, **shared,
+                                  shuffle_buffer=shuffle_buffer, augment=split_augment))
       sizes[split] = sum(counts)
   meta = dataclasses.replace(meta, split_sizes={**meta.split_sizes, **sizes})
   return sources[0], sources[1], meta
@@ -90,10 +87,8 @@ def _split_size(builder: tfds.core.DatasetBuilder, split: str) -> int:
   try:
     return int(builder.info.splits[split].num_examples)
   except (KeyError, ValueError, TypeError):
-    count = int(read_split(builder, split).cardinality())
-    if count < 0:
-      count = int(read_split(builder, split).reduce(0, lambda n, _: n + 1))
-    return count
+    count = int(read_split(builder, split).cardinality())  # negative: unknown, so counted
+    return count if count >= 0 else int(read_split(builder, split).reduce(0, lambda n, _: n + 1))
 
 
 __all__ = [

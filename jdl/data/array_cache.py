@@ -30,12 +30,10 @@ from jdl.lazy_import import tensorflow_datasets as tfds
 
 _log = logging.getLogger(__name__)
 
-CACHE_DIR = "jdl_arrays"
-"""The folder of a TFDS data dir that holds the cached splits."""
-
+CACHE_DIR = "jdl_arrays"  # the folder of a TFDS data dir that holds the cached splits
+# The layout of a cache file; a file of another layout is a miss (2: the metadata says whether the
+# inputs are pixels).
 FORMAT = 2
-"""The layout of a cache file; a file of another layout is a miss (2: the metadata says whether
-the inputs are pixels)."""
 
 JDL_BUILDER_VERSIONS: Mapping[str, str] = {"mnist1d": "1.1.0"}
 """The version of each of jdl's own builders (`Mnist1d.VERSION`), which a name without a version
@@ -83,9 +81,8 @@ def load_splits(dataset: str, splits: Sequence[str], *, data_dir: str | None = N
 
 def data_dir_root(data_dir: str | None) -> str:
   """The absolute TFDS data dir: `data_dir`, else `$TFDS_DATA_DIR` or `~/tensorflow_datasets`."""
-  if data_dir is None:
-    data_dir = os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")  # expanded below
-  return os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
+  root = os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets") if data_dir is None else data_dir
+  return os.path.abspath(os.path.expanduser(os.fspath(root)))
 
 
 def cache_key(dataset: str, split: str) -> dict[str, Any]:
@@ -139,10 +136,9 @@ def write_cached_split(dataset: str, split: str, data_dir: str | None,
   path, or None when this split is not cached or the file cannot be written (logged)."""
   root = data_dir_root(data_dir)
   prepared = os.path.abspath(os.fspath(builder.data_dir))
-  if _is_remote(data_dir) or not _resolution_is_fixed(dataset, builder):
+  if (_is_remote(data_dir) or not _resolution_is_fixed(dataset, builder)
+      or os.path.commonpath([root, prepared]) != root):  # TFDS found it in another data dir
     return None
-  if os.path.commonpath([root, prepared]) != root:
-    return None  # TFDS found the dataset in another of its data dirs
   key = cache_key(dataset, split)
   path = cache_path(key, data_dir)
   header = {"key": key, "meta": dataclasses.asdict(raw.meta), "num_examples": len(raw.labels),

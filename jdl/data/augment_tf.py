@@ -19,16 +19,13 @@ from jdl import augment as augment_lib
 from jdl.data import loading
 from jdl.lazy_import import tensorflow as tf
 
-TfBatch = Mapping[str, "tf.Tensor"]
 TfAugmentFn = Callable[[dict[str, "tf.Tensor"], "tf.Tensor"], dict[str, "tf.Tensor"]]
 
 
 def _beta(seed: tf.Tensor, alpha: float, batch_size: Any) -> tf.Tensor:
-  """`Beta(alpha, alpha)` as `G1 / (G1 + G2)` with `G ~ Gamma(alpha)`, computed in log space.
-
-  A Gamma(alpha) draw for small alpha underflows float32 (both gammas can be 0, giving 0 / 0).
-  `G = G' * U ** (1 / alpha)` with `G' ~ Gamma(alpha + 1)`, `U ~ U(0, 1]` has the same law, and its
-  log never underflows; the ratio is then `sigmoid(log G1 - log G2)`."""
+  """`Beta(alpha, alpha)` as `G1 / (G1 + G2)`, `G ~ Gamma(alpha)`, in log space: for small alpha a
+  Gamma draw underflows float32 (0 / 0), but `G = G' * U ** (1 / alpha)` with `G' ~ Gamma(alpha +
+  1)`, `U ~ U(0, 1]` has the same law and a log that never does: `sigmoid(log G1 - log G2)`."""
   seeds = tf.random.experimental.stateless_split(seed, 4)
   log_gammas = []
   for index in range(2):
@@ -62,18 +59,17 @@ def sample_params_tf(seed: tf.Tensor, batch_size: int | tf.Tensor, image_shape: 
                                    mask, ops=_ops())
 
 
-def apply_params_tf(batch: TfBatch, params: Mapping[str, tf.Tensor],
+def apply_params_tf(batch: Mapping[str, tf.Tensor], params: Mapping[str, tf.Tensor],
                     spec: Mapping[str, Any] | None) -> dict[str, tf.Tensor]:
   """`jdl.augment.apply_params` in TensorFlow ops: the same arguments and result."""
   return augment_lib.apply_params(batch, params, spec, ops=_ops())
 
 
 def make_tf_augment(spec: Mapping[str, Any] | None) -> TfAugmentFn | None:
-  """Returns `augment(batch, seed) -> batch` for a batched tf.data pipeline (a seed `[2]` per
-  batch), or None when the spec (validated here) turns nothing on. uint8 pixels are scaled to
-  float32 in [0, 1] first, here on the host (`jdl.data.scale_inputs`, the bits the step's
-  `jdl.tasks.scale_pixels` gives, which passes them on as they are): the augmentations work on
-  [0, 1] floats, as on the device."""
+  """`augment(batch, seed) -> batch` for a batched tf.data pipeline (a seed `[2]` per batch), or
+  None when the spec (validated here) turns nothing on. The augmentations work on [0, 1] floats,
+  so uint8 pixels are scaled first, on the host (`jdl.data.scale_inputs`: the bits of the step's
+  `jdl.tasks.scale_pixels`, which passes floats on as they are)."""
   if not augment_lib.is_enabled(spec):  # validates the spec without importing TensorFlow
     return None
   augment = augment_lib.make_augment(spec, ops=_ops())

@@ -9,6 +9,7 @@ within seconds how to get the data, instead of minutes of network retries.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import inspect
@@ -50,11 +51,10 @@ class DatasetUnavailableError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class DatasetMeta:
   """What the training loop needs to know about a supervised classification dataset: its TFDS
-  name, per-example input shape, classes (names where TFDS knows them), the number of examples of
-  each split, the model inputs' dtype, "float32" (pixels, signals) or "int32" (token ids), and
-  whether the inputs are `pixels`: uint8, which batches carry as they are (a quarter of float32's
-  bytes) and the step scales to float32 in [0, 1] on the device
-  (`jdl.tasks.classification(pixels=True)`)."""
+  name, per-example input shape, classes (names where TFDS knows them), examples per split, the
+  model inputs' dtype, "float32" (pixels, signals) or "int32" (token ids), and whether they are
+  `pixels`: uint8, carried as they are (a quarter of float32's bytes) and scaled to float32 in
+  [0, 1] by the step on the device (`jdl.tasks.classification(pixels=True)`)."""
 
   name: str
   input_shape: tuple[int, ...]
@@ -69,8 +69,7 @@ class DatasetMeta:
     """The metadata from `dataclasses.asdict(meta)` after a JSON round trip (lists to tuples);
     a ValueError if a field is missing or unknown."""
     names = {field.name for field in dataclasses.fields(cls)}
-    required = {field.name for field in dataclasses.fields(cls)
-                if field.default is dataclasses.MISSING}
+    required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
     if not required <= set(fields) <= names:
       raise ValueError(f"dataset metadata needs the fields {sorted(required)} (and may have "
                        f"{sorted(names - required)}); got {sorted(fields)}.")
@@ -147,11 +146,9 @@ def _unreachable_hosts(hosts: Sequence[tuple[str, int]], *, timeout_s: float) ->
   reached: set[tuple[str, int]] = set()
 
   def probe(host: tuple[str, int]) -> None:
-    try:
+    with contextlib.suppress(OSError):
       socket.create_connection(host, timeout=timeout_s).close()
       reached.add(host)
-    except OSError:
-      pass
 
   threads = [threading.Thread(target=probe, args=(host,), daemon=True) for host in hosts]
   for thread in threads:
@@ -185,14 +182,11 @@ def dataset_meta(builder: tfds.core.DatasetBuilder) -> DatasetMeta:
 
 
 def scale_inputs(inputs: np.ndarray | tf.Tensor) -> np.ndarray | tf.Tensor:
-  """Scales uint8 pixels to float32 in [0, 1] on the host, for host-side work that needs them so
-  (tf.data augmentation); other numeric inputs just become float32. Tensors (in a tf.data map)
-  are scaled with TensorFlow, arrays with numpy: the bits `jdl.tasks.unit_pixels` gives on the
-  device, where jdl's batches are scaled."""
-  if "tensorflow" in sys.modules and isinstance(inputs, tf.Tensor):
-    values = tf.cast(inputs, tf.float32)
-  else:
-    values = inputs.astype(np.float32)
+  """uint8 pixels as float32 in [0, 1], other numeric inputs as float32, for host-side work such
+  as tf.data augmentation (jdl's batches are scaled on the device): tensors with TensorFlow, arrays
+  with numpy, giving the bits `jdl.tasks.unit_pixels` gives."""
+  is_tensor = "tensorflow" in sys.modules and isinstance(inputs, tf.Tensor)
+  values = tf.cast(inputs, tf.float32) if is_tensor else inputs.astype(np.float32)
   return values / np.float32(255.0) if inputs.dtype == np.uint8 else values
 
 

@@ -152,11 +152,10 @@ def check_labels(labels: Any, num_classes: int | None, *, where: str = "labels")
     if np.issubdtype(leaf.dtype, np.floating):
       if not np.all(np.isfinite(leaf)):
         raise ValueError(f"{where} hold NaN or infinite values; targets must be finite.")
-      continue
-    if not np.issubdtype(leaf.dtype, np.integer):
+    elif not np.issubdtype(leaf.dtype, np.integer):
       raise ValueError(f"{where} must be integer class indices or real-valued targets; got "
                        f"dtype {leaf.dtype}.")
-    if num_classes is not None and leaf.size and (leaf.min() < 0 or leaf.max() >= num_classes):
+    elif num_classes is not None and leaf.size and (leaf.min() < 0 or leaf.max() >= num_classes):
       bad = leaf[(leaf < 0) | (leaf >= num_classes)]
       raise ValueError(
           f"{where} out of range: found {sorted(set(bad.tolist()))[:5]} but the model has "
@@ -228,13 +227,12 @@ class ArraySource(ProcessShare):
 
 
 class TFDataSource(ProcessShare):
-  """Batches streamed from an unbatched tf.data pipeline of `(input, label)` pairs.
-
-  Each epoch shuffles with a buffer of `shuffle_buffer` examples, seeded from `(seed, epoch)`,
-  then batches, augments (batch `i` of epoch `e` with the stateless seed
-  `(epoch_seed(seed, e, 1 + process_index), i)`, so epochs replay exactly) and prefetches. With
-  several processes, `dataset` is this one's share of the split (`tfds.even_splits`) and
-  `num_examples` the largest share's size: a share that runs out first pads with masked batches."""
+  """Batches streamed from an unbatched tf.data pipeline of `(input, label)` pairs. Each epoch
+  shuffles with a buffer of `shuffle_buffer` examples, seeded from `(seed, epoch)`, then batches,
+  augments (batch `i` of epoch `e` with the stateless seed `(epoch_seed(seed, e, 1 +
+  process_index), i)`, so epochs replay exactly) and prefetches. With several processes, `dataset`
+  is this one's share of the split (`tfds.even_splits`) and `num_examples` the largest share's
+  size: a share that runs out first pads with masked batches."""
 
   def __init__(self, dataset: tf.data.Dataset, num_examples: int, batch_size: int, *,
                shuffle: bool, seed: int = 0, shuffle_buffer: int = 10_000, process_index: int = 0,
@@ -242,9 +240,8 @@ class TFDataSource(ProcessShare):
     super().__init__(batch_size, process_index, process_count)
     if num_examples < 1:
       raise ValueError(f"the split is empty (num_examples={num_examples}).")
-    self.dataset, self._num_examples = dataset, int(num_examples)
+    self.dataset, self._num_examples, self.augment = dataset, int(num_examples), augment
     self.shuffle, self.seed, self.shuffle_buffer = shuffle, seed, shuffle_buffer
-    self.augment = augment
 
   @property
   def num_examples(self) -> int:  # over all processes: the largest share times their count

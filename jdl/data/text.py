@@ -101,10 +101,7 @@ class CharVocabulary(_Vocabulary):
 
   def decode(self, ids: Iterable[int] | np.ndarray) -> str:
     """The text of a sequence of ids in `[0, size)` (the inverse of `encode`)."""
-    if np.size(ids) == 0:
-      return ""
-    ids = _check_ids(ids, self.size)
-    return self._codes[ids].astype("<u4").tobytes().decode("utf-32-le")
+    return self._codes[_check_ids(ids, self.size)].astype("<u4").tobytes().decode("utf-32-le")
 
   def __repr__(self) -> str:
     return f"CharVocabulary(size={self.size}, chars={_preview(self.chars)})"
@@ -129,11 +126,10 @@ class WordVocabulary(_Vocabulary):
   _KIND, _FIELD = "word", "words"
 
   def __init__(self, words: Sequence[str]) -> None:
-    words = list(words)
-    if not all(isinstance(word, str) and word for word in words):
-      raise ValueError("a word vocabulary's words must be non-empty strings.")
-    self._check_distinct(words, "words")
     self.words = tuple(words)
+    if not all(isinstance(word, str) and word for word in self.words):
+      raise ValueError("a word vocabulary's words must be non-empty strings.")
+    self._check_distinct(self.words, "words")
     self._ids = {word: index + 2 for index, word in enumerate(self.words)}
 
   @classmethod
@@ -143,9 +139,7 @@ class WordVocabulary(_Vocabulary):
     if max_words < 3:
       raise ValueError(f"max_words must be >= 3 (padding, unknown and at least one word); got "
                        f"{max_words}.")
-    counts = collections.Counter()
-    for text in _check_texts(texts):
-      counts.update(split_words(text))
+    counts = collections.Counter(word for text in _check_texts(texts) for word in split_words(text))
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     return cls([word for word, _ in ranked[:max_words - 2]])
 
@@ -240,11 +234,9 @@ def sequential_windows(tokens: np.ndarray, block_size: int) -> tuple[np.ndarray,
   `[N, block_size]` each, `N = (len(tokens) - 1) // block_size`; labels are the inputs shifted by
   one, so the windows predict tokens `1 .. N * block_size` once each (the evaluation set)."""
   tokens = _check_tokens(tokens, block_size, extra=1)
-  count = (len(tokens) - 1) // block_size
-  span = count * block_size
-  inputs = tokens[:span].reshape(count, block_size).astype(np.int32)
-  labels = tokens[1:span + 1].reshape(count, block_size).astype(np.int32)
-  return inputs, labels
+  span = (len(tokens) - 1) // block_size * block_size
+  return (tokens[:span].reshape(-1, block_size).astype(np.int32),
+          tokens[1:span + 1].reshape(-1, block_size).astype(np.int32))
 
 
 def read_text(builder: tfds.core.DatasetBuilder, split: str) -> str:
@@ -264,10 +256,9 @@ def load_char_lm_data(
   """`(train_source, eval_source, meta, vocab)` of a character language model on a TFDS dataset
   with a "text" feature: random windows of `block_size` characters of the training split, the
   eval split's non-overlapping windows in order, metadata (`num_classes=vocab.size`, split sizes
-  in windows) and the vocabulary of the training split (an eval character it lacks is an error).
-
-  The other arguments are `jdl.data.load_classification_data`'s. Offline, tiny_shakespeare
-  prepares from a `manual_dir` holding the char-rnn `input.txt`."""
+  in windows) and the training split's vocabulary (an eval character it lacks is an error). The
+  other arguments are `jdl.data.load_classification_data`'s; offline, tiny_shakespeare prepares
+  from a `manual_dir` holding the char-rnn `input.txt`."""
   builder = get_builder(name, data_dir)
   prepare(builder, download=download, manual_dir=manual_dir)
   train_text = read_text(builder, train_split)
@@ -376,7 +367,7 @@ def _code_points(text: str) -> np.ndarray:
 
 
 def _check_ids(ids: Iterable[int] | np.ndarray, size: int) -> np.ndarray:
-  """`ids` as a 1-D array, after checking they are integers in `[0, size)` (for `decode`)."""
+  """`ids` as a 1-D int64 array, after checking they are integers in `[0, size)` (for `decode`)."""
   ids = np.asarray(ids)
   if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
     raise ValueError(f"decode takes a 1-D sequence of integer ids; got shape {ids.shape} and "
@@ -384,7 +375,7 @@ def _check_ids(ids: Iterable[int] | np.ndarray, size: int) -> np.ndarray:
   if ids.size and (ids.min() < 0 or ids.max() >= size):
     bad = sorted(set(ids[(ids < 0) | (ids >= size)].tolist()))[:5]
     raise ValueError(f"ids {bad} are out of range: the vocabulary has {size} ids, [0, {size - 1}].")
-  return ids
+  return ids.astype(np.int64)
 
 
 def _preview(text: object, limit: int = 40) -> str:
