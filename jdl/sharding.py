@@ -8,13 +8,11 @@ The mesh has three named axes, any of them of size 1:
   "tensor": parameters are split along their model dimensions (the MLP's hidden units, the
             attention heads, the vocabulary); the batch is replicated along it.
 
-Parameters name their dimensions with Flax's logical axis names (`nn.with_logical_partitioning`;
-jdl's models use the names of `DEFAULT_RULES`), and a rule table maps each name to mesh axes
-(`DEFAULT_RULES`, or a config's `sharding_rules`). A dimension an axis does not divide stays whole
-along that axis. An array of at least `fsdp_min_size` elements that its names leave unsplit by
-"fsdp" (a model without names, BatchNorm statistics, the first convolution's three input
-channels) is split along its largest dimension that "fsdp" divides. Optimizer state follows the parameter its path ends with (Adam's
-moments, an EMA, accumulated gradients); scalars and keys are replicated.
+Parameters name their dimensions with Flax's logical axis names (`nn.with_logical_partitioning`),
+mapped to mesh axes by a rule table (`DEFAULT_RULES`, or a config's `sharding_rules`); a dimension
+an axis does not divide stays whole. An array of at least `fsdp_min_size` elements left unsplit by
+"fsdp" is split along its largest dimension "fsdp" divides. Optimizer state follows the parameter
+its path ends with (Adam's moments, an EMA, accumulated gradients); scalars and keys are replicated.
 """
 
 from __future__ import annotations

@@ -3,10 +3,9 @@
 A `Task` says which part of the batch (any pytree; the presets read dicts by key) the model takes,
 the loss, the metrics, and the model's random streams, so classification, regression and anything
 else (a VAE's ELBO) go through the same steps, `fit`, checkpoints and logs. `mask` (per example or
-per position), when present, keeps padding out of the loss and the metrics. `prepare` says how
-a raw batch becomes the one the step works on, inside the compiled step: image batches carry uint8
-pixels to the device, a quarter of float32's bytes, and `scale_pixels` makes them float32 in
-[0, 1] there, before augmentation and the model.
+per position), when present, keeps padding out of the loss and the metrics. `prepare` runs first
+in the step, on the device: `scale_pixels` makes uint8 pixels (a quarter of float32's bytes to
+transfer) float32 in [0, 1] there.
 
   task = jdl.Task(loss=lambda outputs, batch: jnp.mean((outputs - batch["y"]) ** 2, axis=-1),
                   inputs="x")

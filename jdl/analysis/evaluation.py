@@ -40,10 +40,13 @@ def apply_in_batches(apply_fn: ApplyFn, variables: Any, inputs: np.ndarray | jax
     raise ValueError(f"inputs must be a non-empty batch [num_examples, ...]; got shape "
                      f"{inputs.shape}.")
   size = min(batch_size, inputs.shape[0])
-  padded = np.pad(inputs, [(0, -len(inputs) % size)] + [(0, 0)] * (inputs.ndim - 1))
-  outputs = [np.asarray(_forward(apply_fn, variables, padded[start:start + size], pixels),
-                        np.float32) for start in range(0, len(padded), size)]
-  return np.concatenate(outputs)[:len(inputs)]
+  outputs = []
+  for start in range(0, inputs.shape[0], size):  # only the last batch is padded (no whole copy)
+    batch = inputs[start:start + size]
+    padded = np.concatenate([batch, np.zeros((size - len(batch), *batch.shape[1:]), batch.dtype)])
+    outputs.append(np.asarray(_forward(apply_fn, variables, padded, pixels),
+                              np.float32)[:len(batch)])
+  return np.concatenate(outputs)
 
 
 def predict(state: TrainState, inputs: np.ndarray | jax.Array, *,

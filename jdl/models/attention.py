@@ -180,23 +180,17 @@ def chunked_attention(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax
 
 
 class MultiHeadSelfAttention(nn.Module):
-  """Multi-head scaled dot-product self-attention (Vaswani et al. 2017).
+  """Multi-head scaled dot-product self-attention (Vaswani et al. 2017): one projection
+  D -> 3 x H x K for queries, keys and values (the `qkv` kernel), scores `q . k / sqrt(K)`, a masked
+  softmax over keys (query t sees keys s <= t only when `causal`), dropout on the weights, and an
+  output projection H x K -> D; `num_heads` (H) must divide D.
 
-  One projection D -> 3 x H x K for queries, keys and values (the `qkv` kernel), scores
-  `q . k / sqrt(K)`, a masked softmax over keys (query t sees keys s <= t only when `causal`),
-  dropout on the weights, and an output projection H x K -> D; `num_heads` (H) must divide D.
-
-  On GPUs it runs `jax.nn.dot_product_attention` (cuDNN's flash attention, which never holds the
-  `[B, H, T, S]` weights), elsewhere `dot_product_attention` (the same computation with a cheaper
-  backward pass), unless the weights themselves are needed: for dropout in training, for a caller
-  asking for them (sown as `attention_weights` under `mutable=["intermediates"]`), or with
-  `fused=False`.
-
-  Where no fused kernel keeps memory down (XLA's attention on CPUs and TPUs materialises the
-  weights), `query_chunk` queries at a time attend (`chunked_attention`): the weights of one chunk
-  exist at once, and the backward pass recomputes them chunk by chunk. None: chunks of
-  `AUTO_QUERY_CHUNK` on backends other than GPUs for sequences of `AUTO_CHUNK_FROM` or more; 0:
-  never.
+  It runs `jax.nn.dot_product_attention` on GPUs (cuDNN's flash attention) and
+  `dot_product_attention` elsewhere, `query_chunk` queries at a time if chunked
+  (`chunked_attention`; None: chunks of `AUTO_QUERY_CHUNK` off GPUs from `AUTO_CHUNK_FROM` tokens;
+  0: never), and with explicit weights where they are needed: dropout on them in training, a caller
+  asking for them (sown as `attention_weights` under `mutable=["intermediates"]`), or
+  `fused=False`. docs/models.md compares the paths.
   """
 
   num_heads: int

@@ -118,8 +118,8 @@ def _layer_norm_backward(epsilon: float, residuals: tuple[jax.Array, ...], grad_
                           - normalised * jnp.mean(grad_normalised * normalised, axis=-1,
                                                   keepdims=True))
   rows = tuple(range(grad_out.ndim - 1))
-  return (grad_x.astype(grad_out.dtype), jnp.sum(grad32 * normalised, axis=rows).astype(scale.dtype),
-          jnp.sum(grad32, axis=rows).astype(bias.dtype))
+  grad_scale = jnp.sum(grad32 * normalised, axis=rows).astype(scale.dtype)
+  return grad_x.astype(grad_out.dtype), grad_scale, jnp.sum(grad32, axis=rows).astype(bias.dtype)
 
 
 def _along_last(features: jax.Array, x: jax.Array) -> jax.Array:
