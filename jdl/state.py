@@ -121,30 +121,25 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
 
   def init(rng: jax.Array, sample_input: Any) -> TrainState:
     variables, state_rng = initial_variables(model, rng, sample_input, rng_streams)
-    return _new_state(model, tx, variables, state_rng, sample_input)
+    params, param_axes = split_logical_axes(variables["params"])
+    # What a model sows for inspection ("intermediates") grows every call: not carried over.
+    model_state = nn.meta.unbox(
+        {k: v for k, v in variables.items() if k not in ("params", "intermediates")})
+    leaves, structure = jax.tree.flatten(sample_input)
+    shapes = tuple(tuple(leaf.shape[1:]) for leaf in leaves)
+    dtypes = tuple(str(leaf.dtype) for leaf in leaves)
+    if isinstance(sample_input, jax.Array):  # one array: its shape and dtype, no structure
+      shapes, dtypes, structure = shapes[0], dtypes[0], None
+    return TrainState(
+        step=jnp.asarray(np.int32(0)),  # placed: no program to compile
+        params=params, model_state=model_state, opt_state=initial_optimizer_state(tx, params),
+        rng=state_rng, apply_fn=model.apply, tx=tx, input_shape=shapes, input_dtype=dtypes,
+        input_structure=structure, param_axes=param_axes)
 
   if shardings is None:
     return init(rng, sample_input)
   layout = shardings(jax.eval_shape(init, rng, sample_input))
   return jax.jit(init, out_shardings=layout)(rng, sample_input)
-
-
-def _new_state(model: nn.Module, tx: optax.GradientTransformation, variables: Mapping[str, Any],
-               state_rng: jax.Array, sample_input: Any) -> TrainState:
-  params, param_axes = split_logical_axes(variables["params"])
-  # What a model sows for inspection ("intermediates") grows every call: not carried over.
-  model_state = nn.meta.unbox(
-      {k: v for k, v in variables.items() if k not in ("params", "intermediates")})
-  leaves, structure = jax.tree.flatten(sample_input)
-  shapes = tuple(tuple(leaf.shape[1:]) for leaf in leaves)
-  dtypes = tuple(str(leaf.dtype) for leaf in leaves)
-  if isinstance(sample_input, jax.Array):  # one array: its shape and dtype, no structure
-    shapes, dtypes, structure = shapes[0], dtypes[0], None
-  return TrainState(
-      step=jnp.asarray(np.int32(0)),  # placed: no program to compile
-      params=params, model_state=model_state, opt_state=initial_optimizer_state(tx, params),
-      rng=state_rng, apply_fn=model.apply, tx=tx, input_shape=shapes, input_dtype=dtypes,
-      input_structure=structure, param_axes=param_axes)
 
 
 def _checked_sample(sample_input: Any) -> Any:

@@ -52,9 +52,7 @@ def attention_mask(padding_mask_BxT: jax.Array | None, *, causal: bool,
   """A padding mask over keys (`[B, T]` or None) combined with the causal mask: `[B or 1, 1, T, T]`,
   the rank of the scores, or None when nothing is masked. Padding is masked as a key only: a padded
   query still attends to the real tokens, and its output is ignored downstream."""
-  mask = None
-  if causal:
-    mask = causal_mask(length)[None, None, :, :]
+  mask = causal_mask(length)[None, None, :, :] if causal else None
   if padding_mask_BxT is not None:
     if padding_mask_BxT.ndim != 2 or padding_mask_BxT.shape[1] != length:
       raise ValueError(

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from jdl.models.layers import (
-    DENSE_INIT, apply_output, as_images, check_normalization, get_activation, image_norm, named,
+    DENSE_INIT, HEAD_INIT, apply_output, as_images, check_normalization, get_activation,
+    image_norm, named,
 )
 
 
@@ -50,8 +51,7 @@ class CNN(nn.Module):
     x = act(nn.Dense(self.dense, kernel_init=named(DENSE_INIT, "embed", "mlp"))(x))
     if self.dropout_rate:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    head = nn.Dense(self.num_classes, kernel_init=named(DENSE_INIT, "embed", "classes"))
-    return apply_output(head(x), self.output)
+    return apply_output(nn.Dense(self.num_classes, kernel_init=HEAD_INIT)(x), self.output)
 
 
 PATCH_LAYOUTS = ("NLC", "CLN")

@@ -42,6 +42,7 @@ def recording_axis_names() -> Iterator[None]:
 
 
 DENSE_INIT = nn.initializers.lecun_normal()  # nn.Dense's and nn.Conv's default
+HEAD_INIT = named(DENSE_INIT, "embed", "classes")  # a classifier's output layer
 ZEROS = nn.initializers.zeros_init()
 
 ACTIVATIONS: dict[str, Activation] = {

@@ -7,22 +7,16 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from jdl.models.layers import DENSE_INIT, LayerNorm, apply_output, get_activation, named
+from jdl.models.layers import DENSE_INIT, HEAD_INIT, LayerNorm, apply_output, get_activation, named
 
 NORMALIZATIONS = (None, "batch", "layer")
 
 
 class MLP(nn.Module):
-  """A fully connected classifier.
-
-  Attributes:
-    hidden: widths of the hidden Dense layers; () gives logistic regression.
-    activation: hidden activation, a name in `jdl.models.layers.ACTIVATIONS`.
-    dropout_rate: dropout after each hidden activation, active only when `train=True`.
-    normalization: None, "batch" (BatchNorm) or "layer", between each hidden Dense and activation.
-    output: "logits" (for `softmax_cross_entropy`) or "softmax" (probabilities).
-    axis_name: the pmap axis over which BatchNorm averages its batch statistics.
-  """
+  """A fully connected classifier with `hidden` widths (() gives logistic regression); the
+  `normalization` (None, "batch" or "layer") sits between each hidden Dense and its `activation`
+  (a name in `jdl.models.layers.ACTIVATIONS`), dropout after it in training. `output` is "logits"
+  or "softmax"; `axis_name` is the pmap axis over which BatchNorm averages its statistics."""
 
   hidden: Sequence[int]
   num_classes: int
@@ -50,5 +44,4 @@ class MLP(nn.Module):
       x = act(x)
       if self.dropout_rate:
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    head = nn.Dense(self.num_classes, kernel_init=named(DENSE_INIT, "embed", "classes"))
-    return apply_output(head(x), self.output)
+    return apply_output(nn.Dense(self.num_classes, kernel_init=HEAD_INIT)(x), self.output)

@@ -121,9 +121,8 @@ class Recurrent(nn.Module):
     outputs = nn.RNN(_cell(self.cell, self.hidden, self.initializer, "forward"))(
         x_BxTxF, seq_lengths=lengths_B)
     if self.bidirectional:
-      # With seq_lengths, nn.RNN reverses each row's first L positions only (the padding stays at
-      # the end), so the backward scan starts at position L-1; keep_order puts its outputs back
-      # in position order.
+      # nn.RNN reverses only each row's first L positions (the padding stays at the end), so the
+      # backward scan starts at position L-1; keep_order puts its outputs back in position order.
       backward = nn.RNN(_cell(self.cell, self.hidden, self.initializer, "backward"))(
           x_BxTxF, seq_lengths=lengths_B, reverse=True, keep_order=True)
       outputs = jnp.concatenate([outputs, backward], axis=-1)
@@ -150,10 +149,8 @@ def pool_sequence(outputs_BxTxD: jax.Array, pooling: str, *, lengths: jax.Array 
     return total_BxD / jnp.maximum(lengths, 1)[:, None].astype(outputs_BxTxD.dtype)
   if pooling == "last":
     last_BxD = outputs_BxTxD[jnp.arange(batch), jnp.maximum(lengths - 1, 0)]
-    if not bidirectional:
-      return last_BxD
-    half = width // 2
-    return jnp.concatenate([last_BxD[:, :half], outputs_BxTxD[:, 0, half:]], axis=-1)
+    forward = width // 2 if bidirectional else width  # the backward half ends at position 0
+    return jnp.concatenate([last_BxD[:, :forward], outputs_BxTxD[:, 0, forward:]], axis=-1)
   raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}.")
 
 
@@ -206,8 +203,7 @@ class RNNClassifier(nn.Module):
       if h.ndim != 3:
         raise ValueError(f"{name} expects signals [batch, time] or [batch, time, features]; got "
                          f"shape {x.shape}.")
-    if lengths is not None:
-      lengths = sequence_lengths(h.shape[0], h.shape[1], lengths=lengths)
+    lengths = sequence_lengths(h.shape[0], h.shape[1], lengths=lengths)
     for _ in range(self.num_layers):
       h = Recurrent(self.hidden, cell=self.cell, bidirectional=self.bidirectional,
                     initializer=self.initializer)(h, lengths=lengths)

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdl.models.layers import DENSE_INIT, IMAGE_NORMALIZATIONS, as_images, image_norm, named
+from jdl.models.layers import HEAD_INIT, IMAGE_NORMALIZATIONS, as_images, image_norm, named
 
 BLOCKS = ("basic", "bottleneck")
 LAYOUTS = ("imagenet", "cifar")
@@ -127,8 +127,7 @@ class ResNet(nn.Module):
         x = block_cls(self.width * 2**stage, stride, norm, self.zero_init_residual,
                       name=f"stage{stage + 1}_block{index + 1}")(x)
     features_BxC = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, name="head",
-                    kernel_init=named(DENSE_INIT, "embed", "classes"))(features_BxC)
+    return nn.Dense(self.num_classes, name="head", kernel_init=HEAD_INIT)(features_BxC)
 
 
 PUBLISHED: dict[str, dict[str, Any]] = {

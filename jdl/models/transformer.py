@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jdl.models.attention import MultiHeadSelfAttention, padding_mask as make_padding_mask
-from jdl.models.layers import DENSE_INIT, LayerNorm, apply_output, as_images, named
+from jdl.models.layers import DENSE_INIT, HEAD_INIT, LayerNorm, apply_output, as_images, named
 
 EMBEDDING_INIT = nn.initializers.normal(stddev=0.02)
 TOKEN_INIT = named(EMBEDDING_INIT, "vocab", "embed")
@@ -96,11 +96,6 @@ class TransformerBlock(nn.Module):
     return nn.Dropout(self.dropout_rate, deterministic=not train)(y)
 
 
-def _head(num_classes: int) -> nn.Dense:
-  """The classifier's output layer, "head"."""
-  return nn.Dense(num_classes, name="head", kernel_init=named(DENSE_INIT, "embed", "classes"))
-
-
 def _new_block(module: nn.Module, *, causal: bool, name: str | None = None) -> TransformerBlock:
   """One block with `module`'s heads, MLP ratio and dropout (named by Flax when `name` is None)."""
   return TransformerBlock(module.num_heads, causal=causal, mlp_ratio=module.mlp_ratio,
@@ -143,11 +138,8 @@ def _encode(module: nn.Module, x_BxTxD: jax.Array, *, train: bool,
   "blocks"), then the final LayerNorm; called inside the model's compact `__call__`."""
   if module.dropout_rate:
     x_BxTxD = nn.Dropout(module.dropout_rate, deterministic=not train)(x_BxTxD)
-  if module.scan_layers:
-    blocks = _new_block(module, causal=False, name="blocks")
-  else:
-    blocks = [_new_block(module, causal=False, name=f"block{index}")
-              for index in range(module.num_layers)]
+  blocks = (_new_block(module, causal=False, name="blocks") if module.scan_layers else
+            [_new_block(module, causal=False, name=f"block{i}") for i in range(module.num_layers)])
   x_BxTxD = _run_blocks(module, blocks, x_BxTxD, train=train, padding_mask=padding_mask)
   return LayerNorm(name="ln_final")(x_BxTxD)
 
@@ -196,7 +188,8 @@ class TransformerEncoderClassifier(nn.Module):
     weights_BxTx1 = real_BxT.astype(x_BxTxD.dtype)[:, :, None]
     count_Bx1 = jnp.maximum(jnp.sum(weights_BxTx1, axis=1), 1.0)
     pooled_BxD = jnp.sum(x_BxTxD * weights_BxTx1, axis=1) / count_Bx1
-    return apply_output(_head(self.num_classes)(pooled_BxD), self.output)
+    head = nn.Dense(self.num_classes, name="head", kernel_init=HEAD_INIT)
+    return apply_output(head(pooled_BxD), self.output)
 
 
 class TransformerLM(nn.Module):
@@ -243,10 +236,8 @@ class TransformerLM(nn.Module):
     self.position_embedding = self.param("position_embedding", POSITION_INIT,
                                          (self.block_size, self.width))
     self.embedding_dropout = nn.Dropout(self.dropout_rate)
-    if self.scan_layers:
-      self.blocks = _new_block(self, causal=True)
-    else:
-      self.blocks = [_new_block(self, causal=True) for _ in range(self.num_layers)]
+    self.blocks = (_new_block(self, causal=True) if self.scan_layers
+                   else [_new_block(self, causal=True) for _ in range(self.num_layers)])
     self.ln_final = LayerNorm()
     if not self.tie_weights:
       self.head = nn.Dense(self.num_classes, use_bias=False,
@@ -338,7 +329,8 @@ class ViT(nn.Module):
     x_BxNxD = x_BxNxD + positions_NxD[None, :, :]
     x_BxNxD = _encode(self, x_BxNxD, train=train)
     pooled_BxD = x_BxNxD[:, 0, :] if self.pool == "cls" else jnp.mean(x_BxNxD, axis=1)
-    return apply_output(_head(self.num_classes)(pooled_BxD), self.output)
+    head = nn.Dense(self.num_classes, name="head", kernel_init=HEAD_INIT)
+    return apply_output(head(pooled_BxD), self.output)
 
 
 VIT_PRESETS: dict[str, dict[str, Any]] = {
