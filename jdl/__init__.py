@@ -31,11 +31,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "CheckpointWriteError", "Checkpointer", "ConfigError",
-    "CorruptCheckpointError", "MetricWriter", "NonFiniteError",
-    "Preempted", "Task", "TrainState", "apply_overrides", "base_config", "binary_cross_entropy",
-    "compute_metrics", "count_params", "create_train_state", "cross_entropy_from_probabilities",
-    "current_learning_rate", "data", "empty_metrics", "evaluate", "fit", "make_eval_step",
-    "make_optimizer", "make_schedule", "make_steps", "make_train_step", "make_weight_penalty",
-    "mean_squared_error", "merge_metrics", "models", "read_jsonl", "softmax_cross_entropy",
-    "tasks", "train_and_evaluate",
+    "CorruptCheckpointError", "MetricWriter", "NonFiniteError", "Preempted", "Task", "TrainState",
+    "apply_overrides", "base_config", "binary_cross_entropy", "compute_metrics", "count_params",
+    "create_train_state", "cross_entropy_from_probabilities", "current_learning_rate", "data",
+    "empty_metrics", "evaluate", "fit", "make_eval_step", "make_optimizer", "make_schedule",
+    "make_steps", "make_train_step", "make_weight_penalty", "mean_squared_error", "merge_metrics",
+    "models", "read_jsonl", "softmax_cross_entropy", "tasks", "train_and_evaluate",
 ]

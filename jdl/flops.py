@@ -8,7 +8,7 @@ the devices' peak, compares across hardware, batch sizes and implementations. XL
 from __future__ import annotations
 
 import functools
-import time
+import timeit
 from collections.abc import Callable
 from typing import Any
 
@@ -44,8 +44,6 @@ def step_flops(step: Callable[..., Any], *args: Any) -> float:
     raise ValueError("this step's program loops (scanned layers, or attention or a loss a chunk "
                      "at a time); XLA's cost analysis counts a loop's body once.")
   analysis = lowered.cost_analysis()
-  if isinstance(analysis, (list, tuple)):  # one entry per program on older JAX versions
-    analysis = analysis[0]
   if not analysis or "flops" not in analysis:
     raise ValueError("XLA's cost analysis of this step reports no FLOPs.")
   return float(analysis["flops"])
@@ -76,11 +74,7 @@ def _measured_peak(device: jax.Device, size: int = 1024, repeats: int = 5) -> fl
   a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
   product = jax.jit(lambda x: x @ x)
   product(a).block_until_ready()  # compiled, warmed
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    product(a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
+  best = min(timeit.repeat(lambda: product(a).block_until_ready(), number=1, repeat=repeats))
   return 2.0 * size ** 3 / best
 
 

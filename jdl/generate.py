@@ -111,8 +111,7 @@ def generate(model: nn.Module | ApplyFn, variables: Any, prompt_tokens: jax.Arra
                      "one token per row to condition on.")
   if not jnp.issubdtype(prompt.dtype, jnp.integer):
     raise ValueError(f"prompt_tokens must be integer token ids; got dtype {prompt.dtype}.")
-  if top_k is not None:
-    _check_top_k(top_k, np.iinfo(np.int32).max)  # type and >= 1 now; <= V once V is known
+  _check_top_k(top_k, np.iinfo(np.int32).max)  # type and >= 1 now; <= V once V is known
   if num_new_tokens == 0:
     return prompt.astype(jnp.int32)
   return _generate(apply_fn, variables, prompt.astype(jnp.int32), key,

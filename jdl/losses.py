@@ -22,10 +22,8 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *,
   `label_smoothing` s the target is `(1 - s) * one_hot(label) + s / classes` (Szegedy et al. 2016).
   """
   smoothing = check_label_smoothing(label_smoothing)
-  if not smoothing:
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  else:
-    losses = _smoothed_cross_entropy(jax.nn.log_softmax(logits, axis=-1), labels, smoothing)
+  losses = (_smoothed_cross_entropy(jax.nn.log_softmax(logits, axis=-1), labels, smoothing)
+            if smoothing else optax.softmax_cross_entropy_with_integer_labels(logits, labels))
   return nan_outside_classes(losses, labels, logits.shape[-1])
 
 
@@ -43,8 +41,7 @@ def cross_entropy_from_probabilities(
 def chunked_softmax_cross_entropy(hidden: jax.Array, unembedding: jax.Array, labels: jax.Array,
                                   *, chunk: int = 256) -> tuple[jax.Array, jax.Array]:
   """`softmax_cross_entropy` of the logits `hidden @ unembedding.T`, without ever holding them:
-  `(losses, correct)`, both shaped like `labels`, `correct` True where the arg-max logit is the
-  label.
+  `(losses, correct)`, both shaped like `labels`, `correct` True where the arg-max is the label.
 
   `hidden` is `[..., D]` (a language model's final features), `unembedding` `[V, D]` (its output
   projection, e.g. the tied token embedding). The logits of `chunk` rows at a time are computed,
@@ -173,6 +170,4 @@ def get_classification_loss(name: str, label_smoothing: float = 0.0) -> LossFn:
   if name not in LOSSES:
     raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}.")
   smoothing = check_label_smoothing(label_smoothing)
-  if not smoothing:
-    return LOSSES[name]
-  return functools.partial(LOSSES[name], label_smoothing=smoothing)
+  return functools.partial(LOSSES[name], label_smoothing=smoothing) if smoothing else LOSSES[name]

@@ -131,12 +131,11 @@ def empty_metrics() -> None:
 def zero_metrics(like: Mapping[str, Any]) -> Metrics:
   """Metrics like `like` that merge as a no-op: a compiled loop cannot carry `empty_metrics()`."""
   def identity(key: str, value: Any) -> jax.Array:
-    rule = _merge_rule(key)
     if key == "nonfinite_step":
       return jnp.full(value.shape, NO_NONFINITE_STEP, value.dtype)
-    if rule in ("max", "min"):
-      lowest = -jnp.inf if jnp.issubdtype(value.dtype, jnp.floating) else jnp.iinfo(value.dtype).min
-      highest = jnp.inf if jnp.issubdtype(value.dtype, jnp.floating) else jnp.iinfo(value.dtype).max
+    if (rule := _merge_rule(key)) in ("max", "min"):
+      lowest, highest = ((-jnp.inf, jnp.inf) if jnp.issubdtype(value.dtype, jnp.floating) else
+                         (jnp.iinfo(value.dtype).min, jnp.iinfo(value.dtype).max))
       return jnp.full(value.shape, lowest if rule == "max" else highest, value.dtype)
     return jnp.zeros(value.shape, value.dtype)
 

@@ -212,8 +212,7 @@ def current_learning_rate(opt_state: optax.OptState,
   if schedule is not None:
     counts = _find(opt_state, lambda node: isinstance(node, optax.ScaleByScheduleState))
     if len(counts) == 1:
-      count = jnp.asarray(counts[0].count)
-      return jnp.asarray(schedule(jnp.maximum(count - 1, 0)), jnp.float32)
+      return jnp.asarray(schedule(jnp.maximum(counts[0].count - 1, 0)), jnp.float32)
     raise ValueError(
         f"current_learning_rate was given a schedule, but the optimizer state holds "
         f"{len(counts)} schedule step counts (optax.scale_by_schedule), not one.")
@@ -229,11 +228,8 @@ def learning_rates(opt_state: optax.OptState) -> dict[str, jax.Array]:
   `{"learning_rate/<group>": r}` per group of a `jdl.transfer.per_group_optimizer`, or `{}`."""
   groups = _find(opt_state, lambda node: isinstance(node, optax.MultiTransformState))
   if len(groups) == 1:
-    rates = {}
-    for name, inner in groups[0].inner_states.items():
-      found = _learning_rates(inner)
-      if len(found) == 1:
-        rates[f"learning_rate/{name}"] = found[0]
+    rates = {f"learning_rate/{name}": found[0] for name, inner in groups[0].inner_states.items()
+             if len(found := _learning_rates(inner)) == 1}
     return {"learning_rate": next(iter(rates.values()))} if len(rates) == 1 else rates
   found = _learning_rates(opt_state)
   return {"learning_rate": found[0]} if len(found) == 1 else {}
@@ -257,5 +253,4 @@ def _learning_rates(tree: Any) -> list[jax.Array]:
 
 def _find(tree: Any, predicate: Callable[[Any], bool]) -> list[Any]:
   """The outermost nodes of `tree` (tuples, named tuples, dicts, lists) that satisfy `predicate`."""
-  leaves = jax.tree.leaves(tree, is_leaf=predicate)
-  return [leaf for leaf in leaves if predicate(leaf)]
+  return [leaf for leaf in jax.tree.leaves(tree, is_leaf=predicate) if predicate(leaf)]

@@ -1,4 +1,4 @@
-"""Where each array of a training state lives on a device mesh: data parallel, FSDP, tensor parallel.
+"""Where each array of a training state lives on a mesh: data parallel, FSDP, tensor parallel.
 
 The mesh has three named axes, any of them of size 1:
   "data":   the batch is split over it; the state is replicated along it.
@@ -40,14 +40,11 @@ FSDP_MIN_SIZE = 2**14  # smaller unnamed arrays stay replicated: splitting them 
 
 def make_mesh(shape: Mapping[str, int] | None = None) -> Mesh:
   """A mesh with axes `MESH_AXES` of the sizes in `shape` (missing axes: 1; one may be -1, the
-  devices left over). The default, `{"data": -1}`, puts every device on "data".
-
-  Devices are taken in process order, the same number from each process, so each process's share
-  of a batch lands on its own devices.
-  """
+  devices left over); the default, `{"data": -1}`, puts every device on "data". Devices are taken
+  in process order, the same number from each process, so each process's share of a batch lands
+  on its own devices."""
   shape = dict(shape or {"data": -1})
-  unknown = set(shape) - set(MESH_AXES)
-  if unknown:
+  if unknown := set(shape) - set(MESH_AXES):
     raise ValueError(f"unknown mesh axes {sorted(unknown)}; the mesh's axes are {MESH_AXES}.")
   sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
   devices = jax.devices()
@@ -82,15 +79,9 @@ def batch_axes(mesh: Mesh) -> tuple[str, ...]:
 
 
 class ShardingPlan:
-  """Shardings of a training state and its batches on `mesh`, from logical-axis `rules`.
-
-  Args:
-    mesh: a mesh whose axes are some of `MESH_AXES` (`make_mesh` gives all three); a missing
-      axis counts as one of size 1.
-    rules: logical axis name -> the mesh axes it is split over (`DEFAULT_RULES` when None); a
-      name not in the table is not split.
-    fsdp_min_size: arrays with fewer elements are split only as their names say.
-  """
+  """Shardings of a training state and its batches on `mesh`, whose axes are some of `MESH_AXES`
+  (a missing one has size 1). `rules` maps logical axis names to mesh axes (None: `DEFAULT_RULES`;
+  a name it lacks is not split); arrays under `fsdp_min_size` elements split only as named."""
 
   def __init__(self, mesh: Mesh, rules: Mapping[str, tuple[str, ...] | str] | None = None,
                fsdp_min_size: int = FSDP_MIN_SIZE) -> None:
@@ -178,8 +169,7 @@ class ShardingPlan:
 
 def _axes_tuple(axes: tuple[str, ...] | str | None, name: str) -> tuple[str, ...]:
   axes = () if axes in (None, "") else (axes,) if isinstance(axes, str) else tuple(axes)
-  unknown = [axis for axis in axes if axis not in MESH_AXES]
-  if unknown:
+  if unknown := [axis for axis in axes if axis not in MESH_AXES]:
     raise ValueError(f"sharding rule {name!r} names mesh axes {unknown}; the mesh's axes are "
                      f"{MESH_AXES}.")
   return axes
@@ -187,10 +177,9 @@ def _axes_tuple(axes: tuple[str, ...] | str | None, name: str) -> tuple[str, ...
 
 def _local_bytes(leaf: Any, sharding: NamedSharding) -> float:
   """Bytes of `leaf`'s shard on one device under `sharding`."""
-  shape = tuple(leaf.shape)
   itemsize = 8 if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) else np.dtype(
       leaf.dtype).itemsize
-  return float(math.prod(sharding.shard_shape(shape)) * itemsize)
+  return float(math.prod(sharding.shard_shape(tuple(leaf.shape))) * itemsize)
 
 
 def place(tree: Any, shardings: Any) -> Any:

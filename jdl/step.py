@@ -306,8 +306,7 @@ def _mixed_loss(loss_fn: tasks_lib.TaskLossFn, batch: Batch) -> tasks_lib.TaskLo
   mixed_batch = {**batch, "label": batch["mix_label"]}
 
   def blended(outputs: Any, batch: Batch) -> jax.Array:
-    losses = loss_fn(outputs, batch)
-    other = loss_fn(outputs, mixed_batch)
+    losses, other = loss_fn(outputs, batch), loss_fn(outputs, mixed_batch)
     if isinstance(losses, tuple):  # auxiliary terms of the first label only
       return weight * losses[0] + (1.0 - weight) * other[0], losses[1]
     return weight * losses + (1.0 - weight) * other

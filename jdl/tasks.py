@@ -97,10 +97,9 @@ values, so a division on the device would not give the bits of a division on the
 
 
 def unit_pixels(inputs: Any) -> jax.Array:
-  """Model inputs from pixels: uint8 as float32 in [0, 1], the bits of numpy's `x /
-  np.float32(255)` (`PIXEL_VALUES`); floating inputs, already scaled (by a host-side tf.data
-  augmentation), as they are. A jax computation, so on the device; any other dtype is a
-  ValueError rather than a guess."""
+  """Model inputs from pixels, on the device: uint8 as float32 in [0, 1] (`PIXEL_VALUES`);
+  floating inputs, already scaled (by a host-side tf.data augmentation), as they are; any other
+  dtype is a ValueError rather than a guess."""
   dtype = jnp.result_type(inputs)
   if jnp.issubdtype(dtype, jnp.floating):
     return jnp.asarray(inputs)
