@@ -17,7 +17,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import subjaxprs
 
 from jdl import metrics as metrics_lib
 from jdl.data.sources import ArraySource, epoch_order, num_rows
@@ -77,9 +76,17 @@ def loops_are_slow(fn: Callable[..., Any], *args: Any) -> bool:
 
 
 def _has_primitive(jaxpr: Any, name: str) -> bool:
-  """Whether `jaxpr` or one nested in it (scan, cond, pjit, custom_vjp...) runs primitive `name`."""
-  return (any(equation.primitive.name == name for equation in jaxpr.eqns)
-          or any(_has_primitive(sub, name) for sub in subjaxprs(jaxpr)))
+  """Whether `jaxpr` or one nested in it (scan, cond, pjit, custom_vjp...) runs primitive `name`.
+  Walked by hand: `jax.extend.core.subjaxprs` carries no compatibility guarantee."""
+  for equation in jaxpr.eqns:
+    if equation.primitive.name == name:
+      return True
+    for value in equation.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds its Jaxpr
+        if hasattr(inner, "eqns") and _has_primitive(inner, name):
+          return True
+  return False
 
 
 def with_padding_row(inputs: Any, labels: Any) -> tuple[Any, Any]:
