@@ -10,7 +10,10 @@ the last step, jdl's time over torch's, and that ratio's median and quartiles ov
 
 jdl runs as a user's loop runs it: `jdl.make_train_step` under `jax.jit` with the state donated,
 fed numpy batches. torch runs eagerly with its own CPU kernels (`scaled_dot_product_attention`
-for the attention), all of the machine's cores for both.
+for the attention), all of the machine's cores for both. The process first calls
+`jdl.experiment.reuse_host_memory()`, as a CPU run of an experiment does: malloc then keeps freed
+memory for reuse, for both contenders (`--default_malloc` leaves glibc's default, under which
+each of jdl's steps faults its 42 MiB temporary buffer in again).
 
   pip install -e ".[bench]"     # torch (its CPU build suffices)
   python -m benchmarks.bench_torch_shakespeare --text=../shared/data/tiny_shakespeare.txt
@@ -176,7 +179,12 @@ def main() -> None:
   parser.add_argument("--warmup", type=int, default=20, help="untimed first steps")
   parser.add_argument("--block", type=int, default=10, help="steps each takes in turn")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--default_malloc", action="store_true",
+                      help="do not call jdl.experiment.reuse_host_memory()")
   args = parser.parse_args()
+  if not args.default_malloc:
+    from jdl import experiment  # pylint: disable=import-outside-toplevel
+    print(f"reuse_host_memory applied: {experiment.reuse_host_memory()}")
   train, valid, vocab = load_tokens(args.text)
   rng = np.random.default_rng(args.seed)
   starts = rng.integers(0, len(train) - BLOCK - 1, size=(args.steps, BATCH))

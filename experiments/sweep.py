@@ -135,8 +135,7 @@ def run(argv: Sequence[str], *, train: sweep.TrainFn | None = None) -> list[dict
   sweep.check_keys(config, list(space))
   # As an experiment's main does: trials of a small model share compiled programs through the
   # persistent cache, and run on the experiment's CPU threads.
-  experiment.set_cpu_threads(config.cpu_threads)
-  experiment.set_compilation_cache(config.compilation_cache_dir)
+  experiment.configure_process(config)
   for name in ("trials", "vmap"):
     if getattr(args, name) < 0:
       raise config_lib.ConfigError(f"--{name}={getattr(args, name)} must be >= 0.")

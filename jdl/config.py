@@ -127,6 +127,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.fsdp_min_size = sharding.FSDP_MIN_SIZE  # smaller arrays are split only by their names
   config.distributed = "auto"  # join a multi-process run: auto (JAX_COORDINATOR_ADDRESS), on, off
   config.cpu_threads = 0  # XLA CPU threads for command-line runs on a CPU; 0: one per core
+  config.reuse_host_memory = True  # CPU runs: malloc keeps freed memory for the next step
+  # (jdl.experiment.reuse_host_memory: no page faults each step; the process keeps its peak)
   config.compilation_cache_dir = "~/.cache/jdl/xla"  # compiled programs kept across runs; "": off
   return config
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -390,3 +391,54 @@ def test_cifar10_resnet_builds_the_papers_resnet20_and_its_named_variants():
                             jax.ShapeDtypeStruct((1, 32, 32, 3), jax.numpy.float32))
     assert jdl.count_params(shapes["params"]) == count, name
     assert "batch_stats" in shapes
+
+
+_FAULTS_SCRIPT = """
+import json, resource
+import jax, jax.numpy as jnp, numpy as np
+from jdl import experiment
+x = jnp.ones((2048, 6144), jnp.float32)  # 48 MiB; so is x * 2 + 1, the product's operand
+program = jax.jit(lambda x: ((x * 2 + 1) @ jnp.ones(6144, jnp.float32)).sum())
+temp = program.lower(x).compile().memory_analysis().temp_size_in_bytes
+def faults_per_run():
+  for _ in range(4):  # the first runs on each of XLA's threads fill that thread's malloc heap
+    program(x).block_until_ready()
+  start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(4):
+    program(x).block_until_ready()
+  return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 4
+before = faults_per_run()
+applied = experiment.reuse_host_memory()
+print(json.dumps({"temp": temp, "before": before, "applied": applied, "after": faults_per_run()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the setting is glibc's")
+def test_reuse_host_memory_stops_a_cpu_program_faulting_its_buffers_in_on_every_run(
+    subprocess_env):
+  """A program whose temporary buffer (48 MiB) is over glibc's 32 MiB mmap limit faults every
+  page of it in on each run by default; once `reuse_host_memory` has run, a run (after the first
+  on each of XLA's threads) faults almost none. Its own process: the default allocator, then the setting, in that order."""
+  done = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], cwd=REPO_ROOT,
+                        env=subprocess_env(), capture_output=True, text=True, timeout=300,
+                        check=True)
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  assert result["temp"] >= 48 * 2**20 and result["applied"]
+  # At least a fault per 2 MiB page before (4 KiB pages give 512 times as many), a tenth after.
+  assert result["before"] >= result["temp"] / 2**21
+  assert result["after"] <= result["before"] / 10
+
+
+def test_configure_process_reuses_host_memory_on_the_cpu_when_the_config_says_so(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jdl.experiment, "reuse_host_memory", lambda: calls.append(True) or True)
+  config = mnist1d.get_config()
+  config.compilation_cache_dir = ""
+  config.cpu_threads = 0
+  jdl.experiment.configure_process(config)
+  assert calls == [True]
+  config.reuse_host_memory = False
+  jdl.experiment.configure_process(config)
+  assert calls == [True]
+  with pytest.raises(jdl.config.ConfigError, match="reuse_host_memory must be true or false"):
+    jdl.experiment.configure_process(ml_collections.ConfigDict({"reuse_host_memory": "yes"}))
