@@ -20,7 +20,9 @@ its metadata, where the name matches one), and the device-only time of a step: h
 ran on the device, against the step's time without the profiler; the rest is the executor's own
 work between operations (on a GPU: launches and the loop's control; with one call a step, the
 dispatch too). The profiler slows every operation a little, so shares matter more than the
-absolute numbers.
+absolute numbers. It also prints the system (OS kernel) time and the page faults of a timed step:
+a program that faults its buffers in on every run shows there (see
+`jdl.experiment.reuse_host_memory`, which the experiments apply on a CPU, and so does this).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import collections
 import glob
 import os
 import re
+import resource
 import statistics
 import tempfile
 import time
@@ -131,6 +134,7 @@ def main() -> None:
   if threads is None:  # the experiment's own setting (the seed MLP's: XLA's default)
     threads = experiment_config(args.model).cpu_threads
   jdl.experiment.set_cpu_threads(threads)  # before JAX's first computation, as the experiment
+  jdl.experiment.reuse_host_memory()  # as the experiment does on a CPU
 
   state, train_step, inputs, labels, batch_size = build(args.model,
                                                         check_finite=not args.no_check_finite)
@@ -158,11 +162,16 @@ def main() -> None:
 
   state, order = run(state, order)
   seconds = []
+  usage = resource.getrusage(resource.RUSAGE_SELF)
   for _ in range(args.repeats):
     start = time.perf_counter()
     state, order = run(state, order)
     seconds.append(time.perf_counter() - start)
   step_us = statistics.median(seconds) / steps * 1e6
+  after = resource.getrusage(resource.RUSAGE_SELF)
+  timed_steps = args.repeats * steps
+  kernel_us = (after.ru_stime - usage.ru_stime) / timed_steps * 1e6
+  faults = (after.ru_minflt - usage.ru_minflt) / timed_steps
 
   sources = operation_sources(hlo)
   with tempfile.TemporaryDirectory() as trace_dir:
@@ -188,7 +197,8 @@ def main() -> None:
   print(f"{args.model}: {steps} steps {calls_text} on {device.device_kind} ({device.platform}), "
         f"{watch} the NaN/inf watch; {step_us:.1f} us a step without the profiler; under it the "
         f"operations take {profiled:.1f} us a step, and something runs {busy_us:.1f} us of each "
-        f"step ({busy_us / step_us:.0%} of the unprofiled step)")
+        f"step ({busy_us / step_us:.0%} of the unprofiled step); system (OS kernel) time "
+        f"{kernel_us:.1f} us and {faults:.1f} page faults a step")
   print(f"{'us/step':>8} {'share':>6}  {'operation':<40} computes")
   for name, micros in sorted(per_step.items(), key=lambda item: -item[1])[:args.top]:
     print(f"{micros:8.1f} {micros / profiled:6.1%}  {name[:40]:<40} {sources.get(name, '')}")
