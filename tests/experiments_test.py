@@ -446,3 +446,9 @@ def test_configure_process_reuses_host_memory_on_the_cpu_when_the_config_says_so
   assert calls == [True]
   with pytest.raises(jdl.config.ConfigError, match="reuse_host_memory must be true or false"):
     jdl.experiment.configure_process(ml_collections.ConfigDict({"reuse_host_memory": "yes"}))
+
+
+def test_reuse_host_memory_changes_nothing_without_glibc(monkeypatch):
+  monkeypatch.setattr(jdl.experiment.platform, "libc_ver", lambda: ("", ""))
+  monkeypatch.setattr(jdl.experiment.ctypes, "CDLL", lambda *args: pytest.fail("libc loaded"))
+  assert jdl.experiment.reuse_host_memory() is False
