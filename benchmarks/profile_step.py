@@ -22,7 +22,8 @@ work between operations (on a GPU: launches and the loop's control; with one cal
 dispatch too). The profiler slows every operation a little, so shares matter more than the
 absolute numbers. It also prints the system (OS kernel) time and the page faults of a timed step:
 a program that faults its buffers in on every run shows there (see
-`jdl.experiment.reuse_host_memory`, which the experiments apply on a CPU, and so does this).
+`jdl.experiment.reuse_host_memory`, which the experiments apply on a CPU, as this does through
+`jdl.experiment.configure_process`).
 """
 
 from __future__ import annotations
@@ -124,17 +125,17 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--top", type=int, default=15)
   parser.add_argument("--cpu_threads", type=int, default=None,
-                      help="XLA CPU threads (jdl.experiment.set_cpu_threads); default: the "
+                      help="XLA CPU threads (config.cpu_threads); default: the "
                            "experiment's (1 for mnist1d_cnn, one per core for seed_mlp)")
   parser.add_argument("--no_check_finite", action="store_true",
                       help="profile the step without its NaN/inf watch (make_steps(check_finite="
                            "False)), to see what the watch costs")
   args = parser.parse_args()
-  threads = args.cpu_threads
-  if threads is None:  # the experiment's own setting (the seed MLP's: XLA's default)
-    threads = experiment_config(args.model).cpu_threads
-  jdl.experiment.set_cpu_threads(threads)  # before JAX's first computation, as the experiment
-  jdl.experiment.reuse_host_memory()  # as the experiment does on a CPU
+  config = experiment_config(args.model)
+  if args.cpu_threads is not None:  # else the experiment's (the seed MLP's: XLA's default)
+    config.cpu_threads = args.cpu_threads
+  # Before JAX's first computation, as the experiment: its threads and, on a CPU, host memory.
+  jdl.experiment.configure_process(config)
 
   state, train_step, inputs, labels, batch_size = build(args.model,
                                                         check_finite=not args.no_check_finite)
